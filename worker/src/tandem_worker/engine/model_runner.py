@@ -1,0 +1,163 @@
+"""`ModelRunner`: owns the weights and the KV cache tensor; turns a scheduler step into logits."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import EngineConfig, ModelConfig
+from .model import AttentionMetadata, LlamaModel, RotaryEmbedding
+from .scheduler import SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(cfg: EngineConfig) -> torch.dtype:
+    if cfg.dtype is None:
+        return torch.bfloat16 if cfg.device.startswith("cuda") else torch.float32
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    return DTYPES[cfg.dtype]
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+@dataclass(frozen=True)
+class KVCacheLayout:
+    num_blocks: int
+    block_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def block_bytes(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (2, self.num_layers, self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+
+
+def plan_kv_cache(model_cfg: ModelConfig, cfg: EngineConfig, dtype: torch.dtype, device: torch.device) -> KVCacheLayout:
+    """Size the block pool from the memory budget: bytes if given, else a fraction of free memory."""
+    probe = KVCacheLayout(1, cfg.block_size, model_cfg.num_hidden_layers, model_cfg.num_key_value_heads,
+                          model_cfg.head_dim, dtype)
+    if cfg.kv_cache_bytes is not None:
+        budget = cfg.kv_cache_bytes
+        source = f"kv_cache_bytes={budget}"
+    else:
+        free = available_memory_bytes(device)
+        budget = int(free * cfg.kv_cache_memory_fraction)
+        source = f"{cfg.kv_cache_memory_fraction:.0%} of {free / 2**30:.1f} GiB free"
+    num_blocks = budget // probe.block_bytes
+    if num_blocks < 1:
+        raise ValueError(
+            f"KV cache budget ({source}) is smaller than one block ({probe.block_bytes} bytes); raise it"
+        )
+    return KVCacheLayout(num_blocks, cfg.block_size, probe.num_layers, probe.num_kv_heads, probe.head_dim, dtype)
+
+
+class ModelRunner:
+    def __init__(self, model_cfg: ModelConfig, model_dir: Path, cfg: EngineConfig, max_model_len: int) -> None:
+        self.device = torch.device(cfg.device)
+        self.dtype = resolve_dtype(cfg)
+        self.block_size = cfg.block_size
+        with torch.device("meta"):
+            model = LlamaModel(model_cfg, max_model_len)
+        # Materialise on the target device without a throwaway random init.
+        model = model.to_empty(device=self.device)
+        model.tie_weights()
+        model.load_weights(model_dir)
+        model = model.to(self.dtype).eval()
+        model.tie_weights()
+        # The RoPE table is not in the checkpoint and stays float32 whatever the weights' dtype.
+        model.rotary = RotaryEmbedding(model_cfg, max_model_len).to(self.device)
+        self.model = model
+        self.layout = plan_kv_cache(model_cfg, cfg, self.dtype, self.device)
+        self.kv_cache = torch.zeros(self.layout.shape, dtype=self.dtype, device=self.device)
+        log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.layout.num_blocks, self.block_size,
+                 self.layout.num_blocks * self.layout.block_bytes / 2**20)
+
+    def _tensor(self, data: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        return torch.tensor(data, dtype=dtype, device=self.device)
+
+    def _block_tables(self, tables: list[list[int]]) -> torch.Tensor:
+        width = max(len(t) for t in tables)
+        return self._tensor([t + [0] * (width - len(t)) for t in tables], torch.int32)
+
+    def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        """Pack a step's chunks, decodes first, and return (input_ids, positions, metadata, order).
+
+        `order[j]` is the index in `out.chunks` of the j-th packed chunk.
+        """
+        bs = self.block_size
+        decodes = [i for i, c in enumerate(out.chunks) if c.num_tokens == 1]
+        prefills = [i for i, c in enumerate(out.chunks) if c.num_tokens > 1]
+        order = decodes + prefills
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        for i in order:
+            c = out.chunks[i]
+            table = c.seq.block_table
+            ids += c.seq.tokens(c.start, c.start + c.num_tokens)
+            rng = range(c.start, c.start + c.num_tokens)
+            pos += rng
+            slots += [table[p // bs] * bs + p % bs for p in rng]
+        meta = AttentionMetadata(
+            num_decode_tokens=len(decodes),
+            slot_mapping=self._tensor(slots),
+            decode_block_tables=None,
+            decode_context_lens=None,
+            prefill_block_tables=None,
+            prefill_cu_seqlens_q=None,
+            prefill_context_lens=None,
+        )
+        if decodes:
+            chunks = [out.chunks[i] for i in decodes]
+            meta.decode_block_tables = self._block_tables([c.seq.block_table for c in chunks])
+            meta.decode_context_lens = self._tensor([c.start + 1 for c in chunks], torch.int32)
+        if prefills:
+            chunks = [out.chunks[i] for i in prefills]
+            meta.prefill_block_tables = self._block_tables([c.seq.block_table for c in chunks])
+            cu = [0]
+            for c in chunks:
+                cu.append(cu[-1] + c.num_tokens)
+            meta.prefill_cu_seqlens_q = self._tensor(cu, torch.int32)
+            meta.prefill_context_lens = self._tensor([c.start + c.num_tokens for c in chunks], torch.int32)
+            meta.prefill_is_fresh = all(c.start == 0 for c in chunks)
+        return self._tensor(ids), self._tensor(pos), meta, order
+
+    def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
+        """Run one step. Returns logits [k, vocab] for the chunks that complete their sequence,
+        and the indices (into `out.chunks`) of those chunks, in row order."""
+        input_ids, positions, meta, order = self.prepare(out)
+        logit_rows: list[int] = []
+        sampled_chunks: list[int] = []
+        offset = 0
+        for i in order:
+            c = out.chunks[i]
+            offset += c.num_tokens
+            if c.completes:
+                logit_rows.append(offset - 1)
+                sampled_chunks.append(i)
+        logits = self.model(input_ids, positions, self.kv_cache, meta, self._tensor(logit_rows))
+        return logits, sampled_chunks

@@ -1,0 +1,142 @@
+"""`Scheduler`: iteration-level (continuous) batching under a per-step token budget.
+
+Each `schedule()` call decides one model step:
+- running sequences go first, oldest first: a decode takes one token, an unfinished
+  (chunked) prefill takes what is left of the budget, so a long prompt never stalls the
+  running decodes for more than one chunk;
+- then waiting sequences are admitted first-come-first-served while the budget, the
+  sequence limit and free KV blocks allow; the head of the queue is never skipped, so
+  no request starves;
+- when a running sequence needs a block and none is free, the most recently admitted
+  sequence is preempted by recompute: its blocks are freed (full ones stay in the prefix
+  cache) and it goes back to the front of the queue.
+The decisions are pure bookkeeping over `BlockManager`; no tensors here.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """`num_tokens` tokens of `seq` starting at `start` get their KV computed this step."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+
+    @property
+    def completes(self) -> bool:
+        """The chunk reaches the sequence's last token, so the step samples a new one."""
+        return self.start + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    admitted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+@dataclass
+class SchedulerStats:
+    num_steps: int = 0
+    num_preemptions: int = 0
+    num_chunked_prefill_steps: int = 0  # chunks that did not finish their prompt
+    num_prefill_tokens_computed: int = 0
+    num_prefix_cached_tokens: int = 0
+    num_decode_tokens: int = 0
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+        self.bm = block_manager
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order, oldest first
+        self.stats = SchedulerStats()
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.bm.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.stats.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed_tokens, budget)
+            while not self.bm.grow(seq, n):
+                victim = self.running.pop()
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            else:
+                out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
+                budget -= n
+                i += 1
+        # Admitting while preempting would only thrash: new arrivals wait for the next step.
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
+            seq = self.waiting[0]
+            if not self.bm.admit(seq, budget):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.admitted.append(seq)
+            self.stats.num_prefix_cached_tokens += seq.num_cached_tokens
+            n = min(seq.num_uncomputed_tokens, budget)
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
+            budget -= n
+        return out
+
+    def on_step_done(self, out: SchedulerOutput) -> None:
+        """Advance computed-token counts and publish completed blocks to the prefix cache."""
+        self.stats.num_steps += 1
+        for chunk in out.chunks:
+            seq = chunk.seq
+            seq.num_computed_tokens = chunk.start + chunk.num_tokens
+            if chunk.completes and seq.output_token_ids and chunk.num_tokens == 1:
+                self.stats.num_decode_tokens += 1
+            else:
+                self.stats.num_prefill_tokens_computed += chunk.num_tokens
+                if not chunk.completes:
+                    self.stats.num_chunked_prefill_steps += 1
+            self.bm.commit(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Release a finished or aborted sequence, wherever it is."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.bm.free(seq)
+        self.bm.forget(seq)
+        seq.status = SequenceStatus.FINISHED

@@ -1,0 +1,71 @@
+"""`Tokenizer` (Hugging Face tokenizer and chat template) and `IncrementalDetokenizer`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from .sampling_params import RequestError
+
+
+class Tokenizer:
+    def __init__(self, folder: Path) -> None:
+        self.hf: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(str(folder))
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.hf.eos_token_id
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.hf, "chat_template", None))
+
+    def encode(self, text: str) -> list[int]:
+        # Special tokens such as BOS are added the way the model was trained; for SmolLM2 none.
+        return list(self.hf.encode(text))
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+        if not self.has_chat_template:
+            raise RequestError("messages", "this model's tokenizer has no chat template")
+        if not messages:
+            raise RequestError("messages", "must not be empty")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise RequestError(f"messages[{i}]", "needs 'role' and 'content'")
+        ids = self.hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):  # a BatchEncoding in newer transformers
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def chat_prompt(self, text: str) -> list[int]:
+        return self.apply_chat_template([{"role": "user", "content": text}])
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.hf.decode(token_ids, skip_special_tokens=True)
+
+
+class IncrementalDetokenizer:
+    """Text deltas from a growing list of token ids, never splitting a multi-byte character.
+
+    Decoding only a short window of recent tokens keeps each step O(1) in the sequence length;
+    a window ending in U+FFFD is an incomplete UTF-8 sequence, so it waits for the next token.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int]) -> None:
+        self.tok = tokenizer.hf
+        self.ids: list[int] = list(prompt_token_ids[-6:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix = self.tok.decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        full = self.tok.decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            delta = full[len(prefix) :]
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.ids)
+            return delta
+        return ""

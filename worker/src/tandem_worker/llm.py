@@ -1,0 +1,89 @@
+"""`LLM`: the offline Python API, in the style of vLLM's `LLM(...).generate(prompts, params)`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from typing import Any
+
+from tqdm import tqdm
+
+from .engine.config import EngineConfig
+from .engine.llm_engine import LLMEngine, RequestOutput
+from .engine.sampling_params import RequestError, SamplingParams
+
+
+@dataclass(frozen=True)
+class TokensPrompt:
+    prompt_token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    messages: list[dict[str, Any]]
+
+
+PromptType = str | list[int] | TokensPrompt | ChatPrompt
+
+
+class LLM:
+    def __init__(self, model: str = "smollm2-135m", **engine_kwargs: Any) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
+        self.tokenizer = self.engine.tokenizer
+
+    def _token_ids(self, prompt: PromptType) -> list[int]:
+        if isinstance(prompt, TokensPrompt):
+            return list(prompt.prompt_token_ids)
+        if isinstance(prompt, ChatPrompt):
+            return self.tokenizer.apply_chat_template(prompt.messages)
+        if isinstance(prompt, list):
+            return list(prompt)
+        if not isinstance(prompt, str) or not prompt:
+            raise RequestError("prompt", "must be a non-empty string or token ids")
+        return self.tokenizer.encode(prompt)
+
+    def generate(
+        self,
+        prompts: PromptType | Seq[PromptType],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Generate for all prompts together (they share batches); outputs come back in input order.
+
+        Every prompt is validated before any is submitted, so a bad one changes nothing.
+        """
+        if isinstance(prompts, (str, TokensPrompt, ChatPrompt)) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        if sampling_params is None:
+            params = [SamplingParams() for _ in prompts]
+        elif isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        token_ids = [self._token_ids(p) for p in prompts]
+        for ids, p in zip(token_ids, params):
+            self.engine.validate(ids, p)
+        ids_in_order = [self.engine.add_request(prompt_token_ids=ids, params=p) for ids, p in zip(token_ids, params)]
+        return self._run(ids_in_order, use_tqdm)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        final: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), disable=not use_tqdm, desc="generate")
+        try:
+            while len(final) < len(request_ids):
+                for o in self.engine.step():
+                    if o.finished:
+                        final[o.request_id] = o
+                        bar.update(1)
+        except BaseException:
+            for rid in request_ids:
+                self.engine.abort(rid)
+            raise
+        finally:
+            bar.close()
+        return [final[r] for r in request_ids]
