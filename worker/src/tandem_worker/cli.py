@@ -7,8 +7,17 @@ import json
 import sys
 from typing import Any
 
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
-                   "ignore_eos", "logprobs")
+SAMPLING_FIELDS = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "logprobs",
+)
 
 
 class CLIError(Exception):
@@ -64,6 +73,9 @@ def _read_prompts(args: argparse.Namespace) -> list[dict[str, Any]]:
             raise CLIError(f"--prompts-file: cannot read {args.prompts_file}: {e.strerror}") from None
     if not items:
         raise CLIError("give at least one --prompt or a --prompts-file")
+    for i, item in enumerate(items):
+        if not item["prompt"]:
+            raise CLIError(f"prompt {i}: prompt: must not be empty")
     return items
 
 
@@ -73,8 +85,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .llm import LLM, ChatPrompt
 
     defaults = {
-        "max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
-        "top_k": args.top_k, "seed": args.seed, "stop": args.stop, "ignore_eos": args.ignore_eos,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.seed,
+        "stop": args.stop,
+        "ignore_eos": args.ignore_eos,
         "logprobs": args.logprobs,
     }
     params = []

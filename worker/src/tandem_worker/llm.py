@@ -31,6 +31,14 @@ class LLM:
         self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
         self.tokenizer = self.engine.tokenizer
 
+    @classmethod
+    def from_engine(cls, engine: LLMEngine) -> LLM:
+        """Wrap an engine that is already loaded (tests and servers share one)."""
+        llm = cls.__new__(cls)
+        llm.engine = engine
+        llm.tokenizer = engine.tokenizer
+        return llm
+
     def _token_ids(self, prompt: PromptType) -> list[int]:
         if isinstance(prompt, TokensPrompt):
             return list(prompt.prompt_token_ids)
@@ -68,7 +76,9 @@ class LLM:
         token_ids = [self._token_ids(p) for p in prompts]
         for ids, p in zip(token_ids, params):
             self.engine.validate(ids, p)
-        ids_in_order = [self.engine.add_request(prompt_token_ids=ids, params=p) for ids, p in zip(token_ids, params)]
+        ids_in_order = [
+            self.engine.add_request(prompt_token_ids=ids, params=p) for ids, p in zip(token_ids, params)
+        ]
         return self._run(ids_in_order, use_tqdm)
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

@@ -95,7 +95,7 @@ class LLMEngine:
         if n >= self.max_model_len:
             raise RequestError(
                 "prompt",
-                f"{n} tokens leave no room to generate within the model's context of {self.max_model_len} tokens",
+                f"{n} tokens leave no room to generate in the model's context of {self.max_model_len} tokens",
             )
         bm = self.block_manager
         worst = min(n + params.max_tokens, self.max_model_len)
@@ -132,7 +132,8 @@ class LLMEngine:
         self.validate(prompt_token_ids, params)
         seq = Sequence(request_id, list(prompt_token_ids), params)
         self._requests[request_id] = _Request(
-            seq, IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids),
+            seq,
+            IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids),
             max_stop_len=max((len(s) for s in params.stop), default=0),
         )
         self.scheduler.add(seq)
@@ -169,7 +170,9 @@ class LLMEngine:
         self.scheduler.on_step_done(out)
         return self._process(out, logits, sampled_chunks)
 
-    def _process(self, out: SchedulerOutput, logits: torch.Tensor, sampled_chunks: list[int]) -> list[RequestOutput]:
+    def _process(
+        self, out: SchedulerOutput, logits: torch.Tensor, sampled_chunks: list[int]
+    ) -> list[RequestOutput]:
         seqs = [out.chunks[i].seq for i in sampled_chunks]
         result = self.sampler.sample(logits, [s.request_id for s in seqs], [s.params for s in seqs])
         now = time.monotonic()
@@ -216,7 +219,11 @@ class LLMEngine:
         seq = req.seq
         finished = seq.finish_reason is not None
         # While unfinished, hold back a tail that could still grow into a stop string.
-        safe = len(seq.text) if finished else max(req.emitted_chars, len(seq.text) - max(req.max_stop_len - 1, 0))
+        safe = (
+            len(seq.text)
+            if finished
+            else max(req.emitted_chars, len(seq.text) - max(req.max_stop_len - 1, 0))
+        )
         new_text = seq.text[req.emitted_chars : safe]
         req.emitted_chars = max(req.emitted_chars, safe)
         new_tokens = seq.output_token_ids[req.emitted_tokens :]

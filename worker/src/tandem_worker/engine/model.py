@@ -134,7 +134,9 @@ class Attention(nn.Module):
                     q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale
                 )
             if meta.prefill_is_fresh:
-                out[nd:] = _fresh_prefill_attention(q[nd:], k[nd:], v[nd:], meta.prefill_cu_seqlens_q, self.scale)
+                out[nd:] = _fresh_prefill_attention(
+                    q[nd:], k[nd:], v[nd:], meta.prefill_cu_seqlens_q, self.scale
+                )
             else:
                 out[nd:] = tandem_kernels.paged_prefill_attention(
                     q[nd:],
@@ -260,13 +262,15 @@ class LlamaModel(nn.Module):
                     with torch.no_grad():
                         if shard is None:
                             if p.shape != tensor.shape:
-                                raise ValueError(f"{name}: shape {tuple(tensor.shape)}, model wants {tuple(p.shape)}")
+                                raise ValueError(
+                                    f"{name}: shape {tuple(tensor.shape)}, model wants {tuple(p.shape)}"
+                                )
                             p.copy_(tensor)
                         else:
                             p.narrow(0, *self._shard_range(parts[-2], shard)).copy_(tensor)
                     loaded.add(f"{target}#{shard}")
         missing = []
-        for name, p in self.named_parameters():
+        for name, _ in self.named_parameters():
             if name.endswith("qkv_proj.weight") or name.endswith("qkv_proj.bias"):
                 keys = [f"{name}#{i}" for i in range(3)]
             elif name.endswith("gate_up_proj.weight"):

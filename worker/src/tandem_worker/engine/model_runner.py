@@ -56,10 +56,18 @@ class KVCacheLayout:
         return (2, self.num_layers, self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
 
 
-def plan_kv_cache(model_cfg: ModelConfig, cfg: EngineConfig, dtype: torch.dtype, device: torch.device) -> KVCacheLayout:
+def plan_kv_cache(
+    model_cfg: ModelConfig, cfg: EngineConfig, dtype: torch.dtype, device: torch.device
+) -> KVCacheLayout:
     """Size the block pool from the memory budget: bytes if given, else a fraction of free memory."""
-    probe = KVCacheLayout(1, cfg.block_size, model_cfg.num_hidden_layers, model_cfg.num_key_value_heads,
-                          model_cfg.head_dim, dtype)
+    probe = KVCacheLayout(
+        1,
+        cfg.block_size,
+        model_cfg.num_hidden_layers,
+        model_cfg.num_key_value_heads,
+        model_cfg.head_dim,
+        dtype,
+    )
     if cfg.kv_cache_bytes is not None:
         budget = cfg.kv_cache_bytes
         source = f"kv_cache_bytes={budget}"
@@ -72,11 +80,15 @@ def plan_kv_cache(model_cfg: ModelConfig, cfg: EngineConfig, dtype: torch.dtype,
         raise ValueError(
             f"KV cache budget ({source}) is smaller than one block ({probe.block_bytes} bytes); raise it"
         )
-    return KVCacheLayout(num_blocks, cfg.block_size, probe.num_layers, probe.num_kv_heads, probe.head_dim, dtype)
+    return KVCacheLayout(
+        num_blocks, cfg.block_size, probe.num_layers, probe.num_kv_heads, probe.head_dim, dtype
+    )
 
 
 class ModelRunner:
-    def __init__(self, model_cfg: ModelConfig, model_dir: Path, cfg: EngineConfig, max_model_len: int) -> None:
+    def __init__(
+        self, model_cfg: ModelConfig, model_dir: Path, cfg: EngineConfig, max_model_len: int
+    ) -> None:
         self.device = torch.device(cfg.device)
         self.dtype = resolve_dtype(cfg)
         self.block_size = cfg.block_size
@@ -93,8 +105,12 @@ class ModelRunner:
         self.model = model
         self.layout = plan_kv_cache(model_cfg, cfg, self.dtype, self.device)
         self.kv_cache = torch.zeros(self.layout.shape, dtype=self.dtype, device=self.device)
-        log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.layout.num_blocks, self.block_size,
-                 self.layout.num_blocks * self.layout.block_bytes / 2**20)
+        log.info(
+            "KV cache: %d blocks of %d tokens (%.1f MiB)",
+            self.layout.num_blocks,
+            self.block_size,
+            self.layout.num_blocks * self.layout.block_bytes / 2**20,
+        )
 
     def _tensor(self, data: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, device=self.device)
@@ -103,7 +119,9 @@ class ModelRunner:
         width = max(len(t) for t in tables)
         return self._tensor([t + [0] * (width - len(t)) for t in tables], torch.int32)
 
-    def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+    def prepare(
+        self, out: SchedulerOutput
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """Pack a step's chunks, decodes first, and return (input_ids, positions, metadata, order).
 
         `order[j]` is the index in `out.chunks` of the j-th packed chunk.

@@ -1,0 +1,40 @@
+"""Shared, session-scoped fixtures: the built-in model converted once, and transformers' view of it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def model_cache_dir() -> Path:
+    """$TANDEM_CACHE_DIR, else the repo's git-ignored .cache/models, so repeated runs reuse the conversion."""
+    return Path(os.environ.get("TANDEM_CACHE_DIR") or REPO_ROOT / ".cache" / "models")
+
+
+@pytest.fixture(scope="session")
+def model_dir(model_cache_dir: Path) -> Path:
+    """The built-in smollm2-135m as a Hugging Face folder (converted from GGUF on first use)."""
+    from tandem_worker.engine.loader import resolve_model
+
+    return resolve_model("smollm2-135m", cache_dir=model_cache_dir)
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_dir: Path):
+    """transformers' float32 model loaded from `model_dir`: the reference the engine is checked against."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)

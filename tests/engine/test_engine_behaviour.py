@@ -1,0 +1,207 @@
+"""Engine behaviour on the real model: prefix caching, stops, streaming text, seeds, logprobs, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tandem_worker.engine.llm_engine import LLMEngine
+from tandem_worker.engine.loader import ModelNotFoundError
+from tandem_worker.engine.sampling_params import RequestError, SamplingParams
+from tandem_worker.engine.tokenizer import IncrementalDetokenizer
+from tandem_worker.llm import LLM, ChatPrompt
+
+from .conftest import run_all
+
+GREEDY8 = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+LONG_PREFIX = " ".join(f"Clause {i}: the tenant shall keep unit {i} tidy and quiet." for i in range(40))
+
+
+def _generate_one(engine: LLMEngine, params: SamplingParams, **kw):
+    rid = engine.add_request(params=params, **kw)
+    return run_all(engine)[rid]
+
+
+def test_shared_prefix_computes_only_new_tokens(engine):
+    engine.block_manager.reset_prefix_cache()
+    bs = engine.config.block_size
+    first = engine.tokenizer.encode(LONG_PREFIX + " Question: who keeps unit 3 tidy?")
+    second = engine.tokenizer.encode(LONG_PREFIX + " Question: is unit 7 quiet at night?")
+    shared = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+    assert shared > 20 * bs, "the prompts must share a long prefix"
+    _generate_one(engine, GREEDY8, prompt_token_ids=first)
+
+    before = engine.stats()["prefill_tokens_computed"]
+    out = _generate_one(engine, GREEDY8, prompt_token_ids=second)
+    computed = engine.stats()["prefill_tokens_computed"] - before
+    assert out.num_cached_tokens == (shared // bs) * bs
+    assert computed == len(second) - out.num_cached_tokens
+
+    # Same output when everything is recomputed.
+    engine.block_manager.reset_prefix_cache()
+    before = engine.stats()["prefill_tokens_computed"]
+    fresh = _generate_one(engine, GREEDY8, prompt_token_ids=second)
+    assert engine.stats()["prefill_tokens_computed"] - before == len(second)
+    assert fresh.num_cached_tokens == 0
+    assert fresh.token_ids == out.token_ids
+
+
+def test_stop_string_token_and_length(engine):
+    prompt = "The capital of France is"
+    base = _generate_one(engine, SamplingParams(max_tokens=12, temperature=0), prompt=prompt)
+    assert "." in base.text, base.text  # greedy: " Paris.\n\n..."
+    cut = base.text.index(".")
+
+    out = _generate_one(engine, SamplingParams(max_tokens=12, temperature=0, stop=["."]), prompt=prompt)
+    assert out.finish_reason == "stop" and out.stop_reason == "."
+    assert out.text == base.text[:cut]
+
+    first = base.token_ids[0]
+    out = _generate_one(
+        engine, SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[first]), prompt=prompt
+    )
+    assert out.token_ids == [first] and out.finish_reason == "stop" and out.stop_reason == first
+
+    out = _generate_one(engine, SamplingParams(max_tokens=3, temperature=0), prompt=prompt)
+    assert out.token_ids == base.token_ids[:3] and out.finish_reason == "length"
+
+
+def test_streamed_deltas_add_up_and_never_leak_a_stop_string(engine):
+    prompt = "Count: one, two, three, four, five, six,"
+    rid = engine.add_request(prompt, SamplingParams(max_tokens=20, temperature=0, stop=[" nine"]))
+    pieces, final = [], None
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.request_id == rid:
+                pieces.append(o.new_text)
+                assert " nine" not in "".join(pieces)
+                final = o
+    assert "".join(pieces) == final.text
+    if final.finish_reason == "stop":
+        assert final.stop_reason == " nine"
+
+
+def test_incremental_detokenizer_never_splits_multibyte_characters(engine):
+    tok = engine.tokenizer
+    text = "東京は日本の首都で、🚀🌍 Ωμέγα — naïve café"
+    ids = tok.encode(text)
+    assert any("\ufffd" in tok.hf.decode([t]) for t in ids), "the text must split characters across tokens"
+    detok = IncrementalDetokenizer(tok, tok.encode("Hi"))
+    deltas = [detok.push(t) for t in ids]
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == tok.decode(ids) == text
+
+
+def test_seeded_sampling_is_independent_of_batching(engine):
+    params = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.95, seed=1234)
+    alone = _generate_one(engine, params, prompt="My favourite animal is").token_ids
+    rids = [engine.add_request("Write a list of fruits:", SamplingParams(max_tokens=6, temperature=1.0))]
+    target = engine.add_request("My favourite animal is", params)
+    rids.append(
+        engine.add_request("In the beginning", SamplingParams(max_tokens=12, temperature=0.7, seed=9))
+    )
+    batched = run_all(engine)[target].token_ids
+    assert batched == alone
+    other = _generate_one(
+        engine,
+        SamplingParams(max_tokens=10, temperature=0.9, top_p=0.95, seed=4321),
+        prompt="My favourite animal is",
+    )
+    assert other.token_ids != alone
+
+
+def test_logprobs_match_transformers(engine, hf_model):
+    out = _generate_one(
+        engine,
+        SamplingParams(max_tokens=6, temperature=0, logprobs=True, ignore_eos=True),
+        prompt="Roses are red,",
+    )
+    ids = out.prompt_token_ids + out.token_ids
+    with torch.inference_mode():
+        logits = hf_model(torch.tensor([ids])).logits[0].float()
+    n = len(out.prompt_token_ids)
+    expected = torch.log_softmax(logits[n - 1 : -1], -1).gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]
+    assert out.logprobs is not None and len(out.logprobs) == 6
+    assert torch.allclose(torch.tensor(out.logprobs), expected, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt_token_ids": []}, "prompt"),
+        ({"prompt_token_ids": [1] * 8192}, "prompt"),
+        ({"prompt_token_ids": [49152]}, "prompt_token_ids"),
+    ],
+)
+def test_bad_prompt_is_refused_before_any_work_and_others_keep_running(engine, kwargs, field):
+    good = engine.add_request("The sky is", GREEDY8)
+    engine.step()
+    blocks_before = engine.block_manager.num_free_blocks
+    with pytest.raises(RequestError) as err:
+        engine.add_request(params=SamplingParams(max_tokens=4), **kwargs)
+    assert err.value.field == field
+    assert engine.num_unfinished == 1 and engine.block_manager.num_free_blocks == blocks_before
+    assert run_all(engine)[good].finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"temperature": -0.5}, "temperature"),
+    ],
+)
+def test_bad_sampling_params_name_the_field(params, field):
+    with pytest.raises(RequestError) as err:
+        SamplingParams(**params)
+    assert err.value.field == field and field in str(err.value)
+
+
+def test_request_that_can_never_fit_the_kv_cache(model_dir):
+    tiny = LLMEngine(model=str(model_dir), kv_cache_bytes=8 * 16 * 2 * 30 * 3 * 64 * 4)  # 8 blocks
+    assert tiny.block_manager.num_blocks == 8
+    with pytest.raises(RequestError, match="never fit") as err:
+        tiny.add_request(prompt_token_ids=list(range(100, 250)), params=SamplingParams(max_tokens=4))
+    assert err.value.field == "prompt"
+    with pytest.raises(RequestError, match="never fit") as err:
+        tiny.add_request(prompt_token_ids=list(range(100, 110)), params=SamplingParams(max_tokens=200))
+    assert err.value.field == "max_tokens"
+    # What fits still runs, with preemption if it must.
+    ok = [tiny.add_request(prompt_token_ids=list(range(100 + i, 140 + i)), params=GREEDY8) for i in range(4)]
+    final = run_all(tiny)
+    assert all(final[r].finish_reason == "length" for r in ok)
+    assert tiny.block_manager.num_free_blocks == 8
+
+
+def test_unknown_model_names_the_input_and_lists_builtins(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="smollm2-135m") as err:
+        LLMEngine(model="no-such-model")
+    assert "no-such-model" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        LLMEngine(model=str(tmp_path / "missing"))
+
+
+def test_abort_frees_every_block(engine):
+    rid = engine.add_request(LONG_PREFIX, SamplingParams(max_tokens=50))
+    engine.step()
+    assert engine.block_manager.stats().num_used > 0
+    assert engine.abort(rid)
+    assert engine.block_manager.stats().num_used == 0 and not engine.has_unfinished()
+    assert not engine.abort(rid)
+
+
+def test_llm_generate_keeps_input_order_and_validates_all_first(engine):
+    llm = LLM.from_engine(engine)
+    prompts = ["Name a colour:", ChatPrompt([{"role": "user", "content": "Say hi"}]), [504, 3250, 314]]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0))
+    assert [o.prompt_token_ids for o in outs] == [
+        engine.tokenizer.encode("Name a colour:"),
+        engine.tokenizer.chat_prompt("Say hi"),
+        [504, 3250, 314],
+    ]
+    with pytest.raises(RequestError):
+        llm.generate(["fine", ""], SamplingParams(max_tokens=4))
+    assert not engine.has_unfinished()

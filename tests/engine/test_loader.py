@@ -1,0 +1,272 @@
+"""The loader on the real built-in model: GGUF -> Hugging Face folder, checked against transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from tandem_worker.engine.config import ModelConfig
+from tandem_worker.engine.loader import (
+    BUILTIN_MODELS,
+    CONVERSION_INFO_FILE,
+    ModelNotFoundError,
+    UnsupportedModelError,
+    hf_tensor_name,
+    resolve_model,
+    unpermute_rotary,
+)
+
+PROMPT_MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+NON_ASCII_TEXTS = [
+    "Grüße aus Köln — naïve café, crème brûlée",
+    "日本語のテキストと中文文本",
+    "Ελληνικά, русский язык, עברית, العربية",
+    "emoji 🦙🚀👩‍💻 and\ttabs\nnewlines  double  spaces",
+    "<|im_start|>user\nhi<|im_end|>",
+]
+
+
+@pytest.fixture(scope="module")
+def gguf_path() -> Path:
+    return BUILTIN_MODELS["smollm2-135m"].gguf_path()
+
+
+@pytest.fixture(scope="module")
+def gguf_reference_model(gguf_path: Path):
+    """transformers' own GGUF loading of the same file (slow: ~35 s on 2 cores)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def gguf_tokenizer(gguf_path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+
+
+def _llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf.py LlamaModel.permute, verbatim in spirit."""
+    return (
+        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
+
+
+# ------------------------------------------------------------------------------------------ weights
+
+
+def test_unpermute_inverts_llama_cpp_permute() -> None:
+    rng = np.random.default_rng(0)
+    for n_head, head_dim, cols in [(9, 64, 576), (3, 64, 576), (2, 4, 3)]:
+        w = rng.standard_normal((n_head * head_dim, cols)).astype(np.float32)
+        np.testing.assert_array_equal(unpermute_rotary(_llama_cpp_permute(w, n_head), n_head), w)
+        bias = rng.standard_normal(n_head * head_dim).astype(np.float32)
+        np.testing.assert_array_equal(unpermute_rotary(_llama_cpp_permute(bias, n_head), n_head), bias)
+
+
+def test_tensor_names() -> None:
+    assert hf_tensor_name("token_embd.weight") == "model.embed_tokens.weight"
+    assert hf_tensor_name("output.weight") == "lm_head.weight"
+    assert hf_tensor_name("blk.12.attn_output.weight") == "model.layers.12.self_attn.o_proj.weight"
+    assert hf_tensor_name("blk.0.ffn_norm.weight") == "model.layers.0.post_attention_layernorm.weight"
+    with pytest.raises(UnsupportedModelError, match="blk.0.ssm_conv1d.weight"):
+        hf_tensor_name("blk.0.ssm_conv1d.weight")
+
+
+@pytest.mark.slow
+def test_state_dict_equals_transformers_gguf_loading(model_dir: Path, gguf_reference_model) -> None:
+    ours = load_file(model_dir / "model.safetensors")
+    reference = gguf_reference_model.state_dict()
+    # Tied embeddings: lm_head is not stored, transformers ties it to embed_tokens.
+    assert "lm_head.weight" not in ours
+    assert set(reference) - set(ours) == {"lm_head.weight"}
+    assert len(ours) == 30 * 9 + 2
+    for name, tensor in ours.items():
+        assert tensor.dtype == torch.float32, name
+        ref = reference[name]
+        assert tensor.shape == ref.shape, name
+        torch.testing.assert_close(tensor, ref, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_converted_folder_gives_same_logits(hf_model, hf_tokenizer, gguf_reference_model) -> None:
+    assert hf_model.lm_head.weight.data_ptr() == hf_model.model.embed_tokens.weight.data_ptr()
+    ids = hf_tokenizer.apply_chat_template(
+        PROMPT_MESSAGES, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
+    with torch.no_grad():
+        ours = hf_model(ids).logits
+        reference = gguf_reference_model(ids).logits
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_greedy_answer_is_sensible(hf_model, hf_tokenizer) -> None:
+    """Independent of transformers' GGUF code: wrong Q/K un-permutation would produce garbage here."""
+    ids = hf_tokenizer.apply_chat_template(
+        PROMPT_MESSAGES, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
+    with torch.no_grad():
+        out = hf_model.generate(ids, max_new_tokens=12, do_sample=False)
+    answer = hf_tokenizer.decode(out[0, ids.shape[1] :])
+    assert "Paris" in answer
+
+
+# ------------------------------------------------------------------------------------------- config
+
+
+@pytest.mark.slow
+def test_config_round_trips_into_model_config(model_dir: Path, gguf_reference_model) -> None:
+    cfg = ModelConfig.from_folder(model_dir)
+    # Real values of SmolLM2-135M-Instruct, read from the GGUF metadata.
+    assert cfg.architecture == "LlamaForCausalLM"
+    assert cfg.num_hidden_layers == 30
+    assert cfg.num_attention_heads == 9
+    assert cfg.num_key_value_heads == 3
+    assert cfg.hidden_size == 576
+    assert cfg.head_dim == 64
+    assert cfg.intermediate_size == 1536
+    assert cfg.vocab_size == 49152
+    assert cfg.max_position_embeddings == 8192
+    assert cfg.rope_theta == 100000.0
+    assert cfg.rope_scaling is None
+    assert cfg.rms_norm_eps == pytest.approx(1e-5)
+    assert cfg.tie_word_embeddings is True
+    assert cfg.attention_bias is False
+    assert cfg.bos_token_id == 1
+    assert cfg.eos_token_ids == (2,)
+    # And the same as transformers' own reading of the GGUF metadata.
+    ref = gguf_reference_model.config
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (
+        ref.num_hidden_layers,
+        ref.num_attention_heads,
+        ref.num_key_value_heads,
+    )
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.max_position_embeddings) == (
+        ref.hidden_size,
+        ref.intermediate_size,
+        ref.vocab_size,
+        ref.max_position_embeddings,
+    )
+    assert cfg.rope_theta == ref.rope_parameters["rope_theta"]
+    assert cfg.rms_norm_eps == pytest.approx(ref.rms_norm_eps, rel=1e-6)
+
+
+def test_generation_ids_are_copied(model_dir: Path, hf_model) -> None:
+    gen = hf_model.generation_config
+    assert (gen.bos_token_id, gen.eos_token_id, gen.pad_token_id) == (1, 2, 2)
+    assert (model_dir / "generation_config.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_matches_gguf_tokenizer(hf_tokenizer, gguf_tokenizer) -> None:
+    assert len(hf_tokenizer) == len(gguf_tokenizer) == 49152
+    for text in NON_ASCII_TEXTS:
+        ids = hf_tokenizer.encode(text)
+        assert ids == gguf_tokenizer.encode(text), text
+        assert hf_tokenizer.decode(ids) == text
+        assert gguf_tokenizer.decode(ids) == text
+    assert hf_tokenizer.encode("hi")[0] != hf_tokenizer.bos_token_id  # GGUF says add_bos_token = false
+    assert (hf_tokenizer.bos_token, hf_tokenizer.eos_token) == ("<|im_start|>", "<|im_end|>")
+    assert hf_tokenizer.model_max_length == 8192
+
+
+def test_chat_template_comes_from_the_gguf(hf_tokenizer, gguf_tokenizer, model_dir: Path) -> None:
+    assert hf_tokenizer.chat_template  # the GGUF's tokenizer.chat_template, carried over
+    assert hf_tokenizer.chat_template == gguf_tokenizer.chat_template
+    assert json.loads((model_dir / CONVERSION_INFO_FILE).read_text())["chat_template"] is True
+    text = hf_tokenizer.apply_chat_template(PROMPT_MESSAGES, tokenize=False, add_generation_prompt=True)
+    assert text.startswith("<|im_start|>system\n")
+    assert "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n" in text
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+# ------------------------------------------------------------------------------------ cache, errors
+
+
+def test_second_resolve_uses_the_cache(model_dir: Path, model_cache_dir: Path) -> None:
+    weights = model_dir / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    started = time.perf_counter()
+    again = resolve_model("smollm2-135m", cache_dir=model_cache_dir)
+    elapsed = time.perf_counter() - started
+    assert again == model_dir
+    assert weights.stat().st_mtime_ns == before
+    assert elapsed < 1.0, f"cached resolve took {elapsed:.2f} s"
+    assert (model_dir / CONVERSION_INFO_FILE).is_file()
+    assert not [p for p in model_cache_dir.iterdir() if ".tmp-" in p.name]
+
+
+def test_gguf_path_resolves_to_the_same_cache(model_dir: Path, model_cache_dir: Path, gguf_path) -> None:
+    assert resolve_model(str(gguf_path), cache_dir=model_cache_dir) == model_dir
+
+
+def test_hf_folder_is_returned_as_is(model_dir: Path) -> None:
+    assert resolve_model(str(model_dir)) == model_dir
+    assert resolve_model(model_dir) == model_dir
+
+
+def test_default_cache_dir_follows_env(model_dir: Path, model_cache_dir: Path, monkeypatch) -> None:
+    monkeypatch.setenv("TANDEM_CACHE_DIR", str(model_cache_dir))
+    assert resolve_model("smollm2-135m") == model_dir
+
+
+def test_unknown_name_is_a_clear_error() -> None:
+    with pytest.raises(ModelNotFoundError) as info:
+        resolve_model("no-such-model")
+    message = str(info.value)
+    assert "'no-such-model'" in message
+    assert "smollm2-135m" in message
+    assert isinstance(info.value, FileNotFoundError)
+
+
+def test_missing_path_is_a_clear_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nope" / "model.gguf"
+    with pytest.raises(FileNotFoundError, match="smollm2-135m") as info:
+        resolve_model(str(missing))
+    assert str(missing) in str(info.value)
+
+
+def test_incomplete_folder_is_rejected(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(UnsupportedModelError, match=r"\*\.safetensors"):
+        resolve_model(tmp_path)
+
+
+def test_non_gguf_file_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "model.bin"
+    path.write_bytes(b"\0" * 16)
+    with pytest.raises(UnsupportedModelError, match="not a .gguf file"):
+        resolve_model(path)
+
+
+def test_failed_conversion_leaves_no_cache(tmp_path: Path) -> None:
+    """A real (tiny) GGUF of an architecture we don't convert: clear error, nothing left in the cache."""
+    import gguf
+
+    path = tmp_path / "tiny-qwen3.gguf"
+    writer = gguf.GGUFWriter(path, "qwen3")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    cache = tmp_path / "cache"
+    with pytest.raises(UnsupportedModelError, match="'qwen3'.*llama"):
+        resolve_model(path, cache_dir=cache)
+    assert os.listdir(cache) == []
