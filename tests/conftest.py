@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# Triton reads this when its functions are decorated, i.e. on first import, which may come from any
+# test module: set it before anything imports triton, so kernels run in the interpreter on CPU.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+
 from tandem_worker.engine.config import ModelConfig
 from tandem_worker.engine.loader import (
     BUILTIN_MODELS,

@@ -1,0 +1,101 @@
+"""Plain-torch references for every Tandem kernel; also the engine's CPU path.
+
+Each function has the signature and shapes of its public op in `tandem_kernels` (the package
+docstring holds the contract). Half and bf16 inputs are upcast so the softmax accumulates in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def store_kvcache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write each token's key and value into its cache slot, in place."""
+    num_kv_heads, head_dim = k_cache.shape[2:]
+    # view (not reshape) so a non-contiguous cache fails loudly instead of writing into a copy
+    k_slots = k_cache.view(-1, num_kv_heads, head_dim)
+    v_slots = v_cache.view(-1, num_kv_heads, head_dim)
+    k_slots.index_copy_(0, slot_mapping, key)
+    v_slots.index_copy_(0, slot_mapping, value)
+
+
+def _gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """Copy out the first `num_blocks` pages of each table row: [rows, kv_heads, kv_len, head_dim]."""
+    pages = cache[block_tables[:, :num_blocks].long()]  # [rows, num_blocks, block_size, kv_heads, head_dim]
+    rows, _, block_size, num_kv_heads, head_dim = pages.shape
+    kv = pages.view(rows, num_blocks * block_size, num_kv_heads, head_dim).transpose(1, 2)
+    # The softmax must accumulate in fp32; upcasting the gathered copy is cheaper than a second pass.
+    return kv.float() if kv.dtype in _LOW_PRECISION else kv
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Attend one query token per sequence to its paged KV; returns [num_seqs, num_heads, head_dim]."""
+    num_seqs, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    max_len = int(context_lens.max())
+    num_blocks = -(-max_len // block_size)
+    k = _gather_kv(k_cache, block_tables, num_blocks)  # [num_seqs, kv_heads, kv_len, head_dim]
+    v = _gather_kv(v_cache, block_tables, num_blocks)
+    positions = torch.arange(k.shape[2], device=q.device)
+    mask = positions[None, :] < context_lens[:, None].to(q.device)  # [num_seqs, kv_len]
+    # A group's query heads h = kv_head * group + g share one kv head, so they can stand in
+    # for SDPA's query-length axis: no GQA expansion of K/V and one batched matmul per group.
+    grouped_q = q.reshape(num_seqs, num_kv_heads, group, head_dim).to(k.dtype)
+    out = F.scaled_dot_product_attention(grouped_q, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention for packed query chunks whose KV is already in the cache; returns q's shape.
+
+    Query i of sequence s sits at position context_lens[s] - q_len + i, so a chunk after a
+    cached prefix sees the whole prefix plus the chunk's own earlier tokens.
+    """
+    block_size = k_cache.shape[1]
+    out = torch.empty_like(q)
+    # One host sync for the lengths rather than one per sequence.
+    starts = cu_seqlens_q.tolist()
+    lens = context_lens.tolist()
+    for s, kv_len in enumerate(lens):
+        q_start, q_end = starts[s], starts[s + 1]
+        q_len = q_end - q_start
+        if q_len == 0:
+            continue
+        num_blocks = -(-kv_len // block_size)
+        k = _gather_kv(k_cache, block_tables[s : s + 1], num_blocks)[:, :, :kv_len]
+        v = _gather_kv(v_cache, block_tables[s : s + 1], num_blocks)[:, :, :kv_len]
+        q_s = q[q_start:q_end].transpose(0, 1).unsqueeze(0).to(k.dtype)  # [1, num_heads, q_len, head_dim]
+        if q_len == kv_len:
+            o = F.scaled_dot_product_attention(q_s, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            # SDPA's is_causal aligns the diagonal top-left; a cached prefix needs it bottom-right.
+            q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)
+            mask = q_pos[:, None] >= torch.arange(kv_len, device=q.device)[None, :]
+            o = F.scaled_dot_product_attention(q_s, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[q_start:q_end] = o[0].transpose(0, 1).to(q.dtype)
+    return out
