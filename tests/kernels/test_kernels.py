@@ -172,6 +172,31 @@ def test_reference_prefill_matches_naive(q_lens, context_lens, num_heads, num_kv
     torch.testing.assert_close(tandem_kernels.paged_prefill_attention(*args), out, rtol=0, atol=0)
 
 
+# Decodes (q_len 1), whole prompts and chunks after a cached prefix, packed in one call.
+GATHERED_CASES = [
+    ([1, 1, 1], [1, 17, 300], 6, 2, 64),
+    ([1, 37, 5, 1], [40, 37, 45, 16], 8, 2, 64),
+    ([1, 9, 33], [129, 9, 100], 3, 1, 128),
+]
+
+
+@pytest.mark.parametrize(("q_lens", "context_lens", "num_heads", "num_kv_heads", "head_dim"), GATHERED_CASES)
+def test_gathered_attention_matches_naive(q_lens, context_lens, num_heads, num_kv_heads, head_dim):
+    gen = torch.Generator().manual_seed(5)
+    kv = make_paged_kv(context_lens, num_kv_heads, head_dim, torch.float32, gen)
+    cu_q, cu_kv, slots = [0], [0], []
+    for s, (n, ctx) in enumerate(zip(q_lens, context_lens)):
+        cu_q.append(cu_q[-1] + n)
+        cu_kv.append(cu_kv[-1] + ctx)
+        slots += [int(kv.block_tables[s, p // BLOCK_SIZE]) * BLOCK_SIZE + p % BLOCK_SIZE for p in range(ctx)]
+    q = torch.randn(cu_q[-1], num_heads, head_dim, generator=gen)
+    out = tandem_kernels.gathered_attention(
+        q, kv.k_cache, kv.v_cache, torch.tensor(slots), cu_q, cu_kv, head_dim**-0.5
+    )
+    assert out.shape == q.shape
+    assert rel_err(out, naive_attention(q, kv, cu_q)) < 1e-5
+
+
 def test_prefill_last_token_equals_decode():
     # The two paths must agree on the one position they share.
     gen = torch.Generator().manual_seed(4)

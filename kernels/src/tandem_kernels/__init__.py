@@ -46,6 +46,7 @@ else:
     _triton_store_kvcache = None
 
 __all__ = [
+    "gathered_attention",
     "paged_decode_attention",
     "paged_prefill_attention",
     "reference",
@@ -117,3 +118,19 @@ def paged_prefill_attention(
     return reference.paged_prefill_attention(
         q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale
     )
+
+
+def gathered_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    kv_slots: torch.Tensor,
+    cu_seqlens_q: list[int],
+    cu_seqlens_kv: list[int],
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention for packed chunks (decodes and prefills alike) over KV gathered by slot.
+
+    The CPU path: one exact, unpadded gather per layer. GPUs use the paged kernels instead.
+    """
+    return reference.gathered_attention(q, k_cache, v_cache, kv_slots, cu_seqlens_q, cu_seqlens_kv, scale)

@@ -99,3 +99,47 @@ def paged_prefill_attention(
             o = F.scaled_dot_product_attention(q_s, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         out[q_start:q_end] = o[0].transpose(0, 1).to(q.dtype)
     return out
+
+
+def gathered_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    kv_slots: torch.Tensor,
+    cu_seqlens_q: list[int],
+    cu_seqlens_kv: list[int],
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention for packed query chunks over KV gathered by slot; the engine's CPU path.
+
+    kv_slots [total_kv] int64 lists, sequence after sequence, the cache slot of every KV token each
+    sequence attends to (its whole context, this step's tokens included); the offsets are host lists
+    so the loop needs no device sync. Gathering exactly the context once per layer, with no padding
+    to the longest sequence, is what makes mixed-length batches cheap on a CPU.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    k = k_cache.view(-1, num_kv_heads, head_dim).index_select(0, kv_slots)  # [total_kv, kv_heads, dim]
+    v = v_cache.view(-1, num_kv_heads, head_dim).index_select(0, kv_slots)
+    out = torch.empty_like(q)
+    for s in range(len(cu_seqlens_q) - 1):
+        q0, q1 = cu_seqlens_q[s], cu_seqlens_q[s + 1]
+        k0, k1 = cu_seqlens_kv[s], cu_seqlens_kv[s + 1]
+        q_len, kv_len = q1 - q0, k1 - k0
+        ks = k[k0:k1].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, kv_len, dim]
+        vs = v[k0:k1].transpose(0, 1).unsqueeze(0)
+        if q_len == 1:
+            # A group's query heads stand in for SDPA's query axis: no GQA expansion, no mask.
+            qs = q[q0].view(1, num_kv_heads, group, head_dim)
+            out[q0] = F.scaled_dot_product_attention(qs, ks, vs, scale=scale).view(num_heads, head_dim)
+            continue
+        qs = q[q0:q1].transpose(0, 1).unsqueeze(0)  # [1, heads, q_len, dim]
+        if q_len == kv_len:
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)
+            mask = q_pos[:, None] >= torch.arange(kv_len, device=q.device)[None, :]
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[q0:q1] = o[0].transpose(0, 1)
+    return out

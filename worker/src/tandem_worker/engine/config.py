@@ -113,6 +113,8 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
+    # False on workers behind a router: it detokenizes and applies stop strings itself.
+    detokenize: bool = True
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 

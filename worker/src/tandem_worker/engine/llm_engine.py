@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,15 @@ class RequestOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Reservation:
+    """Decode side: KV blocks reserved for a remote-KV request; tokens before `skip_tokens` are cached."""
+
+    request_id: str
+    skip_tokens: int
+    block_table: list[int]
+
+
 @dataclass
 class _Request:
     seq: Sequence
@@ -71,6 +81,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
         self.sampler = Sampler(config.seed)
         self._requests: dict[str, _Request] = {}
+        self._reservations: list[Reservation] = []
         self._counter = 0
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -115,7 +126,15 @@ class LLMEngine:
         request_id: str | None = None,
         *,
         prompt_token_ids: list[int] | None = None,
+        remote_kv: bool = False,
+        kv_sink: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
+        kv_skip: int = 0,
     ) -> str:
+        """Queue a request; raises `RequestError` (changing nothing) if it can never be served.
+
+        `remote_kv`: the prompt's KV will come from a prefill worker (see `take_reservations` and
+        `kv_ready`). `kv_sink`: stream each layer's KV for prompt tokens from `kv_skip` on.
+        """
         params = params or SamplingParams()
         if prompt_token_ids is None:
             if isinstance(prompt, list):
@@ -130,7 +149,8 @@ class LLMEngine:
         if request_id in self._requests:
             raise RequestError("request_id", f"{request_id!r} is already in flight")
         self.validate(prompt_token_ids, params)
-        seq = Sequence(request_id, list(prompt_token_ids), params)
+        seq = Sequence(request_id, list(prompt_token_ids), params, remote_kv=remote_kv, kv_sink=kv_sink)
+        seq.kv_sent = kv_skip
         self._requests[request_id] = _Request(
             seq,
             IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids),
@@ -151,6 +171,25 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return bool(self._requests)
 
+    def has_schedulable_work(self) -> bool:
+        """Work a step can do now (remote-KV requests in transit are not)."""
+        return self.scheduler.has_schedulable_work
+
+    def take_reservations(self) -> list[Reservation]:
+        taken, self._reservations = self._reservations, []
+        return taken
+
+    def kv_ready(
+        self, request_id: str, first_token: int, first_logprob: float | None
+    ) -> RequestOutput | None:
+        """A remote-KV request's prompt KV is in its blocks; add the prefill worker's first token."""
+        req = self._requests.get(request_id)
+        if req is None or request_id not in self.scheduler.reserved:
+            return None  # aborted meanwhile
+        seq = req.seq
+        self.scheduler.activate(seq)
+        return self._append_token(req, first_token, first_logprob, time.monotonic())
+
     @property
     def num_unfinished(self) -> int:
         return len(self._requests)
@@ -160,43 +199,85 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; return an output for every request that advanced."""
         out = self.scheduler.schedule()
+        now = time.monotonic()
+        for seq in out.reserved:
+            seq.first_scheduled_time = now
+            self._reservations.append(
+                Reservation(seq.request_id, seq.num_computed_tokens, list(seq.block_table))
+            )
         if out.is_empty:
             return []
-        now = time.monotonic()
         for seq in out.admitted:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
-        logits, sampled_chunks = self.runner.execute(out)
+        sends = [
+            (c.seq, c.seq.kv_sent, c.start + c.num_tokens)
+            for c in out.chunks
+            if c.seq.kv_sink is not None and c.start + c.num_tokens > c.seq.kv_sent
+        ]
+        hook = self._kv_hook(sends) if sends else None
+        logits, sampled_chunks = self.runner.execute(out, layer_hook=hook)
+        for seq, _, hi in sends:
+            seq.kv_sent = hi
         self.scheduler.on_step_done(out)
         return self._process(out, logits, sampled_chunks)
+
+    def _kv_hook(self, sends: list[tuple[Sequence, int, int]]) -> Callable[[int], None]:
+        """Hand each finished layer's KV of the given token ranges to their sinks, as soon as it exists."""
+        bs = self.config.block_size
+        slots = []
+        for seq, lo, hi in sends:
+            table = torch.tensor(seq.block_table)
+            pos = torch.arange(lo, hi)
+            slots.append((table[pos // bs] * bs + pos % bs).to(self.runner.device))
+        kv = self.runner.kv_cache
+        heads, dim = kv.shape[-2:]
+
+        def hook(layer: int) -> None:
+            k_flat = kv[0, layer].view(-1, heads, dim)
+            v_flat = kv[1, layer].view(-1, heads, dim)
+            for (seq, lo, _), s in zip(sends, slots):
+                seq.kv_sink(layer, lo, k_flat.index_select(0, s), v_flat.index_select(0, s))
+
+        return hook
 
     def _process(
         self, out: SchedulerOutput, logits: torch.Tensor, sampled_chunks: list[int]
     ) -> list[RequestOutput]:
         seqs = [out.chunks[i].seq for i in sampled_chunks]
-        result = self.sampler.sample(logits, [s.request_id for s in seqs], [s.params for s in seqs])
+        result = self.sampler.sample(
+            logits,
+            [s.request_id for s in seqs],
+            [s.params for s in seqs],
+            [len(s.output_token_ids) for s in seqs],
+        )
         now = time.monotonic()
         outputs = []
         for row, seq in enumerate(seqs):
             req = self._requests[seq.request_id]
-            token = result.token_ids[row]
-            seq.output_token_ids.append(token)
-            if result.logprobs is not None and seq.params.logprobs:
-                seq.output_logprobs.append(result.logprobs[row])
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            self._check_stop(req, token)
-            outputs.append(self._output(req))
-            if seq.finish_reason is not None:
-                self._requests.pop(seq.request_id, None)
-                self.scheduler.finish(seq)
-                self.sampler.forget(seq.request_id)
+            logprob = result.logprobs[row] if result.logprobs is not None else None
+            outputs.append(self._append_token(req, result.token_ids[row], logprob, now))
         return outputs
+
+    def _append_token(self, req: _Request, token: int, logprob: float | None, now: float) -> RequestOutput:
+        seq = req.seq
+        seq.output_token_ids.append(token)
+        if seq.params.logprobs and logprob is not None:
+            seq.output_logprobs.append(logprob)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        self._check_stop(req, token)
+        out = self._output(req)
+        if seq.finish_reason is not None:
+            self._requests.pop(seq.request_id, None)
+            self.scheduler.finish(seq)
+            self.sampler.forget(seq.request_id)
+        return out
 
     def _check_stop(self, req: _Request, token: int) -> None:
         seq, p = req.seq, req.seq.params
         special_stop = (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids
-        if not special_stop:
+        if not special_stop and self.config.detokenize:
             before = len(seq.text)
             seq.text += req.detok.push(token)
             if p.stop:
@@ -209,7 +290,7 @@ class LLMEngine:
                     seq.text = seq.text[:i]
                     seq.finish_reason, seq.stop_reason = FinishReason.STOP, s
                     return
-        else:
+        elif special_stop:
             seq.finish_reason, seq.stop_reason = FinishReason.STOP, token
             return
         if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
@@ -260,6 +341,12 @@ class LLMEngine:
             "cached_blocks": b.num_cached,
             "waiting": len(self.scheduler.waiting),
             "running": len(self.scheduler.running),
+            "awaiting_kv": len(self.scheduler.awaiting) + len(self.scheduler.reserved),
+            "queued_prompt_tokens": sum(
+                s.num_uncomputed_tokens
+                for s in [*self.scheduler.waiting, *self.scheduler.running]
+                if s.is_prefilling
+            ),
             "steps": s.num_steps,
             "preemptions": s.num_preemptions,
             "chunked_prefill_steps": s.num_chunked_prefill_steps,

@@ -8,6 +8,7 @@ says which is which and where each token's KV goes in the cache.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,10 @@ class AttentionMetadata:
     # Every prefill chunk starts at position 0 (no cached prefix, no earlier chunk): attention can
     # use the fresh K/V with a causal mask instead of reading them back from the paged cache.
     prefill_is_fresh: bool = False
+    # CPU path: every packed chunk attends over KV gathered by slot (see tandem_kernels.gathered_attention).
+    kv_slots: torch.Tensor | None = None  # [total_kv] int64
+    cu_seqlens_q: list[int] | None = None  # over all packed chunks, decodes included
+    cu_seqlens_kv: list[int] | None = None
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -123,7 +128,11 @@ class Attention(nn.Module):
         q, k = rotary(positions, q, k)
         tandem_kernels.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
         nd = meta.num_decode_tokens
-        if nd == t:
+        if meta.kv_slots is not None:
+            out = tandem_kernels.gathered_attention(
+                q, k_cache, v_cache, meta.kv_slots, meta.cu_seqlens_q, meta.cu_seqlens_kv, self.scale
+            )
+        elif nd == t:
             out = tandem_kernels.paged_decode_attention(
                 q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale
             )
@@ -221,10 +230,13 @@ class LlamaModel(nn.Module):
         kv_cache: torch.Tensor,  # [2, layers, blocks, block_size, kv_heads, head_dim]
         meta: AttentionMetadata,
         logit_indices: torch.Tensor,  # [S]: the tokens whose next-token logits are wanted
+        layer_hook: Callable[[int], None] | None = None,  # called as each layer's KV is written
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
             x = layer(x, positions, self.rotary, kv_cache[0, i], kv_cache[1, i], meta)
+            if layer_hook is not None:
+                layer_hook(i)
         # Only the sampled positions need the (large) vocabulary projection.
         x = self.norm(x[logit_indices])
         return self.lm_head(x).float()  # [S, vocab]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +105,8 @@ class ModelRunner:
         model.rotary = RotaryEmbedding(model_cfg, max_model_len).to(self.device)
         self.model = model
         self.layout = plan_kv_cache(model_cfg, cfg, self.dtype, self.device)
+        # Off CUDA (and unless Triton is forced) attention gathers each sequence's exact context.
+        self.gather_attention = self.device.type != "cuda" and os.environ.get("TANDEM_KERNELS") != "triton"
         self.kv_cache = torch.zeros(self.layout.shape, dtype=self.dtype, device=self.device)
         log.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB)",
@@ -162,9 +165,26 @@ class ModelRunner:
             meta.prefill_cu_seqlens_q = self._tensor(cu, torch.int32)
             meta.prefill_context_lens = self._tensor([c.start + c.num_tokens for c in chunks], torch.int32)
             meta.prefill_is_fresh = all(c.start == 0 for c in chunks)
+        if self.gather_attention:
+            self._add_gathered(meta, [out.chunks[i] for i in order])
         return self._tensor(ids), self._tensor(pos), meta, order
 
-    def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
+    def _add_gathered(self, meta: AttentionMetadata, chunks: list) -> None:
+        bs = self.block_size
+        offsets = torch.arange(bs)
+        slots, cu_q, cu_kv = [], [0], [0]
+        for c in chunks:
+            ctx = c.start + c.num_tokens
+            table = torch.tensor(c.seq.block_table[: -(-ctx // bs)])
+            slots.append((table[:, None] * bs + offsets).view(-1)[:ctx])
+            cu_q.append(cu_q[-1] + c.num_tokens)
+            cu_kv.append(cu_kv[-1] + ctx)
+        meta.kv_slots = torch.cat(slots).to(self.device)
+        meta.cu_seqlens_q, meta.cu_seqlens_kv = cu_q, cu_kv
+
+    def execute(
+        self, out: SchedulerOutput, layer_hook: Callable[[int], None] | None = None
+    ) -> tuple[torch.Tensor, list[int]]:
         """Run one step. Returns logits [k, vocab] for the chunks that complete their sequence,
         and the indices (into `out.chunks`) of those chunks, in row order."""
         input_ids, positions, meta, order = self.prepare(out)
@@ -177,5 +197,5 @@ class ModelRunner:
             if c.completes:
                 logit_rows.append(offset - 1)
                 sampled_chunks.append(i)
-        logits = self.model(input_ids, positions, self.kv_cache, meta, self._tensor(logit_rows))
+        logits = self.model(input_ids, positions, self.kv_cache, meta, self._tensor(logit_rows), layer_hook)
         return logits, sampled_chunks

@@ -15,28 +15,41 @@ class SampleResult:
     logprobs: list[float] | None  # log-probability of each chosen token under the raw logits
 
 
+def _token_seed(seed: int, index: int) -> int:
+    """A seed for output token `index` of a seeded request (splitmix64 of the pair)."""
+    x = (seed * 0x9E3779B97F4A7C15 + index + 1) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
 class Sampler:
     def __init__(self, seed: int = 0) -> None:
         # Requests without a seed draw from one engine-wide stream.
         self._generator = torch.Generator().manual_seed(seed)
-        self._seeded: dict[str, torch.Generator] = {}
+        self._token_generator = torch.Generator()
 
     def forget(self, request_id: str) -> None:
-        self._seeded.pop(request_id, None)
+        """Nothing is kept per request (kept for callers that release request state)."""
 
-    def _generator_for(self, request_id: str, params: SamplingParams) -> torch.Generator:
+    def _generator_for(self, params: SamplingParams, index: int) -> torch.Generator:
         if params.seed is None:
             return self._generator
-        g = self._seeded.get(request_id)
-        if g is None:
-            # A per-request stream makes the output independent of what it is batched with.
-            g = self._seeded[request_id] = torch.Generator().manual_seed(params.seed)
-        return g
+        # Each output position draws from its own seed, so a seeded request's tokens depend on
+        # neither its batch nor the process: a prefill worker can sample the first token and a
+        # decode worker the rest, and the result equals a colocated run.
+        return self._token_generator.manual_seed(_token_seed(params.seed, index))
 
     def sample(
-        self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]
+        self,
+        logits: torch.Tensor,
+        request_ids: list[str],
+        params: list[SamplingParams],
+        output_index: list[int] | None = None,
     ) -> SampleResult:
-        """`logits`: [num_seqs, vocab] float32, one row per request in `request_ids`."""
+        """`logits`: [num_seqs, vocab] float32, one row per request; `output_index`: each row's
+        position among its request's generated tokens (0 for the first)."""
+        output_index = output_index or [0] * len(params)
         logits = logits.float().cpu()
         n = logits.shape[0]
         chosen = torch.empty(n, dtype=torch.long)
@@ -59,7 +72,7 @@ class Sampler:
                 sorted_vals = sorted_vals.masked_fill(drop, float("-inf"))
                 row = torch.full_like(row, float("-inf")).scatter(0, sorted_idx, sorted_vals)
             probs = torch.softmax(row, dim=-1)
-            chosen[i] = torch.multinomial(probs, 1, generator=self._generator_for(request_ids[i], p))[0]
+            chosen[i] = torch.multinomial(probs, 1, generator=self._generator_for(p, output_index[i]))[0]
         logprobs = None
         if any(p.logprobs for p in params):
             lp = torch.log_softmax(logits, dim=-1).gather(1, chosen[:, None])[:, 0]

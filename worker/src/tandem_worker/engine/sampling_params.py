@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+SAMPLING_EPS = 1e-5
+
 
 class RequestError(ValueError):
     """A request that can never be served as given; `field` names the offending input."""
@@ -35,8 +37,8 @@ class SamplingParams:
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise RequestError("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
-        if self.temperature < 0:
-            raise RequestError("temperature", f"must be >= 0, got {self.temperature}")
+        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < float("inf")):
+            raise RequestError("temperature", f"must be a finite number >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise RequestError("top_p", f"must be in (0, 1], got {self.top_p}")
         if not isinstance(self.top_k, int) or self.top_k < -1:
@@ -48,4 +50,5 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # Below this, logits / temperature overflows float32; the distribution is an argmax anyway.
+        return self.temperature < SAMPLING_EPS or self.top_k == 1

@@ -9,7 +9,10 @@ Each `schedule()` call decides one model step:
   no request starves;
 - when a running sequence needs a block and none is free, the most recently admitted
   sequence is preempted by recompute: its blocks are freed (full ones stay in the prefix
-  cache) and it goes back to the front of the queue.
+  cache) and it goes back to the front of the queue;
+- on a decode worker, a request whose prompt KV comes from a prefill worker first waits in
+  `awaiting` until blocks for its whole prompt can be reserved (admission control where memory
+  is scarce); it then sits in `reserved`, never scheduled nor preempted, until `activate()`.
 The decisions are pure bookkeeping over `BlockManager`; no tensors here.
 """
 
@@ -41,6 +44,7 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     admitted: list[Sequence] = field(default_factory=list)
+    reserved: list[Sequence] = field(default_factory=list)  # remote-KV sequences that got their blocks
 
     @property
     def num_tokens(self) -> int:
@@ -68,15 +72,30 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order, oldest first
+        self.awaiting: deque[Sequence] = deque()  # remote KV: waiting for blocks
+        self.reserved: dict[str, Sequence] = {}  # remote KV: blocks reserved, KV in transit
         self.stats = SchedulerStats()
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        (self.awaiting if seq.remote_kv else self.waiting).append(seq)
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.awaiting or self.reserved)
+
+    @property
+    def has_schedulable_work(self) -> bool:
+        return bool(self.waiting or self.running or self.awaiting)
+
+    def activate(self, seq: Sequence) -> None:
+        """A reserved sequence's prompt KV is in place: it joins the running batch."""
+        del self.reserved[seq.request_id]
+        seq.remote_kv = False
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        self.bm.commit(seq)
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.bm.free(seq)
@@ -102,6 +121,17 @@ class Scheduler:
                 out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
                 budget -= n
                 i += 1
+        # Remote-KV arrivals reserve their whole prompt now; the KV lands while others compute.
+        while (
+            self.awaiting and not out.preempted and len(self.running) + len(self.reserved) < self.max_num_seqs
+        ):
+            seq = self.awaiting[0]
+            if not self.bm.admit(seq, seq.num_tokens):
+                break
+            self.awaiting.popleft()
+            self.reserved[seq.request_id] = seq
+            out.reserved.append(seq)
+            self.stats.num_prefix_cached_tokens += seq.num_cached_tokens
         # Admitting while preempting would only thrash: new arrivals wait for the next step.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
@@ -137,6 +167,9 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        elif seq in self.awaiting:
+            self.awaiting.remove(seq)
+        self.reserved.pop(seq.request_id, None)
         self.bm.free(seq)
         self.bm.forget(seq)
         seq.status = SequenceStatus.FINISHED

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .sampling_params import SamplingParams
 
@@ -42,6 +44,11 @@ class Sequence:
     first_token_time: float | None = None
     # Text emitted so far, for stop-string matching; owned by the engine's detokenizer.
     text: str = ""
+    # Disaggregation. Prefill side: each layer's new KV goes to `kv_sink(layer, start, k, v)`, from
+    # token `kv_sent` on. Decode side: `remote_kv` means the prompt's KV arrives from a prefill worker.
+    kv_sink: Callable[[int, int, Any, Any], None] | None = None
+    kv_sent: int = 0
+    remote_kv: bool = False
 
     @property
     def num_prompt_tokens(self) -> int:

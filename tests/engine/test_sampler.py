@@ -1,0 +1,316 @@
+"""`Sampler` on hand-made logits, and `SamplingParams` validation. Tiny CPU tensors only."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tandem_worker.engine.sampler import Sampler
+from tandem_worker.engine.sampling_params import RequestError, SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def draw(sampler: Sampler, logits_row: torch.Tensor, params: SamplingParams, n: int, rid: str = "r") -> list[int]:
+    """`n` independent draws for one request, in one batched call (one row per draw)."""
+    rows = logits_row.unsqueeze(0).expand(n, -1).contiguous()
+    return sampler.sample(rows, [f"{rid}{i}" for i in range(n)], [params] * n).token_ids
+
+
+def chi_square(counts: list[int], probs: list[float]) -> float:
+    n = sum(counts)
+    return sum((c - n * p) ** 2 / (n * p) for c, p in zip(counts, probs))
+
+
+def counts_of(tokens: list[int], vocab: int) -> list[int]:
+    return torch.bincount(torch.tensor(tokens), minlength=vocab).tolist()
+
+
+# --- greedy ------------------------------------------------------------------------------------
+
+
+def test_greedy_picks_argmax_per_row():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 37, generator=g)
+    logits[2, 36] = 50.0  # argmax at the last position
+    logits[4, 0] = 50.0  # and at the first
+    res = Sampler().sample(logits, [f"r{i}" for i in range(6)], [GREEDY] * 6)
+    assert res.token_ids == logits.argmax(dim=-1).tolist()
+    assert res.token_ids[2] == 36 and res.token_ids[4] == 0
+    assert res.logprobs is None
+
+
+def test_greedy_rows_mixed_with_sampled_rows():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, 20, generator=g)
+    params = [GREEDY, SamplingParams(temperature=1.0, seed=3), GREEDY, SamplingParams(temperature=2.0), GREEDY]
+    res = Sampler().sample(logits, [f"r{i}" for i in range(5)], params)
+    for i in (0, 2, 4):
+        assert res.token_ids[i] == int(logits[i].argmax())
+    assert all(0 <= t < 20 for t in res.token_ids)
+
+
+def test_greedy_accepts_half_precision_logits():
+    logits = torch.tensor([[0.1, 3.0, -1.0, 2.5]], dtype=torch.float16)
+    assert Sampler().sample(logits, ["r"], [GREEDY]).token_ids == [1]
+
+
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 5.0])
+def test_top_k_1_is_greedy(temperature):
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(64, 50, generator=g)
+    params = [SamplingParams(temperature=temperature, top_k=1, seed=i) for i in range(64)]
+    res = Sampler().sample(logits, [f"r{i}" for i in range(64)], params)
+    assert res.token_ids == logits.argmax(dim=-1).tolist()
+
+
+# --- top-k and top-p ---------------------------------------------------------------------------
+
+
+def test_top_k_never_samples_outside_the_k_largest():
+    vocab, k = 100, 3
+    # Nearly flat logits: without top-k, ~97% of draws would land outside the top 3.
+    logits = 2.9 - torch.arange(vocab, dtype=torch.float32) * 1e-3
+    top = [17, 42, 88]
+    logits[top] = torch.tensor([3.0, 2.99, 2.98])
+    params = SamplingParams(temperature=1.0, top_k=k)
+    tokens = draw(Sampler(seed=0), logits, params, 600)
+    assert set(tokens) <= set(top)
+    assert set(tokens) == set(top), "all of the top-k should be reachable"
+    # Renormalized over the top 3, the three are nearly equally likely.
+    c = counts_of(tokens, vocab)
+    assert min(c[t] for t in top) > 600 / 3 * 0.7
+
+
+def test_top_k_larger_than_vocab_is_no_filter():
+    logits = torch.zeros(4)
+    tokens = draw(Sampler(seed=0), logits, SamplingParams(temperature=1.0, top_k=1000), 200)
+    assert set(tokens) == {0, 1, 2, 3}
+
+
+def test_top_p_never_samples_outside_the_nucleus():
+    vocab = 100
+    probs = torch.full((vocab,), 0.45 / 98)
+    nucleus = [63, 7]  # the two most likely tokens, placed away from the front
+    probs[63], probs[7] = 0.30, 0.25
+    logits = probs.log()
+    # Sorted mass before each token: 0, 0.30, 0.55, ... -> top_p=0.5 keeps exactly {63, 7}.
+    params = SamplingParams(temperature=1.0, top_p=0.5)
+    tokens = draw(Sampler(seed=0), logits, params, 800)
+    assert set(tokens) == set(nucleus)
+    c = counts_of(tokens, vocab)
+    # Renormalized: 0.30 / 0.55 = 0.545 vs 0.455.
+    assert chi_square([c[63], c[7]], [0.30 / 0.55, 0.25 / 0.55]) < 13.8  # p = 0.001, 1 dof
+
+
+def test_top_p_always_keeps_the_most_likely_token():
+    logits = torch.tensor([5.0, 0.0, 0.0, 0.0])  # p(0) ~ 0.98
+    tokens = draw(Sampler(seed=0), logits, SamplingParams(temperature=1.0, top_p=0.01), 100)
+    assert set(tokens) == {0}
+
+
+def test_top_p_applies_after_temperature():
+    # At temperature 1 token 0 alone holds > 0.6 of the mass; at temperature 10 it does not.
+    logits = torch.tensor([2.0, 0.0, 0.0, 0.0])
+    cold = draw(Sampler(seed=0), logits, SamplingParams(temperature=1.0, top_p=0.6), 100)
+    hot = draw(Sampler(seed=0), logits, SamplingParams(temperature=10.0, top_p=0.6), 300)
+    assert set(cold) == {0}
+    assert len(set(hot)) > 1
+
+
+def test_top_k_and_top_p_combine():
+    logits = torch.tensor([3.0, 2.9, 2.8, 2.7, 2.6, 2.5])
+    # top_k=4 leaves tokens 0..3 at ~[0.29, 0.26, 0.24, 0.21]; top_p=0.5 then keeps 0 and 1.
+    tokens = draw(Sampler(seed=0), logits, SamplingParams(temperature=1.0, top_k=4, top_p=0.5), 400)
+    assert set(tokens) == {0, 1}
+
+
+# --- seeds -------------------------------------------------------------------------------------
+
+
+def _step_logits(step: int, rows: int, vocab: int = 40) -> torch.Tensor:
+    return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(1000 + step))
+
+
+def test_same_seed_same_tokens_alone_or_batched():
+    steps = 30
+    params = SamplingParams(temperature=1.0, top_p=0.95, seed=1234)
+    target = [_step_logits(t, 1)[0] for t in range(steps)]
+
+    alone = Sampler(seed=0)
+    alone_tokens = [alone.sample(target[t][None], ["x"], [params]).token_ids[0] for t in range(steps)]
+
+    batched = Sampler(seed=99)  # a different engine-wide stream must not matter either
+    others = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.8, seed=7), GREEDY]
+    batched_tokens = []
+    for t in range(steps):
+        noise = _step_logits(t + 500, 3)
+        pos = t % 4  # the request moves around in the batch
+        rows = [noise[0], noise[1], noise[2]]
+        rows.insert(pos, target[t])
+        ids = ["u", "s", "g"]
+        ids.insert(pos, "x")
+        ps = list(others)
+        ps.insert(pos, params)
+        res = batched.sample(torch.stack(rows), ids, ps)
+        batched_tokens.append(res.token_ids[pos])
+    assert batched_tokens == alone_tokens
+    assert len(set(alone_tokens)) > 5, "the stream should not be degenerate"
+
+
+def test_different_seeds_give_different_tokens():
+    logits = torch.zeros(50)
+    runs = []
+    for seed in (1, 2):
+        s = Sampler()
+        p = SamplingParams(temperature=1.0, seed=seed)
+        runs.append([s.sample(logits[None], ["x"], [p]).token_ids[0] for _ in range(40)])
+    assert runs[0] != runs[1]
+    assert sum(a == b for a, b in zip(*runs)) < 10
+
+
+def test_seeded_token_depends_only_on_seed_and_output_position():
+    """So a prefill worker may sample token 0 and a decode worker the rest, equal to a colocated run."""
+    logits = torch.zeros(1, 1000)
+    p = SamplingParams(temperature=1.0, seed=5)
+    first = [Sampler().sample(logits, ["x"], [p], [i]).token_ids[0] for i in range(6)]
+    assert len(set(first)) > 1, "each output position draws a different value"
+    other_sampler = Sampler(seed=99)
+    other_sampler.sample(logits, ["noise"], [SamplingParams(temperature=1.0)])  # engine stream advances
+    again = [other_sampler.sample(logits, ["y"], [p], [i]).token_ids[0] for i in range(6)]
+    assert again == first
+    reseeded = [Sampler().sample(logits, ["x"], [SamplingParams(temperature=1.0, seed=6)], [i]).token_ids[0]
+                for i in range(6)]
+    assert reseeded != first
+
+
+def test_unseeded_requests_follow_the_engine_seed():
+    logits = torch.zeros(1, 1000)
+    p = SamplingParams(temperature=1.0)
+
+    def run(seed: int) -> list[int]:
+        s = Sampler(seed=seed)
+        return [s.sample(logits, [f"r{i}"], [p]).token_ids[0] for i in range(10)]
+
+    assert run(3) == run(3)
+    assert run(3) != run(4)
+
+
+# --- logprobs ----------------------------------------------------------------------------------
+
+
+def test_logprobs_are_log_softmax_of_raw_logits_at_the_chosen_token():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, 30, generator=g) * 3
+    params = [
+        SamplingParams(temperature=0.0, logprobs=True),
+        SamplingParams(temperature=0.5, logprobs=True, seed=1),
+        SamplingParams(temperature=2.0, top_k=3, logprobs=True, seed=2),
+        SamplingParams(temperature=1.0, top_p=0.3, logprobs=True, seed=3),
+        SamplingParams(temperature=1.0, seed=4),  # did not ask, but shares the batch
+    ]
+    res = Sampler().sample(logits, [f"r{i}" for i in range(5)], params)
+    assert res.logprobs is not None and len(res.logprobs) == 5
+    ref = torch.log_softmax(logits.double(), dim=-1)
+    for i, tok in enumerate(res.token_ids):
+        # Under the raw logits: not the tempered or truncated distribution actually sampled from.
+        assert res.logprobs[i] == pytest.approx(float(ref[i, tok]), abs=1e-5)
+    # The truncated rows would give a larger value if renormalized after filtering.
+    tempered = torch.log_softmax(logits[2] / 2.0, dim=-1)[res.token_ids[2]]
+    assert abs(res.logprobs[2] - float(tempered)) > 1e-3
+
+
+def test_no_logprobs_unless_asked():
+    res = Sampler().sample(torch.randn(2, 10), ["a", "b"], [GREEDY, SamplingParams(seed=1)])
+    assert res.logprobs is None
+
+
+# --- temperature -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
+def test_temperature_shapes_the_distribution(temperature):
+    logits = torch.tensor([0.0, 1.0, 2.0])
+    n = 1500
+    tokens = draw(Sampler(seed=11), logits, SamplingParams(temperature=temperature), n)
+    counts = counts_of(tokens, 3)
+    expected = torch.softmax(logits / temperature, dim=-1).tolist()
+    assert chi_square(counts, expected) < 13.8  # p = 0.001, 2 dof
+    # The same draws are clearly inconsistent with the other temperatures' distributions.
+    for other in (0.5, 1.0, 3.0):
+        if other != temperature:
+            wrong = torch.softmax(logits / other, dim=-1).tolist()
+            assert chi_square(counts, wrong) > 50
+
+
+def test_low_temperature_concentrates_on_the_argmax():
+    logits = torch.tensor([1.0, 1.5, 1.2, 0.3])
+    tokens = draw(Sampler(seed=0), logits, SamplingParams(temperature=0.05), 300)
+    assert counts_of(tokens, 4)[1] >= 295
+
+
+def test_tiny_temperature_does_not_crash_the_batch():
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.1, 0.2]])
+    params = [SamplingParams(temperature=1e-40), SamplingParams(temperature=1.0, seed=1)]
+    res = Sampler().sample(logits, ["tiny", "other"], params)
+    assert res.token_ids[0] == 2  # effectively greedy
+
+
+# --- SamplingParams validation -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -5}, "max_tokens"),
+        ({"max_tokens": 2.5}, "max_tokens"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": -0.1}, "top_p"),
+        ({"top_p": 1.0001}, "top_p"),
+        ({"top_p": math.nan}, "top_p"),
+        ({"temperature": -0.01}, "temperature"),
+        ({"top_k": -2}, "top_k"),
+        ({"top_k": 2.0}, "top_k"),
+        ({"stop": [""]}, "stop"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ],
+)
+def test_invalid_params_raise_request_error_naming_the_field(kwargs, field):
+    with pytest.raises(RequestError) as exc:
+        SamplingParams(**kwargs)
+    assert exc.value.field == field
+    assert str(exc.value).startswith(f"{field}:")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_tokens": 1},
+        {"top_p": 1.0},
+        {"top_p": 1e-6},
+        {"temperature": 0.0},
+        {"top_k": 0},
+        {"top_k": -1},
+        {"top_k": 1},
+        {"stop": "END"},
+    ],
+)
+def test_valid_edge_params_are_accepted(kwargs):
+    p = SamplingParams(**kwargs)
+    if "stop" in kwargs:
+        assert p.stop == ["END"]
+
+
+def test_greedy_property():
+    assert SamplingParams(temperature=0.0).greedy
+    assert SamplingParams(temperature=0.9, top_k=1).greedy
+    assert not SamplingParams(temperature=0.9).greedy
+    assert not SamplingParams(temperature=0.9, top_k=-1).greedy
+
+
+def test_nan_temperature_is_rejected():
+    with pytest.raises(RequestError) as exc:
+        SamplingParams(temperature=math.nan)
+    assert exc.value.field == "temperature"
