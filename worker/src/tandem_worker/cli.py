@@ -47,7 +47,49 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="one JSON object per prompt, in input order")
     g.add_argument("--device", default="cpu")
     g.add_argument("--kv-cache-bytes", type=int, default=None, help="KV cache budget in bytes")
+    g.add_argument("--endpoint", help="HOST:PORT of a Tandem router: generate remotely instead of offline")
+    g.add_argument("--stream", action="store_true", help="with --endpoint: print text as it arrives")
+    g.add_argument("--timeout", type=float, default=None, help="with --endpoint: deadline per request (s)")
     _add_sampling_args(g)
+
+    w = sub.add_parser("worker", help="serve one engine over gRPC as a prefill, decode or colocated worker")
+    w.add_argument("--role", required=True, choices=["prefill", "decode", "colocated"])
+    w.add_argument("--model", default="smollm2-135m")
+    w.add_argument("--host", default="127.0.0.1")
+    w.add_argument("--port", type=int, default=50061)
+    w.add_argument("--metrics-port", type=int, default=0, help="HTTP port of /metrics (0: off)")
+    w.add_argument("--device", default="cpu")
+    w.add_argument("--kv-cache-bytes", type=int, default=None)
+    w.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    w.add_argument(
+        "--max-pending", type=int, default=256, help="requests in flight before RESOURCE_EXHAUSTED"
+    )
+
+    r = sub.add_parser("router", help="serve the gRPC inference endpoint in front of workers")
+    r.add_argument("--model", default="smollm2-135m")
+    r.add_argument("--host", default="127.0.0.1")
+    r.add_argument("--port", type=int, default=50051)
+    r.add_argument("--metrics-port", type=int, default=0)
+    r.add_argument(
+        "--decode",
+        action="append",
+        default=[],
+        help="decode or colocated worker: HOST:PORT or dns:NAME:PORT (repeatable)",
+    )
+    r.add_argument(
+        "--prefill", action="append", default=[], help="prefill worker: HOST:PORT or dns:NAME:PORT"
+    )
+    r.add_argument("--max-in-flight", type=int, default=512)
+
+    u = sub.add_parser("up", help="run a whole deployment (workers + router) as local processes")
+    u.add_argument("--prefill", type=int, default=None, help="prefill workers (default 1)")
+    u.add_argument("--decode", type=int, default=None, help="decode workers (default 1)")
+    u.add_argument("--colocated", type=int, default=0, help="colocated workers instead of prefill/decode")
+    u.add_argument("--port", type=int, default=50051, help="the router's port")
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--model", default="smollm2-135m")
+    u.add_argument("--kv-cache-bytes", type=int, default=1 << 30, help="KV budget per worker (default 1 GiB)")
+    u.add_argument("--log-dir", default=None, help="write each process's output to DIR/NAME.log")
     return parser
 
 
@@ -79,10 +121,62 @@ def _read_prompts(args: argparse.Namespace) -> list[dict[str, Any]]:
     return items
 
 
+def _print_record(
+    item: dict[str, Any], prompt_token_ids, token_ids, text, finish_reason, logprobs, as_json
+) -> None:
+    if as_json:
+        record = {
+            "prompt": item["prompt"],
+            "prompt_token_ids": list(prompt_token_ids),
+            "token_ids": list(token_ids),
+            "text": text,
+            "finish_reason": finish_reason,
+        }
+        if logprobs:
+            record["logprobs"] = list(logprobs)
+        print(json.dumps(record, ensure_ascii=False), flush=True)
+    else:
+        print(f"--- {item['prompt']!r}\n{text}", flush=True)
+
+
+def _generate_remote(args: argparse.Namespace, items: list[dict[str, Any]], params: list[Any]) -> int:
+    import grpc
+
+    from .server.client import Client, build_request
+
+    chat = [bool(it.get("chat", args.chat)) for it in items]
+    requests = [build_request(it["prompt"], p, c) for it, p, c in zip(items, params, chat)]
+    try:
+        with Client(args.endpoint) as client:
+            if args.stream:
+                for item, req in zip(items, requests):
+                    if not args.json:
+                        print(f"--- {item['prompt']!r}", flush=True)
+                    for msg in client.stream(req, args.timeout):
+                        if args.json:
+                            print(
+                                json.dumps(
+                                    {"text": msg.text, "token_ids": list(msg.token_ids)}, ensure_ascii=False
+                                ),
+                                flush=True,
+                            )
+                        else:
+                            print(msg.text, end="", flush=True)
+                    if not args.json:
+                        print(flush=True)
+                return 0
+            for item, c in zip(items, client.complete_all(requests, args.timeout)):
+                _print_record(
+                    item, c.prompt_token_ids, c.token_ids, c.text, c.finish_reason, c.logprobs, args.json
+                )
+    except grpc.RpcError as e:
+        raise CLIError(f"{args.endpoint}: {e.code().name}: {e.details()}") from None
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     items = _read_prompts(args)
     from .engine.sampling_params import SamplingParams
-    from .llm import LLM, ChatPrompt
 
     defaults = {
         "max_tokens": args.max_tokens,
@@ -101,6 +195,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             params.append(SamplingParams(**fields))
         except (ValueError, TypeError) as e:
             raise CLIError(f"prompt {i}: {e}") from None
+    if args.endpoint:
+        return _generate_remote(args, items, params)
+    from .llm import LLM, ChatPrompt
+
     kwargs: dict[str, Any] = {"device": args.device}
     if args.kv_cache_bytes is not None:
         kwargs["kv_cache_bytes"] = args.kv_cache_bytes
@@ -111,21 +209,63 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     ]
     outputs = llm.generate(prompts, params)
     for item, out in zip(items, outputs):
-        if args.json:
-            record = {
-                "prompt": item["prompt"],
-                "prompt_token_ids": out.prompt_token_ids,
-                "token_ids": out.token_ids,
-                "text": out.text,
-                "finish_reason": out.finish_reason,
-                "num_cached_tokens": out.num_cached_tokens,
-            }
-            if out.logprobs is not None:
-                record["logprobs"] = out.logprobs
-            print(json.dumps(record, ensure_ascii=False), flush=True)
-        else:
-            print(f"--- {item['prompt']!r}\n{out.text}", flush=True)
+        _print_record(
+            item, out.prompt_token_ids, out.token_ids, out.text, out.finish_reason, out.logprobs, args.json
+        )
     return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from .engine.config import EngineConfig
+    from .server.worker_main import serve_worker
+
+    config = EngineConfig(
+        model=args.model,
+        device=args.device,
+        kv_cache_bytes=args.kv_cache_bytes,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    )
+    serve_worker(args.role, config, args.host, args.port, args.metrics_port, max_pending=args.max_pending)
+    return 0
+
+
+def _cmd_router(args: argparse.Namespace) -> int:
+    from .server.router_main import serve_router
+
+    serve_router(
+        args.model,
+        args.decode,
+        args.prefill,
+        args.host,
+        args.port,
+        args.metrics_port,
+        max_in_flight=args.max_in_flight,
+    )
+    return 0
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from .server.local import LocalDeployment, up
+
+    if args.colocated:
+        prefill, decode = args.prefill or 0, args.decode or 0
+    else:
+        prefill, decode = (
+            args.prefill if args.prefill is not None else 1,
+            args.decode if args.decode is not None else 1,
+        )
+    return up(
+        LocalDeployment(
+            prefill=prefill,
+            decode=decode,
+            colocated=args.colocated,
+            port=args.port,
+            host=args.host,
+            model=args.model,
+            kv_cache_bytes=args.kv_cache_bytes,
+            log_dir=args.log_dir,
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,10 +273,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _cmd_generate(args)
+        if args.command == "worker":
+            return _cmd_worker(args)
+        if args.command == "router":
+            return _cmd_router(args)
+        if args.command == "up":
+            return _cmd_up(args)
     except CLIError as e:
         print(f"tandem: error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, OSError, TimeoutError, RuntimeError) as e:
         # RequestError (a ValueError) and unknown models land here: the message names the field/path.
         print(f"tandem: error: {e}", file=sys.stderr)
         return 2

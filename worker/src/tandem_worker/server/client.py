@@ -1,0 +1,95 @@
+"""A small client of the Inference API (what `tandem generate --endpoint` uses)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from ..engine.sampling_params import SamplingParams
+from .convert import FINISH_FROM_PB, params_to_pb
+from .pb import inference_pb2 as pb
+from .pb import inference_pb2_grpc as pbgrpc
+
+
+@dataclass
+class Completion:
+    prompt_token_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    stop_reason: str = ""
+    logprobs: list[float] = field(default_factory=list)
+    usage: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def build_request(
+    prompt: str | list[int] | list[dict[str, str]],
+    params: SamplingParams,
+    chat: bool = False,
+    request_id: str = "",
+) -> pb.GenerateRequest:
+    req = pb.GenerateRequest(request_id=request_id, sampling=params_to_pb(params))
+    if isinstance(prompt, str) and not chat:
+        req.text = prompt
+    elif isinstance(prompt, str):
+        req.chat.messages.add(role="user", content=prompt)
+    elif prompt and isinstance(prompt[0], dict):
+        for m in prompt:  # type: ignore[union-attr]
+            req.chat.messages.add(role=m["role"], content=m["content"])
+    else:
+        req.token_ids.ids.extend(prompt)  # type: ignore[arg-type]
+    return req
+
+
+class Client:
+    def __init__(self, endpoint: str) -> None:
+        self.channel = grpc.insecure_channel(endpoint)
+        self.stub = pbgrpc.InferenceStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def stream(
+        self, request: pb.GenerateRequest, timeout: float | None = None
+    ) -> Iterator[pb.GenerateResponse]:
+        return self.stub.Generate(request, timeout=timeout)
+
+    def complete(self, request: pb.GenerateRequest, timeout: float | None = None) -> Completion:
+        c = Completion()
+        for msg in self.stream(request, timeout):
+            c.prompt_token_ids.extend(msg.prompt_token_ids)
+            c.token_ids.extend(msg.token_ids)
+            c.logprobs.extend(msg.logprobs)
+            c.text += msg.text
+            if msg.finish_reason:
+                c.finish_reason = FINISH_FROM_PB[msg.finish_reason]
+                c.stop_reason = msg.stop_reason
+                c.usage = {
+                    "prompt_tokens": msg.usage.prompt_tokens,
+                    "completion_tokens": msg.usage.completion_tokens,
+                    "cached_prompt_tokens": msg.usage.cached_prompt_tokens,
+                }
+                c.timings = {
+                    "queue": msg.timings.queue_seconds,
+                    "ttft": msg.timings.ttft_seconds,
+                    "e2e": msg.timings.e2e_seconds,
+                }
+        return c
+
+    def complete_all(
+        self, requests: list[pb.GenerateRequest], timeout: float | None = None
+    ) -> list[Completion]:
+        """All requests at once (so they share the servers' batches); results in input order."""
+        with ThreadPoolExecutor(max_workers=max(1, min(64, len(requests)))) as ex:
+            return list(ex.map(lambda r: self.complete(r, timeout), requests))

@@ -1,0 +1,105 @@
+"""Conversions between the wire messages and the engine's types, and gRPC status mapping."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import grpc
+import torch
+
+from ..engine.llm_engine import LLMEngine
+from ..engine.sampling_params import SamplingParams
+from ..engine.sequence import FinishReason
+from .pb import inference_pb2 as pb
+from .pb import worker_pb2 as wpb
+
+DEFAULT_MAX_TOKENS = 16
+
+FINISH_TO_PB = {
+    None: pb.FINISH_REASON_UNSPECIFIED,
+    FinishReason.STOP.value: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH.value: pb.FINISH_REASON_LENGTH,
+    FinishReason.ABORT.value: pb.FINISH_REASON_ABORT,
+}
+FINISH_FROM_PB = {v: k for k, v in FINISH_TO_PB.items()}
+
+
+def params_from_pb(s: pb.SamplingParams, *, max_tokens: int | None = None) -> SamplingParams:
+    """Unset optional fields take the engine's defaults. Raises RequestError on bad values."""
+    return SamplingParams(
+        max_tokens=max_tokens
+        if max_tokens is not None
+        else (s.max_tokens if s.HasField("max_tokens") else DEFAULT_MAX_TOKENS),
+        temperature=s.temperature if s.HasField("temperature") else 1.0,
+        top_p=s.top_p if s.HasField("top_p") else 1.0,
+        top_k=s.top_k if s.HasField("top_k") else 0,
+        seed=s.seed if s.HasField("seed") else None,
+        stop=list(s.stop),
+        stop_token_ids=list(s.stop_token_ids),
+        ignore_eos=s.ignore_eos,
+        logprobs=s.logprobs,
+    )
+
+
+def params_to_pb(p: SamplingParams) -> pb.SamplingParams:
+    msg = pb.SamplingParams(
+        max_tokens=p.max_tokens,
+        temperature=p.temperature,
+        top_p=p.top_p,
+        top_k=p.top_k,
+        stop=p.stop,
+        stop_token_ids=p.stop_token_ids,
+        ignore_eos=p.ignore_eos,
+        logprobs=p.logprobs,
+    )
+    if p.seed is not None:
+        msg.seed = p.seed
+    return msg
+
+
+def model_id(folder: Path) -> str:
+    """Identity of a model's weights: its config and the safetensors headers and first bytes.
+
+    Cheap to compute (no full read) and different for different weights of the same shape with
+    overwhelming likelihood, so a prefill worker serving other weights is refused at the handshake.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps(json.loads((folder / "config.json").read_text()), sort_keys=True).encode())
+    for f in sorted(folder.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            fh.seek(0)
+            h.update(fh.read(8 + header_len + (1 << 20)))
+    return f"{folder.name}@{h.hexdigest()[:16]}"
+
+
+def kv_layout(engine: LLMEngine, mid: str) -> wpb.KVLayout:
+    layout = engine.runner.layout
+    return wpb.KVLayout(
+        model_id=mid,
+        dtype=str(layout.dtype).removeprefix("torch."),
+        block_size=layout.block_size,
+        num_layers=layout.num_layers,
+        num_kv_heads=layout.num_kv_heads,
+        head_dim=layout.head_dim,
+    )
+
+
+def layout_mismatch(mine: wpb.KVLayout, theirs: wpb.KVLayout) -> str | None:
+    """A sentence naming every field on which two KV layouts differ, or None when they agree."""
+    diffs = []
+    for f in ("model_id", "dtype", "block_size", "num_layers", "num_kv_heads", "head_dim"):
+        a, b = getattr(mine, f), getattr(theirs, f)
+        if a != b:
+            diffs.append(f"{f} {b!r} (here {a!r})")
+    return "incompatible KV layout: " + ", ".join(diffs) if diffs else None
+
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+STATUS_FOR = {
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "full": grpc.StatusCode.RESOURCE_EXHAUSTED,
+}

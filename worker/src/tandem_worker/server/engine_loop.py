@@ -1,0 +1,235 @@
+"""`EngineLoop`: one thread owns the `LLMEngine`; server threads talk to it through commands.
+
+Parts:
+- `submit()` validates in the caller's thread (so a bad request fails at once with
+  `RequestError`) and returns a `RequestStream` that yields the request's events;
+- `abort()` cancels a request wherever it is, freeing its KV blocks;
+- `kv_ready()` tells a decode engine that a request's prompt KV has been written into its
+  reserved blocks, with the first token the prefill worker sampled;
+- the loop thread applies commands between steps and steps while there is work.
+The queue is bounded: beyond `max_pending` unfinished requests, `submit()` raises `QueueFull`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from ..engine.llm_engine import LLMEngine, RequestOutput
+from ..engine.sampling_params import RequestError, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """More requests than the worker accepts at once; the caller should retry elsewhere or later."""
+
+
+class RequestAborted(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class KVReserved:
+    """Decode side: blocks are reserved; pull KV for tokens [skip_tokens, prompt_len) into them."""
+
+    request_id: str
+    skip_tokens: int
+    block_table: list[int]
+
+
+@dataclass(frozen=True)
+class KVPiece:
+    """Prefill side: one layer's KV for tokens [start, start + n) of the prompt, fresh tensors."""
+
+    layer: int
+    start: int
+    key: Any  # torch.Tensor [n, kv_heads, head_dim]
+    value: Any
+
+
+_END = object()
+
+
+class RequestStream:
+    """The events of one request, in order: `KVReserved`, `KVPiece`s, `RequestOutput`s."""
+
+    def __init__(self, loop: EngineLoop, request_id: str) -> None:
+        self.loop = loop
+        self.request_id = request_id
+        self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.finished = False
+
+    def put(self, item: Any) -> None:
+        self._q.put(item)
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            item = self._q.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if isinstance(item, RequestOutput) and item.finished:
+                return
+
+    def cancel(self) -> None:
+        self.loop.abort(self.request_id)
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, max_pending: int = 1024) -> None:
+        self.engine = engine
+        self.max_pending = max_pending
+        self._cmds: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self.error: BaseException | None = None
+
+    def start(self) -> EngineLoop:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._cmds.put(lambda: None)
+        self._thread.join(timeout=10)
+
+    @property
+    def num_in_flight(self) -> int:
+        with self._lock:
+            return len(self._streams)
+
+    # --- called from server threads -----------------------------------------------------------
+
+    def submit(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        *,
+        remote_kv: bool = False,
+        kv_sink: bool = False,
+        kv_skip: int = 0,
+    ) -> RequestStream:
+        if self.error is not None:
+            raise RuntimeError(f"engine loop died: {self.error}")
+        self.engine.validate(prompt_token_ids, params)
+        stream = RequestStream(self, request_id)
+        with self._lock:
+            if len(self._streams) >= self.max_pending:
+                raise QueueFull(f"{len(self._streams)} requests in flight (the limit is {self.max_pending})")
+            if request_id in self._streams:
+                raise RequestError("request_id", f"{request_id!r} is already in flight")
+            self._streams[request_id] = stream
+
+        def add() -> None:
+            sink = None
+            if kv_sink:
+                sink = lambda layer, start, k, v: stream.put(KVPiece(layer, start, k, v))  # noqa: E731
+            try:
+                self.engine.add_request(
+                    prompt_token_ids=prompt_token_ids,
+                    params=params,
+                    request_id=request_id,
+                    remote_kv=remote_kv,
+                    kv_sink=sink,
+                    kv_skip=kv_skip,
+                )
+            except Exception as e:  # validated already; anything here is a race such as a duplicate id
+                self._close(request_id, e)
+
+        self._cmds.put(add)
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        def do() -> None:
+            self.engine.abort(request_id)
+            self._close(request_id, RequestAborted(request_id))
+
+        self._cmds.put(do)
+
+    def kv_ready(self, request_id: str, first_token: int, first_logprob: float | None) -> None:
+        def do() -> None:
+            out = self.engine.kv_ready(request_id, first_token, first_logprob)
+            if out is not None:
+                self._route([out])
+
+        self._cmds.put(do)
+
+    def call(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
+        """Run `fn` on the loop thread between steps and return its result (for stats)."""
+        box: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+        def do() -> None:
+            try:
+                box.put((True, fn()))
+            except BaseException as e:  # noqa: BLE001 - handed back to the caller
+                box.put((False, e))
+
+        self._cmds.put(do)
+        ok, value = box.get(timeout=timeout)
+        if not ok:
+            raise value
+        return value
+
+    # --- the loop thread -----------------------------------------------------------------------
+
+    def _close(self, request_id: str, error: BaseException | None = None) -> None:
+        with self._lock:
+            stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.put(error if error is not None else _END)
+
+    def _route(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            with self._lock:
+                stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            stream.put(out)
+            if out.finished:
+                with self._lock:
+                    self._streams.pop(out.request_id, None)
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            cmd = self._cmds.get(timeout=0.05) if block else self._cmds.get_nowait()
+        except queue.Empty:
+            return
+        cmd()
+        while True:
+            try:
+                self._cmds.get_nowait()()
+            except queue.Empty:
+                return
+
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while not self._stop.is_set():
+                self._drain_commands(block=not engine.has_schedulable_work())
+                if self._stop.is_set():
+                    break
+                outputs = engine.step()
+                for r in engine.take_reservations():
+                    with self._lock:
+                        stream = self._streams.get(r.request_id)
+                    if stream is not None:
+                        stream.put(KVReserved(r.request_id, r.skip_tokens, r.block_table))
+                self._route(outputs)
+        except BaseException as e:  # noqa: BLE001 - fail every waiting request, then report
+            log.exception("engine loop failed")
+            self.error = e
+            with self._lock:
+                streams = list(self._streams.values())
+                self._streams.clear()
+            for s in streams:
+                s.put(RuntimeError(f"engine failed: {e}"))

@@ -1,0 +1,278 @@
+"""`tandem router`: the gRPC inference endpoint in front of prefill and decode (or colocated) workers.
+
+For each request it tokenizes (chat template for messages), picks a (decode, prefill) pair from
+the `WorkerPool`, forwards the token ids, and streams text back, detokenized incrementally and cut
+at stop strings. A request that has streamed nothing is retried on another pair when a worker
+fails; once tokens have been streamed, a failure ends the stream with the worker's status.
+Deadlines and cancellation travel downstream with the call.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import grpc
+
+from ..engine.sampling_params import RequestError, SamplingParams
+from ..engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from . import metrics
+from .convert import FINISH_TO_PB, params_from_pb
+from .pb import inference_pb2 as pb
+from .pb import inference_pb2_grpc as pbgrpc
+from .pb import worker_pb2 as wpb
+from .pb import worker_pb2_grpc as wgrpc
+from .worker_pool import WorkerPool
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+@dataclass
+class SLO:
+    ttft_seconds: float = 2.0
+    tpot_seconds: float = 0.2
+
+
+class TextStream:
+    """Token ids in, text deltas out, cut at the first stop string and never leaking part of one."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self.stops = params.stop
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.text = ""
+        self.emitted = 0
+        self.stopped_by: str | None = None
+
+    def push(self, token_ids: list[int], special: set[int]) -> str:
+        for t in token_ids:
+            if t in special:
+                continue  # EOS or a stop token: ends the stream, adds no text
+            before = len(self.text)
+            self.text += self.detok.push(t)
+            if self.stops:
+                lo = max(0, before - self.hold)
+                hits = [(i, s) for s in self.stops if (i := self.text.find(s, lo)) >= 0]
+                if hits:
+                    i, s = min(hits)
+                    self.text, self.stopped_by = self.text[:i], s
+                    return self._flush(final=True)
+        return self._flush(final=False)
+
+    def _flush(self, final: bool) -> str:
+        end = len(self.text) if final else max(self.emitted, len(self.text) - self.hold)
+        delta = self.text[self.emitted : end]
+        self.emitted = end
+        return delta
+
+    def finish(self) -> str:
+        return self._flush(final=True)
+
+
+class RouterService(pbgrpc.InferenceServicer):
+    def __init__(
+        self,
+        pool: WorkerPool,
+        tokenizer: Tokenizer,
+        model_name: str,
+        max_model_len: int,
+        eos_token_ids: set[int],
+        max_in_flight: int = 512,
+        max_attempts: int = 3,
+        slo: SLO | None = None,
+    ) -> None:
+        self.pool = pool
+        self.tok = tokenizer
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.eos = eos_token_ids
+        self.max_in_flight = max_in_flight
+        self.max_attempts = max_attempts
+        self.slo = slo or SLO()
+        self._in_flight = 0
+        self._lock = threading.Lock()
+
+    def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.ServicerContext
+    ) -> pb.ListModelsResponse:  # noqa: N802
+        return pb.ListModelsResponse(
+            models=[pb.ModelCard(id=self.model_name, max_model_len=self.max_model_len)]
+        )
+
+    def _tokenize(self, request: pb.GenerateRequest) -> list[int]:
+        kind = request.WhichOneof("prompt")
+        if kind == "text":
+            if not request.text:
+                raise RequestError("prompt", "must not be empty")
+            return self.tok.encode(request.text)
+        if kind == "chat":
+            return self.tok.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in request.chat.messages]
+            )
+        if kind == "token_ids":
+            return list(request.token_ids.ids)
+        raise RequestError("prompt", "set one of text, chat or token_ids")
+
+    def _validate(self, request: pb.GenerateRequest) -> tuple[list[int], SamplingParams]:
+        if request.model and request.model != self.model_name:
+            raise RequestError(
+                "model", f"{request.model!r} is not served here; this endpoint serves {self.model_name!r}"
+            )
+        if request.adapter:
+            raise RequestError("adapter", f"unknown adapter {request.adapter!r}: this deployment serves none")
+        params = params_from_pb(request.sampling)
+        ids = self._tokenize(request)
+        if not ids:
+            raise RequestError("prompt", "must not be empty")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(
+                "prompt",
+                f"{len(ids)} tokens leave no room to generate in the model's context of {self.max_model_len}",
+            )
+        return ids, params
+
+    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext):  # noqa: N802
+        arrival = time.monotonic()
+        try:
+            ids, params = self._validate(request)
+        except RequestError as e:
+            metrics.REQUESTS.labels(outcome="invalid").inc()
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        with self._lock:
+            if self._in_flight >= self.max_in_flight:
+                metrics.REQUESTS.labels(outcome="rejected").inc()
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"router queue is full ({self.max_in_flight} in flight)",
+                )
+            self._in_flight += 1
+        try:
+            yield from self._generate(request, context, ids, params, arrival)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def _generate(self, request, context, ids: list[int], params: SamplingParams, arrival: float):
+        rid = request.request_id or uuid.uuid4().hex
+        special = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos)
+        text = TextStream(self.tok, ids, params)
+        sent_first = False
+        first_token_time = None
+        n_tokens = 0
+        exclude: set[str] = set()
+        last_error = "no healthy worker can take this request"
+        for attempt in range(self.max_attempts):
+            pair = self.pool.pick(len(ids), exclude)
+            if pair is None:
+                break
+            if attempt:
+                metrics.RETRIES.inc()
+            remaining = context.time_remaining()
+            timeout = None if remaining is None or remaining > 1e8 else max(remaining, 0.001)
+            call = wgrpc.WorkerStub(pair.decode.channel).Generate(
+                wpb.WorkerGenerateRequest(
+                    request_id=f"{rid}-{attempt}" if attempt else rid,
+                    prompt_token_ids=ids,
+                    sampling=request.sampling,
+                    adapter=request.adapter,
+                    prefill_endpoint=pair.prefill.address if pair.prefill else "",
+                ),
+                timeout=timeout,
+            )
+            context.add_callback(call.cancel)
+            self.pool.begin(pair, len(ids))
+            try:
+                for msg in call:
+                    now = time.monotonic()
+                    if msg.token_ids and first_token_time is None:
+                        first_token_time = now
+                    n_tokens += len(msg.token_ids)
+                    delta = text.push(list(msg.token_ids), special)
+                    finished = (
+                        msg.finish_reason != pb.FINISH_REASON_UNSPECIFIED or text.stopped_by is not None
+                    )
+                    out = pb.GenerateResponse(
+                        request_id=rid, text=delta, token_ids=msg.token_ids, logprobs=msg.logprobs
+                    )
+                    if not sent_first:
+                        out.prompt_token_ids.extend(ids)
+                        sent_first = True
+                    if finished:
+                        if text.stopped_by is not None:
+                            call.cancel()
+                            out.finish_reason = pb.FINISH_REASON_STOP
+                            out.stop_reason = text.stopped_by
+                        else:
+                            out.text += text.finish()
+                            out.finish_reason = msg.finish_reason
+                        e2e = now - arrival
+                        ttft = (first_token_time or now) - arrival
+                        tpot = (
+                            (now - first_token_time) / (n_tokens - 1)
+                            if n_tokens > 1 and first_token_time
+                            else 0.0
+                        )
+                        out.usage.CopyFrom(
+                            pb.Usage(
+                                prompt_tokens=len(ids),
+                                completion_tokens=n_tokens,
+                                cached_prompt_tokens=msg.num_cached_tokens,
+                            )
+                        )
+                        out.timings.CopyFrom(
+                            pb.Timings(
+                                queue_seconds=msg.timings.queue_seconds, ttft_seconds=ttft, e2e_seconds=e2e
+                            )
+                        )
+                        self._observe(ttft, tpot, e2e, msg.timings.queue_seconds)
+                        yield out
+                        return
+                    yield out
+                # The stream ended without a finish reason: the worker went away.
+                raise _Ended()
+            except (grpc.RpcError, _Ended) as e:
+                code = e.code() if isinstance(e, grpc.RpcError) else grpc.StatusCode.UNAVAILABLE
+                details = e.details() if isinstance(e, grpc.RpcError) else "worker stream ended early"
+                if code == grpc.StatusCode.CANCELLED and not context.is_active():
+                    return  # our client went away
+                if sent_first or code not in RETRYABLE:
+                    metrics.REQUESTS.labels(outcome="failed").inc()
+                    context.abort(code, f"{details} (decode worker {pair.decode.address})")
+                failed = (
+                    pair.decode if pair.prefill is None or "prefill worker" not in details else pair.prefill
+                )
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    self.pool.mark_failed(failed, details)
+                exclude.add(failed.address)
+                last_error = details
+                log.warning("request %s attempt %d failed before any token: %s", rid, attempt, details)
+            finally:
+                self.pool.end(pair)
+        metrics.REQUESTS.labels(outcome="failed").inc()
+        context.abort(grpc.StatusCode.UNAVAILABLE, f"no worker pair could serve the request: {last_error}")
+
+    def _observe(self, ttft: float, tpot: float, e2e: float, queue: float) -> None:
+        metrics.TTFT_SECONDS.observe(ttft)
+        metrics.E2E_SECONDS.observe(e2e)
+        metrics.QUEUE_SECONDS.observe(queue)
+        if tpot:
+            metrics.TPOT_SECONDS.observe(tpot)
+        if ttft > self.slo.ttft_seconds:
+            outcome = "missed_ttft"
+        elif tpot > self.slo.tpot_seconds:
+            outcome = "missed_tpot"
+        else:
+            outcome = "met"
+        metrics.REQUESTS.labels(outcome=outcome).inc()
+
+
+class _Ended(Exception):
+    pass
+
+
+__all__ = ["FINISH_TO_PB", "SLO", "RouterService", "TextStream"]

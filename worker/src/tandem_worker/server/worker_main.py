@@ -1,0 +1,86 @@
+"""`tandem worker --role prefill|decode|colocated`: one engine behind gRPC, plus /metrics."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ..engine.config import EngineConfig
+from ..engine.llm_engine import LLMEngine
+from . import metrics
+from .convert import model_id
+from .engine_loop import EngineLoop
+from .pb import worker_pb2, worker_pb2_grpc
+from .worker_server import GRPC_OPTIONS, AdminService, KVTransferService, WorkerService, WorkerState
+
+log = logging.getLogger(__name__)
+
+ROLES = ("prefill", "decode", "colocated")
+
+
+def serve_worker(
+    role: str,
+    config: EngineConfig,
+    host: str = "127.0.0.1",
+    port: int = 50061,
+    metrics_port: int = 0,
+    max_pending: int = 256,
+    drain_timeout: float = 30.0,
+    stop_event: threading.Event | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT (or `stop_event`), then drain: refuse new work, finish in-flight."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+    config.detokenize = False  # the router detokenizes and applies stop strings
+    engine = LLMEngine(config)
+    loop = EngineLoop(engine, max_pending=max_pending).start()
+    state = WorkerState(engine, loop, role, model_id(engine.model_dir))
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=max_pending + 16), options=GRPC_OPTIONS)
+    names = [worker_pb2.DESCRIPTOR.services_by_name["Admin"].full_name]
+    worker_pb2_grpc.add_AdminServicer_to_server(AdminService(state), server)
+    if role == "prefill":
+        worker_pb2_grpc.add_KVTransferServicer_to_server(KVTransferService(state), server)
+        names.append(worker_pb2.DESCRIPTOR.services_by_name["KVTransfer"].full_name)
+    else:
+        worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(state), server)
+        names.append(worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+
+    metrics.register_engine(role, lambda: loop.call(engine.stats, timeout=5))
+    metrics.serve_metrics(metrics_port, host)
+    server.start()
+    for name in ["", *names]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("%s worker serving %s on %s:%d (metrics :%d)", role, state.model_id, host, bound, metrics_port)
+    print(f"tandem worker ({role}) listening on {host}:{bound}", flush=True)
+
+    stop = stop_event or threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            signal.signal(sig, lambda *_: stop.set())
+        except ValueError:  # not the main thread (tests): rely on stop_event
+            break
+    stop.wait()
+
+    # Drain: new requests are refused (health NOT_SERVING tells routers), in-flight ones finish.
+    state.draining.set()
+    for name in ["", *names]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    deadline = time.monotonic() + drain_timeout
+    while loop.num_in_flight and time.monotonic() < deadline:
+        time.sleep(0.05)
+    server.stop(grace=1.0).wait()
+    loop.stop()

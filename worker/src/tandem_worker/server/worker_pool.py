@@ -1,0 +1,189 @@
+"""`WorkerPool`: the router's view of its workers: discovery, health and load, and pair picking.
+
+Targets are `host:port` (a static worker) or `dns:NAME:PORT` (every address NAME resolves to, e.g.
+a Kubernetes headless Service, re-resolved on each refresh). A background thread health-checks
+each worker with the standard gRPC health service and reads its `Admin.Stats`; a worker is
+eligible only while both answer and it is not draining.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .pb import worker_pb2 as wpb
+from .pb import worker_pb2_grpc as wgrpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerInfo:
+    address: str
+    channel: grpc.Channel
+    healthy: bool = False
+    stats: wpb.StatsResponse | None = None
+    # Router-side load not yet visible in the worker's stats.
+    pending_tokens: int = 0
+    pending_requests: int = 0
+    error: str = ""
+    failures: int = 0
+
+    @property
+    def role(self) -> str:
+        return self.stats.role if self.stats else ""
+
+    @property
+    def eligible(self) -> bool:
+        return self.healthy and self.stats is not None and not self.stats.draining
+
+    def free_tokens(self) -> int:
+        if not self.stats:
+            return 0
+        return self.stats.free_blocks * self.stats.block_size - self.pending_tokens
+
+
+def resolve(target: str) -> list[str]:
+    """`host:port` as is; `dns:NAME:PORT` to one `ip:port` per address NAME resolves to now."""
+    if not target.startswith("dns:"):
+        return [target]
+    name, _, port = target[4:].rpartition(":")
+    try:
+        infos = socket.getaddrinfo(name, int(port), type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return []
+    addrs = []
+    for family, *_, sockaddr in infos:
+        host = f"[{sockaddr[0]}]" if family == socket.AF_INET6 else sockaddr[0]
+        addrs.append(f"{host}:{sockaddr[1]}")
+    return sorted(set(addrs))
+
+
+@dataclass
+class Pair:
+    decode: WorkerInfo
+    prefill: WorkerInfo | None  # None: a colocated worker does both
+
+
+@dataclass
+class WorkerPool:
+    decode_targets: list[str]  # decode or colocated workers
+    prefill_targets: list[str] = field(default_factory=list)
+    interval: float = 0.5
+    check_timeout: float = 1.0
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._workers: dict[str, WorkerInfo] = {}
+        self._decode: list[str] = []
+        self._prefill: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="worker-pool", daemon=True)
+        self._ready = threading.Event()
+
+    def start(self) -> WorkerPool:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        with self._lock:
+            for w in self._workers.values():
+                w.channel.close()
+
+    def wait_ready(self, timeout: float) -> bool:
+        return self._ready.wait(timeout)
+
+    def snapshot(self) -> list[WorkerInfo]:
+        with self._lock:
+            return list(self._workers.values())
+
+    # --- refresh -------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.refresh()
+            self._stop.wait(self.interval)
+
+    def refresh(self) -> None:
+        decode = [a for t in self.decode_targets for a in resolve(t)]
+        prefill = [a for t in self.prefill_targets for a in resolve(t)]
+        with self._lock:
+            for addr in {*decode, *prefill} - self._workers.keys():
+                self._workers[addr] = WorkerInfo(addr, grpc.insecure_channel(addr))
+            for addr in self._workers.keys() - {*decode, *prefill}:
+                self._workers.pop(addr).channel.close()
+            self._decode, self._prefill = decode, prefill
+            workers = list(self._workers.values())
+        for w in workers:
+            self._check(w)
+        if any(w.eligible for w in workers):
+            self._ready.set()
+
+    def _check(self, w: WorkerInfo) -> None:
+        try:
+            resp = health_pb2_grpc.HealthStub(w.channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=self.check_timeout
+            )
+            stats = wgrpc.AdminStub(w.channel).Stats(wpb.StatsRequest(), timeout=self.check_timeout)
+        except grpc.RpcError as e:
+            if w.healthy:
+                log.warning(
+                    "worker %s is unavailable: %s", w.address, e.details() if hasattr(e, "details") else e
+                )
+            w.healthy, w.error = False, str(e.code()) if hasattr(e, "code") else str(e)
+            return
+        w.healthy = resp.status == health_pb2.HealthCheckResponse.SERVING
+        w.stats = stats
+        w.error = ""
+        with self._lock:
+            # The fresh stats include what we had sent; keep only what is still in flight from us.
+            w.pending_tokens = 0
+
+    # --- picking -------------------------------------------------------------------------------
+
+    def mark_failed(self, w: WorkerInfo, why: str) -> None:
+        """Take a worker out of rotation until its next successful health check."""
+        w.healthy = False
+        w.error = why
+        w.failures += 1
+
+    def pick(self, prompt_tokens: int, exclude: set[str]) -> Pair | None:
+        """A decode worker with KV room for the prompt (most free first), and a prefill worker with
+        the least queued prompt tokens; colocated workers need no prefill partner."""
+        with self._lock:
+            decodes = [self._workers[a] for a in self._decode if a in self._workers]
+            prefills = [self._workers[a] for a in self._prefill if a in self._workers]
+        decodes = [w for w in decodes if w.eligible and w.address not in exclude]
+        roomy = [w for w in decodes if w.free_tokens() > prompt_tokens]
+        if not roomy:
+            return None
+        decode = max(roomy, key=lambda w: (w.free_tokens(), -w.pending_requests))
+        if decode.role == "colocated":
+            return Pair(decode, None)
+        prefills = [w for w in prefills if w.eligible and w.address not in exclude and w.role == "prefill"]
+        if not prefills:
+            return None
+        prefill = min(
+            prefills, key=lambda w: (w.stats.queued_prompt_tokens + w.pending_tokens, w.pending_requests)
+        )
+        return Pair(decode, prefill)
+
+    def begin(self, pair: Pair, prompt_tokens: int) -> None:
+        with self._lock:
+            for w in (pair.decode, pair.prefill):
+                if w is not None:
+                    w.pending_tokens += prompt_tokens
+                    w.pending_requests += 1
+
+    def end(self, pair: Pair) -> None:
+        with self._lock:
+            for w in (pair.decode, pair.prefill):
+                if w is not None:
+                    w.pending_requests = max(0, w.pending_requests - 1)

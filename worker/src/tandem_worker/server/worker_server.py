@@ -1,0 +1,291 @@
+"""The worker process's gRPC services: `Worker` (decode, colocated), `KVTransfer` (prefill), `Admin`.
+
+A decode worker serving a request with a `prefill_endpoint`:
+1. submits it to its engine as remote-KV; the engine reserves blocks for the whole prompt first
+   (admission control lives where KV memory is scarce), reusing its own prefix cache;
+2. calls the prefill worker's `KVTransfer.Prefill` with its KV layout; the prefill worker refuses
+   a mismatch with FAILED_PRECONDITION, else streams each layer's KV as the layer finishes;
+3. writes each chunk straight into the reserved blocks (the only copy on this side);
+4. on the last message hands the first token to the engine, which joins the running batch.
+Any failure before the first token frees the reserved blocks and ends the call with a status the
+router may retry on another pair (UNAVAILABLE); nothing has been streamed to the client yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+import warnings
+
+import grpc
+import torch
+
+from ..engine.llm_engine import LLMEngine, RequestOutput
+from ..engine.sampling_params import RequestError
+from . import metrics
+from .convert import FINISH_TO_PB, kv_layout, layout_mismatch, params_from_pb, params_to_pb
+from .engine_loop import EngineLoop, KVPiece, KVReserved, QueueFull, RequestAborted
+from .pb import inference_pb2 as pb
+from .pb import worker_pb2 as wpb
+from .pb import worker_pb2_grpc as wgrpc
+
+log = logging.getLogger(__name__)
+# Received KV is only read (copied into the cache), so viewing the immutable message bytes is safe.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+# Bounded KV messages: at most this many tokens of one layer per message.
+KV_CHUNK_TOKENS = 256
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", 64 * 2**20),
+    ("grpc.max_receive_message_length", 64 * 2**20),
+]
+
+
+class WorkerState:
+    """What every service of one worker process shares."""
+
+    def __init__(self, engine: LLMEngine, loop: EngineLoop, role: str, model_id: str) -> None:
+        self.engine = engine
+        self.loop = loop
+        self.role = role
+        self.model_id = model_id
+        self.layout = kv_layout(engine, model_id)
+        self.draining = threading.Event()
+        self._channels: dict[str, grpc.Channel] = {}
+        self._lock = threading.Lock()
+
+    def prefill_stub(self, endpoint: str) -> wgrpc.KVTransferStub:
+        with self._lock:
+            ch = self._channels.get(endpoint)
+            if ch is None:
+                ch = self._channels[endpoint] = grpc.insecure_channel(endpoint, options=GRPC_OPTIONS)
+        return wgrpc.KVTransferStub(ch)
+
+
+def _abort_for(context: grpc.ServicerContext, e: Exception) -> None:
+    if isinstance(e, RequestError):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    if isinstance(e, QueueFull):
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+    raise e
+
+
+def _remaining(context: grpc.ServicerContext) -> float | None:
+    r = context.time_remaining()
+    return None if r is None or r > 1e8 else max(r, 0.001)
+
+
+class WorkerService(wgrpc.WorkerServicer):
+    def __init__(self, state: WorkerState) -> None:
+        self.s = state
+
+    def Generate(self, request: wpb.WorkerGenerateRequest, context: grpc.ServicerContext):  # noqa: N802
+        s = self.s
+        if s.draining.is_set():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining")
+        if s.role == "prefill":
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a prefill worker does not serve Generate")
+        remote = bool(request.prefill_endpoint)
+        rid = request.request_id or uuid.uuid4().hex
+        try:
+            params = params_from_pb(request.sampling)
+            stream = s.loop.submit(list(request.prompt_token_ids), params, rid, remote_kv=remote)
+        except (RequestError, QueueFull) as e:
+            _abort_for(context, e)
+        done = threading.Event()
+        context.add_callback(lambda: None if done.is_set() else stream.cancel())
+        try:
+            for ev in stream:
+                if isinstance(ev, KVReserved):
+                    self._pull_kv(request, ev, context)
+                    continue
+                assert isinstance(ev, RequestOutput)
+                msg = wpb.WorkerGenerateResponse(
+                    token_ids=ev.new_token_ids,
+                    finish_reason=FINISH_TO_PB[ev.finish_reason],
+                    num_cached_tokens=ev.num_cached_tokens,
+                )
+                if ev.logprobs is not None:
+                    msg.logprobs.extend(ev.logprobs[len(ev.token_ids) - len(ev.new_token_ids) :])
+                if ev.finished:
+                    done.set()
+                    m = ev.metrics
+                    msg.timings.CopyFrom(
+                        pb.Timings(queue_seconds=m.get("queue_time", 0.0), ttft_seconds=m.get("ttft", 0.0))
+                    )
+                yield msg
+        except RequestAborted:
+            done.set()
+            return
+        finally:
+            if not done.is_set():
+                stream.cancel()
+
+    def _pull_kv(
+        self, request: wpb.WorkerGenerateRequest, ev: KVReserved, context: grpc.ServicerContext
+    ) -> None:
+        s = self.s
+        kv = s.engine.runner.kv_cache
+        bs = s.engine.config.block_size
+        heads, dim = kv.shape[-2:]
+        dtype = kv.dtype
+        table = torch.tensor(ev.block_table)
+        t0 = time.monotonic()
+        nbytes = 0
+        first = None
+        try:
+            call = s.prefill_stub(request.prefill_endpoint).Prefill(
+                wpb.PrefillRequest(
+                    request_id=ev.request_id,
+                    layout=s.layout,
+                    prompt_token_ids=request.prompt_token_ids,
+                    sampling=request.sampling,
+                    adapter=request.adapter,
+                    skip_tokens=ev.skip_tokens,
+                ),
+                timeout=_remaining(context),
+            )
+            context.add_callback(call.cancel)
+            for i, chunk in enumerate(call):
+                if i == 0:
+                    bad = layout_mismatch(s.layout, chunk.layout)
+                    if bad:
+                        raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, f"prefill worker: {bad}")
+                if chunk.last:
+                    first = chunk
+                    break
+                n = chunk.num_tokens
+                pos = torch.arange(chunk.token_start, chunk.token_start + n)
+                slots = table[pos // bs] * bs + pos % bs
+                # frombuffer views the message's bytes; index_copy_ is the one copy, into the cache.
+                k = torch.frombuffer(chunk.key, dtype=dtype).view(n, heads, dim)
+                v = torch.frombuffer(chunk.value, dtype=dtype).view(n, heads, dim)
+                kv[0, chunk.layer].view(-1, heads, dim).index_copy_(0, slots, k)
+                kv[1, chunk.layer].view(-1, heads, dim).index_copy_(0, slots, v)
+                nbytes += len(chunk.key) + len(chunk.value)
+        except grpc.RpcError as e:
+            s.loop.abort(ev.request_id)
+            code = e.code()
+            if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
+                context.abort(code, e.details())
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                context.abort(code, "deadline exceeded while pulling KV from the prefill worker")
+            context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"prefill worker {request.prefill_endpoint} failed: {e.details()}",
+            )
+        except _Refused as e:
+            s.loop.abort(ev.request_id)
+            context.abort(e.code, e.message)
+        if first is None:
+            s.loop.abort(ev.request_id)
+            context.abort(grpc.StatusCode.UNAVAILABLE, "prefill worker ended the KV stream early")
+        metrics.KV_TRANSFER_BYTES.labels(direction="received").inc(nbytes)
+        metrics.KV_TRANSFER_SECONDS.labels(direction="received").observe(time.monotonic() - t0)
+        s.loop.kv_ready(ev.request_id, first.first_token, first.first_logprob)
+
+
+class _Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class KVTransferService(wgrpc.KVTransferServicer):
+    def __init__(self, state: WorkerState) -> None:
+        self.s = state
+
+    def Prefill(self, request: wpb.PrefillRequest, context: grpc.ServicerContext):  # noqa: N802
+        s = self.s
+        if s.draining.is_set():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining")
+        bad = layout_mismatch(s.layout, request.layout)
+        if bad:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"decode worker: {bad}")
+        rid = f"kv-{request.request_id or uuid.uuid4().hex}"
+        try:
+            params = params_from_pb(request.sampling, max_tokens=1)
+            # Tokens the decode side already holds (its prefix cache) are never sent.
+            stream = s.loop.submit(
+                list(request.prompt_token_ids), params, rid, kv_sink=True, kv_skip=request.skip_tokens
+            )
+        except (RequestError, QueueFull) as e:
+            _abort_for(context, e)
+        done = threading.Event()
+        context.add_callback(lambda: None if done.is_set() else stream.cancel())
+        first_msg = True
+        sent = 0
+        t0 = time.monotonic()
+        try:
+            for ev in stream:
+                if isinstance(ev, KVPiece):
+                    k, v = ev.key, ev.value
+                    for lo in range(0, k.shape[0], KV_CHUNK_TOKENS):
+                        kc, vc = k[lo : lo + KV_CHUNK_TOKENS], v[lo : lo + KV_CHUNK_TOKENS]
+                        msg = wpb.KVChunk(
+                            layer=ev.layer,
+                            token_start=ev.start + lo,
+                            num_tokens=kc.shape[0],
+                            key=kc.numpy().tobytes(),
+                            value=vc.numpy().tobytes(),
+                        )
+                        if first_msg:
+                            msg.layout.CopyFrom(s.layout)
+                            first_msg = False
+                        sent += len(msg.key) + len(msg.value)
+                        yield msg
+                    continue
+                assert isinstance(ev, RequestOutput) and ev.finished
+                done.set()
+                last = wpb.KVChunk(
+                    last=True,
+                    first_token=ev.token_ids[0],
+                    num_cached_tokens=ev.num_cached_tokens,
+                )
+                if ev.logprobs:
+                    last.first_logprob = ev.logprobs[0]
+                if first_msg:
+                    last.layout.CopyFrom(s.layout)
+                yield last
+        except RequestAborted:
+            done.set()
+            return
+        finally:
+            if not done.is_set():
+                stream.cancel()
+            metrics.KV_TRANSFER_BYTES.labels(direction="sent").inc(sent)
+            metrics.KV_TRANSFER_SECONDS.labels(direction="sent").observe(time.monotonic() - t0)
+
+
+class AdminService(wgrpc.AdminServicer):
+    def __init__(self, state: WorkerState) -> None:
+        self.s = state
+
+    def Stats(self, request: wpb.StatsRequest, context: grpc.ServicerContext) -> wpb.StatsResponse:  # noqa: N802
+        s = self.s
+        st = s.loop.call(s.engine.stats)
+        return wpb.StatsResponse(
+            role=s.role,
+            model_id=s.model_id,
+            num_blocks=st["num_blocks"],
+            free_blocks=st["free_blocks"],
+            used_blocks=st["used_blocks"],
+            cached_blocks=st["cached_blocks"],
+            block_size=s.engine.config.block_size,
+            running=st["running"],
+            waiting=st["waiting"] + st["awaiting_kv"],
+            in_flight=s.loop.num_in_flight,
+            queued_prompt_tokens=st["queued_prompt_tokens"],
+            draining=s.draining.is_set(),
+            max_model_len=s.engine.max_model_len,
+        )
+
+    def Drain(self, request: wpb.DrainRequest, context: grpc.ServicerContext) -> wpb.DrainResponse:  # noqa: N802
+        self.s.draining.set()
+        return wpb.DrainResponse(in_flight=self.s.loop.num_in_flight)
+
+
+__all__ = ["AdminService", "KVTransferService", "WorkerService", "WorkerState", "params_to_pb"]
