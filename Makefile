@@ -25,11 +25,8 @@ $(STAMP): requirements.txt kernels/pyproject.toml proto/pyproject.toml worker/py
 test: install ## run the whole test suite
 	$(BIN)/python -m pytest
 
-demo: install ## generate a few answers with the built-in model
-	$(BIN)/tandem generate --chat --max-tokens 48 \
-		--prompt "What is the capital of France?" \
-		--prompt "Write a haiku about GPUs." \
-		--prompt "Explain KV caching in one sentence."
+demo: install ## run a local disaggregated deployment (1 prefill + 1 decode + router) and stream answers
+	$(BIN)/tandem demo
 
 bench: install ## Tandem vs transformers generate, side by side, on this machine
 	$(BIN)/python benchmarks/bench_engine.py

@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--model", default="smollm2-135m")
     u.add_argument("--kv-cache-bytes", type=int, default=1 << 30, help="KV budget per worker (default 1 GiB)")
     u.add_argument("--log-dir", default=None, help="write each process's output to DIR/NAME.log")
+    d = sub.add_parser("demo", help="start 1 prefill + 1 decode locally, stream a few answers, stop")
+    d.add_argument("--model", default="smollm2-135m")
+    d.add_argument("--max-tokens", type=int, default=64)
     return parser
 
 
@@ -279,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_router(args)
         if args.command == "up":
             return _cmd_up(args)
+        if args.command == "demo":
+            from .server.demo import demo
+
+            return demo(args.model, args.max_tokens)
     except CLIError as e:
         print(f"tandem: error: {e}", file=sys.stderr)
         return 2
