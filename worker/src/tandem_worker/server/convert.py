@@ -87,16 +87,6 @@ def kv_layout(engine: LLMEngine, mid: str) -> wpb.KVLayout:
     )
 
 
-def layout_mismatch(mine: wpb.KVLayout, theirs: wpb.KVLayout) -> str | None:
-    """A sentence naming every field on which two KV layouts differ, or None when they agree."""
-    diffs = []
-    for f in ("model_id", "dtype", "block_size", "num_layers", "num_kv_heads", "head_dim"):
-        a, b = getattr(mine, f), getattr(theirs, f)
-        if a != b:
-            diffs.append(f"{f} {b!r} (here {a!r})")
-    return "incompatible KV layout: " + ", ".join(diffs) if diffs else None
-
-
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 STATUS_FOR = {

@@ -17,7 +17,10 @@ QUESTIONS = [
 
 def demo(model: str = "smollm2-135m", max_tokens: int = 64) -> int:
     dep = LocalDeployment(prefill=1, decode=1, port=free_port(), model=model, kv_cache_bytes=512 << 20)
-    print("Starting a local disaggregated deployment: 1 prefill worker, 1 decode worker, 1 router ...", flush=True)
+    print(
+        "Starting a local disaggregated deployment: 1 prefill worker, 1 decode worker, 1 router ...",
+        flush=True,
+    )
     t0 = time.monotonic()
     dep.start()
     try:
@@ -26,13 +29,18 @@ def demo(model: str = "smollm2-135m", max_tokens: int = 64) -> int:
             for q in QUESTIONS:
                 print(f"> {q}\n", flush=True)
                 last = None
-                for msg in client.stream(build_request(q, SamplingParams(max_tokens=max_tokens, temperature=0), chat=True)):
+                for msg in client.stream(
+                    build_request(q, SamplingParams(max_tokens=max_tokens, temperature=0), chat=True)
+                ):
                     print(msg.text, end="", flush=True)
                     last = msg
                 if last is not None:
-                    print(f"\n\n[{last.usage.completion_tokens} tokens, first token after "
-                          f"{last.timings.ttft_seconds * 1000:.0f} ms, {last.timings.e2e_seconds:.1f} s in all]\n",
-                          flush=True)
+                    print(
+                        f"\n\n[{last.usage.completion_tokens} tokens, first token after "
+                        f"{last.timings.ttft_seconds * 1000:.0f} ms, "
+                        f"{last.timings.e2e_seconds:.1f} s in all]\n",
+                        flush=True,
+                    )
     finally:
         dep.stop()
     print("Stopped the deployment. Run `tandem up` to keep one running.", flush=True)

@@ -17,26 +17,20 @@ import logging
 import threading
 import time
 import uuid
-import warnings
 
 import grpc
-import torch
 
 from ..engine.llm_engine import LLMEngine, RequestOutput
 from ..engine.sampling_params import RequestError
 from . import metrics
-from .convert import FINISH_TO_PB, kv_layout, layout_mismatch, params_from_pb, params_to_pb
+from .convert import FINISH_TO_PB, kv_layout, params_from_pb, params_to_pb
 from .engine_loop import EngineLoop, KVPiece, KVReserved, QueueFull, RequestAborted
+from .kv_transfer import KVWriter, kv_chunks, layout_mismatch
 from .pb import inference_pb2 as pb
 from .pb import worker_pb2 as wpb
 from .pb import worker_pb2_grpc as wgrpc
 
 log = logging.getLogger(__name__)
-# Received KV is only read (copied into the cache), so viewing the immutable message bytes is safe.
-warnings.filterwarnings("ignore", message="The given buffer is not writable")
-
-# Bounded KV messages: at most this many tokens of one layer per message.
-KV_CHUNK_TOKENS = 256
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", 64 * 2**20),
     ("grpc.max_receive_message_length", 64 * 2**20),
@@ -127,13 +121,8 @@ class WorkerService(wgrpc.WorkerServicer):
         self, request: wpb.WorkerGenerateRequest, ev: KVReserved, context: grpc.ServicerContext
     ) -> None:
         s = self.s
-        kv = s.engine.runner.kv_cache
-        bs = s.engine.config.block_size
-        heads, dim = kv.shape[-2:]
-        dtype = kv.dtype
-        table = torch.tensor(ev.block_table)
+        writer = KVWriter(s.engine.runner.kv_cache, ev.block_table, s.engine.config.block_size)
         t0 = time.monotonic()
-        nbytes = 0
         first = None
         try:
             call = s.prefill_stub(request.prefill_endpoint).Prefill(
@@ -156,15 +145,7 @@ class WorkerService(wgrpc.WorkerServicer):
                 if chunk.last:
                     first = chunk
                     break
-                n = chunk.num_tokens
-                pos = torch.arange(chunk.token_start, chunk.token_start + n)
-                slots = table[pos // bs] * bs + pos % bs
-                # frombuffer views the message's bytes; index_copy_ is the one copy, into the cache.
-                k = torch.frombuffer(chunk.key, dtype=dtype).view(n, heads, dim)
-                v = torch.frombuffer(chunk.value, dtype=dtype).view(n, heads, dim)
-                kv[0, chunk.layer].view(-1, heads, dim).index_copy_(0, slots, k)
-                kv[1, chunk.layer].view(-1, heads, dim).index_copy_(0, slots, v)
-                nbytes += len(chunk.key) + len(chunk.value)
+                writer.write(chunk)
         except grpc.RpcError as e:
             s.loop.abort(ev.request_id)
             code = e.code()
@@ -179,10 +160,13 @@ class WorkerService(wgrpc.WorkerServicer):
         except _Refused as e:
             s.loop.abort(ev.request_id)
             context.abort(e.code, e.message)
+        except ValueError as e:  # a malformed chunk: never write garbage, fail the request cleanly
+            s.loop.abort(ev.request_id)
+            context.abort(grpc.StatusCode.DATA_LOSS, f"prefill worker {request.prefill_endpoint}: {e}")
         if first is None:
             s.loop.abort(ev.request_id)
             context.abort(grpc.StatusCode.UNAVAILABLE, "prefill worker ended the KV stream early")
-        metrics.KV_TRANSFER_BYTES.labels(direction="received").inc(nbytes)
+        metrics.KV_TRANSFER_BYTES.labels(direction="received").inc(writer.bytes)
         metrics.KV_TRANSFER_SECONDS.labels(direction="received").observe(time.monotonic() - t0)
         s.loop.kv_ready(ev.request_id, first.first_token, first.first_logprob)
 
@@ -222,16 +206,7 @@ class KVTransferService(wgrpc.KVTransferServicer):
         try:
             for ev in stream:
                 if isinstance(ev, KVPiece):
-                    k, v = ev.key, ev.value
-                    for lo in range(0, k.shape[0], KV_CHUNK_TOKENS):
-                        kc, vc = k[lo : lo + KV_CHUNK_TOKENS], v[lo : lo + KV_CHUNK_TOKENS]
-                        msg = wpb.KVChunk(
-                            layer=ev.layer,
-                            token_start=ev.start + lo,
-                            num_tokens=kc.shape[0],
-                            key=kc.numpy().tobytes(),
-                            value=vc.numpy().tobytes(),
-                        )
+                    for msg in kv_chunks(ev.layer, ev.start, ev.key, ev.value):
                         if first_msg:
                             msg.layout.CopyFrom(s.layout)
                             first_msg = False
