@@ -24,8 +24,10 @@ def store_kvcache(
     # view (not reshape) so a non-contiguous cache fails loudly instead of writing into a copy
     k_slots = k_cache.view(-1, num_kv_heads, head_dim)
     v_slots = v_cache.view(-1, num_kv_heads, head_dim)
-    k_slots.index_copy_(0, slot_mapping, key)
-    v_slots.index_copy_(0, slot_mapping, value)
+    # index_put_, not index_copy_: on CPU the latter parallelises tiny copies across OpenMP threads
+    # and becomes 100x slower when the cores are busy (measured: 16 ms vs 0.2 ms for 256 tokens).
+    k_slots[slot_mapping] = key
+    v_slots[slot_mapping] = value
 
 
 def _gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, num_blocks: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 
 from .pb import worker_pb2 as wpb
 
-KV_CHUNK_TOKENS = 256  # 256 tokens x 3 heads x 64 dims x 4 B x 2 = 384 KiB per message for SmolLM2
+KV_CHUNK_TOKENS = 1024  # 256 tokens x 3 heads x 64 dims x 4 B x 2 = 384 KiB per message for SmolLM2
 
 # Received KV is only read (copied into the cache), so viewing the immutable message bytes is safe.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
@@ -53,16 +53,19 @@ class KVWriter:
 
     def write(self, chunk: wpb.KVChunk) -> None:
         n = chunk.num_tokens
+        # Each access of a bytes field makes a new Python copy: take each payload once.
+        key, value = chunk.key, chunk.value
         expected = n * self.heads * self.dim * self.kv.element_size()
-        if len(chunk.key) != expected or len(chunk.value) != expected:
-            raise ValueError(f"KV chunk of {n} tokens has {len(chunk.key)} key bytes, expected {expected}")
+        if len(key) != expected or len(value) != expected:
+            raise ValueError(f"KV chunk of {n} tokens has {len(key)} key bytes, expected {expected}")
         pos = torch.arange(chunk.token_start, chunk.token_start + n)
         slots = self.table[pos // self.bs] * self.bs + pos % self.bs
-        k = torch.frombuffer(chunk.key, dtype=self.kv.dtype).view(n, self.heads, self.dim)
-        v = torch.frombuffer(chunk.value, dtype=self.kv.dtype).view(n, self.heads, self.dim)
-        self.kv[0, chunk.layer].view(-1, self.heads, self.dim).index_copy_(0, slots, k)
-        self.kv[1, chunk.layer].view(-1, self.heads, self.dim).index_copy_(0, slots, v)
-        self.bytes += len(chunk.key) + len(chunk.value)
+        k = torch.frombuffer(key, dtype=self.kv.dtype).view(n, self.heads, self.dim)
+        v = torch.frombuffer(value, dtype=self.kv.dtype).view(n, self.heads, self.dim)
+        # index_put_ (see tandem_kernels.reference.store_kvcache for why not index_copy_)
+        self.kv[0, chunk.layer].view(-1, self.heads, self.dim)[slots] = k
+        self.kv[1, chunk.layer].view(-1, self.heads, self.dim)[slots] = v
+        self.bytes += 2 * expected
         self.messages += 1
 
 

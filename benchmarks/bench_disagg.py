@@ -1,0 +1,252 @@
+"""Disaggregation costs, measured side by side in one run.
+
+1. KV transfer throughput: the real gRPC path (`KVTransfer.Prefill` streaming `KVChunk`s built by
+   `kv_chunks`, written into a paged cache by `KVWriter`) against a raw loopback TCP socket that
+   carries the same bytes in the same frames and copies them into the same cache. Sender and
+   receiver are separate processes in both cases.
+2. Messages per request for a 1,000-token prompt, from a real prefill worker.
+3. TTFT of a 1,000-token prompt at low load: 1 prefill + 1 decode vs 1 colocated worker (real
+   processes via `tandem up`'s `LocalDeployment`). The added TTFT is compared with the prefill time
+   (the colocated TTFT), which layer-by-layer streaming should mostly hide.
+
+Run: make bench   (or: python benchmarks/bench_disagg.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import random
+import socket
+import statistics
+import struct
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import torch
+from tandem_proto.v1 import worker_pb2 as wpb
+from tandem_proto.v1 import worker_pb2_grpc as wgrpc
+
+from tandem_worker.engine.sampling_params import SamplingParams
+from tandem_worker.server.client import Client, build_request
+from tandem_worker.server.kv_transfer import KV_CHUNK_TOKENS, KVWriter, kv_chunks
+from tandem_worker.server.local import LocalDeployment, free_port
+from tandem_worker.server.worker_server import GRPC_OPTIONS
+
+LAYERS, HEADS, DIM, BLOCK = 30, 3, 64, 16  # SmolLM2-135M's KV shape
+
+
+def _kv(tokens: int) -> torch.Tensor:
+    return torch.randn(2, LAYERS, tokens, HEADS, DIM)
+
+
+# --- 1. transport ------------------------------------------------------------------------------
+
+
+class _SyntheticPrefill(wgrpc.KVTransferServicer):
+    def __init__(self, tokens: int) -> None:
+        self.kv = _kv(tokens)
+
+    def Prefill(self, request, context):  # noqa: N802
+        for layer in range(LAYERS):
+            yield from kv_chunks(layer, 0, self.kv[0, layer], self.kv[1, layer])
+        yield wpb.KVChunk(last=True, first_token=1)
+
+
+def _grpc_server(port: int, tokens: int, ready) -> None:
+    server = grpc.server(ThreadPoolExecutor(max_workers=4), options=GRPC_OPTIONS)
+    wgrpc.add_KVTransferServicer_to_server(_SyntheticPrefill(tokens), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    ready.set()
+    server.wait_for_termination()
+
+
+def _raw_server(port: int, tokens: int, ready) -> None:
+    kv = _kv(tokens)
+    with socket.create_server(("127.0.0.1", port)) as srv:
+        ready.set()
+        while True:
+            conn, _ = srv.accept()
+            with conn:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conn.recv(1)
+                for layer in range(LAYERS):
+                    for msg in kv_chunks(layer, 0, kv[0, layer], kv[1, layer]):
+                        conn.sendall(
+                            struct.pack("<IIII", msg.layer, msg.token_start, msg.num_tokens, len(msg.key))
+                        )
+                        conn.sendall(msg.key)
+                        conn.sendall(msg.value)
+                conn.sendall(struct.pack("<IIII", 0xFFFFFFFF, 0, 0, 0))
+
+
+def _recv_exact(conn: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = conn.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionError("peer closed")
+        got += n
+
+
+def _cache(tokens: int) -> tuple[torch.Tensor, list[int]]:
+    blocks = -(-tokens // BLOCK)
+    table = random.Random(0).sample(range(blocks * 2), blocks)
+    cache = torch.zeros(2, LAYERS, blocks * 2, BLOCK, HEADS, DIM)
+    cache.fill_(1.0)  # commit the pages now: a serving worker's cache is long since touched
+    return cache, table
+
+
+def time_grpc(port: int, tokens: int) -> tuple[float, int, int]:
+    cache, table = _cache(tokens)
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as ch:
+        stub = wgrpc.KVTransferStub(ch)
+        for _ in range(2):  # warm the connection
+            list(stub.Prefill(wpb.PrefillRequest()))
+        writer = KVWriter(cache, table, BLOCK)
+        t = time.perf_counter()
+        for chunk in stub.Prefill(wpb.PrefillRequest()):
+            if not chunk.last:
+                writer.write(chunk)
+        return time.perf_counter() - t, writer.bytes, writer.messages + 1
+
+
+def time_raw(port: int, tokens: int) -> tuple[float, int]:
+    cache, table = _cache(tokens)
+    tbl = torch.tensor(table)
+    buf = bytearray(KV_MAX := KV_CHUNK_TOKENS * HEADS * DIM * 4)
+    total = 0
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        t = time.perf_counter()
+        conn.sendall(b"g")
+        header = bytearray(16)
+        while True:
+            _recv_exact(conn, memoryview(header))
+            layer, start, n, size = struct.unpack("<IIII", header)
+            if layer == 0xFFFFFFFF:
+                break
+            assert size <= KV_MAX
+            pos = torch.arange(start, start + n)
+            slots = tbl[pos // BLOCK] * BLOCK + pos % BLOCK
+            for side in (0, 1):
+                _recv_exact(conn, memoryview(buf)[:size])
+                src = torch.frombuffer(buf, dtype=torch.float32, count=size // 4).view(n, HEADS, DIM)
+                cache[side, layer].view(-1, HEADS, DIM)[slots] = src
+                total += size
+        return time.perf_counter() - t, total
+
+
+def bench_transport(tokens: int, repeat: int) -> None:
+    ctx = mp.get_context("fork")
+    gport, rport = free_port(), free_port()
+    procs = []
+    for target, port in ((_grpc_server, gport), (_raw_server, rport)):
+        ready = ctx.Event()
+        p = ctx.Process(target=target, args=(port, tokens, ready), daemon=True)
+        p.start()
+        ready.wait(30)
+        procs.append(p)
+    try:
+        time_raw(rport, tokens)  # warm
+        g = min((time_grpc(gport, tokens) for _ in range(repeat)), key=lambda r: r[0])
+        r = min((time_raw(rport, tokens) for _ in range(repeat)), key=lambda r: r[0])
+    finally:
+        for p in procs:
+            p.kill()
+    assert g[1] == r[1], (g[1], r[1])
+    g_rate, r_rate = g[1] / g[0] / 1e9, r[1] / r[0] / 1e9
+    print(f"KV transfer, {tokens} tokens ({g[1] / 2**20:.1f} MiB), best of {repeat}:")
+    print(f"  gRPC path        {g_rate:6.2f} GB/s   ({g[2]} messages)")
+    print(f"  raw TCP socket   {r_rate:6.2f} GB/s")
+    print(f"  ratio            {g_rate / r_rate:6.2f}   (target >= 0.7)")
+
+
+# --- 2 and 3: real processes ---------------------------------------------------------------------
+
+
+def _prompt(tokenizer_words: int, seed: int) -> str:
+    rng = random.Random(seed)
+    words = "harbor lantern copper orbit meadow signal violet engine glacier pepper canyon ember".split()
+    return " ".join(rng.choice(words) for _ in range(tokenizer_words))
+
+
+def _ttft(client: Client, text: str) -> float:
+    req = build_request(text, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    t = time.perf_counter()
+    for msg in client.stream(req):
+        if msg.token_ids:
+            return time.perf_counter() - t
+    raise RuntimeError("no token")
+
+
+def bench_ttft(prompt_tokens: int, trials: int, model: str) -> None:
+    from tandem_worker.engine.loader import resolve_model
+    from tandem_worker.engine.tokenizer import Tokenizer
+    from tandem_worker.server.convert import model_id
+
+    tok = Tokenizer(resolve_model(model))
+    prompts = []
+    for i in range(2 * trials + 2):  # distinct prompts: no prefix-cache hits between trials
+        ids = tok.encode(_prompt(prompt_tokens + 50, seed=1000 + i))[:prompt_tokens]
+        prompts.append(tok.hf.decode(ids))
+    disagg = LocalDeployment(prefill=1, decode=1, port=free_port(), model=model, kv_cache_bytes=512 << 20)
+    colo = LocalDeployment(
+        prefill=0, decode=0, colocated=1, port=free_port(), model=model, kv_cache_bytes=512 << 20
+    )
+    disagg.start()
+    colo.start()
+    try:
+        prefill_addr = disagg.children[0].address
+        layout = wpb.KVLayout(
+            model_id=model_id(resolve_model(model)),
+            dtype="float32",
+            block_size=BLOCK,
+            num_layers=LAYERS,
+            num_kv_heads=HEADS,
+            head_dim=DIM,
+        )
+        with Client(disagg.endpoint) as dc, Client(colo.endpoint) as cc:
+            _ttft(dc, prompts[-1])
+            _ttft(cc, prompts[-2])
+            d = [_ttft(dc, prompts[2 * i]) for i in range(trials)]
+            c = [_ttft(cc, prompts[2 * i + 1]) for i in range(trials)]
+        ids = tok.encode(prompts[0])
+        with grpc.insecure_channel(prefill_addr, options=GRPC_OPTIONS) as ch:
+            n = sum(
+                1
+                for _ in wgrpc.KVTransferStub(ch).Prefill(
+                    wpb.PrefillRequest(layout=layout, prompt_token_ids=ids, request_id="probe")
+                )
+            )
+    finally:
+        disagg.stop()
+        colo.stop()
+    dm, cm = statistics.median(d), statistics.median(c)
+    print(f"TTFT, {prompt_tokens}-token prompt, low load, median of {trials}:")
+    print(f"  colocated (= prefill time)   {cm * 1000:7.0f} ms")
+    print(f"  1 prefill + 1 decode         {dm * 1000:7.0f} ms")
+    print(
+        f"  added by disaggregation      {(dm - cm) * 1000:7.0f} ms"
+        f" = {(dm - cm) / cm:.0%} of prefill (target < 25%)"
+    )
+    print(f"  KV messages per request      {n} (incl. the final one with the first token)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=1000)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--skip-ttft", action="store_true")
+    args = ap.parse_args()
+    bench_transport(args.tokens, args.repeat)
+    if not args.skip_ttft:
+        bench_ttft(args.tokens, args.trials, args.model)
+
+
+if __name__ == "__main__":
+    main()
