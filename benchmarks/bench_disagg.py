@@ -26,11 +26,17 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import torch
 from tandem_proto.v1 import worker_pb2 as wpb
-from tandem_proto.v1 import worker_pb2_grpc as wgrpc
 
 from tandem_worker.engine.sampling_params import SamplingParams
 from tandem_worker.server.client import Client, build_request
-from tandem_worker.server.kv_transfer import KV_CHUNK_TOKENS, KVWriter, kv_chunks
+from tandem_worker.server.kv_transfer import (
+    KV_CHUNK_TOKENS,
+    KVWriter,
+    encode_kv_chunk,
+    kv_chunks,
+    prefill_method_handler,
+    prefill_stub,
+)
 from tandem_worker.server.local import LocalDeployment, free_port
 from tandem_worker.server.worker_server import GRPC_OPTIONS
 
@@ -44,19 +50,16 @@ def _kv(tokens: int) -> torch.Tensor:
 # --- 1. transport ------------------------------------------------------------------------------
 
 
-class _SyntheticPrefill(wgrpc.KVTransferServicer):
-    def __init__(self, tokens: int) -> None:
-        self.kv = _kv(tokens)
-
-    def Prefill(self, request, context):  # noqa: N802
-        for layer in range(LAYERS):
-            yield from kv_chunks(layer, 0, self.kv[0, layer], self.kv[1, layer])
-        yield wpb.KVChunk(last=True, first_token=1)
-
-
 def _grpc_server(port: int, tokens: int, ready) -> None:
+    kv = _kv(tokens)
+
+    def prefill(request, context):
+        for layer in range(LAYERS):
+            yield from kv_chunks(layer, 0, kv[0, layer], kv[1, layer])
+        yield encode_kv_chunk(wpb.KVChunk(last=True, first_token=1))
+
     server = grpc.server(ThreadPoolExecutor(max_workers=4), options=GRPC_OPTIONS)
-    wgrpc.add_KVTransferServicer_to_server(_SyntheticPrefill(tokens), server)
+    server.add_generic_rpc_handlers((prefill_method_handler(prefill),))
     server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     ready.set()
@@ -73,12 +76,15 @@ def _raw_server(port: int, tokens: int, ready) -> None:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 conn.recv(1)
                 for layer in range(LAYERS):
-                    for msg in kv_chunks(layer, 0, kv[0, layer], kv[1, layer]):
+                    for lo in range(0, tokens, KV_CHUNK_TOKENS):
+                        # The same frames as the gRPC path, each payload copied once into one buffer.
+                        k = kv[0, layer, lo : lo + KV_CHUNK_TOKENS]
+                        v = kv[1, layer, lo : lo + KV_CHUNK_TOKENS]
+                        size = k.numel() * 4
+                        head = struct.pack("<IIII", layer, lo, k.shape[0], size)
                         conn.sendall(
-                            struct.pack("<IIII", msg.layer, msg.token_start, msg.num_tokens, len(msg.key))
+                            b"".join([head, memoryview(k.numpy()).cast("B"), memoryview(v.numpy()).cast("B")])
                         )
-                        conn.sendall(msg.key)
-                        conn.sendall(msg.value)
                 conn.sendall(struct.pack("<IIII", 0xFFFFFFFF, 0, 0, 0))
 
 
@@ -102,14 +108,14 @@ def _cache(tokens: int) -> tuple[torch.Tensor, list[int]]:
 def time_grpc(port: int, tokens: int) -> tuple[float, int, int]:
     cache, table = _cache(tokens)
     with grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as ch:
-        stub = wgrpc.KVTransferStub(ch)
+        call = prefill_stub(ch)
         for _ in range(2):  # warm the connection
-            list(stub.Prefill(wpb.PrefillRequest()))
+            list(call(wpb.PrefillRequest()))
         writer = KVWriter(cache, table, BLOCK)
         t = time.perf_counter()
-        for chunk in stub.Prefill(wpb.PrefillRequest()):
-            if not chunk.last:
-                writer.write(chunk)
+        for chunk, key, value in call(wpb.PrefillRequest()):
+            if chunk.num_tokens:
+                writer.write(chunk, key, value)
         return time.perf_counter() - t, writer.bytes, writer.messages + 1
 
 
@@ -217,7 +223,7 @@ def bench_ttft(prompt_tokens: int, trials: int, model: str) -> None:
         with grpc.insecure_channel(prefill_addr, options=GRPC_OPTIONS) as ch:
             n = sum(
                 1
-                for _ in wgrpc.KVTransferStub(ch).Prefill(
+                for _ in prefill_stub(ch)(
                     wpb.PrefillRequest(layout=layout, prompt_token_ids=ids, request_id="probe")
                 )
             )

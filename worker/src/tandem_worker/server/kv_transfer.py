@@ -2,9 +2,14 @@
 
 Parts:
 - `kv_chunks()` (prefill side) cuts one layer's KV for a token range into messages of at most
-  `KV_CHUNK_TOKENS` tokens; serializing a chunk is the one copy of the payload on this side;
-- `KVWriter` (decode side) views each message's bytes in place and copies them straight into the
-  reserved cache slots: the one copy on that side;
+  `KV_CHUNK_TOKENS` tokens, already encoded: the payload is copied once, from the gathered KV
+  straight into the message bytes the socket sends (no protobuf object holds it);
+- `decode_kv_chunk()` (decode side) parses the small header fields with protobuf and returns the
+  payloads as views into the received bytes, which `KVWriter` copies straight into the reserved
+  cache slots: the one copy on that side;
+- the encoding is exactly protobuf's for `KVChunk`, so any protobuf client can still parse it;
+- `prefill_method_handler()` / `prefill_stub()` register and call `KVTransfer.Prefill` with these
+  (de)serializers instead of the generated ones;
 - `layout_mismatch()` (both sides) is the handshake rule: model identity, dtype, block size and
   shapes must agree, or the transfer is refused with FAILED_PRECONDITION.
 """
@@ -12,31 +17,118 @@ Parts:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
+import grpc
 import torch
 
 from .pb import worker_pb2 as wpb
 
-KV_CHUNK_TOKENS = 1024  # 256 tokens x 3 heads x 64 dims x 4 B x 2 = 384 KiB per message for SmolLM2
+KV_CHUNK_TOKENS = 512  # 512 tokens x 3 heads x 64 dims x 4 B x 2 = 768 KiB per message for SmolLM2
 
 # Received KV is only read (copied into the cache), so viewing the immutable message bytes is safe.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 
+PREFILL_METHOD = "/tandem.v1.KVTransfer/Prefill"
+_KEY, _VALUE = 5, 6  # KVChunk's payload field numbers
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _read_varint(data: memoryview, i: int) -> tuple[int, int]:
+    shift = result = 0
+    while True:
+        b = data[i]
+        i += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, i
+        shift += 7
+
+
+def encode_kv_chunk(
+    header: wpb.KVChunk, key: torch.Tensor | None = None, value: torch.Tensor | None = None
+) -> bytes:
+    """`header` (no payload fields) plus key/value appended as protobuf fields 5 and 6, in one join."""
+    parts: list[bytes | memoryview] = [header.SerializeToString()]
+    for field, t in ((_KEY, key), (_VALUE, value)):
+        if t is not None:
+            buf = memoryview(t.contiguous().numpy()).cast("B")
+            parts += [_varint(field << 3 | 2), _varint(len(buf)), buf]
+    return b"".join(parts)
+
+
+def decode_kv_chunk(data: bytes) -> tuple[wpb.KVChunk, memoryview | None, memoryview | None]:
+    """Header fields parsed by protobuf; key and value as views into `data` (no copy)."""
+    view = memoryview(data)
+    payload: dict[int, memoryview] = {}
+    header = bytearray()
+    i = 0
+    while i < len(view):
+        start = i
+        tag, i = _read_varint(view, i)
+        field, wire = tag >> 3, tag & 7
+        if wire == 2:
+            n, i = _read_varint(view, i)
+            if field in (_KEY, _VALUE):
+                payload[field] = view[i : i + n]
+            else:
+                header += view[start : i + n]
+            i += n
+        elif wire == 0:
+            _, i = _read_varint(view, i)
+            header += view[start:i]
+        elif wire == 5:
+            i += 4
+            header += view[start:i]
+        elif wire == 1:
+            i += 8
+            header += view[start:i]
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire} in a KV chunk")
+    return wpb.KVChunk.FromString(bytes(header)), payload.get(_KEY), payload.get(_VALUE)
+
+
 def kv_chunks(
     layer: int, start: int, key: torch.Tensor, value: torch.Tensor, max_tokens: int = KV_CHUNK_TOKENS
-) -> Iterator[wpb.KVChunk]:
-    """key/value: [n, kv_heads, head_dim], contiguous, for prompt tokens [start, start + n)."""
+) -> Iterator[bytes]:
+    """Encoded messages for key/value [n, kv_heads, head_dim] of prompt tokens [start, start + n)."""
     for lo in range(0, key.shape[0], max_tokens):
         k, v = key[lo : lo + max_tokens], value[lo : lo + max_tokens]
-        yield wpb.KVChunk(
-            layer=layer,
-            token_start=start + lo,
-            num_tokens=k.shape[0],
-            key=k.numpy().tobytes(),
-            value=v.numpy().tobytes(),
-        )
+        header = wpb.KVChunk(layer=layer, token_start=start + lo, num_tokens=k.shape[0])
+        yield encode_kv_chunk(header, k, v)
+
+
+def prefill_method_handler(behavior: Callable[..., Iterator[bytes]]) -> grpc.GenericRpcHandler:
+    """Serve `KVTransfer.Prefill` with a servicer method that yields already-encoded chunks."""
+    return grpc.method_handlers_generic_handler(
+        "tandem.v1.KVTransfer",
+        {
+            "Prefill": grpc.unary_stream_rpc_method_handler(
+                behavior,
+                request_deserializer=wpb.PrefillRequest.FromString,
+                response_serializer=lambda b: b,
+            )
+        },
+    )
+
+
+def prefill_stub(channel: grpc.Channel) -> Callable[..., Iterator[tuple[wpb.KVChunk, Any, Any]]]:
+    """Call `KVTransfer.Prefill`; each streamed item is `decode_kv_chunk()`'s (header, key, value)."""
+    return channel.unary_stream(
+        PREFILL_METHOD,
+        request_serializer=wpb.PrefillRequest.SerializeToString,
+        response_deserializer=decode_kv_chunk,
+    )
 
 
 class KVWriter:
@@ -51,13 +143,13 @@ class KVWriter:
         self.bytes = 0
         self.messages = 0
 
-    def write(self, chunk: wpb.KVChunk) -> None:
+    def write(self, chunk: wpb.KVChunk, key: Any, value: Any) -> None:
+        """`key`/`value`: the payload bytes (views are fine), [num_tokens, kv_heads, head_dim]."""
         n = chunk.num_tokens
-        # Each access of a bytes field makes a new Python copy: take each payload once.
-        key, value = chunk.key, chunk.value
         expected = n * self.heads * self.dim * self.kv.element_size()
-        if len(key) != expected or len(value) != expected:
-            raise ValueError(f"KV chunk of {n} tokens has {len(key)} key bytes, expected {expected}")
+        if key is None or value is None or len(key) != expected or len(value) != expected:
+            got = None if key is None else len(key)
+            raise ValueError(f"KV chunk of {n} tokens has {got} key bytes, expected {expected}")
         pos = torch.arange(chunk.token_start, chunk.token_start + n)
         slots = self.table[pos // self.bs] * self.bs + pos % self.bs
         k = torch.frombuffer(key, dtype=self.kv.dtype).view(n, self.heads, self.dim)

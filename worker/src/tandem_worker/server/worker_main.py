@@ -17,6 +17,7 @@ from ..engine.llm_engine import LLMEngine
 from . import metrics
 from .convert import model_id
 from .engine_loop import EngineLoop
+from .kv_transfer import prefill_method_handler
 from .pb import worker_pb2, worker_pb2_grpc
 from .worker_server import GRPC_OPTIONS, AdminService, KVTransferService, WorkerService, WorkerState
 
@@ -47,7 +48,8 @@ def serve_worker(
     names = [worker_pb2.DESCRIPTOR.services_by_name["Admin"].full_name]
     worker_pb2_grpc.add_AdminServicer_to_server(AdminService(state), server)
     if role == "prefill":
-        worker_pb2_grpc.add_KVTransferServicer_to_server(KVTransferService(state), server)
+        # Registered by hand: its chunks are pre-encoded bytes (see kv_transfer), not message objects.
+        server.add_generic_rpc_handlers((prefill_method_handler(KVTransferService(state).Prefill),))
         names.append(worker_pb2.DESCRIPTOR.services_by_name["KVTransfer"].full_name)
     else:
         worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(state), server)

@@ -25,7 +25,7 @@ from ..engine.sampling_params import RequestError
 from . import metrics
 from .convert import FINISH_TO_PB, kv_layout, params_from_pb, params_to_pb
 from .engine_loop import EngineLoop, KVPiece, KVReserved, QueueFull, RequestAborted
-from .kv_transfer import KVWriter, kv_chunks, layout_mismatch
+from .kv_transfer import KVWriter, encode_kv_chunk, kv_chunks, layout_mismatch, prefill_stub
 from .pb import inference_pb2 as pb
 from .pb import worker_pb2 as wpb
 from .pb import worker_pb2_grpc as wgrpc
@@ -50,12 +50,12 @@ class WorkerState:
         self._channels: dict[str, grpc.Channel] = {}
         self._lock = threading.Lock()
 
-    def prefill_stub(self, endpoint: str) -> wgrpc.KVTransferStub:
+    def prefill_call(self, endpoint: str):
         with self._lock:
             ch = self._channels.get(endpoint)
             if ch is None:
                 ch = self._channels[endpoint] = grpc.insecure_channel(endpoint, options=GRPC_OPTIONS)
-        return wgrpc.KVTransferStub(ch)
+        return prefill_stub(ch)
 
 
 def _abort_for(context: grpc.ServicerContext, e: Exception) -> None:
@@ -125,7 +125,7 @@ class WorkerService(wgrpc.WorkerServicer):
         t0 = time.monotonic()
         first = None
         try:
-            call = s.prefill_stub(request.prefill_endpoint).Prefill(
+            call = s.prefill_call(request.prefill_endpoint)(
                 wpb.PrefillRequest(
                     request_id=ev.request_id,
                     layout=s.layout,
@@ -137,7 +137,7 @@ class WorkerService(wgrpc.WorkerServicer):
                 timeout=_remaining(context),
             )
             context.add_callback(call.cancel)
-            for i, chunk in enumerate(call):
+            for i, (chunk, key, value) in enumerate(call):
                 if i == 0:
                     bad = layout_mismatch(s.layout, chunk.layout)
                     if bad:
@@ -145,7 +145,8 @@ class WorkerService(wgrpc.WorkerServicer):
                 if chunk.last:
                     first = chunk
                     break
-                writer.write(chunk)
+                if chunk.num_tokens:
+                    writer.write(chunk, key, value)
         except grpc.RpcError as e:
             s.loop.abort(ev.request_id)
             code = e.code()
@@ -206,11 +207,11 @@ class KVTransferService(wgrpc.KVTransferServicer):
         try:
             for ev in stream:
                 if isinstance(ev, KVPiece):
+                    if first_msg:  # the handshake: our layout travels first, alone
+                        yield encode_kv_chunk(wpb.KVChunk(layout=s.layout))
+                        first_msg = False
                     for msg in kv_chunks(ev.layer, ev.start, ev.key, ev.value):
-                        if first_msg:
-                            msg.layout.CopyFrom(s.layout)
-                            first_msg = False
-                        sent += len(msg.key) + len(msg.value)
+                        sent += len(msg)
                         yield msg
                     continue
                 assert isinstance(ev, RequestOutput) and ev.finished
@@ -224,7 +225,7 @@ class KVTransferService(wgrpc.KVTransferServicer):
                     last.first_logprob = ev.logprobs[0]
                 if first_msg:
                     last.layout.CopyFrom(s.layout)
-                yield last
+                yield encode_kv_chunk(last)
         except RequestAborted:
             done.set()
             return
