@@ -25,8 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import torch
-from tandem_proto.v1 import worker_pb2 as wpb
 
+from tandem_proto.v1 import worker_pb2 as wpb
 from tandem_worker.engine.sampling_params import SamplingParams
 from tandem_worker.server.client import Client, build_request
 from tandem_worker.server.kv_transfer import (

@@ -14,7 +14,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _check(proto_dir: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(proto_dir / "generate.py"), "--check"], capture_output=True, text=True, timeout=120
+        [sys.executable, str(proto_dir / "generate.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -27,7 +30,9 @@ def test_check_fails_when_a_proto_changes_without_regenerating(tmp_path):
     copy = tmp_path / "proto"
     shutil.copytree(REPO / "proto", copy, ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
     src = copy / "tandem" / "v1" / "inference.proto"
-    src.write_text(src.read_text().replace("string adapter = 6;", "string adapter = 6;\n  string tenant = 42;"))
+    src.write_text(
+        src.read_text().replace("string adapter = 6;", "string adapter = 6;\n  string tenant = 42;")
+    )
     r = _check(copy)
     assert r.returncode == 1 and "inference_pb2.py" in r.stderr
 

@@ -1,0 +1,84 @@
+"""The KV connector's wire format: protobuf-compatible, zero-copy on receipt, written to the right slots."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tandem_proto.v1 import worker_pb2 as wpb
+from tandem_worker.server.kv_transfer import (
+    KVWriter,
+    decode_kv_chunk,
+    encode_kv_chunk,
+    kv_chunks,
+    layout_mismatch,
+)
+
+
+def test_encoded_chunk_is_a_valid_protobuf_kvchunk():
+    k, v = torch.randn(5, 3, 4), torch.randn(5, 3, 4)
+    header = wpb.KVChunk(
+        layer=7, token_start=32, num_tokens=5, layout=wpb.KVLayout(model_id="m", block_size=16)
+    )
+    data = encode_kv_chunk(header, k, v)
+    parsed = wpb.KVChunk.FromString(data)
+    assert parsed.layer == 7 and parsed.token_start == 32 and parsed.layout.model_id == "m"
+    assert parsed.key == k.numpy().tobytes() and parsed.value == v.numpy().tobytes()
+
+
+def test_decode_returns_views_into_the_received_bytes():
+    k, v = torch.randn(300, 2, 8), torch.randn(300, 2, 8)
+    data = encode_kv_chunk(wpb.KVChunk(layer=1, token_start=0, num_tokens=300, first_logprob=-0.5), k, v)
+    header, key, value = decode_kv_chunk(data)
+    assert header.layer == 1 and header.num_tokens == 300 and header.first_logprob == -0.5
+    assert key.obj is data and value.obj is data, "payloads must not be copied on receipt"
+    assert bytes(key) == k.numpy().tobytes() and bytes(value) == v.numpy().tobytes()
+    last, nk, nv = decode_kv_chunk(encode_kv_chunk(wpb.KVChunk(last=True, first_token=42)))
+    assert last.last and last.first_token == 42 and nk is None and nv is None
+
+
+def test_chunks_are_bounded_and_cover_the_range():
+    k, v = torch.randn(1000, 3, 64), torch.randn(1000, 3, 64)
+    msgs = [decode_kv_chunk(m) for m in kv_chunks(4, 100, k, v, max_tokens=256)]
+    assert [h.token_start for h, _, _ in msgs] == [100, 356, 612, 868]
+    assert [h.num_tokens for h, _, _ in msgs] == [256, 256, 256, 232]
+    assert b"".join(bytes(key) for _, key, _ in msgs) == k.numpy().tobytes()
+
+
+def test_writer_puts_each_token_in_its_paged_slot():
+    layers, blocks, bs, heads, dim = 3, 10, 4, 2, 8
+    cache = torch.zeros(2, layers, blocks, bs, heads, dim)
+    table = [7, 2, 9]  # a scattered block table
+    k, v = torch.randn(10, heads, dim), torch.randn(10, heads, dim)
+    writer = KVWriter(cache, table, bs)
+    for data in kv_chunks(2, 0, k, v, max_tokens=3):
+        header, key, value = decode_kv_chunk(data)
+        writer.write(header, key, value)
+    for p in range(10):
+        block, off = table[p // bs], p % bs
+        assert torch.equal(cache[0, 2, block, off], k[p]) and torch.equal(cache[1, 2, block, off], v[p])
+    assert cache[:, :2].abs().sum() == 0, "other layers untouched"
+    assert writer.bytes == 2 * k.numel() * 4 and writer.messages == 4
+
+
+def test_writer_refuses_a_chunk_of_the_wrong_size():
+    cache = torch.zeros(2, 1, 4, 4, 2, 8)
+    writer = KVWriter(cache, [0, 1], 4)
+    header, key, value = decode_kv_chunk(
+        encode_kv_chunk(wpb.KVChunk(num_tokens=3), torch.randn(2, 2, 8), torch.randn(2, 2, 8))
+    )
+    with pytest.raises(ValueError, match="expected"):
+        writer.write(header, key, value)
+    assert cache.abs().sum() == 0
+
+
+def test_layout_mismatch_names_every_differing_field():
+    a = wpb.KVLayout(
+        model_id="x@1", dtype="float32", block_size=16, num_layers=30, num_kv_heads=3, head_dim=64
+    )
+    assert layout_mismatch(a, a) is None
+    b = wpb.KVLayout(
+        model_id="y@2", dtype="bfloat16", block_size=16, num_layers=30, num_kv_heads=3, head_dim=64
+    )
+    msg = layout_mismatch(a, b)
+    assert "model_id" in msg and "dtype" in msg and "block_size" not in msg
