@@ -6,13 +6,16 @@ import math
 
 import pytest
 import torch
+
 from tandem_worker.engine.sampler import Sampler
 from tandem_worker.engine.sampling_params import RequestError, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
 
 
-def draw(sampler: Sampler, logits_row: torch.Tensor, params: SamplingParams, n: int, rid: str = "r") -> list[int]:
+def draw(
+    sampler: Sampler, logits_row: torch.Tensor, params: SamplingParams, n: int, rid: str = "r"
+) -> list[int]:
     """`n` independent draws for one request, in one batched call (one row per draw)."""
     rows = logits_row.unsqueeze(0).expand(n, -1).contiguous()
     return sampler.sample(rows, [f"{rid}{i}" for i in range(n)], [params] * n).token_ids
@@ -44,7 +47,8 @@ def test_greedy_picks_argmax_per_row():
 def test_greedy_rows_mixed_with_sampled_rows():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(5, 20, generator=g)
-    params = [GREEDY, SamplingParams(temperature=1.0, seed=3), GREEDY, SamplingParams(temperature=2.0), GREEDY]
+    sampled = [SamplingParams(temperature=1.0, seed=3), SamplingParams(temperature=2.0)]
+    params = [GREEDY, sampled[0], GREEDY, sampled[1], GREEDY]
     res = Sampler().sample(logits, [f"r{i}" for i in range(5)], params)
     for i in (0, 2, 4):
         assert res.token_ids[i] == int(logits[i].argmax())
@@ -81,6 +85,12 @@ def test_top_k_never_samples_outside_the_k_largest():
     # Renormalized over the top 3, the three are nearly equally likely.
     c = counts_of(tokens, vocab)
     assert min(c[t] for t in top) > 600 / 3 * 0.7
+
+
+def test_top_k_of_vocab_minus_one_drops_the_smallest():
+    logits = torch.tensor([0.0, 0.1, 0.2, -5.0])
+    tokens = draw(Sampler(seed=0), logits, SamplingParams(temperature=3.0, top_k=3), 400)
+    assert set(tokens) == {0, 1, 2}  # unfiltered, token 3 would take ~4% of the draws
 
 
 def test_top_k_larger_than_vocab_is_no_filter():
@@ -139,7 +149,7 @@ def test_same_seed_same_tokens_alone_or_batched():
     target = [_step_logits(t, 1)[0] for t in range(steps)]
 
     alone = Sampler(seed=0)
-    alone_tokens = [alone.sample(target[t][None], ["x"], [params]).token_ids[0] for t in range(steps)]
+    alone_tokens = [alone.sample(target[t][None], ["x"], [params], [t]).token_ids[0] for t in range(steps)]
 
     batched = Sampler(seed=99)  # a different engine-wide stream must not matter either
     others = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.8, seed=7), GREEDY]
@@ -153,7 +163,9 @@ def test_same_seed_same_tokens_alone_or_batched():
         ids.insert(pos, "x")
         ps = list(others)
         ps.insert(pos, params)
-        res = batched.sample(torch.stack(rows), ids, ps)
+        index = [t + 3, 2 * t, 0]
+        index.insert(pos, t)
+        res = batched.sample(torch.stack(rows), ids, ps, index)
         batched_tokens.append(res.token_ids[pos])
     assert batched_tokens == alone_tokens
     assert len(set(alone_tokens)) > 5, "the stream should not be degenerate"
@@ -165,8 +177,8 @@ def test_different_seeds_give_different_tokens():
     for seed in (1, 2):
         s = Sampler()
         p = SamplingParams(temperature=1.0, seed=seed)
-        runs.append([s.sample(logits[None], ["x"], [p]).token_ids[0] for _ in range(40)])
-    assert runs[0] != runs[1]
+        runs.append([s.sample(logits[None], ["x"], [p], [i]).token_ids[0] for i in range(40)])
+    assert len(set(runs[0])) > 10, "each output position draws afresh"
     assert sum(a == b for a, b in zip(*runs)) < 10
 
 
@@ -216,7 +228,7 @@ def test_logprobs_are_log_softmax_of_raw_logits_at_the_chosen_token():
     for i, tok in enumerate(res.token_ids):
         # Under the raw logits: not the tempered or truncated distribution actually sampled from.
         assert res.logprobs[i] == pytest.approx(float(ref[i, tok]), abs=1e-5)
-    # The truncated rows would give a larger value if renormalized after filtering.
+    # Row 2's value under the tempered distribution differs, so the check above can tell them apart.
     tempered = torch.log_softmax(logits[2] / 2.0, dim=-1)[res.token_ids[2]]
     assert abs(res.logprobs[2] - float(tempered)) > 1e-3
 

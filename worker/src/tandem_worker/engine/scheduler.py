@@ -133,7 +133,12 @@ class Scheduler:
             out.reserved.append(seq)
             self.stats.num_prefix_cached_tokens += seq.num_cached_tokens
         # Admitting while preempting would only thrash: new arrivals wait for the next step.
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
+        while (
+            self.waiting
+            and budget > 0
+            and len(self.running) + len(self.reserved) < self.max_num_seqs
+            and not out.preempted
+        ):
             seq = self.waiting[0]
             if not self.bm.admit(seq, budget):
                 break
