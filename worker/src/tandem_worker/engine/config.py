@@ -131,3 +131,6 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be at least 1")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be at least 1")
+        if self.max_num_seqs > self.max_num_batched_tokens:
+            # Otherwise running decodes beyond the token budget would wait for older ones to finish.
+            self.max_num_seqs = self.max_num_batched_tokens
