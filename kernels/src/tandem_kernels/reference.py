@@ -64,6 +64,17 @@ def paged_decode_attention(
     return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
 
 
+def _causal_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [1, heads, q_len, dim] are the last q_len positions of k/v [1, kv_heads, kv_len, dim]."""
+    q_len, kv_len = q.shape[2], k.shape[2]
+    if q_len == kv_len:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    # SDPA's is_causal aligns the diagonal top-left; a cached prefix needs it bottom-right.
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)
+    mask = q_pos[:, None] >= torch.arange(kv_len, device=q.device)[None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
 def paged_prefill_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -92,14 +103,7 @@ def paged_prefill_attention(
         k = _gather_kv(k_cache, block_tables[s : s + 1], num_blocks)[:, :, :kv_len]
         v = _gather_kv(v_cache, block_tables[s : s + 1], num_blocks)[:, :, :kv_len]
         q_s = q[q_start:q_end].transpose(0, 1).unsqueeze(0).to(k.dtype)  # [1, num_heads, q_len, head_dim]
-        if q_len == kv_len:
-            o = F.scaled_dot_product_attention(q_s, k, v, is_causal=True, scale=scale, enable_gqa=True)
-        else:
-            # SDPA's is_causal aligns the diagonal top-left; a cached prefix needs it bottom-right.
-            q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)
-            mask = q_pos[:, None] >= torch.arange(kv_len, device=q.device)[None, :]
-            o = F.scaled_dot_product_attention(q_s, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[q_start:q_end] = o[0].transpose(0, 1).to(q.dtype)
+        out[q_start:q_end] = _causal_chunk_attention(q_s, k, v, scale)[0].transpose(0, 1).to(q.dtype)
     return out
 
 
@@ -128,7 +132,7 @@ def gathered_attention(
     for s in range(len(cu_seqlens_q) - 1):
         q0, q1 = cu_seqlens_q[s], cu_seqlens_q[s + 1]
         k0, k1 = cu_seqlens_kv[s], cu_seqlens_kv[s + 1]
-        q_len, kv_len = q1 - q0, k1 - k0
+        q_len = q1 - q0
         ks = k[k0:k1].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, kv_len, dim]
         vs = v[k0:k1].transpose(0, 1).unsqueeze(0)
         if q_len == 1:
@@ -137,11 +141,5 @@ def gathered_attention(
             out[q0] = F.scaled_dot_product_attention(qs, ks, vs, scale=scale).view(num_heads, head_dim)
             continue
         qs = q[q0:q1].transpose(0, 1).unsqueeze(0)  # [1, heads, q_len, dim]
-        if q_len == kv_len:
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
-        else:
-            q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)
-            mask = q_pos[:, None] >= torch.arange(kv_len, device=q.device)[None, :]
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[q0:q1] = o[0].transpose(0, 1)
+        out[q0:q1] = _causal_chunk_attention(qs, ks, vs, scale)[0].transpose(0, 1)
     return out
