@@ -1,0 +1,43 @@
+"""The router's text stream: incremental detokenization and stop strings over real token ids."""
+
+from __future__ import annotations
+
+import pytest
+
+from tandem_worker.engine.sampling_params import SamplingParams
+from tandem_worker.engine.tokenizer import Tokenizer
+from tandem_worker.server.router import TextStream
+
+
+@pytest.fixture(scope="module")
+def tok(model_dir) -> Tokenizer:
+    return Tokenizer(model_dir)
+
+
+def test_deltas_add_up_to_the_decoded_text_with_multibyte_characters(tok):
+    ids = tok.encode(" Zürich 東京 🚀 naïve")
+    stream = TextStream(tok, tok.encode("Hi"), SamplingParams())
+    deltas = [stream.push([t], special=set()) for t in ids]
+    deltas.append(stream.finish())
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == tok.decode(ids)
+
+
+def test_stop_string_split_across_tokens_is_never_emitted(tok):
+    ids = tok.encode(" one two three STOP four five")
+    stream = TextStream(tok, tok.encode("Count:"), SamplingParams(stop=["STOP"]))
+    out = ""
+    for t in ids:
+        out += stream.push([t], special=set())
+        assert "S" not in out, "no prefix of the stop string may leak before it is decided"
+        if stream.stopped_by:
+            break
+    assert stream.stopped_by == "STOP"
+    assert out == " one two three "
+
+
+def test_special_tokens_add_no_text(tok):
+    eos = tok.eos_token_id
+    stream = TextStream(tok, [1], SamplingParams())
+    assert stream.push([eos], special={eos}) == ""
+    assert stream.push(tok.encode(" ok"), special={eos}) + stream.finish() == " ok"
