@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import re
 import shutil
 import sys
 import tempfile
@@ -17,6 +18,23 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SOURCES = HERE / "tandem" / "v1"
 PACKAGE = HERE / "src" / "tandem_proto"
+# protoc's cross-file import, at the start of a line, in *_pb2.py, *_pb2.pyi and *_pb2_grpc.py.
+_IMPORT = re.compile(r"^from tandem\.v1 import ", re.MULTILINE)
+_PKG_INIT = '"""Tandem\'s wire contracts: `from tandem_proto.v1 import inference_pb2`."""\n'
+_V1_INIT = '"""Generated from proto/tandem/v1 by proto/generate.py; do not edit."""\n'
+
+
+def _write(path: Path, text: str) -> None:
+    # Fixed encoding and line endings, so output is byte-identical on every platform.
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.relative_to(HERE.parent))
+    except ValueError:
+        return str(path)
 
 
 def generate(out_pkg: Path) -> list[Path]:
@@ -42,22 +60,18 @@ def generate(out_pkg: Path) -> list[Path]:
         target.mkdir(parents=True)
         written = []
         for f in sorted((Path(tmp) / "tandem" / "v1").iterdir()):
-            text = f.read_text().replace("from tandem.v1 import", "from tandem_proto.v1 import")
-            (target / f.name).write_text(text)
+            text = _IMPORT.sub("from tandem_proto.v1 import ", f.read_text(encoding="utf-8"))
+            _write(target / f.name, text)
             written.append(target / f.name)
-        (target / "__init__.py").write_text(
-            '"""Generated from proto/tandem/v1 by proto/generate.py; do not edit."""\n'
-        )
-    (out_pkg / "__init__.py").write_text(
-        '"""Tandem\'s wire contracts: `from tandem_proto.v1 import inference_pb2`."""\n'
-    )
+        _write(target / "__init__.py", _V1_INIT)
+    _write(out_pkg / "__init__.py", _PKG_INIT)
     return written
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="compare with the committed code instead of writing")
-    ap.add_argument("--out", type=Path, default=PACKAGE)
+    ap.add_argument("--out", type=Path, default=PACKAGE, help="package folder (default: %(default)s)")
     args = ap.parse_args()
     if not args.check:
         generate(args.out)
@@ -70,10 +84,10 @@ def main() -> int:
             if f.is_file():
                 committed = args.out / f.relative_to(fresh)
                 if not committed.is_file() or not filecmp.cmp(f, committed, shallow=False):
-                    stale.append(str(committed.relative_to(HERE.parent)))
+                    stale.append(_shown(committed))
         extra = [
-            str(p.relative_to(HERE.parent))
-            for p in (args.out / "v1").glob("*")
+            _shown(p)
+            for p in sorted((args.out / "v1").glob("*"))
             if p.is_file() and not (fresh / "v1" / p.name).exists()
         ]
         if stale or extra:

@@ -7,18 +7,22 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tandem_proto.v1 import inference_pb2, worker_pb2
+from tandem_proto.v1 import inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _check(proto_dir: Path) -> subprocess.CompletedProcess[str]:
+def _generate(proto_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(proto_dir / "generate.py"), "--check"],
+        [sys.executable, str(proto_dir / "generate.py"), *args],
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def _check(proto_dir: Path) -> subprocess.CompletedProcess[str]:
+    return _generate(proto_dir, "--check")
 
 
 def test_committed_generated_code_is_fresh():
@@ -35,6 +39,30 @@ def test_check_fails_when_a_proto_changes_without_regenerating(tmp_path):
     )
     r = _check(copy)
     assert r.returncode == 1 and "inference_pb2.py" in r.stderr
+    assert "worker_pb2.py" not in r.stderr  # only what changed is listed
+
+
+def test_generation_is_deterministic(tmp_path):
+    for name in ("a", "b"):
+        r = _generate(REPO / "proto", "--out", str(tmp_path / name))
+        assert r.returncode == 0, r.stderr
+    a, b = (
+        {p.relative_to(d): p.read_bytes() for p in d.rglob("*") if p.is_file()}
+        for d in (tmp_path / "a", tmp_path / "b")
+    )
+    assert len(a) == 8  # 2 x (_pb2.py, _pb2.pyi, _pb2_grpc.py) + 2 __init__.py
+    assert a == b
+
+
+def test_generated_imports_resolve_inside_tandem_proto():
+    gen = REPO / "proto" / "src" / "tandem_proto" / "v1"
+    for f in sorted(gen.glob("*_pb2*")):
+        assert "from tandem.v1 import" not in f.read_text(encoding="utf-8"), f.name
+    # worker.proto's SamplingParams field is inference_pb2's class, loaded once under tandem_proto.v1.
+    field = worker_pb2.WorkerGenerateRequest.DESCRIPTOR.fields_by_name["sampling"]
+    assert field.message_type is inference_pb2.SamplingParams.DESCRIPTOR
+    assert worker_pb2.WorkerGenerateRequest(sampling={"max_tokens": 3}).sampling.max_tokens == 3
+    assert inference_pb2.DESCRIPTOR.package == worker_pb2.DESCRIPTOR.package == "tandem.v1"
 
 
 def test_generate_request_round_trips_with_optional_presence():
@@ -45,6 +73,16 @@ def test_generate_request_round_trips_with_optional_presence():
     back = inference_pb2.GenerateRequest.FromString(req.SerializeToString())
     assert back == req and back.WhichOneof("prompt") == "chat"
     assert back.sampling.HasField("max_tokens") and not back.sampling.HasField("temperature")
+    assert back.sampling.temperature == 0.0  # the unset default reads as 0; presence tells them apart
+
+    # An explicit 0 (greedy) survives the wire as "set", unlike the unset default above.
+    req.sampling.temperature = 0.0
+    req.sampling.top_k = 4
+    req.sampling.seed = 2**63
+    back = inference_pb2.GenerateRequest.FromString(req.SerializeToString())
+    assert back == req and back.sampling.HasField("temperature") and back.sampling.temperature == 0.0
+    assert back.sampling.seed == 2**63 and list(back.sampling.stop) == ["\n"]
+    assert [m.content for m in back.chat.messages] == ["Grüß dich 👋"]
 
 
 def test_kv_chunk_carries_a_mebibyte_of_payload():
@@ -68,3 +106,15 @@ def test_service_shapes():
     ]:
         m = method(pb, service, name)
         assert m.server_streaming is streaming and not m.client_streaming, (service, name)
+        assert m.full_name == f"tandem.v1.{service}.{name}"
+    assert sorted(inference_pb2.DESCRIPTOR.services_by_name) == ["Inference"]
+    assert sorted(worker_pb2.DESCRIPTOR.services_by_name) == ["Admin", "KVTransfer", "Worker"]
+    assert sorted(worker_pb2.DESCRIPTOR.services_by_name["Admin"].methods_by_name) == ["Drain", "Stats"]
+    # The gRPC stubs and servicers exist for every service.
+    for grpc_mod, service in [
+        (inference_pb2_grpc, "Inference"),
+        (worker_pb2_grpc, "Worker"),
+        (worker_pb2_grpc, "KVTransfer"),
+        (worker_pb2_grpc, "Admin"),
+    ]:
+        assert hasattr(grpc_mod, f"{service}Stub") and hasattr(grpc_mod, f"add_{service}Servicer_to_server")
