@@ -92,6 +92,7 @@ class EngineLoop:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self.error: BaseException | None = None
+        self._stats: dict[str, Any] = engine.stats()
 
     def start(self) -> EngineLoop:
         self._thread.start()
@@ -164,6 +165,11 @@ class EngineLoop:
 
         self._cmds.put(do)
 
+    def stats(self) -> dict[str, Any]:
+        """The engine's stats as of its last command batch or step. Answered at once, also while a
+        long step (a big prefill) runs, so health checks and scrapes never wait for the engine."""
+        return self._stats
+
     def call(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
         """Run `fn` on the loop thread between steps and return its result (for stats)."""
         box: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -218,7 +224,9 @@ class EngineLoop:
                 self._drain_commands(block=not engine.has_schedulable_work())
                 if self._stop.is_set():
                     break
+                self._stats = engine.stats()
                 outputs = engine.step()
+                self._stats = engine.stats()
                 for r in engine.take_reservations():
                     with self._lock:
                         stream = self._streams.get(r.request_id)

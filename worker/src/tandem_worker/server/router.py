@@ -134,6 +134,14 @@ class RouterService(pbgrpc.InferenceServicer):
                 "prompt",
                 f"{len(ids)} tokens leave no room to generate in the model's context of {self.max_model_len}",
             )
+        # A prompt no worker could ever hold is the caller's error, not a lack of healthy workers.
+        capacity = self.pool.kv_capacity_tokens()
+        if capacity is not None and len(ids) >= capacity:
+            raise RequestError(
+                "prompt",
+                f"{len(ids)} tokens can never fit in a worker's KV cache ({capacity} tokens); "
+                "shorten the prompt or give the workers a larger KV cache budget",
+            )
         return ids, params
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext):  # noqa: N802

@@ -61,7 +61,7 @@ def serve_worker(
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
 
-    metrics.register_engine(role, lambda: loop.call(engine.stats, timeout=5))
+    metrics.register_engine(role, loop.stats)
     metrics.serve_metrics(metrics_port, host)
     server.start()
     for name in ["", *names]:

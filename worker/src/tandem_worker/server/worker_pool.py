@@ -21,6 +21,15 @@ from .pb import worker_pb2_grpc as wgrpc
 
 log = logging.getLogger(__name__)
 
+# Workers come and go (start-up, restarts, rescheduled pods): reconnect within a second instead of
+# after gRPC's default exponential backoff (up to two minutes), during which every call on the
+# channel fails at once with UNAVAILABLE even though the worker is back.
+RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
 
 @dataclass
 class WorkerInfo:
@@ -116,7 +125,7 @@ class WorkerPool:
         prefill = [a for t in self.prefill_targets for a in resolve(t)]
         with self._lock:
             for addr in {*decode, *prefill} - self._workers.keys():
-                self._workers[addr] = WorkerInfo(addr, grpc.insecure_channel(addr))
+                self._workers[addr] = WorkerInfo(addr, grpc.insecure_channel(addr, options=RECONNECT_OPTIONS))
             for addr in self._workers.keys() - {*decode, *prefill}:
                 self._workers.pop(addr).channel.close()
             self._decode, self._prefill = decode, prefill
@@ -174,6 +183,14 @@ class WorkerPool:
             prefills, key=lambda w: (w.stats.queued_prompt_tokens + w.pending_tokens, w.pending_requests)
         )
         return Pair(decode, prefill)
+
+    def kv_capacity_tokens(self) -> int | None:
+        """The most tokens any eligible decode (or colocated) worker's whole KV cache holds; None
+        while no such worker has reported its stats."""
+        with self._lock:
+            decodes = [self._workers[a] for a in self._decode if a in self._workers]
+        sizes = [w.stats.num_blocks * w.stats.block_size for w in decodes if w.eligible]
+        return max(sizes) if sizes else None
 
     def begin(self, pair: Pair, prompt_tokens: int) -> None:
         with self._lock:

@@ -29,6 +29,7 @@ from .kv_transfer import KVWriter, encode_kv_chunk, kv_chunks, layout_mismatch, 
 from .pb import inference_pb2 as pb
 from .pb import worker_pb2 as wpb
 from .pb import worker_pb2_grpc as wgrpc
+from .worker_pool import RECONNECT_OPTIONS
 
 log = logging.getLogger(__name__)
 GRPC_OPTIONS = [
@@ -54,7 +55,9 @@ class WorkerState:
         with self._lock:
             ch = self._channels.get(endpoint)
             if ch is None:
-                ch = self._channels[endpoint] = grpc.insecure_channel(endpoint, options=GRPC_OPTIONS)
+                ch = self._channels[endpoint] = grpc.insecure_channel(
+                    endpoint, options=GRPC_OPTIONS + RECONNECT_OPTIONS
+                )
         return prefill_stub(ch)
 
 
@@ -210,9 +213,9 @@ class KVTransferService(wgrpc.KVTransferServicer):
                     if first_msg:  # the handshake: our layout travels first, alone
                         yield encode_kv_chunk(wpb.KVChunk(layout=s.layout))
                         first_msg = False
-                    for msg in kv_chunks(ev.layer, ev.start, ev.key, ev.value):
-                        sent += len(msg)
-                        yield msg
+                    # KV payload bytes, as the decode side counts them (not the message framing)
+                    sent += ev.key.nbytes + ev.value.nbytes
+                    yield from kv_chunks(ev.layer, ev.start, ev.key, ev.value)
                     continue
                 assert isinstance(ev, RequestOutput) and ev.finished
                 done.set()
@@ -242,7 +245,7 @@ class AdminService(wgrpc.AdminServicer):
 
     def Stats(self, request: wpb.StatsRequest, context: grpc.ServicerContext) -> wpb.StatsResponse:  # noqa: N802
         s = self.s
-        st = s.loop.call(s.engine.stats)
+        st = s.loop.stats()  # never waits for a running step
         return wpb.StatsResponse(
             role=s.role,
             model_id=s.model_id,

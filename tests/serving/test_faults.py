@@ -1,0 +1,223 @@
+"""Bad requests, overload, deadlines, cancellation and an incompatible prefill worker, end to end.
+
+Every failure must reach the client with the right status, and leave no KV block reserved on
+either side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tandem_proto.v1 import inference_pb2 as pb
+from tandem_proto.v1 import inference_pb2_grpc as pbgrpc
+
+from .conftest import wait_router_ready
+from .procs import (
+    assert_idle,
+    generate,
+    greedy,
+    request,
+    router,
+    rpc_error,
+    sampling,
+    stop_all,
+    wait_for,
+    wait_healthy,
+    worker,
+)
+
+pytestmark = pytest.mark.slow  # real processes: seconds to minutes
+
+INVALID = {
+    "max_tokens": request("Hello", sampling(max_tokens=0)),
+    "top_p": request("Hello", sampling(top_p=1.5)),
+    "temperature": request("Hello", sampling(temperature=-1.0)),
+    "prompt": request("", sampling()),
+    "context": request([100] * 8192, sampling()),
+    "model": request("Hello", sampling(), model="llama-9000"),
+    "prompt_token_ids": request([49152], sampling()),  # out of the vocabulary: the worker's check
+    "stop": request("Hello", sampling(stop=[""])),
+    # Fits the model's context but never any worker's KV cache (~4300 tokens each): the router
+    # (which knows the workers' capacity from their stats) or the decode worker's admission
+    # control says so, instead of failing it as if no worker were healthy.
+    "kv-cache": request([100] * 4500, sampling()),
+    "kv-cache-max-tokens": request([100] * 100, sampling(max_tokens=5000)),
+}
+FIELD = {"context": "prompt", "kv-cache": "prompt", "kv-cache-max-tokens": "max_tokens"}
+
+
+@pytest.mark.parametrize("case", list(INVALID))
+def test_invalid_request_is_invalid_argument_naming_the_field(cluster, case):
+    err = rpc_error(lambda: generate(cluster.r11, INVALID[case]))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.code(), err.details())
+    field = FIELD.get(case, case)
+    assert err.details().startswith(f"{field}:"), err.details()
+    if case == "context":
+        assert "8192" in err.details()
+    if case.startswith("kv-cache"):
+        assert "KV cache" in err.details()
+
+
+def test_invalid_requests_leave_workers_serving(cluster):
+    for req in INVALID.values():
+        rpc_error(lambda req=req: generate(cluster.r11, req))
+    assert generate(cluster.r11, request("Hello", greedy(2))).token_ids
+    assert_idle([cluster.p0, cluster.d0])
+
+
+def test_more_load_than_fits_is_resource_exhausted(cluster):
+    """A router that takes 2 requests at once refuses the rest with RESOURCE_EXHAUSTED."""
+    go = threading.Barrier(6)
+
+    def one(i: int):
+        req = request(f"Request {i}: list every prime number below one thousand:", greedy(48))
+        go.wait()
+        try:
+            return generate(cluster.rlim, req)
+        except grpc.RpcError as e:
+            return e
+
+    with ThreadPoolExecutor(6) as ex:
+        results = list(ex.map(one, range(6)))
+    errors = [r for r in results if isinstance(r, grpc.RpcError)]
+    ok = [r for r in results if not isinstance(r, grpc.RpcError)]
+    assert errors and ok, results
+    for e in errors:
+        assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (e.code(), e.details())
+        assert "in flight" in e.details()
+    assert len(ok) <= 2 + 1  # at most 2 at once; one more only if an early one already finished
+    for r in ok:
+        assert len(r.token_ids) == 48 and r.finish_reason == pb.FINISH_REASON_LENGTH
+    # The slots are given back: the router takes requests again.
+    assert len(generate(cluster.rlim, request("Hello", greedy(2))).token_ids) == 2
+    assert_idle([cluster.p0, cluster.d0])
+
+
+def test_expired_deadline_frees_both_sides(cluster):
+    req = request("Write a very long essay about the history of bridges.", greedy(400))
+    t0 = time.monotonic()
+    err = rpc_error(lambda: generate(cluster.r11, req, timeout=0.3))
+    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED, (err.code(), err.details())
+    assert time.monotonic() - t0 < 3
+    assert_idle([cluster.p0, cluster.d0], timeout=5)
+
+
+def test_deadline_mid_stream_frees_both_sides(cluster):
+    """A deadline that expires after tokens have streamed ends the stream with DEADLINE_EXCEEDED."""
+    req = request("Write a very long essay about the history of canals.", greedy(400))
+    got = []
+    stream = pbgrpc.InferenceStub(cluster.r11.channel).Generate(req, timeout=3.0)
+    with pytest.raises(grpc.RpcError) as info:
+        for msg in stream:
+            got.extend(msg.token_ids)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert 0 < len(got) < 400
+    assert_idle([cluster.p0, cluster.d0], timeout=5)
+
+
+def test_client_cancel_mid_stream_frees_both_sides(cluster):
+    req = request("Write a very long essay about the history of roads.", greedy(400))
+    stream = pbgrpc.InferenceStub(cluster.r11.channel).Generate(req, timeout=120)
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.cancel()
+    assert_idle([cluster.p0, cluster.d0], timeout=5)
+    # And the pair serves the next request.
+    assert len(generate(cluster.r11, request("Hello", greedy(3))).token_ids) == 3
+
+
+def test_client_cancel_during_prefill_frees_both_sides(cluster):
+    """Cancelled before the first token (while the prefill worker computes a long prompt)."""
+    prompt = "Cancelled: " + " ".join(
+        f"item {i} is a {['red', 'blue', 'green'][i % 3]} box;" for i in range(300)
+    )
+    p0 = cluster.p0
+    computed = p0.metric("tandem_prefill_tokens_computed_total", role="prefill")
+    stream = pbgrpc.InferenceStub(cluster.r11.channel).Generate(request(prompt, greedy(8)), timeout=120)
+    queued = wait_for(lambda: p0.stats(timeout=1).queued_prompt_tokens, 10, "prefill-0 starts the prompt")
+    stream.cancel()
+    with pytest.raises(grpc.RpcError) as info:
+        list(stream)
+    assert info.value.code() == grpc.StatusCode.CANCELLED
+    # The cancellation reaches the decode worker at once (not when a first token would have come) ...
+    assert_idle([cluster.d0], timeout=2)
+    # ... and the prefill worker, which drops the rest of the prompt (it computes 2048 tokens a step).
+    assert_idle([p0], timeout=15)
+    assert queued > 2048
+    assert p0.metric("tandem_prefill_tokens_computed_total", role="prefill") - computed < queued
+    assert len(generate(cluster.r11, request("Hello", greedy(3))).token_ids) == 3
+
+
+def test_worker_busy_with_a_long_prefill_stays_in_rotation(cluster):
+    """A prefill step of seconds must not make the router think the worker is dead: its stats (and
+    health) answer at once, and other requests are still routed to it meanwhile."""
+    p0 = cluster.p0
+    prompt = "Busy: " + " ".join(
+        f"crate {i} holds {i % 13} {['apples', 'pears', 'plums'][i % 3]};" for i in range(225)
+    )
+    stream = pbgrpc.InferenceStub(cluster.r11.channel).Generate(request(prompt, greedy(4)), timeout=120)
+    done = threading.Event()
+    long = threading.Thread(target=lambda: (list(stream), done.set()), daemon=True)
+    long.start()
+    # Stats answer within 0.5 s although prefill-0 is in the middle of a step (of seconds, here).
+    wait_for(lambda: done.is_set() or p0.stats(timeout=0.5).queued_prompt_tokens, 10, "prefill-0 starts")
+    until = time.monotonic() + 1.5  # several of the router's health-check rounds (every 0.5 s)
+    while not done.is_set() and time.monotonic() < until:
+        assert p0.stats(timeout=0.5).queued_prompt_tokens > 0
+        assert p0.healthy()
+        time.sleep(0.1)
+    # The router still routes to it (it is the only prefill worker behind this router).
+    assert len(generate(cluster.r11, request("Hello", greedy(2)), timeout=60).token_ids) == 2
+    long.join(120)
+    assert done.is_set()
+    assert_idle([p0, cluster.d0])
+
+
+@pytest.fixture
+def incompatible(cluster, model_dir: Path, tmp_path: Path):
+    """A prefill worker serving a model that differs from the decode worker's in its config only."""
+    folder = tmp_path / "smollm2-other-eps"
+    folder.mkdir()
+    for f in model_dir.iterdir():
+        if f.name != "config.json":
+            os.symlink(f, folder / f.name)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-6
+    (folder / "config.json").write_text(json.dumps(config))
+    bad = worker("prefill", "prefill-incompatible", cluster.log_dir, model=str(folder))
+    r = router("router-incompatible", cluster.log_dir, [cluster.d0], [bad])
+    procs = [bad, r]
+    try:
+        for p in procs:
+            p.start()
+        wait_healthy(procs)
+        yield bad, r
+    finally:
+        stop_all(procs)
+
+
+def test_incompatible_prefill_worker_is_refused(cluster, incompatible):
+    bad, r = incompatible
+    assert bad.stats().model_id != cluster.d0.stats().model_id
+
+    def refused():
+        # UNAVAILABLE only until the router's pool has seen the freshly started worker healthy.
+        e = rpc_error(lambda: generate(r, request("Hello there", greedy(4)), timeout=60))
+        return (e.code(), e.details()) if e.code() != grpc.StatusCode.UNAVAILABLE else None
+
+    code, details = wait_for(refused, 10, "the router forwards to the incompatible pair", interval=0.5)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION, (code, details)
+    assert "incompatible KV layout" in details
+    assert "model_id" in details
+    assert_idle([cluster.d0, bad])
+    # The decode worker is unharmed: it still serves through a compatible prefill worker.
+    wait_router_ready(cluster.r11)
