@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", 64 * 2**20),
     ("grpc.max_receive_message_length", 64 * 2**20),
+    # KV streams are bulk transfers: bigger HTTP/2 frames and windows than RPC-sized defaults.
+    ("grpc.http2.max_frame_size", 16 * 2**20 - 1),
+    ("grpc.http2.lookahead_bytes", 8 * 2**20),
 ]
 
 
