@@ -28,8 +28,9 @@ test: install ## run the whole test suite
 demo: install ## run a local disaggregated deployment (1 prefill + 1 decode + router) and stream answers
 	$(BIN)/tandem demo
 
-bench: install ## Tandem vs transformers generate, side by side, on this machine
+bench: install ## engine vs transformers generate; KV transfer vs raw TCP; TTFT disaggregated vs colocated
 	$(BIN)/python benchmarks/bench_engine.py
+	$(BIN)/python benchmarks/bench_disagg.py
 
 proto: install ## regenerate tandem_proto from proto/tandem/v1/*.proto
 	$(BIN)/python proto/generate.py

@@ -27,23 +27,11 @@ from tandem_proto.v1 import inference_pb2 as pb
 from tandem_proto.v1 import inference_pb2_grpc as pbgrpc
 from tandem_proto.v1 import worker_pb2 as wpb
 from tandem_proto.v1 import worker_pb2_grpc as wgrpc
+from tandem_worker.server.local import popen_dying_with_parent
 
 HOST = "127.0.0.1"
 KV_BYTES = 200_000_000  # ~4300 tokens of SmolLM2 KV per worker: small, but room for every test
 START_TIMEOUT = 240.0  # workers load the model (~10 s alone, longer on a busy 2-core machine)
-
-# A child must die with this process (PR_SET_PDEATHSIG, as `tandem up` does for its children), but
-# not through Popen(preexec_fn=...): forking with Python code to run in the child while gRPC
-# channels are active can crash the child before it execs (grpcio >= 1.80, grpc/grpc#43055). So a
-# tiny launcher sets the signal (it survives exec) and then execs the real command.
-_LAUNCH = (
-    "import ctypes, os, signal, sys\n"
-    "ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG\n"
-    "if os.getppid() != int(sys.argv[1]):\n"
-    "    os._exit(1)  # the parent died before the signal was set\n"
-    "os.execv(sys.argv[2], sys.argv[2:])\n"
-)
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -60,8 +48,8 @@ def spawn(argv: list[str], log: Path | None, **kw: Any) -> subprocess.Popen:
     signal fires when the *thread* that started it exits)."""
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - the child keeps it
     try:
-        return subprocess.Popen(
-            [sys.executable, "-S", "-c", _LAUNCH, str(os.getpid()), *argv],
+        return popen_dying_with_parent(
+            argv,
             stdout=kw.pop("stdout", out),
             stderr=kw.pop("stderr", subprocess.STDOUT if log else None),
             env={**os.environ, "PYTHONUNBUFFERED": "1", **kw.pop("env", {})},

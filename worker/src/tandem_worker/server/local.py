@@ -1,14 +1,13 @@
 """`tandem up`: a whole deployment (workers and router) as local processes.
 
 The children are the same `tandem worker` / `tandem router` processes the operator runs as pods.
-Each child asks the kernel to kill it if this supervisor dies (PR_SET_PDEATHSIG), so even a
+Each child has the kernel kill it if this supervisor dies (PR_SET_PDEATHSIG), so even a
 SIGKILLed supervisor leaves no orphans; Ctrl-C or SIGTERM stops them all cleanly (SIGTERM, a grace
 period in which workers drain, then SIGKILL).
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import socket
@@ -17,18 +16,27 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-PR_SET_PDEATHSIG = 1
+# A child must die with its supervisor (PR_SET_PDEATHSIG), but not through Popen(preexec_fn=...):
+# running Python in a forked child while gRPC is active can crash it before it execs (grpcio >= 1.80,
+# grpc/grpc#43055). So a tiny launcher sets the signal (it survives exec) and execs the real command.
+_LAUNCH = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    os._exit(1)  # the parent died before the signal was set\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
 
 
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:  # not Linux: Ctrl-C handling still stops the children
-        pass
+def popen_dying_with_parent(argv: list[str], **kw: Any) -> subprocess.Popen:
+    """Start `argv` so that it is SIGKILLed if this process dies (call from the main thread: the
+    signal follows the thread that started the child)."""
+    return subprocess.Popen([sys.executable, "-S", "-c", _LAUNCH, str(os.getpid()), *argv], **kw)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -96,11 +104,10 @@ class LocalDeployment:
         if self.log_dir:
             os.makedirs(self.log_dir, exist_ok=True)
             out = open(os.path.join(self.log_dir, f"{child.name}.log"), "ab")  # noqa: SIM115 - child owns it
-        child.proc = subprocess.Popen(
+        child.proc = popen_dying_with_parent(
             child.argv,
             stdout=out or subprocess.DEVNULL,
             stderr=out or None,
-            preexec_fn=_die_with_parent,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
 
