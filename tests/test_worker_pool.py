@@ -43,7 +43,15 @@ def test_router_side_pending_load_counts_until_the_next_stats(pool):
 
 def test_decode_without_room_is_skipped_and_none_when_nobody_fits(pool):
     assert pool.pick(prompt_tokens=300, exclude=set()).decode.address == "d2:1"
+    assert not pool.all_full(300, set())
     assert pool.pick(prompt_tokens=900, exclude=set()) is None
+    assert pool.all_full(900, set()), "busy, not broken: the router answers RESOURCE_EXHAUSTED"
+
+
+def test_no_healthy_decode_is_not_full_but_unavailable(pool):
+    for a in ("d1:1", "d2:1"):
+        pool.mark_failed(pool._workers[a], "down")
+    assert pool.pick(10, set()) is None and not pool.all_full(10, set())
 
 
 def test_excluded_failed_and_draining_workers_are_not_picked(pool):

@@ -261,6 +261,12 @@ class RouterService(pbgrpc.InferenceServicer):
                 log.warning("request %s attempt %d failed before any token: %s", rid, attempt, details)
             finally:
                 self.pool.end(pair)
+        if self.pool.all_full(len(ids), exclude):
+            metrics.REQUESTS.labels(outcome="rejected").inc()
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "every decode worker's KV cache is full right now; retry later",
+            )
         metrics.REQUESTS.labels(outcome="failed").inc()
         context.abort(grpc.StatusCode.UNAVAILABLE, f"no worker pair could serve the request: {last_error}")
 

@@ -163,6 +163,14 @@ class WorkerPool:
         w.error = why
         w.failures += 1
 
+    def all_full(self, prompt_tokens: int, exclude: set[str]) -> bool:
+        """Healthy decode workers exist but none has KV room for the prompt right now: the caller
+        should retry later (RESOURCE_EXHAUSTED), unlike when no worker is healthy (UNAVAILABLE)."""
+        with self._lock:
+            decodes = [self._workers[a] for a in self._decode if a in self._workers]
+        eligible = [w for w in decodes if w.eligible and w.address not in exclude]
+        return bool(eligible) and all(w.free_tokens() <= prompt_tokens for w in eligible)
+
     def pick(self, prompt_tokens: int, exclude: set[str]) -> Pair | None:
         """A decode worker with KV room for the prompt (most free first), and a prefill worker with
         the least queued prompt tokens; colocated workers need no prefill partner."""
