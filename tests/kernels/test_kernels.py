@@ -17,17 +17,7 @@ import torch
 import tandem_kernels
 from tandem_kernels import reference
 
-requires_triton = pytest.mark.skipif(
-    not tandem_kernels.triton_available(), reason="triton is not installed, so the Triton kernels cannot run"
-)
-
-# Triton 3.9's interpreter stores bf16 as uint16 and its tl.dot runs np.matmul on those bit
-# patterns, so any bf16 dot is garbage on CPU. strict: the mark fails once Triton fixes it.
-BF16_DOT_BROKEN = pytest.mark.xfail(
-    os.environ.get("TRITON_INTERPRET") == "1",
-    reason="Triton interpreter's tl.dot is wrong for bf16",
-    strict=True,
-)
+from .conftest import BF16_DOT_BROKEN, requires_triton
 
 BLOCK_SIZE = 16
 # Largest |kernel - reference| over largest |reference|, per dtype.

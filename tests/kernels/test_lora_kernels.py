@@ -8,7 +8,6 @@ adapter hold inf, so reading those does too. Triton kernels run on CPU through T
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import pytest
@@ -17,16 +16,7 @@ import torch
 import tandem_kernels
 from tandem_kernels import lora_reference
 
-requires_triton = pytest.mark.skipif(
-    not tandem_kernels.triton_available(), reason="triton is not installed, so the Triton kernels cannot run"
-)
-
-# Same interpreter bug as in test_kernels.py: its tl.dot multiplies bf16 bit patterns as uint16.
-BF16_DOT_BROKEN = pytest.mark.xfail(
-    os.environ.get("TRITON_INTERPRET") == "1",
-    reason="Triton interpreter's tl.dot is wrong for bf16",
-    strict=True,
-)
+from .conftest import BF16_DOT_BROKEN, requires_triton
 
 # Largest |kernel - reference| over largest |reference|, per dtype.
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 3e-2}
