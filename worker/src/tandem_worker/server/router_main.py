@@ -56,10 +56,22 @@ def serve_router(
     metrics.serve_metrics(metrics_port, host)
     server.start()
     for n in ("", name):
-        health_servicer.set(n, health_pb2.HealthCheckResponse.SERVING)
+        health_servicer.set(n, health_pb2.HealthCheckResponse.NOT_SERVING)
     print(f"tandem router listening on {host}:{bound}", flush=True)
-
     stop = stop_event or threading.Event()
+
+    def mark_ready() -> None:
+        # Ready (for probes and `tandem up`) only once a whole worker pair could take a request.
+        while not stop.is_set():
+            if pool.pick(1, set()) is not None:
+                for n in ("", name):
+                    health_servicer.set(n, health_pb2.HealthCheckResponse.SERVING)
+                log.info("router ready: a worker pair is healthy")
+                return
+            stop.wait(0.25)
+
+    threading.Thread(target=mark_ready, name="router-ready", daemon=True).start()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
             signal.signal(sig, lambda *_: stop.set())
