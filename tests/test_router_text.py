@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tandem_worker.engine.sampling_params import SamplingParams
-from tandem_worker.engine.tokenizer import Tokenizer
-from tandem_worker.server.router import TextStream
+from tandem_worker.engine.tokenizer import TextStream, Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from .sampler import Sampler
 from .sampling_params import RequestError, SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import FinishReason, Sequence
-from .tokenizer import IncrementalDetokenizer, Tokenizer
+from .tokenizer import TextStream, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,8 @@ class Reservation:
 @dataclass
 class _Request:
     seq: Sequence
-    detok: IncrementalDetokenizer
-    emitted_chars: int = 0
+    text: TextStream
     emitted_tokens: int = 0
-    max_stop_len: int = 0
 
 
 class LLMEngine:
@@ -151,11 +149,7 @@ class LLMEngine:
         self.validate(prompt_token_ids, params)
         seq = Sequence(request_id, list(prompt_token_ids), params, remote_kv=remote_kv, kv_sink=kv_sink)
         seq.kv_sent = kv_skip
-        self._requests[request_id] = _Request(
-            seq,
-            IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids),
-            max_stop_len=max((len(s) for s in params.stop), default=0),
-        )
+        self._requests[request_id] = _Request(seq, TextStream(self.tokenizer, seq.prompt_token_ids, params))
         self.scheduler.add(seq)
         return request_id
 
@@ -266,47 +260,34 @@ class LLMEngine:
             seq.output_logprobs.append(logprob)
         if seq.first_token_time is None:
             seq.first_token_time = now
-        self._check_stop(req, token)
-        out = self._output(req)
+        out = self._output(req, self._check_stop(req, token))
         if seq.finish_reason is not None:
             self._requests.pop(seq.request_id, None)
             self.scheduler.finish(seq)
             self.sampler.forget(seq.request_id)
         return out
 
-    def _check_stop(self, req: _Request, token: int) -> None:
+    def _check_stop(self, req: _Request, token: int) -> str:
+        """Set the finish reason if `token` ends the request; return the text it adds."""
         seq, p = req.seq, req.seq.params
-        special_stop = (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids
-        if not special_stop and self.config.detokenize:
-            before = len(seq.text)
-            seq.text += req.detok.push(token)
-            if p.stop:
-                # Only the new text (and a stop string's length before it) can hold a new match.
-                lo = max(0, before - req.max_stop_len + 1)
-                hits = [(seq.text.find(s, lo), s) for s in p.stop]
-                hits = [(i, s) for i, s in hits if i >= 0]
-                if hits:
-                    i, s = min(hits)
-                    seq.text = seq.text[:i]
-                    seq.finish_reason, seq.stop_reason = FinishReason.STOP, s
-                    return
-        elif special_stop:
+        if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
             seq.finish_reason, seq.stop_reason = FinishReason.STOP, token
-            return
+            return ""
+        delta = ""
+        if self.config.detokenize:
+            delta = req.text.push([token], special=set())
+            if req.text.stopped_by is not None:
+                seq.finish_reason, seq.stop_reason = FinishReason.STOP, req.text.stopped_by
+                return delta
         if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = FinishReason.LENGTH
+        return delta
 
-    def _output(self, req: _Request) -> RequestOutput:
+    def _output(self, req: _Request, new_text: str) -> RequestOutput:
         seq = req.seq
         finished = seq.finish_reason is not None
-        # While unfinished, hold back a tail that could still grow into a stop string.
-        safe = (
-            len(seq.text)
-            if finished
-            else max(req.emitted_chars, len(seq.text) - max(req.max_stop_len - 1, 0))
-        )
-        new_text = seq.text[req.emitted_chars : safe]
-        req.emitted_chars = max(req.emitted_chars, safe)
+        if finished:
+            new_text += req.text.finish()  # nothing is held back once the request ends
         new_tokens = seq.output_token_ids[req.emitted_tokens :]
         req.emitted_tokens = len(seq.output_token_ids)
         metrics = {"arrival_time": seq.arrival_time}
@@ -318,7 +299,7 @@ class LLMEngine:
             request_id=seq.request_id,
             prompt_token_ids=seq.prompt_token_ids,
             token_ids=list(seq.output_token_ids),
-            text=seq.text[: req.emitted_chars],
+            text=req.text.text[: req.text.emitted],
             new_token_ids=new_tokens,
             new_text=new_text,
             finished=finished,

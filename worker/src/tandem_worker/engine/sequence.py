@@ -42,8 +42,6 @@ class Sequence:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
-    # Text emitted so far, for stop-string matching; owned by the engine's detokenizer.
-    text: str = ""
     # Disaggregation. Prefill side: each layer's new KV goes to `kv_sink(layer, start, k, v)`, from
     # token `kv_sent` on. Decode side: `remote_kv` means the prompt's KV arrives from a prefill worker.
     kv_sink: Callable[[int, int, Any, Any], None] | None = None

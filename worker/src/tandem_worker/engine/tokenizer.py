@@ -1,4 +1,4 @@
-"""`Tokenizer` (Hugging Face tokenizer and chat template) and `IncrementalDetokenizer`."""
+"""`Tokenizer` (Hugging Face tokenizer and chat template), `IncrementalDetokenizer` and `TextStream`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .sampling_params import RequestError
+from .sampling_params import RequestError, SamplingParams
 
 
 class Tokenizer:
@@ -69,3 +69,42 @@ class IncrementalDetokenizer:
             self.read_offset = len(self.ids)
             return delta
         return ""
+
+
+class TextStream:
+    """Token ids in, text deltas out, cut at the first stop string and never leaking part of one.
+
+    The engine uses it when it detokenizes itself; the router when workers send token ids only.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self.stops = params.stop
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.text = ""
+        self.emitted = 0
+        self.stopped_by: str | None = None
+
+    def push(self, token_ids: list[int], special: set[int]) -> str:
+        for t in token_ids:
+            if t in special:
+                continue  # EOS or a stop token: ends the stream, adds no text
+            before = len(self.text)
+            self.text += self.detok.push(t)
+            if self.stops:
+                lo = max(0, before - self.hold)
+                hits = [(i, s) for s in self.stops if (i := self.text.find(s, lo)) >= 0]
+                if hits:
+                    i, s = min(hits)
+                    self.text, self.stopped_by = self.text[:i], s
+                    return self._flush(final=True)
+        return self._flush(final=False)
+
+    def _flush(self, final: bool) -> str:
+        end = len(self.text) if final else max(self.emitted, len(self.text) - self.hold)
+        delta = self.text[self.emitted : end]
+        self.emitted = end
+        return delta
+
+    def finish(self) -> str:
+        return self._flush(final=True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import grpc
 
 from ..engine.sampling_params import RequestError, SamplingParams
-from ..engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from ..engine.tokenizer import TextStream, Tokenizer
 from . import metrics
 from .convert import FINISH_TO_PB, params_from_pb
 from .pb import inference_pb2 as pb
@@ -36,42 +36,6 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
 class SLO:
     ttft_seconds: float = 2.0
     tpot_seconds: float = 0.2
-
-
-class TextStream:
-    """Token ids in, text deltas out, cut at the first stop string and never leaking part of one."""
-
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams) -> None:
-        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids)
-        self.stops = params.stop
-        self.hold = max((len(s) for s in self.stops), default=1) - 1
-        self.text = ""
-        self.emitted = 0
-        self.stopped_by: str | None = None
-
-    def push(self, token_ids: list[int], special: set[int]) -> str:
-        for t in token_ids:
-            if t in special:
-                continue  # EOS or a stop token: ends the stream, adds no text
-            before = len(self.text)
-            self.text += self.detok.push(t)
-            if self.stops:
-                lo = max(0, before - self.hold)
-                hits = [(i, s) for s in self.stops if (i := self.text.find(s, lo)) >= 0]
-                if hits:
-                    i, s = min(hits)
-                    self.text, self.stopped_by = self.text[:i], s
-                    return self._flush(final=True)
-        return self._flush(final=False)
-
-    def _flush(self, final: bool) -> str:
-        end = len(self.text) if final else max(self.emitted, len(self.text) - self.hold)
-        delta = self.text[self.emitted : end]
-        self.emitted = end
-        return delta
-
-    def finish(self) -> str:
-        return self._flush(final=True)
 
 
 class RouterService(pbgrpc.InferenceServicer):
@@ -289,4 +253,4 @@ class _Ended(Exception):
     pass
 
 
-__all__ = ["FINISH_TO_PB", "SLO", "RouterService", "TextStream"]
+__all__ = ["FINISH_TO_PB", "SLO", "RouterService"]
