@@ -1,9 +1,11 @@
 """The LoRA ops: references against a naive per-token float64 loop, Triton against the references.
 
-A batch mixes adapters of different ranks with tokens of no adapter. Adapter weights past each
-slot's rank hold NaN, so reading them shows up as NaN in the output; rows of x that belong to no
-adapter hold inf, so reading those does too. Triton kernels run on CPU through TRITON_INTERPRET=1
-(set in conftest.py).
+Adapter weights live in one flat pool, as the engine keeps them inside the KV-cache pool: every
+slot's A and B at its own offset, in a random order (so adapters interleave) with gaps between
+them. The gaps hold NaN, so reading past a matrix shows up as NaN in the output; rows of x that
+belong to no adapter, or to an adapter without LoRA on the module (rank 0), hold inf, so reading
+those does too. A batch mixes adapters of different ranks (0 and max_rank included) with tokens of
+no adapter. Triton kernels run on CPU through TRITON_INTERPRET=1 (set in conftest.py).
 """
 
 from __future__ import annotations
@@ -18,68 +20,144 @@ from tandem_kernels import lora_reference
 
 from .conftest import BF16_DOT_BROKEN, requires_triton
 
-# Largest |kernel - reference| over largest |reference|, per dtype.
+# Largest |kernel - reference| over largest |reference|, per lowest-precision dtype involved.
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 LORA_ALPHA = 16.0
+HEAD = 7  # NaN elements of the buffer before the pool view
+TAIL = 128  # NaN elements after the last matrix
+UNUSED_OFFSET = 1 << 40  # rank-0 slots get an offset far outside the pool: it must never be used
+
+
+def tolerance(*dtypes: torch.dtype) -> float:
+    return max(TOLERANCE[d] for d in dtypes)
+
+
+def pack(
+    mats: list[torch.Tensor], dtype: torch.dtype, gen: torch.Generator
+) -> tuple[torch.Tensor, list[int]]:
+    """One 1-D pool holding every matrix, in a random order with NaN gaps; returns (pool, offsets).
+
+    The pool is a view that starts inside a larger NaN-led buffer, as a flat view of part of the
+    KV-cache pool would: offsets count from the view's start, not the buffer's.
+    """
+    offsets = [0] * len(mats)
+    pieces = [torch.full((HEAD,), float("nan"))]
+    pos = 0
+    for i in torch.randperm(len(mats), generator=gen).tolist():
+        gap = int(torch.randint(0, 6, (), generator=gen))
+        pieces += [torch.full((gap,), float("nan")), mats[i].flatten()]
+        offsets[i] = pos + gap
+        pos += gap + mats[i].numel()
+    pieces.append(torch.full((TAIL,), float("nan")))  # room for off-by-one reads, which must show
+    return torch.cat(pieces).to(dtype)[HEAD:], offsets
+
+
+def random_a(rank: int, hidden_in: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(rank, hidden_in, generator=gen) * hidden_in**-0.5
+
+
+def random_b(rank: int, hidden_out: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(hidden_out, rank, generator=gen) * max(rank, 1) ** -0.5
+
+
+def offsets_tensor(offsets: list[int], ranks: list[int]) -> torch.Tensor:
+    return torch.tensor([o if r > 0 else UNUSED_OFFSET for o, r in zip(offsets, ranks)], dtype=torch.int64)
+
+
+def scaling_tensor(ranks: list[int]) -> torch.Tensor:
+    # NaN for rank-0 slots: a skipped group must not touch its scale either.
+    return torch.tensor([LORA_ALPHA / r if r > 0 else float("nan") for r in ranks], dtype=torch.float32)
 
 
 @dataclass(frozen=True)
 class Adapters:
-    lora_a: torch.Tensor  # [num_slots, max_rank, hidden_in], NaN past each rank
-    lora_b: torch.Tensor  # [num_slots, hidden_out, max_rank], NaN past each rank
+    """One module's LoRA for every slot, stored in a shared pool."""
+
+    pool: torch.Tensor  # 1-D
+    a: list[torch.Tensor]  # per slot [rank, hidden_in], float64, the values the pool holds
+    b: list[torch.Tensor]  # per slot [hidden_out, rank], likewise
+    a_offsets: torch.Tensor  # [num_slots] int64
+    b_offsets: torch.Tensor  # [num_slots] int64
     ranks: torch.Tensor  # [num_slots] int32
     scaling: torch.Tensor  # [num_slots] float32
+    max_rank: int
+    hidden_out: int
 
 
 def make_adapters(
     ranks: list[int], hidden_in: int, hidden_out: int, dtype: torch.dtype, gen: torch.Generator
 ) -> Adapters:
-    max_rank = max(ranks)
-    lora_a = torch.full((len(ranks), max_rank, hidden_in), float("nan"))
-    lora_b = torch.full((len(ranks), hidden_out, max_rank), float("nan"))
-    for s, r in enumerate(ranks):
-        lora_a[s, :r] = torch.randn(r, hidden_in, generator=gen) * hidden_in**-0.5
-        lora_b[s, :, :r] = torch.randn(hidden_out, r, generator=gen) * r**-0.5
-    scaling = torch.tensor([LORA_ALPHA / r for r in ranks], dtype=torch.float32)
-    return Adapters(lora_a.to(dtype), lora_b.to(dtype), torch.tensor(ranks, dtype=torch.int32), scaling)
+    a = [random_a(r, hidden_in, gen) for r in ranks]
+    b = [random_b(r, hidden_out, gen) for r in ranks]
+    pool, offsets = pack(a + b, dtype, gen)
+    n = len(ranks)
+    return Adapters(
+        pool,
+        [m.to(dtype).double() for m in a],
+        [m.to(dtype).double() for m in b],
+        offsets_tensor(offsets[:n], ranks),
+        offsets_tensor(offsets[n:], ranks),
+        torch.tensor(ranks, dtype=torch.int32),
+        scaling_tensor(ranks),
+        max(ranks),
+        hidden_out,
+    )
 
 
 @dataclass(frozen=True)
 class Batch:
     token_slots: list[int | None]  # per token, for the naive loops
     groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # token_indices, group_offsets, group_slots
-    x: torch.Tensor  # [num_tokens, hidden_in], inf on tokens without an adapter
+    x: torch.Tensor  # [num_tokens, hidden_in], inf on tokens whose adapter has no LoRA here
 
 
 def make_batch(
-    seq_lens: list[int], seq_slots: list[int | None], hidden_in: int, dtype: torch.dtype, gen: torch.Generator
+    seq_lens: list[int],
+    seq_slots: list[int | None],
+    ranks: list[int],
+    hidden_in: int,
+    dtype: torch.dtype,
+    gen: torch.Generator,
 ) -> Batch:
     token_slots = [slot for n, slot in zip(seq_lens, seq_slots) for _ in range(n)]
     x = torch.randn(len(token_slots), hidden_in, generator=gen)
-    x[[slot is None for slot in token_slots]] = float("inf")
+    x[[slot is None or ranks[slot] == 0 for slot in token_slots]] = float("inf")
     return Batch(token_slots, tandem_kernels.lora_token_groups(seq_lens, seq_slots), x.to(dtype))
 
 
+def shrink_args(batch: Batch, ad: Adapters, x: torch.Tensor | None = None) -> tuple:
+    x = batch.x if x is None else x
+    return (x, ad.pool, ad.a_offsets, ad.ranks, *batch.groups, ad.max_rank)
+
+
+def expand_args(y: torch.Tensor, batch: Batch, ad: Adapters, out: torch.Tensor, out_offset: int) -> tuple:
+    return (y, ad.pool, ad.b_offsets, ad.ranks, *batch.groups, out, ad.scaling, out_offset, ad.hidden_out)
+
+
 def naive_shrink(x: torch.Tensor, ad: Adapters, token_slots: list[int | None]) -> torch.Tensor:
-    y = torch.zeros(x.shape[0], ad.lora_a.shape[1], dtype=torch.float64)
+    y = torch.zeros(x.shape[0], ad.max_rank, dtype=torch.float64)
     for t, slot in enumerate(token_slots):
-        if slot is not None:
-            r = int(ad.ranks[slot])
-            y[t, :r] = ad.lora_a[slot, :r].double() @ x[t].double()
+        if slot is not None and ad.a[slot].shape[0] > 0:
+            y[t, : ad.a[slot].shape[0]] = ad.a[slot] @ x[t].double()
     return y
 
 
 def naive_expand(
-    y: torch.Tensor, ad: Adapters, token_slots: list[int | None], out: torch.Tensor, out_offset: int
+    y: torch.Tensor,
+    ad: Adapters,
+    token_slots: list[int | None],
+    out: torch.Tensor,
+    out_offset: int,
+    y_offsets: list[int] | None = None,
 ) -> torch.Tensor:
     """out after the expand, in float64 (not rounded to out's dtype)."""
-    hidden_out = ad.lora_b.shape[1]
     expected = out.double()
     for t, slot in enumerate(token_slots):
-        if slot is not None:
-            r = int(ad.ranks[slot])
-            delta = ad.lora_b[slot, :, :r].double() @ y[t, :r].double()
-            expected[t, out_offset : out_offset + hidden_out] += float(ad.scaling[slot]) * delta
+        if slot is not None and ad.b[slot].shape[1] > 0:
+            r = ad.b[slot].shape[1]
+            y_offset = y_offsets[slot] if y_offsets is not None else 0
+            delta = ad.b[slot] @ y[t, y_offset : y_offset + r].double()
+            expected[t, out_offset : out_offset + ad.hidden_out] += float(ad.scaling[slot]) * delta
     return expected
 
 
@@ -94,12 +172,13 @@ def make_out(num_tokens: int, width: int, dtype: torch.dtype, gen: torch.Generat
     return (0.1 * torch.randn(num_tokens, width, generator=gen)).to(dtype)
 
 
-# Four adapters of ranks 4, 8, 16 and 64 plus a rank that is no power of two, requests of 1 to 33
-# tokens (decodes are length 1), tokens without an adapter between them, and adapters used by
-# requests that are not adjacent (slot 4's two requests are one token apart).
-RANKS = [4, 8, 16, 64, 12]
-SEQ_LENS = [1, 7, 33, 1, 5, 2, 1, 17, 1, 2, 3]
-SEQ_SLOTS = [0, None, 2, 3, 1, None, 0, 4, None, 4, 3]
+# Adapters of ranks 4, 8, 16 and 64 (max_rank), one without LoRA on the module (rank 0) and a rank
+# that is no power of two; requests of 1 to 33 tokens (decodes are length 1), tokens without an
+# adapter between them, adapters whose requests are not adjacent (slot 5's two requests are one
+# token apart: the gather path) and a one-request adapter (slot 2's 33 tokens: the slice path).
+RANKS = [4, 8, 16, 64, 0, 12]
+SEQ_LENS = [1, 7, 33, 1, 5, 2, 1, 17, 1, 2, 3, 4]
+SEQ_SLOTS = [0, None, 2, 3, 1, None, 0, 5, None, 5, 3, 4]
 
 
 @pytest.mark.parametrize(
@@ -113,14 +192,14 @@ SEQ_SLOTS = [0, None, 2, 3, 1, None, 0, 4, None, 4, 3]
 def test_reference_matches_naive(hidden_in, hidden_out, width, out_offset):
     gen = torch.Generator().manual_seed(0)
     ad = make_adapters(RANKS, hidden_in, hidden_out, torch.float32, gen)
-    batch = make_batch(SEQ_LENS, SEQ_SLOTS, hidden_in, torch.float32, gen)
-    y = lora_reference.lora_shrink(batch.x, ad.lora_a, ad.ranks, *batch.groups)
+    batch = make_batch(SEQ_LENS, SEQ_SLOTS, RANKS, hidden_in, torch.float32, gen)
+    y = lora_reference.lora_shrink(*shrink_args(batch, ad))
     assert y.shape == (len(batch.token_slots), max(RANKS)) and y.dtype == torch.float32
     assert rel_err(y, naive_shrink(batch.x, ad, batch.token_slots)) < 1e-5
 
     out = make_out(len(batch.token_slots), width, torch.float32, gen)
     expected = naive_expand(y, ad, batch.token_slots, out, out_offset)
-    lora_reference.lora_expand(y, ad.lora_b, ad.ranks, *batch.groups, out, ad.scaling, out_offset)
+    lora_reference.lora_expand(*expand_args(y, batch, ad, out, out_offset))
     assert rel_err(out, expected) < 1e-5
 
 
@@ -128,16 +207,19 @@ def test_naive_comparison_catches_slot_scaling_offset_and_rank_bugs():
     # The checks above are only worth something if the usual mistakes move the output past tolerance.
     gen = torch.Generator().manual_seed(1)
     ad = make_adapters(RANKS, 64, 48, torch.float32, gen)
-    batch = make_batch(SEQ_LENS, SEQ_SLOTS, 64, torch.float32, gen)
+    batch = make_batch(SEQ_LENS, SEQ_SLOTS, RANKS, 64, torch.float32, gen)
     token_indices, group_offsets, group_slots = batch.groups
     y = naive_shrink(batch.x, ad, batch.token_slots).float()
     out = make_out(len(batch.token_slots), 100, torch.float32, gen)
     expected = naive_expand(y, ad, batch.token_slots, out, 50)
+    used = ad.ranks > 0
+    num_slots = len(RANKS)
 
     def expand(**changes) -> torch.Tensor:
         args = {
             "y": y,
-            "lora_b": ad.lora_b,
+            "pool": ad.pool,
+            "b_offsets": ad.b_offsets,
             "ranks": ad.ranks,
             "token_indices": token_indices,
             "group_offsets": group_offsets,
@@ -145,42 +227,100 @@ def test_naive_comparison_catches_slot_scaling_offset_and_rank_bugs():
             "out": out.clone(),
             "scaling": ad.scaling,
             "out_offset": 50,
+            "hidden_out": 48,
             **changes,
         }
         lora_reference.lora_expand(**args)
         return args["out"]
 
+    def shrink(**changes) -> torch.Tensor:
+        args = {
+            "x": batch.x,
+            "pool": ad.pool,
+            "a_offsets": ad.a_offsets,
+            "ranks": ad.ranks,
+            "token_indices": token_indices,
+            "group_offsets": group_offsets,
+            "group_slots": group_slots,
+            "max_rank": max(RANKS),
+            **changes,
+        }
+        return lora_reference.lora_shrink(**args)
+
     assert rel_err(expand(), expected) < 1e-5
+    assert rel_err(shrink(), y) < 1e-5
     shifted = group_offsets.clone()
     shifted[1] += 1  # the first token of group 1 goes to group 0's adapter
-    bugs = {
-        "wrong slot": expand(group_slots=(group_slots + 1) % len(RANKS)),
+    one_more = torch.where(used & (ad.ranks < max(RANKS)), ad.ranks + 1, ad.ranks)
+    rotated = (group_slots + 1) % num_slots
+    expand_bugs = {
+        "wrong slot": expand(group_slots=rotated),
         "no scaling": expand(scaling=torch.ones_like(ad.scaling)),
-        "wrong offset": expand(out_offset=49),
-        "rank too large": expand(ranks=ad.ranks.clamp(max=max(RANKS) - 1) + 1),
+        "wrong out offset": expand(out_offset=49),
+        "rank too large": expand(ranks=one_more),
+        "B one element off": expand(b_offsets=torch.where(used, ad.b_offsets + 1, ad.b_offsets)),
         "token in the wrong group": expand(group_offsets=shifted),
     }
-    for bug, result in bugs.items():
+    for bug, result in expand_bugs.items():
         assert not rel_err(result, expected) < 1e-2, bug
-    wrong_slot_y = lora_reference.lora_shrink(
-        batch.x, ad.lora_a, ad.ranks, token_indices, group_offsets, (group_slots + 1) % len(RANKS)
-    )
-    assert not rel_err(wrong_slot_y, y) < 1e-2
+    shrink_bugs = {
+        "wrong slot": shrink(group_slots=rotated),
+        "rank too large": shrink(ranks=one_more),
+        "A one element off": shrink(a_offsets=torch.where(used, ad.a_offsets + 1, ad.a_offsets)),
+        "token in the wrong group": shrink(group_offsets=shifted),
+    }
+    for bug, result in shrink_bugs.items():
+        assert not rel_err(result, y) < 1e-2, bug
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_reference_low_precision(dtype):
+@pytest.mark.parametrize(
+    ("x_dtype", "pool_dtype", "out_dtype"),
+    [
+        (torch.float16, torch.float16, torch.float16),
+        (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+        (torch.float32, torch.bfloat16, torch.float32),  # a bf16 pool under fp32 activations: upcast
+    ],
+)
+def test_reference_low_precision(x_dtype, pool_dtype, out_dtype):
     gen = torch.Generator().manual_seed(2)
-    ad = make_adapters(RANKS, 128, 96, dtype, gen)
-    batch = make_batch(SEQ_LENS, SEQ_SLOTS, 128, dtype, gen)
-    y = lora_reference.lora_shrink(batch.x, ad.lora_a, ad.ranks, *batch.groups)
+    ad = make_adapters(RANKS, 128, 96, pool_dtype, gen)
+    batch = make_batch(SEQ_LENS, SEQ_SLOTS, RANKS, 128, x_dtype, gen)
+    y = lora_reference.lora_shrink(*shrink_args(batch, ad))
     assert y.dtype == torch.float32
     assert rel_err(y, naive_shrink(batch.x, ad, batch.token_slots)) < 1e-5  # products of exact values
-    out = make_out(len(batch.token_slots), 96, dtype, gen)
+    out = make_out(len(batch.token_slots), 96, out_dtype, gen)
     expected = naive_expand(y, ad, batch.token_slots, out, 0)
-    lora_reference.lora_expand(y, ad.lora_b, ad.ranks, *batch.groups, out, ad.scaling)
-    assert out.dtype == dtype
-    assert rel_err(out, expected) < TOLERANCE[dtype]
+    lora_reference.lora_expand(*expand_args(y, batch, ad, out, 0))
+    assert out.dtype == out_dtype
+    assert rel_err(out, expected) < tolerance(out_dtype)
+
+
+def test_reference_slice_and_gather_paths():
+    # Consecutive tokens (in any order) take the slice path, others the index path; both are right.
+    token_indices = torch.tensor([5, 3, 4, 0, 7, 2, 9], dtype=torch.int64)
+    group_offsets = torch.tensor([0, 3, 6, 7], dtype=torch.int32)  # {3, 4, 5}, {0, 2, 7}, {9}
+    group_slots = torch.tensor([1, 0, 2], dtype=torch.int32)
+    ranks = [8, 4, 16]
+    token_slots: list[int | None] = [None] * 10
+    for g, slot in enumerate(group_slots.tolist()):
+        for t in token_indices[group_offsets[g] : group_offsets[g + 1]].tolist():
+            token_slots[t] = slot
+    gen = torch.Generator().manual_seed(9)
+    ad = make_adapters(ranks, 40, 24, torch.float32, gen)
+    groups = (token_indices, group_offsets, group_slots)
+    plan = lora_reference._groups(ad.pool, ad.a_offsets, ad.ranks, 40, None, 16, *groups)
+    rows = [r for _, _, _, _, r in plan]
+    assert rows[0] == slice(3, 6) and rows[2] == slice(9, 10)
+    assert isinstance(rows[1], torch.Tensor) and rows[1].tolist() == [0, 7, 2]
+
+    x = torch.randn(10, 40, generator=gen)
+    x[[s is None for s in token_slots]] = float("inf")
+    y = lora_reference.lora_shrink(x, ad.pool, ad.a_offsets, ad.ranks, *groups, 16)
+    assert rel_err(y, naive_shrink(x, ad, token_slots)) < 1e-5
+    out = make_out(10, 24, torch.bfloat16, gen)
+    expected = naive_expand(y, ad, token_slots, out, 0)
+    lora_reference.lora_expand(y, ad.pool, ad.b_offsets, ad.ranks, *groups, out, ad.scaling, 0, 24)
+    assert rel_err(out, expected) < tolerance(torch.bfloat16)
 
 
 def test_lora_token_groups():
@@ -204,118 +344,233 @@ def _ops(backend: str):
     return lora_reference.lora_shrink, lora_reference.lora_expand
 
 
-BACKENDS = ["torch", pytest.param("triton", marks=requires_triton)]
+@pytest.fixture(params=["torch", pytest.param("triton", marks=requires_triton)])
+def ops(request):
+    """(shrink, expand) of the reference and of Triton; checks Triton runs interpreted without a GPU."""
+    if request.param == "triton" and not torch.cuda.is_available():
+        from triton.runtime.interpreter import InterpretedFunction
+
+        from tandem_kernels.lora import _lora_expand_kernel, _lora_shrink_kernel
+
+        if not all(isinstance(f, InterpretedFunction) for f in (_lora_shrink_kernel, _lora_expand_kernel)):
+            pytest.fail("triton was imported before TRITON_INTERPRET=1, so its kernels cannot run on CPU")
+    return _ops(request.param)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_tokens_without_adapter_are_untouched(backend):
-    shrink, expand = _ops(backend)
+def test_tokens_without_adapter_are_untouched(ops):
+    shrink, expand = ops
     gen = torch.Generator().manual_seed(3)
-    ad = make_adapters([8, 16], 32, 40, torch.float16, gen)
-    batch = make_batch([3, 2, 1, 4], [1, None, 0, None], 32, torch.float16, gen)
-    y = shrink(batch.x, ad.lora_a, ad.ranks, *batch.groups)
-    has_adapter = torch.tensor([slot is not None for slot in batch.token_slots])
-    assert torch.equal(y[~has_adapter], torch.zeros_like(y[~has_adapter]))  # x there is inf
-    assert y[has_adapter].isfinite().all()
+    ranks = [8, 16, 0]
+    ad = make_adapters(ranks, 32, 40, torch.float16, gen)
+    batch = make_batch([3, 2, 1, 4, 2], [1, None, 0, None, 2], ranks, 32, torch.float16, gen)
+    y = shrink(*shrink_args(batch, ad))
+    has_lora = torch.tensor([slot is not None and ranks[slot] > 0 for slot in batch.token_slots])
+    assert torch.equal(y[~has_lora], torch.zeros_like(y[~has_lora]))  # x there is inf
+    assert y[has_lora].isfinite().all()
     out = make_out(len(batch.token_slots), 3 * 40, torch.float16, gen)
     before = out.clone()
-    expand(y, ad.lora_b, ad.ranks, *batch.groups, out, ad.scaling, 40)
-    assert torch.equal(out[~has_adapter], before[~has_adapter])
+    expand(*expand_args(y, batch, ad, out, 40))
+    assert torch.equal(out[~has_lora], before[~has_lora])
     assert torch.equal(out[:, :40], before[:, :40]) and torch.equal(out[:, 80:], before[:, 80:])
-    assert not torch.equal(out[has_adapter, 40:80], before[has_adapter, 40:80])
+    assert not torch.equal(out[has_lora, 40:80], before[has_lora, 40:80])
     # A batch with no adapter at all: no groups, nothing to do.
     groups = tandem_kernels.lora_token_groups([5], [None])
-    assert torch.equal(shrink(batch.x[:5], ad.lora_a, ad.ranks, *groups), torch.zeros(5, 16))
+    y5 = shrink(batch.x[:5], ad.pool, ad.a_offsets, ad.ranks, *groups, 16)
+    assert torch.equal(y5, torch.zeros(5, 16))
     after = out.clone()
-    expand(y[:5], ad.lora_b, ad.ranks, *groups, out[:5], ad.scaling, 0)
+    expand(y[:5], ad.pool, ad.b_offsets, ad.ranks, *groups, out[:5], ad.scaling, 0, 40)
     assert torch.equal(out, after)
 
 
-@pytest.fixture
-def triton_lora():
-    """The Triton launchers, checked to run in the interpreter when there is no GPU."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    from tandem_kernels.lora import _lora_expand_kernel, _lora_shrink_kernel
-
-    if not torch.cuda.is_available() and not all(
-        isinstance(f, InterpretedFunction) for f in (_lora_shrink_kernel, _lora_expand_kernel)
-    ):
-        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run on CPU")
-    return _ops("triton")
+# Ranks of the q, k and v parts per slot: equal, k without LoRA, none at all, all different.
+QKV_RANKS = [(8, 8, 8), (4, 0, 4), (0, 0, 0), (16, 4, 2)]
+QKV_SIZES = (64, 32, 32)  # hidden_out of q, k and v: a GQA layer
 
 
-# (ranks, seq_lens, seq_slots, hidden_in, hidden_out, out width, out_offset, dtype)
+def test_fused_qkv_equals_separate_loras(ops):
+    # One shrink over each slot's q, k and v A rows stacked, then one expand per part reading its
+    # columns of y, is three separate LoRAs: the stacked A of part p starts p's rows in.
+    shrink, expand = ops
+    gen = torch.Generator().manual_seed(10)
+    hidden_in, num_slots = 48, len(QKV_RANKS)
+    stacked = [[random_a(r, hidden_in, gen) for r in part_ranks] for part_ranks in QKV_RANKS]
+    bs = [[random_b(r, h, gen) for r, h in zip(part_ranks, QKV_SIZES)] for part_ranks in QKV_RANKS]
+    mats = [torch.cat(a_parts) for a_parts in stacked] + [b for b_parts in bs for b in b_parts]
+    pool, offsets = pack(mats, torch.float32, gen)
+    total_ranks = [sum(part_ranks) for part_ranks in QKV_RANKS]
+    max_rank = max(total_ranks)
+    a_offsets = offsets_tensor(offsets[:num_slots], total_ranks)
+    batch = make_batch([3, 1, 6, 2, 1, 5], [0, 3, None, 1, 2, 3], total_ranks, hidden_in, torch.float32, gen)
+    width = sum(QKV_SIZES)
+    out_fused = make_out(len(batch.token_slots), width, torch.float32, gen)
+    out_separate = out_fused.clone()
+    expected = out_fused.double()
+
+    y = shrink(
+        batch.x, pool, a_offsets, torch.tensor(total_ranks, dtype=torch.int32), *batch.groups, max_rank
+    )
+    out_offset = 0
+    wrong = []
+    for p, hidden_out in enumerate(QKV_SIZES):
+        ranks = [part_ranks[p] for part_ranks in QKV_RANKS]
+        before = [sum(part_ranks[:p]) for part_ranks in QKV_RANKS]  # rows of the stacked A before p's
+        part = Adapters(
+            pool,
+            [torch.cat(a_parts).double()[b : b + r] for a_parts, b, r in zip(stacked, before, ranks)],
+            [b_parts[p].double() for b_parts in bs],
+            offsets_tensor([o + b * hidden_in for o, b in zip(offsets, before)], ranks),
+            offsets_tensor(offsets[num_slots + p :: 3], ranks),
+            torch.tensor(ranks, dtype=torch.int32),
+            scaling_tensor(ranks),
+            max(ranks),
+            hidden_out,
+        )
+        y_offsets = torch.tensor(before, dtype=torch.int64)
+        fused_args = (y, pool, part.b_offsets, part.ranks, *batch.groups)
+        expand(*fused_args, out_fused, part.scaling, out_offset, hidden_out, y_offsets)
+        y_part = shrink(*shrink_args(batch, part))
+        expand(*expand_args(y_part, batch, part, out_separate, out_offset))
+        expected = naive_expand(
+            naive_shrink(batch.x, part, batch.token_slots), part, batch.token_slots, expected, out_offset
+        )
+        if p > 0:  # the same expand without the part's y offsets reads another part's columns
+            bad = out_fused.clone()
+            expand(*fused_args, bad, part.scaling, out_offset, hidden_out)
+            wrong.append(bad)
+        out_offset += hidden_out
+
+    assert rel_err(out_separate, expected) < 1e-5
+    assert rel_err(out_fused, expected) < 1e-5
+    assert rel_err(out_fused, out_separate) < 1e-5
+    for bad in wrong:
+        assert not rel_err(bad, out_fused) < 1e-2
+
+
+def test_rejects_bad_inputs(ops):
+    shrink, expand = ops
+    gen = torch.Generator().manual_seed(6)
+    ad = make_adapters([8, 4], 32, 16, torch.float32, gen)
+    batch = make_batch([4, 2], [0, 1], [8, 4], 32, torch.float32, gen)
+    token_indices, group_offsets, group_slots = batch.groups
+    groups = batch.groups
+    x, pool = batch.x, ad.pool
+    with pytest.raises(ValueError, match="1-D"):
+        shrink(x, pool.unsqueeze(0), ad.a_offsets, ad.ranks, *groups, 8)
+    with pytest.raises(ValueError, match="like ranks"):
+        shrink(x, pool, ad.a_offsets[:1], ad.ranks, *groups, 8)
+    with pytest.raises(ValueError, match="int64"):
+        shrink(x, pool, ad.a_offsets.int(), ad.ranks, *groups, 8)
+    with pytest.raises(ValueError, match="int64"):
+        shrink(x, pool, ad.a_offsets, ad.ranks, token_indices.int(), group_offsets, group_slots, 8)
+    with pytest.raises(ValueError, match="rank 8 > max_rank 7"):
+        shrink(x, pool, ad.a_offsets, ad.ranks, *groups, 7)
+    with pytest.raises(ValueError, match="outside the pool"):
+        shrink(x, pool, ad.a_offsets + pool.numel(), ad.ranks, *groups, 8)
+    with pytest.raises(ValueError, match="slot 2"):
+        shrink(x, pool, ad.a_offsets, ad.ranks, token_indices, group_offsets, group_slots + 1, 8)
+    with pytest.raises(ValueError, match="negative rank"):
+        shrink(x, pool, ad.a_offsets, -ad.ranks, *groups, 8)
+
+    y = shrink(x, pool, ad.a_offsets, ad.ranks, *groups, 8)
+    out = torch.zeros(6, 20)
+    with pytest.raises(ValueError, match="past out's 20 columns"):
+        expand(y, pool, ad.b_offsets, ad.ranks, *groups, out, ad.scaling, 5, 16)
+    with pytest.raises(ValueError, match="like ranks"):
+        expand(y, pool, ad.b_offsets, ad.ranks, *groups, out, ad.scaling[:1], 0, 16)
+    with pytest.raises(ValueError, match="rank 8 > y's column count 7"):
+        expand(y[:, :7], pool, ad.b_offsets, ad.ranks, *groups, out, ad.scaling, 0, 16)
+    with pytest.raises(ValueError, match=r"columns \[1, 9\) of y, which has 8"):
+        expand(
+            y, pool, ad.b_offsets, ad.ranks, *groups, out, ad.scaling, 0, 16, torch.ones(2, dtype=torch.int64)
+        )
+    with pytest.raises(ValueError, match="outside the pool"):
+        expand(
+            y, pool[: int(ad.b_offsets.max()) + 1], ad.b_offsets, ad.ranks, *groups, out, ad.scaling, 0, 16
+        )
+    with pytest.raises(ValueError, match="float32"):
+        expand(y.double(), pool, ad.b_offsets, ad.ranks, *groups, out, ad.scaling, 0, 16)
+
+
+@requires_triton
+def test_triton_rejects_strided_rows():
+    shrink, expand = _ops("triton")
+    gen = torch.Generator().manual_seed(6)
+    ad = make_adapters([8], 32, 16, torch.float32, gen)
+    batch = make_batch([4], [0], [8], 32, torch.float32, gen)
+    with pytest.raises(ValueError, match="x rows must be contiguous"):
+        shrink(*shrink_args(batch, ad, batch.x.t().contiguous().t()))
+    y = shrink(*shrink_args(batch, ad))
+    with pytest.raises(ValueError, match="out rows must be contiguous"):
+        expand(*expand_args(y, batch, ad, torch.zeros(16, 4).t(), 0))
+
+
+# (ranks, seq_lens, seq_slots, hidden_in, hidden_out, out width, out_offset, (x, pool, out) dtypes)
 TRITON_CASES = [
     # Hidden sizes that are no multiple of the kernels' tiles; the k part of a fused qkv output.
-    (RANKS, SEQ_LENS, SEQ_SLOTS, 600, 200, 3 * 200, 200, torch.float32),
-    ([16, 128, 4], [1, 1, 1, 2, 1], [1, 0, None, 1, 2], 4096, 1536, 1536, 0, torch.float32),  # decode
-    ([4, 8, 16, 64], [20, 1, 7, 1], [3, 0, None, 2], 576, 1536, 1536, 0, torch.float16),
-    pytest.param([8, 16], [5, 2, 3], [1, None, 0], 64, 64, 64, 0, torch.bfloat16, marks=BF16_DOT_BROKEN),
+    (RANKS, SEQ_LENS, SEQ_SLOTS, 600, 200, 3 * 200, 200, (torch.float32,) * 3),
+    ([16, 128, 4, 0], [1, 1, 1, 2, 1, 1], [1, 0, None, 1, 2, 3], 4096, 1536, 1536, 0, (torch.float32,) * 3),
+    ([4, 8, 16, 64, 0], [20, 1, 7, 1, 3], [3, 0, None, 2, 4], 576, 1536, 1536, 0, (torch.float16,) * 3),
+    (
+        [8, 16, 0],
+        [5, 2, 3, 1],
+        [1, None, 0, 2],
+        64,
+        96,
+        96,
+        0,
+        (torch.float32, torch.bfloat16, torch.float32),
+    ),
+    pytest.param(
+        [8, 16], [5, 2, 3], [1, None, 0], 64, 64, 64, 0, (torch.bfloat16,) * 3, marks=BF16_DOT_BROKEN
+    ),
 ]
 
 
 @requires_triton
 @pytest.mark.parametrize(
-    ("ranks", "seq_lens", "seq_slots", "hidden_in", "hidden_out", "width", "out_offset", "dtype"),
+    ("ranks", "seq_lens", "seq_slots", "hidden_in", "hidden_out", "width", "out_offset", "dtypes"),
     TRITON_CASES,
 )
 def test_triton_matches_reference(
-    triton_lora, ranks, seq_lens, seq_slots, hidden_in, hidden_out, width, out_offset, dtype
+    ranks, seq_lens, seq_slots, hidden_in, hidden_out, width, out_offset, dtypes
 ):
-    shrink, expand = triton_lora
+    shrink, expand = _ops("triton")
+    x_dtype, pool_dtype, out_dtype = dtypes
     gen = torch.Generator().manual_seed(4)
-    ad = make_adapters(ranks, hidden_in, hidden_out, dtype, gen)
-    batch = make_batch(seq_lens, seq_slots, hidden_in, dtype, gen)
+    ad = make_adapters(ranks, hidden_in, hidden_out, pool_dtype, gen)
+    batch = make_batch(seq_lens, seq_slots, ranks, hidden_in, x_dtype, gen)
     # x as a column slice of a wider tensor, as a fused projection would hand it over.
-    x = torch.cat([batch.x, torch.randn(batch.x.shape[0], 8, generator=gen).to(dtype)], dim=1)[:, :hidden_in]
-    y = shrink(x, ad.lora_a, ad.ranks, *batch.groups)
-    y_ref = lora_reference.lora_shrink(x, ad.lora_a, ad.ranks, *batch.groups)
+    wider = torch.cat([batch.x, torch.randn(batch.x.shape[0], 8, generator=gen).to(x_dtype)], dim=1)
+    x = wider[:, :hidden_in]
+    y = shrink(*shrink_args(batch, ad, x))
+    y_ref = lora_reference.lora_shrink(*shrink_args(batch, ad, x))
     assert y.shape == y_ref.shape and y.dtype == torch.float32
-    assert rel_err(y, y_ref) < TOLERANCE[dtype]
+    assert rel_err(y, y_ref) < tolerance(x_dtype, pool_dtype)
 
-    out = make_out(len(batch.token_slots), width, dtype, gen)
+    out = make_out(len(batch.token_slots), width, out_dtype, gen)
     out_ref = out.clone()
-    expand(y_ref, ad.lora_b, ad.ranks, *batch.groups, out, ad.scaling, out_offset)
-    lora_reference.lora_expand(y_ref, ad.lora_b, ad.ranks, *batch.groups, out_ref, ad.scaling, out_offset)
-    assert rel_err(out, out_ref) < TOLERANCE[dtype]
+    expand(*expand_args(y_ref, batch, ad, out, out_offset))
+    lora_reference.lora_expand(*expand_args(y_ref, batch, ad, out_ref, out_offset))
+    assert rel_err(out, out_ref) < tolerance(pool_dtype, out_dtype)
 
 
 @requires_triton
-def test_triton_result_does_not_depend_on_the_batch(triton_lora):
+def test_triton_result_does_not_depend_on_the_batch():
     # A request alone and the same request batched with others get bit-identical results.
-    shrink, expand = triton_lora
+    shrink, expand = _ops("triton")
     gen = torch.Generator().manual_seed(5)
-    ad = make_adapters([8, 16], 96, 80, torch.float32, gen)
-    batch = make_batch([3, 19, 2], [1, 0, 1], 96, torch.float32, gen)
+    ranks = [8, 16]
+    ad = make_adapters(ranks, 96, 80, torch.float32, gen)
+    batch = make_batch([3, 19, 2], [1, 0, 1], ranks, 96, torch.float32, gen)
     alone = tandem_kernels.lora_token_groups([19], [0])
-    y = shrink(batch.x, ad.lora_a, ad.ranks, *batch.groups)
-    y_alone = shrink(batch.x[3:22], ad.lora_a, ad.ranks, *alone)
+    y = shrink(*shrink_args(batch, ad))
+    y_alone = shrink(batch.x[3:22], ad.pool, ad.a_offsets, ad.ranks, *alone, ad.max_rank)
     assert torch.equal(y[3:22], y_alone)
     out = make_out(24, 80, torch.float32, gen)
     out_alone = out[3:22].clone()
-    expand(y, ad.lora_b, ad.ranks, *batch.groups, out, ad.scaling)
-    expand(y_alone, ad.lora_b, ad.ranks, *alone, out_alone, ad.scaling)
+    expand(*expand_args(y, batch, ad, out, 0))
+    expand(y_alone, ad.pool, ad.b_offsets, ad.ranks, *alone, out_alone, ad.scaling, 0, 80)
     assert torch.equal(out[3:22], out_alone)
-
-
-@requires_triton
-def test_triton_rejects_bad_inputs(triton_lora):
-    shrink, expand = triton_lora
-    gen = torch.Generator().manual_seed(6)
-    ad = make_adapters([8], 32, 16, torch.float32, gen)
-    batch = make_batch([4], [0], 32, torch.float32, gen)
-    token_indices, group_offsets, group_slots = batch.groups
-    with pytest.raises(AssertionError):
-        shrink(batch.x, ad.lora_a, ad.ranks, token_indices.int(), group_offsets, group_slots)
-    with pytest.raises(AssertionError, match="x rows must be contiguous"):
-        shrink(batch.x.t().contiguous().t(), ad.lora_a, ad.ranks, *batch.groups)
-    y = shrink(batch.x, ad.lora_a, ad.ranks, *batch.groups)
-    with pytest.raises(AssertionError):  # the slice would run past out's last column
-        expand(y, ad.lora_b, ad.ranks, *batch.groups, torch.zeros(4, 20), ad.scaling, 5)
-    with pytest.raises(AssertionError, match="lora_b rows must be contiguous"):
-        b = ad.lora_b.transpose(1, 2).contiguous().transpose(1, 2)
-        expand(y, b, ad.ranks, *batch.groups, torch.zeros(4, 16), ad.scaling)
 
 
 def test_dispatcher_uses_reference_on_cpu(monkeypatch):
@@ -327,26 +582,30 @@ def test_dispatcher_uses_reference_on_cpu(monkeypatch):
     monkeypatch.setattr(tandem_kernels, "_triton_lora_shrink", no_triton)
     monkeypatch.setattr(tandem_kernels, "_triton_lora_expand", no_triton)
     gen = torch.Generator().manual_seed(7)
-    ad = make_adapters([4, 8], 32, 24, torch.float32, gen)
-    batch = make_batch([2, 3], [1, 0], 32, torch.float32, gen)
-    y = tandem_kernels.lora_shrink(batch.x, ad.lora_a, ad.ranks, *batch.groups)
-    assert torch.equal(y, lora_reference.lora_shrink(batch.x, ad.lora_a, ad.ranks, *batch.groups))
+    ranks = [4, 8]
+    ad = make_adapters(ranks, 32, 24, torch.float32, gen)
+    batch = make_batch([2, 3], [1, 0], ranks, 32, torch.float32, gen)
+    y = tandem_kernels.lora_shrink(*shrink_args(batch, ad))
+    assert torch.equal(y, lora_reference.lora_shrink(*shrink_args(batch, ad)))
     out = make_out(5, 48, torch.float32, gen)
     expected = out.clone()
-    tandem_kernels.lora_expand(y, ad.lora_b, ad.ranks, *batch.groups, out, ad.scaling, 24)
-    lora_reference.lora_expand(y, ad.lora_b, ad.ranks, *batch.groups, expected, ad.scaling, 24)
-    assert torch.equal(out, expected)
+    y_offsets = torch.zeros(2, dtype=torch.int64)
+    tandem_kernels.lora_expand(*expand_args(y, batch, ad, out, 24), y_offsets)
+    lora_reference.lora_expand(*expand_args(y, batch, ad, expected, 24), y_offsets)
+    assert torch.equal(out, expected) and not torch.equal(out, make_out(5, 48, torch.float32, gen))
 
 
 @requires_triton
 def test_dispatcher_env_forces_triton(monkeypatch):
     monkeypatch.setenv("TANDEM_KERNELS", "triton")
     calls = []
-    monkeypatch.setattr(tandem_kernels, "_triton_lora_shrink", lambda *args: calls.append("shrink"))
-    monkeypatch.setattr(tandem_kernels, "_triton_lora_expand", lambda *args: calls.append("expand"))
+    monkeypatch.setattr(tandem_kernels, "_triton_lora_shrink", lambda *args: calls.append(("shrink", args)))
+    monkeypatch.setattr(tandem_kernels, "_triton_lora_expand", lambda *args: calls.append(("expand", args)))
     gen = torch.Generator().manual_seed(8)
     ad = make_adapters([4], 16, 16, torch.float32, gen)
-    batch = make_batch([2], [0], 16, torch.float32, gen)
-    tandem_kernels.lora_shrink(batch.x, ad.lora_a, ad.ranks, *batch.groups)
-    tandem_kernels.lora_expand(torch.zeros(2, 4), ad.lora_b, ad.ranks, *batch.groups, batch.x, ad.scaling)
-    assert calls == ["shrink", "expand"]
+    batch = make_batch([2], [0], [4], 16, torch.float32, gen)
+    tandem_kernels.lora_shrink(*shrink_args(batch, ad))
+    y_offsets = torch.zeros(1, dtype=torch.int64)
+    tandem_kernels.lora_expand(*expand_args(torch.zeros(2, 4), batch, ad, batch.x, 0), y_offsets)
+    assert [name for name, _ in calls] == ["shrink", "expand"]
+    assert calls[0][1][-1] == 4 and calls[1][1][-1] is y_offsets  # every argument passed through

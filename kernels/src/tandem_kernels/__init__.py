@@ -14,18 +14,27 @@ GQA: num_heads is a multiple of num_kv_heads and query head h reads kv head
 h // (num_heads // num_kv_heads). Prefill query i of sequence s sits at position
 context_lens[s] - q_len_s + i and sees KV positions up to its own; its KV is already cached.
 
-LoRA (many adapters in one batch, tokens grouped by adapter; lora.py details the shapes):
-    x                   [num_tokens, hidden_in]
-    lora_a              [num_slots, max_rank, hidden_in]; lora_b [num_slots, hidden_out, max_rank]
-    ranks               [num_slots] int32, 1 <= rank <= max_rank; weights past the rank are never read
+LoRA (many adapters in one batch, tokens grouped by adapter; lora.py details the shapes). Adapter
+weights live in one flat pool at per-slot element offsets, each at its own rank (S-LoRA paging):
+    x                   [num_tokens, hidden_in], rows contiguous
+    pool                [pool_size] contiguous, any float dtype (x and out may differ: upcast to fp32)
+    a_offsets           [num_slots] int64; slot s's A is pool[a_offsets[s]:][:r * hidden_in], [r, hidden_in]
+    b_offsets           [num_slots] int64; its B is pool[b_offsets[s]:][:hidden_out * r], [hidden_out, r]
+    ranks               [num_slots] int32, r = ranks[s] in [0, max_rank]; r = 0: slot s's group is skipped
     scaling             [num_slots] float32, lora_alpha / rank
+    y_offsets           [num_slots] int64 or None (zeros): expand reads y[:, y_offsets[s]:][:, :r]
     token_indices       [num_lora_tokens] int64, the tokens that use an adapter, grouped by adapter
     group_offsets       [num_groups + 1] int32, group g owns token_indices[offsets[g]:offsets[g + 1]]
     group_slots         [num_groups] int32, each group's adapter slot
-    y = lora_shrink(...)                 [num_tokens, max_rank] float32, zero outside groups and ranks
-    lora_expand(..., out, ..., offset)   out[:, offset:offset + hidden_out] += scaling * y @ B.T, in
-                                         place, for grouped tokens only (others stay bit-identical)
-Tokens without an adapter are simply in no group; `lora_token_groups` builds the metadata.
+    y = lora_shrink(x, pool, a_offsets, ranks, *groups, max_rank)
+        [num_tokens, max_rank] float32, zero outside groups and past each slot's rank
+    lora_expand(y, pool, b_offsets, ranks, *groups, out, scaling, out_offset, hidden_out, y_offsets)
+        out[:, out_offset:out_offset + hidden_out] += scaling * y[:, cols] @ B.T, in place, for
+        grouped tokens only (others stay bit-identical); fp32 sum, rounded to out's dtype once
+A fused projection (qkv, gate/up) shrinks once over its parts' A rows stacked in the pool, then
+expands once per part with that part's b_offsets, ranks, out_offset and y_offsets. Tokens without
+an adapter are simply in no group; `lora_token_groups` builds the metadata. Bad shapes, dtypes and
+(for metadata on the CPU, where it costs no sync) bad ranks, offsets and slots raise ValueError.
 
 Each op dispatches per call: the Triton launcher for CUDA tensors (when Triton is installed),
 the torch reference otherwise. `TANDEM_KERNELS=triton` forces Triton (with TRITON_INTERPRET=1
@@ -160,31 +169,50 @@ def gathered_attention(
 
 def lora_shrink(
     x: torch.Tensor,
-    lora_a: torch.Tensor,
+    pool: torch.Tensor,
+    a_offsets: torch.Tensor,
     ranks: torch.Tensor,
     token_indices: torch.Tensor,
     group_offsets: torch.Tensor,
     group_slots: torch.Tensor,
+    max_rank: int,
 ) -> torch.Tensor:
-    """y[t] = x[t] @ lora_a[slot].T for every grouped token; returns [num_tokens, max_rank] float32."""
+    """y[t, :rank] = x[t] @ A[slot].T for every grouped token; returns [num_tokens, max_rank] float32."""
+    args = (x, pool, a_offsets, ranks, token_indices, group_offsets, group_slots, max_rank)
     if _use_triton(x.device):
-        return _triton_lora_shrink(x, lora_a, ranks, token_indices, group_offsets, group_slots)
-    return lora_reference.lora_shrink(x, lora_a, ranks, token_indices, group_offsets, group_slots)
+        return _triton_lora_shrink(*args)
+    return lora_reference.lora_shrink(*args)
 
 
 def lora_expand(
     y: torch.Tensor,
-    lora_b: torch.Tensor,
+    pool: torch.Tensor,
+    b_offsets: torch.Tensor,
     ranks: torch.Tensor,
     token_indices: torch.Tensor,
     group_offsets: torch.Tensor,
     group_slots: torch.Tensor,
     out: torch.Tensor,
     scaling: torch.Tensor,
-    out_offset: int = 0,
+    out_offset: int,
+    hidden_out: int,
+    y_offsets: torch.Tensor | None = None,
 ) -> None:
-    """out[t, out_offset:out_offset + hidden_out] += scaling[slot] * y[t] @ lora_b[slot].T, in place."""
-    args = (y, lora_b, ranks, token_indices, group_offsets, group_slots, out, scaling, out_offset)
+    """out[t, out_offset:out_offset + hidden_out] += scaling[slot] * y[t, cols] @ B[slot].T, in place."""
+    args = (
+        y,
+        pool,
+        b_offsets,
+        ranks,
+        token_indices,
+        group_offsets,
+        group_slots,
+        out,
+        scaling,
+        out_offset,
+        hidden_out,
+        y_offsets,
+    )
     if _use_triton(out.device):
         _triton_lora_expand(*args)
     else:

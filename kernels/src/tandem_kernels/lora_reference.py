@@ -1,15 +1,20 @@
 """Plain-torch references for the LoRA ops, the metadata builder they share; also the engine's CPU path.
 
 Each op has the signature and shapes of its public op in `tandem_kernels` (the package docstring
-holds the contract). Work is done per token group, i.e. per adapter: one gather, one GEMM and one
+holds the contract). Adapter weights live in one flat pool at per-slot element offsets, each at
+its own rank; the ops read them through views of the pool, never copies (unless the pool's dtype
+needs an upcast). Work is done per token group, i.e. per adapter: one gather, one GEMM and one
 scatter for all of an adapter's tokens, however many requests they come from, and plain views
 instead of the gather and scatter when those tokens are consecutive (a prefill). Half and bf16
 inputs are upcast so every product accumulates in fp32.
+
+The small per-slot and per-group metadata is read to the host once per call (`.tolist()`: free
+on CPU, a sync on GPU), which is also where the data-dependent checks happen.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -48,91 +53,316 @@ def lora_token_groups(
     )
 
 
-def _groups(
+# ---------------------------------------------------------------------------------------------
+# Checks shared with the Triton launchers (lora.py). check_* look at shapes and dtypes only, so
+# they never sync; the data-dependent checks run in _groups, on values already on the host.
+
+
+def _check_vector(
+    name: str, t: torch.Tensor | None, n: int, dtype: torch.dtype, device: torch.device
+) -> None:
+    # Messages are formatted only on failure: these checks run several times per layer and step.
+    if t is None:
+        return
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},) like ranks, got {tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+
+
+def check_metadata(
+    pool: torch.Tensor,
+    offsets_name: str,
+    offsets: torch.Tensor,
     ranks: torch.Tensor,
-    scaling: torch.Tensor | None,
     token_indices: torch.Tensor,
     group_offsets: torch.Tensor,
     group_slots: torch.Tensor,
-):
-    """Yield (slot, rank, scale, rows) per non-empty group; one host sync for all the per-adapter values.
-
-    rows indexes the group's tokens: a slice when they are consecutive (one request, the usual
-    prefill), so the caller works on views without a gather and a scatter; else the index tensor.
-    """
-    offsets = group_offsets.tolist()
-    slots = group_slots.tolist()
-    rank_of = ranks.tolist()
-    scale_of = scaling.tolist() if scaling is not None else [None] * len(rank_of)
-    assert len(offsets) == len(slots) + 1, (group_offsets.shape, group_slots.shape)
-    # Host values are cheaper than a few tiny tensor ops per group. Tokens are distinct (the
-    # contract), so a group whose span is its size holds exactly the tokens of that range.
-    idx_list = token_indices.tolist()
-    for g, slot in enumerate(slots):
-        lo, hi = offsets[g], offsets[g + 1]
-        if hi <= lo:
-            continue
-        group = idx_list[lo:hi]
-        first, last = min(group), max(group)
-        if last - first == hi - lo - 1:
-            rows: slice | torch.Tensor = slice(first, last + 1)
-        else:
-            rows = token_indices[lo:hi]
-        yield slot, rank_of[slot], scale_of[slot], rows
-
-
-def _take(t: torch.Tensor, rows: slice | torch.Tensor) -> torch.Tensor:
-    """t's rows: a view for a slice, a copy otherwise (index_select beats advanced indexing on CPU)."""
-    return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
+    **per_slot: tuple[torch.Tensor | None, torch.dtype],
+) -> None:
+    """ValueError for a pool or metadata of the wrong shape, dtype or device; no host sync."""
+    if pool.dim() != 1:
+        raise ValueError(f"pool must be 1-D (a flat view of the pool), got shape {tuple(pool.shape)}")
+    if not pool.is_contiguous():
+        raise ValueError("pool must be contiguous")
+    if not pool.is_floating_point():
+        raise ValueError(f"pool must hold floats, got {pool.dtype}")
+    if ranks.dim() != 1:
+        raise ValueError(f"ranks must be 1-D, got shape {tuple(ranks.shape)}")
+    num_slots = ranks.shape[0]
+    device = pool.device
+    _check_vector("ranks", ranks, num_slots, torch.int32, device)
+    _check_vector(offsets_name, offsets, num_slots, torch.int64, device)
+    for name, (t, dtype) in per_slot.items():
+        _check_vector(name, t, num_slots, dtype, device)
+    _check_vector("token_indices", token_indices, token_indices.numel(), torch.int64, device)
+    if group_slots.dim() != 1:
+        raise ValueError(f"group_slots must be 1-D, got shape {tuple(group_slots.shape)}")
+    num_groups = group_slots.shape[0]
+    _check_vector("group_slots", group_slots, num_groups, torch.int32, device)
+    if group_offsets.shape != (num_groups + 1,):
+        raise ValueError(
+            f"group_offsets must have shape ({num_groups + 1},) for {num_groups} groups,"
+            f" got {tuple(group_offsets.shape)}"
+        )
+    _check_vector("group_offsets", group_offsets, num_groups + 1, torch.int32, device)
 
 
-def lora_shrink(
+def check_shrink_args(
     x: torch.Tensor,
-    lora_a: torch.Tensor,
+    pool: torch.Tensor,
+    a_offsets: torch.Tensor,
     ranks: torch.Tensor,
     token_indices: torch.Tensor,
     group_offsets: torch.Tensor,
     group_slots: torch.Tensor,
-) -> torch.Tensor:
-    """y[t] = x[t] @ lora_a[slot].T for every grouped token; returns [num_tokens, max_rank] float32.
-
-    Rows of tokens in no group, and columns from the slot's rank on, are zero.
-    """
-    max_rank = lora_a.shape[1]
-    y = torch.zeros(x.shape[0], max_rank, dtype=torch.float32, device=x.device)
-    for slot, rank, _, rows in _groups(ranks, None, token_indices, group_offsets, group_slots):
-        assert 0 < rank <= max_rank, (slot, rank, max_rank)
-        a = lora_a[slot, :rank].float()  # [rank, hidden_in]
-        y[rows, :rank] = _take(x, rows).float() @ a.T
-    return y
+    max_rank: int,
+) -> None:
+    """ValueError for lora_shrink arguments of the wrong shape, dtype or device; no host sync."""
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"x must be a [num_tokens, hidden_in] float tensor, got {tuple(x.shape)} {x.dtype}")
+    if x.device != pool.device:
+        raise ValueError(f"x is on {x.device} but pool on {pool.device}")
+    if max_rank < 0:
+        raise ValueError(f"max_rank must be >= 0, got {max_rank}")
+    check_metadata(pool, "a_offsets", a_offsets, ranks, token_indices, group_offsets, group_slots)
 
 
-def lora_expand(
+def check_expand_args(
     y: torch.Tensor,
-    lora_b: torch.Tensor,
+    pool: torch.Tensor,
+    b_offsets: torch.Tensor,
     ranks: torch.Tensor,
     token_indices: torch.Tensor,
     group_offsets: torch.Tensor,
     group_slots: torch.Tensor,
     out: torch.Tensor,
     scaling: torch.Tensor,
-    out_offset: int = 0,
+    out_offset: int,
+    hidden_out: int,
+    y_offsets: torch.Tensor | None,
 ) -> None:
-    """out[t, out_offset:out_offset + hidden_out] += scaling[slot] * y[t] @ lora_b[slot].T, in place.
+    """ValueError for lora_expand arguments of the wrong shape, dtype or device; no host sync."""
+    if y.dim() != 2 or y.dtype != torch.float32:
+        raise ValueError(f"y must be 2-D float32, got {tuple(y.shape)} {y.dtype}")
+    if out.dim() != 2 or not out.is_floating_point():
+        raise ValueError(f"out must be a 2-D float tensor, got {tuple(out.shape)} {out.dtype}")
+    if out.shape[0] != y.shape[0]:
+        raise ValueError(f"out has {out.shape[0]} rows but y has {y.shape[0]}")
+    if hidden_out < 0 or out_offset < 0 or out_offset + hidden_out > out.shape[1]:
+        raise ValueError(
+            f"columns [{out_offset}, {out_offset + hidden_out}) run past out's {out.shape[1]} columns"
+        )
+    if y.device != pool.device or out.device != pool.device:
+        raise ValueError(f"y is on {y.device} and out on {out.device}, but pool on {pool.device}")
+    check_metadata(
+        pool,
+        "b_offsets",
+        b_offsets,
+        ranks,
+        token_indices,
+        group_offsets,
+        group_slots,
+        scaling=(scaling, torch.float32),
+        y_offsets=(y_offsets, torch.int64),
+    )
 
-    Only grouped tokens are written; the sum is taken in fp32 and rounded to out's dtype once.
+
+def _groups(
+    pool: torch.Tensor,
+    offsets: torch.Tensor,
+    ranks: torch.Tensor,
+    row_length: int,
+    y_offsets: torch.Tensor | None,
+    y_width: int,
+    token_indices: torch.Tensor,
+    group_offsets: torch.Tensor,
+    group_slots: torch.Tensor,
+    rows_too: bool = True,
+    width_name: str = "max_rank",
+) -> Iterator[tuple[int, int, int, int, slice | torch.Tensor | None]]:
+    """Yield (slot, offset, rank, y_offset, rows) per non-empty group of a slot with rank > 0.
+
+    One host read per metadata tensor for the whole call. Slot s's matrix is
+    pool[offset:offset + rank * row_length] and its columns of y are [y_offset, y_offset + rank);
+    ValueError when either is out of bounds, or the slot is. rows indexes the group's tokens: a
+    slice when they are consecutive (one request, the usual prefill), so the caller works on views
+    without a gather and a scatter; else the index tensor (None unless rows_too).
     """
-    hidden_out, max_rank = lora_b.shape[1:]
-    assert 0 <= out_offset and out_offset + hidden_out <= out.shape[1], (out_offset, hidden_out, out.shape)
-    target = out[:, out_offset : out_offset + hidden_out]
-    for slot, rank, scale, rows in _groups(ranks, scaling, token_indices, group_offsets, group_slots):
-        assert 0 < rank <= max_rank, (slot, rank, max_rank)
-        b = lora_b[slot, :, :rank].float()  # [hidden_out, rank]
-        current = _take(target, rows)  # a view of out for a slice, a copy for an index tensor
-        acc = current.float()  # current itself when out is fp32
-        # One GEMM accumulating into the output rows: no separate product, scaling and sum passes.
-        acc.addmm_(_take(y, rows)[:, :rank], b.T, alpha=scale)
-        if acc is not current or not isinstance(rows, slice):
+    offsets_of = offsets.tolist()
+    rank_of = ranks.tolist()
+    y_offset_of = y_offsets.tolist() if y_offsets is not None else None
+    bounds = group_offsets.tolist()
+    slots = group_slots.tolist()
+    pool_size = pool.numel()
+    num_slots = len(rank_of)
+    idx_list: list[int] | None = None
+    for g, slot in enumerate(slots):
+        lo, hi = bounds[g], bounds[g + 1]
+        if hi <= lo:
+            continue
+        if not 0 <= slot < num_slots:
+            raise ValueError(f"group {g} uses slot {slot}, but there are {num_slots} slots")
+        rank = rank_of[slot]
+        if rank <= 0:
+            if rank < 0:
+                raise ValueError(f"slot {slot} has negative rank {rank}")
+            continue  # no LoRA on this module for this adapter
+        if y_offset_of is None:
+            y_offset = 0
+            if rank > y_width:
+                raise ValueError(f"slot {slot} has rank {rank} > {width_name} {y_width}")
+        else:
+            y_offset = y_offset_of[slot]
+            if y_offset < 0 or y_offset + rank > y_width:
+                raise ValueError(
+                    f"slot {slot} reads columns [{y_offset}, {y_offset + rank}) of y, which has {y_width}"
+                )
+        offset = offsets_of[slot]
+        if offset < 0 or offset + rank * row_length > pool_size:
+            raise ValueError(
+                f"slot {slot}'s weights [{offset}, {offset + rank * row_length}) run outside"
+                f" the pool of {pool_size} elements"
+            )
+        rows: slice | torch.Tensor | None = None
+        if rows_too:
+            if idx_list is None:
+                idx_list = token_indices.tolist()
+            # Host values are cheaper than a few tiny tensor ops per group. Tokens are distinct
+            # (the contract), so a group whose span is its size holds exactly that range.
+            group = idx_list[lo:hi]
+            first, last = min(group), max(group)
+            rows = slice(first, last + 1) if last - first == hi - lo - 1 else token_indices[lo:hi]
+        yield slot, offset, rank, y_offset, rows
+
+
+def check_values(
+    pool: torch.Tensor,
+    offsets: torch.Tensor,
+    ranks: torch.Tensor,
+    row_length: int,
+    y_offsets: torch.Tensor | None,
+    y_width: int,
+    token_indices: torch.Tensor,
+    group_offsets: torch.Tensor,
+    group_slots: torch.Tensor,
+    width_name: str,
+) -> None:
+    """The data-dependent checks of the references, alone (reads the metadata to the host)."""
+    args = (pool, offsets, ranks, row_length, y_offsets, y_width, token_indices, group_offsets, group_slots)
+    for _ in _groups(*args, rows_too=False, width_name=width_name):
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def lora_shrink(
+    x: torch.Tensor,
+    pool: torch.Tensor,
+    a_offsets: torch.Tensor,
+    ranks: torch.Tensor,
+    token_indices: torch.Tensor,
+    group_offsets: torch.Tensor,
+    group_slots: torch.Tensor,
+    max_rank: int,
+) -> torch.Tensor:
+    """y[t, :rank] = x[t] @ A[slot].T for every grouped token; returns [num_tokens, max_rank] float32.
+
+    A[s] is pool[a_offsets[s]:][:ranks[s] * hidden_in] viewed as [ranks[s], hidden_in]. Rows of
+    tokens in no group or in a rank-0 slot's group, and columns from the slot's rank on, are zero.
+    """
+    check_shrink_args(x, pool, a_offsets, ranks, token_indices, group_offsets, group_slots, max_rank)
+    num_tokens, hidden_in = x.shape
+    y = torch.zeros(num_tokens, max_rank, dtype=torch.float32, device=x.device)
+    groups = _groups(
+        pool, a_offsets, ranks, hidden_in, None, max_rank, token_indices, group_offsets, group_slots
+    )
+    base = pool.storage_offset()
+    upcast_a, upcast_x = pool.dtype != torch.float32, x.dtype != torch.float32
+    for _, offset, rank, _, rows in groups:
+        # A.T as one view of the pool (bounds checked by _groups); upcast copies it.
+        a_t = pool.as_strided((hidden_in, rank), (1, hidden_in), base + offset)
+        if upcast_a:
+            a_t = a_t.float()
+        if isinstance(rows, slice):
+            # Straight into y's rows: x's rows and y's columns are views, the GEMM writes in place.
+            xs = x[rows]
+            y[rows, :rank].addmm_(xs.float() if upcast_x else xs, a_t)
+        else:
+            y[rows, :rank] = x.index_select(0, rows).float() @ a_t
+    return y
+
+
+def lora_expand(
+    y: torch.Tensor,
+    pool: torch.Tensor,
+    b_offsets: torch.Tensor,
+    ranks: torch.Tensor,
+    token_indices: torch.Tensor,
+    group_offsets: torch.Tensor,
+    group_slots: torch.Tensor,
+    out: torch.Tensor,
+    scaling: torch.Tensor,
+    out_offset: int,
+    hidden_out: int,
+    y_offsets: torch.Tensor | None = None,
+) -> None:
+    """out[t, out_offset:out_offset + hidden_out] += scaling[slot] * y[t, cols] @ B[slot].T, in place.
+
+    B[s] is pool[b_offsets[s]:][:hidden_out * ranks[s]] viewed as [hidden_out, ranks[s]]; cols are
+    [y_offsets[s], y_offsets[s] + ranks[s]) (y_offsets None: from 0). Only grouped tokens of slots
+    with rank > 0 are written; the sum is taken in fp32 and rounded to out's dtype once.
+    """
+    check_expand_args(
+        y,
+        pool,
+        b_offsets,
+        ranks,
+        token_indices,
+        group_offsets,
+        group_slots,
+        out,
+        scaling,
+        out_offset,
+        hidden_out,
+        y_offsets,
+    )
+    groups = _groups(
+        pool,
+        b_offsets,
+        ranks,
+        hidden_out,
+        y_offsets,
+        y.shape[1],
+        token_indices,
+        group_offsets,
+        group_slots,
+        width_name="y's column count",
+    )
+    scale_of = scaling.tolist()
+    target = out.narrow(1, out_offset, hidden_out)
+    base = pool.storage_offset()
+    upcast_b, upcast_out = pool.dtype != torch.float32, out.dtype != torch.float32
+    for slot, offset, rank, y_offset, rows in groups:
+        # B.T as one view of the pool (bounds checked by _groups); upcast copies it.
+        b_t = pool.as_strided((rank, hidden_out), (1, rank), base + offset)
+        if upcast_b:
+            b_t = b_t.float()
+        if isinstance(rows, slice):
+            current = target[rows]  # a view of out
+            acc = current.float() if upcast_out else current
+            # One GEMM accumulating into the output rows: no separate product, scaling and sum passes.
+            acc.addmm_(y[rows, y_offset : y_offset + rank], b_t, alpha=scale_of[slot])
+            if upcast_out:
+                current.copy_(acc)
+        else:
+            acc = target.index_select(0, rows)
+            if upcast_out:
+                acc = acc.float()
+            acc.addmm_(y.narrow(1, y_offset, rank).index_select(0, rows), b_t, alpha=scale_of[slot])
             # index_put_ on the view writes into out; index_copy_ is slow on CPU for small copies
             # (see reference.store_kvcache).
-            target[rows] = acc.to(out.dtype)
+            target[rows] = acc.to(out.dtype) if upcast_out else acc

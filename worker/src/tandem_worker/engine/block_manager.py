@@ -6,14 +6,17 @@ Parts:
 - the prefix cache: a full block is keyed by a hash of every token up to and including it,
   so two sequences that share a prefix share its blocks (refcounted);
 - freed blocks that carry a hash stay cached and are evicted least-recently-used, and
-  only when a fresh block is needed.
+  only when a fresh block is needed;
+- contiguous runs of blocks for LoRA adapters (unified paging, see lora.py): KV takes the
+  lowest free block ids and adapters the highest free run, so the two rarely fragment each other.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 from array import array
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from .sequence import Sequence
@@ -33,7 +36,8 @@ class BlockStats:
     num_blocks: int
     num_free: int  # allocatable now: never used, or cached with no reader
     num_cached: int  # evictable blocks that still hold a reusable prefix
-    num_used: int  # referenced by at least one sequence
+    num_used: int  # referenced by at least one sequence, or holding a LoRA adapter
+    num_adapter: int = 0  # of num_used: holding LoRA adapter weights
 
 
 class BlockManager:
@@ -46,12 +50,13 @@ class BlockManager:
         self.ref_counts = [0] * num_blocks
         self.block_hashes: list[bytes | None] = [None] * num_blocks
         self.hash_to_block: dict[bytes, int] = {}
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free: list[int] = list(range(num_blocks))  # a min-heap: KV packs low block ids
         self._evictable: OrderedDict[int, None] = OrderedDict()  # oldest first
         # Per sequence: the hash chain of its full blocks, so hashing stays incremental.
         self._seq_hashes: dict[str, list[bytes]] = {}
         self._seq_committed: dict[str, int] = {}  # full blocks already published, per sequence
         self.num_evictions = 0
+        self.num_adapter_blocks = 0
 
     # --- queries -----------------------------------------------------------------------------
 
@@ -61,7 +66,9 @@ class BlockManager:
 
     def stats(self) -> BlockStats:
         free = self.num_free_blocks
-        return BlockStats(self.num_blocks, free, len(self._evictable), self.num_blocks - free)
+        return BlockStats(
+            self.num_blocks, free, len(self._evictable), self.num_blocks - free, self.num_adapter_blocks
+        )
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -76,7 +83,7 @@ class BlockManager:
         bs = self.block_size
         hits: list[int] = []
         hashes = self._seq_hashes.setdefault(seq.request_id, [])
-        parent = None
+        parent = seq.cache_salt
         for i in range((seq.num_tokens - 1) // bs):
             if i < len(hashes):
                 h = hashes[i]
@@ -94,16 +101,52 @@ class BlockManager:
 
     def _take_fresh(self) -> int:
         if self._free:
-            block = self._free.popleft()
+            block = heapq.heappop(self._free)
         else:
             block, _ = self._evictable.popitem(last=False)
-            old = self.block_hashes[block]
-            if old is not None and self.hash_to_block.get(old) == block:
-                del self.hash_to_block[old]
-            self.block_hashes[block] = None
-            self.num_evictions += 1
+            self._unhash(block)
         self.ref_counts[block] = 1
         return block
+
+    def _unhash(self, block: int) -> None:
+        old = self.block_hashes[block]
+        if old is not None and self.hash_to_block.get(old) == block:
+            del self.hash_to_block[old]
+        self.block_hashes[block] = None
+        self.num_evictions += 1
+
+    def allocate_run(self, n: int) -> int | None:
+        """Take `n` consecutive unreferenced blocks (the highest such run; cached ones are evicted).
+
+        Returns the first block id, or None if no such run exists now. The blocks stay out of the
+        KV allocator until `free_run`.
+        """
+        run = 0
+        start = None
+        for b in range(self.num_blocks - 1, -1, -1):
+            run = run + 1 if self.ref_counts[b] == 0 else 0
+            if run == n:
+                start = b
+                break
+        if start is None:
+            return None
+        taken = range(start, start + n)
+        for b in taken:
+            if b in self._evictable:
+                del self._evictable[b]
+                self._unhash(b)
+            self.ref_counts[b] = 1
+        self._free = [b for b in self._free if not start <= b < start + n]
+        heapq.heapify(self._free)
+        self.num_adapter_blocks += n
+        return start
+
+    def free_run(self, start: int, n: int) -> None:
+        for b in range(start, start + n):
+            assert self.ref_counts[b] == 1, f"block {b} is not an adapter block"
+            self.ref_counts[b] = 0
+            heapq.heappush(self._free, b)
+        self.num_adapter_blocks -= n
 
     def _ref(self, block: int) -> None:
         if self.ref_counts[block] == 0:
@@ -153,7 +196,8 @@ class BlockManager:
         start = self._seq_committed.get(seq.request_id, 0)
         for i in range(start, num_full):
             if i == len(hashes):
-                hashes.append(hash_block(hashes[i - 1] if i else None, seq.tokens(i * bs, (i + 1) * bs)))
+                parent = hashes[i - 1] if i else seq.cache_salt
+                hashes.append(hash_block(parent, seq.tokens(i * bs, (i + 1) * bs)))
             block = seq.block_table[i]
             if self.block_hashes[block] is not None:
                 continue
@@ -173,7 +217,7 @@ class BlockManager:
                 if self.block_hashes[block] is not None:
                     self._evictable[block] = None
                 else:
-                    self._free.append(block)
+                    heapq.heappush(self._free, block)
         seq.block_table = []
         seq.num_computed_tokens = 0
         self._seq_committed.pop(seq.request_id, None)
@@ -187,5 +231,5 @@ class BlockManager:
         while self._evictable:
             block, _ = self._evictable.popitem(last=False)
             self.block_hashes[block] = None
-            self._free.append(block)
+            heapq.heappush(self._free, block)
         self.hash_to_block = {h: b for h, b in self.hash_to_block.items() if self.ref_counts[b] > 0}

@@ -116,6 +116,12 @@ class EngineConfig:
     # False on workers behind a router: it detokenizes and applies stop strings itself.
     detokenize: bool = True
     seed: int = 0
+    # LoRA: the adapter store (a folder of PEFT adapters, one sub-folder per name), the host-memory
+    # cache above it, and how long a request may wait for its adapter to load. Device memory for
+    # adapters comes out of the KV cache budget (unified paging).
+    lora_store: str | None = None
+    lora_host_cache_bytes: int = 2 * 2**30
+    lora_load_timeout_s: float = 30.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -129,6 +135,8 @@ class EngineConfig:
             )
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be at least 1")
+        if self.lora_load_timeout_s <= 0:
+            raise ValueError("lora_load_timeout_s must be positive")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be at least 1")
         if self.max_num_seqs > self.max_num_batched_tokens:

@@ -17,6 +17,7 @@ import torch
 from .block_manager import BlockManager
 from .config import EngineConfig, ModelConfig
 from .loader import resolve_model
+from .lora import LoRAManager
 from .model_runner import ModelRunner
 from .sampler import Sampler
 from .sampling_params import RequestError, SamplingParams
@@ -41,6 +42,7 @@ class RequestOutput:
     logprobs: list[float] | None = None
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None  # set, with finish_reason "abort", when the request failed (adapter load)
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,18 @@ class LLMEngine:
         self.block_manager = BlockManager(
             self.runner.layout.num_blocks, config.block_size, config.enable_prefix_caching
         )
-        self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
+        self.lora = LoRAManager(
+            self.model_config,
+            self.block_manager,
+            self.runner.kv_cache,
+            config.lora_store,
+            config.lora_host_cache_bytes,
+            config.lora_load_timeout_s,
+        )
+        self.runner.lora = self.lora
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_batched_tokens, config.max_num_seqs, self.lora
+        )
         self.sampler = Sampler(config.seed)
         self._requests: dict[str, _Request] = {}
         self._reservations: list[Reservation] = []
@@ -127,11 +140,13 @@ class LLMEngine:
         remote_kv: bool = False,
         kv_sink: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
         kv_skip: int = 0,
+        adapter: str | None = None,
     ) -> str:
         """Queue a request; raises `RequestError` (changing nothing) if it can never be served.
 
         `remote_kv`: the prompt's KV will come from a prefill worker (see `take_reservations` and
         `kv_ready`). `kv_sink`: stream each layer's KV for prompt tokens from `kv_skip` on.
+        `adapter`: a LoRA adapter's name; an unknown one raises `AdapterNotFoundError`.
         """
         params = params or SamplingParams()
         if prompt_token_ids is None:
@@ -147,8 +162,15 @@ class LLMEngine:
         if request_id in self._requests:
             raise RequestError("request_id", f"{request_id!r} is already in flight")
         self.validate(prompt_token_ids, params)
+        adapter = adapter or None
+        if adapter is not None:
+            self.lora.check(adapter)
         seq = Sequence(request_id, list(prompt_token_ids), params, remote_kv=remote_kv, kv_sink=kv_sink)
         seq.kv_sent = kv_skip
+        if adapter is not None:
+            seq.lora_name = adapter
+            seq.cache_salt = self.lora.cache_salt(adapter)
+            self.lora.prefetch(adapter)  # read it from the store while earlier batches run
         self._requests[request_id] = _Request(seq, TextStream(self.tokenizer, seq.prompt_token_ids, params))
         self.scheduler.add(seq)
         return request_id
@@ -194,13 +216,14 @@ class LLMEngine:
         """Run one scheduler step; return an output for every request that advanced."""
         out = self.scheduler.schedule()
         now = time.monotonic()
+        failed = [self._fail(seq, why) for seq, why in out.failed]
         for seq in out.reserved:
             seq.first_scheduled_time = now
             self._reservations.append(
                 Reservation(seq.request_id, seq.num_computed_tokens, list(seq.block_table))
             )
         if out.is_empty:
-            return []
+            return failed
         for seq in out.admitted:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
@@ -214,7 +237,18 @@ class LLMEngine:
         for seq, _, hi in sends:
             seq.kv_sent = hi
         self.scheduler.on_step_done(out)
-        return self._process(out, logits, sampled_chunks)
+        return failed + self._process(out, logits, sampled_chunks)
+
+    def _fail(self, seq: Sequence, why: str) -> RequestOutput:
+        """End a request that cannot run (its adapter failed to load); the others go on."""
+        req = self._requests.pop(seq.request_id)
+        seq.finish_reason = FinishReason.ABORT
+        self.scheduler.finish(seq)
+        self.sampler.forget(seq.request_id)
+        log.warning("request %s failed: %s", seq.request_id, why)
+        out = self._output(req, "")
+        out.error = why
+        return out
 
     def _kv_hook(self, sends: list[tuple[Sequence, int, int]]) -> Callable[[int], None]:
         """Hand each finished layer's KV of the given token ranges to their sinks, as soon as it exists."""
@@ -335,4 +369,5 @@ class LLMEngine:
             "prefix_cached_tokens": s.num_prefix_cached_tokens,
             "decode_tokens": s.num_decode_tokens,
             "evictions": self.block_manager.num_evictions,
+            "adapter_blocks": b.num_adapter,
         }

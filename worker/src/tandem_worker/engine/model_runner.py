@@ -108,6 +108,7 @@ class ModelRunner:
         # Off CUDA (and unless Triton is forced) attention gathers each sequence's exact context.
         self.gather_attention = self.device.type != "cuda" and os.environ.get("TANDEM_KERNELS") != "triton"
         self.kv_cache = torch.zeros(self.layout.shape, dtype=self.dtype, device=self.device)
+        self.lora = None  # the engine's LoRAManager: adapters live in this KV pool
         log.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB)",
             self.layout.num_blocks,
@@ -126,6 +127,8 @@ class ModelRunner:
         self, out: SchedulerOutput
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """Pack a step's chunks, decodes first, and return (input_ids, positions, metadata, order).
+
+        The metadata carries the step's LoRA work (`meta.lora`) when any chunk uses an adapter.
 
         `order[j]` is the index in `out.chunks` of the j-th packed chunk.
         """
@@ -167,6 +170,9 @@ class ModelRunner:
             meta.prefill_is_fresh = all(c.start == 0 for c in chunks)
         if self.gather_attention:
             self._add_gathered(meta, [out.chunks[i] for i in order])
+        if self.lora is not None:
+            packed = [out.chunks[i] for i in order]
+            meta.lora = self.lora.batch([c.num_tokens for c in packed], [c.seq.lora_slot for c in packed])
         return self._tensor(ids), self._tensor(pos), meta, order
 
     def _add_gathered(self, meta: AttentionMetadata, chunks: list) -> None:

@@ -12,17 +12,25 @@ Each `schedule()` call decides one model step:
   cache) and it goes back to the front of the queue;
 - on a decode worker, a request whose prompt KV comes from a prefill worker first waits in
   `awaiting` until blocks for its whole prompt can be reserved (admission control where memory
-  is scarce); it then sits in `reserved`, never scheduled nor preempted, until `activate()`.
-The decisions are pure bookkeeping over `BlockManager`; no tensors here.
+  is scarce); it then sits in `reserved`, never scheduled nor preempted, until `activate()`;
+- a request for a LoRA adapter is admitted only once its adapter is on the device, and pins it
+  there until it finishes or is preempted; unpinned adapters give their blocks back before any
+  running sequence is preempted for room. While an adapter is read from the store (bounded by a
+  timeout) the requests behind it go ahead; one that cannot load fails its requests.
+The decisions are bookkeeping over `BlockManager` and the LoRA manager; no tensors here.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .block_manager import BlockManager
 from .sequence import Sequence, SequenceStatus
+
+if TYPE_CHECKING:
+    from .lora import LoRAManager
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,7 @@ class SchedulerOutput:
     preempted: list[Sequence] = field(default_factory=list)
     admitted: list[Sequence] = field(default_factory=list)
     reserved: list[Sequence] = field(default_factory=list)  # remote-KV sequences that got their blocks
+    failed: list[tuple[Sequence, str]] = field(default_factory=list)  # e.g. their adapter cannot load
 
     @property
     def num_tokens(self) -> int:
@@ -66,8 +75,15 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_batched_tokens: int,
+        max_num_seqs: int,
+        adapters: LoRAManager | None = None,
+    ) -> None:
         self.bm = block_manager
+        self.adapters = adapters
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Sequence] = deque()
@@ -97,7 +113,44 @@ class Scheduler:
         self.running.append(seq)
         self.bm.commit(seq)
 
+    def _acquire(self, seq: Sequence, queue: deque[Sequence], out: SchedulerOutput) -> bool:
+        """Pin the sequence's adapter on the device; False to wait (loading, or no room yet)."""
+        if seq.lora_name is None or seq.lora_slot is not None:
+            return True
+        assert self.adapters is not None, "a LoRA request reached an engine without adapters"
+        try:
+            slot = self.adapters.acquire(seq.lora_name)
+        except ValueError as e:  # AdapterError, AdapterNotFoundError: this request cannot run
+            queue.popleft()
+            out.failed.append((seq, str(e)))
+            return True
+        if slot is None:
+            return False
+        seq.lora_slot = slot
+        return True
+
+    def _adapter_loading(self, seq: Sequence) -> bool:
+        return (
+            seq.lora_name is not None
+            and seq.lora_slot is None
+            and self.adapters is not None
+            and self.adapters.is_loading(seq.lora_name)
+        )
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.lora_slot is not None and self.adapters is not None:
+            self.adapters.release(seq.lora_name)
+        seq.lora_slot = None
+
+    def _admit(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """BlockManager.admit, first reclaiming blocks from adapters nobody runs."""
+        while not self.bm.admit(seq, num_new_tokens):
+            if self.adapters is None or not self.adapters.evict_one(keep=seq.lora_name):
+                return False
+        return True
+
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self._release(seq)
         self.bm.free(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
@@ -113,6 +166,8 @@ class Scheduler:
             seq = self.running[i]
             n = min(seq.num_uncomputed_tokens, budget)
             while not self.bm.grow(seq, n):
+                if self.adapters is not None and self.adapters.evict_one():
+                    continue
                 victim = self.running.pop()
                 self._preempt(victim, out)
                 if victim is seq:
@@ -122,16 +177,27 @@ class Scheduler:
                 budget -= n
                 i += 1
         # Remote-KV arrivals reserve their whole prompt now; the KV lands while others compute.
+        loading: list[Sequence] = []
         while (
             self.awaiting and not out.preempted and len(self.running) + len(self.reserved) < self.max_num_seqs
         ):
             seq = self.awaiting[0]
-            if not self.bm.admit(seq, seq.num_tokens):
+            if self._adapter_loading(seq):
+                loading.append(self.awaiting.popleft())
+                continue
+            if not self._acquire(seq, self.awaiting, out):
+                break
+            if out.failed and out.failed[-1][0] is seq:
+                continue
+            if not self._admit(seq, seq.num_tokens):
+                self._release(seq)
                 break
             self.awaiting.popleft()
             self.reserved[seq.request_id] = seq
             out.reserved.append(seq)
             self.stats.num_prefix_cached_tokens += seq.num_cached_tokens
+        self.awaiting.extendleft(reversed(loading))
+        loading = []
         # Admitting while preempting would only thrash: new arrivals wait for the next step.
         while (
             self.waiting
@@ -140,7 +206,15 @@ class Scheduler:
             and not out.preempted
         ):
             seq = self.waiting[0]
-            if not self.bm.admit(seq, budget):
+            if self._adapter_loading(seq):
+                loading.append(self.waiting.popleft())
+                continue
+            if not self._acquire(seq, self.waiting, out):
+                break
+            if out.failed and out.failed[-1][0] is seq:
+                continue
+            if not self._admit(seq, budget):
+                self._release(seq)
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -150,6 +224,8 @@ class Scheduler:
             n = min(seq.num_uncomputed_tokens, budget)
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
             budget -= n
+        # Requests whose adapter is still being read keep their place at the front of the queue.
+        self.waiting.extendleft(reversed(loading))
         return out
 
     def on_step_done(self, out: SchedulerOutput) -> None:
@@ -175,6 +251,7 @@ class Scheduler:
         elif seq in self.awaiting:
             self.awaiting.remove(seq)
         self.reserved.pop(seq.request_id, None)
+        self._release(seq)
         self.bm.free(seq)
         self.bm.forget(seq)
         seq.status = SequenceStatus.FINISHED

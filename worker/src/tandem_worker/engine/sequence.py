@@ -47,6 +47,11 @@ class Sequence:
     kv_sink: Callable[[int, int, Any, Any], None] | None = None
     kv_sent: int = 0
     remote_kv: bool = False
+    # LoRA: the adapter's name, its device slot while the sequence holds it pinned (see lora.py),
+    # and the prefix-cache salt that keeps KV computed under different adapters apart.
+    lora_name: str | None = None
+    lora_slot: int | None = None
+    cache_salt: bytes | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

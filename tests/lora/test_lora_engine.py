@@ -1,0 +1,225 @@
+"""LoRA in the engine: outputs equal PEFT's, token for token, in batches mixing nine adapters and none.
+
+The reference is PEFT's own `PeftModel` over transformers' float32 model with each adapter made
+active in turn, decoded greedily (tests/engine/test_engine_vs_hf.py's loop and near-tie rule).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tandem_worker.engine.llm_engine import LLMEngine
+from tandem_worker.engine.lora import AdapterError, AdapterNotFoundError, read_peft_adapter
+from tandem_worker.engine.sampling_params import SamplingParams
+from tests.engine.conftest import run_all
+from tests.engine.test_engine_vs_hf import Reference, assert_matches, hf_greedy
+from tests.lora.conftest import MIXED_SPECS
+
+MAX_NEW = 12
+GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a land far away, there lived a dragon who",
+]
+
+
+@pytest.fixture(scope="session")
+def prompt_ids(hf_tokenizer) -> list[list[int]]:
+    return [hf_tokenizer.encode(p) for p in PROMPTS]
+
+
+@pytest.fixture(scope="session")
+def peft_references(
+    model_dir: Path, adapter_store: Path, prompt_ids
+) -> dict[tuple[str | None, int], Reference]:
+    """PEFT's greedy tokens for every (adapter or None, prompt)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    refs = {(None, i): hf_greedy(base, ids, MAX_NEW) for i, ids in enumerate(prompt_ids)}
+    names = [s.name for s in MIXED_SPECS]
+    model = PeftModel.from_pretrained(base, adapter_store / names[0], adapter_name=names[0]).eval()
+    for name in names[1:]:
+        model.load_adapter(adapter_store / name, adapter_name=name)
+    for name in names:
+        model.set_adapter(name)
+        for i, ids in enumerate(prompt_ids):
+            refs[(name, i)] = hf_greedy(model, ids, MAX_NEW)
+    return refs
+
+
+@pytest.fixture(scope="session")
+def lora_engine(model_dir: Path, adapter_store: Path) -> LLMEngine:
+    return LLMEngine(model=str(model_dir), kv_cache_bytes=400 * 2**20, lora_store=str(adapter_store))
+
+
+def test_adapters_change_the_output(peft_references):
+    """Guard for the equality test below: every adapter really changes what the model says."""
+    inert = [
+        spec.name
+        for spec in MIXED_SPECS
+        if all(peft_references[(spec.name, i)].tokens == peft_references[(None, i)].tokens for i in range(3))
+    ]
+    assert not inert, f"{inert} change no output: the equality test would prove nothing for them"
+
+
+def test_mixed_batch_matches_peft(lora_engine, prompt_ids, peft_references, record_property):
+    """All adapters x all prompts + base requests submitted together: one heterogeneous batch."""
+    engine = lora_engine
+    for spec in MIXED_SPECS:
+        engine.lora.load(spec.name)  # admin load from the store: all in host memory before the batch
+    ids = {}
+    for i, p in enumerate(prompt_ids):
+        ids[engine.add_request(prompt_token_ids=p, params=GREEDY)] = (None, i)
+        for spec in MIXED_SPECS:
+            ids[engine.add_request(prompt_token_ids=p, params=GREEDY, adapter=spec.name)] = (spec.name, i)
+    first = engine.step()  # every prompt is prefilled in this one step, adapters mixed
+    assert not [o for o in first if o.error]
+    assert len(first) == len(ids), "the whole mixed batch should have been prefilled together"
+    final = run_all(engine)
+    notes: list[str] = []
+    for rid, key in ids.items():
+        assert final[rid].error is None
+        assert_matches(f"{key[0]}/prompt{key[1]}", final[rid].token_ids, peft_references[key], notes)
+    record_property("near_ties", notes)
+    stats = engine.lora.stats
+    assert stats.loads == len(MIXED_SPECS) and stats.load_failures == 0
+    # Nothing pinned after the batch: every adapter can be evicted now.
+    assert all(not a.pinned for a in engine.lora.list())
+
+
+def test_decode_batch_mixes_adapters(lora_engine, prompt_ids, peft_references):
+    """Requests for different adapters arriving at different steps share decode steps and stay correct."""
+    engine = lora_engine
+    notes: list[str] = []
+    order = [None] + [s.name for s in MIXED_SPECS]
+    ids = {}
+    for k, name in enumerate(order):
+        i = k % len(prompt_ids)
+        ids[engine.add_request(prompt_token_ids=prompt_ids[i], params=GREEDY, adapter=name)] = (name, i)
+        engine.step()  # each new prompt joins a batch already decoding other adapters
+    final = run_all(engine)
+    for rid, key in ids.items():
+        # Outputs finished during the staggered submission come back from step(), not run_all.
+        if rid in final:
+            assert_matches(f"{key[0]}/prompt{key[1]}", final[rid].token_ids, peft_references[key], notes)
+    assert len(final) >= len(ids) - 2
+
+
+def test_unknown_adapter_is_refused_and_changes_nothing(lora_engine):
+    before = lora_engine.num_unfinished
+    with pytest.raises(AdapterNotFoundError, match="no-such-adapter"):
+        lora_engine.add_request("hello", GREEDY, adapter="no-such-adapter")
+    with pytest.raises(AdapterNotFoundError):
+        lora_engine.add_request("hello", GREEDY, adapter="../mixed-v2/qv-r4")  # no path tricks
+    assert lora_engine.num_unfinished == before
+
+
+def test_prefix_cache_is_per_adapter(lora_engine):
+    """A long shared prompt: the base model's cached KV must not serve an adapter's request."""
+    engine = lora_engine
+    long_prompt = engine.tokenizer.encode("A list of rivers and their lengths, longest first: " * 4)
+    assert len(long_prompt) > 2 * engine.config.block_size  # several full blocks, cacheable
+    p = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    base = engine.add_request(prompt_token_ids=long_prompt, params=p)
+    run_all(engine)
+    rid = engine.add_request(prompt_token_ids=long_prompt, params=p, adapter="all-r16")
+    out = run_all(engine)[rid]
+    assert out.num_cached_tokens == 0, "the adapter request reused KV computed without the adapter"
+    again = engine.add_request(prompt_token_ids=long_prompt, params=p, adapter="all-r16")
+    out2 = run_all(engine)[again]
+    assert out2.num_cached_tokens > 0 and out2.token_ids == out.token_ids
+    assert base  # the base request ran first and filled the cache
+
+
+def test_bad_adapters_are_refused(tmp_path, adapter_store, model_dir):
+    from tandem_worker.engine.config import ModelConfig
+
+    cfg = ModelConfig.from_folder(model_dir)
+    good = adapter_store / "attn-r8"
+    with pytest.raises(AdapterError, match="lacks adapter_config.json"):
+        read_peft_adapter(tmp_path, cfg, torch.float32)
+    # Shapes of another model: a q_proj A with the wrong input width.
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(good / "adapter_model.safetensors")
+    bad = tmp_path / "bad-shape"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text((good / "adapter_config.json").read_text())
+    key = next(k for k in tensors if "q_proj.lora_A" in k)
+    save_file({**tensors, key: torch.zeros(8, 100)}, bad / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match="do not fit"):
+        read_peft_adapter(bad, cfg, torch.float32)
+    # A module Tandem cannot adapt (the embedding).
+    emb = tmp_path / "bad-target"
+    emb.mkdir()
+    (emb / "adapter_config.json").write_text((good / "adapter_config.json").read_text())
+    save_file(
+        {**tensors, "base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(8, 10)},
+        emb / "adapter_model.safetensors",
+    )
+    with pytest.raises(AdapterError, match="cannot adapt"):
+        read_peft_adapter(emb, cfg, torch.float32)
+
+
+def test_200_adapters_page_through_a_small_pool(model_dir, many_adapter_store, hf_tokenizer):
+    """A pool that holds a handful of adapters at a time serves a stream over 200 of them.
+
+    Adapters are read from the store on first use, evicted when the pool is full, and read or
+    copied back when asked for again; sampled outputs equal PEFT's.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    names = sorted(p.name for p in many_adapter_store.iterdir())
+    assert len(names) == 200
+    engine = LLMEngine(
+        model=str(model_dir),
+        kv_cache_bytes=48 * 2**20,  # 66 blocks of 737 KB: a rank-8 all-projection adapter takes 14
+        lora_store=str(many_adapter_store),
+        lora_host_cache_bytes=64 * 2**20,  # a few dozen adapters: the host tier evicts too
+        max_num_seqs=8,
+    )
+    prompt = hf_tokenizer.encode("My favourite animal is")
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    stream = names + names[:20]  # the first 20 come back after 180 others pushed them out
+    ids = {}
+    for k, name in enumerate(stream):
+        ids[engine.add_request(prompt_token_ids=prompt, params=params, adapter=name)] = (k, name)
+        if k % 4 == 3:
+            engine.step()
+    final = run_all(engine)
+    done = {**final}
+    assert not [o for o in done.values() if o.error]
+    lora = engine.lora.stats
+    assert lora.device_evictions > 150 and lora.host_evictions > 0
+    assert lora.device_loads > len(names), "evicted adapters were never loaded back"
+    assert (
+        engine.block_manager.num_free_blocks + engine.block_manager.num_adapter_blocks
+        == engine.block_manager.num_blocks
+    )
+    resident = engine.lora.resident()["device"]
+    assert 0 < len(resident) < 10
+    # Every request of the same adapter says the same thing, however the adapter was paged.
+    by_name: dict[str, list[list[int]]] = {}
+    for rid, (_, name) in ids.items():
+        if rid in done:
+            by_name.setdefault(name, []).append(done[rid].token_ids)
+    assert all(len({tuple(t) for t in v}) == 1 for v in by_name.values())
+    # And what it says is PEFT's answer, for a sample including reloaded adapters.
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    sample = names[:6] + names[100:103] + names[-3:]
+    model = PeftModel.from_pretrained(base, many_adapter_store / sample[0], adapter_name=sample[0]).eval()
+    notes: list[str] = []
+    for name in sample:
+        if name != sample[0]:
+            model.load_adapter(many_adapter_store / name, adapter_name=name)
+        model.set_adapter(name)
+        ref = hf_greedy(model, prompt, 4)
+        assert_matches(name, by_name[name][0], ref, notes)
+    assert len({tuple(v[0]) for v in by_name.values()}) > 20, "the adapters should not all agree"

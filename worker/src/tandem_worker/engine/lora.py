@@ -1,0 +1,693 @@
+"""LoRA adapters: PEFT files in a store, a host-memory cache, and device pages inside the KV pool.
+
+Three tiers (S-LoRA):
+- the store: a folder of PEFT adapters, `<store>/<name>/adapter_config.json` +
+  `adapter_model.safetensors` (a mounted volume in Kubernetes); adapters can also be registered
+  from any folder with `LoRAManager.load`;
+- host memory: parsed adapters, least-recently-used out past `host_cache_bytes`; queued
+  requests prefetch into it on a background thread while earlier batches run;
+- device: each resident adapter owns a contiguous run of KV-cache blocks and its weights live in
+  those blocks' memory (unified paging): adapters and KV compete for one pool, and an adapter
+  nobody is running is evicted, least recently used first, when either needs room. An adapter in
+  use by a scheduled request is pinned.
+
+Inside the pool, layer i of an adapter lives in the K and V halves of layer i of its blocks, so a
+block run holds every layer. For each of the four projections the engine computes (fused qkv, o,
+fused gate_up, down) an adapter has one A (the concatenated A rows of the fused parts, so one
+shrink serves q, k and v) and one B per part; `tandem_kernels.lora_shrink`/`lora_expand` read
+them by offset into the flat pool. A part the adapter does not target has rank 0 and costs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+import tandem_kernels
+
+from .block_manager import BlockManager
+from .config import ModelConfig
+from .sampling_params import RequestError
+
+log = logging.getLogger(__name__)
+
+# Fused projection -> its parts, in the order of the fused output's columns.
+KINDS: dict[str, tuple[str, ...]] = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
+MODULE_KIND = {m: k for k, parts in KINDS.items() for m in parts}
+_KEY = re.compile(
+    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$"
+)
+
+
+class AdapterError(ValueError):
+    """An adapter's files are unreadable or do not fit the base model."""
+
+
+class AdapterNotFoundError(RequestError):
+    def __init__(self, name: str, detail: str = "") -> None:
+        super().__init__("adapter", f"unknown adapter {name!r}{detail}")
+        self.name = name
+
+
+def module_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of every projection LoRA may target."""
+    h, q, kv, inter = (
+        cfg.hidden_size,
+        cfg.num_attention_heads * cfg.head_dim,
+        cfg.num_key_value_heads * cfg.head_dim,
+        cfg.intermediate_size,
+    )
+    return {
+        "q_proj": (h, q),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (q, h),
+        "gate_proj": (h, inter),
+        "up_proj": (h, inter),
+        "down_proj": (inter, h),
+    }
+
+
+@dataclass
+class HostAdapter:
+    """An adapter parsed into host memory: per (layer, module), A [r, in] and B [out, r]."""
+
+    name: str
+    path: Path
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    scaling: dict[str, float]  # per module, as PEFT applies it
+    num_bytes: int
+
+    @property
+    def max_rank(self) -> int:
+        return max(a.shape[0] for a, _ in self.weights.values())
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted({m for _, m in self.weights}, key=list(MODULE_KIND).index)
+
+
+def read_peft_adapter(path: Path, cfg: ModelConfig, dtype: torch.dtype, name: str = "") -> HostAdapter:
+    """Parse a PEFT LoRA adapter folder and check it against the base model (AdapterError if unfit)."""
+    path = Path(path)
+    name = name or path.name
+    cfg_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not cfg_file.is_file() or not weights_file.is_file():
+        raise AdapterError(f"adapter {name!r}: {path} lacks adapter_config.json or adapter_model.safetensors")
+    try:
+        conf = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"adapter {name!r}: unreadable adapter_config.json: {e}") from e
+    if conf.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"adapter {name!r}: peft_type {conf.get('peft_type')!r}, only LORA is supported")
+    unsupported = {
+        "use_dora": bool(conf.get("use_dora")),
+        "fan_in_fan_out": bool(conf.get("fan_in_fan_out")),
+        "bias": conf.get("bias", "none") != "none" or bool(conf.get("lora_bias")),
+        "modules_to_save": bool(conf.get("modules_to_save")),
+        "alpha_pattern": bool(conf.get("alpha_pattern")),
+    }
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise AdapterError(f"adapter {name!r}: unsupported PEFT option(s) {', '.join(bad)}")
+    alpha = float(conf.get("lora_alpha", 8))
+    rslora = bool(conf.get("use_rslora"))
+    shapes = module_shapes(cfg)
+    raw: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    try:
+        with safe_open(str(weights_file), framework="pt") as st:
+            for key in st.keys():
+                m = _KEY.match(key)
+                if m is None:
+                    raise AdapterError(
+                        f"adapter {name!r}: tensor {key!r} targets a module Tandem cannot adapt "
+                        f"(supported: {', '.join(MODULE_KIND)} of the decoder layers)"
+                    )
+                layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
+                if module not in MODULE_KIND:
+                    raise AdapterError(f"adapter {name!r}: unknown target module {module!r} in {key!r}")
+                if layer >= cfg.num_hidden_layers:
+                    raise AdapterError(
+                        f"adapter {name!r}: layer {layer} but the base model has {cfg.num_hidden_layers}"
+                    )
+                raw.setdefault((layer, module), {})[ab] = st.get_tensor(key)
+    except AdapterError:
+        raise
+    except Exception as e:  # a truncated or foreign file: say which adapter
+        raise AdapterError(f"adapter {name!r}: unreadable adapter_model.safetensors: {e}") from e
+    if not raw:
+        raise AdapterError(f"adapter {name!r}: no LoRA weights in {weights_file}")
+    weights, scaling, num_bytes = {}, {}, 0
+    for (layer, module), ab in sorted(raw.items()):
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"adapter {name!r}: layer {layer} {module} lacks lora_A or lora_B")
+        a, b = ab["A"], ab["B"]
+        fan_in, fan_out = shapes[module]
+        r = a.shape[0]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != fan_in or b.shape != (fan_out, r) or r < 1:
+            raise AdapterError(
+                f"adapter {name!r}: layer {layer} {module}: A {tuple(a.shape)}, B {tuple(b.shape)} "
+                f"do not fit the base model's {fan_in} -> {fan_out} projection"
+            )
+        s = alpha / math.sqrt(r) if rslora else alpha / r
+        if scaling.setdefault(module, s) != s:
+            raise AdapterError(f"adapter {name!r}: {module} has different ranks across layers")
+        a, b = a.to(dtype).contiguous(), b.to(dtype).contiguous()
+        weights[(layer, module)] = (a, b)
+        num_bytes += a.nbytes + b.nbytes
+    return HostAdapter(name, path, weights, scaling, num_bytes)
+
+
+@dataclass
+class _Placement:
+    """Where one projection kind of one layer of an adapter sits in the flat pool (element offsets)."""
+
+    a_offset: int
+    total_rank: int
+    parts: dict[str, tuple[int, int, int]]  # module -> (b_offset, rank, y_offset)
+
+
+def _layer_matrices(adapter: HostAdapter, layer: int, shapes: dict[str, tuple[int, int]]) -> list[tuple]:
+    """(kind, tag, numel) for each matrix of one layer in pool order: A of each kind, then its Bs."""
+    out = []
+    for kind, parts in KINDS.items():
+        present = [m for m in parts if (layer, m) in adapter.weights]
+        if not present:
+            continue
+        fan_in = shapes[present[0]][0]
+        total = sum(adapter.weights[(layer, m)][0].shape[0] for m in present)
+        out.append((kind, "A", total * fan_in))
+        for m in present:
+            out.append((kind, m, adapter.weights[(layer, m)][1].numel()))
+    return out
+
+
+def _pack(sizes: list[int], regions: list[int]) -> list[tuple[int, int]] | None:
+    """First-fit the matrices, in order, into regions of the given sizes; none straddles two regions."""
+    placed, region, used = [], 0, 0
+    for n in sizes:
+        while region < len(regions) and used + n > regions[region]:
+            region, used = region + 1, 0
+        if region == len(regions):
+            return None
+        placed.append((region, used))
+        used += n
+    return placed
+
+
+@dataclass
+class DeviceAdapter:
+    name: str
+    slot: int
+    first_block: int
+    num_blocks: int
+    num_bytes: int
+    rank: int
+    pins: int = 0
+    placements: dict[tuple[int, str], _Placement] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    tier: str  # "device", "host", "loading" or "store"
+    size_bytes: int
+    rank: int
+    pinned: bool
+
+
+@dataclass
+class LoRAStats:
+    # Per request, the tier its adapter was found in when it arrived ("store": a miss, read from disk).
+    hits: dict[str, int] = field(default_factory=lambda: {"device": 0, "host": 0, "store": 0})
+    loads: int = 0  # store -> host reads
+    load_failures: int = 0
+    load_seconds: float = 0.0
+    device_loads: int = 0  # host -> device copies
+    device_evictions: int = 0
+    host_evictions: int = 0
+
+
+class LoRATables:
+    """Per (kind, layer) slot tables the kernels read: offsets into the pool, ranks and scaling."""
+
+    def __init__(self, num_layers: int, device: torch.device, capacity: int = 8) -> None:
+        self.num_layers, self.device, self.capacity = num_layers, device, capacity
+        self._alloc()
+
+    def _alloc(self) -> None:
+        L, S = self.num_layers, self.capacity
+
+        def z(dtype=torch.int64):
+            return torch.zeros(L, S, dtype=dtype)
+
+        self.a_offsets = {k: z() for k in KINDS}
+        self.total_ranks = {k: z(torch.int32) for k in KINDS}
+        self.b_offsets = {m: z() for m in MODULE_KIND}
+        self.ranks = {m: z(torch.int32) for m in MODULE_KIND}
+        self.y_offsets = {m: z() for m in MODULE_KIND}
+        self.scaling = {m: torch.zeros(S, dtype=torch.float32) for m in MODULE_KIND}
+        self.max_total_rank = {k: [0] * S for k in KINDS}  # host copy: per slot, max over layers
+        self._dev: dict | None = None
+
+    def grow(self, capacity: int) -> None:
+        old = (self.a_offsets, self.total_ranks, self.b_offsets, self.ranks, self.y_offsets, self.scaling)
+        old_max, old_cap = self.max_total_rank, self.capacity
+        self.capacity = capacity
+        self._alloc()
+        new = (self.a_offsets, self.total_ranks, self.b_offsets, self.ranks, self.y_offsets, self.scaling)
+        for o, n in zip(old, new):
+            for key in o:
+                n[key][..., :old_cap] = o[key]
+        for k in KINDS:
+            self.max_total_rank[k][:old_cap] = old_max[k]
+
+    def set_slot(self, slot: int, dev: DeviceAdapter | None, scaling: dict[str, float]) -> None:
+        for kind in KINDS:
+            self.a_offsets[kind][:, slot] = 0
+            self.total_ranks[kind][:, slot] = 0
+            self.max_total_rank[kind][slot] = 0
+        for m in MODULE_KIND:
+            self.b_offsets[m][:, slot] = 0
+            self.ranks[m][:, slot] = 0
+            self.y_offsets[m][:, slot] = 0
+            self.scaling[m][slot] = scaling.get(m, 0.0)
+        if dev is not None:
+            for (layer, kind), p in dev.placements.items():
+                self.a_offsets[kind][layer, slot] = p.a_offset
+                self.total_ranks[kind][layer, slot] = p.total_rank
+                self.max_total_rank[kind][slot] = max(self.max_total_rank[kind][slot], p.total_rank)
+                for m, (b_off, r, y_off) in p.parts.items():
+                    self.b_offsets[m][layer, slot] = b_off
+                    self.ranks[m][layer, slot] = r
+                    self.y_offsets[m][layer, slot] = y_off
+        self._dev = None
+
+    def on_device(self) -> dict:
+        """The tables as device tensors, copied once per change, indexed [layer] -> [slots]."""
+        if self._dev is None:
+            to = lambda d: {k: v.to(self.device) for k, v in d.items()}  # noqa: E731
+            self._dev = {
+                "a_offsets": to(self.a_offsets),
+                "total_ranks": to(self.total_ranks),
+                "b_offsets": to(self.b_offsets),
+                "ranks": to(self.ranks),
+                "y_offsets": to(self.y_offsets),
+                "scaling": to(self.scaling),
+            }
+        return self._dev
+
+
+class LoRABatch:
+    """One step's LoRA work: which tokens use which slot, and the tables to read weights by."""
+
+    def __init__(
+        self,
+        pool: torch.Tensor,
+        tables: dict,
+        groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        max_rank: dict[str, int],
+        shapes: dict[str, tuple[int, int]],
+    ) -> None:
+        self.pool, self.t, self.groups, self.max_rank = pool, tables, groups, max_rank
+        self.part_cols: dict[str, list[tuple[str, int, int]]] = {}
+        for kind, parts in KINDS.items():
+            cols, off = [], 0
+            for m in parts:
+                cols.append((m, off, shapes[m][1]))
+                off += shapes[m][1]
+            self.part_cols[kind] = cols
+
+    def apply(self, layer: int, kind: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out += the LoRA delta of projection `kind` for every adapter token of the batch, in place."""
+        max_rank = self.max_rank[kind]
+        if not max_rank:
+            return
+        t = self.t
+        ti, go, gs = self.groups
+        y = tandem_kernels.lora_shrink(
+            x, self.pool, t["a_offsets"][kind][layer], t["total_ranks"][kind][layer], ti, go, gs, max_rank
+        )
+        for m, col, width in self.part_cols[kind]:
+            tandem_kernels.lora_expand(
+                y,
+                self.pool,
+                t["b_offsets"][m][layer],
+                t["ranks"][m][layer],
+                ti,
+                go,
+                gs,
+                out,
+                t["scaling"][m],
+                col,
+                width,
+                t["y_offsets"][m][layer],
+            )
+
+
+class LoRAManager:
+    """The three tiers and the device slots; called from the engine thread, loads on a worker thread."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        block_manager: BlockManager,
+        kv_cache: torch.Tensor,
+        store_dir: Path | None = None,
+        host_cache_bytes: int = 2 * 2**30,
+        load_timeout_s: float = 30.0,
+    ) -> None:
+        self.cfg = cfg
+        self.bm = block_manager
+        self.kv_cache = kv_cache
+        self.pool = kv_cache.view(-1)
+        self.dtype = kv_cache.dtype
+        self.store_dir = Path(store_dir) if store_dir else None
+        self.host_cache_bytes = host_cache_bytes
+        self.load_timeout_s = load_timeout_s
+        self.shapes = module_shapes(cfg)
+        self._paths: dict[str, Path] = {}  # registered by `load` from outside the store
+        self._host: OrderedDict[str, HostAdapter] = OrderedDict()  # LRU, oldest first
+        self._loading: dict[str, Future] = {}
+        self._loading_since: dict[str, float] = {}
+        self._generation: dict[str, int] = {}  # bumped by unload, so a reloaded name never hits old KV
+        self._device: OrderedDict[str, DeviceAdapter] = OrderedDict()  # LRU, oldest first
+        self._free_slots: list[int] = []
+        self._next_slot = 0
+        self.tables = LoRATables(cfg.num_hidden_layers, kv_cache.device)
+        self.stats = LoRAStats()
+        self._lock = threading.Lock()  # guards _host and stats between the loader and the engine
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-load")
+        # Geometry of one block's memory in one layer: K half then V half, each `block_elems` long.
+        _, layers, num_blocks = kv_cache.shape[:3]
+        self.block_elems = kv_cache[0, 0, 0].numel()
+        self._layer_stride = num_blocks * self.block_elems
+        self._v_base = layers * num_blocks * self.block_elems
+
+    # --- lookup ----------------------------------------------------------------------------
+
+    def _path(self, name: str) -> Path | None:
+        if name in self._paths:
+            return self._paths[name]
+        if self.store_dir is not None and _valid_name(name):
+            p = self.store_dir / name
+            if (p / "adapter_config.json").is_file():
+                return p
+        return None
+
+    def known(self, name: str) -> bool:
+        return (
+            name in self._device
+            or name in self._host
+            or name in self._loading
+            or self._path(name) is not None
+        )
+
+    def check(self, name: str) -> None:
+        """Raise AdapterNotFoundError unless `name` is resident or can be loaded from the store."""
+        if not self.known(name):
+            where = (
+                f" (not in the adapter store {self.store_dir})" if self.store_dir else " (no adapter store)"
+            )
+            raise AdapterNotFoundError(name, where)
+
+    def store_names(self) -> list[str]:
+        if self.store_dir is None or not self.store_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.store_dir.iterdir() if (p / "adapter_config.json").is_file())
+
+    # --- host tier -------------------------------------------------------------------------
+
+    def _read(self, name: str, path: Path) -> HostAdapter:
+        t0 = time.perf_counter()
+        try:
+            adapter = read_peft_adapter(path, self.cfg, self.dtype, name)
+        except Exception:
+            with self._lock:
+                self.stats.load_failures += 1
+            raise
+        with self._lock:
+            self.stats.loads += 1
+            self.stats.load_seconds += time.perf_counter() - t0
+            self._host[name] = adapter
+            self._trim_host()
+        return adapter
+
+    def _trim_host(self) -> None:
+        total = sum(a.num_bytes for a in self._host.values())
+        while total > self.host_cache_bytes and len(self._host) > 1:
+            _, old = self._host.popitem(last=False)
+            total -= old.num_bytes
+            self.stats.host_evictions += 1
+
+    def prefetch(self, name: str) -> None:
+        """A request wants `name`: count where it was found, and start reading it from the store
+        in the background unless it is already in memory."""
+        with self._lock:
+            tier = "device" if name in self._device else "host" if name in self._host else "store"
+            self.stats.hits[tier] += 1
+            if tier != "store" or name in self._loading:
+                return
+        path = self._path(name)
+        if path is not None:
+            self._start_read(name, path)
+
+    def _start_read(self, name: str, path: Path) -> None:
+        self._loading[name] = self._executor.submit(self._read, name, path)
+        self._loading_since[name] = time.monotonic()
+
+    def cache_salt(self, name: str) -> bytes:
+        """Prefix-cache salt: KV computed under one adapter (and load) is never reused by another."""
+        return f"lora:{name}:{self._generation.get(name, 0)}".encode()
+
+    def load(self, name: str, path: Path | None = None, to_device: bool = False) -> AdapterInfo:
+        """Admin: read an adapter (from `path`, else the store) into host memory now, checking it fits."""
+        if not _valid_name(name):
+            raise AdapterError(f"adapter name {name!r}: use letters, digits, '.', '_' and '-' only")
+        if path is not None:
+            if name in self._device or name in self._host:
+                known = self._paths.get(name) or (self.store_dir / name if self.store_dir else None)
+                if known is not None and Path(path).resolve() != Path(known).resolve():
+                    raise AdapterError(f"adapter {name!r} is already loaded from {known}; unload it first")
+            src = Path(path)
+        else:
+            src = self._path(name)
+            if src is None:
+                raise AdapterNotFoundError(name, f" (not in the adapter store {self.store_dir})")
+        if name not in self._host and name not in self._device:
+            self._read(name, src)  # raises AdapterError before anything is registered
+        if path is not None:
+            self._paths[name] = src
+        if to_device and name not in self._device:
+            if self._to_device(name) is None:
+                raise AdapterError(f"adapter {name!r}: no room on the device now (KV cache full)")
+        return self.info(name)
+
+    def unload(self, name: str) -> None:
+        """Admin: drop an adapter from every tier; refused while a request uses it."""
+        dev = self._device.get(name)
+        if dev is not None and dev.pins:
+            raise AdapterError(f"adapter {name!r} is in use by {dev.pins} running request(s)")
+        if not self.known(name):
+            raise AdapterNotFoundError(name)
+        if dev is not None:
+            self._evict(name)
+        fut = self._loading.pop(name, None)
+        if fut is not None:
+            fut.cancel()
+        with self._lock:
+            self._host.pop(name, None)
+        self._paths.pop(name, None)
+        self._generation[name] = self._generation.get(name, 0) + 1
+
+    # --- device tier -----------------------------------------------------------------------
+
+    def is_loading(self, name: str) -> bool:
+        """Still being read from the store (and not yet past the load timeout)."""
+        fut = self._loading.get(name)
+        if fut is None or fut.done():
+            return False
+        return time.monotonic() - self._loading_since[name] <= self.load_timeout_s
+
+    def _poll(self, name: str) -> HostAdapter | None:
+        """The host copy if ready; raises AdapterError if its load failed."""
+        fut = self._loading.get(name)
+        if fut is not None:
+            if not fut.done():
+                waited = time.monotonic() - self._loading_since[name]
+                if waited > self.load_timeout_s:
+                    del self._loading[name]  # a later request starts a fresh read
+                    raise AdapterError(f"adapter {name!r}: loading took over {self.load_timeout_s:g} s")
+                return None
+            del self._loading[name]
+            fut.result()  # re-raises the load error
+        with self._lock:
+            adapter = self._host.get(name)
+            if adapter is not None:
+                self._host.move_to_end(name)
+        return adapter
+
+    def acquire(self, name: str) -> int | None:
+        """Pin `name` on the device and return its slot; None while it is loading or there is no room.
+
+        Raises AdapterError if it cannot be loaded, AdapterNotFoundError if it is unknown.
+        """
+        dev = self._device.get(name)
+        if dev is not None:
+            self._device.move_to_end(name)
+            dev.pins += 1
+            return dev.slot
+        if name not in self._host and name not in self._loading:
+            self.check(name)
+            self._start_read(name, self._path(name))
+        if self._poll(name) is None:
+            return None
+        dev = self._to_device(name)
+        if dev is None:
+            return None
+        dev.pins += 1
+        return dev.slot
+
+    def release(self, name: str) -> None:
+        dev = self._device.get(name)
+        if dev is not None and dev.pins > 0:
+            dev.pins -= 1
+
+    def evict_one(self, keep: str | None = None) -> bool:
+        """Evict the least recently used unpinned device adapter (not `keep`); False if none."""
+        for name, dev in self._device.items():
+            if dev.pins == 0 and name != keep:
+                self._evict(name)
+                return True
+        return False
+
+    def _evict(self, name: str) -> None:
+        dev = self._device.pop(name)
+        self.bm.free_run(dev.first_block, dev.num_blocks)
+        self.tables.set_slot(dev.slot, None, {})
+        self._free_slots.append(dev.slot)
+        with self._lock:
+            self.stats.device_evictions += 1
+
+    def _plan(self, adapter: HostAdapter) -> tuple[int, dict[int, list[tuple]]]:
+        """Blocks needed and, per layer, the matrices to place, so that no matrix straddles a half."""
+        layers = {}
+        for layer in range(self.cfg.num_hidden_layers):
+            mats = _layer_matrices(adapter, layer, self.shapes)
+            if mats:
+                layers[layer] = mats
+        need = max(sum(n for *_, n in m) for m in layers.values())
+        n = max(1, -(-need // (2 * self.block_elems)))
+        while any(_pack([s for *_, s in m], [n * self.block_elems] * 2) is None for m in layers.values()):
+            n += 1
+        return n, layers
+
+    def blocks_for(self, adapter: HostAdapter) -> int:
+        return self._plan(adapter)[0]
+
+    def _to_device(self, name: str) -> DeviceAdapter | None:
+        adapter = self._host[name]
+        n, layers = self._plan(adapter)
+        if n > self.bm.num_blocks:
+            raise AdapterError(
+                f"adapter {name!r} needs {n} KV blocks but the whole pool has {self.bm.num_blocks}; "
+                f"raise the memory budget"
+            )
+        first = self.bm.allocate_run(n)
+        while first is None and self.evict_one(keep=name):
+            first = self.bm.allocate_run(n)
+        if first is None:
+            return None
+        slot = self._free_slots.pop() if self._free_slots else self._take_slot()
+        dev = DeviceAdapter(name, slot, first, n, adapter.num_bytes, adapter.max_rank)
+        regions = (first * self.block_elems, self._v_base + first * self.block_elems)
+        for layer, mats in layers.items():
+            base = [r + layer * self._layer_stride for r in regions]
+            spots = _pack([s for *_, s in mats], [n * self.block_elems] * 2)
+            assert spots is not None
+            by_kind: dict[str, _Placement] = {}
+            for (kind, tag, numel), (region, off) in zip(mats, spots):
+                at = base[region] + off
+                if tag == "A":
+                    parts = [m for m in KINDS[kind] if (layer, m) in adapter.weights]
+                    a_cat = torch.cat([adapter.weights[(layer, m)][0] for m in parts])
+                    self.pool[at : at + numel].copy_(a_cat.reshape(-1))
+                    by_kind[kind] = _Placement(at, a_cat.shape[0], {})
+                else:
+                    a, b = adapter.weights[(layer, tag)]
+                    p = by_kind[kind]
+                    y_off = sum(r for _, r, _ in p.parts.values())
+                    self.pool[at : at + numel].copy_(b.reshape(-1))
+                    p.parts[tag] = (at, a.shape[0], y_off)
+            for kind, p in by_kind.items():
+                dev.placements[(layer, kind)] = p
+        self.tables.set_slot(slot, dev, adapter.scaling)
+        self._device[name] = dev
+        with self._lock:
+            self.stats.device_loads += 1
+        return dev
+
+    def _take_slot(self) -> int:
+        slot = self._next_slot
+        self._next_slot += 1
+        if slot >= self.tables.capacity:
+            self.tables.grow(2 * self.tables.capacity)
+        return slot
+
+    # --- per step --------------------------------------------------------------------------
+
+    def batch(self, seq_lens: list[int], seq_slots: list[int | None]) -> LoRABatch | None:
+        """LoRA metadata for a packed step, or None when no token uses an adapter."""
+        active = {s for s in seq_slots if s is not None}
+        if not active:
+            return None
+        groups = tandem_kernels.lora_token_groups(seq_lens, seq_slots, self.pool.device)
+        max_rank = {k: max(self.tables.max_total_rank[k][s] for s in active) for k in KINDS}
+        return LoRABatch(self.pool, self.tables.on_device(), groups, max_rank, self.shapes)
+
+    # --- introspection ---------------------------------------------------------------------
+
+    def info(self, name: str) -> AdapterInfo:
+        dev = self._device.get(name)
+        if dev is not None:
+            return AdapterInfo(name, "device", dev.num_bytes, dev.rank, dev.pins > 0)
+        with self._lock:
+            host = self._host.get(name)
+        if host is not None:
+            return AdapterInfo(name, "host", host.num_bytes, host.max_rank, False)
+        if name in self._loading:
+            return AdapterInfo(name, "loading", 0, 0, False)
+        return AdapterInfo(name, "store", 0, 0, False)
+
+    def list(self) -> list[AdapterInfo]:
+        names = set(self._device) | set(self._host) | set(self._loading) | set(self._paths)
+        names |= set(self.store_names())
+        return [self.info(n) for n in sorted(names)]
+
+    def resident(self) -> dict[str, list[str]]:
+        with self._lock:
+            host = [n for n in self._host if n not in self._device]
+        return {"device": list(self._device), "host": host}
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _valid_name(name: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name)) and ".." not in name
