@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import make_adapters as make_adapters_mod
+from tandem_worker.engine.sampling_params import SamplingParams
+from tests.engine.test_engine_vs_hf import Reference, hf_greedy
 
 AdapterSpec = make_adapters_mod.AdapterSpec
 ALL = make_adapters_mod.ALL_MODULES
@@ -48,3 +51,38 @@ def many_adapter_store(model_dir: Path, model_cache_dir: Path) -> Path:
     specs = make_adapters_mod.mixed_specs(200, ranks=(4, 8), seed=1, b_std=0.1)
     make_adapters_mod.make_adapters(model_dir, out, specs)
     return out
+
+
+MAX_NEW = 12
+GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a land far away, there lived a dragon who",
+]
+
+
+@pytest.fixture(scope="session")
+def prompt_ids(hf_tokenizer) -> list[list[int]]:
+    return [hf_tokenizer.encode(p) for p in PROMPTS]
+
+
+@pytest.fixture(scope="session")
+def peft_references(
+    model_dir: Path, adapter_store: Path, prompt_ids
+) -> dict[tuple[str | None, int], Reference]:
+    """PEFT's greedy tokens for every (adapter or None, prompt)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    refs = {(None, i): hf_greedy(base, ids, MAX_NEW) for i, ids in enumerate(prompt_ids)}
+    names = [s.name for s in MIXED_SPECS]
+    model = PeftModel.from_pretrained(base, adapter_store / names[0], adapter_name=names[0]).eval()
+    for name in names[1:]:
+        model.load_adapter(adapter_store / name, adapter_name=name)
+    for name in names:
+        model.set_adapter(name)
+        for i, ids in enumerate(prompt_ids):
+            refs[(name, i)] = hf_greedy(model, ids, MAX_NEW)
+    return refs

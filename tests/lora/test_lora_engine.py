@@ -15,42 +15,8 @@ from tandem_worker.engine.llm_engine import LLMEngine
 from tandem_worker.engine.lora import AdapterError, AdapterNotFoundError, read_peft_adapter
 from tandem_worker.engine.sampling_params import SamplingParams
 from tests.engine.conftest import run_all
-from tests.engine.test_engine_vs_hf import Reference, assert_matches, hf_greedy
-from tests.lora.conftest import MIXED_SPECS
-
-MAX_NEW = 12
-GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):\n    ",
-    "Once upon a time, in a land far away, there lived a dragon who",
-]
-
-
-@pytest.fixture(scope="session")
-def prompt_ids(hf_tokenizer) -> list[list[int]]:
-    return [hf_tokenizer.encode(p) for p in PROMPTS]
-
-
-@pytest.fixture(scope="session")
-def peft_references(
-    model_dir: Path, adapter_store: Path, prompt_ids
-) -> dict[tuple[str | None, int], Reference]:
-    """PEFT's greedy tokens for every (adapter or None, prompt)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    refs = {(None, i): hf_greedy(base, ids, MAX_NEW) for i, ids in enumerate(prompt_ids)}
-    names = [s.name for s in MIXED_SPECS]
-    model = PeftModel.from_pretrained(base, adapter_store / names[0], adapter_name=names[0]).eval()
-    for name in names[1:]:
-        model.load_adapter(adapter_store / name, adapter_name=name)
-    for name in names:
-        model.set_adapter(name)
-        for i, ids in enumerate(prompt_ids):
-            refs[(name, i)] = hf_greedy(model, ids, MAX_NEW)
-    return refs
+from tests.engine.test_engine_vs_hf import assert_matches, hf_greedy
+from tests.lora.conftest import GREEDY, MIXED_SPECS
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,7 @@ HOST = "127.0.0.1"
 KV_BYTES = 200_000_000  # ~4300 tokens of SmolLM2 KV per worker: small, but room for every test
 START_TIMEOUT = 240.0  # workers load the model (~10 s alone, longer on a busy 2-core machine)
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
@@ -219,16 +220,19 @@ def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float
 
 
 def assert_idle(workers: Iterable[Proc], timeout: float = 10.0) -> None:
-    """Every worker soon holds no KV block for a request and has nothing in flight."""
+    """Every worker soon holds no KV block for a request and has nothing in flight (blocks holding
+    LoRA adapters are the adapters', not a request's)."""
     for w in workers:
         last: list[str] = []
 
         def idle(w: Proc = w, last: list[str] = last) -> bool:
             s = w.stats(timeout=2)
             last[:] = [
-                f"used_blocks={s.used_blocks} in_flight={s.in_flight} running={s.running} waiting={s.waiting}"
+                f"used_blocks={s.used_blocks} (adapters {s.adapter_blocks}) in_flight={s.in_flight} "
+                f"running={s.running} waiting={s.waiting}"
             ]
-            return s.used_blocks == 0 and s.in_flight == 0 and s.running == 0 and s.waiting == 0
+            busy = s.used_blocks - s.adapter_blocks
+            return busy == 0 and s.in_flight == 0 and s.running == 0 and s.waiting == 0
 
         try:
             wait_for(idle, timeout, f"{w.name} frees every block")

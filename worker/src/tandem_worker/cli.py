@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--endpoint", help="HOST:PORT of a Tandem router: generate remotely instead of offline")
     g.add_argument("--stream", action="store_true", help="with --endpoint: print text as it arrives")
     g.add_argument("--timeout", type=float, default=None, help="with --endpoint: deadline per request (s)")
+    g.add_argument("--adapter", default="", help="LoRA adapter name ('adapter' per line in --prompts-file)")
+    g.add_argument("--lora-store", default=None, help="offline: folder of PEFT adapters, one sub-folder each")
     _add_sampling_args(g)
 
     w = sub.add_parser("worker", help="serve one engine over gRPC as a prefill, decode or colocated worker")
@@ -61,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--device", default="cpu")
     w.add_argument("--kv-cache-bytes", type=int, default=None)
     w.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    w.add_argument("--lora-store", default=None, help="folder of PEFT LoRA adapters, one sub-folder each")
+    w.add_argument(
+        "--lora-host-cache-bytes", type=int, default=2 * 2**30, help="host memory for adapters (LRU)"
+    )
     w.add_argument(
         "--max-pending", type=int, default=256, help="requests in flight before RESOURCE_EXHAUSTED"
     )
@@ -90,9 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--model", default="smollm2-135m")
     u.add_argument("--kv-cache-bytes", type=int, default=1 << 30, help="KV budget per worker (default 1 GiB)")
     u.add_argument("--log-dir", default=None, help="write each process's output to DIR/NAME.log")
+    u.add_argument("--lora-store", default=None, help="folder of PEFT LoRA adapters for every worker")
     d = sub.add_parser("demo", help="start 1 prefill + 1 decode locally, stream a few answers, stop")
     d.add_argument("--model", default="smollm2-135m")
     d.add_argument("--max-tokens", type=int, default=64)
+    o = sub.add_parser("operator", help="run the Kubernetes operator for ModelDeployment resources (Kopf)")
+    try:  # tandem_operator.main imports only the standard library at module level
+        from tandem_operator.main import add_arguments as add_operator_arguments
+    except ImportError:  # the worker image without the operator package: `tandem operator` says so
+        add_operator_arguments = None
+    if add_operator_arguments is not None:
+        add_operator_arguments(o)
     return parser
 
 
@@ -110,7 +124,7 @@ def _read_prompts(args: argparse.Namespace) -> list[dict[str, Any]]:
                         raise CLIError(f"{args.prompts_file}:{n}: not JSON: {e}") from None
                     if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
                         raise CLIError(f"{args.prompts_file}:{n}: needs a string field 'prompt'")
-                    unknown = set(item) - {"prompt", "chat", *SAMPLING_FIELDS}
+                    unknown = set(item) - {"prompt", "chat", "adapter", *SAMPLING_FIELDS}
                     if unknown:
                         raise CLIError(f"{args.prompts_file}:{n}: unknown fields {sorted(unknown)}")
                     items.append(item)
@@ -148,7 +162,10 @@ def _generate_remote(args: argparse.Namespace, items: list[dict[str, Any]], para
     from .server.client import Client, build_request
 
     chat = [bool(it.get("chat", args.chat)) for it in items]
-    requests = [build_request(it["prompt"], p, c) for it, p, c in zip(items, params, chat)]
+    requests = [
+        build_request(it["prompt"], p, c, adapter=it.get("adapter", args.adapter))
+        for it, p, c in zip(items, params, chat)
+    ]
     try:
         with Client(args.endpoint) as client:
             if args.stream:
@@ -205,12 +222,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = {"device": args.device}
     if args.kv_cache_bytes is not None:
         kwargs["kv_cache_bytes"] = args.kv_cache_bytes
+    if args.lora_store:
+        kwargs["lora_store"] = args.lora_store
     llm = LLM(args.model, **kwargs)
     prompts = [
         ChatPrompt([{"role": "user", "content": it["prompt"]}]) if it.get("chat", args.chat) else it["prompt"]
         for it in items
     ]
-    outputs = llm.generate(prompts, params)
+    outputs = llm.generate(prompts, params, adapters=[it.get("adapter", args.adapter) for it in items])
     for item, out in zip(items, outputs):
         _print_record(
             item, out.prompt_token_ids, out.token_ids, out.text, out.finish_reason, out.logprobs, args.json
@@ -227,6 +246,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         device=args.device,
         kv_cache_bytes=args.kv_cache_bytes,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        lora_store=args.lora_store,
+        lora_host_cache_bytes=args.lora_host_cache_bytes,
     )
     serve_worker(args.role, config, args.host, args.port, args.metrics_port, max_pending=args.max_pending)
     return 0
@@ -267,6 +288,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
             model=args.model,
             kv_cache_bytes=args.kv_cache_bytes,
             log_dir=args.log_dir,
+            lora_store=args.lora_store,
         )
     )
 
@@ -286,6 +308,12 @@ def main(argv: list[str] | None = None) -> int:
             from .server.demo import demo
 
             return demo(args.model, args.max_tokens)
+        if args.command == "operator":
+            try:
+                from tandem_operator.main import run as run_operator
+            except ImportError as e:
+                raise CLIError(f"the operator is not installed (pip install -e operator): {e}") from None
+            return run_operator(args)
     except CLIError as e:
         print(f"tandem: error: {e}", file=sys.stderr)
         return 2

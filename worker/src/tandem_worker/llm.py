@@ -55,10 +55,13 @@ class LLM:
         prompts: PromptType | Seq[PromptType],
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        adapters: str | Seq[str | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for all prompts together (they share batches); outputs come back in input order.
 
-        Every prompt is validated before any is submitted, so a bad one changes nothing.
+        `adapters`: one LoRA adapter name for all prompts, or one per prompt (None or "" for the
+        base model); requests for different adapters share batches too. Every prompt and adapter is
+        validated before any is submitted, so a bad one changes nothing.
         """
         if isinstance(prompts, (str, TokensPrompt, ChatPrompt)) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
@@ -73,11 +76,20 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        if adapters is None or isinstance(adapters, str):
+            names = [adapters or None] * len(prompts)
+        else:
+            names = [a or None for a in adapters]
+            if len(names) != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts but {len(names)} adapters")
         token_ids = [self._token_ids(p) for p in prompts]
         for ids, p in zip(token_ids, params):
             self.engine.validate(ids, p)
+        for name in set(names) - {None}:
+            self.engine.lora.check(name)
         ids_in_order = [
-            self.engine.add_request(prompt_token_ids=ids, params=p) for ids, p in zip(token_ids, params)
+            self.engine.add_request(prompt_token_ids=ids, params=p, adapter=a)
+            for ids, p, a in zip(token_ids, params, names)
         ]
         return self._run(ids_in_order, use_tqdm)
 
@@ -87,6 +99,8 @@ class LLM:
         try:
             while len(final) < len(request_ids):
                 for o in self.engine.step():
+                    if o.error is not None:
+                        raise RuntimeError(f"request {o.request_id} failed: {o.error}")
                     if o.finished:
                         final[o.request_id] = o
                         bar.update(1)

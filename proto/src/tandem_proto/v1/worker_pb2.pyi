@@ -96,7 +96,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("role", "model_id", "num_blocks", "free_blocks", "used_blocks", "cached_blocks", "block_size", "running", "waiting", "in_flight", "queued_prompt_tokens", "draining", "max_model_len")
+    __slots__ = ("role", "model_id", "num_blocks", "free_blocks", "used_blocks", "cached_blocks", "block_size", "running", "waiting", "in_flight", "queued_prompt_tokens", "draining", "max_model_len", "adapters_device", "adapters_host", "adapter_blocks")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,9 @@ class StatsResponse(_message.Message):
     QUEUED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_HOST_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     role: str
     model_id: str
     num_blocks: int
@@ -123,7 +126,10 @@ class StatsResponse(_message.Message):
     queued_prompt_tokens: int
     draining: bool
     max_model_len: int
-    def __init__(self, role: _Optional[str] = ..., model_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., used_blocks: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., in_flight: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., draining: _Optional[bool] = ..., max_model_len: _Optional[int] = ...) -> None: ...
+    adapters_device: _containers.RepeatedScalarFieldContainer[str]
+    adapters_host: _containers.RepeatedScalarFieldContainer[str]
+    adapter_blocks: int
+    def __init__(self, role: _Optional[str] = ..., model_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., used_blocks: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., in_flight: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., draining: _Optional[bool] = ..., max_model_len: _Optional[int] = ..., adapters_device: _Optional[_Iterable[str]] = ..., adapters_host: _Optional[_Iterable[str]] = ..., adapter_blocks: _Optional[int] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ()
@@ -134,3 +140,47 @@ class DrainResponse(_message.Message):
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     in_flight: int
     def __init__(self, in_flight: _Optional[int] = ...) -> None: ...
+
+class LoadAdapterRequest(_message.Message):
+    __slots__ = ("name", "path", "to_device")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    TO_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    to_device: bool
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., to_device: _Optional[bool] = ...) -> None: ...
+
+class AdapterInfo(_message.Message):
+    __slots__ = ("name", "tier", "size_bytes", "rank", "pinned")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tier: str
+    size_bytes: int
+    rank: int
+    pinned: bool
+    def __init__(self, name: _Optional[str] = ..., tier: _Optional[str] = ..., size_bytes: _Optional[int] = ..., rank: _Optional[int] = ..., pinned: _Optional[bool] = ...) -> None: ...
+
+class UnloadAdapterRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class UnloadAdapterResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListAdaptersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListAdaptersResponse(_message.Message):
+    __slots__ = ("adapters",)
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    adapters: _containers.RepeatedCompositeFieldContainer[AdapterInfo]
+    def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ...) -> None: ...

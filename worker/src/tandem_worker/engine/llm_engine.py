@@ -370,4 +370,5 @@ class LLMEngine:
             "decode_tokens": s.num_decode_tokens,
             "evictions": self.block_manager.num_evictions,
             "adapter_blocks": b.num_adapter,
+            **self.lora.stats_dict(),
         }

@@ -30,6 +30,7 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -57,6 +58,10 @@ _KEY = re.compile(
 
 class AdapterError(ValueError):
     """An adapter's files are unreadable or do not fit the base model."""
+
+
+class AdapterBusyError(AdapterError):
+    """The adapter is fine but the operation cannot happen now (in use, or no room on the device)."""
 
 
 class AdapterNotFoundError(RequestError):
@@ -484,7 +489,7 @@ class LoRAManager:
             if name in self._device or name in self._host:
                 known = self._paths.get(name) or (self.store_dir / name if self.store_dir else None)
                 if known is not None and Path(path).resolve() != Path(known).resolve():
-                    raise AdapterError(f"adapter {name!r} is already loaded from {known}; unload it first")
+                    raise AdapterBusyError(f"adapter {name!r} is loaded from {known}; unload it first")
             src = Path(path)
         else:
             src = self._path(name)
@@ -496,14 +501,14 @@ class LoRAManager:
             self._paths[name] = src
         if to_device and name not in self._device:
             if self._to_device(name) is None:
-                raise AdapterError(f"adapter {name!r}: no room on the device now (KV cache full)")
+                raise AdapterBusyError(f"adapter {name!r}: no room on the device now (KV cache full)")
         return self.info(name)
 
     def unload(self, name: str) -> None:
         """Admin: drop an adapter from every tier; refused while a request uses it."""
         dev = self._device.get(name)
         if dev is not None and dev.pins:
-            raise AdapterError(f"adapter {name!r} is in use by {dev.pins} running request(s)")
+            raise AdapterBusyError(f"adapter {name!r} is in use by {dev.pins} running request(s)")
         if not self.known(name):
             raise AdapterNotFoundError(name)
         if dev is not None:
@@ -684,6 +689,22 @@ class LoRAManager:
         with self._lock:
             host = [n for n in self._host if n not in self._device]
         return {"device": list(self._device), "host": host}
+
+    def stats_dict(self) -> dict[str, Any]:
+        """Residency and counters, for the engine's stats (metrics, admin Stats, routing)."""
+        resident = self.resident()
+        with self._lock:
+            st = self.stats
+            return {
+                "adapters_device": resident["device"],
+                "adapters_host": resident["host"],
+                "adapter_hits": dict(st.hits),
+                "adapter_loads": st.loads,
+                "adapter_load_failures": st.load_failures,
+                "adapter_load_seconds": st.load_seconds,
+                "adapter_device_loads": st.device_loads,
+                "adapter_evictions": {"device": st.device_evictions, "host": st.host_evictions},
+            }
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

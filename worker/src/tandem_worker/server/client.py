@@ -32,8 +32,9 @@ def build_request(
     params: SamplingParams,
     chat: bool = False,
     request_id: str = "",
+    adapter: str = "",
 ) -> pb.GenerateRequest:
-    req = pb.GenerateRequest(request_id=request_id, sampling=params_to_pb(params))
+    req = pb.GenerateRequest(request_id=request_id, sampling=params_to_pb(params), adapter=adapter or "")
     if isinstance(prompt, str) and not chat:
         req.text = prompt
     elif isinstance(prompt, str):

@@ -119,10 +119,13 @@ class EngineLoop:
         remote_kv: bool = False,
         kv_sink: bool = False,
         kv_skip: int = 0,
+        adapter: str = "",
     ) -> RequestStream:
         if self.error is not None:
             raise RuntimeError(f"engine loop died: {self.error}")
         self.engine.validate(prompt_token_ids, params)
+        if adapter:
+            self.engine.lora.check(adapter)  # NOT_FOUND before anything is queued
         stream = RequestStream(self, request_id)
         with self._lock:
             if len(self._streams) >= self.max_pending:
@@ -143,6 +146,7 @@ class EngineLoop:
                     remote_kv=remote_kv,
                     kv_sink=sink,
                     kv_skip=kv_skip,
+                    adapter=adapter or None,
                 )
             except Exception as e:  # validated already; anything here is a race such as a duplicate id
                 self._close(request_id, e)

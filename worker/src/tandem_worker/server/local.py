@@ -65,6 +65,7 @@ class LocalDeployment:
     kv_cache_bytes: int = 1 << 30
     startup_timeout: float = 300.0
     log_dir: str | None = None
+    lora_store: str | None = None  # a folder of PEFT adapters every worker can load from
     children: list[Child] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -97,6 +98,8 @@ class LocalDeployment:
             "--kv-cache-bytes",
             str(self.kv_cache_bytes),
         ]
+        if self.lora_store:
+            argv += ["--lora-store", self.lora_store]
         return Child(f"{role}-{i}", f"{self.host}:{port}", argv, metrics_port=mport)
 
     def _spawn(self, child: Child) -> None:

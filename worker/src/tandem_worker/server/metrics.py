@@ -85,6 +85,46 @@ class EngineCollector(Collector):
             c = CounterMetricFamily(name, doc, labels=labels)
             c.add_metric([self.role], st[key])
             yield c
+        yield from self._adapters(st)
+
+    def _adapters(self, st: dict[str, Any]) -> Iterator[Any]:
+        """LoRA paging: where requests found their adapter, loads, evictions, residency per tier."""
+        if "adapter_hits" not in st:
+            return
+        hits = CounterMetricFamily(
+            "tandem_adapter_requests",
+            "Requests by the tier their LoRA adapter was found in (store: a miss, read from disk)",
+            labels=["role", "tier"],
+        )
+        for tier, n in st["adapter_hits"].items():
+            hits.add_metric([self.role, tier], n)
+        yield hits
+        for name, key, doc in (
+            ("tandem_adapter_loads", "adapter_loads", "Adapters read from the store into host memory"),
+            ("tandem_adapter_load_failures", "adapter_load_failures", "Adapter reads that failed"),
+            ("tandem_adapter_load_seconds", "adapter_load_seconds", "Time spent reading adapters"),
+            ("tandem_adapter_device_loads", "adapter_device_loads", "Adapter copies into the KV pool"),
+        ):
+            c = CounterMetricFamily(name, doc, labels=["role"])
+            c.add_metric([self.role], st[key])
+            yield c
+        ev = CounterMetricFamily(
+            "tandem_adapter_evictions", "Adapters evicted, per tier", labels=["role", "tier"]
+        )
+        for tier, n in st["adapter_evictions"].items():
+            ev.add_metric([self.role, tier], n)
+        yield ev
+        res = GaugeMetricFamily(
+            "tandem_adapters_resident", "Adapters held, per tier", labels=["role", "tier"]
+        )
+        res.add_metric([self.role, "device"], len(st["adapters_device"]))
+        res.add_metric([self.role, "host"], len(st["adapters_host"]))
+        yield res
+        blocks = GaugeMetricFamily(
+            "tandem_kv_blocks_adapter", "KV pool blocks holding LoRA adapter weights", labels=["role"]
+        )
+        blocks.add_metric([self.role], st["adapter_blocks"])
+        yield blocks
 
 
 def serve_metrics(port: int, host: str = "127.0.0.1") -> None:

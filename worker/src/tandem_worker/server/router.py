@@ -65,7 +65,11 @@ class RouterService(pbgrpc.InferenceServicer):
         self, request: pb.ListModelsRequest, context: grpc.ServicerContext
     ) -> pb.ListModelsResponse:  # noqa: N802
         return pb.ListModelsResponse(
-            models=[pb.ModelCard(id=self.model_name, max_model_len=self.max_model_len)]
+            models=[
+                pb.ModelCard(
+                    id=self.model_name, max_model_len=self.max_model_len, adapters=self.pool.adapters()
+                )
+            ]
         )
 
     def _tokenize(self, request: pb.GenerateRequest) -> list[int]:
@@ -87,8 +91,6 @@ class RouterService(pbgrpc.InferenceServicer):
             raise RequestError(
                 "model", f"{request.model!r} is not served here; this endpoint serves {self.model_name!r}"
             )
-        if request.adapter:
-            raise RequestError("adapter", f"unknown adapter {request.adapter!r}: this deployment serves none")
         params = params_from_pb(request.sampling)
         ids = self._tokenize(request)
         if not ids:
@@ -139,7 +141,7 @@ class RouterService(pbgrpc.InferenceServicer):
         exclude: set[str] = set()
         last_error = "no healthy worker can take this request"
         for attempt in range(self.max_attempts):
-            pair = self.pool.pick(len(ids), exclude)
+            pair = self.pool.pick(len(ids), exclude, request.adapter)
             if pair is None:
                 break
             if attempt:
@@ -213,7 +215,8 @@ class RouterService(pbgrpc.InferenceServicer):
                 if code == grpc.StatusCode.CANCELLED and not context.is_active():
                     return  # our client went away
                 if sent_first or code not in RETRYABLE:
-                    metrics.REQUESTS.labels(outcome="failed").inc()
+                    caller_error = code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
+                    metrics.REQUESTS.labels(outcome="invalid" if caller_error else "failed").inc()
                     context.abort(code, f"{details} (decode worker {pair.decode.address})")
                 failed = (
                     pair.decode if pair.prefill is None or "prefill worker" not in details else pair.prefill

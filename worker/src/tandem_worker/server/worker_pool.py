@@ -57,6 +57,15 @@ class WorkerInfo:
         return self.stats.free_blocks * self.stats.block_size - self.pending_tokens
 
 
+def _residency(w: WorkerInfo, adapter: str) -> int:
+    """2: the adapter is in the worker's device memory, 1: in its host memory, 0: neither."""
+    if not adapter or w.stats is None:
+        return 0
+    if adapter in w.stats.adapters_device:
+        return 2
+    return 1 if adapter in w.stats.adapters_host else 0
+
+
 def resolve(target: str) -> list[str]:
     """`host:port` as is; `dns:NAME:PORT` to one `ip:port` per address NAME resolves to now."""
     if not target.startswith("dns:"):
@@ -171,9 +180,14 @@ class WorkerPool:
         eligible = [w for w in decodes if w.eligible and w.address not in exclude]
         return bool(eligible) and all(w.free_tokens() <= prompt_tokens for w in eligible)
 
-    def pick(self, prompt_tokens: int, exclude: set[str]) -> Pair | None:
-        """A decode worker with KV room for the prompt (most free first), and a prefill worker with
-        the least queued prompt tokens; colocated workers need no prefill partner."""
+    def pick(self, prompt_tokens: int, exclude: set[str], adapter: str = "") -> Pair | None:
+        """A decode worker with KV room for the prompt and a prefill worker with the least queued
+        prompt tokens; colocated workers need no prefill partner.
+
+        With a LoRA adapter, workers that hold it in device memory come first, then those holding
+        it in host memory, then the rest (where it loads on first use); among equals, the decode
+        worker with the most free KV and the least loaded prefill worker win.
+        """
         with self._lock:
             decodes = [self._workers[a] for a in self._decode if a in self._workers]
             prefills = [self._workers[a] for a in self._prefill if a in self._workers]
@@ -181,16 +195,30 @@ class WorkerPool:
         roomy = [w for w in decodes if w.free_tokens() > prompt_tokens]
         if not roomy:
             return None
-        decode = max(roomy, key=lambda w: (w.free_tokens(), -w.pending_requests))
+        decode = max(roomy, key=lambda w: (_residency(w, adapter), w.free_tokens(), -w.pending_requests))
         if decode.role == "colocated":
             return Pair(decode, None)
         prefills = [w for w in prefills if w.eligible and w.address not in exclude and w.role == "prefill"]
         if not prefills:
             return None
         prefill = min(
-            prefills, key=lambda w: (w.stats.queued_prompt_tokens + w.pending_tokens, w.pending_requests)
+            prefills,
+            key=lambda w: (
+                -_residency(w, adapter),
+                w.stats.queued_prompt_tokens + w.pending_tokens,
+                w.pending_requests,
+            ),
         )
         return Pair(decode, prefill)
+
+    def adapters(self) -> list[str]:
+        """Adapters resident (device or host memory) on any eligible worker."""
+        names: set[str] = set()
+        for w in self.snapshot():
+            if w.eligible:
+                names.update(w.stats.adapters_device)
+                names.update(w.stats.adapters_host)
+        return sorted(names)
 
     def kv_capacity_tokens(self) -> int | None:
         """The most tokens any eligible decode (or colocated) worker's whole KV cache holds; None

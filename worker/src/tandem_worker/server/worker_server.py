@@ -14,6 +14,7 @@ router may retry on another pair (UNAVAILABLE); nothing has been streamed to the
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -21,6 +22,7 @@ import uuid
 import grpc
 
 from ..engine.llm_engine import LLMEngine, RequestOutput
+from ..engine.lora import AdapterBusyError, AdapterError, AdapterNotFoundError
 from ..engine.sampling_params import RequestError
 from . import metrics
 from .convert import FINISH_TO_PB, kv_layout, params_from_pb, params_to_pb
@@ -65,7 +67,9 @@ class WorkerState:
 
 
 def _abort_for(context: grpc.ServicerContext, e: Exception) -> None:
-    if isinstance(e, RequestError):
+    if isinstance(e, AdapterNotFoundError):
+        context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+    if isinstance(e, (RequestError, AdapterError)):
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
     if isinstance(e, QueueFull):
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
@@ -91,7 +95,9 @@ class WorkerService(wgrpc.WorkerServicer):
         rid = request.request_id or uuid.uuid4().hex
         try:
             params = params_from_pb(request.sampling)
-            stream = s.loop.submit(list(request.prompt_token_ids), params, rid, remote_kv=remote)
+            stream = s.loop.submit(
+                list(request.prompt_token_ids), params, rid, remote_kv=remote, adapter=request.adapter
+            )
         except (RequestError, QueueFull) as e:
             _abort_for(context, e)
         done = threading.Event()
@@ -102,6 +108,9 @@ class WorkerService(wgrpc.WorkerServicer):
                     self._pull_kv(request, ev, context)
                     continue
                 assert isinstance(ev, RequestOutput)
+                if ev.error is not None:  # e.g. its adapter failed to load: nothing was generated
+                    done.set()
+                    context.abort(grpc.StatusCode.FAILED_PRECONDITION, ev.error)
                 msg = wpb.WorkerGenerateResponse(
                     token_ids=ev.new_token_ids,
                     finish_reason=FINISH_TO_PB[ev.finish_reason],
@@ -156,7 +165,11 @@ class WorkerService(wgrpc.WorkerServicer):
         except grpc.RpcError as e:
             s.loop.abort(ev.request_id)
             code = e.code()
-            if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
+            if code in (
+                grpc.StatusCode.FAILED_PRECONDITION,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.NOT_FOUND,
+            ):
                 context.abort(code, e.details())
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 context.abort(code, "deadline exceeded while pulling KV from the prefill worker")
@@ -201,7 +214,12 @@ class KVTransferService(wgrpc.KVTransferServicer):
             params = params_from_pb(request.sampling, max_tokens=1)
             # Tokens the decode side already holds (its prefix cache) are never sent.
             stream = s.loop.submit(
-                list(request.prompt_token_ids), params, rid, kv_sink=True, kv_skip=request.skip_tokens
+                list(request.prompt_token_ids),
+                params,
+                rid,
+                kv_sink=True,
+                kv_skip=request.skip_tokens,
+                adapter=request.adapter,
             )
         except (RequestError, QueueFull) as e:
             _abort_for(context, e)
@@ -222,6 +240,8 @@ class KVTransferService(wgrpc.KVTransferServicer):
                     continue
                 assert isinstance(ev, RequestOutput) and ev.finished
                 done.set()
+                if ev.error is not None:
+                    context.abort(grpc.StatusCode.FAILED_PRECONDITION, ev.error)
                 last = wpb.KVChunk(
                     last=True,
                     first_token=ev.token_ids[0],
@@ -263,11 +283,60 @@ class AdminService(wgrpc.AdminServicer):
             queued_prompt_tokens=st["queued_prompt_tokens"],
             draining=s.draining.is_set(),
             max_model_len=s.engine.max_model_len,
+            adapters_device=st.get("adapters_device", []),
+            adapters_host=st.get("adapters_host", []),
+            adapter_blocks=st.get("adapter_blocks", 0),
         )
 
     def Drain(self, request: wpb.DrainRequest, context: grpc.ServicerContext) -> wpb.DrainResponse:  # noqa: N802
         self.s.draining.set()
         return wpb.DrainResponse(in_flight=self.s.loop.num_in_flight)
+
+    # Adapter admin runs on the engine thread, between steps: the LoRA manager is not shared.
+
+    def LoadAdapter(self, request: wpb.LoadAdapterRequest, context: grpc.ServicerContext) -> wpb.AdapterInfo:  # noqa: N802
+        lora = self.s.engine.lora
+        path = request.path or None
+        try:
+            info = self.s.loop.call(
+                lambda: lora.load(request.name, path, request.to_device), timeout=lora.load_timeout_s
+            )
+        except Exception as e:  # noqa: BLE001 - mapped to a status below
+            _admin_abort(context, e)
+        return _info_pb(info)
+
+    def UnloadAdapter(  # noqa: N802
+        self, request: wpb.UnloadAdapterRequest, context: grpc.ServicerContext
+    ) -> wpb.UnloadAdapterResponse:
+        try:
+            self.s.loop.call(lambda: self.s.engine.lora.unload(request.name))
+        except Exception as e:  # noqa: BLE001
+            _admin_abort(context, e)
+        return wpb.UnloadAdapterResponse()
+
+    def ListAdapters(  # noqa: N802
+        self, request: wpb.ListAdaptersRequest, context: grpc.ServicerContext
+    ) -> wpb.ListAdaptersResponse:
+        infos = self.s.loop.call(self.s.engine.lora.list)
+        return wpb.ListAdaptersResponse(adapters=[_info_pb(i) for i in infos])
+
+
+def _info_pb(info) -> wpb.AdapterInfo:
+    return wpb.AdapterInfo(
+        name=info.name, tier=info.tier, size_bytes=info.size_bytes, rank=info.rank, pinned=info.pinned
+    )
+
+
+def _admin_abort(context: grpc.ServicerContext, e: Exception) -> None:
+    if isinstance(e, AdapterNotFoundError):
+        context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+    if isinstance(e, AdapterBusyError):
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+    if isinstance(e, AdapterError):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    if isinstance(e, (TimeoutError, queue.Empty)):
+        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the engine did not answer in time")
+    raise e
 
 
 __all__ = ["AdminService", "KVTransferService", "WorkerService", "WorkerState", "params_to_pb"]
