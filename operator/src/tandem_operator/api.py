@@ -1,0 +1,432 @@
+"""The `ModelDeployment` API (`tandem.dev/v1alpha1`): typed models, the one source of truth.
+
+The operator validates every object with these models, and `crd.py` generates the CRD's OpenAPI
+schema (descriptions, defaults, enums, bounds) from them. Cross-field rules are declared once as
+`Rule`s: each carries the CEL expression the API server evaluates (`x-kubernetes-validations`) and
+the Python predicate the operator evaluates, so an object that got past an older CRD is still
+checked.
+
+Parts of the spec: `model` (built-in name, PVC path or URI), `image`, `mode`, the pools (`prefill`
+and `decode`, or `colocated`), `router`, `adapters`, `slo`, `autoscaling`, `placement`.
+Parts of the status: see `ModelDeploymentStatus`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "tandem.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "ModelDeployment"
+PLURAL = "modeldeployments"
+SINGULAR = "modeldeployment"
+SHORT_NAMES = ["tmd"]  # `md` is too generic (and taken by Cluster API's MachineDeployment)
+
+# Kept in step with tandem_worker.engine.loader.BUILTIN_MODELS (a test compares them); the operator
+# never imports the worker (layers point one way).
+BUILTIN_MODELS = ("smollm2-135m",)
+
+# The longest child suffix is "-colocated" (10): Service names are DNS-1035 labels (63).
+MAX_NAME_LENGTH = 50
+
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?$"
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A cross-field rule: `cel` for the API server, `check` for the operator (True means valid)."""
+
+    cel: str
+    message: str
+    check: Callable[[Any], bool]
+
+
+class _Model(BaseModel):
+    """camelCase on the wire, snake_case in Python; unknown fields are errors (as in a structural CRD)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+    rules: ClassVar[tuple[Rule, ...]] = ()
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema, handler):
+        # The CEL half of each rule goes into the generated CRD next to the model's properties.
+        schema = handler(core_schema)
+        if cls.rules:
+            target = handler.resolve_ref_schema(schema)
+            target["x-kubernetes-validations"] = [{"rule": r.cel, "message": r.message} for r in cls.rules]
+        return schema
+
+    @model_validator(mode="after")
+    def _check_rules(self):
+        for rule in self.rules:
+            if not rule.check(self):
+                raise ValueError(rule.message)
+        return self
+
+
+class Mode(str, Enum):
+    disaggregated = "disaggregated"
+    colocated = "colocated"
+
+
+class ServiceType(str, Enum):
+    ClusterIP = "ClusterIP"
+    NodePort = "NodePort"
+    LoadBalancer = "LoadBalancer"
+
+
+class PullPolicy(str, Enum):
+    IfNotPresent = "IfNotPresent"
+    Always = "Always"
+    Never = "Never"
+
+
+class TolerationOperator(str, Enum):
+    Exists = "Exists"
+    Equal = "Equal"
+
+
+class TaintEffect(str, Enum):
+    NoSchedule = "NoSchedule"
+    PreferNoSchedule = "PreferNoSchedule"
+    NoExecute = "NoExecute"
+
+
+class PVCSource(_Model):
+    claim_name: str = Field(
+        min_length=1, max_length=253, description="Name of a PersistentVolumeClaim in the same namespace."
+    )
+    path: str = Field(
+        min_length=1,
+        max_length=1024,
+        pattern=r"^[^/].*$",
+        description="Path inside the claim (relative) to a .gguf file or a Hugging Face model folder.",
+    )
+
+
+class ModelSource(_Model):
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            "[has(self.builtin), has(self.pvc), has(self.uri)].filter(x, x).size() == 1",
+            "set exactly one of builtin, pvc and uri",
+            lambda m: sum(x is not None for x in (m.builtin, m.pvc, m.uri)) == 1,
+        ),
+    )
+
+    builtin: str | None = Field(
+        default=None,
+        max_length=63,
+        description="Name of a model built into the Tandem image (e.g. smollm2-135m).",
+    )
+    pvc: PVCSource | None = Field(
+        default=None, description="A model stored on a PersistentVolumeClaim, mounted read-only."
+    )
+    uri: str | None = Field(
+        default=None,
+        max_length=2048,
+        pattern=r"^https?://[^\s]+$",
+        description=(
+            "http(s) URI of a .gguf file, or of a .tar/.tar.gz/.tgz archive of a Hugging Face model "
+            "folder; an init container downloads it into each pod before the engine starts."
+        ),
+    )
+    fetch_image: str = Field(
+        default="curlimages/curl:8.11.1",
+        min_length=1,
+        description="Image of the init container that downloads `uri` (needs sh, curl and tar).",
+    )
+
+
+class EnvVar(_Model):
+    name: str = Field(
+        min_length=1, max_length=253, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", description="Variable name."
+    )
+    value: str = Field(default="", description="Variable value.")
+
+
+class Toleration(_Model):
+    key: str | None = Field(default=None, description="Taint key to tolerate; empty with Exists: all taints.")
+    operator: TolerationOperator = Field(
+        default=TolerationOperator.Equal, description="Exists (any value) or Equal (value must match)."
+    )
+    value: str | None = Field(default=None, description="Taint value, with operator Equal.")
+    effect: TaintEffect | None = Field(default=None, description="Taint effect to tolerate; empty: all.")
+    toleration_seconds: int | None = Field(
+        default=None, ge=0, description="With NoExecute: how long the pod stays bound after the taint."
+    )
+
+
+class Pool(_Model):
+    """One pool of worker pods (prefill, decode or colocated): one Deployment plus a headless Service."""
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            "!has(self.minReplicas) || self.minReplicas <= self.replicas",
+            "minReplicas must be <= replicas",
+            lambda p: p.min_replicas is None or p.min_replicas <= p.replicas,
+        ),
+        Rule(
+            "!has(self.maxReplicas) || self.replicas <= self.maxReplicas",
+            "replicas must be <= maxReplicas",
+            lambda p: p.max_replicas is None or p.replicas <= p.max_replicas,
+        ),
+        Rule(
+            "self.port != self.metricsPort",
+            "port and metricsPort must differ",
+            lambda p: p.port != p.metrics_port,
+        ),
+    )
+
+    replicas: int = Field(default=1, ge=0, le=1000, description="Number of worker pods.")
+    min_replicas: int | None = Field(
+        default=None, ge=0, le=1000, description="Lower bound for the autoscaler (default: replicas)."
+    )
+    max_replicas: int | None = Field(
+        default=None, ge=1, le=1000, description="Upper bound for the autoscaler (default: replicas)."
+    )
+    gpus: int = Field(
+        default=1, ge=0, le=16, description="nvidia.com/gpu per pod; 0 runs the engine on CPU (demos)."
+    )
+    gpu_product: str | None = Field(
+        default=None,
+        max_length=63,
+        pattern=LABEL_VALUE_PATTERN,
+        description=(
+            "Required value of the node label nvidia.com/gpu.product (e.g. NVIDIA-H100-80GB-HBM3), so "
+            "each pool can land on its own GPU type."
+        ),
+    )
+    cpu: str = Field(
+        default="2", pattern=QUANTITY_PATTERN, description="CPU request per pod (no CPU limit is set)."
+    )
+    memory: str = Field(
+        default="8Gi", pattern=QUANTITY_PATTERN, description="Memory request and limit per pod."
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Extra node labels the pods require."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list,
+        description="Extra tolerations (nvidia.com/gpu:NoSchedule is tolerated when gpus > 0).",
+    )
+    env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables.")
+    port: int = Field(default=50061, ge=1024, le=65535, description="Worker gRPC port.")
+    metrics_port: int = Field(default=9091, ge=1024, le=65535, description="Worker /metrics HTTP port.")
+    kv_cache_bytes: int | None = Field(
+        default=None, ge=1, description="KV cache budget per pod in bytes (default: a share of free memory)."
+    )
+    max_num_batched_tokens: int = Field(
+        default=2048, ge=1, le=1 << 20, description="Token budget of one engine step."
+    )
+    max_pending: int = Field(
+        default=256, ge=1, le=100000, description="Requests in flight per pod before RESOURCE_EXHAUSTED."
+    )
+
+
+class Router(_Model):
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            "self.grpcPort != self.metricsPort",
+            "router grpcPort and metricsPort must differ",
+            lambda r: r.grpc_port != r.metrics_port,
+        ),
+    )
+
+    replicas: int = Field(default=1, ge=1, le=100, description="Number of router pods.")
+    service_type: ServiceType = Field(
+        default=ServiceType.ClusterIP, description="Type of the router's Service: the endpoint clients use."
+    )
+    grpc_port: int = Field(default=50051, ge=1, le=65535, description="gRPC inference port.")
+    http_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description=(
+            "HTTP API port. Reserved: accepted and checked for collisions, not yet served or exposed."
+        ),
+    )
+    metrics_port: int = Field(default=9090, ge=1, le=65535, description="/metrics HTTP port.")
+    max_in_flight: int = Field(
+        default=512, ge=1, le=100000, description="Requests in flight before RESOURCE_EXHAUSTED."
+    )
+    cpu: str = Field(default="1", pattern=QUANTITY_PATTERN, description="CPU request per router pod.")
+    memory: str = Field(
+        default="2Gi", pattern=QUANTITY_PATTERN, description="Memory request and limit per router pod."
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods require.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations of the router pods.")
+
+
+class Adapter(_Model):
+    name: str = Field(
+        min_length=1,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$",
+        description="Adapter name clients select it by; unique within the deployment.",
+    )
+    source: str = Field(
+        min_length=1,
+        max_length=2048,
+        description="Where the PEFT-format adapter lives: a path in the model volume or a URI.",
+    )
+
+
+class SLO(_Model):
+    ttft_ms: int = Field(default=1000, ge=1, le=600000, description="Time-to-first-token target (ms).")
+    tpot_ms: int = Field(default=100, ge=1, le=60000, description="Time-per-output-token target (ms).")
+    attainment: float = Field(
+        default=0.9, gt=0, le=1, description="Fraction of requests that must meet both targets."
+    )
+
+
+class RatioBand(_Model):
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule("self.min <= self.max", "ratio min must be <= max", lambda b: b.min <= b.max),
+    )
+
+    min: float = Field(gt=0, le=100, description="Lowest prefill:decode replica ratio.")
+    max: float = Field(gt=0, le=100, description="Highest prefill:decode replica ratio.")
+
+
+class Autoscaling(_Model):
+    enabled: bool = Field(default=False, description="Let the operator scale the pools within their bounds.")
+    window_seconds: int = Field(
+        default=60, ge=10, le=3600, description="Window over which SLO attainment is measured."
+    )
+    stabilization_seconds: int = Field(
+        default=300, ge=0, le=3600, description="How long a lower size must persist before scaling down."
+    )
+    cooldown_seconds: int = Field(
+        default=60, ge=0, le=3600, description="Minimum time between two scaling actions of a pool."
+    )
+    max_step: int = Field(default=1, ge=1, le=100, description="Most replicas added or removed at once.")
+    prefill_decode_ratio: RatioBand | None = Field(
+        default=None, description="Optional band the prefill:decode replica ratio is kept in."
+    )
+
+
+class Placement(_Model):
+    affinity_topology_key: str = Field(
+        default="topology.kubernetes.io/zone",
+        min_length=1,
+        max_length=316,
+        description=(
+            "Node label whose domain prefill and decode pods prefer to share (KV crosses between them)."
+        ),
+    )
+    spread_topology_key: str = Field(
+        default="kubernetes.io/hostname",
+        min_length=1,
+        max_length=316,
+        description="Node label each pool's pods are spread across.",
+    )
+
+
+class ModelDeploymentSpec(_Model):
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            "self.mode != 'disaggregated' || (has(self.prefill) && has(self.decode) && !has(self.colocated))",
+            "mode disaggregated needs prefill and decode pools and no colocated pool",
+            lambda s: (
+                s.mode != Mode.disaggregated
+                or (s.prefill is not None and s.decode is not None and s.colocated is None)
+            ),
+        ),
+        Rule(
+            "self.mode != 'colocated' || (has(self.colocated) && !has(self.prefill) && !has(self.decode))",
+            "mode colocated needs a colocated pool and no prefill or decode pool",
+            lambda s: (
+                s.mode != Mode.colocated
+                or (s.colocated is not None and s.prefill is None and s.decode is None)
+            ),
+        ),
+    )
+
+    model: ModelSource = Field(description="The model to serve.")
+    image: str = Field(min_length=1, description="Tandem container image for workers and router.")
+    image_pull_policy: PullPolicy = Field(
+        default=PullPolicy.IfNotPresent, description="Pull policy of the Tandem image."
+    )
+    mode: Mode = Field(
+        default=Mode.disaggregated,
+        description="disaggregated: prefill and decode pools; colocated: one pool does both.",
+    )
+    prefill: Pool | None = Field(default=None, description="Prefill pool (mode disaggregated).")
+    decode: Pool | None = Field(default=None, description="Decode pool (mode disaggregated).")
+    colocated: Pool | None = Field(default=None, description="Colocated pool (mode colocated).")
+    router: Router = Field(default_factory=Router, description="The router: the gRPC endpoint.")
+    adapters: list[Adapter] = Field(default_factory=list, max_length=10000, description="LoRA adapters.")
+    slo: SLO = Field(default_factory=SLO, description="Latency objectives goodput is measured against.")
+    autoscaling: Autoscaling = Field(
+        default_factory=Autoscaling, description="Autoscaling policy (applied by the autoscaler)."
+    )
+    placement: Placement = Field(default_factory=Placement, description="Topology preferences.")
+    termination_grace_period_seconds: int = Field(
+        default=60,
+        ge=35,
+        le=3600,
+        description=(
+            "Grace period of worker pods: a worker drains in-flight requests for up to 30 s after "
+            "SIGTERM, so this must exceed that."
+        ),
+    )
+
+    def pools(self) -> dict[str, Pool]:
+        """The pools this mode runs, by role, in a stable order."""
+        pools = {"prefill": self.prefill, "decode": self.decode, "colocated": self.colocated}
+        return {role: pool for role, pool in pools.items() if pool is not None}
+
+
+# ----------------------------------------------------------------------------------------- status
+
+
+class ConditionStatus(str, Enum):
+    true = "True"
+    false = "False"
+    unknown = "Unknown"
+
+
+class Condition(_Model):
+    type: str = Field(description="Ready, Progressing, Degraded or SpecValid.")
+    status: ConditionStatus = Field(description="True, False or Unknown.")
+    reason: str = Field(description="CamelCase reason for the condition's last transition or state.")
+    message: str = Field(default="", description="Human-readable details.")
+    observed_generation: int = Field(default=0, ge=0, description="metadata.generation this was set from.")
+    last_transition_time: str = Field(description="When status last changed (RFC 3339).")
+
+
+class ReplicaStatus(_Model):
+    desired: int = Field(default=0, ge=0, description="Replicas the spec asks for.")
+    ready: int = Field(default=0, ge=0, description="Replicas whose pods are ready.")
+    updated: int = Field(default=0, ge=0, description="Replicas running the current pod template.")
+    summary: str = Field(default="0/0", description="ready/desired, for kubectl get.")
+
+
+class ModelDeploymentStatus(_Model):
+    observed_generation: int = Field(default=0, ge=0, description="Last metadata.generation reconciled.")
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description=(
+            "Ready (requests can be served), Progressing (a workload is rolling out), Degraded "
+            "(fewer ready pods than desired, a refused or conflicting child) and SpecValid."
+        ),
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    prefill: ReplicaStatus | None = Field(default=None, description="Prefill pool replicas.")
+    decode: ReplicaStatus | None = Field(default=None, description="Decode pool replicas.")
+    colocated: ReplicaStatus | None = Field(default=None, description="Colocated pool replicas.")
+    router: ReplicaStatus | None = Field(default=None, description="Router replicas.")
+    endpoint: str = Field(default="", description="host:port of the router's gRPC endpoint.")
+
+
+def parse_spec(spec: dict[str, Any]) -> ModelDeploymentSpec:
+    """Validate a spec dict from the API (raises pydantic.ValidationError)."""
+    return ModelDeploymentSpec.model_validate(spec)

@@ -1,0 +1,534 @@
+"""Pure builders: a `ModelDeployment` (its metadata and typed spec) -> the child objects as dicts.
+
+Children of a deployment NAME (namespace NS):
+
+| object | name | what |
+|---|---|---|
+| ServiceAccount | NAME | pods' identity; no API token mounted (workers never call the API) |
+| ConfigMap | NAME-config | engine.json: the engine settings every pod runs with |
+| Deployment + headless Service | NAME-prefill, NAME-decode (or NAME-colocated) | a worker pool |
+| PodDisruptionBudget | NAME-<role>, NAME-router | at most one pod of a pool down at a time |
+| Deployment + Service | NAME-router | the gRPC endpoint; finds workers through the headless Services |
+
+Every child carries the same labels (`app.kubernetes.io/*`, component = role) and a controller owner
+reference to the ModelDeployment, so deleting it deletes them (Kubernetes' garbage collector).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+from dataclasses import dataclass
+from typing import Any
+
+from . import api
+from .placement import PEER_ROLE, build_affinity, build_resources, build_tolerations, build_topology_spread
+from .validation import ARCHIVE_SUFFIXES, model_file_name
+
+MANAGED_BY = "tandem-operator"
+APP_NAME = "tandem"
+CONFIG_HASH_ANNOTATION = "tandem.dev/config-hash"
+MODEL_MOUNT = "/models"
+CACHE_MOUNT = "/var/cache/tandem"
+CONFIG_MOUNT = "/etc/tandem"
+PROGRESS_DEADLINE_SECONDS = 900
+ROUTER_TERMINATION_GRACE_SECONDS = 30  # the router stops with a 5 s gRPC grace; the rest is margin
+
+# (apiVersion, kind) of every child kind, in creation order (identity before config before workloads).
+CHILD_KINDS = (
+    ("v1", "ServiceAccount"),
+    ("v1", "ConfigMap"),
+    ("v1", "Service"),
+    ("apps/v1", "Deployment"),
+    ("policy/v1", "PodDisruptionBudget"),
+)
+ROLES = ("prefill", "decode", "colocated")
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The parts of the ModelDeployment's metadata the builders need."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Owner:
+        meta = body["metadata"]
+        return cls(name=meta["name"], namespace=meta["namespace"], uid=meta.get("uid", ""))
+
+
+def selector_labels(owner: Owner, component: str) -> dict[str, str]:
+    """The labels a workload selects its pods by: never change them (selectors are immutable)."""
+    return {
+        "app.kubernetes.io/name": APP_NAME,
+        "app.kubernetes.io/instance": owner.name,
+        "app.kubernetes.io/component": component,
+    }
+
+
+def build_labels(owner: Owner, component: str) -> dict[str, str]:
+    return {
+        **selector_labels(owner, component),
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        "app.kubernetes.io/part-of": APP_NAME,
+    }
+
+
+def build_owner_reference(owner: Owner) -> dict[str, Any]:
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "name": owner.name,
+        "uid": owner.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _meta(owner: Owner, name: str, component: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": build_labels(owner, component),
+        "ownerReferences": [build_owner_reference(owner)],
+    }
+
+
+def child_name(owner: Owner, component: str) -> str:
+    return f"{owner.name}-{component}"
+
+
+def config_map_name(owner: Owner) -> str:
+    return f"{owner.name}-config"
+
+
+def service_host(owner: Owner, component: str) -> str:
+    return f"{child_name(owner, component)}.{owner.namespace}.svc"
+
+
+# ------------------------------------------------------------------------------------------ model
+
+
+def model_argument(spec: api.ModelDeploymentSpec) -> str:
+    """What `--model` says inside the pod."""
+    m = spec.model
+    if m.builtin is not None:
+        return m.builtin
+    if m.pvc is not None:
+        return f"{MODEL_MOUNT}/{m.pvc.path}"
+    assert m.uri is not None
+    file_name = model_file_name(m.uri)
+    if file_name.endswith(ARCHIVE_SUFFIXES):
+        return f"{MODEL_MOUNT}/model"
+    return f"{MODEL_MOUNT}/{file_name}"
+
+
+def _fetch_script(uri: str) -> str:
+    # Download to a temporary name and move into place, so a pod restarted mid-download never sees a
+    # truncated model; skip when an earlier init (same pod, emptyDir kept) already finished.
+    file_name = model_file_name(uri)
+    q_uri = shlex.quote(uri)
+    if file_name.endswith(ARCHIVE_SUFFIXES):
+        flags = "-xzf" if file_name.endswith((".tar.gz", ".tgz")) else "-xf"
+        return (
+            "set -eu; test -d /models/model && exit 0; "
+            f"curl -fsSL --retry 5 --retry-delay 2 -o /models/.download {q_uri}; "
+            f"mkdir -p /models/.unpack; tar {flags} /models/.download -C /models/.unpack; "
+            "mv /models/.unpack /models/model; rm -f /models/.download"
+        )
+    target = shlex.quote(f"{MODEL_MOUNT}/{file_name}")
+    return (
+        f"set -eu; test -f {target} && exit 0; "
+        f"curl -fsSL --retry 5 --retry-delay 2 -o /models/.download {q_uri}; mv /models/.download {target}"
+    )
+
+
+def _model_volumes(spec: api.ModelDeploymentSpec) -> list[dict[str, Any]]:
+    vols: list[dict[str, Any]] = []
+    if spec.model.pvc is not None:
+        vols.append(
+            {
+                "name": "model",
+                "persistentVolumeClaim": {"claimName": spec.model.pvc.claim_name, "readOnly": True},
+            }
+        )
+    elif spec.model.uri is not None:
+        vols.append({"name": "model", "emptyDir": {}})
+    return vols
+
+
+def _model_mounts(spec: api.ModelDeploymentSpec) -> list[dict[str, Any]]:
+    if spec.model.builtin is not None:
+        return []
+    return [{"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True}]
+
+
+def _init_containers(spec: api.ModelDeploymentSpec) -> list[dict[str, Any]]:
+    if spec.model.uri is None:
+        return []
+    return [
+        {
+            "name": "fetch-model",
+            "image": spec.model.fetch_image,
+            "command": ["sh", "-c", _fetch_script(spec.model.uri)],
+            "securityContext": _container_security(),
+            "volumeMounts": [{"name": "model", "mountPath": MODEL_MOUNT}],
+            "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
+        }
+    ]
+
+
+# ----------------------------------------------------------------------------------- config map
+
+
+def build_engine_config(spec: api.ModelDeploymentSpec) -> dict[str, Any]:
+    """engine.json: everything a pod of this deployment is configured with, in one readable file."""
+    return {
+        "model": model_argument(spec),
+        "mode": spec.mode.value,
+        "pools": {
+            role: {
+                "device": "cuda" if pool.gpus > 0 else "cpu",
+                "port": pool.port,
+                "metricsPort": pool.metrics_port,
+                "kvCacheBytes": pool.kv_cache_bytes,
+                "maxNumBatchedTokens": pool.max_num_batched_tokens,
+                "maxPending": pool.max_pending,
+            }
+            for role, pool in spec.pools().items()
+        },
+        "router": {
+            "grpcPort": spec.router.grpc_port,
+            "metricsPort": spec.router.metrics_port,
+            "maxInFlight": spec.router.max_in_flight,
+        },
+        "adapters": [a.model_dump(by_alias=True, mode="json") for a in spec.adapters],
+        "slo": spec.slo.model_dump(by_alias=True, mode="json"),
+        "autoscaling": spec.autoscaling.model_dump(by_alias=True, mode="json"),
+    }
+
+
+def build_config_map(owner: Owner, spec: api.ModelDeploymentSpec) -> dict[str, Any]:
+    text = json.dumps(build_engine_config(spec), indent=2, sort_keys=True) + "\n"
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(owner, config_map_name(owner), "config"),
+        "data": {"engine.json": text},
+    }
+
+
+def config_hash(config_map: dict[str, Any]) -> str:
+    """A pod-template annotation: a changed config rolls the pods that read it."""
+    return hashlib.sha256(json.dumps(config_map["data"], sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------ workloads
+
+
+def _probes(port: int, startup: str) -> dict[str, Any]:
+    """Readiness asks the gRPC health service (NOT_SERVING while draining, and for the router until a
+    worker pair is healthy). Liveness only asks "is the port open": a draining or waiting process is
+    alive and must not be restarted. `startup` is "grpc" for workers (SERVING once the model is
+    loaded; up to 10 minutes) and "tcpSocket" for the router (up once the tokenizer is loaded; its
+    health waits for workers, which may take longer than any startup budget)."""
+    return {
+        "startupProbe": {
+            startup: {"port": port},
+            "periodSeconds": 5,
+            "timeoutSeconds": 3,
+            "failureThreshold": 120,
+        },
+        "readinessProbe": {
+            "grpc": {"port": port},
+            "periodSeconds": 5,
+            "timeoutSeconds": 3,
+            "failureThreshold": 2,
+        },
+        "livenessProbe": {
+            "tcpSocket": {"port": port},
+            "periodSeconds": 10,
+            "timeoutSeconds": 3,
+            "failureThreshold": 6,
+        },
+    }
+
+
+def _container_security() -> dict[str, Any]:
+    # Nothing in a Tandem pod needs privileges (ports are unprivileged, no host access).
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def _pod_security() -> dict[str, Any]:
+    return {"seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def _env(pool_env: list[api.EnvVar]) -> list[dict[str, Any]]:
+    # The built-in GGUF model is converted once into this cache (an emptyDir): the image stays read-only.
+    env = [{"name": "TANDEM_CACHE_DIR", "value": CACHE_MOUNT}]
+    return env + [{"name": e.name, "value": e.value} for e in pool_env]
+
+
+def build_worker_args(role: str, pool: api.Pool, spec: api.ModelDeploymentSpec) -> list[str]:
+    """`tandem worker ...` exactly as worker/src/tandem_worker/cli.py parses it."""
+    args = [
+        "worker",
+        "--role", role,
+        "--model", model_argument(spec),
+        "--host", "0.0.0.0",
+        "--port", str(pool.port),
+        "--metrics-port", str(pool.metrics_port),
+        "--device", "cuda" if pool.gpus > 0 else "cpu",
+        "--max-num-batched-tokens", str(pool.max_num_batched_tokens),
+        "--max-pending", str(pool.max_pending),
+    ]  # fmt: skip
+    if pool.kv_cache_bytes is not None:
+        args += ["--kv-cache-bytes", str(pool.kv_cache_bytes)]
+    return args
+
+
+def _pod_volumes(owner: Owner, spec: api.ModelDeploymentSpec) -> list[dict[str, Any]]:
+    return [
+        {"name": "config", "configMap": {"name": config_map_name(owner)}},
+        {"name": "cache", "emptyDir": {}},
+        *_model_volumes(spec),
+    ]
+
+
+def _pod_mounts(spec: api.ModelDeploymentSpec) -> list[dict[str, Any]]:
+    return [
+        {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+        {"name": "cache", "mountPath": CACHE_MOUNT},
+        *_model_mounts(spec),
+    ]
+
+
+def _without_empty(fields: dict[str, Any]) -> dict[str, Any]:
+    # The API server omits empty lists and maps; leaving them out keeps the objects as they will read back.
+    return {k: v for k, v in fields.items() if v not in ([], {}, None)}
+
+
+def _deployment(
+    owner: Owner, component: str, replicas: int, pod_spec: dict[str, Any], config_digest: str
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(owner, child_name(owner, component), component),
+        "spec": {
+            "replicas": replicas,
+            # Longer than the 10-minute startup budget, so a slow model load is not "stuck".
+            "progressDeadlineSeconds": PROGRESS_DEADLINE_SECONDS,
+            "selector": {"matchLabels": selector_labels(owner, component)},
+            # Never below the desired capacity during a roll: surge one pod, then retire one.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {
+                "metadata": {
+                    "labels": build_labels(owner, component),
+                    "annotations": {CONFIG_HASH_ANNOTATION: config_digest},
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def build_worker_deployment(
+    owner: Owner, spec: api.ModelDeploymentSpec, role: str, config_digest: str
+) -> dict[str, Any]:
+    pool = spec.pools()[role]
+    peer = PEER_ROLE.get(role)
+    peer_labels = selector_labels(owner, peer) if peer is not None else None
+    container = {
+        "name": "worker",
+        "image": spec.image,
+        "imagePullPolicy": spec.image_pull_policy.value,
+        "command": ["tandem"],
+        "args": build_worker_args(role, pool, spec),
+        "ports": [
+            {"name": "grpc", "containerPort": pool.port, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": pool.metrics_port, "protocol": "TCP"},
+        ],
+        "env": _env(pool.env),
+        "resources": build_resources(pool.cpu, pool.memory, pool.gpus),
+        "volumeMounts": _pod_mounts(spec),
+        **_probes(pool.port, startup="grpc"),
+        "securityContext": _container_security(),
+    }
+    pod_spec = _without_empty(
+        {
+            "serviceAccountName": owner.name,
+            "automountServiceAccountToken": False,
+            # Workers find each other through DNS; Docker-style service env vars only bloat the env.
+            "enableServiceLinks": False,
+            "securityContext": _pod_security(),
+            "terminationGracePeriodSeconds": spec.termination_grace_period_seconds,
+            "initContainers": _init_containers(spec),
+            "containers": [container],
+            "volumes": _pod_volumes(owner, spec),
+            "nodeSelector": dict(pool.node_selector),
+            "tolerations": build_tolerations(pool.tolerations, pool.gpus),
+            "affinity": build_affinity(role, pool, selector_labels(owner, role), peer_labels, spec.placement),
+            "topologySpreadConstraints": build_topology_spread(selector_labels(owner, role), spec.placement),
+        }
+    )
+    return _deployment(owner, role, pool.replicas, pod_spec, config_digest)
+
+
+def build_worker_service(owner: Owner, spec: api.ModelDeploymentSpec, role: str) -> dict[str, Any]:
+    """Headless: the router resolves every ready pod's address (`dns:NAME:PORT`) and balances itself."""
+    pool = spec.pools()[role]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(owner, child_name(owner, role), role),
+        "spec": {
+            "clusterIP": "None",
+            "selector": selector_labels(owner, role),
+            "ports": [
+                {
+                    "name": "grpc",
+                    "port": pool.port,
+                    "targetPort": "grpc",
+                    "protocol": "TCP",
+                    "appProtocol": "grpc",
+                },
+                {"name": "metrics", "port": pool.metrics_port, "targetPort": "metrics", "protocol": "TCP"},
+            ],
+        },
+    }
+
+
+def build_router_args(owner: Owner, spec: api.ModelDeploymentSpec) -> list[str]:
+    """`tandem router ...` with the workers as `dns:<headless service>:<port>` targets."""
+    r = spec.router
+    args = [
+        "router",
+        "--model", model_argument(spec),
+        "--host", "0.0.0.0",
+        "--port", str(r.grpc_port),
+        "--metrics-port", str(r.metrics_port),
+        "--max-in-flight", str(r.max_in_flight),
+    ]  # fmt: skip
+    pools = spec.pools()
+    if spec.mode == api.Mode.colocated:
+        args += ["--decode", f"dns:{service_host(owner, 'colocated')}:{pools['colocated'].port}"]
+    else:
+        args += ["--decode", f"dns:{service_host(owner, 'decode')}:{pools['decode'].port}"]
+        args += ["--prefill", f"dns:{service_host(owner, 'prefill')}:{pools['prefill'].port}"]
+    return args
+
+
+def build_router_deployment(
+    owner: Owner, spec: api.ModelDeploymentSpec, config_digest: str
+) -> dict[str, Any]:
+    r = spec.router
+    container = {
+        "name": "router",
+        "image": spec.image,
+        "imagePullPolicy": spec.image_pull_policy.value,
+        "command": ["tandem"],
+        "args": build_router_args(owner, spec),
+        "ports": [
+            {"name": "grpc", "containerPort": r.grpc_port, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": r.metrics_port, "protocol": "TCP"},
+        ],
+        "env": _env([]),
+        "resources": build_resources(r.cpu, r.memory, 0),
+        "volumeMounts": _pod_mounts(spec),
+        **_probes(r.grpc_port, startup="tcpSocket"),
+        "securityContext": _container_security(),
+    }
+    selector = selector_labels(owner, "router")
+    pod_spec = _without_empty(
+        {
+            "serviceAccountName": owner.name,
+            "automountServiceAccountToken": False,
+            # Workers find each other through DNS; Docker-style service env vars only bloat the env.
+            "enableServiceLinks": False,
+            "securityContext": _pod_security(),
+            "terminationGracePeriodSeconds": ROUTER_TERMINATION_GRACE_SECONDS,
+            "initContainers": _init_containers(spec),
+            "containers": [container],
+            "volumes": _pod_volumes(owner, spec),
+            "nodeSelector": dict(r.node_selector),
+            "tolerations": build_tolerations(r.tolerations, 0),
+            "topologySpreadConstraints": build_topology_spread(selector, spec.placement),
+        }
+    )
+    return _deployment(owner, "router", r.replicas, pod_spec, config_digest)
+
+
+def build_router_service(owner: Owner, spec: api.ModelDeploymentSpec) -> dict[str, Any]:
+    r = spec.router
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(owner, child_name(owner, "router"), "router"),
+        "spec": {
+            "type": r.service_type.value,
+            "selector": selector_labels(owner, "router"),
+            "ports": [
+                {
+                    "name": "grpc",
+                    "port": r.grpc_port,
+                    "targetPort": "grpc",
+                    "protocol": "TCP",
+                    "appProtocol": "grpc",
+                },
+                {"name": "metrics", "port": r.metrics_port, "targetPort": "metrics", "protocol": "TCP"},
+            ],
+        },
+    }
+
+
+def build_pdb(owner: Owner, component: str) -> dict[str, Any]:
+    # maxUnavailable (not minAvailable): a one-replica pool still lets a node drain.
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _meta(owner, child_name(owner, component), component),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(owner, component)}},
+    }
+
+
+def build_service_account(owner: Owner) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _meta(owner, owner.name, "workload"),
+        "automountServiceAccountToken": False,
+    }
+
+
+def build_children(owner: Owner, spec: api.ModelDeploymentSpec) -> list[dict[str, Any]]:
+    """Every child this spec wants, in apply order."""
+    config_map = build_config_map(owner, spec)
+    digest = config_hash(config_map)
+    children = [build_service_account(owner), config_map]
+    for role in spec.pools():
+        children.append(build_worker_service(owner, spec, role))
+    children.append(build_router_service(owner, spec))
+    for role in spec.pools():
+        children.append(build_worker_deployment(owner, spec, role, digest))
+    children.append(build_router_deployment(owner, spec, digest))
+    for role in spec.pools():
+        children.append(build_pdb(owner, role))
+    children.append(build_pdb(owner, "router"))
+    return children
+
+
+def possible_children(owner: Owner) -> list[tuple[str, str, str]]:
+    """(apiVersion, kind, name) of every child any spec of this deployment could have (for pruning)."""
+    out = [("v1", "ServiceAccount", owner.name), ("v1", "ConfigMap", config_map_name(owner))]
+    for component in (*ROLES, "router"):
+        name = child_name(owner, component)
+        out += [
+            ("v1", "Service", name),
+            ("apps/v1", "Deployment", name),
+            ("policy/v1", "PodDisruptionBudget", name),
+        ]
+    return out

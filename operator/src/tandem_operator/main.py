@@ -1,0 +1,92 @@
+"""`tandem operator` (and `tandem-operator`): run the Kopf operator.
+
+Scope: `--namespace` (repeatable; Kopf glob patterns allowed) or `--all-namespaces`.
+Liveness: Kopf's probe endpoint (`--liveness`, default http://0.0.0.0:8080/healthz).
+Peering: replicas share a peering object (`--peering`); each picks a random priority, so exactly one
+acts and the others stand by (Kopf pauses the lower priorities). `--standalone` turns peering off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import random
+import sys
+
+DEFAULT_LIVENESS = "http://0.0.0.0:8080/healthz"
+DEFAULT_PEERING = "tandem-operator"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    scope = p.add_mutually_exclusive_group(required=True)
+    scope.add_argument(
+        "--namespace", "-n", action="append", default=[], help="watch this namespace (repeatable)"
+    )
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace")
+    p.add_argument(
+        "--liveness", default=DEFAULT_LIVENESS, help=f"liveness endpoint (default {DEFAULT_LIVENESS})"
+    )
+    p.add_argument("--peering", default=DEFAULT_PEERING, help="peering object shared by replicas")
+    p.add_argument("--standalone", action="store_true", help="no peering (only ever run one replica)")
+    p.add_argument("--priority", type=int, default=None, help="peering priority (default: random)")
+    p.add_argument(
+        "--resync-seconds",
+        type=float,
+        default=60.0,
+        help="periodic reconcile interval in seconds (default 60; 0: off)",
+    )
+    p.add_argument("--verbose", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tandem-operator", description="Tandem's ModelDeployment operator")
+    add_arguments(p)
+    return p
+
+
+async def operate(
+    args: argparse.Namespace, stop_flag: asyncio.Event | None = None, ready_flag: asyncio.Event | None = None
+) -> None:
+    """Run until `stop_flag` is set (or a signal arrives): usable in-process (tests) and from `run`."""
+    import kopf
+
+    from .handlers import build_settings, register
+
+    registry = kopf.OperatorRegistry()
+    register(registry, resync_seconds=args.resync_seconds)
+    # Equal priorities make Kopf pause every replica; a random one elects a single active replica.
+    priority = args.priority if args.priority is not None else random.randint(1, 1_000_000)
+    await kopf.operator(
+        registry=registry,
+        settings=build_settings(list(args.namespace), bool(args.all_namespaces)),
+        clusterwide=bool(args.all_namespaces),
+        namespaces=list(args.namespace),
+        standalone=bool(args.standalone),
+        priority=priority,
+        peering_name=None if args.standalone else args.peering,
+        liveness_endpoint=args.liveness or None,
+        stop_flag=stop_flag,
+        ready_flag=ready_flag,
+        memo=kopf.Memo(),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        asyncio.run(operate(args))
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

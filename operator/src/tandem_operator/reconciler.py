@@ -1,0 +1,209 @@
+"""`Reconciler`: one level-based pass per ModelDeployment, from whatever woke it up.
+
+A pass reads the ModelDeployment, checks the spec, applies each desired child (create when missing,
+merge-patch only when a field we own differs), deletes children this spec no longer wants, and
+writes status only when it changed. Because every step compares first, a pass over an unchanged
+resource makes no write call. Passes of one object never overlap: a request that arrives during a
+pass marks it dirty and the pass runs once more.
+
+A bad spec writes nothing but status and one Warning Event (when the error is new); the children of
+the last valid spec keep running untouched.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from . import api
+from .builders import MANAGED_BY, ROLES, Owner, build_children, child_name, possible_children
+from .k8s import ApiError, KubeClient
+from .patching import plan_patch, with_last_applied
+from .status import DEGRADED, SPEC_VALID, Workload, observe_deployment, plan_status, plan_status_patch
+from .validation import plan_spec_errors
+
+log = logging.getLogger(__name__)
+
+# API answers that retrying the same object cannot fix: reported in status instead of retried.
+REFUSED = (400, 403, 422)
+
+# (body, type, reason, message) -> None: posts a Kubernetes Event about the ModelDeployment.
+EventPoster = Callable[[dict[str, Any], str, str, str], None]
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _controller_uid(obj: dict[str, Any]) -> str | None:
+    for ref in obj.get("metadata", {}).get("ownerReferences", []) or []:
+        if ref.get("controller"):
+            return ref.get("uid")
+    return None
+
+
+def is_ours(live: dict[str, Any], owner: Owner) -> bool:
+    """Controlled by this ModelDeployment, or an orphan it made earlier (our labels, no controller)."""
+    uid = _controller_uid(live)
+    if uid is not None:
+        return uid == owner.uid
+    labels = live.get("metadata", {}).get("labels", {}) or {}
+    return (
+        labels.get("app.kubernetes.io/managed-by") == MANAGED_BY
+        and labels.get("app.kubernetes.io/instance") == owner.name
+    )
+
+
+def _ident(obj: dict[str, Any]) -> tuple[str, str, str]:
+    return obj["apiVersion"], obj["kind"], obj["metadata"]["name"]
+
+
+class Reconciler:
+    def __init__(self, client: KubeClient, post_event: EventPoster, now: Callable[[], str] = utc_now) -> None:
+        self._client = client
+        self._post_event = post_event
+        self._now = now
+        self._running: set[tuple[str, str]] = set()
+        self._dirty: set[tuple[str, str]] = set()
+
+    async def reconcile(self, namespace: str, name: str) -> None:
+        key = (namespace, name)
+        if key in self._running:
+            self._dirty.add(key)
+            return
+        self._running.add(key)
+        try:
+            while True:
+                self._dirty.discard(key)
+                await self._pass(namespace, name)
+                if key not in self._dirty:
+                    return
+        finally:
+            self._running.discard(key)
+
+    async def _pass(self, namespace: str, name: str) -> None:
+        c = self._client
+        body = await c.get(api.API_VERSION, api.KIND, namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return  # gone or going: the garbage collector removes the children through owner references
+        owner = Owner.from_body(body)
+        generation = int(body["metadata"].get("generation", 0))
+        spec, errors = plan_spec_errors(name, body.get("spec") or {})
+
+        live: dict[tuple[str, str, str], dict[str, Any] | None] = {}
+        conflicts: list[str] = []
+        failures: list[str] = []
+        if not errors:
+            assert spec is not None
+            desired = build_children(owner, spec)
+            wanted = {_ident(obj) for obj in desired}
+            for obj in desired:
+                try:
+                    applied = await self._apply(owner, obj)
+                except ApiError as e:
+                    if e.status not in REFUSED:
+                        raise  # transient: the next pass (or Kopf's retry) tries again
+                    # Refused for good (invalid object, forbidden): report it, apply the rest.
+                    failures.append(f"{obj['kind']}/{obj['metadata']['name']}: {e}")
+                    applied = await c.get(obj["apiVersion"], obj["kind"], namespace, obj["metadata"]["name"])
+                if applied is not None and not is_ours(applied, owner):
+                    conflicts.append(f"{obj['kind']}/{obj['metadata']['name']}")
+                    applied = None  # someone else's object under our name: not ours to report
+                live[_ident(obj)] = applied
+            for ident in possible_children(owner):
+                if ident not in wanted:
+                    await self._prune(owner, *ident)
+        else:
+            for component in (*ROLES, "router"):
+                ident = ("apps/v1", "Deployment", child_name(owner, component))
+                live[ident] = await c.get(ident[0], ident[1], namespace, ident[2])
+            ident = ("v1", "Service", child_name(owner, "router"))
+            live[ident] = await c.get(ident[0], ident[1], namespace, ident[2])
+
+        # Desired replicas come from the spec when it is valid (a missing Deployment still wants them).
+        wanted_replicas: dict[str, int] = {}
+        if spec is not None and not errors:
+            wanted_replicas = {role: pool.replicas for role, pool in spec.pools().items()}
+            wanted_replicas["router"] = spec.router.replicas
+        workloads: dict[str, Workload] = {}
+        for component in (*ROLES, "router"):
+            ident = ("apps/v1", "Deployment", child_name(owner, component))
+            if ident not in live:
+                continue
+            obj = live[ident]
+            if obj is None and errors:
+                continue  # no such workload and none wanted by a spec we can read
+            if obj is not None and not is_ours(obj, owner):
+                obj = None  # someone else's object under our name: not ours to report
+            workloads[component] = observe_deployment(obj, wanted_replicas.get(component))
+        router_service = live.get(("v1", "Service", child_name(owner, "router")))
+        if router_service is not None and not is_ours(router_service, owner):
+            router_service = None
+
+        previous = body.get("status") or {}
+        new_status = plan_status(
+            generation=generation,
+            spec_errors=[(e.reason, e.message) for e in errors],
+            conflicts=conflicts,
+            failures=failures,
+            workloads=workloads,
+            router_service=router_service,
+            previous=previous,
+            now=self._now(),
+        )
+        patch = plan_status_patch(previous, new_status)
+        if patch is not None:
+            await c.patch(api.API_VERSION, api.KIND, namespace, name, patch, subresource="status")
+        self._warn_once(body, previous, new_status, SPEC_VALID, "False")
+        if conflicts or failures:
+            self._warn_once(body, previous, new_status, DEGRADED, "True")
+
+    async def _apply(self, owner: Owner, desired: dict[str, Any]) -> dict[str, Any] | None:
+        c = self._client
+        api_version, kind, name = _ident(desired)
+        live = await c.get(api_version, kind, owner.namespace, name)
+        if live is None:
+            log.info("creating %s %s/%s", kind, owner.namespace, name)
+            try:
+                return await c.create(with_last_applied(desired))
+            except ApiError as e:
+                if e.status != 409:
+                    raise
+                live = await c.get(api_version, kind, owner.namespace, name)  # created meanwhile
+                if live is None:
+                    raise
+        if not is_ours(live, owner):
+            log.warning("%s %s/%s is not ours; leaving it alone", kind, owner.namespace, name)
+            return live
+        patch = plan_patch(desired, live)
+        if patch is None:
+            return live
+        log.info("updating %s %s/%s", kind, owner.namespace, name)
+        return await c.patch(api_version, kind, owner.namespace, name, patch)
+
+    async def _prune(self, owner: Owner, api_version: str, kind: str, name: str) -> None:
+        live = await self._client.get(api_version, kind, owner.namespace, name)
+        if live is not None and _controller_uid(live) == owner.uid:
+            log.info("deleting %s %s/%s (no longer wanted)", kind, owner.namespace, name)
+            await self._client.delete(api_version, kind, owner.namespace, name)
+
+    def _warn_once(
+        self, body: dict[str, Any], previous: dict[str, Any], new: dict[str, Any], type_: str, bad: str
+    ) -> None:
+        """A Warning Event when condition `type_` turns (or stays, with a new message) `bad`: one per
+        distinct problem, not one per pass."""
+
+        def find(status: dict[str, Any]) -> dict[str, Any]:
+            return next((c for c in status.get("conditions", []) or [] if c.get("type") == type_), {})
+
+        old, cur = find(previous), find(new)
+        if cur.get("status") != bad:
+            return
+        if (old.get("status"), old.get("reason"), old.get("message")) != (
+            cur["status"],
+            cur["reason"],
+            cur["message"],
+        ):
+            self._post_event(body, "Warning", cur["reason"], cur["message"])

@@ -1,0 +1,211 @@
+"""`plan_status`: the ModelDeployment's status from what its children really report. Pure.
+
+Status parts:
+- `observedGeneration`: the metadata.generation this status was computed for.
+- `conditions` (each with reason, message, observedGeneration and lastTransitionTime, which moves
+  only when the condition's status changes):
+  - `SpecValid`: True when the spec passed every check; False names the first failed check's reason
+    (the children of an earlier valid spec are left running).
+  - `Ready`: True when requests can be served: the router and every worker role have a ready pod.
+  - `Progressing`: True while a workload is being created or rolled to its current template.
+  - `Degraded`: True when the API server refused a child (`ApplyFailed`: invalid or forbidden),
+    a child's name is taken by an object this deployment does not own (`NameConflict`), a
+    rolled-out workload has fewer ready pods than desired (`ReplicasUnavailable`), or Kubernetes
+    reports it stuck (`ReplicaFailure`, `ProgressDeadlineExceeded`).
+- `prefill`/`decode`/`colocated`/`router`: desired, ready and updated replicas of each Deployment
+  (`summary` is "ready/desired" for `kubectl get`). Created is not ready: readiness comes from the
+  Deployment's own status, which the pods' readiness probes drive.
+- `endpoint`: host:port of the router Service's gRPC port (the load balancer's address once it has one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+READY = "Ready"
+PROGRESSING = "Progressing"
+DEGRADED = "Degraded"
+SPEC_VALID = "SpecValid"
+CONDITION_TYPES = (READY, PROGRESSING, DEGRADED, SPEC_VALID)
+
+WORKER_ROLES = ("prefill", "decode", "colocated")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one Deployment reports (None fields: not created yet)."""
+
+    desired: int
+    ready: int
+    updated: int
+    rolled_out: bool
+    stuck_reason: str | None  # ReplicaFailure / ProgressDeadlineExceeded
+
+
+def observe_deployment(live: dict[str, Any] | None, desired: int | None = None) -> Workload:
+    """Read a live Deployment (None: missing) the way `kubectl rollout status` does."""
+    if live is None:
+        return Workload(desired=desired or 0, ready=0, updated=0, rolled_out=False, stuck_reason=None)
+    spec_replicas = int(live.get("spec", {}).get("replicas", 1))
+    want = spec_replicas if desired is None else desired
+    st = live.get("status", {}) or {}
+    generation = int(live.get("metadata", {}).get("generation", 0))
+    observed = int(st.get("observedGeneration", 0))
+    updated = int(st.get("updatedReplicas", 0))
+    total = int(st.get("replicas", 0))
+    available = int(st.get("availableReplicas", 0))
+    conditions = st.get("conditions", []) or []
+    # The Deployment controller says "NewReplicaSetAvailable" once a rollout completed; pods that
+    # fail later do not reopen the rollout (that is Degraded, not Progressing).
+    completed = any(
+        c.get("type") == "Progressing" and c.get("reason") == "NewReplicaSetAvailable" for c in conditions
+    )
+    rolled_out = (
+        observed >= generation
+        and spec_replicas == want
+        and updated >= want
+        and total == updated
+        and (available >= updated or completed)
+    )
+    stuck = None
+    for c in conditions:
+        if c.get("type") == "ReplicaFailure" and c.get("status") == "True":
+            stuck = "ReplicaFailure"
+        if c.get("type") == "Progressing" and c.get("reason") == "ProgressDeadlineExceeded":
+            stuck = "ProgressDeadlineExceeded"
+    return Workload(
+        desired=want,
+        ready=int(st.get("readyReplicas", 0)),
+        updated=updated,
+        rolled_out=rolled_out,
+        stuck_reason=stuck,
+    )
+
+
+def plan_condition(
+    previous: list[dict[str, Any]],
+    type_: str,
+    status: bool,
+    reason: str,
+    message: str,
+    generation: int,
+    now: str,
+) -> dict[str, Any]:
+    """A condition whose lastTransitionTime moves only when its status changes."""
+    value = "True" if status else "False"
+    old = next((c for c in previous if c.get("type") == type_), None)
+    since = (
+        old["lastTransitionTime"]
+        if old and old.get("status") == value and old.get("lastTransitionTime")
+        else now
+    )
+    return {
+        "type": type_,
+        "status": value,
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation,
+        "lastTransitionTime": since,
+    }
+
+
+def plan_endpoint(router_service: dict[str, Any] | None) -> str:
+    if router_service is None:
+        return ""
+    meta, spec = router_service["metadata"], router_service.get("spec", {})
+    port = next((p["port"] for p in spec.get("ports", []) if p.get("name") == "grpc"), None)
+    if port is None:
+        return ""
+    for ingress in (router_service.get("status", {}).get("loadBalancer", {}) or {}).get("ingress", []) or []:
+        host = ingress.get("ip") or ingress.get("hostname")
+        if host:
+            return f"{host}:{port}"
+    return f"{meta['name']}.{meta['namespace']}.svc:{port}"
+
+
+def plan_status(
+    *,
+    generation: int,
+    spec_errors: list[tuple[str, str]],
+    workloads: dict[str, Workload],
+    conflicts: list[str] | None = None,
+    failures: list[str] | None = None,
+    router_service: dict[str, Any] | None,
+    previous: dict[str, Any],
+    now: str,
+) -> dict[str, Any]:
+    """The full status. `workloads`: component (role or "router") -> what its Deployment reports."""
+    old = previous.get("conditions", []) or []
+
+    def cond(type_: str, ok: bool, reason: str, message: str) -> dict[str, Any]:
+        return plan_condition(old, type_, ok, reason, message, generation, now)
+
+    if spec_errors:
+        reason = spec_errors[0][0]
+        message = "; ".join(m for _, m in spec_errors)
+        spec_valid = cond(SPEC_VALID, False, reason, message)
+    else:
+        spec_valid = cond(SPEC_VALID, True, "Valid", "the spec passed every check")
+
+    rolling = sorted(c for c, w in workloads.items() if not w.rolled_out)
+    if not workloads:
+        progressing = cond(PROGRESSING, False, "NoWorkloads", "nothing is deployed")
+    elif rolling:
+        progressing = cond(PROGRESSING, True, "RollingOut", f"rolling out: {', '.join(rolling)}")
+    else:
+        progressing = cond(PROGRESSING, False, "RolloutComplete", "every workload runs the current spec")
+
+    stuck = sorted(f"{c} ({w.stuck_reason})" for c, w in workloads.items() if w.stuck_reason)
+    short = sorted(
+        f"{c} {w.ready}/{w.desired}" for c, w in workloads.items() if w.rolled_out and w.ready < w.desired
+    )
+    if failures:
+        degraded = cond(DEGRADED, True, "ApplyFailed", "; ".join(failures))
+    elif conflicts:
+        degraded = cond(
+            DEGRADED, True, "NameConflict", f"not ours, left alone: {', '.join(sorted(conflicts))}"
+        )
+    elif stuck:
+        first = next(w.stuck_reason for w in workloads.values() if w.stuck_reason)
+        degraded = cond(DEGRADED, True, first or "Stuck", f"stuck: {', '.join(stuck)}")
+    elif short:
+        degraded = cond(
+            DEGRADED, True, "ReplicasUnavailable", f"fewer ready pods than desired: {', '.join(short)}"
+        )
+    else:
+        degraded = cond(DEGRADED, False, "AsExpected", "every rolled-out workload has all its pods ready")
+
+    roles = [c for c in workloads if c in WORKER_ROLES]
+    missing = sorted(c for c in (*roles, "router") if workloads.get(c) is None or workloads[c].ready < 1)
+    if not workloads:
+        ready = cond(READY, False, "NoWorkloads", "nothing is deployed")
+    elif missing:
+        ready = cond(READY, False, "NotServing", f"no ready pod in: {', '.join(missing)}")
+    else:
+        ready = cond(READY, True, "Serving", "the router and every worker pool have ready pods")
+
+    status: dict[str, Any] = {
+        "observedGeneration": generation,
+        "conditions": [ready, progressing, degraded, spec_valid],
+        "endpoint": plan_endpoint(router_service),
+    }
+    for component, w in workloads.items():
+        status[component] = {
+            "desired": w.desired,
+            "ready": w.ready,
+            "updated": w.updated,
+            "summary": f"{w.ready}/{w.desired}",
+        }
+    return status
+
+
+def plan_status_patch(current: dict[str, Any], new: dict[str, Any]) -> dict[str, Any] | None:
+    """Merge patch for .status (None: nothing changed). Stale pool entries are removed with null."""
+    if all(current.get(k) == v for k, v in new.items()) and set(current) <= set(new) | {"kopf"}:
+        return None
+    patch: dict[str, Any] = dict(new)
+    for key in current:
+        if key not in new and key != "kopf":
+            patch[key] = None
+    return {"status": patch}

@@ -1,0 +1,100 @@
+"""`plan_spec_errors`: the checks a CRD schema cannot express, as a pure function of the object.
+
+The schema (and the typed models) catch shapes, bounds and per-object rules; this catches what needs
+knowledge the API server does not have (which models are built in) or rules the issue wants reported
+as a condition plus an Event rather than refused at admission. An empty list means the spec is valid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+from pydantic import ValidationError
+
+from . import api
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+
+
+@dataclass(frozen=True)
+class SpecError:
+    """One reason the spec cannot be served; `reason` is CamelCase (it becomes a condition reason)."""
+
+    reason: str
+    message: str
+
+
+def model_file_name(uri: str) -> str:
+    """The last path segment of a model URI (what the init container saves)."""
+    return urlparse(uri).path.rsplit("/", 1)[-1]
+
+
+def plan_spec_errors(
+    name: str, spec: dict[str, Any]
+) -> tuple[api.ModelDeploymentSpec | None, list[SpecError]]:
+    """Parse and check `spec`: (the typed spec, []) when valid, (None or the spec, errors) otherwise."""
+    errors: list[SpecError] = []
+    if len(name) > api.MAX_NAME_LENGTH:
+        errors.append(
+            SpecError("NameTooLong", f"metadata.name must be at most {api.MAX_NAME_LENGTH} characters")
+        )
+    try:
+        parsed = api.parse_spec(spec)
+    except ValidationError as e:
+        details = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'spec'}: {err['msg']}" for err in e.errors()
+        )
+        return None, [*errors, SpecError("InvalidSpec", details)]
+
+    builtin = parsed.model.builtin
+    if builtin is not None and builtin not in api.BUILTIN_MODELS:
+        errors.append(
+            SpecError(
+                "UnknownBuiltinModel",
+                f"model.builtin {builtin!r} is not a built-in model; "
+                f"built-in: {', '.join(api.BUILTIN_MODELS)}",
+            )
+        )
+    if parsed.model.uri is not None:
+        file_name = model_file_name(parsed.model.uri)
+        if not (file_name.endswith(".gguf") or file_name.endswith(ARCHIVE_SUFFIXES)):
+            errors.append(
+                SpecError(
+                    "UnsupportedModelURI",
+                    f"model.uri must name a .gguf file or a .tar/.tar.gz/.tgz archive, got {file_name!r}",
+                )
+            )
+
+    seen: set[str] = set()
+    for adapter in parsed.adapters:
+        if adapter.name in seen:
+            errors.append(SpecError("DuplicateAdapterName", f"adapter name {adapter.name!r} is used twice"))
+        seen.add(adapter.name)
+
+    for role, pool in parsed.pools().items():
+        if pool.gpu_product is not None and pool.gpus == 0:
+            errors.append(
+                SpecError(
+                    "GPUProductWithoutGPUs",
+                    f"{role}.gpuProduct is {pool.gpu_product!r} but {role}.gpus is 0; "
+                    "set gpus or remove gpuProduct",
+                )
+            )
+        if pool.port == pool.metrics_port:
+            errors.append(
+                SpecError("PortCollision", f"{role}.port and {role}.metricsPort are both {pool.port}")
+            )
+
+    router = parsed.router
+    ports = {"grpcPort": router.grpc_port, "metricsPort": router.metrics_port}
+    if router.http_port is not None:
+        ports["httpPort"] = router.http_port
+    by_port: dict[int, list[str]] = {}
+    for field, port in ports.items():
+        by_port.setdefault(port, []).append(field)
+    for port, fields in sorted(by_port.items()):
+        if len(fields) > 1:
+            errors.append(SpecError("PortCollision", f"router.{' and router.'.join(fields)} are all {port}"))
+    return parsed, errors

@@ -1,0 +1,225 @@
+"""The API: typed models, the generated CRD (drift, structure, CEL) and the semantic checks."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from tandem_operator import api, crd
+from tandem_operator.validation import plan_spec_errors
+
+from .conftest import EXAMPLES, REPO_ROOT, load_example
+
+CRD_DIR = REPO_ROOT / "manifests" / "crds"
+
+
+def test_committed_crds_match_the_models():
+    """Like proto/generate.py --check: `make crds` must have been run after changing api.py."""
+    assert crd.main(["--check", "--out", str(CRD_DIR)]) == 0
+
+
+def test_check_fails_on_drift(tmp_path):
+    for name, text in crd.render_files().items():
+        (tmp_path / name).write_text(text)
+    assert crd.main(["--check", "--out", str(tmp_path)]) == 0
+    path = tmp_path / f"{api.PLURAL}.{api.GROUP}.yaml"
+    path.write_text(path.read_text().replace("maximum: 16", "maximum: 17"))
+    assert crd.main(["--check", "--out", str(tmp_path)]) == 1
+
+
+def _walk(schema: dict, path: str = ""):
+    yield path, schema
+    for name, child in schema.get("properties", {}).items():
+        yield from _walk(child, f"{path}.{name}")
+    if isinstance(schema.get("items"), dict):
+        yield from _walk(schema["items"], f"{path}[]")
+    if isinstance(schema.get("additionalProperties"), dict):
+        yield from _walk(schema["additionalProperties"], f"{path}{{}}")
+
+
+def test_crd_schema_is_structural_and_documented():
+    doc = yaml.safe_load((CRD_DIR / f"{api.PLURAL}.{api.GROUP}.yaml").read_text())
+    assert doc["metadata"]["name"] == "modeldeployments.tandem.dev"
+    assert doc["spec"]["scope"] == "Namespaced"
+    assert doc["spec"]["names"]["shortNames"] == ["tmd"]
+    (version,) = doc["spec"]["versions"]
+    assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert columns["Mode"] == ".spec.mode"
+    assert columns["Prefill"] == ".status.prefill.summary"
+    assert columns["Decode"] == ".status.decode.summary"
+    assert columns["Ready"] == '.status.conditions[?(@.type=="Ready")].status'
+    assert columns["Age"] == ".metadata.creationTimestamp"
+    root = version["schema"]["openAPIV3Schema"]
+    for path, node in _walk(root):
+        # Structural: a type everywhere, none of JSON Schema's combinators or references.
+        assert "type" in node, path
+        assert not {"$ref", "anyOf", "oneOf", "allOf", "$defs", "title"} & set(node), path
+        if path and path != ".metadata" and not path.endswith(("[]", "{}")):  # fields, not items
+            assert node.get("description"), f"{path} has no description"
+    spec = root["properties"]["spec"]
+    assert spec["properties"]["mode"]["enum"] == ["disaggregated", "colocated"]
+    assert spec["properties"]["mode"]["default"] == "disaggregated"
+    pool = spec["properties"]["prefill"]
+    assert pool["properties"]["gpus"]["minimum"] == 0 and pool["properties"]["gpus"]["maximum"] == 16
+    assert pool["properties"]["replicas"]["default"] == 1
+    assert spec["properties"]["router"]["default"] == {}  # so the API server fills the router's defaults
+    slo = spec["properties"]["slo"]["properties"]["attainment"]
+    assert slo["minimum"] == 0 and slo["exclusiveMinimum"] is True and slo["maximum"] == 1
+    rules = {r["rule"] for r in pool["x-kubernetes-validations"]}
+    assert "!has(self.minReplicas) || self.minReplicas <= self.replicas" in rules
+    assert "!has(self.maxReplicas) || self.replicas <= self.maxReplicas" in rules
+    assert any("filter" in r["rule"] for r in spec["properties"]["model"]["x-kubernetes-validations"])
+    assert any("colocated" in r["rule"] for r in spec["x-kubernetes-validations"])
+    assert root["x-kubernetes-validations"][0]["rule"] == "self.metadata.name.size() <= 50"
+    assert root["properties"]["metadata"] == {"type": "object"}
+    conditions = root["properties"]["status"]["properties"]["conditions"]
+    assert conditions["x-kubernetes-list-type"] == "map"
+    assert conditions["x-kubernetes-list-map-keys"] == ["type"]
+    assert "type" in conditions["items"]["required"]
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
+def test_every_example_is_valid(example: str):
+    manifest = load_example(example)
+    assert manifest["apiVersion"] == api.API_VERSION and manifest["kind"] == api.KIND
+    spec, errors = plan_spec_errors(manifest["metadata"]["name"], manifest["spec"])
+    assert errors == [] and spec is not None
+
+
+def _demo_spec() -> dict:
+    return load_example("cpu-demo.yaml")["spec"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"prefill": {"replicas": 3, "maxReplicas": 2}}, "replicas must be <= maxReplicas"),
+        ({"prefill": {"replicas": 1, "minReplicas": 2}}, "minReplicas must be <= replicas"),
+        ({"model": {"builtin": "smollm2-135m", "uri": "https://x/y.gguf"}}, "exactly one of builtin"),
+        ({"mode": "colocated"}, "mode colocated needs a colocated pool"),
+        ({"decode": None}, "mode disaggregated needs prefill and decode"),
+        ({"prefill": {"gpus": 17}}, "less than or equal to 16"),
+        ({"prefill": {"memory": "lots"}}, "should match pattern"),
+        ({"slo": {"attainment": 0}}, "greater than 0"),
+        ({"autoscaling": {"prefillDecodeRatio": {"min": 2, "max": 1}}}, "ratio min must be <= max"),
+        ({"prefill": {"port": 9000, "metricsPort": 9000}}, "port and metricsPort must differ"),
+        ({"router": {"serviceType": "Ingress"}}, "ClusterIP"),
+        ({"prefill": {"unknownField": 1}}, "Extra inputs are not permitted"),
+        ({"terminationGracePeriodSeconds": 10}, "greater than or equal to 35"),
+    ],
+)
+def test_models_refuse_what_the_schema_refuses(change: dict, message: str):
+    spec = _demo_spec()
+    for key, value in change.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict) and key != "model":
+            spec[key] = {**spec[key], **value}
+        elif value is None:
+            spec.pop(key)
+        else:
+            spec[key] = value
+    with pytest.raises(ValidationError, match=message):
+        api.parse_spec(spec)
+    # The operator reports the same as a condition reason rather than raising.
+    _, errors = plan_spec_errors("x", spec)
+    assert errors[0].reason == "InvalidSpec" and message.split()[0] in errors[0].message
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"model": {"builtin": "llama-405b"}}, "UnknownBuiltinModel"),
+        (
+            {"adapters": [{"name": "a", "source": "s1"}, {"name": "a", "source": "s2"}]},
+            "DuplicateAdapterName",
+        ),
+        ({"prefill": {"gpus": 0, "gpuProduct": "NVIDIA-H100-80GB-HBM3"}}, "GPUProductWithoutGPUs"),
+        ({"router": {"grpcPort": 8080, "httpPort": 8080}}, "PortCollision"),
+        ({"model": {"uri": "https://example.com/model.bin"}}, "UnsupportedModelURI"),
+    ],
+)
+def test_semantic_checks_the_schema_cannot_express(change: dict, reason: str):
+    spec = {**_demo_spec(), **change}
+    parsed, errors = plan_spec_errors("demo", spec)
+    assert parsed is not None  # the shape is fine ...
+    assert [e.reason for e in errors] == [reason]  # ... the meaning is not
+
+
+def test_long_names_are_refused():
+    _, errors = plan_spec_errors("x" * 51, _demo_spec())
+    assert [e.reason for e in errors] == ["NameTooLong"]
+    _, errors = plan_spec_errors("x" * 50, _demo_spec())
+    assert errors == []
+
+
+def test_defaults_fill_a_minimal_spec():
+    spec = api.parse_spec({"model": {"builtin": "smollm2-135m"}, "image": "i", "prefill": {}, "decode": {}})
+    assert spec.mode == api.Mode.disaggregated
+    assert spec.prefill.gpus == 1 and spec.prefill.replicas == 1 and spec.prefill.port == 50061
+    assert spec.router.grpc_port == 50051 and spec.router.service_type == api.ServiceType.ClusterIP
+    assert spec.slo.attainment == 0.9 and spec.autoscaling.enabled is False
+    assert spec.placement.affinity_topology_key == "topology.kubernetes.io/zone"
+
+
+def test_builtin_models_match_the_worker():
+    # The operator keeps its own list (it must not import the worker); the two must agree.
+    loader = pytest.importorskip("tandem_worker.engine.loader")
+    assert set(api.BUILTIN_MODELS) == set(loader.BUILTIN_MODELS)
+
+
+# Each cross-field rule exists twice: CEL for the API server, Python for the operator. Evaluate both
+# on the same objects (with cel-python, a CEL implementation independent of our code) so they
+# cannot disagree, and so a CEL typo fails here instead of at `kubectl apply` time.
+RULE_SAMPLES: dict[type, list[dict]] = {
+    api.ModelSource: [
+        {"builtin": "b"}, {"pvc": {"claimName": "c", "path": "p"}}, {"uri": "https://x/y.gguf"},
+        {}, {"builtin": "b", "uri": "https://x/y.gguf"}, {"builtin": "b", "pvc": {}, "uri": "u"},
+    ],
+    api.Pool: [
+        {"replicas": r, "port": 1, "metricsPort": m, **extra}
+        for r in (0, 2, 5)
+        for m in (1, 2)
+        for extra in ({}, {"minReplicas": 2}, {"maxReplicas": 2}, {"minReplicas": 1, "maxReplicas": 4})
+    ],
+    api.Router: [{"grpcPort": 1, "metricsPort": 1}, {"grpcPort": 1, "metricsPort": 2}],
+    api.RatioBand: [{"min": 0.5, "max": 1.0}, {"min": 1.0, "max": 1.0}, {"min": 2.0, "max": 1.0}],
+    api.ModelDeploymentSpec: [
+        {"mode": mode, **pools}
+        for mode in ("disaggregated", "colocated")
+        for pools in ({"prefill": {}, "decode": {}}, {"colocated": {}}, {"prefill": {}},
+                      {"prefill": {}, "decode": {}, "colocated": {}}, {"decode": {}, "colocated": {}})
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("model", list(RULE_SAMPLES), ids=lambda m: m.__name__)
+def test_cel_rules_agree_with_the_python_checks(model):
+    celpy = pytest.importorskip("celpy")
+    from types import SimpleNamespace
+
+    from pydantic.alias_generators import to_snake
+
+    env = celpy.Environment()
+    assert model.rules
+    for rule in model.rules:
+        program = env.program(env.compile(rule.cel))
+        outcomes = set()
+        for sample in RULE_SAMPLES[model]:
+            fields = {to_snake(name): None for name in (f.alias or n for n, f in model.model_fields.items())}
+            fields.update({to_snake(k): v for k, v in sample.items()})
+            python_ok = rule.check(SimpleNamespace(**fields))
+            cel_ok = bool(program.evaluate({"self": celpy.json_to_cel(sample)}))
+            assert cel_ok == python_ok, (rule.cel, sample)
+            outcomes.add(cel_ok)
+        assert outcomes == {True, False}, f"samples never exercise both outcomes of {rule.cel!r}"
+
+
+def test_the_name_rule_in_cel():
+    celpy = pytest.importorskip("celpy")
+    doc = yaml.safe_load((CRD_DIR / f"{api.PLURAL}.{api.GROUP}.yaml").read_text())
+    (rule,) = doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["x-kubernetes-validations"]
+    env = celpy.Environment()
+    program = env.program(env.compile(rule["rule"]))
+    assert program.evaluate({"self": celpy.json_to_cel({"metadata": {"name": "x" * 50}})})
+    assert not program.evaluate({"self": celpy.json_to_cel({"metadata": {"name": "x" * 51}})})
