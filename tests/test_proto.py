@@ -103,13 +103,17 @@ def test_service_shapes():
         (worker_pb2, "KVTransfer", "Prefill", True),
         (worker_pb2, "Admin", "Stats", False),
         (worker_pb2, "Admin", "Drain", False),
+        (worker_pb2, "Admin", "LoadAdapter", False),
+        (worker_pb2, "Admin", "UnloadAdapter", False),
+        (worker_pb2, "Admin", "ListAdapters", False),
     ]:
         m = method(pb, service, name)
         assert m.server_streaming is streaming and not m.client_streaming, (service, name)
         assert m.full_name == f"tandem.v1.{service}.{name}"
     assert sorted(inference_pb2.DESCRIPTOR.services_by_name) == ["Inference"]
     assert sorted(worker_pb2.DESCRIPTOR.services_by_name) == ["Admin", "KVTransfer", "Worker"]
-    assert sorted(worker_pb2.DESCRIPTOR.services_by_name["Admin"].methods_by_name) == ["Drain", "Stats"]
+    admin = sorted(worker_pb2.DESCRIPTOR.services_by_name["Admin"].methods_by_name)
+    assert admin == ["Drain", "ListAdapters", "LoadAdapter", "Stats", "UnloadAdapter"]
     # The gRPC stubs and servicers exist for every service.
     for grpc_mod, service in [
         (inference_pb2_grpc, "Inference"),

@@ -35,6 +35,25 @@ def test_picks_roomiest_decode_and_least_loaded_prefill(pool):
     assert pair.decode.address == "d2:1" and pair.prefill.address == "p2:1"
 
 
+def test_adapter_residency_beats_room_and_queue(pool):
+    """A pair already holding the adapter wins over a roomier, idler one; device beats host memory."""
+    pool._workers["d1:1"].stats.adapters_host.append("sql")
+    pool._workers["p1:1"].stats.adapters_device.append("sql")
+    pair = pool.pick(100, set(), adapter="sql")
+    assert pair.decode.address == "d1:1" and pair.prefill.address == "p1:1"
+    pool._workers["d2:1"].stats.adapters_device.append("sql")
+    assert pool.pick(100, set(), adapter="sql").decode.address == "d2:1"
+    # Nobody holds it: plain load balancing; no adapter: residency is ignored.
+    pair = pool.pick(100, set(), adapter="other")
+    assert pair.decode.address == "d2:1" and pair.prefill.address == "p2:1"
+    assert pool.pick(100, set()).prefill.address == "p2:1"
+    assert pool.adapters() == ["sql"]
+    # Residency never overrides room: a holder without KV room for the prompt (d1: 160 tokens) is skipped.
+    del pool._workers["d2:1"].stats.adapters_device[:]
+    assert pool.pick(100, set(), adapter="sql").decode.address == "d1:1"
+    assert pool.pick(200, set(), adapter="sql").decode.address == "d2:1"
+
+
 def test_router_side_pending_load_counts_until_the_next_stats(pool):
     pool.begin(pool.pick(100, set()), prompt_tokens=1000)
     pair = pool.pick(100, set())

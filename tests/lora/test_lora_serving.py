@@ -3,6 +3,7 @@ workers by adapter residency, the admin service loads, lists and unloads adapter
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +37,13 @@ from tests.serving.procs import (  # noqa: E402
 @pytest.fixture(scope="module")
 def lora_cluster(adapter_store, tmp_path_factory, model_dir):
     log = tmp_path_factory.mktemp("lora-serving-logs")
-    store = ("--lora-store", str(adapter_store))
+    # Besides the store, an adapter registered under another name the way the operator does it
+    # (engine.json's "adapters" list, `--adapters-config`).
+    config = log / "engine.json"
+    config.write_text(
+        json.dumps({"adapters": [{"name": "support-bot", "path": str(adapter_store / "attn-r8")}]})
+    )
+    store = ("--lora-store", str(adapter_store), "--adapters-config", str(config))
     p0, p1 = (
         worker("prefill", "lora-prefill-0", log, *store),
         worker("prefill", "lora-prefill-1", log, *store),
@@ -76,6 +83,11 @@ def test_1p1d_mixed_adapters_match_peft(lora_cluster, prompt_ids, peft_reference
         st = w.stats()
         assert {s.name for s in MIXED_SPECS} <= set(st.adapters_device) | set(st.adapters_host)
     assert_idle([lora_cluster.p0, lora_cluster.d0])
+
+
+def test_adapter_registered_by_config_is_served(lora_cluster, prompt_ids, peft_references):
+    res = generate(lora_cluster.r11, request(prompt_ids[1], greedy(MAX_NEW), adapter="support-bot"))
+    assert_matches("support-bot", res.token_ids, peft_references[("attn-r8", 1)], [])
 
 
 def test_unknown_adapter_is_not_found(lora_cluster):

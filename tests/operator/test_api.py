@@ -131,9 +131,16 @@ def test_models_refuse_what_the_schema_refuses(change: dict, message: str):
     [
         ({"model": {"builtin": "llama-405b"}}, "UnknownBuiltinModel"),
         (
-            {"adapters": [{"name": "a", "source": "s1"}, {"name": "a", "source": "s2"}]},
+            {
+                "adapters": [
+                    {"name": "a", "source": "https://example.com/a.tar.gz"},
+                    {"name": "a", "source": "https://example.com/b.tgz"},
+                ]
+            },
             "DuplicateAdapterName",
         ),
+        ({"adapters": [{"name": "a", "source": "adapters/a"}]}, "AdapterPathWithoutVolume"),
+        ({"adapters": [{"name": "a", "source": "s3://bucket/a"}]}, "UnsupportedAdapterURI"),
         ({"prefill": {"gpus": 0, "gpuProduct": "NVIDIA-H100-80GB-HBM3"}}, "GPUProductWithoutGPUs"),
         ({"router": {"grpcPort": 8080, "httpPort": 8080}}, "PortCollision"),
         ({"model": {"uri": "https://example.com/model.bin"}}, "UnsupportedModelURI"),

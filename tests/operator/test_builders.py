@@ -271,3 +271,28 @@ def test_config_change_changes_the_pod_template_hash():
     assert template_hash(spec1) == template_hash(
         plan_spec_errors("d", load_example("cpu-demo.yaml")["spec"])[0]
     )
+
+
+def test_adapters_reach_the_workers():
+    """Adapters from a URI are fetched by an init container; every worker registers them all."""
+    from tandem_operator import api, builders
+
+    raw = yaml.safe_load((EXAMPLES / "heterogeneous.yaml").read_text())["spec"]
+    raw["adapters"].append({"name": "from-web", "source": "https://example.com/a/from-web.tar.gz"})
+    spec = api.parse_spec(raw)
+    config = builders.build_engine_config(spec)
+    paths = {a["name"]: a["path"] for a in config["adapters"]}
+    assert paths == {
+        "sql-assistant": "/models/adapters/sql-assistant",
+        "support-bot": "/models/adapters/support-bot",
+        "from-web": "/adapters/from-web",
+    }
+    args = builders.build_worker_args("decode", spec.decode, spec)
+    assert args[args.index("--adapters-config") + 1] == "/etc/tandem/engine.json"
+    inits = builders._init_containers(spec)
+    assert [c["name"] for c in inits] == ["fetch-adapters"]
+    script = inits[0]["command"][-1]
+    assert "https://example.com/a/from-web.tar.gz" in script and "/adapters/from-web" in script
+    assert "sql-assistant" not in script  # path sources come from the model volume, not the web
+    mounts = {m["name"]: m for m in builders._model_mounts(spec)}
+    assert mounts["adapters"]["readOnly"] and mounts["model"]["mountPath"] == "/models"

@@ -218,7 +218,14 @@ async def test_bad_update_leaves_the_running_children_untouched(cluster: Cluster
     mark = cluster.mark()
 
     await cluster.update_md_spec(
-        DEMO, {"adapters": [{"name": "a", "source": "x"}, {"name": "a", "source": "y"}], "image": "new:1"}
+        DEMO,
+        {
+            "adapters": [
+                {"name": "a", "source": "https://e.x/a.tgz"},
+                {"name": "a", "source": "https://e.x/b.tgz"},
+            ],
+            "image": "new:1",
+        },
     )
     await eventually(lambda: cluster.condition(DEMO, "SpecValid")["status"] == "False")
     assert cluster.condition(DEMO, "SpecValid")["reason"] == "DuplicateAdapterName"
@@ -236,7 +243,7 @@ async def test_bad_update_leaves_the_running_children_untouched(cluster: Cluster
     assert warnings()[0]["type"] == "Warning"
 
     # Fixing the spec applies it, and SpecValid transitions back (a new transition time).
-    await cluster.update_md_spec(DEMO, {"adapters": [{"name": "a", "source": "x"}]})
+    await cluster.update_md_spec(DEMO, {"adapters": [{"name": "a", "source": "https://e.x/a.tgz"}]})
     await eventually(lambda: container(cluster.get("Deployment", f"{DEMO}-router"))["image"] == "new:1")
     await eventually(lambda: cluster.condition(DEMO, "SpecValid")["status"] == "True")
     assert cluster.condition(DEMO, "SpecValid")["lastTransitionTime"] >= valid_since

@@ -32,6 +32,7 @@ CONFIG_HASH_ANNOTATION = "tandem.dev/config-hash"
 MODEL_MOUNT = "/models"
 CACHE_MOUNT = "/var/cache/tandem"
 CONFIG_MOUNT = "/etc/tandem"
+ADAPTER_MOUNT = "/adapters"  # adapters fetched from URIs by an init container (an emptyDir)
 PROGRESS_DEADLINE_SECONDS = 900
 ROUTER_TERMINATION_GRACE_SECONDS = 30  # the router stops with a 5 s gRPC grace; the rest is margin
 
@@ -126,6 +127,34 @@ def model_argument(spec: api.ModelDeploymentSpec) -> str:
     return f"{MODEL_MOUNT}/{file_name}"
 
 
+def adapter_path(spec: api.ModelDeploymentSpec, adapter: api.Adapter) -> str:
+    """Where a worker finds an adapter's PEFT folder: fetched from a URI, or in the model volume."""
+    if "://" in adapter.source:
+        return f"{ADAPTER_MOUNT}/{adapter.name}"
+    return f"{MODEL_MOUNT}/{adapter.source.lstrip('/')}"
+
+
+def _fetch_adapters_script(spec: api.ModelDeploymentSpec) -> str:
+    steps = ["set -eu"]
+    for a in spec.adapters:
+        if "://" not in a.source:
+            continue
+        name, uri = shlex.quote(a.name), shlex.quote(a.source)
+        flags = "-xzf" if a.source.endswith((".tar.gz", ".tgz")) else "-xf"
+        steps.append(
+            f"if [ ! -d {ADAPTER_MOUNT}/{name} ]; then "
+            f"curl -fsSL --retry 5 --retry-delay 2 -o {ADAPTER_MOUNT}/.download {uri}; "
+            f"mkdir -p {ADAPTER_MOUNT}/.unpack; "
+            f"tar {flags} {ADAPTER_MOUNT}/.download -C {ADAPTER_MOUNT}/.unpack; "
+            f"mv {ADAPTER_MOUNT}/.unpack {ADAPTER_MOUNT}/{name}; rm -f {ADAPTER_MOUNT}/.download; fi"
+        )
+    return "; ".join(steps)
+
+
+def _fetches_adapters(spec: api.ModelDeploymentSpec) -> bool:
+    return any("://" in a.source for a in spec.adapters)
+
+
 def _fetch_script(uri: str) -> str:
     # Download to a temporary name and move into place, so a pod restarted mid-download never sees a
     # truncated model; skip when an earlier init (same pod, emptyDir kept) already finished.
@@ -157,28 +186,46 @@ def _model_volumes(spec: api.ModelDeploymentSpec) -> list[dict[str, Any]]:
         )
     elif spec.model.uri is not None:
         vols.append({"name": "model", "emptyDir": {}})
+    if _fetches_adapters(spec):
+        vols.append({"name": "adapters", "emptyDir": {}})
     return vols
 
 
 def _model_mounts(spec: api.ModelDeploymentSpec) -> list[dict[str, Any]]:
-    if spec.model.builtin is not None:
-        return []
-    return [{"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True}]
+    mounts = []
+    if spec.model.builtin is None:
+        mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
+    if _fetches_adapters(spec):
+        mounts.append({"name": "adapters", "mountPath": ADAPTER_MOUNT, "readOnly": True})
+    return mounts
 
 
 def _init_containers(spec: api.ModelDeploymentSpec) -> list[dict[str, Any]]:
-    if spec.model.uri is None:
-        return []
-    return [
-        {
-            "name": "fetch-model",
-            "image": spec.model.fetch_image,
-            "command": ["sh", "-c", _fetch_script(spec.model.uri)],
-            "securityContext": _container_security(),
-            "volumeMounts": [{"name": "model", "mountPath": MODEL_MOUNT}],
-            "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
-        }
-    ]
+    inits = []
+    resources = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
+    if spec.model.uri is not None:
+        inits.append(
+            {
+                "name": "fetch-model",
+                "image": spec.model.fetch_image,
+                "command": ["sh", "-c", _fetch_script(spec.model.uri)],
+                "securityContext": _container_security(),
+                "volumeMounts": [{"name": "model", "mountPath": MODEL_MOUNT}],
+                "resources": resources,
+            }
+        )
+    if _fetches_adapters(spec):
+        inits.append(
+            {
+                "name": "fetch-adapters",
+                "image": spec.model.fetch_image,
+                "command": ["sh", "-c", _fetch_adapters_script(spec)],
+                "securityContext": _container_security(),
+                "volumeMounts": [{"name": "adapters", "mountPath": ADAPTER_MOUNT}],
+                "resources": resources,
+            }
+        )
+    return inits
 
 
 # ----------------------------------------------------------------------------------- config map
@@ -205,7 +252,10 @@ def build_engine_config(spec: api.ModelDeploymentSpec) -> dict[str, Any]:
             "metricsPort": spec.router.metrics_port,
             "maxInFlight": spec.router.max_in_flight,
         },
-        "adapters": [a.model_dump(by_alias=True, mode="json") for a in spec.adapters],
+        # The workers register these (`tandem worker --adapters-config`) and load each on first use.
+        "adapters": [
+            {**a.model_dump(by_alias=True, mode="json"), "path": adapter_path(spec, a)} for a in spec.adapters
+        ],
         "slo": spec.slo.model_dump(by_alias=True, mode="json"),
         "autoscaling": spec.autoscaling.model_dump(by_alias=True, mode="json"),
     }
@@ -287,6 +337,8 @@ def build_worker_args(role: str, pool: api.Pool, spec: api.ModelDeploymentSpec) 
     ]  # fmt: skip
     if pool.kv_cache_bytes is not None:
         args += ["--kv-cache-bytes", str(pool.kv_cache_bytes)]
+    if spec.adapters:
+        args += ["--adapters-config", f"{CONFIG_MOUNT}/engine.json"]
     return args
 
 

@@ -72,6 +72,25 @@ def plan_spec_errors(
         if adapter.name in seen:
             errors.append(SpecError("DuplicateAdapterName", f"adapter name {adapter.name!r} is used twice"))
         seen.add(adapter.name)
+        if "://" in adapter.source:
+            if not adapter.source.startswith(("http://", "https://")) or not adapter.source.endswith(
+                ARCHIVE_SUFFIXES
+            ):
+                errors.append(
+                    SpecError(
+                        "UnsupportedAdapterURI",
+                        f"adapter {adapter.name!r}: a URI source must be an http(s) .tar/.tar.gz/.tgz "
+                        f"archive of the PEFT adapter folder, got {adapter.source!r}",
+                    )
+                )
+        elif parsed.model.pvc is None:
+            errors.append(
+                SpecError(
+                    "AdapterPathWithoutVolume",
+                    f"adapter {adapter.name!r}: source {adapter.source!r} is a path in the model volume, "
+                    "which only a model.pvc provides; use a URI or a PVC model",
+                )
+            )
 
     for role, pool in parsed.pools().items():
         if pool.gpu_product is not None and pool.gpus == 0:

@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--lora-host-cache-bytes", type=int, default=2 * 2**30, help="host memory for adapters (LRU)"
     )
     w.add_argument(
+        "--adapters-config",
+        default=None,
+        help="JSON file whose 'adapters' list of {name, path} names adapters (the operator's engine.json)",
+    )
+    w.add_argument(
         "--max-pending", type=int, default=256, help="requests in flight before RESOURCE_EXHAUSTED"
     )
 
@@ -86,6 +91,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefill", action="append", default=[], help="prefill worker: HOST:PORT or dns:NAME:PORT"
     )
     r.add_argument("--max-in-flight", type=int, default=512)
+    r.add_argument(
+        "--http-port",
+        type=int,
+        default=0,
+        help="port of the OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/...); 0: off",
+    )
+    r.add_argument(
+        "--kserve-port",
+        type=int,
+        default=0,
+        help="port of KServe's Open Inference Protocol v2 over gRPC (Triton's clients); 0: off",
+    )
+    r.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model id clients name (OpenAI 'model', KServe model_name, ListModels); default: --model",
+    )
 
     u = sub.add_parser("up", help="run a whole deployment (workers + router) as local processes")
     u.add_argument("--prefill", type=int, default=None, help="prefill workers (default 1)")
@@ -97,9 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--kv-cache-bytes", type=int, default=1 << 30, help="KV budget per worker (default 1 GiB)")
     u.add_argument("--log-dir", default=None, help="write each process's output to DIR/NAME.log")
     u.add_argument("--lora-store", default=None, help="folder of PEFT LoRA adapters for every worker")
+    u.add_argument("--http-port", type=int, default=0, help="the router's OpenAI HTTP port (0: off)")
+    u.add_argument("--kserve-port", type=int, default=0, help="the router's KServe v2 gRPC port (0: off)")
     d = sub.add_parser("demo", help="start 1 prefill + 1 decode locally, stream a few answers, stop")
     d.add_argument("--model", default="smollm2-135m")
     d.add_argument("--max-tokens", type=int, default=64)
+    b = sub.add_parser("bench", help="replay a request trace against an endpoint; report SLO attainment")
+    b.add_argument("--trace", required=True, help="Azure LLM trace CSV or JSON lines (timestamp ms, ...)")
+    b.add_argument("--endpoint", required=True, help="HOST:PORT of a Tandem router")
+    b.add_argument("--time-scale", type=float, default=1.0, help="multiply arrival times (2: half the rate)")
+    b.add_argument("--max-requests", type=int, default=None, help="replay only the first N requests")
+    b.add_argument("--slo-ttft-ms", type=float, default=1000.0, help="time-to-first-token SLO (default 1000)")
+    b.add_argument("--slo-tpot-ms", type=float, default=100.0, help="time-per-output-token SLO (default 100)")
+    b.add_argument("--json", action="store_true", help="print the report as one JSON object")
     o = sub.add_parser("operator", help="run the Kubernetes operator for ModelDeployment resources (Kopf)")
     try:  # tandem_operator.main imports only the standard library at module level
         from tandem_operator.main import add_arguments as add_operator_arguments
@@ -249,8 +281,28 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         lora_store=args.lora_store,
         lora_host_cache_bytes=args.lora_host_cache_bytes,
     )
-    serve_worker(args.role, config, args.host, args.port, args.metrics_port, max_pending=args.max_pending)
+    adapters = _read_adapters_config(args.adapters_config) if args.adapters_config else {}
+    serve_worker(
+        args.role,
+        config,
+        args.host,
+        args.port,
+        args.metrics_port,
+        max_pending=args.max_pending,
+        adapters=adapters,
+    )
     return 0
+
+
+def _read_adapters_config(path: str) -> dict[str, str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            entries = json.load(f).get("adapters", [])
+        return {e["name"]: e["path"] for e in entries}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CLIError(
+            f"--adapters-config {path}: expected {{'adapters': [{{name, path}}, ...]}}: {e}"
+        ) from None
 
 
 def _cmd_router(args: argparse.Namespace) -> int:
@@ -264,6 +316,9 @@ def _cmd_router(args: argparse.Namespace) -> int:
         args.port,
         args.metrics_port,
         max_in_flight=args.max_in_flight,
+        http_port=args.http_port,
+        kserve_port=args.kserve_port,
+        served_model_name=args.served_model_name,
     )
     return 0
 
@@ -289,8 +344,32 @@ def _cmd_up(args: argparse.Namespace) -> int:
             kv_cache_bytes=args.kv_cache_bytes,
             log_dir=args.log_dir,
             lora_store=args.lora_store,
+            http_port=args.http_port,
+            kserve_port=args.kserve_port,
         )
     )
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import grpc
+
+    from .server.replay import load_trace, replay
+
+    if args.time_scale <= 0:
+        raise CLIError("--time-scale must be > 0")
+    try:
+        report = replay(
+            args.endpoint,
+            load_trace(args.trace),
+            time_scale=args.time_scale,
+            max_requests=args.max_requests,
+            slo_ttft_s=args.slo_ttft_ms / 1000.0,
+            slo_tpot_s=args.slo_tpot_ms / 1000.0,
+        )
+    except grpc.RpcError as e:
+        raise CLIError(f"{args.endpoint}: {e.code().name}: {e.details()}") from None
+    print(json.dumps(report.to_dict()) if args.json else report.table(), flush=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -304,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_router(args)
         if args.command == "up":
             return _cmd_up(args)
+        if args.command == "bench":
+            return _cmd_bench(args)
         if args.command == "demo":
             from .server.demo import demo
 

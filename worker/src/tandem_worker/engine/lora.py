@@ -36,6 +36,7 @@ import torch
 from safetensors import safe_open
 
 import tandem_kernels
+from tandem_kernels import lora_reference
 
 from .block_manager import BlockManager
 from .config import ModelConfig
@@ -320,17 +321,27 @@ class LoRATables:
 
 
 class LoRABatch:
-    """One step's LoRA work: which tokens use which slot, and the tables to read weights by."""
+    """One step's LoRA work: which tokens use which slot, and the tables to read weights by.
+
+    On a GPU (Triton) `apply` launches `tandem_kernels.lora_shrink` and one `lora_expand` per part,
+    with the metadata on the device. On the CPU it calls `lora_reference.lora_apply_grouped` with
+    host metadata instead: the token groups are worked out once per step (`HostGroups`), each
+    kind's offsets, ranks and scalings for the step's slots are read from the host tables once per
+    step, and a call gathers its tokens once for all groups, not once per group and per op.
+    """
 
     def __init__(
         self,
         pool: torch.Tensor,
-        tables: dict,
-        groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        tables: dict | LoRATables,
+        groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
         max_rank: dict[str, int],
         shapes: dict[str, tuple[int, int]],
+        host_groups: lora_reference.HostGroups | None = None,
     ) -> None:
         self.pool, self.t, self.groups, self.max_rank = pool, tables, groups, max_rank
+        self.host_groups = host_groups
+        self._work: dict[str, list[list]] = {}  # CPU path: kind -> per layer, per group
         self.part_cols: dict[str, list[tuple[str, int, int]]] = {}
         for kind, parts in KINDS.items():
             cols, off = [], 0
@@ -343,6 +354,12 @@ class LoRABatch:
         """out += the LoRA delta of projection `kind` for every adapter token of the batch, in place."""
         max_rank = self.max_rank[kind]
         if not max_rank:
+            return
+        if self.host_groups is not None:
+            work = self._work.get(kind)
+            if work is None:
+                work = self._work[kind] = self._host_work(kind)
+            lora_reference.lora_apply_grouped(x, out, self.pool, self.host_groups, work[layer])
             return
         t = self.t
         ti, go, gs = self.groups
@@ -364,6 +381,45 @@ class LoRABatch:
                 width,
                 t["y_offsets"][m][layer],
             )
+
+    def _host_work(self, kind: str) -> list[list]:
+        """Per layer, per group: (a_offset, total_rank, parts) or None, read from the host tables once."""
+        t = self.t
+        slots = torch.tensor(self.host_groups.slots, dtype=torch.int64)
+        a_off = t.a_offsets[kind].index_select(1, slots).tolist()
+        total = t.total_ranks[kind].index_select(1, slots).tolist()
+        parts = []
+        for m, col, width in self.part_cols[kind]:
+            parts.append(
+                (
+                    t.b_offsets[m].index_select(1, slots).tolist(),
+                    t.ranks[m].index_select(1, slots).tolist(),
+                    t.y_offsets[m].index_select(1, slots).tolist(),
+                    t.scaling[m].index_select(0, slots).tolist(),
+                    col,
+                    width,
+                )
+            )
+        work = []
+        for layer, (offs, totals) in enumerate(zip(a_off, total)):
+            row = []
+            for g, (a, r) in enumerate(zip(offs, totals)):
+                if r <= 0:
+                    row.append(None)
+                    continue
+                row.append(
+                    (
+                        a,
+                        r,
+                        [
+                            (b[layer][g], rk[layer][g], yo[layer][g], sc[g], col, width)
+                            for b, rk, yo, sc, col, width in parts
+                            if rk[layer][g] > 0
+                        ],
+                    )
+                )
+            work.append(row)
+        return work
 
 
 class LoRAManager:
@@ -503,6 +559,12 @@ class LoRAManager:
             if self._to_device(name) is None:
                 raise AdapterBusyError(f"adapter {name!r}: no room on the device now (KV cache full)")
         return self.info(name)
+
+    def register(self, name: str, path: Path) -> None:
+        """Make `name` loadable from `path` on first use (no read now): deployments list their adapters."""
+        if not _valid_name(name):
+            raise AdapterError(f"adapter name {name!r}: use letters, digits, '.', '_' and '-' only")
+        self._paths[name] = Path(path)
 
     def unload(self, name: str) -> None:
         """Admin: drop an adapter from every tier; refused while a request uses it."""
@@ -662,9 +724,13 @@ class LoRAManager:
         active = {s for s in seq_slots if s is not None}
         if not active:
             return None
-        groups = tandem_kernels.lora_token_groups(seq_lens, seq_slots, self.pool.device)
         max_rank = {k: max(self.tables.max_total_rank[k][s] for s in active) for k in KINDS}
-        return LoRABatch(self.pool, self.tables.on_device(), groups, max_rank, self.shapes)
+        if tandem_kernels._use_triton(self.pool.device):
+            groups = tandem_kernels.lora_token_groups(seq_lens, seq_slots, self.pool.device)
+            return LoRABatch(self.pool, self.tables.on_device(), groups, max_rank, self.shapes)
+        # The CPU path: the metadata stays on the host (see LoRABatch).
+        host = lora_reference.HostGroups(seq_lens, seq_slots)
+        return LoRABatch(self.pool, self.tables, None, max_rank, self.shapes, host)
 
     # --- introspection ---------------------------------------------------------------------
 

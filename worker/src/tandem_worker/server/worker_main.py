@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -35,12 +36,17 @@ def serve_worker(
     max_pending: int = 256,
     drain_timeout: float = 30.0,
     stop_event: threading.Event | None = None,
+    adapters: dict[str, str] | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT (or `stop_event`), then drain: refuse new work, finish in-flight."""
+    """Serve until SIGTERM/SIGINT (or `stop_event`), then drain: refuse new work, finish in-flight.
+
+    `adapters` (name -> folder) are registered to load on first use, besides the adapter store."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
     config.detokenize = False  # the router detokenizes and applies stop strings
     engine = LLMEngine(config)
+    for name, path in (adapters or {}).items():
+        engine.lora.register(name, Path(path))
     loop = EngineLoop(engine, max_pending=max_pending).start()
     state = WorkerState(engine, loop, role, model_id(engine.model_dir))
 
