@@ -366,3 +366,145 @@ def lora_expand(
             # index_put_ on the view writes into out; index_copy_ is slow on CPU for small copies
             # (see reference.store_kvcache).
             target[rows] = acc.to(out.dtype) if upcast_out else acc
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine's CPU path: one fused projection (shrink over its stacked A rows, then one expand per
+# part) for every adapter of a step, with the metadata already on the host. The per-op costs that
+# dominate a decode step on a CPU (a gather, a scatter and a tiny GEMM per group and per op, the
+# metadata read back per op, an OpenMP fork/join per GEMM) are paid once per call or not at all.
+
+# A group with fewer tokens than this runs its GEMMs on one thread: waking the other OpenMP threads
+# costs more than the product of a few rows with a rank-r matrix (and, on a loaded machine, a
+# descheduled thread stalls the whole fork/join).
+SMALL_GROUP_TOKENS = 64
+
+
+class HostGroups:
+    """One step's token groups, on the host: which rows of x and out each adapter's tokens are.
+
+    Built from the packed sequences like `lora_token_groups` (one group per distinct slot, in
+    ascending slot order, tokens in batch order). `slots[g]` is group g's adapter slot and its
+    tokens are `token_indices[bounds[g]:bounds[g + 1]]`. When every group's tokens are consecutive
+    (one request per adapter: a prefill, a single-request batch), `runs[g]` is that slice and the op
+    works on views of x and out; otherwise `runs` is None and the op gathers the rows of all groups
+    once, and scatters them back once.
+    """
+
+    __slots__ = ("bounds", "largest", "runs", "slots", "token_indices")
+
+    def __init__(self, seq_lens: Sequence[int], seq_slots: Sequence[int | None]) -> None:
+        if len(seq_lens) != len(seq_slots):
+            raise ValueError(f"{len(seq_lens)} sequence lengths but {len(seq_slots)} slots")
+        spans: dict[int, list[tuple[int, int]]] = {}
+        start = 0
+        for n, slot in zip(seq_lens, seq_slots):
+            if n < 0:
+                raise ValueError(f"negative sequence length {n}")
+            if slot is not None:
+                if slot < 0:
+                    raise ValueError(f"adapter slot {slot} is negative; use None for no adapter")
+                if n:
+                    spans.setdefault(slot, []).append((start, start + n))
+            start += n
+        self.slots = sorted(spans)
+        self.bounds = [0]
+        indices: list[int] = []
+        runs: list[slice] = []
+        consecutive = True
+        for slot in self.slots:
+            first = spans[slot][0][0]
+            for lo, hi in spans[slot]:
+                indices.extend(range(lo, hi))
+            end = spans[slot][-1][1]
+            consecutive = consecutive and end - first == len(indices) - self.bounds[-1]
+            runs.append(slice(first, end))
+            self.bounds.append(len(indices))
+        self.runs: list[slice] | None = runs if consecutive else None
+        self.largest = max((hi - lo for lo, hi in zip(self.bounds, self.bounds[1:])), default=0)
+        self.token_indices = torch.tensor(indices, dtype=torch.int64)
+
+
+# Per group, the work of one fused projection: (a_offset, total_rank, parts), each part
+# (b_offset, rank, y_offset, scaling, out_column, hidden_out); None: no LoRA here for that adapter.
+GroupWork = tuple[int, int, Sequence[tuple[int, int, int, float, int, int]]]
+
+
+def lora_apply_grouped(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    pool: torch.Tensor,
+    groups: HostGroups,
+    work: Sequence[GroupWork | None],
+) -> None:
+    """out[t, col:col + w] += s * (x[t] @ A.T)[:, y_off:y_off + r] @ B.T for each part of each group.
+
+    The same arithmetic as `lora_shrink` then one `lora_expand` per part, for one fused projection:
+    A (total_rank rows, hidden_in each) and the parts' B ([w, r], row-major) are views of the pool at
+    the given element offsets. Products accumulate in fp32; out is rounded to its dtype once.
+    Tokens of no group are untouched. ValueError when a matrix lies outside the pool.
+    """
+    if len(work) != len(groups.slots):
+        raise ValueError(f"{len(work)} work items for {len(groups.slots)} groups")
+    if not any(work):
+        return
+    num_tokens, hidden_in = x.shape
+    if out.shape[0] != num_tokens:
+        raise ValueError(f"out has {out.shape[0]} rows but x has {num_tokens}")
+    base, size = pool.storage_offset(), pool.numel()
+    upcast_a = pool.dtype != torch.float32
+    upcast_x, upcast_out = x.dtype != torch.float32, out.dtype != torch.float32
+    bounds, runs = groups.bounds, groups.runs
+    views = runs is not None and not upcast_out
+    threads = torch.get_num_threads()
+    # All groups small (a decode step): the whole call on one thread, gathers included.
+    current = 1 if groups.largest < SMALL_GROUP_TOKENS else threads
+    if current != threads:
+        torch.set_num_threads(current)
+    try:
+        if views:
+            xs_all, target = x, out
+        else:
+            xs_all = x.index_select(0, groups.token_indices)
+            target = out.index_select(0, groups.token_indices)
+            if upcast_out:
+                target = target.float()
+        if upcast_x:
+            xs_all = xs_all.float()
+        for g, item in enumerate(work):
+            if item is None:
+                continue
+            a_offset, total_rank, parts = item
+            lo, hi = bounds[g], bounds[g + 1]
+            if views:
+                xs, tg = xs_all[runs[g]], target[runs[g]]
+            else:
+                xs, tg = xs_all[lo:hi], target[lo:hi]
+            want = 1 if hi - lo < SMALL_GROUP_TOKENS else threads
+            if want != current:
+                torch.set_num_threads(want)
+                current = want
+            if a_offset < 0 or total_rank < 1 or a_offset + total_rank * hidden_in > size:
+                raise ValueError(
+                    f"slot {groups.slots[g]}'s A [{a_offset}, {a_offset + total_rank * hidden_in})"
+                    f" lies outside the pool of {size} elements"
+                )
+            a_t = pool.as_strided((hidden_in, total_rank), (1, hidden_in), base + a_offset)
+            y = torch.mm(xs, a_t.float() if upcast_a else a_t)
+            for b_offset, rank, y_offset, scale, col, width in parts:
+                if rank <= 0:
+                    continue
+                if b_offset < 0 or b_offset + rank * width > size or not 0 <= y_offset <= total_rank - rank:
+                    raise ValueError(
+                        f"slot {groups.slots[g]}'s B [{b_offset}, {b_offset + rank * width}) or its y"
+                        f" columns [{y_offset}, {y_offset + rank}) lie outside the pool or y"
+                    )
+                b_t = pool.as_strided((rank, width), (1, rank), base + b_offset)
+                tg[:, col : col + width].addmm_(
+                    y[:, y_offset : y_offset + rank], b_t.float() if upcast_a else b_t, alpha=scale
+                )
+        if not views:
+            out[groups.token_indices] = target.to(out.dtype) if upcast_out else target
+    finally:
+        if current != threads:
+            torch.set_num_threads(threads)
