@@ -136,7 +136,7 @@ def test_cpu_demo_objects():
     router = objs[("Deployment", f"{n}-router")]
     assert container(router)["args"] == [
         "router", "--model", "smollm2-135m", "--host", "0.0.0.0", "--port", "50051",
-        "--metrics-port", "9090", "--max-in-flight", "512",
+        "--metrics-port", "9090", "--max-in-flight", "512", "--http-port", "8000",
         "--decode", f"dns:{n}-decode.default.svc:50061", "--prefill", f"dns:{n}-prefill.default.svc:50061",
     ]  # fmt: skip
     assert container(router)["readinessProbe"]["grpc"] == {"port": 50051}
@@ -158,6 +158,7 @@ def test_cpu_demo_objects():
     assert [(p["name"], p["port"]) for p in router_svc["spec"]["ports"]] == [
         ("grpc", 50051),
         ("metrics", 9090),
+        ("http", 8000),
     ]
 
     pdb = objs[("PodDisruptionBudget", f"{n}-decode")]
@@ -296,3 +297,24 @@ def test_adapters_reach_the_workers():
     assert "sql-assistant" not in script  # path sources come from the model volume, not the web
     mounts = {m["name"]: m for m in builders._model_mounts(spec)}
     assert mounts["adapters"]["readOnly"] and mounts["model"]["mountPath"] == "/models"
+
+
+def test_router_serves_the_optional_client_apis():
+    from tandem_operator import api, builders
+
+    raw = yaml.safe_load((EXAMPLES / "cpu-demo.yaml").read_text())["spec"]
+    raw["router"]["kservePort"] = 8001
+    spec = api.parse_spec(raw)
+    owner = Owner(name="demo", namespace="default", uid="u")
+    args = builders.build_router_args(owner, spec)
+    assert args[args.index("--http-port") + 1] == "8000" and args[args.index("--kserve-port") + 1] == "8001"
+    svc = builders.build_router_service(owner, spec)
+    ports = {p["name"]: p for p in svc["spec"]["ports"]}
+    assert ports["http"]["port"] == 8000 and ports["http"]["targetPort"] == "http"
+    assert ports["kserve"]["appProtocol"] == "grpc"
+    dep = builders.build_router_deployment(owner, spec, "digest")
+    names = {p["name"]: p["containerPort"] for p in dep["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert names == {"grpc": 50051, "metrics": 9090, "http": 8000, "kserve": 8001}
+    raw["router"]["kservePort"] = 8000
+    _, errors = plan_spec_errors("demo", raw)
+    assert [e.reason for e in errors] == ["PortCollision"]

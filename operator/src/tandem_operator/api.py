@@ -250,8 +250,15 @@ class Router(_Model):
         ge=1,
         le=65535,
         description=(
-            "HTTP API port. Reserved: accepted and checked for collisions, not yet served or exposed."
+            "Port of the OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions); "
+            "unset: not served."
         ),
+    )
+    kserve_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Port of KServe's Open Inference Protocol v2 over gRPC; unset: not served.",
     )
     metrics_port: int = Field(default=9090, ge=1, le=65535, description="/metrics HTTP port.")
     max_in_flight: int = Field(

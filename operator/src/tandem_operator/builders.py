@@ -465,6 +465,10 @@ def build_router_args(owner: Owner, spec: api.ModelDeploymentSpec) -> list[str]:
         "--metrics-port", str(r.metrics_port),
         "--max-in-flight", str(r.max_in_flight),
     ]  # fmt: skip
+    if r.http_port is not None:
+        args += ["--http-port", str(r.http_port)]
+    if r.kserve_port is not None:
+        args += ["--kserve-port", str(r.kserve_port)]
     pools = spec.pools()
     if spec.mode == api.Mode.colocated:
         args += ["--decode", f"dns:{service_host(owner, 'colocated')}:{pools['colocated'].port}"]
@@ -487,6 +491,7 @@ def build_router_deployment(
         "ports": [
             {"name": "grpc", "containerPort": r.grpc_port, "protocol": "TCP"},
             {"name": "metrics", "containerPort": r.metrics_port, "protocol": "TCP"},
+            *({"name": n, "containerPort": port, "protocol": "TCP"} for n, port, _ in _router_api_ports(r)),
         ],
         "env": _env([]),
         "resources": build_resources(r.cpu, r.memory, 0),
@@ -532,9 +537,23 @@ def build_router_service(owner: Owner, spec: api.ModelDeploymentSpec) -> dict[st
                     "appProtocol": "grpc",
                 },
                 {"name": "metrics", "port": r.metrics_port, "targetPort": "metrics", "protocol": "TCP"},
+                *(
+                    {"name": n, "port": port, "targetPort": n, "protocol": "TCP", "appProtocol": proto}
+                    for n, port, proto in _router_api_ports(r)
+                ),
             ],
         },
     }
+
+
+def _router_api_ports(r: api.Router) -> list[tuple[str, int, str]]:
+    """(name, port, appProtocol) of the optional client APIs next to tandem.v1: OpenAI HTTP, KServe v2."""
+    ports = []
+    if r.http_port is not None:
+        ports.append(("http", r.http_port, "http"))
+    if r.kserve_port is not None:
+        ports.append(("kserve", r.kserve_port, "grpc"))
+    return ports
 
 
 def build_pdb(owner: Owner, component: str) -> dict[str, Any]:

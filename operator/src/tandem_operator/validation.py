@@ -110,6 +110,8 @@ def plan_spec_errors(
     ports = {"grpcPort": router.grpc_port, "metricsPort": router.metrics_port}
     if router.http_port is not None:
         ports["httpPort"] = router.http_port
+    if router.kserve_port is not None:
+        ports["kservePort"] = router.kserve_port
     by_port: dict[int, list[str]] = {}
     for field, port in ports.items():
         by_port.setdefault(port, []).append(field)
