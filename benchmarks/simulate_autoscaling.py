@@ -1,0 +1,211 @@
+"""Goodput-driven autoscaling vs static provisioning for the peak minute, simulated over a real trace.
+
+Workload: the Azure LLM inference trace, code (about 1 hour, 8,819 requests), read in place from
+../shared/data/traces/. Cite: Patel, Choukse, Zhang, Shah, Goiri, Maleki, Bianchini, "Splitwise:
+Efficient generative LLM inference using phase splitting", ISCA 2024 (github.com/Azure/
+AzurePublicDataset, CC-BY 4.0).
+
+Both sides run in the same discrete-event simulator (tandem_operator.autoscaling.simulator) with
+the same latency model (an 8B-class model on one H100 per instance by default, see
+tandem_operator/autoscaling/latency.py, or `--calibration FILE` with measured points), the SLOs
+the CRD defaults to (TTFT 1000 ms, TPOT 100 ms, attainment 0.9) and 1 GPU per instance:
+
+* static-peak: the cheapest fixed (P, D) that meets the attainment target on the trace's peak
+  minute alone (found by simulating that minute), then run over the whole trace;
+* autoscaled: starts at the pools' minimum, runs `policy.decide` every 15 s on a 60 s metrics
+  window (scraped every 5 s); new instances serve after a 60 s cold start and are billed from the
+  decision; removed ones drain. Variants:
+  - "SLO+backlog only": the policy sees request outcomes, latency percentiles, backlog and KV
+    usage, but no prompt-token rate and no engine-busy time: it scales up on misses and backlog
+    and can only step down one replica at a time when comfortable;
+  - "learned throughput": it also sees the prompt-token arrival rate (peak over 10 s sub-windows)
+    and learns a prefill replica's throughput from computed tokens per engine-busy second, and
+    sizes prefill for the peak rate; with prefill floors (minReplicas) of 1, a quarter and half
+    of the static-peak prefill size;
+  - the same with the throughput declared instead of learned (what a benchmark of one replica
+    measures on 2k-token prompts), and with the CRD's default timing (stabilization 300 s,
+    cooldown 60 s, max step 1).
+
+Run: python benchmarks/simulate_autoscaling.py [--cold-start 60] [--calibration points.json] [--json]
+Target (issue 6): at least 90% attainment with at most 60% of the static-peak GPU-minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from tandem_operator.autoscaling import AutoscalingSpec, LatencyModel, SimConfig, load_azure_trace, simulate
+from tandem_operator.autoscaling.simulator import SimResult, static_peak_size
+
+TRACE = (
+    Path(__file__).resolve().parents[1].parent
+    / "shared"
+    / "data"
+    / "traces"
+    / "AzureLLMInferenceTrace_code.csv"
+)
+CITATION = (
+    "Trace: Azure LLM inference trace 2023 (code), github.com/Azure/AzurePublicDataset, CC-BY 4.0.\n"
+    '  Patel, Choukse, Zhang, Shah, Goiri, Maleki, Bianchini. "Splitwise: Efficient generative LLM\n'
+    '  inference using phase splitting", ISCA 2024.'
+)
+TARGET_ATTAINMENT, TARGET_RATIO = 0.90, 0.60
+
+
+def base_spec(lat: LatencyModel) -> AutoscalingSpec:
+    return AutoscalingSpec(
+        ttft_ms=1000,
+        tpot_ms=100,
+        attainment=0.9,  # the CRD's default SLO
+        prefill_min_replicas=1,
+        prefill_max_replicas=16,
+        decode_min_replicas=1,
+        decode_max_replicas=8,
+        window_seconds=60,
+        stabilization_seconds=180,
+        cooldown_seconds=30,
+        max_step=4,
+        target_utilization=0.8,
+    )
+
+
+def row(name: str, r: SimResult, static_gpu_min: float) -> dict:
+    return {
+        "config": name,
+        "attainment": r.attainment,
+        "goodput_rps": r.goodput,
+        "gpu_minutes": r.gpu_minutes,
+        "ratio_to_static": r.gpu_minutes / static_gpu_min,
+        "ttft_s": r.ttft,
+        "tpot_s": r.tpot,
+        "max_prefill": r.max_prefill,
+        "max_decode": r.max_decode,
+        "scaling_actions": len(r.decisions),
+        "missed_ttft": r.missed_ttft,
+        "missed_tpot": r.missed_tpot,
+        "failed": r.failed,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--trace", default=str(TRACE))
+    ap.add_argument("--cold-start", type=float, default=60.0, help="seconds before a new instance serves")
+    ap.add_argument("--calibration", default=None, help="JSON of measured latency points (see latency.py)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    t_start = time.time()
+    lat = LatencyModel.calibrated(args.calibration) if args.calibration else LatencyModel()
+    trace = load_azure_trace(args.trace)
+    spec = base_spec(lat)
+    cap = round(lat.prefill_tokens_per_second(2048))
+
+    p, d, peak_start, peak = static_peak_size(trace, SimConfig(spec=spec, latency=lat))
+    static = simulate(trace, SimConfig(spec=spec, latency=lat, prefill=p, decode=d, autoscale=False))
+    rows = [row(f"static-peak P={p} D={d}", static, static.gpu_minutes)]
+    # (name, spec, the sim provides rate and busy-time metrics)
+    variants = [("auto, SLO+backlog only, P>=1", replace(spec, learn_capacity=False), False)]
+    # Prefill floors (minReplicas): none, a quarter and half of the static-peak size.
+    half = max(1, p // 2)
+    for floor, why in sorted({(1, ""), (max(1, p // 4), " (1/4 peak)"), (half, " (1/2 peak)")}):
+        variants.append(
+            (
+                f"auto, learned throughput, P>={floor}{why if floor > 1 else ''}",
+                replace(spec, prefill_min_replicas=floor),
+                True,
+            )
+        )
+    variants.append(
+        (
+            f"auto, declared {cap} tok/s/replica, P>={half}",
+            replace(spec, prefill_tokens_per_second=cap, prefill_min_replicas=half),
+            True,
+        )
+    )
+    crd = dict(stabilization_seconds=300, cooldown_seconds=60, max_step=1)  # the CRD's defaults
+    variants.append(
+        (
+            f"auto, learned, P>={half}, CRD timing 300s/60s/step 1",
+            replace(spec, prefill_min_replicas=half, **crd),
+            True,
+        )
+    )
+    for name, s, metrics in variants:
+        cfg = SimConfig(
+            spec=s,
+            latency=lat,
+            prefill=s.prefill_min_replicas,
+            decode=s.decode_min_replicas,
+            provisioning_s=args.cold_start,
+            arrival_rate_metric=metrics,
+        )
+        rows.append(row(name, simulate(trace, cfg), static.gpu_minutes))
+    elapsed = time.time() - t_start
+
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "rows": rows,
+                    "static_peak": {
+                        "prefill": p,
+                        "decode": d,
+                        "peak_minute_start_s": peak_start,
+                        "peak_minute_attainment": peak.attainment,
+                    },
+                    "latency_model": lat.__dict__,
+                    "cold_start_s": args.cold_start,
+                    "seconds": elapsed,
+                }
+            )
+        )
+        return 0
+    print(CITATION)
+    print(
+        f"{len(trace)} requests over {trace[-1].arrival / 60:.1f} min; "
+        f"peak minute starts at {peak_start:.0f}s "
+        f"(static P={p} D={d} meets {peak.attainment:.1%} there)."
+    )
+    print(
+        f"SLO: TTFT <= {spec.ttft_ms:.0f} ms, TPOT <= {spec.tpot_ms:.0f} ms, "
+        f"target attainment {spec.attainment:.0%}; cold start {args.cold_start:.0f}s;\n"
+        f"model: prefill {lat.prefill_tokens_per_second(2048):.0f} tok/s on 2k prompts, "
+        f"decode step {lat.decode_step_time(32, 32 * 2048) * 1000:.1f} ms at batch 32 x 2k."
+    )
+    print(
+        f"Policy: window {spec.window_seconds:.0f}s, stabilization {spec.stabilization_seconds:.0f}s, "
+        f"cooldown {spec.cooldown_seconds:.0f}s, max step {spec.max_step}, "
+        f"target utilization {spec.target_utilization:.0%}, decisions every 15 s.\n"
+    )
+    hdr = (
+        f"{'configuration':<50}{'attain':>8}{'goodput':>9}{'GPU-min':>9}{'vs static':>10}"
+        f"{'TTFT p50/p90/p99 (s)':>24}{'TPOT p90 ms':>12}{'maxP':>6}{'acts':>6}"
+    )
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        t = r["ttft_s"]
+        print(
+            f"{r['config']:<50}{r['attainment']:>8.1%}{r['goodput_rps']:>9.2f}{r['gpu_minutes']:>9.1f}"
+            f"{r['ratio_to_static']:>10.0%}{t['p50']:>10.2f}/{t['p90']:.2f}/{t['p99']:>5.2f}"
+            f"{r['tpot_s']['p90'] * 1000:>12.1f}{r['max_prefill']:>6}{r['scaling_actions']:>6}"
+        )
+    ok = [
+        r for r in rows[1:] if r["attainment"] >= TARGET_ATTAINMENT and r["ratio_to_static"] <= TARGET_RATIO
+    ]
+    print(
+        f"\nTarget: attainment >= {TARGET_ATTAINMENT:.0%} with <= {TARGET_RATIO:.0%} "
+        "of the static-peak GPU-minutes: "
+        + ("met by " + "; ".join(r["config"] for r in ok) if ok else "NOT met by any configuration")
+    )
+    print(f"({elapsed:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

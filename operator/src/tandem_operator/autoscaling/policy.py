@@ -1,0 +1,526 @@
+"""The autoscaling policy: one metrics window + the current sizes + the spec -> the desired sizes.
+
+`decide` is a pure function of its arguments except for `state`, where it records its own recent
+recommendations and the time of each change (for stabilization and cooldown); it reads no clock and
+does no I/O, so the operator, `tandem up --autoscale` and the simulator all run the same code.
+
+What it does, per pool (prefill and decode scale independently):
+
+* **Phase attribution.** Requests that missed the TTFT SLO point at prefill, those that missed the
+  TPOT SLO (and those rejected because every decode KV cache was full) at decode. A phase is scaled
+  up when its own miss fraction exceeds the allowed `1 - attainment`, or when the overall attainment
+  is below target and that phase holds at least half of the misses. TTFT misses while the decode
+  pool is KV-saturated (usage >= `kv_usage_high` and requests waiting) go to decode: the request
+  waited for decode KV, not for prefill.
+* **Scale to fit, before anything finishes.** The prefill backlog (queued prompt tokens per
+  replica) above `prefill_backlog_target_tokens`, or the decode KV usage above `kv_usage_high`, is
+  an up signal even when the window holds no finished request (a queue that grows).
+* **Sizing.** Up signals are proportional (HPA-style `ceil(ready * observed / target)`), computed
+  against the *ready* replicas so that replicas still starting are not counted twice, and SLO
+  misses only count once the pool has been fully ready for a whole window (a window that predates
+  the current size does not judge it). When a prefill replica's throughput is known, declared
+  (`prefill_tokens_per_second`) or learned (prompt tokens computed per engine-busy second,
+  smoothed over windows), prefill is sized absolutely: the window's peak prompt-token arrival
+  rate plus draining the backlog, at `target_utilization`; this sizes scale-down too.
+* **Scaling down** happens only when the phase is comfortably within its SLO (its misses at most
+  `down_margin` x the allowed fraction, no prefill backlog to speak of; for decode also TPOT p90 at
+  most `latency_headroom` x the SLO: per-token latency grows with the batch, while TTFT holds an
+  irreducible prefill time, so it has no such check) or the deployment is idle, and only to the
+  highest recommendation of the last `stabilization_seconds`
+  (the recommendation must have stayed lower for the whole window). Without a known throughput
+  the policy steps down one replica at a time. Decode KV held behind a prefill backlog (decode
+  reserves KV before prefill) is not a decode signal.
+* **No decision** on missing metrics or on fewer than `min_requests` finished requests in the
+  window (SLO statistics from a handful of requests are noise); the reason says so. Backlog/KV
+  pressure still scales up, and an idle deployment (no requests, nothing queued, nothing running)
+  counts as data: it recommends the minimum.
+* **Guards**, in order: cooldown after a pool's last change, `max_step`, min/max bounds, then the
+  optional prefill:decode ratio band (repaired by raising the lagging pool first; the band is an
+  invariant the user declared, so its repair is not limited by step or cooldown).
+
+Field names follow the operator's CRD (`api.SLO`, `api.Autoscaling`, `api.Pool`): ttftMs, tpotMs,
+attainment, windowSeconds, stabilizationSeconds, cooldownSeconds, maxStep, prefillDecodeRatio,
+minReplicas/maxReplicas. The remaining tuning fields are not in the CRD (yet) and have defaults.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+POOLS = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class AutoscalingSpec:
+    # api.SLO
+    ttft_ms: float = 1000.0
+    tpot_ms: float = 100.0
+    attainment: float = 0.9
+    # api.Pool (prefill / decode): minReplicas, maxReplicas
+    prefill_min_replicas: int = 1
+    prefill_max_replicas: int = 1
+    decode_min_replicas: int = 1
+    decode_max_replicas: int = 1
+    # api.Autoscaling
+    window_seconds: float = 60.0
+    stabilization_seconds: float = 300.0
+    cooldown_seconds: float = 60.0
+    max_step: int = 1
+    ratio_min: float | None = None  # api.Autoscaling.prefillDecodeRatio.min
+    ratio_max: float | None = None  # api.Autoscaling.prefillDecodeRatio.max
+    # Tuning not in the CRD.
+    max_step_down: int | None = None  # most replicas removed at once (default: max_step)
+    min_requests: int = 20  # fewer finished requests in a window: no SLO-based decision
+    prefill_backlog_target_tokens: float | None = None  # per replica; None: derived (see below)
+    prefill_tokens_per_second: float | None = None  # declared prefill throughput of one replica
+    target_utilization: float = 0.7  # of that throughput, at the window's peak arrival rate
+    kv_usage_high: float = 0.85  # decode KV usage above which decode is added
+    kv_usage_target: float = 0.6  # decode KV usage sizing aims at
+    down_margin: float = 0.5  # scale down only while a phase misses <= this x the allowed fraction
+    learn_capacity: bool = True  # without prefill_tokens_per_second: learn it (prefill_tokens_per_busy_s)
+    capacity_smoothing: float = 0.3
+    latency_headroom: float = 0.5  # ... and decode only while TPOT p90 <= this x the SLO
+
+    def __post_init__(self) -> None:
+        for pool in POOLS:
+            lo, hi = self.bounds(pool)
+            if lo < 0 or hi < lo:
+                raise ValueError(f"{pool}: need 0 <= min_replicas <= max_replicas, got {lo}, {hi}")
+        if not 0 < self.attainment <= 1:
+            raise ValueError(f"attainment must be in (0, 1], got {self.attainment}")
+        if self.max_step < 1:
+            raise ValueError(f"max_step must be >= 1, got {self.max_step}")
+        if (self.ratio_min is None) != (self.ratio_max is None):
+            raise ValueError("set both ratio_min and ratio_max, or neither")
+        if self.ratio_min is not None and not 0 < self.ratio_min <= self.ratio_max:  # type: ignore[operator]
+            raise ValueError(f"need 0 < ratio_min <= ratio_max, got {self.ratio_min}, {self.ratio_max}")
+
+    def bounds(self, pool: str) -> tuple[int, int]:
+        if pool == "prefill":
+            return self.prefill_min_replicas, self.prefill_max_replicas
+        return self.decode_min_replicas, self.decode_max_replicas
+
+    @property
+    def backlog_target_tokens(self) -> float:
+        """Queued prompt tokens per prefill replica above which prefill is added.
+
+        Default: half a TTFT budget of work at the declared throughput, else 8192 tokens."""
+        if self.prefill_backlog_target_tokens is not None:
+            return self.prefill_backlog_target_tokens
+        if self.prefill_tokens_per_second:
+            return max(1.0, 0.5 * self.prefill_tokens_per_second * self.ttft_ms / 1000.0)
+        return 8192.0
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], **tuning: Any) -> AutoscalingSpec:
+        """From a ModelDeployment `spec` as on the wire (camelCase; snake_case is accepted too).
+
+        Pool bounds default to the pool's `replicas` (as the CRD documents); `tuning` sets the
+        fields that are not in the CRD."""
+
+        def get(d: dict[str, Any] | None, camel: str, default: Any = None) -> Any:
+            if not d:
+                return default
+            snake = "".join("_" + c.lower() if c.isupper() else c for c in camel)
+            v = d.get(camel, d.get(snake))
+            return default if v is None else v
+
+        slo = get(spec, "slo", {}) or {}
+        auto = get(spec, "autoscaling", {}) or {}
+        kw: dict[str, Any] = {
+            "ttft_ms": float(get(slo, "ttftMs", cls.ttft_ms)),
+            "tpot_ms": float(get(slo, "tpotMs", cls.tpot_ms)),
+            "attainment": float(get(slo, "attainment", cls.attainment)),
+            "window_seconds": float(get(auto, "windowSeconds", cls.window_seconds)),
+            "stabilization_seconds": float(get(auto, "stabilizationSeconds", cls.stabilization_seconds)),
+            "cooldown_seconds": float(get(auto, "cooldownSeconds", cls.cooldown_seconds)),
+            "max_step": int(get(auto, "maxStep", cls.max_step)),
+        }
+        band = get(auto, "prefillDecodeRatio")
+        if band:
+            kw["ratio_min"], kw["ratio_max"] = float(band["min"]), float(band["max"])
+        for pool in POOLS:
+            p = get(spec, pool)
+            if p is None:
+                continue
+            replicas = int(get(p, "replicas", 1))
+            kw[f"{pool}_min_replicas"] = int(get(p, "minReplicas", replicas))
+            kw[f"{pool}_max_replicas"] = int(get(p, "maxReplicas", replicas))
+        kw.update(tuning)
+        return cls(**kw)
+
+
+@dataclass
+class MetricsWindow:
+    """What was measured over the last `duration_s` seconds; None means "not available".
+
+    Request counts are of requests that finished in the window, by the router's outcome label
+    (one outcome per request: missed_ttft wins over missed_tpot). Pool gauges are averages over
+    the pool's replicas and the window (`*_max`: the highest scrape in the window)."""
+
+    duration_s: float
+    met: int | None = None
+    missed_ttft: int | None = None
+    missed_tpot: int | None = None
+    failed: int | None = None
+    rejected: int = 0  # every decode KV cache full (RESOURCE_EXHAUSTED): a decode signal
+    ttft_p50_s: float | None = None
+    ttft_p90_s: float | None = None
+    ttft_p99_s: float | None = None
+    tpot_p50_s: float | None = None
+    tpot_p90_s: float | None = None
+    tpot_p99_s: float | None = None
+    prefill_backlog_tokens: float | None = None  # queued prompt tokens per prefill replica
+    prefill_backlog_tokens_max: float | None = None
+    prompt_tokens_per_s: float | None = None  # arrival rate over the window
+    prompt_tokens_per_s_peak: float | None = None  # highest rate over short sub-windows
+    prefill_tokens_per_busy_s: float | None = None  # prompt tokens computed per engine-busy second
+    prefill_running: float | None = None
+    prefill_waiting: float | None = None
+    decode_kv_usage: float | None = None  # used fraction of the KV pool, 0..1
+    decode_kv_usage_max: float | None = None
+    decode_running: float | None = None
+    decode_waiting: float | None = None
+
+    @property
+    def finished(self) -> int | None:
+        parts = (self.met, self.missed_ttft, self.missed_tpot, self.failed)
+        if any(p is None for p in parts):
+            return None
+        return sum(parts) + self.rejected  # type: ignore[arg-type]
+
+    @property
+    def attainment(self) -> float | None:
+        n = self.finished
+        return None if not n else (self.met or 0) / n
+
+    def has_pool_data(self) -> bool:
+        return self.prefill_backlog_tokens is not None or self.decode_kv_usage is not None
+
+    def is_idle(self) -> bool:
+        """Evidence that nothing is happening (not an absence of evidence)."""
+        return (
+            self.finished == 0
+            and (self.prefill_backlog_tokens_max or self.prefill_backlog_tokens or 0) == 0
+            and not self.prefill_running
+            and not self.prefill_waiting
+            and not self.decode_running
+            and not self.decode_waiting
+            and self.prefill_backlog_tokens is not None
+            and self.decode_running is not None
+        )
+
+
+@dataclass(frozen=True)
+class Replicas:
+    """Current sizes (what the pools are set to) and, optionally, how many of them are ready."""
+
+    prefill: int
+    decode: int
+    prefill_ready: int | None = None
+    decode_ready: int | None = None
+
+    def get(self, pool: str) -> int:
+        return self.prefill if pool == "prefill" else self.decode
+
+    def ready(self, pool: str) -> int:
+        r = self.prefill_ready if pool == "prefill" else self.decode_ready
+        return self.get(pool) if r is None else min(r, self.get(pool))
+
+
+@dataclass
+class PolicyState:
+    """What `decide` remembers between calls: recent recommendations and the last change per pool."""
+
+    history: dict[str, deque[tuple[float, int]]] = field(default_factory=lambda: {p: deque() for p in POOLS})
+    last_change: dict[str, float] = field(default_factory=dict)
+    settled: dict[str, float] = field(default_factory=dict)  # when each pool last became all ready
+    prefill_capacity: float | None = None  # learned tokens/s of one busy prefill replica
+    started: float | None = None
+
+
+@dataclass
+class Decision:
+    desired_prefill: int
+    desired_decode: int
+    reason: str
+    inputs: dict[str, Any]
+    no_data: tuple[str, ...] = ()  # pools held for missing or too little data (status: say so)
+
+    def desired(self, pool: str) -> int:
+        return self.desired_prefill if pool == "prefill" else self.desired_decode
+
+
+@dataclass
+class _Rec:
+    value: int
+    why: str
+    hold: bool = False  # no evidence either way (missing or too little data)
+
+
+def _ceil(x: float) -> int:
+    return int(math.ceil(x - 1e-9))
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3g}"
+
+
+def _recommend(
+    pool: str,
+    w: MetricsWindow,
+    cur: Replicas,
+    spec: AutoscalingSpec,
+    settled: bool,
+    learned_cap: float | None,
+) -> _Rec:
+    """The size this pool needs according to this window alone (before stabilization and guards)."""
+    n_cur, n_ready = cur.get(pool), max(cur.ready(pool), 0)
+    lo, _ = spec.bounds(pool)
+    allowed = 1.0 - spec.attainment
+    finished = w.finished
+    slo_ok = finished is not None and finished >= spec.min_requests
+    ups: list[tuple[int, str]] = []
+    base = max(n_ready, 1)
+
+    # Decode reserves a request's KV before its prefill starts: behind a prefill backlog, the KV is
+    # held by requests waiting for prefill, and more decode would only lengthen that queue.
+    prefill_bound = (w.prefill_backlog_tokens or 0.0) > spec.backlog_target_tokens
+    decode_saturated = (
+        not prefill_bound
+        and (w.decode_kv_usage_max or w.decode_kv_usage or 0) >= spec.kv_usage_high
+        and (w.decode_waiting or 0) > 0
+    )
+    m_ttft = m_tpot = m_total = 0.0
+    if slo_ok and settled:  # else the window predates the current size: its misses do not judge it
+        m_ttft = (w.missed_ttft or 0) / finished  # type: ignore[operator]
+        m_tpot = ((w.missed_tpot or 0) + w.rejected) / finished  # type: ignore[operator]
+        m_total = 1.0 - (w.met or 0) / finished  # type: ignore[operator]
+        ttft_pool = "decode" if decode_saturated else "prefill"
+        misses = {"prefill": 0.0, "decode": 0.0}
+        misses[ttft_pool] += m_ttft
+        misses["decode"] += m_tpot
+        m = misses[pool]
+        if m > 0 and (m > allowed or (m_total > allowed and m >= (m_ttft + m_tpot) / 2)):
+            what = "TTFT" if pool == "prefill" or (decode_saturated and m_ttft) else "TPOT"
+            ups.append(
+                (
+                    max(n_ready + 1, _ceil(base * (1.0 + m - min(m, allowed)))),
+                    f"{what} misses {m:.0%} of {finished} requests > allowed {allowed:.0%}",
+                )
+            )
+
+    if pool == "prefill":
+        target = spec.backlog_target_tokens
+        backlog = w.prefill_backlog_tokens  # the mean: a queue that persists, not a burst's crest
+        backlog_max = w.prefill_backlog_tokens_max if w.prefill_backlog_tokens_max is not None else backlog
+        cap = spec.prefill_tokens_per_second or learned_cap
+        rate = w.prompt_tokens_per_s_peak if w.prompt_tokens_per_s_peak is not None else w.prompt_tokens_per_s
+        fit = None
+        if cap and rate is not None:
+            # Serve the peak arrival rate and drain the mean backlog within one window.
+            drain = (backlog or 0.0) * n_ready / max(w.duration_s, 1.0)
+            fit = _ceil((rate + drain) / (cap * spec.target_utilization))
+            if fit > n_cur:
+                ups.append(
+                    (
+                        fit,
+                        f"peak prompt rate {rate:.0f} tok/s (+{drain:.0f} backlog) needs {fit}"
+                        f" x {cap:.0f} tok/s{'' if spec.prefill_tokens_per_second else ' (learned)'}"
+                        f" at {spec.target_utilization:.0%}",
+                    )
+                )
+        elif backlog is not None and backlog > target:
+            ups.append(
+                (
+                    max(n_ready + 1, _ceil(base * backlog / target)),
+                    f"prefill backlog {backlog:.0f} tokens/replica > {target:.0f}",
+                )
+            )
+        if ups:
+            return _Rec(max(u[0] for u in ups), "; ".join(u[1] for u in ups))
+        if w.is_idle():
+            return _Rec(lo, "idle: no requests, nothing queued or running")
+        if finished is None and backlog is None:
+            return _Rec(n_cur, "no data: holding", hold=True)
+        if not slo_ok:
+            return _Rec(
+                n_cur,
+                f"too few requests ({finished} < {spec.min_requests}) in the window: holding",
+                hold=True,
+            )
+        p90 = w.ttft_p90_s
+        if m_ttft > spec.down_margin * allowed:
+            return _Rec(
+                n_cur, f"TTFT misses {m_ttft:.0%} not below {spec.down_margin:.0%} of allowed: holding"
+            )
+        if fit is not None:
+            return _Rec(max(fit, lo), f"TTFT within SLO; peak prompt rate {rate:.0f} tok/s fits {fit}")
+        if backlog_max is not None and backlog_max > 0.25 * target:
+            return _Rec(n_cur, f"prefill backlog up to {backlog_max:.0f} tokens/replica: holding")
+        return _Rec(max(n_cur - 1, lo), f"TTFT within SLO (p90 {_fmt(p90)}s): one fewer")
+
+    # decode
+    usage = w.decode_kv_usage
+    usage_hi = w.decode_kv_usage_max if w.decode_kv_usage_max is not None else usage
+    if prefill_bound and usage_hi is not None and usage_hi >= spec.kv_usage_target:
+        ups_note = f"; KV usage {usage_hi:.0%} held behind a prefill backlog: left to prefill"
+    else:
+        ups_note = ""
+    if (
+        usage_hi is not None
+        and not prefill_bound
+        and (
+            usage_hi >= spec.kv_usage_high
+            or ((w.decode_waiting or 0) > 0 and usage_hi >= spec.kv_usage_target)
+        )
+    ):
+        ups.append(
+            (
+                max(n_ready + 1, _ceil(base * usage_hi / spec.kv_usage_target)),
+                f"decode KV usage {usage_hi:.0%} (waiting {_fmt(w.decode_waiting)})",
+            )
+        )
+    if ups:
+        return _Rec(max(u[0] for u in ups), "; ".join(u[1] for u in ups) + ups_note)
+    if w.is_idle():
+        return _Rec(lo, "idle: no requests, nothing queued or running")
+    if ups_note:
+        return _Rec(n_cur, ups_note[2:] + ": holding")
+    if finished is None and usage is None:
+        return _Rec(n_cur, "no data: holding", hold=True)
+    if not slo_ok:
+        return _Rec(
+            n_cur, f"too few requests ({finished} < {spec.min_requests}) in the window: holding", hold=True
+        )
+    p90 = w.tpot_p90_s
+    if m_tpot > spec.down_margin * allowed:
+        return _Rec(n_cur, f"TPOT misses {m_tpot:.0%} not below {spec.down_margin:.0%} of allowed: holding")
+    if p90 is not None and p90 > spec.latency_headroom * spec.tpot_ms / 1000.0:
+        return _Rec(n_cur, f"TPOT p90 {p90:.3g}s above {spec.latency_headroom:.0%} of the SLO: holding")
+    kv_fit = _ceil(n_cur * (usage or 0.0) / spec.kv_usage_target)
+    if kv_fit >= n_cur:
+        return _Rec(n_cur, f"decode KV usage {_fmt(usage)}: holding")
+    return _Rec(
+        max(n_cur - 1, kv_fit, lo), f"TPOT within SLO (p90 {_fmt(p90)}s), KV usage {_fmt(usage)}: one fewer"
+    )
+
+
+def _learn_capacity(w: MetricsWindow, spec: AutoscalingSpec, state: PolicyState) -> None:
+    """Learn one prefill replica's throughput: prompt tokens computed per second of engine-busy time.
+
+    Averaged over windows (exponentially, weight `capacity_smoothing` on the newest); a window with
+    fewer than `min_requests` finished requests does not count (a few small batches understate it)."""
+    v = w.prefill_tokens_per_busy_s
+    if v is None or v <= 0 or (w.finished or 0) < spec.min_requests:
+        return
+    old = state.prefill_capacity
+    state.prefill_capacity = v if old is None else old + spec.capacity_smoothing * (v - old)
+
+
+def _ratio_repair(p: int, d: int, spec: AutoscalingSpec) -> tuple[int, int, str]:
+    """Bring P/D into [ratio_min, ratio_max]: raise the lagging pool, else lower the other."""
+    if spec.ratio_min is None or spec.ratio_max is None:
+        return p, d, ""
+    (p_lo, p_hi), (d_lo, d_hi) = spec.bounds("prefill"), spec.bounds("decode")
+    eps = 1e-9
+    if d == 0:
+        return p, d, ""
+    if p / d > spec.ratio_max + eps:
+        need = _ceil(p / spec.ratio_max)
+        if need <= d_hi:
+            return p, need, f"ratio band: decode raised to {need}"
+        d = d_hi
+        return max(p_lo, int(math.floor(d * spec.ratio_max + eps))), d, "ratio band: prefill lowered"
+    if p / d < spec.ratio_min - eps:
+        need = _ceil(d * spec.ratio_min)
+        if need <= p_hi:
+            return need, d, f"ratio band: prefill raised to {need}"
+        p = p_hi
+        return p, max(d_lo, int(math.floor(p / spec.ratio_min + eps))), "ratio band: decode lowered"
+    return p, d, ""
+
+
+def decide(
+    window: MetricsWindow | None,
+    current: Replicas,
+    spec: AutoscalingSpec,
+    state: PolicyState,
+    now: float,
+) -> Decision:
+    """The desired prefill and decode sizes, why, and the inputs the decision used.
+
+    `current` is what the pools are set to now (with how many replicas are ready, if known);
+    `state` is updated in place (this call's recommendations, changes); `now` is any monotonic
+    clock in seconds. Call it every few seconds to a minute; the caller applies the sizes."""
+    if state.started is None:
+        state.started = now
+    inputs: dict[str, Any] = {"now": now, "current": asdict(current)}
+    if window is not None:
+        inputs["window"] = {k: v for k, v in asdict(window).items() if v is not None}
+        inputs["finished"] = window.finished
+        inputs["attainment"] = window.attainment
+    desired: dict[str, int] = {}
+    reasons: list[str] = []
+    no_data: list[str] = []
+    for pool in POOLS:
+        n_cur = current.get(pool)
+        lo, hi = spec.bounds(pool)
+        if current.ready(pool) < n_cur:
+            state.settled[pool] = math.inf  # replicas still starting
+        elif state.settled.get(pool) == math.inf:
+            state.settled[pool] = now  # all ready from now on
+        if window is None or (window.finished is None and not window.has_pool_data()):
+            rec = _Rec(n_cur, "no metrics: holding", hold=True)
+        else:
+            settled = now - state.settled.get(pool, -math.inf) >= spec.window_seconds
+            if pool == "prefill" and spec.learn_capacity:
+                _learn_capacity(window, spec, state)
+            rec = _recommend(pool, window, current, spec, settled, state.prefill_capacity)
+        if rec.hold:
+            no_data.append(pool)
+        rec_value = min(max(rec.value, lo), hi)
+        inputs[f"{pool}_recommendation"] = rec_value
+        hist = state.history.setdefault(pool, deque())
+        hist.append((now, rec_value))
+        while hist and hist[0][0] < now - spec.stabilization_seconds:
+            hist.popleft()
+        why = rec.why
+        if rec_value > n_cur:
+            target = rec_value
+        elif rec_value < n_cur:
+            covered = now - state.started
+            target = max(r for _, r in hist)
+            if covered < spec.stabilization_seconds:
+                target = n_cur
+                why += f"; stabilizing ({covered:.0f}s of {spec.stabilization_seconds:.0f}s seen)"
+            elif target >= n_cur:
+                why += (
+                    f"; stabilizing (recommended {target} within the last {spec.stabilization_seconds:.0f}s)"
+                )
+                target = n_cur
+        else:
+            target = n_cur
+        if target != n_cur:
+            since = now - state.last_change.get(pool, -math.inf)
+            if since < spec.cooldown_seconds:
+                why += f"; cooldown ({spec.cooldown_seconds - since:.0f}s left)"
+                target = n_cur
+        down = spec.max_step if spec.max_step_down is None else spec.max_step_down
+        step = max(-down, min(spec.max_step, target - n_cur))
+        target = n_cur + step
+        target = min(max(target, lo), hi)  # bounds win over cooldown and step (a changed spec)
+        desired[pool] = target
+        reasons.append(f"{pool} {n_cur}->{target}: {why}")
+    p, d, band_why = _ratio_repair(desired["prefill"], desired["decode"], spec)
+    if band_why:
+        reasons.append(band_why)
+        desired["prefill"], desired["decode"] = p, d
+    for pool in POOLS:
+        if desired[pool] != current.get(pool):
+            state.last_change[pool] = now
+            state.settled[pool] = math.inf
+    return Decision(desired["prefill"], desired["decode"], "; ".join(reasons), inputs, tuple(no_data))

@@ -1,0 +1,165 @@
+"""A `MetricsWindow` from Prometheus' HTTP API (instant queries), standard library only.
+
+The operator's autoscaler and `tandem up --autoscale` call `fetch_window` once per decision and
+pass the result to `policy.decide`. Each field is one PromQL instant query over the metrics the
+router and workers export (tandem_worker/server/metrics.py); `selector` adds the label matchers
+that pick one deployment's series (e.g. `namespace="ml",deployment="llama"`: whatever labels the
+scrape configuration attaches). A query that returns nothing leaves its field None (the policy
+then holds on what it cannot see); Prometheus unreachable or a query failing raises
+`PrometheusError`, and the caller holds the current size and reports it
+(`AutoscalerHealthy=False`).
+
+Notes on the mapping:
+* Request outcomes: `increase(tandem_requests_total[window])` by `outcome` (met, missed_ttft,
+  missed_tpot, failed, rejected; invalid requests are the caller's fault and are left out),
+  rounded. No series at all while the pools report: zero requests (idle), not missing data.
+* Prompt-token arrival rate: what prefill computed plus what its backlog grew by,
+  `rate(tandem_prefill_tokens_computed_total) + deriv(tandem_prefill_backlog_tokens)` on the
+  prefill pool; the peak is a subquery, the highest such rate over `sub_window_s` at `step_s`
+  resolution in the window.
+* Prefill throughput per replica (`prefill_tokens_per_busy_s`): computed tokens over engine-busy
+  seconds, `tandem_engine_busy_seconds_total`, which workers do not export yet; until they do, the
+  policy uses `prefill_tokens_per_second` from the spec or, without it, steps down one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+from .policy import MetricsWindow
+
+OUTCOMES = ("met", "missed_ttft", "missed_tpot", "failed", "rejected")
+# Seconds a worker's engine spent computing (a counter the workers do not export yet): with it the
+# policy learns a prefill replica's throughput; without it, that query returns nothing.
+BUSY_METRIC = "tandem_engine_busy_seconds_total"
+
+
+class PrometheusError(RuntimeError):
+    """Prometheus could not be asked (unreachable, HTTP error, query error)."""
+
+
+def _sel(selector: str, *extra: str) -> str:
+    parts = [p for p in (selector.strip(), *extra) if p]
+    return "{" + ",".join(parts) + "}"
+
+
+def queries(
+    window_s: float,
+    selector: str = "",
+    prefill_role: str = "prefill",
+    decode_role: str = "decode",
+    sub_window_s: float = 15.0,
+    step_s: float = 5.0,
+) -> dict[str, str]:
+    """The PromQL of each MetricsWindow field (plus `outcomes`, a vector by outcome)."""
+    w, sub, step = f"{int(window_s)}s", f"{int(sub_window_s)}s", f"{int(step_s)}s"
+    pre, dec = f'role="{prefill_role}"', f'role="{decode_role}"'
+    q: dict[str, str] = {
+        "outcomes": f"sum by (outcome) (increase(tandem_requests_total{_sel(selector)}[{w}]))",
+    }
+    for name, metric in (
+        ("ttft", "tandem_time_to_first_token_seconds"),
+        ("tpot", "tandem_time_per_output_token_seconds"),
+    ):
+        for p in (50, 90, 99):
+            q[f"{name}_p{p}_s"] = (
+                f"histogram_quantile({p / 100}, sum by (le) (rate({metric}_bucket{_sel(selector)}[{w}])))"
+            )
+    gauge = lambda metric, role, agg: f"{agg}({agg}_over_time({metric}{_sel(selector, role)}[{w}]))"
+    q["prefill_backlog_tokens"] = gauge("tandem_prefill_backlog_tokens", pre, "avg")
+    q["prefill_backlog_tokens_max"] = gauge("tandem_prefill_backlog_tokens", pre, "max")
+    q["prefill_running"] = gauge("tandem_requests_running", pre, "avg")
+    q["prefill_waiting"] = gauge("tandem_requests_waiting", pre, "avg")
+    q["decode_kv_usage"] = gauge("tandem_kv_usage_ratio", dec, "avg")
+    q["decode_kv_usage_max"] = gauge("tandem_kv_usage_ratio", dec, "max")
+    q["decode_running"] = gauge("tandem_requests_running", dec, "avg")
+    q["decode_waiting"] = gauge("tandem_requests_waiting", dec, "avg")
+    computed = f"tandem_prefill_tokens_computed_total{_sel(selector, pre)}"
+    backlog = f"tandem_prefill_backlog_tokens{_sel(selector, pre)}"
+    arrivals = lambda r: f"(sum(rate({computed}[{r}])) + sum(deriv({backlog}[{r}])))"
+    q["prompt_tokens_per_s"] = arrivals(w)
+    q["prompt_tokens_per_s_peak"] = f"max_over_time({arrivals(sub)}[{w}:{step}])"
+    busy = f"{BUSY_METRIC}{_sel(selector, pre)}"
+    q["prefill_tokens_per_busy_s"] = f"sum(increase({computed}[{w}])) / sum(increase({busy}[{w}]))"
+    return q
+
+
+def http_query(base_url: str, timeout_s: float = 5.0) -> Callable[[str, float | None], list[dict[str, Any]]]:
+    """A function (query, time) -> the result vector, over Prometheus' /api/v1/query."""
+
+    def run(query: str, at: float | None = None) -> list[dict[str, Any]]:
+        params = {"query": query}
+        if at is not None:
+            params["time"] = f"{at:.3f}"
+        url = base_url.rstrip("/") + "/api/v1/query?" + urllib.parse.urlencode(params)
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 - operator config
+                body = json.loads(resp.read().decode("utf-8"))
+        except urllib.error.HTTPError as e:
+            detail = ""
+            try:
+                detail = json.loads(e.read().decode("utf-8")).get("error", "")
+            except (ValueError, OSError):
+                pass
+            raise PrometheusError(f"{base_url}: HTTP {e.code} {detail or e.reason}") from None
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise PrometheusError(f"{base_url}: {getattr(e, 'reason', e)}") from None
+        if body.get("status") != "success":
+            raise PrometheusError(f"{base_url}: query failed: {body.get('error', body)}")
+        data = body.get("data", {})
+        if data.get("resultType") == "scalar":
+            return [{"metric": {}, "value": data["result"]}]
+        return list(data.get("result", []))
+
+    return run
+
+
+def _value(sample: dict[str, Any]) -> float | None:
+    try:
+        v = float(sample["value"][1])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+    return None if math.isnan(v) or math.isinf(v) else v
+
+
+def fetch_window(
+    query: Callable[[str, float | None], list[dict[str, Any]]] | str,
+    window_s: float,
+    selector: str = "",
+    at: float | None = None,
+    **kw: Any,
+) -> MetricsWindow:
+    """One MetricsWindow; `query` is a Prometheus base URL or a function made by `http_query`."""
+    run = http_query(query) if isinstance(query, str) else query
+    q = queries(window_s, selector, **kw)
+    fields: dict[str, Any] = {}
+    for name, promql in q.items():
+        if name == "outcomes":
+            continue
+        result = run(promql, at)
+        fields[name] = _value(result[0]) if result else None
+    counts = {o: 0 for o in OUTCOMES}
+    outcome_rows = run(q["outcomes"], at)
+    for row in outcome_rows:
+        o = row.get("metric", {}).get("outcome")
+        v = _value(row)
+        if o in counts and v is not None:
+            counts[o] = int(round(v))
+    pools_report = fields["prefill_backlog_tokens"] is not None or fields["decode_kv_usage"] is not None
+    if not outcome_rows and not pools_report:
+        return MetricsWindow(duration_s=window_s, **fields)  # nothing scraped: missing data
+    return MetricsWindow(
+        duration_s=window_s,
+        met=counts["met"],
+        missed_ttft=counts["missed_ttft"],
+        missed_tpot=counts["missed_tpot"],
+        failed=counts["failed"],
+        rejected=counts["rejected"],
+        **fields,
+    )

@@ -1,0 +1,229 @@
+"""A `MetricsWindow` straight from the processes' /metrics endpoints, without a Prometheus server.
+
+For `tandem up --autoscale` on one machine: call `scrape(now)` every few seconds (it reads the
+router's and every worker's Prometheus text exposition), then `window(now)` before each decision.
+The window is computed the way the PromQL in `prometheus.py` computes it: counter increases
+between the first and last scrape in the window (summed over processes; a process that appeared
+during the window counts from its first scrape), histogram quantiles from the router's bucket
+increases (linear within a bucket, as `histogram_quantile`), gauges averaged over scrapes and
+replicas (and their maximum), arrival rate = prefill tokens computed + backlog growth.
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import urllib.request
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .policy import MetricsWindow
+from .prometheus import BUSY_METRIC, OUTCOMES
+
+Samples = dict[tuple[str, frozenset], float]
+
+_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_text(text: str) -> Samples:
+    """Prometheus text exposition -> {(name, frozenset(labels)): value}."""
+    out: Samples = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _LINE.match(line)
+        if not m:
+            continue
+        labels = frozenset(_LABEL.findall(m.group(2) or ""))
+        try:
+            out[(m.group(1), labels)] = float(m.group(3))
+        except ValueError:
+            continue
+    return out
+
+
+def http_get(timeout_s: float = 2.0) -> Callable[[str], str]:
+    def get(url: str) -> str:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 - local processes
+            return resp.read().decode("utf-8")
+
+    return get
+
+
+def _sum(samples: Samples, name: str, **labels: str) -> float | None:
+    want = set(labels.items())
+    vals = [v for (n, ls), v in samples.items() if n == name and want <= ls]
+    return sum(vals) if vals else None
+
+
+@dataclass
+class _Scrape:
+    t: float
+    router: Samples | None
+    workers: dict[str, tuple[str, Samples]]  # url -> (role, samples)
+
+
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """Prometheus' histogram_quantile over cumulative (upper bound, count) pairs."""
+    buckets = sorted(buckets)
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    total = buckets[-1][1]
+    rank = q * total
+    prev_le, prev_c = 0.0, 0.0
+    for le, c in buckets:
+        if c >= rank:
+            if math.isinf(le):
+                return prev_le  # in the +Inf bucket: the highest finite bound
+            if c == prev_c:
+                return le
+            return prev_le + (le - prev_le) * (rank - prev_c) / (c - prev_c)
+        prev_le, prev_c = le, c
+    return prev_le
+
+
+class DirectScraper:
+    """Scrapes a local deployment's /metrics endpoints and builds MetricsWindows from them."""
+
+    def __init__(
+        self,
+        router_url: str | None,
+        workers: dict[str, str] | None = None,  # url -> role ("prefill" / "decode")
+        window_s: float = 60.0,
+        sub_window_s: float = 15.0,
+        get: Callable[[str], str] | None = None,
+    ) -> None:
+        self.router_url = router_url
+        self.workers = dict(workers or {})
+        self.window_s = window_s
+        self.sub_window_s = sub_window_s
+        self.get = get or http_get()
+        self.scrapes: deque[_Scrape] = deque()
+
+    def set_workers(self, workers: dict[str, str]) -> None:
+        """The worker endpoints now (workers come and go as the deployment scales)."""
+        self.workers = dict(workers)
+
+    def scrape(self, now: float) -> None:
+        """Read every endpoint once; an unreachable one is left out of this scrape."""
+        router = None
+        if self.router_url:
+            try:
+                router = parse_text(self.get(self.router_url))
+            except OSError:
+                router = None
+        workers: dict[str, tuple[str, Samples]] = {}
+        for url, role in self.workers.items():
+            try:
+                workers[url] = (role, parse_text(self.get(url)))
+            except OSError:
+                continue
+        self.scrapes.append(_Scrape(now, router, workers))
+        while self.scrapes and self.scrapes[0].t < now - 2 * self.window_s:
+            self.scrapes.popleft()
+
+    def _in_window(self, now: float) -> list[_Scrape]:
+        return [s for s in self.scrapes if now - self.window_s <= s.t <= now]
+
+    def _increase(self, scrapes: list[_Scrape], name: str, role: str) -> float | None:
+        """Sum over workers of (last - first) of a counter within the scrapes (resets: last)."""
+        first: dict[str, float] = {}
+        last: dict[str, float] = {}
+        for s in scrapes:
+            for url, (r, samples) in s.workers.items():
+                if r != role:
+                    continue
+                v = _sum(samples, name)
+                if v is None:
+                    continue
+                first.setdefault(url, v)
+                last[url] = v
+        if not last:
+            return None
+        return sum((last[u] - first[u]) if last[u] >= first[u] else last[u] for u in last)
+
+    def _gauge(self, scrapes: list[_Scrape], name: str, role: str) -> tuple[float | None, float | None]:
+        """(mean over scrapes of the mean over replicas, max over scrapes and replicas)."""
+        means, peak = [], None
+        for s in scrapes:
+            vals = [
+                v for r, smp in s.workers.values() if r == role for v in [_sum(smp, name)] if v is not None
+            ]
+            if vals:
+                means.append(sum(vals) / len(vals))
+                peak = max(vals) if peak is None else max(peak, max(vals))
+        return (sum(means) / len(means) if means else None), peak
+
+    def _arrival_rate(self, a: _Scrape, b: _Scrape) -> float | None:
+        span = b.t - a.t
+        if span <= 0:
+            return None
+        inc = self._increase([a, b], "tandem_prefill_tokens_computed_total", "prefill")
+        if inc is None:
+            return None
+        backlog_a = sum(
+            v
+            for r, s in a.workers.values()
+            if r == "prefill"
+            for v in [_sum(s, "tandem_prefill_backlog_tokens")]
+            if v is not None
+        )
+        backlog_b = sum(
+            v
+            for r, s in b.workers.values()
+            if r == "prefill"
+            for v in [_sum(s, "tandem_prefill_backlog_tokens")]
+            if v is not None
+        )
+        return max(0.0, (inc + backlog_b - backlog_a) / span)
+
+    def window(self, now: float) -> MetricsWindow:
+        scrapes = self._in_window(now)
+        w = MetricsWindow(duration_s=self.window_s)
+        if len(scrapes) < 2:
+            return w  # not enough scrapes: missing data
+        routers = [s.router for s in scrapes if s.router is not None]
+        if len(routers) >= 2:
+            first, last = routers[0], routers[-1]
+
+            def inc(name: str, **labels: str) -> float:
+                a, b = _sum(first, name, **labels) or 0.0, _sum(last, name, **labels) or 0.0
+                return b - a if b >= a else b
+
+            counts = {o: int(round(inc("tandem_requests_total", outcome=o))) for o in OUTCOMES}
+            w.met, w.missed_ttft, w.missed_tpot = counts["met"], counts["missed_ttft"], counts["missed_tpot"]
+            w.failed, w.rejected = counts["failed"], counts["rejected"]
+            for field_name, metric in (
+                ("ttft", "tandem_time_to_first_token_seconds"),
+                ("tpot", "tandem_time_per_output_token_seconds"),
+            ):
+                les = {dict(ls)["le"] for (n, ls) in last if n == metric + "_bucket"}
+                buckets = [(float(le), inc(metric + "_bucket", le=le)) for le in les]
+                for p in (50, 90, 99):
+                    setattr(w, f"{field_name}_p{p}_s", histogram_quantile(p / 100, buckets))
+        w.prefill_backlog_tokens, w.prefill_backlog_tokens_max = self._gauge(
+            scrapes, "tandem_prefill_backlog_tokens", "prefill"
+        )
+        w.prefill_running, _ = self._gauge(scrapes, "tandem_requests_running", "prefill")
+        w.prefill_waiting, _ = self._gauge(scrapes, "tandem_requests_waiting", "prefill")
+        w.decode_kv_usage, w.decode_kv_usage_max = self._gauge(scrapes, "tandem_kv_usage_ratio", "decode")
+        w.decode_running, _ = self._gauge(scrapes, "tandem_requests_running", "decode")
+        w.decode_waiting, _ = self._gauge(scrapes, "tandem_requests_waiting", "decode")
+        w.prompt_tokens_per_s = self._arrival_rate(scrapes[0], scrapes[-1])
+        rates = []
+        for i, a in enumerate(scrapes):
+            for b in scrapes[i + 1 :]:
+                if b.t - a.t >= self.sub_window_s - 1e-9:
+                    r = self._arrival_rate(a, b)
+                    if r is not None:
+                        rates.append(r)
+                    break
+        w.prompt_tokens_per_s_peak = max(rates) if rates else w.prompt_tokens_per_s
+        computed = self._increase(scrapes, "tandem_prefill_tokens_computed_total", "prefill")
+        busy = self._increase(scrapes, BUSY_METRIC, "prefill")
+        if computed is not None and busy:
+            w.prefill_tokens_per_busy_s = computed / busy
+        return w

@@ -1,0 +1,329 @@
+"""The autoscaling policy as a pure function: attribution, data gates, stabilization, guards."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from tandem_operator.autoscaling.policy import (
+    AutoscalingSpec,
+    MetricsWindow,
+    PolicyState,
+    Replicas,
+    decide,
+)
+
+SPEC = AutoscalingSpec(
+    prefill_min_replicas=1,
+    prefill_max_replicas=10,
+    decode_min_replicas=1,
+    decode_max_replicas=10,
+    stabilization_seconds=300,
+    cooldown_seconds=60,
+    max_step=2,
+    min_requests=20,
+)
+
+
+def window(met=100, ttft=0, tpot=0, failed=0, backlog=0.0, kv=0.1, waiting=0.0, running=4.0, **kw):
+    return MetricsWindow(
+        duration_s=60,
+        met=met,
+        missed_ttft=ttft,
+        missed_tpot=tpot,
+        failed=failed,
+        ttft_p90_s=0.3,
+        tpot_p90_s=0.02,
+        prefill_backlog_tokens=backlog,
+        prefill_backlog_tokens_max=backlog,
+        prefill_running=1.0 if running else 0.0,
+        prefill_waiting=0.0,
+        decode_kv_usage=kv,
+        decode_kv_usage_max=kv,
+        decode_running=running,
+        decode_waiting=waiting,
+        **kw,
+    )
+
+
+def idle() -> MetricsWindow:
+    return window(met=0, backlog=0.0, kv=0.0, running=0.0)
+
+
+def test_ttft_misses_scale_prefill_only():
+    d = decide(window(met=60, ttft=40), Replicas(2, 2), SPEC, PolicyState(), now=1000)
+    assert d.desired_prefill > 2
+    assert d.desired_decode == 2
+    assert "TTFT" in d.reason
+
+
+def test_tpot_misses_scale_decode_only():
+    d = decide(window(met=60, tpot=40), Replicas(2, 2), SPEC, PolicyState(), now=1000)
+    assert d.desired_decode > 2
+    assert d.desired_prefill == 2
+    assert "TPOT" in d.reason
+
+
+def test_misses_within_the_allowed_fraction_change_nothing_upwards():
+    d = decide(window(met=95, ttft=3, tpot=2), Replicas(2, 2), SPEC, PolicyState(), now=1000)
+    assert (d.desired_prefill, d.desired_decode) == (2, 2)
+
+
+def test_ttft_misses_while_decode_kv_is_saturated_go_to_decode():
+    w = window(met=60, ttft=40, kv=0.95, waiting=5.0)
+    d = decide(w, Replicas(2, 2), SPEC, PolicyState(), now=1000)
+    assert d.desired_decode > 2
+    assert d.desired_prefill == 2
+
+
+@pytest.mark.parametrize("w", [None, MetricsWindow(duration_s=60)])
+def test_missing_data_holds_and_says_so(w):
+    state = PolicyState()
+    for t in range(0, 1200, 15):  # long past stabilization and cooldown
+        d = decide(w, Replicas(4, 3), SPEC, state, now=t)
+        assert (d.desired_prefill, d.desired_decode) == (4, 3)
+    assert "no metrics" in d.reason
+    assert d.no_data == ("prefill", "decode")
+
+
+def test_too_few_requests_hold_even_if_all_missed():
+    state = PolicyState()
+    for t in range(0, 1200, 15):
+        d = decide(window(met=0, ttft=5, tpot=5), Replicas(4, 3), SPEC, state, now=t)
+        assert (d.desired_prefill, d.desired_decode) == (4, 3)
+    assert "too few requests (10 < 20)" in d.reason
+    assert d.no_data == ("prefill", "decode")
+
+
+def test_backlog_scales_prefill_before_any_request_finished():
+    w = window(met=0, backlog=5 * SPEC.backlog_target_tokens)
+    d = decide(w, Replicas(1, 1), SPEC, PolicyState(), now=100)
+    assert d.desired_prefill == 1 + SPEC.max_step
+    assert d.desired_decode == 1
+    assert "backlog" in d.reason
+
+
+def test_throughput_hint_sizes_prefill_from_the_peak_rate():
+    spec = replace(SPEC, prefill_tokens_per_second=10_000, target_utilization=1.0, max_step=10)
+    w = window(prompt_tokens_per_s=20_000, prompt_tokens_per_s_peak=45_000)
+    d = decide(w, Replicas(1, 1), spec, PolicyState(), now=100)
+    assert d.desired_prefill == 5
+
+
+def test_kv_usage_scales_decode():
+    d = decide(window(kv=0.95), Replicas(2, 2), SPEC, PolicyState(), now=100)
+    assert d.desired_decode > 2
+    assert d.desired_prefill == 2
+
+
+def test_flapping_inputs_do_not_flap_replicas():
+    """Bad and good windows alternating every decision: up once, never back down."""
+    state, cur, sizes = PolicyState(), Replicas(2, 2), []
+    for i, t in enumerate(range(0, 3600, 15)):
+        w = window(met=50, ttft=50) if i % 2 == 0 else idle()
+        d = decide(w, cur, SPEC, state, now=t)
+        cur = Replicas(d.desired_prefill, d.desired_decode)
+        sizes.append(cur.prefill)
+    changes = [b - a for a, b in zip(sizes, sizes[1:]) if b != a]
+    assert changes, "the TTFT misses never scaled prefill up"
+    assert all(c > 0 for c in changes), f"prefill went down while the load flapped: {sizes}"
+
+
+def test_scale_down_only_after_a_whole_stabilization_window():
+    state, cur = PolicyState(), Replicas(6, 4)
+    downs = []
+    for t in range(0, 1200, 15):
+        d = decide(idle(), cur, SPEC, state, now=t)
+        if d.desired_prefill < cur.prefill:
+            downs.append(t)
+        cur = Replicas(d.desired_prefill, d.desired_decode)
+    assert downs and downs[0] >= SPEC.stabilization_seconds
+    assert cur == Replicas(1, 1)  # idle: down to the minimum in the end
+    assert all(b - a >= SPEC.cooldown_seconds for a, b in zip(downs, downs[1:]))
+
+
+def test_one_good_window_in_a_bad_stretch_does_not_scale_down():
+    spec = replace(SPEC, stabilization_seconds=120)
+    state, cur = PolicyState(), Replicas(5, 2)
+    for t in range(0, 600, 15):  # steady: the recommendation is the current size
+        d = decide(window(met=100, backlog=0.5 * spec.backlog_target_tokens), cur, spec, state, now=t)
+        assert d.desired_prefill == 5
+    d = decide(idle(), cur, spec, state, now=615)  # one idle window
+    assert d.desired_prefill == 5
+    assert "stabilizing" in d.reason
+
+
+def test_bounds():
+    spec = replace(SPEC, prefill_max_replicas=3, max_step=10)
+    d = decide(
+        window(met=0, backlog=100 * spec.backlog_target_tokens), Replicas(2, 1), spec, PolicyState(), now=0
+    )
+    assert d.desired_prefill == 3
+    # Current below the minimum (the spec changed): raised at once, cooldown or not.
+    state = PolicyState(last_change={"prefill": 0.0, "decode": 0.0})
+    d = decide(window(), Replicas(1, 1), replace(spec, prefill_min_replicas=2), state, now=1)
+    assert d.desired_prefill == 2
+    # Idle forever never goes below the minimum.
+    state, cur = PolicyState(), Replicas(3, 3)
+    for t in range(0, 3000, 15):
+        d = decide(idle(), cur, replace(spec, prefill_min_replicas=2, decode_min_replicas=2), state, now=t)
+        cur = Replicas(d.desired_prefill, d.desired_decode)
+    assert cur == Replicas(2, 2)
+
+
+def test_cooldown_after_a_change():
+    state = PolicyState()
+    bad = window(met=0, backlog=10 * SPEC.backlog_target_tokens)
+    d1 = decide(bad, Replicas(1, 1), SPEC, state, now=100)
+    assert d1.desired_prefill == 3
+    ready = Replicas(3, 1)
+    d2 = decide(bad, ready, SPEC, state, now=130)
+    assert d2.desired_prefill == 3 and "cooldown (30s left)" in d2.reason
+    d3 = decide(bad, ready, SPEC, state, now=100 + SPEC.cooldown_seconds)
+    assert d3.desired_prefill == 5
+
+
+def test_max_step_limits_each_change():
+    for step in (1, 3):
+        spec = replace(SPEC, max_step=step)
+        d = decide(
+            window(met=0, backlog=100 * spec.backlog_target_tokens), Replicas(2, 2), spec, PolicyState(), 0
+        )
+        assert d.desired_prefill == 2 + step
+    spec = replace(SPEC, max_step=3, max_step_down=1, stabilization_seconds=0, cooldown_seconds=0)
+    d = decide(idle(), Replicas(8, 1), spec, PolicyState(), now=0)
+    assert d.desired_prefill == 7
+
+
+def test_ratio_band_raises_the_lagging_pool():
+    spec = replace(SPEC, ratio_min=1.0, ratio_max=2.0)
+    # Prefill must grow (TTFT misses) to 3 with decode at 1: P/D = 3 > 2, so decode is raised to 2.
+    d = decide(window(met=60, ttft=40), Replicas(2, 1), spec, PolicyState(), now=1000)
+    assert d.desired_prefill == 3
+    assert d.desired_decode == 2
+    assert "ratio band" in d.reason
+    # Decode must grow past prefill: P/D < 1, so prefill is raised along.
+    d = decide(window(met=60, tpot=40), Replicas(2, 2), spec, PolicyState(), now=1000)
+    assert d.desired_decode == 3 and d.desired_prefill == 3
+
+
+def test_ratio_band_lowers_the_other_pool_when_the_lagging_one_is_at_its_max():
+    spec = replace(SPEC, ratio_min=0.5, ratio_max=1.0, decode_max_replicas=2, max_step=4)
+    d = decide(
+        window(met=0, backlog=100 * spec.backlog_target_tokens), Replicas(2, 2), spec, PolicyState(), 0
+    )
+    assert (d.desired_prefill, d.desired_decode) == (2, 2)
+
+
+def test_replicas_still_starting_do_not_ratchet_slo_scale_ups():
+    """Misses measured before new replicas are ready do not add more replicas on top of them."""
+    spec = replace(SPEC, cooldown_seconds=0)
+    state = PolicyState()
+    bad = window(met=10, ttft=90)
+    d = decide(bad, Replicas(2, 1), spec, state, now=0)
+    assert d.desired_prefill == 4
+    for t in (15, 30, 45):  # the 2 new ones start for 60 s; the window still shows the old misses
+        d = decide(bad, Replicas(4, 1, prefill_ready=2), spec, state, now=t)
+        assert d.desired_prefill == 4, d.reason
+    for t in (60, 90, 105):  # all ready at 60; until a whole window later, the misses predate them
+        d = decide(bad, Replicas(4, 1), spec, state, now=t)
+        assert d.desired_prefill == 4, d.reason
+    d = decide(bad, Replicas(4, 1), spec, state, now=60 + spec.window_seconds)  # misses at 4: more
+    assert d.desired_prefill == 6
+
+
+def test_from_spec_reads_the_crd_field_names():
+    spec = AutoscalingSpec.from_spec(
+        {
+            "prefill": {"replicas": 2, "minReplicas": 1, "maxReplicas": 8},
+            "decode": {"replicas": 3},
+            "slo": {"ttftMs": 500, "tpotMs": 50, "attainment": 0.95},
+            "autoscaling": {
+                "enabled": True,
+                "windowSeconds": 30,
+                "stabilizationSeconds": 120,
+                "cooldownSeconds": 20,
+                "maxStep": 2,
+                "prefillDecodeRatio": {"min": 0.5, "max": 2},
+            },
+        },
+        min_requests=5,
+    )
+    assert spec.bounds("prefill") == (1, 8)
+    assert spec.bounds("decode") == (3, 3)  # bounds default to replicas
+    assert (spec.ttft_ms, spec.tpot_ms, spec.attainment) == (500, 50, 0.95)
+    assert (spec.window_seconds, spec.stabilization_seconds, spec.cooldown_seconds, spec.max_step) == (
+        30,
+        120,
+        20,
+        2,
+    )
+    assert (spec.ratio_min, spec.ratio_max, spec.min_requests) == (0.5, 2.0, 5)
+
+
+def test_from_spec_matches_the_operator_api_model():
+    api = pytest.importorskip("tandem_operator.api")
+    md = api.ModelDeploymentSpec(
+        model={"builtin": "smollm2-135m"},
+        image="tandem:dev",
+        prefill={"replicas": 2, "minReplicas": 1, "maxReplicas": 6},
+        decode={"replicas": 1, "maxReplicas": 4},
+        slo={"ttftMs": 800, "tpotMs": 80},
+        autoscaling={"enabled": True, "maxStep": 3, "prefillDecodeRatio": {"min": 1, "max": 3}},
+    )
+    spec = AutoscalingSpec.from_spec(md.model_dump(by_alias=True, mode="json"))
+    assert spec.bounds("prefill") == (1, 6) and spec.bounds("decode") == (1, 4)
+    assert (spec.ttft_ms, spec.tpot_ms, spec.max_step) == (800, 80, 3)
+    assert (spec.ratio_min, spec.ratio_max) == (1.0, 3.0)
+    assert spec.stabilization_seconds == md.autoscaling.stabilization_seconds
+
+
+def test_spec_validation():
+    with pytest.raises(ValueError):
+        AutoscalingSpec(prefill_min_replicas=3, prefill_max_replicas=2)
+    with pytest.raises(ValueError):
+        AutoscalingSpec(ratio_min=1.0)
+
+
+def test_decision_records_its_inputs():
+    d = decide(window(met=60, ttft=40), Replicas(2, 2), SPEC, PolicyState(), now=1000)
+    assert d.inputs["finished"] == 100
+    assert d.inputs["attainment"] == pytest.approx(0.6)
+    assert d.inputs["window"]["missed_ttft"] == 40
+    assert d.inputs["prefill_recommendation"] >= 3
+
+
+def test_prefill_throughput_is_learned_from_busy_time():
+    spec = replace(SPEC, max_step=10, target_utilization=1.0, capacity_smoothing=0.5)
+    state = PolicyState()
+    # Too few requests: the measurement does not count.
+    decide(window(met=5, prefill_tokens_per_busy_s=2_000.0), Replicas(1, 1), spec, state, now=0)
+    assert state.prefill_capacity is None
+    decide(window(prefill_tokens_per_busy_s=10_000.0), Replicas(1, 1), spec, state, now=15)
+    decide(window(prefill_tokens_per_busy_s=12_000.0), Replicas(1, 1), spec, state, now=30)
+    assert state.prefill_capacity == pytest.approx(11_000.0)
+    # Then the peak arrival rate sizes prefill, as with a declared throughput.
+    d = decide(window(prompt_tokens_per_s_peak=50_000.0), Replicas(1, 1), spec, state, now=45)
+    assert d.desired_prefill == 5 and "(learned)" in d.reason
+    # Turned off, or without the measurement: the backlog rule (no absolute size).
+    state2 = PolicyState()
+    off = replace(spec, learn_capacity=False)
+    decide(window(prefill_tokens_per_busy_s=10_000.0), Replicas(1, 1), off, state2, now=0)
+    d = decide(window(prompt_tokens_per_s_peak=50_000.0), Replicas(1, 1), off, state2, now=15)
+    assert state2.prefill_capacity is None and d.desired_prefill == 1
+
+
+def test_the_package_needs_only_the_standard_library():
+    """The operator image and `tandem up` import it: no numpy, torch, pydantic, grpc, kopf, ..."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, tandem_operator.autoscaling, tandem_operator.autoscaling.scrape;"
+        "heavy = {'numpy', 'torch', 'pydantic', 'grpc', 'kopf', 'yaml', 'aiohttp', 'prometheus_client',"
+        " 'tandem_worker'};"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,0 +1,203 @@
+"""Trace replay (`tandem bench --trace`) against a real gRPC server on loopback with a fake engine.
+
+The fake Inference server answers each Generate with delays it derives from the request: the
+prompt length picks the time to first token, the number of tokens asked for picks the time per
+output token, and one prompt length fails. So the outcome of every request is known in advance
+and the replay's statistics can be checked against it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent import futures
+
+import grpc
+import pytest
+
+from tandem_proto.v1 import inference_pb2 as pb
+from tandem_proto.v1 import inference_pb2_grpc as pbgrpc
+from tandem_worker.server.replay import TraceRow, load_trace, percentile, replay
+
+FAST_TTFT, SLOW_TTFT = 0.03, 1.0  # prompt of 100 tokens / of 300 tokens
+FAST_TPOT, SLOW_TPOT = 0.005, 0.2  # 4 output tokens / 5 output tokens
+FAIL_PROMPT = 13
+SLO_TTFT, SLO_TPOT = 0.5, 0.1  # wide margins on both sides: the test machine may be busy
+
+
+class FakeInference(pbgrpc.InferenceServicer):
+    def __init__(self) -> None:
+        self.seen: list[tuple[float, int, int, bool, float]] = []
+
+    def ListModels(self, request, context):  # noqa: N802
+        return pb.ListModelsResponse(models=[pb.ModelCard(id="fake", max_model_len=4096)])
+
+    def Generate(self, request, context):  # noqa: N802
+        ids = list(request.token_ids.ids)
+        n_out = request.sampling.max_tokens
+        self.seen.append(
+            (time.monotonic(), len(ids), n_out, request.sampling.ignore_eos, request.sampling.temperature)
+        )
+        if len(ids) == FAIL_PROMPT:
+            context.abort(grpc.StatusCode.INTERNAL, "injected failure")
+        time.sleep(SLOW_TTFT if len(ids) >= 300 else FAST_TTFT)
+        yield pb.GenerateResponse(prompt_token_ids=ids, token_ids=[7])
+        tpot = SLOW_TPOT if n_out == 5 else FAST_TPOT
+        for i in range(1, n_out):
+            time.sleep(tpot)
+            last = i == n_out - 1
+            yield pb.GenerateResponse(
+                token_ids=[7], finish_reason=pb.FINISH_REASON_LENGTH if last else pb.FINISH_REASON_UNSPECIFIED
+            )
+
+
+@pytest.fixture
+def server():
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=64))
+    fake = FakeInference()
+    pbgrpc.add_InferenceServicer_to_server(fake, srv)
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    yield f"127.0.0.1:{port}", fake
+    srv.stop(grace=None)
+
+
+def mixed_trace() -> tuple[list[TraceRow], dict[str, int]]:
+    """Every 50 ms one request; kinds in rotation: met, missed_ttft, missed_tpot, met, failed."""
+    kinds = [
+        (100, 4, "met"),
+        (300, 4, "missed_ttft"),
+        (100, 5, "missed_tpot"),
+        (100, 4, "met"),
+        (FAIL_PROMPT, 4, "failed"),
+    ]
+    rows, expected = [], {"met": 0, "missed_ttft": 0, "missed_tpot": 0, "failed": 0}
+    for i in range(25):
+        p, o, kind = kinds[i % len(kinds)]
+        rows.append(TraceRow(i * 0.05, p, o))
+        expected[kind] += 1
+    return rows, expected
+
+
+def test_replay_statistics_match_the_injected_delays(server):
+    endpoint, fake = server
+    rows, expected = mixed_trace()
+    rep = replay(endpoint, rows, slo_ttft_s=SLO_TTFT, slo_tpot_s=SLO_TPOT)
+    assert (rep.met, rep.missed_ttft, rep.missed_tpot, rep.failed) == (
+        expected["met"],
+        expected["missed_ttft"],
+        expected["missed_tpot"],
+        expected["failed"],
+    )
+    assert rep.attainment == pytest.approx(expected["met"] / 25)
+    assert rep.goodput == pytest.approx(rep.met / rep.duration_s)
+    assert sum("injected failure" in e for e in rep.errors) == 1 and rep.errors
+    by_kind = {"met": [], "missed_ttft": [], "missed_tpot": []}
+    for r in rep.results:
+        if r.outcome in by_kind:
+            by_kind[r.outcome].append(r)
+    # TTFT: fast ones near FAST_TTFT, slow ones near SLOW_TTFT (loopback gRPC adds a little).
+    for r in by_kind["met"] + by_kind["missed_tpot"]:
+        assert FAST_TTFT <= r.ttft < SLO_TTFT
+    for r in by_kind["missed_ttft"]:
+        assert SLOW_TTFT <= r.ttft < SLOW_TTFT + 0.4
+    for r in by_kind["missed_tpot"]:
+        assert SLOW_TPOT * 0.9 <= r.tpot < SLOW_TPOT + 0.1
+        assert r.output_tokens == 5
+    # 5 of 20 answered requests are slow to start: p50 is fast, p90 is slow.
+    assert FAST_TTFT <= rep.ttft["p50"] < SLO_TTFT <= SLOW_TTFT <= rep.ttft["p90"]
+    assert rep.tpot["p50"] < SLO_TPOT < rep.tpot["p90"]
+    # The requests went out as asked: token-id prompts of the trace's length, greedy, EOS ignored.
+    assert sorted(s[1] for s in fake.seen) == sorted(r.prompt_tokens for r in rows)
+    assert all(s[3] and s[4] == 0.0 for s in fake.seen)
+
+
+def test_replay_is_open_loop_and_time_scaled(server):
+    endpoint, fake = server
+    rows = [TraceRow(i * 0.1, 300, 4) for i in range(6)]  # each takes ~1 s; they overlap
+    rep = replay(endpoint, rows, time_scale=2.0)
+    sent = sorted(s[0] for s in fake.seen)
+    offsets = [t - sent[0] for t in sent]
+    assert all(abs(o - 0.2 * i) < 0.15 for i, o in enumerate(offsets)), offsets  # 0.1 s apart, x2
+    assert rep.duration_s < 3.5  # ~2 s: not 6 x 1 s one after another
+    assert rep.send_lag_p99_s < 0.25
+
+
+def test_max_requests_and_model_length(server):
+    endpoint, fake = server
+    rows = [TraceRow(0.0, 10_000, 8), TraceRow(0.01, 100, 4), TraceRow(0.02, 100, 4)]
+    rep = replay(endpoint, rows, max_requests=2)
+    assert rep.requests == 2 and len(fake.seen) == 2
+    assert max(s[1] for s in fake.seen) == 4096 - 8  # cut to the endpoint's max_model_len
+
+
+def test_unreachable_endpoint_counts_failures():
+    rep = replay("127.0.0.1:1", [TraceRow(0.0, 10, 2)], timeout_s=2.0, max_model_len=100)
+    assert rep.failed == 1 and rep.attainment == 0.0
+
+
+def test_load_trace_formats(tmp_path):
+    csv_file = tmp_path / "t.csv"
+    csv_file.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+        "2023-11-16 18:17:04.5000000,20,3\n"
+        "2023-11-16 18:17:03.9799600,4808,10\n"
+    )
+    rows = load_trace(csv_file)
+    assert [(round(r.arrival, 5), r.prompt_tokens, r.output_tokens) for r in rows] == [
+        (0.0, 4808, 10),
+        (0.52004, 20, 3),
+    ]
+    jl = tmp_path / "t.jsonl"
+    jl.write_text(
+        '{"timestamp": 1000, "input_length": 5, "output_length": 2, "hash_ids": [1]}\n'
+        '{"timestamp": 3500, "input_length": 7, "output_length": 1}\n'
+    )
+    assert load_trace(jl) == [TraceRow(0.0, 5, 2), TraceRow(2.5, 7, 1)]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\nyesterday,1,1\n")
+    with pytest.raises(ValueError, match="bad.csv:2"):
+        load_trace(bad)
+
+
+def test_percentile_nearest_rank():
+    assert percentile([], 50) is None
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile(list(range(1, 101)), 90) == 90
+    assert percentile(list(range(1, 101)), 99) == 99
+
+
+def test_cli_bench_json(server, tmp_path, capsys):
+    from tandem_worker.cli import main
+
+    endpoint, _ = server
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(
+        "".join(
+            json.dumps({"timestamp": i * 50, "input_length": 100 if i % 2 else 300, "output_length": 4})
+            + "\n"
+            for i in range(6)
+        )
+    )
+    rc = main(
+        [
+            "bench",
+            "--trace",
+            str(trace),
+            "--endpoint",
+            endpoint,
+            "--slo-ttft-ms",
+            "500",
+            "--slo-tpot-ms",
+            "100",
+            "--max-requests",
+            "4",
+            "--json",
+        ]
+    )
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["requests"] == 4 and out["met"] == 2 and out["missed_ttft"] == 2
+    assert out["attainment"] == 0.5
+    rc = main(["bench", "--trace", str(trace), "--endpoint", endpoint, "--time-scale", "0"])
+    assert rc == 2

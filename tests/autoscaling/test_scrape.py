@@ -1,0 +1,155 @@
+"""MetricsWindow straight from /metrics text: real prometheus_client expositions of Tandem's metrics."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+from tandem_operator.autoscaling.policy import AutoscalingSpec, PolicyState, Replicas, decide
+from tandem_operator.autoscaling.scrape import DirectScraper, histogram_quantile, parse_text
+from tandem_worker.server.metrics import LATENCY_BUCKETS, TOKEN_BUCKETS, EngineCollector
+
+
+class Deployment:
+    """A router registry and worker registries that export what Tandem's processes export."""
+
+    def __init__(self) -> None:
+        self.router = CollectorRegistry()
+        self.requests = Counter("tandem_requests", "", ["outcome"], registry=self.router)
+        self.ttft = Histogram(
+            "tandem_time_to_first_token_seconds", "", buckets=LATENCY_BUCKETS, registry=self.router
+        )
+        self.tpot = Histogram(
+            "tandem_time_per_output_token_seconds", "", buckets=TOKEN_BUCKETS, registry=self.router
+        )
+        self.stats = {
+            "prefill": dict.fromkeys(
+                (
+                    "used_blocks",
+                    "free_blocks",
+                    "cached_blocks",
+                    "running",
+                    "waiting",
+                    "queued_prompt_tokens",
+                    "prefill_tokens_computed",
+                    "prefix_cached_tokens",
+                    "decode_tokens",
+                    "preemptions",
+                ),
+                0,
+            ),
+            "decode": dict.fromkeys(
+                (
+                    "used_blocks",
+                    "free_blocks",
+                    "cached_blocks",
+                    "running",
+                    "waiting",
+                    "queued_prompt_tokens",
+                    "prefill_tokens_computed",
+                    "prefix_cached_tokens",
+                    "decode_tokens",
+                    "preemptions",
+                ),
+                0,
+            ),
+        }
+        self.stats["prefill"]["num_blocks"] = self.stats["decode"]["num_blocks"] = 100
+        self.workers = {}
+        for role in ("prefill", "decode"):
+            reg = CollectorRegistry()
+            reg.register(EngineCollector(role, lambda role=role: self.stats[role]))
+            self.workers[f"http://{role}/metrics"] = reg
+        self.busy = Counter(
+            "tandem_engine_busy_seconds", "", ["role"], registry=self.workers["http://prefill/metrics"]
+        )
+        self.busy.labels(role="prefill")  # the series exists from the start, at 0
+
+    def get(self, url: str) -> str:
+        if url == "http://router/metrics":
+            return generate_latest(self.router).decode()
+        if url in self.workers:
+            return generate_latest(self.workers[url]).decode()
+        raise OSError("connection refused")
+
+
+def test_window_from_the_processes_metrics():
+    dep = Deployment()
+    s = DirectScraper(
+        "http://router/metrics",
+        {"http://prefill/metrics": "prefill", "http://decode/metrics": "decode"},
+        window_s=60,
+        sub_window_s=15,
+        get=dep.get,
+    )
+    dep.requests.labels(outcome="met").inc(5)  # before the window: not counted
+    s.scrape(0.0)
+    for _ in range(30):
+        dep.requests.labels(outcome="met").inc()
+        dep.ttft.observe(0.3)
+        dep.tpot.observe(0.015)
+    for _ in range(10):
+        dep.requests.labels(outcome="missed_ttft").inc()
+        dep.ttft.observe(3.0)
+    dep.stats["prefill"]["prefill_tokens_computed"] = 75_000
+    dep.stats["prefill"]["queued_prompt_tokens"] = 0
+    dep.stats["decode"]["used_blocks"] = 20
+    dep.busy.labels(role="prefill").inc(6.0)
+    s.scrape(15.0)
+    dep.stats["prefill"]["prefill_tokens_computed"] = 90_000
+    dep.stats["prefill"]["queued_prompt_tokens"] = 30_000
+    dep.stats["decode"]["used_blocks"] = 40
+    dep.busy.labels(role="prefill").inc(3.0)
+    s.scrape(30.0)
+    w = s.window(30.0)
+    assert (w.met, w.missed_ttft, w.missed_tpot, w.failed, w.rejected) == (30, 10, 0, 0, 0)
+    assert 0.25 < w.ttft_p50_s <= 0.5  # inside the (0.25, 0.5] bucket
+    assert 2.5 < w.ttft_p90_s <= 5.0
+    assert 0.01 < w.tpot_p90_s <= 0.02
+    assert w.prefill_backlog_tokens == pytest.approx(10_000) and w.prefill_backlog_tokens_max == 30_000
+    assert w.decode_kv_usage == pytest.approx(0.2) and w.decode_kv_usage_max == pytest.approx(0.4)
+    assert w.prompt_tokens_per_s == pytest.approx((90_000 + 30_000) / 30)
+    assert w.prompt_tokens_per_s_peak == pytest.approx(75_000 / 15)  # the first 15 s were the busiest
+    assert w.prefill_tokens_per_busy_s == pytest.approx(90_000 / 9.0)
+    d = decide(
+        w,
+        Replicas(1, 1),
+        AutoscalingSpec(prefill_max_replicas=4, decode_max_replicas=4, max_step=2),
+        PolicyState(),
+        now=30.0,
+    )
+    assert d.desired_prefill == 2 and d.desired_decode == 1 and "TTFT misses 25%" in d.reason
+
+
+def test_too_few_scrapes_or_processes_down_is_missing_data():
+    dep = Deployment()
+    s = DirectScraper("http://gone/metrics", {"http://gone2/metrics": "prefill"}, get=dep.get)
+    s.scrape(0.0)
+    s.scrape(15.0)
+    w = s.window(15.0)
+    assert w.finished is None and not w.has_pool_data()
+    s2 = DirectScraper("http://router/metrics", {}, get=dep.get)
+    s2.scrape(0.0)
+    assert s2.window(0.0).finished is None  # one scrape: no increase to compute
+
+
+def test_a_worker_that_starts_in_the_window_counts_from_its_first_scrape():
+    dep = Deployment()
+    s = DirectScraper(None, {"http://prefill/metrics": "prefill"}, get=dep.get)
+    dep.stats["prefill"]["prefill_tokens_computed"] = 1_000_000  # earlier life of the process
+    s.scrape(0.0)
+    dep.stats["prefill"]["prefill_tokens_computed"] = 1_030_000
+    s.scrape(30.0)
+    assert s.window(30.0).prompt_tokens_per_s == pytest.approx(1000)
+
+
+def test_parse_and_quantile():
+    text = '# HELP x y\nfoo_total{a="1",b="q\\"x"} 3.5\nbar 2\nbad line\n'
+    assert parse_text(text) == {
+        ("foo_total", frozenset({("a", "1"), ("b", 'q\\"x')})): 3.5,
+        ("bar", frozenset()): 2.0,
+    }
+    buckets = [(0.1, 0.0), (0.5, 50.0), (1.0, 100.0), (float("inf"), 100.0)]
+    assert histogram_quantile(0.5, buckets) == pytest.approx(0.5)
+    assert histogram_quantile(0.75, buckets) == pytest.approx(0.75)
+    assert histogram_quantile(0.5, [(float("inf"), 0.0)]) is None
