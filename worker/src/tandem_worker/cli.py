@@ -368,6 +368,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         )
     except grpc.RpcError as e:
         raise CLIError(f"{args.endpoint}: {e.code().name}: {e.details()}") from None
+    if not args.json and "AzureLLMInferenceTrace" in args.trace:
+        print("trace: Azure LLM inference trace (CC-BY 4.0); Patel et al., Splitwise, ISCA 2024")
     print(json.dumps(report.to_dict()) if args.json else report.table(), flush=True)
     return 0
 

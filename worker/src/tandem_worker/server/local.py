@@ -66,6 +66,8 @@ class LocalDeployment:
     startup_timeout: float = 300.0
     log_dir: str | None = None
     lora_store: str | None = None  # a folder of PEFT adapters every worker can load from
+    http_port: int = 0  # the router's OpenAI-compatible HTTP API (0: off)
+    kserve_port: int = 0  # the router's KServe v2 gRPC API (0: off)
     children: list[Child] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -144,6 +146,8 @@ class LocalDeployment:
                     self.model,
                     *[a for d in decode for a in ("--decode", d)],
                     *[a for p in prefill for a in ("--prefill", p)],
+                    *(["--http-port", str(self.http_port)] if self.http_port else []),
+                    *(["--kserve-port", str(self.kserve_port)] if self.kserve_port else []),
                 ],
             )
             self.children.append(router)
@@ -227,6 +231,10 @@ def up(deployment: LocalDeployment) -> int:
         f"  try: tandem generate --endpoint {deployment.endpoint} --stream --chat --prompt 'Hello!'",
         flush=True,
     )
+    if deployment.http_port:
+        print(f"  OpenAI-compatible HTTP: http://{deployment.host}:{deployment.http_port}/v1", flush=True)
+    if deployment.kserve_port:
+        print(f"  KServe v2 gRPC: {deployment.host}:{deployment.kserve_port}", flush=True)
     try:
         status = deployment.run_forever(stop)
     finally:

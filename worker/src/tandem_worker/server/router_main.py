@@ -1,4 +1,10 @@
-"""`tandem router`: serve the Inference API in front of a pool of workers."""
+"""`tandem router`: serve the Inference API in front of a pool of workers.
+
+Besides `tandem.v1.Inference` (gRPC), the router process can serve an OpenAI-compatible HTTP API
+(`http_port`, see `openai_http`) and KServe's Open Inference Protocol v2 over gRPC (`kserve_port`,
+see `kserve`). Both translate to `tandem.v1.Inference` calls on the router's own port over
+loopback, so they share its validation, admission, retries, metrics, deadlines and cancellation.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +22,8 @@ from ..engine.loader import resolve_model
 from ..engine.tokenizer import Tokenizer
 from . import metrics
 from .pb import inference_pb2, inference_pb2_grpc
+from .pb import worker_pb2 as wpb
+from .pb import worker_pb2_grpc as wgrpc
 from .router import SLO, RouterService
 from .worker_pool import WorkerPool
 
@@ -32,7 +40,12 @@ def serve_router(
     max_in_flight: int = 512,
     slo: SLO | None = None,
     stop_event: threading.Event | None = None,
+    http_port: int = 0,
+    kserve_port: int = 0,
+    served_model_name: str | None = None,
 ) -> None:
+    """Serve until SIGTERM/SIGINT (or `stop_event`). `http_port`/`kserve_port` 0: that frontend is
+    off. `served_model_name` is the model id clients use (default: `model`)."""
     if not decode:
         raise ValueError("the router needs at least one decode or colocated worker (--decode)")
     folder = resolve_model(model)
@@ -40,8 +53,9 @@ def serve_router(
     tok = Tokenizer(folder)
     eos = set(cfg.eos_token_ids) | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
     pool = WorkerPool(decode, prefill).start()
+    model_name = served_model_name or model
     service = RouterService(
-        pool, tok, model, cfg.max_position_embeddings, eos, max_in_flight=max_in_flight, slo=slo
+        pool, tok, model_name, cfg.max_position_embeddings, eos, max_in_flight=max_in_flight, slo=slo
     )
 
     server = grpc.server(ThreadPoolExecutor(max_workers=max_in_flight + 16))
@@ -59,6 +73,46 @@ def serve_router(
         health_servicer.set(n, health_pb2.HealthCheckResponse.NOT_SERVING)
     print(f"tandem router listening on {host}:{bound}", flush=True)
     stop = stop_event or threading.Event()
+    ready = threading.Event()
+    upstream = f"{_loopback(host)}:{bound}"
+    http_server = kserve_server = None
+    try:
+        if http_port:
+            from .openai_http import OpenAIFrontend, serve_openai_http
+
+            frontend = OpenAIFrontend(
+                upstream,
+                model_name,
+                cfg.max_position_embeddings,
+                tok,
+                adapters=lambda: known_adapters(pool),
+                ready=ready.is_set,
+                kv_capacity=pool.kv_capacity_tokens,
+            )
+            http_server = serve_openai_http(host, http_port, frontend)
+            print(f"tandem router: OpenAI-compatible HTTP on http://{host}:{http_server.port}/v1", flush=True)
+        if kserve_port:
+            try:
+                from .kserve import KServeService, serve_kserve
+            except ImportError as e:  # tritonclient missing: say so instead of a traceback
+                raise RuntimeError(f"--kserve-port: {e}") from None
+
+            kservice = KServeService(
+                upstream,
+                model_name,
+                cfg.max_position_embeddings,
+                adapters=lambda: known_adapters(pool),
+                ready=ready.is_set,
+                version=_version(),
+            )
+            kserve_server = serve_kserve(host, kserve_port, kservice, max_workers=max_in_flight + 16)
+            print(f"tandem router: KServe v2 gRPC on {host}:{kserve_server.port}", flush=True)
+    except BaseException:
+        if http_server is not None:
+            http_server.stop()
+        server.stop(None)
+        pool.stop()
+        raise
 
     def mark_ready() -> None:
         # Ready (for probes and `tandem up`) only once a whole worker pair could take a request.
@@ -66,6 +120,9 @@ def serve_router(
             if pool.pick(1, set()) is not None:
                 for n in ("", name):
                     health_servicer.set(n, health_pb2.HealthCheckResponse.SERVING)
+                ready.set()
+                if kserve_server is not None:
+                    kserve_server.set_serving(True)
                 log.info("router ready: a worker pair is healthy")
                 return
             stop.wait(0.25)
@@ -80,5 +137,47 @@ def serve_router(
     stop.wait()
     for n in ("", name):
         health_servicer.set(n, health_pb2.HealthCheckResponse.NOT_SERVING)
-    server.stop(grace=5.0).wait()
+    ready.clear()
+    # Close the frontends' listeners first; their in-flight calls finish within the gRPC grace.
+    if http_server is not None:
+        http_server.stop()
+    stopping = [server.stop(grace=5.0)]
+    if kserve_server is not None:
+        stopping.append(kserve_server.stop(grace=5.0))
+    for done in stopping:
+        done.wait()
+    for fe in (http_server, kserve_server):
+        if fe is not None:
+            fe.close()
     pool.stop()
+
+
+def _loopback(host: str) -> str:
+    """Where this process reaches its own gRPC port: loopback when it listens on every address."""
+    if host in ("", "0.0.0.0", "::", "[::]", "*"):
+        return "127.0.0.1"
+    return host
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("tandem-worker")
+    except Exception:  # noqa: BLE001 - not installed as a distribution
+        return ""
+
+
+def known_adapters(pool: WorkerPool, timeout: float = 2.0) -> list[str]:
+    """LoRA adapters clients may name as models: those resident on a worker (the pool's stats) and
+    those the decode workers can load (their adapter store and registered adapters)."""
+    names = set(pool.adapters())
+    for w in pool.snapshot():
+        if w.eligible and w.role in ("decode", "colocated"):
+            try:
+                resp = wgrpc.AdminStub(w.channel).ListAdapters(wpb.ListAdaptersRequest(), timeout=timeout)
+            except grpc.RpcError as e:
+                log.debug("ListAdapters on %s: %s", w.address, e)
+                continue
+            names.update(a.name for a in resp.adapters)
+    return sorted(names)

@@ -1,0 +1,245 @@
+"""KServe's Open Inference Protocol v2 over gRPC on a real router, through Triton's own client
+(`tritonclient.grpc`): health, metadata, infer and decoupled stream infer with the tensor names of
+Triton's LLM backends, adapters by model name, and errors."""
+
+from __future__ import annotations
+
+import json
+import queue
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from tests.frontends.conftest import ADAPTER, SERVED
+from tests.serving.procs import assert_idle, generate, greedy, request
+
+PROMPT = "Once upon a time, in a land far away,"
+
+
+@pytest.fixture(scope="module")
+def client(deployment):
+    c = tc.InferenceServerClient(deployment.kserve)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def ref(deployment):
+    return generate(deployment.router, request(PROMPT, greedy(16)))
+
+
+def text_input(prompt: str = PROMPT) -> tc.InferInput:
+    t = tc.InferInput("text_input", [1], "BYTES")
+    t.set_data_from_numpy(np.array([prompt.encode()], dtype=np.object_))
+    return t
+
+
+def tensor(name: str, value, datatype: str) -> tc.InferInput:
+    t = tc.InferInput(name, [1], datatype)
+    t.set_data_from_numpy(
+        np.array([value], dtype=np.object_ if datatype == "BYTES" else None).astype(
+            {
+                "BOOL": np.bool_,
+                "INT32": np.int32,
+                "FP32": np.float32,
+                "UINT64": np.uint64,
+                "BYTES": np.object_,
+            }[datatype]
+        )
+    )
+    return t
+
+
+def sampling(**kw) -> tc.InferInput:
+    return tensor("sampling_parameters", json.dumps(kw).encode(), "BYTES")
+
+
+GREEDY = {"max_tokens": 16, "temperature": 0, "ignore_eos": True}
+
+
+def text_of(result) -> str:
+    return b"".join(result.as_numpy("text_output").ravel()).decode()
+
+
+def test_health(client, deployment):
+    assert client.is_server_live() and client.is_server_ready()
+    # Its own gRPC health service and server reflection (grpcurl works against the KServe port).
+    with grpc.insecure_channel(deployment.kserve) as ch:
+        r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert r.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        services = {s.name for s in next(replies).list_services_response.service}
+    assert "inference.GRPCInferenceService" in services
+    assert client.is_model_ready(SERVED) and client.is_model_ready(ADAPTER)
+    assert not client.is_model_ready("no-such-model")
+
+
+def test_metadata(client):
+    md = client.get_server_metadata()
+    assert md.name == "tandem"
+    mm = client.get_model_metadata(SERVED)
+    inputs = {t.name: t.datatype for t in mm.inputs}
+    assert inputs["text_input"] == "BYTES" and inputs["stream"] == "BOOL"
+    assert inputs["sampling_parameters"] == "BYTES" and inputs["max_tokens"] == "INT32"
+    assert {t.name: t.datatype for t in mm.outputs}["text_output"] == "BYTES"
+    assert client.get_model_config(SERVED).config.model_transaction_policy.decoupled
+    with pytest.raises(InferenceServerException) as ei:
+        client.get_model_metadata("no-such-model")
+    assert "NOT_FOUND" in ei.value.status()
+
+
+def test_infer_equals_grpc(client, ref, deployment):
+    r = client.infer(SERVED, [text_input(), sampling(**GREEDY)], request_id="req-1")
+    assert text_of(r) == ref.text and ref.text
+    assert r.get_response().id == "req-1"
+    # Clients' request ids need not be unique: two clients both sending id "1" at once both succeed.
+    clients = [tc.InferenceServerClient(deployment.kserve) for _ in range(2)]
+    with ThreadPoolExecutor(2) as ex:
+        results = list(
+            ex.map(lambda c: c.infer(SERVED, [text_input(), sampling(**GREEDY)], request_id="1"), clients)
+        )
+    assert [text_of(x) for x in results] == [ref.text, ref.text]
+    for c in clients:
+        c.close()
+
+
+def test_infer_with_separate_tensors(client, ref):
+    inputs = [
+        text_input(),
+        tensor("max_tokens", 16, "INT32"),
+        tensor("temperature", 0.0, "FP32"),
+        tensor("ignore_eos", True, "BOOL"),
+        tensor("return_num_output_tokens", True, "BOOL"),
+        tensor("return_finish_reason", True, "BOOL"),
+    ]
+    r = client.infer(SERVED, inputs)
+    assert text_of(r) == ref.text
+    assert int(r.as_numpy("num_output_tokens")[0]) == 16
+    assert r.as_numpy("finish_reason")[0] == b"length"
+
+
+def test_infer_with_prompt_in_output(client, ref):
+    r = client.infer(
+        SERVED, [text_input(), sampling(**GREEDY), tensor("exclude_input_in_output", False, "BOOL")]
+    )
+    assert text_of(r) == PROMPT + ref.text
+
+
+def test_adapter_by_model_name(client, deployment):
+    want = generate(deployment.router, request(PROMPT, greedy(16), adapter=ADAPTER))
+    assert text_of(client.infer(ADAPTER, [text_input(), sampling(**GREEDY)])) == want.text
+
+
+def _stream(client, requests: list[tuple[str, list, str]], timeout: float = 120.0, empty_final: bool = False):
+    """Send each (model, inputs, id) on one stream; collect (results, errors) per id until all final."""
+    got: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: got.put((result, error)))
+    try:
+        for model, inputs, rid in requests:
+            client.async_stream_infer(model, inputs, request_id=rid, enable_empty_final_response=empty_final)
+        results: dict[str, list] = {rid: [] for _, _, rid in requests}
+        errors: dict[str, str] = {}
+        open_ids = set(results)
+        while open_ids:
+            result, error = got.get(timeout=timeout)
+            if error is not None:
+                rid = next(iter(open_ids)) if len(open_ids) == 1 else str(error)
+                errors[rid] = str(error)
+                open_ids.discard(rid)
+                continue
+            resp = result.get_response()
+            results[resp.id].append(result)
+            if resp.parameters["triton_final_response"].bool_param:
+                open_ids.discard(resp.id)
+        return results, errors
+    finally:
+        client.stop_stream()
+
+
+def test_stream_infer_streams_deltas(client, ref):
+    inputs = [text_input(), sampling(**GREEDY), tensor("stream", True, "BOOL")]
+    results, errors = _stream(client, [(SERVED, inputs, "s-1")])
+    assert not errors
+    pieces = [text_of(r) for r in results["s-1"]]
+    assert len([p for p in pieces if p]) >= 3, pieces
+    assert "".join(pieces) == ref.text
+
+
+def test_stream_infer_empty_final_response(client, ref):
+    """With enable_empty_final_response (as Triton's decoupled clients ask), the last response carries
+    no output, only the final flag; the text before it is complete."""
+    inputs = [text_input(), sampling(**GREEDY), tensor("stream", True, "BOOL")]
+    results, errors = _stream(client, [(SERVED, inputs, "s-2")], empty_final=True)
+    assert not errors
+    *pieces, last = results["s-2"]
+    assert not last.get_response().outputs
+    assert all(not r.get_response().parameters["triton_final_response"].bool_param for r in pieces)
+    assert "".join(text_of(r) for r in pieces) == ref.text
+
+
+def test_stream_infer_concurrent_requests_on_one_stream(client, ref, deployment):
+    other = generate(deployment.router, request("The capital of France is", greedy(8)))
+    results, errors = _stream(
+        client,
+        [
+            (SERVED, [text_input(), sampling(**GREEDY), tensor("stream", True, "BOOL")], "a"),
+            (
+                SERVED,
+                [
+                    text_input("The capital of France is"),
+                    sampling(max_tokens=8, temperature=0, ignore_eos=True),
+                ],
+                "b",
+            ),
+        ],
+    )
+    assert not errors
+    assert "".join(text_of(r) for r in results["a"]) == ref.text
+    assert len(results["b"]) == 1 and text_of(results["b"][0]) == other.text
+
+
+def test_errors(client, deployment):
+    with pytest.raises(InferenceServerException) as ei:
+        client.infer(SERVED, [text_input(), tensor("max_tokenz", 4, "INT32")])
+    assert "INVALID_ARGUMENT" in ei.value.status() and "max_tokenz" in ei.value.message()
+    with pytest.raises(InferenceServerException) as ei:
+        client.infer(SERVED, [text_input(), sampling(max_tokens=0)])
+    assert "INVALID_ARGUMENT" in ei.value.status()
+    with pytest.raises(InferenceServerException) as ei:
+        client.infer("no-such-model", [text_input(), sampling(max_tokens=2)])
+    assert "NOT_FOUND" in ei.value.status()
+    with pytest.raises(InferenceServerException) as ei:  # token streaming needs ModelStreamInfer
+        client.infer(SERVED, [text_input(), tensor("stream", True, "BOOL")])
+    assert "INVALID_ARGUMENT" in ei.value.status()
+    # On a stream, an error ends only that request and arrives through the callback.
+    _, errors = _stream(client, [(SERVED, [text_input(), sampling(temperature=-1)], "bad")])
+    assert "temperature" in errors["bad"]
+    assert_idle(deployment.workers)
+
+
+def test_cancelled_stream_and_deadline_free_the_workers(client, deployment):
+    """Closing a stream mid-generation, or a deadline passing, cancels the request on the workers."""
+    got: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: got.put((result, error)))
+    long = [
+        text_input(),
+        sampling(max_tokens=2000, temperature=0, ignore_eos=True),
+        tensor("stream", True, "BOOL"),
+    ]
+    client.async_stream_infer(SERVED, long, request_id="long")
+    result, error = got.get(timeout=120)
+    assert error is None and text_of(result)  # it is generating
+    assert deployment.d0.stats().in_flight == 1
+    client.stop_stream(cancel_requests=True)
+    assert_idle(deployment.workers, timeout=20)
+    with pytest.raises(InferenceServerException) as ei:
+        client.infer(SERVED, [text_input(), sampling(max_tokens=2000, ignore_eos=True)], client_timeout=1.0)
+    assert "DEADLINE_EXCEEDED" in ei.value.status()
+    assert_idle(deployment.workers, timeout=20)

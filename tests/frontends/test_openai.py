@@ -1,0 +1,293 @@
+"""The OpenAI-compatible HTTP API of a real router, through the official `openai` client: the same
+text as the tandem.v1 gRPC path, streaming with server-sent events, adapters by model name, and
+errors in OpenAI's shape with the right status."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import grpc
+import openai
+import pytest
+
+from tandem_worker.server.openai_http import from_rpc
+from tests.frontends.conftest import ADAPTER, SERVED
+from tests.serving.procs import HOST, assert_idle, generate, greedy, request, sampling
+
+PROMPT = "The capital of France is"
+CHAT = [{"role": "user", "content": "Name three colours."}]
+GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True}}
+
+
+@pytest.fixture(scope="module")
+def client(deployment):
+    with openai.OpenAI(base_url=deployment.http + "/v1", api_key="unused", max_retries=0, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def grpc_text(deployment):
+    """The gRPC path's greedy text for PROMPT and for CHAT (16 tokens, EOS ignored)."""
+    return {
+        "text": generate(deployment.router, request(PROMPT, greedy(16))),
+        "chat": generate(deployment.router, request(CHAT, greedy(16))),
+    }
+
+
+def test_models_lists_base_and_adapters(client):
+    models = {m.id: m for m in client.models.list().data}
+    assert SERVED in models and ADAPTER in models, models
+    assert models[SERVED].object == "model"
+    assert models[ADAPTER].model_extra.get("parent") == SERVED
+    assert models[SERVED].model_extra.get("max_model_len", 0) > 0
+    assert client.models.retrieve(ADAPTER).id == ADAPTER
+
+
+def test_completion_equals_grpc(client, grpc_text):
+    ref = grpc_text["text"]
+    r = client.completions.create(model=SERVED, prompt=PROMPT, max_tokens=16, **GREEDY)
+    assert r.object == "text_completion" and len(r.choices) == 1
+    assert r.choices[0].text == ref.text and ref.text
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens == len(ref.prompt_token_ids)
+    assert r.usage.completion_tokens == 16
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 16
+
+
+def test_completion_stream_with_usage(client, grpc_text):
+    chunks = list(
+        client.completions.create(
+            model=SERVED,
+            prompt=PROMPT,
+            max_tokens=16,
+            stream=True,
+            stream_options={"include_usage": True},
+            **GREEDY,
+        )
+    )
+    text_chunks = [c for c in chunks if c.choices]
+    assert len(text_chunks) >= 3, "the text is streamed in several events"
+    assert "".join(c.choices[0].text for c in text_chunks) == grpc_text["text"].text
+    assert [c.choices[0].finish_reason for c in text_chunks][-1] == "length"
+    assert all(c.usage is None for c in text_chunks)
+    last = chunks[-1]
+    assert last.choices == [] and last.usage.completion_tokens == 16
+    assert last.usage.prompt_tokens == len(grpc_text["text"].prompt_token_ids)
+
+
+def test_chat_equals_grpc(client, grpc_text):
+    ref = grpc_text["chat"]
+    r = client.chat.completions.create(model=SERVED, messages=CHAT, max_completion_tokens=16, **GREEDY)
+    assert r.object == "chat.completion"
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == ref.text and ref.text
+    assert r.usage.prompt_tokens == len(ref.prompt_token_ids) and r.usage.completion_tokens == 16
+
+
+def test_chat_stream(client, grpc_text):
+    stream = client.chat.completions.create(
+        model=SERVED,
+        messages=CHAT,
+        max_tokens=16,
+        stream=True,
+        stream_options={"include_usage": True},
+        **GREEDY,
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert sum(1 for piece in content if piece) >= 3
+    assert "".join(content) == grpc_text["chat"].text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+
+
+def test_chat_stream_without_usage_has_no_usage_chunk(client):
+    chunks = list(client.chat.completions.create(model=SERVED, messages=CHAT, max_tokens=4, stream=True))
+    assert all(c.choices for c in chunks) and all(c.usage is None for c in chunks)
+
+
+def test_adapter_selected_by_model_name(client, deployment):
+    ref = generate(deployment.router, request(PROMPT, greedy(12), adapter=ADAPTER))
+    base = generate(deployment.router, request(PROMPT, greedy(12)))
+    assert ref.text != base.text, "the test adapter must change the output for this check to mean anything"
+    r = client.completions.create(model=ADAPTER, prompt=PROMPT, max_tokens=12, **GREEDY)
+    assert r.model == ADAPTER and r.choices[0].text == ref.text
+
+
+def test_seed_and_stop(client, deployment):
+    kw = {"model": SERVED, "prompt": PROMPT, "max_tokens": 12, "temperature": 1.0, "seed": 1234}
+    a = client.completions.create(**kw, extra_body={"ignore_eos": True})
+    b = client.completions.create(**kw, extra_body={"ignore_eos": True})
+    ref = generate(
+        deployment.router,
+        request(PROMPT, sampling(max_tokens=12, temperature=1.0, seed=1234, ignore_eos=True)),
+    )
+    assert a.choices[0].text == b.choices[0].text == ref.text
+    full = client.completions.create(model=SERVED, prompt=PROMPT, max_tokens=16, **GREEDY).choices[0].text
+    words = full.split()
+    assert len(words) >= 3, full
+    stop = " " + words[2]
+    r = client.completions.create(model=SERVED, prompt=PROMPT, max_tokens=16, stop=[stop], **GREEDY)
+    assert r.choices[0].text == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_chat_logprobs(client, deployment):
+    ref = generate(deployment.router, request(CHAT, greedy(6, logprobs=True)))
+    r = client.chat.completions.create(model=SERVED, messages=CHAT, max_tokens=6, logprobs=True, **GREEDY)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 6 and all(t.logprob <= 0 for t in content)
+    assert "".join(t.token for t in content) == r.choices[0].message.content == ref.text
+
+
+def _error_body(e: openai.APIStatusError) -> dict:
+    body = e.response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]
+
+
+def test_unknown_model_is_404(client, deployment):
+    for call in (
+        lambda: client.completions.create(model="no-such-model", prompt=PROMPT, max_tokens=2),
+        lambda: client.chat.completions.create(
+            model="no-such-model", messages=CHAT, max_tokens=2, stream=True
+        ),
+        lambda: client.models.retrieve("no-such-model"),
+    ):
+        with pytest.raises(openai.NotFoundError) as ei:
+            call()
+        err = _error_body(ei.value)
+        assert "no-such-model" in err["message"] and err["code"] == "model_not_found"
+    assert_idle(deployment.workers)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"n": 2}, "n"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
+        ({"prompt": [1] * 9000}, "prompt"),  # refused by the router: longer than the model's context
+    ],
+)
+def test_bad_parameter_is_400(client, kwargs, param):
+    args = {"model": SERVED, "prompt": PROMPT, "max_tokens": 4, **kwargs}
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.completions.create(**args)
+    err = _error_body(ei.value)
+    assert err["param"] == param and err["type"] == "invalid_request_error", err
+
+
+def test_chat_bad_message_is_400(client):
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.chat.completions.create(
+            model=SERVED, messages=[{"role": "tool", "content": "x"}], max_tokens=2
+        )
+    assert _error_body(ei.value)["param"] == "messages[0].role"
+
+
+def test_deadline_is_504(client):
+    with pytest.raises(openai.APIStatusError) as ei:
+        client.completions.create(
+            model=SERVED, prompt=PROMPT, max_tokens=200, extra_headers={"X-Request-Timeout": "0.05"}
+        )
+    assert ei.value.status_code == 504
+    assert _error_body(ei.value)["code"] == "deadline_exceeded"
+
+
+def test_overload_is_429(deployment):
+    """The router's admission bound (--max-in-flight 1) answers a second request with 429."""
+    with openai.OpenAI(
+        base_url=deployment.limited_http + "/v1", api_key="x", max_retries=0, timeout=120
+    ) as c:
+        busy = c.completions.create(
+            model=SERVED,
+            prompt=PROMPT,
+            max_tokens=2000,
+            stream=True,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        try:
+            next(iter(busy))  # admitted and running
+            with pytest.raises(openai.RateLimitError) as ei:
+                c.completions.create(model=SERVED, prompt=PROMPT, max_tokens=2)
+            err = _error_body(ei.value)
+            assert err["code"] == "server_overloaded" and "in flight" in err["message"]
+        finally:
+            busy.close()  # disconnects: the running request is cancelled
+    assert_idle(deployment.workers, timeout=20)
+
+
+def test_status_mapping():
+    class Err(grpc.RpcError):
+        def __init__(self, code, details):
+            self._c, self._d = code, details
+
+        def code(self):
+            return self._c
+
+        def details(self):
+            return self._d
+
+    cases = {
+        grpc.StatusCode.INVALID_ARGUMENT: 400,
+        grpc.StatusCode.NOT_FOUND: 404,
+        grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+        grpc.StatusCode.UNAVAILABLE: 503,
+        grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+        grpc.StatusCode.INTERNAL: 500,
+    }
+    for code, status in cases.items():
+        assert from_rpc(Err(code, "max_tokens: bad"), "m", False).status == status
+    assert (
+        from_rpc(Err(grpc.StatusCode.INVALID_ARGUMENT, "max_tokens: bad"), "m", False).param == "max_tokens"
+    )
+    assert from_rpc(Err(grpc.StatusCode.INVALID_ARGUMENT, "prompt: too long"), "m", True).param == "messages"
+
+
+def test_health_and_unknown_route(deployment):
+    with urllib.request.urlopen(deployment.http + "/health", timeout=10) as r:
+        assert r.status == 200
+    with pytest.raises(urllib.error.HTTPError) as ei:
+        urllib.request.urlopen(deployment.http + "/v1/nothing", timeout=10)
+    assert ei.value.code == 404 and "error" in json.loads(ei.value.read())
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_cancels_upstream(deployment, stream):
+    """Closing the connection mid-request frees the request's KV blocks on both workers long before
+    its 2000 tokens could have been generated."""
+    body = json.dumps(
+        {
+            "model": SERVED,
+            "prompt": PROMPT,
+            "max_tokens": 2000,
+            "ignore_eos": True,
+            "temperature": 0,
+            "stream": stream,
+        }
+    )
+    port = int(deployment.http.rsplit(":", 1)[1])
+    conn = http.client.HTTPConnection(HOST, port, timeout=60)
+    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    if stream:
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert resp.fp.readline()  # the first event's chunk has arrived: it is running
+    else:
+        time.sleep(1.5)
+        assert deployment.d0.stats().in_flight == 1
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    t0 = time.monotonic()
+    assert_idle(deployment.workers, timeout=20)
+    assert time.monotonic() - t0 < 20

@@ -1,0 +1,703 @@
+"""OpenAI-compatible HTTP frontend of the router: `/v1/models`, `/v1/completions`, `/v1/chat/completions`.
+
+What it serves: the base model and every LoRA adapter the workers know as model ids (`model:
+"<adapter>"` selects that adapter); non-streaming responses and server-sent events (`data: {...}`,
+then `data: [DONE]`), with `stream_options.include_usage` adding a last chunk that carries usage and
+no choices; `max_tokens`/`max_completion_tokens`, `temperature`, `top_p`, `seed`, `stop`, `n=1`,
+the sampled tokens' log-probabilities, and vLLM's `top_k`/`ignore_eos` extensions. Errors have
+OpenAI's shape `{"error": {"message", "type", "param", "code"}}` and status: 400 invalid, 404 unknown
+model or adapter, 429 overloaded, 503 no worker, 504 past the deadline (an optional
+`X-Request-Timeout: SECONDS` header sets one). `GET /health` is 200 once the router can serve.
+
+Design choices:
+
+* Upstream is the router's own `tandem.v1.Inference` port, over a loopback gRPC channel. The HTTP
+  layer is then a pure protocol translator of the public API: validation, retries, admission
+  (`--max-in-flight`), metrics, deadlines and cancellation are the gRPC path's own, so the two
+  can never disagree, and the frontend needs no second implementation of the router or a fake
+  `grpc.ServicerContext`. The cost is one loopback hop per streamed message (tens of
+  microseconds, against milliseconds per decode step).
+* The HTTP server is the standard library's `ThreadingHTTPServer` (no dependency in the worker
+  image): the upstream gRPC calls are blocking iterators, so a thread per connection is the natural
+  fit, and the router's admission bound (RESOURCE_EXHAUSTED, here 429) caps the work behind them.
+  aiohttp would need the asyncio gRPC API or a thread per call anyway.
+* A client that disconnects cancels the upstream call (which the router passes to the workers, who
+  free the request's KV blocks): a watcher notices the socket closing while the request waits or
+  runs, and a failed write does the same while streaming.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import select
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import grpc
+
+from ..engine.sampling_params import RequestError
+from ..engine.tokenizer import Tokenizer
+from .pb import inference_pb2 as pb
+from .pb import inference_pb2_grpc as pbgrpc
+
+log = logging.getLogger(__name__)
+
+FINISH = {
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_ABORT: "abort",
+}
+
+# gRPC status of the upstream call -> (HTTP status, OpenAI error type, error code)
+STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error", None),
+    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error", None),
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error", None),
+    grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error", "model_not_found"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error", "server_overloaded"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error", "service_unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error", "deadline_exceeded"),
+    grpc.StatusCode.CANCELLED: (499, "cancelled", "cancelled"),
+    grpc.StatusCode.UNIMPLEMENTED: (501, "invalid_request_error", "unsupported"),
+}
+
+# The router names the offending field first ("max_tokens: must be ..."); OpenAI calls a few of
+# them differently.
+PARAM_NAMES = {"prompt_token_ids": "prompt"}
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def invalid(param: str, message: str) -> ApiError:
+    return ApiError(400, f"{param}: {message}", param=param, code="invalid_value")
+
+
+def from_rpc(e: grpc.RpcError, model: str, chat: bool) -> ApiError:
+    code, details = e.code(), e.details() or str(e.code())
+    status, type_, err_code = STATUS.get(code, (500, "server_error", "internal_error"))
+    param = None
+    if status == 400 and ":" in details:
+        head = details.split(":", 1)[0].strip()
+        if head.replace("_", "").replace("[", "").replace("]", "").isalnum():
+            param = PARAM_NAMES.get(head, head)
+            if chat and param == "prompt":
+                param = "messages"
+    if code == grpc.StatusCode.NOT_FOUND:
+        param = "model"
+        details = f"The model {model!r} does not exist or is not served here ({details})"
+    return ApiError(status, details, type_, param, err_code)
+
+
+@dataclass
+class Parsed:
+    """One OpenAI request, translated."""
+
+    request: pb.GenerateRequest
+    model: str
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: bool = False
+    chat: bool = False
+    timeout: float | None = None
+
+
+def _get(body: dict, key: str, types: tuple[type, ...], what: str) -> Any:
+    v = body.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) and bool not in types:
+        raise invalid(key, f"must be {what}, got {json.dumps(v)}")
+    if not isinstance(v, types):
+        raise invalid(key, f"must be {what}, got {json.dumps(v)[:80]}")
+    return v
+
+
+class OpenAIFrontend:
+    """Translates OpenAI requests to `tandem.v1.Inference/Generate` calls on `upstream`."""
+
+    def __init__(
+        self,
+        upstream: str,
+        model_name: str,
+        max_model_len: int,
+        tokenizer: Tokenizer,
+        adapters: Callable[[], list[str]],
+        ready: Callable[[], bool],
+        kv_capacity: Callable[[], int | None] = lambda: None,
+    ) -> None:
+        self.channel = grpc.insecure_channel(upstream)
+        self.stub = pbgrpc.InferenceStub(self.channel)
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.tok = tokenizer
+        self.adapters = adapters
+        self.ready = ready
+        self.kv_capacity = kv_capacity
+        self.created = int(time.time())
+
+    def close(self) -> None:
+        self.channel.close()
+
+    # --- /v1/models ---------------------------------------------------------------------------
+
+    def models(self) -> dict[str, Any]:
+        base = {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "tandem",
+            "root": self.model_name,
+            "parent": None,
+            "max_model_len": self.max_model_len,
+        }
+        cards = [base]
+        for name in self.adapters():
+            if name != self.model_name:
+                cards.append({**base, "id": name, "root": name, "parent": self.model_name})
+        return {"object": "list", "data": cards}
+
+    # --- request translation ------------------------------------------------------------------
+
+    def parse(self, body: Any, chat: bool, headers: Any) -> Parsed:
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        model = _get(body, "model", (str,), "a string") or self.model_name
+        req = pb.GenerateRequest(adapter="" if model == self.model_name else model)
+        s = req.sampling
+        if chat:
+            messages = self._messages(body)
+            for m in messages:
+                req.chat.messages.add(role=m["role"], content=m["content"])
+        else:
+            self._prompt(body, req)
+
+        n = _get(body, "n", (int,), "an integer")
+        if n is not None and n != 1:
+            raise invalid("n", f"only n=1 is supported, got {n}")
+        best_of = _get(body, "best_of", (int,), "an integer")
+        if best_of is not None and best_of != 1:
+            raise invalid("best_of", f"only best_of=1 is supported, got {best_of}")
+        for key in ("presence_penalty", "frequency_penalty"):
+            if _get(body, key, (int, float), "a number"):
+                raise invalid(key, "penalties are not supported; leave it unset or 0")
+        if body.get("logit_bias"):
+            raise invalid("logit_bias", "not supported")
+        if not chat:
+            if body.get("echo"):
+                raise invalid("echo", "not supported")
+            if body.get("suffix"):
+                raise invalid("suffix", "not supported")
+        else:
+            if body.get("tools"):
+                raise invalid("tools", "tool calling is not supported")
+            fmt = body.get("response_format")
+            if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+                raise invalid("response_format", "only {'type': 'text'} is supported")
+
+        max_tokens = _get(body, "max_tokens", (int,), "an integer")
+        if chat:
+            mct = _get(body, "max_completion_tokens", (int,), "an integer")
+            max_tokens = mct if mct is not None else max_tokens
+        if max_tokens is not None:
+            if max_tokens < 1:
+                key = (
+                    "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+                )
+                raise invalid(key, f"must be >= 1, got {max_tokens}")
+            s.max_tokens = max_tokens
+        elif chat:
+            s.max_tokens = self._room(req)
+        temperature = _get(body, "temperature", (int, float), "a number")
+        if temperature is not None:
+            if not 0 <= temperature <= 2:
+                raise invalid("temperature", f"must be in [0, 2], got {temperature}")
+            s.temperature = temperature
+        top_p = _get(body, "top_p", (int, float), "a number")
+        if top_p is not None:
+            if not 0 < top_p <= 1:
+                raise invalid("top_p", f"must be in (0, 1], got {top_p}")
+            s.top_p = top_p
+        top_k = _get(body, "top_k", (int,), "an integer")
+        if top_k is not None:
+            s.top_k = top_k
+        seed = _get(body, "seed", (int,), "an integer")
+        if seed is not None:
+            s.seed = seed & 0xFFFFFFFFFFFFFFFF
+        stop = body.get("stop")
+        if stop is not None:
+            stops = [stop] if isinstance(stop, str) else stop
+            if not isinstance(stops, list) or not all(isinstance(x, str) and x for x in stops):
+                raise invalid("stop", "must be a non-empty string or a list of them")
+            s.stop.extend(stops)
+        if _get(body, "ignore_eos", (bool,), "a boolean"):
+            s.ignore_eos = True
+
+        logprobs = False
+        if chat:
+            logprobs = bool(_get(body, "logprobs", (bool,), "a boolean"))
+            top = _get(body, "top_logprobs", (int,), "an integer")
+            if top:
+                raise invalid("top_logprobs", "only the sampled token's log-probability is available (0)")
+        else:
+            lp = _get(body, "logprobs", (int,), "an integer")
+            if lp is not None:
+                if lp not in (0, 1):
+                    raise invalid(
+                        "logprobs", "only the sampled token's log-probability is available (0 or 1)"
+                    )
+                logprobs = True
+        s.logprobs = logprobs
+
+        stream = bool(_get(body, "stream", (bool,), "a boolean"))
+        include_usage = False
+        opts = body.get("stream_options")
+        if opts is not None:
+            if not stream:
+                raise invalid("stream_options", "only allowed when 'stream' is true")
+            if not isinstance(opts, dict):
+                raise invalid("stream_options", "must be an object")
+            include_usage = bool(opts.get("include_usage"))
+
+        timeout = None
+        raw = headers.get("X-Request-Timeout") if headers is not None else None
+        if raw:
+            try:
+                timeout = float(raw)
+                if not timeout > 0:
+                    raise ValueError
+            except ValueError:
+                raise ApiError(400, f"X-Request-Timeout: must be seconds > 0, got {raw!r}") from None
+        # Always our own id: the workers refuse a second request under an id that is in flight, and
+        # clients' ids are not unique across clients.
+        req.request_id = uuid.uuid4().hex
+        return Parsed(req, model, stream, include_usage, logprobs, chat, timeout)
+
+    def _prompt(self, body: dict, req: pb.GenerateRequest) -> None:
+        p = body.get("prompt")
+        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+            p = p[0]
+        if isinstance(p, str):
+            req.text = p
+        elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            if any(t < 0 for t in p):
+                raise invalid("prompt", "token ids must be >= 0")
+            req.token_ids.ids.extend(p)
+        elif isinstance(p, list) and len(p) > 1:
+            raise invalid("prompt", "one prompt per request (a list of several is not supported)")
+        else:
+            raise invalid("prompt", "must be a string, a list of token ids, or a list of one of them")
+
+    def _messages(self, body: dict) -> list[dict[str, str]]:
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise invalid("messages", "must be a non-empty list")
+        out = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise invalid(f"messages[{i}]", "needs a string 'role'")
+            role = m["role"]
+            if role == "developer":
+                role = "system"
+            if role not in ("system", "user", "assistant"):
+                raise invalid(f"messages[{i}].role", f"{role!r} is not supported (system, user, assistant)")
+            content = m.get("content")
+            if content is None:
+                content = ""
+            elif isinstance(content, list):
+                parts = []
+                for part in content:
+                    if not isinstance(part, dict) or part.get("type") != "text":
+                        raise invalid(f"messages[{i}].content", "only text parts are supported")
+                    parts.append(str(part.get("text", "")))
+                content = "".join(parts)
+            elif not isinstance(content, str):
+                raise invalid(f"messages[{i}].content", "must be a string or a list of text parts")
+            out.append({"role": role, "content": content})
+        return out
+
+    def _room(self, req: pb.GenerateRequest) -> int:
+        """A chat request without max_tokens may use the rest of the context (as OpenAI and vLLM),
+        bounded by what one worker's KV cache can hold."""
+        try:
+            n = len(
+                self.tok.apply_chat_template(
+                    [{"role": m.role, "content": m.content} for m in req.chat.messages]
+                )
+            )
+        except RequestError as e:
+            raise invalid(e.field, str(e).split(": ", 1)[-1]) from None
+        limit = self.max_model_len
+        cap = self.kv_capacity()
+        if cap:
+            limit = min(limit, cap)
+        return max(1, limit - n)
+
+    # --- responses ----------------------------------------------------------------------------
+
+    def call(self, p: Parsed) -> grpc.Call:
+        return self.stub.Generate(p.request, timeout=p.timeout)
+
+    def _logprobs(self, msg: pb.GenerateResponse, chat: bool, offset: int) -> tuple[Any, int]:
+        toks = [self.tok.decode([t]) for t in msg.token_ids]
+        lps = list(msg.logprobs)
+        if chat:
+            return [
+                {"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
+                for t, lp in zip(toks, lps)
+            ], offset
+        offsets = []
+        for t in toks:
+            offsets.append(offset)
+            offset += len(t)
+        return {
+            "tokens": toks,
+            "token_logprobs": lps,
+            "top_logprobs": [{t: lp} for t, lp in zip(toks, lps)],
+            "text_offset": offsets,
+        }, offset
+
+    @staticmethod
+    def usage(msg: pb.GenerateResponse) -> dict[str, Any]:
+        u = msg.usage
+        return {
+            "prompt_tokens": u.prompt_tokens,
+            "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens},
+        }
+
+    def complete(self, p: Parsed, messages: Iterator[pb.GenerateResponse]) -> dict[str, Any]:
+        text, finish, usage = "", None, None
+        lp_chat: list[dict] = []
+        lp_text: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        offset = 0
+        for msg in messages:
+            text += msg.text
+            if p.logprobs and msg.token_ids:
+                lp, offset = self._logprobs(msg, p.chat, offset)
+                if p.chat:
+                    lp_chat.extend(lp)
+                else:
+                    for k in lp_text:
+                        lp_text[k].extend(lp[k])
+            if msg.finish_reason:
+                finish, usage = FINISH.get(msg.finish_reason, "stop"), self.usage(msg)
+        if finish is None:
+            raise ApiError(502, "the upstream stream ended without a finish reason", "server_error")
+        rid = p.request.request_id
+        if p.chat:
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": {"content": lp_chat} if p.logprobs else None,
+                "finish_reason": finish,
+            }
+            obj, prefix = "chat.completion", "chatcmpl-"
+        else:
+            choice = {
+                "index": 0,
+                "text": text,
+                "logprobs": lp_text if p.logprobs else None,
+                "finish_reason": finish,
+            }
+            obj, prefix = "text_completion", "cmpl-"
+        return {
+            "id": prefix + rid,
+            "object": obj,
+            "created": int(time.time()),
+            "model": p.model,
+            "system_fingerprint": None,
+            "choices": [choice],
+            "usage": usage,
+        }
+
+    def chunks(
+        self, p: Parsed, first: pb.GenerateResponse, rest: Iterator[pb.GenerateResponse]
+    ) -> Iterator[dict[str, Any]]:
+        """The streamed chunks (as dicts), starting from the already received first message."""
+        rid = p.request.request_id
+        created = int(time.time())
+        obj, prefix = ("chat.completion.chunk", "chatcmpl-") if p.chat else ("text_completion", "cmpl-")
+        head = {
+            "id": prefix + rid,
+            "object": obj,
+            "created": created,
+            "model": p.model,
+            "system_fingerprint": None,
+        }
+        if p.include_usage:
+            head["usage"] = None
+        offset = 0
+
+        def chunk(delta_text: str, msg: pb.GenerateResponse | None, finish: str | None, role: bool = False):
+            nonlocal offset
+            lp = None
+            if p.logprobs and msg is not None and msg.token_ids:
+                lp, offset = self._logprobs(msg, p.chat, offset)
+                if p.chat:
+                    lp = {"content": lp}
+            if p.chat:
+                delta: dict[str, Any] = {"content": delta_text}
+                if role:
+                    delta = {"role": "assistant", "content": delta_text}
+                choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": delta_text, "logprobs": lp, "finish_reason": finish}
+            return {**head, "choices": [choice]}
+
+        final = None
+        if p.chat:  # OpenAI opens a chat stream with the assistant's role
+            yield chunk("", None, None, role=True)
+        msg: pb.GenerateResponse | None = first
+        it = iter(rest)
+        while msg is not None:
+            finish = FINISH.get(msg.finish_reason) if msg.finish_reason else None
+            if msg.text or finish or (p.logprobs and msg.token_ids):
+                yield chunk(msg.text, msg, finish)
+            if finish:
+                final = msg
+                break
+            msg = next(it, None)
+        if final is None:
+            raise ApiError(502, "the upstream stream ended without a finish reason", "server_error")
+        if p.include_usage:
+            yield {**head, "choices": [], "usage": self.usage(final)}
+
+
+MAX_BODY_BYTES = 32 << 20
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "tandem"
+    # An idle keep-alive connection gives its thread back after this long (socket operations only:
+    # waiting for the upstream call is not limited by it).
+    timeout = 300
+    frontend: OpenAIFrontend  # set on the subclass made by serve_openai_http
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        log.debug("%s " + fmt, self.address_string(), *args)
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    def _send_json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(obj, ensure_ascii=False).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _send_error(self, e: ApiError) -> None:
+        self._send_json(e.status, e.body())
+
+    def _read_json(self) -> Any:
+        too_big = ApiError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", code="too_large")
+        try:
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                raw = b""
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                    if size == 0:
+                        self.rfile.readline()
+                        break
+                    if len(raw) + size > MAX_BODY_BYTES:
+                        self.close_connection = True
+                        raise too_big
+                    raw += self.rfile.read(size)
+                    self.rfile.readline()
+            else:
+                length = int(self.headers.get("Content-Length") or 0)
+                if length > MAX_BODY_BYTES or length < 0:
+                    self.close_connection = True
+                    raise too_big
+                raw = self.rfile.read(length)
+        except ValueError:
+            self.close_connection = True
+            raise ApiError(400, "malformed Content-Length or chunked body") from None
+        try:
+            return json.loads(raw or b"null")
+        except ValueError as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+
+    def _watch(self, call: grpc.Call, done: threading.Event) -> None:
+        """Cancel `call` when the client closes its connection before the response is complete."""
+        sock = self.connection
+
+        def watch() -> None:
+            while not done.is_set():
+                try:
+                    r, _, _ = select.select([sock], [], [], 0.25)
+                    if not r:
+                        continue
+                    gone = sock.recv(1, socket.MSG_PEEK) == b""
+                except (OSError, ValueError):
+                    gone = True
+                if gone and not done.is_set():
+                    log.info("client %s went away: cancelling its request", self.address_string())
+                    call.cancel()
+                return  # closed, or the client sent more (a pipelined request): stop watching
+
+        threading.Thread(target=watch, name="http-disconnect-watch", daemon=True).start()
+
+    # --- routes ---------------------------------------------------------------------------
+
+    def do_GET(self) -> None:  # noqa: N802
+        path = self.path.split("?", 1)[0].rstrip("/")
+        fe = self.frontend
+        if path == "/v1/models":
+            self._send_json(200, fe.models())
+        elif path.startswith("/v1/models/"):
+            name = path[len("/v1/models/") :]
+            for card in fe.models()["data"]:
+                if card["id"] == name:
+                    self._send_json(200, card)
+                    return
+            self._send_error(
+                ApiError(404, f"The model {name!r} does not exist", param="model", code="model_not_found")
+            )
+        elif path in ("/health", "/ready"):
+            ok = fe.ready()
+            self._send_json(200 if ok else 503, {"status": "ok" if ok else "starting"})
+        else:
+            self._send_error(ApiError(404, f"no route {self.command} {path}", code="not_found"))
+
+    def do_POST(self) -> None:  # noqa: N802
+        path = self.path.split("?", 1)[0].rstrip("/")
+        if path not in ("/v1/completions", "/v1/chat/completions"):
+            # Still read the body, so the connection stays usable.
+            try:
+                self._read_json()
+            except ApiError:
+                pass
+            self._send_error(ApiError(404, f"no route {self.command} {path}", code="not_found"))
+            return
+        chat = path == "/v1/chat/completions"
+        fe = self.frontend
+        try:
+            parsed = fe.parse(self._read_json(), chat, self.headers)
+        except ApiError as e:
+            self._send_error(e)
+            return
+        call = fe.call(parsed)
+        done = threading.Event()
+        self._watch(call, done)
+        try:
+            try:
+                self._serve(parsed, call)
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.CANCELLED and not self._alive():
+                    self.close_connection = True  # the client went away: nobody to answer
+                    return
+                self._send_error(from_rpc(e, parsed.model, chat))
+            except ApiError as e:
+                self._send_error(e)
+        except (BrokenPipeError, ConnectionResetError):
+            log.info("client %s went away mid-stream: cancelling its request", self.address_string())
+            call.cancel()
+            self.close_connection = True
+        finally:
+            done.set()
+
+    def _alive(self) -> bool:
+        try:
+            r, _, _ = select.select([self.connection], [], [], 0)
+            return not r or self.connection.recv(1, socket.MSG_PEEK) != b""
+        except (OSError, ValueError):
+            return False
+
+    def _serve(self, p: Parsed, call: Any) -> None:
+        fe = self.frontend
+        if not p.stream:
+            body = fe.complete(p, call)
+            self._send_json(200, body, {"X-Request-Id": p.request.request_id})
+            return
+        # Wait for the first message before answering 200, so that a request the router refuses
+        # (invalid, unknown adapter, overloaded) gets its proper status instead of a broken stream.
+        first = next(call, None)
+        if first is None:
+            raise ApiError(502, "the upstream stream ended without a message", "server_error")
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("X-Accel-Buffering", "no")
+        self.send_header("X-Request-Id", p.request.request_id)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            for c in fe.chunks(p, first, call):
+                self._chunk(b"data: " + json.dumps(c, ensure_ascii=False).encode() + b"\n\n")
+            self._chunk(b"data: [DONE]\n\n")
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.CANCELLED and not self._alive():
+                raise BrokenPipeError from None
+            self._chunk(b"data: " + json.dumps(from_rpc(e, p.model, p.chat).body()).encode() + b"\n\n")
+        except ApiError as e:
+            self._chunk(b"data: " + json.dumps(e.body()).encode() + b"\n\n")
+        self.wfile.write(b"0\r\n\r\n")
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+
+class OpenAIServer:
+    """A running frontend: `stop()` closes the listener and the upstream channel."""
+
+    def __init__(self, httpd: ThreadingHTTPServer, frontend: OpenAIFrontend) -> None:
+        self.httpd, self.frontend = httpd, frontend
+        self.port = httpd.server_address[1]
+        self.thread = threading.Thread(target=httpd.serve_forever, name="openai-http", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def close(self) -> None:
+        self.frontend.close()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, addr: tuple[str, int], handler: type) -> None:
+        if ":" in addr[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(addr, handler)
+
+
+def serve_openai_http(host: str, port: int, frontend: OpenAIFrontend) -> OpenAIServer:
+    handler = type("OpenAIHandler", (_Handler,), {"frontend": frontend})
+    try:
+        httpd = _Server((host, port), handler)
+    except OSError as e:
+        raise OSError(f"cannot listen for HTTP on {host}:{port}: {e.strerror}") from None
+    return OpenAIServer(httpd, frontend)
+
+
+__all__ = ["ApiError", "OpenAIFrontend", "OpenAIServer", "serve_openai_http"]
