@@ -39,6 +39,7 @@ def _exported() -> set[str]:
         for key in (
             "used_blocks", "free_blocks", "cached_blocks", "running", "waiting", "queued_prompt_tokens",
             "num_blocks", "prefill_tokens_computed", "prefix_cached_tokens", "decode_tokens", "preemptions",
+            "busy_seconds",
             "adapter_loads", "adapter_load_failures", "adapter_load_seconds", "adapter_device_loads",
             "adapter_blocks",
         )

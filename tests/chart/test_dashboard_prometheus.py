@@ -27,7 +27,8 @@ pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="needs Debian's prome
 LABELS = {"namespace": "default", "model_deployment": "smollm2-demo"}
 STAT_KEYS = (
     "used_blocks", "free_blocks", "cached_blocks", "running", "waiting", "queued_prompt_tokens",
-    "prefill_tokens_computed", "prefix_cached_tokens", "decode_tokens", "preemptions", "adapter_loads",
+    "prefill_tokens_computed", "prefix_cached_tokens", "decode_tokens", "preemptions", "busy_seconds",
+    "adapter_loads",
     "adapter_load_failures", "adapter_load_seconds", "adapter_device_loads", "adapter_blocks",
 )  # fmt: skip
 KSM_LABELS = (

@@ -155,3 +155,5 @@ def test_router_prefers_the_pair_holding_the_adapter(lora_cluster):
         w.name: w.metric("tandem_adapter_requests_total", role=w.stats().role, tier="device") for w in holders
     }
     assert all(v >= 4 for v in loads.values()), loads
+    # Busy time (the autoscaler's capacity signal) grows on every worker that computed something.
+    assert all(w.metric("tandem_engine_busy_seconds_total", role=w.stats().role) > 0 for w in holders)

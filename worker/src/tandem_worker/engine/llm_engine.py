@@ -94,6 +94,7 @@ class LLMEngine:
         self._requests: dict[str, _Request] = {}
         self._reservations: list[Reservation] = []
         self._counter = 0
+        self.busy_seconds = 0.0
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -233,7 +234,10 @@ class LLMEngine:
             if c.seq.kv_sink is not None and c.start + c.num_tokens > c.seq.kv_sent
         ]
         hook = self._kv_hook(sends) if sends else None
+        t0 = time.perf_counter()
         logits, sampled_chunks = self.runner.execute(out, layer_hook=hook)
+        # Busy time: tokens computed per busy second is the capacity the autoscaler learns.
+        self.busy_seconds += time.perf_counter() - t0
         for seq, _, hi in sends:
             seq.kv_sent = hi
         self.scheduler.on_step_done(out)
@@ -370,5 +374,6 @@ class LLMEngine:
             "decode_tokens": s.num_decode_tokens,
             "evictions": self.block_manager.num_evictions,
             "adapter_blocks": b.num_adapter,
+            "busy_seconds": self.busy_seconds,
             **self.lora.stats_dict(),
         }
