@@ -136,7 +136,8 @@ def test_cpu_demo_objects():
     router = objs[("Deployment", f"{n}-router")]
     assert container(router)["args"] == [
         "router", "--model", "smollm2-135m", "--host", "0.0.0.0", "--port", "50051",
-        "--metrics-port", "9090", "--max-in-flight", "512", "--http-port", "8000",
+        "--metrics-port", "9090", "--max-in-flight", "512", "--slo-ttft-ms", "1000", "--slo-tpot-ms", "100",
+        "--http-port", "8000",
         "--decode", f"dns:{n}-decode.default.svc:50061", "--prefill", f"dns:{n}-prefill.default.svc:50061",
     ]  # fmt: skip
     assert container(router)["readinessProbe"]["grpc"] == {"port": 50051}

@@ -464,6 +464,9 @@ def build_router_args(owner: Owner, spec: api.ModelDeploymentSpec) -> list[str]:
         "--port", str(r.grpc_port),
         "--metrics-port", str(r.metrics_port),
         "--max-in-flight", str(r.max_in_flight),
+        # The router judges every request against the SLOs: the outcome counts autoscaling reads.
+        "--slo-ttft-ms", str(spec.slo.ttft_ms),
+        "--slo-tpot-ms", str(spec.slo.tpot_ms),
     ]  # fmt: skip
     if r.http_port is not None:
         args += ["--http-port", str(r.http_port)]

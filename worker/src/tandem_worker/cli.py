@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefill", action="append", default=[], help="prefill worker: HOST:PORT or dns:NAME:PORT"
     )
     r.add_argument("--max-in-flight", type=int, default=512)
+    r.add_argument("--slo-ttft-ms", type=float, default=2000.0, help="time-to-first-token SLO (default 2000)")
+    r.add_argument("--slo-tpot-ms", type=float, default=200.0, help="time-per-output-token SLO (default 200)")
     r.add_argument(
         "--http-port",
         type=int,
@@ -121,6 +123,23 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--lora-store", default=None, help="folder of PEFT LoRA adapters for every worker")
     u.add_argument("--http-port", type=int, default=0, help="the router's OpenAI HTTP port (0: off)")
     u.add_argument("--kserve-port", type=int, default=0, help="the router's KServe v2 gRPC port (0: off)")
+    u.add_argument("--slo-ttft-ms", type=float, default=2000.0, help="time-to-first-token SLO (default 2000)")
+    u.add_argument("--slo-tpot-ms", type=float, default=200.0, help="time-per-output-token SLO (default 200)")
+    a = u.add_argument_group("autoscaling (the operator's policy, on local processes)")
+    a.add_argument("--autoscale", action="store_true", help="scale prefill and decode from measured goodput")
+    a.add_argument("--max-prefill", type=int, default=4, help="most prefill workers (default 4)")
+    a.add_argument("--max-decode", type=int, default=4, help="most decode workers (default 4)")
+    a.add_argument("--attainment", type=float, default=0.9, help="SLO attainment target (default 0.9)")
+    a.add_argument("--window", type=float, default=60.0, help="metrics window, seconds (default 60)")
+    a.add_argument(
+        "--stabilization", type=float, default=120.0, help="scale down only after this long (default 120 s)"
+    )
+    a.add_argument(
+        "--cooldown", type=float, default=30.0, help="seconds between changes of a pool (default 30)"
+    )
+    a.add_argument(
+        "--min-requests", type=int, default=20, help="fewer finished requests in a window: no SLO decision"
+    )
     d = sub.add_parser("demo", help="start 1 prefill + 1 decode locally, stream a few answers, stop")
     d.add_argument("--model", default="smollm2-135m")
     d.add_argument("--max-tokens", type=int, default=64)
@@ -306,7 +325,11 @@ def _read_adapters_config(path: str) -> dict[str, str]:
 
 
 def _cmd_router(args: argparse.Namespace) -> int:
+    from .server.router import SLO
     from .server.router_main import serve_router
+
+    if args.slo_ttft_ms <= 0 or args.slo_tpot_ms <= 0:
+        raise CLIError("--slo-ttft-ms and --slo-tpot-ms must be positive")
 
     serve_router(
         args.model,
@@ -319,6 +342,7 @@ def _cmd_router(args: argparse.Namespace) -> int:
         http_port=args.http_port,
         kserve_port=args.kserve_port,
         served_model_name=args.served_model_name,
+        slo=SLO(args.slo_ttft_ms / 1000.0, args.slo_tpot_ms / 1000.0),
     )
     return 0
 
@@ -346,7 +370,32 @@ def _cmd_up(args: argparse.Namespace) -> int:
             lora_store=args.lora_store,
             http_port=args.http_port,
             kserve_port=args.kserve_port,
+            slo_ttft_ms=args.slo_ttft_ms,
+            slo_tpot_ms=args.slo_tpot_ms,
+            autoscale=_autoscaling_spec(args, prefill, decode) if args.autoscale else None,
         )
+    )
+
+
+def _autoscaling_spec(args: argparse.Namespace, prefill: int, decode: int) -> Any:
+    if args.colocated:
+        raise CLIError("--autoscale scales prefill and decode pools; it does not apply to --colocated")
+    try:
+        from tandem_operator.autoscaling.policy import AutoscalingSpec
+    except ImportError as e:
+        raise CLIError(f"--autoscale needs the operator package (pip install -e operator): {e}") from None
+    return AutoscalingSpec(
+        ttft_ms=args.slo_ttft_ms,
+        tpot_ms=args.slo_tpot_ms,
+        attainment=args.attainment,
+        prefill_min_replicas=prefill,
+        prefill_max_replicas=max(prefill, args.max_prefill),
+        decode_min_replicas=decode,
+        decode_max_replicas=max(decode, args.max_decode),
+        window_seconds=args.window,
+        stabilization_seconds=args.stabilization,
+        cooldown_seconds=args.cooldown,
+        min_requests=args.min_requests,
     )
 
 

@@ -68,7 +68,14 @@ class LocalDeployment:
     lora_store: str | None = None  # a folder of PEFT adapters every worker can load from
     http_port: int = 0  # the router's OpenAI-compatible HTTP API (0: off)
     kserve_port: int = 0  # the router's KServe v2 gRPC API (0: off)
+    slo_ttft_ms: float = 2000.0  # the router judges each request against these (metrics, autoscaling)
+    slo_tpot_ms: float = 200.0
+    # Autoscaling: the router reads its workers from files that `scale` rewrites.
+    autoscale: Any = None  # a tandem_operator.autoscaling.policy.AutoscalingSpec, or None
+    targets_dir: str | None = None
     children: list[Child] = field(default_factory=list)
+    starting: list[Child] = field(default_factory=list)  # spawned, not yet healthy (autoscaling)
+    stopping: list[Child] = field(default_factory=list)  # draining after SIGTERM (autoscaling)
 
     def __post_init__(self) -> None:
         if self.colocated and (self.prefill or self.decode):
@@ -128,6 +135,7 @@ class LocalDeployment:
             self._wait_healthy(workers)
             decode = [w.address for w in workers if not w.name.startswith("prefill")]
             prefill = [w.address for w in workers if w.name.startswith("prefill")]
+            router_metrics = free_port(self.host)
             router = Child(
                 "router",
                 self.endpoint,
@@ -141,14 +149,18 @@ class LocalDeployment:
                     "--port",
                     str(self.port),
                     "--metrics-port",
-                    str(free_port(self.host)),
+                    str(router_metrics),
                     "--model",
                     self.model,
-                    *[a for d in decode for a in ("--decode", d)],
-                    *[a for p in prefill for a in ("--prefill", p)],
+                    *self._router_targets(decode, prefill),
+                    "--slo-ttft-ms",
+                    str(self.slo_ttft_ms),
+                    "--slo-tpot-ms",
+                    str(self.slo_tpot_ms),
                     *(["--http-port", str(self.http_port)] if self.http_port else []),
                     *(["--kserve-port", str(self.kserve_port)] if self.kserve_port else []),
                 ],
+                metrics_port=router_metrics,
             )
             self.children.append(router)
             self._spawn(router)
@@ -156,6 +168,98 @@ class LocalDeployment:
         except BaseException:
             self.stop()
             raise
+
+    # --- scaling (tandem up --autoscale) ----------------------------------------------------------
+
+    def _router_targets(self, decode: list[str], prefill: list[str]) -> list[str]:
+        if self.autoscale is None:
+            return [
+                *[a for d in decode for a in ("--decode", d)],
+                *[a for p in prefill for a in ("--prefill", p)],
+            ]
+        import tempfile
+
+        self.targets_dir = self.targets_dir or tempfile.mkdtemp(prefix="tandem-up-")
+        self._write_targets()
+        return [
+            "--decode",
+            f"file:{os.path.join(self.targets_dir, 'decode')}",
+            "--prefill",
+            f"file:{os.path.join(self.targets_dir, 'prefill')}",
+        ]
+
+    def _write_targets(self) -> None:
+        """The router's worker lists: every worker that is up, draining ones included (they refuse
+        new work themselves; dropping them early would cut their in-flight calls)."""
+        if self.targets_dir is None:
+            return
+        for role in ("prefill", "decode"):
+            addrs = [c.address for c in self.children if _role(c) == role]
+            path = os.path.join(self.targets_dir, role)
+            with open(path + ".tmp", "w") as f:
+                f.write("".join(a + "\n" for a in addrs))
+            os.replace(path + ".tmp", path)  # the router never reads a half-written list
+
+    def target(self, role: str) -> int:
+        """Workers of `role` that are up or starting, not draining."""
+        return sum(1 for c in [*self.children, *self.starting] if _role(c) == role and c not in self.stopping)
+
+    def ready(self, role: str) -> int:
+        return sum(1 for c in self.children if _role(c) == role and c not in self.stopping)
+
+    def scale(self, role: str, n: int) -> None:
+        """Start or drain workers of `role` until `n` are up or starting (call from the main thread)."""
+        while self.target(role) < n:
+            index = max(
+                [int(c.name.rsplit("-", 1)[1]) for c in [*self.children, *self.starting] if _role(c) == role]
+                + [-1]
+            )
+            child = self._worker(role, index + 1)
+            self._spawn(child)
+            self.starting.append(child)
+        while self.target(role) > n:
+            pending = [c for c in self.starting if _role(c) == role]
+            victim = (
+                pending[-1]
+                if pending
+                else [c for c in self.children if _role(c) == role and c not in self.stopping][-1]
+            )
+            if victim in self.starting:
+                self.starting.remove(victim)
+                self.children.append(victim)  # so that it is reaped below like any other
+            # SIGTERM: the worker drains (refuses new work, finishes what it holds), then exits.
+            victim.proc.send_signal(signal.SIGTERM)
+            self.stopping.append(victim)
+
+    def poll(self) -> None:
+        """Admit started workers that became healthy; forget drained ones that exited."""
+        changed = False
+        for c in list(self.starting):
+            if c.proc.poll() is not None:
+                self.starting.remove(c)
+                print(f"tandem up: {c.name} exited with code {c.proc.returncode} during start-up", flush=True)
+            elif _serving(c.address, timeout=0.2):
+                self.starting.remove(c)
+                self.children.append(c)
+                changed = True
+        for c in list(self.stopping):
+            if c.proc.poll() is not None:
+                self.stopping.remove(c)
+                self.children.remove(c)
+                changed = True
+        if changed:
+            self._write_targets()
+
+    def router_metrics_url(self) -> str | None:
+        router = next((c for c in self.children if c.name == "router"), None)
+        return f"http://{self.host}:{router.metrics_port}/metrics" if router and router.metrics_port else None
+
+    def worker_metrics_urls(self) -> dict[str, str]:
+        return {
+            f"http://{self.host}:{c.metrics_port}/metrics": _role(c)
+            for c in self.children
+            if _role(c) in ("prefill", "decode")
+        }
 
     def _wait_healthy(self, children: list[Child]) -> None:
         deadline = time.monotonic() + self.startup_timeout
@@ -181,6 +285,8 @@ class LocalDeployment:
 
     def stop(self, grace: float = 30.0) -> None:
         """SIGTERM everyone (router first, so no new work reaches draining workers), then SIGKILL."""
+        self.children += [c for c in self.starting if c not in self.children]
+        self.starting = []
         for c in reversed(self.children):
             if c.proc and c.proc.poll() is None:
                 c.proc.send_signal(signal.SIGTERM)
@@ -194,13 +300,15 @@ class LocalDeployment:
                 c.proc.kill()
                 c.proc.wait()
 
-    def run_forever(self, stop: threading.Event) -> int:
-        """Supervise until `stop`; report children that die. Returns the exit status."""
+    def run_forever(self, stop: threading.Event, autoscaler: Any = None) -> int:
+        """Supervise until `stop`; report children that die; run the autoscaler. Returns the exit status."""
         reported: set[str] = set()
         while not stop.wait(0.5):
+            if autoscaler is not None:
+                autoscaler.tick()
             for c in self.children:
                 code = c.proc.poll() if c.proc else None
-                if code is not None and c.name not in reported:
+                if code is not None and c.name not in reported and c not in self.stopping:
                     reported.add(c.name)
                     print(
                         f"tandem up: {c.name} ({c.address}) exited with code {code}",
@@ -210,6 +318,19 @@ class LocalDeployment:
                     if c.name == "router":
                         return 1
         return 0
+
+
+def _role(c: Child) -> str:
+    return c.name.rsplit("-", 1)[0]
+
+
+def _serving(address: str, timeout: float) -> bool:
+    try:
+        with grpc.insecure_channel(address) as ch:
+            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        return r.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
 
 
 def up(deployment: LocalDeployment) -> int:
@@ -235,8 +356,20 @@ def up(deployment: LocalDeployment) -> int:
         print(f"  OpenAI-compatible HTTP: http://{deployment.host}:{deployment.http_port}/v1", flush=True)
     if deployment.kserve_port:
         print(f"  KServe v2 gRPC: {deployment.host}:{deployment.kserve_port}", flush=True)
+    autoscaler = None
+    if deployment.autoscale is not None:
+        from .autoscale_local import LocalAutoscaler
+
+        autoscaler = LocalAutoscaler(deployment, deployment.autoscale)
+        spec = deployment.autoscale
+        print(
+            f"tandem up: autoscaling prefill {spec.prefill_min_replicas}..{spec.prefill_max_replicas}, "
+            f"decode {spec.decode_min_replicas}..{spec.decode_max_replicas} "
+            f"(SLO: TTFT {spec.ttft_ms:g} ms, TPOT {spec.tpot_ms:g} ms, attainment {spec.attainment:g})",
+            flush=True,
+        )
     try:
-        status = deployment.run_forever(stop)
+        status = deployment.run_forever(stop, autoscaler)
     finally:
         deployment.stop()
     print("tandem up: stopped", flush=True)

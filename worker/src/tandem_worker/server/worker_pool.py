@@ -1,9 +1,10 @@
 """`WorkerPool`: the router's view of its workers: discovery, health and load, and pair picking.
 
-Targets are `host:port` (a static worker) or `dns:NAME:PORT` (every address NAME resolves to, e.g.
-a Kubernetes headless Service, re-resolved on each refresh). A background thread health-checks
-each worker with the standard gRPC health service and reads its `Admin.Stats`; a worker is
-eligible only while both answer and it is not draining.
+Targets are `host:port` (a static worker), `dns:NAME:PORT` (every address NAME resolves to, e.g.
+a Kubernetes headless Service, re-resolved on each refresh) or `file:PATH` (the `host:port` lines of
+a file, re-read on each refresh: `tandem up --autoscale` rewrites it as it adds and removes
+workers). A background thread health-checks each worker with the standard gRPC health service and
+reads its `Admin.Stats`; a worker is eligible only while both answer and it is not draining.
 """
 
 from __future__ import annotations
@@ -67,7 +68,15 @@ def _residency(w: WorkerInfo, adapter: str) -> int:
 
 
 def resolve(target: str) -> list[str]:
-    """`host:port` as is; `dns:NAME:PORT` to one `ip:port` per address NAME resolves to now."""
+    """`host:port` as is; `dns:NAME:PORT` to one `ip:port` per address NAME resolves to now;
+    `file:PATH` to the file's non-empty, non-comment lines (none while it is missing)."""
+    if target.startswith("file:"):
+        try:
+            with open(target[5:], encoding="utf-8") as f:
+                lines = [ln.strip() for ln in f]
+        except OSError:
+            return []
+        return [ln for ln in lines if ln and not ln.startswith("#")]
     if not target.startswith("dns:"):
         return [target]
     name, _, port = target[4:].rpartition(":")
