@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import subprocess
 import threading
 import time
@@ -98,9 +99,78 @@ def test_workers_join_and_drain_without_losing_requests(tmp_path):
         d.stop()
 
 
+class _Up:
+    """`tandem up ...` as a child process whose output lines can be awaited."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.proc = spawn(argv, None, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.output: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:  # type: ignore[union-attr]
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def read_until(self, word: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=1)
+            except queue.Empty:
+                continue
+            assert line is not None, "tandem up exited:\n" + "".join(self.output)
+            self.output.append(line)
+            if word in line:
+                return line
+        raise AssertionError(f"no {word!r} within {timeout}s:\n" + "".join(self.output))
+
+    def __enter__(self) -> _Up:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class _Load:
+    """Two clients sending short requests back to back until the block ends; every one must succeed."""
+
+    def __init__(self, endpoint: str, max_tokens: int) -> None:
+        self.endpoint, self.max_tokens = endpoint, max_tokens
+        self.stop = threading.Event()
+        self.failures: list[str] = []
+        self.done = 0
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(2)]
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                tokens = _stream(self.endpoint, _request("Tell me a fact.", self.max_tokens))
+                assert len(tokens) == self.max_tokens, tokens
+                self.done += 1
+            except (grpc.RpcError, AssertionError) as e:  # noqa: PERF203
+                self.failures.append(repr(e))
+
+    def __enter__(self) -> _Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=120)
+
+
 def test_tandem_up_autoscale_adds_prefill_when_ttft_misses(tmp_path):
-    """The closed loop: a 1 ms TTFT SLO makes every request miss it, the policy blames prefill and
-    `tandem up --autoscale` starts a second prefill worker; requests keep succeeding meanwhile."""
+    """The closed loop on the processes' own metrics: a 1 ms TTFT SLO makes every request miss it,
+    the policy blames prefill and `tandem up --autoscale` starts a second prefill worker; idle
+    afterwards, it goes back to one; requests keep succeeding meanwhile."""
     port = free_port()
     argv = tandem_argv(
         "up", "--prefill", "1", "--decode", "1", "--port", str(port), "--kv-cache-bytes", str(KV_BYTES),
@@ -108,59 +178,80 @@ def test_tandem_up_autoscale_adds_prefill_when_ttft_misses(tmp_path):
         "--slo-ttft-ms", "1", "--slo-tpot-ms", "100000", "--window", "10", "--min-requests", "4",
         "--cooldown", "2", "--stabilization", "10",
     )  # fmt: skip
-    up = spawn(argv, None, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: queue.Queue[str | None] = queue.Queue()
-    output: list[str] = []
+    with _Up(argv) as up:
+        up.read_until("serving", 240)
+        with _Load(f"127.0.0.1:{port}", max_tokens=2) as load:
+            line = up.read_until("autoscale prefill 1 -> 2", 180)
+            assert "ttft" in line.lower(), line  # the policy said why: TTFT misses point at prefill
+        assert load.done >= 4 and not load.failures, load.failures
+        up.read_until("autoscale prefill 2 -> 1", 120)
 
-    def pump() -> None:
-        for line in up.stdout:  # type: ignore[union-attr]
-            lines.put(line)
-        lines.put(None)
 
-    threading.Thread(target=pump, daemon=True).start()
+PROMETHEUS = shutil.which("prometheus")
 
-    def read_until(word: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = lines.get(timeout=1)
-            except queue.Empty:
-                continue
-            assert line is not None, "tandem up exited:\n" + "".join(output)
-            output.append(line)
-            if word in line:
-                return line
-        raise AssertionError(f"no {word!r} within {timeout}s:\n" + "".join(output))
 
-    stop_load = threading.Event()
-    failures: list[str] = []
-    done = [0]
-
-    def load() -> None:
-        while not stop_load.is_set():
-            try:
-                assert len(_stream(f"127.0.0.1:{port}", _request("Tell me a fact.", 2))) == 2
-                done[0] += 1
-            except (grpc.RpcError, AssertionError) as e:  # noqa: PERF203
-                failures.append(repr(e))
-
+@pytest.fixture
+def prometheus(tmp_path):
+    """Debian's Prometheus on loopback, scraping whatever `tandem up` lists in targets.json, every second."""
+    if PROMETHEUS is None:
+        pytest.skip("needs Debian's prometheus package (make install fetches it)")
+    targets = tmp_path / "autoscale"
+    targets.mkdir()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        "  - job_name: tandem\n"
+        f"    file_sd_configs: [{{files: ['{targets}/targets.json'], refresh_interval: 1s}}]\n"
+    )
+    port = free_port()
+    proc = subprocess.Popen(
+        [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "w"),
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
     try:
-        read_until("serving", 240)
-        threads = [threading.Thread(target=load, daemon=True) for _ in range(2)]
-        for t in threads:
-            t.start()
-        line = read_until("autoscale prefill 1 -> 2", 180)
-        assert "ttft" in line.lower(), line  # the policy said why: TTFT misses point at prefill
-        stop_load.set()
-        for t in threads:
-            t.join(timeout=120)
-        assert done[0] >= 4 and not failures, failures
-        # Idle after the load: back to the minimum once the stabilization window has passed.
-        read_until("autoscale prefill 2 -> 1", 120)
+        import urllib.request
+
+        def ready() -> bool:
+            try:
+                return urllib.request.urlopen(f"{url}/-/ready", timeout=1).status == 200
+            except OSError:
+                return False
+
+        _wait(ready, 60, "Prometheus to start")
+        yield url, targets
     finally:
-        stop_load.set()
-        up.terminate()
-        try:
-            up.wait(60)
-        except subprocess.TimeoutExpired:
-            up.kill()
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.mark.parametrize(
+    "slo, grows",
+    [
+        (("--slo-ttft-ms", "1", "--slo-tpot-ms", "100000"), "prefill"),
+        (("--slo-ttft-ms", "100000", "--slo-tpot-ms", "1"), "decode"),
+    ],
+    ids=["ttft-misses-add-prefill", "tpot-misses-add-decode"],
+)
+def test_autoscaling_from_a_real_prometheus(prometheus, tmp_path, slo, grows):
+    """Real Prometheus scraping a real `tandem up`: a load that breaks one SLO grows the pool that
+    phase belongs to, and only that pool; idle afterwards, it shrinks back; no request fails."""
+    url, targets = prometheus
+    port = free_port()
+    argv = tandem_argv(
+        "up", "--prefill", "1", "--decode", "1", "--port", str(port), "--kv-cache-bytes", str(KV_BYTES),
+        "--log-dir", str(tmp_path / "logs"), "--autoscale", "--max-prefill", "2", "--max-decode", "2",
+        *slo, "--window", "10", "--min-requests", "4", "--cooldown", "2", "--stabilization", "10",
+        "--prometheus", url, "--autoscale-dir", str(targets),
+    )  # fmt: skip
+    with _Up(argv) as up:
+        up.read_until("serving", 240)
+        with _Load(f"127.0.0.1:{port}", max_tokens=4) as load:
+            line = up.read_until("autoscale", 180)
+            other = "decode" if grows == "prefill" else "prefill"
+            assert f"{grows} 1 -> 2" in line and f"{other} 1 -> 1" in line, line
+        assert load.done >= 4 and not load.failures, load.failures
+        line = up.read_until(f"{grows} 2 -> 1", 120)
+        assert "idle" in line, line

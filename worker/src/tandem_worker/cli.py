@@ -140,6 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--min-requests", type=int, default=20, help="fewer finished requests in a window: no SLO decision"
     )
+    a.add_argument(
+        "--prometheus",
+        default=None,
+        help="read metrics from this Prometheus (URL) instead of scraping the processes directly",
+    )
+    a.add_argument(
+        "--autoscale-dir",
+        default=None,
+        help="where the router's worker lists and Prometheus' file_sd targets.json go (default: a temp dir)",
+    )
     d = sub.add_parser("demo", help="start 1 prefill + 1 decode locally, stream a few answers, stop")
     d.add_argument("--model", default="smollm2-135m")
     d.add_argument("--max-tokens", type=int, default=64)
@@ -373,6 +383,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
             slo_ttft_ms=args.slo_ttft_ms,
             slo_tpot_ms=args.slo_tpot_ms,
             autoscale=_autoscaling_spec(args, prefill, decode) if args.autoscale else None,
+            targets_dir=args.autoscale_dir,
+            prometheus_url=args.prometheus,
         )
     )
 

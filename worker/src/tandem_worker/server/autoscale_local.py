@@ -1,7 +1,9 @@
 """`tandem up --autoscale`: the operator's autoscaling policy, closed over local worker processes.
 
 Every `scrape_every` seconds the router's and workers' /metrics are read (no Prometheus server
-needed: `DirectScraper` computes the same window the operator's PromQL does); every
+needed: `DirectScraper` computes the same window the operator's PromQL does), or, given a
+Prometheus URL, the window comes from Prometheus exactly as the operator gets it (`fetch_window`,
+with the deployment's `targets.json` in Prometheus' file_sd_configs); every
 `decide_every` seconds `tandem_operator.autoscaling.policy.decide` (the very function the operator
 runs) picks the prefill and decode sizes, and `LocalDeployment.scale` starts workers or drains
 them. The loop runs on the supervisor's main thread: children must be started from it (see
@@ -25,6 +27,7 @@ class LocalAutoscaler:
     decide_every: float = 5.0
     scrape_every: float = 2.0
     decisions: list[Any] = field(default_factory=list)  # every Decision that changed a size
+    prometheus_url: str | None = None
 
     def __post_init__(self) -> None:
         from tandem_operator.autoscaling.policy import PolicyState
@@ -60,7 +63,25 @@ class LocalAutoscaler:
             prefill_ready=d.ready("prefill"),
             decode_ready=d.ready("decode"),
         )
-        decision = decide(self.scraper.window(now), current, self.spec, self.state, now)
+        if self.prometheus_url:
+            from tandem_operator.autoscaling.prometheus import PrometheusError, fetch_window
+
+            from .local import PROMETHEUS_DEPLOYMENT_LABEL
+
+            try:
+                window = fetch_window(
+                    self.prometheus_url,
+                    self.spec.window_seconds,
+                    selector=f'deployment="{PROMETHEUS_DEPLOYMENT_LABEL}"',
+                    sub_window_s=max(2.0, self.spec.window_seconds / 4),
+                    step_s=1.0,
+                )
+            except PrometheusError as e:  # hold the current sizes, as the operator does
+                print(f"tandem up: autoscaler holds: Prometheus unavailable: {e}", flush=True)
+                return
+        else:
+            window = self.scraper.window(now)
+        decision = decide(window, current, self.spec, self.state, now)
         if (decision.desired_prefill, decision.desired_decode) != (current.prefill, current.decode):
             self.decisions.append(decision)
             print(

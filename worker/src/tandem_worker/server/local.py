@@ -8,6 +8,7 @@ period in which workers drain, then SIGKILL).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -72,7 +73,9 @@ class LocalDeployment:
     slo_tpot_ms: float = 200.0
     # Autoscaling: the router reads its workers from files that `scale` rewrites.
     autoscale: Any = None  # a tandem_operator.autoscaling.policy.AutoscalingSpec, or None
+    # Where the router's worker lists and a Prometheus file_sd target file (targets.json) go.
     targets_dir: str | None = None
+    prometheus_url: str | None = None  # autoscale from this Prometheus (scraping targets.json)
     children: list[Child] = field(default_factory=list)
     starting: list[Child] = field(default_factory=list)  # spawned, not yet healthy (autoscaling)
     stopping: list[Child] = field(default_factory=list)  # draining after SIGTERM (autoscaling)
@@ -165,6 +168,7 @@ class LocalDeployment:
             self.children.append(router)
             self._spawn(router)
             self._wait_healthy([router])
+            self._write_targets()  # Prometheus' target list now includes the router
         except BaseException:
             self.stop()
             raise
@@ -193,12 +197,14 @@ class LocalDeployment:
         new work themselves; dropping them early would cut their in-flight calls)."""
         if self.targets_dir is None:
             return
+        os.makedirs(self.targets_dir, exist_ok=True)
+        # Prometheus (file_sd_configs) scrapes the same processes the autoscaler would.
+        metrics = [f"{self.host}:{c.metrics_port}" for c in self.children if c.metrics_port]
+        sd = [{"targets": metrics, "labels": {"deployment": PROMETHEUS_DEPLOYMENT_LABEL}}]
+        _write_atomic(os.path.join(self.targets_dir, "targets.json"), json.dumps(sd))
         for role in ("prefill", "decode"):
             addrs = [c.address for c in self.children if _role(c) == role]
-            path = os.path.join(self.targets_dir, role)
-            with open(path + ".tmp", "w") as f:
-                f.write("".join(a + "\n" for a in addrs))
-            os.replace(path + ".tmp", path)  # the router never reads a half-written list
+            _write_atomic(os.path.join(self.targets_dir, role), "".join(a + "\n" for a in addrs))
 
     def target(self, role: str) -> int:
         """Workers of `role` that are up or starting, not draining."""
@@ -320,6 +326,15 @@ class LocalDeployment:
         return 0
 
 
+PROMETHEUS_DEPLOYMENT_LABEL = "tandem-up"
+
+
+def _write_atomic(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)  # readers (the router, Prometheus) never see a half-written file
+
+
 def _role(c: Child) -> str:
     return c.name.rsplit("-", 1)[0]
 
@@ -360,7 +375,9 @@ def up(deployment: LocalDeployment) -> int:
     if deployment.autoscale is not None:
         from .autoscale_local import LocalAutoscaler
 
-        autoscaler = LocalAutoscaler(deployment, deployment.autoscale)
+        autoscaler = LocalAutoscaler(
+            deployment, deployment.autoscale, prometheus_url=deployment.prometheus_url
+        )
         spec = deployment.autoscale
         print(
             f"tandem up: autoscaling prefill {spec.prefill_min_replicas}..{spec.prefill_max_replicas}, "
