@@ -282,9 +282,14 @@ class RunningOperator:
     its loop, which must not be the test's own tasks.
     """
 
-    def __init__(self, resync_seconds: float = 0, argv: list[str] | None = None) -> None:
+    def __init__(
+        self, resync_seconds: float = 0, argv: list[str] | None = None, autoscale_interval: float = 0
+    ) -> None:
         self.argv = argv or ["--namespace", NAMESPACE, "--standalone", "--liveness", ""]
         self.resync_seconds = resync_seconds
+        # Off unless a test wants it: a Kopf timer spawned while the operator stops (the first
+        # pass over a new object still running) holds the stop for Kopf's 5-second grace.
+        self.autoscale_interval = autoscale_interval
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.error: BaseException | None = None
@@ -298,7 +303,15 @@ class RunningOperator:
             self.error = e
 
     async def start(self) -> None:
-        args = parse_args([*self.argv, "--resync-seconds", str(self.resync_seconds)])
+        args = parse_args(
+            [
+                *self.argv,
+                "--resync-seconds",
+                str(self.resync_seconds),
+                "--autoscale-interval",
+                str(self.autoscale_interval),
+            ]
+        )
         self._stop.clear()
         ready = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(args, ready), name="operator", daemon=True)

@@ -402,7 +402,7 @@ class ConditionStatus(str, Enum):
 
 
 class Condition(_Model):
-    type: str = Field(description="Ready, Progressing, Degraded or SpecValid.")
+    type: str = Field(description="Ready, Progressing, Degraded, SpecValid or AutoscalerHealthy.")
     status: ConditionStatus = Field(description="True, False or Unknown.")
     reason: str = Field(description="CamelCase reason for the condition's last transition or state.")
     message: str = Field(default="", description="Human-readable details.")
@@ -417,13 +417,69 @@ class ReplicaStatus(_Model):
     summary: str = Field(default="0/0", description="ready/desired, for kubectl get.")
 
 
+class AutoscalerInputs(_Model):
+    """What the autoscaler's decision was made from (absent: not measured)."""
+
+    window_seconds: float | None = Field(default=None, description="Length of the metrics window (s).")
+    requests: int | None = Field(default=None, ge=0, description="Requests that finished in the window.")
+    met: int | None = Field(default=None, ge=0, description="Of those, requests that met both SLOs.")
+    missed_ttft: int | None = Field(default=None, ge=0, description="Requests that missed the TTFT SLO.")
+    missed_tpot: int | None = Field(default=None, ge=0, description="Requests that missed the TPOT SLO.")
+    failed: int | None = Field(default=None, ge=0, description="Requests that failed.")
+    rejected: int | None = Field(
+        default=None, ge=0, description="Requests rejected because every decode KV cache was full."
+    )
+    attainment: float | None = Field(default=None, description="Fraction of requests that met both SLOs.")
+    ttft_p90_seconds: float | None = Field(
+        default=None, description="90th percentile time to first token (s)."
+    )
+    tpot_p90_seconds: float | None = Field(
+        default=None, description="90th percentile time per output token (s)."
+    )
+    prefill_backlog_tokens: float | None = Field(
+        default=None, description="Mean queued prompt tokens per prefill replica over the window."
+    )
+    decode_kv_usage: float | None = Field(
+        default=None, description="Mean used fraction of the decode pools' KV caches over the window."
+    )
+    prefill_replicas: int | None = Field(
+        default=None, ge=0, description="Prefill replicas before the decision."
+    )
+    prefill_ready: int | None = Field(default=None, ge=0, description="Of those, ready ones.")
+    decode_replicas: int | None = Field(
+        default=None, ge=0, description="Decode replicas before the decision."
+    )
+    decode_ready: int | None = Field(default=None, ge=0, description="Of those, ready ones.")
+
+
+class AutoscalerStatus(_Model):
+    """The autoscaler's last decision (one that changed a pool's size) and whether it is holding."""
+
+    last_decision_time: str | None = Field(
+        default=None, description="When the autoscaler last changed a pool's size (RFC 3339)."
+    )
+    prefill: int | None = Field(default=None, ge=0, description="Prefill replicas the last decision set.")
+    decode: int | None = Field(default=None, ge=0, description="Decode replicas the last decision set.")
+    reason: str | None = Field(default=None, description="Why, per pool (the policy's reasoning).")
+    inputs: AutoscalerInputs | None = Field(default=None, description="What the decision was made from.")
+    holding: str | None = Field(
+        default=None,
+        description=(
+            "Set while the autoscaler holds pools at their size for lack of data (no metrics for "
+            "this deployment, too few finished requests): which pools and why."
+        ),
+    )
+
+
 class ModelDeploymentStatus(_Model):
     observed_generation: int = Field(default=0, ge=0, description="Last metadata.generation reconciled.")
     conditions: list[Condition] = Field(
         default_factory=list,
         description=(
             "Ready (requests can be served), Progressing (a workload is rolling out), Degraded "
-            "(fewer ready pods than desired, a refused or conflicting child) and SpecValid."
+            "(fewer ready pods than desired, a refused or conflicting child), SpecValid, and "
+            "AutoscalerHealthy while autoscaling is enabled (False: Prometheus cannot be queried, "
+            "and every pool holds its size)."
         ),
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
@@ -432,6 +488,9 @@ class ModelDeploymentStatus(_Model):
     colocated: ReplicaStatus | None = Field(default=None, description="Colocated pool replicas.")
     router: ReplicaStatus | None = Field(default=None, description="Router replicas.")
     endpoint: str = Field(default="", description="host:port of the router's gRPC endpoint.")
+    autoscaler: AutoscalerStatus | None = Field(
+        default=None, description="The autoscaler's last decision (while autoscaling is enabled)."
+    )
 
 
 def parse_spec(spec: dict[str, Any]) -> ModelDeploymentSpec:

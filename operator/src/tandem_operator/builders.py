@@ -272,8 +272,19 @@ def build_config_map(owner: Owner, spec: api.ModelDeploymentSpec) -> dict[str, A
 
 
 def config_hash(config_map: dict[str, Any]) -> str:
-    """A pod-template annotation: a changed config rolls the pods that read it."""
-    return hashlib.sha256(json.dumps(config_map["data"], sort_keys=True).encode()).hexdigest()[:16]
+    """A pod-template annotation: a changed config rolls the pods that read it.
+
+    The autoscaling policy is left out: no pod reads it (the operator's autoscaler does), so
+    enabling autoscaling or tuning it must not restart every worker."""
+    data = dict(config_map["data"])
+    try:
+        engine = json.loads(data["engine.json"])
+    except (KeyError, ValueError):
+        engine = None
+    if isinstance(engine, dict):
+        engine.pop("autoscaling", None)
+        data["engine.json"] = json.dumps(engine, sort_keys=True)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------ workloads

@@ -5,6 +5,9 @@ What wakes a ModelDeployment's pass:
 - any event on a child it controls (a deleted or hand-edited child, a Deployment's readiness);
 - a periodic timer (`resync_seconds`), the level-based safety net.
 
+A second timer (`autoscale_interval`, when > 0) runs the autoscaler's step on each ModelDeployment
+(it acts only on those with `spec.autoscaling.enabled`; see `autoscaler.py`).
+
 No handler stores progress on the object and no finalizer is added: deletion is the garbage
 collector's job through owner references. (Kopf timers normally add a finalizer so they can be
 stopped before deletion; ours is level-based and harmless to stop late, so `register` drops it.)
@@ -12,6 +15,7 @@ stopped before deletion; ours is level-based and harmless to stop late, so `regi
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from typing import Any
@@ -19,6 +23,7 @@ from typing import Any
 import kopf
 
 from . import api
+from .autoscaler import Autoscaler
 from .builders import MANAGED_BY
 from .k8s import ClientClosedError, KubeClient
 from .reconciler import Reconciler
@@ -78,13 +83,24 @@ async def _reconcile(memo: kopf.Memo, namespace: str, name: str) -> None:
         log.debug("shutting down: pass over %s/%s dropped", namespace, name)
 
 
-def register(registry: kopf.OperatorRegistry, resync_seconds: float = DEFAULT_RESYNC_SECONDS) -> None:
-    """Register every handler on `registry` (a fresh one per operator run, so tests stay isolated)."""
+def register(
+    registry: kopf.OperatorRegistry,
+    resync_seconds: float = DEFAULT_RESYNC_SECONDS,
+    autoscale_interval: float = 0.0,
+    prometheus_url: str = "",
+) -> None:
+    """Register every handler on `registry` (a fresh one per operator run, so tests stay isolated).
+
+    `autoscale_interval` > 0 runs the autoscaler every that many seconds per ModelDeployment,
+    reading Prometheus at `prometheus_url`; 0 leaves the replica counts to the spec."""
+    autoscaling = autoscale_interval > 0
 
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         memo.client = KubeClient(lambda: login(settings))
-        memo.reconciler = Reconciler(memo.client, post_event)
+        memo.reconciler = Reconciler(memo.client, post_event, autoscaler=autoscaling)
+        if autoscaling:
+            memo.autoscaler = Autoscaler(memo.client, memo.reconciler, post_event, prometheus_url)
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:
@@ -112,16 +128,56 @@ def register(registry: kopf.OperatorRegistry, resync_seconds: float = DEFAULT_RE
             if parent is not None:
                 await _reconcile(memo, namespace, parent)
 
-    if resync_seconds <= 0:
-        return  # no periodic pass (tests of the event paths)
+    if resync_seconds > 0:  # else no periodic pass (tests of the event paths)
 
-    @kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=resync_seconds, registry=registry, id="resync")
-    async def resync(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-        await _reconcile(memo, namespace, name)
+        @kopf.timer(
+            api.GROUP, api.VERSION, api.PLURAL, interval=resync_seconds, registry=registry, id="resync"
+        )
+        async def resync(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+            await _reconcile(memo, namespace, name)
 
-    # Kopf adds a finalizer for every timer; this one does not need it (see the module docstring).
+    if autoscaling:
+
+        @kopf.timer(
+            api.GROUP,
+            api.VERSION,
+            api.PLURAL,
+            interval=autoscale_interval,
+            registry=registry,
+            id="autoscale",
+        )
+        async def autoscale(
+            spec: kopf.Spec,
+            namespace: str,
+            name: str,
+            uid: str,
+            memo: kopf.Memo,
+            stopped: kopf.DaemonStopped,
+            **_: Any,
+        ) -> None:
+            if not (spec.get("autoscaling") or {}).get("enabled"):
+                memo.autoscaler.forget(uid)
+                return  # disabled: no query, no API call
+            # A step in flight when the timer is stopped (operator exit, object deleted) is
+            # abandoned at once: Kopf waits only a few loop cycles before it orphans a timer.
+            step = asyncio.ensure_future(memo.autoscaler.step(namespace, name))
+            stop = asyncio.ensure_future(stopped.wait())
+            try:
+                await asyncio.wait({step, stop}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop.cancel()
+            if not step.done():
+                step.cancel()
+                log.debug("stopping: autoscaler step over %s/%s abandoned", namespace, name)
+                return
+            try:
+                step.result()
+            except ClientClosedError:
+                log.debug("shutting down: autoscaler step over %s/%s dropped", namespace, name)
+
+    # Kopf adds a finalizer for every timer; these do not need one (see the module docstring).
     spawning = registry._spawning  # kopf pins: requirements.txt; a test checks no finalizer appears
     spawning._handlers[:] = [
-        dataclasses.replace(h, requires_finalizer=False) if h.id == "resync" else h
+        dataclasses.replace(h, requires_finalizer=False) if h.id in ("resync", "autoscale") else h
         for h in spawning._handlers
     ]

@@ -2,6 +2,8 @@
 
 Scope: `--namespace` (repeatable; Kopf glob patterns allowed) or `--all-namespaces`.
 Liveness: Kopf's probe endpoint (`--liveness`, default http://0.0.0.0:8080/healthz).
+Autoscaling: `--autoscale-interval` (default 15 s; 0: off) and `--prometheus-url` (default
+$TANDEM_PROMETHEUS_URL), see autoscaler.py.
 Peering: replicas share a peering object (`--peering`); each picks a random priority, so exactly one
 acts and the others stand by (Kopf pauses the lower priorities). `--standalone` turns peering off.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import random
 import sys
 
@@ -36,6 +39,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=60.0,
         help="periodic reconcile interval in seconds (default 60; 0: off)",
     )
+    p.add_argument(
+        "--prometheus-url",
+        default=os.environ.get("TANDEM_PROMETHEUS_URL", ""),
+        help="Prometheus HTTP API base URL the autoscaler reads (default: $TANDEM_PROMETHEUS_URL; "
+        "empty: autoscaled pools hold their size and status says so)",
+    )
+    p.add_argument(
+        "--autoscale-interval",
+        type=float,
+        default=15.0,
+        help="seconds between autoscaler steps per ModelDeployment (default 15; 0: no autoscaler, "
+        "the spec's replicas stay in force)",
+    )
     p.add_argument("--verbose", action="store_true")
 
 
@@ -54,7 +70,12 @@ async def operate(
     from .handlers import build_settings, register
 
     registry = kopf.OperatorRegistry()
-    register(registry, resync_seconds=args.resync_seconds)
+    register(
+        registry,
+        resync_seconds=args.resync_seconds,
+        autoscale_interval=args.autoscale_interval,
+        prometheus_url=args.prometheus_url,
+    )
     # Equal priorities make Kopf pause every replica; a random one elects a single active replica.
     priority = args.priority if args.priority is not None else random.randint(1, 1_000_000)
     await kopf.operator(

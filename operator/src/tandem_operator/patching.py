@@ -130,3 +130,15 @@ def plan_patch(desired: dict[str, Any], live: dict[str, Any]) -> dict[str, Any] 
     for key in ("apiVersion", "kind"):
         patch.pop(key, None)
     return _merge(patch, removals)
+
+
+def replicas_patch(live: dict[str, Any], replicas: int) -> dict[str, Any]:
+    """Merge patch setting a Deployment's `spec.replicas` (the autoscaler's write), with the
+    last-applied record updated to match, so that the next reconcile pass finds nothing to write."""
+    patch: dict[str, Any] = {"spec": {"replicas": replicas}}
+    record = last_applied(live)
+    if isinstance(record.get("spec"), dict) and "replicas" in record["spec"]:
+        record["spec"]["replicas"] = replicas
+        text = json.dumps(record, sort_keys=True, separators=(",", ":"))
+        patch["metadata"] = {"annotations": {LAST_APPLIED_ANNOTATION: text}}
+    return patch

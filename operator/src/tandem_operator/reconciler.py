@@ -8,10 +8,18 @@ pass marks it dirty and the pass runs once more.
 
 A bad spec writes nothing but status and one Warning Event (when the error is new); the children of
 the last valid spec keep running untouched.
+
+Replica counts: the pools' `replicas` from the spec, unless the autoscaler is active for the object
+(`autoscaling_active`): then it owns the prefill and decode Deployments' `spec.replicas`, and a pass
+only clamps the live count into the pool's [minReplicas, maxReplicas] (a Deployment that has to be
+created starts at the pool's `replicas`). Everything else in those Deployments stays the pass's.
+A pass and an autoscaler step over one object never interleave (`lock`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import datetime
 import logging
 from collections.abc import Callable
@@ -60,13 +68,45 @@ def _ident(obj: dict[str, Any]) -> tuple[str, str, str]:
     return obj["apiVersion"], obj["kind"], obj["metadata"]["name"]
 
 
+AUTOSCALED_ROLES = ("prefill", "decode")
+
+
+def autoscaling_active(spec: api.ModelDeploymentSpec) -> bool:
+    """The spec asks for autoscaling and its mode has pools the autoscaler sizes."""
+    return spec.autoscaling.enabled and spec.mode == api.Mode.disaggregated
+
+
+def replica_bounds(pool: api.Pool) -> tuple[int, int]:
+    """[minReplicas, maxReplicas] of a pool; each defaults to `replicas` (as the CRD documents)."""
+    lo = pool.replicas if pool.min_replicas is None else pool.min_replicas
+    hi = pool.replicas if pool.max_replicas is None else pool.max_replicas
+    return lo, hi
+
+
 class Reconciler:
-    def __init__(self, client: KubeClient, post_event: EventPoster, now: Callable[[], str] = utc_now) -> None:
+    def __init__(
+        self,
+        client: KubeClient,
+        post_event: EventPoster,
+        now: Callable[[], str] = utc_now,
+        autoscaler: bool = False,
+    ) -> None:
+        """`autoscaler`: this operator runs the autoscaler, so specs with autoscaling enabled hand
+        it their replica counts (without it, the spec's replicas stay in force)."""
         self._client = client
         self._post_event = post_event
         self._now = now
+        self._autoscaler = autoscaler
         self._running: set[tuple[str, str]] = set()
         self._dirty: set[tuple[str, str]] = set()
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    def lock(self, namespace: str, name: str) -> asyncio.Lock:
+        """Held by each pass over the object and by each autoscaler step over it."""
+        return self._locks.setdefault((namespace, name), asyncio.Lock())
+
+    def autoscaled(self, spec: api.ModelDeploymentSpec) -> bool:
+        return self._autoscaler and autoscaling_active(spec)
 
     async def reconcile(self, namespace: str, name: str) -> None:
         key = (namespace, name)
@@ -77,7 +117,8 @@ class Reconciler:
         try:
             while True:
                 self._dirty.discard(key)
-                await self._pass(namespace, name)
+                async with self.lock(namespace, name):
+                    await self._pass(namespace, name)
                 if key not in self._dirty:
                     return
         finally:
@@ -95,13 +136,24 @@ class Reconciler:
         live: dict[tuple[str, str, str], dict[str, Any] | None] = {}
         conflicts: list[str] = []
         failures: list[str] = []
+        autoscaled = spec is not None and not errors and self.autoscaled(spec)
+        # Role -> (min, max) of the pools whose replica count the autoscaler owns.
+        bounds: dict[str, tuple[int, int]] = {}
+        if autoscaled:
+            assert spec is not None
+            bounds = {
+                role: replica_bounds(pool) for role, pool in spec.pools().items() if role in AUTOSCALED_ROLES
+            }
         if not errors:
             assert spec is not None
             desired = build_children(owner, spec)
             wanted = {_ident(obj) for obj in desired}
             for obj in desired:
+                role = obj["metadata"].get("labels", {}).get("app.kubernetes.io/component")
                 try:
-                    applied = await self._apply(owner, obj)
+                    applied = await self._apply(
+                        owner, obj, bounds.get(role) if obj["kind"] == "Deployment" else None
+                    )
                 except ApiError as e:
                     if e.status not in REFUSED:
                         raise  # transient: the next pass (or Kopf's retry) tries again
@@ -127,6 +179,10 @@ class Reconciler:
         if spec is not None and not errors:
             wanted_replicas = {role: pool.replicas for role, pool in spec.pools().items()}
             wanted_replicas["router"] = spec.router.replicas
+            for role in bounds:  # the autoscaler's count (as the pass left it), not the spec's
+                dep = live.get(("apps/v1", "Deployment", child_name(owner, role)))
+                if dep is not None:
+                    wanted_replicas[role] = int(dep.get("spec", {}).get("replicas", wanted_replicas[role]))
         workloads: dict[str, Workload] = {}
         for component in (*ROLES, "router"):
             ident = ("apps/v1", "Deployment", child_name(owner, component))
@@ -152,6 +208,8 @@ class Reconciler:
             router_service=router_service,
             previous=previous,
             now=self._now(),
+            # A bad spec leaves the autoscaler's status alone (the autoscaler holds meanwhile).
+            autoscaling=autoscaled or bool(errors),
         )
         patch = plan_status_patch(previous, new_status)
         if patch is not None:
@@ -160,10 +218,19 @@ class Reconciler:
         if conflicts or failures:
             self._warn_once(body, previous, new_status, DEGRADED, "True")
 
-    async def _apply(self, owner: Owner, desired: dict[str, Any]) -> dict[str, Any] | None:
+    async def _apply(
+        self, owner: Owner, desired: dict[str, Any], bounds: tuple[int, int] | None = None
+    ) -> dict[str, Any] | None:
+        """Create or patch one child. `bounds`: the autoscaler owns this Deployment's replicas, so
+        the live count is kept, clamped into [min, max]."""
         c = self._client
         api_version, kind, name = _ident(desired)
         live = await c.get(api_version, kind, owner.namespace, name)
+        if live is not None and bounds is not None and is_ours(live, owner):
+            have = live.get("spec", {}).get("replicas")
+            if isinstance(have, int):
+                desired = copy.deepcopy(desired)
+                desired["spec"]["replicas"] = min(max(have, bounds[0]), bounds[1])
         if live is None:
             log.info("creating %s %s/%s", kind, owner.namespace, name)
             try:

@@ -16,6 +16,10 @@ Status parts:
   (`summary` is "ready/desired" for `kubectl get`). Created is not ready: readiness comes from the
   Deployment's own status, which the pods' readiness probes drive.
 - `endpoint`: host:port of the router Service's gRPC port (the load balancer's address once it has one).
+- `autoscaler` and the condition `AutoscalerHealthy` (False: Prometheus cannot be queried, so every
+  pool holds its size): written by the autoscaler (`plan_autoscaler_status`), carried over
+  unchanged by the reconciler's passes while autoscaling is active, and removed by them when it
+  is not.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ READY = "Ready"
 PROGRESSING = "Progressing"
 DEGRADED = "Degraded"
 SPEC_VALID = "SpecValid"
+AUTOSCALER_HEALTHY = "AutoscalerHealthy"
 CONDITION_TYPES = (READY, PROGRESSING, DEGRADED, SPEC_VALID)
 
 WORKER_ROLES = ("prefill", "decode", "colocated")
@@ -134,8 +139,12 @@ def plan_status(
     router_service: dict[str, Any] | None,
     previous: dict[str, Any],
     now: str,
+    autoscaling: bool = False,
 ) -> dict[str, Any]:
-    """The full status. `workloads`: component (role or "router") -> what its Deployment reports."""
+    """The full status. `workloads`: component (role or "router") -> what its Deployment reports.
+
+    `autoscaling`: the autoscaler is active for this object, so its part of `previous` (the
+    `autoscaler` entry and the `AutoscalerHealthy` condition) is kept; otherwise it is dropped."""
     old = previous.get("conditions", []) or []
 
     def cond(type_: str, ok: bool, reason: str, message: str) -> dict[str, Any]:
@@ -185,11 +194,16 @@ def plan_status(
     else:
         ready = cond(READY, True, "Serving", "the router and every worker pool have ready pods")
 
+    conditions = [ready, progressing, degraded, spec_valid]
     status: dict[str, Any] = {
         "observedGeneration": generation,
-        "conditions": [ready, progressing, degraded, spec_valid],
+        "conditions": conditions,
         "endpoint": plan_endpoint(router_service),
     }
+    if autoscaling:
+        conditions.extend(c for c in old if c.get("type") == AUTOSCALER_HEALTHY)
+        if previous.get("autoscaler"):
+            status["autoscaler"] = previous["autoscaler"]
     for component, w in workloads.items():
         status[component] = {
             "desired": w.desired,
@@ -209,3 +223,57 @@ def plan_status_patch(current: dict[str, Any], new: dict[str, Any]) -> dict[str,
         if key not in new and key != "kopf":
             patch[key] = None
     return {"status": patch}
+
+
+def plan_autoscaler_status(
+    previous: dict[str, Any],
+    *,
+    healthy: bool,
+    reason: str,
+    message: str,
+    autoscaler: dict[str, Any],
+    generation: int,
+    now: str,
+) -> dict[str, Any] | None:
+    """The autoscaler's merge patch for .status (None: nothing changed).
+
+    Sets the `AutoscalerHealthy` condition (in place, or after the reconciler's conditions) and
+    `autoscaler`, whose keys are merged into what is there (a None value removes that key). The
+    condition's observedGeneration only moves with a transition, so a new generation alone does
+    not make the autoscaler write."""
+    old = previous.get("conditions", []) or []
+    current = next((c for c in old if c.get("type") == AUTOSCALER_HEALTHY), None)
+    if (
+        current is not None
+        and current.get("status") == ("True" if healthy else "False")
+        and (current.get("reason"), current.get("message")) == (reason, message)
+    ):
+        cond = current
+    else:
+        cond = plan_condition(old, AUTOSCALER_HEALTHY, healthy, reason, message, generation, now)
+    conditions = [cond if c.get("type") == AUTOSCALER_HEALTHY else c for c in old]
+    if current is None:
+        conditions.append(cond)
+    before = previous.get("autoscaler") or {}
+    after = {k: v for k, v in {**before, **autoscaler}.items() if v is not None}
+    if conditions == old and after == before:
+        return None
+    patch: dict[str, Any] = {}
+    if conditions != old:
+        patch["conditions"] = conditions
+    if after != before:
+        patch["autoscaler"] = _diff(before, after) if after else None
+    return {"status": patch}
+
+
+def _diff(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The merge patch (RFC 7386) that turns `before` into `after`."""
+    out: dict[str, Any] = {k: None for k in before if k not in after}
+    for k, v in after.items():
+        if isinstance(v, dict) and isinstance(before.get(k), dict):
+            sub = _diff(before[k], v)
+            if sub:
+                out[k] = sub
+        elif before.get(k) != v:
+            out[k] = v
+    return out

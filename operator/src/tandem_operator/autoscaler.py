@@ -1,0 +1,278 @@
+"""`Autoscaler`: the goodput policy (`autoscaling.policy.decide`) on a timer, per ModelDeployment.
+
+One step (`step`), every `--autoscale-interval` seconds for each ModelDeployment whose spec is valid,
+has `autoscaling.enabled` and runs `mode: disaggregated`:
+
+1. read the prefill and decode Deployments: `spec.replicas` is the current size, `readyReplicas`
+   how many of them are ready;
+2. read one metrics window from Prometheus (`autoscaling.prometheus.fetch_window`, the series of
+   this deployment only: `namespace` and `model_deployment`, the labels the chart's monitors
+   attach);
+3. `decide(window, current, spec, state, now)`;
+4. when a pool's desired size differs, merge-patch that Deployment's `spec.replicas`, record the
+   decision in `status.autoscaler` (time, sizes, reason, the key inputs) and post a Normal Event.
+
+While autoscaling is active the autoscaler owns the two Deployments' replica counts; the
+reconciler only clamps them into [minReplicas, maxReplicas] (see `reconciler.py`).
+
+Prometheus unreachable, a query failing, or no Prometheus configured: every pool holds its size,
+the condition `AutoscalerHealthy` turns False (reason `PrometheusUnavailable` or `NoPrometheus`,
+the error as message) with one Warning Event per distinct error, and it turns True again on the
+first window read. No data for this deployment (or too few finished requests): hold, and
+`status.autoscaler.holding` says which pools and why.
+
+The policy's memory (recent recommendations for the scale-down stabilization, the last change per
+pool for the cooldown, learned prefill throughput) lives in this process only: a restarted (or
+newly elected) operator starts it afresh, which can delay a scale-down by one stabilization window
+and lets a change follow a pre-restart change without a cooldown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from . import api
+from .autoscaling.policy import AutoscalingSpec, Decision, MetricsWindow, PolicyState, Replicas, decide
+from .autoscaling.prometheus import PrometheusError, fetch_window, http_query
+from .builders import Owner, child_name
+from .k8s import ApiError, KubeClient
+from .patching import replicas_patch
+from .reconciler import AUTOSCALED_ROLES, EventPoster, Reconciler, is_ours, utc_now
+from .status import AUTOSCALER_HEALTHY, plan_autoscaler_status
+from .validation import plan_spec_errors
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INTERVAL_SECONDS = 15.0
+DEFAULT_QUERY_TIMEOUT_SECONDS = 5.0
+EVENT_MESSAGE_LIMIT = 1000
+
+HEALTHY = "PrometheusReachable"
+UNAVAILABLE = "PrometheusUnavailable"
+NOT_CONFIGURED = "NoPrometheus"
+
+
+def selector(namespace: str, name: str) -> str:
+    """PromQL label matchers of one ModelDeployment's series: the Prometheus Operator sets
+    `namespace` from the target, and the chart's monitors relabel app.kubernetes.io/instance to
+    `model_deployment` (charts/tandem/templates/_monitoring.tpl)."""
+
+    def quote(v: str) -> str:
+        return v.replace("\\", "\\\\").replace('"', '\\"')
+
+    return f'namespace="{quote(namespace)}",model_deployment="{quote(name)}"'
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(float(v), 4)
+
+
+def plan_inputs(window: MetricsWindow, current: Replicas) -> dict[str, Any]:
+    """The key inputs of a decision, as `status.autoscaler.inputs` (camelCase; unmeasured left out)."""
+    inputs = {
+        "windowSeconds": _round(window.duration_s),
+        "requests": window.finished,
+        "met": window.met,
+        "missedTtft": window.missed_ttft,
+        "missedTpot": window.missed_tpot,
+        "failed": window.failed,
+        "rejected": window.rejected if window.finished is not None else None,
+        "attainment": _round(window.attainment),
+        "ttftP90Seconds": _round(window.ttft_p90_s),
+        "tpotP90Seconds": _round(window.tpot_p90_s),
+        "prefillBacklogTokens": _round(window.prefill_backlog_tokens),
+        "decodeKvUsage": _round(window.decode_kv_usage),
+        "prefillReplicas": current.prefill,
+        "prefillReady": current.ready("prefill"),
+        "decodeReplicas": current.decode,
+        "decodeReady": current.ready("decode"),
+    }
+    return {k: v for k, v in inputs.items() if v is not None}
+
+
+def plan_holding(decision: Decision, window: MetricsWindow) -> str | None:
+    """What `status.autoscaler.holding` says: stable text (it changes only with the situation)."""
+    if not decision.no_data:
+        return None
+    pools = ", ".join(decision.no_data)
+    if window.finished is None and not window.has_pool_data():
+        return f"no metrics for this deployment in Prometheus: holding {pools}"
+    return f"too few finished requests in the window to judge the SLOs: holding {pools}"
+
+
+def event_reason(changes: dict[str, tuple[int, int]]) -> str:
+    ups = [new > old for old, new in changes.values()]
+    if all(ups):
+        return "ScaledUp"
+    if not any(ups):
+        return "ScaledDown"
+    return "Scaled"
+
+
+class Autoscaler:
+    """Runs one policy step per call of `step`; keeps a `PolicyState` per object (by uid) in memory."""
+
+    def __init__(
+        self,
+        client: KubeClient,
+        reconciler: Reconciler,
+        post_event: EventPoster,
+        prometheus_url: str,
+        now: Callable[[], str] = utc_now,
+        clock: Callable[[], float] = time.monotonic,
+        query_timeout_s: float = DEFAULT_QUERY_TIMEOUT_SECONDS,
+    ) -> None:
+        self._client = client
+        self._reconciler = reconciler
+        self._post_event = post_event
+        self._url = prometheus_url.strip()
+        self._now = now
+        self._clock = clock
+        self._timeout = query_timeout_s
+        self._states: dict[str, PolicyState] = {}
+
+    def forget(self, uid: str) -> None:
+        self._states.pop(uid, None)
+
+    async def step(self, namespace: str, name: str) -> None:
+        """One step. Prometheus is read outside the object's lock (a slow or hanging Prometheus
+        does not hold up reconcile passes); the decision and its writes happen under it, from a
+        fresh read of the object and its Deployments."""
+        c = self._client
+        body = await c.get(api.API_VERSION, api.KIND, namespace, name)
+        aspec = self._autoscaling_spec(body)
+        if body is None or aspec is None:
+            return
+        window: MetricsWindow | None = None
+        failure = ""
+        if self._url:
+            try:
+                window = await asyncio.to_thread(
+                    fetch_window,
+                    http_query(self._url, timeout_s=self._timeout),
+                    aspec.window_seconds,
+                    selector(namespace, name),
+                )
+            except PrometheusError as e:
+                failure = str(e)
+                log.warning("%s/%s: Prometheus: %s: holding", namespace, name, e)
+        async with self._reconciler.lock(namespace, name):
+            body = await c.get(api.API_VERSION, api.KIND, namespace, name)
+            aspec = self._autoscaling_spec(body)
+            if body is None or aspec is None:
+                return
+            if not self._url:
+                message = "the operator has no --prometheus-url (TANDEM_PROMETHEUS_URL): holding every pool"
+                await self._report(body, False, NOT_CONFIGURED, message, {})
+            elif window is None:
+                await self._report(body, False, UNAVAILABLE, f"holding every pool at its size: {failure}", {})
+            else:
+                await self._decide(body, aspec, window)
+
+    def _autoscaling_spec(self, body: dict[str, Any] | None) -> AutoscalingSpec | None:
+        """The policy's spec when the autoscaler acts on this object now, else None."""
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return None
+        meta = body["metadata"]
+        spec, errors = plan_spec_errors(meta["name"], body.get("spec") or {})
+        if errors or spec is None:
+            log.debug("%s/%s: the spec is invalid: holding", meta["namespace"], meta["name"])
+            return None
+        if not self._reconciler.autoscaled(spec):
+            self.forget(meta.get("uid", ""))  # disabled: a later enable starts afresh
+            return None
+        try:
+            return AutoscalingSpec.from_spec(spec.model_dump(by_alias=True, mode="json"))
+        except ValueError as e:  # the schema's rules make this unreachable; hold if it is not
+            log.warning(
+                "%s/%s: autoscaling spec refused by the policy: %s", meta["namespace"], meta["name"], e
+            )
+            return None
+
+    async def _decide(self, body: dict[str, Any], aspec: AutoscalingSpec, window: MetricsWindow) -> None:
+        c = self._client
+        owner = Owner.from_body(body)
+        namespace, name = owner.namespace, owner.name
+        deployments: dict[str, dict[str, Any]] = {}
+        for role in AUTOSCALED_ROLES:
+            dep = await c.get("apps/v1", "Deployment", namespace, child_name(owner, role))
+            if dep is None or not is_ours(dep, owner):
+                log.debug("%s/%s: no %s Deployment of ours yet: holding", namespace, name, role)
+                return
+            deployments[role] = dep
+
+        def size(role: str) -> tuple[int, int]:
+            dep = deployments[role]
+            ready = (dep.get("status") or {}).get("readyReplicas", 0) or 0
+            return int(dep.get("spec", {}).get("replicas", 1)), int(ready)
+
+        (p, p_ready), (d, d_ready) = size("prefill"), size("decode")
+        current = Replicas(prefill=p, decode=d, prefill_ready=p_ready, decode_ready=d_ready)
+        state = self._states.setdefault(owner.uid, PolicyState())
+        decision = decide(window, current, aspec, state, self._clock())
+        changes = {
+            role: (current.get(role), decision.desired(role))
+            for role in AUTOSCALED_ROLES
+            if decision.desired(role) != current.get(role)
+        }
+        record: dict[str, Any] = {"holding": plan_holding(decision, window)}
+        if changes:
+            for role, (old, new) in changes.items():
+                log.info("%s/%s: scaling %s %d -> %d: %s", namespace, name, role, old, new, decision.reason)
+                try:
+                    await c.patch(
+                        "apps/v1",
+                        "Deployment",
+                        namespace,
+                        child_name(owner, role),
+                        replicas_patch(deployments[role], new),
+                    )
+                except ApiError as e:
+                    log.warning("%s/%s: scaling %s refused: %s", namespace, name, role, e)
+                    # The policy believes it changed: let the next step see the real size afresh.
+                    self.forget(owner.uid)
+                    return
+            record.update(
+                lastDecisionTime=self._now(),
+                prefill=decision.desired_prefill,
+                decode=decision.desired_decode,
+                reason=decision.reason,
+                inputs=plan_inputs(window, current),
+            )
+            message = ", ".join(f"{role} {old} -> {new}" for role, (old, new) in changes.items())
+            self._post_event(
+                body, "Normal", event_reason(changes), f"{message}: {decision.reason}"[:EVENT_MESSAGE_LIMIT]
+            )
+        await self._report(body, True, HEALTHY, f"reading metrics from {self._url}", record)
+
+    async def _report(
+        self, body: dict[str, Any], healthy: bool, reason: str, message: str, record: dict[str, Any]
+    ) -> None:
+        """Write the condition and `record` into status when they changed; warn once per new problem."""
+        meta = body["metadata"]
+        previous = body.get("status") or {}
+        patch = plan_autoscaler_status(
+            previous,
+            healthy=healthy,
+            reason=reason,
+            message=message,
+            autoscaler=record,
+            generation=int(meta.get("generation", 0)),
+            now=self._now(),
+        )
+        if patch is None:
+            return
+        await self._client.patch(
+            api.API_VERSION, api.KIND, meta["namespace"], meta["name"], patch, subresource="status"
+        )
+        if healthy:
+            return
+        old = next(
+            (x for x in previous.get("conditions", []) or [] if x.get("type") == AUTOSCALER_HEALTHY), {}
+        )
+        if (old.get("status"), old.get("reason"), old.get("message")) != ("False", reason, message):
+            self._post_event(body, "Warning", reason, message)

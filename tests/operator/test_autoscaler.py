@@ -1,0 +1,384 @@
+"""The autoscaler in the operator: the real operator (Kopf, in a thread) against kmock, reading a fake
+Prometheus on loopback that answers canned instant-query results.
+
+What is checked: decisions land in the Deployments' replicas, in status and in Events; Prometheus
+down holds the size and reports `AutoscalerHealthy=False`, and recovery reports True; the
+reconciler does not fight the autoscaler (and takes the replica counts back when autoscaling is
+disabled); with autoscaling disabled nothing is queried or changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import socket
+import threading
+import urllib.parse
+from collections.abc import AsyncIterator, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from tandem_operator import api
+from tandem_operator.autoscaler import Autoscaler
+from tandem_operator.builders import Owner, build_children
+from tandem_operator.reconciler import Reconciler
+from tandem_operator.status import plan_autoscaler_status
+
+from .conftest import NAMESPACE, Cluster, RunningOperator, eventually, load_example
+
+pytestmark = pytest.mark.asyncio
+
+DEMO = "smollm2-demo"
+PREFILL, DECODE = f"{DEMO}-prefill", f"{DEMO}-decode"
+INTERVAL = 0.2  # seconds between autoscaler steps
+SELECTOR = f'namespace="{NAMESPACE}",model_deployment="{DEMO}"'
+
+
+def vector(*rows: tuple[dict[str, str], float]) -> dict[str, Any]:
+    return {
+        "status": "success",
+        "data": {"resultType": "vector", "result": [{"metric": m, "value": [1.0, str(v)]} for m, v in rows]},
+    }
+
+
+# Half of 100 requests missed the TTFT SLO; the pools are reporting, nothing is queued, KV is low.
+TTFT_MISSES = {
+    "increase(tandem_requests_total": vector(({"outcome": "met"}, 50), ({"outcome": "missed_ttft"}, 50)),
+    "histogram_quantile(0.9, sum by (le) (rate(tandem_time_to_first_token": vector(({}, 2.5)),
+    "tandem_prefill_backlog_tokens": vector(({}, 0)),
+    "tandem_kv_usage_ratio": vector(({}, 0.2)),
+}
+# A prefill backlog far above the per-replica target (8192 tokens): prefill is added whatever the
+# readiness history (backlog is not an SLO statistic, so it needs no settled window).
+BACKLOG = {
+    "tandem_prefill_backlog_tokens": vector(({}, 30000)),
+    "tandem_kv_usage_ratio": vector(({}, 0.2)),
+}
+
+
+class FakePrometheus:
+    """/api/v1/query on a fixed loopback port; `stop()` leaves the port closed (connection refused)."""
+
+    def __init__(self) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.answers: dict[str, dict[str, Any]] = {}
+        self.seen: list[str] = []
+        self._server: ThreadingHTTPServer | None = None
+
+    def start(self) -> None:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                query = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)["query"][0]
+                fake.seen.append(query)
+                body = next((a for k, a in fake.answers.items() if k in query), vector())
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        ThreadingHTTPServer.allow_reuse_address = True
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+@pytest.fixture
+def prom() -> Iterator[FakePrometheus]:
+    fake = FakePrometheus()  # not started: each test decides when Prometheus is up
+    yield fake
+    fake.stop()
+
+
+@pytest_asyncio.fixture
+async def autoscaling_operator(cluster: Cluster, prom: FakePrometheus) -> AsyncIterator[RunningOperator]:
+    argv = ["--namespace", NAMESPACE, "--standalone", "--liveness", "", "--prometheus-url", prom.url]
+    op = RunningOperator(argv=argv, autoscale_interval=INTERVAL)
+    await op.start()
+    try:
+        yield op
+    finally:
+        await op.stop()
+
+
+def manifest(enabled: bool = True) -> dict[str, Any]:
+    md = load_example("cpu-demo.yaml")
+    md["spec"]["prefill"]["maxReplicas"] = 3
+    md["spec"]["decode"]["maxReplicas"] = 3
+    md["spec"]["autoscaling"] = {"enabled": enabled, "windowSeconds": 30}
+    return md
+
+
+async def create_ready(cluster: Cluster, md: dict[str, Any]) -> None:
+    await cluster.create_md(md)
+    for w in ("prefill", "decode", "router"):
+        await eventually(lambda w=w: cluster.get("Deployment", f"{DEMO}-{w}") is not None)
+    for w in ("prefill", "decode", "router"):
+        await cluster.set_deployment_ready(f"{DEMO}-{w}")
+    await eventually(lambda: cluster.condition(DEMO, "Ready")["status"] == "True")
+
+
+def replicas(cluster: Cluster, name: str) -> int:
+    dep = cluster.get("Deployment", name)
+    assert dep is not None
+    return dep["spec"]["replicas"]
+
+
+def events(cluster: Cluster, reason: str) -> list[dict[str, Any]]:
+    return [e for e in cluster.events() if e.get("reason") == reason]
+
+
+def autoscaler_status(cluster: Cluster) -> dict[str, Any]:
+    return cluster.md(DEMO).get("status", {}).get("autoscaler", {})
+
+
+def has_condition(cluster: Cluster, type_: str) -> bool:
+    return any(c["type"] == type_ for c in cluster.md(DEMO).get("status", {}).get("conditions", []))
+
+
+async def test_a_ttft_miss_window_adds_prefill_and_records_the_decision(
+    cluster: Cluster, prom: FakePrometheus, autoscaling_operator: RunningOperator
+):
+    # Prometheus is down until the pools are ready (a window taken while replicas start does not
+    # judge the SLOs): meanwhile the autoscaler holds and says why.
+    await create_ready(cluster, manifest())
+    await eventually(lambda: cluster.condition(DEMO, "AutoscalerHealthy")["status"] == "False")
+    prom.answers = TTFT_MISSES
+    prom.start()
+
+    await eventually(lambda: replicas(cluster, PREFILL) == 2)
+    assert replicas(cluster, DECODE) == 1  # TTFT misses are prefill's
+    await eventually(lambda: autoscaler_status(cluster).get("prefill") == 2)
+    st = autoscaler_status(cluster)
+    assert st["decode"] == 1
+    assert st["lastDecisionTime"].endswith("Z")
+    assert "prefill 1->2: TTFT misses 50% of 100 requests" in st["reason"]
+    inputs = st["inputs"]
+    assert (inputs["requests"], inputs["met"], inputs["missedTtft"], inputs["attainment"]) == (
+        100,
+        50,
+        50,
+        0.5,
+    )
+    assert inputs["ttftP90Seconds"] == 2.5 and inputs["windowSeconds"] == 30
+    assert (inputs["prefillReplicas"], inputs["prefillReady"], inputs["decodeReplicas"]) == (1, 1, 1)
+    assert "holding" not in st
+    healthy = cluster.condition(DEMO, "AutoscalerHealthy")
+    assert (healthy["status"], healthy["reason"]) == ("True", "PrometheusReachable")
+
+    await eventually(lambda: events(cluster, "ScaledUp"))
+    (event,) = events(cluster, "ScaledUp")
+    assert event["type"] == "Normal"
+    assert event["involvedObject"]["name"] == DEMO
+    assert event["message"].startswith("prefill 1 -> 2: ")
+    # The reconciler's own status reports the autoscaler's size as the desired one.
+    await eventually(lambda: cluster.md(DEMO)["status"]["prefill"]["desired"] == 2)
+    # Only this deployment's series, over the spec's window.
+    assert prom.seen and all(SELECTOR in q for q in prom.seen if "{" in q)
+    assert any("[30s]" in q for q in prom.seen)
+
+    # The cooldown (60 s by default) holds prefill at 2 while the misses go on.
+    await asyncio.sleep(5 * INTERVAL)
+    assert replicas(cluster, PREFILL) == 2 and len(events(cluster, "ScaledUp")) == 1
+
+
+async def test_prometheus_down_holds_the_size_and_recovery_is_reported(
+    cluster: Cluster, prom: FakePrometheus, autoscaling_operator: RunningOperator
+):
+    prom.start()  # up, but nothing scraped for this deployment: no data, hold
+    await create_ready(cluster, manifest())
+    await eventually(lambda: "no metrics" in autoscaler_status(cluster).get("holding", ""))
+    assert "prefill, decode" in autoscaler_status(cluster)["holding"]
+    assert cluster.condition(DEMO, "AutoscalerHealthy")["status"] == "True"
+    since = cluster.condition(DEMO, "AutoscalerHealthy")["lastTransitionTime"]
+
+    prom.stop()
+    prom.answers = BACKLOG  # would scale prefill up, if only it could be read
+    await eventually(lambda: cluster.condition(DEMO, "AutoscalerHealthy")["status"] == "False")
+    cond = cluster.condition(DEMO, "AutoscalerHealthy")
+    assert cond["reason"] == "PrometheusUnavailable"
+    assert prom.url in cond["message"] and "holding every pool at its size" in cond["message"]
+    assert cond["observedGeneration"] == 1
+    await asyncio.sleep(5 * INTERVAL)
+    assert (replicas(cluster, PREFILL), replicas(cluster, DECODE)) == (1, 1)  # held
+    warnings = events(cluster, "PrometheusUnavailable")
+    assert len(warnings) == 1 and warnings[0]["type"] == "Warning"  # once, not once per step
+    # The reconciler's passes keep the autoscaler's condition.
+    await cluster.patch(f"{api.GROUP}/{api.VERSION}/{api.PLURAL}", DEMO, {"metadata": {"labels": {"x": "y"}}})
+    await asyncio.sleep(3 * INTERVAL)
+    assert cluster.condition(DEMO, "AutoscalerHealthy")["status"] == "False"
+
+    prom.start()
+    await eventually(lambda: cluster.condition(DEMO, "AutoscalerHealthy")["status"] == "True")
+    assert cluster.condition(DEMO, "AutoscalerHealthy")["lastTransitionTime"] >= since
+    await eventually(lambda: replicas(cluster, PREFILL) == 2)
+    assert "prefill backlog" in autoscaler_status(cluster)["reason"]
+    # Prefill has its signal; decode has no finished requests to judge, and says so.
+    assert autoscaler_status(cluster)["holding"].endswith("holding decode")
+
+
+async def test_the_reconciler_does_not_fight_the_autoscaler_and_takes_over_when_disabled(
+    cluster: Cluster, prom: FakePrometheus, autoscaling_operator: RunningOperator
+):
+    prom.answers = BACKLOG
+    prom.start()
+    await create_ready(cluster, manifest())
+    await eventually(lambda: replicas(cluster, PREFILL) == 2)
+    await cluster.set_deployment_ready(PREFILL)
+    await eventually(lambda: cluster.md(DEMO)["status"]["prefill"]["summary"] == "2/2")
+
+    # A reconcile pass (woken by an edit of the ModelDeployment) leaves the autoscaler's count,
+    # and writes nothing to the Deployments (the autoscaler's write kept last-applied in step).
+    mark = cluster.mark()
+    await cluster.patch(f"{api.GROUP}/{api.VERSION}/{api.PLURAL}", DEMO, {"metadata": {"labels": {"x": "y"}}})
+    await eventually(
+        lambda: any(
+            str(r.method).upper().endswith("GET") and r.url.path.endswith(f"/deployments/{DEMO}-router")
+            for r in list(cluster.kmock)[mark:]
+        )
+    )
+    await asyncio.sleep(3 * INTERVAL)
+    assert replicas(cluster, PREFILL) == 2
+    assert [w for w in cluster.writes(since=mark) if "/deployments/" in w[1]] == []
+
+    # Out of bounds by hand: clamped into [minReplicas, maxReplicas], the rest still the pass's.
+    await cluster.patch("apps/v1/deployments", PREFILL, {"spec": {"replicas": 10}})
+    await eventually(lambda: replicas(cluster, PREFILL) == 3)
+
+    # Autoscaling off: the spec's replicas win again, and the autoscaler's status goes.
+    template = cluster.get("Deployment", DECODE)["spec"]["template"]
+    await cluster.update_md_spec(DEMO, {"autoscaling": {"enabled": False}})
+    await eventually(lambda: replicas(cluster, PREFILL) == 1)
+    await eventually(lambda: not has_condition(cluster, "AutoscalerHealthy"))
+    assert "autoscaler" not in cluster.md(DEMO)["status"]
+    await asyncio.sleep(3 * INTERVAL)  # a step in flight when it was disabled may finish its queries
+    settled = len(prom.seen)
+    await asyncio.sleep(3 * INTERVAL)
+    assert len(prom.seen) == settled
+    assert replicas(cluster, PREFILL) == 1
+    # No pod reads the autoscaling policy: toggling it rolls no pod.
+    assert cluster.get("Deployment", DECODE)["spec"]["template"] == template
+
+
+async def test_disabled_autoscaling_queries_nothing_and_changes_nothing(
+    cluster: Cluster, prom: FakePrometheus, autoscaling_operator: RunningOperator
+):
+    prom.answers = BACKLOG
+    prom.start()
+    md = manifest(enabled=False)
+    await create_ready(cluster, copy.deepcopy(md))
+    await eventually(lambda: cluster.condition(DEMO, "Progressing")["status"] == "False")
+    await asyncio.sleep(0.3)  # passes woken by the last status write
+    mark = cluster.mark()
+    await asyncio.sleep(6 * INTERVAL)
+    assert prom.seen == []
+    assert (replicas(cluster, PREFILL), replicas(cluster, DECODE)) == (1, 1)
+    assert not has_condition(cluster, "AutoscalerHealthy")
+    assert "autoscaler" not in cluster.md(DEMO)["status"]
+    assert cluster.writes(since=mark) == []
+    # A hand edit of the replicas is undone: the spec owns them.
+    await cluster.patch("apps/v1/deployments", PREFILL, {"spec": {"replicas": 2}})
+    await eventually(lambda: replicas(cluster, PREFILL) == 1)
+
+
+# ---- without Kopf: the autoscaler and the reconciler on the in-memory API of test_reconciler.py
+
+
+def memory_setup(prometheus_url: str) -> tuple[Any, Reconciler, Autoscaler, list[tuple[str, str]]]:
+    from .test_reconciler import MemoryApi
+
+    memory = MemoryApi()
+    md = manifest()
+    md["metadata"].update({"namespace": "ns", "uid": "uid-1", "generation": 1})
+    memory.objects[(api.KIND, "ns", DEMO)] = md
+    events: list[tuple[str, str]] = []
+
+    def post(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        events.append((type_, reason))
+
+    reconciler = Reconciler(memory, post, autoscaler=True)
+    return memory, reconciler, Autoscaler(memory, reconciler, post, prometheus_url), events
+
+
+async def test_no_prometheus_configured_holds_and_says_so():
+    memory, reconciler, autoscaler, events = memory_setup("")
+
+    await reconciler.reconcile("ns", DEMO)
+    await autoscaler.step("ns", DEMO)
+    memory.calls.clear()
+    await autoscaler.step("ns", DEMO)  # unchanged: reads only
+    assert memory.writes() == []
+    await reconciler.reconcile("ns", DEMO)  # keeps the autoscaler's condition, writes nothing
+    assert memory.writes() == []
+
+    status = memory.objects[(api.KIND, "ns", DEMO)]["status"]
+    (cond,) = [c for c in status["conditions"] if c["type"] == "AutoscalerHealthy"]
+    assert (cond["status"], cond["reason"]) == ("False", "NoPrometheus")
+    assert "--prometheus-url" in cond["message"]
+    assert events == [("Warning", "NoPrometheus")]
+    assert memory.objects[("Deployment", "ns", PREFILL)]["spec"]["replicas"] == 1
+
+
+async def test_a_bad_spec_holds_and_keeps_the_autoscalers_status():
+    memory, reconciler, autoscaler, _ = memory_setup("")
+
+    await reconciler.reconcile("ns", DEMO)
+    await autoscaler.step("ns", DEMO)
+    memory.objects[(api.KIND, "ns", DEMO)]["spec"]["model"] = {"builtin": "gpt-17"}
+    await reconciler.reconcile("ns", DEMO)
+    memory.calls.clear()
+    await autoscaler.step("ns", DEMO)
+    assert memory.writes() == []
+
+    status = memory.objects[(api.KIND, "ns", DEMO)]["status"]
+    assert [c["type"] for c in status["conditions"]][-1] == "AutoscalerHealthy"
+
+
+async def test_autoscaler_status_patch_is_minimal():
+    now = "2026-01-01T00:00:00Z"
+    kw = dict(healthy=True, reason="PrometheusReachable", message="m", generation=1, now=now)
+    first = plan_autoscaler_status({}, autoscaler={"reason": "r", "inputs": {"met": 1, "failed": 0}}, **kw)
+    assert first is not None
+    status = first["status"]
+    assert status["conditions"][0]["type"] == "AutoscalerHealthy"
+    assert plan_autoscaler_status(status, autoscaler={"reason": "r"}, **kw) is None
+    assert (
+        plan_autoscaler_status({**status, "observedGeneration": 2}, autoscaler={}, **{**kw, "generation": 2})
+        is None
+    )
+    changed = plan_autoscaler_status(status, autoscaler={"inputs": {"met": 2}, "holding": None}, **kw)
+    assert changed == {"status": {"autoscaler": {"inputs": {"met": 2, "failed": None}}}}
+    down = plan_autoscaler_status(status, autoscaler={}, **{**kw, "healthy": False, "reason": "X"})
+    assert down is not None and down["status"]["conditions"][0]["status"] == "False"
+    assert "autoscaler" not in down["status"]
+
+
+async def test_the_autoscaling_policy_does_not_change_the_pod_templates():
+    def hashes(autoscaling: dict[str, Any]) -> set[str]:
+        spec = api.parse_spec({**manifest()["spec"], "autoscaling": autoscaling})
+        owner = Owner(name=DEMO, namespace="ns", uid="u")
+        return {
+            o["spec"]["template"]["metadata"]["annotations"]["tandem.dev/config-hash"]
+            for o in build_children(owner, spec)
+            if o["kind"] == "Deployment"
+        }
+
+    assert hashes({"enabled": True, "maxStep": 3}) == hashes({"enabled": False})
