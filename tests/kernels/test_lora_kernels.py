@@ -609,3 +609,141 @@ def test_dispatcher_env_forces_triton(monkeypatch):
     tandem_kernels.lora_expand(*expand_args(torch.zeros(2, 4), batch, ad, batch.x, 0), y_offsets)
     assert [name for name, _ in calls] == ["shrink", "expand"]
     assert calls[0][1][-1] == 4 and calls[1][1][-1] is y_offsets  # every argument passed through
+
+
+# --- the engine's CPU path: lora_apply_grouped over HostGroups --------------------------------
+
+
+def grouped_work(ad: Adapters, host: lora_reference.HostGroups, ranks: list[int], out_offset: int) -> list:
+    return [
+        (
+            int(ad.a_offsets[s]),
+            ranks[s],
+            [(int(ad.b_offsets[s]), ranks[s], 0, float(ad.scaling[s]), out_offset, ad.hidden_out)],
+        )
+        if ranks[s] > 0
+        else None
+        for s in host.slots
+    ]
+
+
+@pytest.mark.parametrize(
+    ("seq_lens", "seq_slots", "views"),
+    [
+        (SEQ_LENS, SEQ_SLOTS, False),  # slot 5's and 0's requests are apart: one gather, one scatter
+        ([3, 2, 5, 1, 4, 1], [1, None, 0, 3, 5, 5], True),  # one run of tokens per adapter: views
+        ([1] * 40, [i % 3 for i in range(40)], False),  # a decode step
+    ],
+)
+@pytest.mark.parametrize(
+    ("x_dtype", "pool_dtype", "out_dtype"),
+    [
+        (torch.float32, torch.float32, torch.float32),
+        (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+        (torch.float32, torch.bfloat16, torch.float32),
+    ],
+)
+def test_apply_grouped_matches_naive(seq_lens, seq_slots, views, x_dtype, pool_dtype, out_dtype):
+    gen = torch.Generator().manual_seed(11)
+    ad = make_adapters(RANKS, 128, 96, pool_dtype, gen)
+    batch = make_batch(seq_lens, seq_slots, RANKS, 128, x_dtype, gen)
+    host = lora_reference.HostGroups(seq_lens, seq_slots)
+    assert (host.runs is not None) == views
+    ti, go, gs = batch.groups
+    assert host.token_indices.tolist() == ti.tolist() and host.bounds == go.tolist()
+    assert host.slots == gs.tolist()
+    out = make_out(len(batch.token_slots), 96 + 40, out_dtype, gen)
+    before = out.clone()
+    y = naive_shrink(batch.x, ad, batch.token_slots)
+    expected = naive_expand(y, ad, batch.token_slots, out, 40)
+    threads = torch.get_num_threads()
+    lora_reference.lora_apply_grouped(batch.x, out, ad.pool, host, grouped_work(ad, host, RANKS, 40))
+    assert torch.get_num_threads() == threads
+    assert out.dtype == out_dtype
+    assert rel_err(out, expected) < (1e-5 if out_dtype == torch.float32 else tolerance(out_dtype))
+    for t, slot in enumerate(batch.token_slots):
+        if slot is None or RANKS[slot] == 0:
+            assert torch.equal(out[t], before[t])
+    assert torch.equal(out[:, :40], before[:, :40])
+
+
+def test_apply_grouped_fused_parts_equal_shrink_and_expands():
+    # A fused qkv projection: one stacked A per slot, one B per part read from its columns of y.
+    gen = torch.Generator().manual_seed(12)
+    hidden_in = 48
+    stacked = [[random_a(r, hidden_in, gen) for r in part_ranks] for part_ranks in QKV_RANKS]
+    bs = [[random_b(r, h, gen) for r, h in zip(part_ranks, QKV_SIZES)] for part_ranks in QKV_RANKS]
+    mats = [torch.cat(a_parts) for a_parts in stacked] + [b for b_parts in bs for b in b_parts]
+    pool, offsets = pack(mats, torch.float32, gen)
+    n = len(QKV_RANKS)
+    total_ranks = [sum(r) for r in QKV_RANKS]
+    seq_lens, seq_slots = [3, 1, 6, 2, 1, 5, 1], [0, 3, None, 1, 2, 3, 0]
+    batch = make_batch(seq_lens, seq_slots, total_ranks, hidden_in, torch.float32, gen)
+    width = sum(QKV_SIZES)
+    out = make_out(len(batch.token_slots), width, torch.float32, gen)
+    expected = out.clone()
+
+    # The public ops, as the GPU path calls them.
+    a_offsets = offsets_tensor(offsets[:n], total_ranks)
+    y = lora_reference.lora_shrink(
+        batch.x,
+        pool,
+        a_offsets,
+        torch.tensor(total_ranks, dtype=torch.int32),
+        *batch.groups,
+        max(total_ranks),
+    )
+    col = 0
+    for p, hidden_out in enumerate(QKV_SIZES):
+        ranks = [r[p] for r in QKV_RANKS]
+        lora_reference.lora_expand(
+            y,
+            pool,
+            offsets_tensor(offsets[n + p :: 3], ranks),
+            torch.tensor(ranks, dtype=torch.int32),
+            *batch.groups,
+            expected,
+            scaling_tensor(ranks),
+            col,
+            hidden_out,
+            torch.tensor([sum(r[:p]) for r in QKV_RANKS], dtype=torch.int64),
+        )
+        col += hidden_out
+
+    host = lora_reference.HostGroups(seq_lens, seq_slots)
+    work = []
+    for s in host.slots:
+        if total_ranks[s] == 0:
+            work.append(None)
+            continue
+        parts, col = [], 0
+        for p, hidden_out in enumerate(QKV_SIZES):
+            r = QKV_RANKS[s][p]
+            if r:
+                parts.append(
+                    (offsets[n + 3 * s + p], r, sum(QKV_RANKS[s][:p]), LORA_ALPHA / r, col, hidden_out)
+                )
+            col += hidden_out
+        work.append((offsets[s], total_ranks[s], parts))
+    lora_reference.lora_apply_grouped(batch.x, out, pool, host, work)
+    assert rel_err(out, expected) < 1e-6
+
+
+def test_apply_grouped_rejects_weights_outside_the_pool():
+    gen = torch.Generator().manual_seed(13)
+    ad = make_adapters([4, 8], 16, 24, torch.float32, gen)
+    host = lora_reference.HostGroups([1, 1], [0, 1])
+    x = torch.randn(2, 16, generator=gen)
+    out = torch.zeros(2, 24)
+    threads = torch.get_num_threads()
+    for bad in (
+        (ad.pool.numel() - 10, 8, [(0, 8, 0, 1.0, 0, 24)]),
+        (0, 8, [(ad.pool.numel() - 5, 8, 0, 1.0, 0, 24)]),
+    ):
+        work = grouped_work(ad, host, [4, 8], 0)
+        work[1] = bad
+        with pytest.raises(ValueError, match="outside"):
+            lora_reference.lora_apply_grouped(x, out, ad.pool, host, work)
+        assert torch.get_num_threads() == threads
+    with pytest.raises(ValueError, match="slot"):
+        lora_reference.HostGroups([1], [-1])
