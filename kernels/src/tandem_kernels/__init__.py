@@ -83,6 +83,7 @@ __all__ = [
     "reference",
     "store_kvcache",
     "triton_available",
+    "uses_triton",
 ]
 
 _BACKENDS = ("", "auto", "triton", "torch")
@@ -93,7 +94,8 @@ def triton_available() -> bool:
     return triton is not None
 
 
-def _use_triton(device: torch.device) -> bool:
+def uses_triton(device: torch.device) -> bool:
+    """Whether ops on `device` run the Triton kernels (else the torch references)."""
     # Read at call time so tests and operators can switch backends without re-importing.
     backend = os.environ.get("TANDEM_KERNELS", "").lower()
     if backend not in _BACKENDS:
@@ -115,7 +117,7 @@ def store_kvcache(
     slot_mapping: torch.Tensor,
 ) -> None:
     """Write each token's key and value into its cache slot, in place."""
-    if _use_triton(k_cache.device):
+    if uses_triton(k_cache.device):
         _triton_store_kvcache(key, value, k_cache, v_cache, slot_mapping)
     else:
         reference.store_kvcache(key, value, k_cache, v_cache, slot_mapping)
@@ -130,7 +132,7 @@ def paged_decode_attention(
     scale: float,
 ) -> torch.Tensor:
     """Attend one query token per sequence to its paged KV; returns [num_seqs, num_heads, head_dim]."""
-    if _use_triton(q.device):
+    if uses_triton(q.device):
         return _triton_paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
     return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
 
@@ -179,7 +181,7 @@ def lora_shrink(
 ) -> torch.Tensor:
     """y[t, :rank] = x[t] @ A[slot].T for every grouped token; returns [num_tokens, max_rank] float32."""
     args = (x, pool, a_offsets, ranks, token_indices, group_offsets, group_slots, max_rank)
-    if _use_triton(x.device):
+    if uses_triton(x.device):
         return _triton_lora_shrink(*args)
     return lora_reference.lora_shrink(*args)
 
@@ -213,7 +215,7 @@ def lora_expand(
         hidden_out,
         y_offsets,
     )
-    if _use_triton(out.device):
+    if uses_triton(out.device):
         _triton_lora_expand(*args)
     else:
         lora_reference.lora_expand(*args)

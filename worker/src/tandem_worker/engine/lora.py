@@ -725,7 +725,7 @@ class LoRAManager:
         if not active:
             return None
         max_rank = {k: max(self.tables.max_total_rank[k][s] for s in active) for k in KINDS}
-        if tandem_kernels._use_triton(self.pool.device):
+        if tandem_kernels.uses_triton(self.pool.device):
             groups = tandem_kernels.lora_token_groups(seq_lens, seq_slots, self.pool.device)
             return LoRABatch(self.pool, self.tables.on_device(), groups, max_rank, self.shapes)
         # The CPU path: the metadata stays on the host (see LoRABatch).
