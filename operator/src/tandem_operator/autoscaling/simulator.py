@@ -461,24 +461,7 @@ class Simulator:
         w = self.spec.window_seconds
         lo = self.now - w
         i = bisect.bisect_right(self.finished, lo, key=lambda x: x[0])
-        met = mt = mp = failed = 0
-        ttfts, tpots = [], []
-        ttft_s, tpot_s = self.spec.ttft_ms / 1000.0, self.spec.tpot_ms / 1000.0
-        for _, r in self.finished[i:]:
-            if r.failed:
-                failed += 1
-                continue
-            ttfts.append(r.ttft)
-            if r.output > 1:
-                tpots.append(r.tpot)
-            if r.ttft > ttft_s:
-                mt += 1
-            elif r.tpot > tpot_s:
-                mp += 1
-            else:
-                met += 1
-        ttfts.sort()
-        tpots.sort()
+        met, mt, mp, failed, ttfts, tpots = _tally((r for _, r in self.finished[i:]), self.spec)
         a = bisect.bisect_right(self.arrivals_t, lo)
         total = self.arrivals_cum[-1] - self.arrivals_cum[a]
         peak = self._peak_rate(self.arrivals_t, self.arrivals_cum, lo)
@@ -581,24 +564,7 @@ class Simulator:
         return self._result(end)
 
     def _result(self, end: float) -> SimResult:
-        ttft_s, tpot_s = self.spec.ttft_ms / 1000.0, self.spec.tpot_ms / 1000.0
-        met = mt = mp = failed = 0
-        ttfts, tpots = [], []
-        for r in self.reqs:
-            if r.failed:
-                failed += 1
-                continue
-            ttfts.append(r.ttft)
-            if r.output > 1:
-                tpots.append(r.tpot)
-            if r.ttft > ttft_s:
-                mt += 1
-            elif r.tpot > tpot_s:
-                mp += 1
-            else:
-                met += 1
-        ttfts.sort()
-        tpots.sort()
+        met, mt, mp, failed, ttfts, tpots = _tally(self.reqs, self.spec)
         gpu_s = sum(
             ((x.stopped if x.stopped is not None else end) - x.created) * x.gpus
             for x in self.retired + self.instances["prefill"] + self.instances["decode"]
@@ -673,3 +639,28 @@ def static_peak_size(
             f"no static size up to P={max_prefill}, D={max_decode} meets the target on the peak minute"
         )
     return best[0], best[1], start, best[2]
+
+
+def _tally(reqs, spec: AutoscalingSpec) -> tuple[int, int, int, int, list[float], list[float]]:
+    """(met, missed TTFT, missed TPOT, failed, sorted TTFTs, sorted TPOTs) of finished requests,
+    judged as the router judges them."""
+    ttft_s, tpot_s = spec.ttft_ms / 1000.0, spec.tpot_ms / 1000.0
+    met = mt = mp = failed = 0
+    ttfts: list[float] = []
+    tpots: list[float] = []
+    for r in reqs:
+        if r.failed:
+            failed += 1
+            continue
+        ttfts.append(r.ttft)
+        if r.output > 1:
+            tpots.append(r.tpot)
+        if r.ttft > ttft_s:
+            mt += 1
+        elif r.tpot > tpot_s:
+            mp += 1
+        else:
+            met += 1
+    ttfts.sort()
+    tpots.sort()
+    return met, mt, mp, failed, ttfts, tpots
