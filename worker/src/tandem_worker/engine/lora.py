@@ -665,9 +665,6 @@ class LoRAManager:
             n += 1
         return n, layers
 
-    def blocks_for(self, adapter: HostAdapter) -> int:
-        return self._plan(adapter)[0]
-
     def _to_device(self, name: str) -> DeviceAdapter | None:
         adapter = self._host[name]
         n, layers = self._plan(adapter)
