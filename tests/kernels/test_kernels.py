@@ -370,3 +370,37 @@ def test_package_imports_without_triton(tmp_path):
         [sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
+
+
+@requires_triton
+@pytest.mark.parametrize("partition_size", [None, 64, 128])
+def test_triton_decode_split_context_matches_reference(triton_kernels, partition_size):
+    """Contexts longer than a partition are split (flash-decoding) and combined; lengths hit
+    partition boundaries exactly, fall one short or over, and leave later partitions empty."""
+    _, decode = triton_kernels
+    gen = torch.Generator().manual_seed(9)
+    kv = make_paged_kv([700, 1, 513, 128, 64], 2, 64, torch.float32, gen)
+    q = torch.randn(5, 8, 64, generator=gen)
+    args = (q, kv.k_cache, kv.v_cache, kv.block_tables, kv.context_lens, 64**-0.5)
+    out = decode(*args, partition_size=partition_size)
+    assert rel_err(out, reference.paged_decode_attention(*args)) < TOLERANCE[torch.float32]
+    unsplit = decode(*args, partition_size=1 << 20)  # one partition: the single-kernel path
+    assert rel_err(out, unsplit) < TOLERANCE[torch.float32]
+
+
+@requires_triton
+def test_store_kvcache_skips_padding_slots(triton_kernels):
+    """Slot -1 marks a padding row (CUDA-graph batches padded to a captured size): nothing written."""
+    store, _ = triton_kernels
+    gen = torch.Generator().manual_seed(10)
+    key, value, k_cache, v_cache, slots = make_store_inputs(12, 2, 64, torch.float32, gen)
+    slots[[0, 5, 11]] = -1
+    for write in (store, reference.store_kvcache):
+        k, v = k_cache.clone(), v_cache.clone()
+        write(key, value, k, v, slots)
+        live = slots >= 0
+        blocks, offsets = slots[live] // BLOCK_SIZE, slots[live] % BLOCK_SIZE
+        assert torch.equal(k[blocks, offsets], key[live]) and torch.equal(v[blocks, offsets], value[live])
+        untouched = torch.ones(k.shape[:2], dtype=torch.bool)
+        untouched[blocks, offsets] = False
+        assert torch.equal(k[untouched], k_cache[untouched]) and torch.equal(v[untouched], v_cache[untouched])

@@ -3,7 +3,7 @@
 Shapes (the contract every op shares):
     key, value          [num_tokens, num_kv_heads, head_dim]
     k_cache, v_cache    [num_blocks, block_size, num_kv_heads, head_dim]
-    slot_mapping        [num_tokens] int64, slot = block_id * block_size + offset
+    slot_mapping        [num_tokens] int64, slot = block_id * block_size + offset; -1: skip (padding)
     block_tables        [num_seqs, max_blocks] int32, rows padded with any valid block id
     context_lens        [num_seqs] int32, KV tokens each sequence attends to (>= 1)
     cu_seqlens_q        [num_seqs + 1] int32, cumulative query lengths of packed queries

@@ -28,9 +28,10 @@ each matrix at its own element offset and at the adapter's own rank, without pad
                         out[:, out_offset:out_offset + hidden_out] for grouped tokens only
 `tandem_kernels.lora_token_groups` builds the group metadata from packed sequences.
 
-Grid: (group, token tile, rank or output-column tile). The token-tile axis is sized for the
-whole of token_indices, so no host sync is needed to find the longest group; tiles past the end
-of their group, and groups of rank-0 slots, return at once. Block sizes depend only on max_rank
+Grid: (group, token tile, rank tile x split of hidden_in) for shrink, (group, token tile,
+output-column tile) for expand. The token-tile axis is sized for the whole of token_indices, so
+no host sync is needed to find the longest group; tiles past the end of their group, and groups
+of rank-0 slots, return at once. Block sizes and splits depend only on max_rank and hidden_in
 (shrink) or y's width (expand), not on the batch, so a token's result does not depend on what
 it is batched with.
 
@@ -55,6 +56,7 @@ from tandem_kernels.lora_reference import check_expand_args, check_shrink_args, 
 
 _BLOCK_M = 16  # tokens per tile: decode groups are short, and tl.dot needs at least 16
 _SHRINK_BLOCK_K = 64
+_SHRINK_K_CHUNK = 512  # hidden_in columns per split-K program (a multiple of _SHRINK_BLOCK_K)
 _EXPAND_BLOCK_N = 64
 
 
@@ -77,9 +79,12 @@ def _lora_shrink_kernel(
     max_rank,
     x_stride_t,
     y_stride_t,
+    y_stride_split,
+    num_rank_tiles,
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    K_CHUNK: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -88,7 +93,8 @@ def _lora_shrink_kernel(
     end = tl.load(group_offsets_ptr + group + 1)
     slot = tl.load(group_slots_ptr + group).to(tl.int64)
     rank = tl.minimum(tl.load(ranks_ptr + slot), max_rank)
-    r_start = tl.program_id(2) * BLOCK_R
+    split = tl.program_id(2) // num_rank_tiles
+    r_start = (tl.program_id(2) % num_rank_tiles) * BLOCK_R
     # Past the group's tokens or the adapter's rank (all of it for rank 0): y is already zero there.
     if first >= end or r_start >= rank:
         return
@@ -104,8 +110,10 @@ def _lora_shrink_kernel(
     a_ptrs = pool_ptr + a_offset + offs_r[:, None] * hidden_in + offs_k[None, :]
 
     acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for k in range(0, hidden_in, BLOCK_K):
-        mask_k = k + offs_k < hidden_in
+    k_start = split * K_CHUNK
+    k_end = tl.minimum(k_start + K_CHUNK, hidden_in)
+    for k in range(k_start, k_end, BLOCK_K):
+        mask_k = k + offs_k < k_end
         x = tl.load(x_ptrs + k, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         a = tl.load(a_ptrs + k, mask=mask_r[:, None] & mask_k[None, :], other=0.0)
         if UPCAST:  # x and the pool differ in dtype: multiply in fp32
@@ -113,7 +121,7 @@ def _lora_shrink_kernel(
             a = a.to(tl.float32)
         acc = tl.dot(x, tl.trans(a), acc, input_precision=DOT_PRECISION)
 
-    y_ptrs = y_ptr + tokens[:, None] * y_stride_t + offs_r[None, :]
+    y_ptrs = y_ptr + split * y_stride_split + tokens[:, None] * y_stride_t + offs_r[None, :]
     tl.store(y_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
 
 
@@ -230,14 +238,20 @@ def lora_shrink(
             "max_rank",
         )
 
-    y = torch.zeros(num_tokens, max_rank, dtype=torch.float32, device=x.device)
     num_groups = group_slots.shape[0]
     num_lora_tokens = token_indices.shape[0]
+    # Split-K: a decode batch has few (group, token tile) pairs, and each would otherwise walk all
+    # of hidden_in alone (14336 for a Llama-3-8B down projection) while most SMs idle. Each split
+    # writes its own partial y; summing them is one small deterministic kernel (no atomics, so a
+    # token's result stays independent of its batch and of scheduling).
+    splits = triton.cdiv(hidden_in, _SHRINK_K_CHUNK) if hidden_in else 1
+    y = torch.zeros(splits, num_tokens, max_rank, dtype=torch.float32, device=x.device)
     if num_groups == 0 or num_lora_tokens == 0 or max_rank == 0 or hidden_in == 0:
-        return y
+        return y[0]
     block_r = _rank_block(max_rank)
+    rank_tiles = triton.cdiv(max_rank, block_r)
     upcast = x.dtype != pool.dtype
-    grid = (num_groups, triton.cdiv(num_lora_tokens, _BLOCK_M), triton.cdiv(max_rank, block_r))
+    grid = (num_groups, triton.cdiv(num_lora_tokens, _BLOCK_M), rank_tiles * splits)
     _lora_shrink_kernel[grid](
         x,
         pool,
@@ -250,14 +264,17 @@ def lora_shrink(
         hidden_in,
         max_rank,
         x.stride(0),
+        y.stride(1),
         y.stride(0),
+        rank_tiles,
         BLOCK_M=_BLOCK_M,
         BLOCK_R=block_r,
         BLOCK_K=_SHRINK_BLOCK_K,
+        K_CHUNK=_SHRINK_K_CHUNK,
         UPCAST=upcast,
         DOT_PRECISION=_dot_precision(torch.float32 if upcast else x.dtype),
     )
-    return y
+    return y[0] if splits == 1 else y.sum(0)
 
 
 def lora_expand(

@@ -26,6 +26,11 @@ def store_kvcache(
     v_slots = v_cache.view(-1, num_kv_heads, head_dim)
     # index_put_, not index_copy_: on CPU the latter parallelises tiny copies across OpenMP threads
     # and becomes 100x slower when the cores are busy (measured: 16 ms vs 0.2 ms for 256 tokens).
+    if slot_mapping.device.type == "cpu" and bool((slot_mapping < 0).any()):
+        # Padding rows (slot -1) are skipped, as the Triton kernel does. Only checked on the CPU,
+        # where it costs no device sync; padded batches only exist on the CUDA-graph path.
+        keep = slot_mapping >= 0
+        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
     k_slots[slot_mapping] = key
     v_slots[slot_mapping] = value
 

@@ -3,7 +3,7 @@
 Shapes:
     key, value          [num_tokens, num_kv_heads, head_dim]
     k_cache, v_cache    [num_blocks, block_size, num_kv_heads, head_dim]
-    slot_mapping        [num_tokens] int64, slot = block_id * block_size + offset
+    slot_mapping        [num_tokens] int64, slot = block_id * block_size + offset; -1 skips the token
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ def _store_kvcache_kernel(
     slot = tl.load(slot_mapping_ptr + token)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HEAD_DIM)
+    # A negative slot is a padding row (a CUDA-graph batch padded to its captured size): skip it.
+    live = (offs_h[:, None] * 0 + slot) >= 0  # a [heads, 1] tensor: a scalar bool mask breaks the interpreter
+    mask = (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HEAD_DIM) & live
 
     src_k = token * key_stride_t + offs_h[:, None] * key_stride_h + offs_d[None, :]
     src_v = token * value_stride_t + offs_h[:, None] * value_stride_h + offs_d[None, :]

@@ -62,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--metrics-port", type=int, default=0, help="HTTP port of /metrics (0: off)")
     w.add_argument("--device", default="cpu")
     w.add_argument("--kv-cache-bytes", type=int, default=None)
+    w.add_argument(
+        "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: bf16 on CUDA"
+    )
+    w.add_argument(
+        "--cuda-graph-max-batch",
+        type=int,
+        default=256,
+        help="CUDA: replay captured graphs for decode batches up to this size (0: always eager)",
+    )
     w.add_argument("--max-num-batched-tokens", type=int, default=2048)
     w.add_argument("--lora-store", default=None, help="folder of PEFT LoRA adapters, one sub-folder each")
     w.add_argument(
@@ -306,6 +315,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         model=args.model,
         device=args.device,
         kv_cache_bytes=args.kv_cache_bytes,
+        dtype=args.dtype,
+        cuda_graph_max_batch=args.cuda_graph_max_batch,
         max_num_batched_tokens=args.max_num_batched_tokens,
         lora_store=args.lora_store,
         lora_host_cache_bytes=args.lora_host_cache_bytes,

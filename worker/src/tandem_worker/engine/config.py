@@ -116,6 +116,12 @@ class EngineConfig:
     # False on workers behind a router: it detokenizes and applies stop strings itself.
     detokenize: bool = True
     seed: int = 0
+    # "safetensors": the model folder's checkpoint; "dummy": random weights of the model's shape,
+    # drawn on the device (benchmarks of large shapes with no download).
+    load_format: str = "safetensors"
+    # CUDA: decode-only steps of up to this many sequences replay captured CUDA graphs (one per
+    # captured batch size, padded up to the next); 0 runs every step eagerly.
+    cuda_graph_max_batch: int = 256
     # LoRA: the adapter store (a folder of PEFT adapters, one sub-folder per name), the host-memory
     # cache above it, and how long a request may wait for its adapter to load. Device memory for
     # adapters comes out of the KV cache budget (unified paging).
@@ -137,6 +143,10 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be at least 1")
         if self.lora_load_timeout_s <= 0:
             raise ValueError("lora_load_timeout_s must be positive")
+        if self.load_format not in ("safetensors", "dummy"):
+            raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {self.load_format!r}")
+        if self.cuda_graph_max_batch < 0:
+            raise ValueError("cuda_graph_max_batch must be >= 0 (0 disables CUDA graphs)")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be at least 1")
         if self.max_num_seqs > self.max_num_batched_tokens:

@@ -16,6 +16,7 @@ import torch
 
 from .block_manager import BlockManager
 from .config import EngineConfig, ModelConfig
+from .kv_staging import KVReady, KVStager, slot_indices
 from .loader import resolve_model
 from .lora import LoRAManager
 from .model_runner import ModelRunner
@@ -64,7 +65,7 @@ class _Request:
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, **kwargs: Any) -> None:
         self.config = config = config or EngineConfig(**kwargs)
-        self.model_dir = resolve_model(config.model)
+        self.model_dir = resolve_model(config.model, require_weights=config.load_format != "dummy")
         self.model_config = ModelConfig.from_folder(self.model_dir)
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         if self.max_model_len > self.model_config.max_position_embeddings:
@@ -94,6 +95,7 @@ class LLMEngine:
         self._requests: dict[str, _Request] = {}
         self._reservations: list[Reservation] = []
         self._counter = 0
+        self._kv_stager: KVStager | None = None  # made on first use, on a CUDA prefill worker
         self.busy_seconds = 0.0
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -139,14 +141,15 @@ class LLMEngine:
         *,
         prompt_token_ids: list[int] | None = None,
         remote_kv: bool = False,
-        kv_sink: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
+        kv_sink: Callable[[int, int, torch.Tensor, torch.Tensor, KVReady | None], None] | None = None,
         kv_skip: int = 0,
         adapter: str | None = None,
     ) -> str:
         """Queue a request; raises `RequestError` (changing nothing) if it can never be served.
 
         `remote_kv`: the prompt's KV will come from a prefill worker (see `take_reservations` and
-        `kv_ready`). `kv_sink`: stream each layer's KV for prompt tokens from `kv_skip` on.
+        `kv_ready`). `kv_sink`: stream each layer's KV for prompt tokens from `kv_skip` on, as
+        `kv_sink(layer, start, key, value, ready)` (see `Sequence.kv_sink`).
         `adapter`: a LoRA adapter's name; an unknown one raises `AdapterNotFoundError`.
         """
         params = params or SamplingParams()
@@ -257,19 +260,27 @@ class LLMEngine:
     def _kv_hook(self, sends: list[tuple[Sequence, int, int]]) -> Callable[[int], None]:
         """Hand each finished layer's KV of the given token ranges to their sinks, as soon as it exists."""
         bs = self.config.block_size
-        slots = []
-        for seq, lo, hi in sends:
-            table = torch.tensor(seq.block_table)
-            pos = torch.arange(lo, hi)
-            slots.append((table[pos // bs] * bs + pos % bs).to(self.runner.device))
+        slots = [slot_indices(seq.block_table, lo, hi, bs).to(self.runner.device) for seq, lo, hi in sends]
         kv = self.runner.kv_cache
         heads, dim = kv.shape[-2:]
+        if kv.device.type == "cuda":
+            if self._kv_stager is None:
+                self._kv_stager = KVStager(kv.device)
+            stager = self._kv_stager
+
+            def staged_hook(layer: int) -> None:
+                # Pinned host copies made on a side stream while the next layers compute; the sink's
+                # reader waits on `ready`, the engine thread never does.
+                for (seq, lo, _), s in zip(sends, slots):
+                    seq.kv_sink(layer, lo, *stager.stage(kv, layer, s))
+
+            return staged_hook
 
         def hook(layer: int) -> None:
             k_flat = kv[0, layer].view(-1, heads, dim)
             v_flat = kv[1, layer].view(-1, heads, dim)
             for (seq, lo, _), s in zip(sends, slots):
-                seq.kv_sink(layer, lo, k_flat.index_select(0, s), v_flat.index_select(0, s))
+                seq.kv_sink(layer, lo, k_flat.index_select(0, s), v_flat.index_select(0, s), None)
 
         return hook
 

@@ -86,11 +86,14 @@ def _builtin_names() -> str:
     return ", ".join(sorted(BUILTIN_MODELS))
 
 
-def resolve_model(name_or_path: str | os.PathLike[str], cache_dir: Path | None = None) -> Path:
+def resolve_model(
+    name_or_path: str | os.PathLike[str], cache_dir: Path | None = None, require_weights: bool = True
+) -> Path:
     """Return a Hugging Face-format folder for a built-in name, a ``.gguf`` file or an HF folder.
 
     GGUF files (including built-ins) are converted once into ``cache_dir`` (default: `default_cache_dir`).
     Raises `ModelNotFoundError` for unknown names / missing paths, `UnsupportedModelError` for the rest.
+    `require_weights=False` accepts a folder with no checkpoint (random "dummy" weights).
     """
     text = os.fspath(name_or_path)
     builtin = BUILTIN_MODELS.get(text)
@@ -106,7 +109,7 @@ def resolve_model(name_or_path: str | os.PathLike[str], cache_dir: Path | None =
             )
         return convert_gguf(path, cache_dir)
     if path.is_dir():
-        _check_hf_folder(path, text)
+        _check_hf_folder(path, text, require_weights)
         return path
     raise ModelNotFoundError(
         f"model {text!r} is neither a built-in model nor an existing path; "
@@ -114,11 +117,11 @@ def resolve_model(name_or_path: str | os.PathLike[str], cache_dir: Path | None =
     )
 
 
-def _check_hf_folder(path: Path, text: str) -> None:
+def _check_hf_folder(path: Path, text: str, require_weights: bool = True) -> None:
     missing = []
     if not (path / "config.json").is_file():
         missing.append("config.json")
-    if not any(path.glob("*.safetensors")):
+    if require_weights and not any(path.glob("*.safetensors")):
         missing.append("*.safetensors")
     if missing:
         hint = ""

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import torch
 
+import tandem_kernels
+
 from .config import EngineConfig, ModelConfig
+from .cuda_graphs import DecodeGraphs
 from .model import AttentionMetadata, LlamaModel, RotaryEmbedding
 from .scheduler import SchedulerOutput
 
@@ -95,11 +98,14 @@ class ModelRunner:
         self.block_size = cfg.block_size
         with torch.device("meta"):
             model = LlamaModel(model_cfg, max_model_len)
-        # Materialise on the target device without a throwaway random init.
-        model = model.to_empty(device=self.device)
+        # Materialise on the target device, in the serving dtype, without a throwaway random init:
+        # an 8B model never exists in float32 (32 GB) on the way to bf16.
+        model = model.to_empty(device=self.device).to(self.dtype).eval()
         model.tie_weights()
-        model.load_weights(model_dir)
-        model = model.to(self.dtype).eval()
+        if cfg.load_format == "dummy":
+            model.init_dummy_weights(cfg.seed)
+        else:
+            model.load_weights(model_dir)
         model.tie_weights()
         # The RoPE table is not in the checkpoint and stays float32 whatever the weights' dtype.
         model.rotary = RotaryEmbedding(model_cfg, max_model_len).to(self.device)
@@ -109,6 +115,14 @@ class ModelRunner:
         self.gather_attention = self.device.type != "cuda" and os.environ.get("TANDEM_KERNELS") != "triton"
         self.kv_cache = torch.zeros(self.layout.shape, dtype=self.dtype, device=self.device)
         self.lora = None  # the engine's LoRAManager: adapters live in this KV pool
+        self.graphs: DecodeGraphs | None = None
+        use_graphs = self.device.type == "cuda" and tandem_kernels.uses_triton(self.device)
+        if use_graphs and cfg.cuda_graph_max_batch > 0:
+            # Captured against this kv_cache tensor: it must never be reallocated.
+            max_batch = min(cfg.cuda_graph_max_batch, cfg.max_num_seqs)
+            max_blocks = -(-max_model_len // self.block_size)
+            self.graphs = DecodeGraphs(self.model, self.kv_cache, max_batch, max_blocks)
+            self.graphs.capture()
         log.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB)",
             self.layout.num_blocks,
@@ -193,6 +207,10 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, list[int]]:
         """Run one step. Returns logits [k, vocab] for the chunks that complete their sequence,
         and the indices (into `out.chunks`) of those chunks, in row order."""
+        if layer_hook is None and self.graphs is not None:
+            logits = self._run_graph(out)
+            if logits is not None:
+                return logits, list(range(len(out.chunks)))
         input_ids, positions, meta, order = self.prepare(out)
         logit_rows: list[int] = []
         sampled_chunks: list[int] = []
@@ -205,3 +223,24 @@ class ModelRunner:
                 sampled_chunks.append(i)
         logits = self.model(input_ids, positions, self.kv_cache, meta, self._tensor(logit_rows), layer_hook)
         return logits, sampled_chunks
+
+    def _run_graph(self, out: SchedulerOutput) -> torch.Tensor | None:
+        """Logits of a decode-only step, adapter-free, replayed from a CUDA graph; None if the
+        step does not qualify (it then runs eagerly)."""
+        chunks = out.chunks
+        graphs = self.graphs
+        if not chunks or any(c.num_tokens != 1 or not c.completes for c in chunks):
+            return None
+        if self.lora is not None and any(c.seq.lora_slot is not None for c in chunks):
+            return None
+        tables = [c.seq.block_table for c in chunks]
+        if not graphs.fits(len(chunks), max(len(t) for t in tables)):
+            return None
+        bs = self.block_size
+        ids, pos, slots = [], [], []
+        for c in chunks:
+            p = c.start
+            ids.append(c.seq.tokens(p, p + 1)[0])
+            pos.append(p)
+            slots.append(c.seq.block_table[p // bs] * bs + p % bs)
+        return graphs.run(ids, pos, slots, tables)

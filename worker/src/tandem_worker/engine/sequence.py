@@ -42,9 +42,13 @@ class Sequence:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
-    # Disaggregation. Prefill side: each layer's new KV goes to `kv_sink(layer, start, k, v)`, from
-    # token `kv_sent` on. Decode side: `remote_kv` means the prompt's KV arrives from a prefill worker.
-    kv_sink: Callable[[int, int, Any, Any], None] | None = None
+    # Disaggregation. Prefill side: each layer's new KV goes to `kv_sink(layer, start, k, v, ready)`,
+    # from token `kv_sent` on. k/v are fresh host tensors [n, kv_heads, head_dim]; `ready` is None
+    # (CPU: they hold the KV already) or has `.synchronize()`, to call before reading them (CUDA:
+    # pinned copies still in flight on a side stream, see kv_staging.py). Call it in the reader's
+    # thread, never the engine's. Decode side: `remote_kv` means the prompt's KV arrives from a
+    # prefill worker.
+    kv_sink: Callable[[int, int, Any, Any, Any], None] | None = None
     kv_sent: int = 0
     remote_kv: bool = False
     # LoRA: the adapter's name, its device slot while the sequence holds it pinned (see lora.py),

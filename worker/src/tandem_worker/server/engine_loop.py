@@ -44,12 +44,15 @@ class KVReserved:
 
 @dataclass(frozen=True)
 class KVPiece:
-    """Prefill side: one layer's KV for tokens [start, start + n) of the prompt, fresh tensors."""
+    """Prefill side: one layer's KV for tokens [start, start + n) of the prompt, fresh host tensors.
+    Call `ready.synchronize()` (when not None) before reading them: on CUDA they are pinned
+    buffers a side stream is still filling when the piece is queued."""
 
     layer: int
     start: int
     key: Any  # torch.Tensor [n, kv_heads, head_dim]
     value: Any
+    ready: Any = None  # None, or a torch.cuda.Event (anything with .synchronize())
 
 
 _END = object()
@@ -137,7 +140,9 @@ class EngineLoop:
         def add() -> None:
             sink = None
             if kv_sink:
-                sink = lambda layer, start, k, v: stream.put(KVPiece(layer, start, k, v))  # noqa: E731
+                sink = lambda layer, start, k, v, ready: stream.put(  # noqa: E731
+                    KVPiece(layer, start, k, v, ready)
+                )
             try:
                 self.engine.add_request(
                     prompt_token_ids=prompt_token_ids,

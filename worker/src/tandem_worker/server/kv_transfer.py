@@ -6,7 +6,8 @@ Parts:
   straight into the message bytes the socket sends (no protobuf object holds it);
 - `decode_kv_chunk()` (decode side) parses the small header fields with protobuf and returns the
   payloads as views into the received bytes, which `KVWriter` copies straight into the reserved
-  cache slots: the one copy on that side;
+  cache slots: the one copy on that side (on a GPU: into a pinned staging buffer, then by DMA on a
+  side stream; `KVWriter.finish()` waits for those before the engine may read the KV);
 - the encoding is exactly protobuf's for `KVChunk`, so any protobuf client can still parse it;
 - `prefill_method_handler()` / `prefill_stub()` register and call `KVTransfer.Prefill` with these
   (de)serializers instead of the generated ones;
@@ -62,7 +63,10 @@ def encode_kv_chunk(
     parts: list[bytes | memoryview] = [header.SerializeToString()]
     for field, t in ((_KEY, key), (_VALUE, value)):
         if t is not None:
-            buf = memoryview(t.contiguous().numpy()).cast("B")
+            if t.device.type != "cpu":  # a synchronous copy; the engine stages KV to host first
+                t = t.cpu()
+            # Raw bytes, as uint8: numpy has no bfloat16 (the dtype of a CUDA cache). A view: no copy.
+            buf = memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()).cast("B")
             parts += [_varint(field << 3 | 2), _varint(len(buf)), buf]
     return b"".join(parts)
 
@@ -133,15 +137,39 @@ def prefill_stub(channel: grpc.Channel) -> Callable[..., Iterator[tuple[wpb.KVCh
 
 class KVWriter:
     """Writes received chunks into one sequence's reserved blocks of a paged cache
-    ([2, layers, blocks, block_size, kv_heads, head_dim])."""
+    ([2, layers, blocks, block_size, kv_heads, head_dim]).
+
+    On a CUDA cache, `write()` only queues the work: each payload is copied into a pinned staging
+    buffer, then to the device and into its slots on a side stream, so the next chunk's bytes are
+    read from the network while the last ones cross PCIe, and the engine's stream never waits.
+    Call `finish()` before the engine may read the blocks (or free them, on failure)."""
 
     def __init__(self, kv_cache: torch.Tensor, block_table: list[int], block_size: int) -> None:
         self.kv = kv_cache
-        self.table = torch.tensor(block_table)
         self.bs = block_size
         self.heads, self.dim = kv_cache.shape[-2:]
+        self.capacity = len(block_table) * block_size  # tokens the reserved blocks hold
         self.bytes = 0
         self.messages = 0
+        self._stream: torch.cuda.Stream | None = None
+        if kv_cache.device.type == "cuda":
+            self._stream = torch.cuda.Stream(device=kv_cache.device)
+            # The reserved blocks may have been another sequence's until this step. The engine's
+            # steps end in a host sync (sampling), so its writes to them are done; still, order ours
+            # after all work already queued on the default stream (this thread's current one, and
+            # the engine's), so that stays true if steps ever overlap. A device-side wait only.
+            self._stream.wait_stream(torch.cuda.current_stream(kv_cache.device))
+            with torch.cuda.stream(self._stream):
+                # From pinned memory, so non_blocking really is (a pageable source would make the
+                # copy synchronous). The temporary pinned block is not reused before the copy ends:
+                # a non_blocking copy records an event with PyTorch's caching host allocator.
+                self.table = (
+                    torch.tensor(block_table, dtype=torch.long)
+                    .pin_memory()
+                    .to(kv_cache.device, non_blocking=True)
+                )
+        else:
+            self.table = torch.tensor(block_table)
 
     def write(self, chunk: wpb.KVChunk, key: Any, value: Any) -> None:
         """`key`/`value`: the payload bytes (views are fine), [num_tokens, kv_heads, head_dim]."""
@@ -150,15 +178,53 @@ class KVWriter:
         if key is None or value is None or len(key) != expected or len(value) != expected:
             got = None if key is None else len(key)
             raise ValueError(f"KV chunk of {n} tokens has {got} key bytes, expected {expected}")
-        pos = torch.arange(chunk.token_start, chunk.token_start + n)
-        slots = self.table[pos // self.bs] * self.bs + pos % self.bs
+        # Checked here, on the host: on a GPU an out-of-range index is a device-side assert that
+        # takes the whole worker down, not an exception for this request.
+        if chunk.layer >= self.kv.shape[1] or chunk.token_start + n > self.capacity:
+            raise ValueError(
+                f"KV chunk for layer {chunk.layer}, tokens [{chunk.token_start}, {chunk.token_start + n}) "
+                f"is outside the reserved cache ({self.kv.shape[1]} layers, {self.capacity} tokens)"
+            )
         k = torch.frombuffer(key, dtype=self.kv.dtype).view(n, self.heads, self.dim)
         v = torch.frombuffer(value, dtype=self.kv.dtype).view(n, self.heads, self.dim)
-        # index_put_ (see tandem_kernels.reference.store_kvcache for why not index_copy_)
-        self.kv[0, chunk.layer].view(-1, self.heads, self.dim)[slots] = k
-        self.kv[1, chunk.layer].view(-1, self.heads, self.dim)[slots] = v
+        if self._stream is None:
+            pos = torch.arange(chunk.token_start, chunk.token_start + n)
+            slots = self.table[pos // self.bs] * self.bs + pos % self.bs
+            # index_put_ (see tandem_kernels.reference.store_kvcache for why not index_copy_)
+            self.kv[0, chunk.layer].view(-1, self.heads, self.dim)[slots] = k
+            self.kv[1, chunk.layer].view(-1, self.heads, self.dim)[slots] = v
+        else:
+            self._write_device(chunk.layer, chunk.token_start, k, v)
         self.bytes += 2 * expected
         self.messages += 1
+
+    def _write_device(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        n = k.shape[0]
+        # The message bytes are pageable (and gone once the caller moves on): one host copy into
+        # pinned memory lets the host-to-device copy run asynchronously. Dropping `staging` at the
+        # end is safe: the caching host allocator does not reuse it before the queued copy ends.
+        staging = torch.empty((2, n, self.heads, self.dim), dtype=self.kv.dtype, pin_memory=True)
+        staging[0].copy_(k)
+        staging[1].copy_(v)
+        device = self.kv.device
+        with torch.cuda.stream(self._stream):
+            # Everything below is allocated and used on the side stream only, so the caching device
+            # allocator reuses its memory for later side-stream work alone, which runs after it.
+            kv = staging.to(device, non_blocking=True)
+            pos = torch.arange(start, start + n, device=device)
+            slots = self.table[pos // self.bs] * self.bs + pos % self.bs
+            self.kv[0, layer].view(-1, self.heads, self.dim)[slots] = kv[0]
+            self.kv[1, layer].view(-1, self.heads, self.dim)[slots] = kv[1]
+
+    def finish(self) -> None:
+        """Wait until every chunk written so far is in the cache (nothing to wait for on CPU)."""
+        if self._stream is None:
+            return
+        # An event, not stream.synchronize(): streams come from a shared pool, and work other
+        # writers queue on ours later need not be waited for.
+        done = torch.cuda.Event(blocking=True)
+        done.record(self._stream)
+        done.synchronize()
 
 
 def layout_mismatch(mine: wpb.KVLayout, theirs: wpb.KVLayout) -> str | None:

@@ -5,7 +5,8 @@ A decode worker serving a request with a `prefill_endpoint`:
    (admission control lives where KV memory is scarce), reusing its own prefix cache;
 2. calls the prefill worker's `KVTransfer.Prefill` with its KV layout; the prefill worker refuses
    a mismatch with FAILED_PRECONDITION, else streams each layer's KV as the layer finishes;
-3. writes each chunk straight into the reserved blocks (the only copy on this side);
+3. writes each chunk straight into the reserved blocks (the only copy on this side; on a GPU via a
+   pinned staging buffer and a side stream, all of it waited for before step 4);
 4. on the last message hands the first token to the engine, which joins the running batch.
 Any failure before the first token frees the reserved blocks and ends the call with a status the
 router may retry on another pair (UNAVAILABLE); nothing has been streamed to the client yet.
@@ -152,16 +153,21 @@ class WorkerService(wgrpc.WorkerServicer):
                 timeout=_remaining(context),
             )
             context.add_callback(call.cancel)
-            for i, (chunk, key, value) in enumerate(call):
-                if i == 0:
-                    bad = layout_mismatch(s.layout, chunk.layout)
-                    if bad:
-                        raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, f"prefill worker: {bad}")
-                if chunk.last:
-                    first = chunk
-                    break
-                if chunk.num_tokens:
-                    writer.write(chunk, key, value)
+            try:
+                for i, (chunk, key, value) in enumerate(call):
+                    if i == 0:
+                        bad = layout_mismatch(s.layout, chunk.layout)
+                        if bad:
+                            raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, f"prefill worker: {bad}")
+                    if chunk.last:
+                        first = chunk
+                        break
+                    if chunk.num_tokens:
+                        writer.write(chunk, key, value)
+            finally:
+                # On a GPU the writes are still queued on a side stream: they must land before the
+                # engine reads these blocks (kv_ready below) or frees them for reuse (any abort).
+                writer.finish()
         except grpc.RpcError as e:
             s.loop.abort(ev.request_id)
             code = e.code()
@@ -234,6 +240,10 @@ class KVTransferService(wgrpc.KVTransferServicer):
                     if first_msg:  # the handshake: our layout travels first, alone
                         yield encode_kv_chunk(wpb.KVChunk(layout=s.layout))
                         first_msg = False
+                    if ev.ready is not None:
+                        # GPU: the pinned copy may still be in flight. Wait here, in the gRPC
+                        # thread, so the engine thread goes on computing the next layers.
+                        ev.ready.synchronize()
                     # KV payload bytes, as the decode side counts them (not the message framing)
                     sent += ev.key.nbytes + ev.value.nbytes
                     yield from kv_chunks(ev.layer, ev.start, ev.key, ev.value)

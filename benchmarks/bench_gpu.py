@@ -1,0 +1,789 @@
+"""The CUDA path, checked and measured on one GPU in one run (under 10 minutes on an H100).
+
+Sections (each runs on its own; a failure is recorded and the next one goes on):
+  ceilings   device-to-device copy bandwidth (bytes read + written) and a bf16 8192^3 matmul
+  kernels    Triton kernels on CUDA against the torch references, on fresh random inputs
+  attention  paged decode attention bandwidth (Llama-3-8B shapes) as a fraction of the copy
+             bandwidth, against the torch reference kernel and PyTorch's own attention (SDPA)
+  lora       LoRA shrink/expand time at rank 16, batch 64, as a fraction of the base projections
+  greedy     greedy outputs of the engine (bf16, CUDA graphs) against `transformers` generate on
+             the same weights: 30 prompts x 32 tokens; each difference checked for a near-tie
+  llama8b    a Llama-3-8B-shaped model with random weights built on the device: prefill tokens/s
+             and MFU for a 2K prompt, decode tokens/s at batch 1/16/64/256, each against
+             `transformers` on the same weights
+  kv         KV transfer device->device through the real gRPC path (KVStager, kv_chunks,
+             KVWriter) on loopback, against raw pinned copies of the same bytes
+
+There is no checkpoint to download: SmolLM2 and Llama-3-8B shapes with random weights (the
+tokenizer files are only read, never used: prompts are token ids).
+
+Run: python benchmarks/bench_gpu.py --tokenizer DIR --out DIR [--sections a,b] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+RESULTS: dict[str, dict] = {}
+DEV = "cuda"  # --smoke: "cpu", tiny shapes, Triton's interpreter: checks the script, not the GPU
+SMOKE = False
+SECTIONS: dict[str, object] = {}
+ARGS: argparse.Namespace
+
+
+def section(fn):
+    SECTIONS[fn.__name__] = fn
+    return fn
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def sz(full, smoke):
+    """The full-size value, or the tiny one of a --smoke run."""
+    return smoke if SMOKE else full
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_ms(fn, warmup: int = 25, rep: int = 100) -> float:
+    """Median milliseconds per call, timed with CUDA events (triton.testing.do_bench)."""
+    from triton.testing import do_bench
+
+    if SMOKE:
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def graph_ms(fn, rep: int = 100) -> float:
+    """Median ms per call of `fn` replayed from a CUDA graph: GPU time without launch gaps."""
+    from triton.testing import do_bench_cudagraph
+
+    if SMOKE:
+        return bench_ms(fn)
+
+    return float(do_bench_cudagraph(fn, rep=rep, return_mode="median"))
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double()
+    return float((actual.double() - expected).abs().max() / expected.abs().max())
+
+
+# ------------------------------------------------------------------------------------ ceilings
+
+
+def _copy_ms(nbytes: int) -> float:
+    x = torch.randn(nbytes // 2, dtype=torch.bfloat16, device=DEV)
+    y = torch.empty_like(x)
+    return bench_ms(lambda: y.copy_(x))
+
+
+def _matmul_ms(n: int) -> float:
+    a = torch.randn(n, n, dtype=torch.bfloat16, device=DEV)
+    b = torch.randn(n, n, dtype=torch.bfloat16, device=DEV)
+    return bench_ms(lambda: a @ b)
+
+
+@section
+def ceilings() -> dict:
+    nbytes = sz(1 << 30, 1 << 20)
+    copy_bw = 2 * nbytes / (_copy_ms(nbytes) * 1e-3)  # bytes read + bytes written
+    n = sz(8192, 128)
+    tflops = 2 * n**3 / (_matmul_ms(n) * 1e-3) / 1e12
+    torch.cuda.empty_cache()
+    return {"copy_GBps": copy_bw / 1e9, "matmul_bf16_TFLOPs": tflops}
+
+
+# ------------------------------------------------------------------------------------ kernels
+
+
+def _paged(context_lens, num_kv_heads, head_dim, dtype, block_size=16, gen=None):
+    pages = [-(-n // block_size) for n in context_lens]
+    num_blocks = sum(pages) + 8
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k = torch.randn(shape, dtype=dtype, device=DEV)
+    v = torch.randn(shape, dtype=dtype, device=DEV)
+    order = torch.randperm(num_blocks, device=DEV).to(torch.int32)
+    tables = torch.zeros(len(context_lens), max(pages) + 1, dtype=torch.int32, device=DEV)
+    used = 0
+    for s, n in enumerate(pages):
+        tables[s, :n] = order[used : used + n]
+        used += n
+    lens = torch.tensor(context_lens, dtype=torch.int32, device=DEV)
+    return k, v, tables, lens
+
+
+@section
+def kernels() -> dict:
+    import tandem_kernels
+    from tandem_kernels import lora_reference, reference
+    from tandem_kernels.lora import lora_expand, lora_shrink
+    from tandem_kernels.paged_decode_attention import paged_decode_attention
+    from tandem_kernels.store_kvcache import store_kvcache
+
+    assert tandem_kernels.uses_triton(torch.device(DEV))
+    out: dict = {}
+    tol = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+    # store_kvcache: exact, padding slots (-1) untouched
+    for dtype in (torch.bfloat16, torch.float32):
+        t, h, d, bs, nb = 1000, 8, 128, 16, 100
+        key = torch.randn(t, h, d, dtype=dtype, device=DEV)
+        val = torch.randn(t, h, d, dtype=dtype, device=DEV)
+        kc = torch.randn(nb, bs, h, d, dtype=dtype, device=DEV)
+        vc = torch.randn_like(kc)
+        slots = torch.randperm(nb * bs, device=DEV)[:t]
+        slots[::7] = -1
+        ek, ev = kc.cpu(), vc.cpu()
+        reference.store_kvcache(key.cpu(), val.cpu(), ek, ev, slots.cpu())
+        store_kvcache(key, val, kc, vc, slots)
+        out[f"store_kvcache_{str(dtype)[6:]}_exact"] = bool(
+            torch.equal(kc.cpu(), ek) and torch.equal(vc.cpu(), ev)
+        )
+
+    # paged decode attention: Llama-3-8B and SmolLM2 shapes, split and unsplit, several dtypes
+    def lens(n: int, hi: int) -> list[int]:
+        return [int(x) for x in torch.randint(1, sz(hi, 200), (sz(n, 3),))]
+
+    cases = [
+        ("8b_b64", lens(64, 4096), 32, 8, 128, torch.bfloat16, None),
+        ("8b_b1_long", [sz(7999, 700)], 32, 8, 128, torch.bfloat16, None),
+        ("8b_b256", lens(256, 1024), 32, 8, 128, torch.bfloat16, None),
+        ("smol_fp32", lens(40, 3000), 9, 3, 64, torch.float32, None),
+        ("smol_bf16_split64", lens(40, 3000), 9, 3, 64, torch.bfloat16, 64),
+        ("fp16_g4", lens(33, 2000), 16, 4, 128, torch.float16, None),
+    ]
+    for name, lens, nh, nkv, hd, dtype, part in cases:
+        k, v, tables, clens = _paged(lens, nkv, hd, dtype)
+        q = torch.randn(len(lens), nh, hd, dtype=dtype, device=DEV)
+        args = (q, k, v, tables, clens, hd**-0.5)
+        got = paged_decode_attention(*args, partition_size=part)
+        want = reference.paged_decode_attention(*args)
+        err = rel_err(got, want)
+        out[f"decode_{name}_relerr"] = err
+        out[f"decode_{name}_ok"] = bool(err < tol[dtype] and torch.isfinite(got).all())
+
+    # LoRA shrink/expand, mixed ranks, bf16 pool (as in the engine: a view of the KV pool)
+    for dtype in (torch.bfloat16, torch.float32):
+        ranks = [8, 16, 32, 64, 128, 0]
+        hin, hout = sz(4096, 128), sz(6144, 192)
+        offs, pos = [], 0
+        for r in ranks:
+            offs.append((pos, pos + r * hin))
+            pos += r * hin + hout * r
+        pool = (torch.randn(pos + 64, device=DEV) * 0.02).to(dtype)
+        a_off = torch.tensor([o[0] for o in offs], dtype=torch.int64, device=DEV)
+        b_off = torch.tensor([o[1] for o in offs], dtype=torch.int64, device=DEV)
+        rk = torch.tensor(ranks, dtype=torch.int32, device=DEV)
+        scaling = torch.tensor([2.0 / max(r, 1) for r in ranks], dtype=torch.float32, device=DEV)
+        seq_lens = [1] * 48 + [37, 100, 5]
+        seq_slots = [i % 7 if i % 7 < 6 else None for i in range(len(seq_lens))]
+        groups = lora_reference.lora_token_groups(seq_lens, seq_slots, device=DEV)
+        x = torch.randn(sum(seq_lens), hin, dtype=dtype, device=DEV)
+        y = lora_shrink(x, pool, a_off, rk, *groups, 128)
+        y_ref = lora_reference.lora_shrink(x, pool, a_off, rk, *groups, 128)
+        # Zero outputs: the delta itself is compared, not drowned in the rounding of a base value.
+        o1 = torch.zeros(sum(seq_lens), hout, dtype=dtype, device=DEV)
+        o2 = o1.clone()
+        lora_expand(y, pool, b_off, rk, *groups, o1, scaling, 0, hout)
+        lora_reference.lora_expand(y_ref, pool, b_off, rk, *groups, o2, scaling, 0, hout)
+        e_shrink = rel_err(y, y_ref)
+        e_expand = rel_err(o1, o2)
+        no_adapter = torch.tensor([s is None for s in seq_slots]).repeat_interleave(torch.tensor(seq_lens))
+        untouched = bool((o1[no_adapter.to(DEV)] == 0).all())
+        name = str(dtype)[6:]
+        out[f"lora_shrink_{name}_relerr"] = e_shrink
+        out[f"lora_expand_{name}_relerr"] = e_expand
+        out[f"lora_{name}_ok"] = bool(e_shrink < tol[dtype] and e_expand < tol[dtype] and untouched)
+    return out
+
+
+# ------------------------------------------------------------------------------------ attention
+
+
+def _attention_case(batch: int, ctx: int, copy_bw: float | None) -> dict:
+    from tandem_kernels import reference
+    from tandem_kernels.paged_decode_attention import paged_decode_attention
+
+    nh, nkv, hd = 32, 8, 128
+    k, v, tables, lens = _paged([ctx] * batch, nkv, hd, torch.bfloat16)
+    q = torch.randn(batch, nh, hd, dtype=torch.bfloat16, device=DEV)
+    scale = hd**-0.5
+    moved = 2 * batch * ctx * nkv * hd * 2 + 2 * q.nbytes  # KV read, q read, out written
+    t = bench_ms(lambda: paged_decode_attention(q, k, v, tables, lens, scale))
+    row = {"triton_ms": t, "triton_GBps": moved / (t * 1e-3) / 1e9}
+    if copy_bw:
+        row["fraction_of_copy_bw"] = row["triton_GBps"] / copy_bw
+    # PyTorch's own attention over the same KV laid out densely (no paging): the SDPA kernels
+    kd = k.view(-1, nkv, hd)[: batch * ctx].view(batch, ctx, nkv, hd).transpose(1, 2).contiguous()
+    vd = v.view(-1, nkv, hd)[: batch * ctx].view(batch, ctx, nkv, hd).transpose(1, 2).contiguous()
+    qd = q.view(batch, nh, 1, hd)
+    t_sdpa = bench_ms(lambda: F.scaled_dot_product_attention(qd, kd, vd, scale=scale, enable_gqa=True))
+    row["sdpa_dense_ms"] = t_sdpa
+    row["sdpa_dense_GBps"] = moved / (t_sdpa * 1e-3) / 1e9
+    if batch * ctx <= 64 * 2048:
+        ref = lambda: reference.paged_decode_attention(q, k, v, tables, lens, scale)  # noqa: E731
+        row["torch_reference_ms"] = bench_ms(ref, warmup=5, rep=20)
+    return row
+
+
+@section
+def attention() -> dict:
+    copy_bw = RESULTS.get("ceilings", {}).get("copy_GBps")
+    out: dict = {}
+    for batch, ctx in sz(((64, 2048), (256, 1024), (16, 4096), (1, 8192)), ((2, 64),)):
+        out[f"b{batch}_ctx{ctx}"] = _attention_case(batch, ctx, copy_bw)
+        torch.cuda.empty_cache()
+    return out
+
+
+# ------------------------------------------------------------------------------------ lora
+
+
+def _lora_case(hin: int, parts: list[int], num_adapters: int, rank: int = 16, batch: int = 64) -> dict:
+    from tandem_kernels import lora_reference
+    from tandem_kernels.lora import lora_expand, lora_shrink
+
+    dtype = torch.bfloat16
+    hout = sum(parts)
+    w = torch.randn(hout, hin, dtype=dtype, device=DEV) * hin**-0.5
+    x = torch.randn(batch, hin, dtype=dtype, device=DEV)
+    o = torch.zeros(batch, hout, dtype=dtype, device=DEV)
+    # Each adapter: the A rows of every part stacked ([len(parts) * rank, hin]), then B per part.
+    n_parts = len(parts)
+    per_adapter = n_parts * rank * hin + hout * rank
+    pool = (torch.randn(num_adapters * per_adapter, device=DEV) * 0.02).to(dtype)
+    a_off = torch.tensor([i * per_adapter for i in range(num_adapters)], dtype=torch.int64, device=DEV)
+    ranks_shrink = torch.full((num_adapters,), n_parts * rank, dtype=torch.int32, device=DEV)
+    ranks_part = torch.full((num_adapters,), rank, dtype=torch.int32, device=DEV)
+    scaling = torch.full((num_adapters,), 2.0, dtype=torch.float32, device=DEV)
+    expands = []
+    col = 0
+    for j, width in enumerate(parts):
+        b_off = [i * per_adapter + n_parts * rank * hin + col * rank for i in range(num_adapters)]
+        expands.append(
+            (
+                torch.tensor(b_off, dtype=torch.int64, device=DEV),
+                torch.full((num_adapters,), j * rank, dtype=torch.int64, device=DEV),
+                col,
+                width,
+            )
+        )
+        col += width
+    slots = [i % num_adapters for i in range(batch)]
+    groups = lora_reference.lora_token_groups([1] * batch, slots, device=DEV)
+
+    def base() -> None:
+        torch.matmul(x, w.t(), out=o)
+
+    def apply() -> None:
+        y = lora_shrink(x, pool, a_off, ranks_shrink, *groups, n_parts * rank)
+        for b_off, y_off, c, width in expands:
+            lora_expand(y, pool, b_off, ranks_part, *groups, o, scaling, c, width, y_off)
+
+    row = {
+        "base_ms": bench_ms(base),
+        "lora_ms": bench_ms(apply),
+        "base_graph_ms": graph_ms(base),
+        "lora_graph_ms": graph_ms(apply),
+    }
+    row["fraction_graph"] = row["lora_graph_ms"] / row["base_graph_ms"]
+    return row
+
+
+@section
+def lora() -> dict:
+    """Llama-3-8B projections at batch 64, rank 16: LoRA kernels (one shrink per fused projection,
+    one expand per part, as the engine runs them) against the base GEMMs, for 1, 8 and 64
+    distinct adapters in the batch."""
+    hidden, inter = sz(4096, 128), sz(14336, 256)
+    projections = {  # name: (hidden_in, part widths)
+        "qkv": (hidden, [hidden, hidden // 4, hidden // 4]),
+        "o": (hidden, [hidden]),
+        "gate_up": (hidden, [inter, inter]),
+        "down": (inter, [hidden]),
+    }
+    out: dict = {}
+    for num_adapters in sz((1, 8, 64), (2,)):
+        rows = {name: _lora_case(hin, parts, num_adapters) for name, (hin, parts) in projections.items()}
+        out.update({f"{num_adapters}ad_{name}": row for name, row in rows.items()})
+        total = {
+            key: sum(r[key] for r in rows.values())
+            for key in ("base_ms", "lora_ms", "base_graph_ms", "lora_graph_ms")
+        }
+        out[f"{num_adapters}ad_layer"] = {
+            **total,
+            "fraction_eager": total["lora_ms"] / total["base_ms"],
+            "fraction_graph": total["lora_graph_ms"] / total["base_graph_ms"],
+        }
+        torch.cuda.empty_cache()
+    return out
+
+
+# ------------------------------------------------------------------------------------ models
+
+
+SMOL = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 100000.0,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "mlp_bias": False,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 2,
+}
+TINY_LLAMA = {
+    **SMOL,
+    "vocab_size": 1000,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+}
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "mlp_bias": False,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+
+def model_folder(cfg: dict) -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="tandem-bench-"))
+    (folder / "config.json").write_text(json.dumps(cfg))
+    for f in Path(ARGS.tokenizer).glob("tokenizer*"):
+        shutil.copy(f, folder / f.name)
+    return folder
+
+
+def hf_model(folder: Path, dtype: torch.dtype):
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    config = AutoConfig.from_pretrained(str(folder))
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(DEV):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(prev)
+    model.eval()
+    model.generation_config.eos_token_id = None  # generate exactly max_new_tokens, as ignore_eos does
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def engine_for(folder: Path, hf, **kw):
+    from tandem_worker.engine.config import EngineConfig
+    from tandem_worker.engine.llm_engine import LLMEngine
+
+    cfg = EngineConfig(
+        model=str(folder),
+        device=DEV,
+        dtype="bfloat16",
+        load_format="dummy",
+        detokenize=False,
+        enable_prefix_caching=False,
+        **kw,
+    )
+    engine = LLMEngine(cfg)
+    # The same weights as the transformers model (copied in place: captured graphs stay valid).
+    engine.runner.model.load_state(hf.state_dict().items(), source="transformers model")
+    return engine
+
+
+def run_engine(engine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    from tandem_worker.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    ids = [engine.add_request(prompt_token_ids=p, params=params) for p in prompts]
+    done: dict[str, list[int]] = {}
+    while engine.num_unfinished:
+        for o in engine.step():
+            if o.finished:
+                done[o.request_id] = o.token_ids
+    return [done[i] for i in ids]
+
+
+@torch.inference_mode()
+def hf_generate(model, prompt: list[int], max_new: int) -> list[int]:
+    ids = torch.tensor([prompt], device=DEV)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False)
+    return out[0, len(prompt) :].tolist()
+
+
+@section
+def greedy() -> dict:
+    import copy
+
+    folder = model_folder(sz(SMOL, {**SMOL, "num_hidden_layers": 2}))
+    torch.manual_seed(0)
+    hf32 = hf_model(folder, torch.float32)
+    with torch.no_grad():
+        # Random logits of std ~0.5 tie constantly; a wider head gives the spread of a trained
+        # model's (std ~10) so a difference means something.
+        hf32.lm_head.weight.mul_(20.0)
+    hf16 = copy.deepcopy(hf32).to(torch.bfloat16)
+    engine = engine_for(folder, hf16, kv_cache_bytes=1 << 30, cuda_graph_max_batch=32, max_num_seqs=32)
+    gen = torch.Generator().manual_seed(1)
+    n_prompts, new = sz(30, 3), sz(32, 4)
+    prompts = [
+        torch.randint(3, 49152, (int(torch.randint(4, 400, (1,), generator=gen)),), generator=gen).tolist()
+        for _ in range(n_prompts)
+    ]
+    t0 = time.perf_counter()
+    ours = run_engine(engine, prompts, new)
+    t_ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    theirs = [hf_generate(hf16, p, new) for p in prompts]
+    t_hf = time.perf_counter() - t0
+    # The same prompts one at a time, eagerly (no CUDA graph): batching must not change a result.
+    engine.runner.graphs = None
+    single = [run_engine(engine, [p], new)[0] for p in prompts[:8]]
+    equal = sum(a == b for a, b in zip(ours, theirs))
+    diffs = []
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        if a == b:
+            continue
+        j = next(k for k in range(new) if a[k] != b[k])
+        ctx = torch.tensor([prompts[i] + a[:j]], device=DEV)
+        with torch.no_grad():
+            logits = hf32(ctx).logits[0, -1].float()
+        top = torch.topk(logits, 2)
+        gap = float(logits[b[j]] - logits[a[j]])
+        spread = float(logits.std())
+        diffs.append(
+            {
+                "prompt": i,
+                "position": j,
+                "ours": a[j],
+                "transformers": b[j],
+                "fp32_logit_gap": gap,
+                "fp32_top2_gap": float(top.values[0] - top.values[1]),
+                "logit_std": spread,
+                "near_tie": abs(gap) < 0.02 * spread,
+            }
+        )
+    return {
+        "prompts": n_prompts,
+        "equal": equal,
+        "equal_fraction": equal / n_prompts,
+        "all_differences_near_ties": all(d["near_tie"] for d in diffs),
+        "differences": diffs,
+        "batched_equals_single_eager": f"{sum(x == y for x, y in zip(single, ours))}/{len(single)}",
+        "engine_s": t_ours,
+        "transformers_s": t_hf,
+    }
+
+
+@section
+def llama8b() -> dict:
+    cfg = sz(LLAMA3_8B, TINY_LLAMA)
+    folder = model_folder(cfg)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    hf = hf_model(folder, torch.bfloat16)
+    log(f"  transformers 8B built in {time.perf_counter() - t0:.1f} s")
+    t0 = time.perf_counter()
+    engine = engine_for(
+        folder,
+        hf,
+        kv_cache_bytes=sz(12 << 30, 64 << 20),
+        max_model_len=4096,
+        max_num_batched_tokens=8192,
+        max_num_seqs=256,
+        cuda_graph_max_batch=256,
+    )
+    log(f"  engine built (graphs captured) in {time.perf_counter() - t0:.1f} s")
+    out: dict = {"params": sum(p.numel() for p in hf.parameters())}
+    peak = RESULTS.get("ceilings", {}).get("matmul_bf16_TFLOPs")
+    n_layers, hidden = cfg["num_hidden_layers"], cfg["hidden_size"]
+    from tandem_worker.engine.sampling_params import SamplingParams
+
+    # --- prefill, 2K prompt: one engine step
+    L = sz(2048, 64)
+    gen = torch.Generator().manual_seed(2)
+    times = []
+    for _ in range(4):
+        prompt = torch.randint(3, cfg["vocab_size"], (L,), generator=gen).tolist()
+        engine.add_request(prompt_token_ids=prompt, params=SamplingParams(max_tokens=1, temperature=0.0))
+        sync()
+        t0 = time.perf_counter()
+        while engine.num_unfinished:
+            engine.step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    t_prefill = statistics.median(times[1:])
+    # matmul FLOPs (2 per weight per token, lm_head for one token) + causal attention (QK^T and PV)
+    weights = out["params"] - cfg["vocab_size"] * hidden * 2
+    flops = 2 * weights * L + 2 * cfg["vocab_size"] * hidden + n_layers * 2 * 2 * L * L * hidden / 2
+    out["prefill_2k"] = {
+        "seconds": t_prefill,
+        "tokens_per_s": L / t_prefill,
+        "TFLOPs": flops / t_prefill / 1e12,
+        "MFU_vs_989_dense_bf16": flops / t_prefill / 989e12,
+    }
+    if peak:
+        out["prefill_2k"]["MFU_vs_measured_matmul"] = flops / t_prefill / (peak * 1e12)
+    ids = torch.tensor([prompt], device=DEV)
+    with torch.inference_mode():
+        hf(ids)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            hf(ids, logits_to_keep=1)
+        sync()
+    out["prefill_2k"]["transformers_seconds"] = (time.perf_counter() - t0) / 3
+    log(f"  prefill: {out['prefill_2k']}")
+
+    # --- decode: tokens/s over decode-only steps, against transformers generate
+    prompt_len, steps = sz(128, 16), sz(16 if ARGS.quick else 64, 3)
+    for batch in sz((1, 16, 64, 256), (1, 3)):
+        prompts = [
+            torch.randint(3, cfg["vocab_size"], (prompt_len,), generator=gen).tolist() for _ in range(batch)
+        ]
+        params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
+        for p in prompts:
+            engine.add_request(prompt_token_ids=p, params=params)
+        produced = 0
+        while produced < batch:  # prefill steps (and the first decode steps) untimed
+            produced += sum(1 for o in engine.step() if len(o.token_ids) == 1)
+        engine.step()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        sync()
+        t_ours = time.perf_counter() - t0
+        while engine.num_unfinished:
+            engine.step()
+        ours_tps = batch * steps / t_ours
+        ids = torch.tensor(prompts, device=DEV)
+        mask = torch.ones_like(ids)
+        with torch.inference_mode():
+            hf.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)  # warm-up
+            sync()
+            t0 = time.perf_counter()
+            hf.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False)
+            sync()
+            t_pre = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            hf.generate(ids, attention_mask=mask, max_new_tokens=steps + 1, do_sample=False)
+            sync()
+            t_all = time.perf_counter() - t0
+        hf_tps = batch * steps / max(t_all - t_pre, 1e-9)
+        out[f"decode_b{batch}"] = {
+            "tandem_tokens_per_s": ours_tps,
+            "transformers_tokens_per_s": hf_tps,
+            "speedup": ours_tps / hf_tps,
+            "tandem_ms_per_step": 1e3 * t_ours / steps,
+        }
+        log(f"  decode b{batch}: {out[f'decode_b{batch}']}")
+    del engine, hf
+    torch.cuda.empty_cache()
+    return out
+
+
+# ------------------------------------------------------------------------------------ kv transfer
+
+
+KV_SHAPE = (32, 8, 128)  # Llama-3-8B: layers, kv heads, head dim; bf16
+KV_TOKENS = 2048
+KV_BLOCK = 16
+
+
+def _kv_server(port: int, ready, shape: tuple[int, int, int], tokens: int, dev: str) -> None:
+    import grpc
+
+    from tandem_proto.v1 import worker_pb2 as wpb
+    from tandem_worker.engine.kv_staging import KVStager
+    from tandem_worker.server.kv_transfer import encode_kv_chunk, kv_chunks, prefill_method_handler
+
+    layers, heads, dim = shape
+    blocks = tokens // KV_BLOCK
+    kv = torch.randn(2, layers, blocks + 4, KV_BLOCK, heads, dim, dtype=torch.bfloat16, device=dev)
+    slots = torch.arange(tokens, device=dev)
+    stager = KVStager(torch.device(dev))
+
+    def prefill(request, context):
+        staged = [stager.stage(kv, layer, slots) for layer in range(layers)]
+        for layer, (k, v, ev) in enumerate(staged):
+            ev.synchronize()
+            yield from kv_chunks(layer, 0, k, v)
+        yield encode_kv_chunk(wpb.KVChunk(last=True, first_token=1))
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tandem_worker.server.worker_server import GRPC_OPTIONS
+
+    server = grpc.server(ThreadPoolExecutor(4), options=GRPC_OPTIONS)
+    server.add_generic_rpc_handlers((prefill_method_handler(prefill),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    ready.set()
+    server.wait_for_termination()
+
+
+@section
+def kv() -> dict:
+    import grpc
+
+    from tandem_proto.v1 import worker_pb2 as wpb
+    from tandem_worker.server.kv_transfer import KVWriter, prefill_stub
+    from tandem_worker.server.local import free_port
+    from tandem_worker.server.worker_server import GRPC_OPTIONS
+
+    shape, tokens = sz(KV_SHAPE, (2, 2, 64)), sz(KV_TOKENS, 64)
+    layers, heads, dim = shape
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_kv_server, args=(port, ready, shape, tokens, DEV), daemon=True)
+    proc.start()
+    try:
+        if not ready.wait(120):
+            raise RuntimeError("KV server did not start")
+        blocks = tokens // KV_BLOCK
+        cache = torch.zeros(2, layers, blocks + 4, KV_BLOCK, heads, dim, dtype=torch.bfloat16, device=DEV)
+        table = list(range(blocks))
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS)
+        call = prefill_stub(channel)
+        times, nbytes = [], 0
+        for i in range(4):
+            writer = KVWriter(cache, table, KV_BLOCK)
+            t0 = time.perf_counter()
+            for header, k, v in call(wpb.PrefillRequest(request_id=f"r{i}")):
+                if header.last:
+                    break
+                writer.write(header, k, v)
+            writer.finish()
+            sync()
+            times.append(time.perf_counter() - t0)
+            nbytes = writer.bytes
+        channel.close()
+        t = statistics.median(times[1:])
+        # The ceiling of any host-staged path: the same bytes device->pinned host->device, raw.
+        src = cache.view(2, layers, -1)[:, :, : tokens * heads * dim]
+        host = torch.empty(src.shape, dtype=src.dtype, pin_memory=DEV == "cuda")
+        dst = torch.empty_like(src)
+
+        def raw():
+            host.copy_(src, non_blocking=True)
+            dst.copy_(host, non_blocking=True)
+
+        t_raw = bench_ms(raw, warmup=3, rep=20) * 1e-3
+        return {
+            "bytes_per_request": nbytes,
+            "grpc_GBps": nbytes / t / 1e9,
+            "grpc_seconds": t,
+            "raw_pinned_roundtrip_GBps": src.nbytes / t_raw / 1e9,
+            "fraction_of_raw": (nbytes / t) / (src.nbytes / t_raw),
+        }
+    finally:
+        proc.terminate()
+        proc.join(10)
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def main() -> int:
+    global ARGS
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--tokenizer", required=True, help="folder holding tokenizer.json (any Llama tokenizer)"
+    )
+    parser.add_argument("--out", default=".", help="folder for results.json")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated, in order")
+    parser.add_argument("--quick", action="store_true", help="fewer decode steps")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: check the script itself")
+    ARGS = parser.parse_args()
+    if ARGS.smoke:
+        global DEV, SMOKE
+        DEV, SMOKE = "cpu", True
+        os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+        os.environ["TANDEM_KERNELS"] = "triton"
+    elif not torch.cuda.is_available():
+        print("bench_gpu needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import transformers
+    import triton
+
+    RESULTS["env"] = {
+        "device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke)",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+    }
+    log(json.dumps(RESULTS["env"]))
+    out_dir = Path(ARGS.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ARGS.sections.split(","):
+        t0 = time.perf_counter()
+        log(f"== {name}")
+        try:
+            RESULTS[name] = SECTIONS[name]()
+        except Exception as e:  # record and go on: one lease, every section gets its chance
+            traceback.print_exc()
+            RESULTS[name] = {"error": f"{type(e).__name__}: {e}"}
+        RESULTS[name]["section_seconds"] = time.perf_counter() - t0
+        log(f"   {name}: {json.dumps(RESULTS[name], default=str)[:1500]}")
+        (out_dir / "results.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Weights from a checkpoint, from a live `transformers` model, or random (`load_format="dummy"`)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from tandem_worker.engine.config import EngineConfig, ModelConfig
+from tandem_worker.engine.cuda_graphs import capture_sizes
+from tandem_worker.engine.llm_engine import LLMEngine
+from tandem_worker.engine.model import LlamaModel
+from tandem_worker.engine.sampling_params import SamplingParams
+
+TINY = {
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 300,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": False,
+    "eos_token_id": 2,
+}
+
+
+def test_load_state_from_transformers_equals_the_checkpoint(model_dir, hf_model):
+    """A live transformers model's state_dict (unfused q/k/v, gate/up) loads into the fused model
+    exactly as the safetensors checkpoint does."""
+    cfg = ModelConfig.from_folder(model_dir)
+    from_folder = LlamaModel(cfg, 64)
+    from_folder.load_weights(model_dir)
+    from_hf = LlamaModel(cfg, 64)
+    from_hf.load_state(hf_model.state_dict().items(), source="transformers model")
+    a, b = from_folder.state_dict(), from_hf.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_load_state_names_what_is_missing_or_unexpected(model_dir, hf_model):
+    cfg = ModelConfig.from_folder(model_dir)
+    state = dict(hf_model.state_dict())
+    model = LlamaModel(cfg, 64)
+    missing = {k: v for k, v in state.items() if "layers.3.mlp.up_proj" not in k}
+    with pytest.raises(ValueError, match=r"lacks weights: layers\.3\.mlp\.gate_up_proj\.weight#1"):
+        model.load_state(missing.items())
+    with pytest.raises(ValueError, match="unexpected weight 'model.extra.weight'"):
+        model.load_state([*state.items(), ("model.extra.weight", torch.zeros(1))])
+    bad = dict(state)
+    bad["model.norm.weight"] = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"model\.norm\.weight: shape \(3,\)"):
+        model.load_state(bad.items())
+
+
+def test_dummy_weights_need_no_checkpoint_and_are_seeded(tmp_path, model_dir):
+    """load_format="dummy": a config.json (and tokenizer) is enough; the same seed gives the same
+    model, so a benchmark is repeatable; a folder without weights is still refused otherwise."""
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    for f in model_dir.glob("tokenizer*"):
+        shutil.copy(f, tmp_path / f.name)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    outs = []
+    for seed in (3, 3, 4):
+        engine = LLMEngine(model=str(tmp_path), load_format="dummy", seed=seed, kv_cache_bytes=1 << 20)
+        engine.add_request(prompt_token_ids=[5, 6, 7, 8], params=params)
+        while engine.has_unfinished():
+            for o in engine.step():
+                if o.finished:
+                    outs.append(o.token_ids)
+        norms = [engine.runner.model.layers[0].input_layernorm.weight]
+        assert all(torch.equal(n, torch.ones_like(n)) for n in norms)
+    assert outs[0] == outs[1] and len(outs[0]) == 6
+    assert outs[0] != outs[2]
+    with pytest.raises(Exception, match=r"missing \*\.safetensors"):
+        LLMEngine(model=str(tmp_path), kv_cache_bytes=1 << 20)
+
+
+def test_engine_config_rejects_bad_load_format_and_graph_batch():
+    with pytest.raises(ValueError, match="load_format"):
+        EngineConfig(load_format="pt")
+    with pytest.raises(ValueError, match="cuda_graph_max_batch"):
+        EngineConfig(cuda_graph_max_batch=-1)
+
+
+def test_capture_sizes_cover_every_batch_up_to_the_maximum():
+    """Every decode batch of 1..max fits a captured size, never padded to twice its rows."""
+    for max_batch in (1, 7, 32, 100, 256, 600):
+        sizes = capture_sizes(max_batch)
+        assert sizes == sorted(set(sizes)) and sizes[-1] == max_batch
+        for n in range(1, max_batch + 1):
+            padded = next(s for s in sizes if s >= n)
+            assert padded < 2 * n or padded == n == 1
+    assert capture_sizes(0) == []
