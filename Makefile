@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export TANDEM_CACHE_DIR ?= $(CURDIR)/.cache/models
 
 .DEFAULT_GOAL := help
-.PHONY: help install test demo bench lint proto crds clean
+.PHONY: help install test demo bench bench-gpu lint proto crds clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ bench: install ## engine vs transformers generate; KV transfer vs raw TCP; TTFT 
 	$(BIN)/python benchmarks/bench_engine.py
 	$(BIN)/python benchmarks/bench_disagg.py
 	$(BIN)/python benchmarks/bench_lora.py
+
+bench-gpu: install ## on one NVIDIA GPU: CUDA correctness, kernels vs hardware limits, Llama-3-8B shapes vs transformers
+	$(BIN)/python benchmarks/bench_gpu.py --out benchmarks/results
 
 proto: install ## regenerate tandem_proto from proto/tandem/v1/*.proto
 	$(BIN)/python proto/generate.py

@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--model", default="smollm2-135m")
     u.add_argument("--kv-cache-bytes", type=int, default=1 << 30, help="KV budget per worker (default 1 GiB)")
+    u.add_argument("--device", default="cpu", help="every worker's device: cpu, cuda or cuda:N")
     u.add_argument("--log-dir", default=None, help="write each process's output to DIR/NAME.log")
     u.add_argument("--lora-store", default=None, help="folder of PEFT LoRA adapters for every worker")
     u.add_argument("--http-port", type=int, default=0, help="the router's OpenAI HTTP port (0: off)")
@@ -387,6 +388,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
             host=args.host,
             model=args.model,
             kv_cache_bytes=args.kv_cache_bytes,
+            device=args.device,
             log_dir=args.log_dir,
             lora_store=args.lora_store,
             http_port=args.http_port,

@@ -64,6 +64,7 @@ class LocalDeployment:
     host: str = "127.0.0.1"
     model: str = "smollm2-135m"
     kv_cache_bytes: int = 1 << 30
+    device: str = "cpu"  # every worker's; on one GPU they share it, each within its KV budget
     startup_timeout: float = 300.0
     log_dir: str | None = None
     lora_store: str | None = None  # a folder of PEFT adapters every worker can load from
@@ -109,6 +110,8 @@ class LocalDeployment:
             self.model,
             "--kv-cache-bytes",
             str(self.kv_cache_bytes),
+            "--device",
+            self.device,
         ]
         if self.lora_store:
             argv += ["--lora-store", self.lora_store]
