@@ -327,3 +327,129 @@ def test_the_package_needs_only_the_standard_library():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# -- burst-aware prefill sizing
+
+BURSTY = replace(
+    SPEC,
+    prefill_tokens_per_second=10_000,
+    target_utilization=1.0,
+    max_step=10,
+    burst_horizon_seconds=600,
+    startup_seconds=60,
+)
+
+
+def quiet(rate: float = 0.0) -> MetricsWindow:
+    """Nothing running or queued; the router measured `rate` (0: idle)."""
+    if rate:
+        return window(prompt_tokens_per_s=rate / 2, prompt_tokens_per_s_peak=rate)
+    return window(met=0, backlog=0.0, kv=0.0, running=0.0, prompt_tokens_per_s_peak=0.0)
+
+
+def run_burst_then(spec, after, until, state=None, step=15):
+    """A 50k tok/s burst for 2 minutes, then `after(t)` windows; the prefill size at each time."""
+    state = state or PolicyState()
+    cur, sizes = Replicas(1, 1), {}
+    for t in range(0, until, step):
+        w = window(prompt_tokens_per_s=30_000, prompt_tokens_per_s_peak=50_000) if t <= 120 else after(t)
+        d = decide(w, cur, spec, state, now=t)
+        cur = Replicas(d.desired_prefill, d.desired_decode)
+        sizes[t] = cur.prefill
+    return sizes, state, d
+
+
+@pytest.mark.parametrize("rate", [0.0, 5_000.0])  # idle, or a trickle that one replica serves
+def test_a_recent_burst_keeps_prefill_capacity(rate):
+    sizes, _, d = run_burst_then(BURSTY, lambda t: quiet(rate), until=601)
+    assert max(sizes.values()) == 5
+    assert all(sizes[t] == 5 for t in sizes if t >= 60), sizes  # held through the whole horizon
+    assert "burst memory" in d.reason
+    # Without the memory (the last window alone), the same history is back at 1 well before that.
+    sizes0, _, _ = run_burst_then(replace(BURSTY, burst_horizon_seconds=0), lambda t: quiet(rate), until=601)
+    assert sizes0[600] == 1
+
+
+def test_the_burst_memory_decays_after_the_horizon():
+    spec = BURSTY
+    sizes, state, d = run_burst_then(spec, lambda t: quiet(5_000.0), until=1500)
+    # The burst leaves the horizon (less than 1 - quantile of it) about 600 s after it ended;
+    # then stabilization, and the prefill is back to what the trickle needs.
+    down = min(t for t in sizes if t > 120 and sizes[t] < 5)
+    assert 600 < down <= 120 + spec.burst_horizon_seconds + spec.stabilization_seconds + 15
+    assert sizes[1485] == 1
+    assert all(t >= 1485 - spec.burst_horizon_seconds - spec.startup_seconds for t, _ in state.rates)
+
+
+def test_a_single_short_spike_is_not_sized_for_at_the_default_quantile():
+    """Time-weighted: a spike seen for one decision in ten minutes is above the 90% quantile."""
+
+    def after_spike(spec):
+        state, cur = PolicyState(), Replicas(1, 1)
+        for t in range(0, 615, 15):
+            d = decide(quiet(100_000.0 if t == 300 else 10_000.0), cur, spec, state, now=t)
+            cur = Replicas(d.desired_prefill, d.desired_decode)
+        return d.desired_prefill
+
+    assert after_spike(BURSTY) == 10  # held by stabilization after the spike ...
+    fast = replace(BURSTY, stabilization_seconds=0, cooldown_seconds=0)
+    assert after_spike(fast) == 1  # ... but the memory alone sizes for 10k tok/s again
+    assert after_spike(replace(fast, burst_quantile=1.0)) == 10  # the maximum of the horizon does not
+
+
+def test_headroom_for_the_rate_growth_over_a_cold_start():
+    """The rate grew by 20k tok/s within a startup: a replica started now must meet 20k more."""
+
+    def last(spec):
+        state, cur = PolicyState(), Replicas(1, 1)
+        for t in range(0, 150, 15):
+            d = decide(quiet(0.0 if t < 135 else 20_000.0), cur, spec, state, now=t)
+            cur = Replicas(d.desired_prefill, d.desired_decode)
+        return d
+
+    d = last(BURSTY)
+    assert d.desired_prefill == 4 and "growth over a 60s startup +20000" in d.reason
+    assert last(replace(BURSTY, startup_seconds=0)).desired_prefill == 2
+
+
+def test_the_startup_time_is_measured_from_the_last_scale_up():
+    spec = replace(BURSTY, startup_seconds=None)
+    state = PolicyState()
+    d = decide(quiet(30_000.0), Replicas(1, 1), spec, state, now=0)
+    assert d.desired_prefill == 3
+    decide(quiet(30_000.0), Replicas(1, 1), spec, state, now=5)  # not applied yet: nothing to time
+    assert state.startup_s is None
+    for t in (15, 30, 45, 60):
+        decide(quiet(30_000.0), Replicas(3, 1, prefill_ready=1, decode_ready=1), spec, state, now=t)
+        assert state.startup_s is None
+    decide(quiet(30_000.0), Replicas(3, 1, prefill_ready=3, decode_ready=1), spec, state, now=75)
+    assert state.startup_s == 75  # (the first decision that saw all 3 ready)
+    # A growth after that is measured over the 75 s it takes, not the 60 s assumed before.
+    d = decide(quiet(60_000.0), Replicas(3, 1), spec, state, now=90)
+    assert "75s startup" in d.reason
+    # Declared, it is not measured over.
+    assert "60s startup" in decide(quiet(90_000.0), Replicas(3, 1), BURSTY, state, now=105).reason
+
+
+def test_missing_data_after_a_burst_still_means_no_decision():
+    _, state, _ = run_burst_then(BURSTY, lambda t: quiet(5_000.0), until=136)
+    remembered = list(state.rates)
+    for w in (None, MetricsWindow(duration_s=60)):
+        for t in range(150, 3000, 15):  # long past the horizon, stabilization and cooldown
+            d = decide(w, Replicas(5, 1), BURSTY, state, now=t)
+            assert (d.desired_prefill, d.desired_decode) == (5, 1)
+            assert d.no_data == ("prefill", "decode")
+    assert list(state.rates) == remembered  # no samples added, none dropped, none used
+    # A window with pool data but no rate measurement neither feeds the memory nor uses it.
+    d = decide(window(met=100), Replicas(5, 1), BURSTY, state, now=3000)
+    assert list(state.rates) == remembered and "burst memory" not in d.reason
+
+
+def test_burst_spec_validation():
+    with pytest.raises(ValueError):
+        AutoscalingSpec(burst_quantile=0.0)
+    with pytest.raises(ValueError):
+        AutoscalingSpec(burst_horizon_seconds=-1)
+    assert AutoscalingSpec(attainment=0.95).rate_quantile == 0.95
+    assert AutoscalingSpec(burst_quantile=0.5).rate_quantile == 0.5

@@ -21,7 +21,20 @@ What it does, per pool (prefill and decode scale independently):
   the current size does not judge it). When a prefill replica's throughput is known, declared
   (`prefill_tokens_per_second`) or learned (prompt tokens computed per engine-busy second,
   smoothed over windows), prefill is sized absolutely: the window's peak prompt-token arrival
-  rate plus draining the backlog, at `target_utilization`; this sizes scale-down too.
+  rate (as the burst memory below raises it) plus draining the backlog, at
+  `target_utilization`; this sizes scale-down too.
+* **Burst-aware prefill sizing.** A replica added now serves only after its cold start, and a
+  burst of prompts can arrive faster than that. So the rate prefill is sized for is the highest of
+  (a) this window's peak rate, (b) the `burst_quantile` (default: the `attainment` target) of the
+  window peak rates seen over the last `burst_horizon_seconds`, time-weighted (the burst level
+  the deployment has shown recently: a level exceeded for a tenth of the horizon at 0.9), and
+  (c) this window's peak rate plus the same quantile of the growth of the peak rate over one cold
+  start (`startup_seconds`; by default measured: how long the last prefill scale-up took to become
+  ready, 60 s until one has). The memory decays by expiry: once a burst is older than the
+  horizon it no longer counts, and the sizes come back down through stabilization as below. An
+  idle window does not erase it (capacity is kept for the bursts the horizon has shown); a window
+  without a rate measurement neither adds to it nor uses it. `burst_horizon_seconds=0` sizes for
+  this window alone.
 * **Scaling down** happens only when the phase is comfortably within its SLO (its misses at most
   `down_margin` x the allowed fraction, no prefill backlog to speak of; for decode also TPOT p90 at
   most `latency_headroom` x the SLO: per-token latency grows with the batch, while TTFT holds an
@@ -33,7 +46,8 @@ What it does, per pool (prefill and decode scale independently):
 * **No decision** on missing metrics or on fewer than `min_requests` finished requests in the
   window (SLO statistics from a handful of requests are noise); the reason says so. Backlog/KV
   pressure still scales up, and an idle deployment (no requests, nothing queued, nothing running)
-  counts as data: it recommends the minimum.
+  counts as data: it recommends the minimum (for prefill: what the burst memory still sizes, if
+  more).
 * **Guards**, in order: cooldown after a pool's last change, `max_step`, min/max bounds, then the
   optional prefill:decode ratio band (repaired by raising the lagging pool first; the band is an
   invariant the user declared, so its repair is not limited by step or cooldown).
@@ -83,6 +97,10 @@ class AutoscalingSpec:
     learn_capacity: bool = True  # without prefill_tokens_per_second: learn it (prefill_tokens_per_busy_s)
     capacity_smoothing: float = 0.3
     latency_headroom: float = 0.5  # ... and decode only while TPOT p90 <= this x the SLO
+    # Burst-aware prefill sizing (see the module docstring); needs a prefill throughput and a rate.
+    burst_horizon_seconds: float = 600.0  # window peak rates remembered this long (0: this window only)
+    burst_quantile: float | None = None  # quantile of them and of their growth (None: attainment)
+    startup_seconds: float | None = None  # a new prefill replica's cold start (None: measured, else 60 s)
 
     def __post_init__(self) -> None:
         for pool in POOLS:
@@ -97,11 +115,22 @@ class AutoscalingSpec:
             raise ValueError("set both ratio_min and ratio_max, or neither")
         if self.ratio_min is not None and not 0 < self.ratio_min <= self.ratio_max:  # type: ignore[operator]
             raise ValueError(f"need 0 < ratio_min <= ratio_max, got {self.ratio_min}, {self.ratio_max}")
+        if self.burst_horizon_seconds < 0:
+            raise ValueError(f"burst_horizon_seconds must be >= 0, got {self.burst_horizon_seconds}")
+        if self.burst_quantile is not None and not 0 < self.burst_quantile <= 1:
+            raise ValueError(f"burst_quantile must be in (0, 1], got {self.burst_quantile}")
+        if self.startup_seconds is not None and self.startup_seconds < 0:
+            raise ValueError(f"startup_seconds must be >= 0, got {self.startup_seconds}")
 
     def bounds(self, pool: str) -> tuple[int, int]:
         if pool == "prefill":
             return self.prefill_min_replicas, self.prefill_max_replicas
         return self.decode_min_replicas, self.decode_max_replicas
+
+    @property
+    def rate_quantile(self) -> float:
+        """The quantile of remembered peak rates (and of their growth) prefill is sized for."""
+        return self.attainment if self.burst_quantile is None else self.burst_quantile
 
     @property
     def backlog_target_tokens(self) -> float:
@@ -239,6 +268,9 @@ class PolicyState:
     last_change: dict[str, float] = field(default_factory=dict)
     settled: dict[str, float] = field(default_factory=dict)  # when each pool last became all ready
     prefill_capacity: float | None = None  # learned tokens/s of one busy prefill replica
+    rates: deque[tuple[float, float]] = field(default_factory=deque)  # (now, the window's peak prompt rate)
+    startup_s: float | None = None  # measured: how long the last prefill scale-up took to be ready
+    scaling_up: dict[str, tuple[float, int]] = field(default_factory=dict)  # (when, to): not all ready yet
     started: float | None = None
 
 
@@ -276,8 +308,11 @@ def _recommend(
     spec: AutoscalingSpec,
     settled: bool,
     learned_cap: float | None,
+    burst: tuple[float, str] | None = None,
 ) -> _Rec:
-    """The size this pool needs according to this window alone (before stabilization and guards)."""
+    """The size this pool needs according to this window (before stabilization and guards).
+
+    `burst`: (the prompt rate prefill is sized for, why) from the burst memory, if any."""
     n_cur, n_ready = cur.get(pool), max(cur.ready(pool), 0)
     lo, _ = spec.bounds(pool)
     allowed = 1.0 - spec.attainment
@@ -318,17 +353,19 @@ def _recommend(
         backlog = w.prefill_backlog_tokens  # the mean: a queue that persists, not a burst's crest
         backlog_max = w.prefill_backlog_tokens_max if w.prefill_backlog_tokens_max is not None else backlog
         cap = spec.prefill_tokens_per_second or learned_cap
-        rate = w.prompt_tokens_per_s_peak if w.prompt_tokens_per_s_peak is not None else w.prompt_tokens_per_s
+        rate = _window_rate(w)
         fit = None
-        if cap and rate is not None:
-            # Serve the peak arrival rate and drain the mean backlog within one window.
+        sized, note = (rate, "") if burst is None or rate is None else burst
+        if cap and sized is not None:
+            # Serve the peak arrival rate (as the burst memory sizes it) and drain the mean backlog
+            # within one window.
             drain = (backlog or 0.0) * n_ready / max(w.duration_s, 1.0)
-            fit = _ceil((rate + drain) / (cap * spec.target_utilization))
+            fit = _ceil((sized + drain) / (cap * spec.target_utilization))
             if fit > n_cur:
                 ups.append(
                     (
                         fit,
-                        f"peak prompt rate {rate:.0f} tok/s (+{drain:.0f} backlog) needs {fit}"
+                        f"peak prompt rate {rate:.0f} tok/s{note} (+{drain:.0f} backlog) needs {fit}"
                         f" x {cap:.0f} tok/s{'' if spec.prefill_tokens_per_second else ' (learned)'}"
                         f" at {spec.target_utilization:.0%}",
                     )
@@ -343,6 +380,8 @@ def _recommend(
         if ups:
             return _Rec(max(u[0] for u in ups), "; ".join(u[1] for u in ups))
         if w.is_idle():
+            if fit is not None and fit > lo:  # the burst memory still sizes for recent bursts
+                return _Rec(fit, f"idle, but peak prompt rate {rate:.0f} tok/s{note} fits {fit}")
             return _Rec(lo, "idle: no requests, nothing queued or running")
         if finished is None and backlog is None:
             return _Rec(n_cur, "no data: holding", hold=True)
@@ -358,7 +397,7 @@ def _recommend(
                 n_cur, f"TTFT misses {m_ttft:.0%} not below {spec.down_margin:.0%} of allowed: holding"
             )
         if fit is not None:
-            return _Rec(max(fit, lo), f"TTFT within SLO; peak prompt rate {rate:.0f} tok/s fits {fit}")
+            return _Rec(max(fit, lo), f"TTFT within SLO; peak prompt rate {rate:.0f} tok/s{note} fits {fit}")
         if backlog_max is not None and backlog_max > 0.25 * target:
             return _Rec(n_cur, f"prefill backlog up to {backlog_max:.0f} tokens/replica: holding")
         return _Rec(max(n_cur - 1, lo), f"TTFT within SLO (p90 {_fmt(p90)}s): one fewer")
@@ -421,6 +460,70 @@ def _learn_capacity(w: MetricsWindow, spec: AutoscalingSpec, state: PolicyState)
     state.prefill_capacity = v if old is None else old + spec.capacity_smoothing * (v - old)
 
 
+def _window_rate(w: MetricsWindow) -> float | None:
+    """The window's peak prompt-token arrival rate (its mean if no peak was measured)."""
+    return w.prompt_tokens_per_s_peak if w.prompt_tokens_per_s_peak is not None else w.prompt_tokens_per_s
+
+
+def _startup(spec: AutoscalingSpec, state: PolicyState) -> float:
+    if spec.startup_seconds is not None:
+        return spec.startup_seconds
+    return state.startup_s if state.startup_s is not None else 60.0
+
+
+def _weighted_quantile(samples: list[tuple[float, float]], q: float) -> float:
+    """The smallest value at or below which at least a fraction q of the total weight lies."""
+    ordered = sorted(samples)
+    total = sum(wt for _, wt in ordered)
+    acc = 0.0
+    for v, wt in ordered:
+        acc += wt
+        if acc >= q * total * (1 - 1e-9):
+            return v
+    return ordered[-1][0]
+
+
+def _burst_rate(rate: float, spec: AutoscalingSpec, state: PolicyState, now: float) -> tuple[float, str]:
+    """Record this window's peak prompt rate; return the rate prefill is sized for, and why.
+
+    The highest of: `rate`; the `rate_quantile` of the peaks remembered over the last
+    `burst_horizon_seconds`; `rate` plus that quantile of the peak's growth over one cold start.
+    Quantiles are time-weighted: each sample stands for the time since the one before (at most a
+    window), so how often `decide` runs does not change them."""
+    horizon, startup = spec.burst_horizon_seconds, _startup(spec, state)
+    while state.rates and state.rates[-1][0] >= now:  # a repeated call at the same time replaces
+        state.rates.pop()
+    state.rates.append((now, rate))
+    while state.rates and state.rates[0][0] < now - horizon - startup:  # growth looks back startup
+        state.rates.popleft()
+    if horizon <= 0:
+        return rate, ""
+    pts = list(state.rates)
+    levels: list[tuple[float, float]] = []
+    growths: list[tuple[float, float]] = []
+    j = -1  # the last sample at or before t - startup
+    for i, (t, r) in enumerate(pts):
+        while j + 1 < i and pts[j + 1][0] <= t - startup:
+            j += 1
+        if t < now - horizon:
+            continue
+        prev = pts[i - 1][0] if i > 0 else t - spec.window_seconds
+        wt = max(min(t - prev, spec.window_seconds), 1e-6)
+        levels.append((r, wt))
+        if j >= 0 and startup > 0:
+            growths.append((max(0.0, r - pts[j][1]), wt))
+    q = spec.rate_quantile
+    level = _weighted_quantile(levels, q)
+    growth = _weighted_quantile(growths, q) if growths else 0.0
+    sized = max(rate, level, rate + growth)
+    if sized <= rate:
+        return rate, ""
+    return sized, (
+        f" (burst memory: {q:.0%} of {horizon:.0f}s of peaks {level:.0f}, growth over a"
+        f" {startup:.0f}s startup +{growth:.0f}: sized for {sized:.0f})"
+    )
+
+
 def _ratio_repair(p: int, d: int, spec: AutoscalingSpec) -> tuple[int, int, str]:
     """Bring P/D into [ratio_min, ratio_max]: raise the lagging pool, else lower the other."""
     if spec.ratio_min is None or spec.ratio_max is None:
@@ -471,15 +574,27 @@ def decide(
         lo, hi = spec.bounds(pool)
         if current.ready(pool) < n_cur:
             state.settled[pool] = math.inf  # replicas still starting
-        elif state.settled.get(pool) == math.inf:
-            state.settled[pool] = now  # all ready from now on
+        else:
+            if state.settled.get(pool) == math.inf:
+                state.settled[pool] = now  # all ready from now on
+            up = state.scaling_up.get(pool)
+            if up is not None and n_cur >= up[1]:  # (below: not applied yet, or lowered since)
+                del state.scaling_up[pool]
+                if pool == "prefill" and current.prefill_ready is not None:
+                    state.startup_s = now - up[0]  # (at most one decision interval late)
         if window is None or (window.finished is None and not window.has_pool_data()):
             rec = _Rec(n_cur, "no metrics: holding", hold=True)
         else:
             settled = now - state.settled.get(pool, -math.inf) >= spec.window_seconds
-            if pool == "prefill" and spec.learn_capacity:
-                _learn_capacity(window, spec, state)
-            rec = _recommend(pool, window, current, spec, settled, state.prefill_capacity)
+            burst = None
+            if pool == "prefill":
+                if spec.learn_capacity:
+                    _learn_capacity(window, spec, state)
+                rate = _window_rate(window)
+                if rate is not None:
+                    burst = _burst_rate(rate, spec, state, now)
+                    inputs["prefill_sized_rate"] = burst[0]
+            rec = _recommend(pool, window, current, spec, settled, state.prefill_capacity, burst)
         if rec.hold:
             no_data.append(pool)
         rec_value = min(max(rec.value, lo), hi)
@@ -523,4 +638,9 @@ def decide(
         if desired[pool] != current.get(pool):
             state.last_change[pool] = now
             state.settled[pool] = math.inf
+            if desired[pool] > current.get(pool):
+                since = state.scaling_up.get(pool, (now, 0))[0]  # from the first of a series of steps
+                state.scaling_up[pool] = (since, desired[pool])
+            else:
+                state.scaling_up.pop(pool, None)  # the replicas it timed may have been cancelled
     return Decision(desired["prefill"], desired["decode"], "; ".join(reasons), inputs, tuple(no_data))
