@@ -581,6 +581,7 @@ def test_dispatcher_uses_reference_on_cpu(monkeypatch):
 
     monkeypatch.setattr(tandem_kernels, "_triton_lora_shrink", no_triton)
     monkeypatch.setattr(tandem_kernels, "_triton_lora_expand", no_triton)
+    monkeypatch.setattr(tandem_kernels, "_triton_lora_apply", no_triton)
     gen = torch.Generator().manual_seed(7)
     ranks = [4, 8]
     ad = make_adapters(ranks, 32, 24, torch.float32, gen)
@@ -593,6 +594,11 @@ def test_dispatcher_uses_reference_on_cpu(monkeypatch):
     tandem_kernels.lora_expand(*expand_args(y, batch, ad, out, 24), y_offsets)
     lora_reference.lora_expand(*expand_args(y, batch, ad, expected, 24), y_offsets)
     assert torch.equal(out, expected) and not torch.equal(out, make_out(5, 48, torch.float32, gen))
+    fused = make_fused([(4, 4), (8, 0)], 32, [(0, 24), (24, 24)], torch.float32, gen)
+    expected = out.clone()
+    tandem_kernels.lora_apply(*apply_args(batch, fused, out))
+    lora_reference.lora_apply(*apply_args(batch, fused, expected))
+    assert torch.equal(out, expected)
 
 
 @requires_triton
@@ -607,8 +613,310 @@ def test_dispatcher_env_forces_triton(monkeypatch):
     tandem_kernels.lora_shrink(*shrink_args(batch, ad))
     y_offsets = torch.zeros(1, dtype=torch.int64)
     tandem_kernels.lora_expand(*expand_args(torch.zeros(2, 4), batch, ad, batch.x, 0), y_offsets)
-    assert [name for name, _ in calls] == ["shrink", "expand"]
+    monkeypatch.setattr(tandem_kernels, "_triton_lora_apply", lambda *args: calls.append(("apply", args)))
+    parts = ((0, 8), (8, 8))
+    tandem_kernels.lora_apply(
+        *shrink_args(batch, ad), batch.x, ad.b_offsets, ad.ranks, y_offsets, ad.scaling, parts
+    )
+    assert [name for name, _ in calls] == ["shrink", "expand", "apply"]
     assert calls[0][1][-1] == 4 and calls[1][1][-1] is y_offsets  # every argument passed through
+    assert len(calls[2][1]) == 14 and calls[2][1][-1] is parts
+
+
+# --- lora_apply: one fused projection, shrink and every part's expand in one op ---------------
+
+
+@dataclass(frozen=True)
+class Fused:
+    """One fused projection's LoRA for every slot: a stacked A per slot and a B per part and slot."""
+
+    pool: torch.Tensor
+    a: list[torch.Tensor]  # per slot [total_rank, hidden_in], float64
+    b: list[list[torch.Tensor]]  # per slot, per part [width, rank], float64
+    a_offsets: torch.Tensor  # [num_slots] int64
+    total_ranks: torch.Tensor  # [num_slots] int32
+    b_offsets: torch.Tensor  # [num_parts, num_slots] int64
+    ranks: torch.Tensor  # [num_parts, num_slots] int32
+    y_offsets: torch.Tensor  # [num_parts, num_slots] int64
+    scaling: torch.Tensor  # [num_parts, num_slots] float32
+    max_rank: int
+    parts: tuple[tuple[int, int], ...]  # (out_offset, hidden_out) per part
+
+    def tables(self) -> tuple:
+        return (self.b_offsets, self.ranks, self.y_offsets, self.scaling, self.parts)
+
+
+def make_fused(
+    part_ranks: list[tuple[int, ...]],
+    hidden_in: int,
+    parts: list[tuple[int, int]],
+    dtype: torch.dtype,
+    gen: torch.Generator,
+) -> Fused:
+    num_slots, num_parts = len(part_ranks), len(parts)
+    a = [torch.cat([random_a(r, hidden_in, gen) for r in ranks]) for ranks in part_ranks]
+    b = [[random_b(r, w, gen) for r, (_, w) in zip(ranks, parts)] for ranks in part_ranks]
+    pool, offsets = pack(a + [b[s][p] for p in range(num_parts) for s in range(num_slots)], dtype, gen)
+    totals = [sum(ranks) for ranks in part_ranks]
+    per_part = [[ranks[p] for ranks in part_ranks] for p in range(num_parts)]
+    b_offsets = [offsets[num_slots * (p + 1) : num_slots * (p + 2)] for p in range(num_parts)]
+    return Fused(
+        pool,
+        [m.to(dtype).double() for m in a],
+        [[m.to(dtype).double() for m in row] for row in b],
+        offsets_tensor(offsets[:num_slots], totals),
+        torch.tensor(totals, dtype=torch.int32),
+        torch.stack([offsets_tensor(o, r) for o, r in zip(b_offsets, per_part)]),
+        torch.tensor(per_part, dtype=torch.int32),
+        torch.tensor([[sum(ranks[:p]) for ranks in part_ranks] for p in range(num_parts)], dtype=torch.int64),
+        torch.stack([scaling_tensor(r) for r in per_part]),
+        max(totals),
+        tuple(parts),
+    )
+
+
+def naive_apply(
+    x: torch.Tensor, fused: Fused, token_slots: list[int | None], out: torch.Tensor
+) -> torch.Tensor:
+    """out after the fused projection's LoRA, in float64."""
+    expected = out.double()
+    for t, slot in enumerate(token_slots):
+        if slot is None or fused.a[slot].shape[0] == 0:
+            continue
+        y = fused.a[slot] @ x[t].double()
+        for p, (col, width) in enumerate(fused.parts):
+            r, y_offset = int(fused.ranks[p, slot]), int(fused.y_offsets[p, slot])
+            if r > 0:
+                delta = fused.b[slot][p] @ y[y_offset : y_offset + r]
+                expected[t, col : col + width] += float(fused.scaling[p, slot]) * delta
+    return expected
+
+
+def _apply_ops(backend: str):
+    if backend == "triton":
+        from tandem_kernels.lora import lora_apply
+
+        return (*_ops("triton"), lora_apply)
+    return (*_ops("torch"), lora_reference.lora_apply)
+
+
+@pytest.fixture(params=["torch", pytest.param("triton", marks=requires_triton)])
+def apply_ops(request):
+    """(shrink, expand, apply) of the reference and of Triton."""
+    return _apply_ops(request.param)
+
+
+# (part ranks per slot, hidden_in, (out_offset, hidden_out) per part, out width). Every case has a
+# slot without LoRA on the projection (all ranks 0) and one without LoRA on some part of it.
+APPLY_CASES = {
+    # q, k, v of different widths, tile-aligned (as 576/192/192 or 4096/1024/1024 are), two splits
+    # of hidden_in, columns outside the parts on both sides, and ranks summing to a non-power of two.
+    "qkv": (
+        [(8, 8, 8), (4, 0, 4), (0, 0, 0), (16, 4, 2), (16, 16, 16)],
+        600,
+        [(64, 256), (320, 64), (384, 64)],
+        512,
+    ),
+    "gate_up": ([(8, 8), (0, 16), (0, 0), (32, 32)], 1100, [(0, 192), (192, 192)], 384),
+    "single": ([(4,), (0,), (12,)], 64, [(0, 96)], 96),
+    # Widths that are no multiple of the column tile, a gap between parts, and parts out of order.
+    "ragged": ([(8, 8, 8), (0, 5, 3), (0, 0, 0), (12, 1, 20)], 200, [(0, 100), (147, 37), (110, 37)], 190),
+    # More parts than one expand launch covers.
+    "five": (
+        [(4, 4, 4, 4, 4), (0, 8, 0, 8, 2), (0, 0, 0, 0, 0)],
+        96,
+        [(0, 64), (64, 30), (94, 64), (158, 17), (175, 80)],
+        256,
+    ),
+}
+APPLY_SEQ_LENS = [1, 7, 20, 1, 5, 2, 1, 17, 1, 2, 3, 4]
+
+
+def apply_batch(case: str, dtype: torch.dtype, gen: torch.Generator) -> tuple[Fused, Batch]:
+    part_ranks, hidden_in, parts, _ = APPLY_CASES[case]
+    fused = make_fused(part_ranks, hidden_in, parts, dtype, gen)
+    num_slots = len(part_ranks)
+    # Every slot, tokens of no adapter between them, an adapter's requests apart.
+    slots = [i % (num_slots + 1) for i in range(len(APPLY_SEQ_LENS))]
+    seq_slots = [None if s == num_slots else s for s in slots]
+    totals = fused.total_ranks.tolist()
+    return fused, make_batch(APPLY_SEQ_LENS, seq_slots, totals, hidden_in, dtype, gen)
+
+
+def apply_args(batch: Fused, fused: Fused, out: torch.Tensor, x: torch.Tensor | None = None) -> tuple:
+    x = batch.x if x is None else x
+    return (
+        x,
+        fused.pool,
+        fused.a_offsets,
+        fused.total_ranks,
+        *batch.groups,
+        fused.max_rank,
+        out,
+        *fused.tables(),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", list(APPLY_CASES))
+def test_apply_equals_shrink_and_expands(apply_ops, case, dtype):
+    shrink, expand, apply = apply_ops
+    gen = torch.Generator().manual_seed(20)
+    fused, batch = apply_batch(case, dtype, gen)
+    out = make_out(len(batch.token_slots), APPLY_CASES[case][3], dtype, gen)
+    before = out.clone()
+    separate = out.clone()
+
+    apply(*apply_args(batch, fused, out))
+    # The same backend's public ops, as the engine called them before lora_apply.
+    y = shrink(batch.x, fused.pool, fused.a_offsets, fused.total_ranks, *batch.groups, fused.max_rank)
+    for p, (col, width) in enumerate(fused.parts):
+        expand(
+            y,
+            fused.pool,
+            fused.b_offsets[p],
+            fused.ranks[p],
+            *batch.groups,
+            separate,
+            fused.scaling[p],
+            col,
+            width,
+            fused.y_offsets[p],
+        )
+
+    assert out.dtype == dtype
+    fp32 = dtype == torch.float32
+    assert rel_err(out, naive_apply(batch.x, fused, batch.token_slots, before)) < (1e-5 if fp32 else 5e-3)
+    assert rel_err(out, separate) < (1e-6 if fp32 else 2e-3)
+    # Tokens of no adapter, or of one without LoRA here, and columns of no part: the same bits.
+    totals = fused.total_ranks.tolist()
+    untouched = torch.tensor([slot is None or totals[slot] == 0 for slot in batch.token_slots])
+    assert untouched.any() and torch.equal(out[untouched], before[untouched])
+    covered = torch.zeros(out.shape[1], dtype=torch.bool)
+    for col, width in fused.parts:
+        covered[col : col + width] = True
+    assert torch.equal(out[:, ~covered], before[:, ~covered])
+    # Part p of a slot whose rank for p is 0 (its B offset is far outside the pool): untouched too.
+    for p, (col, width) in enumerate(fused.parts):
+        skip = torch.tensor(
+            [slot is not None and int(fused.ranks[p, slot]) == 0 for slot in batch.token_slots]
+        )
+        assert torch.equal(out[skip, col : col + width], before[skip, col : col + width])
+    assert out[~untouched].isfinite().all()
+
+
+@requires_triton
+@pytest.mark.parametrize("case", ["qkv", "ragged"])
+def test_triton_apply_reads_only_partials_the_shrink_wrote(case, monkeypatch):
+    # The split-K partials are torch.empty: filled with NaN instead, any read of an entry no shrink
+    # program wrote shows. Summing them in a separate kernel (past _FUSED_SUM_MAX_BYTES) gives the
+    # same bits as summing them inside the expand.
+    from tandem_kernels import lora
+
+    apply = _apply_ops("triton")[2]
+    gen = torch.Generator().manual_seed(21)
+    fused, batch = apply_batch(case, torch.float32, gen)
+    # x as a column slice of a wider tensor, out's rows strided likewise.
+    wider = torch.cat([batch.x, torch.randn(batch.x.shape[0], 8, generator=gen)], dim=1)
+    x = wider[:, : batch.x.shape[1]]
+    out = make_out(len(batch.token_slots), APPLY_CASES[case][3] + 8, torch.float32, gen)[:, 4:-4]
+    results = []
+    for fill, max_bytes in (
+        (None, lora._FUSED_SUM_MAX_BYTES),
+        (float("nan"), lora._FUSED_SUM_MAX_BYTES),
+        (float("nan"), 0),
+    ):
+        monkeypatch.setattr(lora, "_PARTIALS_FILL", fill)
+        monkeypatch.setattr(lora, "_FUSED_SUM_MAX_BYTES", max_bytes)
+        target = out.clone()
+        apply(*apply_args(batch, fused, target, x))
+        results.append(target)
+    totals = fused.total_ranks.tolist()
+    has_lora = torch.tensor([slot is not None and totals[slot] > 0 for slot in batch.token_slots])
+    assert results[0][has_lora].isfinite().all()
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+@requires_triton
+def test_triton_apply_result_does_not_depend_on_the_batch(monkeypatch):
+    # A request alone and the same request batched with others get bit-identical results, also when
+    # the bigger batch sums the partials in the separate kernel and the request alone does not.
+    from tandem_kernels import lora
+
+    apply = _apply_ops("triton")[2]
+    gen = torch.Generator().manual_seed(22)
+    fused = make_fused([(8, 4, 4), (16, 0, 8)], 1100, [(0, 64), (64, 32), (96, 32)], torch.float32, gen)
+    totals = fused.total_ranks.tolist()
+    batch = make_batch([3, 19, 2], [1, 0, 1], totals, 1100, torch.float32, gen)
+    alone = tandem_kernels.lora_token_groups([19], [0])
+    out = make_out(24, 128, torch.float32, gen)
+    out_alone = out[3:22].clone()
+    monkeypatch.setattr(lora, "_FUSED_SUM_MAX_BYTES", 0)
+    apply(*apply_args(batch, fused, out))
+    monkeypatch.undo()
+    x_alone = batch.x[3:22]
+    apply(
+        x_alone,
+        fused.pool,
+        fused.a_offsets,
+        fused.total_ranks,
+        *alone,
+        fused.max_rank,
+        out_alone,
+        *fused.tables(),
+    )
+    assert torch.equal(out[3:22], out_alone)
+
+
+def test_apply_without_adapter_tokens_changes_nothing(apply_ops):
+    apply = apply_ops[2]
+    gen = torch.Generator().manual_seed(24)
+    fused = make_fused([(8, 4), (0, 4)], 32, [(0, 16), (16, 8)], torch.float32, gen)
+    x = torch.randn(5, 32, generator=gen)
+    out = make_out(5, 24, torch.float32, gen)
+    before = out.clone()
+    groups = tandem_kernels.lora_token_groups([2, 3], [None, None])
+    b_offsets, ranks, y_offsets, scaling, _ = fused.tables()
+    head = (x, fused.pool, fused.a_offsets, fused.total_ranks, *groups, fused.max_rank, out)
+    apply(*head, b_offsets, ranks, y_offsets, scaling, [[0, 16], [16, 8]])  # parts as lists work too
+    assert torch.equal(out, before)
+
+
+def test_apply_rejects_bad_inputs(apply_ops):
+    apply = apply_ops[2]
+    gen = torch.Generator().manual_seed(23)
+    fused = make_fused([(8, 4), (0, 4)], 32, [(0, 16), (16, 8)], torch.float32, gen)
+    batch = make_batch([4, 2], [0, 1], fused.total_ranks.tolist(), 32, torch.float32, gen)
+    out = torch.zeros(6, 24)
+    head = (batch.x, fused.pool, fused.a_offsets, fused.total_ranks, *batch.groups)
+    b_offsets, ranks, y_offsets, scaling, parts = fused.tables()
+
+    def call(max_rank=fused.max_rank, out=out, **tables):
+        args = dict(b_offsets=b_offsets, ranks=ranks, y_offsets=y_offsets, scaling=scaling, parts=parts)
+        args.update(tables)
+        apply(*head, max_rank, out, *args.values())
+
+    call()  # the good call works
+    with pytest.raises(ValueError, match="past out's 24 columns"):
+        call(parts=((0, 16), (16, 9)))
+    with pytest.raises(ValueError, match="overlap"):
+        call(parts=((0, 16), (8, 8)))
+    with pytest.raises(ValueError, match=r"must have shape \(1, 2\)"):
+        call(parts=((0, 16),))
+    with pytest.raises(ValueError, match=r"ranks must have shape"):
+        call(ranks=ranks[:1])
+    with pytest.raises(ValueError, match="int64"):
+        call(y_offsets=y_offsets.int())
+    with pytest.raises(ValueError, match="float32"):
+        call(scaling=scaling.double())
+    with pytest.raises(ValueError, match="rows but x has"):
+        call(out=torch.zeros(5, 24))
+    with pytest.raises(ValueError, match="rank 12 > max_rank 11"):
+        call(max_rank=11)
+    with pytest.raises(ValueError, match=r"columns \[9, 13\) of y, which has 12"):
+        call(y_offsets=y_offsets + 1)
+    with pytest.raises(ValueError, match="outside the pool"):
+        call(b_offsets=b_offsets + fused.pool.numel())
 
 
 # --- the engine's CPU path: lora_apply_grouped over HostGroups --------------------------------

@@ -32,9 +32,20 @@ weights live in one flat pool at per-slot element offsets, each at its own rank 
         out[:, out_offset:out_offset + hidden_out] += scaling * y[:, cols] @ B.T, in place, for
         grouped tokens only (others stay bit-identical); fp32 sum, rounded to out's dtype once
 A fused projection (qkv, gate/up) shrinks once over its parts' A rows stacked in the pool, then
-expands once per part with that part's b_offsets, ranks, out_offset and y_offsets. Tokens without
-an adapter are simply in no group; `lora_token_groups` builds the metadata. Bad shapes, dtypes and
-(for metadata on the CPU, where it costs no sync) bad ranks, offsets and slots raise ValueError.
+expands once per part with that part's b_offsets, ranks, out_offset and y_offsets. `lora_apply`
+does all of that as one op (two kernel launches on a GPU), with the per-part metadata stacked:
+    total_ranks         [num_slots] int32, rows of the stacked A (the shrink's ranks), <= max_rank
+    b_offsets, ranks    [num_parts, num_slots] int64 / int32: row p is part p's expand b_offsets, ranks
+    y_offsets, scaling  [num_parts, num_slots] int64 / float32: likewise
+    parts               num_parts host (out_offset, hidden_out) pairs, disjoint column ranges of out
+    lora_apply(x, pool, a_offsets, total_ranks, *groups, max_rank, out, b_offsets, ranks,
+               y_offsets, scaling, parts)
+        out[:, col_p:col_p + w_p] += scaling[p, s] * (x @ A[s].T)[:, y_offsets[p, s]:][:, :ranks[p, s]]
+        @ B[p, s].T for every part p = (col_p, w_p) and grouped token of slot s, in place: the same
+        as lora_shrink then lora_expand per part (columns of y past total_ranks[s] read as zero)
+Tokens without an adapter are simply in no group; `lora_token_groups` builds the metadata. Bad
+shapes, dtypes and (for metadata on the CPU, where it costs no sync) bad ranks, offsets and slots
+raise ValueError.
 
 Each op dispatches per call: the Triton launcher for CUDA tensors (when Triton is installed),
 the torch reference otherwise. `TANDEM_KERNELS=triton` forces Triton (with TRITON_INTERPRET=1
@@ -45,6 +56,7 @@ forces the reference. Prefill has no Triton kernel yet and always runs the refer
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -60,6 +72,7 @@ except ImportError:  # Triton is optional: a CPU-only install runs the reference
 # attribute of this package the first time, so a lazy import of `tandem_kernels.store_kvcache`
 # would overwrite the public `store_kvcache` function defined below.
 if triton is not None:
+    from tandem_kernels.lora import lora_apply as _triton_lora_apply
     from tandem_kernels.lora import lora_expand as _triton_lora_expand
     from tandem_kernels.lora import lora_shrink as _triton_lora_shrink
     from tandem_kernels.paged_decode_attention import (
@@ -71,9 +84,11 @@ else:
     _triton_store_kvcache = None
     _triton_lora_shrink = None
     _triton_lora_expand = None
+    _triton_lora_apply = None
 
 __all__ = [
     "gathered_attention",
+    "lora_apply",
     "lora_expand",
     "lora_reference",
     "lora_shrink",
@@ -219,3 +234,49 @@ def lora_expand(
         _triton_lora_expand(*args)
     else:
         lora_reference.lora_expand(*args)
+
+
+def lora_apply(
+    x: torch.Tensor,
+    pool: torch.Tensor,
+    a_offsets: torch.Tensor,
+    total_ranks: torch.Tensor,
+    token_indices: torch.Tensor,
+    group_offsets: torch.Tensor,
+    group_slots: torch.Tensor,
+    max_rank: int,
+    out: torch.Tensor,
+    b_offsets: torch.Tensor,
+    ranks: torch.Tensor,
+    y_offsets: torch.Tensor,
+    scaling: torch.Tensor,
+    parts: Sequence[tuple[int, int]],
+) -> None:
+    """One fused projection's LoRA, in place: lora_shrink over the stacked A, then lora_expand per part.
+
+    Part p = parts[p] = (out_offset, hidden_out) expands with row p of b_offsets, ranks, y_offsets
+    and scaling ([num_parts, num_slots] each); parts must not overlap. On a GPU this is two launches
+    for up to 4 parts (the shrink writes split-K partials, one expand for every part sums them as it
+    reads them); a third sums the partials first when re-reading them would cost more (long
+    prefills), with the same bits, and each further 4 parts add an expand launch.
+    """
+    args = (
+        x,
+        pool,
+        a_offsets,
+        total_ranks,
+        token_indices,
+        group_offsets,
+        group_slots,
+        max_rank,
+        out,
+        b_offsets,
+        ranks,
+        y_offsets,
+        scaling,
+        parts,
+    )
+    if uses_triton(out.device):
+        _triton_lora_apply(*args)
+    else:
+        lora_reference.lora_apply(*args)

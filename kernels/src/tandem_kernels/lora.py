@@ -28,12 +28,19 @@ each matrix at its own element offset and at the adapter's own rank, without pad
                         out[:, out_offset:out_offset + hidden_out] for grouped tokens only
 `tandem_kernels.lora_token_groups` builds the group metadata from packed sequences.
 
+`lora_apply` runs one fused projection (qkv: a shrink over the stacked A rows, then the q, k and v
+expands) in two launches: the shrink stores each split's partial y into an uninitialized
+[splits, num_tokens, max_rank] buffer, and one expand covers the column tiles of every part, summing
+the partials in split order as it loads y (a third launch sums them first when that re-reading
+would cost more, in long prefills; the bits are the same either way).
+
 Grid: (group, token tile, rank tile x split of hidden_in) for shrink, (group, token tile,
-output-column tile) for expand. The token-tile axis is sized for the whole of token_indices, so
-no host sync is needed to find the longest group; tiles past the end of their group, and groups
-of rank-0 slots, return at once. Block sizes and splits depend only on max_rank and hidden_in
-(shrink) or y's width (expand), not on the batch, so a token's result does not depend on what
-it is batched with.
+output-column tile) for expand (lora_apply's: the column tiles of all its parts, one after
+another). The token-tile axis is sized for the whole of token_indices, so no host sync is needed to
+find the longest group; tiles past the end of their group, and groups of rank-0 slots, return at
+once. Block sizes and splits depend only on max_rank and hidden_in (shrink) or y's width (expand),
+not on the batch, so a token's result does not depend on what it is batched with (lora_apply's
+choice of where to sum the splits does depend on the batch, but not the order of the sum).
 
 Products accumulate in fp32. With x (shrink) or out (expand) in the pool's dtype, tl.dot takes
 its operands in that dtype (expand rounds y to it, for the tensor cores); with mixed dtypes, e.g. a
@@ -48,18 +55,52 @@ or y offset cannot reach outside y.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
 
-from tandem_kernels.lora_reference import check_expand_args, check_shrink_args, check_values
+from tandem_kernels.lora_reference import (
+    check_apply_args,
+    check_expand_args,
+    check_part_spans,
+    check_shrink_args,
+    check_values,
+)
 
 _BLOCK_M = 16  # tokens per tile: decode groups are short, and tl.dot needs at least 16
 _SHRINK_BLOCK_K = 64
 _SHRINK_K_CHUNK = 512  # hidden_in columns per split-K program (a multiple of _SHRINK_BLOCK_K)
 _EXPAND_BLOCK_N = 64
+_APPLY_MAX_PARTS = 4  # parts one fused expand launch covers (scalar arguments); more take more launches
+# lora_apply sums the shrink's split-K partials inside the expand while the partials it re-reads
+# (every output-column tile reads them again, mostly from L2; estimated as splits * lora tokens *
+# max_rank * 4 bytes * column tiles) stay under this many bytes: a decode batch. Past it (a long
+# prefill, where one more launch is nothing) a separate kernel sums them first, in the same order,
+# so the result is bit-identical either way and a token's result never depends on its batch. On an
+# H100 (Llama-3-8B projections, rank 16, batches of 64 to 1024) 32 MiB picked the faster of the two
+# in every case measured, or one within half a microsecond of it.
+_FUSED_SUM_MAX_BYTES = 32 << 20
+_SUM_BLOCK = 1024
+# lora_apply's launch settings, chosen on an H100 (Llama-3-8B shapes, decode batch of 64, rank 16,
+# inside a CUDA graph): a K block of 128 in the shrink, and no software pipelining of the expand's
+# rank loop (usually a single iteration, so staging its loads through shared memory only costs).
+# lora_shrink keeps _SHRINK_BLOCK_K; both split hidden_in into the same _SHRINK_K_CHUNK chunks.
+_APPLY_SHRINK_BLOCK_K = 128
+_APPLY_NUM_WARPS = 4
+_APPLY_EXPAND_NUM_STAGES = 1
+# Tests set this to NaN to show lora_apply never reads a partial the shrink did not write.
+_PARTIALS_FILL: float | None = None
 
 
+def _cdiv(a: int, b: int) -> int:
+    # Plain ints: triton.cdiv goes through Triton's constexpr machinery, microseconds per call.
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=64)
 def _rank_block(max_rank: int) -> int:
     # tl.dot needs at least 16 along every dimension; 64 keeps a rank-128 tile's registers in check.
     return min(64, max(16, triton.next_power_of_2(max_rank)))
@@ -190,6 +231,135 @@ def _lora_expand_kernel(
     tl.store(out_ptrs, (current + acc * scale).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _lora_apply_expand_kernel(
+    y_ptr,
+    pool_ptr,
+    b_offsets_ptr,
+    y_offsets_ptr,
+    ranks_ptr,
+    scaling_ptr,
+    total_ranks_ptr,
+    token_indices_ptr,
+    group_offsets_ptr,
+    group_slots_ptr,
+    out_ptr,
+    num_slots,
+    max_rank,
+    y_stride_split,
+    y_stride_t,
+    out_stride_t,
+    col0,
+    width0,
+    col1,
+    width1,
+    tiles1,
+    col2,
+    width2,
+    tiles2,
+    col3,
+    width3,
+    tiles3,
+    NUM_PARTS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Every part of a fused projection in one launch. Axis 2 runs over the parts' column tiles,
+    part after part (part p's tiles start at tiles_p, its columns at col_p, width_p of them), so a
+    tile never straddles two parts whatever their widths; the last tile of a part is masked."""
+    group = tl.program_id(0)
+    first = tl.load(group_offsets_ptr + group) + tl.program_id(1) * BLOCK_M
+    end = tl.load(group_offsets_ptr + group + 1)
+    if first >= end:
+        return
+    slot = tl.load(group_slots_ptr + group).to(tl.int64)
+
+    # Which part this column tile belongs to (where, not if: no value changes type across branches).
+    n = tl.program_id(2)
+    part = n * 0
+    tile0 = n * 0
+    col = col0 + n * 0
+    width = width0 + n * 0
+    if NUM_PARTS > 1:
+        later = n >= tiles1
+        part = tl.where(later, 1, part)
+        tile0 = tl.where(later, tiles1, tile0)
+        col = tl.where(later, col1, col)
+        width = tl.where(later, width1, width)
+    if NUM_PARTS > 2:
+        later = n >= tiles2
+        part = tl.where(later, 2, part)
+        tile0 = tl.where(later, tiles2, tile0)
+        col = tl.where(later, col2, col)
+        width = tl.where(later, width2, width)
+    if NUM_PARTS > 3:
+        later = n >= tiles3
+        part = tl.where(later, 3, part)
+        tile0 = tl.where(later, tiles3, tile0)
+        col = tl.where(later, col3, col)
+        width = tl.where(later, width3, width)
+
+    meta = part.to(tl.int64) * num_slots + slot
+    rank = tl.load(ranks_ptr + meta)
+    # The shrink wrote y's columns [0, total) for this group's tokens, and nothing else: read no more.
+    total = tl.minimum(tl.load(total_ranks_ptr + slot), max_rank)
+    if rank <= 0 or total <= 0:
+        return
+    scale = tl.load(scaling_ptr + meta)
+    b_offset = tl.load(b_offsets_ptr + meta)  # int64
+    y_offset = tl.load(y_offsets_ptr + meta)
+
+    offs_m = first + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < end
+    tokens = tl.load(token_indices_ptr + offs_m, mask=mask_m, other=0)  # int64
+    offs_n = (n - tile0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < width
+    offs_r = tl.arange(0, BLOCK_R)
+    y_ptrs = y_ptr + tokens[:, None] * y_stride_t + y_offset + offs_r[None, :]
+    b_ptrs = pool_ptr + b_offset + offs_n[:, None] * rank + offs_r[None, :]
+
+    # Issued first, so its latency hides behind the loads below.
+    out_ptrs = out_ptr + tokens[:, None] * out_stride_t + col + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    current = tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for r in range(0, rank, BLOCK_R):
+        mask_r = r + offs_r < rank
+        cols = y_offset + r + offs_r
+        mask_y = mask_m[:, None] & (mask_r & (cols >= 0) & (cols < total))[None, :]
+        # y is the sum of the shrink's split-K partials, taken here in split order (the same order
+        # as _lora_sum_splits_kernel, so both paths give the same bits). A loop: unrolled, the
+        # loads of every split at once measured slower on an H100 (register pressure).
+        y = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        for s in range(0, NUM_SPLITS):
+            y += tl.load(y_ptrs + s * y_stride_split + r, mask=mask_y, other=0.0)
+        b = tl.load(b_ptrs + r, mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+        if UPCAST:  # out and the pool differ in dtype: multiply in fp32
+            b = b.to(tl.float32)
+        acc = tl.dot(y.to(b.dtype), tl.trans(b), acc, input_precision=DOT_PRECISION)
+
+    # Parts are disjoint, so each (token, column) belongs to one program: no atomics.
+    tl.store(out_ptrs, (current + acc * scale).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _lora_sum_splits_kernel(
+    partials_ptr, y_ptr, numel, stride_split, NUM_SPLITS: tl.constexpr, BLOCK: tl.constexpr
+):
+    """y = the sum of the split-K partials, in split order (as _lora_apply_expand_kernel sums them)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        acc += tl.load(partials_ptr + s * stride_split + offs, mask=mask, other=0.0)
+    tl.store(y_ptr + offs, acc, mask=mask)
+
+
 def _check_layout(**tensors: torch.Tensor | None) -> None:
     """The kernels index the metadata as dense vectors."""
     for name, t in tensors.items():
@@ -244,14 +414,14 @@ def lora_shrink(
     # of hidden_in alone (14336 for a Llama-3-8B down projection) while most SMs idle. Each split
     # writes its own partial y; summing them is one small deterministic kernel (no atomics, so a
     # token's result stays independent of its batch and of scheduling).
-    splits = triton.cdiv(hidden_in, _SHRINK_K_CHUNK) if hidden_in else 1
+    splits = _cdiv(hidden_in, _SHRINK_K_CHUNK) if hidden_in else 1
     y = torch.zeros(splits, num_tokens, max_rank, dtype=torch.float32, device=x.device)
     if num_groups == 0 or num_lora_tokens == 0 or max_rank == 0 or hidden_in == 0:
         return y[0]
     block_r = _rank_block(max_rank)
-    rank_tiles = triton.cdiv(max_rank, block_r)
+    rank_tiles = _cdiv(max_rank, block_r)
     upcast = x.dtype != pool.dtype
-    grid = (num_groups, triton.cdiv(num_lora_tokens, _BLOCK_M), rank_tiles * splits)
+    grid = (num_groups, _cdiv(num_lora_tokens, _BLOCK_M), rank_tiles * splits)
     _lora_shrink_kernel[grid](
         x,
         pool,
@@ -339,7 +509,7 @@ def lora_expand(
         return
     target = out[:, out_offset:]  # the kernel writes columns [0, hidden_out) of this view
     upcast = out.dtype != pool.dtype
-    grid = (num_groups, triton.cdiv(num_lora_tokens, _BLOCK_M), triton.cdiv(hidden_out, _EXPAND_BLOCK_N))
+    grid = (num_groups, _cdiv(num_lora_tokens, _BLOCK_M), _cdiv(hidden_out, _EXPAND_BLOCK_N))
     _lora_expand_kernel[grid](
         y,
         pool,
@@ -362,3 +532,179 @@ def lora_expand(
         UPCAST=upcast,
         DOT_PRECISION=_dot_precision(torch.float32 if upcast else pool.dtype),
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _apply_layout(parts: tuple, out_width: int) -> tuple[tuple[tuple[int, int], ...], tuple]:
+    """The checked part spans, and the expand launches that cover them: (first part, parts, scalar
+    arguments, column tiles) each. The scalars are (col, width) of the launch's first part, then
+    (col, width, first tile) of each further one, padded to _APPLY_MAX_PARTS parts with empty ones.
+    Cached: an engine calls with the same few spans for every layer and step.
+    """
+    spans = check_part_spans(parts, out_width)
+    launches = []
+    for first in range(0, len(spans), _APPLY_MAX_PARTS):
+        chunk = spans[first : first + _APPLY_MAX_PARTS]
+        scalars: list[int] = []
+        tiles = 0
+        for i, (col, width) in enumerate(chunk):
+            scalars += [col, width] if i == 0 else [col, width, tiles]
+            tiles += _cdiv(width, _EXPAND_BLOCK_N)
+        scalars += [0, 0, tiles] * (_APPLY_MAX_PARTS - len(chunk))
+        launches.append((first, len(chunk), tuple(scalars), tiles))
+    return spans, tuple(launches)
+
+
+def lora_apply(
+    x: torch.Tensor,
+    pool: torch.Tensor,
+    a_offsets: torch.Tensor,
+    total_ranks: torch.Tensor,
+    token_indices: torch.Tensor,
+    group_offsets: torch.Tensor,
+    group_slots: torch.Tensor,
+    max_rank: int,
+    out: torch.Tensor,
+    b_offsets: torch.Tensor,
+    ranks: torch.Tensor,
+    y_offsets: torch.Tensor,
+    scaling: torch.Tensor,
+    parts: Sequence[tuple[int, int]],
+) -> None:
+    """One fused projection's LoRA in two launches: shrink to split-K partials, one expand for all parts.
+
+    The same result as `lora_shrink` then `lora_expand` per part (the package docstring has the
+    contract), without zero-filling the partials, the separate sum over splits, or a launch per part.
+    """
+    if out.dim() != 2:
+        raise ValueError(f"out must be a 2-D float tensor, got {tuple(out.shape)} {out.dtype}")
+    try:  # the engine passes the same tuple of int pairs every call: a cache hit
+        spans, launches = _apply_layout(parts if type(parts) is tuple else tuple(parts), out.shape[1])
+    except TypeError:  # unhashable pairs (lists)
+        spans, launches = _apply_layout(tuple(tuple(p) for p in parts), out.shape[1])
+    num_parts = len(spans)
+    check_apply_args(
+        x,
+        pool,
+        a_offsets,
+        total_ranks,
+        token_indices,
+        group_offsets,
+        group_slots,
+        max_rank,
+        out,
+        b_offsets,
+        ranks,
+        y_offsets,
+        scaling,
+        num_parts,
+    )
+    if x.stride(1) != 1:
+        raise ValueError("x rows must be contiguous")
+    if out.stride(1) != 1:
+        raise ValueError("out rows must be contiguous")
+    _check_layout(
+        a_offsets=a_offsets,
+        total_ranks=total_ranks,
+        token_indices=token_indices,
+        group_offsets=group_offsets,
+        group_slots=group_slots,
+        b_offsets=b_offsets,
+        ranks=ranks,
+        y_offsets=y_offsets,
+        scaling=scaling,
+    )
+    num_tokens, hidden_in = x.shape
+    groups = (token_indices, group_offsets, group_slots)
+    if pool.device.type == "cpu":  # free here; on a GPU it would cost a host sync
+        check_values(pool, a_offsets, total_ranks, hidden_in, None, max_rank, *groups, "max_rank")
+        for p, (_, width) in enumerate(spans):
+            check_values(pool, b_offsets[p], ranks[p], width, y_offsets[p], max_rank, *groups, "max_rank")
+
+    num_groups = group_slots.shape[0]
+    num_lora_tokens = token_indices.shape[0]
+    if num_groups == 0 or num_lora_tokens == 0 or max_rank == 0 or hidden_in == 0:
+        return  # every delta is zero (hidden_in == 0: an empty product), out stays as it is
+
+    # Split-K partials, [splits, num_tokens, max_rank], NOT zeroed. The invariant that makes this
+    # safe: the expand reads partials only for tokens of a group g (token_indices[group_offsets[g]:
+    # group_offsets[g + 1]]) and only columns c < min(total_ranks[slot of g], max_rank), a mask it
+    # applies itself whatever the other metadata says. For exactly those (token, c) and for every
+    # split, one shrink program stores its partial: the token-tile axis covers every group's tokens
+    # (it is sized for all of token_indices), the rank tiles cover [0, max_rank) and store every
+    # c < the clamped rank, and each split has a non-empty K range (splits = cdiv(hidden_in, chunk)),
+    # so no program skips its store. Entries of other tokens and columns stay garbage, never read.
+    splits = _cdiv(hidden_in, _SHRINK_K_CHUNK)
+    shape = (splits, num_tokens, max_rank)
+    if _PARTIALS_FILL is None:
+        partials = torch.empty(shape, dtype=torch.float32, device=x.device)
+    else:
+        partials = torch.full(shape, _PARTIALS_FILL, dtype=torch.float32, device=x.device)
+    block_r = _rank_block(max_rank)
+    rank_tiles = _cdiv(max_rank, block_r)
+    token_tiles = _cdiv(num_lora_tokens, _BLOCK_M)
+    upcast_x = x.dtype != pool.dtype
+    _lora_shrink_kernel[(num_groups, token_tiles, rank_tiles * splits)](
+        x,
+        pool,
+        a_offsets,
+        total_ranks,
+        *groups,
+        partials,
+        hidden_in,
+        max_rank,
+        x.stride(0),
+        partials.stride(1),
+        partials.stride(0),
+        rank_tiles,
+        BLOCK_M=_BLOCK_M,
+        BLOCK_R=block_r,
+        BLOCK_K=_APPLY_SHRINK_BLOCK_K,
+        K_CHUNK=_SHRINK_K_CHUNK,
+        UPCAST=upcast_x,
+        DOT_PRECISION=_dot_precision(torch.float32 if upcast_x else x.dtype),
+        num_warps=_APPLY_NUM_WARPS,
+    )
+
+    y, y_splits = partials, splits
+    total_tiles = sum(launch[3] for launch in launches)
+    if splits > 1 and splits * num_lora_tokens * max_rank * 4 * total_tiles > _FUSED_SUM_MAX_BYTES:
+        y = torch.empty((1, num_tokens, max_rank), dtype=torch.float32, device=x.device)
+        numel = num_tokens * max_rank
+        _lora_sum_splits_kernel[(_cdiv(numel, _SUM_BLOCK),)](
+            partials, y, numel, partials.stride(0), NUM_SPLITS=splits, BLOCK=_SUM_BLOCK
+        )
+        y_splits = 1
+
+    upcast_out = out.dtype != pool.dtype
+    num_slots = total_ranks.shape[0]
+    for first, count, scalars, tiles in launches:
+        if tiles == 0:
+            continue
+        _lora_apply_expand_kernel[(num_groups, token_tiles, tiles)](
+            y,
+            pool,
+            # Rows [first, first + count) of the [num_parts, num_slots] tables (contiguous).
+            b_offsets[first:] if first else b_offsets,
+            y_offsets[first:] if first else y_offsets,
+            ranks[first:] if first else ranks,
+            scaling[first:] if first else scaling,
+            total_ranks,
+            *groups,
+            out,
+            num_slots,
+            max_rank,
+            y.stride(0),
+            y.stride(1),
+            out.stride(0),
+            *scalars,
+            NUM_PARTS=count,
+            NUM_SPLITS=y_splits,
+            BLOCK_M=_BLOCK_M,
+            BLOCK_N=_EXPAND_BLOCK_N,
+            BLOCK_R=block_r,
+            UPCAST=upcast_out,
+            DOT_PRECISION=_dot_precision(torch.float32 if upcast_out else pool.dtype),
+            num_warps=_APPLY_NUM_WARPS,
+            num_stages=_APPLY_EXPAND_NUM_STAGES,
+        )

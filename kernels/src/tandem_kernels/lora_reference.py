@@ -170,6 +170,68 @@ def check_expand_args(
     )
 
 
+def check_part_spans(parts: Sequence[tuple[int, int]], out_width: int) -> tuple[tuple[int, int], ...]:
+    """The (out_offset, hidden_out) of each part of a fused projection, checked: non-negative, inside
+    out's out_width columns and disjoint (each output column belongs to one part). Returns them as a
+    tuple of int pairs; ValueError otherwise. Host values only, so no sync."""
+    spans = tuple((int(col), int(width)) for col, width in parts)
+    if not spans:
+        raise ValueError("lora_apply needs at least one part")
+    for col, width in spans:
+        if col < 0 or width < 0 or col + width > out_width:
+            raise ValueError(f"part columns [{col}, {col + width}) run past out's {out_width} columns")
+    ordered = sorted(s for s in spans if s[1] > 0)
+    for (col, width), (nxt, _) in zip(ordered, ordered[1:]):
+        if col + width > nxt:
+            raise ValueError(f"parts overlap: columns [{col}, {col + width}) and [{nxt}, ...)")
+    return spans
+
+
+def check_apply_args(
+    x: torch.Tensor,
+    pool: torch.Tensor,
+    a_offsets: torch.Tensor,
+    total_ranks: torch.Tensor,
+    token_indices: torch.Tensor,
+    group_offsets: torch.Tensor,
+    group_slots: torch.Tensor,
+    max_rank: int,
+    out: torch.Tensor,
+    b_offsets: torch.Tensor,
+    ranks: torch.Tensor,
+    y_offsets: torch.Tensor,
+    scaling: torch.Tensor,
+    num_parts: int,
+) -> None:
+    """ValueError for lora_apply arguments of the wrong shape, dtype or device; no host sync.
+
+    The group metadata and the shrink's per-slot vectors are checked once, the per-part tables
+    ([num_parts, num_slots] each) once for all parts. The part spans are checked apart
+    (`check_part_spans`), since they are host values a caller can check once and reuse.
+    """
+    check_shrink_args(x, pool, a_offsets, total_ranks, token_indices, group_offsets, group_slots, max_rank)
+    if out.dim() != 2 or not out.is_floating_point():
+        raise ValueError(f"out must be a 2-D float tensor, got {tuple(out.shape)} {out.dtype}")
+    if out.shape[0] != x.shape[0]:
+        raise ValueError(f"out has {out.shape[0]} rows but x has {x.shape[0]}")
+    if out.device != pool.device:
+        raise ValueError(f"out is on {out.device} but pool on {pool.device}")
+    shape = (num_parts, total_ranks.shape[0])
+    device = pool.device
+    for name, t, dtype in (
+        ("b_offsets", b_offsets, torch.int64),
+        ("ranks", ranks, torch.int32),
+        ("y_offsets", y_offsets, torch.int64),
+        ("scaling", scaling, torch.float32),
+    ):
+        if t.shape != shape:
+            raise ValueError(f"{name} must have shape {shape} (parts, slots), got {tuple(t.shape)}")
+        if t.dtype != dtype:
+            raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}, expected {device}")
+
+
 def _groups(
     pool: torch.Tensor,
     offsets: torch.Tensor,
@@ -366,6 +428,50 @@ def lora_expand(
             # index_put_ on the view writes into out; index_copy_ is slow on CPU for small copies
             # (see reference.store_kvcache).
             target[rows] = acc.to(out.dtype) if upcast_out else acc
+
+
+def lora_apply(
+    x: torch.Tensor,
+    pool: torch.Tensor,
+    a_offsets: torch.Tensor,
+    total_ranks: torch.Tensor,
+    token_indices: torch.Tensor,
+    group_offsets: torch.Tensor,
+    group_slots: torch.Tensor,
+    max_rank: int,
+    out: torch.Tensor,
+    b_offsets: torch.Tensor,
+    ranks: torch.Tensor,
+    y_offsets: torch.Tensor,
+    scaling: torch.Tensor,
+    parts: Sequence[tuple[int, int]],
+) -> None:
+    """One fused projection's LoRA, in place: `lora_shrink` over the stacked A, then `lora_expand` per part.
+
+    Part p adds into out[:, parts[p][0]:][:, :parts[p][1]] with b_offsets[p], ranks[p],
+    y_offsets[p] and scaling[p] (rows of the [num_parts, num_slots] tables).
+    """
+    spans = check_part_spans(parts, out.shape[1] if out.dim() == 2 else 0)
+    check_apply_args(
+        x,
+        pool,
+        a_offsets,
+        total_ranks,
+        token_indices,
+        group_offsets,
+        group_slots,
+        max_rank,
+        out,
+        b_offsets,
+        ranks,
+        y_offsets,
+        scaling,
+        len(spans),
+    )
+    groups = (token_indices, group_offsets, group_slots)
+    y = lora_shrink(x, pool, a_offsets, total_ranks, *groups, max_rank)
+    for p, (col, width) in enumerate(spans):
+        lora_expand(y, pool, b_offsets[p], ranks[p], *groups, out, scaling[p], col, width, y_offsets[p])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,8 +14,9 @@ Three tiers (S-LoRA):
 Inside the pool, layer i of an adapter lives in the K and V halves of layer i of its blocks, so a
 block run holds every layer. For each of the four projections the engine computes (fused qkv, o,
 fused gate_up, down) an adapter has one A (the concatenated A rows of the fused parts, so one
-shrink serves q, k and v) and one B per part; `tandem_kernels.lora_shrink`/`lora_expand` read
-them by offset into the flat pool. A part the adapter does not target has rank 0 and costs nothing.
+shrink serves q, k and v) and one B per part; `tandem_kernels.lora_apply` (on the CPU,
+`lora_reference.lora_apply_grouped`) reads them by offset into the flat pool. A part the adapter
+does not target has rank 0 and costs nothing.
 """
 
 from __future__ import annotations
@@ -306,10 +307,14 @@ class LoRATables:
         self._dev = None
 
     def on_device(self) -> dict:
-        """The tables as device tensors, copied once per change, indexed [layer] -> [slots]."""
+        """The tables as device tensors, copied once per change, indexed [layer] -> [slots].
+
+        "fused" holds, per kind and layer, the arguments `tandem_kernels.lora_apply` takes for that
+        projection (`fused_args`), so a call indexes nothing.
+        """
         if self._dev is None:
             to = lambda d: {k: v.to(self.device) for k, v in d.items()}  # noqa: E731
-            self._dev = {
+            dev = {
                 "a_offsets": to(self.a_offsets),
                 "total_ranks": to(self.total_ranks),
                 "b_offsets": to(self.b_offsets),
@@ -317,17 +322,40 @@ class LoRATables:
                 "y_offsets": to(self.y_offsets),
                 "scaling": to(self.scaling),
             }
+            dev["fused"] = fused_args(dev)
+            self._dev = dev
         return self._dev
+
+
+def fused_args(tables: dict) -> dict[str, list[tuple[torch.Tensor, ...]]]:
+    """Per kind, per layer: (a_offsets, total_ranks, b_offsets, ranks, y_offsets, scaling) for
+    `tandem_kernels.lora_apply`, the per-part tables stacked in KINDS order as [num_parts, num_slots]
+    (contiguous views of one [layers, parts, slots] tensor per kind), from `LoRATables.on_device`'s
+    per-module tables. Built once per table change, not per call.
+    """
+    out = {}
+    for kind, parts in KINDS.items():
+        stacked = [
+            torch.stack([tables[key][m] for m in parts], dim=1) for key in ("b_offsets", "ranks", "y_offsets")
+        ]
+        scaling = torch.stack([tables["scaling"][m] for m in parts])
+        a_off, total = tables["a_offsets"][kind], tables["total_ranks"][kind]
+        out[kind] = [
+            (a_off[layer], total[layer], *(t[layer] for t in stacked), scaling)
+            for layer in range(a_off.shape[0])
+        ]
+    return out
 
 
 class LoRABatch:
     """One step's LoRA work: which tokens use which slot, and the tables to read weights by.
 
-    On a GPU (Triton) `apply` launches `tandem_kernels.lora_shrink` and one `lora_expand` per part,
-    with the metadata on the device. On the CPU it calls `lora_reference.lora_apply_grouped` with
-    host metadata instead: the token groups are worked out once per step (`HostGroups`), each
-    kind's offsets, ranks and scalings for the step's slots are read from the host tables once per
-    step, and a call gathers its tokens once for all groups, not once per group and per op.
+    On a GPU (Triton) `apply` calls `tandem_kernels.lora_apply` once per fused projection (two
+    launches: shrink, then one expand for all parts), with the metadata on the device. On the CPU
+    it calls `lora_reference.lora_apply_grouped` with host metadata instead: the token groups are
+    worked out once per step (`HostGroups`), each kind's offsets, ranks and scalings for the step's
+    slots are read from the host tables once per step, and a call gathers its tokens once for all
+    groups, not once per group and per op.
     """
 
     def __init__(
@@ -343,12 +371,18 @@ class LoRABatch:
         self.host_groups = host_groups
         self._work: dict[str, list[list]] = {}  # CPU path: kind -> per layer, per group
         self.part_cols: dict[str, list[tuple[str, int, int]]] = {}
+        self.part_spans: dict[str, tuple[tuple[int, int], ...]] = {}  # lora_apply's `parts`
         for kind, parts in KINDS.items():
             cols, off = [], 0
             for m in parts:
                 cols.append((m, off, shapes[m][1]))
                 off += shapes[m][1]
             self.part_cols[kind] = cols
+            self.part_spans[kind] = tuple((col, width) for _, col, width in cols)
+        self._fused: dict | None = None
+        if host_groups is None:
+            fused = tables.get("fused") if isinstance(tables, dict) else None
+            self._fused = fused if fused is not None else fused_args(tables)
 
     def apply(self, layer: int, kind: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """out += the LoRA delta of projection `kind` for every adapter token of the batch, in place."""
@@ -361,26 +395,21 @@ class LoRABatch:
                 work = self._work[kind] = self._host_work(kind)
             lora_reference.lora_apply_grouped(x, out, self.pool, self.host_groups, work[layer])
             return
-        t = self.t
-        ti, go, gs = self.groups
-        y = tandem_kernels.lora_shrink(
-            x, self.pool, t["a_offsets"][kind][layer], t["total_ranks"][kind][layer], ti, go, gs, max_rank
+        a_offsets, total_ranks, b_offsets, ranks, y_offsets, scaling = self._fused[kind][layer]
+        tandem_kernels.lora_apply(
+            x,
+            self.pool,
+            a_offsets,
+            total_ranks,
+            *self.groups,
+            max_rank,
+            out,
+            b_offsets,
+            ranks,
+            y_offsets,
+            scaling,
+            self.part_spans[kind],
         )
-        for m, col, width in self.part_cols[kind]:
-            tandem_kernels.lora_expand(
-                y,
-                self.pool,
-                t["b_offsets"][m][layer],
-                t["ranks"][m][layer],
-                ti,
-                go,
-                gs,
-                out,
-                t["scaling"][m],
-                col,
-                width,
-                t["y_offsets"][m][layer],
-            )
 
     def _host_work(self, kind: str) -> list[list]:
         """Per layer, per group: (a_offset, total_rank, parts) or None, read from the host tables once."""
