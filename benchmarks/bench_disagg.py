@@ -3,7 +3,8 @@
 1. KV transfer throughput: the real gRPC path (`KVTransfer.Prefill` streaming `KVChunk`s built by
    `kv_chunks`, written into a paged cache by `KVWriter`) against a raw loopback TCP socket that
    carries the same bytes in the same frames and copies them into the same cache. Sender and
-   receiver are separate processes in both cases.
+   receiver are separate processes in both cases. A third line streams the same messages over
+   gRPC with no KV work on either side: the ceiling Python gRPC itself sets.
 2. Messages per request for a 1,000-token prompt, from a real prefill worker.
 3. TTFT of a 1,000-token prompt at low load: 1 prefill + 1 decode vs 1 colocated worker (real
    processes via `tandem up`'s `LocalDeployment`). The added TTFT is compared with the prefill time
@@ -64,6 +65,33 @@ def _grpc_server(port: int, tokens: int, ready) -> None:
     server.start()
     ready.set()
     server.wait_for_termination()
+
+
+def _bare_grpc_server(port: int, tokens: int, ready) -> None:
+    """The same messages, encoded once up front: what Python gRPC moves when the KV costs nothing."""
+    kv = _kv(tokens)
+    messages = [m for layer in range(LAYERS) for m in kv_chunks(layer, 0, kv[0, layer], kv[1, layer])]
+    messages.append(encode_kv_chunk(wpb.KVChunk(last=True, first_token=1)))
+
+    def prefill(request, context):
+        yield from messages
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=4), options=GRPC_OPTIONS)
+    server.add_generic_rpc_handlers((prefill_method_handler(prefill),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    ready.set()
+    server.wait_for_termination()
+
+
+def time_bare_grpc(port: int) -> tuple[float, int]:
+    """Receive every message and parse its header, nothing else: the transport's own ceiling."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as ch:
+        call = prefill_stub(ch)
+        list(call(wpb.PrefillRequest()))  # warm the connection
+        t = time.perf_counter()
+        total = sum(len(k) + len(v) for chunk, k, v in call(wpb.PrefillRequest()) if chunk.num_tokens)
+        return time.perf_counter() - t, total
 
 
 def _raw_server(port: int, tokens: int, ready) -> None:
@@ -147,9 +175,9 @@ def time_raw(port: int, tokens: int) -> tuple[float, int]:
 
 def bench_transport(tokens: int, repeat: int) -> None:
     ctx = mp.get_context("fork")
-    gport, rport = free_port(), free_port()
+    gport, rport, bport = free_port(), free_port(), free_port()
     procs = []
-    for target, port in ((_grpc_server, gport), (_raw_server, rport)):
+    for target, port in ((_grpc_server, gport), (_raw_server, rport), (_bare_grpc_server, bport)):
         ready = ctx.Event()
         p = ctx.Process(target=target, args=(port, tokens, ready), daemon=True)
         p.start()
@@ -159,6 +187,7 @@ def bench_transport(tokens: int, repeat: int) -> None:
         time_raw(rport, tokens)  # warm
         g = min((time_grpc(gport, tokens) for _ in range(repeat)), key=lambda r: r[0])
         r = min((time_raw(rport, tokens) for _ in range(repeat)), key=lambda r: r[0])
+        b = min((time_bare_grpc(bport) for _ in range(repeat)), key=lambda r: r[0])
     finally:
         for p in procs:
             p.kill()
@@ -168,6 +197,8 @@ def bench_transport(tokens: int, repeat: int) -> None:
     print(f"  gRPC path        {g_rate:6.2f} GB/s   ({g[2]} messages)")
     print(f"  raw TCP socket   {r_rate:6.2f} GB/s")
     print(f"  ratio            {g_rate / r_rate:6.2f}   (target >= 0.7)")
+    b_rate = b[1] / b[0] / 1e9
+    print(f"  bare gRPC        {b_rate:6.2f} GB/s   (no KV work: {b_rate / r_rate:.2f} of raw)")
 
 
 # --- 2 and 3: real processes ---------------------------------------------------------------------
