@@ -51,6 +51,15 @@ def _kv(tokens: int) -> torch.Tensor:
 # --- 1. transport ------------------------------------------------------------------------------
 
 
+def _serve_prefill(port: int, prefill, ready) -> None:
+    server = grpc.server(ThreadPoolExecutor(max_workers=4), options=GRPC_OPTIONS)
+    server.add_generic_rpc_handlers((prefill_method_handler(prefill),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    ready.set()
+    server.wait_for_termination()
+
+
 def _grpc_server(port: int, tokens: int, ready) -> None:
     kv = _kv(tokens)
 
@@ -59,12 +68,7 @@ def _grpc_server(port: int, tokens: int, ready) -> None:
             yield from kv_chunks(layer, 0, kv[0, layer], kv[1, layer])
         yield encode_kv_chunk(wpb.KVChunk(last=True, first_token=1))
 
-    server = grpc.server(ThreadPoolExecutor(max_workers=4), options=GRPC_OPTIONS)
-    server.add_generic_rpc_handlers((prefill_method_handler(prefill),))
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    server.start()
-    ready.set()
-    server.wait_for_termination()
+    _serve_prefill(port, prefill, ready)
 
 
 def _bare_grpc_server(port: int, tokens: int, ready) -> None:
@@ -76,12 +80,7 @@ def _bare_grpc_server(port: int, tokens: int, ready) -> None:
     def prefill(request, context):
         yield from messages
 
-    server = grpc.server(ThreadPoolExecutor(max_workers=4), options=GRPC_OPTIONS)
-    server.add_generic_rpc_handlers((prefill_method_handler(prefill),))
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    server.start()
-    ready.set()
-    server.wait_for_termination()
+    _serve_prefill(port, prefill, ready)
 
 
 def time_bare_grpc(port: int) -> tuple[float, int]:

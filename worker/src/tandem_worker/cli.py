@@ -151,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-requests", type=int, default=20, help="fewer finished requests in a window: no SLO decision"
     )
     a.add_argument(
+        "--burst-horizon",
+        type=float,
+        default=600.0,
+        help="prefill keeps capacity for the bursts of this many recent seconds (default 600; 0: off)",
+    )
+    a.add_argument(
         "--prometheus",
         default=None,
         help="read metrics from this Prometheus (URL) instead of scraping the processes directly",
@@ -421,6 +427,7 @@ def _autoscaling_spec(args: argparse.Namespace, prefill: int, decode: int) -> An
         stabilization_seconds=args.stabilization,
         cooldown_seconds=args.cooldown,
         min_requests=args.min_requests,
+        burst_horizon_seconds=args.burst_horizon,
     )
 
 
