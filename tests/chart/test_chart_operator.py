@@ -10,17 +10,12 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-import yaml
-
-from tandem_operator import api
 
 from ..operator.conftest import (
-    CHILD_RESOURCES,
-    MD_RESOURCE,
     TEST_AGENT,
-    VERBS,
     Cluster,
     RunningOperator,
+    emulate_cluster,
     eventually,
     load_example,
 )
@@ -33,37 +28,8 @@ WATCHED = ["team-a", "team-b"]
 
 @pytest_asyncio.fixture
 async def cluster(kmock: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Cluster:
-    kmock.resources[MD_RESOURCE] = kmock.ResourceInfo(
-        kind=api.KIND, namespaced=True, subresources={"status"}, verbs=VERBS, shortnames=set(api.SHORT_NAMES)
-    )
-    for key, (kind, subresources) in CHILD_RESOURCES.items():
-        kmock.resources[key] = kmock.ResourceInfo(
-            kind=kind, namespaced=True, subresources=subresources, verbs=VERBS
-        )
-    for plural, kind, namespaced in (
-        ("kopfpeerings", "KopfPeering", True),
-        ("clusterkopfpeerings", "ClusterKopfPeering", False),
-    ):
-        kmock.resources[f"kopf.dev/v1/{plural}"] = kmock.ResourceInfo(
-            kind=kind, namespaced=namespaced, verbs=VERBS
-        )
-    kmock.resources["v1/events"] = kmock.ResourceInfo(kind="Event", namespaced=True, verbs=VERBS)
-    kmock.resources["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False, verbs=VERBS)
-    kmock.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = kmock.ResourceInfo(
-        kind="CustomResourceDefinition", namespaced=False, verbs=VERBS
-    )
-    kubeconfig = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "kmock", "cluster": {"server": str(kmock.url).rstrip("/")}}],
-        "users": [{"name": "test", "user": {"token": "test-token"}}],
-        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "test"}}],
-        "current-context": "kmock",
-    }
-    path = tmp_path / "kubeconfig"
-    path.write_text(yaml.safe_dump(kubeconfig))
-    monkeypatch.setenv("KUBECONFIG", str(path))
-    return Cluster(kmock)
+    # No default namespace: the chart's operator names every namespace it watches.
+    return emulate_cluster(kmock, tmp_path, monkeypatch, namespace=None)
 
 
 def _requests(cluster: Cluster) -> list[tuple[str | None, str, str, str]]:

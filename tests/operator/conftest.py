@@ -234,8 +234,11 @@ class Cluster:
         return len(list(self.kmock))
 
 
-@pytest_asyncio.fixture
-async def cluster(kmock: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Cluster]:
+def emulate_cluster(
+    kmock: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, namespace: str | None = NAMESPACE
+) -> Cluster:
+    """Teach kmock Tandem's and Kopf's resources and point KUBECONFIG at it (default namespace:
+    `namespace`, or none)."""
     kmock.resources[MD_RESOURCE] = kmock.ResourceInfo(
         kind=api.KIND, namespaced=True, subresources={"status"}, verbs=VERBS, shortnames=set(api.SHORT_NAMES)
     )
@@ -256,20 +259,26 @@ async def cluster(kmock: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     kmock.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = kmock.ResourceInfo(
         kind="CustomResourceDefinition", namespaced=False, verbs=VERBS
     )
+    context = {"cluster": "kmock", "user": "test"}
+    if namespace is not None:
+        context["namespace"] = namespace
     kubeconfig = {
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [{"name": "kmock", "cluster": {"server": str(kmock.url).rstrip("/")}}],
         "users": [{"name": "test", "user": {"token": "test-token"}}],
-        "contexts": [
-            {"name": "kmock", "context": {"cluster": "kmock", "user": "test", "namespace": NAMESPACE}}
-        ],
+        "contexts": [{"name": "kmock", "context": context}],
         "current-context": "kmock",
     }
     path = tmp_path / "kubeconfig"
     path.write_text(yaml.safe_dump(kubeconfig))
     monkeypatch.setenv("KUBECONFIG", str(path))
-    cluster = Cluster(kmock)
+    return Cluster(kmock)
+
+
+@pytest_asyncio.fixture
+async def cluster(kmock: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Cluster]:
+    cluster = emulate_cluster(kmock, tmp_path, monkeypatch)
     yield cluster
     # Whatever the test did, the operator used only what its ClusterRole grants.
     assert cluster.rbac_violations() == []
