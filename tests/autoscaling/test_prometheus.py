@@ -16,6 +16,8 @@ import pytest
 from tandem_operator.autoscaling.policy import AutoscalingSpec, PolicyState, Replicas, decide
 from tandem_operator.autoscaling.prometheus import BUSY_METRIC, PrometheusError, fetch_window, queries
 
+from .conftest import idle_engine_stats
+
 
 def vector(*rows):
     return {
@@ -135,23 +137,7 @@ def test_queries_use_the_exported_metric_names():
 
     from tandem_worker.server import metrics
 
-    stats = dict.fromkeys(
-        (
-            "used_blocks",
-            "free_blocks",
-            "cached_blocks",
-            "running",
-            "waiting",
-            "queued_prompt_tokens",
-            "prefill_tokens_computed",
-            "prefix_cached_tokens",
-            "decode_tokens",
-            "preemptions",
-            "busy_seconds",
-        ),
-        0,
-    )
-    stats["num_blocks"] = 1
+    stats = idle_engine_stats(num_blocks=1)
     families = list(REGISTRY.collect()) + list(metrics.EngineCollector("prefill", lambda: stats).collect())
     exported = set()
     for fam in families:

@@ -9,6 +9,8 @@ from tandem_operator.autoscaling.policy import AutoscalingSpec, PolicyState, Rep
 from tandem_operator.autoscaling.scrape import DirectScraper, histogram_quantile, parse_text
 from tandem_worker.server.metrics import LATENCY_BUCKETS, TOKEN_BUCKETS, EngineCollector
 
+from .conftest import idle_engine_stats
+
 
 class Deployment:
     """A router registry and worker registries that export what Tandem's processes export."""
@@ -22,41 +24,7 @@ class Deployment:
         self.tpot = Histogram(
             "tandem_time_per_output_token_seconds", "", buckets=TOKEN_BUCKETS, registry=self.router
         )
-        self.stats = {
-            "prefill": dict.fromkeys(
-                (
-                    "used_blocks",
-                    "free_blocks",
-                    "cached_blocks",
-                    "running",
-                    "waiting",
-                    "queued_prompt_tokens",
-                    "prefill_tokens_computed",
-                    "prefix_cached_tokens",
-                    "decode_tokens",
-                    "preemptions",
-                    "busy_seconds",
-                ),
-                0,
-            ),
-            "decode": dict.fromkeys(
-                (
-                    "used_blocks",
-                    "free_blocks",
-                    "cached_blocks",
-                    "running",
-                    "waiting",
-                    "queued_prompt_tokens",
-                    "prefill_tokens_computed",
-                    "prefix_cached_tokens",
-                    "decode_tokens",
-                    "preemptions",
-                    "busy_seconds",
-                ),
-                0,
-            ),
-        }
-        self.stats["prefill"]["num_blocks"] = self.stats["decode"]["num_blocks"] = 100
+        self.stats = {role: idle_engine_stats(num_blocks=100) for role in ("prefill", "decode")}
         self.workers = {}
         for role in ("prefill", "decode"):
             reg = CollectorRegistry()
