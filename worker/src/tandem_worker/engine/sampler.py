@@ -50,20 +50,26 @@ class Sampler:
         """`logits`: [num_seqs, vocab] float32, one row per request; `output_index`: each row's
         position among its request's generated tokens (0 for the first)."""
         output_index = output_index or [0] * len(params)
-        n = logits.shape[0]
-        on_device = logits.device.type != "cpu"
-        if on_device and all(p.greedy for p in params):
+        if logits.device.type != "cpu" and all(p.greedy for p in params):
             # The common serving case: argmax where the logits are and bring back n ints, not
             # n x vocab floats (131 MB per step for batch 256 of a 128K vocabulary).
-            chosen_dev = logits.argmax(dim=-1)
-            logprobs = None
-            if any(p.logprobs for p in params):
-                lp = torch.log_softmax(logits.float(), dim=-1).gather(1, chosen_dev[:, None])[:, 0]
-                logprobs = lp.tolist()
-            return SampleResult(chosen_dev.tolist(), logprobs)
-        # Seeded and random draws use CPU generators, so a request's tokens are the same on every
-        # device and process (a prefill worker samples the first token, a decode worker the rest).
-        logits = logits.float().cpu()
+            chosen = logits.argmax(dim=-1)
+        else:
+            # Seeded and random draws use CPU generators, so a request's tokens are the same on
+            # every device and process (a prefill worker samples the first token, a decode worker
+            # the rest).
+            logits = logits.float().cpu()
+            chosen = self._sample_on_host(logits, params, output_index)
+        logprobs = None
+        if any(p.logprobs for p in params):
+            lp = torch.log_softmax(logits.float(), dim=-1).gather(1, chosen[:, None])[:, 0]
+            logprobs = lp.tolist()
+        return SampleResult(chosen.tolist(), logprobs)
+
+    def _sample_on_host(
+        self, logits: torch.Tensor, params: list[SamplingParams], output_index: list[int]
+    ) -> torch.Tensor:
+        n = logits.shape[0]
         chosen = torch.empty(n, dtype=torch.long)
         greedy_rows = [i for i, p in enumerate(params) if p.greedy]
         if greedy_rows:
@@ -85,8 +91,4 @@ class Sampler:
                 row = torch.full_like(row, float("-inf")).scatter(0, sorted_idx, sorted_vals)
             probs = torch.softmax(row, dim=-1)
             chosen[i] = torch.multinomial(probs, 1, generator=self._generator_for(p, output_index[i]))[0]
-        logprobs = None
-        if any(p.logprobs for p in params):
-            lp = torch.log_softmax(logits, dim=-1).gather(1, chosen[:, None])[:, 0]
-            logprobs = lp.tolist()
-        return SampleResult(chosen.tolist(), logprobs)
+        return chosen
