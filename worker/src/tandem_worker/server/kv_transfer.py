@@ -188,8 +188,7 @@ class KVWriter:
         k = torch.frombuffer(key, dtype=self.kv.dtype).view(n, self.heads, self.dim)
         v = torch.frombuffer(value, dtype=self.kv.dtype).view(n, self.heads, self.dim)
         if self._stream is None:
-            pos = torch.arange(chunk.token_start, chunk.token_start + n)
-            slots = self.table[pos // self.bs] * self.bs + pos % self.bs
+            slots = self._slots(chunk.token_start, n)
             # One thread: this runs on a gRPC thread beside gRPC's own I/O threads and the engine's,
             # and a copy this size would otherwise wake an OpenMP team that has to wait for cores
             # they hold (measured on 2 cores: 0.83 GB/s over gRPC with it, 1.58 without). The
@@ -220,10 +219,14 @@ class KVWriter:
             # Everything below is allocated and used on the side stream only, so the caching device
             # allocator reuses its memory for later side-stream work alone, which runs after it.
             kv = staging.to(device, non_blocking=True)
-            pos = torch.arange(start, start + n, device=device)
-            slots = self.table[pos // self.bs] * self.bs + pos % self.bs
+            slots = self._slots(start, n)
             self.kv[0, layer].view(-1, self.heads, self.dim)[slots] = kv[0]
             self.kv[1, layer].view(-1, self.heads, self.dim)[slots] = kv[1]
+
+    def _slots(self, start: int, n: int) -> torch.Tensor:
+        """Cache slots of prompt tokens [start, start + n), on the table's device."""
+        pos = torch.arange(start, start + n, device=self.table.device)
+        return self.table[pos // self.bs] * self.bs + pos % self.bs
 
     def finish(self) -> None:
         """Wait until every chunk written so far is in the cache (nothing to wait for on CPU)."""
