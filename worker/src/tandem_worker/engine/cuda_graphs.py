@@ -120,25 +120,25 @@ class DecodeGraphs:
         bs = self.sizes[bisect.bisect_left(self.sizes, n)]
         # numpy views of the pinned buffers: filling them from lists costs microseconds per step
         # where a torch.tensor per row would cost a millisecond at batch 256.
-        host = self._host_np
-        host[0, :n] = input_ids
-        host[1, :n] = positions
-        host[2, :n] = slots
-        host[2, n:bs] = -1  # padding rows write no KV
-        host[3, :n] = host[1, :n] + 1  # context length: every position up to the new token's
-        host[3, n:bs] = 1
+        rows = self._host_np
+        rows[0, :n] = input_ids
+        rows[1, :n] = positions
+        rows[2, :n] = slots
+        rows[2, n:bs] = -1  # padding rows write no KV
+        rows[3, :n] = rows[1, :n] + 1  # context length: every position up to the new token's
+        rows[3, n:bs] = 1
         width = max(len(t) for t in tables)
-        ht = self._host_tables_np
+        table_rows = self._host_tables_np
         for i, t in enumerate(tables):
-            ht[i, : len(t)] = t
-        host, ht = self._host, self._host_tables
+            table_rows[i, : len(t)] = t
         # The pinned buffers are rewritten by the next step: each copy must finish reading them
         # first, which the blocking copies below guarantee (they sync with the host).
+        host = self._host
         self.input_ids[:bs].copy_(host[0, :bs])
         self.positions[:bs].copy_(host[1, :bs])
         self.slot_mapping[:bs].copy_(host[2, :bs])
         self.context_lens[:bs].copy_(host[3, :bs])
-        self.block_tables[:n, :width].copy_(ht[:n, :width])
+        self.block_tables[:n, :width].copy_(self._host_tables[:n, :width])
         self._graphs[bs].replay()
         return self._outputs[bs][:n]
 
