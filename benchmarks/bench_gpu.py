@@ -487,7 +487,7 @@ def _bf16_ulp(x: float) -> float:
     return 2.0 ** (math.floor(math.log2(max(abs(x), 1e-30))) - 7)
 
 
-def _greedy_check(folder: Path, hf32, prompts: list[list[int]], new: int) -> dict:
+def _greedy_check(folder: Path, hf32, prompts: list[list[int]], new: int, keep: dict | None = None) -> dict:
     """Greedy tokens of the engine (bf16, CUDA graphs, one batch) against transformers generate
     (bf16, one prompt at a time) on the same weights; each first difference is looked up in the
     float32 model: a near-tie is a gap within two bf16 steps of the top logit."""
@@ -504,13 +504,8 @@ def _greedy_check(folder: Path, hf32, prompts: list[list[int]], new: int) -> dic
     # The same prompts one at a time, eagerly (no CUDA graph): batching must not change a result.
     engine.runner.graphs = None
     single = [run_engine(engine, [p], new)[0] for p in prompts[:8]]
-    STATE["last_greedy"] = {
-        "folder": folder,
-        "prompts": prompts,
-        "ours": ours,
-        "theirs": theirs,
-        "hf32": hf32,
-    }
+    if keep is not None:  # for a later section (disagg serves the same model and prompts)
+        keep.update(folder=folder, prompts=prompts, ours=ours, theirs=theirs, hf32=hf32)
     del engine
     equal = sum(a == b for a, b in zip(ours, theirs))
     diffs = []
@@ -593,8 +588,7 @@ def greedy() -> dict:
     n_prompts, new = sz(30, 3), sz(32, 4)
     lengths = torch.randint(8, sz(200, 24), (n_prompts,), generator=gen).tolist()
     prompts = [docs[i % n_docs, :n].tolist() for i, n in enumerate(lengths)]
-    result = _greedy_check(folder, hf32, prompts, new)
-    STATE["greedy"] = STATE.pop("last_greedy")
+    result = _greedy_check(folder, hf32, prompts, new, keep=STATE.setdefault("greedy", {}))
     return {
         "model": "trained memorizer (4 layers, hidden 256, vocab 2048)",
         "training": training,
@@ -612,7 +606,7 @@ def disagg() -> dict:
     from tandem_worker.server.local import LocalDeployment, free_port
 
     g = STATE.get("greedy")
-    if g is None:
+    if not g:
         raise RuntimeError("run the greedy section first: this one serves its trained model")
     folder = Path(tempfile.mkdtemp(prefix="tandem-disagg-"))
     g["hf32"].save_pretrained(str(folder))  # safetensors + config.json, as a user's checkpoint
