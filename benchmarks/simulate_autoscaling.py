@@ -1,9 +1,10 @@
 """Goodput-driven autoscaling vs static provisioning for the peak minute, simulated over a real trace.
 
 Workload: the Azure LLM inference trace, code (about 1 hour, 8,819 requests), read in place from
-../shared/data/traces/. Cite: Patel, Choukse, Zhang, Shah, Goiri, Maleki, Bianchini, "Splitwise:
-Efficient generative LLM inference using phase splitting", ISCA 2024 (github.com/Azure/
-AzurePublicDataset, CC-BY 4.0).
+../shared/data/traces/; `--trace FILE` runs another one in the same format (the conv trace,
+AzureLLMInferenceTrace_conv.csv: about 1 hour, 19,366 requests, smoother and lighter). Cite:
+Patel, Choukse, Zhang, Shah, Goiri, Maleki, Bianchini, "Splitwise: Efficient generative LLM
+inference using phase splitting", ISCA 2024 (github.com/Azure/AzurePublicDataset, CC-BY 4.0).
 
 Both sides run in the same discrete-event simulator (tandem_operator.autoscaling.simulator) with
 the same latency model (an 8B-class model on one H100 per instance by default, see
@@ -22,18 +23,28 @@ the CRD defaults to (TTFT 1000 ms, TPOT 100 ms, attainment 0.9) and 1 GPU per in
     and learns a prefill replica's throughput from computed tokens per engine-busy second, and
     sizes prefill for the peak rate as the policy's burst memory raises it (the quantile of the
     peaks of the last 10 minutes, plus headroom for the rate's growth over a cold start that it
-    measures; see policy.py); with prefill floors (minReplicas) of 1, a quarter and half of the
-    static-peak prefill size, and with floor 1 and the burst memory off (sized for the last
-    window's peak alone, as before it existed);
+    measures; see policy.py), the quantile set by attainment feedback (the attainment realized
+    over the same 10 minutes against the target: the nominal quantile, 0.9, when the horizon used
+    exactly its miss budget, none when it used none, more when it overspent); with prefill floors
+    (minReplicas) of 1, a quarter and half of the static-peak prefill size; with floor 1 and the
+    attainment feedback off (the burst memory at its nominal quantile, as before the feedback
+    existed); and with floor 1 and the burst memory off (sized for the last window's peak alone);
   - the same with the throughput declared instead of learned (what a benchmark of one replica
     measures on 2k-token prompts), and with the CRD's default timing (stabilization 300 s,
     cooldown 60 s, max step 1).
 
-Run: python benchmarks/simulate_autoscaling.py [--cold-start 60] [--calibration points.json] [--json]
+Run: python benchmarks/simulate_autoscaling.py [--trace FILE] [--cold-start 60] [--calibration points.json]
+     [--json]
 Target (issue 6): at least 90% attainment with at most 60% of the static-peak GPU-minutes. The
 headline is the default policy: learned throughput, floor 1 (the pools' minimum), the policy's
 defaults for everything the benchmark does not set; the floors above 1 are chosen knowing the
 trace's peak (post hoc) and are shown for comparison only.
+
+Where it stands (default latency model, cold start 60 s): on the code trace the default policy
+attains 90.6% with 68% of the static-peak GPU-minutes (the attainment target met, the cost target
+not); without the attainment feedback it over-shot to 93.2% with 76%. The conv trace is light
+(static peak P=2 D=1), so the pools' minimum (P=1 D=1) is already 2/3 of the static-peak GPUs:
+no autoscaler can reach 60% there; the default policy attains 99.0% with 94%.
 """
 
 from __future__ import annotations
@@ -56,7 +67,7 @@ TRACE = (
     / "AzureLLMInferenceTrace_code.csv"
 )
 CITATION = (
-    "Trace: Azure LLM inference trace 2023 (code), github.com/Azure/AzurePublicDataset, CC-BY 4.0.\n"
+    "Trace: Azure LLM inference trace 2023 ({kind}), github.com/Azure/AzurePublicDataset, CC-BY 4.0.\n"
     '  Patel, Choukse, Zhang, Shah, Goiri, Maleki, Bianchini. "Splitwise: Efficient generative LLM\n'
     '  inference using phase splitting", ISCA 2024.'
 )
@@ -119,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     # Prefill floors (minReplicas): none, a quarter and half of the static-peak size.
     half = max(1, p // 2)
     headline = "auto, learned throughput, P>=1"
-    for floor, why in sorted({(1, ""), (max(1, p // 4), " (1/4 peak)"), (half, " (1/2 peak)")}):
+    floors: dict[int, str] = {}
+    for floor, why in ((1, ""), (max(1, p // 4), " (1/4 peak)"), (half, " (1/2 peak)")):
+        floors.setdefault(floor, why)  # (one row per floor: on a light trace they coincide)
+    for floor, why in sorted(floors.items()):
         variants.append(
             (
                 f"auto, learned throughput, P>={floor}{why if floor > 1 else ''}",
@@ -127,6 +141,13 @@ def main(argv: list[str] | None = None) -> int:
                 True,
             )
         )
+    variants.append(
+        (
+            "auto, learned throughput, P>=1, no attainment fb",
+            replace(spec, attainment_feedback=False),
+            True,
+        )
+    )
     variants.append(
         ("auto, learned throughput, P>=1, no burst memory", replace(spec, burst_horizon_seconds=0), True)
     )
@@ -178,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         return 0
-    print(CITATION)
+    kind = "conv" if "conv" in Path(args.trace).name else "code" if "code" in Path(args.trace).name else "?"
+    print(CITATION.format(kind=kind) + f"\n  File: {Path(args.trace).name}")
     print(
         f"{len(trace)} requests over {trace[-1].arrival / 60:.1f} min; "
         f"peak minute starts at {peak_start:.0f}s "

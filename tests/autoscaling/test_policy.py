@@ -338,6 +338,7 @@ BURSTY = replace(
     max_step=10,
     burst_horizon_seconds=600,
     startup_seconds=60,
+    attainment_feedback=False,  # the memory at its nominal quantile (the feedback: tests below)
 )
 
 
@@ -453,3 +454,104 @@ def test_burst_spec_validation():
         AutoscalingSpec(burst_horizon_seconds=-1)
     assert AutoscalingSpec(attainment=0.95).rate_quantile == 0.95
     assert AutoscalingSpec(burst_quantile=0.5).rate_quantile == 0.5
+
+
+# -- attainment feedback on the burst headroom
+
+FEEDBACK = replace(BURSTY, attainment_feedback=True, stabilization_seconds=0, cooldown_seconds=0)
+
+
+def outcome_window(rate: float, met: int, ttft: int = 0) -> MetricsWindow:
+    """A window at `rate` tok/s (peak) whose finished requests met or missed TTFT as given."""
+    return window(met=met, ttft=ttft, prompt_tokens_per_s=rate / 2, prompt_tokens_per_s_peak=rate)
+
+
+def after_a_spike(spec, met: int, ttft: int, step: int = 15):
+    """10k tok/s with one 100k tok/s spike at t=300, every window with these outcomes."""
+    state, cur = PolicyState(), Replicas(1, 1)
+    for t in range(0, 601, step):
+        w = outcome_window(100_000.0 if t == 300 else 10_000.0, met, ttft)
+        d = decide(w, cur, spec, state, now=t)
+        cur = Replicas(d.desired_prefill, d.desired_decode)
+    return d, state
+
+
+def test_attainment_above_target_relaxes_the_burst_headroom():
+    # Every request met over the horizon: none of the miss budget used, no headroom.
+    d, state = after_a_spike(FEEDBACK, met=100, ttft=0)
+    assert state.burst_q == 0.0 and d.inputs["burst_quantile"] == 0.0
+    assert "100.0% attained over 600s" in d.inputs["attainment_feedback"]
+    assert d.inputs["prefill_sized_rate"] == 10_000  # this window's peak alone
+    # Half the budget used (95% against 90%): half the nominal quantile.
+    _, state = after_a_spike(FEEDBACK, met=95, ttft=5)
+    assert state.burst_q == pytest.approx(0.45)
+    # A burst the memory held capacity for, all met: the size comes back down before the horizon
+    # has passed (without the feedback it is held through the whole horizon).
+    sizes, _, _ = run_burst_then(FEEDBACK, lambda t: quiet(5_000.0), until=601)
+    assert max(sizes.values()) == 5 and sizes[300] == 1
+    sizes0, _, _ = run_burst_then(
+        replace(FEEDBACK, attainment_feedback=False), lambda t: quiet(5_000.0), until=601
+    )
+    assert sizes0[300] == 5
+
+
+def test_attainment_below_target_tightens_the_burst_headroom():
+    # 85% attained against 90%: the quantile goes up to the highest remembered peak, so the spike
+    # (one decision in ten minutes, above the nominal 90% quantile) is sized for.
+    d, state = after_a_spike(FEEDBACK, met=85, ttft=15)
+    assert state.burst_q == 1.0
+    assert d.inputs["prefill_sized_rate"] == 100_000
+    d0, _ = after_a_spike(replace(FEEDBACK, attainment_feedback=False), met=85, ttft=15)
+    assert d0.inputs["prefill_sized_rate"] == 10_000
+    assert "burst_quantile" not in d0.inputs
+
+
+def test_attainment_at_target_keeps_the_nominal_quantile():
+    _, state = after_a_spike(FEEDBACK, met=90, ttft=10)
+    assert state.burst_q == pytest.approx(0.9)
+    _, state = after_a_spike(replace(FEEDBACK, burst_quantile=0.6), met=90, ttft=10)
+    assert state.burst_q == pytest.approx(0.6)
+
+
+def test_attainment_feedback_does_not_depend_on_how_often_decide_runs():
+    _, every15 = after_a_spike(FEEDBACK, met=95, ttft=5, step=15)
+    _, every5 = after_a_spike(FEEDBACK, met=95, ttft=5, step=5)
+    assert every5.burst_q == pytest.approx(every15.burst_q)
+    # Overlapping windows count for their new part only: calls every 20 s on 60 s windows, all with
+    # 100 finished requests, all met for the first 5 minutes and 80 met for the next 5.
+    state = PolicyState()
+    for t in range(0, 600, 20):
+        decide(
+            outcome_window(10_000.0, 100 if t < 300 else 80, 0 if t < 300 else 20),
+            Replicas(1, 1),
+            FEEDBACK,
+            state,
+            now=t,
+        )
+    # The first window whole, the other 29 calls a third each: (100 + (14 x 100 + 15 x 80) / 3) met
+    # of (100 + 29 x 100 / 3) finished = 90.625%, 0.0625 of the budget over target.
+    assert state.burst_q == pytest.approx(0.9 * (1 - 0.0625))
+
+
+def test_no_data_no_attainment_feedback():
+    # Fewer than min_requests finished over the whole horizon: the nominal quantile stays.
+    d, state = after_a_spike(FEEDBACK, met=0, ttft=0)
+    assert state.burst_q is None and "attainment_feedback" not in d.inputs
+    # Learned, then windows without outcome counts (or none at all): no change, no samples.
+    _, state = after_a_spike(FEEDBACK, met=95, ttft=5)
+    q, outcomes = state.burst_q, list(state.outcomes)
+    for w in (None, MetricsWindow(duration_s=60, prompt_tokens_per_s_peak=10_000.0)):
+        d = decide(w, Replicas(1, 1), FEEDBACK, state, now=615)
+        assert state.burst_q == q and list(state.outcomes) == outcomes
+        assert "attainment_feedback" not in d.inputs
+    # Idle windows (no requests) neither relax nor tighten it, even once the horizon has passed.
+    for t in range(615, 1500, 15):
+        decide(quiet(0.0), Replicas(1, 1), FEEDBACK, state, now=t)
+    assert state.burst_q == q
+    assert all(t >= 1485 - FEEDBACK.burst_horizon_seconds for t, _, _ in state.outcomes)
+
+
+def test_attainment_feedback_off_without_a_horizon_or_when_disabled():
+    for spec in (replace(FEEDBACK, burst_horizon_seconds=0), replace(FEEDBACK, attainment_feedback=False)):
+        d, state = after_a_spike(spec, met=85, ttft=15)
+        assert state.burst_q is None and not state.outcomes and "attainment_feedback" not in d.inputs

@@ -35,6 +35,12 @@ What it does, per pool (prefill and decode scale independently):
   idle window does not erase it (capacity is kept for the bursts the horizon has shown); a window
   without a rate measurement neither adds to it nor uses it. `burst_horizon_seconds=0` sizes for
   this window alone.
+* **Attainment feedback** (`attainment_feedback`, on by default) makes that headroom target the
+  spec's attainment instead of over-shooting it: the quantile is set from the attainment realized
+  over the same horizon, `q0 * (1 - (realized - target) / (1 - target))` clamped to [0, 1] (`q0`:
+  the nominal quantile above): the nominal value when the horizon used exactly its miss budget, no
+  headroom when it used none, more when it overspent. No outcome counts, or fewer than
+  `min_requests` finished requests over the horizon: it stays as it was.
 * **Scaling down** happens only when the phase is comfortably within its SLO (its misses at most
   `down_margin` x the allowed fraction, no prefill backlog to speak of; for decode also TPOT p90 at
   most `latency_headroom` x the SLO: per-token latency grows with the batch, while TTFT holds an
@@ -101,6 +107,7 @@ class AutoscalingSpec:
     burst_horizon_seconds: float = 600.0  # window peak rates remembered this long (0: this window only)
     burst_quantile: float | None = None  # quantile of them and of their growth (None: attainment)
     startup_seconds: float | None = None  # a new prefill replica's cold start (None: measured, else 60 s)
+    attainment_feedback: bool = True  # adapt that quantile to the attainment realized over the horizon
 
     def __post_init__(self) -> None:
         for pool in POOLS:
@@ -272,6 +279,8 @@ class PolicyState:
     startup_s: float | None = None  # measured: how long the last prefill scale-up took to be ready
     scaling_up: dict[str, tuple[float, int]] = field(default_factory=dict)  # (when, to): not all ready yet
     started: float | None = None
+    outcomes: deque[tuple[float, int, int]] = field(default_factory=deque)  # (now, met, finished) per window
+    burst_q: float | None = None  # the burst quantile as attainment feedback set it (None: nominal)
 
 
 @dataclass
@@ -512,7 +521,7 @@ def _burst_rate(rate: float, spec: AutoscalingSpec, state: PolicyState, now: flo
         levels.append((r, wt))
         if j >= 0 and startup > 0:
             growths.append((max(0.0, r - pts[j][1]), wt))
-    q = spec.rate_quantile
+    q = spec.rate_quantile if state.burst_q is None else state.burst_q
     level = _weighted_quantile(levels, q)
     growth = _weighted_quantile(growths, q) if growths else 0.0
     sized = max(rate, level, rate + growth)
@@ -522,6 +531,49 @@ def _burst_rate(rate: float, spec: AutoscalingSpec, state: PolicyState, now: flo
         f" (burst memory: {q:.0%} of {horizon:.0f}s of peaks {level:.0f}, growth over a"
         f" {startup:.0f}s startup +{growth:.0f}: sized for {sized:.0f})"
     )
+
+
+def _attainment_feedback(w: MetricsWindow, spec: AutoscalingSpec, state: PolicyState, now: float) -> str:
+    """Set the burst quantile from the attainment realized over the last `burst_horizon_seconds`.
+
+    The quantile is a headroom bought to meet the target; the outcomes of the horizon say how much
+    of it was needed. With `a` the realized attainment, `t` the target and `q0` the nominal
+    quantile (`rate_quantile`), it is the line through two points fixed by the spec:
+
+        q = q0 * (1 - (a - t) / (1 - t)),  clamped to [0, 1]
+
+    a horizon that used exactly the miss budget (a = t) keeps q0; one that used none of it (a = 1)
+    needs no burst headroom (q = 0: the memory's lowest remembered peak and growth, so in effect
+    this window's peak alone); below target it rises, up to the highest remembered peak. It is
+    proportional, not integrating: the horizon's outcomes already average over time, and an
+    integral of an average that lags by a horizon winds up. Each window's counts are time-weighted
+    like the rates (a window overlapping the previous one counts for its new part), so how often
+    `decide` runs does not change the realized attainment. No data (no outcome counts in this
+    window, or fewer than `min_requests` finished requests over the horizon): the quantile stays
+    as it was. Returns a note for the reason ("" when unchanged)."""
+    horizon, allowed = spec.burst_horizon_seconds, 1.0 - spec.attainment
+    if not spec.attainment_feedback or horizon <= 0 or allowed <= 0:
+        return ""
+    finished = w.finished
+    if finished is not None:
+        while state.outcomes and state.outcomes[-1][0] >= now:  # a repeated call at the same time replaces
+            state.outcomes.pop()
+        state.outcomes.append((now, w.met or 0, finished))
+    while state.outcomes and state.outcomes[0][0] < now - horizon:
+        state.outcomes.popleft()
+    if finished is None:
+        return ""
+    met = n = 0.0
+    prev = None
+    for t, m, f in state.outcomes:
+        wt = 1.0 if prev is None else min(t - prev, spec.window_seconds) / spec.window_seconds
+        met, n, prev = met + wt * m, n + wt * f, t
+    if n < spec.min_requests:
+        return ""
+    realized = met / n
+    q0 = spec.rate_quantile
+    state.burst_q = min(1.0, max(0.0, q0 * (1.0 - (realized - spec.attainment) / allowed)))
+    return f"{realized:.1%} attained over {horizon:.0f}s: quantile {state.burst_q:.0%}"
 
 
 def _ratio_repair(p: int, d: int, spec: AutoscalingSpec) -> tuple[int, int, str]:
@@ -588,6 +640,11 @@ def decide(
             settled = now - state.settled.get(pool, -math.inf) >= spec.window_seconds
             burst = None
             if pool == "prefill":
+                fb = _attainment_feedback(window, spec, state, now)
+                if fb:
+                    inputs["attainment_feedback"] = fb
+                if state.burst_q is not None:
+                    inputs["burst_quantile"] = state.burst_q
                 if spec.learn_capacity:
                     _learn_capacity(window, spec, state)
                 rate = _window_rate(window)
