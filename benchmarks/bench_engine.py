@@ -95,6 +95,8 @@ def memory_bandwidth_gbs() -> float:
 
 def run_tandem(llm: LLM, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    # A repeat must compute its prompts again, as transformers does, not find them cached.
+    llm.engine.block_manager.reset_prefix_cache()
     t = time.perf_counter()
     outs = llm.generate(prompts, params)
     return time.perf_counter() - t, [o.token_ids for o in outs]
