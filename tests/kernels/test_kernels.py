@@ -174,14 +174,13 @@ GATHERED_CASES = [
 def test_gathered_attention_matches_naive(q_lens, context_lens, num_heads, num_kv_heads, head_dim):
     gen = torch.Generator().manual_seed(5)
     kv = make_paged_kv(context_lens, num_kv_heads, head_dim, torch.float32, gen)
-    cu_q, cu_kv, slots = [0], [0], []
+    cu_q, blocks = [0], []
     for s, (n, ctx) in enumerate(zip(q_lens, context_lens)):
         cu_q.append(cu_q[-1] + n)
-        cu_kv.append(cu_kv[-1] + ctx)
-        slots += [int(kv.block_tables[s, p // BLOCK_SIZE]) * BLOCK_SIZE + p % BLOCK_SIZE for p in range(ctx)]
+        blocks += kv.block_tables[s, : -(-ctx // BLOCK_SIZE)].tolist()
     q = torch.randn(cu_q[-1], num_heads, head_dim, generator=gen)
     out = tandem_kernels.gathered_attention(
-        q, kv.k_cache, kv.v_cache, torch.tensor(slots), cu_q, cu_kv, head_dim**-0.5
+        q, kv.k_cache, kv.v_cache, torch.tensor(blocks), cu_q, context_lens, head_dim**-0.5
     )
     assert out.shape == q.shape
     assert rel_err(out, naive_attention(q, kv, cu_q)) < 1e-5

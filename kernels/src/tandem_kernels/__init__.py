@@ -172,16 +172,17 @@ def gathered_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    kv_slots: torch.Tensor,
+    kv_blocks: torch.Tensor,
     cu_seqlens_q: list[int],
-    cu_seqlens_kv: list[int],
+    context_lens: list[int],
     scale: float,
 ) -> torch.Tensor:
-    """Causal attention for packed chunks (decodes and prefills alike) over KV gathered by slot.
+    """Causal attention for packed chunks (decodes and prefills alike) over KV gathered by block.
 
-    The CPU path: one exact, unpadded gather per layer. GPUs use the paged kernels instead.
+    The CPU path: one exact gather per layer, padded only to whole blocks. GPUs use the paged
+    kernels instead.
     """
-    return reference.gathered_attention(q, k_cache, v_cache, kv_slots, cu_seqlens_q, cu_seqlens_kv, scale)
+    return reference.gathered_attention(q, k_cache, v_cache, kv_blocks, cu_seqlens_q, context_lens, scale)
 
 
 def lora_shrink(

@@ -116,30 +116,33 @@ def gathered_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    kv_slots: torch.Tensor,
+    kv_blocks: torch.Tensor,
     cu_seqlens_q: list[int],
-    cu_seqlens_kv: list[int],
+    context_lens: list[int],
     scale: float,
 ) -> torch.Tensor:
-    """Causal attention for packed query chunks over KV gathered by slot; the engine's CPU path.
+    """Causal attention for packed query chunks over KV gathered block by block; the CPU path.
 
-    kv_slots [total_kv] int64 lists, sequence after sequence, the cache slot of every KV token each
-    sequence attends to (its whole context, this step's tokens included); the offsets are host lists
-    so the loop needs no device sync. Gathering exactly the context once per layer, with no padding
-    to the longest sequence, is what makes mixed-length batches cheap on a CPU.
+    kv_blocks [total_blocks] int64 lists, sequence after sequence, the cache blocks holding each
+    sequence's context (ceil(context_len / block_size) of them, this step's tokens included);
+    the offsets are host lists so the loop needs no device sync. Copying whole blocks moves the
+    context in a few large rows (12 KiB for SmolLM2) instead of one 768-byte row per token, and
+    skipping padding to the longest sequence is what makes mixed-length batches cheap on a CPU.
     """
     num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
+    _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
-    k = k_cache.view(-1, num_kv_heads, head_dim).index_select(0, kv_slots)  # [total_kv, kv_heads, dim]
-    v = v_cache.view(-1, num_kv_heads, head_dim).index_select(0, kv_slots)
+    k = k_cache.index_select(0, kv_blocks).view(-1, num_kv_heads, head_dim)  # [blocks * bs, heads, dim]
+    v = v_cache.index_select(0, kv_blocks).view(-1, num_kv_heads, head_dim)
     out = torch.empty_like(q)
+    k0 = 0
     for s in range(len(cu_seqlens_q) - 1):
         q0, q1 = cu_seqlens_q[s], cu_seqlens_q[s + 1]
-        k0, k1 = cu_seqlens_kv[s], cu_seqlens_kv[s + 1]
+        ctx = context_lens[s]
         q_len = q1 - q0
-        ks = k[k0:k1].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, kv_len, dim]
-        vs = v[k0:k1].transpose(0, 1).unsqueeze(0)
+        ks = k[k0 : k0 + ctx].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, kv_len, dim]
+        vs = v[k0 : k0 + ctx].transpose(0, 1).unsqueeze(0)
+        k0 += -(-ctx // block_size) * block_size
         if q_len == 1:
             # A group's query heads stand in for SDPA's query axis: no GQA expansion, no mask.
             qs = q[q0].view(1, num_kv_heads, group, head_dim)

@@ -37,20 +37,26 @@ class AttentionMetadata:
     # Every prefill chunk starts at position 0 (no cached prefix, no earlier chunk): attention can
     # use the fresh K/V with a causal mask instead of reading them back from the paged cache.
     prefill_is_fresh: bool = False
-    # CPU path: every packed chunk attends over KV gathered by slot (see tandem_kernels.gathered_attention).
-    kv_slots: torch.Tensor | None = None  # [total_kv] int64
+    # CPU path: every packed chunk attends over KV gathered by block (see tandem_kernels.gathered_attention).
+    kv_blocks: torch.Tensor | None = None  # [total_blocks] int64
     cu_seqlens_q: list[int] | None = None  # over all packed chunks, decodes included
-    cu_seqlens_kv: list[int] | None = None
+    context_lens: list[int] | None = None
     # LoRA deltas for the tokens that use adapters (a tandem_worker.engine.lora.LoRABatch), or None.
     lora: Any = None
 
 
+# Up to this many rows, Linear computes (W @ x^T)^T on CPU. Above it, the transposing copy of the
+# output costs more than the shape saves: for a 2K-token prefill chunk, the copy of gate_up's
+# [2048, 3072] output alone took longer than its matmul (measured on this project's CI machines).
+SMALL_BATCH_ROWS = 128
+
+
 class Linear(nn.Linear):
-    """nn.Linear that, on CPU, computes (W @ x^T)^T: MKL runs that shape up to 2x faster for the
-    few-row inputs of decode steps (measured on this project's CI machines), with identical results."""
+    """nn.Linear that, on CPU, computes (W @ x^T)^T for few-row inputs (decode steps): MKL runs
+    that shape up to 2x faster there (measured on this project's CI machines)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dim() != 2:
+        if x.device.type != "cpu" or x.dim() != 2 or x.shape[0] > SMALL_BATCH_ROWS:
             return F.linear(x, self.weight, self.bias)
         out = torch.mm(self.weight, x.t()).t().contiguous()
         return out if self.bias is None else out + self.bias
@@ -85,12 +91,16 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, head_dim]
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [T, 1, head_dim] for a step's positions: looked up once, used by every layer."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+
+
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = rope
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -128,8 +138,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rotary: RotaryEmbedding,
+        rope: tuple[torch.Tensor, torch.Tensor],
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
@@ -143,12 +152,12 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
+        q, k = apply_rotary(q, k, rope)
         tandem_kernels.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
         nd = meta.num_decode_tokens
-        if meta.kv_slots is not None:
+        if meta.kv_blocks is not None:
             out = tandem_kernels.gathered_attention(
-                q, k_cache, v_cache, meta.kv_slots, meta.cu_seqlens_q, meta.cu_seqlens_kv, self.scale
+                q, k_cache, v_cache, meta.kv_blocks, meta.cu_seqlens_q, meta.context_lens, self.scale
             )
         elif nd == t:
             out = tandem_kernels.paged_decode_attention(
@@ -230,13 +239,12 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rotary: RotaryEmbedding,
+        rope: tuple[torch.Tensor, torch.Tensor],
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, k_cache, v_cache, meta)
+        x = x + self.self_attn(self.input_layernorm(x), rope, k_cache, v_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x), meta.lora)
 
 
@@ -266,12 +274,17 @@ class LlamaModel(nn.Module):
         layer_hook: Callable[[int], None] | None = None,  # called as each layer's KV is written
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        rope = self.rotary(positions, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, self.rotary, kv_cache[0, i], kv_cache[1, i], meta)
+            x = layer(x, rope, kv_cache[0, i], kv_cache[1, i], meta)
             if layer_hook is not None:
                 layer_hook(i)
         # Only the sampled positions need the (large) vocabulary projection.
         x = self.norm(x[logit_indices])
+        if x.device.type == "cpu" and x.shape[0] <= SMALL_BATCH_ROWS:
+            # Rows as a transposed view: the sampler reads each row once, so copying the
+            # [S, vocab] block into row-major order first would cost more than the reads it saves.
+            return torch.mm(self.lm_head.weight, x.t()).t().float()
         return self.lm_head(x).float()  # [S, vocab]
 
     def load_weights(self, folder: Path) -> None:

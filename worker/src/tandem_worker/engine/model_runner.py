@@ -14,6 +14,7 @@ import tandem_kernels
 
 from .config import EngineConfig, ModelConfig
 from .cuda_graphs import DecodeGraphs
+from .host_allocator import keep_freed_memory
 from .model import AttentionMetadata, LlamaModel, RotaryEmbedding
 from .scheduler import SchedulerOutput
 
@@ -94,6 +95,8 @@ class ModelRunner:
         self, model_cfg: ModelConfig, model_dir: Path, cfg: EngineConfig, max_model_len: int
     ) -> None:
         self.device = torch.device(cfg.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.dtype = resolve_dtype(cfg)
         self.block_size = cfg.block_size
         with torch.device("meta"):
@@ -191,16 +194,15 @@ class ModelRunner:
 
     def _add_gathered(self, meta: AttentionMetadata, chunks: list) -> None:
         bs = self.block_size
-        offsets = torch.arange(bs)
-        slots, cu_q, cu_kv = [], [0], [0]
+        blocks: list[int] = []
+        cu_q, ctx_lens = [0], []
         for c in chunks:
             ctx = c.start + c.num_tokens
-            table = torch.tensor(c.seq.block_table[: -(-ctx // bs)])
-            slots.append((table[:, None] * bs + offsets).view(-1)[:ctx])
+            blocks += c.seq.block_table[: -(-ctx // bs)]
             cu_q.append(cu_q[-1] + c.num_tokens)
-            cu_kv.append(cu_kv[-1] + ctx)
-        meta.kv_slots = torch.cat(slots).to(self.device)
-        meta.cu_seqlens_q, meta.cu_seqlens_kv = cu_q, cu_kv
+            ctx_lens.append(ctx)
+        meta.kv_blocks = self._tensor(blocks)
+        meta.cu_seqlens_q, meta.context_lens = cu_q, ctx_lens
 
     def execute(
         self, out: SchedulerOutput, layer_hook: Callable[[int], None] | None = None
