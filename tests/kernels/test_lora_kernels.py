@@ -975,6 +975,39 @@ def test_apply_grouped_matches_naive(seq_lens, seq_slots, views, x_dtype, pool_d
     assert torch.equal(out[:, :40], before[:, :40])
 
 
+@pytest.mark.skipif(lora_reference._GROUP_LOOP is None, reason="no TorchScript: only the Python loop")
+@pytest.mark.parametrize(
+    ("seq_lens", "seq_slots"),
+    [
+        ([1] * 40, [i % 6 for i in range(40)]),  # a decode step: groups gathered, split over two threads
+        ([3, 2, 5, 1, 4, 1], [1, None, 0, 3, 5, 5]),  # one run per adapter: views of x and out
+        ([2, 1], [3, 3]),  # one group: no second thread
+    ],
+)
+def test_scripted_group_loop_equals_python_loop_bit_for_bit(seq_lens, seq_slots, monkeypatch):
+    # The engine's CPU decode path runs the group loop in TorchScript, half the groups per core;
+    # it must produce exactly the Python loop's bits (same products, same order, one thread each).
+    gen = torch.Generator().manual_seed(14)
+    ad = make_adapters(RANKS, 128, 96, torch.float32, gen)
+    batch = make_batch(seq_lens, seq_slots, RANKS, 128, torch.float32, gen)
+    host = lora_reference.HostGroups(seq_lens, seq_slots)
+    assert host.largest < lora_reference.SMALL_GROUP_TOKENS
+    work = grouped_work(ad, host, RANKS, 40)
+    out = make_out(len(batch.token_slots), 96 + 40, torch.float32, gen)
+    scripted, python = out.clone(), out.clone()
+    calls = []
+    loop = lora_reference._GROUP_LOOP
+    monkeypatch.setattr(lora_reference, "_GROUP_LOOP", lambda *a: calls.append(a[2]) or loop(*a))
+    lora_reference.lora_apply_grouped(batch.x, scripted, ad.pool, host, work)
+    assert len(calls) == 1  # the scripted loop ran, with this split point
+    monkeypatch.setattr(lora_reference, "_GROUP_LOOP", None)
+    lora_reference.lora_apply_grouped(batch.x, python, ad.pool, host, work)
+    assert not torch.equal(python, out)
+    assert torch.equal(scripted, python)
+    if len(set(seq_slots) - {None}) >= 6:
+        assert 0 < calls[0] < sum(1 for w in work if w)  # both halves had groups
+
+
 def test_apply_grouped_fused_parts_equal_shrink_and_expands():
     # A fused qkv projection: one stacked A per slot, one B per part read from its columns of y.
     gen = torch.Generator().manual_seed(12)
