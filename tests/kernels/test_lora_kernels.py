@@ -997,7 +997,7 @@ def test_scripted_group_loop_equals_python_loop_bit_for_bit(seq_lens, seq_slots,
     scripted, python = out.clone(), out.clone()
     calls = []
     loop = lora_reference._GROUP_LOOP
-    monkeypatch.setattr(lora_reference, "_GROUP_LOOP", lambda *a: calls.append(a[2]) or loop(*a))
+    monkeypatch.setattr(lora_reference, "_GROUP_LOOP", lambda *a: calls.append(a[3]) or loop(*a))
     lora_reference.lora_apply_grouped(batch.x, scripted, ad.pool, host, work)
     assert len(calls) == 1  # the scripted loop ran, with this split point
     monkeypatch.setattr(lora_reference, "_GROUP_LOOP", None)
@@ -1086,5 +1086,6 @@ def test_apply_grouped_rejects_weights_outside_the_pool():
         with pytest.raises(ValueError, match="outside"):
             lora_reference.lora_apply_grouped(x, out, ad.pool, host, work)
         assert torch.get_num_threads() == threads
+        assert not out.any()  # checked before anything ran: slot 0's valid delta is not half-applied
     with pytest.raises(ValueError, match="slot"):
         lora_reference.HostGroups([1], [-1])

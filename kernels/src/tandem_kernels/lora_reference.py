@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import List  # noqa: UP035 - TorchScript reads the annotations and wants typing's List
+from typing import List, Tuple  # noqa: UP035 - TorchScript reads the annotations: typing's names
 
 import torch
 
@@ -538,81 +538,32 @@ class HostGroups:
 GroupWork = tuple[int, int, Sequence[tuple[int, int, int, float, int, int]]]
 
 
-def _run_groups(
-    x: torch.Tensor,
-    out: torch.Tensor,
-    lo: List[int],  # noqa: UP006
-    hi: List[int],  # noqa: UP006
-    a_views: List[torch.Tensor],  # noqa: UP006
-    num_parts: List[int],  # noqa: UP006
-    b_views: List[torch.Tensor],  # noqa: UP006
-    y_lo: List[int],  # noqa: UP006
-    y_hi: List[int],  # noqa: UP006
-    col_lo: List[int],  # noqa: UP006
-    col_hi: List[int],  # noqa: UP006
-    scale: List[float],  # noqa: UP006
-) -> None:
-    """Group g: out[lo:hi, col] += scale * (x[lo:hi] @ A) @ B for each of its parts (flattened)."""
-    k = 0
-    for g in range(len(a_views)):
-        y = torch.mm(x[lo[g] : hi[g]], a_views[g])
-        target = out[lo[g] : hi[g]]
-        for _ in range(num_parts[g]):
-            target[:, col_lo[k] : col_hi[k]].addmm_(y[:, y_lo[k] : y_hi[k]], b_views[k], alpha=scale[k])
-            k += 1
+# One group for the scripted loop: (first row, end row, A as [hidden_in, total_rank], parts), each
+# part (B as [rank, width], first and end column of y, first and end column of out, scaling).
+ScriptedGroup = Tuple[int, int, torch.Tensor, List[Tuple[torch.Tensor, int, int, int, int, float]]]  # noqa: UP006
+
+
+def _run_groups(x: torch.Tensor, out: torch.Tensor, groups: List[ScriptedGroup]) -> None:  # noqa: UP006
+    """out[lo:hi, col] += scale * (x[lo:hi] @ A)[:, y cols] @ B, for each part of each group."""
+    for lo, hi, a_t, parts in groups:
+        y = torch.mm(x[lo:hi], a_t)
+        target = out[lo:hi]
+        for b_t, y_lo, y_hi, col_lo, col_hi, scale in parts:
+            target[:, col_lo:col_hi].addmm_(y[:, y_lo:y_hi], b_t, alpha=scale)
 
 
 def _run_groups_in_halves(
     x: torch.Tensor,
     out: torch.Tensor,
+    groups: List[ScriptedGroup],  # noqa: UP006
     split: int,
-    lo: List[int],  # noqa: UP006
-    hi: List[int],  # noqa: UP006
-    a_views: List[torch.Tensor],  # noqa: UP006
-    num_parts: List[int],  # noqa: UP006
-    b_views: List[torch.Tensor],  # noqa: UP006
-    y_lo: List[int],  # noqa: UP006
-    y_hi: List[int],  # noqa: UP006
-    col_lo: List[int],  # noqa: UP006
-    col_hi: List[int],  # noqa: UP006
-    scale: List[float],  # noqa: UP006
 ) -> None:
     """Groups [split:] on an inter-op thread while this thread does [:split]: rows are disjoint."""
-    if split <= 0 or split >= len(a_views):
-        _run_groups(x, out, lo, hi, a_views, num_parts, b_views, y_lo, y_hi, col_lo, col_hi, scale)
+    if split <= 0 or split >= len(groups):
+        _run_groups(x, out, groups)
         return
-    k = 0
-    for g in range(split):
-        k += num_parts[g]
-    fut = torch.jit.fork(
-        _run_groups,
-        x,
-        out,
-        lo[split:],
-        hi[split:],
-        a_views[split:],
-        num_parts[split:],
-        b_views[k:],
-        y_lo[k:],
-        y_hi[k:],
-        col_lo[k:],
-        col_hi[k:],
-        scale[k:],
-    )
-    _run_groups(
-        x,
-        out,
-        lo[:split],
-        hi[:split],
-        a_views[:split],
-        num_parts[:split],
-        b_views[:k],
-        y_lo[:k],
-        y_hi[:k],
-        col_lo[:k],
-        col_hi[:k],
-        scale[:k],
-    )
+    fut = torch.jit.fork(_run_groups, x, out, groups[split:])
+    _run_groups(x, out, groups[:split])
     torch.jit.wait(fut)
 
 
@@ -659,21 +610,17 @@ def lora_apply_grouped(
     num_tokens, hidden_in = x.shape
     if out.shape[0] != num_tokens:
         raise ValueError(f"out has {out.shape[0]} rows but x has {num_tokens}")
-    base, size = pool.storage_offset(), pool.numel()
     upcast_a = pool.dtype != torch.float32
     upcast_x, upcast_out = x.dtype != torch.float32, out.dtype != torch.float32
-    bounds, runs = groups.bounds, groups.runs
-    views = runs is not None and not upcast_out
+    views = groups.runs is not None and not upcast_out
+    # Every matrix is checked before anything is computed: a bad slot changes nothing.
+    items, weights = _group_views(pool, hidden_in, groups, work, views)
     threads = torch.get_num_threads()
     # All groups small (a decode step): the whole call on one thread, gathers included.
     current = 1 if groups.largest < SMALL_GROUP_TOKENS else threads
     if current != threads:
         torch.set_num_threads(current)
-    fast = _GROUP_LOOP is not None and current == 1 and not (upcast_a or upcast_x or upcast_out)
     try:
-        if fast:
-            _apply_scripted(x, out, pool, groups, work)
-            return
         if views:
             xs_all, target = x, out
         else:
@@ -683,38 +630,20 @@ def lora_apply_grouped(
                 target = target.float()
         if upcast_x:
             xs_all = xs_all.float()
-        for g, item in enumerate(work):
-            if item is None:
-                continue
-            a_offset, total_rank, parts = item
-            lo, hi = bounds[g], bounds[g + 1]
-            if views:
-                xs, tg = xs_all[runs[g]], target[runs[g]]
-            else:
-                xs, tg = xs_all[lo:hi], target[lo:hi]
-            want = 1 if hi - lo < SMALL_GROUP_TOKENS else threads
-            if want != current:
-                torch.set_num_threads(want)
-                current = want
-            if a_offset < 0 or total_rank < 1 or a_offset + total_rank * hidden_in > size:
-                raise ValueError(
-                    f"slot {groups.slots[g]}'s A [{a_offset}, {a_offset + total_rank * hidden_in})"
-                    f" lies outside the pool of {size} elements"
-                )
-            a_t = pool.as_strided((hidden_in, total_rank), (1, hidden_in), base + a_offset)
-            y = torch.mm(xs, a_t.float() if upcast_a else a_t)
-            for b_offset, rank, y_offset, scale, col, width in parts:
-                if rank <= 0:
-                    continue
-                if b_offset < 0 or b_offset + rank * width > size or not 0 <= y_offset <= total_rank - rank:
-                    raise ValueError(
-                        f"slot {groups.slots[g]}'s B [{b_offset}, {b_offset + rank * width}) or its y"
-                        f" columns [{y_offset}, {y_offset + rank}) lie outside the pool or y"
+        if _GROUP_LOOP is not None and current == 1 and not (upcast_a or upcast_x or upcast_out):
+            _GROUP_LOOP(xs_all, target, items, _half_point(weights))
+        else:
+            for lo, hi, a_t, parts in items:
+                want = 1 if hi - lo < SMALL_GROUP_TOKENS else threads
+                if want != current:
+                    torch.set_num_threads(want)
+                    current = want
+                y = torch.mm(xs_all[lo:hi], a_t.float() if upcast_a else a_t)
+                tg = target[lo:hi]
+                for b_t, y_lo, y_hi, col_lo, col_hi, scale in parts:
+                    tg[:, col_lo:col_hi].addmm_(
+                        y[:, y_lo:y_hi], b_t.float() if upcast_a else b_t, alpha=scale
                     )
-                b_t = pool.as_strided((rank, width), (1, rank), base + b_offset)
-                tg[:, col : col + width].addmm_(
-                    y[:, y_offset : y_offset + rank], b_t.float() if upcast_a else b_t, alpha=scale
-                )
         if not views:
             out[groups.token_indices] = target.to(out.dtype) if upcast_out else target
     finally:
@@ -722,31 +651,20 @@ def lora_apply_grouped(
             torch.set_num_threads(threads)
 
 
-def _apply_scripted(
-    x: torch.Tensor,
-    out: torch.Tensor,
+def _group_views(
     pool: torch.Tensor,
+    hidden_in: int,
     groups: HostGroups,
     work: Sequence[GroupWork | None],
-) -> None:
-    """`lora_apply_grouped` for float32 and small groups, the loop in TorchScript (`_GROUP_LOOP`).
+    on_runs: bool,
+) -> tuple[list[ScriptedGroup], list[int]]:
+    """Each group's rows and its matrices as views of the pool, every bound checked; and each
+    group's weight elements (what it reads), for splitting the groups between two threads.
 
-    Same products in the same order as the Python loop, each on one thread, so the same bits.
-    The groups are split in two halves of about equal weight bytes, one per core.
-    """
-    hidden_in = x.shape[1]
+    The rows index x and out themselves when `on_runs` (`groups.runs`), else the gathered rows
+    (`groups.bounds`)."""
     base, size = pool.storage_offset(), pool.numel()
-    bounds, runs = groups.bounds, groups.runs
-    lo: list[int] = []
-    hi: list[int] = []
-    a_views: list[torch.Tensor] = []
-    num_parts: list[int] = []
-    b_views: list[torch.Tensor] = []
-    y_lo: list[int] = []
-    y_hi: list[int] = []
-    col_lo: list[int] = []
-    col_hi: list[int] = []
-    scale: list[float] = []
+    items: list[ScriptedGroup] = []
     weights: list[int] = []
     for g, item in enumerate(work):
         if item is None:
@@ -758,7 +676,7 @@ def _apply_scripted(
                 f" lies outside the pool of {size} elements"
             )
         elems = total_rank * hidden_in
-        n = 0
+        views = []
         for b_offset, rank, y_offset, scaling, col, width in parts:
             if rank <= 0:
                 continue
@@ -767,38 +685,25 @@ def _apply_scripted(
                     f"slot {groups.slots[g]}'s B [{b_offset}, {b_offset + rank * width}) or its y"
                     f" columns [{y_offset}, {y_offset + rank}) lie outside the pool or y"
                 )
-            b_views.append(pool.as_strided((rank, width), (1, rank), base + b_offset))
-            y_lo.append(y_offset)
-            y_hi.append(y_offset + rank)
-            col_lo.append(col)
-            col_hi.append(col + width)
-            scale.append(float(scaling))
+            b_t = pool.as_strided((rank, width), (1, rank), base + b_offset)
+            views.append((b_t, y_offset, y_offset + rank, col, col + width, float(scaling)))
             elems += rank * width
-            n += 1
-        if runs is not None:
-            lo.append(runs[g].start)
-            hi.append(runs[g].stop)
+        if on_runs:
+            lo, hi = groups.runs[g].start, groups.runs[g].stop
         else:
-            lo.append(bounds[g])
-            hi.append(bounds[g + 1])
-        a_views.append(pool.as_strided((hidden_in, total_rank), (1, hidden_in), base + a_offset))
-        num_parts.append(n)
+            lo, hi = groups.bounds[g], groups.bounds[g + 1]
+        a_t = pool.as_strided((hidden_in, total_rank), (1, hidden_in), base + a_offset)
+        items.append((lo, hi, a_t, views))
         weights.append(elems)
-    if not a_views:
-        return
-    # Split where the running weight crosses half; 0 runs everything on this thread.
+    return items, weights
+
+
+def _half_point(weights: list[int]) -> int:
+    """How many leading groups make about half the weight (0: too few groups to split)."""
     split, acc, half = 0, 0, sum(weights) / 2
-    if len(weights) > 1:
-        for w in weights[:-1]:
-            split += 1
-            acc += w
-            if acc >= half:
-                break
-    args = (lo, hi, a_views, num_parts, b_views, y_lo, y_hi, col_lo, col_hi, scale)
-    if runs is not None:
-        _GROUP_LOOP(x, out, split, *args)
-        return
-    xs = x.index_select(0, groups.token_indices)
-    target = out.index_select(0, groups.token_indices)
-    _GROUP_LOOP(xs, target, split, *args)
-    out[groups.token_indices] = target
+    for w in weights[:-1]:
+        split += 1
+        acc += w
+        if acc >= half:
+            break
+    return split
