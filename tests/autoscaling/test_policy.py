@@ -461,16 +461,16 @@ def test_burst_spec_validation():
 FEEDBACK = replace(BURSTY, attainment_feedback=True, stabilization_seconds=0, cooldown_seconds=0)
 
 
-def outcome_window(rate: float, met: int, ttft: int = 0) -> MetricsWindow:
-    """A window at `rate` tok/s (peak) whose finished requests met or missed TTFT as given."""
-    return window(met=met, ttft=ttft, prompt_tokens_per_s=rate / 2, prompt_tokens_per_s_peak=rate)
+def outcome_window(rate: float, met: int, ttft: int = 0, tpot: int = 0) -> MetricsWindow:
+    """A window at `rate` tok/s (peak) whose finished requests met or missed their SLOs as given."""
+    return window(met=met, ttft=ttft, tpot=tpot, prompt_tokens_per_s=rate / 2, prompt_tokens_per_s_peak=rate)
 
 
-def after_a_spike(spec, met: int, ttft: int, step: int = 15):
+def after_a_spike(spec, met: int, ttft: int, step: int = 15, tpot: int = 0):
     """10k tok/s with one 100k tok/s spike at t=300, every window with these outcomes."""
     state, cur = PolicyState(), Replicas(1, 1)
     for t in range(0, 601, step):
-        w = outcome_window(100_000.0 if t == 300 else 10_000.0, met, ttft)
+        w = outcome_window(100_000.0 if t == 300 else 10_000.0, met, ttft, tpot)
         d = decide(w, cur, spec, state, now=t)
         cur = Replicas(d.desired_prefill, d.desired_decode)
     return d, state
@@ -504,6 +504,14 @@ def test_attainment_below_target_tightens_the_burst_headroom():
     d0, _ = after_a_spike(replace(FEEDBACK, attainment_feedback=False), met=85, ttft=15)
     assert d0.inputs["prefill_sized_rate"] == 10_000
     assert "burst_quantile" not in d0.inputs
+
+
+def test_tpot_misses_do_not_tighten_the_prefill_headroom():
+    # 85% attained, but every miss is a TPOT miss: decode's to fix, so prefill sees all TTFTs met.
+    _, state = after_a_spike(FEEDBACK, met=85, ttft=0, tpot=15)
+    assert state.burst_q == 0.0
+    _, state = after_a_spike(FEEDBACK, met=85, ttft=10, tpot=5)  # 90% met their TTFT: the target
+    assert state.burst_q == pytest.approx(0.9)
 
 
 def test_attainment_at_target_keeps_the_nominal_quantile():

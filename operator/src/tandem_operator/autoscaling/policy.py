@@ -279,7 +279,8 @@ class PolicyState:
     startup_s: float | None = None  # measured: how long the last prefill scale-up took to be ready
     scaling_up: dict[str, tuple[float, int]] = field(default_factory=dict)  # (when, to): not all ready yet
     started: float | None = None
-    outcomes: deque[tuple[float, int, int]] = field(default_factory=deque)  # (now, met, finished) per window
+    # (now, requests that met their TTFT, requests finished) per window
+    outcomes: deque[tuple[float, int, int]] = field(default_factory=deque)
     burst_q: float | None = None  # the burst quantile as attainment feedback set it (None: nominal)
 
 
@@ -534,7 +535,10 @@ def _burst_rate(rate: float, spec: AutoscalingSpec, state: PolicyState, now: flo
 
 
 def _attainment_feedback(w: MetricsWindow, spec: AutoscalingSpec, state: PolicyState, now: float) -> str:
-    """Set the burst quantile from the attainment realized over the last `burst_horizon_seconds`.
+    """Set the burst quantile from the TTFT attainment realized over the last `burst_horizon_seconds`.
+
+    Requests that met their TTFT count as met here even if they missed TPOT: that miss is the
+    decode pool's, which prefill headroom cannot fix.
 
     The quantile is a headroom bought to meet the target; the outcomes of the horizon say how much
     of it was needed. With `a` the realized attainment, `t` the target and `q0` the nominal
@@ -558,7 +562,9 @@ def _attainment_feedback(w: MetricsWindow, spec: AutoscalingSpec, state: PolicyS
     if finished is not None:
         while state.outcomes and state.outcomes[-1][0] >= now:  # a repeated call at the same time replaces
             state.outcomes.pop()
-        state.outcomes.append((now, w.met or 0, finished))
+        # Only what prefill sizing can fix counts against it: a request that met its TTFT but
+        # missed TPOT is decode's miss (failures count against both).
+        state.outcomes.append((now, (w.met or 0) + (w.missed_tpot or 0), finished))
     while state.outcomes and state.outcomes[0][0] < now - horizon:
         state.outcomes.popleft()
     if finished is None:
