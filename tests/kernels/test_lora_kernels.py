@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import tandem_kernels
-from tandem_kernels import lora_reference
+from tandem_kernels import cpu_extension, lora_reference
 
 from .conftest import BF16_DOT_BROKEN, requires_triton
 
@@ -997,6 +997,7 @@ def test_scripted_group_loop_equals_python_loop_bit_for_bit(seq_lens, seq_slots,
     scripted, python = out.clone(), out.clone()
     calls = []
     loop = lora_reference._GROUP_LOOP
+    monkeypatch.setattr(lora_reference.cpu_extension, "load", lambda: None)  # the C++ op would run first
     monkeypatch.setattr(lora_reference, "_GROUP_LOOP", lambda *a: calls.append(a[3]) or loop(*a))
     lora_reference.lora_apply_grouped(batch.x, scripted, ad.pool, host, work)
     assert len(calls) == 1  # the scripted loop ran, with this split point
@@ -1006,6 +1007,85 @@ def test_scripted_group_loop_equals_python_loop_bit_for_bit(seq_lens, seq_slots,
     assert torch.equal(scripted, python)
     if len(set(seq_slots) - {None}) >= 6:
         assert 0 < calls[0] < sum(1 for w in work if w)  # both halves had groups
+
+
+def native_op_or_skip():
+    if cpu_extension.available_compiler() is None:
+        pytest.skip("no C++ compiler: the CPU decode path is the TorchScript loop")
+    op = cpu_extension.load()
+    assert op is not None, "a C++ compiler is installed, yet Tandem's CPU ops did not build (see the log)"
+    return op
+
+
+@pytest.mark.parametrize(
+    ("seq_lens", "seq_slots"),
+    [
+        ([1] * 40, [i % 6 for i in range(40)]),  # a decode step: 6 adapters, tokens interleaved
+        ([1, 1, 2, 1], [5, None, 3, 5]),  # a group of two requests apart, one token without adapter
+        ([3, 2, 5, 1, 4, 1], [1, None, 0, 3, 5, 5]),  # one run per adapter
+    ],
+)
+@pytest.mark.parametrize("ranks", [RANKS, [8, 16, 32, 64, 0, 48]])  # 4, 12, 48: the generic loop
+def test_native_decode_op_matches_naive_and_leaves_other_tokens_alone(
+    seq_lens, seq_slots, ranks, monkeypatch
+):
+    # The engine's CPU decode path is one C++ call per projection; it must do PEFT's arithmetic
+    # (to fp32 rounding: its sums run in another order than MKL's) and touch only adapter tokens.
+    native_op_or_skip()
+    calls = []
+    op = cpu_extension.load()
+    monkeypatch.setattr(
+        lora_reference.cpu_extension,
+        "load",
+        lambda: type(
+            "Spy", (), {"lora_grouped": staticmethod(lambda *a: calls.append(a) or op.lora_grouped(*a))}
+        ),
+    )
+    gen = torch.Generator().manual_seed(15)
+    ad = make_adapters(ranks, 576, 96, torch.float32, gen)
+    batch = make_batch(seq_lens, seq_slots, ranks, 576, torch.float32, gen)
+    host = lora_reference.HostGroups(seq_lens, seq_slots)
+    out = make_out(len(batch.token_slots), 96 + 40, torch.float32, gen)
+    before = out.clone()
+    expected = naive_expand(naive_shrink(batch.x, ad, batch.token_slots), ad, batch.token_slots, out, 40)
+    lora_reference.lora_apply_grouped(batch.x, out, ad.pool, host, grouped_work(ad, host, ranks, 40))
+    assert len(calls) == 1  # the whole projection in one call
+    assert rel_err(out, expected) < 1e-5
+    for t, slot in enumerate(batch.token_slots):
+        if slot is None or ranks[slot] == 0:
+            assert torch.equal(out[t], before[t])
+        else:
+            assert not torch.equal(out[t, 40:], before[t, 40:])
+    assert torch.equal(out[:, :40], before[:, :40])
+
+
+def test_native_op_splits_groups_by_the_bytes_they_read():
+    # One chunk per thread; ranks differ 8-fold, so equal counts of groups would leave a core idle.
+    assert lora_reference._chunks([64, 8, 8, 8, 8, 8, 8, 8], 2) == [0, 1, 8]
+    assert lora_reference._chunks([8, 8, 8, 8], 2) == [0, 2, 4]
+    assert lora_reference._chunks([5], 2) == [0, 1]
+    assert lora_reference._chunks([1, 1, 1, 1, 1, 1], 3) == [0, 2, 4, 6]
+
+
+def test_native_op_runs_only_decode_steps_in_fp32(monkeypatch):
+    # Prefill groups (many tokens) keep MKL's GEMMs; other dtypes keep the upcasting loop.
+    native_op_or_skip()
+    calls = []
+    monkeypatch.setattr(lora_reference.cpu_extension, "load", lambda: calls.append(1))
+    gen = torch.Generator().manual_seed(16)
+    for seq_lens, dtype, native in (
+        ([1, 1], torch.float32, True),
+        ([lora_reference.SMALL_GROUP_TOKENS, 1], torch.float32, False),
+        ([1, 1], torch.bfloat16, False),
+    ):
+        calls.clear()
+        ad = make_adapters([8, 16], 64, 32, dtype, gen)
+        batch = make_batch(seq_lens, [0, 1], [8, 16], 64, dtype, gen)
+        host = lora_reference.HostGroups(seq_lens, [0, 1])
+        out = make_out(len(batch.token_slots), 32, dtype, gen)
+        # (where the spy is asked, it answers None: the TorchScript loop does the work)
+        lora_reference.lora_apply_grouped(batch.x, out, ad.pool, host, grouped_work(ad, host, [8, 16], 0))
+        assert bool(calls) == native, (seq_lens, dtype)
 
 
 def test_apply_grouped_fused_parts_equal_shrink_and_expands():

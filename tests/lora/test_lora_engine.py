@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tandem_kernels import cpu_extension, lora_reference
 from tandem_worker.engine.llm_engine import LLMEngine
 from tandem_worker.engine.lora import AdapterError, AdapterNotFoundError, read_peft_adapter
 from tandem_worker.engine.sampling_params import SamplingParams
@@ -34,9 +35,22 @@ def test_adapters_change_the_output(peft_references):
     assert not inert, f"{inert} change no output: the equality test would prove nothing for them"
 
 
-def test_mixed_batch_matches_peft(lora_engine, prompt_ids, peft_references, record_property):
+def count_native_calls(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Spy on the C++ LoRA decode op (cpu_extension); returns the list its calls land in."""
+    calls: list = []
+    op = cpu_extension.load()
+    if op is not None:
+        spy = type(
+            "Spy", (), {"lora_grouped": staticmethod(lambda *a: calls.append(1) or op.lora_grouped(*a))}
+        )
+        monkeypatch.setattr(lora_reference.cpu_extension, "load", lambda: spy)
+    return calls
+
+
+def test_mixed_batch_matches_peft(lora_engine, prompt_ids, peft_references, record_property, monkeypatch):
     """All adapters x all prompts + base requests submitted together: one heterogeneous batch."""
     engine = lora_engine
+    native = count_native_calls(monkeypatch)
     for spec in MIXED_SPECS:
         engine.lora.load(spec.name)  # admin load from the store: all in host memory before the batch
     ids = {}
@@ -53,6 +67,8 @@ def test_mixed_batch_matches_peft(lora_engine, prompt_ids, peft_references, reco
         assert final[rid].error is None
         assert_matches(f"{key[0]}/prompt{key[1]}", final[rid].token_ids, peft_references[key], notes)
     record_property("near_ties", notes)
+    if cpu_extension.available_compiler():  # the decode steps ran the C++ op, not the TorchScript loop
+        assert native
     stats = engine.lora.stats
     assert stats.loads == len(MIXED_SPECS) and stats.load_failures == 0
     # Nothing pinned after the batch: every adapter can be evicted now.

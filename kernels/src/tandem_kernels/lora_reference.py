@@ -20,6 +20,8 @@ from typing import List, Tuple  # noqa: UP035 - TorchScript reads the annotation
 
 import torch
 
+from . import cpu_extension
+
 
 def lora_token_groups(
     seq_lens: Sequence[int], seq_slots: Sequence[int | None], device: torch.device | str | None = None
@@ -602,6 +604,11 @@ def lora_apply_grouped(
     A (total_rank rows, hidden_in each) and the parts' B ([w, r], row-major) are views of the pool at
     the given element offsets. Products accumulate in fp32; out is rounded to its dtype once.
     Tokens of no group are untouched. ValueError when a matrix lies outside the pool.
+
+    How, on the CPU: a decode step (every group under `SMALL_GROUP_TOKENS` tokens, all fp32) in
+    one call of the C++ op (`cpu_extension`; its sums run in another order than MKL's, so results
+    differ in the last bits), else in TorchScript's loop; larger groups (a prefill) with one GEMM
+    per matrix on every thread.
     """
     if len(work) != len(groups.slots):
         raise ValueError(f"{len(work)} work items for {len(groups.slots)} groups")
@@ -612,12 +619,22 @@ def lora_apply_grouped(
         raise ValueError(f"out has {out.shape[0]} rows but x has {num_tokens}")
     upcast_a = pool.dtype != torch.float32
     upcast_x, upcast_out = x.dtype != torch.float32, out.dtype != torch.float32
-    views = groups.runs is not None and not upcast_out
     # Every matrix is checked before anything is computed: a bad slot changes nothing.
-    items, weights = _group_views(pool, hidden_in, groups, work, views)
+    small = groups.largest < SMALL_GROUP_TOKENS
+    native = None
+    if small and not (upcast_a or upcast_x or upcast_out) and x.device.type == "cpu":
+        if x.stride(1) == 1 and out.stride(1) == 1 and pool.is_contiguous():
+            native = cpu_extension.load()
+    views = native is None and groups.runs is not None and not upcast_out
+    checked = _checked_groups(pool, hidden_in, groups, work, views)
+    if native is not None:
+        # A decode step: the whole projection in one C++ call, rows indexed in place.
+        native.lora_grouped(x, out, pool, groups.token_indices, *_group_table(checked))
+        return
+    items, weights = _group_views(pool, hidden_in, checked)
     threads = torch.get_num_threads()
     # All groups small (a decode step): the whole call on one thread, gathers included.
-    current = 1 if groups.largest < SMALL_GROUP_TOKENS else threads
+    current = 1 if small else threads
     if current != threads:
         torch.set_num_threads(current)
     try:
@@ -651,21 +668,24 @@ def lora_apply_grouped(
             torch.set_num_threads(threads)
 
 
-def _group_views(
+# One group, checked: (first row, end row, A's offset, total rank, parts, elements read), each part
+# (B's offset, rank, first column of y, scaling, first column of out, width).
+CheckedGroup = tuple[int, int, int, int, list[tuple[int, int, int, float, int, int]], int]
+
+
+def _checked_groups(
     pool: torch.Tensor,
     hidden_in: int,
     groups: HostGroups,
     work: Sequence[GroupWork | None],
     on_runs: bool,
-) -> tuple[list[ScriptedGroup], list[int]]:
-    """Each group's rows and its matrices as views of the pool, every bound checked; and each
-    group's weight elements (what it reads), for splitting the groups between two threads.
+) -> list[CheckedGroup]:
+    """Each group with work, every matrix's bounds checked against the pool (ValueError if not).
 
     The rows index x and out themselves when `on_runs` (`groups.runs`), else the gathered rows
-    (`groups.bounds`)."""
-    base, size = pool.storage_offset(), pool.numel()
-    items: list[ScriptedGroup] = []
-    weights: list[int] = []
+    (`groups.bounds`, which are also offsets into `groups.token_indices`)."""
+    size = pool.numel()
+    out: list[CheckedGroup] = []
     for g, item in enumerate(work):
         if item is None:
             continue
@@ -676,7 +696,7 @@ def _group_views(
                 f" lies outside the pool of {size} elements"
             )
         elems = total_rank * hidden_in
-        views = []
+        kept = []
         for b_offset, rank, y_offset, scaling, col, width in parts:
             if rank <= 0:
                 continue
@@ -685,17 +705,71 @@ def _group_views(
                     f"slot {groups.slots[g]}'s B [{b_offset}, {b_offset + rank * width}) or its y"
                     f" columns [{y_offset}, {y_offset + rank}) lie outside the pool or y"
                 )
-            b_t = pool.as_strided((rank, width), (1, rank), base + b_offset)
-            views.append((b_t, y_offset, y_offset + rank, col, col + width, float(scaling)))
+            kept.append((b_offset, rank, y_offset, float(scaling), col, width))
             elems += rank * width
         if on_runs:
-            lo, hi = groups.runs[g].start, groups.runs[g].stop
+            lo, hi = groups.runs[g].start, groups.runs[g].stop  # type: ignore[index]
         else:
             lo, hi = groups.bounds[g], groups.bounds[g + 1]
+        out.append((lo, hi, a_offset, total_rank, kept, elems))
+    return out
+
+
+def _group_table(checked: list[CheckedGroup]) -> tuple[torch.Tensor, ...]:
+    """The C++ op's metadata (csrc/lora_grouped_cpu.cpp): groups, parts, part_start, scales, chunks.
+
+    Chunks split the groups by the bytes they read, one chunk per thread (ranks differ 8-fold)."""
+    rows, parts, starts, scales = [], [], [0], []
+    for lo, hi, a_offset, total_rank, kept, _ in checked:
+        rows.append((lo, hi, a_offset, total_rank))
+        for b_offset, rank, y_offset, scaling, col, width in kept:
+            parts.append((b_offset, rank, y_offset, col, width))
+            scales.append(scaling)
+        starts.append(len(parts))
+    chunks = _chunks([c[5] for c in checked], torch.get_num_threads())
+    i64 = torch.int64
+    return (
+        torch.tensor(rows, dtype=i64).reshape(-1, 4),
+        torch.tensor(parts, dtype=i64).reshape(-1, 5),
+        torch.tensor(starts, dtype=i64),
+        torch.tensor(scales, dtype=torch.float64),
+        torch.tensor(chunks, dtype=i64),
+    )
+
+
+def _chunks(weights: list[int], n: int) -> list[int]:
+    """Boundaries splitting the items, in order, into at most n runs of about equal weight."""
+    total, bounds, acc = sum(weights), [0], 0
+    for i, w in enumerate(weights):
+        acc += w
+        if len(bounds) < n and acc >= total * len(bounds) / n and i + 1 < len(weights):
+            bounds.append(i + 1)
+    bounds.append(len(weights))
+    return bounds
+
+
+def _group_views(
+    pool: torch.Tensor, hidden_in: int, checked: list[CheckedGroup]
+) -> tuple[list[ScriptedGroup], list[int]]:
+    """Each checked group's rows and its matrices as views of the pool; and the elements each
+    group reads, for splitting the groups between two threads."""
+    base = pool.storage_offset()
+    items: list[ScriptedGroup] = []
+    for lo, hi, a_offset, total_rank, kept, _ in checked:
+        views = [
+            (
+                pool.as_strided((rank, width), (1, rank), base + b_offset),
+                y_offset,
+                y_offset + rank,
+                col,
+                col + width,
+                scaling,
+            )
+            for b_offset, rank, y_offset, scaling, col, width in kept
+        ]
         a_t = pool.as_strided((hidden_in, total_rank), (1, hidden_in), base + a_offset)
         items.append((lo, hi, a_t, views))
-        weights.append(elems)
-    return items, weights
+    return items, [c[5] for c in checked]
 
 
 def _half_point(weights: list[int]) -> int:

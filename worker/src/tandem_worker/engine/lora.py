@@ -37,7 +37,7 @@ import torch
 from safetensors import safe_open
 
 import tandem_kernels
-from tandem_kernels import lora_reference
+from tandem_kernels import cpu_extension, lora_reference
 
 from .block_manager import BlockManager
 from .config import ModelConfig
@@ -481,6 +481,10 @@ class LoRAManager:
         self._free_slots: list[int] = []
         self._next_slot = 0
         self.tables = LoRATables(cfg.num_hidden_layers, kv_cache.device)
+        if kv_cache.device.type == "cpu" and kv_cache.dtype == torch.float32:
+            # Build (first time on a machine, ~25 s) or load the C++ decode op now, not inside the
+            # first decode step with an adapter.
+            cpu_extension.load()
         self.stats = LoRAStats()
         self._lock = threading.Lock()  # guards _host and stats between the loader and the engine
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-load")
