@@ -52,6 +52,7 @@ from pathlib import Path
 
 import torch
 
+from tandem_kernels import cpu_extension
 from tandem_worker.engine.llm_engine import LLMEngine
 from tandem_worker.engine.loader import resolve_model
 from tandem_worker.engine.lora import LoRAStats, module_shapes
@@ -246,7 +247,8 @@ def main() -> None:
     avg_bytes = sum(RANKS) / len(RANKS) * per_rank
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores; "
-        f"{args.model}, float32"
+        f"{args.model}, float32; LoRA decode step: "
+        + ("C++ op (tandem_kernels.cpu_extension)" if cpu_extension.load() else "TorchScript loop (no C++)")
     )
     print(
         f"adapters: {DISTINCT} distinct PEFT adapters on disk (ranks {'/'.join(map(str, RANKS))}, "
