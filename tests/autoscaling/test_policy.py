@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
 
 from tandem_operator.autoscaling.policy import (
     AutoscalingSpec,
+    Decision,
     MetricsWindow,
     PolicyState,
     Replicas,
@@ -563,3 +565,54 @@ def test_attainment_feedback_off_without_a_horizon_or_when_disabled():
     for spec in (replace(FEEDBACK, burst_horizon_seconds=0), replace(FEEDBACK, attainment_feedback=False)):
         d, state = after_a_spike(spec, met=85, ttft=15)
         assert state.burst_q is None and not state.outcomes and "attainment_feedback" not in d.inputs
+
+
+def test_a_state_restored_from_json_decides_exactly_as_the_original():
+    # The operator saves the state in status and a restarted operator carries on from it: after a
+    # round trip through JSON every later decision must be the one the original state would make.
+    # The run covers every part of the state: a learned capacity, the burst memory, outcomes and the
+    # feedback quantile, a measured startup, replicas still starting (settled = inf), stabilization.
+    spec = replace(FEEDBACK, stabilization_seconds=120, cooldown_seconds=30, learn_capacity=True)
+    state, cur = PolicyState(), Replicas(1, 1)
+
+    def w_at(t: int) -> MetricsWindow:
+        rate = 60_000.0 if 120 <= t <= 240 else 8_000.0
+        met, ttft = (70, 30) if 120 <= t <= 240 else (100, 0)
+        return replace(outcome_window(rate, met, ttft), prefill_tokens_per_busy_s=12_000.0)
+
+    def step(st: PolicyState, cur: Replicas, t: int, sizes: dict[int, int]) -> tuple[Replicas, Decision]:
+        d = decide(w_at(t), cur, spec, st, now=1_000_000 + t)
+        sizes[t] = d.desired_prefill
+        # A replica serves 45 s after it was asked for: ready = the size asked for 45 s ago.
+        ready = min(d.desired_prefill, sizes.get(t - 45, 1))
+        return Replicas(d.desired_prefill, d.desired_decode, prefill_ready=ready), d
+
+    sizes: dict[int, int] = {}
+    t = 0
+    while t < 150 or not state.scaling_up:  # stop while replicas are starting (settled = inf)
+        cur, _ = step(state, cur, t, sizes)
+        t += 15
+    assert state.rates and state.outcomes and state.prefill_capacity and state.burst_q is not None
+    assert state.settled["prefill"] == float("inf")
+    text = state.to_json()
+    restored = PolicyState.from_json(text)
+    assert json.loads(restored.to_json()) == json.loads(text)
+    a, b, sizes_b = cur, cur, dict(sizes)
+    changes = 0
+    for t in range(t, t + 900, 15):  # noqa: B020 - goes on from where the first run stopped
+        a, da = step(state, a, t, sizes)
+        b, db = step(restored, b, t, sizes_b)
+        assert (da.desired_prefill, da.desired_decode, da.reason) == (
+            db.desired_prefill,
+            db.desired_decode,
+            db.reason,
+        )
+        changes += sizes[t] != sizes[t - 15]
+    assert changes >= 2  # the run after the restore scales (up, and back down after the burst)
+    assert json.loads(state.to_json()) == json.loads(restored.to_json())
+
+
+@pytest.mark.parametrize("text", ["", "[]", '{"v": 99}', '{"v": 1, "history": 3}', "{not json"])
+def test_a_state_of_another_layout_is_refused(text):
+    with pytest.raises(ValueError):
+        PolicyState.from_json(text)

@@ -302,7 +302,9 @@ async def test_disabled_autoscaling_queries_nothing_and_changes_nothing(
 # ---- without Kopf: the autoscaler and the reconciler on the in-memory API of test_reconciler.py
 
 
-def memory_setup(prometheus_url: str) -> tuple[Any, Reconciler, Autoscaler, list[tuple[str, str]]]:
+def memory_setup(
+    prometheus_url: str, clock: Any = None
+) -> tuple[Any, Reconciler, Autoscaler, list[tuple[str, str]]]:
     from .test_reconciler import MemoryApi
 
     memory = MemoryApi()
@@ -315,7 +317,8 @@ def memory_setup(prometheus_url: str) -> tuple[Any, Reconciler, Autoscaler, list
         events.append((type_, reason))
 
     reconciler = Reconciler(memory, post, autoscaler=True)
-    return memory, reconciler, Autoscaler(memory, reconciler, post, prometheus_url), events
+    kw = {} if clock is None else {"clock": clock}
+    return memory, reconciler, Autoscaler(memory, reconciler, post, prometheus_url, **kw), events
 
 
 async def test_no_prometheus_configured_holds_and_says_so():
@@ -382,3 +385,62 @@ async def test_the_autoscaling_policy_does_not_change_the_pod_templates():
         }
 
     assert hashes({"enabled": True, "maxStep": 3}) == hashes({"enabled": False})
+
+
+async def test_a_restarted_operator_carries_on_from_the_policy_memory_in_status(prom: FakePrometheus, caplog):
+    # A backlog adds prefill at once (it needs no settled window); the cooldown (60 s) then holds
+    # the size. An operator restarted within the cooldown must hold too: it reads the memory the
+    # last one saved in status. Without it (or with one it cannot read) it would add another.
+    prom.answers = BACKLOG
+    prom.start()
+    now = [1_000_000.0]
+    memory, reconciler, autoscaler, events = memory_setup(prom.url, clock=lambda: now[0])
+    md_key = (api.KIND, "ns", DEMO)
+
+    def prefill() -> int:
+        return memory.objects[("Deployment", "ns", PREFILL)]["spec"]["replicas"]
+
+    def set_ready() -> None:
+        for name in (PREFILL, DECODE):
+            dep = memory.objects[("Deployment", "ns", name)]
+            dep["status"] = {"readyReplicas": dep["spec"]["replicas"]}
+
+    await reconciler.reconcile("ns", DEMO)
+    set_ready()
+    await autoscaler.step("ns", DEMO)
+    assert prefill() == 2 and events == [("Normal", "ScaledUp")]
+    saved = memory.objects[md_key]["status"]["autoscaler"]["memory"]
+    assert json.loads(saved)["lastChange"]["prefill"] == now[0]
+
+    async def restart_and_step(at: float) -> Autoscaler:
+        now[0] = at
+        fresh = Autoscaler(
+            memory, reconciler, lambda *a: events.append((a[1], a[2])), prom.url, clock=lambda: now[0]
+        )
+        await reconciler.reconcile("ns", DEMO)
+        set_ready()
+        await fresh.step("ns", DEMO)
+        return fresh
+
+    second = await restart_and_step(1_000_020.0)  # 20 s later: within the cooldown
+    assert prefill() == 2 and len(events) == 1
+    # Held. Its memory is written at its first step, then at most once a minute while nothing changes.
+    saved = memory.objects[md_key]["status"]["autoscaler"]["memory"]
+    assert json.loads(saved)["started"] == 1_000_000.0  # carried on, not restarted
+    now[0] = 1_000_035.0
+    await second.step("ns", DEMO)
+    assert prefill() == 2 and memory.objects[md_key]["status"]["autoscaler"]["memory"] == saved
+    later = await restart_and_step(1_000_070.0)  # after the cooldown: the backlog adds one more
+    assert prefill() == 3
+    assert (
+        json.loads(memory.objects[md_key]["status"]["autoscaler"]["memory"])["lastChange"]["prefill"]
+        == now[0]
+    )
+    assert later._states  # noqa: SLF001 - it now keeps the memory in process
+
+    # The control: a memory of another layout is ignored, with a warning, and the step acts afresh.
+    memory.objects[md_key]["status"]["autoscaler"]["memory"] = '{"v": 99}'
+    memory.objects[("Deployment", "ns", PREFILL)]["spec"]["replicas"] = 2
+    await restart_and_step(1_000_075.0)
+    assert prefill() == 3  # no cooldown remembered: the backlog scales at once
+    assert "unreadable" in caplog.text

@@ -469,6 +469,15 @@ class AutoscalerStatus(_Model):
             "this deployment, too few finished requests): which pools and why."
         ),
     )
+    memory: str | None = Field(
+        default=None,
+        max_length=65536,
+        description=(
+            "The policy's memory (recent recommendations, last changes, burst and outcome history, "
+            "learned prefill throughput) as JSON, saved at each change and every minute: a restarted "
+            "or newly elected operator carries on from it instead of starting afresh."
+        ),
+    )
 
 
 class ModelDeploymentStatus(_Model):

@@ -22,15 +22,20 @@ first window read. No data for this deployment (or too few finished requests): h
 `status.autoscaler.holding` says which pools and why.
 
 The policy's memory (recent recommendations for the scale-down stabilization, the last change per
-pool for the cooldown, learned prefill throughput) lives in this process only: a restarted (or
-newly elected) operator starts it afresh, which can delay a scale-down by one stabilization window
-and lets a change follow a pre-restart change without a cooldown.
+pool for the cooldown, the burst and outcome history, learned prefill throughput) is kept per
+object in this process and saved to `status.autoscaler.memory` with every change and at least every
+`MEMORY_SAVE_SECONDS`: a restarted (or newly elected) operator carries on from it, so a restart
+neither skips a cooldown nor forgets the bursts it sized prefill for. Its times are wall-clock
+seconds (`clock`), which is what lets another process read them. A memory that cannot be read
+(another layout) is ignored with a warning; disabling autoscaling drops it with the rest of
+`status.autoscaler`, so a later enable starts afresh.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -50,6 +55,7 @@ log = logging.getLogger(__name__)
 DEFAULT_INTERVAL_SECONDS = 15.0
 DEFAULT_QUERY_TIMEOUT_SECONDS = 5.0
 EVENT_MESSAGE_LIMIT = 1000
+MEMORY_SAVE_SECONDS = 60.0  # the policy's memory goes to status at least this often (and at each change)
 
 HEALTHY = "PrometheusReachable"
 UNAVAILABLE = "PrometheusUnavailable"
@@ -123,7 +129,7 @@ class Autoscaler:
         post_event: EventPoster,
         prometheus_url: str,
         now: Callable[[], str] = utc_now,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
         query_timeout_s: float = DEFAULT_QUERY_TIMEOUT_SECONDS,
     ) -> None:
         self._client = client
@@ -134,9 +140,35 @@ class Autoscaler:
         self._clock = clock
         self._timeout = query_timeout_s
         self._states: dict[str, PolicyState] = {}
+        self._saved: dict[str, float] = {}  # uid -> clock time the memory was last written to status
 
     def forget(self, uid: str) -> None:
         self._states.pop(uid, None)
+        self._saved.pop(uid, None)
+
+    def _state(self, body: dict[str, Any], uid: str) -> PolicyState:
+        """This object's policy memory: in this process, else as the last operator saved it."""
+        state = self._states.get(uid)
+        if state is not None:
+            return state
+        saved = ((body.get("status") or {}).get("autoscaler") or {}).get("memory")
+        state = PolicyState()
+        if saved:
+            meta = body["metadata"]
+            try:
+                state = PolicyState.from_json(saved)
+                log.info(
+                    "%s/%s: carrying on from the autoscaler memory in status", meta["namespace"], meta["name"]
+                )
+            except ValueError as e:
+                log.warning(
+                    "%s/%s: autoscaler memory in status unreadable (%s): starting afresh",
+                    meta["namespace"],
+                    meta["name"],
+                    e,
+                )
+        self._states[uid] = state
+        return state
 
     async def step(self, namespace: str, name: str) -> None:
         """One step. Prometheus is read outside the object's lock (a slow or hanging Prometheus
@@ -212,8 +244,9 @@ class Autoscaler:
 
         (p, p_ready), (d, d_ready) = size("prefill"), size("decode")
         current = Replicas(prefill=p, decode=d, prefill_ready=p_ready, decode_ready=d_ready)
-        state = self._states.setdefault(owner.uid, PolicyState())
-        decision = decide(window, current, aspec, state, self._clock())
+        state = self._state(body, owner.uid)
+        now = self._clock()
+        decision = decide(window, current, aspec, state, now)
         changes = {
             role: (current.get(role), decision.desired(role))
             for role in AUTOSCALED_ROLES
@@ -247,6 +280,9 @@ class Autoscaler:
             self._post_event(
                 body, "Normal", event_reason(changes), f"{message}: {decision.reason}"[:EVENT_MESSAGE_LIMIT]
             )
+        if changes or now - self._saved.get(owner.uid, -math.inf) >= MEMORY_SAVE_SECONDS:
+            record["memory"] = state.to_json()
+            self._saved[owner.uid] = now
         await self._report(body, True, HEALTHY, f"reading metrics from {self._url}", record)
 
     async def _report(

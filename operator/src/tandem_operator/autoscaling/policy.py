@@ -65,6 +65,7 @@ minReplicas/maxReplicas. The remaining tuning fields are not in the CRD (yet) an
 
 from __future__ import annotations
 
+import json
 import math
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -282,6 +283,56 @@ class PolicyState:
     # (now, requests that met their TTFT, requests finished) per window
     outcomes: deque[tuple[float, int, int]] = field(default_factory=deque)
     burst_q: float | None = None  # the burst quantile as attainment feedback set it (None: nominal)
+
+    # The JSON form's version: a state written by another layout is not read (the caller starts afresh).
+    JSON_VERSION = 1
+
+    def to_json(self) -> str:
+        """This state as compact JSON, to outlive the process (the operator keeps it in status).
+
+        Its times are those `decide` was given, so they mean something to another process only if
+        the caller's clock does (wall time, not a monotonic clock)."""
+        return json.dumps(
+            {
+                "v": self.JSON_VERSION,
+                "history": {p: [list(x) for x in h] for p, h in self.history.items()},
+                "lastChange": self.last_change,
+                # inf (replicas still starting) as None: JSON has no infinity
+                "settled": {p: (None if math.isinf(t) else t) for p, t in self.settled.items()},
+                "prefillCapacity": self.prefill_capacity,
+                "rates": [list(x) for x in self.rates],
+                "startup": self.startup_s,
+                "scalingUp": {p: list(x) for p, x in self.scaling_up.items()},
+                "started": self.started,
+                "outcomes": [list(x) for x in self.outcomes],
+                "burstQ": self.burst_q,
+            },
+            separators=(",", ":"),
+            allow_nan=False,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> PolicyState:
+        """The state `to_json` wrote; ValueError for anything else (another version, a bad shape)."""
+        try:
+            d = json.loads(text)
+            if not isinstance(d, dict) or d.get("v") != cls.JSON_VERSION:
+                raise ValueError(f"not a version-{cls.JSON_VERSION} policy state")
+            opt = lambda v: None if v is None else float(v)  # noqa: E731
+            return cls(
+                history={p: deque((float(t), int(n)) for t, n in h) for p, h in d["history"].items()},
+                last_change={p: float(t) for p, t in d["lastChange"].items()},
+                settled={p: (math.inf if t is None else float(t)) for p, t in d["settled"].items()},
+                prefill_capacity=opt(d["prefillCapacity"]),
+                rates=deque((float(t), float(r)) for t, r in d["rates"]),
+                startup_s=opt(d["startup"]),
+                scaling_up={p: (float(t), int(n)) for p, (t, n) in d["scalingUp"].items()},
+                started=opt(d["started"]),
+                outcomes=deque((float(t), int(m), int(n)) for t, m, n in d["outcomes"]),
+                burst_q=opt(d["burstQ"]),
+            )
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"not a policy state: {e!r}") from None
 
 
 @dataclass
