@@ -22,6 +22,11 @@ from dataclasses import dataclass
 from .sequence import Sequence
 
 
+def cache_slots(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """Flat KV cache slots (block * block_size + offset) of token positions [start, end)."""
+    return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+
+
 def hash_block(parent: bytes | None, token_ids: list[int]) -> bytes:
     """A collision-resistant key for a block given everything before it."""
     h = hashlib.blake2b(digest_size=16)

@@ -15,6 +15,8 @@ from typing import Protocol
 
 import torch
 
+from .block_manager import cache_slots
+
 
 class KVReady(Protocol):
     """Set once staged KV can be read on the host: `torch.cuda.Event` has this shape."""
@@ -24,9 +26,7 @@ class KVReady(Protocol):
 
 def slot_indices(block_table: list[int], start: int, end: int, block_size: int) -> torch.Tensor:
     """Flat cache slots (block * block_size + offset) of tokens [start, end), on the CPU."""
-    table = torch.tensor(block_table)
-    pos = torch.arange(start, end)
-    return table[pos // block_size] * block_size + pos % block_size
+    return torch.tensor(cache_slots(block_table, start, end, block_size), dtype=torch.int64)
 
 
 class _Ready:

@@ -12,6 +12,7 @@ import torch
 
 import tandem_kernels
 
+from .block_manager import cache_slots
 from .config import EngineConfig, ModelConfig
 from .cuda_graphs import DecodeGraphs
 from .host_allocator import keep_freed_memory
@@ -160,9 +161,8 @@ class ModelRunner:
             c = out.chunks[i]
             table = c.seq.block_table
             ids += c.seq.tokens(c.start, c.start + c.num_tokens)
-            rng = range(c.start, c.start + c.num_tokens)
-            pos += rng
-            slots += [table[p // bs] * bs + p % bs for p in rng]
+            pos += range(c.start, c.start + c.num_tokens)
+            slots += cache_slots(table, c.start, c.start + c.num_tokens, bs)
         meta = AttentionMetadata(
             num_decode_tokens=len(decodes),
             slot_mapping=self._tensor(slots),
@@ -244,5 +244,5 @@ class ModelRunner:
             p = c.start
             ids.append(c.seq.tokens(p, p + 1)[0])
             pos.append(p)
-            slots.append(c.seq.block_table[p // bs] * bs + p % bs)
+            slots += cache_slots(c.seq.block_table, p, p + 1, bs)
         return graphs.run(ids, pos, slots, tables)
