@@ -192,8 +192,10 @@ def test_seeded_token_depends_only_on_seed_and_output_position():
     other_sampler.sample(logits, ["noise"], [SamplingParams(temperature=1.0)])  # engine stream advances
     again = [other_sampler.sample(logits, ["y"], [p], [i]).token_ids[0] for i in range(6)]
     assert again == first
-    reseeded = [Sampler().sample(logits, ["x"], [SamplingParams(temperature=1.0, seed=6)], [i]).token_ids[0]
-                for i in range(6)]
+    reseeded = [
+        Sampler().sample(logits, ["x"], [SamplingParams(temperature=1.0, seed=6)], [i]).token_ids[0]
+        for i in range(6)
+    ]
     assert reseeded != first
 
 

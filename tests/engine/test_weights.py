@@ -7,7 +7,9 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from tandem_worker.engine import model as model_module
 from tandem_worker.engine.config import EngineConfig, ModelConfig
 from tandem_worker.engine.cuda_graphs import capture_sizes
 from tandem_worker.engine.llm_engine import LLMEngine
@@ -95,3 +97,45 @@ def test_capture_sizes_cover_every_batch_up_to_the_maximum():
             padded = next(s for s in sizes if s >= n)
             assert padded < 2 * n or padded == n == 1
     assert capture_sizes(0) == []
+
+
+@pytest.mark.skipif(not model_module.CPU_PREPACK, reason="torch without oneDNN, or TANDEM_CPU_PREPACK=0")
+def test_cpu_prepacked_linear_matches_linear_and_follows_weight_changes():
+    """The oneDNN-packed CPU path computes x @ W^T + b as F.linear does, for any row count, and
+    never serves a stale packed copy after the weight is reloaded in place or replaced."""
+    torch.manual_seed(0)
+    lin = model_module.Linear(64, 96, bias=True)
+    for rows in (1, 16, 300):
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+    assert lin.packed_weight() is not None
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(96, 64))  # a reload: same storage, new values
+    x = torch.randn(16, 64)
+    torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+    lin.weight = torch.nn.Parameter(torch.randn(96, 64))  # a retie: new storage
+    torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not model_module.CPU_PREPACK, reason="torch without oneDNN, or TANDEM_CPU_PREPACK=0")
+def test_engine_runs_its_cpu_projections_on_packed_weights(engine, monkeypatch):
+    """The engine packs every projection (the tied lm_head too) at start and its steps use them."""
+    model = engine.runner.model
+    linears = [m for m in model.modules() if isinstance(m, model_module.Linear)]
+    assert linears and all(m._packed is not None for m in linears)
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+
+    def spy(*args):
+        calls.append(args[0].shape[0])
+        return real(*args)
+
+    monkeypatch.setattr(model_module, "_onednn_linear", spy)
+    engine.add_request(
+        request_id="packed", prompt_token_ids=[1, 2, 3, 4, 5], params=SamplingParams(max_tokens=2)
+    )
+    while engine.has_unfinished():
+        engine.step()
+    # Per step: four projections per layer, then lm_head; one prefill and one decode step.
+    per_step = 4 * model.config.num_hidden_layers + 1
+    assert len(calls) == 2 * per_step

@@ -8,6 +8,7 @@ says which is which and where each token's KV goes in the cache.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,18 +46,53 @@ class AttentionMetadata:
     lora: Any = None
 
 
-# Up to this many rows, Linear computes (W @ x^T)^T on CPU. Above it, the transposing copy of the
-# output costs more than the shape saves: for a 2K-token prefill chunk, the copy of gate_up's
-# [2048, 3072] output alone took longer than its matmul (measured on this project's CI machines).
+# Up to this many rows, Linear's fallback computes (W @ x^T)^T on CPU. Above it, the transposing
+# copy of the output costs more than the shape saves: for a 2K-token prefill chunk, the copy of
+# gate_up's [2048, 3072] output alone took longer than its matmul (measured on this project's CI
+# machines).
 SMALL_BATCH_ROWS = 128
+
+# On CPU, float32 products go through oneDNN with each weight reordered once into oneDNN's blocked
+# layout ("prepacked"), as torch.compile's CPU backend does for frozen weights. F.linear calls
+# MKL's sgemm, which ran 2.1-3.7x slower on this project's CI machines (AMD EPYC, AVX-512) at every
+# row count from 16 to 2,048, with the same float32 accuracy. TANDEM_CPU_PREPACK=0 turns it off.
+CPU_PREPACK = os.environ.get("TANDEM_CPU_PREPACK", "1") != "0" and torch.backends.mkldnn.is_available()
+# Rows the packed layout is tuned for; any row count works with it.
+_PREPACK_ROWS_HINT = 16
+
+
+def _onednn_linear(*args: Any) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(*args)
 
 
 class Linear(nn.Linear):
-    """nn.Linear that, on CPU, computes (W @ x^T)^T for few-row inputs (decode steps): MKL runs
-    that shape up to 2x faster there (measured on this project's CI machines)."""
+    """nn.Linear with a CPU fast path: float32 weights prepacked for oneDNN (see CPU_PREPACK).
+
+    Without it (other dtypes, TANDEM_CPU_PREPACK=0), few-row CPU inputs (decode steps) compute
+    (W @ x^T)^T, which MKL runs up to 2x faster than x @ W^T."""
+
+    _packed: torch.Tensor | None = None
+    _packed_key: tuple[int, int] | None = None
+
+    def packed_weight(self) -> torch.Tensor | None:
+        """The weight in oneDNN's layout (CPU float32 only), repacked after any change to the
+        weight (a reload, a retie), which the key of storage address and version counter sees."""
+        w = self.weight
+        if not CPU_PREPACK or w.device.type != "cpu" or w.dtype != torch.float32:
+            return None
+        key = (w.data_ptr(), w._version)
+        if self._packed_key != key:
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), _PREPACK_ROWS_HINT)
+            self._packed_key = key
+        return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dim() != 2 or x.shape[0] > SMALL_BATCH_ROWS:
+        if x.device.type != "cpu":
+            return F.linear(x, self.weight, self.bias)
+        packed = self.packed_weight()
+        if packed is not None and x.dtype == packed.dtype:
+            return _onednn_linear(x, packed, self.bias, "none", [], "")
+        if x.dim() != 2 or x.shape[0] > SMALL_BATCH_ROWS:
             return F.linear(x, self.weight, self.bias)
         out = torch.mm(self.weight, x.t()).t().contiguous()
         return out if self.bias is None else out + self.bias
@@ -281,11 +317,18 @@ class LlamaModel(nn.Module):
                 layer_hook(i)
         # Only the sampled positions need the (large) vocabulary projection.
         x = self.norm(x[logit_indices])
-        if x.device.type == "cpu" and x.shape[0] <= SMALL_BATCH_ROWS:
+        if x.device.type == "cpu" and x.shape[0] <= SMALL_BATCH_ROWS and self.lm_head.packed_weight() is None:
             # Rows as a transposed view: the sampler reads each row once, so copying the
             # [S, vocab] block into row-major order first would cost more than the reads it saves.
             return torch.mm(self.lm_head.weight, x.t()).t().float()
         return self.lm_head(x).float()  # [S, vocab]
+
+    def prepack(self) -> None:
+        """Pack every Linear's weight for the CPU now (see CPU_PREPACK), not in the first step.
+        The packed copies add one copy of the projection weights to host memory."""
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.packed_weight()
 
     def load_weights(self, folder: Path) -> None:
         """Load Hugging Face-named safetensors, fusing q/k/v and gate/up as they arrive."""
