@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from tandem_worker.server.local import free_port
 from tandem_worker.server.metrics import LATENCY_BUCKETS, TOKEN_BUCKETS, EngineCollector
 
 from .test_dashboard import _exprs
@@ -131,14 +132,6 @@ class Exporters:
             server.server_close()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def prometheus(tmp_path):
     exporters = Exporters()
@@ -159,7 +152,7 @@ def prometheus(tmp_path):
     )
     config = tmp_path / "prometheus.yml"
     config.write_text(json.dumps({"global": {"scrape_interval": "1s"}, "scrape_configs": scrape}))
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "prometheus.log").open("w")
     proc = subprocess.Popen(
         [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import socket
 import threading
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
@@ -27,6 +26,7 @@ from tandem_operator.autoscaler import Autoscaler
 from tandem_operator.builders import Owner, build_children
 from tandem_operator.reconciler import Reconciler
 from tandem_operator.status import plan_autoscaler_status
+from tandem_worker.server.local import free_port
 
 from .conftest import NAMESPACE, Cluster, RunningOperator, eventually, load_example
 
@@ -64,9 +64,7 @@ class FakePrometheus:
     """/api/v1/query on a fixed loopback port; `stop()` leaves the port closed (connection refused)."""
 
     def __init__(self) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.answers: dict[str, dict[str, Any]] = {}
         self.seen: list[str] = []

@@ -6,7 +6,6 @@ import asyncio
 import datetime
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -14,18 +13,13 @@ import aiohttp
 import pytest
 
 from tandem_operator import api
+from tandem_worker.server.local import free_port
 
 from .conftest import NAMESPACE, Cluster, RunningOperator, eventually, load_example
 
 pytestmark = pytest.mark.asyncio
 
 PEERING = "tandem-operator"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def test_tandem_operator_command_serves_liveness_and_reconciles(cluster: Cluster):

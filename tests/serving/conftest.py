@@ -46,8 +46,23 @@ def offline_generate(llm, prompts: list, params) -> list:
     return llm.generate(conv, [params_from_pb(p) for p in plist])
 
 
-def wait_router_ready(r: Proc, timeout: float = 120.0) -> None:
-    """Healthy is not enough: the router must also see a healthy worker pair, so serve one token."""
+def wait_router_ready(r: Proc, timeout: float = 120.0, all_workers: bool = True) -> None:
+    """Healthy is not enough: the router must also see a healthy worker pair, so serve one token.
+
+    `all_workers`: also wait until the router has reached every worker it was given. A worker it
+    first dialled before that worker listened may still be in reconnect backoff, and a test that
+    kills "the other one" would leave the router with none."""
+    if all_workers:
+
+        def reached_all() -> bool:
+            counts = [
+                (dict(labels)["state"], n)
+                for (name, labels), n in r.metrics().items()
+                if name == "tandem_router_workers" and n > 0
+            ]
+            return bool(counts) and all(state == "serving" for state, _ in counts)
+
+        wait_for(reached_all, timeout, f"{r.name} reaches all its workers", interval=0.25)
     wait_for(
         lambda: generate(r, request("Hi", greedy(1)), timeout=60).token_ids,
         timeout,

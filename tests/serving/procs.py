@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,17 +26,11 @@ from tandem_proto.v1 import inference_pb2 as pb
 from tandem_proto.v1 import inference_pb2_grpc as pbgrpc
 from tandem_proto.v1 import worker_pb2 as wpb
 from tandem_proto.v1 import worker_pb2_grpc as wgrpc
-from tandem_worker.server.local import popen_dying_with_parent
+from tandem_worker.server.local import free_port, popen_dying_with_parent
 
 HOST = "127.0.0.1"
 KV_BYTES = 200_000_000  # ~4300 tokens of SmolLM2 KV per worker: small, but room for every test
 START_TIMEOUT = 240.0  # workers load the model (~10 s alone, longer on a busy 2-core machine)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def tandem_argv(*args: str) -> list[str]:

@@ -129,6 +129,13 @@ def test_decode_worker_killed_mid_stream(fault, offline):
         assert generate(fault.r, request(prompt, greedy(8))).token_ids == ref.token_ids
     assert survivor.metric("tandem_kv_transfer_bytes_total", direction="received") > received
     assert_idle([survivor, fault.p0, fault.p1])
+    # The router's own view, for dashboards: one decode worker down, the rest serving.
+    workers = {
+        (dict(labels)["role"], dict(labels)["state"]): n
+        for (name, labels), n in fault.r.metrics().items()
+        if name == "tandem_router_workers"
+    }
+    assert workers == {("decode", "unavailable"): 1, ("decode", "serving"): 1, ("prefill", "serving"): 2}
 
 
 def test_prefill_worker_killed_during_transfer(fault, offline):
@@ -175,6 +182,6 @@ def test_prefill_worker_killed_during_transfer(fault, offline):
     # 4. A prefill worker back on its port: requests succeed again.
     ensure_alive(fault, victim)
     # Within seconds: the router (and the decode workers) reconnect quickly to a worker that is back.
-    wait_router_ready(fault.r, timeout=3)
+    wait_router_ready(fault.r, timeout=3, all_workers=False)
     assert generate(fault.r, request("The capital of France is", greedy(8))).token_ids == short_ref.token_ids
     assert_idle([*decodes, victim])

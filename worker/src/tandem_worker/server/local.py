@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -40,10 +41,42 @@ def popen_dying_with_parent(argv: list[str], **kw: Any) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-S", "-c", _LAUNCH, str(os.getpid()), *argv], **kw)
 
 
+_PORTS_GIVEN: set[int] = set()
+_PORT_SPAN = 12000
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port nothing listens on now, for a child server to bind soon after.
+
+    Drawn just below the kernel's ephemeral range. A port from bind(0) lies inside that range,
+    where any outgoing connection (gRPC channels, health checks, scrapes) can take it as its local
+    port before the child binds it, and the child then dies with EADDRINUSE. Never hands out the
+    same port twice in one process, since the first taker may not have bound it yet."""
+    low = _ephemeral_low()
+    if low - _PORT_SPAN < 1024:  # an unusual range: no room below it
+        with socket.socket() as s:
+            s.bind((host, 0))
+            return s.getsockname()[1]
+    rng = random.SystemRandom()
+    while True:
+        port = rng.randrange(low - _PORT_SPAN, low)
+        if port in _PORTS_GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _PORTS_GIVEN.add(port)
+        return port
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Prometheus metrics of Tandem's processes: names prefixed `tandem_`, units in the names.
 
 Workers export KV and queue state (read from the engine at scrape time) and KV transfer volume;
-the router exports per-request latency against the SLOs. Labels stay bounded.
+the router exports per-request latency against the SLOs and how many of its workers serve.
+Labels stay bounded.
 """
 
 from __future__ import annotations
@@ -128,6 +129,33 @@ class EngineCollector(Collector):
         yield blocks
 
 
+class WorkerPoolCollector(Collector):
+    """The router's view of its workers at scrape time: which ones get new work."""
+
+    def __init__(self, snapshot: Callable[[], list[Any]]) -> None:
+        self.snapshot = snapshot  # WorkerPool.snapshot: WorkerInfo objects
+
+    def collect(self) -> Iterator[Any]:
+        counts: dict[tuple[str, str], int] = {}
+        for w in self.snapshot():
+            if w.eligible:
+                state = "serving"
+            elif w.healthy and w.stats is not None:
+                state = "draining"
+            else:
+                state = "unavailable"  # failing health checks, or not reached yet
+            key = (w.role or "unknown", state)
+            counts[key] = counts.get(key, 0) + 1
+        g = GaugeMetricFamily(
+            "tandem_router_workers",
+            "Workers the router knows, by role and state (serving: gets new work)",
+            labels=["role", "state"],
+        )
+        for (role, state), n in sorted(counts.items()):
+            g.add_metric([role, state], n)
+        yield g
+
+
 def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
     """Expose /metrics over HTTP (port 0 disables it)."""
     if port:
@@ -136,3 +164,7 @@ def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
 
 def register_engine(role: str, stats: Callable[[], dict[str, Any]]) -> None:
     REGISTRY.register(EngineCollector(role, stats))
+
+
+def register_worker_pool(snapshot: Callable[[], list[Any]]) -> None:
+    REGISTRY.register(WorkerPoolCollector(snapshot))

@@ -67,6 +67,7 @@ def serve_router(
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
+    metrics.register_worker_pool(pool.snapshot)
     metrics.serve_metrics(metrics_port, host)
     server.start()
     for n in ("", name):
