@@ -941,6 +941,8 @@ def grouped_work(ad: Adapters, host: lora_reference.HostGroups, ranks: list[int]
         (SEQ_LENS, SEQ_SLOTS, False),  # slot 5's and 0's requests are apart: one gather, one scatter
         ([3, 2, 5, 1, 4, 1], [1, None, 0, 3, 5, 5], True),  # one run of tokens per adapter: views
         ([1] * 40, [i % 3 for i in range(40)], False),  # a decode step
+        # A prefill whose adapter-0 requests are apart and large: gathered, on every thread.
+        ([70, 80, 65, 3, 2], [0, 1, 0, None, 1], False),
     ],
 )
 @pytest.mark.parametrize(
@@ -1057,6 +1059,57 @@ def test_native_decode_op_matches_naive_and_leaves_other_tokens_alone(
         else:
             assert not torch.equal(out[t, 40:], before[t, 40:])
     assert torch.equal(out[:, :40], before[:, :40])
+
+
+def native_tables(ad: Adapters, host: lora_reference.HostGroups, ranks: list[int], layers: int = 2):
+    """NativeTables over `layers` identical layers, as the engine builds them from its slot tables."""
+    slots = host.slots
+
+    def per_layer(values: list[int]) -> torch.Tensor:
+        return torch.tensor([values] * layers, dtype=torch.int64)
+
+    a = per_layer([int(ad.a_offsets[s]) for s in slots])
+    r = per_layer([ranks[s] for s in slots])
+    part = (
+        per_layer([int(ad.b_offsets[s]) for s in slots]),
+        r,
+        per_layer([0] * len(slots)),
+        torch.tensor([float(ad.scaling[s]) for s in slots]),
+        40,
+        ad.hidden_out,
+    )
+    return lora_reference.NativeTables(ad.pool.numel(), ad.a[0].shape[1], host, a, r, [part], 2)
+
+
+@pytest.mark.parametrize("ranks", [RANKS, [8, 16, 32, 64, 0, 48]])
+def test_native_tables_of_a_step_match_the_per_call_path(ranks):
+    # The engine builds the op's metadata once per step for every layer; each layer's slice must
+    # compute what the per-call path computes, rank-0 adapters (kept in the tables) included.
+    op = native_op_or_skip()
+    gen = torch.Generator().manual_seed(17)
+    seq_lens, seq_slots = [1] * 40, [i % 6 for i in range(40)]
+    ad = make_adapters(ranks, 576, 96, torch.float32, gen)
+    batch = make_batch(seq_lens, seq_slots, ranks, 576, torch.float32, gen)
+    host = lora_reference.HostGroups(seq_lens, seq_slots)
+    out = make_out(len(batch.token_slots), 96 + 40, torch.float32, gen)
+    per_call = out.clone()
+    lora_reference.lora_apply_grouped(batch.x, per_call, ad.pool, host, grouped_work(ad, host, ranks, 40))
+    tables = native_tables(ad, host, ranks)
+    for layer in range(2):
+        got = out.clone()
+        op.lora_grouped(batch.x, got, ad.pool, host.token_indices, *tables.layer(layer))
+        assert torch.equal(got, per_call)
+
+
+def test_native_tables_refuse_a_matrix_outside_the_pool():
+    native_op_or_skip()
+    gen = torch.Generator().manual_seed(18)
+    ad = make_adapters(RANKS, 576, 96, torch.float32, gen)
+    host = lora_reference.HostGroups([1] * 6, list(range(6)))
+    bad = next(s for s in host.slots if RANKS[s] > 0)
+    ad.b_offsets[bad] = ad.pool.numel() - 1  # B would run past the end of the pool
+    with pytest.raises(ValueError, match=f"slot {bad}'s LoRA matrices in layer 0 lie outside the pool"):
+        native_tables(ad, host, RANKS)
 
 
 def test_native_op_splits_groups_by_the_bytes_they_read():

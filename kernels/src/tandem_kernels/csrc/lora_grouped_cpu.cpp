@@ -41,6 +41,28 @@ inline float dot_fixed(const float* a, const float* b) {
 template <int R>
 void expand_fixed(const float* y, int64_t ys, const float* b, int64_t w, float s, float* const* out_rows,
                   int64_t m) {
+  if (R <= 16) {
+    // Short rows: one dot product per column would end in a horizontal sum per R floats of B.
+    // Instead BW columns at once, summed over k in BW lanes (B's rows read as interleaved lanes).
+    constexpr int BW = R == 8 ? 16 : 8;
+    int64_t c0 = 0;
+    for (; c0 + BW <= w; c0 += BW) {
+      const float* bc = b + c0 * R;
+      for (int64_t i = 0; i < m; ++i) {
+        const float* yi = y + i * ys;
+        float acc[BW] = {0};
+        for (int k = 0; k < R; ++k)
+          for (int j = 0; j < BW; ++j) acc[j] += yi[k] * bc[j * R + k];
+        float* o = out_rows[i] + c0;
+        for (int j = 0; j < BW; ++j) o[j] += s * acc[j];
+      }
+    }
+    for (int64_t c = c0; c < w; ++c) {
+      const float* bc = b + c * R;
+      for (int64_t i = 0; i < m; ++i) out_rows[i][c] += s * dot_fixed<R>(y + i * ys, bc);
+    }
+    return;
+  }
   for (int64_t c = 0; c < w; ++c) {
     const float* bc = b + c * R;
     for (int64_t i = 0; i < m; ++i) out_rows[i][c] += s * dot_fixed<R>(y + i * ys, bc);
@@ -86,6 +108,7 @@ void lora_grouped(const at::Tensor& x, at::Tensor& out, const at::Tensor& pool, 
     std::vector<float*> out_rows;
     for (int64_t g = ch[c0]; g < ch[c1]; ++g) {
       const int64_t lo = gp[4 * g], m = gp[4 * g + 1] - lo, a_off = gp[4 * g + 2], tr = gp[4 * g + 3];
+      if (tr == 0) continue;  // this adapter has no such projection in this layer
       y.assign(m * tr, 0.f);
       for (int64_t k = 0; k < tr; ++k) {
         const float* a = pp + a_off + k * hin;
@@ -93,6 +116,7 @@ void lora_grouped(const at::Tensor& x, at::Tensor& out, const at::Tensor& pool, 
       }
       for (int64_t p = ps[g]; p < ps[g + 1]; ++p) {
         const int64_t* q = pa + 5 * p;  // b_off, rank, y_col, out_col, width
+        if (q[1] == 0) continue;
         out_rows.resize(m);
         for (int64_t i = 0; i < m; ++i) out_rows[i] = op + rp[lo + i] * os + q[3];
         expand(y.data() + q[2], tr, pp + q[0], q[1], q[4], static_cast<float>(sc[p]), out_rows.data(), m);

@@ -370,6 +370,7 @@ class LoRABatch:
         self.pool, self.t, self.groups, self.max_rank = pool, tables, groups, max_rank
         self.host_groups = host_groups
         self._work: dict[str, list[list]] = {}  # CPU path: kind -> per layer, per group
+        self._native: dict[str, lora_reference.NativeTables] = {}  # CPU decode steps: kind -> tables
         self.part_cols: dict[str, list[tuple[str, int, int]]] = {}
         self.part_spans: dict[str, tuple[tuple[int, int], ...]] = {}  # lora_apply's `parts`
         for kind, parts in KINDS.items():
@@ -390,6 +391,13 @@ class LoRABatch:
         if not max_rank:
             return
         if self.host_groups is not None:
+            op = lora_reference.native_op(x, out, self.pool, self.host_groups)
+            if op is not None:
+                native = self._native.get(kind)
+                if native is None:
+                    native = self._native[kind] = self._native_tables(kind, x.shape[1])
+                op.lora_grouped(x, out, self.pool, self.host_groups.token_indices, *native.layer(layer))
+                return
             work = self._work.get(kind)
             if work is None:
                 work = self._work[kind] = self._host_work(kind)
@@ -409,6 +417,31 @@ class LoRABatch:
             y_offsets,
             scaling,
             self.part_spans[kind],
+        )
+
+    def _native_tables(self, kind: str, hidden_in: int) -> lora_reference.NativeTables:
+        """Every layer's C++-op metadata for `kind`, read from the host tables once per step."""
+        t = self.t
+        slots = torch.tensor(self.host_groups.slots, dtype=torch.int64)
+        parts = [
+            (
+                t.b_offsets[m].index_select(1, slots),
+                t.ranks[m].index_select(1, slots),
+                t.y_offsets[m].index_select(1, slots),
+                t.scaling[m].index_select(0, slots),
+                col,
+                width,
+            )
+            for m, col, width in self.part_cols[kind]
+        ]
+        return lora_reference.NativeTables(
+            self.pool.numel(),
+            hidden_in,
+            self.host_groups,
+            t.a_offsets[kind].index_select(1, slots),
+            t.total_ranks[kind].index_select(1, slots),
+            parts,
+            torch.get_num_threads(),
         )
 
     def _host_work(self, kind: str) -> list[list]:
