@@ -755,10 +755,15 @@ class LoRAManager:
             for (kind, tag, numel), (region, off) in zip(mats, spots):
                 at = base[region] + off
                 if tag == "A":
-                    parts = [m for m in KINDS[kind] if (layer, m) in adapter.weights]
-                    a_cat = torch.cat([adapter.weights[(layer, m)][0] for m in parts])
-                    self.pool[at : at + numel].copy_(a_cat.reshape(-1))
-                    by_kind[kind] = _Placement(at, a_cat.shape[0], {})
+                    # The parts' A stacked in place (no torch.cat: one copy of each, not two).
+                    pos, rows = at, 0
+                    for m in KINDS[kind]:
+                        if (layer, m) in adapter.weights:
+                            a = adapter.weights[(layer, m)][0]
+                            self.pool[pos : pos + a.numel()].copy_(a.reshape(-1))
+                            pos, rows = pos + a.numel(), rows + a.shape[0]
+                    assert pos == at + numel
+                    by_kind[kind] = _Placement(at, rows, {})
                 else:
                     a, b = adapter.weights[(layer, tag)]
                     p = by_kind[kind]
