@@ -135,7 +135,7 @@ def main() -> None:
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     pad_id = llm.tokenizer.hf.pad_token_id or 0
     cfg = llm.engine.model_config
-    weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
+    weight_bytes = llm.engine.runner.model.weight_bytes()
     kv_per_token = cfg.kv_bytes_per_token(4)
     bw = read_bandwidth_gbs()
     print(

@@ -139,3 +139,32 @@ def test_engine_runs_its_cpu_projections_on_packed_weights(engine, monkeypatch):
     # Per step: four projections per layer, then lm_head; one prefill and one decode step.
     per_step = 4 * model.config.num_hidden_layers + 1
     assert len(calls) == 2 * per_step
+
+
+@pytest.mark.skipif(not model_module.CPU_PREPACK, reason="torch without oneDNN, or TANDEM_CPU_PREPACK=0")
+def test_packing_frees_the_dense_projection_weights(engine):
+    """Packing must not double the weights' memory: every projection but the tied lm_head (which
+    is the embedding) keeps only its packed copy, and a load into it fails instead of going stale."""
+    model = engine.runner.model
+    cfg = model.config
+    mlp = model.layers[0].mlp.gate_up_proj
+    assert mlp.weight.numel() == 0 and mlp.packed_weight() is not None
+    assert model.lm_head.weight is model.embed_tokens.weight and model.lm_head.weight.numel() > 0
+    dense = sum(
+        p.numel() for n, p in model.named_parameters() if n.endswith("_proj.weight") and p.numel()
+    )
+    assert dense == 0
+    # What a forward pass reads is still counted: 134.5M parameters for SmolLM2-135M.
+    assert model.weight_bytes() == 4 * (
+        cfg.vocab_size * cfg.hidden_size
+        + cfg.num_hidden_layers
+        * (
+            cfg.hidden_size * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
+            + cfg.num_attention_heads * cfg.head_dim * cfg.hidden_size
+            + 3 * cfg.hidden_size * cfg.intermediate_size
+            + 2 * cfg.hidden_size
+        )
+        + cfg.hidden_size
+    )
+    with pytest.raises(ValueError, match="shape"):
+        model.load_state([("model.layers.0.mlp.down_proj.weight", torch.zeros(576, 1536))])

@@ -73,10 +73,13 @@ class Linear(nn.Linear):
 
     _packed: torch.Tensor | None = None
     _packed_key: tuple[int, int] | None = None
+    _released = False  # the dense weight was freed: only the packed copy is left
 
     def packed_weight(self) -> torch.Tensor | None:
         """The weight in oneDNN's layout (CPU float32 only), repacked after any change to the
         weight (a reload, a retie), which the key of storage address and version counter sees."""
+        if self._released:
+            return self._packed
         w = self.weight
         if not CPU_PREPACK or w.device.type != "cpu" or w.dtype != torch.float32:
             return None
@@ -86,11 +89,20 @@ class Linear(nn.Linear):
             self._packed_key = key
         return self._packed
 
+    def release_dense_weight(self) -> None:
+        """Keep only the packed copy, so packing costs no memory. The weight becomes empty: a
+        later load into it fails on its shape instead of serving stale packed values."""
+        if self.packed_weight() is not None:
+            self._released = True
+            self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             return F.linear(x, self.weight, self.bias)
         packed = self.packed_weight()
-        if packed is not None and x.dtype == packed.dtype:
+        if packed is not None:
+            if x.dtype != packed.dtype:
+                raise TypeError(f"input is {x.dtype}, the packed weight {packed.dtype}")
             return _onednn_linear(x, packed, self.bias, "none", [], "")
         if x.dim() != 2 or x.shape[0] > SMALL_BATCH_ROWS:
             return F.linear(x, self.weight, self.bias)
@@ -324,11 +336,23 @@ class LlamaModel(nn.Module):
         return self.lm_head(x).float()  # [S, vocab]
 
     def prepack(self) -> None:
-        """Pack every Linear's weight for the CPU now (see CPU_PREPACK), not in the first step.
-        The packed copies add one copy of the projection weights to host memory."""
+        """Pack every Linear's weight for the CPU now (see CPU_PREPACK), not in the first step,
+        and free the dense copies. A tied lm_head keeps its dense weight: it is the embedding."""
         for m in self.modules():
             if isinstance(m, Linear):
-                m.packed_weight()
+                if m is self.lm_head and self.config.tie_word_embeddings:
+                    m.packed_weight()
+                else:
+                    m.release_dense_weight()
+
+    def weight_bytes(self) -> int:
+        """Bytes of the model's weights as served (each counted once, freed dense copies as their
+        packed equivalent): what one forward pass reads."""
+        total = sum(p.numel() * p.element_size() for p in self.parameters())  # tied: once
+        for m in self.modules():
+            if isinstance(m, Linear) and m._released:
+                total += m.in_features * m.out_features * m.weight.element_size()
+        return total
 
     def load_weights(self, folder: Path) -> None:
         """Load Hugging Face-named safetensors, fusing q/k/v and gate/up as they arrive."""
