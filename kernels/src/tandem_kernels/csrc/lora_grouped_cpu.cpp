@@ -41,11 +41,11 @@ inline float dot_fixed(const float* a, const float* b) {
 template <int R>
 void expand_fixed(const float* y, int64_t ys, const float* b, int64_t w, float s, float* const* out_rows,
                   int64_t m) {
+  int64_t c0 = 0;
   if (R <= 16) {
     // Short rows: one dot product per column would end in a horizontal sum per R floats of B.
     // Instead BW columns at once, summed over k in BW lanes (B's rows read as interleaved lanes).
     constexpr int BW = R == 8 ? 16 : 8;
-    int64_t c0 = 0;
     for (; c0 + BW <= w; c0 += BW) {
       const float* bc = b + c0 * R;
       for (int64_t i = 0; i < m; ++i) {
@@ -57,13 +57,8 @@ void expand_fixed(const float* y, int64_t ys, const float* b, int64_t w, float s
         for (int j = 0; j < BW; ++j) o[j] += s * acc[j];
       }
     }
-    for (int64_t c = c0; c < w; ++c) {
-      const float* bc = b + c * R;
-      for (int64_t i = 0; i < m; ++i) out_rows[i][c] += s * dot_fixed<R>(y + i * ys, bc);
-    }
-    return;
   }
-  for (int64_t c = 0; c < w; ++c) {
+  for (int64_t c = c0; c < w; ++c) {  // the columns left, one dot product each
     const float* bc = b + c * R;
     for (int64_t i = 0; i < m; ++i) out_rows[i][c] += s * dot_fixed<R>(y + i * ys, bc);
   }

@@ -419,8 +419,10 @@ class LoRABatch:
             self.part_spans[kind],
         )
 
-    def _native_tables(self, kind: str, hidden_in: int) -> lora_reference.NativeTables:
-        """Every layer's C++-op metadata for `kind`, read from the host tables once per step."""
+    def _step_columns(self, kind: str) -> tuple[torch.Tensor, torch.Tensor, list[tuple]]:
+        """The host tables' columns for this step's slots (in `host_groups.slots` order): A's
+        offsets and total ranks [layers, groups], and per part (b_offsets, ranks, y_offsets
+        [layers, groups], scaling [groups], out column, width)."""
         t = self.t
         slots = torch.tensor(self.host_groups.slots, dtype=torch.int64)
         parts = [
@@ -434,34 +436,23 @@ class LoRABatch:
             )
             for m, col, width in self.part_cols[kind]
         ]
+        return t.a_offsets[kind].index_select(1, slots), t.total_ranks[kind].index_select(1, slots), parts
+
+    def _native_tables(self, kind: str, hidden_in: int) -> lora_reference.NativeTables:
+        """Every layer's C++-op metadata for `kind`, read from the host tables once per step."""
+        a_off, total, parts = self._step_columns(kind)
         return lora_reference.NativeTables(
-            self.pool.numel(),
-            hidden_in,
-            self.host_groups,
-            t.a_offsets[kind].index_select(1, slots),
-            t.total_ranks[kind].index_select(1, slots),
-            parts,
-            torch.get_num_threads(),
+            self.pool.numel(), hidden_in, self.host_groups, a_off, total, parts, torch.get_num_threads()
         )
 
     def _host_work(self, kind: str) -> list[list]:
         """Per layer, per group: (a_offset, total_rank, parts) or None, read from the host tables once."""
-        t = self.t
-        slots = torch.tensor(self.host_groups.slots, dtype=torch.int64)
-        a_off = t.a_offsets[kind].index_select(1, slots).tolist()
-        total = t.total_ranks[kind].index_select(1, slots).tolist()
-        parts = []
-        for m, col, width in self.part_cols[kind]:
-            parts.append(
-                (
-                    t.b_offsets[m].index_select(1, slots).tolist(),
-                    t.ranks[m].index_select(1, slots).tolist(),
-                    t.y_offsets[m].index_select(1, slots).tolist(),
-                    t.scaling[m].index_select(0, slots).tolist(),
-                    col,
-                    width,
-                )
-            )
+        a_cols, total_cols, part_cols = self._step_columns(kind)
+        a_off, total = a_cols.tolist(), total_cols.tolist()
+        parts = [
+            (b.tolist(), rk.tolist(), yo.tolist(), sc.tolist(), col, width)
+            for b, rk, yo, sc, col, width in part_cols
+        ]
         work = []
         for layer, (offs, totals) in enumerate(zip(a_off, total)):
             row = []

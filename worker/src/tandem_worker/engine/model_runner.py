@@ -113,7 +113,8 @@ class ModelRunner:
         model.tie_weights()
         # The RoPE table is not in the checkpoint and stays float32 whatever the weights' dtype.
         model.rotary = RotaryEmbedding(model_cfg, max_model_len).to(self.device)
-        # Before the KV cache is sized from free memory, so the packed copies are counted.
+        # Before the KV cache is sized from free memory: the freed dense weights (and a tied
+        # lm_head's packed copy, which keeps its dense one) are then accounted for.
         model.prepack()
         self.model = model
         self.layout = plan_kv_cache(model_cfg, cfg, self.dtype, self.device)
