@@ -538,9 +538,27 @@ def test_attainment_feedback_does_not_depend_on_how_often_decide_runs():
             state,
             now=t,
         )
-    # The first window whole, the other 29 calls a third each: (100 + (14 x 100 + 15 x 80) / 3) met
-    # of (100 + 29 x 100 / 3) finished = 90.625%, 0.0625 of the budget over target.
-    assert state.burst_q == pytest.approx(0.9 * (1 - 0.0625))
+    # At t=580 the horizon starts at -20: the first window (-60, 0] counts only its last 20 s, as
+    # every later one does: (15 x 100 + 15 x 80) met of 30 x 100 finished = 90%, the target.
+    assert state.burst_q == pytest.approx(0.9)
+
+
+def test_attainment_feedback_forgets_what_left_the_horizon():
+    # A window of misses at t=0, then all met every 15 s: once the horizon has moved 40 s past that
+    # window's start, only its last 20 s count (a third of its misses), not the whole window.
+    state = PolicyState()
+    decide(outcome_window(10_000.0, 0, 100), Replicas(1, 1), FEEDBACK, state, now=0)
+    for t in range(15, 601, 15):
+        decide(outcome_window(10_000.0, 100), Replicas(1, 1), FEEDBACK, state, now=t)
+    # At t=600 the horizon is (0, 600]: the window ending at 0 is wholly outside it.
+    assert state.burst_q == 0.0
+    state = PolicyState()
+    decide(outcome_window(10_000.0, 0, 100), Replicas(1, 1), FEEDBACK, state, now=0)
+    for t in range(15, 586, 15):
+        decide(outcome_window(10_000.0, 100), Replicas(1, 1), FEEDBACK, state, now=t)
+    # At t=585 the horizon starts at -15: 15 s of the missed window count (25 misses), then 39
+    # windows of 15 new seconds each (39 x 25 met): 975 of 1,000 = 97.5%.
+    assert state.burst_q == pytest.approx(0.9 * (1 - 0.75))
 
 
 def test_no_data_no_attainment_feedback():

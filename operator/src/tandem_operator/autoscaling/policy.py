@@ -35,12 +35,16 @@ What it does, per pool (prefill and decode scale independently):
   idle window does not erase it (capacity is kept for the bursts the horizon has shown); a window
   without a rate measurement neither adds to it nor uses it. `burst_horizon_seconds=0` sizes for
   this window alone.
-* **Attainment feedback** (`attainment_feedback`, on by default) makes that headroom target the
+* **Attainment feedback** (`attainment_feedback`, off by default) makes that headroom target the
   spec's attainment instead of over-shooting it: the quantile is set from the attainment realized
   over the same horizon, `q0 * (1 - (realized - target) / (1 - target))` clamped to [0, 1] (`q0`:
   the nominal quantile above): the nominal value when the horizon used exactly its miss budget, no
   headroom when it used none, more when it overspent. No outcome counts, or fewer than
-  `min_requests` finished requests over the horizon: it stays as it was.
+  `min_requests` finished requests over the horizon: it stays as it was. It is off by default
+  because on bursty traffic it oscillates: a horizon whose bursts were all caught drops the
+  headroom, and the next burst is missed. Simulated on the Azure code trace started at minutes
+  0, 20 and 40, it cut GPU-minutes by up to a tenth but attained 88.7%, 86.8% and 85.6% against
+  a 90% target, where the nominal quantile attains 93.2%, 91.3% and 90.3%.
 * **Scaling down** happens only when the phase is comfortably within its SLO (its misses at most
   `down_margin` x the allowed fraction, no prefill backlog to speak of; for decode also TPOT p90 at
   most `latency_headroom` x the SLO: per-token latency grows with the batch, while TTFT holds an
@@ -108,7 +112,7 @@ class AutoscalingSpec:
     burst_horizon_seconds: float = 600.0  # window peak rates remembered this long (0: this window only)
     burst_quantile: float | None = None  # quantile of them and of their growth (None: attainment)
     startup_seconds: float | None = None  # a new prefill replica's cold start (None: measured, else 60 s)
-    attainment_feedback: bool = True  # adapt that quantile to the attainment realized over the horizon
+    attainment_feedback: bool = False  # adapt that quantile to the attainment realized over the horizon
 
     def __post_init__(self) -> None:
         for pool in POOLS:
@@ -620,11 +624,14 @@ def _attainment_feedback(w: MetricsWindow, spec: AutoscalingSpec, state: PolicyS
         state.outcomes.popleft()
     if finished is None:
         return ""
+    # Each window's counts are weighted by the part of it that is new (not covered by the window
+    # before) and inside the horizon: the oldest window sticks out of the horizon by up to a
+    # window, and counting it whole let a burst of misses outlive the horizon.
     met = n = 0.0
-    prev = None
+    covered = now - horizon
     for t, m, f in state.outcomes:
-        wt = 1.0 if prev is None else min(t - prev, spec.window_seconds) / spec.window_seconds
-        met, n, prev = met + wt * m, n + wt * f, t
+        wt = max(0.0, t - max(covered, t - spec.window_seconds)) / spec.window_seconds
+        met, n, covered = met + wt * m, n + wt * f, max(covered, t)
     if n < spec.min_requests:
         return ""
     realized = met / n
