@@ -186,6 +186,76 @@ def test_gathered_attention_matches_naive(q_lens, context_lens, num_heads, num_k
     assert rel_err(out, naive_attention(q, kv, cu_q)) < 1e-5
 
 
+# Decodes batched in buckets (q_len 1, first), then prefill chunks: lengths equal, one apart,
+# exact block multiples, 1, and far apart (several buckets).
+BUCKETED_CASES = [
+    ([32, 32, 32, 32], [], 6, 2, 64),  # one bucket, no padding: no mask
+    ([1, 17, 16, 33, 47, 300, 301, 290, 2000], [], 8, 2, 64),
+    ([40, 39, 41, 16, 100], [37, 5], 9, 3, 64),
+    ([129], [9, 33], 3, 1, 128),  # one decode: a bucket of its own, sliced to its context
+]
+
+
+@pytest.mark.parametrize(
+    ("decode_lens", "prefill_q_lens", "num_heads", "num_kv_heads", "head_dim"), BUCKETED_CASES
+)
+def test_bucketed_decodes_match_naive(decode_lens, prefill_q_lens, num_heads, num_kv_heads, head_dim):
+    gen = torch.Generator().manual_seed(7)
+    prefill_ctx = [n + 11 for n in prefill_q_lens]  # chunks after a cached prefix
+    kv = make_paged_kv(decode_lens + prefill_ctx, num_kv_heads, head_dim, torch.float32, gen)
+    tables = kv.block_tables.tolist()
+    nd = len(decode_lens)
+    buckets = tandem_kernels.plan_decode_buckets(tables[:nd], decode_lens, BLOCK_SIZE)
+    assert sorted(int(r) for b in buckets for r in b.rows) == list(range(nd))  # each decode once
+    cu_q, blocks = [nd], []
+    for s, (n, ctx) in enumerate(zip(prefill_q_lens, prefill_ctx), start=nd):
+        cu_q.append(cu_q[-1] + n)
+        blocks += tables[s][: -(-ctx // BLOCK_SIZE)]
+    q = torch.randn(cu_q[-1], num_heads, head_dim, generator=gen)
+    out = tandem_kernels.gathered_attention(
+        q,
+        kv.k_cache,
+        kv.v_cache,
+        torch.tensor(blocks, dtype=torch.int64),
+        cu_q,
+        prefill_ctx,
+        head_dim**-0.5,
+        buckets,
+    )
+    assert rel_err(out, naive_attention(q, kv, list(range(nd)) + cu_q)) < 1e-5
+
+
+def test_decode_buckets_bound_their_padding():
+    lens = [1, 17, 16, 33, 47, 300, 301, 290, 2000, 64, 64, 65]
+    tables = [list(range(100 * i, 100 * i + 200)) for i in range(len(lens))]
+    buckets = reference.plan_decode_buckets(tables, lens, BLOCK_SIZE, max_padding=0.25)
+    for b in buckets:
+        members = [lens[int(r)] for r in b.rows]
+        held = sum(-(-n // BLOCK_SIZE) for n in members)
+        width = b.blocks.numel() // len(members)
+        assert width * len(members) <= 1.25 * held  # padding within the bound
+        assert width == max(-(-n // BLOCK_SIZE) for n in members)
+        # Each member's own blocks first, then copies of its last one (never another's blocks).
+        for j, r in enumerate(b.rows.tolist()):
+            own = -(-lens[r] // BLOCK_SIZE)
+            row = b.blocks[j * width : (j + 1) * width].tolist()
+            assert row == tables[r][:own] + [tables[r][own - 1]] * (width - own)
+        if len(members) == 1:
+            assert b.mask is None and b.kv_len == members[0]
+    assert len(buckets) < len(lens)  # similar lengths do share
+    # With no padding allowed, only equal block counts share a bucket.
+    strict = reference.plan_decode_buckets(tables, lens, BLOCK_SIZE, max_padding=0.0)
+    for b in strict:
+        assert len({-(-lens[int(r)] // BLOCK_SIZE) for r in b.rows}) == 1
+    # A bucket's gathered K and V stay within the byte budget (a lone sequence may exceed it).
+    capped = reference.plan_decode_buckets(
+        tables, lens, BLOCK_SIZE, max_padding=1.0, position_bytes=1000, max_bucket_bytes=100_000
+    )
+    for b in capped:
+        assert b.blocks.numel() * BLOCK_SIZE * 1000 <= 100_000 or b.rows.numel() == 1
+    assert len(capped) > len(reference.plan_decode_buckets(tables, lens, BLOCK_SIZE, max_padding=1.0))
+
+
 def test_prefill_last_token_equals_decode():
     # The two paths must agree on the one position they share.
     gen = torch.Generator().manual_seed(4)

@@ -62,6 +62,7 @@ import torch
 
 from tandem_kernels import lora_reference, reference
 from tandem_kernels.lora_reference import lora_token_groups
+from tandem_kernels.reference import DecodeBucket, plan_decode_buckets
 
 try:
     import triton
@@ -87,6 +88,7 @@ else:
     _triton_lora_apply = None
 
 __all__ = [
+    "DecodeBucket",
     "gathered_attention",
     "lora_apply",
     "lora_expand",
@@ -95,6 +97,7 @@ __all__ = [
     "lora_token_groups",
     "paged_decode_attention",
     "paged_prefill_attention",
+    "plan_decode_buckets",
     "reference",
     "store_kvcache",
     "triton_available",
@@ -176,13 +179,17 @@ def gathered_attention(
     cu_seqlens_q: list[int],
     context_lens: list[int],
     scale: float,
+    decode_buckets: Sequence[DecodeBucket] = (),
 ) -> torch.Tensor:
     """Causal attention for packed chunks (decodes and prefills alike) over KV gathered by block.
 
-    The CPU path: one exact gather per layer, padded only to whole blocks. GPUs use the paged
+    The CPU path: one exact gather per layer, padded only to whole blocks; decoding sequences of
+    similar lengths batched together (`plan_decode_buckets`, once per step). GPUs use the paged
     kernels instead.
     """
-    return reference.gathered_attention(q, k_cache, v_cache, kv_blocks, cu_seqlens_q, context_lens, scale)
+    return reference.gathered_attention(
+        q, k_cache, v_cache, kv_blocks, cu_seqlens_q, context_lens, scale, decode_buckets
+    )
 
 
 def lora_shrink(

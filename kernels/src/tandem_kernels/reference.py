@@ -6,6 +6,9 @@ docstring holds the contract). Half and bf16 inputs are upcast so the softmax ac
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -112,6 +115,88 @@ def paged_prefill_attention(
     return out
 
 
+@dataclass(frozen=True)
+class DecodeBucket:
+    """Decoding sequences of similar context length, attended to in one batched call."""
+
+    rows: torch.Tensor  # [n] int64: each sequence's query row
+    blocks: torch.Tensor  # [n * blocks_each] int64: each one's blocks, padded with its last block
+    mask: torch.Tensor | None  # [n, 1, 1, kv_len] bool, True inside a context; None: no padding
+    kv_len: int  # positions per sequence after padding
+
+
+def plan_decode_buckets(
+    block_tables: Sequence[Sequence[int]],
+    context_lens: Sequence[int],
+    block_size: int,
+    max_padding: float = 0.1,
+    first_row: int = 0,
+    position_bytes: int = 0,
+    max_bucket_bytes: int = 8 << 20,
+) -> list[DecodeBucket]:
+    """Group decoding sequences (query rows first_row, first_row + 1, ...) for `gathered_attention`.
+
+    Sorted by length, a bucket grows while its padding to its longest member stays within
+    `max_padding` of the blocks it holds, and while its gathered K and V (`position_bytes` per
+    position) fit in `max_bucket_bytes`, so attention reads them from cache right after the
+    gather. Measured per layer on this project's CI machines (SmolLM2's 3 KV heads), against one
+    gather of every context followed by one call per sequence: 64 sequences of 33-96 tokens
+    1.65 -> 0.52 ms, 64 of 100-2,000 tokens 42 -> 9 ms (the one large gather left its copy out
+    of cache); one bucket per batch instead was 69 ms there (padding and cache misses). Built
+    once per step, on the host."""
+    lens = [-(-c // block_size) for c in context_lens]
+    order = sorted(range(len(lens)), key=lambda i: lens[i])
+    groups: list[list[int]] = []
+    held = 0
+    for i in order:
+        padded = (len(groups[-1]) + 1) * lens[i] if groups else 0
+        if (
+            groups
+            and padded <= (1 + max_padding) * (held + lens[i])
+            and padded * block_size * position_bytes <= max_bucket_bytes
+        ):
+            groups[-1].append(i)
+            held += lens[i]
+        else:
+            groups.append([i])
+            held = lens[i]
+    buckets = []
+    for members in groups:
+        width = lens[members[-1]]  # the longest: sorted
+        blocks: list[int] = []
+        for i in members:
+            table = list(block_tables[i][: lens[i]])
+            blocks += table + table[-1:] * (width - lens[i])
+        kv_len = width * block_size
+        ctx = torch.tensor([context_lens[i] for i in members])
+        if len(members) == 1:
+            kv_len, mask = int(ctx[0]), None  # sliced to its context: no mask
+        elif bool((ctx == kv_len).all()):
+            mask = None
+        else:
+            mask = (torch.arange(kv_len)[None, :] < ctx[:, None])[:, None, None, :]
+        rows = torch.tensor([first_row + i for i in members], dtype=torch.int64)
+        buckets.append(DecodeBucket(rows, torch.tensor(blocks, dtype=torch.int64), mask, kv_len))
+    return buckets
+
+
+def _bucket_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b: DecodeBucket, scale: float
+) -> torch.Tensor:
+    """[n, num_heads, head_dim]: the bucket's queries over their padded, masked contexts."""
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    n = b.rows.numel()
+    width = b.blocks.numel() // n * block_size
+    k = k_cache.index_select(0, b.blocks).view(n, width, num_kv_heads, head_dim)[:, : b.kv_len]
+    v = v_cache.index_select(0, b.blocks).view(n, width, num_kv_heads, head_dim)[:, : b.kv_len]
+    # A group's query heads stand in for SDPA's query axis: no GQA expansion of K/V.
+    qs = q.index_select(0, b.rows).view(n, num_kv_heads, -1, head_dim)
+    out = F.scaled_dot_product_attention(
+        qs, k.transpose(1, 2), v.transpose(1, 2), attn_mask=b.mask, scale=scale
+    )
+    return out.reshape(n, -1, head_dim)
+
+
 def gathered_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -120,6 +205,7 @@ def gathered_attention(
     cu_seqlens_q: list[int],
     context_lens: list[int],
     scale: float,
+    decode_buckets: Sequence[DecodeBucket] = (),
 ) -> torch.Tensor:
     """Causal attention for packed query chunks over KV gathered block by block; the CPU path.
 
@@ -128,13 +214,21 @@ def gathered_attention(
     the offsets are host lists so the loop needs no device sync. Copying whole blocks moves the
     context in a few large rows (12 KiB for SmolLM2) instead of one 768-byte row per token, and
     skipping padding to the longest sequence is what makes mixed-length batches cheap on a CPU.
+
+    `decode_buckets` (`plan_decode_buckets`) take the decoding sequences in batched calls; the
+    chunks listed by kv_blocks / cu_seqlens_q / context_lens are then the others, whose query rows
+    start at cu_seqlens_q[0].
     """
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
+    out = torch.empty_like(q)
+    for b in decode_buckets:
+        out[b.rows] = _bucket_attention(q, k_cache, v_cache, b, scale)  # index_put_: see store_kvcache
+    if len(cu_seqlens_q) < 2:
+        return out
     k = k_cache.index_select(0, kv_blocks).view(-1, num_kv_heads, head_dim)  # [blocks * bs, heads, dim]
     v = v_cache.index_select(0, kv_blocks).view(-1, num_kv_heads, head_dim)
-    out = torch.empty_like(q)
     k0 = 0
     for s in range(len(cu_seqlens_q) - 1):
         q0, q1 = cu_seqlens_q[s], cu_seqlens_q[s + 1]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +40,9 @@ class AttentionMetadata:
     prefill_is_fresh: bool = False
     # CPU path: every packed chunk attends over KV gathered by block (see tandem_kernels.gathered_attention).
     kv_blocks: torch.Tensor | None = None  # [total_blocks] int64
-    cu_seqlens_q: list[int] | None = None  # over all packed chunks, decodes included
+    cu_seqlens_q: list[int] | None = None  # over the packed chunks after the decodes
     context_lens: list[int] | None = None
+    decode_buckets: list[tandem_kernels.DecodeBucket] = field(default_factory=list)  # the decodes, batched
     # LoRA deltas for the tokens that use adapters (a tandem_worker.engine.lora.LoRABatch), or None.
     lora: Any = None
 
@@ -205,7 +206,14 @@ class Attention(nn.Module):
         nd = meta.num_decode_tokens
         if meta.kv_blocks is not None:
             out = tandem_kernels.gathered_attention(
-                q, k_cache, v_cache, meta.kv_blocks, meta.cu_seqlens_q, meta.context_lens, self.scale
+                q,
+                k_cache,
+                v_cache,
+                meta.kv_blocks,
+                meta.cu_seqlens_q,
+                meta.context_lens,
+                self.scale,
+                meta.decode_buckets,
             )
         elif nd == t:
             out = tandem_kernels.paged_decode_attention(

@@ -196,10 +196,19 @@ class ModelRunner:
         return self._tensor(ids), self._tensor(pos), meta, order
 
     def _add_gathered(self, meta: AttentionMetadata, chunks: list) -> None:
+        """The CPU attention plan: decodes (first in `chunks`) in buckets, the other chunks after."""
         bs = self.block_size
+        nd = meta.num_decode_tokens
+        layout = self.layout
+        meta.decode_buckets = tandem_kernels.plan_decode_buckets(
+            [c.seq.block_table for c in chunks[:nd]],
+            [c.start + 1 for c in chunks[:nd]],
+            bs,
+            position_bytes=layout.block_bytes // (layout.num_layers * bs),
+        )
         blocks: list[int] = []
-        cu_q, ctx_lens = [0], []
-        for c in chunks:
+        cu_q, ctx_lens = [nd], []
+        for c in chunks[nd:]:
             ctx = c.start + c.num_tokens
             blocks += c.seq.block_table[: -(-ctx // bs)]
             cu_q.append(cu_q[-1] + c.num_tokens)
