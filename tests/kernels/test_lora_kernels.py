@@ -1120,6 +1120,17 @@ def test_native_op_splits_groups_by_the_bytes_they_read():
     assert lora_reference._chunks([1, 1, 1, 1, 1, 1], 3) == [0, 2, 4, 6]
 
 
+def test_native_op_runs_its_chunks_on_every_thread():
+    # The op's chunks run under at::parallel_for, which is inlined from ATen's OpenMP header: a
+    # build without -fopenmp compiles it to a serial loop, silently (one thread did all the work).
+    op = native_op_or_skip()
+    threads = torch.get_num_threads()
+    if threads < 2:
+        pytest.skip("one intra-op thread: nothing to run in parallel")
+    assert op.parallel_threads(64) == threads
+    assert op.parallel_threads(1) == 1
+
+
 def test_native_op_runs_only_decode_steps_in_fp32(monkeypatch):
     # Prefill groups (many tokens) keep MKL's GEMMs; other dtypes keep the upcasting loop.
     native_op_or_skip()

@@ -120,6 +120,16 @@ void lora_grouped(const at::Tensor& x, at::Tensor& out, const at::Tensor& pool, 
   });
 }
 
+// How many threads at::parallel_for runs n items on in this build: 1 where the build lacks OpenMP.
+int64_t parallel_threads(int64_t n) {
+  std::vector<char> seen(at::get_num_threads(), 0);
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) { seen[at::get_thread_num()] = 1; });
+  int64_t used = 0;
+  for (char s : seen) used += s;
+  return used;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_grouped", &lora_grouped, "grouped LoRA shrink + expand of one fused projection, in place");
+  m.def("parallel_threads", &parallel_threads, "threads at::parallel_for uses for n items (a build check)");
 }
