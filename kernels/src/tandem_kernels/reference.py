@@ -130,11 +130,10 @@ def plan_decode_buckets(
     context_lens: Sequence[int],
     block_size: int,
     max_padding: float = 0.1,
-    first_row: int = 0,
     position_bytes: int = 0,
     max_bucket_bytes: int = 8 << 20,
 ) -> list[DecodeBucket]:
-    """Group decoding sequences (query rows first_row, first_row + 1, ...) for `gathered_attention`.
+    """Group decoding sequences (query rows 0, 1, ... in order) for `gathered_attention`.
 
     Sorted by length, a bucket grows while its padding to its longest member stays within
     `max_padding` of the blocks it holds, and while its gathered K and V (`position_bytes` per
@@ -175,7 +174,7 @@ def plan_decode_buckets(
             mask = None
         else:
             mask = (torch.arange(kv_len)[None, :] < ctx[:, None])[:, None, None, :]
-        rows = torch.tensor([first_row + i for i in members], dtype=torch.int64)
+        rows = torch.tensor(members, dtype=torch.int64)
         buckets.append(DecodeBucket(rows, torch.tensor(blocks, dtype=torch.int64), mask, kv_len))
     return buckets
 
