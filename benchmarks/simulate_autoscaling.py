@@ -71,7 +71,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from tandem_operator.autoscaling import AutoscalingSpec, LatencyModel, SimConfig, load_azure_trace, simulate
-from tandem_operator.autoscaling.simulator import SimResult, TraceRequest, static_peak_size, window_of
+from tandem_operator.autoscaling.simulator import (
+    SimResult,
+    TraceRequest,
+    smallest_prefill,
+    static_peak_size,
+    window_of,
+)
 
 TRACE = (
     Path(__file__).resolve().parents[1].parent
@@ -112,6 +118,15 @@ def rotate(trace: list[TraceRequest], shift_s: float) -> list[TraceRequest]:
     return sorted(out, key=lambda r: r.arrival)
 
 
+def static_baseline(
+    trace: list[TraceRequest], spec: AutoscalingSpec, lat: LatencyModel
+) -> tuple[int, int, float, SimResult, SimResult]:
+    """The static-peak size (P, D), its peak minute's start and result, and its run of the trace."""
+    p, d, peak_start, peak = static_peak_size(trace, SimConfig(spec=spec, latency=lat))
+    static = simulate(trace, SimConfig(spec=spec, latency=lat, prefill=p, decode=d, autoscale=False))
+    return p, d, peak_start, peak, static
+
+
 def hindsight_bounds(
     trace: list[TraceRequest], spec: AutoscalingSpec, lat: LatencyModel, decode: int, max_prefill: int = 64
 ) -> dict[str, tuple[float, float, int]]:
@@ -121,26 +136,26 @@ def hindsight_bounds(
     * per-minute oracle: each minute sized for its own requests alone (the smallest prefill meeting
       the target on that minute, run from empty), resized instantly: what knowing every minute's
       load ahead, with no cold start, would cost."""
+    cfg = SimConfig(spec=spec, latency=lat)
     gpus = lambda p: p * lat.prefill_gpus + decode * lat.decode_gpus  # noqa: E731
-    fixed = None
-    for p in range(1, max_prefill + 1):
-        fixed = simulate(trace, SimConfig(spec=spec, latency=lat, prefill=p, decode=decode, autoscale=False))
-        if fixed.attainment >= spec.attainment:
-            break
+    found = smallest_prefill(trace, cfg, decode, max_prefill)
+    if found is None:
+        raise ValueError(f"no fixed size up to P={max_prefill} meets the target over the trace")
+    p, fixed = found
     met = total = 0
     gpu_min = 0.0
     most = 1
     end = trace[-1].arrival
     for k in range(int(end // 60) + 1):
         minute = window_of(trace, 60.0 * k, 60.0 * (k + 1))
-        size = 1
-        for size in range(1, max_prefill + 1):
-            cfg = SimConfig(spec=spec, latency=lat, prefill=size, decode=decode, autoscale=False)
-            r = simulate(minute, cfg)
-            if not minute or r.attainment >= spec.attainment:
-                break
-        if minute:
-            met, total = met + r.met, total + r.requests
+        found = smallest_prefill(minute, cfg, decode, max_prefill)
+        if found is None:  # out of reach: the largest size, and its misses, count
+            found = (
+                max_prefill,
+                simulate(minute, replace(cfg, prefill=max_prefill, decode=decode, autoscale=False)),
+            )
+        size, r = found
+        met, total = met + r.met, total + r.requests
         most = max(most, size)
         gpu_min += gpus(size) * min(60.0, end - 60.0 * k) / 60.0
     return {
@@ -180,8 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = base_spec(lat)
     cap = round(lat.prefill_tokens_per_second(2048))
 
-    p, d, peak_start, peak = static_peak_size(trace, SimConfig(spec=spec, latency=lat))
-    static = simulate(trace, SimConfig(spec=spec, latency=lat, prefill=p, decode=d, autoscale=False))
+    p, d, peak_start, peak, static = static_baseline(trace, spec, lat)
     rows = [row(f"static-peak P={p} D={d}", static, static.gpu_minutes)]
     # (name, spec, the sim provides rate and busy-time metrics)
     variants = [("auto, SLO+backlog only, P>=1", replace(spec, learn_capacity=False), False)]
@@ -237,8 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     # The same trace started later (wrapped around): a policy tuned to one start shows here.
     for shift_min in (20, 40):
         shifted = rotate(trace, shift_min * 60.0)
-        sp, sd, _, _ = static_peak_size(shifted, SimConfig(spec=spec, latency=lat))
-        st = simulate(shifted, SimConfig(spec=spec, latency=lat, prefill=sp, decode=sd, autoscale=False))
+        st = static_baseline(shifted, spec, lat)[4]
         cfg = SimConfig(spec=spec, latency=lat, prefill=1, decode=1, provisioning_s=args.cold_start)
         rows.append(row(f"{headline}, from min {shift_min}", simulate(shifted, cfg), st.gpu_minutes))
     bounds = hindsight_bounds(trace, spec, lat, d)

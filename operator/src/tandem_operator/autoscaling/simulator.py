@@ -591,6 +591,39 @@ def simulate(trace: Iterable[TraceRequest], config: SimConfig) -> SimResult:
     return Simulator(trace, config).run()
 
 
+def smallest_prefill(
+    trace: Sequence[TraceRequest], config: SimConfig, decode: int, max_prefill: int = 64
+) -> tuple[int, SimResult] | None:
+    """The smallest static prefill size (with `decode` instances) whose run of `trace` meets the
+    spec's attainment target, and that run; None if `max_prefill` does not."""
+
+    def run(p: int) -> SimResult:
+        cfg = SimConfig(
+            spec=config.spec,
+            latency=config.latency,
+            prefill=p,
+            decode=decode,
+            autoscale=False,
+            seed=config.seed,
+            drain_limit_s=config.drain_limit_s,
+        )
+        return simulate(trace, cfg)
+
+    target = config.spec.attainment
+    best = run(max_prefill)
+    if best.attainment < target:
+        return None
+    lo, hi = 1, max_prefill  # attainment is monotone in P for a fixed D (checked by the tests)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        r = run(mid)
+        if r.attainment >= target:
+            hi, best = mid, r
+        else:
+            lo = mid + 1
+    return lo, best
+
+
 def static_peak_size(
     trace: Sequence[TraceRequest],
     config: SimConfig,
@@ -603,37 +636,19 @@ def static_peak_size(
     start = peak_minute(trace)
     minute = window_of(trace, start, start + 60.0)
     lat = config.latency
-
-    def run(p: int, d: int) -> SimResult:
-        cfg = SimConfig(
-            spec=config.spec,
-            latency=lat,
-            prefill=p,
-            decode=d,
-            autoscale=False,
-            seed=config.seed,
-            drain_limit_s=config.drain_limit_s,
-        )
-        return simulate(minute, cfg)
-
     best: tuple[int, int, SimResult] | None = None
     for d in range(1, max_decode + 1):
         if best is not None and d * lat.decode_gpus + lat.prefill_gpus >= (
             best[0] * lat.prefill_gpus + best[1] * lat.decode_gpus
         ):
             break
-        lo, hi = 1, max_prefill  # attainment is monotone in P for a fixed D (checked by the tests)
-        if run(hi, d).attainment < config.spec.attainment:
+        found = smallest_prefill(minute, config, d, max_prefill)
+        if found is None:
             continue
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if run(mid, d).attainment >= config.spec.attainment:
-                hi = mid
-            else:
-                lo = mid + 1
-        cost = lo * lat.prefill_gpus + d * lat.decode_gpus
+        p, result = found
+        cost = p * lat.prefill_gpus + d * lat.decode_gpus
         if best is None or cost < best[0] * lat.prefill_gpus + best[1] * lat.decode_gpus:
-            best = (lo, d, run(lo, d))
+            best = (p, d, result)
     if best is None:
         raise ValueError(
             f"no static size up to P={max_prefill}, D={max_decode} meets the target on the peak minute"
