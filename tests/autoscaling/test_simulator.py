@@ -13,6 +13,8 @@ from tandem_operator.autoscaling.simulator import (
     TraceRequest,
     load_azure_trace,
     peak_minute,
+    replay_learner,
+    smallest_prefill,
     static_peak_size,
     synthetic_trace,
     window_of,
@@ -130,6 +132,52 @@ def test_static_peak_size_is_the_smallest_meeting_the_target():
     assert simulate(minute, static(p, d)).attainment >= SPEC.attainment
     if p > 1:
         assert simulate(minute, static(p - 1, d)).attainment < SPEC.attainment
+
+
+def test_a_schedule_sizes_the_deployment_in_place_of_the_policy():
+    # The same heavy load the policy would scale for: the schedule holds 1 prefill instance, then
+    # asks for 3 at the decision at t=60 (served after the cold start), then 2.
+    trace = [TraceRequest(i * 0.05, 2000, 2) for i in range(3000)]  # 40k prompt tokens/s for 150 s
+    asked = []
+
+    def schedule(now: float) -> tuple[int, int]:
+        asked.append(now)
+        return (1 if now < 60 else 3 if now < 120 else 2), 1
+
+    cfg = SimConfig(spec=SPEC, prefill=1, decode=1, interval_s=15, provisioning_s=20)
+    r = simulate(trace, cfg, schedule)
+    assert asked[:4] == [15.0, 30.0, 45.0, 60.0]
+    assert [d[:3] for d in r.decisions] == [(60.0, 3, 1), (120.0, 2, 1)]
+    assert r.max_prefill == 3
+    # Billed from the decision: the two added at 60 s, one of them until it drained after 120 s.
+    assert r.gpu_seconds > 2 * r.duration_s + (r.duration_s - 60.0) + 60.0
+    policy = simulate(trace, cfg)  # without a schedule the policy decides, and does otherwise
+    assert [d[:3] for d in policy.decisions] != [d[:3] for d in r.decisions]
+
+
+def test_replay_learner_sizes_from_the_past_alone():
+    quiet = synthetic_trace(rate=1, duration_s=600, prompt=(500, 1500), seed=11)
+    burst = synthetic_trace(rate=15, duration_s=60, prompt=(1000, 3000), seed=12, start=420)
+    trace = sorted(quiet + burst, key=lambda r: r.arrival)
+    cfg = SimConfig(spec=SPEC)
+    run, steps = replay_learner(trace, cfg, decode=1, target=0.9, max_prefill=8)
+    sizes = dict(steps)
+    # Each step is the smallest fixed size meeting the target on what had arrived by then...
+    at_target = replace(cfg, spec=replace(SPEC, attainment=0.9))
+    for t in (300.0, 540.0):
+        expect, _ = smallest_prefill(window_of(trace, 0.0, t), at_target, 1, 8)
+        assert sizes[t] == expect
+    # ...so it is small before the burst and grows once it has seen it, too late for the burst.
+    assert sizes[360.0] == 1 and sizes[540.0] > 1
+    assert run.attainment < simulate(trace, static(sizes[540.0], 1)).attainment
+    # Causal: what comes later does not change the steps before it.
+    louder = sorted(
+        trace + synthetic_trace(rate=30, duration_s=60, prompt=(1000, 3000), seed=13, start=500),
+        key=lambda r: r.arrival,
+    )
+    _, louder_steps = replay_learner(louder, cfg, decode=1, target=0.9, max_prefill=8)
+    assert [s for s in louder_steps if s[0] <= 480] == [s for s in steps if s[0] <= 480]
+    assert dict(louder_steps)[540.0] > sizes[540.0]
 
 
 def test_calibration_recovers_known_coefficients():

@@ -31,13 +31,13 @@ import heapq
 import math
 import random
 from collections import deque
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
 from .latency import LatencyModel
-from .policy import AutoscalingSpec, Decision, MetricsWindow, PolicyState, Replicas, decide
+from .policy import AutoscalingSpec, MetricsWindow, PolicyState, Replicas, decide
 
 # ------------------------------------------------------------------------------------------ traces
 
@@ -220,9 +220,16 @@ def percentile(sorted_values: Sequence[float], q: float) -> float | None:
 _ARRIVE, _PREFILL_DONE, _TRANSFER_DONE, _STEP, _READY, _SCRAPE, _DECIDE = range(7)
 
 
+# At a decision time: the (prefill, decode) sizes to set, in place of the policy.
+Schedule = Callable[[float], tuple[int, int]]
+
+
 class Simulator:
-    def __init__(self, trace: Iterable[TraceRequest], config: SimConfig) -> None:
+    def __init__(
+        self, trace: Iterable[TraceRequest], config: SimConfig, schedule: Schedule | None = None
+    ) -> None:
         self.cfg = config
+        self.schedule = schedule
         self.lat = config.latency
         self.spec = config.spec
         self.rng = random.Random(config.seed)
@@ -502,19 +509,23 @@ class Simulator:
             len(p), len(d), sum(self.now >= x.ready_at for x in p), sum(self.now >= x.ready_at for x in d)
         )
 
-    def _decide(self) -> Decision:
+    def _decide(self) -> None:
         cur = self.replicas()
-        dec = decide(self.window(), cur, self.spec, self.state, self.now)
-        for role in ("prefill", "decode"):
-            delta = dec.desired(role) - cur.get(role)
+        if self.schedule is not None:
+            p, d = self.schedule(self.now)
+            reason = "schedule"
+        else:
+            dec = decide(self.window(), cur, self.spec, self.state, self.now)
+            p, d, reason = dec.desired_prefill, dec.desired_decode, dec.reason
+        for role, want in (("prefill", p), ("decode", d)):
+            delta = want - cur.get(role)
             for _ in range(max(delta, 0)):
                 self._add(role, self.now + self.cfg.provisioning_s)
             for _ in range(max(-delta, 0)):
                 self._remove_one(role)
-        if dec.desired_prefill != cur.prefill or dec.desired_decode != cur.decode:
-            self.decisions.append((self.now, dec.desired_prefill, dec.desired_decode, dec.reason))
+        if p != cur.prefill or d != cur.decode:
+            self.decisions.append((self.now, p, d, reason))
             self._record_sizes()
-        return dec
 
     # -- run
     def run(self) -> SimResult:
@@ -587,8 +598,17 @@ class Simulator:
         )
 
 
-def simulate(trace: Iterable[TraceRequest], config: SimConfig) -> SimResult:
-    return Simulator(trace, config).run()
+def simulate(
+    trace: Iterable[TraceRequest], config: SimConfig, schedule: Schedule | None = None
+) -> SimResult:
+    """Run `trace` through the deployment `config` describes, sized by the policy (or by `schedule`
+    at each decision time, when given, or fixed when `config.autoscale` is off)."""
+    return Simulator(trace, config, schedule).run()
+
+
+def _fixed_run(trace: Sequence[TraceRequest], config: SimConfig, prefill: int, decode: int) -> SimResult:
+    """`trace` on a static deployment of `prefill` and `decode` instances."""
+    return simulate(trace, replace(config, prefill=prefill, decode=decode, autoscale=False))
 
 
 def smallest_prefill(
@@ -596,32 +616,70 @@ def smallest_prefill(
 ) -> tuple[int, SimResult] | None:
     """The smallest static prefill size (with `decode` instances) whose run of `trace` meets the
     spec's attainment target, and that run; None if `max_prefill` does not."""
-
-    def run(p: int) -> SimResult:
-        cfg = SimConfig(
-            spec=config.spec,
-            latency=config.latency,
-            prefill=p,
-            decode=decode,
-            autoscale=False,
-            seed=config.seed,
-            drain_limit_s=config.drain_limit_s,
-        )
-        return simulate(trace, cfg)
-
     target = config.spec.attainment
-    best = run(max_prefill)
+    best = _fixed_run(trace, config, max_prefill, decode)
     if best.attainment < target:
         return None
     lo, hi = 1, max_prefill  # attainment is monotone in P for a fixed D (checked by the tests)
     while lo < hi:
         mid = (lo + hi) // 2
-        r = run(mid)
+        r = _fixed_run(trace, config, mid, decode)
         if r.attainment >= target:
             hi, best = mid, r
         else:
             lo = mid + 1
     return lo, best
+
+
+def replay_learner(
+    trace: Sequence[TraceRequest],
+    config: SimConfig,
+    decode: int,
+    target: float,
+    every_s: float = 60.0,
+    max_prefill: int = 64,
+) -> tuple[SimResult, list[tuple[float, int]]]:
+    """A reference for online policies: size prefill from an exact replay of everything seen so far.
+
+    Every `every_s` it sets prefill to the smallest fixed size whose run of all requests that have
+    arrived so far would have met `target` (the largest, `max_prefill`, if none does); new
+    instances serve after `config.provisioning_s` like the policy's. It knows more than a policy
+    can (every past arrival exactly, and their output lengths), but nothing of the future, so it
+    shows what learning the load online costs: it misses the bursts larger than any it has seen,
+    and keeps paying for the largest it has seen. Returns its run and its (time, prefill) steps."""
+    found = config.prefill
+    steps: list[tuple[float, int]] = []
+    end = trace[-1].arrival if trace else 0.0
+    sized = replace(config, spec=replace(config.spec, attainment=target))
+    t = every_s
+    while t <= end:
+        seen = window_of(trace, 0.0, t)
+        if len(seen) >= config.spec.min_requests:
+            found = _smallest_near(seen, sized, decode, found, max_prefill)
+        steps.append((t, found))
+        t += every_s
+
+    def schedule(now: float) -> tuple[int, int]:  # called at every_s, 2 * every_s, ...
+        k = min(round(now / every_s), len(steps)) - 1
+        return (steps[k][1] if k >= 0 else config.prefill), decode
+
+    run = simulate(trace, replace(config, decode=decode, autoscale=True, interval_s=every_s), schedule)
+    return run, steps
+
+
+def _smallest_near(
+    trace: Sequence[TraceRequest], config: SimConfig, decode: int, start: int, most: int
+) -> int:
+    """`smallest_prefill`, searching from `start` (the last size, usually right or one off)."""
+    meets = lambda p: _fixed_run(trace, config, p, decode).attainment >= config.spec.attainment  # noqa: E731
+    p = max(1, min(start, most))
+    if meets(p):
+        while p > 1 and meets(p - 1):
+            p -= 1
+        return p
+    while p < most and not meets(p + 1):
+        p += 1
+    return min(p + 1, most)
 
 
 def static_peak_size(
