@@ -413,7 +413,25 @@ def test_headroom_for_the_rate_growth_over_a_cold_start():
 
     d = last(BURSTY)
     assert d.desired_prefill == 4 and "growth over a 60s startup +20000" in d.reason
-    assert last(replace(BURSTY, startup_seconds=0)).desired_prefill == 2
+    assert last(replace(BURSTY, burst_horizon_seconds=0)).desired_prefill == 2  # this window alone
+
+
+@pytest.mark.parametrize("startup", [0.0, 5.0, 30.0])
+def test_the_rate_growth_is_measured_over_at_least_a_window(startup):
+    """Replicas that start in seconds still get headroom for a burst that builds over a minute.
+
+    The peak rate climbs 10k tok/s per 15 s decision to 40k, then falls back, every 2 minutes.
+    Measured one decision apart (the least a short startup allows), every rise is +10k; a window
+    apart, the whole rise (+40k) shows, as it does to a replica that starts 60 s late."""
+
+    spec = replace(BURSTY, startup_seconds=startup)
+    state, cur = PolicyState(), Replicas(1, 1)
+    for t in range(0, 600, 15):
+        rate = 10_000.0 * (((t // 15) % 8) - 3) if (t // 15) % 8 > 3 else 0.0  # 0 x4, then 10k..40k
+        d = decide(quiet(rate), cur, spec, state, now=t)
+        cur = Replicas(d.desired_prefill, d.desired_decode)
+    assert f"growth over a 60s window (startup {startup:.0f}s) +40000" in d.reason
+    assert d.desired_prefill == 8  # 40k now + 40k of growth, at 10k tok/s per replica
 
 
 def test_the_startup_time_is_measured_from_the_last_scale_up():
