@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export TANDEM_CACHE_DIR ?= $(CURDIR)/.cache/models
 
 .DEFAULT_GOAL := help
-.PHONY: help install test demo bench bench-gpu lint proto crds clean
+.PHONY: help install test demo bench bench-gpu images test-images lint proto crds clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -42,6 +42,20 @@ bench: install ## engine vs transformers generate; KV transfer vs raw TCP; TTFT 
 
 bench-gpu: install ## on one NVIDIA GPU: CUDA correctness, kernels vs hardware limits, Llama-3-8B shapes vs transformers
 	$(BIN)/python benchmarks/bench_gpu.py --out benchmarks/results
+
+# Image tags `make images` builds and `make test-images` runs; DOCKER_BUILD_ARGS passes e.g.
+# --build-arg PYTHON_IMAGE=... (another base) or --build-arg TORCH_INDEX_URL=... (a mirror).
+WORKER_IMAGE ?= tandem:dev
+OPERATOR_IMAGE ?= tandem-operator:dev
+DOCKER_BUILD_ARGS ?=
+
+images: ## build the worker (CPU) and operator images (needs a Docker engine)
+	docker build $(DOCKER_BUILD_ARGS) -f worker/Dockerfile -t $(WORKER_IMAGE) .
+	docker build $(DOCKER_BUILD_ARGS) -f operator/Dockerfile -t $(OPERATOR_IMAGE) .
+
+test-images: install ## run the images as a cluster would: the worker serving read-only and offline, the operator against kmock
+	TANDEM_WORKER_IMAGE=$(WORKER_IMAGE) TANDEM_OPERATOR_IMAGE=$(OPERATOR_IMAGE) \
+		$(BIN)/python -m pytest tests/operator/test_images_run.py
 
 proto: install ## regenerate tandem_proto from proto/tandem/v1/*.proto
 	$(BIN)/python proto/generate.py

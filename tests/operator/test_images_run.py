@@ -1,0 +1,101 @@
+"""The images, run as a cluster runs them (`make images` builds them; `make test-images` runs this).
+
+* The worker image serves a whole disaggregated deployment (`tandem demo`: router, prefill and decode
+  processes, the built-in model) as the operator's pods run it: as its non-root user, with a
+  read-only root filesystem, the cache on a tmpfs and no network at all.
+* The operator image reconciles a ModelDeployment against kmock's Kubernetes API, from its own
+  container, and answers its liveness probe.
+
+Skipped unless TANDEM_WORKER_IMAGE / TANDEM_OPERATOR_IMAGE name the images (CI has no Docker engine:
+tests/chart/test_images.py reads the Dockerfiles there); an image they name must be there.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tandem_operator.builders import CACHE_MOUNT
+
+from .conftest import Cluster, eventually
+from .test_operator_kmock import DEMO, DEMO_CHILDREN, converge_demo
+
+UID = "65532"  # the images' USER
+pytestmark = pytest.mark.slow
+
+
+def image(var: str) -> str:
+    """The image `var` names; skip without one, fail if it names one that is not there."""
+    tag = os.environ.get(var)
+    if not tag:
+        pytest.skip(f"{var} is not set (build the images with `make images`, run `make test-images`)")
+    assert shutil.which("docker"), f"{var}={tag}, but there is no docker command"
+    probe = subprocess.run(["docker", "image", "inspect", tag], capture_output=True, text=True)
+    assert probe.returncode == 0, f"no image {tag} on a Docker engine: {probe.stderr.strip()[:300]}"
+    return tag
+
+
+def test_the_worker_image_serves_a_deployment_read_only_and_offline():
+    tag = image("TANDEM_WORKER_IMAGE")
+    run = subprocess.run(
+        [
+            "docker", "run", "--rm", "--network", "none", "--read-only",
+            "--tmpfs", f"{CACHE_MOUNT}:rw,uid={UID},gid={UID}",
+            "--tmpfs", "/tmp:rw",
+            tag, "demo", "--max-tokens", "8",
+        ],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    out = run.stdout
+    assert "Serving smollm2-135m" in out and "Stopped the deployment" in out
+    assert len(re.findall(r"\[\d+ tokens, first token after \d+ ms", out)) == 3, out  # three answers
+    user = subprocess.run(
+        ["docker", "run", "--rm", "--entrypoint", "id", tag, "-u"], capture_output=True, text=True
+    )
+    assert user.stdout.strip() == UID
+
+
+@pytest.mark.asyncio
+async def test_the_operator_image_reconciles_from_its_container(cluster: Cluster, tmp_path: Path):
+    tag = image("TANDEM_OPERATOR_IMAGE")
+    kubeconfig = Path(os.environ["KUBECONFIG"])  # written by the fixture: kmock on loopback
+    kubeconfig.chmod(0o644)  # readable by the image's user
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    name = f"tandem-operator-test-{port}"
+    subprocess.run(
+        [
+            "docker", "run", "-d", "--name", name, "--network", "host", "--read-only", "--tmpfs", "/tmp:rw",
+            "-v", f"{kubeconfig}:/kube/config:ro", "-e", "KUBECONFIG=/kube/config",
+            tag, "--namespace", "default", "--standalone",
+            "--liveness", f"http://127.0.0.1:{port}/healthz",
+        ],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    try:
+
+        def alive() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        await eventually(alive, timeout=60, interval=0.5)
+        await converge_demo(cluster)
+        assert set(cluster.children()) == DEMO_CHILDREN
+        dep = cluster.get("Deployment", f"{DEMO}-prefill")
+        assert dep["metadata"]["ownerReferences"][0]["name"] == DEMO
+    finally:
+        logs = subprocess.run(["docker", "logs", name], capture_output=True, text=True).stderr
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+    assert "Traceback" not in logs, logs[-4000:]
