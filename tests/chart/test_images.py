@@ -239,3 +239,16 @@ def test_worker_images_carry_the_builtin_model_and_the_tandem_command(image):
     else:
         # Triton comes with torch (its wheel pins the version it was built with); kernels[triton] asks for it.
         assert '"/src/kernels[triton]"' in reqs or "/src/kernels[triton]" in reqs
+
+
+def test_the_cpu_image_ships_the_c_op_built_ahead():
+    # Its runtime stage has no compiler: the build stage builds the op for any CPU of the
+    # architecture, where the final stage copies it from, and points the op's loader at it.
+    text = DOCKERFILES["worker"].read_text()
+    (folder,) = re.findall(r"tandem-cpu-ops --portable (\S+)", text)
+    assert folder.startswith("/opt/tandem/")  # inside what the final stage copies
+    build, final = stages(DOCKERFILES["worker"])
+    assert any(word == "COPY" and rest.split()[-1] == "/opt/tandem" for word, rest in final["body"])
+    env = " ".join(rest for word, rest in final["body"] if word == "ENV")
+    assert f"TANDEM_CPU_OPS_DIR={folder}" in env.split()
+    assert "g++" in " ".join(rest for word, rest in build["body"] if word == "RUN")

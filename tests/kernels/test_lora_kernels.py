@@ -10,7 +10,13 @@ no adapter. Triton kernels run on CPU through TRITON_INTERPRET=1 (set in conftes
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -1059,6 +1065,71 @@ def test_native_decode_op_matches_naive_and_leaves_other_tokens_alone(
         else:
             assert not torch.equal(out[t, 40:], before[t, 40:])
     assert torch.equal(out[:, :40], before[:, :40])
+
+
+@pytest.fixture(scope="module")
+def portable_ops(tmp_path_factory) -> Path:
+    """The ops built for any CPU of this architecture, as an image's build stage builds them."""
+    native_op_or_skip()
+    out = tmp_path_factory.mktemp("portable-ops")
+    # As the image's build stage does, in a process of its own (this one has the native build loaded).
+    command = [str(Path(sys.executable).with_name("tandem-cpu-ops")), "--portable", str(out)]
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    return out
+
+
+def test_a_portable_build_serves_where_no_compiler_is(portable_ops, tmp_path):
+    # An image at run time: no compiler, an empty cache, TANDEM_CPU_OPS_DIR set by the image. In a
+    # process of its own: this one has the native build loaded under the same module name.
+    gen = torch.Generator().manual_seed(16)
+    seq_lens, seq_slots = [1] * 40, [i % 6 for i in range(40)]
+    ad = make_adapters(RANKS, 576, 96, torch.float32, gen)
+    batch = make_batch(seq_lens, seq_slots, RANKS, 576, torch.float32, gen)
+    host = lora_reference.HostGroups(seq_lens, seq_slots)
+    out = make_out(len(batch.token_slots), 96 + 40, torch.float32, gen)
+    args = (batch.x, out.clone(), ad.pool, host, grouped_work(ad, host, RANKS, 40))
+    torch.save(args, tmp_path / "args.pt")
+    env = {
+        **os.environ,
+        "CXX": str(tmp_path / "no-such-compiler"),
+        "TANDEM_CACHE_DIR": str(tmp_path / "cache"),
+        cpu_extension.PREBUILT_ENV: str(portable_ops),
+    }
+    code = f"""
+import torch
+from tandem_kernels import cpu_extension, lora_reference
+op = cpu_extension.load()
+x, out, pool, host, work = torch.load({str(tmp_path / "args.pt")!r}, weights_only=False)
+lora_reference.lora_apply_grouped(x, out, pool, host, work)
+torch.save(out, {str(tmp_path / "out.pt")!r})
+print(op.__file__, op.parallel_threads(8))
+"""
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    threads = min(8, torch.get_num_threads())  # built with OpenMP too
+    assert run.stdout.split() == [str(portable_ops / "tandem_cpu_ops.so"), str(threads)]
+    assert not (tmp_path / "cache").exists()  # nothing was built
+    expected = naive_expand(naive_shrink(batch.x, ad, batch.token_slots), ad, batch.token_slots, out, 40)
+    assert rel_err(torch.load(tmp_path / "out.pt"), expected) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "why"),
+    [
+        ("source", "0" * 16, "built from other sources"),
+        ("torch", "1.0.0", "built for torch 1.0.0"),
+        ("needs", ["avx2", "no_such_cpu_flag"], "this CPU lacks no_such_cpu_flag"),
+    ],
+)
+def test_a_prebuilt_op_that_does_not_fit_is_not_used(portable_ops, tmp_path, caplog, field, value, why):
+    other = tmp_path / "ops"
+    shutil.copytree(portable_ops, other)
+    stamp = json.loads((other / "stamp.json").read_text())
+    stamp[field] = value
+    (other / "stamp.json").write_text(json.dumps(stamp))
+    with caplog.at_level("WARNING", logger="tandem_kernels.cpu_extension"):
+        assert cpu_extension._load_prebuilt(other) is None
+    assert why in caplog.text
 
 
 def native_tables(ad: Adapters, host: lora_reference.HostGroups, ranks: list[int], layers: int = 2):

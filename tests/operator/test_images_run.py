@@ -1,13 +1,15 @@
 """The images, run as a cluster runs them (`make images` builds them; `make test-images` runs this).
 
-* The worker image serves a whole disaggregated deployment (`tandem demo`: router, prefill and decode
-  processes, the built-in model) as the operator's pods run it: as its non-root user, with a
-  read-only root filesystem, the cache on a tmpfs and no network at all.
+* The worker images (CPU, and CUDA, which falls back to the CPU without a GPU) serve a whole
+  disaggregated deployment (`tandem demo`: router, prefill and decode processes, the built-in
+  model) as the operator's pods run them: as their non-root user, with a read-only root
+  filesystem, the cache on a tmpfs and no network at all; the CPU image's C++ op loads prebuilt.
 * The operator image reconciles a ModelDeployment against kmock's Kubernetes API, from its own
   container, and answers its liveness probe.
 
-Skipped unless TANDEM_WORKER_IMAGE / TANDEM_OPERATOR_IMAGE name the images (CI has no Docker engine:
-tests/chart/test_images.py reads the Dockerfiles there); an image they name must be there.
+Skipped unless TANDEM_WORKER_IMAGE, TANDEM_WORKER_CUDA_IMAGE or TANDEM_OPERATOR_IMAGE name the images
+(CI has no Docker engine: tests/chart/test_images.py reads the Dockerfiles there); an image they name
+must be there.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ def image(var: str) -> str:
     return tag
 
 
-def test_the_worker_image_serves_a_deployment_read_only_and_offline():
-    tag = image("TANDEM_WORKER_IMAGE")
+@pytest.mark.parametrize("var", ["TANDEM_WORKER_IMAGE", "TANDEM_WORKER_CUDA_IMAGE"])
+def test_the_worker_image_serves_a_deployment_read_only_and_offline(var):
+    tag = image(var)
     run = subprocess.run(
         [
             "docker", "run", "--rm", "--network", "none", "--read-only",
@@ -61,6 +64,16 @@ def test_the_worker_image_serves_a_deployment_read_only_and_offline():
         ["docker", "run", "--rm", "--entrypoint", "id", tag, "-u"], capture_output=True, text=True
     )
     assert user.stdout.strip() == UID
+    if var == "TANDEM_WORKER_IMAGE":
+        # The C++ LoRA op, built ahead for any CPU of the architecture, loads without a compiler
+        # (the CUDA image's LoRA path is Triton's).
+        assert "no C++ compiler" not in run.stderr
+        code = "from tandem_kernels import cpu_extension as c; m = c.load(); print(m and m.__file__)"
+        op = subprocess.run(
+            ["docker", "run", "--rm", "--read-only", "--entrypoint", "python", tag, "-c", code],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert op.stdout.strip().startswith("/opt/tandem/lib/tandem-cpu-ops/"), op.stdout + op.stderr
 
 
 @pytest.mark.asyncio

@@ -2,19 +2,30 @@
 
 The build takes about 25 s on two cores and is cached (`$TANDEM_CACHE_DIR/torch_extensions`, next
 to the converted models, else `~/.cache/tandem/torch_extensions`), per torch version and CPU
-instruction set, and rebuilt when the source changes; `make install` builds it ahead (`main`).
-Without a C++ compiler, or with `TANDEM_CPU_EXTENSION=0`, `load()` returns None (with a warning
-where it could not build) and callers keep their pure-torch path: the extension makes CPU serving
-faster, never possible.
+instruction set, and rebuilt when the source changes; `make install` builds it ahead
+(`tandem-cpu-ops`).
+
+An image has no compiler at run time, so its build stage builds the ops ahead for any CPU of its
+architecture (`tandem-cpu-ops --portable DIR`: x86-64-v3, i.e. AVX2 and
+FMA, on x86_64) and points `TANDEM_CPU_OPS_DIR` at them; `load()` takes that build as is when it
+was made for this torch, this source and a CPU this one can run it on, and says why not otherwise.
+
+Without either (no compiler, no fitting prebuilt ops), or with `TANDEM_CPU_EXTENSION=0`, `load()`
+returns None (with a warning where it could not build) and callers keep their pure-torch path: the
+extension makes CPU serving faster, never possible.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import importlib.util
+import json
 import logging
 import os
 import platform
 import shutil
+import tempfile
 from pathlib import Path
 from types import ModuleType
 
@@ -22,20 +33,41 @@ log = logging.getLogger(__name__)
 
 SOURCES = (Path(__file__).parent / "csrc" / "lora_grouped_cpu.cpp",)
 ENV_SWITCH = "TANDEM_CPU_EXTENSION"
+PREBUILT_ENV = "TANDEM_CPU_OPS_DIR"  # a folder `build_portable` wrote
 _NAME = "tandem_cpu_ops"
+_STAMP = "stamp.json"
+# A portable build per architecture: its -march, and the CPU flags it needs at run time.
+# x86-64-v3 (AVX2, FMA, BMI2, F16C; 2013 and later) keeps the op's inner loops vectorized.
+PORTABLE = {
+    "x86_64": ("x86-64-v3", ("avx2", "fma", "bmi2", "f16c", "movbe")),
+    "aarch64": ("armv8-a", ()),
+}
 _UNSET = object()
 _module: object = _UNSET
 
 
-def _cpu_key() -> str:
-    """A short hash of the CPU's instruction set: a build for another CPU (a shared home) is not reused."""
-    flags = platform.machine()
+def _cpu_info() -> str:
+    """The architecture, then the CPU's instruction-set flags as /proc/cpuinfo lists them."""
+    info = platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags += next((line for line in f if line.startswith(("flags", "Features"))), "")
+            info += next((line for line in f if line.startswith(("flags", "Features"))), "")
     except OSError:
         pass
-    return hashlib.sha256(flags.encode()).hexdigest()[:12]
+    return info
+
+
+def _cpu_key() -> str:
+    """A short hash of the CPU's instruction set: a build for another CPU (a shared home) is not reused."""
+    return hashlib.sha256(_cpu_info().encode()).hexdigest()[:12]
+
+
+def source_hash() -> str:
+    """What the ops are built from: a prebuilt op from other sources is not used."""
+    h = hashlib.sha256()
+    for src in SOURCES:
+        h.update(src.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def build_dir() -> Path:
@@ -51,42 +83,119 @@ def available_compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "c++"))
 
 
+def _build(out: Path, march: str) -> ModuleType:
+    from torch.utils import cpp_extension
+
+    out.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(
+        _NAME,
+        [str(s) for s in SOURCES],
+        # -fopenmp: at::parallel_for is inlined from ATen's OpenMP header; without the flag its
+        # pragma is ignored and the op runs on one thread (measured: 2 threads took as long).
+        extra_cflags=["-O3", f"-march={march}", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(out),
+        verbose=False,
+    )
+
+
+def build_portable(out: Path) -> Path:
+    """Build the ops for any CPU of this architecture into `out` (the .so and its stamp); the path
+    of the .so. Needs a C++ compiler; the result does not."""
+    import torch
+
+    machine = platform.machine()
+    if machine not in PORTABLE:
+        raise RuntimeError(f"no portable build for {machine} (known: {', '.join(PORTABLE)})")
+    march, needs = PORTABLE[machine]
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:  # objects and ninja files stay behind
+        built = Path(_build(Path(tmp), march).__file__)
+        if built.name != f"{_NAME}.so":  # torch renames a second build in one process (_v1 ...)
+            raise RuntimeError(f"built {built.name}: build the portable ops in a process of their own")
+        so = out / built.name
+        shutil.copyfile(built, so)
+    stamp = {"torch": torch.__version__, "source": source_hash(), "machine": machine, "march": march}
+    (out / _STAMP).write_text(json.dumps({**stamp, "needs": list(needs)}, indent=1) + "\n")
+    return so
+
+
+def _load_prebuilt(folder: Path) -> ModuleType | None:
+    """The ops `build_portable` left in `folder`, if they fit this torch, source and CPU."""
+    import torch
+
+    try:
+        stamp = json.loads((folder / _STAMP).read_text())
+    except (OSError, ValueError) as e:
+        log.warning("%s=%s holds no usable build (%s)", PREBUILT_ENV, folder, e)
+        return None
+    flags = set(_cpu_info().split())
+    why = (
+        f"built for torch {stamp.get('torch')}, this is {torch.__version__}"
+        if stamp.get("torch") != torch.__version__
+        else "built from other sources"
+        if stamp.get("source") != source_hash()
+        else f"built for {stamp.get('machine')}, this is {platform.machine()}"
+        if stamp.get("machine") != platform.machine()
+        else f"this CPU lacks {', '.join(sorted(set(stamp.get('needs', [])) - flags))}"
+        if not set(stamp.get("needs", [])) <= flags
+        else ""
+    )
+    if why:
+        log.warning("not using the prebuilt CPU ops in %s: %s", folder, why)
+        return None
+    spec = importlib.util.spec_from_file_location(_NAME, folder / f"{_NAME}.so")
+    if spec is None or spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except ImportError as e:
+        log.warning("the prebuilt CPU ops in %s do not load (%s)", folder, e)
+        return None
+    return module
+
+
 def load() -> ModuleType | None:
-    """The compiled ops, building them if needed; None (and one warning) where they cannot be."""
+    """The compiled ops: prebuilt (`TANDEM_CPU_OPS_DIR`), else built here if needed; None (and one
+    warning) where neither can be had."""
     global _module
     if _module is not _UNSET:
         return _module  # type: ignore[return-value]
     _module = None
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return None
+    prebuilt = os.environ.get(PREBUILT_ENV)
+    if prebuilt:
+        _module = _load_prebuilt(Path(prebuilt))
+        if _module is not None:
+            return _module  # type: ignore[return-value]
     if available_compiler() is None:
         log.warning("no C++ compiler: the CPU LoRA step uses its TorchScript loop (slower)")
         return None
     try:
-        from torch.utils import cpp_extension
-
-        out = build_dir()
-        out.mkdir(parents=True, exist_ok=True)
-        _module = cpp_extension.load(
-            _NAME,
-            [str(s) for s in SOURCES],
-            # -march=native: the build is used only on a CPU with the same flags (build_dir).
-            # -fopenmp: at::parallel_for is inlined from ATen's OpenMP header; without the flag its
-            # pragma is ignored and the op runs on one thread (measured: 2 threads took as long).
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(out),
-            verbose=False,
-        )
+        # -march=native: the build is used only on a CPU with the same flags (build_dir).
+        _module = _build(build_dir(), "native")
     except Exception as e:  # noqa: BLE001 - any build failure leaves the pure-torch path
         log.warning("building Tandem's CPU ops failed (%s): the CPU LoRA step uses its TorchScript loop", e)
         _module = None
     return _module  # type: ignore[return-value]
 
 
-def main() -> None:
-    """Build (or find) the ops and say which (`make install` runs this)."""
+def main(argv: list[str] | None = None) -> None:
+    """Build (or find) the ops for this CPU and say which (`make install` runs this); with
+    `--portable DIR`, build them for any CPU of this architecture into DIR (an image's build)."""
+    ap = argparse.ArgumentParser(prog="tandem-cpu-ops", description=main.__doc__)
+    ap.add_argument("--portable", type=Path, metavar="DIR", help="build for any CPU of this architecture")
+    args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
+    if args.portable:
+        print(f"Tandem CPU ops, portable: {build_portable(args.portable)}")
+        return
     mod = load()
     # Not an error without a compiler: serving works without the extension.
     print(f"Tandem CPU ops: {'built in ' + str(build_dir()) if mod else 'not available (see the warning)'}")
+
+
+if __name__ == "__main__":
+    main()
