@@ -1067,6 +1067,17 @@ def test_native_decode_op_matches_naive_and_leaves_other_tokens_alone(
     assert torch.equal(out[:, :40], before[:, :40])
 
 
+def decode_step_case(ranks: list[int], seed: int):
+    """A decode step of 40 tokens over 6 adapters, interleaved: adapters, batch, groups, output
+    (576 -> 96 columns, written at column 40)."""
+    gen = torch.Generator().manual_seed(seed)
+    seq_lens, seq_slots = [1] * 40, [i % 6 for i in range(40)]
+    ad = make_adapters(ranks, 576, 96, torch.float32, gen)
+    batch = make_batch(seq_lens, seq_slots, ranks, 576, torch.float32, gen)
+    host = lora_reference.HostGroups(seq_lens, seq_slots)
+    return ad, batch, host, make_out(len(batch.token_slots), 96 + 40, torch.float32, gen)
+
+
 @pytest.fixture(scope="module")
 def portable_ops(tmp_path_factory) -> Path:
     """The ops built for any CPU of this architecture, as an image's build stage builds them."""
@@ -1081,12 +1092,7 @@ def portable_ops(tmp_path_factory) -> Path:
 def test_a_portable_build_serves_where_no_compiler_is(portable_ops, tmp_path):
     # An image at run time: no compiler, an empty cache, TANDEM_CPU_OPS_DIR set by the image. In a
     # process of its own: this one has the native build loaded under the same module name.
-    gen = torch.Generator().manual_seed(16)
-    seq_lens, seq_slots = [1] * 40, [i % 6 for i in range(40)]
-    ad = make_adapters(RANKS, 576, 96, torch.float32, gen)
-    batch = make_batch(seq_lens, seq_slots, RANKS, 576, torch.float32, gen)
-    host = lora_reference.HostGroups(seq_lens, seq_slots)
-    out = make_out(len(batch.token_slots), 96 + 40, torch.float32, gen)
+    ad, batch, host, out = decode_step_case(RANKS, seed=16)
     args = (batch.x, out.clone(), ad.pool, host, grouped_work(ad, host, RANKS, 40))
     torch.save(args, tmp_path / "args.pt")
     env = {
@@ -1157,12 +1163,7 @@ def test_native_tables_of_a_step_match_the_per_call_path(ranks):
     # The engine builds the op's metadata once per step for every layer; each layer's slice must
     # compute what the per-call path computes, rank-0 adapters (kept in the tables) included.
     op = native_op_or_skip()
-    gen = torch.Generator().manual_seed(17)
-    seq_lens, seq_slots = [1] * 40, [i % 6 for i in range(40)]
-    ad = make_adapters(ranks, 576, 96, torch.float32, gen)
-    batch = make_batch(seq_lens, seq_slots, ranks, 576, torch.float32, gen)
-    host = lora_reference.HostGroups(seq_lens, seq_slots)
-    out = make_out(len(batch.token_slots), 96 + 40, torch.float32, gen)
+    ad, batch, host, out = decode_step_case(ranks, seed=17)
     per_call = out.clone()
     lora_reference.lora_apply_grouped(batch.x, per_call, ad.pool, host, grouped_work(ad, host, ranks, 40))
     tables = native_tables(ad, host, ranks)
