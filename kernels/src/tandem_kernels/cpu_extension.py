@@ -6,9 +6,10 @@ instruction set, and rebuilt when the source changes; `make install` builds it a
 (`tandem-cpu-ops`).
 
 An image has no compiler at run time, so its build stage builds the ops ahead for any CPU of its
-architecture (`tandem-cpu-ops --portable DIR`: x86-64-v3, i.e. AVX2 and
-FMA, on x86_64) and points `TANDEM_CPU_OPS_DIR` at them; `load()` takes that build as is when it
-was made for this torch, this source and a CPU this one can run it on, and says why not otherwise.
+architecture (`tandem-cpu-ops --portable DIR`: x86-64-v3, i.e. AVX2 and FMA, on x86_64; as fast
+as a native build, the op being bound by memory) and points `TANDEM_CPU_OPS_DIR` at them; `load()`
+takes that build as is when it was made for this torch, these sources and a CPU this one can run
+it on, and says why not otherwise.
 
 Without either (no compiler, no fitting prebuilt ops), or with `TANDEM_CPU_EXTENSION=0`, `load()`
 returns None (with a warning where it could not build) and callers keep their pure-torch path: the
