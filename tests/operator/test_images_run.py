@@ -37,7 +37,8 @@ def image(var: str) -> str:
     """The image `var` names; skip without one, fail if it names one that is not there."""
     tag = os.environ.get(var)
     if not tag:
-        pytest.skip(f"{var} is not set (build the images with `make images`, run `make test-images`)")
+        built_by = "make images-cuda" if "CUDA" in var else "make images"
+        pytest.skip(f"{var} is not set (`{built_by}` builds it, `make test-images` runs this)")
     assert shutil.which("docker"), f"{var}={tag}, but there is no docker command"
     probe = subprocess.run(["docker", "image", "inspect", tag], capture_output=True, text=True)
     assert probe.returncode == 0, f"no image {tag} on a Docker engine: {probe.stderr.strip()[:300]}"
