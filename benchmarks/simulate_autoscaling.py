@@ -86,6 +86,7 @@ from tandem_operator.autoscaling import AutoscalingSpec, LatencyModel, SimConfig
 from tandem_operator.autoscaling.simulator import (
     SimResult,
     TraceRequest,
+    fixed_run,
     replay_learner,
     smallest_prefill,
     static_peak_size,
@@ -163,10 +164,7 @@ def hindsight_bounds(
         minute = window_of(trace, 60.0 * k, 60.0 * (k + 1))
         found = smallest_prefill(minute, cfg, decode, max_prefill)
         if found is None:  # out of reach: the largest size, and its misses, count
-            found = (
-                max_prefill,
-                simulate(minute, replace(cfg, prefill=max_prefill, decode=decode, autoscale=False)),
-            )
+            found = max_prefill, fixed_run(minute, cfg, max_prefill, decode)
         size, r = found
         met, total = met + r.met, total + r.requests
         most = max(most, size)
@@ -190,6 +188,14 @@ def replay_references(
         name = f"reference: replay learner, {target:.0%} on all seen"
         out[name] = (r.attainment, r.gpu_minutes, r.max_prefill)
     return out
+
+
+def sized_json(sized: dict[str, tuple[float, float, int]], static_gpu_min: float) -> dict:
+    """Bounds or references, (attainment, GPU-minutes, most prefill) by name, as the JSON output has them."""
+    return {
+        name: {"attainment": a, "gpu_minutes": g, "ratio_to_static": g / static_gpu_min}
+        for name, (a, g, _) in sized.items()
+    }
 
 
 def row(name: str, r: SimResult, static_gpu_min: float) -> dict:
@@ -300,14 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                         "peak_minute_start_s": peak_start,
                         "peak_minute_attainment": peak.attainment,
                     },
-                    "bounds": {
-                        name: {"attainment": a, "gpu_minutes": g, "ratio_to_static": g / static.gpu_minutes}
-                        for name, (a, g, _) in bounds.items()
-                    },
-                    "references": {
-                        name: {"attainment": a, "gpu_minutes": g, "ratio_to_static": g / static.gpu_minutes}
-                        for name, (a, g, _) in references.items()
-                    },
+                    "bounds": sized_json(bounds, static.gpu_minutes),
+                    "references": sized_json(references, static.gpu_minutes),
                     "latency_model": lat.__dict__,
                     "cold_start_s": args.cold_start,
                     "seconds": elapsed,

@@ -116,8 +116,14 @@ def build_portable(out: Path) -> Path:
             raise RuntimeError(f"built {built.name}: build the portable ops in a process of their own")
         so = out / built.name
         shutil.copyfile(built, so)
-    stamp = {"torch": torch.__version__, "source": source_hash(), "machine": machine, "march": march}
-    (out / _STAMP).write_text(json.dumps({**stamp, "needs": list(needs)}, indent=1) + "\n")
+    stamp = {
+        "torch": torch.__version__,
+        "source": source_hash(),
+        "machine": machine,
+        "march": march,
+        "needs": list(needs),
+    }
+    (out / _STAMP).write_text(json.dumps(stamp, indent=1) + "\n")
     return so
 
 
@@ -130,18 +136,15 @@ def _load_prebuilt(folder: Path) -> ModuleType | None:
     except (OSError, ValueError) as e:
         log.warning("%s=%s holds no usable build (%s)", PREBUILT_ENV, folder, e)
         return None
-    flags = set(_cpu_info().split())
-    why = (
-        f"built for torch {stamp.get('torch')}, this is {torch.__version__}"
-        if stamp.get("torch") != torch.__version__
-        else "built from other sources"
-        if stamp.get("source") != source_hash()
-        else f"built for {stamp.get('machine')}, this is {platform.machine()}"
-        if stamp.get("machine") != platform.machine()
-        else f"this CPU lacks {', '.join(sorted(set(stamp.get('needs', [])) - flags))}"
-        if not set(stamp.get("needs", [])) <= flags
-        else ""
-    )
+    built_torch, built_machine = stamp.get("torch"), stamp.get("machine")
+    missing = set(stamp.get("needs", [])) - set(_cpu_info().split())
+    misfits = [
+        (built_torch != torch.__version__, f"built for torch {built_torch}, this is {torch.__version__}"),
+        (stamp.get("source") != source_hash(), "built from other sources"),
+        (built_machine != platform.machine(), f"built for {built_machine}, this is {platform.machine()}"),
+        (bool(missing), f"this CPU lacks {', '.join(sorted(missing))}"),
+    ]
+    why = next((message for misfit, message in misfits if misfit), None)
     if why:
         log.warning("not using the prebuilt CPU ops in %s: %s", folder, why)
         return None
@@ -196,7 +199,3 @@ def main(argv: list[str] | None = None) -> None:
     mod = load()
     # Not an error without a compiler: serving works without the extension.
     print(f"Tandem CPU ops: {'built in ' + str(build_dir()) if mod else 'not available (see the warning)'}")
-
-
-if __name__ == "__main__":
-    main()

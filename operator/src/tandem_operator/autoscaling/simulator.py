@@ -598,15 +598,13 @@ class Simulator:
         )
 
 
-def simulate(
-    trace: Iterable[TraceRequest], config: SimConfig, schedule: Schedule | None = None
-) -> SimResult:
+def simulate(trace: Iterable[TraceRequest], config: SimConfig, schedule: Schedule | None = None) -> SimResult:
     """Run `trace` through the deployment `config` describes, sized by the policy (or by `schedule`
     at each decision time, when given, or fixed when `config.autoscale` is off)."""
     return Simulator(trace, config, schedule).run()
 
 
-def _fixed_run(trace: Sequence[TraceRequest], config: SimConfig, prefill: int, decode: int) -> SimResult:
+def fixed_run(trace: Sequence[TraceRequest], config: SimConfig, prefill: int, decode: int) -> SimResult:
     """`trace` on a static deployment of `prefill` and `decode` instances."""
     return simulate(trace, replace(config, prefill=prefill, decode=decode, autoscale=False))
 
@@ -617,13 +615,13 @@ def smallest_prefill(
     """The smallest static prefill size (with `decode` instances) whose run of `trace` meets the
     spec's attainment target, and that run; None if `max_prefill` does not."""
     target = config.spec.attainment
-    best = _fixed_run(trace, config, max_prefill, decode)
+    best = fixed_run(trace, config, max_prefill, decode)
     if best.attainment < target:
         return None
     lo, hi = 1, max_prefill  # attainment is monotone in P for a fixed D (checked by the tests)
     while lo < hi:
         mid = (lo + hi) // 2
-        r = _fixed_run(trace, config, mid, decode)
+        r = fixed_run(trace, config, mid, decode)
         if r.attainment >= target:
             hi, best = mid, r
         else:
@@ -671,7 +669,10 @@ def _smallest_near(
     trace: Sequence[TraceRequest], config: SimConfig, decode: int, start: int, most: int
 ) -> int:
     """`smallest_prefill`, searching from `start` (the last size, usually right or one off)."""
-    meets = lambda p: _fixed_run(trace, config, p, decode).attainment >= config.spec.attainment  # noqa: E731
+
+    def meets(p: int) -> bool:
+        return fixed_run(trace, config, p, decode).attainment >= config.spec.attainment
+
     p = max(1, min(start, most))
     if meets(p):
         while p > 1 and meets(p - 1):
