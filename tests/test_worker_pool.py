@@ -1,11 +1,19 @@
-"""The router's worker choice: pure decisions over the pool's view, no processes."""
+"""The router's worker choice: pure decisions over the pool's view, no processes (one retry case
+with a fake decode worker in-process)."""
 
 from __future__ import annotations
+
+import concurrent.futures
+import time
 
 import grpc
 import pytest
 
+from tandem_proto.v1 import inference_pb2 as pb
 from tandem_proto.v1 import worker_pb2 as wpb
+from tandem_proto.v1 import worker_pb2_grpc as wgrpc
+from tandem_worker.engine.tokenizer import Tokenizer
+from tandem_worker.server.router import RouterService
 from tandem_worker.server.worker_pool import WorkerInfo, WorkerPool, resolve
 
 
@@ -94,3 +102,74 @@ def test_resolve_static_and_dns_targets():
     addrs = resolve("dns:localhost:5000")
     assert "127.0.0.1:5000" in addrs
     assert resolve("dns:no-such-host.invalid:5000") == []
+
+
+class _FlakyDecode(wgrpc.WorkerServicer):
+    """A decode worker whose first attempt fails after a health check has already seen its KV
+    reservation (the pool's stats refreshed mid-request), as when its prefill partner dies."""
+
+    def __init__(self, pool: WorkerPool, reserved_blocks: int) -> None:
+        self.pool, self.reserved, self.calls = pool, reserved_blocks, 0
+
+    def Generate(self, request, context):  # noqa: N802
+        self.calls += 1
+        w = self.pool._workers["decode"]
+        if self.calls == 1:
+            # What WorkerPool._check does with stats taken now: the reservation is in them.
+            w.stats.free_blocks -= self.reserved
+            w.pending_tokens = 0
+            context.abort(grpc.StatusCode.UNAVAILABLE, "prefill worker p:1 failed: connection reset")
+        w.stats.free_blocks += self.reserved  # the failed attempt's blocks were freed
+        yield wpb.WorkerGenerateResponse(token_ids=[42], finish_reason=pb.FINISH_REASON_LENGTH)
+
+
+class _Context:
+    """The parts of a grpc.ServicerContext the router's Generate uses."""
+
+    def abort(self, code, details):
+        raise AssertionError(f"aborted: {code} {details}")
+
+    def add_callback(self, callback) -> None:
+        pass
+
+    def time_remaining(self) -> None:
+        return None
+
+    def is_active(self) -> bool:
+        return True
+
+
+def test_a_retry_is_not_refused_for_the_kv_its_failed_attempt_held(model_dir):
+    # The KV cache holds 2.5 prompts. The first attempt's reservation shows in the stats a health
+    # check took while it ran; if the router also still counted it as pending (counted after the
+    # send, so after that check), the retry would see room for less than one prompt and be refused
+    # as RESOURCE_EXHAUSTED. Seen in CI: test_prefill_worker_killed_during_transfer.
+    prompt = list(range(1000, 1000 + 64 * 16))  # 1024 tokens, 64 blocks
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2))
+    port = server.add_insecure_port("127.0.0.1:0")
+    pool = WorkerPool(decode_targets=[], prefill_targets=[])
+    decode = info(f"127.0.0.1:{port}", "decode", free_blocks=160)
+    decode.channel = grpc.insecure_channel(decode.address)
+    decode.stats.num_blocks = 160
+    pool._workers = {"decode": decode, "p:1": info("p:1", "prefill"), "p:2": info("p:2", "prefill")}
+    pool._decode, pool._prefill = ["decode"], ["p:1", "p:2"]
+    fake = _FlakyDecode(pool, reserved_blocks=65)
+    begin = pool.begin
+
+    def late_begin(*args) -> None:  # the router thread descheduled for a moment around the send
+        time.sleep(0.2)
+        begin(*args)
+
+    pool.begin = late_begin
+    wgrpc.add_WorkerServicer_to_server(fake, server)
+    server.start()
+    try:
+        router = RouterService(pool, Tokenizer(model_dir), "smollm2-135m", 4096, set())
+        sampling = pb.SamplingParams(max_tokens=1)
+        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling=sampling)
+        out = list(router.Generate(request, _Context()))
+    finally:
+        server.stop(None)
+        decode.channel.close()
+    assert fake.calls == 2  # retried, on the prefill worker that did not fail
+    assert out[-1].token_ids == [42] and out[-1].finish_reason == pb.FINISH_REASON_LENGTH

@@ -148,19 +148,22 @@ class RouterService(pbgrpc.InferenceServicer):
                 metrics.RETRIES.inc()
             remaining = context.time_remaining()
             timeout = None if remaining is None or remaining > 1e8 else max(remaining, 0.001)
-            call = wgrpc.WorkerStub(pair.decode.channel).Generate(
-                wpb.WorkerGenerateRequest(
-                    request_id=f"{rid}-{attempt}" if attempt else rid,
-                    prompt_token_ids=ids,
-                    sampling=request.sampling,
-                    adapter=request.adapter,
-                    prefill_endpoint=pair.prefill.address if pair.prefill else "",
-                ),
-                timeout=timeout,
-            )
-            context.add_callback(call.cancel)
+            # Counted as pending before it is sent: a health check whose stats already hold this
+            # request's KV then clears it, rather than leaving it counted twice (once in the stats,
+            # once as pending) until the next check, which made a retry see every KV cache full.
             self.pool.begin(pair, len(ids))
             try:
+                call = wgrpc.WorkerStub(pair.decode.channel).Generate(
+                    wpb.WorkerGenerateRequest(
+                        request_id=f"{rid}-{attempt}" if attempt else rid,
+                        prompt_token_ids=ids,
+                        sampling=request.sampling,
+                        adapter=request.adapter,
+                        prefill_endpoint=pair.prefill.address if pair.prefill else "",
+                    ),
+                    timeout=timeout,
+                )
+                context.add_callback(call.cancel)
                 for msg in call:
                     now = time.monotonic()
                     if msg.token_ids and first_token_time is None:
