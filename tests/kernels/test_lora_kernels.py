@@ -621,12 +621,13 @@ def test_dispatcher_env_forces_triton(monkeypatch):
     tandem_kernels.lora_expand(*expand_args(torch.zeros(2, 4), batch, ad, batch.x, 0), y_offsets)
     monkeypatch.setattr(tandem_kernels, "_triton_lora_apply", lambda *args: calls.append(("apply", args)))
     parts = ((0, 8), (8, 8))
+    tiles = tandem_kernels.lora_token_tiles(batch.groups[1], 2)
     tandem_kernels.lora_apply(
-        *shrink_args(batch, ad), batch.x, ad.b_offsets, ad.ranks, y_offsets, ad.scaling, parts
+        *shrink_args(batch, ad), batch.x, ad.b_offsets, ad.ranks, y_offsets, ad.scaling, parts, tiles
     )
     assert [name for name, _ in calls] == ["shrink", "expand", "apply"]
     assert calls[0][1][-1] == 4 and calls[1][1][-1] is y_offsets  # every argument passed through
-    assert len(calls[2][1]) == 14 and calls[2][1][-1] is parts
+    assert len(calls[2][1]) == 15 and calls[2][1][-2] is parts and calls[2][1][-1] is tiles
 
 
 # --- lora_apply: one fused projection, shrink and every part's expand in one op ---------------
@@ -923,6 +924,91 @@ def test_apply_rejects_bad_inputs(apply_ops):
         call(y_offsets=y_offsets + 1)
     with pytest.raises(ValueError, match="outside the pool"):
         call(b_offsets=b_offsets + fused.pool.numel())
+
+
+# --- the tiled launch (lora_apply's tiles): what a CUDA graph captures ------------------------
+
+
+def test_token_tiles_name_the_groups_of_each_tile():
+    # Groups of 3, 20, 0 (empty), 9 and 1 rows, then two empty padding groups at the end (as a CUDA
+    # graph's static metadata has): 33 rows used of 40.
+    bounds = [0, 3, 23, 23, 32, 33, 33, 33]
+    assert lora_reference.tile_bounds(bounds, 40) == [(0, 2), (1, 4), (4, 5)]
+    tiles = tandem_kernels.lora_token_tiles(torch.tensor(bounds, dtype=torch.int32), 40)
+    assert tiles.dtype == torch.int32 and tiles.tolist() == [[0, 2], [1, 4], [4, 5]]
+    # Tiles past the last grouped row name no group, and neither does a batch without LoRA tokens.
+    assert lora_reference.tile_bounds([0, 16, 16], 48) == [(0, 1), (2, 2), (2, 2)]
+    assert lora_reference.tile_bounds([0], 0) == []
+    assert lora_reference.tile_bounds([0, 0, 0], 20) == [(2, 2), (2, 2)]
+
+
+def padded_for_graph(batch: Batch, rows: int, pad_row: int) -> tuple[torch.Tensor, ...]:
+    """The batch's group metadata padded as a CUDA graph's static buffers are: token_indices to
+    `rows` entries (the extra ones point at pad_row), one group per row (empty ones at the end)."""
+    token_indices, offsets, slots = batch.groups
+    n, g = token_indices.shape[0], slots.shape[0]
+    padded_indices = torch.cat([token_indices, torch.full((rows - n,), pad_row, dtype=torch.int64)])
+    padded_offsets = torch.cat([offsets, torch.full((rows - g,), n, dtype=torch.int32)])
+    padded_slots = torch.cat([slots, torch.zeros(rows - g, dtype=torch.int32)])
+    tiles = tandem_kernels.lora_token_tiles(padded_offsets, rows)
+    return padded_indices, padded_offsets, padded_slots, tiles
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", ["qkv", "ragged", "five"])
+def test_tiled_apply_equals_grouped_apply(apply_ops, case, dtype, monkeypatch):
+    # Tiles spanning several groups (requests of 1 to 20 tokens, adapters interleaved), a group of an
+    # adapter without LoRA here, and the metadata padded as a graph's: the same result as the grouped
+    # launch. On the Triton path the partials start as NaN: the tiled shrink writes all the expand reads.
+    apply = apply_ops[2]
+    if apply.__module__ == "tandem_kernels.lora":
+        from tandem_kernels import lora
+
+        monkeypatch.setattr(lora, "_PARTIALS_FILL", float("nan"))
+    gen = torch.Generator().manual_seed(25)
+    fused, batch = apply_batch(case, dtype, gen)
+    num_tokens = len(batch.token_slots)
+    out = make_out(num_tokens, APPLY_CASES[case][3], dtype, gen)
+    before = out.clone()
+    grouped, tiled, padded = out.clone(), out.clone(), out.clone()
+    apply(*apply_args(batch, fused, grouped))
+    tiles = tandem_kernels.lora_token_tiles(batch.groups[1], batch.groups[0].shape[0])
+    assert any(b - a > 1 for a, b in tiles.tolist()), "no tile spans two groups: the case tests too little"
+    head = (batch.x, fused.pool, fused.a_offsets, fused.total_ranks)
+    apply(*head, *batch.groups, fused.max_rank, tiled, *fused.tables(), tiles=tiles)
+    # Padding entries point at a row of no adapter, which must stay as it is.
+    pad_row = batch.token_slots.index(None)
+    *groups, padded_tiles = padded_for_graph(batch, num_tokens + 19, pad_row)
+    apply(*head, *groups, fused.max_rank, padded, *fused.tables(), tiles=padded_tiles)
+
+    fp32 = dtype == torch.float32
+    for result in (tiled, padded):
+        assert torch.equal(result.isnan(), grouped.isnan()) and result.isfinite().all()
+        assert rel_err(result, grouped) < (1e-6 if fp32 else 2e-3)
+        expected = naive_apply(batch.x, fused, batch.token_slots, before)
+        assert rel_err(result, expected) < (1e-5 if fp32 else 5e-3)
+    totals = fused.total_ranks.tolist()
+    untouched = torch.tensor([slot is None or totals[slot] == 0 for slot in batch.token_slots])
+    assert torch.equal(padded[untouched], before[untouched])
+
+
+def test_tiled_apply_rejects_tiles_that_do_not_match_the_groups(apply_ops):
+    apply = apply_ops[2]
+    gen = torch.Generator().manual_seed(26)
+    fused, batch = apply_batch("single", torch.float32, gen)
+    out = make_out(len(batch.token_slots), APPLY_CASES["single"][3], torch.float32, gen)
+    before = out.clone()
+    rows = batch.groups[0].shape[0]
+    tiles = tandem_kernels.lora_token_tiles(batch.groups[1], rows)
+    head = (batch.x, fused.pool, fused.a_offsets, fused.total_ranks, *batch.groups, fused.max_rank, out)
+    with pytest.raises(ValueError, match="build them with lora_token_tiles"):
+        apply(*head, *fused.tables(), tiles=tiles.flip(0).contiguous())
+    shape = rf"tiles must be \({tiles.shape[0]}, 2\) int32"
+    with pytest.raises(ValueError, match=shape):
+        apply(*head, *fused.tables(), tiles=tiles.long())
+    with pytest.raises(ValueError, match=shape):
+        apply(*head, *fused.tables(), tiles=tiles[:1])
+    assert torch.equal(out, before)
 
 
 # --- the engine's CPU path: lora_apply_grouped over HostGroups --------------------------------

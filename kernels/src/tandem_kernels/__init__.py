@@ -39,10 +39,11 @@ does all of that as one op (two kernel launches on a GPU), with the per-part met
     y_offsets, scaling  [num_parts, num_slots] int64 / float32: likewise
     parts               num_parts host (out_offset, hidden_out) pairs, disjoint column ranges of out
     lora_apply(x, pool, a_offsets, total_ranks, *groups, max_rank, out, b_offsets, ranks,
-               y_offsets, scaling, parts)
+               y_offsets, scaling, parts, tiles=None)
         out[:, col_p:col_p + w_p] += scaling[p, s] * (x @ A[s].T)[:, y_offsets[p, s]:][:, :ranks[p, s]]
         @ B[p, s].T for every part p = (col_p, w_p) and grouped token of slot s, in place: the same
         as lora_shrink then lora_expand per part (columns of y past total_ranks[s] read as zero)
+        (tiles: `lora_token_tiles`, for a launch a CUDA graph can capture; see lora.py)
 Tokens without an adapter are simply in no group; `lora_token_groups` builds the metadata. Bad
 shapes, dtypes and (for metadata on the CPU, where it costs no sync) bad ranks, offsets and slots
 raise ValueError.
@@ -61,7 +62,7 @@ from collections.abc import Sequence
 import torch
 
 from tandem_kernels import lora_reference, reference
-from tandem_kernels.lora_reference import lora_token_groups
+from tandem_kernels.lora_reference import lora_token_groups, lora_token_tiles
 from tandem_kernels.reference import DecodeBucket, plan_decode_buckets
 
 try:
@@ -95,6 +96,7 @@ __all__ = [
     "lora_reference",
     "lora_shrink",
     "lora_token_groups",
+    "lora_token_tiles",
     "paged_decode_attention",
     "paged_prefill_attention",
     "plan_decode_buckets",
@@ -259,6 +261,7 @@ def lora_apply(
     y_offsets: torch.Tensor,
     scaling: torch.Tensor,
     parts: Sequence[tuple[int, int]],
+    tiles: torch.Tensor | None = None,
 ) -> None:
     """One fused projection's LoRA, in place: lora_shrink over the stacked A, then lora_expand per part.
 
@@ -266,7 +269,9 @@ def lora_apply(
     and scaling ([num_parts, num_slots] each); parts must not overlap. On a GPU this is two launches
     for up to 4 parts (the shrink writes split-K partials, one expand for every part sums them as it
     reads them); a third sums the partials first when re-reading them would cost more (long
-    prefills), with the same bits, and each further 4 parts add an expand launch.
+    prefills), with the same bits, and each further 4 parts add an expand launch. `tiles`
+    (`lora_token_tiles(group_offsets, len(token_indices))`) makes the launches' grids depend only on
+    the metadata's shapes, as a CUDA graph needs; the result is the same.
     """
     args = (
         x,
@@ -283,6 +288,7 @@ def lora_apply(
         y_offsets,
         scaling,
         parts,
+        tiles,
     )
     if uses_triton(out.device):
         _triton_lora_apply(*args)

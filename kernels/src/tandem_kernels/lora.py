@@ -63,14 +63,16 @@ import triton
 import triton.language as tl
 
 from tandem_kernels.lora_reference import (
+    TILE_ROWS,
     check_apply_args,
     check_expand_args,
     check_part_spans,
     check_shrink_args,
+    check_tiles,
     check_values,
 )
 
-_BLOCK_M = 16  # tokens per tile: decode groups are short, and tl.dot needs at least 16
+_BLOCK_M = TILE_ROWS  # tokens per tile: decode groups are short, and tl.dot needs at least 16
 _SHRINK_BLOCK_K = 64
 _SHRINK_K_CHUNK = 512  # hidden_in columns per split-K program (a multiple of _SHRINK_BLOCK_K)
 _EXPAND_BLOCK_N = 64
@@ -104,6 +106,33 @@ def _cdiv(a: int, b: int) -> int:
 def _rank_block(max_rank: int) -> int:
     # tl.dot needs at least 16 along every dimension; 64 keeps a rank-128 tile's registers in check.
     return min(64, max(16, triton.next_power_of_2(max_rank)))
+
+
+@triton.jit
+def _shrink_chunk(
+    acc,
+    x_ptrs,
+    a_ptrs,
+    mask_m,
+    mask_r,
+    k_start,
+    k_end,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """acc + x[rows of mask_m, k_start:k_end] @ A[rows of mask_r, k_start:k_end].T (x_ptrs and
+    a_ptrs point at column 0 of each row and span BLOCK_K columns)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for k in range(k_start, k_end, BLOCK_K):
+        mask_k = k + offs_k < k_end
+        x = tl.load(x_ptrs + k, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        a = tl.load(a_ptrs + k, mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+        if UPCAST:  # x and the pool differ in dtype: multiply in fp32
+            x = x.to(tl.float32)
+            a = a.to(tl.float32)
+        acc = tl.dot(x, tl.trans(a), acc, input_precision=DOT_PRECISION)
+    return acc
 
 
 @triton.jit
@@ -153,14 +182,7 @@ def _lora_shrink_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     k_start = split * K_CHUNK
     k_end = tl.minimum(k_start + K_CHUNK, hidden_in)
-    for k in range(k_start, k_end, BLOCK_K):
-        mask_k = k + offs_k < k_end
-        x = tl.load(x_ptrs + k, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        a = tl.load(a_ptrs + k, mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-        if UPCAST:  # x and the pool differ in dtype: multiply in fp32
-            x = x.to(tl.float32)
-            a = a.to(tl.float32)
-        acc = tl.dot(x, tl.trans(a), acc, input_precision=DOT_PRECISION)
+    acc = _shrink_chunk(acc, x_ptrs, a_ptrs, mask_m, mask_r, k_start, k_end, BLOCK_K, UPCAST, DOT_PRECISION)
 
     y_ptrs = y_ptr + split * y_stride_split + tokens[:, None] * y_stride_t + offs_r[None, :]
     tl.store(y_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
@@ -232,6 +254,83 @@ def _lora_expand_kernel(
 
 
 @triton.jit
+def _part_of_tile(
+    n, col0, width0, col1, width1, tiles1, col2, width2, tiles2, col3, width3, tiles3, NUM_PARTS: tl.constexpr
+):
+    """(part, its first column tile, its first column, its width) of column tile n of a fused
+    expand: axis n runs over the parts' column tiles, part after part (part p's tiles start at
+    tiles_p), so a tile never straddles two parts whatever their widths."""
+    # where, not if: no value changes type across branches.
+    part = n * 0
+    tile0 = n * 0
+    col = col0 + n * 0
+    width = width0 + n * 0
+    if NUM_PARTS > 1:
+        later = n >= tiles1
+        part = tl.where(later, 1, part)
+        tile0 = tl.where(later, tiles1, tile0)
+        col = tl.where(later, col1, col)
+        width = tl.where(later, width1, width)
+    if NUM_PARTS > 2:
+        later = n >= tiles2
+        part = tl.where(later, 2, part)
+        tile0 = tl.where(later, tiles2, tile0)
+        col = tl.where(later, col2, col)
+        width = tl.where(later, width2, width)
+    if NUM_PARTS > 3:
+        later = n >= tiles3
+        part = tl.where(later, 3, part)
+        tile0 = tl.where(later, tiles3, tile0)
+        col = tl.where(later, col3, col)
+        width = tl.where(later, width3, width)
+    return part, tile0, col, width
+
+
+@triton.jit
+def _expand_rows(
+    y_ptr,
+    pool_ptr,
+    tokens,
+    mask_m,
+    offs_n,
+    mask_n,
+    rank,
+    total,
+    b_offset,
+    y_offset,
+    y_stride_split,
+    y_stride_t,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """y[tokens, y_offset:y_offset + rank] @ B[offs_n, :rank].T, unscaled, fp32 [BLOCK_M, BLOCK_N]; y is
+    read only for the rows of mask_m and its columns below `total` (what the shrink wrote)."""
+    offs_r = tl.arange(0, BLOCK_R)
+    y_ptrs = y_ptr + tokens[:, None] * y_stride_t + y_offset + offs_r[None, :]
+    b_ptrs = pool_ptr + b_offset + offs_n[:, None] * rank + offs_r[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for r in range(0, rank, BLOCK_R):
+        mask_r = r + offs_r < rank
+        cols = y_offset + r + offs_r
+        mask_y = mask_m[:, None] & (mask_r & (cols >= 0) & (cols < total))[None, :]
+        # y is the sum of the shrink's split-K partials, taken here in split order (the same order
+        # as _lora_sum_splits_kernel, so both paths give the same bits). A loop: unrolled, the
+        # loads of every split at once measured slower on an H100 (register pressure).
+        y = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        for s in range(0, NUM_SPLITS):
+            y += tl.load(y_ptrs + s * y_stride_split + r, mask=mask_y, other=0.0)
+        b = tl.load(b_ptrs + r, mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+        if UPCAST:  # out and the pool differ in dtype: multiply in fp32
+            b = b.to(tl.float32)
+        acc = tl.dot(y.to(b.dtype), tl.trans(b), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _lora_apply_expand_kernel(
     y_ptr,
     pool_ptr,
@@ -268,40 +367,18 @@ def _lora_apply_expand_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Every part of a fused projection in one launch. Axis 2 runs over the parts' column tiles,
-    part after part (part p's tiles start at tiles_p, its columns at col_p, width_p of them), so a
-    tile never straddles two parts whatever their widths; the last tile of a part is masked."""
+    """Every part of a fused projection in one launch: axis 2 runs over the parts' column tiles
+    (`_part_of_tile`); the last tile of a part is masked."""
     group = tl.program_id(0)
     first = tl.load(group_offsets_ptr + group) + tl.program_id(1) * BLOCK_M
     end = tl.load(group_offsets_ptr + group + 1)
     if first >= end:
         return
     slot = tl.load(group_slots_ptr + group).to(tl.int64)
-
-    # Which part this column tile belongs to (where, not if: no value changes type across branches).
     n = tl.program_id(2)
-    part = n * 0
-    tile0 = n * 0
-    col = col0 + n * 0
-    width = width0 + n * 0
-    if NUM_PARTS > 1:
-        later = n >= tiles1
-        part = tl.where(later, 1, part)
-        tile0 = tl.where(later, tiles1, tile0)
-        col = tl.where(later, col1, col)
-        width = tl.where(later, width1, width)
-    if NUM_PARTS > 2:
-        later = n >= tiles2
-        part = tl.where(later, 2, part)
-        tile0 = tl.where(later, tiles2, tile0)
-        col = tl.where(later, col2, col)
-        width = tl.where(later, width2, width)
-    if NUM_PARTS > 3:
-        later = n >= tiles3
-        part = tl.where(later, 3, part)
-        tile0 = tl.where(later, tiles3, tile0)
-        col = tl.where(later, col3, col)
-        width = tl.where(later, width3, width)
+    part, tile0, col, width = _part_of_tile(
+        n, col0, width0, col1, width1, tiles1, col2, width2, tiles2, col3, width3, tiles3, NUM_PARTS
+    )
 
     meta = part.to(tl.int64) * num_slots + slot
     rank = tl.load(ranks_ptr + meta)
@@ -318,33 +395,194 @@ def _lora_apply_expand_kernel(
     tokens = tl.load(token_indices_ptr + offs_m, mask=mask_m, other=0)  # int64
     offs_n = (n - tile0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < width
-    offs_r = tl.arange(0, BLOCK_R)
-    y_ptrs = y_ptr + tokens[:, None] * y_stride_t + y_offset + offs_r[None, :]
-    b_ptrs = pool_ptr + b_offset + offs_n[:, None] * rank + offs_r[None, :]
 
     # Issued first, so its latency hides behind the loads below.
     out_ptrs = out_ptr + tokens[:, None] * out_stride_t + col + offs_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     current = tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
 
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for r in range(0, rank, BLOCK_R):
-        mask_r = r + offs_r < rank
-        cols = y_offset + r + offs_r
-        mask_y = mask_m[:, None] & (mask_r & (cols >= 0) & (cols < total))[None, :]
-        # y is the sum of the shrink's split-K partials, taken here in split order (the same order
-        # as _lora_sum_splits_kernel, so both paths give the same bits). A loop: unrolled, the
-        # loads of every split at once measured slower on an H100 (register pressure).
-        y = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-        for s in range(0, NUM_SPLITS):
-            y += tl.load(y_ptrs + s * y_stride_split + r, mask=mask_y, other=0.0)
-        b = tl.load(b_ptrs + r, mask=mask_n[:, None] & mask_r[None, :], other=0.0)
-        if UPCAST:  # out and the pool differ in dtype: multiply in fp32
-            b = b.to(tl.float32)
-        acc = tl.dot(y.to(b.dtype), tl.trans(b), acc, input_precision=DOT_PRECISION)
-
+    acc = _expand_rows(
+        y_ptr,
+        pool_ptr,
+        tokens,
+        mask_m,
+        offs_n,
+        mask_n,
+        rank,
+        total,
+        b_offset,
+        y_offset,
+        y_stride_split,
+        y_stride_t,
+        NUM_SPLITS,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_R,
+        UPCAST,
+        DOT_PRECISION,
+    )
     # Parts are disjoint, so each (token, column) belongs to one program: no atomics.
     tl.store(out_ptrs, (current + acc * scale).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# The tiled launch (lora_apply's `tiles`): the grid's token axis is tiles of BLOCK_M consecutive
+# rows of token_indices, whatever groups they belong to, instead of (group, token tile) pairs. Its
+# size then depends only on token_indices' length, not on the metadata's values, so a CUDA graph
+# captured once per batch size serves every mix of adapters. A tile walks the few groups it
+# overlaps (`tiles[t]` = first, end), each with its own weights; rows of other groups are masked out
+# of each group's loads, so their products add exact zeros. A token's result is the one its group
+# alone gives (the same sums, in the same order, as the grouped launch).
+
+
+@triton.jit
+def _lora_shrink_tiles_kernel(
+    x_ptr,
+    pool_ptr,
+    a_offsets_ptr,
+    ranks_ptr,
+    token_indices_ptr,
+    group_offsets_ptr,
+    group_slots_ptr,
+    tiles_ptr,
+    y_ptr,
+    num_rows,
+    hidden_in,
+    max_rank,
+    x_stride_t,
+    y_stride_t,
+    y_stride_split,
+    num_rank_tiles,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    K_CHUNK: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    g_first = tl.load(tiles_ptr + 2 * tile)
+    g_end = tl.load(tiles_ptr + 2 * tile + 1)
+    if g_first >= g_end:
+        return
+    split = tl.program_id(1) // num_rank_tiles
+    r_start = (tl.program_id(1) % num_rank_tiles) * BLOCK_R
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    tokens = tl.load(token_indices_ptr + offs_m, mask=offs_m < num_rows, other=0)  # int64
+    offs_r = r_start + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + tokens[:, None] * x_stride_t + offs_k[None, :]
+    k_start = split * K_CHUNK
+    k_end = tl.minimum(k_start + K_CHUNK, hidden_in)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for g in range(g_first, g_end):
+        slot = tl.load(group_slots_ptr + g).to(tl.int64)
+        rank = tl.minimum(tl.load(ranks_ptr + slot), max_rank)
+        if r_start < rank:  # else y's columns here are past this adapter's rank: never read
+            rows = (offs_m >= tl.load(group_offsets_ptr + g)) & (offs_m < tl.load(group_offsets_ptr + g + 1))
+            a_offset = tl.load(a_offsets_ptr + slot)  # int64
+            a_ptrs = pool_ptr + a_offset + offs_r[:, None] * hidden_in + offs_k[None, :]
+            acc = _shrink_chunk(
+                acc, x_ptrs, a_ptrs, rows, offs_r < rank, k_start, k_end, BLOCK_K, UPCAST, DOT_PRECISION
+            )
+
+    # Every row of the tile's groups, every column of this rank tile (zeros past a row's rank).
+    lo = tl.load(group_offsets_ptr + g_first)
+    hi = tl.load(group_offsets_ptr + g_end)
+    mask = ((offs_m >= lo) & (offs_m < hi))[:, None] & (offs_r < max_rank)[None, :]
+    y_ptrs = y_ptr + split * y_stride_split + tokens[:, None] * y_stride_t + offs_r[None, :]
+    tl.store(y_ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _lora_apply_expand_tiles_kernel(
+    y_ptr,
+    pool_ptr,
+    b_offsets_ptr,
+    y_offsets_ptr,
+    ranks_ptr,
+    scaling_ptr,
+    total_ranks_ptr,
+    token_indices_ptr,
+    group_offsets_ptr,
+    group_slots_ptr,
+    tiles_ptr,
+    out_ptr,
+    num_rows,
+    num_slots,
+    max_rank,
+    y_stride_split,
+    y_stride_t,
+    out_stride_t,
+    col0,
+    width0,
+    col1,
+    width1,
+    tiles1,
+    col2,
+    width2,
+    tiles2,
+    col3,
+    width3,
+    tiles3,
+    NUM_PARTS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    g_first = tl.load(tiles_ptr + 2 * tile)
+    g_end = tl.load(tiles_ptr + 2 * tile + 1)
+    if g_first >= g_end:
+        return
+    n = tl.program_id(1)
+    part, tile0, col, width = _part_of_tile(
+        n, col0, width0, col1, width1, tiles1, col2, width2, tiles2, col3, width3, tiles3, NUM_PARTS
+    )
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    tokens = tl.load(token_indices_ptr + offs_m, mask=offs_m < num_rows, other=0)  # int64
+    offs_n = (n - tile0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < width
+    lo = tl.load(group_offsets_ptr + g_first)
+    hi = tl.load(group_offsets_ptr + g_end)
+    out_ptrs = out_ptr + tokens[:, None] * out_stride_t + col + offs_n[None, :]
+    mask = ((offs_m >= lo) & (offs_m < hi))[:, None] & mask_n[None, :]
+    current = tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for g in range(g_first, g_end):
+        slot = tl.load(group_slots_ptr + g).to(tl.int64)
+        meta = part.to(tl.int64) * num_slots + slot
+        rank = tl.load(ranks_ptr + meta)
+        total = tl.minimum(tl.load(total_ranks_ptr + slot), max_rank)
+        if rank > 0 and total > 0:
+            rows = (offs_m >= tl.load(group_offsets_ptr + g)) & (offs_m < tl.load(group_offsets_ptr + g + 1))
+            product = _expand_rows(
+                y_ptr,
+                pool_ptr,
+                tokens,
+                rows,
+                offs_n,
+                mask_n,
+                rank,
+                total,
+                tl.load(b_offsets_ptr + meta),
+                tl.load(y_offsets_ptr + meta),
+                y_stride_split,
+                y_stride_t,
+                NUM_SPLITS,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_R,
+                UPCAST,
+                DOT_PRECISION,
+            )
+            acc += product * tl.load(scaling_ptr + meta)
+    # Rows of a group without LoRA on this part get current + 0: their values are unchanged.
+    tl.store(out_ptrs, (current + acc).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -570,11 +808,15 @@ def lora_apply(
     y_offsets: torch.Tensor,
     scaling: torch.Tensor,
     parts: Sequence[tuple[int, int]],
+    tiles: torch.Tensor | None = None,
 ) -> None:
     """One fused projection's LoRA in two launches: shrink to split-K partials, one expand for all parts.
 
     The same result as `lora_shrink` then `lora_expand` per part (the package docstring has the
     contract), without zero-filling the partials, the separate sum over splits, or a launch per part.
+    With `tiles` (`lora_token_tiles` of group_offsets) the launches are tiled: their grids depend
+    only on the tensors' shapes, so a CUDA graph can capture the call once and replay it with new
+    metadata values of the same shapes.
     """
     if out.dim() != 2:
         raise ValueError(f"out must be a 2-D float tensor, got {tuple(out.shape)} {out.dtype}")
@@ -616,6 +858,9 @@ def lora_apply(
     )
     num_tokens, hidden_in = x.shape
     groups = (token_indices, group_offsets, group_slots)
+    num_rows = token_indices.shape[0]
+    if tiles is not None:
+        check_tiles(tiles, group_offsets, num_rows)  # the values only on the CPU, like check_values
     if pool.device.type == "cpu":  # free here; on a GPU it would cost a host sync
         check_values(pool, a_offsets, total_ranks, hidden_in, None, max_rank, *groups, "max_rank")
         for p, (_, width) in enumerate(spans):
@@ -631,9 +876,10 @@ def lora_apply(
     # group_offsets[g + 1]]) and only columns c < min(total_ranks[slot of g], max_rank), a mask it
     # applies itself whatever the other metadata says. For exactly those (token, c) and for every
     # split, one shrink program stores its partial: the token-tile axis covers every group's tokens
-    # (it is sized for all of token_indices), the rank tiles cover [0, max_rank) and store every
-    # c < the clamped rank, and each split has a non-empty K range (splits = cdiv(hidden_in, chunk)),
-    # so no program skips its store. Entries of other tokens and columns stay garbage, never read.
+    # (it is sized for all of token_indices; the tiled launch's tiles cover every row), the rank
+    # tiles cover [0, max_rank) and store every c < the clamped rank, and each split has a non-empty
+    # K range (splits = cdiv(hidden_in, chunk)), so no program skips its store. Entries of other
+    # tokens and columns stay garbage, never read.
     splits = _cdiv(hidden_in, _SHRINK_K_CHUNK)
     shape = (splits, num_tokens, max_rank)
     if _PARTIALS_FILL is None:
@@ -644,19 +890,7 @@ def lora_apply(
     rank_tiles = _cdiv(max_rank, block_r)
     token_tiles = _cdiv(num_lora_tokens, _BLOCK_M)
     upcast_x = x.dtype != pool.dtype
-    _lora_shrink_kernel[(num_groups, token_tiles, rank_tiles * splits)](
-        x,
-        pool,
-        a_offsets,
-        total_ranks,
-        *groups,
-        partials,
-        hidden_in,
-        max_rank,
-        x.stride(0),
-        partials.stride(1),
-        partials.stride(0),
-        rank_tiles,
+    shrink_config = dict(
         BLOCK_M=_BLOCK_M,
         BLOCK_R=block_r,
         BLOCK_K=_APPLY_SHRINK_BLOCK_K,
@@ -665,6 +899,15 @@ def lora_apply(
         DOT_PRECISION=_dot_precision(torch.float32 if upcast_x else x.dtype),
         num_warps=_APPLY_NUM_WARPS,
     )
+    shape_args = (hidden_in, max_rank, x.stride(0), partials.stride(1), partials.stride(0), rank_tiles)
+    if tiles is None:
+        _lora_shrink_kernel[(num_groups, token_tiles, rank_tiles * splits)](
+            x, pool, a_offsets, total_ranks, *groups, partials, *shape_args, **shrink_config
+        )
+    else:
+        _lora_shrink_tiles_kernel[(tiles.shape[0], rank_tiles * splits)](
+            x, pool, a_offsets, total_ranks, *groups, tiles, partials, num_rows, *shape_args, **shrink_config
+        )
 
     y, y_splits = partials, splits
     total_tiles = sum(launch[3] for launch in launches)
@@ -678,26 +921,19 @@ def lora_apply(
 
     upcast_out = out.dtype != pool.dtype
     num_slots = total_ranks.shape[0]
-    for first, count, scalars, tiles in launches:
-        if tiles == 0:
+    for first, count, scalars, column_tiles in launches:
+        if column_tiles == 0:
             continue
-        _lora_apply_expand_kernel[(num_groups, token_tiles, tiles)](
-            y,
-            pool,
-            # Rows [first, first + count) of the [num_parts, num_slots] tables (contiguous).
+        # Rows [first, first + count) of the [num_parts, num_slots] tables (contiguous).
+        tables = (
             b_offsets[first:] if first else b_offsets,
             y_offsets[first:] if first else y_offsets,
             ranks[first:] if first else ranks,
             scaling[first:] if first else scaling,
             total_ranks,
-            *groups,
-            out,
-            num_slots,
-            max_rank,
-            y.stride(0),
-            y.stride(1),
-            out.stride(0),
-            *scalars,
+        )
+        strides = (y.stride(0), y.stride(1), out.stride(0))
+        config = dict(
             NUM_PARTS=count,
             NUM_SPLITS=y_splits,
             BLOCK_M=_BLOCK_M,
@@ -708,3 +944,22 @@ def lora_apply(
             num_warps=_APPLY_NUM_WARPS,
             num_stages=_APPLY_EXPAND_NUM_STAGES,
         )
+        if tiles is None:
+            _lora_apply_expand_kernel[(num_groups, token_tiles, column_tiles)](
+                y, pool, *tables, *groups, out, num_slots, max_rank, *strides, *scalars, **config
+            )
+        else:
+            _lora_apply_expand_tiles_kernel[(tiles.shape[0], column_tiles)](
+                y,
+                pool,
+                *tables,
+                *groups,
+                tiles,
+                out,
+                num_rows,
+                num_slots,
+                max_rank,
+                *strides,
+                *scalars,
+                **config,
+            )

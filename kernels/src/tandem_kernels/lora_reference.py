@@ -14,6 +14,7 @@ on CPU, a sync on GPU), which is also where the data-dependent checks happen.
 
 from __future__ import annotations
 
+import bisect
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, List, Tuple  # noqa: UP035 - TorchScript reads the annotations: typing's names
@@ -55,6 +56,54 @@ def lora_token_groups(
         torch.tensor(offsets, dtype=torch.int32, device=device),
         torch.tensor(slots, dtype=torch.int32, device=device),
     )
+
+
+# Rows of token_indices per tile in the tiled launch (lora.py's token tile: tl.dot needs >= 16).
+TILE_ROWS = 16
+
+
+def tile_bounds(bounds: Sequence[int], num_rows: int) -> list[tuple[int, int]]:
+    """Per tile of TILE_ROWS rows of token_indices ([num_rows] of them), the groups with tokens in it,
+    as (first, end): groups first..end-1, given the cumulative group offsets `bounds`. A tile with
+    no grouped token has first == end. Host values in, host values out (the engine fills a static
+    buffer with them every step)."""
+    num_groups = len(bounds) - 1
+    total = bounds[-1]
+    tiles = []
+    for lo in range(0, num_rows, TILE_ROWS):
+        hi = min(lo + TILE_ROWS, total)
+        if lo >= hi:
+            tiles.append((num_groups, num_groups))
+            continue
+        # First group ending past lo; end: the groups starting before hi (empty ones after the last
+        # token, such as a CUDA graph's padding groups, start at total and are left out).
+        tiles.append((bisect.bisect_right(bounds, lo, 1) - 1, bisect.bisect_left(bounds, hi, 0, num_groups)))
+    return tiles
+
+
+def lora_token_tiles(
+    group_offsets: torch.Tensor | Sequence[int], num_rows: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """The `tiles` argument of `lora_apply`: [cdiv(num_rows, TILE_ROWS), 2] int32 (`tile_bounds`)."""
+    bounds = group_offsets.tolist() if isinstance(group_offsets, torch.Tensor) else list(group_offsets)
+    tiles = tile_bounds(bounds, num_rows)
+    return torch.tensor(tiles, dtype=torch.int32, device=device).reshape(len(tiles), 2)
+
+
+def check_tiles(tiles: torch.Tensor, group_offsets: torch.Tensor, num_rows: int) -> None:
+    """ValueError unless `tiles` has lora_token_tiles' shape and dtype; on the CPU (where reading the
+    values costs no sync) also unless it holds lora_token_tiles(group_offsets, num_rows)."""
+    shape = (-(-num_rows // TILE_ROWS), 2)
+    if tuple(tiles.shape) != shape or tiles.dtype != torch.int32:
+        raise ValueError(f"tiles must be {shape} int32, got {tuple(tiles.shape)} {tiles.dtype}")
+    if tiles.device != group_offsets.device:
+        raise ValueError(f"tiles is on {tiles.device} but group_offsets on {group_offsets.device}")
+    if not tiles.is_contiguous():
+        raise ValueError("tiles must be contiguous")
+    if tiles.device.type == "cpu":
+        expected = tile_bounds(group_offsets.tolist(), num_rows)
+        if [tuple(t) for t in tiles.tolist()] != expected:
+            raise ValueError("tiles do not match the groups: build them with lora_token_tiles")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,11 +498,13 @@ def lora_apply(
     y_offsets: torch.Tensor,
     scaling: torch.Tensor,
     parts: Sequence[tuple[int, int]],
+    tiles: torch.Tensor | None = None,
 ) -> None:
     """One fused projection's LoRA, in place: `lora_shrink` over the stacked A, then `lora_expand` per part.
 
     Part p adds into out[:, parts[p][0]:][:, :parts[p][1]] with b_offsets[p], ranks[p],
-    y_offsets[p] and scaling[p] (rows of the [num_parts, num_slots] tables).
+    y_offsets[p] and scaling[p] (rows of the [num_parts, num_slots] tables). `tiles`
+    (`lora_token_tiles`) only selects the Triton launch's layout; here it is checked and unused.
     """
     spans = check_part_spans(parts, out.shape[1] if out.dim() == 2 else 0)
     check_apply_args(
@@ -472,6 +523,8 @@ def lora_apply(
         scaling,
         len(spans),
     )
+    if tiles is not None:
+        check_tiles(tiles, group_offsets, token_indices.shape[0])
     groups = (token_indices, group_offsets, group_slots)
     y = lora_shrink(x, pool, a_offsets, total_ranks, *groups, max_rank)
     for p, (col, width) in enumerate(spans):
