@@ -118,3 +118,46 @@ def test_apply_matches_naive_on_both_paths(manager, backend, monkeypatch):
             for t, name in enumerate(token_names):
                 if name is None:
                     assert torch.equal(out[t].double(), expected[t])
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_decode_graphs_lora_batch_matches_naive(manager, backend, monkeypatch):
+    """The LoRA work of a CUDA-graph decode step: the token groups filled into static buffers padded
+    to the graph's batch size, the tiled launch, each projection's shrink sized for the graph's
+    largest rank; then the same buffers refilled for another mix of adapters, as a replay reads them."""
+    from tandem_worker.engine.cuda_graphs import DecodeGraphs
+
+    mgr, adapters, slots = manager
+    if backend == "triton" and not tandem_kernels.triton_available():
+        pytest.skip("triton is not installed")
+    monkeypatch.setenv("TANDEM_KERNELS", backend)
+    graphs = DecodeGraphs(None, mgr.kv_cache, max_batch=40, max_blocks_per_seq=4)
+    graphs.use_lora(mgr, max_rank=16)
+    bs = 40  # three tiles of 16 rows; 18 and 20 rows used below leave the last tiles partly empty
+    batch = graphs._lora_batch(bs)
+    assert batch.tiles is not None and batch.max_rank["qkv"] == 48
+    shapes = mgr.shapes
+    gen = torch.Generator().manual_seed(2)
+    mixes = [
+        # Adapters interleaved, rows of no adapter between them: tiles span several groups.
+        ([None, "all-r8", "qv-r4", None, "mixed", "all-r8", "mixed", "qv-r4"] * 2 + ["mixed", None]),
+        (["qv-r4"] * 17 + [None, "all-r8", None]),
+    ]
+    for names in mixes:
+        graphs._fill_lora([None if n is None else slots[n] for n in names], bs)
+        for layer in range(LAYERS):
+            for kind, parts in KINDS.items():
+                fan_in = shapes[parts[0]][0]
+                width = sum(shapes[m][1] for m in parts)
+                # The graph's rows: the step's, then padding rows up to bs (no adapter).
+                x = torch.randn(bs, fan_in, generator=gen)
+                out = torch.randn(bs, width, generator=gen)
+                expected = out.double()
+                for t, name in enumerate(names):
+                    if name is not None:
+                        expected[t] += naive(adapters[name], layer, kind, x[t : t + 1], shapes)[0]
+                batch.apply(layer, kind, x, out)
+                err = float((out.double() - expected).abs().max() / expected.abs().max())
+                assert err < 1e-5, (names, layer, kind, err)
+                no_adapter = [t for t in range(bs) if t >= len(names) or names[t] is None]
+                assert torch.equal(out[no_adapter].double(), expected[no_adapter])

@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=256,
         help="CUDA: replay captured graphs for decode batches up to this size (0: always eager)",
     )
+    w.add_argument(
+        "--cuda-graph-max-lora-rank",
+        type=int,
+        default=64,
+        help="CUDA: decode batches with adapters of at most this rank replay graphs too (0: eager)",
+    )
     w.add_argument("--max-num-batched-tokens", type=int, default=2048)
     w.add_argument("--lora-store", default=None, help="folder of PEFT LoRA adapters, one sub-folder each")
     w.add_argument(
@@ -324,6 +330,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         kv_cache_bytes=args.kv_cache_bytes,
         dtype=args.dtype,
         cuda_graph_max_batch=args.cuda_graph_max_batch,
+        cuda_graph_max_lora_rank=args.cuda_graph_max_lora_rank,
         max_num_batched_tokens=args.max_num_batched_tokens,
         lora_store=args.lora_store,
         lora_host_cache_bytes=args.lora_host_cache_bytes,

@@ -122,6 +122,9 @@ class EngineConfig:
     # CUDA: decode-only steps of up to this many sequences replay captured CUDA graphs (one per
     # captured batch size, padded up to the next); 0 runs every step eagerly.
     cuda_graph_max_batch: int = 256
+    # Decode steps with adapters replay graphs too (captured at a batch size's first such step)
+    # when every adapter's rank is at most this; larger ones, or 0, run those steps eagerly.
+    cuda_graph_max_lora_rank: int = 64
     # LoRA: the adapter store (a folder of PEFT adapters, one sub-folder per name), the host-memory
     # cache above it, and how long a request may wait for its adapter to load. Device memory for
     # adapters comes out of the KV cache budget (unified paging).
@@ -147,6 +150,8 @@ class EngineConfig:
             raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {self.load_format!r}")
         if self.cuda_graph_max_batch < 0:
             raise ValueError("cuda_graph_max_batch must be >= 0 (0 disables CUDA graphs)")
+        if self.cuda_graph_max_lora_rank < 0:
+            raise ValueError("cuda_graph_max_lora_rank must be >= 0 (0: LoRA decode steps run eagerly)")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be at least 1")
         if self.max_num_seqs > self.max_num_batched_tokens:

@@ -7,8 +7,16 @@ captured size; padding rows write no KV (slot -1, which `store_kvcache` skips), 
 position of whatever block their stale table row names, and their logits are dropped.
 
 Everything a replay reads lives in static buffers sized for the largest batch; `run` copies the
-step's inputs into them. Steps with prefill chunks, LoRA adapters or a KV layer hook (the prefill
-worker streaming KV) run eagerly: their shapes vary too much to capture.
+step's inputs into them. Steps with prefill chunks or a KV layer hook (the prefill worker
+streaming KV) run eagerly: their shapes vary too much to capture.
+
+Decode steps with LoRA adapters replay graphs of their own (`use_lora`), captured the first time a
+batch size needs one. Their LoRA kernels use the tiled launch (`tandem_kernels.lora_token_tiles`),
+whose grid depends only on the batch size, so one graph serves any mix of adapters: the step's
+token groups go into static buffers like the other inputs, the adapters' offset tables are updated
+in place (`LoRATables.on_device`), and their ranks are bounded by the graph's (`max_lora_rank`;
+batches with a larger adapter run eagerly). A capacity change of the tables reallocates them, and
+the LoRA graphs are captured again.
 """
 
 from __future__ import annotations
@@ -16,10 +24,17 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
+from tandem_kernels.lora_reference import TILE_ROWS, tile_bounds
+
 from .model import AttentionMetadata, LlamaModel
+
+if TYPE_CHECKING:
+    from .lora import LoRAManager
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +75,30 @@ class DecodeGraphs:
         self._host_tables_np = self._host_tables.numpy()
         self._graphs: dict[int, torch.cuda.CUDAGraph | _Rerun] = {}
         self._outputs: dict[int, torch.Tensor] = {}
+        self._pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+        self.lora: LoRAManager | None = None
+        self.max_lora_rank = 0
+        self._lora_graphs: dict[int, torch.cuda.CUDAGraph | _Rerun] = {}
+        self._lora_outputs: dict[int, torch.Tensor] = {}
+        self._lora_version = -1
 
-    def _args(self, bs: int) -> tuple:
+    def use_lora(self, manager: LoRAManager, max_rank: int) -> None:
+        """Replay decode steps with adapters of rank <= max_rank too (0: run them eagerly)."""
+        self.lora, self.max_lora_rank = manager, max_rank
+        device, n = self.kv_cache.device, self.max_batch
+        # The step's token groups (lora_token_groups' layout), padded to the batch size: one group
+        # per row at most, the unused ones empty at the end; and the tiles over them.
+        self.lora_token_indices = torch.zeros(n, dtype=torch.int64, device=device)
+        self.lora_group_offsets = torch.zeros(n + 1, dtype=torch.int32, device=device)
+        self.lora_group_slots = torch.zeros(n, dtype=torch.int32, device=device)
+        self.lora_tiles = torch.zeros(-(-n // TILE_ROWS), 2, dtype=torch.int32, device=device)
+        pin = device.type == "cuda"
+        # One pinned host buffer for all four: [indices | offsets | slots | tiles], as int64.
+        self._lora_host = torch.zeros(
+            3 * n + 1 + 2 * self.lora_tiles.shape[0], dtype=torch.int64, pin_memory=pin
+        )
+
+    def _args(self, bs: int, lora: bool = False) -> tuple:
         meta = AttentionMetadata(
             num_decode_tokens=bs,
             slot_mapping=self.slot_mapping[:bs],
@@ -71,42 +108,72 @@ class DecodeGraphs:
             prefill_cu_seqlens_q=None,
             prefill_context_lens=None,
         )
+        if lora:
+            meta.lora = self._lora_batch(bs)
         return (self.input_ids[:bs], self.positions[:bs], self.kv_cache, meta, self.logit_indices[:bs])
 
-    def capture(self) -> None:
-        t0 = time.perf_counter()
+    def _lora_batch(self, bs: int):  # -> LoRABatch (imported here: lora.py imports much of the engine)
+        from .lora import KINDS, LoRABatch
+
+        groups = (self.lora_token_indices[:bs], self.lora_group_offsets[: bs + 1], self.lora_group_slots[:bs])
+        # Each projection's shrink is sized for the largest adapter the graph serves.
+        max_rank = {kind: self.max_lora_rank * len(parts) for kind, parts in KINDS.items()}
+        manager = self.lora
+        tables = manager.tables.on_device()
+        tiles = self.lora_tiles[: -(-bs // TILE_ROWS)]
+        return LoRABatch(manager.pool, tables, groups, max_rank, manager.shapes, tiles=tiles)
+
+    def _capture(self, bs: int, lora: bool) -> tuple[torch.cuda.CUDAGraph | _Rerun, torch.Tensor]:
+        args = self._args(bs, lora)
         if self.kv_cache.device.type != "cuda":
             # No CUDA graphs off CUDA: a stand-in re-runs the same call on the same static buffers,
             # so the tests exercise padding, buffers and slot -1 on any machine.
-            for bs in self.sizes:
-                rerun = _Rerun(self.model, self._args(bs))
-                self._graphs[bs], self._outputs[bs] = rerun, rerun.out
-            return
-        pool = torch.cuda.graph_pool_handle()
+            rerun = _Rerun(self.model, args)
+            return rerun, rerun.out
+        # Warm up on a side stream (as capture requires): compiles the Triton kernels and lets
+        # the allocator settle before anything is recorded.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.model(*args)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: a LoRA graph is captured while serving, when other threads (KV transfers)
+        # may be calling into CUDA; their calls are not part of this capture.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            out = self.model(*args)
+        return graph, out
+
+    def capture(self) -> None:
+        t0 = time.perf_counter()
         # Largest first: the smaller graphs then fit in the memory the largest left in the pool.
         for bs in sorted(self.sizes, reverse=True):
-            args = self._args(bs)
-            # Warm up on a side stream (as capture requires): compiles the Triton kernels and lets
-            # the allocator settle before anything is recorded.
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self.model(*args)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = self.model(*args)
-            self._graphs[bs] = graph
-            self._outputs[bs] = out
-        torch.cuda.synchronize()
-        log.info(
-            "captured decode CUDA graphs for batch sizes %s in %.1f s",
-            ",".join(map(str, self.sizes)),
-            time.perf_counter() - t0,
-        )
+            self._graphs[bs], self._outputs[bs] = self._capture(bs, lora=False)
+        if self.kv_cache.device.type == "cuda":
+            torch.cuda.synchronize()
+            log.info(
+                "captured decode CUDA graphs for batch sizes %s in %.1f s",
+                ",".join(map(str, self.sizes)),
+                time.perf_counter() - t0,
+            )
 
     def fits(self, num_seqs: int, max_blocks: int) -> bool:
         return 0 < num_seqs <= self.max_batch and max_blocks <= self.block_tables.shape[1]
+
+    def lora_fits(self, lora_slots: list[int | None]) -> bool:
+        """Whether a LoRA graph can run these adapters: each projection's stacked rank (q, k and v
+        together) within the graph's, which sized the shrink's output."""
+        from .lora import KINDS
+
+        if self.lora is None or self.max_lora_rank <= 0:
+            return False
+        totals = self.lora.tables.max_total_rank
+        return all(
+            totals[kind][slot] <= self.max_lora_rank * len(parts)
+            for slot in set(lora_slots)
+            if slot is not None
+            for kind, parts in KINDS.items()
+        )
 
     def run(
         self,
@@ -114,8 +181,11 @@ class DecodeGraphs:
         positions: list[int],
         slots: list[int],
         tables: list[list[int]],
+        lora_slots: list[int | None] | None = None,
     ) -> torch.Tensor:
-        """One decode step: logits [len(input_ids), vocab] (a view into the graph's output)."""
+        """One decode step: logits [len(input_ids), vocab] (a view into the graph's output).
+
+        lora_slots: each row's adapter slot (None: the base model); `lora_fits` must hold."""
         n = len(input_ids)
         bs = self.sizes[bisect.bisect_left(self.sizes, n)]
         # numpy views of the pinned buffers: filling them from lists costs microseconds per step
@@ -139,8 +209,54 @@ class DecodeGraphs:
         self.slot_mapping[:bs].copy_(host[2, :bs])
         self.context_lens[:bs].copy_(host[3, :bs])
         self.block_tables[:n, :width].copy_(self._host_tables[:n, :width])
-        self._graphs[bs].replay()
-        return self._outputs[bs][:n]
+        if lora_slots is None or all(s is None for s in lora_slots):
+            self._graphs[bs].replay()
+            return self._outputs[bs][:n]
+        self._fill_lora(lora_slots, bs)
+        self.lora.tables.on_device()  # adapters loaded or evicted since the last step: in place
+        if self._lora_version != self.lora.tables.version:
+            self._lora_graphs.clear()
+            self._lora_outputs.clear()
+            self._lora_version = self.lora.tables.version
+        if bs not in self._lora_graphs:
+            # Captured now, on this step's inputs (already in the buffers, so the capture's warm-up
+            # writes the very KV the replay writes, never another sequence's).
+            t0 = time.perf_counter()
+            self._lora_graphs[bs], self._lora_outputs[bs] = self._capture(bs, lora=True)
+            log.info(
+                "captured a LoRA decode CUDA graph for batch size %d in %.2f s", bs, time.perf_counter() - t0
+            )
+        self._lora_graphs[bs].replay()
+        return self._lora_outputs[bs][:n]
+
+    def _fill_lora(self, lora_slots: list[int | None], bs: int) -> None:
+        """The step's token groups into the static LoRA buffers, padded to the batch size."""
+        rows = sorted((i for i, s in enumerate(lora_slots) if s is not None), key=lambda i: lora_slots[i])
+        group_slots: list[int] = []
+        bounds = [0]
+        for k, i in enumerate(rows):
+            if not group_slots or lora_slots[i] != group_slots[-1]:
+                if group_slots:
+                    bounds.append(k)
+                group_slots.append(lora_slots[i])
+        bounds.append(len(rows))
+        num_groups = len(group_slots)
+        bounds += [len(rows)] * (bs - num_groups)  # empty groups to the graph's bs
+        tiles = tile_bounds(bounds, bs)
+        host = self._lora_host.numpy()
+        n = self.max_batch
+        host[:bs] = 0
+        host[: len(rows)] = rows
+        host[n : n + bs + 1] = bounds
+        host[2 * n + 1 : 2 * n + 1 + bs] = 0
+        host[2 * n + 1 : 2 * n + 1 + num_groups] = group_slots
+        at = 3 * n + 1
+        host[at : at + 2 * len(tiles)] = np.asarray(tiles, dtype=np.int64).reshape(-1)
+        buf = self._lora_host
+        self.lora_token_indices[:bs].copy_(buf[:bs])
+        self.lora_group_offsets[: bs + 1].copy_(buf[n : n + bs + 1])
+        self.lora_group_slots[:bs].copy_(buf[2 * n + 1 : 2 * n + 1 + bs])
+        self.lora_tiles[: len(tiles)].copy_(buf[at : at + 2 * len(tiles)].view(len(tiles), 2))
 
 
 class _Rerun:

@@ -88,6 +88,8 @@ class LLMEngine:
             config.lora_load_timeout_s,
         )
         self.runner.lora = self.lora
+        if self.runner.graphs is not None and config.cuda_graph_max_lora_rank > 0:
+            self.runner.graphs.use_lora(self.lora, config.cuda_graph_max_lora_rank)
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_batched_tokens, config.max_num_seqs, self.lora
         )

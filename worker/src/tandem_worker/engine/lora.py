@@ -256,6 +256,9 @@ class LoRATables:
 
     def __init__(self, num_layers: int, device: torch.device, capacity: int = 8) -> None:
         self.num_layers, self.device, self.capacity = num_layers, device, capacity
+        # Bumped when the device tables are reallocated (a capacity change): a CUDA graph that
+        # captured the old ones must be captured again. Changes of values are copied in place.
+        self.version = 0
         self._alloc()
 
     def _alloc(self) -> None:
@@ -272,11 +275,13 @@ class LoRATables:
         self.scaling = {m: torch.zeros(S, dtype=torch.float32) for m in MODULE_KIND}
         self.max_total_rank = {k: [0] * S for k in KINDS}  # host copy: per slot, max over layers
         self._dev: dict | None = None
+        self._stale = True
 
     def grow(self, capacity: int) -> None:
         old = (self.a_offsets, self.total_ranks, self.b_offsets, self.ranks, self.y_offsets, self.scaling)
         old_max, old_cap = self.max_total_rank, self.capacity
         self.capacity = capacity
+        self.version += 1
         self._alloc()
         new = (self.a_offsets, self.total_ranks, self.b_offsets, self.ranks, self.y_offsets, self.scaling)
         for o, n in zip(old, new):
@@ -304,27 +309,43 @@ class LoRATables:
                     self.b_offsets[m][layer, slot] = b_off
                     self.ranks[m][layer, slot] = r
                     self.y_offsets[m][layer, slot] = y_off
-        self._dev = None
+        self._stale = True
 
     def on_device(self) -> dict:
         """The tables as device tensors, copied once per change, indexed [layer] -> [slots].
 
         "fused" holds, per kind and layer, the arguments `tandem_kernels.lora_apply` takes for that
-        projection (`fused_args`), so a call indexes nothing.
+        projection (`fused_args`), so a call indexes nothing. The tensors stay the same until the
+        capacity changes (`version`): a change of values is copied into them, so a CUDA graph
+        that read them keeps reading the current values.
         """
+        if not self._stale:
+            return self._dev
+        to = lambda d: {k: v.to(self.device) for k, v in d.items()}  # noqa: E731
+        dev = {
+            "a_offsets": to(self.a_offsets),
+            "total_ranks": to(self.total_ranks),
+            "b_offsets": to(self.b_offsets),
+            "ranks": to(self.ranks),
+            "y_offsets": to(self.y_offsets),
+            "scaling": to(self.scaling),
+        }
+        dev["fused"] = fused_args(dev)
         if self._dev is None:
-            to = lambda d: {k: v.to(self.device) for k, v in d.items()}  # noqa: E731
-            dev = {
-                "a_offsets": to(self.a_offsets),
-                "total_ranks": to(self.total_ranks),
-                "b_offsets": to(self.b_offsets),
-                "ranks": to(self.ranks),
-                "y_offsets": to(self.y_offsets),
-                "scaling": to(self.scaling),
-            }
-            dev["fused"] = fused_args(dev)
             self._dev = dev
+        else:
+            for old, new in zip(_tensors(self._dev), _tensors(dev)):
+                old.copy_(new)
+        self._stale = False
         return self._dev
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    """The tensors of nested dicts, lists and tuples, in a fixed order."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    items = tree.values() if isinstance(tree, dict) else tree
+    return [t for item in items for t in _tensors(item)]
 
 
 def fused_args(tables: dict) -> dict[str, list[tuple[torch.Tensor, ...]]]:
@@ -366,9 +387,11 @@ class LoRABatch:
         max_rank: dict[str, int],
         shapes: dict[str, tuple[int, int]],
         host_groups: lora_reference.HostGroups | None = None,
+        tiles: torch.Tensor | None = None,
     ) -> None:
         self.pool, self.t, self.groups, self.max_rank = pool, tables, groups, max_rank
         self.host_groups = host_groups
+        self.tiles = tiles  # the tiled launch (a CUDA graph's): `lora_token_tiles` of the groups
         self._work: dict[str, list[list]] = {}  # CPU path: kind -> per layer, per group
         self._native: dict[str, lora_reference.NativeTables] = {}  # CPU decode steps: kind -> tables
         self.part_cols: dict[str, list[tuple[str, int, int]]] = {}
@@ -417,6 +440,7 @@ class LoRABatch:
             y_offsets,
             scaling,
             self.part_spans[kind],
+            self.tiles,
         )
 
     def _step_columns(self, kind: str) -> tuple[torch.Tensor, torch.Tensor, list[tuple]]:

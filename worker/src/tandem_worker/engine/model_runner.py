@@ -239,14 +239,18 @@ class ModelRunner:
         return logits, sampled_chunks
 
     def _run_graph(self, out: SchedulerOutput) -> torch.Tensor | None:
-        """Logits of a decode-only step, adapter-free, replayed from a CUDA graph; None if the
-        step does not qualify (it then runs eagerly)."""
+        """Logits of a decode-only step replayed from a CUDA graph; None if the step does not
+        qualify (it then runs eagerly): a prefill chunk, too many sequences or blocks, or an
+        adapter of a larger rank than the LoRA graphs serve."""
         chunks = out.chunks
         graphs = self.graphs
         if not chunks or any(c.num_tokens != 1 or not c.completes for c in chunks):
             return None
+        lora_slots = None
         if self.lora is not None and any(c.seq.lora_slot is not None for c in chunks):
-            return None
+            lora_slots = [c.seq.lora_slot for c in chunks]
+            if not graphs.lora_fits(lora_slots):
+                return None
         tables = [c.seq.block_table for c in chunks]
         if not graphs.fits(len(chunks), max(len(t) for t in tables)):
             return None
@@ -257,4 +261,4 @@ class ModelRunner:
             ids.append(c.seq.tokens(p, p + 1)[0])
             pos.append(p)
             slots += cache_slots(c.seq.block_table, p, p + 1, bs)
-        return graphs.run(ids, pos, slots, tables)
+        return graphs.run(ids, pos, slots, tables, lora_slots)

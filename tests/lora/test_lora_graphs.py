@@ -1,0 +1,112 @@
+"""LoRA decode steps replayed from CUDA graphs: outputs equal PEFT's, adapters changing under the graph.
+
+Off CUDA, `DecodeGraphs` replays a stand-in that re-runs the captured call on the same static
+buffers (tests/engine/test_decode_graphs.py), so what is checked here is everything but the capture
+itself: the step's token groups filled into the static LoRA buffers, the tiled launch's metadata,
+adapters loaded, evicted and moved after a graph was captured (the offset tables are updated in
+place), the recapture after the tables grow, and the eager fallback for a rank above the graph's.
+The kernels under the graph are the torch references here; the Triton kernels of the same layout
+are checked in tests/lora/test_lora_batch.py and tests/kernels/test_lora_kernels.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tandem_worker.engine.cuda_graphs import DecodeGraphs
+from tandem_worker.engine.llm_engine import LLMEngine
+from tests.engine.conftest import run_all
+from tests.engine.test_engine_vs_hf import assert_matches
+from tests.lora.conftest import GREEDY
+
+MAX_BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def graph_engine(model_dir: Path, adapter_store: Path) -> LLMEngine:
+    engine = LLMEngine(model=str(model_dir), kv_cache_bytes=400 * 2**20, lora_store=str(adapter_store))
+    runner = engine.runner
+    max_blocks = -(-engine.max_model_len // runner.block_size)
+    runner.graphs = DecodeGraphs(runner.model, runner.kv_cache, MAX_BATCH, max_blocks)
+    runner.graphs.capture()
+    runner.graphs.use_lora(engine.lora, 32)
+    return engine
+
+
+@pytest.fixture
+def replays(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bool]]:
+    """(rows, with adapters) of every decode step replayed from a graph."""
+    calls: list[tuple[int, bool]] = []
+    original = DecodeGraphs.run
+
+    def spy(self, input_ids, positions, slots, tables, lora_slots=None):
+        calls.append((len(input_ids), lora_slots is not None))
+        return original(self, input_ids, positions, slots, tables, lora_slots)
+
+    monkeypatch.setattr(DecodeGraphs, "run", spy)
+    return calls
+
+
+def generate(engine: LLMEngine, requests: list[tuple[str | None, int]], prompt_ids) -> dict:
+    ids = {
+        engine.add_request(prompt_token_ids=prompt_ids[i], params=GREEDY, adapter=name): (name, i)
+        for name, i in requests
+    }
+    final = run_all(engine)
+    return {key: final[rid] for rid, key in ids.items()}
+
+
+def check(results: dict, peft_references) -> None:
+    notes: list[str] = []
+    for (name, i), out in results.items():
+        assert out.error is None
+        assert_matches(f"{name}/prompt{i}", out.token_ids, peft_references[(name, i)], notes)
+
+
+def test_decode_steps_mixing_adapters_replay_graphs_and_match_peft(
+    graph_engine, prompt_ids, peft_references, replays
+):
+    # Ranks 4 to 32 (stacked q, k, v up to 48, within the graph's 3 x 32) and the base model: batches
+    # of up to 7 rows (the adapters load while earlier requests run), padded to captured sizes.
+    requests = [(None, 0), ("qv-r4", 1), ("all-r16", 2), ("mlp-r32", 0), ("all-r16", 1), ("attn-r8", 2)]
+    requests.append(("pattern-r16", 0))
+    check(generate(graph_engine, requests, prompt_ids), peft_references)
+    assert any(lora for _, lora in replays), "no decode step replayed a LoRA graph"
+    assert {rows for rows, lora in replays if lora} & {3, 5, 6, 7}, "no LoRA step had padding rows"
+
+
+def test_a_graph_reads_adapters_loaded_after_its_capture(graph_engine, prompt_ids, peft_references, replays):
+    # The graph for 8 rows was captured above. Unloading those adapters frees their slots and blocks;
+    # new adapters take them with other offsets and ranks, which the graph must read, not the old ones.
+    lora = graph_engine.lora
+    for name in ("qv-r4", "all-r16", "mlp-r32", "attn-r8", "pattern-r16"):
+        lora.unload(name)
+    version = lora.tables.version
+    requests = [("all-r4", 0), ("k-up-rslora-r8", 1), ("all-r4", 2), (None, 1), ("attn-r8", 0)]
+    requests += [("qv-r4", 2), ("mlp-r32", 1)]
+    check(generate(graph_engine, requests, prompt_ids), peft_references)
+    assert lora.tables.version == version, "the tables grew: this test would not test in-place updates"
+    assert any(lora for _, lora in replays)
+
+
+def test_graphs_are_captured_again_when_the_tables_grow(graph_engine, prompt_ids, peft_references, replays):
+    lora = graph_engine.lora
+    graphs = graph_engine.runner.graphs
+    old = dict(graphs._lora_graphs)
+    assert old, "no LoRA graph was captured before"
+    lora.tables.grow(2 * lora.tables.capacity)  # new device tables: the old graphs read freed memory
+    requests = [("all-r16", 0), ("qv-r4", 1), (None, 2), ("mlp-r32", 2)]
+    check(generate(graph_engine, requests, prompt_ids), peft_references)
+    assert graphs._lora_version == lora.tables.version
+    assert graphs._lora_graphs and all(g is not old.get(bs) for bs, g in graphs._lora_graphs.items())
+
+
+def test_an_adapter_of_a_larger_rank_runs_eagerly(graph_engine, prompt_ids, peft_references, replays):
+    # qv-r128 stacks q, k and v to rank 256, past the graph's 3 x 32: its steps run eagerly, the
+    # others' still replay graphs.
+    check(generate(graph_engine, [("qv-r128", 0), ("all-r16", 1)], prompt_ids), peft_references)
+    assert not replays
+    check(generate(graph_engine, [("all-r16", 0), ("qv-r4", 1)], prompt_ids), peft_references)
+    assert replays and all(lora for _, lora in replays)
