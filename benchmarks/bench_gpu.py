@@ -10,6 +10,9 @@ Sections (each runs on its own; a failure is recorded and the next one goes on):
              the same weights: 30 prompts x 32 tokens; each difference checked for a near-tie.
              The model is trained on the spot (memorizing random documents) so that its outputs
              are as decisive as a trained model's; `greedy_random` repeats it on random weights
+  lora_decode  decode steps of 64 requests on 1 or 8 rank-16 adapters, replayed from the LoRA CUDA
+             graphs against the same steps run eagerly and against no adapter (8 layers of the
+             Llama-3-8B shape)
   llama8b    a Llama-3-8B-shaped model with random weights built on the device: prefill tokens/s
              and MFU for a 2K prompt, decode tokens/s at batch 1/16/64/256, each against
              `transformers` on the same weights
@@ -315,21 +318,20 @@ def _lora_case(hin: int, parts: list[int], num_adapters: int, rank: int = 16, ba
     s_table = scaling.expand(n_parts, -1).contiguous()
     spans = tuple((c, width) for _, _, c, width in expands)
 
+    tables = (b_table, r_table, y_table, s_table, spans)
+
     def fused() -> None:
-        lora_apply(
-            x,
-            pool,
-            a_off,
-            ranks_shrink,
-            *groups,
-            n_parts * rank,
-            o,
-            b_table,
-            r_table,
-            y_table,
-            s_table,
-            spans,
-        )
+        lora_apply(x, pool, a_off, ranks_shrink, *groups, n_parts * rank, o, *tables)
+
+    # The decode CUDA graphs' layout: the tiled launch over metadata padded to the batch size (here
+    # the batch is all adapter tokens, so nothing is padded), shrink sized for rank 64 adapters.
+    tiles = lora_reference.lora_token_tiles(groups[1], batch, device=DEV)
+
+    def tiled() -> None:
+        lora_apply(x, pool, a_off, ranks_shrink, *groups, n_parts * 64, o, *tables, tiles)
+
+    def tiled_exact() -> None:  # the same, with the shrink sized for these adapters' rank
+        lora_apply(x, pool, a_off, ranks_shrink, *groups, n_parts * rank, o, *tables, tiles)
 
     row = {
         "base_ms": bench_ms(base),
@@ -337,8 +339,17 @@ def _lora_case(hin: int, parts: list[int], num_adapters: int, rank: int = 16, ba
         "base_graph_ms": graph_ms(base),
         "lora_graph_ms": graph_ms(fused),
         "per_op_graph_ms": graph_ms(per_op),
+        "tiled_graph_ms": graph_ms(tiled),
+        "tiled_exact_graph_ms": graph_ms(tiled_exact),
     }
     row["fraction_graph"] = row["lora_graph_ms"] / row["base_graph_ms"]
+    # The tiled launch gives the grouped launch's result (checked on fresh outputs).
+    o.zero_()
+    fused()
+    grouped_out = o.clone()
+    o.zero_()
+    tiled()
+    row["tiled_rel_err"] = rel_err(o, grouped_out)
     return row
 
 
@@ -358,14 +369,15 @@ def lora() -> dict:
     for num_adapters in sz((1, 8, 64), (2,)):
         rows = {name: _lora_case(hin, parts, num_adapters) for name, (hin, parts) in projections.items()}
         out.update({f"{num_adapters}ad_{name}": row for name, row in rows.items()})
-        total = {
-            key: sum(r[key] for r in rows.values())
-            for key in ("base_ms", "lora_ms", "base_graph_ms", "lora_graph_ms", "per_op_graph_ms")
-        }
+        keys = ("base_ms", "lora_ms", "base_graph_ms", "lora_graph_ms", "per_op_graph_ms", "tiled_graph_ms")
+        total = {key: sum(r[key] for r in rows.values()) for key in keys + ("tiled_exact_graph_ms",)}
         out[f"{num_adapters}ad_layer"] = {
             **total,
             "fraction_eager": total["lora_ms"] / total["base_ms"],
             "fraction_graph": total["lora_graph_ms"] / total["base_graph_ms"],
+            "fraction_tiled_graph": total["tiled_graph_ms"] / total["base_graph_ms"],
+            "fraction_tiled_exact_graph": total["tiled_exact_graph_ms"] / total["base_graph_ms"],
+            "tiled_rel_err": max(r["tiled_rel_err"] for r in rows.values()),
         }
         torch.cuda.empty_cache()
     return out
@@ -766,6 +778,104 @@ def llama8b() -> dict:
         log(f"  decode b{batch}: {out[f'decode_b{batch}']}")
     del engine, hf
     torch.cuda.empty_cache()
+    return out
+
+
+def _write_adapter(folder: Path, cfg: dict, rank: int, seed: int) -> None:
+    """A PEFT-format LoRA adapter on all seven projections of every layer (random weights)."""
+    from safetensors.torch import save_file
+
+    from tandem_worker.engine.config import ModelConfig
+    from tandem_worker.engine.lora import MODULE_KIND, module_shapes
+
+    shapes = module_shapes(ModelConfig.from_dict(cfg))
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(cfg["num_hidden_layers"]):
+        for module, kind in MODULE_KIND.items():
+            fan_in, fan_out = shapes[module]
+            where = "self_attn" if kind in ("qkv", "o") else "mlp"
+            key = f"base_model.model.model.layers.{layer}.{where}.{module}"
+            tensors[f"{key}.lora_A.weight"] = (
+                torch.randn(rank, fan_in, generator=gen) * fan_in**-0.5
+            ).bfloat16()
+            tensors[f"{key}.lora_B.weight"] = (torch.randn(fan_out, rank, generator=gen) * 0.01).bfloat16()
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    conf = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(MODULE_KIND)}
+    (folder / "adapter_config.json").write_text(json.dumps(conf))
+
+
+@section
+def lora_decode() -> dict:
+    """Decode steps of a batch of 64 requests on 1 or 8 rank-16 adapters (all seven projections),
+    replayed from the LoRA CUDA graphs against the same steps run eagerly, and against the batch
+    without adapters; 8 decoder layers of the Llama-3-8B shape (per-layer costs as the full model's)."""
+    from tandem_worker.engine.config import EngineConfig
+    from tandem_worker.engine.llm_engine import LLMEngine
+    from tandem_worker.engine.sampling_params import SamplingParams
+
+    cfg = {**sz(LLAMA3_8B, TINY_LLAMA), "num_hidden_layers": sz(8, 2)}
+    folder = model_folder(cfg)
+    store = folder / "adapters"
+    for i in range(8):
+        _write_adapter(store / f"r16-{i}", cfg, 16, seed=i)
+    batch, prompt_len, steps = sz(64, 4), sz(128, 16), sz(32, 3)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [
+        torch.randint(3, cfg["vocab_size"], (prompt_len,), generator=gen).tolist() for _ in range(batch)
+    ]
+    out: dict = {}
+    for graph_rank in (64, 0):
+        engine = LLMEngine(
+            EngineConfig(
+                model=str(folder),
+                device=DEV,
+                dtype="bfloat16",
+                load_format="dummy",
+                detokenize=False,
+                enable_prefix_caching=False,
+                kv_cache_bytes=sz(4 << 30, 64 << 20),
+                max_model_len=1024,
+                max_num_seqs=batch,
+                cuda_graph_max_batch=batch,
+                cuda_graph_max_lora_rank=graph_rank,
+                lora_store=str(store),
+            )
+        )
+        mode = "graphs" if graph_rank else "eager"
+        for adapters in (0, 1, 8):
+            names = [None if not adapters else f"r16-{i % adapters}" for i in range(batch)]
+            params = SamplingParams(max_tokens=steps + 16, temperature=0.0, ignore_eos=True)
+            for p, name in zip(prompts, names):
+                engine.add_request(prompt_token_ids=p, params=params, adapter=name)
+            produced = 0
+            while produced < batch:  # adapters load, prompts prefill, graphs capture: untimed
+                produced += sum(1 for o in engine.step() if len(o.token_ids) == 1)
+            for _ in range(2):
+                engine.step()
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                engine.step()
+            sync()
+            elapsed = time.perf_counter() - t0
+            while engine.num_unfinished:
+                engine.step()
+            out[f"{mode}_{adapters}ad"] = {
+                "ms_per_step": 1e3 * elapsed / steps,
+                "tokens_per_s": batch * steps / elapsed,
+            }
+            log(f"  {mode}, {adapters} adapters: {out[f'{mode}_{adapters}ad']}")
+        del engine
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+    for adapters in (1, 8):
+        base = out["graphs_0ad"]["ms_per_step"]
+        out[f"lora_overhead_{adapters}ad"] = {
+            mode: out[f"{mode}_{adapters}ad"]["ms_per_step"] / base - 1 for mode in ("graphs", "eager")
+        }
+    shutil.rmtree(folder, ignore_errors=True)
     return out
 
 
