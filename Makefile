@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export TANDEM_CACHE_DIR ?= $(CURDIR)/.cache/models
 
 .DEFAULT_GOAL := help
-.PHONY: help install test demo bench bench-gpu images images-cuda test-images lint proto crds clean
+.PHONY: help install test demo bench bench-gpu gpu-kit images images-cuda test-images lint proto crds clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -42,6 +42,14 @@ bench: install ## engine vs transformers generate; KV transfer vs raw TCP; TTFT 
 
 bench-gpu: install ## on one NVIDIA GPU: CUDA correctness, kernels vs hardware limits, Llama-3-8B shapes vs transformers
 	$(BIN)/python benchmarks/bench_gpu.py --out benchmarks/results
+
+# For a GPU machine that cannot reach PyPI (benchmarks/gpu_check.sh runs there with .gpu carried):
+# the gRPC wheels its Python 3.12 lacks, and the built-in model's tokenizer.
+gpu-kit: install ## prepare .gpu/ (wheels, tokenizer) for benchmarks/gpu_check.sh on an offline GPU machine
+	rm -rf .gpu && mkdir -p .gpu/tok
+	$(BIN)/pip download -q --python-version 3.12 --platform manylinux2014_x86_64 --only-binary=:all: \
+		--no-deps -d .gpu/wheels grpcio==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2
+	cp "$$($(BIN)/python -c 'from tandem_worker.engine.loader import resolve_model; print(resolve_model("smollm2-135m"))')"/tokenizer* .gpu/tok/
 
 # Image tags `make images` builds and `make test-images` runs; DOCKER_BUILD_ARGS passes e.g.
 # --build-arg PYTHON_IMAGE=... (another base) or --build-arg TORCH_INDEX_URL=... (a mirror).

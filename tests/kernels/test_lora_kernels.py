@@ -1011,6 +1011,50 @@ def test_tiled_apply_rejects_tiles_that_do_not_match_the_groups(apply_ops):
     assert torch.equal(out, before)
 
 
+@requires_triton
+@pytest.mark.parametrize("tiled", [False, True])
+@pytest.mark.parametrize(
+    "config",
+    [
+        # Smaller blocks than the default: more splits, several column tiles per part.
+        dict(shrink_k_chunk=256, shrink_block_k=64, expand_block_n=32, num_warps=2),
+        # Larger: one split for hidden_in <= 1024, column tiles wider than some parts.
+        dict(shrink_k_chunk=1024, shrink_block_k=256, expand_block_n=128, num_warps=8, expand_stages=2),
+    ],
+)
+def test_apply_launch_settings_change_no_result(config, tiled, monkeypatch):
+    # What benchmarks/bench_gpu.py sweeps on a GPU: any launch settings give the same result.
+    from tandem_kernels import lora
+
+    apply = _apply_ops("triton")[2]
+    gen = torch.Generator().manual_seed(27)
+    for case in ("qkv", "ragged"):
+        fused, batch = apply_batch(case, torch.float32, gen)
+        out = make_out(len(batch.token_slots), APPLY_CASES[case][3], torch.float32, gen)
+        before = out.clone()
+        tiles = tandem_kernels.lora_token_tiles(batch.groups[1], batch.groups[0].shape[0]) if tiled else None
+        default = out.clone()
+        apply(*apply_args(batch, fused, default), tiles)
+        monkeypatch.setattr(lora, "APPLY_CONFIG", lora.ApplyConfig(**config))
+        monkeypatch.setattr(lora, "_PARTIALS_FILL", float("nan"))
+        apply(*apply_args(batch, fused, out), tiles)
+        monkeypatch.undo()
+        assert rel_err(out, default) < 1e-6, case
+        assert rel_err(out, naive_apply(batch.x, fused, batch.token_slots, before)) < 1e-5, case
+
+
+@requires_triton
+def test_apply_launch_settings_are_checked():
+    from tandem_kernels.lora import ApplyConfig
+
+    with pytest.raises(ValueError, match="power of two"):
+        ApplyConfig(expand_block_n=48)
+    with pytest.raises(ValueError, match="at least 16"):
+        ApplyConfig(shrink_k_chunk=8, shrink_block_k=8)
+    with pytest.raises(ValueError, match="multiple of shrink_block_k"):
+        ApplyConfig(shrink_k_chunk=64, shrink_block_k=128)
+
+
 # --- the engine's CPU path: lora_apply_grouped over HostGroups --------------------------------
 
 

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -86,13 +87,39 @@ _APPLY_MAX_PARTS = 4  # parts one fused expand launch covers (scalar arguments);
 # in every case measured, or one within half a microsecond of it.
 _FUSED_SUM_MAX_BYTES = 32 << 20
 _SUM_BLOCK = 1024
-# lora_apply's launch settings, chosen on an H100 (Llama-3-8B shapes, decode batch of 64, rank 16,
-# inside a CUDA graph): a K block of 128 in the shrink, and no software pipelining of the expand's
-# rank loop (usually a single iteration, so staging its loads through shared memory only costs).
-# lora_shrink keeps _SHRINK_BLOCK_K; both split hidden_in into the same _SHRINK_K_CHUNK chunks.
-_APPLY_SHRINK_BLOCK_K = 128
-_APPLY_NUM_WARPS = 4
-_APPLY_EXPAND_NUM_STAGES = 1
+
+
+@dataclass(frozen=True)
+class ApplyConfig:
+    """lora_apply's launch settings. Every field is a power of two, and shrink_k_chunk a multiple of
+    shrink_block_k. They depend on no batch, so a token's result never does either."""
+
+    shrink_k_chunk: int = 512  # hidden_in columns per split-K shrink program
+    shrink_block_k: int = 128
+    expand_block_n: int = 64  # output columns per expand program
+    num_warps: int = 4
+    # No software pipelining of the expand's rank loop: usually a single iteration, so staging its
+    # loads through shared memory only costs.
+    expand_stages: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("shrink_k_chunk", "shrink_block_k", "expand_block_n", "num_warps"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two, got {value}")
+        if self.shrink_block_k < 16 or self.expand_block_n < 16:
+            raise ValueError("tl.dot needs blocks of at least 16")
+        if self.shrink_k_chunk % self.shrink_block_k:
+            raise ValueError("shrink_k_chunk must be a multiple of shrink_block_k")
+        if self.expand_stages < 1:
+            raise ValueError("expand_stages must be at least 1")
+
+
+# Chosen on an H100 (Llama-3-8B shapes, decode batch of 64, rank 16, inside a CUDA graph) among K
+# blocks, chunks and pipelining depths; benchmarks/bench_gpu.py's lora section sweeps more (it sets
+# this, which lora_apply reads at each call). lora_shrink keeps its own _SHRINK_BLOCK_K and
+# _SHRINK_K_CHUNK.
+APPLY_CONFIG = ApplyConfig()
 # Tests set this to NaN to show lora_apply never reads a partial the shrink did not write.
 _PARTIALS_FILL: float | None = None
 
@@ -773,7 +800,7 @@ def lora_expand(
 
 
 @functools.lru_cache(maxsize=256)
-def _apply_layout(parts: tuple, out_width: int) -> tuple[tuple[tuple[int, int], ...], tuple]:
+def _apply_layout(parts: tuple, out_width: int, block_n: int) -> tuple[tuple[tuple[int, int], ...], tuple]:
     """The checked part spans, and the expand launches that cover them: (first part, parts, scalar
     arguments, column tiles) each. The scalars are (col, width) of the launch's first part, then
     (col, width, first tile) of each further one, padded to _APPLY_MAX_PARTS parts with empty ones.
@@ -787,7 +814,7 @@ def _apply_layout(parts: tuple, out_width: int) -> tuple[tuple[tuple[int, int], 
         tiles = 0
         for i, (col, width) in enumerate(chunk):
             scalars += [col, width] if i == 0 else [col, width, tiles]
-            tiles += _cdiv(width, _EXPAND_BLOCK_N)
+            tiles += _cdiv(width, block_n)
         scalars += [0, 0, tiles] * (_APPLY_MAX_PARTS - len(chunk))
         launches.append((first, len(chunk), tuple(scalars), tiles))
     return spans, tuple(launches)
@@ -820,10 +847,14 @@ def lora_apply(
     """
     if out.dim() != 2:
         raise ValueError(f"out must be a 2-D float tensor, got {tuple(out.shape)} {out.dtype}")
+    config = APPLY_CONFIG
+    block_n = config.expand_block_n
     try:  # the engine passes the same tuple of int pairs every call: a cache hit
-        spans, launches = _apply_layout(parts if type(parts) is tuple else tuple(parts), out.shape[1])
+        spans, launches = _apply_layout(
+            parts if type(parts) is tuple else tuple(parts), out.shape[1], block_n
+        )
     except TypeError:  # unhashable pairs (lists)
-        spans, launches = _apply_layout(tuple(tuple(p) for p in parts), out.shape[1])
+        spans, launches = _apply_layout(tuple(tuple(p) for p in parts), out.shape[1], block_n)
     num_parts = len(spans)
     check_apply_args(
         x,
@@ -880,7 +911,7 @@ def lora_apply(
     # tiles cover [0, max_rank) and store every c < the clamped rank, and each split has a non-empty
     # K range (splits = cdiv(hidden_in, chunk)), so no program skips its store. Entries of other
     # tokens and columns stay garbage, never read.
-    splits = _cdiv(hidden_in, _SHRINK_K_CHUNK)
+    splits = _cdiv(hidden_in, config.shrink_k_chunk)
     shape = (splits, num_tokens, max_rank)
     if _PARTIALS_FILL is None:
         partials = torch.empty(shape, dtype=torch.float32, device=x.device)
@@ -893,11 +924,11 @@ def lora_apply(
     shrink_config = dict(
         BLOCK_M=_BLOCK_M,
         BLOCK_R=block_r,
-        BLOCK_K=_APPLY_SHRINK_BLOCK_K,
-        K_CHUNK=_SHRINK_K_CHUNK,
+        BLOCK_K=config.shrink_block_k,
+        K_CHUNK=config.shrink_k_chunk,
         UPCAST=upcast_x,
         DOT_PRECISION=_dot_precision(torch.float32 if upcast_x else x.dtype),
-        num_warps=_APPLY_NUM_WARPS,
+        num_warps=config.num_warps,
     )
     shape_args = (hidden_in, max_rank, x.stride(0), partials.stride(1), partials.stride(0), rank_tiles)
     if tiles is None:
@@ -937,12 +968,12 @@ def lora_apply(
             NUM_PARTS=count,
             NUM_SPLITS=y_splits,
             BLOCK_M=_BLOCK_M,
-            BLOCK_N=_EXPAND_BLOCK_N,
+            BLOCK_N=block_n,
             BLOCK_R=block_r,
             UPCAST=upcast_out,
             DOT_PRECISION=_dot_precision(torch.float32 if upcast_out else pool.dtype),
-            num_warps=_APPLY_NUM_WARPS,
-            num_stages=_APPLY_EXPAND_NUM_STAGES,
+            num_warps=config.num_warps,
+            num_stages=config.expand_stages,
         )
         if tiles is None:
             _lora_apply_expand_kernel[(num_groups, token_tiles, column_tiles)](

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine, where nothing can be installed from the network: the CUDA tests,
+# then benchmarks/bench_gpu.py's sections (the unmeasured ones first), results under $OUT.
+#
+# Prepare the kit here first (`make gpu-kit`: .gpu/wheels for what the machine's python3 lacks, and
+# .gpu/tok, the built-in model's tokenizer), then run this with .gpu carried, e.g.
+#   bash benchmarks/gpu_check.sh                      # every section
+#   SECTIONS=greedy,disagg bash benchmarks/gpu_check.sh
+# SMOKE=1 runs it all on this machine's CPU with tiny shapes (PYTHON=.venv/bin/python): a check of
+# the script, not a measurement.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/kernels/src:$PWD/proto/src:$PWD/worker/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# The generated gRPC code needs grpcio >= 1.85.1 and protobuf >= 7.35.1 (proto/pyproject.toml).
+if ! "$PYTHON" -c "import grpc, grpc_health, grpc_reflection, google.protobuf as p; \
+        assert tuple(map(int, grpc.__version__.split('.')[:2])) >= (1, 85); \
+        assert int(p.__version__.split('.')[0]) >= 7" 2>/dev/null; then
+    "$PYTHON" -m pip install -q --no-index --find-links .gpu/wheels \
+        grpcio grpcio-health-checking grpcio-reflection protobuf
+fi
+SECTIONS=${SECTIONS:-greedy,disagg,lora,lora_decode,kernels,ceilings,attention,llama8b,kv,greedy_random}
+SMOKE_FLAG=()
+if [[ -n "${SMOKE:-}" ]]; then
+    SMOKE_FLAG=(--smoke)
+else
+    # The CUDA-only tests CI skips: KV staging through pinned buffers on side streams.
+    "$PYTHON" -m pytest -q --noconftest -p no:cacheprovider tests/test_kv_staging.py 2>&1 | tail -5 | tee "$OUT/pytest.txt"
+fi
+"$PYTHON" benchmarks/bench_gpu.py --tokenizer "${TANDEM_TOKENIZER:-.gpu/tok}" --out "$OUT" \
+    --sections "$SECTIONS" "${SMOKE_FLAG[@]}" 2>&1 | tee "$OUT/log.txt" | grep -v "^\[.*\]   " || true
+"$PYTHON" - "$OUT/results.json" <<'PY'
+import json, sys
+
+results = json.load(open(sys.argv[1]))
+for name, section in results.items():
+    if not isinstance(section, dict):
+        continue
+    flat = {k: v for k, v in section.items() if not isinstance(v, (dict, list))}
+    print(f"{name}: {json.dumps(flat, default=str)[:600]}")
+    for key, value in section.items():
+        if isinstance(value, dict) and any(w in key for w in ("layer", "overhead", "decode_b", "prefill")):
+            print(f"  {key}: {json.dumps(value, default=str)[:400]}")
+PY
