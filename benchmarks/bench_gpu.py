@@ -6,6 +6,7 @@ Sections (each runs on its own; a failure is recorded and the next one goes on):
   attention  paged decode attention bandwidth (Llama-3-8B shapes) as a fraction of the copy
              bandwidth, against the torch reference kernel and PyTorch's own attention (SDPA)
   lora       LoRA shrink/expand time at rank 16, batch 64, as a fraction of the base projections
+  lora_sweep the same for 11 launch settings of lora_apply, grouped and tiled, to pick the default
   greedy     greedy outputs of the engine (bf16, CUDA graphs) against `transformers` generate on
              the same weights: 30 prompts x 32 tokens; each difference checked for a near-tie.
              The model is trained on the spot (memorizing random documents) so that its outputs
@@ -270,7 +271,10 @@ def attention() -> dict:
 # ------------------------------------------------------------------------------------ lora
 
 
-def _lora_case(hin: int, parts: list[int], num_adapters: int, rank: int = 16, batch: int = 64) -> dict:
+def _lora_setup(hin: int, parts: list[int], num_adapters: int, rank: int = 16, batch: int = 64) -> dict:
+    """One projection's base GEMM and its LoRA calls at these shapes, as closures on shared tensors:
+    base, per_op (a shrink, then an expand per part), fused (lora_apply, the engine's eager call),
+    tiled (the decode graphs' call: tiled launch, shrink sized for rank 64) and tiled_exact."""
     from tandem_kernels import lora_reference
     from tandem_kernels.lora import lora_apply, lora_expand, lora_shrink
 
@@ -302,55 +306,64 @@ def _lora_case(hin: int, parts: list[int], num_adapters: int, rank: int = 16, ba
         col += width
     slots = [i % num_adapters for i in range(batch)]
     groups = lora_reference.lora_token_groups([1] * batch, slots, device=DEV)
-
-    def base() -> None:
-        torch.matmul(x, w.t(), out=o)
-
-    def per_op() -> None:  # a shrink, then an expand per part
-        y = lora_shrink(x, pool, a_off, ranks_shrink, *groups, n_parts * rank)
-        for b_off, y_off, c, width in expands:
-            lora_expand(y, pool, b_off, ranks_part, *groups, o, scaling, c, width, y_off)
-
-    # The engine's path: lora_apply, one shrink and one expand for every part.
     b_table = torch.stack([e[0] for e in expands])
     y_table = torch.stack([e[1] for e in expands])
     r_table = ranks_part.expand(n_parts, -1).contiguous()
     s_table = scaling.expand(n_parts, -1).contiguous()
-    spans = tuple((c, width) for _, _, c, width in expands)
-
-    tables = (b_table, r_table, y_table, s_table, spans)
-
-    def fused() -> None:
-        lora_apply(x, pool, a_off, ranks_shrink, *groups, n_parts * rank, o, *tables)
-
-    # The decode CUDA graphs' layout: the tiled launch over metadata padded to the batch size (here
-    # the batch is all adapter tokens, so nothing is padded), shrink sized for rank 64 adapters.
+    tables = (b_table, r_table, y_table, s_table, tuple((c, width) for _, _, c, width in expands))
+    # The batch is all adapter tokens here, so nothing is padded.
     tiles = lora_reference.lora_token_tiles(groups[1], batch, device=DEV)
 
-    def tiled() -> None:
-        lora_apply(x, pool, a_off, ranks_shrink, *groups, n_parts * 64, o, *tables, tiles)
+    def per_op() -> None:
+        y = lora_shrink(x, pool, a_off, ranks_shrink, *groups, n_parts * rank)
+        for b_off, y_off, c, width in expands:
+            lora_expand(y, pool, b_off, ranks_part, *groups, o, scaling, c, width, y_off)
 
-    def tiled_exact() -> None:  # the same, with the shrink sized for these adapters' rank
-        lora_apply(x, pool, a_off, ranks_shrink, *groups, n_parts * rank, o, *tables, tiles)
+    def apply(max_rank: int, tiles: torch.Tensor | None = None):
+        return lambda: lora_apply(x, pool, a_off, ranks_shrink, *groups, max_rank, o, *tables, tiles)
 
+    return {
+        "out": o,
+        "base": lambda: torch.matmul(x, w.t(), out=o),
+        "per_op": per_op,
+        "fused": apply(n_parts * rank),
+        "tiled": apply(n_parts * 64, tiles),
+        "tiled_exact": apply(n_parts * rank, tiles),
+    }
+
+
+def _lora_case(hin: int, parts: list[int], num_adapters: int) -> dict:
+    case = _lora_setup(hin, parts, num_adapters)
     row = {
-        "base_ms": bench_ms(base),
-        "lora_ms": bench_ms(fused),
-        "base_graph_ms": graph_ms(base),
-        "lora_graph_ms": graph_ms(fused),
-        "per_op_graph_ms": graph_ms(per_op),
-        "tiled_graph_ms": graph_ms(tiled),
-        "tiled_exact_graph_ms": graph_ms(tiled_exact),
+        "base_ms": bench_ms(case["base"]),
+        "lora_ms": bench_ms(case["fused"]),
+        "base_graph_ms": graph_ms(case["base"]),
+        "lora_graph_ms": graph_ms(case["fused"]),
+        "per_op_graph_ms": graph_ms(case["per_op"]),
+        "tiled_graph_ms": graph_ms(case["tiled"]),
+        "tiled_exact_graph_ms": graph_ms(case["tiled_exact"]),
     }
     row["fraction_graph"] = row["lora_graph_ms"] / row["base_graph_ms"]
     # The tiled launch gives the grouped launch's result (checked on fresh outputs).
+    o = case["out"]
     o.zero_()
-    fused()
+    case["fused"]()
     grouped_out = o.clone()
     o.zero_()
-    tiled()
+    case["tiled"]()
     row["tiled_rel_err"] = rel_err(o, grouped_out)
     return row
+
+
+def _lora_projections() -> dict[str, tuple[int, list[int]]]:
+    """Llama-3-8B's four LoRA projections: name -> (hidden_in, part widths)."""
+    hidden, inter = sz(4096, 128), sz(14336, 256)
+    return {
+        "qkv": (hidden, [hidden, hidden // 4, hidden // 4]),
+        "o": (hidden, [hidden]),
+        "gate_up": (hidden, [inter, inter]),
+        "down": (inter, [hidden]),
+    }
 
 
 @section
@@ -358,13 +371,7 @@ def lora() -> dict:
     """Llama-3-8B projections at batch 64, rank 16: LoRA kernels (one shrink per fused projection,
     one expand per part, as the engine runs them) against the base GEMMs, for 1, 8 and 64
     distinct adapters in the batch."""
-    hidden, inter = sz(4096, 128), sz(14336, 256)
-    projections = {  # name: (hidden_in, part widths)
-        "qkv": (hidden, [hidden, hidden // 4, hidden // 4]),
-        "o": (hidden, [hidden]),
-        "gate_up": (hidden, [inter, inter]),
-        "down": (inter, [hidden]),
-    }
+    projections = _lora_projections()
     out: dict = {}
     for num_adapters in sz((1, 8, 64), (2,)):
         rows = {name: _lora_case(hin, parts, num_adapters) for name, (hin, parts) in projections.items()}
@@ -380,6 +387,59 @@ def lora() -> dict:
             "tiled_rel_err": max(r["tiled_rel_err"] for r in rows.values()),
         }
         torch.cuda.empty_cache()
+    return out
+
+
+@section
+def lora_sweep() -> dict:
+    """lora_apply's launch settings (`tandem_kernels.lora.ApplyConfig`: split-K chunk and output
+    columns per program) swept at rank 16, batch 64, 1 and 8 adapters, grouped (eager) and tiled
+    (decode graphs) launches, inside CUDA graphs: per projection and per layer, as a fraction of
+    the base projections, to pick APPLY_CONFIG from (per projection, if they disagree)."""
+    from tandem_kernels import lora
+
+    default = lora.APPLY_CONFIG
+    configs = [
+        lora.ApplyConfig(shrink_k_chunk=chunk, shrink_block_k=128, expand_block_n=block_n)
+        for chunk in (512, 1024, 2048)
+        for block_n in (64, 128, 256)
+    ] + [lora.ApplyConfig(num_warps=8), lora.ApplyConfig(shrink_k_chunk=256, shrink_block_k=64)]
+    if SMOKE:
+        configs = configs[:2]
+    out: dict = {"default": repr(default)}
+    try:
+        for num_adapters in sz((1, 8), (2,)):
+            base_layer = 0.0
+            layer: dict[str, float] = {}
+            for name, (hin, parts) in _lora_projections().items():
+                case = _lora_setup(hin, parts, num_adapters)
+                base = graph_ms(case["base"])
+                base_layer += base
+                rows = {}
+                for c in configs:
+                    lora.APPLY_CONFIG = c
+                    key = f"k{c.shrink_k_chunk}/{c.shrink_block_k}_n{c.expand_block_n}_w{c.num_warps}"
+                    for launch in ("fused", "tiled_exact"):
+                        case[launch]()  # compiles these settings' kernels before any capture
+                        ms = graph_ms(case[launch], rep=30)
+                        rows[f"{launch}:{key}"] = ms / base
+                        layer[f"{launch}:{key}"] = layer.get(f"{launch}:{key}", 0.0) + ms
+                    lora.APPLY_CONFIG = default
+                best = min(rows, key=rows.get)
+                out[f"{num_adapters}ad_{name}"] = {"best": best, "best_fraction": rows[best], **rows}
+                del case
+            fractions = {k: ms / base_layer for k, ms in layer.items()}
+            best = {
+                launch: min((k for k in fractions if k.startswith(launch)), key=fractions.get)
+                for launch in ("fused", "tiled_exact")
+            }
+            out[f"{num_adapters}ad_layer"] = {
+                "best": {k: (v, fractions[v]) for k, v in best.items()},
+                **fractions,
+            }
+            log(f"  {num_adapters} adapters, best per layer: {out[f'{num_adapters}ad_layer']['best']}")
+    finally:
+        lora.APPLY_CONFIG = default
     return out
 
 
