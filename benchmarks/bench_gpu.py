@@ -147,8 +147,9 @@ def _paged(context_lens, num_kv_heads, head_dim, dtype, block_size=16, gen=None)
 @section
 def kernels() -> dict:
     import tandem_kernels
+    from tandem_kernels import lora as lora_mod
     from tandem_kernels import lora_reference, reference
-    from tandem_kernels.lora import lora_expand, lora_shrink
+    from tandem_kernels.lora import lora_apply, lora_expand, lora_shrink
     from tandem_kernels.paged_decode_attention import paged_decode_attention
     from tandem_kernels.store_kvcache import store_kvcache
 
@@ -226,6 +227,32 @@ def kernels() -> dict:
         out[f"lora_shrink_{name}_relerr"] = e_shrink
         out[f"lora_expand_{name}_relerr"] = e_expand
         out[f"lora_{name}_ok"] = bool(e_shrink < tol[dtype] and e_expand < tol[dtype] and untouched)
+        # lora_apply, grouped and tiled (metadata padded as the decode graphs pad it), partials
+        # poisoned with NaN: against the reference's shrink + expand (o2).
+        lora_mod._PARTIALS_FILL = float("nan")
+        try:
+            tables = (b_off[None], rk[None], torch.zeros_like(b_off)[None], scaling[None], ((0, hout),))
+            rows = groups[0].shape[0]
+            pad = 37
+            padded = (
+                torch.cat([groups[0], groups[0][:1].expand(pad)]),
+                torch.cat([groups[1], groups[1][-1:].expand(pad)]),
+                torch.cat([groups[2], groups[2][:1].expand(pad)]),
+            )
+            for layout, grp, tiles in (
+                ("grouped", groups, None),
+                ("tiled", groups, lora_reference.lora_token_tiles(groups[1], rows, device=DEV)),
+                ("tiled_padded", padded, lora_reference.lora_token_tiles(padded[1], rows + pad, device=DEV)),
+            ):
+                o3 = torch.zeros_like(o1)
+                lora_apply(x, pool, a_off, rk, *grp, 128, o3, *tables, tiles)
+                err = rel_err(o3, o2)
+                out[f"lora_apply_{layout}_{name}_relerr"] = err
+                out[f"lora_apply_{layout}_{name}_ok"] = bool(
+                    err < tol[dtype] and (o3[no_adapter.to(DEV)] == 0).all()
+                )
+        finally:
+            lora_mod._PARTIALS_FILL = None
     return out
 
 

@@ -964,7 +964,7 @@ def lora_apply(
             total_ranks,
         )
         strides = (y.stride(0), y.stride(1), out.stride(0))
-        config = dict(
+        expand_config = dict(
             NUM_PARTS=count,
             NUM_SPLITS=y_splits,
             BLOCK_M=_BLOCK_M,
@@ -977,7 +977,7 @@ def lora_apply(
         )
         if tiles is None:
             _lora_apply_expand_kernel[(num_groups, token_tiles, column_tiles)](
-                y, pool, *tables, *groups, out, num_slots, max_rank, *strides, *scalars, **config
+                y, pool, *tables, *groups, out, num_slots, max_rank, *strides, *scalars, **expand_config
             )
         else:
             _lora_apply_expand_tiles_kernel[(tiles.shape[0], column_tiles)](
@@ -992,5 +992,5 @@ def lora_apply(
                 max_rank,
                 *strides,
                 *scalars,
-                **config,
+                **expand_config,
             )

@@ -22,19 +22,17 @@ the LoRA graphs are captured again.
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import time
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from tandem_kernels.lora_reference import TILE_ROWS, tile_bounds
 
+from .lora import KINDS, LoRABatch, LoRAManager
 from .model import AttentionMetadata, LlamaModel
-
-if TYPE_CHECKING:
-    from .lora import LoRAManager
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +110,7 @@ class DecodeGraphs:
             meta.lora = self._lora_batch(bs)
         return (self.input_ids[:bs], self.positions[:bs], self.kv_cache, meta, self.logit_indices[:bs])
 
-    def _lora_batch(self, bs: int):  # -> LoRABatch (imported here: lora.py imports much of the engine)
-        from .lora import KINDS, LoRABatch
-
+    def _lora_batch(self, bs: int) -> LoRABatch:
         groups = (self.lora_token_indices[:bs], self.lora_group_offsets[: bs + 1], self.lora_group_slots[:bs])
         # Each projection's shrink is sized for the largest adapter the graph serves.
         max_rank = {kind: self.max_lora_rank * len(parts) for kind, parts in KINDS.items()}
@@ -163,8 +159,6 @@ class DecodeGraphs:
     def lora_fits(self, lora_slots: list[int | None]) -> bool:
         """Whether a LoRA graph can run these adapters: each projection's stacked rank (q, k and v
         together) within the graph's, which sized the shrink's output."""
-        from .lora import KINDS
-
         if self.lora is None or self.max_lora_rank <= 0:
             return False
         totals = self.lora.tables.max_total_rank
@@ -231,17 +225,15 @@ class DecodeGraphs:
 
     def _fill_lora(self, lora_slots: list[int | None], bs: int) -> None:
         """The step's token groups into the static LoRA buffers, padded to the batch size."""
-        rows = sorted((i for i, s in enumerate(lora_slots) if s is not None), key=lambda i: lora_slots[i])
+        # lora_token_groups' layout (one group per slot, ascending), in host values: cheaper per step.
+        rows = sorted((i for i, s in enumerate(lora_slots) if s is not None), key=lora_slots.__getitem__)
         group_slots: list[int] = []
         bounds = [0]
-        for k, i in enumerate(rows):
-            if not group_slots or lora_slots[i] != group_slots[-1]:
-                if group_slots:
-                    bounds.append(k)
-                group_slots.append(lora_slots[i])
-        bounds.append(len(rows))
+        for slot, members in itertools.groupby(rows, key=lora_slots.__getitem__):
+            group_slots.append(slot)
+            bounds.append(bounds[-1] + sum(1 for _ in members))
         num_groups = len(group_slots)
-        bounds += [len(rows)] * (bs - num_groups)  # empty groups to the graph's bs
+        bounds += [len(rows)] * (bs - num_groups)  # empty groups up to the graph's bs
         tiles = tile_bounds(bounds, bs)
         host = self._lora_host.numpy()
         n = self.max_batch
