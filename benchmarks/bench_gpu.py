@@ -574,6 +574,25 @@ def run_engine(engine, prompts: list[list[int]], max_tokens: int) -> list[list[i
     return [done[i] for i in ids]
 
 
+def time_decode_steps(engine, batch: int, steps: int, warm: int) -> float:
+    """Seconds of `steps` engine steps once all `batch` queued requests have their first token
+    and `warm` more steps ran (none of that timed); the requests then run to their end."""
+    produced = 0
+    while produced < batch:
+        produced += sum(1 for o in engine.step() if len(o.token_ids) == 1)
+    for _ in range(warm):
+        engine.step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    sync()
+    elapsed = time.perf_counter() - t0
+    while engine.num_unfinished:
+        engine.step()
+    return elapsed
+
+
 @torch.inference_mode()
 def hf_generate(model, prompt: list[int], max_new: int) -> list[int]:
     ids = torch.tensor([prompt], device=DEV)
@@ -829,18 +848,7 @@ def llama8b() -> dict:
         params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
         for p in prompts:
             engine.add_request(prompt_token_ids=p, params=params)
-        produced = 0
-        while produced < batch:  # prefill steps (and the first decode steps) untimed
-            produced += sum(1 for o in engine.step() if len(o.token_ids) == 1)
-        engine.step()
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            engine.step()
-        sync()
-        t_ours = time.perf_counter() - t0
-        while engine.num_unfinished:
-            engine.step()
+        t_ours = time_decode_steps(engine, batch, steps, warm=1)
         ours_tps = batch * steps / t_ours
         ids = torch.tensor(prompts, device=DEV)
         mask = torch.ones_like(ids)
@@ -936,19 +944,8 @@ def lora_decode() -> dict:
             params = SamplingParams(max_tokens=steps + 16, temperature=0.0, ignore_eos=True)
             for p, name in zip(prompts, names):
                 engine.add_request(prompt_token_ids=p, params=params, adapter=name)
-            produced = 0
-            while produced < batch:  # adapters load, prompts prefill, graphs capture: untimed
-                produced += sum(1 for o in engine.step() if len(o.token_ids) == 1)
-            for _ in range(2):
-                engine.step()
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                engine.step()
-            sync()
-            elapsed = time.perf_counter() - t0
-            while engine.num_unfinished:
-                engine.step()
+            # Untimed: adapters load, prompts prefill, the LoRA graph of this batch size is captured.
+            elapsed = time_decode_steps(engine, batch, steps, warm=2)
             out[f"{mode}_{adapters}ad"] = {
                 "ms_per_step": 1e3 * elapsed / steps,
                 "tokens_per_s": batch * steps / elapsed,

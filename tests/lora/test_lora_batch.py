@@ -15,6 +15,7 @@ import torch
 import tandem_kernels
 from tandem_worker.engine.block_manager import BlockManager
 from tandem_worker.engine.config import ModelConfig
+from tandem_worker.engine.cuda_graphs import DecodeGraphs
 from tandem_worker.engine.lora import KINDS, HostAdapter, LoRABatch, LoRAManager, module_shapes
 
 LAYERS = 2
@@ -100,24 +101,32 @@ def test_apply_matches_naive_on_both_paths(manager, backend, monkeypatch):
     batch = mgr.batch(seq_lens, [None if n is None else slots[n] for n in names])
     assert isinstance(batch, LoRABatch) and (batch.host_groups is None) == (backend == "triton")
     token_names = [n for n, k in zip(names, seq_lens) for _ in range(k)]
-    shapes = mgr.shapes
-    gen = torch.Generator().manual_seed(1)
+    check_every_projection(batch, token_names, len(token_names), adapters, mgr.shapes, seed=1)
+
+
+def check_every_projection(
+    batch: LoRABatch, token_names: list, rows: int, adapters: dict, shapes: dict, seed: int
+) -> None:
+    """batch.apply on random x and out of `rows` rows, for every layer and projection, against the
+    naive delta of each row's adapter (token_names[t]; None, or a row past them: no adapter, the
+    same bits)."""
+    gen = torch.Generator().manual_seed(seed)
+    names = token_names + [None] * (rows - len(token_names))
     for layer in range(LAYERS):
         for kind, parts in KINDS.items():
             fan_in = shapes[parts[0]][0]
             width = sum(shapes[m][1] for m in parts)
-            x = torch.randn(len(token_names), fan_in, generator=gen)
-            out = torch.randn(len(token_names), width, generator=gen)
+            x = torch.randn(rows, fan_in, generator=gen)
+            out = torch.randn(rows, width, generator=gen)
             expected = out.double()
-            for t, name in enumerate(token_names):
+            for t, name in enumerate(names):
                 if name is not None:
                     expected[t] += naive(adapters[name], layer, kind, x[t : t + 1], shapes)[0]
             batch.apply(layer, kind, x, out)
             err = float((out.double() - expected).abs().max() / expected.abs().max())
-            assert err < 1e-5, (layer, kind, err)
-            for t, name in enumerate(token_names):
-                if name is None:
-                    assert torch.equal(out[t].double(), expected[t])
+            assert err < 1e-5, (token_names, layer, kind, err)
+            no_adapter = [t for t, name in enumerate(names) if name is None]
+            assert torch.equal(out[no_adapter].double(), expected[no_adapter])
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -125,8 +134,6 @@ def test_a_decode_graphs_lora_batch_matches_naive(manager, backend, monkeypatch)
     """The LoRA work of a CUDA-graph decode step: the token groups filled into static buffers padded
     to the graph's batch size, the tiled launch, each projection's shrink sized for the graph's
     largest rank; then the same buffers refilled for another mix of adapters, as a replay reads them."""
-    from tandem_worker.engine.cuda_graphs import DecodeGraphs
-
     mgr, adapters, slots = manager
     if backend == "triton" and not tandem_kernels.triton_available():
         pytest.skip("triton is not installed")
@@ -136,28 +143,12 @@ def test_a_decode_graphs_lora_batch_matches_naive(manager, backend, monkeypatch)
     bs = 40  # three tiles of 16 rows; 18 and 20 rows used below leave the last tiles partly empty
     batch = graphs._lora_batch(bs)
     assert batch.tiles is not None and batch.max_rank["qkv"] == 48
-    shapes = mgr.shapes
-    gen = torch.Generator().manual_seed(2)
     mixes = [
         # Adapters interleaved, rows of no adapter between them: tiles span several groups.
         ([None, "all-r8", "qv-r4", None, "mixed", "all-r8", "mixed", "qv-r4"] * 2 + ["mixed", None]),
         (["qv-r4"] * 17 + [None, "all-r8", None]),
     ]
-    for names in mixes:
+    for seed, names in enumerate(mixes):
         graphs._fill_lora([None if n is None else slots[n] for n in names], bs)
-        for layer in range(LAYERS):
-            for kind, parts in KINDS.items():
-                fan_in = shapes[parts[0]][0]
-                width = sum(shapes[m][1] for m in parts)
-                # The graph's rows: the step's, then padding rows up to bs (no adapter).
-                x = torch.randn(bs, fan_in, generator=gen)
-                out = torch.randn(bs, width, generator=gen)
-                expected = out.double()
-                for t, name in enumerate(names):
-                    if name is not None:
-                        expected[t] += naive(adapters[name], layer, kind, x[t : t + 1], shapes)[0]
-                batch.apply(layer, kind, x, out)
-                err = float((out.double() - expected).abs().max() / expected.abs().max())
-                assert err < 1e-5, (names, layer, kind, err)
-                no_adapter = [t for t in range(bs) if t >= len(names) or names[t] is None]
-                assert torch.equal(out[no_adapter].double(), expected[no_adapter])
+        # The graph's rows: the step's, then padding rows up to bs (no adapter).
+        check_every_projection(batch, names, bs, adapters, mgr.shapes, seed=2 + seed)
