@@ -298,12 +298,17 @@ def attention() -> dict:
 # ------------------------------------------------------------------------------------ lora
 
 
-def _lora_setup(hin: int, parts: list[int], num_adapters: int, rank: int = 16, batch: int = 64) -> dict:
+def _lora_setup(kind: str, num_adapters: int, rank: int = 16, batch: int = 64) -> dict:
     """One projection's base GEMM and its LoRA calls at these shapes, as closures on shared tensors:
     base, per_op (a shrink, then an expand per part), fused (lora_apply, the engine's eager call),
-    tiled (the decode graphs' call: tiled launch, shrink sized for rank 64) and tiled_exact."""
+    tiled (the decode graphs' call: tiled launch, shrink sized for rank 64) and tiled_exact; and the
+    whole projection as the engine runs it (`LoRABatch.project`: the shrink on a side stream beside
+    the base GEMM, then the expand), grouped and tiled, against `sequential` (base, then fused)."""
     from tandem_kernels import lora_reference
     from tandem_kernels.lora import lora_apply, lora_expand, lora_shrink
+    from tandem_worker.engine.lora import LoRABatch
+
+    hin, parts = _lora_projections()[kind]
 
     dtype = torch.bfloat16
     hout = sum(parts)
@@ -341,7 +346,7 @@ def _lora_setup(hin: int, parts: list[int], num_adapters: int, rank: int = 16, b
     # The batch is all adapter tokens here, so nothing is padded.
     tiles = lora_reference.lora_token_tiles(groups[1], batch, device=DEV)
 
-    def per_op() -> None:
+    def per_op() -> None:  # a shrink, then an expand per part
         y = lora_shrink(x, pool, a_off, ranks_shrink, *groups, n_parts * rank)
         for b_off, y_off, c, width in expands:
             lora_expand(y, pool, b_off, ranks_part, *groups, o, scaling, c, width, y_off)
@@ -349,18 +354,39 @@ def _lora_setup(hin: int, parts: list[int], num_adapters: int, rank: int = 16, b
     def apply(max_rank: int, tiles: torch.Tensor | None = None):
         return lambda: lora_apply(x, pool, a_off, ranks_shrink, *groups, max_rank, o, *tables, tiles)
 
+    def base() -> torch.Tensor:
+        return torch.matmul(x, w.t(), out=o)
+
+    fused = apply(n_parts * rank)
+
+    def sequential() -> None:
+        base()
+        fused()
+
+    side = torch.cuda.Stream() if DEV == "cuda" else None
+    lora_tables = {"fused": {kind: [(a_off, ranks_shrink, b_table, r_table, y_table, s_table)]}}
+    shapes = _lora_shapes()
+
+    def engine_batch(tiles: torch.Tensor | None) -> LoRABatch:
+        max_rank = {k: n_parts * rank if k == kind else 0 for k in _lora_projections()}
+        return LoRABatch(pool, lora_tables, groups, max_rank, shapes, tiles=tiles, stream=side)
+
+    grouped_batch, tiled_batch = engine_batch(None), engine_batch(tiles)
     return {
         "out": o,
-        "base": lambda: torch.matmul(x, w.t(), out=o),
+        "base": base,
         "per_op": per_op,
-        "fused": apply(n_parts * rank),
+        "fused": fused,
         "tiled": apply(n_parts * 64, tiles),
         "tiled_exact": apply(n_parts * rank, tiles),
+        "sequential": sequential,
+        "project": lambda: grouped_batch.project(0, kind, x, lambda _: base()),
+        "project_tiled": lambda: tiled_batch.project(0, kind, x, lambda _: base()),
     }
 
 
-def _lora_case(hin: int, parts: list[int], num_adapters: int) -> dict:
-    case = _lora_setup(hin, parts, num_adapters)
+def _lora_case(kind: str, num_adapters: int) -> dict:
+    case = _lora_setup(kind, num_adapters)
     row = {
         "base_ms": bench_ms(case["base"]),
         "lora_ms": bench_ms(case["fused"]),
@@ -369,9 +395,12 @@ def _lora_case(hin: int, parts: list[int], num_adapters: int) -> dict:
         "per_op_graph_ms": graph_ms(case["per_op"]),
         "tiled_graph_ms": graph_ms(case["tiled"]),
         "tiled_exact_graph_ms": graph_ms(case["tiled_exact"]),
+        "sequential_graph_ms": graph_ms(case["sequential"]),
+        "project_graph_ms": graph_ms(case["project"]),
+        "project_tiled_graph_ms": graph_ms(case["project_tiled"]),
     }
     row["fraction_graph"] = row["lora_graph_ms"] / row["base_graph_ms"]
-    # The tiled launch gives the grouped launch's result (checked on fresh outputs).
+    # The tiled launch and the engine's project give the grouped launch's result (fresh outputs).
     o = case["out"]
     o.zero_()
     case["fused"]()
@@ -379,39 +408,56 @@ def _lora_case(hin: int, parts: list[int], num_adapters: int) -> dict:
     o.zero_()
     case["tiled"]()
     row["tiled_rel_err"] = rel_err(o, grouped_out)
+    case["sequential"]()
+    expected = o.clone()
+    for launch in ("project", "project_tiled"):
+        o.zero_()
+        case[launch]()
+        row[f"{launch}_rel_err"] = rel_err(o, expected)
     return row
 
 
+def _lora_shapes() -> dict[str, tuple[int, int]]:
+    """(in, out) of every projection LoRA targets in the benchmarks' model (Llama-3-8B; tiny in smoke)."""
+    from tandem_worker.engine.config import ModelConfig
+    from tandem_worker.engine.lora import module_shapes
+
+    return module_shapes(ModelConfig.from_dict(sz(LLAMA3_8B, TINY_LLAMA)))
+
+
 def _lora_projections() -> dict[str, tuple[int, list[int]]]:
-    """Llama-3-8B's four LoRA projections: name -> (hidden_in, part widths)."""
-    hidden, inter = sz(4096, 128), sz(14336, 256)
-    return {
-        "qkv": (hidden, [hidden, hidden // 4, hidden // 4]),
-        "o": (hidden, [hidden]),
-        "gate_up": (hidden, [inter, inter]),
-        "down": (inter, [hidden]),
-    }
+    """The engine's four LoRA projections (fused qkv and gate_up): name -> (hidden_in, part widths)."""
+    from tandem_worker.engine.lora import KINDS
+
+    shapes = _lora_shapes()
+    return {kind: (shapes[parts[0]][0], [shapes[m][1] for m in parts]) for kind, parts in KINDS.items()}
 
 
 @section
 def lora() -> dict:
     """Llama-3-8B projections at batch 64, rank 16: LoRA kernels (one shrink per fused projection,
-    one expand per part, as the engine runs them) against the base GEMMs, for 1, 8 and 64
-    distinct adapters in the batch."""
+    one expand for its parts) against the base GEMMs, for 1, 8 and 64 distinct adapters in the
+    batch; and the time LoRA adds to the base projections when its shrinks run beside the GEMMs
+    on a side stream, as the engine runs them (added_project), or after them (added_sequential)."""
     projections = _lora_projections()
     out: dict = {}
     for num_adapters in sz((1, 8, 64), (2,)):
-        rows = {name: _lora_case(hin, parts, num_adapters) for name, (hin, parts) in projections.items()}
+        rows = {name: _lora_case(name, num_adapters) for name in projections}
         out.update({f"{num_adapters}ad_{name}": row for name, row in rows.items()})
-        keys = ("base_ms", "lora_ms", "base_graph_ms", "lora_graph_ms", "per_op_graph_ms", "tiled_graph_ms")
-        total = {key: sum(r[key] for r in rows.values()) for key in keys + ("tiled_exact_graph_ms",)}
+        keys = [k for k in next(iter(rows.values())) if k.endswith("_ms")]
+        total = {key: sum(r[key] for r in rows.values()) for key in keys}
+        base = total["base_graph_ms"]
         out[f"{num_adapters}ad_layer"] = {
             **total,
             "fraction_eager": total["lora_ms"] / total["base_ms"],
-            "fraction_graph": total["lora_graph_ms"] / total["base_graph_ms"],
-            "fraction_tiled_graph": total["tiled_graph_ms"] / total["base_graph_ms"],
-            "fraction_tiled_exact_graph": total["tiled_exact_graph_ms"] / total["base_graph_ms"],
-            "tiled_rel_err": max(r["tiled_rel_err"] for r in rows.values()),
+            "fraction_graph": total["lora_graph_ms"] / base,
+            "fraction_tiled_graph": total["tiled_graph_ms"] / base,
+            "fraction_tiled_exact_graph": total["tiled_exact_graph_ms"] / base,
+            # What LoRA adds to the base projections as the engine runs it, shrinks overlapped.
+            "added_sequential": total["sequential_graph_ms"] / base - 1,
+            "added_project": total["project_graph_ms"] / base - 1,
+            "added_project_tiled": total["project_tiled_graph_ms"] / base - 1,
+            "max_rel_err": max(r[k] for r in rows.values() for k in r if k.endswith("rel_err")),
         }
         torch.cuda.empty_cache()
     return out
@@ -438,8 +484,8 @@ def lora_sweep() -> dict:
         for num_adapters in sz((1, 8), (2,)):
             base_layer = 0.0
             layer: dict[str, float] = {}
-            for name, (hin, parts) in _lora_projections().items():
-                case = _lora_setup(hin, parts, num_adapters)
+            for name in _lora_projections():
+                case = _lora_setup(name, num_adapters)
                 base = graph_ms(case["base"])
                 base_layer += base
                 rows = {}

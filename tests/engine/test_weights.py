@@ -150,9 +150,7 @@ def test_packing_frees_the_dense_projection_weights(engine):
     mlp = model.layers[0].mlp.gate_up_proj
     assert mlp.weight.numel() == 0 and mlp.packed_weight() is not None
     assert model.lm_head.weight is model.embed_tokens.weight and model.lm_head.weight.numel() > 0
-    dense = sum(
-        p.numel() for n, p in model.named_parameters() if n.endswith("_proj.weight") and p.numel()
-    )
+    dense = sum(p.numel() for n, p in model.named_parameters() if n.endswith("_proj.weight") and p.numel())
     assert dense == 0
     # What a forward pass reads is still counted: 134.5M parameters for SmolLM2-135M.
     assert model.weight_bytes() == 4 * (

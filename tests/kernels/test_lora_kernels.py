@@ -1011,6 +1011,37 @@ def test_tiled_apply_rejects_tiles_that_do_not_match_the_groups(apply_ops):
     assert torch.equal(out, before)
 
 
+@pytest.mark.parametrize("tiled", [False, True])
+def test_apply_in_two_halves_around_the_base_projection(apply_ops, tiled):
+    # lora_apply_begin before out exists (the engine runs the base GEMM between the halves, the
+    # shrink on a side stream), finish after: lora_apply's result. A bad out is refused at finish
+    # and left as it was.
+    apply = apply_ops[2]
+    begin = lora_reference.lora_apply_begin
+    if apply.__module__ == "tandem_kernels.lora":
+        from tandem_kernels.lora import lora_apply_begin as begin
+    gen = torch.Generator().manual_seed(28)
+    fused, batch = apply_batch("qkv", torch.float32, gen)
+    rows, width = len(batch.token_slots), APPLY_CASES["qkv"][3]
+    w = torch.randn(width, batch.x.shape[1], generator=gen) * 0.05
+    x = batch.x.clone()
+    x[x.isinf()] = 1.0  # the base projection reads every row
+    tiles = tandem_kernels.lora_token_tiles(batch.groups[1], batch.groups[0].shape[0]) if tiled else None
+    head = (x, fused.pool, fused.a_offsets, fused.total_ranks, *batch.groups, fused.max_rank)
+    pending = begin(*head, *fused.tables(), tiles)
+    out = x @ w.T
+    base = out.clone()
+    pending.finish(out)
+    whole = base.clone()
+    apply(*head, whole, *fused.tables(), tiles)
+    assert torch.equal(out, whole)
+    assert rel_err(out, naive_apply(x, fused, batch.token_slots, base)) < 1e-5
+    bad = torch.zeros(rows - 1, width)
+    with pytest.raises(ValueError, match="rows but x has"):
+        begin(*head, *fused.tables(), tiles).finish(bad)
+    assert not bad.any()
+
+
 @requires_triton
 @pytest.mark.parametrize("tiled", [False, True])
 @pytest.mark.parametrize(

@@ -152,3 +152,30 @@ def test_a_decode_graphs_lora_batch_matches_naive(manager, backend, monkeypatch)
         graphs._fill_lora([None if n is None else slots[n] for n in names], bs)
         # The graph's rows: the step's, then padding rows up to bs (no adapter).
         check_every_projection(batch, names, bs, adapters, mgr.shapes, seed=2 + seed)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_project_adds_the_delta_to_the_base_projection(manager, backend, monkeypatch):
+    """What the model calls: the base projection, with the LoRA shrink begun before it (on a GPU on
+    a side stream, concurrent with the GEMM) and the expand added after."""
+    mgr, adapters, slots = manager
+    if backend == "triton" and not tandem_kernels.triton_available():
+        pytest.skip("triton is not installed")
+    monkeypatch.setenv("TANDEM_KERNELS", backend)
+    names = ["all-r8", None, "mixed", "qv-r4", "all-r8"]
+    batch = mgr.batch([1] * len(names), [None if n is None else slots[n] for n in names])
+    shapes = mgr.shapes
+    gen = torch.Generator().manual_seed(3)
+    for layer in range(LAYERS):
+        for kind, parts in KINDS.items():
+            fan_in = shapes[parts[0]][0]
+            linear = torch.nn.Linear(fan_in, sum(shapes[m][1] for m in parts), bias=False)
+            x = torch.randn(len(names), fan_in, generator=gen)
+            with torch.no_grad():
+                out = batch.project(layer, kind, x, linear)
+                expected = linear(x).double()
+            for t, name in enumerate(names):
+                if name is not None:
+                    expected[t] += naive(adapters[name], layer, kind, x[t : t + 1], shapes)[0]
+            err = float((out.double() - expected).abs().max() / expected.abs().max())
+            assert err < 1e-5, (layer, kind, err)

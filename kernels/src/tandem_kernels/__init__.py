@@ -75,6 +75,7 @@ except ImportError:  # Triton is optional: a CPU-only install runs the reference
 # would overwrite the public `store_kvcache` function defined below.
 if triton is not None:
     from tandem_kernels.lora import lora_apply as _triton_lora_apply
+    from tandem_kernels.lora import lora_apply_begin as _triton_lora_apply_begin
     from tandem_kernels.lora import lora_expand as _triton_lora_expand
     from tandem_kernels.lora import lora_shrink as _triton_lora_shrink
     from tandem_kernels.paged_decode_attention import (
@@ -87,11 +88,13 @@ else:
     _triton_lora_shrink = None
     _triton_lora_expand = None
     _triton_lora_apply = None
+    _triton_lora_apply_begin = None
 
 __all__ = [
     "DecodeBucket",
     "gathered_attention",
     "lora_apply",
+    "lora_apply_begin",
     "lora_expand",
     "lora_reference",
     "lora_shrink",
@@ -294,3 +297,46 @@ def lora_apply(
         _triton_lora_apply(*args)
     else:
         lora_reference.lora_apply(*args)
+
+
+def lora_apply_begin(
+    x: torch.Tensor,
+    pool: torch.Tensor,
+    a_offsets: torch.Tensor,
+    total_ranks: torch.Tensor,
+    token_indices: torch.Tensor,
+    group_offsets: torch.Tensor,
+    group_slots: torch.Tensor,
+    max_rank: int,
+    b_offsets: torch.Tensor,
+    ranks: torch.Tensor,
+    y_offsets: torch.Tensor,
+    scaling: torch.Tensor,
+    parts: Sequence[tuple[int, int]],
+    tiles: torch.Tensor | None = None,
+) -> lora_reference.PendingLoRA:
+    """`lora_apply` in two halves: the shrink now (it reads only x), the expand at `.finish(out)`.
+
+    Between the two, out's own GEMM can run: on a GPU the engine launches the shrink on a side
+    stream, concurrent with the base projection, and finishes on the main stream after it. The
+    result is lora_apply's.
+    """
+    args = (
+        x,
+        pool,
+        a_offsets,
+        total_ranks,
+        token_indices,
+        group_offsets,
+        group_slots,
+        max_rank,
+        b_offsets,
+        ranks,
+        y_offsets,
+        scaling,
+        parts,
+        tiles,
+    )
+    if uses_triton(pool.device):
+        return _triton_lora_apply_begin(*args)
+    return lora_reference.lora_apply_begin(*args)

@@ -66,6 +66,7 @@ import triton.language as tl
 from tandem_kernels.lora_reference import (
     TILE_ROWS,
     check_apply_args,
+    check_apply_out,
     check_expand_args,
     check_part_spans,
     check_shrink_args,
@@ -845,17 +846,46 @@ def lora_apply(
     only on the tensors' shapes, so a CUDA graph can capture the call once and replay it with new
     metadata values of the same shapes.
     """
-    if out.dim() != 2:
-        raise ValueError(f"out must be a 2-D float tensor, got {tuple(out.shape)} {out.dtype}")
-    config = APPLY_CONFIG
-    block_n = config.expand_block_n
-    try:  # the engine passes the same tuple of int pairs every call: a cache hit
-        spans, launches = _apply_layout(
-            parts if type(parts) is tuple else tuple(parts), out.shape[1], block_n
-        )
-    except TypeError:  # unhashable pairs (lists)
-        spans, launches = _apply_layout(tuple(tuple(p) for p in parts), out.shape[1], block_n)
-    num_parts = len(spans)
+    pending = lora_apply_begin(
+        x,
+        pool,
+        a_offsets,
+        total_ranks,
+        token_indices,
+        group_offsets,
+        group_slots,
+        max_rank,
+        b_offsets,
+        ranks,
+        y_offsets,
+        scaling,
+        parts,
+        tiles,
+    )
+    pending.finish(out)
+
+
+def lora_apply_begin(
+    x: torch.Tensor,
+    pool: torch.Tensor,
+    a_offsets: torch.Tensor,
+    total_ranks: torch.Tensor,
+    token_indices: torch.Tensor,
+    group_offsets: torch.Tensor,
+    group_slots: torch.Tensor,
+    max_rank: int,
+    b_offsets: torch.Tensor,
+    ranks: torch.Tensor,
+    y_offsets: torch.Tensor,
+    scaling: torch.Tensor,
+    parts: Sequence[tuple[int, int]],
+    tiles: torch.Tensor | None = None,
+) -> PendingApply:
+    """`lora_apply`'s shrink launched now, its expand at `finish(out)`.
+
+    The shrink reads only x, so it can run on a side stream while the base projection's GEMM
+    computes out (the engine does, `LoRABatch.project`); out need not exist yet.
+    """
     check_apply_args(
         x,
         pool,
@@ -865,17 +895,14 @@ def lora_apply(
         group_offsets,
         group_slots,
         max_rank,
-        out,
         b_offsets,
         ranks,
         y_offsets,
         scaling,
-        num_parts,
+        len(parts),
     )
     if x.stride(1) != 1:
         raise ValueError("x rows must be contiguous")
-    if out.stride(1) != 1:
-        raise ValueError("out rows must be contiguous")
     _check_layout(
         a_offsets=a_offsets,
         total_ranks=total_ranks,
@@ -894,13 +921,11 @@ def lora_apply(
         check_tiles(tiles, group_offsets, num_rows)  # the values only on the CPU, like check_values
     if pool.device.type == "cpu":  # free here; on a GPU it would cost a host sync
         check_values(pool, a_offsets, total_ranks, hidden_in, None, max_rank, *groups, "max_rank")
-        for p, (_, width) in enumerate(spans):
-            check_values(pool, b_offsets[p], ranks[p], width, y_offsets[p], max_rank, *groups, "max_rank")
-
-    num_groups = group_slots.shape[0]
-    num_lora_tokens = token_indices.shape[0]
-    if num_groups == 0 or num_lora_tokens == 0 or max_rank == 0 or hidden_in == 0:
-        return  # every delta is zero (hidden_in == 0: an empty product), out stays as it is
+    pending = PendingApply(
+        x, pool, total_ranks, groups, max_rank, (b_offsets, ranks, y_offsets, scaling), parts, tiles
+    )
+    if group_slots.shape[0] == 0 or num_rows == 0 or max_rank == 0 or hidden_in == 0:
+        return pending  # every delta is zero (hidden_in == 0: an empty product), out stays as it is
 
     # Split-K partials, [splits, num_tokens, max_rank], NOT zeroed. The invariant that makes this
     # safe: the expand reads partials only for tokens of a group g (token_indices[group_offsets[g]:
@@ -911,6 +936,7 @@ def lora_apply(
     # tiles cover [0, max_rank) and store every c < the clamped rank, and each split has a non-empty
     # K range (splits = cdiv(hidden_in, chunk)), so no program skips its store. Entries of other
     # tokens and columns stay garbage, never read.
+    config = pending.config
     splits = _cdiv(hidden_in, config.shrink_k_chunk)
     shape = (splits, num_tokens, max_rank)
     if _PARTIALS_FILL is None:
@@ -919,7 +945,6 @@ def lora_apply(
         partials = torch.full(shape, _PARTIALS_FILL, dtype=torch.float32, device=x.device)
     block_r = _rank_block(max_rank)
     rank_tiles = _cdiv(max_rank, block_r)
-    token_tiles = _cdiv(num_lora_tokens, _BLOCK_M)
     upcast_x = x.dtype != pool.dtype
     shrink_config = dict(
         BLOCK_M=_BLOCK_M,
@@ -932,65 +957,117 @@ def lora_apply(
     )
     shape_args = (hidden_in, max_rank, x.stride(0), partials.stride(1), partials.stride(0), rank_tiles)
     if tiles is None:
-        _lora_shrink_kernel[(num_groups, token_tiles, rank_tiles * splits)](
+        _lora_shrink_kernel[(group_slots.shape[0], _cdiv(num_rows, _BLOCK_M), rank_tiles * splits)](
             x, pool, a_offsets, total_ranks, *groups, partials, *shape_args, **shrink_config
         )
     else:
         _lora_shrink_tiles_kernel[(tiles.shape[0], rank_tiles * splits)](
             x, pool, a_offsets, total_ranks, *groups, tiles, partials, num_rows, *shape_args, **shrink_config
         )
+    pending.partials, pending.block_r = partials, block_r
+    return pending
 
-    y, y_splits = partials, splits
-    total_tiles = sum(launch[3] for launch in launches)
-    if splits > 1 and splits * num_lora_tokens * max_rank * 4 * total_tiles > _FUSED_SUM_MAX_BYTES:
-        y = torch.empty((1, num_tokens, max_rank), dtype=torch.float32, device=x.device)
-        numel = num_tokens * max_rank
-        _lora_sum_splits_kernel[(_cdiv(numel, _SUM_BLOCK),)](
-            partials, y, numel, partials.stride(0), NUM_SPLITS=splits, BLOCK=_SUM_BLOCK
-        )
-        y_splits = 1
 
-    upcast_out = out.dtype != pool.dtype
-    num_slots = total_ranks.shape[0]
-    for first, count, scalars, column_tiles in launches:
-        if column_tiles == 0:
-            continue
-        # Rows [first, first + count) of the [num_parts, num_slots] tables (contiguous).
-        tables = (
-            b_offsets[first:] if first else b_offsets,
-            y_offsets[first:] if first else y_offsets,
-            ranks[first:] if first else ranks,
-            scaling[first:] if first else scaling,
-            total_ranks,
-        )
-        strides = (y.stride(0), y.stride(1), out.stride(0))
-        expand_config = dict(
-            NUM_PARTS=count,
-            NUM_SPLITS=y_splits,
-            BLOCK_M=_BLOCK_M,
-            BLOCK_N=block_n,
-            BLOCK_R=block_r,
-            UPCAST=upcast_out,
-            DOT_PRECISION=_dot_precision(torch.float32 if upcast_out else pool.dtype),
-            num_warps=config.num_warps,
-            num_stages=config.expand_stages,
-        )
-        if tiles is None:
-            _lora_apply_expand_kernel[(num_groups, token_tiles, column_tiles)](
-                y, pool, *tables, *groups, out, num_slots, max_rank, *strides, *scalars, **expand_config
+class PendingApply:
+    """A fused projection's LoRA after its shrink (`lora_apply_begin`); `finish(out)` expands into out."""
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        pool: torch.Tensor,
+        total_ranks: torch.Tensor,
+        groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        max_rank: int,
+        tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        parts: Sequence[tuple[int, int]],
+        tiles: torch.Tensor | None,
+    ) -> None:
+        self.x, self.pool, self.total_ranks, self.groups = x, pool, total_ranks, groups
+        self.max_rank, self.tables, self.parts, self.tiles = max_rank, tables, parts, tiles
+        self.config = APPLY_CONFIG  # the same settings for both halves, whatever happens between
+        self.partials: torch.Tensor | None = None  # None: nothing to add
+        self.block_r = 0
+
+    def finish(self, out: torch.Tensor) -> None:
+        """Add every part's delta into out, in place (after the shrink, in stream order)."""
+        x, pool, groups, tiles, config = self.x, self.pool, self.groups, self.tiles, self.config
+        check_apply_out(out, x.shape[0], pool.device)
+        if out.stride(1) != 1:
+            raise ValueError("out rows must be contiguous")
+        block_n = config.expand_block_n
+        parts = self.parts
+        try:  # the engine passes the same tuple of int pairs every call: a cache hit
+            spans, launches = _apply_layout(
+                parts if type(parts) is tuple else tuple(parts), out.shape[1], block_n
             )
-        else:
-            _lora_apply_expand_tiles_kernel[(tiles.shape[0], column_tiles)](
-                y,
-                pool,
-                *tables,
-                *groups,
-                tiles,
-                out,
-                num_rows,
-                num_slots,
-                max_rank,
-                *strides,
-                *scalars,
-                **expand_config,
+        except TypeError:  # unhashable pairs (lists)
+            spans, launches = _apply_layout(tuple(tuple(p) for p in parts), out.shape[1], block_n)
+        b_offsets, ranks, y_offsets, scaling = self.tables
+        max_rank = self.max_rank
+        if pool.device.type == "cpu":  # free here; on a GPU it would cost a host sync
+            for p, (_, width) in enumerate(spans):
+                check_values(pool, b_offsets[p], ranks[p], width, y_offsets[p], max_rank, *groups, "max_rank")
+        partials = self.partials
+        if partials is None:
+            return
+        if partials.device.type == "cuda":
+            # Made on the shrink's stream, maybe a side stream: not to be reused before this reads it.
+            partials.record_stream(torch.cuda.current_stream())
+        splits, num_tokens = partials.shape[0], partials.shape[1]
+        num_rows = groups[0].shape[0]
+        y, y_splits = partials, splits
+        total_tiles = sum(launch[3] for launch in launches)
+        if splits > 1 and splits * num_rows * max_rank * 4 * total_tiles > _FUSED_SUM_MAX_BYTES:
+            y = torch.empty((1, num_tokens, max_rank), dtype=torch.float32, device=x.device)
+            numel = num_tokens * max_rank
+            _lora_sum_splits_kernel[(_cdiv(numel, _SUM_BLOCK),)](
+                partials, y, numel, partials.stride(0), NUM_SPLITS=splits, BLOCK=_SUM_BLOCK
             )
+            y_splits = 1
+
+        upcast_out = out.dtype != pool.dtype
+        total_ranks = self.total_ranks
+        num_slots = total_ranks.shape[0]
+        for first, count, scalars, column_tiles in launches:
+            if column_tiles == 0:
+                continue
+            # Rows [first, first + count) of the [num_parts, num_slots] tables (contiguous).
+            tables = (
+                b_offsets[first:] if first else b_offsets,
+                y_offsets[first:] if first else y_offsets,
+                ranks[first:] if first else ranks,
+                scaling[first:] if first else scaling,
+                total_ranks,
+            )
+            strides = (y.stride(0), y.stride(1), out.stride(0))
+            expand_config = dict(
+                NUM_PARTS=count,
+                NUM_SPLITS=y_splits,
+                BLOCK_M=_BLOCK_M,
+                BLOCK_N=block_n,
+                BLOCK_R=self.block_r,
+                UPCAST=upcast_out,
+                DOT_PRECISION=_dot_precision(torch.float32 if upcast_out else pool.dtype),
+                num_warps=config.num_warps,
+                num_stages=config.expand_stages,
+            )
+            if tiles is None:
+                grid = (groups[2].shape[0], _cdiv(num_rows, _BLOCK_M), column_tiles)
+                _lora_apply_expand_kernel[grid](
+                    y, pool, *tables, *groups, out, num_slots, max_rank, *strides, *scalars, **expand_config
+                )
+            else:
+                _lora_apply_expand_tiles_kernel[(tiles.shape[0], column_tiles)](
+                    y,
+                    pool,
+                    *tables,
+                    *groups,
+                    tiles,
+                    out,
+                    num_rows,
+                    num_slots,
+                    max_rank,
+                    *strides,
+                    *scalars,
+                    **expand_config,
+                )

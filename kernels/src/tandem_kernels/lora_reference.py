@@ -17,7 +17,7 @@ from __future__ import annotations
 import bisect
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any, List, Tuple  # noqa: UP035 - TorchScript reads the annotations: typing's names
+from typing import Any, List, Protocol, Tuple  # noqa: UP035 - TorchScript reads the annotations: typing's names
 
 import torch
 
@@ -249,7 +249,6 @@ def check_apply_args(
     group_offsets: torch.Tensor,
     group_slots: torch.Tensor,
     max_rank: int,
-    out: torch.Tensor,
     b_offsets: torch.Tensor,
     ranks: torch.Tensor,
     y_offsets: torch.Tensor,
@@ -259,16 +258,10 @@ def check_apply_args(
     """ValueError for lora_apply arguments of the wrong shape, dtype or device; no host sync.
 
     The group metadata and the shrink's per-slot vectors are checked once, the per-part tables
-    ([num_parts, num_slots] each) once for all parts. The part spans are checked apart
-    (`check_part_spans`), since they are host values a caller can check once and reuse.
+    ([num_parts, num_slots] each) once for all parts. out (`check_apply_out`) and the part spans
+    (`check_part_spans`) are checked apart: lora_apply_begin runs before out exists.
     """
     check_shrink_args(x, pool, a_offsets, total_ranks, token_indices, group_offsets, group_slots, max_rank)
-    if out.dim() != 2 or not out.is_floating_point():
-        raise ValueError(f"out must be a 2-D float tensor, got {tuple(out.shape)} {out.dtype}")
-    if out.shape[0] != x.shape[0]:
-        raise ValueError(f"out has {out.shape[0]} rows but x has {x.shape[0]}")
-    if out.device != pool.device:
-        raise ValueError(f"out is on {out.device} but pool on {pool.device}")
     shape = (num_parts, total_ranks.shape[0])
     device = pool.device
     for name, t, dtype in (
@@ -283,6 +276,16 @@ def check_apply_args(
             raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
         if t.device != device:
             raise ValueError(f"{name} is on {t.device}, expected {device}")
+
+
+def check_apply_out(out: torch.Tensor, num_tokens: int, device: torch.device) -> None:
+    """ValueError unless out is a 2-D float tensor of x's num_tokens rows on the pool's device."""
+    if out.dim() != 2 or not out.is_floating_point():
+        raise ValueError(f"out must be a 2-D float tensor, got {tuple(out.shape)} {out.dtype}")
+    if out.shape[0] != num_tokens:
+        raise ValueError(f"out has {out.shape[0]} rows but x has {num_tokens}")
+    if out.device != device:
+        raise ValueError(f"out is on {out.device} but pool on {device}")
 
 
 def _groups(
@@ -506,7 +509,76 @@ def lora_apply(
     y_offsets[p] and scaling[p] (rows of the [num_parts, num_slots] tables). `tiles`
     (`lora_token_tiles`) only selects the Triton launch's layout; here it is checked and unused.
     """
-    spans = check_part_spans(parts, out.shape[1] if out.dim() == 2 else 0)
+    pending = lora_apply_begin(
+        x,
+        pool,
+        a_offsets,
+        total_ranks,
+        token_indices,
+        group_offsets,
+        group_slots,
+        max_rank,
+        b_offsets,
+        ranks,
+        y_offsets,
+        scaling,
+        parts,
+        tiles,
+    )
+    pending.finish(out)
+
+
+class PendingLoRA(Protocol):
+    """What `lora_apply_begin` returns, on either backend: the shrink is launched; `finish(out)`
+    adds every part's expand into out, in place."""
+
+    def finish(self, out: torch.Tensor) -> None: ...
+
+
+class PendingApply:
+    """The reference's PendingLoRA: y computed at begin, the expands at finish."""
+
+    def __init__(
+        self, y: torch.Tensor, pool: torch.Tensor, groups: tuple, tables: tuple, parts: Sequence
+    ) -> None:
+        self.y, self.pool, self.groups, self.tables, self.parts = y, pool, groups, tables, parts
+
+    def finish(self, out: torch.Tensor) -> None:
+        check_apply_out(out, self.y.shape[0], self.pool.device)
+        spans = check_part_spans(self.parts, out.shape[1])
+        b_offsets, ranks, y_offsets, scaling = self.tables
+        for p, (col, width) in enumerate(spans):
+            lora_expand(
+                self.y,
+                self.pool,
+                b_offsets[p],
+                ranks[p],
+                *self.groups,
+                out,
+                scaling[p],
+                col,
+                width,
+                y_offsets[p],
+            )
+
+
+def lora_apply_begin(
+    x: torch.Tensor,
+    pool: torch.Tensor,
+    a_offsets: torch.Tensor,
+    total_ranks: torch.Tensor,
+    token_indices: torch.Tensor,
+    group_offsets: torch.Tensor,
+    group_slots: torch.Tensor,
+    max_rank: int,
+    b_offsets: torch.Tensor,
+    ranks: torch.Tensor,
+    y_offsets: torch.Tensor,
+    scaling: torch.Tensor,
+    parts: Sequence[tuple[int, int]],
+    tiles: torch.Tensor | None = None,
+) -> PendingApply:
+    """`lora_apply`'s shrink now, its expands at `finish(out)`: out need not exist yet."""
     check_apply_args(
         x,
         pool,
@@ -516,19 +588,17 @@ def lora_apply(
         group_offsets,
         group_slots,
         max_rank,
-        out,
         b_offsets,
         ranks,
         y_offsets,
         scaling,
-        len(spans),
+        len(parts),
     )
     if tiles is not None:
         check_tiles(tiles, group_offsets, token_indices.shape[0])
     groups = (token_indices, group_offsets, group_slots)
     y = lora_shrink(x, pool, a_offsets, total_ranks, *groups, max_rank)
-    for p, (col, width) in enumerate(spans):
-        lora_expand(y, pool, b_offsets[p], ranks[p], *groups, out, scaling[p], col, width, y_offsets[p])
+    return PendingApply(y, pool, groups, (b_offsets, ranks, y_offsets, scaling), parts)
 
 
 # ---------------------------------------------------------------------------------------------

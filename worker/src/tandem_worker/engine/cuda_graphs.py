@@ -117,7 +117,9 @@ class DecodeGraphs:
         manager = self.lora
         tables = manager.tables.on_device()
         tiles = self.lora_tiles[: -(-bs // TILE_ROWS)]
-        return LoRABatch(manager.pool, tables, groups, max_rank, manager.shapes, tiles=tiles)
+        return LoRABatch(
+            manager.pool, tables, groups, max_rank, manager.shapes, tiles=tiles, stream=manager.stream
+        )
 
     def _capture(self, bs: int, lora: bool) -> tuple[torch.cuda.CUDAGraph | _Rerun, torch.Tensor]:
         args = self._args(bs, lora)

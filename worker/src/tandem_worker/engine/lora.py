@@ -28,6 +28,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -388,10 +389,12 @@ class LoRABatch:
         shapes: dict[str, tuple[int, int]],
         host_groups: lora_reference.HostGroups | None = None,
         tiles: torch.Tensor | None = None,
+        stream: torch.cuda.Stream | None = None,
     ) -> None:
         self.pool, self.t, self.groups, self.max_rank = pool, tables, groups, max_rank
         self.host_groups = host_groups
         self.tiles = tiles  # the tiled launch (a CUDA graph's): `lora_token_tiles` of the groups
+        self.stream = stream  # CUDA: where `project` runs the shrinks, beside the base GEMMs
         self._work: dict[str, list[list]] = {}  # CPU path: kind -> per layer, per group
         self._native: dict[str, lora_reference.NativeTables] = {}  # CPU decode steps: kind -> tables
         self.part_cols: dict[str, list[tuple[str, int, int]]] = {}
@@ -426,15 +429,45 @@ class LoRABatch:
                 work = self._work[kind] = self._host_work(kind)
             lora_reference.lora_apply_grouped(x, out, self.pool, self.host_groups, work[layer])
             return
+        self._begin(layer, kind, x).finish(out)
+
+    def project(
+        self, layer: int, kind: str, x: torch.Tensor, linear: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """linear(x) plus projection `kind`'s LoRA delta for every adapter token of the batch.
+
+        On a GPU the LoRA shrink, which reads only x, runs on the side stream while linear's GEMM
+        runs on the current one (also inside a CUDA graph, as parallel branches); the expand adds
+        into the GEMM's output once both are done. What the LoRA kernels add to a projection is
+        then the expand, not the expand and the shrink.
+        """
+        if self.host_groups is not None or not self.max_rank[kind]:
+            out = linear(x)
+            self.apply(layer, kind, x, out)
+            return out
+        stream = self.stream
+        if stream is None:
+            pending = self._begin(layer, kind, x)
+            out = linear(x)
+        else:
+            current = torch.cuda.current_stream()
+            stream.wait_stream(current)  # x is written
+            with torch.cuda.stream(stream):
+                pending = self._begin(layer, kind, x)
+            out = linear(x)
+            current.wait_stream(stream)
+        pending.finish(out)
+        return out
+
+    def _begin(self, layer: int, kind: str, x: torch.Tensor) -> lora_reference.PendingLoRA:
         a_offsets, total_ranks, b_offsets, ranks, y_offsets, scaling = self._fused[kind][layer]
-        tandem_kernels.lora_apply(
+        return tandem_kernels.lora_apply_begin(
             x,
             self.pool,
             a_offsets,
             total_ranks,
             *self.groups,
-            max_rank,
-            out,
+            self.max_rank[kind],
             b_offsets,
             ranks,
             y_offsets,
@@ -529,6 +562,8 @@ class LoRAManager:
         self._free_slots: list[int] = []
         self._next_slot = 0
         self.tables = LoRATables(cfg.num_hidden_layers, kv_cache.device)
+        # The LoRA shrinks run here, concurrent with the base projections' GEMMs (LoRABatch.project).
+        self.stream = torch.cuda.Stream(kv_cache.device) if kv_cache.device.type == "cuda" else None
         if kv_cache.device.type == "cpu" and kv_cache.dtype == torch.float32:
             # Build (first time on a machine, ~25 s) or load the C++ decode op now, not inside the
             # first decode step with an adapter.
@@ -810,7 +845,9 @@ class LoRAManager:
         max_rank = {k: max(self.tables.max_total_rank[k][s] for s in active) for k in KINDS}
         if tandem_kernels.uses_triton(self.pool.device):
             groups = tandem_kernels.lora_token_groups(seq_lens, seq_slots, self.pool.device)
-            return LoRABatch(self.pool, self.tables.on_device(), groups, max_rank, self.shapes)
+            return LoRABatch(
+                self.pool, self.tables.on_device(), groups, max_rank, self.shapes, stream=self.stream
+            )
         # The CPU path: the metadata stays on the host (see LoRABatch).
         host = lora_reference.HostGroups(seq_lens, seq_slots)
         return LoRABatch(self.pool, self.tables, None, max_rank, self.shapes, host)

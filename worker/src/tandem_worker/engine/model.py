@@ -193,10 +193,8 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         t = x.shape[0]
-        qkv = self.qkv_proj(x)
         lora = meta.lora
-        if lora is not None:
-            lora.apply(self.layer_idx, "qkv", x, qkv)
+        qkv = self.qkv_proj(x) if lora is None else lora.project(self.layer_idx, "qkv", x, self.qkv_proj)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
@@ -240,10 +238,7 @@ class Attention(nn.Module):
                     self.scale,
                 )
         out = out.view(t, self.q_size)
-        o = self.o_proj(out)
-        if lora is not None:
-            lora.apply(self.layer_idx, "o", out, o)
-        return o
+        return self.o_proj(out) if lora is None else lora.project(self.layer_idx, "o", out, self.o_proj)
 
 
 def _fresh_prefill_attention(
@@ -273,15 +268,13 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, lora: Any = None) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        if lora is not None:
-            lora.apply(self.layer_idx, "gate_up", x, gate_up)
+        if lora is None:
+            gate_up = self.gate_up_proj(x)
+        else:
+            gate_up = lora.project(self.layer_idx, "gate_up", x, self.gate_up_proj)
         gate, up = gate_up.split(self.intermediate, dim=-1)
         h = F.silu(gate) * up
-        out = self.down_proj(h)
-        if lora is not None:
-            lora.apply(self.layer_idx, "down", h, out)
-        return out
+        return self.down_proj(h) if lora is None else lora.project(self.layer_idx, "down", h, self.down_proj)
 
 
 class DecoderLayer(nn.Module):
