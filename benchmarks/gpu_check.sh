@@ -26,8 +26,10 @@ SMOKE_FLAG=()
 if [[ -n "${SMOKE:-}" ]]; then
     SMOKE_FLAG=(--smoke)
 else
-    # The CUDA-only tests CI skips: KV staging through pinned buffers on side streams.
-    "$PYTHON" -m pytest -q --noconftest -p no:cacheprovider tests/test_kv_staging.py 2>&1 | tail -5 | tee "$OUT/pytest.txt"
+    # The CUDA-only tests CI skips: KV staging through pinned buffers on side streams (--noconftest:
+    # the suite's conftest runs Triton interpreted; the one test needing the built-in model is left out).
+    "$PYTHON" -m pytest -q --noconftest -p no:cacheprovider tests/test_kv_staging.py -k "not cpu_sink" 2>&1 \
+        | tail -5 | tee "$OUT/pytest.txt"
 fi
 "$PYTHON" benchmarks/bench_gpu.py --tokenizer "${TANDEM_TOKENIZER:-.gpu/tok}" --out "$OUT" \
     --sections "$SECTIONS" "${SMOKE_FLAG[@]}" 2>&1 | tee "$OUT/log.txt" | grep -v "^\[.*\]   " || true
