@@ -31,7 +31,9 @@ def graph_engine(model_dir: Path, adapter_store: Path) -> LLMEngine:
     max_blocks = -(-engine.max_model_len // runner.block_size)
     runner.graphs = DecodeGraphs(runner.model, runner.kv_cache, MAX_BATCH, max_blocks)
     runner.graphs.capture()
+    # As a worker with an adapter store does (LLMEngine on CUDA): the LoRA graphs at start-up.
     runner.graphs.use_lora(engine.lora, 32)
+    runner.graphs.capture_lora()
     return engine
 
 
@@ -66,13 +68,19 @@ def check(results: dict, peft_references) -> None:
 
 
 def test_decode_steps_mixing_adapters_replay_graphs_and_match_peft(
-    graph_engine, prompt_ids, peft_references, replays
+    graph_engine, prompt_ids, peft_references, replays, monkeypatch
 ):
     # Ranks 4 to 32 (stacked q, k, v up to 48, within the graph's 3 x 32) and the base model: batches
     # of up to 7 rows (the adapters load while earlier requests run), padded to captured sizes.
     requests = [(None, 0), ("qv-r4", 1), ("all-r16", 2), ("mlp-r32", 0), ("all-r16", 1), ("attn-r8", 2)]
     requests.append(("pattern-r16", 0))
+    graphs = graph_engine.runner.graphs
+    assert set(graphs._lora_graphs) == set(graphs.sizes), "not every LoRA graph was captured at start-up"
+    captures = []
+    original = DecodeGraphs._capture
+    monkeypatch.setattr(DecodeGraphs, "_capture", lambda self, *a: captures.append(a) or original(self, *a))
     check(generate(graph_engine, requests, prompt_ids), peft_references)
+    assert not captures, "a graph was captured while serving"
     assert any(lora for _, lora in replays), "no decode step replayed a LoRA graph"
     assert {rows for rows, lora in replays if lora} & {3, 5, 6, 7}, "no LoRA step had padding rows"
 
@@ -96,6 +104,7 @@ def test_graphs_are_captured_again_when_the_tables_grow(graph_engine, prompt_ids
     graphs = graph_engine.runner.graphs
     old = dict(graphs._lora_graphs)
     assert old, "no LoRA graph was captured before"
+    assert lora.tables.capacity == 64  # sized at start-up for the graphs
     lora.tables.grow(2 * lora.tables.capacity)  # new device tables: the old graphs read freed memory
     requests = [("all-r16", 0), ("qv-r4", 1), (None, 2), ("mlp-r32", 2)]
     check(generate(graph_engine, requests, prompt_ids), peft_references)

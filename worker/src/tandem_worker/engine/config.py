@@ -122,8 +122,9 @@ class EngineConfig:
     # CUDA: decode-only steps of up to this many sequences replay captured CUDA graphs (one per
     # captured batch size, padded up to the next); 0 runs every step eagerly.
     cuda_graph_max_batch: int = 256
-    # Decode steps with adapters replay graphs too (captured at a batch size's first such step)
-    # when every adapter's rank is at most this; larger ones, or 0, run those steps eagerly.
+    # Decode steps with adapters replay graphs too (captured at start-up with a lora_store, else at
+    # a batch size's first such step) when every adapter's rank is at most this; larger ones, or
+    # 0, run those steps eagerly.
     cuda_graph_max_lora_rank: int = 64
     # LoRA: the adapter store (a folder of PEFT adapters, one sub-folder per name), the host-memory
     # cache above it, and how long a request may wait for its adapter to load. Device memory for

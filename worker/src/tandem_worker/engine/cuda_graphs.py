@@ -10,13 +10,14 @@ Everything a replay reads lives in static buffers sized for the largest batch; `
 step's inputs into them. Steps with prefill chunks or a KV layer hook (the prefill worker
 streaming KV) run eagerly: their shapes vary too much to capture.
 
-Decode steps with LoRA adapters replay graphs of their own (`use_lora`), captured the first time a
-batch size needs one. Their LoRA kernels use the tiled launch (`tandem_kernels.lora_token_tiles`),
-whose grid depends only on the batch size, so one graph serves any mix of adapters: the step's
-token groups go into static buffers like the other inputs, the adapters' offset tables are updated
-in place (`LoRATables.on_device`), and their ranks are bounded by the graph's (`max_lora_rank`;
-batches with a larger adapter run eagerly). A capacity change of the tables reallocates them, and
-the LoRA graphs are captured again.
+Decode steps with LoRA adapters replay graphs of their own (`use_lora`), captured at start-up when
+the worker has an adapter store (`capture_lora`), else the first time a batch size needs one. Their
+LoRA kernels use the tiled launch (`tandem_kernels.lora_token_tiles`), whose grid depends only on
+the batch size, so one graph serves any mix of adapters: the step's token groups go into static
+buffers like the other inputs, the adapters' offset tables are updated in place
+(`LoRATables.on_device`), and their ranks are bounded by the graph's (`max_lora_rank`; batches with
+a larger adapter run eagerly). A capacity change of the tables reallocates them, and the LoRA
+graphs are captured again.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ from .lora import KINDS, LoRABatch, LoRAManager
 from .model import AttentionMetadata, LlamaModel
 
 log = logging.getLogger(__name__)
+
+# Adapter slots the LoRA tables have when the LoRA graphs are captured at start-up: more adapters
+# resident at once reallocate the tables, and the graphs that read them are captured again.
+LORA_GRAPH_SLOTS = 64
 
 # Dense where batches are small (each padded row costs a whole row of work), coarser above.
 CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
@@ -209,11 +214,7 @@ class DecodeGraphs:
             self._graphs[bs].replay()
             return self._outputs[bs][:n]
         self._fill_lora(lora_slots, bs)
-        self.lora.tables.on_device()  # adapters loaded or evicted since the last step: in place
-        if self._lora_version != self.lora.tables.version:
-            self._lora_graphs.clear()
-            self._lora_outputs.clear()
-            self._lora_version = self.lora.tables.version
+        self._check_lora_version()
         if bs not in self._lora_graphs:
             # Captured now, on this step's inputs (already in the buffers, so the capture's warm-up
             # writes the very KV the replay writes, never another sequence's).
@@ -224,6 +225,34 @@ class DecodeGraphs:
             )
         self._lora_graphs[bs].replay()
         return self._lora_outputs[bs][:n]
+
+    def capture_lora(self) -> None:
+        """Capture the LoRA graph of every batch size now (a worker with an adapter store expects
+        adapters), rather than at each size's first step with adapters, which would stall the
+        running requests for the capture. The graphs are captured with no adapter rows: their
+        grids do not depend on the metadata."""
+        t0 = time.perf_counter()
+        tables = self.lora.tables
+        if tables.capacity < LORA_GRAPH_SLOTS:
+            tables.grow(LORA_GRAPH_SLOTS)  # growing later would mean capturing again, mid-serving
+        self._check_lora_version()
+        for bs in sorted(self.sizes, reverse=True):
+            if bs not in self._lora_graphs:
+                self._fill_lora([None] * bs, bs)
+                self._lora_graphs[bs], self._lora_outputs[bs] = self._capture(bs, lora=True)
+        if self.kv_cache.device.type == "cuda":
+            torch.cuda.synchronize()
+            log.info("captured LoRA decode CUDA graphs in %.1f s", time.perf_counter() - t0)
+
+    def _check_lora_version(self) -> None:
+        """Bring the adapters' device tables up to date (in place); drop the LoRA graphs when the
+        tables were reallocated, which the graphs read by address."""
+        tables = self.lora.tables
+        tables.on_device()
+        if self._lora_version != tables.version:
+            self._lora_graphs.clear()
+            self._lora_outputs.clear()
+            self._lora_version = tables.version
 
     def _fill_lora(self, lora_slots: list[int | None], bs: int) -> None:
         """The step's token groups into the static LoRA buffers, padded to the batch size."""

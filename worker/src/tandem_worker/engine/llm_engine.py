@@ -90,6 +90,8 @@ class LLMEngine:
         self.runner.lora = self.lora
         if self.runner.graphs is not None and config.cuda_graph_max_lora_rank > 0:
             self.runner.graphs.use_lora(self.lora, config.cuda_graph_max_lora_rank)
+            if config.lora_store:
+                self.runner.graphs.capture_lora()
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_batched_tokens, config.max_num_seqs, self.lora
         )
