@@ -44,6 +44,9 @@ does all of that as one op (two kernel launches on a GPU), with the per-part met
         @ B[p, s].T for every part p = (col_p, w_p) and grouped token of slot s, in place: the same
         as lora_shrink then lora_expand per part (columns of y past total_ranks[s] read as zero)
         (tiles: `lora_token_tiles`, for a launch a CUDA graph can capture; see lora.py)
+    lora_apply_begin(x, pool, a_offsets, total_ranks, *groups, max_rank, b_offsets, ranks,
+                     y_offsets, scaling, parts, tiles=None).finish(out)
+        the same in two halves: the shrink (it reads only x) before out exists, the expands after
 Tokens without an adapter are simply in no group; `lora_token_groups` builds the metadata. Bad
 shapes, dtypes and (for metadata on the CPU, where it costs no sync) bad ranks, offsets and slots
 raise ValueError.
