@@ -34,15 +34,26 @@ fi
 "$PYTHON" benchmarks/bench_gpu.py --tokenizer "${TANDEM_TOKENIZER:-.gpu/tok}" --out "$OUT" \
     --sections "$SECTIONS" "${SMOKE_FLAG[@]}" 2>&1 | tee "$OUT/log.txt" | grep -v "^\[.*\]   " || true
 "$PYTHON" - "$OUT/results.json" <<'PY'
-import json, sys
+# The headline figures (the reply of a device call carries only the end of the output).
+import json
+import sys
 
+KEYS = ("fraction", "added", "speedup", "best", "equal", "_ok", "rel_err", "tokens_per_s", "ms_per_step",
+        "MFU", "GBps", "TFLOPs", "error", "graphs", "eager")
 results = json.load(open(sys.argv[1]))
+
+
+def pick(d: dict) -> dict:
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items() if any(w in k for w in KEYS)}
+
+
 for name, section in results.items():
     if not isinstance(section, dict):
         continue
-    flat = {k: v for k, v in section.items() if not isinstance(v, (dict, list))}
-    print(f"{name}: {json.dumps(flat, default=str)[:600]}")
-    for key, value in section.items():
-        if isinstance(value, dict) and any(w in key for w in ("layer", "overhead", "decode_b", "prefill")):
-            print(f"  {key}: {json.dumps(value, default=str)[:400]}")
+    print(f"{name}: {json.dumps(pick(section), default=str)[:700]}")
+    nested = [(k, pick(v)) for k, v in section.items() if isinstance(v, dict)]
+    # Per-projection rows are many; their per-layer totals say it.
+    nested = [(k, v) for k, v in nested if v and not k.endswith(("_qkv", "_o", "_gate_up", "_down"))]
+    for key, value in nested[:12]:
+        print(f"  {key}: {json.dumps(value, default=str)[:700]}")
 PY
