@@ -6,7 +6,7 @@ Sections (each runs on its own; a failure is recorded and the next one goes on):
   attention  paged decode attention bandwidth (Llama-3-8B shapes) as a fraction of the copy
              bandwidth, against the torch reference kernel and PyTorch's own attention (SDPA)
   lora       LoRA shrink/expand time at rank 16, batch 64, as a fraction of the base projections
-  lora_sweep the same for 11 launch settings of lora_apply, grouped and tiled, to pick the default
+  lora_sweep the same for 13 launch settings of lora_apply, grouped and tiled, to pick the default
   greedy     greedy outputs of the engine (bf16, CUDA graphs) against `transformers` generate on
              the same weights: 30 prompts x 32 tokens; each difference checked for a near-tie.
              The model is trained on the spot (memorizing random documents) so that its outputs
@@ -465,8 +465,8 @@ def lora() -> dict:
 
 @section
 def lora_sweep() -> dict:
-    """lora_apply's launch settings (`tandem_kernels.lora.ApplyConfig`: split-K chunk and output
-    columns per program) swept at rank 16, batch 64, 1 and 8 adapters, grouped (eager) and tiled
+    """lora_apply's launch settings (`tandem_kernels.lora.ApplyConfig`: split-K chunk, output columns
+    and, tiled, programs per tile) swept at rank 16, batch 64, 1, 8 and 64 adapters, grouped (eager) and tiled
     (decode graphs) launches, inside CUDA graphs: per projection and per layer, as a fraction of
     the base projections, to pick APPLY_CONFIG from (per projection, if they disagree)."""
     from tandem_kernels import lora
@@ -476,12 +476,18 @@ def lora_sweep() -> dict:
         lora.ApplyConfig(shrink_k_chunk=chunk, shrink_block_k=128, expand_block_n=block_n)
         for chunk in (512, 1024, 2048)
         for block_n in (64, 128, 256)
-    ] + [lora.ApplyConfig(num_warps=8), lora.ApplyConfig(shrink_k_chunk=256, shrink_block_k=64)]
+    ] + [
+        lora.ApplyConfig(num_warps=8),
+        lora.ApplyConfig(shrink_k_chunk=256, shrink_block_k=64),
+        # The tiled launch's programs per tile (the grouped launch ignores it).
+        lora.ApplyConfig(tile_group_programs=1),
+        lora.ApplyConfig(tile_group_programs=16),
+    ]
     if SMOKE:
-        configs = configs[:2]
+        configs = configs[:1] + configs[-2:]
     out: dict = {"default": repr(default)}
     try:
-        for num_adapters in sz((1, 8), (2,)):
+        for num_adapters in sz((1, 8, 64), (2,)):
             base_layer = 0.0
             layer: dict[str, float] = {}
             for name in _lora_projections():
@@ -491,7 +497,10 @@ def lora_sweep() -> dict:
                 rows = {}
                 for c in configs:
                     lora.APPLY_CONFIG = c
-                    key = f"k{c.shrink_k_chunk}/{c.shrink_block_k}_n{c.expand_block_n}_w{c.num_warps}"
+                    key = (
+                        f"k{c.shrink_k_chunk}/{c.shrink_block_k}_n{c.expand_block_n}_w{c.num_warps}"
+                        f"_p{c.tile_group_programs}"
+                    )
                     for launch in ("fused", "tiled_exact"):
                         case[launch]()  # compiles these settings' kernels before any capture
                         ms = graph_ms(case[launch], rep=30)

@@ -1047,10 +1047,21 @@ def test_apply_in_two_halves_around_the_base_projection(apply_ops, tiled):
 @pytest.mark.parametrize(
     "config",
     [
-        # Smaller blocks than the default: more splits, several column tiles per part.
-        dict(shrink_k_chunk=256, shrink_block_k=64, expand_block_n=32, num_warps=2),
-        # Larger: one split for hidden_in <= 1024, column tiles wider than some parts.
-        dict(shrink_k_chunk=1024, shrink_block_k=256, expand_block_n=128, num_warps=8, expand_stages=2),
+        # Smaller blocks than the default: more splits, several column tiles per part; one program
+        # per tile walking all its groups.
+        dict(shrink_k_chunk=256, shrink_block_k=64, expand_block_n=32, num_warps=2, tile_group_programs=1),
+        # Larger: one split for hidden_in <= 1024, column tiles wider than some parts; a program
+        # per group of a tile.
+        dict(
+            shrink_k_chunk=1024,
+            shrink_block_k=256,
+            expand_block_n=128,
+            num_warps=8,
+            expand_stages=2,
+            tile_group_programs=16,
+        ),
+        # Two programs per tile: some take two groups of a tile, some none.
+        dict(tile_group_programs=2),
     ],
 )
 def test_apply_launch_settings_change_no_result(config, tiled, monkeypatch):
@@ -1084,6 +1095,8 @@ def test_apply_launch_settings_are_checked():
         ApplyConfig(shrink_k_chunk=8, shrink_block_k=8)
     with pytest.raises(ValueError, match="multiple of shrink_block_k"):
         ApplyConfig(shrink_k_chunk=64, shrink_block_k=128)
+    with pytest.raises(ValueError, match="tile_group_programs"):
+        ApplyConfig(tile_group_programs=17)
 
 
 # --- the engine's CPU path: lora_apply_grouped over HostGroups --------------------------------

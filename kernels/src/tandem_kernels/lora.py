@@ -102,6 +102,11 @@ class ApplyConfig:
     # No software pipelining of the expand's rank loop: usually a single iteration, so staging its
     # loads through shared memory only costs.
     expand_stages: int = 1
+    # The tiled launch (CUDA graphs): programs per 16-row tile, each taking every P-th group of the
+    # tile. 1 walks a tile's groups one after another (up to 16 with one request per adapter); 16
+    # gives each group its own program, as the grouped launch does, at the price of programs that
+    # find no group and return. 4: at most 4 groups in turn, 4x the programs of a one-adapter batch.
+    tile_group_programs: int = 4
 
     def __post_init__(self) -> None:
         for name in ("shrink_k_chunk", "shrink_block_k", "expand_block_n", "num_warps"):
@@ -114,6 +119,10 @@ class ApplyConfig:
             raise ValueError("shrink_k_chunk must be a multiple of shrink_block_k")
         if self.expand_stages < 1:
             raise ValueError("expand_stages must be at least 1")
+        if not 1 <= self.tile_group_programs <= TILE_ROWS:
+            raise ValueError(
+                f"tile_group_programs must be in [1, {TILE_ROWS}] (a tile has at most that many groups)"
+            )
 
 
 # Chosen on an H100 (Llama-3-8B shapes, decode batch of 64, rank 16, inside a CUDA graph) among K
@@ -456,10 +465,12 @@ def _lora_apply_expand_kernel(
 # The tiled launch (lora_apply's `tiles`): the grid's token axis is tiles of BLOCK_M consecutive
 # rows of token_indices, whatever groups they belong to, instead of (group, token tile) pairs. Its
 # size then depends only on token_indices' length, not on the metadata's values, so a CUDA graph
-# captured once per batch size serves every mix of adapters. A tile walks the few groups it
-# overlaps (`tiles[t]` = first, end), each with its own weights; rows of other groups are masked out
-# of each group's loads, so their products add exact zeros. A token's result is the one its group
-# alone gives (the same sums, in the same order, as the grouped launch).
+# captured once per batch size serves every mix of adapters. ApplyConfig.tile_group_programs
+# programs share a tile and split the groups it overlaps (`tiles[t]` = first, end) between them;
+# each walks its own, each group with its own weights, and reads and writes only its groups' rows.
+# Rows of other groups are masked out of each group's loads, so their products add exact zeros. A
+# token's result is the one its group alone gives (the same sums, in the same order, as the grouped
+# launch).
 
 
 @triton.jit
@@ -480,6 +491,7 @@ def _lora_shrink_tiles_kernel(
     y_stride_t,
     y_stride_split,
     num_rank_tiles,
+    GROUP_PROGRAMS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -487,8 +499,9 @@ def _lora_shrink_tiles_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    g_first = tl.load(tiles_ptr + 2 * tile)
+    # GROUP_PROGRAMS programs share a tile: program j takes its groups j, j + GROUP_PROGRAMS, ...
+    tile = tl.program_id(0) // GROUP_PROGRAMS
+    g_first = tl.load(tiles_ptr + 2 * tile) + tl.program_id(0) % GROUP_PROGRAMS
     g_end = tl.load(tiles_ptr + 2 * tile + 1)
     if g_first >= g_end:
         return
@@ -503,21 +516,20 @@ def _lora_shrink_tiles_kernel(
     k_end = tl.minimum(k_start + K_CHUNK, hidden_in)
 
     acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for g in range(g_first, g_end):
+    mine = offs_m < 0  # the rows of this program's groups
+    for g in range(g_first, g_end, GROUP_PROGRAMS):
+        rows = (offs_m >= tl.load(group_offsets_ptr + g)) & (offs_m < tl.load(group_offsets_ptr + g + 1))
+        mine = mine | rows
         slot = tl.load(group_slots_ptr + g).to(tl.int64)
         rank = tl.minimum(tl.load(ranks_ptr + slot), max_rank)
         if r_start < rank:  # else y's columns here are past this adapter's rank: never read
-            rows = (offs_m >= tl.load(group_offsets_ptr + g)) & (offs_m < tl.load(group_offsets_ptr + g + 1))
             a_offset = tl.load(a_offsets_ptr + slot)  # int64
             a_ptrs = pool_ptr + a_offset + offs_r[:, None] * hidden_in + offs_k[None, :]
             acc = _shrink_chunk(
                 acc, x_ptrs, a_ptrs, rows, offs_r < rank, k_start, k_end, BLOCK_K, UPCAST, DOT_PRECISION
             )
-
-    # Every row of the tile's groups, every column of this rank tile (zeros past a row's rank).
-    lo = tl.load(group_offsets_ptr + g_first)
-    hi = tl.load(group_offsets_ptr + g_end)
-    mask = ((offs_m >= lo) & (offs_m < hi))[:, None] & (offs_r < max_rank)[None, :]
+    # Every row of this program's groups, every column of this rank tile (zeros past a row's rank).
+    mask = mine[:, None] & (offs_r < max_rank)[None, :]
     y_ptrs = y_ptr + split * y_stride_split + tokens[:, None] * y_stride_t + offs_r[None, :]
     tl.store(y_ptrs, acc, mask=mask)
 
@@ -553,6 +565,7 @@ def _lora_apply_expand_tiles_kernel(
     col3,
     width3,
     tiles3,
+    GROUP_PROGRAMS: tl.constexpr,
     NUM_PARTS: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -561,8 +574,8 @@ def _lora_apply_expand_tiles_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    g_first = tl.load(tiles_ptr + 2 * tile)
+    tile = tl.program_id(0) // GROUP_PROGRAMS  # as in _lora_shrink_tiles_kernel
+    g_first = tl.load(tiles_ptr + 2 * tile) + tl.program_id(0) % GROUP_PROGRAMS
     g_end = tl.load(tiles_ptr + 2 * tile + 1)
     if g_first >= g_end:
         return
@@ -574,20 +587,25 @@ def _lora_apply_expand_tiles_kernel(
     tokens = tl.load(token_indices_ptr + offs_m, mask=offs_m < num_rows, other=0)  # int64
     offs_n = (n - tile0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < width
-    lo = tl.load(group_offsets_ptr + g_first)
-    hi = tl.load(group_offsets_ptr + g_end)
     out_ptrs = out_ptr + tokens[:, None] * out_stride_t + col + offs_n[None, :]
-    mask = ((offs_m >= lo) & (offs_m < hi))[:, None] & mask_n[None, :]
-    current = tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if GROUP_PROGRAMS == 1:
+        # The tile's rows are all this program's: their out is loaded first, its latency hidden
+        # behind the loads below.
+        lo = tl.load(group_offsets_ptr + g_first)
+        hi = tl.load(group_offsets_ptr + g_end)
+        mask = ((offs_m >= lo) & (offs_m < hi))[:, None] & mask_n[None, :]
+        current = tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for g in range(g_first, g_end):
+    mine = offs_m < 0  # the rows of this program's groups
+    for g in range(g_first, g_end, GROUP_PROGRAMS):
+        rows = (offs_m >= tl.load(group_offsets_ptr + g)) & (offs_m < tl.load(group_offsets_ptr + g + 1))
+        mine = mine | rows
         slot = tl.load(group_slots_ptr + g).to(tl.int64)
         meta = part.to(tl.int64) * num_slots + slot
         rank = tl.load(ranks_ptr + meta)
         total = tl.minimum(tl.load(total_ranks_ptr + slot), max_rank)
         if rank > 0 and total > 0:
-            rows = (offs_m >= tl.load(group_offsets_ptr + g)) & (offs_m < tl.load(group_offsets_ptr + g + 1))
             product = _expand_rows(
                 y_ptr,
                 pool_ptr,
@@ -609,6 +627,10 @@ def _lora_apply_expand_tiles_kernel(
                 DOT_PRECISION,
             )
             acc += product * tl.load(scaling_ptr + meta)
+    if GROUP_PROGRAMS > 1:
+        # Other programs add into the tile's other rows: read and write this program's only.
+        mask = mine[:, None] & mask_n[None, :]
+        current = tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
     # Rows of a group without LoRA on this part get current + 0: their values are unchanged.
     tl.store(out_ptrs, (current + acc).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -961,8 +983,19 @@ def lora_apply_begin(
             x, pool, a_offsets, total_ranks, *groups, partials, *shape_args, **shrink_config
         )
     else:
-        _lora_shrink_tiles_kernel[(tiles.shape[0], rank_tiles * splits)](
-            x, pool, a_offsets, total_ranks, *groups, tiles, partials, num_rows, *shape_args, **shrink_config
+        programs = config.tile_group_programs
+        _lora_shrink_tiles_kernel[(tiles.shape[0] * programs, rank_tiles * splits)](
+            x,
+            pool,
+            a_offsets,
+            total_ranks,
+            *groups,
+            tiles,
+            partials,
+            num_rows,
+            *shape_args,
+            GROUP_PROGRAMS=programs,
+            **shrink_config,
         )
     pending.partials, pending.block_r = partials, block_r
     return pending
@@ -1057,7 +1090,8 @@ class PendingApply:
                     y, pool, *tables, *groups, out, num_slots, max_rank, *strides, *scalars, **expand_config
                 )
             else:
-                _lora_apply_expand_tiles_kernel[(tiles.shape[0], column_tiles)](
+                programs = config.tile_group_programs
+                _lora_apply_expand_tiles_kernel[(tiles.shape[0] * programs, column_tiles)](
                     y,
                     pool,
                     *tables,
@@ -1069,5 +1103,6 @@ class PendingApply:
                     max_rank,
                     *strides,
                     *scalars,
+                    GROUP_PROGRAMS=programs,
                     **expand_config,
                 )
