@@ -587,7 +587,7 @@ def test_dispatcher_uses_reference_on_cpu(monkeypatch):
 
     monkeypatch.setattr(tandem_kernels, "_triton_lora_shrink", no_triton)
     monkeypatch.setattr(tandem_kernels, "_triton_lora_expand", no_triton)
-    monkeypatch.setattr(tandem_kernels, "_triton_lora_apply", no_triton)
+    monkeypatch.setattr(tandem_kernels, "_triton_lora_apply_begin", no_triton)
     gen = torch.Generator().manual_seed(7)
     ranks = [4, 8]
     ad = make_adapters(ranks, 32, 24, torch.float32, gen)
@@ -619,15 +619,25 @@ def test_dispatcher_env_forces_triton(monkeypatch):
     tandem_kernels.lora_shrink(*shrink_args(batch, ad))
     y_offsets = torch.zeros(1, dtype=torch.int64)
     tandem_kernels.lora_expand(*expand_args(torch.zeros(2, 4), batch, ad, batch.x, 0), y_offsets)
-    monkeypatch.setattr(tandem_kernels, "_triton_lora_apply", lambda *args: calls.append(("apply", args)))
+
+    class Pending:
+        def finish(self, out):
+            calls.append(("finish", (out,)))
+
+    def begin(*args):
+        calls.append(("begin", args))
+        return Pending()
+
+    monkeypatch.setattr(tandem_kernels, "_triton_lora_apply_begin", begin)
     parts = ((0, 8), (8, 8))
     tiles = tandem_kernels.lora_token_tiles(batch.groups[1], 2)
     tandem_kernels.lora_apply(
         *shrink_args(batch, ad), batch.x, ad.b_offsets, ad.ranks, y_offsets, ad.scaling, parts, tiles
     )
-    assert [name for name, _ in calls] == ["shrink", "expand", "apply"]
+    assert [name for name, _ in calls] == ["shrink", "expand", "begin", "finish"]
     assert calls[0][1][-1] == 4 and calls[1][1][-1] is y_offsets  # every argument passed through
-    assert len(calls[2][1]) == 15 and calls[2][1][-2] is parts and calls[2][1][-1] is tiles
+    assert len(calls[2][1]) == 14 and calls[2][1][-2] is parts and calls[2][1][-1] is tiles
+    assert calls[3][1][0] is batch.x  # lora_apply's out, handed to finish
 
 
 # --- lora_apply: one fused projection, shrink and every part's expand in one op ---------------

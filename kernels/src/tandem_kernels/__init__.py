@@ -77,7 +77,6 @@ except ImportError:  # Triton is optional: a CPU-only install runs the reference
 # attribute of this package the first time, so a lazy import of `tandem_kernels.store_kvcache`
 # would overwrite the public `store_kvcache` function defined below.
 if triton is not None:
-    from tandem_kernels.lora import lora_apply as _triton_lora_apply
     from tandem_kernels.lora import lora_apply_begin as _triton_lora_apply_begin
     from tandem_kernels.lora import lora_expand as _triton_lora_expand
     from tandem_kernels.lora import lora_shrink as _triton_lora_shrink
@@ -90,7 +89,6 @@ else:
     _triton_store_kvcache = None
     _triton_lora_shrink = None
     _triton_lora_expand = None
-    _triton_lora_apply = None
     _triton_lora_apply_begin = None
 
 __all__ = [
@@ -279,7 +277,7 @@ def lora_apply(
     (`lora_token_tiles(group_offsets, len(token_indices))`) makes the launches' grids depend only on
     the metadata's shapes, as a CUDA graph needs; the result is the same.
     """
-    args = (
+    lora_apply_begin(
         x,
         pool,
         a_offsets,
@@ -288,18 +286,13 @@ def lora_apply(
         group_offsets,
         group_slots,
         max_rank,
-        out,
         b_offsets,
         ranks,
         y_offsets,
         scaling,
         parts,
         tiles,
-    )
-    if uses_triton(out.device):
-        _triton_lora_apply(*args)
-    else:
-        lora_reference.lora_apply(*args)
+    ).finish(out)
 
 
 def lora_apply_begin(

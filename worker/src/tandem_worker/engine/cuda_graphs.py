@@ -23,14 +23,13 @@ graphs are captured again.
 from __future__ import annotations
 
 import bisect
-import itertools
 import logging
 import time
 
 import numpy as np
 import torch
 
-from tandem_kernels.lora_reference import TILE_ROWS, tile_bounds
+from tandem_kernels.lora_reference import TILE_ROWS, HostGroups, tile_bounds
 
 from .lora import KINDS, LoRABatch, LoRAManager
 from .model import AttentionMetadata, LlamaModel
@@ -256,15 +255,10 @@ class DecodeGraphs:
 
     def _fill_lora(self, lora_slots: list[int | None], bs: int) -> None:
         """The step's token groups into the static LoRA buffers, padded to the batch size."""
-        # lora_token_groups' layout (one group per slot, ascending), in host values: cheaper per step.
-        rows = sorted((i for i, s in enumerate(lora_slots) if s is not None), key=lora_slots.__getitem__)
-        group_slots: list[int] = []
-        bounds = [0]
-        for slot, members in itertools.groupby(rows, key=lora_slots.__getitem__):
-            group_slots.append(slot)
-            bounds.append(bounds[-1] + sum(1 for _ in members))
+        groups = HostGroups([1] * len(lora_slots), lora_slots)  # the engine's grouping, on the host
+        rows, group_slots = groups.token_indices.numpy(), groups.slots
         num_groups = len(group_slots)
-        bounds += [len(rows)] * (bs - num_groups)  # empty groups up to the graph's bs
+        bounds = groups.bounds + [len(rows)] * (bs - num_groups)  # empty groups up to the graph's bs
         tiles = tile_bounds(bounds, bs)
         host = self._lora_host.numpy()
         n = self.max_batch
