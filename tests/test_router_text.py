@@ -9,8 +9,37 @@ from tandem_worker.engine.tokenizer import TextStream, Tokenizer
 
 
 @pytest.fixture(scope="module")
-def tok(model_dir) -> Tokenizer:
+def real_tok(model_dir) -> Tokenizer:
     return Tokenizer(model_dir)
+
+
+@pytest.fixture(params=["decode_stream", "window"])
+def tok(request, real_tok: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> Tokenizer:
+    """Both detokenizers: the Rust DecodeStream, and the window a tokenizer without one gets."""
+    if request.param == "window":
+        monkeypatch.setattr(Tokenizer, "backend", property(lambda self: None))
+    return real_tok
+
+
+TEXTS = [
+    " Zürich 東京 🚀 naïve",
+    "def f(x):\n    return x ** 2  # square\n\n\tprint(f(3))",
+    " Ωμέγα — «quotes» and ‘curly’ ones; emoji 👩‍👩‍👧 joined, flags 🇯🇵",
+    "  leading spaces, trailing spaces   ",
+    "Привет, мир! مرحبا بالعالم. नमस्ते दुनिया",
+]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_streamed_text_equals_the_whole_decode(tok, text):
+    # After a prompt whose last token would merge with the first generated one if decoded apart.
+    prompt = tok.encode("The answer is:")
+    ids = tok.encode(text)
+    stream = TextStream(tok, prompt, SamplingParams())
+    deltas = [stream.push([t], special=set()) for t in ids]
+    deltas.append(stream.finish())
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == tok.decode(ids) == tok.decode(prompt + ids)[len(tok.decode(prompt)) :]
 
 
 def test_deltas_add_up_to_the_decoded_text_with_multibyte_characters(tok):

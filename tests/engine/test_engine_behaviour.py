@@ -8,7 +8,7 @@ import torch
 from tandem_worker.engine.llm_engine import LLMEngine
 from tandem_worker.engine.loader import ModelNotFoundError
 from tandem_worker.engine.sampling_params import RequestError, SamplingParams
-from tandem_worker.engine.tokenizer import IncrementalDetokenizer
+from tandem_worker.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from tandem_worker.llm import LLM, ChatPrompt
 
 from .conftest import run_all
@@ -81,12 +81,16 @@ def test_streamed_deltas_add_up_and_never_leak_a_stop_string(engine):
         assert final.stop_reason == " nine"
 
 
-def test_incremental_detokenizer_never_splits_multibyte_characters(engine):
+@pytest.mark.parametrize("path", ["decode_stream", "window"])
+def test_incremental_detokenizer_never_splits_multibyte_characters(engine, path, monkeypatch):
     tok = engine.tokenizer
+    if path == "window":  # what a tokenizer without a Rust backend gets
+        monkeypatch.setattr(Tokenizer, "backend", property(lambda self: None))
     text = "東京は日本の首都で、🚀🌍 Ωμέγα — naïve café"
     ids = tok.encode(text)
     assert any("\ufffd" in tok.hf.decode([t]) for t in ids), "the text must split characters across tokens"
     detok = IncrementalDetokenizer(tok, tok.encode("Hi"))
+    assert (detok.backend is None) == (path == "window")
     deltas = [detok.push(t) for t in ids]
     assert all("\ufffd" not in d for d in deltas)
     assert "".join(deltas) == tok.decode(ids) == text
