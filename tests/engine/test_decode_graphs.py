@@ -70,3 +70,35 @@ def test_padding_rows_write_no_kv(graph_engine):
     changed = (kv != before).flatten(start_dim=4).any(-1)  # [2, layers, blocks, block_size]
     # Exactly the three real rows' slots (block 1, offsets 0..2) changed; the padding row wrote nothing.
     assert changed.nonzero()[:, 2:].unique(dim=0).tolist() == [[1, 0], [1, 1], [1, 2]]
+
+
+def test_block_table_rows_follow_growth_reordering_and_preemption(model_dir):
+    # DecodeGraphs rewrites a row of its block-table buffer only when the row's table or its length
+    # changed. Here tables grow by a block every 16 tokens at different steps, finished requests
+    # move the others to other rows, and a KV cache of 6 blocks preempts requests, which come back
+    # with new tables: any stale row reads another block's KV and changes the greedy tokens.
+    engine = LLMEngine(model=str(model_dir), kv_cache_bytes=6 * 737_280, enable_prefix_caching=False)
+    assert engine.block_manager.num_blocks == 6
+    prompts = ["Hi", "The capital of France is", "def fibonacci(n):", "List three colors:"]
+    max_tokens = [40, 22, 34, 28]
+
+    def generate() -> list[list[int]]:
+        ids = [
+            engine.add_request(p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+            for p, n in zip(prompts, max_tokens)
+        ]
+        out = run_all(engine)
+        return [out[i].token_ids for i in ids]
+
+    eager = generate()
+    preempted_eagerly = engine.stats()["preemptions"]
+    runner = engine.runner
+    max_blocks = -(-engine.max_model_len // runner.block_size)
+    runner.graphs = DecodeGraphs(runner.model, runner.kv_cache, 4, max_blocks)
+    runner.graphs.capture()
+    replays: list[int] = []
+    original = runner.graphs.run
+    runner.graphs.run = lambda ids, *args: replays.append(len(ids)) or original(ids, *args)
+    assert generate() == eager
+    assert preempted_eagerly > 0 and engine.stats()["preemptions"] == 2 * preempted_eagerly
+    assert len(replays) > 30 and {4, 3} <= set(replays)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -209,3 +211,46 @@ def test_llm_generate_keeps_input_order_and_validates_all_first(engine):
     with pytest.raises(RequestError):
         llm.generate(["fine", ""], SamplingParams(max_tokens=4))
     assert not engine.has_unfinished()
+
+
+def test_every_streamed_output_keeps_what_its_step_said(engine):
+    # Outputs hold the request's growing lists and text, not copies (see RequestOutput): each must
+    # still read as of its own step after the request has moved on and finished.
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=True, stop=["zzz"])
+    rid = engine.add_request("Write a short poem about the sea:", params)
+    seen = []
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.request_id == rid:
+                seen.append((o, list(o.token_ids), o.text, list(o.logprobs)))
+    assert len(seen) == 12 and seen[-1][0].finished
+    tokens, text = [], ""
+    for out, token_ids, out_text, logprobs in seen:
+        tokens += out.new_token_ids
+        text += out.new_text
+        assert out.token_ids == token_ids == tokens
+        assert out.logprobs == logprobs and len(logprobs) == len(tokens)
+        # Text is held back while it may still turn into the stop string ("zzz": 2 characters).
+        assert out.text == out_text == text
+    assert seen[-1][0].text == engine.tokenizer.decode(tokens)
+
+
+def test_busy_time_lasts_until_the_step_tokens_are_read_back(engine, monkeypatch):
+    # On a GPU the model runs asynchronously and the engine waits for it in the sampler's
+    # read-back: the busy time the autoscaler divides by must include that wait.
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+
+    def busy_for_one_request() -> float:
+        before = engine.busy_seconds
+        _generate_one(engine, params, prompt="Hi")
+        return engine.busy_seconds - before
+
+    plain = busy_for_one_request()
+    original = engine.sampler.sample
+
+    def slow_sample(*args, **kwargs):
+        time.sleep(0.3)  # stands in for waiting on the device
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine.sampler, "sample", slow_sample)
+    assert busy_for_one_request() >= plain + 3 * 0.3 * 0.9

@@ -18,8 +18,9 @@ Notes on the mapping:
   prefill pool; the peak is a subquery, the highest such rate over `sub_window_s` at `step_s`
   resolution in the window.
 * Prefill throughput per replica (`prefill_tokens_per_busy_s`): computed tokens over engine-busy
-  seconds, `tandem_engine_busy_seconds_total`, which workers do not export yet; until they do, the
-  policy uses `prefill_tokens_per_second` from the spec or, without it, steps down one at a time.
+  seconds, `tandem_engine_busy_seconds_total` (each step from its launch until its tokens are
+  processed). With no such series (workers older than it), the policy uses
+  `prefill_tokens_per_second` from the spec or, without it, steps down one at a time.
 """
 
 from __future__ import annotations

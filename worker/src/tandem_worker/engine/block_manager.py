@@ -22,8 +22,13 @@ from dataclasses import dataclass
 from .sequence import Sequence
 
 
+def cache_slot(block_table: list[int], position: int, block_size: int) -> int:
+    """The flat KV cache slot (block * block_size + offset) of one token position."""
+    return block_table[position // block_size] * block_size + position % block_size
+
+
 def cache_slots(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
-    """Flat KV cache slots (block * block_size + offset) of token positions [start, end)."""
+    """Flat KV cache slots (`cache_slot`) of token positions [start, end)."""
     return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
 
 
@@ -183,7 +188,10 @@ class BlockManager:
         return need <= self.num_free_blocks
 
     def grow(self, seq: Sequence, num_new_tokens: int) -> bool:
-        """Make room for `num_new_tokens` more KV entries; on False nothing changed."""
+        """Make room for `num_new_tokens` more KV entries; on False nothing changed.
+
+        A table only ever grows by appending (or is replaced by `admit`/`free`): DecodeGraphs
+        rewrites a table's row of its input buffer only when the table or its length changed."""
         need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
         if need > self.num_free_blocks:
             return False

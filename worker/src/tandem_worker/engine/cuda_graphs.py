@@ -63,18 +63,27 @@ class DecodeGraphs:
         self.sizes = capture_sizes(max_batch)
         self.max_batch = max_batch
         device = kv_cache.device
-        self.input_ids = torch.zeros(max_batch, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(max_batch, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((max_batch,), -1, dtype=torch.int64, device=device)
-        self.block_tables = torch.zeros(max_batch, max_blocks_per_seq, dtype=torch.int32, device=device)
+        # The step's per-row inputs (token, position, KV slot, context length) are the rows of one
+        # tensor, so one host-to-device copy moves them all; the kernels take context lengths as
+        # int32, cast from the last row on the device.
+        self._rows = torch.zeros(4, max_batch, dtype=torch.int64, device=device)
+        self.input_ids, self.positions, self.slot_mapping = self._rows[0], self._rows[1], self._rows[2]
+        self.slot_mapping.fill_(-1)
         self.context_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(max_batch, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.logit_indices = torch.arange(max_batch, dtype=torch.int64, device=device)
-        # One host buffer, pinned, for the step's per-row inputs: one host-to-device copy per step.
+        # Their host side, pinned (copies from it are asynchronous), filled through numpy views.
         pin = device.type == "cuda"
         self._host = torch.zeros(4, max_batch, dtype=torch.int64, pin_memory=pin)
         self._host_tables = torch.zeros(max_batch, max_blocks_per_seq, dtype=torch.int32, pin_memory=pin)
         self._host_np = self._host.numpy()
         self._host_tables_np = self._host_tables.numpy()
+        # The block table each host row holds, and its length then: a row is rewritten only when
+        # its sequence or its length changed (tables only ever grow by appending, see
+        # BlockManager.grow), which at batch 256 saves most of a step's filling.
+        self._row_tables: list[list[int] | None] = [None] * max_batch
+        self._row_lens = [0] * max_batch
+        self._copied: torch.cuda.Event | None = None  # the last step's copies out of the host buffers
         self._graphs: dict[int, torch.cuda.CUDAGraph | _Rerun] = {}
         self._outputs: dict[int, torch.Tensor] = {}
         self._pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
@@ -188,6 +197,8 @@ class DecodeGraphs:
         lora_slots: each row's adapter slot (None: the base model); `lora_fits` must hold."""
         n = len(input_ids)
         bs = self.sizes[bisect.bisect_left(self.sizes, n)]
+        if self._copied is not None:
+            self._copied.synchronize()  # the last step's copies have read the host buffers
         # numpy views of the pinned buffers: filling them from lists costs microseconds per step
         # where a torch.tensor per row would cost a millisecond at batch 256.
         rows = self._host_np
@@ -197,18 +208,21 @@ class DecodeGraphs:
         rows[2, n:bs] = -1  # padding rows write no KV
         rows[3, :n] = rows[1, :n] + 1  # context length: every position up to the new token's
         rows[3, n:bs] = 1
-        width = max(len(t) for t in tables)
-        table_rows = self._host_tables_np
+        table_rows, row_tables, row_lens = self._host_tables_np, self._row_tables, self._row_lens
+        width = 0
         for i, t in enumerate(tables):
-            table_rows[i, : len(t)] = t
-        # The pinned buffers are rewritten by the next step: each copy must finish reading them
-        # first, which the blocking copies below guarantee (they sync with the host).
-        host = self._host
-        self.input_ids[:bs].copy_(host[0, :bs])
-        self.positions[:bs].copy_(host[1, :bs])
-        self.slot_mapping[:bs].copy_(host[2, :bs])
-        self.context_lens[:bs].copy_(host[3, :bs])
-        self.block_tables[:n, :width].copy_(self._host_tables[:n, :width])
+            length = len(t)
+            if length > width:
+                width = length
+            if t is not row_tables[i] or length != row_lens[i]:
+                table_rows[i, :length] = t
+                row_tables[i], row_lens[i] = t, length
+        self._rows.copy_(self._host, non_blocking=True)
+        self.context_lens.copy_(self._rows[3])
+        self.block_tables[:n, :width].copy_(self._host_tables[:n, :width], non_blocking=True)
+        if self.kv_cache.device.type == "cuda":
+            self._copied = torch.cuda.Event()
+            self._copied.record()
         if lora_slots is None or all(s is None for s in lora_slots):
             self._graphs[bs].replay()
             return self._outputs[bs][:n]

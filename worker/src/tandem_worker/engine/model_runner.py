@@ -12,7 +12,7 @@ import torch
 
 import tandem_kernels
 
-from .block_manager import cache_slots
+from .block_manager import cache_slot, cache_slots
 from .config import EngineConfig, ModelConfig
 from .cuda_graphs import DecodeGraphs
 from .host_allocator import keep_freed_memory
@@ -244,21 +244,27 @@ class ModelRunner:
         adapter of a larger rank than the LoRA graphs serve."""
         chunks = out.chunks
         graphs = self.graphs
-        if not chunks or any(c.num_tokens != 1 or not c.completes for c in chunks):
+        if not chunks:
             return None
+        # One pass over the batch (this is host time the GPU waits on, per sequence per step).
+        bs = self.block_size
+        ids, pos, slots, tables = [], [], [], []
+        with_lora = False
+        for c in chunks:
+            seq, p = c.seq, c.start
+            if c.num_tokens != 1 or p + 1 != seq.num_tokens:
+                return None  # a prefill chunk, or one that samples nothing
+            table = seq.block_table
+            ids.append(seq.token_at(p))
+            pos.append(p)
+            slots.append(cache_slot(table, p, bs))
+            tables.append(table)
+            with_lora = with_lora or seq.lora_slot is not None
         lora_slots = None
-        if self.lora is not None and any(c.seq.lora_slot is not None for c in chunks):
+        if with_lora and self.lora is not None:
             lora_slots = [c.seq.lora_slot for c in chunks]
             if not graphs.lora_fits(lora_slots):
                 return None
-        tables = [c.seq.block_table for c in chunks]
-        if not graphs.fits(len(chunks), max(len(t) for t in tables)):
+        if not graphs.fits(len(chunks), max(map(len, tables))):
             return None
-        bs = self.block_size
-        ids, pos, slots = [], [], []
-        for c in chunks:
-            p = c.start
-            ids.append(c.seq.tokens(p, p + 1)[0])
-            pos.append(p)
-            slots += cache_slots(c.seq.block_table, p, p + 1, bs)
         return graphs.run(ids, pos, slots, tables, lora_slots)
