@@ -25,6 +25,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -72,6 +73,11 @@ class DecodeGraphs:
         self.context_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(max_batch, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.logit_indices = torch.arange(max_batch, dtype=torch.int64, device=device)
+        # Every graph writes its logits here, so one buffer for the largest batch serves them all
+        # (at Llama-3-8B's vocabulary and sizes up to 256, each graph's own output would add up to
+        # about 0.65 GB, twice that with the LoRA graphs). A step's logits are read before the
+        # next replay, which rewrites them.
+        self.logits = torch.empty(max_batch, model.config.vocab_size, dtype=torch.float32, device=device)
         # Their host side, pinned (copies from it are asynchronous), filled through numpy views.
         pin = device.type == "cuda"
         self._host = torch.zeros(4, max_batch, dtype=torch.int64, pin_memory=pin)
@@ -135,24 +141,28 @@ class DecodeGraphs:
         )
 
     def _capture(self, bs: int, lora: bool) -> tuple[torch.cuda.CUDAGraph | _Rerun, torch.Tensor]:
-        args = self._args(bs, lora)
+        args, out = self._args(bs, lora), self.logits[:bs]
+
+        def call() -> None:
+            self.model(*args, logits_out=out)
+
         if self.kv_cache.device.type != "cuda":
             # No CUDA graphs off CUDA: a stand-in re-runs the same call on the same static buffers,
             # so the tests exercise padding, buffers and slot -1 on any machine.
-            rerun = _Rerun(self.model, args)
-            return rerun, rerun.out
+            call()
+            return _Rerun(call), out
         # Warm up on a side stream (as capture requires): compiles the Triton kernels and lets
         # the allocator settle before anything is recorded.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self.model(*args)
+            call()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: a LoRA graph is captured while serving, when other threads (KV transfers)
         # may be calling into CUDA; their calls are not part of this capture.
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            out = self.model(*args)
+            call()
         return graph, out
 
     def capture(self) -> None:
@@ -291,12 +301,7 @@ class DecodeGraphs:
 
 
 class _Rerun:
-    """A CUDA graph's stand-in off CUDA: `replay` runs the captured call again, into the same output."""
+    """A CUDA graph's stand-in off CUDA: `replay` runs the captured call again, on the same buffers."""
 
-    def __init__(self, model: LlamaModel, args: tuple) -> None:
-        self.model, self.args = model, args
-        self.out = model(*args)
-
-    @torch.inference_mode()  # the output was made under the model's inference mode
-    def replay(self) -> None:
-        self.out.copy_(self.model(*self.args))
+    def __init__(self, call: Callable[[], None]) -> None:
+        self.replay = call

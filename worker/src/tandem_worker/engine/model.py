@@ -321,6 +321,7 @@ class LlamaModel(nn.Module):
         meta: AttentionMetadata,
         logit_indices: torch.Tensor,  # [S]: the tokens whose next-token logits are wanted
         layer_hook: Callable[[int], None] | None = None,  # called as each layer's KV is written
+        logits_out: torch.Tensor | None = None,  # [S, vocab] float32 to write the logits into
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         rope = self.rotary(positions, x.dtype)
@@ -333,8 +334,12 @@ class LlamaModel(nn.Module):
         if x.device.type == "cpu" and x.shape[0] <= SMALL_BATCH_ROWS and self.lm_head.packed_weight() is None:
             # Rows as a transposed view: the sampler reads each row once, so copying the
             # [S, vocab] block into row-major order first would cost more than the reads it saves.
-            return torch.mm(self.lm_head.weight, x.t()).t().float()
-        return self.lm_head(x).float()  # [S, vocab]
+            logits = torch.mm(self.lm_head.weight, x.t()).t()
+        else:
+            logits = self.lm_head(x)  # [S, vocab]
+        # Into the caller's buffer (one shared by every captured decode graph) or a new one; the
+        # cast to float32 is the same copy either way.
+        return logits.float() if logits_out is None else logits_out.copy_(logits)
 
     def prepack(self) -> None:
         """Pack every Linear's weight for the CPU now (see CPU_PREPACK), not in the first step,
