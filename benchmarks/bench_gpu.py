@@ -257,6 +257,69 @@ def kernels() -> dict:
     return out
 
 
+def _agreement(pairs) -> dict:
+    """Kernel outputs against the reference's: the largest difference relative to the tensor's
+    largest value (one bf16 unit is 2**-8 of a value), and the fraction of bit-identical elements."""
+    pairs = list(pairs)
+    return {
+        "relerr": max(rel_err(a, b) for a, b in pairs),
+        "exact": min(float((a == b).float().mean()) for a, b in pairs),
+    }
+
+
+def _fused_case(t: int, gen: torch.Generator) -> dict:
+    from tandem_kernels import fused_ops as fused
+    from tandem_kernels import reference
+
+    hidden, heads, kv_heads, dim, inter = sz(4096, 128), 32, 8, 128, sz(14336, 256)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, device=DEV) * scale).to(torch.bfloat16)
+
+    x, res, w = rnd(t, hidden), rnd(t, hidden, scale=4), 1 + rnd(hidden, scale=0.1)
+    qkv = rnd(t, (heads + 2 * kv_heads) * dim, scale=3)
+    q = qkv[:, : heads * dim].view(t, heads, dim)
+    k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(t, kv_heads, dim)
+    angles = torch.rand(t, 1, dim // 2, generator=gen, device=DEV) * 4000
+    cos = torch.cat([angles.cos()] * 2, -1).bfloat16()
+    sin = torch.cat([angles.sin()] * 2, -1).bfloat16()
+    gate_up = rnd(t, 2 * inter, scale=4)
+    row: dict = {
+        "rms_norm": _agreement(zip(fused.rms_norm(x, w, 1e-5, res), reference.rms_norm(x, w, 1e-5, res))),
+        "rotary": _agreement(zip(fused.rotary(q, k, cos, sin), reference.rotary(q, k, cos, sin))),
+        "silu_and_mul": _agreement([(fused.silu_and_mul(gate_up), reference.silu_and_mul(gate_up))]),
+    }
+
+    def layer(ops) -> None:
+        ops.rms_norm(x, w, 1e-5, res)
+        ops.rotary(q, k, cos, sin)
+        ops.rms_norm(x, w, 1e-5, res)
+        ops.silu_and_mul(gate_up)
+
+    row["layer_fused_us"] = 1e3 * graph_ms(lambda: layer(fused))
+    row["layer_torch_us"] = 1e3 * graph_ms(lambda: layer(reference))
+    row["speedup"] = row["layer_torch_us"] / row["layer_fused_us"]
+    row["per_step_saved_ms_32_layers"] = 32 * (row["layer_torch_us"] - row["layer_fused_us"]) / 1e3
+    return row
+
+
+@section
+def fused_ops() -> dict:
+    """A layer's elementwise work (two RMSNorms with their residual adds, rotary, SiLU-and-mul) as
+    Tandem's four Triton kernels against the torch ops the model ran before, at Llama-3-8B's
+    shapes: results (units in the last place of bf16, against the reference) and GPU time per
+    layer, each replayed from a CUDA graph (so launch gaps do not count, as in the decode graphs)."""
+    out: dict = {}
+    gen = torch.Generator(device=DEV).manual_seed(11)
+    for t in sz((1, 64, 256), (1, 3)):
+        out[f"t{t}"] = row = _fused_case(t, gen)
+        log(f"  fused ops, {t} tokens: {row}")
+    ops = ("rms_norm", "rotary", "silu_and_mul")
+    # Rounding as the torch ops round: at most one bf16 unit apart, and almost everywhere equal.
+    out["ok"] = all(r[op]["relerr"] <= 2**-8 and r[op]["exact"] > 0.95 for r in out.values() for op in ops)
+    return out
+
+
 # ------------------------------------------------------------------------------------ attention
 
 

@@ -47,6 +47,11 @@ does all of that as one op (two kernel launches on a GPU), with the per-part met
     lora_apply_begin(x, pool, a_offsets, total_ranks, *groups, max_rank, b_offsets, ranks,
                      y_offsets, scaling, parts, tiles=None).finish(out)
         the same in two halves: the shrink (it reads only x) before out exists, the expands after
+A layer's elementwise work (fused_ops.py: one kernel each where the torch ops take several):
+    rms_norm(x, weight, eps, residual=None)     x, residual [T, N] -> out, or (out, x + residual)
+    rotary(q, k, cos, sin)                      q [T, Hq, D], k [T, Hk, D], cos/sin [T, 1, D] -> q', k'
+    silu_and_mul(gate_up)                       [T, 2I] -> SiLU(gate) * up [T, I]
+
 Tokens without an adapter are simply in no group; `lora_token_groups` builds the metadata. Bad
 shapes, dtypes and (for metadata on the CPU, where it costs no sync) bad ranks, offsets and slots
 raise ValueError.
@@ -77,6 +82,9 @@ except ImportError:  # Triton is optional: a CPU-only install runs the reference
 # attribute of this package the first time, so a lazy import of `tandem_kernels.store_kvcache`
 # would overwrite the public `store_kvcache` function defined below.
 if triton is not None:
+    from tandem_kernels.fused_ops import rms_norm as _triton_rms_norm
+    from tandem_kernels.fused_ops import rotary as _triton_rotary
+    from tandem_kernels.fused_ops import silu_and_mul as _triton_silu_and_mul
     from tandem_kernels.lora import lora_apply_begin as _triton_lora_apply_begin
     from tandem_kernels.lora import lora_expand as _triton_lora_expand
     from tandem_kernels.lora import lora_shrink as _triton_lora_shrink
@@ -87,6 +95,9 @@ if triton is not None:
 else:
     _triton_paged_decode_attention = None
     _triton_store_kvcache = None
+    _triton_rms_norm = None
+    _triton_rotary = None
+    _triton_silu_and_mul = None
     _triton_lora_shrink = None
     _triton_lora_expand = None
     _triton_lora_apply_begin = None
@@ -105,6 +116,9 @@ __all__ = [
     "paged_prefill_attention",
     "plan_decode_buckets",
     "reference",
+    "rms_norm",
+    "rotary",
+    "silu_and_mul",
     "store_kvcache",
     "triton_available",
     "uses_triton",
@@ -159,6 +173,31 @@ def paged_decode_attention(
     if uses_triton(q.device):
         return _triton_paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
     return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Llama's RMSNorm of x [T, N]; with `residual`, of x + residual, returning (out, x + residual)."""
+    if uses_triton(x.device):
+        return _triton_rms_norm(x, weight, eps, residual)
+    return reference.rms_norm(x, weight, eps, residual)
+
+
+def rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, heads, D] and k [T, kv_heads, D] rotated by cos, sin [T, 1, D] (rotate-half layout)."""
+    if uses_triton(q.device):
+        return _triton_rotary(q, k, cos, sin)
+    return reference.rotary(q, k, cos, sin)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up for gate_up = [gate | up] along the last dimension: [T, 2I] -> [T, I]."""
+    if uses_triton(gate_up.device):
+        return _triton_silu_and_mul(gate_up)
+    return reference.silu_and_mul(gate_up)
 
 
 def paged_prefill_attention(

@@ -244,3 +244,39 @@ def gathered_attention(
         qs = q[q0:q1].transpose(0, 1).unsqueeze(0)  # [1, heads, q_len, dim]
         out[q0:q1] = _causal_chunk_attention(qs, ks, vs, scale)[0].transpose(0, 1)
     return out
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Llama's RMSNorm of x, or of x + residual (then also returned: the layer's new residual).
+
+    The statistics are float32; the normalised row is rounded to x's dtype before the weight
+    multiplies it, as in Hugging Face's LlamaRMSNorm.
+    """
+    if residual is not None:
+        x = x + residual
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    out = weight * h.to(dtype)
+    return out if residual is None else (out, x)
+
+
+def rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [T, heads, D] and k [T, kv_heads, D] by their tokens' angles (cos, sin: [T, 1, D],
+    each half the same), the rotate-half layout of Llama; new tensors, rounded after each op."""
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up for gate_up = [gate | up] along the last dimension: [T, 2I] -> [T, I]."""
+    gate, up = gate_up.split(gate_up.shape[-1] // 2, dim=-1)
+    return F.silu(gate) * up

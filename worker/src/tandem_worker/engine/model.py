@@ -145,29 +145,17 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
 
 
-def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    cos, sin = rope
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The norm of x; with `residual`, of x + residual, returned too (the new residual)."""
+        return tandem_kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
 class Attention(nn.Module):
@@ -199,7 +187,7 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, rope)
+        q, k = tandem_kernels.rotary(q, k, *rope)
         tandem_kernels.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
         nd = meta.num_decode_tokens
         if meta.kv_blocks is not None:
@@ -263,7 +251,6 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.intermediate = cfg.intermediate_size
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
@@ -272,8 +259,7 @@ class MLP(nn.Module):
             gate_up = self.gate_up_proj(x)
         else:
             gate_up = lora.project(self.layer_idx, "gate_up", x, self.gate_up_proj)
-        gate, up = gate_up.split(self.intermediate, dim=-1)
-        h = F.silu(gate) * up
+        h = tandem_kernels.silu_and_mul(gate_up)
         return self.down_proj(h) if lora is None else lora.project(self.layer_idx, "down", h, self.down_proj)
 
 
@@ -288,13 +274,21 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         rope: tuple[torch.Tensor, torch.Tensor],
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, k_cache, v_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x), meta.lora)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it): the next norm adds them, so
+        each residual add is part of a norm's kernel. `residual` is None for the first layer."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, rope, k_cache, v_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h, meta.lora), residual
 
 
 class LlamaModel(nn.Module):
@@ -325,12 +319,13 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         rope = self.rotary(positions, x.dtype)
+        residual = None
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, kv_cache[0, i], kv_cache[1, i], meta)
+            x, residual = layer(x, residual, rope, kv_cache[0, i], kv_cache[1, i], meta)
             if layer_hook is not None:
                 layer_hook(i)
-        # Only the sampled positions need the (large) vocabulary projection.
-        x = self.norm(x[logit_indices])
+        # Only the sampled positions need the last residual add, norm and vocabulary projection.
+        x, _ = self.norm(x[logit_indices], residual[logit_indices])
         if x.device.type == "cpu" and x.shape[0] <= SMALL_BATCH_ROWS and self.lm_head.packed_weight() is None:
             # Rows as a transposed view: the sampler reads each row once, so copying the
             # [S, vocab] block into row-major order first would cost more than the reads it saves.
