@@ -76,8 +76,8 @@ class DecodeGraphs:
         # Every graph writes its logits here, so one buffer for the largest batch serves them all
         # (at Llama-3-8B's vocabulary and sizes up to 256, each graph's own output would add up to
         # about 0.65 GB, twice that with the LoRA graphs). A step's logits are read before the
-        # next replay, which rewrites them.
-        self.logits = torch.empty(max_batch, model.config.vocab_size, dtype=torch.float32, device=device)
+        # next replay, which rewrites them. Made at the first capture.
+        self.logits: torch.Tensor | None = None
         # Their host side, pinned (copies from it are asynchronous), filled through numpy views.
         pin = device.type == "cuda"
         self._host = torch.zeros(4, max_batch, dtype=torch.int64, pin_memory=pin)
@@ -141,6 +141,9 @@ class DecodeGraphs:
         )
 
     def _capture(self, bs: int, lora: bool) -> tuple[torch.cuda.CUDAGraph | _Rerun, torch.Tensor]:
+        if self.logits is None:
+            vocab = self.model.config.vocab_size
+            self.logits = torch.empty(self.max_batch, vocab, dtype=torch.float32, device=self.kv_cache.device)
         args, out = self._args(bs, lora), self.logits[:bs]
 
         def call() -> None:
