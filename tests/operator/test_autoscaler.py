@@ -13,6 +13,7 @@ import asyncio
 import copy
 import json
 import threading
+import time
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -68,6 +69,7 @@ class FakePrometheus:
         self.url = f"http://127.0.0.1:{self.port}"
         self.answers: dict[str, dict[str, Any]] = {}
         self.seen: list[str] = []
+        self.delay = 0.0  # seconds each answer takes
         self._server: ThreadingHTTPServer | None = None
 
     def start(self) -> None:
@@ -77,6 +79,7 @@ class FakePrometheus:
             def do_GET(self) -> None:  # noqa: N802
                 query = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)["query"][0]
                 fake.seen.append(query)
+                time.sleep(fake.delay)
                 body = next((a for k, a in fake.answers.items() if k in query), vector())
                 data = json.dumps(body).encode()
                 self.send_response(200)
@@ -295,6 +298,29 @@ async def test_disabled_autoscaling_queries_nothing_and_changes_nothing(
     # A hand edit of the replicas is undone: the spec owns them.
     await cluster.patch("apps/v1/deployments", PREFILL, {"spec": {"replicas": 2}})
     await eventually(lambda: replicas(cluster, PREFILL) == 1)
+
+
+async def test_a_step_cut_short_by_the_closing_client_ends_quietly(cluster: Cluster, prom: FakePrometheus):
+    # Kopf, on exit, re-raises whatever any task still pending at that point ends with, even an
+    # error its handler already read: a step that the cleanup's closing of the client cuts short
+    # (here: while it waits for a slow Prometheus) would fail the operator's exit (seen once in CI).
+    import kopf
+
+    from tandem_operator.handlers import _autoscale_step, login, post_event
+    from tandem_operator.k8s import KubeClient
+
+    await cluster.create_md(manifest())
+    client = KubeClient(lambda: login(kopf.OperatorSettings()))
+    autoscaler = Autoscaler(client, Reconciler(client, post_event, autoscaler=True), post_event, prom.url)
+    prom.delay = 0.2
+    prom.start()
+    step = asyncio.ensure_future(_autoscale_step(autoscaler, NAMESPACE, DEMO))
+    await eventually(lambda: prom.seen)  # the step has read the object and is in Prometheus
+    await client.close()
+    await asyncio.wait_for(step, timeout=30)
+    assert step.exception() is None
+    # Nothing was written after the close, and the client stays closed.
+    assert "autoscaler" not in cluster.md(DEMO).get("status", {})
 
 
 # ---- without Kopf: the autoscaler and the reconciler on the in-memory API of test_reconciler.py

@@ -83,6 +83,16 @@ async def _reconcile(memo: kopf.Memo, namespace: str, name: str) -> None:
         log.debug("shutting down: pass over %s/%s dropped", namespace, name)
 
 
+async def _autoscale_step(autoscaler: Autoscaler, namespace: str, name: str) -> None:
+    # The step runs as a task of its own. On exit Kopf waits for every task still pending and
+    # re-raises whatever they end with, even an error the handler already read: so a step that
+    # the closing client cuts short must end quietly here, not in the handler.
+    try:
+        await autoscaler.step(namespace, name)
+    except ClientClosedError:
+        log.debug("shutting down: autoscaler step over %s/%s dropped", namespace, name)
+
+
 def register(
     registry: kopf.OperatorRegistry,
     resync_seconds: float = DEFAULT_RESYNC_SECONDS,
@@ -160,20 +170,17 @@ def register(
                 return  # disabled: no query, no API call
             # A step in flight when the timer is stopped (operator exit, object deleted) is
             # abandoned at once: Kopf waits only a few loop cycles before it orphans a timer.
-            step = asyncio.ensure_future(memo.autoscaler.step(namespace, name))
+            step = asyncio.ensure_future(_autoscale_step(memo.autoscaler, namespace, name))
             stop = asyncio.ensure_future(stopped.wait())
             try:
                 await asyncio.wait({step, stop}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 stop.cancel()
-            if not step.done():
-                step.cancel()
-                log.debug("stopping: autoscaler step over %s/%s abandoned", namespace, name)
-                return
-            try:
-                step.result()
-            except ClientClosedError:
-                log.debug("shutting down: autoscaler step over %s/%s dropped", namespace, name)
+                if not step.done():  # stopped, or this handler cancelled: the step goes with it
+                    step.cancel()
+                    log.debug("stopping: autoscaler step over %s/%s abandoned", namespace, name)
+            if step.done() and not step.cancelled():
+                step.result()  # any other error: Kopf logs it and the timer goes on
 
     # Kopf adds a finalizer for every timer; these do not need one (see the module docstring).
     spawning = registry._spawning  # kopf pins: requirements.txt; a test checks no finalizer appears
