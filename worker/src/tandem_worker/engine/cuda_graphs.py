@@ -91,12 +91,10 @@ class DecodeGraphs:
         self._row_lens = [0] * max_batch
         self._copied: torch.cuda.Event | None = None  # the last step's copies out of the host buffers
         self._graphs: dict[int, torch.cuda.CUDAGraph | _Rerun] = {}
-        self._outputs: dict[int, torch.Tensor] = {}
         self._pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
         self.lora: LoRAManager | None = None
         self.max_lora_rank = 0
         self._lora_graphs: dict[int, torch.cuda.CUDAGraph | _Rerun] = {}
-        self._lora_outputs: dict[int, torch.Tensor] = {}
         self._lora_version = -1
 
     def use_lora(self, manager: LoRAManager, max_rank: int) -> None:
@@ -140,7 +138,8 @@ class DecodeGraphs:
             manager.pool, tables, groups, max_rank, manager.shapes, tiles=tiles, stream=manager.stream
         )
 
-    def _capture(self, bs: int, lora: bool) -> tuple[torch.cuda.CUDAGraph | _Rerun, torch.Tensor]:
+    def _capture(self, bs: int, lora: bool) -> torch.cuda.CUDAGraph | _Rerun:
+        """A graph of one decode step at batch size `bs`, writing its logits into `self.logits[:bs]`."""
         if self.logits is None:
             vocab = self.model.config.vocab_size
             self.logits = torch.empty(self.max_batch, vocab, dtype=torch.float32, device=self.kv_cache.device)
@@ -153,7 +152,7 @@ class DecodeGraphs:
             # No CUDA graphs off CUDA: a stand-in re-runs the same call on the same static buffers,
             # so the tests exercise padding, buffers and slot -1 on any machine.
             call()
-            return _Rerun(call), out
+            return _Rerun(call)
         # Warm up on a side stream (as capture requires): compiles the Triton kernels and lets
         # the allocator settle before anything is recorded.
         side = torch.cuda.Stream()
@@ -166,13 +165,13 @@ class DecodeGraphs:
         # may be calling into CUDA; their calls are not part of this capture.
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             call()
-        return graph, out
+        return graph
 
     def capture(self) -> None:
         t0 = time.perf_counter()
         # Largest first: the smaller graphs then fit in the memory the largest left in the pool.
         for bs in sorted(self.sizes, reverse=True):
-            self._graphs[bs], self._outputs[bs] = self._capture(bs, lora=False)
+            self._graphs[bs] = self._capture(bs, lora=False)
         if self.kv_cache.device.type == "cuda":
             torch.cuda.synchronize()
             log.info(
@@ -205,7 +204,8 @@ class DecodeGraphs:
         tables: list[list[int]],
         lora_slots: list[int | None] | None = None,
     ) -> torch.Tensor:
-        """One decode step: logits [len(input_ids), vocab] (a view into the graph's output).
+        """One decode step: logits [len(input_ids), vocab], a view into `self.logits` (the next
+        step overwrites it).
 
         lora_slots: each row's adapter slot (None: the base model); `lora_fits` must hold."""
         n = len(input_ids)
@@ -238,19 +238,19 @@ class DecodeGraphs:
             self._copied.record()
         if lora_slots is None or all(s is None for s in lora_slots):
             self._graphs[bs].replay()
-            return self._outputs[bs][:n]
+            return self.logits[:n]
         self._fill_lora(lora_slots, bs)
         self._check_lora_version()
         if bs not in self._lora_graphs:
             # Captured now, on this step's inputs (already in the buffers, so the capture's warm-up
             # writes the very KV the replay writes, never another sequence's).
             t0 = time.perf_counter()
-            self._lora_graphs[bs], self._lora_outputs[bs] = self._capture(bs, lora=True)
+            self._lora_graphs[bs] = self._capture(bs, lora=True)
             log.info(
                 "captured a LoRA decode CUDA graph for batch size %d in %.2f s", bs, time.perf_counter() - t0
             )
         self._lora_graphs[bs].replay()
-        return self._lora_outputs[bs][:n]
+        return self.logits[:n]
 
     def capture_lora(self) -> None:
         """Capture the LoRA graph of every batch size now (a worker with an adapter store expects
@@ -265,7 +265,7 @@ class DecodeGraphs:
         for bs in sorted(self.sizes, reverse=True):
             if bs not in self._lora_graphs:
                 self._fill_lora([None] * bs, bs)
-                self._lora_graphs[bs], self._lora_outputs[bs] = self._capture(bs, lora=True)
+                self._lora_graphs[bs] = self._capture(bs, lora=True)
         if self.kv_cache.device.type == "cuda":
             torch.cuda.synchronize()
             log.info("captured LoRA decode CUDA graphs in %.1f s", time.perf_counter() - t0)
@@ -277,7 +277,6 @@ class DecodeGraphs:
         tables.on_device()
         if self._lora_version != tables.version:
             self._lora_graphs.clear()
-            self._lora_outputs.clear()
             self._lora_version = tables.version
 
     def _fill_lora(self, lora_slots: list[int | None], bs: int) -> None:
