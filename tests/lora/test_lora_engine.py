@@ -169,14 +169,18 @@ def test_200_adapters_page_through_a_small_pool(model_dir, many_adapter_store, h
     )
     prompt = hf_tokenizer.encode("My favourite animal is")
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-    stream = names + names[:20]  # the first 20 come back after 180 others pushed them out
     ids = {}
-    for k, name in enumerate(stream):
-        ids[engine.add_request(prompt_token_ids=prompt, params=params, adapter=name)] = (k, name)
-        if k % 4 == 3:
-            engine.step()
-    final = run_all(engine)
-    done = {**final}
+    done: dict = {}
+    # All 200, then the first 20 again once 180 others have pushed them out. (Queued together, a
+    # second request for an adapter would share the first one's load: it goes ahead of requests
+    # waiting for room, see the scheduler.)
+    for stream in (names, names[:20]):
+        for k, name in enumerate(stream):
+            ids[engine.add_request(prompt_token_ids=prompt, params=params, adapter=name)] = (k, name)
+            if k % 4 == 3:
+                done.update({o.request_id: o for o in engine.step() if o.finished})
+        done.update(run_all(engine))
+    assert len(done) == 220
     assert not [o for o in done.values() if o.error]
     lora = engine.lora.stats
     assert lora.device_evictions > 150 and lora.host_evictions > 0
@@ -233,4 +237,59 @@ def test_adapter_that_fails_to_load_fails_only_its_requests(
     assert_matches("base", final[base].token_ids, peft_references[(None, 0)], notes)
     assert engine.lora.stats.load_failures == 1
     bm = engine.block_manager
+    assert bm.num_free_blocks + bm.num_adapter_blocks == bm.num_blocks  # nothing leaked
+
+
+def test_an_adapter_with_no_room_lets_the_queue_pass_for_a_while(
+    model_dir, adapter_store, prompt_ids, peft_references
+):
+    """A request whose adapter finds no room on the device (the pool held by a long request's KV and
+    a pinned adapter) lets the base model and resident adapters behind it run, for
+    `adapter_wait_steps` steps of its wait; then the queue waits behind it, and it runs (with
+    PEFT's output) as soon as room frees."""
+    engine = LLMEngine(
+        model=str(model_dir), kv_cache_bytes=48 * 2**20, lora_store=str(adapter_store), max_num_seqs=8
+    )
+    sched, bm = engine.scheduler, engine.block_manager
+    sched.adapter_wait_steps = 3
+    for name in ("mlp-r32", "qv-r4"):
+        engine.lora.load(name)  # on the host: the waits below are for room, not for the store
+    long_params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    long = engine.add_request(prompt_token_ids=list(range(1000, 1640)), params=long_params)  # 40 blocks
+    pinned = engine.add_request(prompt_token_ids=prompt_ids[0], params=GREEDY, adapter="qv-r4")
+    final: dict = {}
+
+    def step() -> set[str]:
+        final.update({o.request_id: o for o in engine.step() if o.finished})
+        return {s.request_id for s in sched.running}
+
+    while not {long, pinned} <= step() or any(s.num_uncomputed_tokens > 1 for s in sched.running):
+        pass
+    assert bm.num_blocks == 68 and bm.num_free_blocks < 38  # mlp-r32 takes 38 contiguous blocks
+    big = engine.add_request(prompt_token_ids=prompt_ids[1], params=GREEDY, adapter="mlp-r32")
+    base = engine.add_request(prompt_token_ids=prompt_ids[0], params=GREEDY)
+    resident = engine.add_request(prompt_token_ids=prompt_ids[2], params=GREEDY, adapter="qv-r4")
+    running = step()
+    assert {base, resident} <= running and big not in running, "the queue waited behind big"
+    assert [s.request_id for s in sched.waiting] == [big]
+    while sched.waiting[0].num_adapter_waits < 3:
+        assert big not in step()
+    late = engine.add_request(prompt_token_ids=prompt_ids[1], params=GREEDY)
+    for _ in range(3):  # big has waited its 3 steps: now the queue waits behind it
+        assert late not in step() and long not in final
+        assert [s.request_id for s in sched.waiting] == [big, late]
+    while engine.has_unfinished():
+        running = step()
+        if late in running:
+            assert big in running or big in final, "late ran before big"
+    notes: list[str] = []
+    for rid, (name, i) in {
+        big: ("mlp-r32", 1),
+        base: (None, 0),
+        resident: ("qv-r4", 2),
+        late: (None, 1),
+        pinned: ("qv-r4", 0),
+    }.items():
+        assert final[rid].error is None
+        assert_matches(f"{name}/{i}", final[rid].token_ids, peft_references[(name, i)], notes)
     assert bm.num_free_blocks + bm.num_adapter_blocks == bm.num_blocks  # nothing leaked

@@ -747,6 +747,10 @@ class LoRAManager:
         dev.pins += 1
         return dev.slot
 
+    def is_resident(self, name: str) -> bool:
+        """Resident in device memory now (acquiring it needs no room)."""
+        return name in self._device
+
     def release(self, name: str) -> None:
         dev = self._device.get(name)
         if dev is not None and dev.pins > 0:

@@ -16,13 +16,18 @@ Each `schedule()` call decides one model step:
 - a request for a LoRA adapter is admitted only once its adapter is on the device, and pins it
   there until it finishes or is preempted; unpinned adapters give their blocks back before any
   running sequence is preempted for room. While an adapter is read from the store (bounded by a
-  timeout) the requests behind it go ahead; one that cannot load fails its requests.
+  timeout) the requests behind it go ahead; one that cannot load fails its requests. While an
+  adapter finds no room on the device (the pool is held by running requests' KV and pinned
+  adapters), the requests behind it that need no new room (the base model, resident adapters) go
+  ahead, but only for `adapter_wait_steps` steps of that request's wait: then the queue stops
+  behind it until room frees, so it cannot starve.
 The decisions are bookkeeping over `BlockManager` and the LoRA manager; no tensors here.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -31,6 +36,12 @@ from .sequence import Sequence, SequenceStatus
 
 if TYPE_CHECKING:
     from .lora import LoRAManager
+
+
+# Steps a request whose adapter has no room on the device lets the queue behind it go ahead: a
+# second or so of decode steps on a GPU. Longer, and a stream of requests for resident adapters
+# could keep it waiting for as long as it lasts; shorter, and one big adapter stalls everyone.
+ADAPTER_WAIT_STEPS = 64
 
 
 @dataclass(slots=True)  # not frozen: one is made per sequence per step, and frozen costs 3x
@@ -81,9 +92,11 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_num_seqs: int,
         adapters: LoRAManager | None = None,
+        adapter_wait_steps: int = ADAPTER_WAIT_STEPS,
     ) -> None:
         self.bm = block_manager
         self.adapters = adapters
+        self.adapter_wait_steps = adapter_wait_steps
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Sequence] = deque()
@@ -137,6 +150,52 @@ class Scheduler:
             and self.adapters.is_loading(seq.lora_name)
         )
 
+    def _admit_from(
+        self,
+        queue: deque[Sequence],
+        out: SchedulerOutput,
+        has_room: Callable[[], bool],
+        admit: Callable[[Sequence], bool],
+    ) -> None:
+        """Admit from the front of `queue` while `has_room()`: first come first served, each with
+        its adapter pinned, through `admit` (False: no KV room, and the queue stops there).
+
+        Passed over, keeping their place at the front: requests whose adapter is being read; one
+        whose adapter finds no room on the device, for `adapter_wait_steps` steps of its wait (then
+        the queue stops behind it); and behind such a one, requests whose adapter would need room
+        too. So what goes ahead of a request waiting for room takes none of the room it waits for
+        but KV, and the host cache is not churned by reads for adapters that could not run."""
+        passed: list[Sequence] = []
+        blocked = False
+        while queue and has_room():
+            seq = queue[0]
+            if blocked and self._needs_room(seq):
+                passed.append(queue.popleft())
+                continue
+            if not self._acquire(seq, queue, out):
+                if not self._adapter_loading(seq):  # no room (the read may have just started)
+                    if seq.num_adapter_waits >= self.adapter_wait_steps:
+                        break
+                    seq.num_adapter_waits += 1
+                    blocked = True
+                passed.append(queue.popleft())
+                continue
+            if out.failed and out.failed[-1][0] is seq:
+                continue  # its adapter cannot load: _acquire took it off the queue
+            if not admit(seq):
+                self._release(seq)
+                break
+            queue.popleft()
+            self.stats.num_prefix_cached_tokens += seq.num_cached_tokens
+        queue.extendleft(reversed(passed))
+
+    def _needs_room(self, seq: Sequence) -> bool:
+        return (
+            seq.lora_name is not None
+            and seq.lora_slot is None
+            and not self.adapters.is_resident(seq.lora_name)
+        )
+
     def _release(self, seq: Sequence) -> None:
         if seq.lora_slot is not None and self.adapters is not None:
             self.adapters.release(seq.lora_name)
@@ -178,56 +237,34 @@ class Scheduler:
                 add(ScheduledChunk(seq, seq.num_computed_tokens, n))
                 budget -= n
                 i += 1
+
         # Remote-KV arrivals reserve their whole prompt now; the KV lands while others compute.
-        loading: list[Sequence] = []
-        while (
-            self.awaiting and not out.preempted and len(self.running) + len(self.reserved) < self.max_num_seqs
-        ):
-            seq = self.awaiting[0]
-            if self._adapter_loading(seq):
-                loading.append(self.awaiting.popleft())
-                continue
-            if not self._acquire(seq, self.awaiting, out):
-                break
-            if out.failed and out.failed[-1][0] is seq:
-                continue
+        def reserve(seq: Sequence) -> bool:
             if not self._admit(seq, seq.num_tokens):
-                self._release(seq)
-                break
-            self.awaiting.popleft()
+                return False
             self.reserved[seq.request_id] = seq
             out.reserved.append(seq)
-            self.stats.num_prefix_cached_tokens += seq.num_cached_tokens
-        self.awaiting.extendleft(reversed(loading))
-        loading = []
+            return True
+
         # Admitting while preempting would only thrash: new arrivals wait for the next step.
-        while (
-            self.waiting
-            and budget > 0
-            and len(self.running) + len(self.reserved) < self.max_num_seqs
-            and not out.preempted
-        ):
-            seq = self.waiting[0]
-            if self._adapter_loading(seq):
-                loading.append(self.waiting.popleft())
-                continue
-            if not self._acquire(seq, self.waiting, out):
-                break
-            if out.failed and out.failed[-1][0] is seq:
-                continue
+        def has_seq_room() -> bool:
+            return not out.preempted and len(self.running) + len(self.reserved) < self.max_num_seqs
+
+        self._admit_from(self.awaiting, out, has_seq_room, reserve)
+
+        def start(seq: Sequence) -> bool:
+            nonlocal budget
             if not self._admit(seq, budget):
-                self._release(seq)
-                break
-            self.waiting.popleft()
+                return False
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.admitted.append(seq)
-            self.stats.num_prefix_cached_tokens += seq.num_cached_tokens
             n = min(seq.num_uncomputed_tokens, budget)
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
             budget -= n
-        # Requests whose adapter is still being read keep their place at the front of the queue.
-        self.waiting.extendleft(reversed(loading))
+            return True
+
+        self._admit_from(self.waiting, out, lambda: budget > 0 and has_seq_room(), start)
         return out
 
     def on_step_done(self, out: SchedulerOutput) -> None:

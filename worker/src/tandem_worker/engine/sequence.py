@@ -56,6 +56,8 @@ class Sequence:
     lora_name: str | None = None
     lora_slot: int | None = None
     cache_salt: bytes | None = None
+    # Steps this request was passed over because its adapter found no room on the device.
+    num_adapter_waits: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
