@@ -181,6 +181,14 @@ def rms_norm(
     """Llama's RMSNorm of x [T, N]; with `residual`, of x + residual, returning (out, x + residual)."""
     if uses_triton(x.device):
         return _triton_rms_norm(x, weight, eps, residual)
+    if x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32:
+        # ATen's rms_norm: the reference's float32 arithmetic, bit for bit, in one call where the
+        # reference makes six. One row with the residual add: 17 us instead of 39 (2-core Xeon),
+        # and a SmolLM2 step has 61 norms.
+        if residual is None:
+            return torch.nn.functional.rms_norm(x, x.shape[-1:], weight, eps)
+        x = x + residual
+        return torch.nn.functional.rms_norm(x, x.shape[-1:], weight, eps), x
     return reference.rms_norm(x, weight, eps, residual)
 
 
