@@ -263,8 +263,11 @@ def test_an_adapter_with_no_room_lets_the_queue_pass_for_a_while(
         final.update({o.request_id: o for o in engine.step() if o.finished})
         return {s.request_id for s in sched.running}
 
-    while not {long, pinned} <= step() or any(s.num_uncomputed_tokens > 1 for s in sched.running):
-        pass
+    for _ in range(10):  # until both have prefilled
+        if {long, pinned} <= step() and all(s.num_uncomputed_tokens <= 1 for s in sched.running):
+            break
+    else:
+        pytest.fail("the long and pinned requests never both reached decode")
     assert bm.num_blocks == 68 and bm.num_free_blocks < 38  # mlp-r32 takes 38 contiguous blocks
     big = engine.add_request(prompt_token_ids=prompt_ids[1], params=GREEDY, adapter="mlp-r32")
     base = engine.add_request(prompt_token_ids=prompt_ids[0], params=GREEDY)
