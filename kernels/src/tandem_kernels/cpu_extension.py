@@ -1,6 +1,8 @@
-"""Tandem's C++ CPU ops (csrc/), compiled on first use with torch's extension builder.
+"""Tandem's C++ CPU ops (csrc/), compiled on first use with torch's extension builder: the grouped
+LoRA decode step, and a layer's small float32 ops (norm, rotary, KV write, SiLU-and-mul, paged
+decode attention), which `tandem_kernels` dispatches CPU tensors to.
 
-The build takes about 25 s on two cores and is cached (`$TANDEM_CACHE_DIR/torch_extensions`, next
+The build takes about 45 s on two cores and is cached (`$TANDEM_CACHE_DIR/torch_extensions`, next
 to the converted models, else `~/.cache/tandem/torch_extensions`), per torch version and CPU
 instruction set, and rebuilt when the source changes; `make install` builds it ahead
 (`tandem-cpu-ops`).
@@ -19,6 +21,7 @@ extension makes CPU serving faster, never possible.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -32,7 +35,9 @@ from types import ModuleType
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).parent / "csrc" / "lora_grouped_cpu.cpp",)
+_CSRC = Path(__file__).parent / "csrc"
+SOURCES = tuple(_CSRC / name for name in ("bindings.cpp", "lora_grouped_cpu.cpp", "decode_cpu.cpp"))
+HEADERS = (_CSRC / "ops.h",)
 ENV_SWITCH = "TANDEM_CPU_EXTENSION"
 PREBUILT_ENV = "TANDEM_CPU_OPS_DIR"  # a folder `build_portable` wrote
 _NAME = "tandem_cpu_ops"
@@ -66,7 +71,7 @@ def _cpu_key() -> str:
 def source_hash() -> str:
     """What the ops are built from: a prebuilt op from other sources is not used."""
     h = hashlib.sha256()
-    for src in SOURCES:
+    for src in SOURCES + HEADERS:
         h.update(src.read_bytes())
     return h.hexdigest()[:16]
 
@@ -85,9 +90,19 @@ def available_compiler() -> str | None:
 
 
 def _build(out: Path, march: str) -> ModuleType:
+    out.mkdir(parents=True, exist_ok=True)
+    # torch's builder guards the folder with a lock file that only its holder removes: after a
+    # builder dies (a pod killed mid-build), every later one waits on it forever. An flock is
+    # let go by the kernel when its process dies, so holding one, no live builder owns that file.
+    with open(out / "tandem-build.lock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        (out / "lock").unlink(missing_ok=True)
+        return _load_or_compile(out, march)
+
+
+def _load_or_compile(out: Path, march: str) -> ModuleType:
     from torch.utils import cpp_extension
 
-    out.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
         _NAME,
         [str(s) for s in SOURCES],
@@ -160,6 +175,12 @@ def _load_prebuilt(folder: Path) -> ModuleType | None:
     return module
 
 
+def loaded() -> ModuleType | None:
+    """The ops if `load()` has already made them available in this process, else None: never
+    builds (`tandem_kernels` asks this per call; the engine calls `load()` at start-up)."""
+    return None if _module is _UNSET else _module  # type: ignore[return-value]
+
+
 def load() -> ModuleType | None:
     """The compiled ops: prebuilt (`TANDEM_CPU_OPS_DIR`), else built here if needed; None (and one
     warning) where neither can be had."""
@@ -175,13 +196,15 @@ def load() -> ModuleType | None:
         if _module is not None:
             return _module  # type: ignore[return-value]
     if available_compiler() is None:
-        log.warning("no C++ compiler: the CPU LoRA step uses its TorchScript loop (slower)")
+        log.warning("no C++ compiler: CPU steps use torch ops and the TorchScript LoRA loop (slower)")
         return None
     try:
         # -march=native: the build is used only on a CPU with the same flags (build_dir).
         _module = _build(build_dir(), "native")
     except Exception as e:  # noqa: BLE001 - any build failure leaves the pure-torch path
-        log.warning("building Tandem's CPU ops failed (%s): the CPU LoRA step uses its TorchScript loop", e)
+        log.warning(
+            "building Tandem's CPU ops failed (%s): CPU steps use torch ops and the TorchScript LoRA loop", e
+        )
         _module = None
     return _module  # type: ignore[return-value]
 

@@ -5,25 +5,14 @@
 // matrices; as torch ops each one pays dispatch and MKL setup (about 8 us in TorchScript), more than
 // its arithmetic. Here one call does a whole projection, and the products are plain loops that the
 // compiler vectorizes. fp32 only; sums are in fp32 in a fixed order (not bit-identical to MKL).
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <vector>
 
+#include "ops.h"
+
+namespace tandem {
 namespace {
-
-constexpr int kLanes = 16;  // independent partial sums: lets the compiler vectorize without -ffast-math
-
-inline float dot(const float* a, const float* b, int64_t n) {
-  float acc[kLanes] = {0};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int k = 0; k < kLanes; ++k) acc[k] += a[i + k] * b[i + k];
-  float s = 0;
-  for (; i < n; ++i) s += a[i] * b[i];
-  for (int k = 0; k < kLanes; ++k) s += acc[k];
-  return s;
-}
 
 // The common ranks at compile time: the short dot products of the expand unroll fully.
 template <int R>
@@ -129,7 +118,4 @@ int64_t parallel_threads(int64_t n) {
   return used;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("lora_grouped", &lora_grouped, "grouped LoRA shrink + expand of one fused projection, in place");
-  m.def("parallel_threads", &parallel_threads, "threads at::parallel_for uses for n items (a build check)");
-}
+}  // namespace tandem

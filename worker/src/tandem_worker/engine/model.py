@@ -38,7 +38,8 @@ class AttentionMetadata:
     # Every prefill chunk starts at position 0 (no cached prefix, no earlier chunk): attention can
     # use the fresh K/V with a causal mask instead of reading them back from the paged cache.
     prefill_is_fresh: bool = False
-    # CPU path: every packed chunk attends over KV gathered by block (see tandem_kernels.gathered_attention).
+    # CPU path: the packed chunks attend over KV gathered by block (see tandem_kernels.gathered_attention),
+    # decodes too unless they are paged (no buckets). None: decodes alone, all paged.
     kv_blocks: torch.Tensor | None = None  # [total_blocks] int64
     cu_seqlens_q: list[int] | None = None  # over the packed chunks after the decodes
     context_lens: list[int] | None = None
@@ -201,6 +202,10 @@ class Attention(nn.Module):
                 self.scale,
                 meta.decode_buckets,
             )
+            if nd and not meta.decode_buckets:  # decodes not bucketed: read in place from the pages
+                out[:nd] = tandem_kernels.paged_decode_attention(
+                    q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale
+                )
         elif nd == t:
             out = tandem_kernels.paged_decode_attention(
                 q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale

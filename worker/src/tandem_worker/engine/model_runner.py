@@ -120,6 +120,8 @@ class ModelRunner:
         self.layout = plan_kv_cache(model_cfg, cfg, self.dtype, self.device)
         # Off CUDA (and unless Triton is forced) attention gathers each sequence's exact context.
         self.gather_attention = self.device.type != "cuda" and os.environ.get("TANDEM_KERNELS") != "triton"
+        # With the C++ CPU ops, decodes attend in place over their pages; without, in gathered buckets.
+        self.paged_decodes = self.gather_attention and tandem_kernels.cpu_ops_serve(self.dtype)
         self.kv_cache = torch.zeros(self.layout.shape, dtype=self.dtype, device=self.device)
         self.lora = None  # the engine's LoRAManager: adapters live in this KV pool
         self.graphs: DecodeGraphs | None = None
@@ -196,16 +198,21 @@ class ModelRunner:
         return self._tensor(ids), self._tensor(pos), meta, order
 
     def _add_gathered(self, meta: AttentionMetadata, chunks: list) -> None:
-        """The CPU attention plan: decodes (first in `chunks`) in buckets, the other chunks after."""
+        """The CPU attention plan: decodes (first in `chunks`) paged or in buckets, the other
+        chunks gathered after them. A step of decodes alone needs no gather (kv_blocks None)."""
         bs = self.block_size
         nd = meta.num_decode_tokens
         layout = self.layout
-        meta.decode_buckets = tandem_kernels.plan_decode_buckets(
-            [c.seq.block_table for c in chunks[:nd]],
-            [c.start + 1 for c in chunks[:nd]],
-            bs,
-            position_bytes=layout.block_bytes // (layout.num_layers * bs),
-        )
+        if self.paged_decodes:
+            if nd == len(chunks):
+                return
+        else:
+            meta.decode_buckets = tandem_kernels.plan_decode_buckets(
+                [c.seq.block_table for c in chunks[:nd]],
+                [c.start + 1 for c in chunks[:nd]],
+                bs,
+                position_bytes=layout.block_bytes // (layout.num_layers * bs),
+            )
         blocks: list[int] = []
         cu_q, ctx_lens = [nd], []
         for c in chunks[nd:]:
