@@ -43,31 +43,39 @@ inline void prefetch_rows(const float* base, int64_t rows, int64_t row_stride, i
     for (int64_t c = 0; c < d; c += 16) __builtin_prefetch(base + i * row_stride + c);
 }
 
+// fn(row, p) for each of the first ctx positions of one KV head, whose rows are D floats at
+// head_off in each position of the sequence's pages (`table`), walked block by block (no division
+// per position), the next page prefetched while this one is read.
+template <typename Fn>
+inline void for_each_row(const float* pages, const Pages& pg, const int32_t* table, int64_t ctx,
+                         int64_t head_off, int64_t d, Fn&& fn) {
+  for (int64_t p0 = 0, b = 0; p0 < ctx; p0 += pg.block_size, ++b) {
+    const float* rows = pages + table[b] * pg.block_stride + head_off;
+    if (p0 + pg.block_size < ctx)
+      prefetch_rows(pages + table[b + 1] * pg.block_stride + head_off,
+                    std::min(pg.block_size, ctx - p0 - pg.block_size), pg.pos_stride, d);
+    const int64_t n = std::min(pg.block_size, ctx - p0);
+    for (int64_t i = 0; i < n; ++i) fn(rows + i * pg.pos_stride, p0 + i);
+  }
+}
+
 // One (sequence, KV head): the `group` query heads that share it, over its first ctx positions.
-// Pages are walked block by block (no division per position); K is read once for all the group's
-// scores, then V once for all its outputs. D > 0 fixes the head size at compile time.
+// K is read once for all the group's scores, then V once for all its outputs. D > 0 fixes the
+// head size at compile time.
 template <int64_t D>
 void attend(const Pages& pg, const int32_t* table, int64_t ctx, int64_t head_off, const float* q, int64_t qh,
             int64_t group, int64_t d_rt, float scale, float* scores, int64_t stride, float* acc, float* out) {
   const int64_t d = D > 0 ? D : d_rt;
   constexpr int kMaxGroup = 16;
   float mx[kMaxGroup], sum[kMaxGroup];
-  for (int64_t j = 0; j < group; ++j) mx[j] = -INFINITY, sum[j] = 0.0f;
-  for (int64_t p0 = 0; p0 < ctx; p0 += pg.block_size) {
-    const float* kb = pg.k + table[p0 / pg.block_size] * pg.block_stride + head_off;
-    const int64_t n = std::min(pg.block_size, ctx - p0);
-    if (p0 + pg.block_size < ctx)
-      prefetch_rows(pg.k + table[p0 / pg.block_size + 1] * pg.block_stride + head_off,
-                    std::min(pg.block_size, ctx - p0 - pg.block_size), pg.pos_stride, d);
-    for (int64_t i = 0; i < n; ++i) {
-      const float* kr = kb + i * pg.pos_stride;
-      for (int64_t j = 0; j < group; ++j) {
-        const float x = dot(q + j * qh, kr, d) * scale;
-        scores[j * stride + p0 + i] = x;
-        mx[j] = std::max(mx[j], x);
-      }
+  std::fill(mx, mx + group, -INFINITY);
+  for_each_row(pg.k, pg, table, ctx, head_off, d, [&](const float* k, int64_t p) {
+    for (int64_t j = 0; j < group; ++j) {
+      const float x = dot(q + j * qh, k, d) * scale;
+      scores[j * stride + p] = x;
+      mx[j] = std::max(mx[j], x);
     }
-  }
+  });
   for (int64_t j = 0; j < group; ++j) {
     float* sc = scores + j * stride;
     float total = 0.0f;
@@ -78,21 +86,13 @@ void attend(const Pages& pg, const int32_t* table, int64_t ctx, int64_t head_off
     sum[j] = total;
   }
   std::fill(acc, acc + group * d, 0.0f);
-  for (int64_t p0 = 0; p0 < ctx; p0 += pg.block_size) {
-    const float* vb = pg.v + table[p0 / pg.block_size] * pg.block_stride + head_off;
-    const int64_t n = std::min(pg.block_size, ctx - p0);
-    if (p0 + pg.block_size < ctx)
-      prefetch_rows(pg.v + table[p0 / pg.block_size + 1] * pg.block_stride + head_off,
-                    std::min(pg.block_size, ctx - p0 - pg.block_size), pg.pos_stride, d);
-    for (int64_t i = 0; i < n; ++i) {
-      const float* vr = vb + i * pg.pos_stride;
-      for (int64_t j = 0; j < group; ++j) {
-        const float w = scores[j * stride + p0 + i];
-        float* a = acc + j * d;
-        for (int64_t c = 0; c < d; ++c) a[c] += w * vr[c];
-      }
+  for_each_row(pg.v, pg, table, ctx, head_off, d, [&](const float* v, int64_t p) {
+    for (int64_t j = 0; j < group; ++j) {
+      const float w = scores[j * stride + p];
+      float* a = acc + j * d;
+      for (int64_t c = 0; c < d; ++c) a[c] += w * v[c];
     }
-  }
+  });
   for (int64_t j = 0; j < group; ++j) {
     const float inv = 1.0f / sum[j];
     for (int64_t c = 0; c < d; ++c) out[j * d + c] = acc[j * d + c] * inv;
