@@ -30,6 +30,17 @@ void check_f32(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.stride(-1) == 1, name, "'s last dimension must be contiguous");
 }
 
+void check_caches(const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  check_f32(k_cache, "k_cache");
+  check_f32(v_cache, "v_cache");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "the caches must be contiguous");
+}
+
+// An index tensor the op reads on the host: CPU, contiguous, of this type and rank.
+void check_index(const at::Tensor& t, at::ScalarType type, int64_t dim, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == type && t.dim() == dim && t.is_contiguous(), what);
+}
+
 struct Pages {
   const float* k;
   const float* v;
@@ -104,7 +115,7 @@ void attend(const Pages& pg, const int32_t* table, int64_t ctx, int64_t head_off
 // (norm(h), h) where h = x + residual (a new tensor), or h = x without one: Llama's RMSNorm,
 // h * rsqrt(mean(h^2) + eps) * weight, row by row.
 std::vector<at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps,
-                                        const c10::optional<at::Tensor>& residual) {
+                                 const c10::optional<at::Tensor>& residual) {
   check_f32(x, "x");
   check_f32(weight, "weight");
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 1 && weight.size(0) == x.size(1), "x [T, N] and weight [N]");
@@ -181,16 +192,12 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
 // Each token's key and value [T, kv_heads, D] into its cache slot (slot_mapping [T] int64, -1 to
 // skip) of k_cache, v_cache [blocks, block_size, kv_heads, D]. A slot out of range is an error,
 // raised before anything is written.
-void store_kvcache(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cache,
-                       at::Tensor& v_cache, const at::Tensor& slot_mapping) {
+void store_kvcache(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cache, at::Tensor& v_cache,
+                   const at::Tensor& slot_mapping) {
   check_f32(key, "key");
   check_f32(value, "value");
-  check_f32(k_cache, "k_cache");
-  check_f32(v_cache, "v_cache");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "the caches must be contiguous");
-  TORCH_CHECK(slot_mapping.device().is_cpu() && slot_mapping.scalar_type() == at::kLong &&
-                  slot_mapping.dim() == 1 && slot_mapping.is_contiguous(),
-              "slot_mapping must be a contiguous CPU int64 vector");
+  check_caches(k_cache, v_cache);
+  check_index(slot_mapping, at::kLong, 1, "slot_mapping must be a contiguous CPU int64 vector");
   const int64_t t = key.size(0), kvh = k_cache.size(2), d = k_cache.size(3);
   TORCH_CHECK(key.dim() == 3 && key.size(1) == kvh && key.size(2) == d && value.sizes() == key.sizes(),
               "key and value must be [T, kv_heads, head_dim] as the cache");
@@ -236,19 +243,12 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up) {
 // positions, found through block_tables [S, max_blocks] int32 in k_cache, v_cache [blocks,
 // block_size, kv_heads, D]: softmax(q k^T * scale) v, [S, heads, D]. Read in place from the pages
 // (no gather), each (sequence, KV head) once for all the query heads that share it (GQA).
-at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
-                                         const at::Tensor& v_cache, const at::Tensor& block_tables,
-                                         const at::Tensor& context_lens, double scale) {
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
   check_f32(q, "q");
-  check_f32(k_cache, "k_cache");
-  check_f32(v_cache, "v_cache");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "the caches must be contiguous");
-  TORCH_CHECK(block_tables.device().is_cpu() && block_tables.scalar_type() == at::kInt &&
-                  block_tables.dim() == 2 && block_tables.is_contiguous(),
-              "block_tables must be a contiguous CPU int32 [S, max_blocks]");
-  TORCH_CHECK(context_lens.device().is_cpu() && context_lens.scalar_type() == at::kInt &&
-                  context_lens.dim() == 1 && context_lens.is_contiguous(),
-              "context_lens must be a contiguous CPU int32 [S]");
+  check_caches(k_cache, v_cache);
+  check_index(block_tables, at::kInt, 2, "block_tables must be a contiguous CPU int32 [S, max_blocks]");
+  check_index(context_lens, at::kInt, 1, "context_lens must be a contiguous CPU int32 [S]");
   const int64_t seqs = q.size(0), heads = q.size(1), d = q.size(2);
   const int64_t num_blocks = k_cache.size(0), bs = k_cache.size(1), kvh = k_cache.size(2);
   TORCH_CHECK(q.dim() == 3 && k_cache.size(3) == d && heads % kvh == 0, "q [S, heads, D] against the cache");
