@@ -80,13 +80,21 @@ def test_silu_and_mul_is_the_reference_to_float32_rounding():
         torch.testing.assert_close(
             ops.silu_and_mul(gate_up), reference.silu_and_mul(gate_up), rtol=2e-6, atol=1e-7
         )
+    # The op's own exp (exp_fast) over its whole range: where it clamps (|x| past 87), into
+    # subnormal results, and at the reference's overflow to inf in e^-x (x = -100: SiLU is -0).
+    gate = torch.cat([torch.linspace(-120, 120, 4801), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 88.5, -88.5])])
+    gate_up = torch.cat([gate, torch.full_like(gate, 1.5)])[None]
+    torch.testing.assert_close(
+        ops.silu_and_mul(gate_up), reference.silu_and_mul(gate_up), rtol=2e-6, atol=1e-30
+    )
 
 
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim"),
-    [(9, 3, 64), (32, 8, 128), (4, 4, 80)],  # SmolLM2, Llama-3-8B, no GQA with an unrolled-less size
+    [(9, 3, 64), (32, 8, 128), (4, 4, 80)],  # SmolLM2, Llama-3-8B, no GQA with a size not compiled in
 )
-def test_paged_decode_attention_is_the_reference(heads, kv_heads, head_dim):
+@pytest.mark.parametrize("sharpness", [1.0, 40.0])  # 40: most weights underflow (exp_fast's clamp)
+def test_paged_decode_attention_is_the_reference(heads, kv_heads, head_dim, sharpness):
     block_size = 16
     k_cache, v_cache = _pages(200, block_size, kv_heads, head_dim)
     # One position, a block's end, one past it, long, and all sharing no block order.
@@ -102,10 +110,11 @@ def test_paged_decode_attention_is_the_reference(heads, kv_heads, head_dim):
     context_lens = torch.tensor(lens, dtype=torch.int32)
     packed = torch.randn(len(lens) + 3, heads, head_dim)
     q = packed[: len(lens)]  # the decode rows of a packed batch: a view
-    scale = head_dim**-0.5
+    scale = sharpness * head_dim**-0.5
     got = ops.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
     want = reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+    # The scores' float32 rounding (sums in another order) grows with the scale.
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6 * sharpness)
 
 
 def test_paged_decode_attention_refuses_lengths_and_blocks_outside_the_table():
@@ -119,6 +128,11 @@ def test_paged_decode_attention_refuses_lengths_and_blocks_outside_the_table():
     tables[1, 1] = 8
     with pytest.raises(RuntimeError, match="block 8 of sequence 1 out of range"):
         ops.paged_decode_attention(q, k_cache, v_cache, tables, torch.tensor([5, 20], dtype=torch.int32), 0.1)
+    k_odd, v_odd = _pages(8, 16, 3, 36)
+    with pytest.raises(RuntimeError, match="head size must be a multiple of 8"):
+        ops.paged_decode_attention(
+            torch.randn(2, 9, 36), k_odd, v_odd, tables, torch.tensor([5, 3], dtype=torch.int32), 0.1
+        )
 
 
 def test_cpu_float32_goes_to_the_cpp_ops_and_other_cases_to_the_references(monkeypatch):
@@ -156,6 +170,17 @@ def test_cpu_float32_goes_to_the_cpp_ops_and_other_cases_to_the_references(monke
         "paged_decode_attention",
     ]
     calls.clear()
+    # Attention the C++ op does not do (a head size off its 8-float vectors, 17 heads per KV head)
+    # is the reference's.
+    for q_odd, kc_odd in (
+        (torch.randn(3, 2, 36), _pages(4, 16, 2, 36)[0]),
+        (torch.randn(3, 17, 64), k_cache[:, :, :1]),
+    ):
+        got = tandem_kernels.paged_decode_attention(q_odd, kc_odd, kc_odd, tables, lens, 0.1)
+        torch.testing.assert_close(
+            got, reference.paged_decode_attention(q_odd, kc_odd, kc_odd, tables, lens, 0.1)
+        )
+    assert calls == []
     run_all(torch.bfloat16)  # float32 only
     monkeypatch.setenv("TANDEM_KERNELS", "torch")  # the references, forced
     run_all(torch.float32)

@@ -199,7 +199,9 @@ def paged_decode_attention(
     """Attend one query token per sequence to its paged KV; returns [num_seqs, num_heads, head_dim]."""
     if uses_triton(q.device):
         return _triton_paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
-    if (ops := _cpu_ops(q, k_cache, v_cache)) is not None:
+    # The C++ op's limits (decode_cpu.cpp): head sizes in whole 8-float vectors, groups it unrolls.
+    cpp_fits = q.size(-1) % 8 == 0 and q.size(-1) <= 256 and q.size(1) // k_cache.size(2) <= 16
+    if cpp_fits and (ops := _cpu_ops(q, k_cache, v_cache)) is not None:
         return ops.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
     return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
 

@@ -108,7 +108,9 @@ def _load_or_compile(out: Path, march: str) -> ModuleType:
         [str(s) for s in SOURCES],
         # -fopenmp: at::parallel_for is inlined from ATen's OpenMP header; without the flag its
         # pragma is ignored and the op runs on one thread (measured: 2 threads took as long).
-        extra_cflags=["-O3", f"-march={march}", "-fopenmp"],
+        # -fno-trapping-math: lets the compiler turn float compares into selects (exp_fast's clamp),
+        # which a vectorized loop needs; nothing here reads floating-point exception flags.
+        extra_cflags=["-O3", f"-march={march}", "-fopenmp", "-fno-trapping-math"],
         extra_ldflags=["-fopenmp"],
         build_directory=str(out),
         verbose=False,

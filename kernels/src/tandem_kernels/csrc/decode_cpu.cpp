@@ -47,66 +47,122 @@ struct Pages {
   int64_t block_size, block_stride, pos_stride;
 };
 
-// The next block's rows of one KV head, asked for ahead: pages are scattered, so the hardware
-// prefetcher, which follows addresses within a page, cannot see the next one coming.
-inline void prefetch_rows(const float* base, int64_t rows, int64_t row_stride, int64_t d) {
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t c = 0; c < d; c += 16) __builtin_prefetch(base + i * row_stride + c);
-}
-
-// fn(row, p) for each of the first ctx positions of one KV head, whose rows are D floats at
-// head_off in each position of the sequence's pages (`table`), walked block by block (no division
-// per position), the next page prefetched while this one is read.
+// fn(rows, p0, n) for each block of the first ctx positions of one KV head: n rows of D floats, one
+// per position from p0, at head_off in each position of the sequence's pages (`table`) and
+// pos_stride apart. The next page is asked for before this one is read: pages are scattered, so
+// the hardware prefetcher, which follows addresses within a page, cannot see the next one coming.
 template <typename Fn>
-inline void for_each_row(const float* pages, const Pages& pg, const int32_t* table, int64_t ctx,
-                         int64_t head_off, int64_t d, Fn&& fn) {
+inline void for_each_block(const float* pages, const Pages& pg, const int32_t* table, int64_t ctx,
+                           int64_t head_off, int64_t d, Fn&& fn) {
   for (int64_t p0 = 0, b = 0; p0 < ctx; p0 += pg.block_size, ++b) {
-    const float* rows = pages + table[b] * pg.block_stride + head_off;
-    if (p0 + pg.block_size < ctx)
-      prefetch_rows(pages + table[b + 1] * pg.block_stride + head_off,
-                    std::min(pg.block_size, ctx - p0 - pg.block_size), pg.pos_stride, d);
     const int64_t n = std::min(pg.block_size, ctx - p0);
-    for (int64_t i = 0; i < n; ++i) fn(rows + i * pg.pos_stride, p0 + i);
+    const int64_t ahead = std::min(pg.block_size, ctx - p0 - n);
+    const float* next = pages + (ahead > 0 ? table[b + 1] : 0) * pg.block_stride + head_off;
+    for (int64_t i = 0; i < ahead; ++i)
+      for (int64_t c = 0; c < d; c += 16) __builtin_prefetch(next + i * pg.pos_stride + c);
+    fn(pages + table[b] * pg.block_stride + head_off, p0, n);
   }
 }
+
+// 8 floats as one value: an AVX2 register (two NEON ones); GCC and Clang lower its arithmetic to
+// the target's vector instructions, so the loops below are vectorized by construction.
+typedef float f8 __attribute__((vector_size(32)));
+
+inline f8 load8(const float* p) {
+  f8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+#if defined(__clang__) || __GNUC__ >= 12
+#define TANDEM_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+typedef int32_t i8 __attribute__((vector_size(32)));
+#define TANDEM_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, i8{__VA_ARGS__})
+#endif
+
+// The lane sums of s[0..7], as one vector: a transposed reduction (7 adds for 8 sums, where one
+// sum at a time costs 3 adds and 3 shuffles, or a trip through memory).
+inline f8 lane_sums(const f8* s) {
+  f8 t[4];
+  for (int r = 0; r < 4; ++r)  // t[r] = pair sums of s[2r] and s[2r + 1], interleaved
+    t[r] = TANDEM_SHUFFLE(s[2 * r], s[2 * r + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
+           TANDEM_SHUFFLE(s[2 * r], s[2 * r + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+  // u0 = [s0, s1, s2, s3 over lanes 0-3 | the same over lanes 4-7], u1 the same for s4-s7
+  const f8 u0 = TANDEM_SHUFFLE(t[0], t[1], 0, 1, 8, 9, 4, 5, 12, 13) +
+                TANDEM_SHUFFLE(t[0], t[1], 2, 3, 10, 11, 6, 7, 14, 15);
+  const f8 u1 = TANDEM_SHUFFLE(t[2], t[3], 0, 1, 8, 9, 4, 5, 12, 13) +
+                TANDEM_SHUFFLE(t[2], t[3], 2, 3, 10, 11, 6, 7, 14, 15);
+  return TANDEM_SHUFFLE(u0, u1, 0, 1, 2, 3, 8, 9, 10, 11) + TANDEM_SHUFFLE(u0, u1, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+inline float max_lane(f8 v) {
+  float m = v[0];
+  for (int i = 1; i < 8; ++i) m = std::max(m, v[i]);
+  return m;
+}
+
+constexpr int kMaxGroup = 16;  // query heads per KV head
+constexpr int64_t kMaxHeadDim = 256;
 
 // One (sequence, KV head): the `group` query heads that share it, over its first ctx positions.
-// K is read once for all the group's scores, then V once for all its outputs. D > 0 fixes the
-// head size at compile time.
+// K is read once for all the group's scores, then V once for all its outputs, a page at a time:
+// each head's query (and, for V, its sum) stays in registers while the page's rows, in L1 after
+// the first head, stream past. D > 0 fixes the head size at compile time; any size is a multiple
+// of 8.
 template <int64_t D>
 void attend(const Pages& pg, const int32_t* table, int64_t ctx, int64_t head_off, const float* q, int64_t qh,
-            int64_t group, int64_t d_rt, float scale, float* scores, int64_t stride, float* acc, float* out) {
-  const int64_t d = D > 0 ? D : d_rt;
-  constexpr int kMaxGroup = 16;
-  float mx[kMaxGroup], sum[kMaxGroup];
-  std::fill(mx, mx + group, -INFINITY);
-  for_each_row(pg.k, pg, table, ctx, head_off, d, [&](const float* k, int64_t p) {
+            int64_t group, int64_t d_rt, float scale, float* scores, int64_t stride, float* out) {
+  const int64_t d = D > 0 ? D : d_rt, nv = d / 8;
+  constexpr int64_t kVecs = (D > 0 ? D : kMaxHeadDim) / 8;
+  const f8 neg_inf = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+  f8 mx[kMaxGroup];
+  std::fill(mx, mx + group, neg_inf);
+  for_each_block(pg.k, pg, table, ctx, head_off, d, [&](const float* rows, int64_t p0, int64_t n) {
     for (int64_t j = 0; j < group; ++j) {
-      const float x = dot(q + j * qh, k, d) * scale;
-      scores[j * stride + p] = x;
-      mx[j] = std::max(mx[j], x);
+      f8 qv[kVecs];
+      for (int64_t c = 0; c < nv; ++c) qv[c] = load8(q + j * qh + 8 * c);
+      float* sc = scores + j * stride + p0;
+      for (int64_t i = 0; i < n; i += 8) {
+        f8 part[8];
+        for (int64_t r = 0; r < 8; ++r) {  // past the block's end, its last row again (not stored)
+          const float* k = rows + std::min(i + r, n - 1) * pg.pos_stride;
+          f8 a = qv[0] * load8(k);
+          for (int64_t c = 1; c < nv; ++c) a += qv[c] * load8(k + 8 * c);
+          part[r] = a;
+        }
+        const f8 x = lane_sums(part) * scale;
+        mx[j] = mx[j] > x ? mx[j] : x;
+        std::memcpy(sc + i, &x, sizeof(float) * std::min<int64_t>(8, n - i));
+      }
     }
   });
+  float total[kMaxGroup];
   for (int64_t j = 0; j < group; ++j) {
     float* sc = scores + j * stride;
-    float total = 0.0f;
-    for (int64_t p = 0; p < ctx; ++p) {
-      sc[p] = std::exp(sc[p] - mx[j]);
-      total += sc[p];
-    }
-    sum[j] = total;
+    const float m = max_lane(mx[j]);
+    for (int64_t p = 0; p < ctx; ++p) sc[p] = exp_fast(sc[p] - m);
+    total[j] = sum(sc, ctx);
   }
-  std::fill(acc, acc + group * d, 0.0f);
-  for_each_row(pg.v, pg, table, ctx, head_off, d, [&](const float* v, int64_t p) {
+  f8 sums[kMaxGroup][kVecs] = {};
+  for_each_block(pg.v, pg, table, ctx, head_off, d, [&](const float* rows, int64_t p0, int64_t n) {
     for (int64_t j = 0; j < group; ++j) {
-      const float w = scores[j * stride + p];
-      float* a = acc + j * d;
-      for (int64_t c = 0; c < d; ++c) a[c] += w * v[c];
+      f8 acc[kVecs];
+      for (int64_t c = 0; c < nv; ++c) acc[c] = sums[j][c];
+      const float* w = scores + j * stride + p0;
+      for (int64_t i = 0; i < n; ++i) {
+        const float* v = rows + i * pg.pos_stride;
+        for (int64_t c = 0; c < nv; ++c) acc[c] += w[i] * load8(v + 8 * c);
+      }
+      for (int64_t c = 0; c < nv; ++c) sums[j][c] = acc[c];
     }
   });
   for (int64_t j = 0; j < group; ++j) {
-    const float inv = 1.0f / sum[j];
-    for (int64_t c = 0; c < d; ++c) out[j * d + c] = acc[j * d + c] * inv;
+    const float inv = 1.0f / total[j];
+    for (int64_t c = 0; c < nv; ++c) {
+      const f8 o = sums[j][c] * inv;
+      std::memcpy(out + j * d + 8 * c, &o, sizeof o);
+    }
   }
 }
 
@@ -233,7 +289,7 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up) {
       const float* g = gp + i * gs;
       const float* u = g + inter;
       float* o = op + i * inter;
-      for (int64_t j = 0; j < inter; ++j) o[j] = g[j] / (1.0f + std::exp(-g[j])) * u[j];
+      for (int64_t j = 0; j < inter; ++j) o[j] = g[j] / (1.0f + exp_fast(-g[j])) * u[j];
     }
   });
   return out;
@@ -254,7 +310,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   TORCH_CHECK(q.dim() == 3 && k_cache.size(3) == d && heads % kvh == 0, "q [S, heads, D] against the cache");
   TORCH_CHECK(block_tables.size(0) == seqs && context_lens.size(0) == seqs, "one table row and length per sequence");
   const int64_t width = block_tables.size(1), group = heads / kvh;
-  TORCH_CHECK(group <= 16, "at most 16 query heads per KV head");
+  TORCH_CHECK(group <= kMaxGroup, "at most ", kMaxGroup, " query heads per KV head");
+  TORCH_CHECK(d % 8 == 0 && d <= kMaxHeadDim, "head size must be a multiple of 8, at most ", kMaxHeadDim);
   const int32_t* bt = block_tables.data_ptr<int32_t>();
   const int32_t* cl = context_lens.data_ptr<int32_t>();
   int64_t longest = 0, total = 0;
@@ -281,18 +338,18 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   const int64_t grain = grain_for(std::max<int64_t>(1, total * 2 * group * d / std::max<int64_t>(1, seqs)));
   const Pages pages{kc, vc, bs, block_stride, pos_stride};
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(group * longest), acc(group * d);
+    std::vector<float> scores(group * longest);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t s = item / kvh, g = item % kvh;
       const float* qg = qp + s * qs + g * group * qh;
       float* og = op + (s * heads + g * group) * d;
       const int32_t* table = bt + s * width;
       if (d == 64)
-        attend<64>(pages, table, cl[s], g * d, qg, qh, group, d, fscale, scores.data(), longest, acc.data(), og);
+        attend<64>(pages, table, cl[s], g * d, qg, qh, group, d, fscale, scores.data(), longest, og);
       else if (d == 128)
-        attend<128>(pages, table, cl[s], g * d, qg, qh, group, d, fscale, scores.data(), longest, acc.data(), og);
+        attend<128>(pages, table, cl[s], g * d, qg, qh, group, d, fscale, scores.data(), longest, og);
       else
-        attend<0>(pages, table, cl[s], g * d, qg, qh, group, d, fscale, scores.data(), longest, acc.data(), og);
+        attend<0>(pages, table, cl[s], g * d, qg, qh, group, d, fscale, scores.data(), longest, og);
     }
   });
   return out;
