@@ -12,12 +12,15 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# As `make` sets it: the model's conversion and the C++ ops' build are reused across runs, and
+# the workers the serving tests start (children inherit the environment) find both.
+os.environ.setdefault("TANDEM_CACHE_DIR", str(REPO_ROOT / ".cache" / "models"))
 
 
 @pytest.fixture(scope="session")
 def model_cache_dir() -> Path:
-    """$TANDEM_CACHE_DIR, else the repo's git-ignored .cache/models, so repeated runs reuse the conversion."""
-    return Path(os.environ.get("TANDEM_CACHE_DIR") or REPO_ROOT / ".cache" / "models")
+    """$TANDEM_CACHE_DIR (by default the repo's git-ignored .cache/models): runs reuse the conversion."""
+    return Path(os.environ["TANDEM_CACHE_DIR"])
 
 
 @pytest.fixture(scope="session")

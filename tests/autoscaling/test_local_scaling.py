@@ -18,11 +18,7 @@ from tandem_operator.autoscaling.policy import AutoscalingSpec
 from tandem_proto.v1 import inference_pb2 as pb
 from tandem_proto.v1 import inference_pb2_grpc as pbgrpc
 from tandem_worker.server.local import LocalDeployment
-from tests.conftest import REPO_ROOT
-
-os.environ.setdefault("TANDEM_CACHE_DIR", str(REPO_ROOT / ".cache" / "models"))
-
-from tests.serving.procs import KV_BYTES, free_port, spawn, tandem_argv  # noqa: E402
+from tests.serving.procs import KV_BYTES, free_port, spawn, tandem_argv
 
 pytestmark = pytest.mark.slow  # real processes
 

@@ -4,17 +4,12 @@ router over the same workers that admits one request at a time (--max-in-flight 
 
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 import pytest
 
 from benchmarks.make_adapters import AdapterSpec, make_adapters
-from tests.conftest import REPO_ROOT
-
-os.environ.setdefault("TANDEM_CACHE_DIR", str(REPO_ROOT / ".cache" / "models"))
-
-from tests.serving.procs import (  # noqa: E402
+from tests.serving.procs import (
     HOST,
     free_port,
     generate,

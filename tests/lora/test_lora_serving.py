@@ -4,7 +4,6 @@ workers by adapter residency, the admin service loads, lists and unloads adapter
 from __future__ import annotations
 
 import json
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -14,13 +13,9 @@ import pytest
 
 from tandem_proto.v1 import worker_pb2 as wpb
 from tandem_proto.v1 import worker_pb2_grpc as wgrpc
-from tests.conftest import REPO_ROOT
 from tests.engine.test_engine_vs_hf import assert_matches
 from tests.lora.conftest import MAX_NEW, MIXED_SPECS
-
-os.environ.setdefault("TANDEM_CACHE_DIR", str(REPO_ROOT / ".cache" / "models"))
-
-from tests.serving.procs import (  # noqa: E402
+from tests.serving.procs import (
     assert_idle,
     generate,
     greedy,

@@ -8,18 +8,12 @@ start their own deployments.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import REPO_ROOT
-
-# Children inherit the environment: let them reuse the converted built-in model.
-os.environ.setdefault("TANDEM_CACHE_DIR", str(REPO_ROOT / ".cache" / "models"))
-
-from .procs import KV_BYTES, Proc, generate, greedy, request, router, stop_all, wait_for, wait_healthy, worker  # noqa: E402
+from .procs import KV_BYTES, Proc, generate, greedy, request, router, stop_all, wait_for, wait_healthy, worker
 
 
 @pytest.fixture(scope="session")
