@@ -333,13 +333,23 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   const int64_t pos_stride = kvh * d, block_stride = bs * pos_stride;
   const float fscale = static_cast<float>(scale);
   const int64_t items = seqs * kvh;
-  // Work per item: its context times 2 * group * D floats read or made. Even batch 1 gains from
-  // the second thread: its pages are mostly not in cache, and two threads wait on twice the reads.
-  const int64_t grain = grain_for(std::max<int64_t>(1, total * 2 * group * d / std::max<int64_t>(1, seqs)));
+  // One run of consecutive items per thread, cut where the work (context lengths) is even, not
+  // the count: split by count, a batch of mixed lengths left one thread waiting on the other. Even
+  // batch 1 gains from the second thread: its pages are mostly not in cache, and two threads wait
+  // on twice the reads. Small batches stay on this thread (waking the pool costs more).
+  const int64_t work = total * kvh * 2 * group * d;  // floats read or made
+  const int64_t runs = work < kSerialFloats ? 1 : std::min<int64_t>(items, at::get_num_threads());
+  std::vector<int64_t> first(runs + 1, items);
+  first[0] = 0;
+  for (int64_t r = 1, item = 0, done = 0; r < runs; ++r) {
+    const int64_t target = total * kvh * r / runs;  // positions, over all the KV heads
+    while (item < items && done + cl[item / kvh] / 2 < target) done += cl[item++ / kvh];
+    first[r] = item;
+  }
   const Pages pages{kc, vc, bs, block_stride, pos_stride};
-  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, runs, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(group * longest);
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item = first[begin]; item < first[end]; ++item) {
       const int64_t s = item / kvh, g = item % kvh;
       const float* qg = qp + s * qs + g * group * qh;
       float* og = op + (s * heads + g * group) * d;
