@@ -51,6 +51,8 @@ CASES = {
     "b1": Case("batch 1", 1, 128, 128, 64),
     "b16": Case("batch 16, mixed lengths", 16, 16, 512, 64),
     "b64": Case("batch 64, mixed lengths", 64, 16, 256, 32),
+    # Where decode steps read more KV than weights: the attention's share of a step.
+    "long": Case("batch 8, 512-2048 tokens", 8, 512, 2048, 128),
 }
 
 
@@ -123,7 +125,7 @@ def run_hf(model, pad_id: int, prompts: list[list[int]], new_tokens: int) -> tup
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default="b1,b16,b64")
+    ap.add_argument("--cases", default="b1,b16,b64,long")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--repeat", type=int, default=1, help="timed runs per side; the best is reported")
     args = ap.parse_args()
