@@ -5,7 +5,8 @@
 // as torch ops, about 1,200 small ops around them (norms, rotary's slices and concatenations, the
 // cache write's checks, the KV gather before attention), each a few to tens of microseconds of
 // dispatch and thread wake-ups for a few hundred floats of work. Here each is one call and a plain
-// loop. Results are the references' arithmetic up to the order of float32 sums (not bit-identical).
+// loop. Results are the references' arithmetic up to the order of float32 sums and exp's last bit
+// (exp_fast, within 2 ulp): not bit-identical.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
