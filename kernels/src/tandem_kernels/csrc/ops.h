@@ -11,29 +11,27 @@ namespace tandem {
 
 constexpr int kLanes = 16;  // independent partial sums: lets the compiler vectorize without -ffast-math
 
-inline float dot(const float* a, const float* b, int64_t n) {
+// The sum of term(i) for i < n, in kLanes partial sums (dot and sum below).
+template <typename Term>
+inline float lanes_total(int64_t n, Term term) {
   float acc[kLanes] = {0};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
-    for (int k = 0; k < kLanes; ++k) acc[k] += a[i + k] * b[i + k];
+    for (int k = 0; k < kLanes; ++k) acc[k] += term(i + k);
   // A tree, not a chain of 16 dependent adds: the compiler turns it into a few vector shuffles.
   for (int w = kLanes / 2; w > 0; w /= 2)
     for (int k = 0; k < w; ++k) acc[k] += acc[k + w];
   float s = acc[0];
-  for (; i < n; ++i) s += a[i] * b[i];
+  for (; i < n; ++i) s += term(i);
   return s;
 }
 
+inline float dot(const float* a, const float* b, int64_t n) {
+  return lanes_total(n, [a, b](int64_t i) { return a[i] * b[i]; });
+}
+
 inline float sum(const float* a, int64_t n) {
-  float acc[kLanes] = {0};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int k = 0; k < kLanes; ++k) acc[k] += a[i + k];
-  for (int w = kLanes / 2; w > 0; w /= 2)
-    for (int k = 0; k < w; ++k) acc[k] += acc[k + w];
-  float s = acc[0];
-  for (; i < n; ++i) s += a[i];
-  return s;
+  return lanes_total(n, [a](int64_t i) { return a[i]; });
 }
 
 // e^x within 2 ulp of std::exp, in straight-line code a loop vectorizes (std::exp is a call per
