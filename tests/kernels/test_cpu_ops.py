@@ -135,12 +135,38 @@ def test_paged_decode_attention_refuses_lengths_and_blocks_outside_the_table():
         )
 
 
+def test_the_limits_the_decode_op_exports_are_the_ones_it_keeps():
+    # The dispatcher routes by these: a limit looser than the op's sends a call into an error, a
+    # stricter one sends it to the slower reference for nothing.
+    lens = torch.tensor([5, 20], dtype=torch.int32)
+    tables = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    top, step, group = ops.DECODE_MAX_HEAD_DIM, ops.DECODE_HEAD_MULTIPLE, ops.DECODE_MAX_GROUP
+    for heads, kv_heads, d, fits in (
+        (2, 1, top, True),
+        (2, 1, top + step, False),
+        (2, 1, step, True),
+        (2, 1, step + 4, False),
+        (group, 1, 64, True),
+        (group + 1, 1, 64, False),
+    ):
+        k_cache, v_cache = _pages(4, 16, kv_heads, d)
+        q = torch.randn(2, heads, d)
+        if fits:
+            got = ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.1)
+            want = reference.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.1)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+        else:
+            with pytest.raises(RuntimeError, match="head size|query heads per KV head"):
+                ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.1)
+
+
 def test_cpu_float32_goes_to_the_cpp_ops_and_other_cases_to_the_references(monkeypatch):
     calls: list[str] = []
 
-    class Spy:
+    class Spy:  # records the ops' calls; their constants (the decode limits) pass through
         def __getattr__(self, name):
-            return lambda *a: calls.append(name) or getattr(ops, name)(*a)
+            found = getattr(ops, name)
+            return (lambda *a: calls.append(name) or found(*a)) if callable(found) else found
 
     monkeypatch.setattr(tandem_kernels.cpu_extension, "loaded", lambda: Spy())
     monkeypatch.delenv("TANDEM_KERNELS", raising=False)
@@ -170,13 +196,17 @@ def test_cpu_float32_goes_to_the_cpp_ops_and_other_cases_to_the_references(monke
         "paged_decode_attention",
     ]
     calls.clear()
-    # Attention the C++ op does not do (a head size off its 8-float vectors, 17 heads per KV head)
-    # is the reference's.
-    for q_odd, kc_odd in (
-        (torch.randn(3, 2, 36), _pages(4, 16, 2, 36)[0]),
-        (torch.randn(3, 17, 64), k_cache[:, :, :1].contiguous()),  # contiguous: only the group is off
+    # Attention the C++ op does not do is the reference's, not an error: a head size off its
+    # 8-float vectors, 17 heads per KV head (with a whole cache: only the group is off), a cache
+    # that is a strided view, int64 block tables or context lengths.
+    for q_odd, kc_odd, tables_odd, lens_odd in (
+        (torch.randn(3, 2, 36), _pages(4, 16, 2, 36)[0], tables, lens),
+        (torch.randn(3, 17, 64), k_cache[:, :, :1].contiguous(), tables, lens),
+        (q, k_cache[:, :, :1], tables, lens),
+        (q, k_cache, tables.long(), lens),
+        (q, k_cache, tables, lens.long()),
     ):
-        got = tandem_kernels.paged_decode_attention(q_odd, kc_odd, kc_odd, tables, lens, 0.1)
+        got = tandem_kernels.paged_decode_attention(q_odd, kc_odd, kc_odd, tables_odd, lens_odd, 0.1)
         torch.testing.assert_close(
             got, reference.paged_decode_attention(q_odd, kc_odd, kc_odd, tables, lens, 0.1)
         )

@@ -1307,6 +1307,7 @@ print(op.__file__, op.parallel_threads(8))
     ("field", "value", "why"),
     [
         ("source", "0" * 16, "built from other sources"),
+        ("flags", ["-O0"], "built with other flags"),
         ("torch", "1.0.0", "built for torch 1.0.0"),
         ("needs", ["avx2", "no_such_cpu_flag"], "this CPU lacks no_such_cpu_flag"),
     ],

@@ -199,11 +199,35 @@ def paged_decode_attention(
     """Attend one query token per sequence to its paged KV; returns [num_seqs, num_heads, head_dim]."""
     if uses_triton(q.device):
         return _triton_paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
-    # The C++ op's limits (decode_cpu.cpp): head sizes in whole 8-float vectors, groups it unrolls.
-    cpp_fits = q.size(-1) % 8 == 0 and q.size(-1) <= 256 and q.size(1) // k_cache.size(2) <= 16
-    if cpp_fits and (ops := _cpu_ops(q, k_cache, v_cache)) is not None:
+    ops = _cpu_ops(q, k_cache, v_cache)
+    if ops is not None and _cpp_decode_fits(ops, q, k_cache, v_cache, block_tables, context_lens):
         return ops.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
     return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def _cpp_decode_fits(
+    ops: Any,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+) -> bool:
+    """Whether the C++ decode attention takes these inputs: its shape limits (exported by the
+    module, decode_cpu.cpp), whole caches and int32 index tensors. Anything else is the reference's,
+    which takes any layout, rather than the op's error."""
+    d, group = q.size(-1), q.size(1) // k_cache.size(2)
+    return (
+        d % ops.DECODE_HEAD_MULTIPLE == 0
+        and d <= ops.DECODE_MAX_HEAD_DIM
+        and group <= ops.DECODE_MAX_GROUP
+        and k_cache.is_contiguous()
+        and v_cache.is_contiguous()
+        and all(
+            t.device.type == "cpu" and t.dtype == torch.int32 and t.is_contiguous()
+            for t in (block_tables, context_lens)
+        )
+    )
 
 
 def rms_norm(

@@ -48,6 +48,12 @@ PORTABLE = {
     "x86_64": ("x86-64-v3", ("avx2", "fma", "bmi2", "f16c", "movbe")),
     "aarch64": ("armv8-a", ()),
 }
+# -fopenmp: at::parallel_for is inlined from ATen's OpenMP header; without the flag its pragma is
+# ignored and the op runs on one thread (measured: 2 threads took as long).
+# -fno-trapping-math: lets the compiler turn float compares into selects (exp_fast's clamp), which a
+# vectorized loop needs; nothing here reads floating-point exception flags.
+# A prebuilt op's stamp records them: one built with other flags is not used.
+CFLAGS = ("-O3", "-fopenmp", "-fno-trapping-math")
 _UNSET = object()
 _module: object = _UNSET
 
@@ -106,11 +112,7 @@ def _load_or_compile(out: Path, march: str) -> ModuleType:
     return cpp_extension.load(
         _NAME,
         [str(s) for s in SOURCES],
-        # -fopenmp: at::parallel_for is inlined from ATen's OpenMP header; without the flag its
-        # pragma is ignored and the op runs on one thread (measured: 2 threads took as long).
-        # -fno-trapping-math: lets the compiler turn float compares into selects (exp_fast's clamp),
-        # which a vectorized loop needs; nothing here reads floating-point exception flags.
-        extra_cflags=["-O3", f"-march={march}", "-fopenmp", "-fno-trapping-math"],
+        extra_cflags=[*CFLAGS, f"-march={march}"],
         extra_ldflags=["-fopenmp"],
         build_directory=str(out),
         verbose=False,
@@ -138,6 +140,7 @@ def build_portable(out: Path) -> Path:
         "source": source_hash(),
         "machine": machine,
         "march": march,
+        "flags": list(CFLAGS),
         "needs": list(needs),
     }
     (out / _STAMP).write_text(json.dumps(stamp, indent=1) + "\n")
@@ -158,6 +161,7 @@ def _load_prebuilt(folder: Path) -> ModuleType | None:
     misfits = [
         (built_torch != torch.__version__, f"built for torch {built_torch}, this is {torch.__version__}"),
         (stamp.get("source") != source_hash(), "built from other sources"),
+        (stamp.get("flags") != list(CFLAGS), f"built with other flags ({stamp.get('flags')})"),
         (built_machine != platform.machine(), f"built for {built_machine}, this is {platform.machine()}"),
         (bool(missing), f"this CPU lacks {', '.join(sorted(missing))}"),
     ]

@@ -15,4 +15,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("store_kvcache", &store_kvcache, "keys and values into their cache slots, in place", nogil);
   m.def("silu_and_mul", &silu_and_mul, "SiLU(gate) * up", nogil);
   m.def("paged_decode_attention", &paged_decode_attention, "one query per sequence over its paged KV", nogil);
+  m.attr("DECODE_HEAD_MULTIPLE") = kDecodeHeadMultiple;
+  m.attr("DECODE_MAX_HEAD_DIM") = kDecodeMaxHeadDim;
+  m.attr("DECODE_MAX_GROUP") = kDecodeMaxGroup;
 }

@@ -103,9 +103,6 @@ inline float max_lane(f8 v) {
   return m;
 }
 
-constexpr int kMaxGroup = 16;  // query heads per KV head
-constexpr int64_t kMaxHeadDim = 256;
-
 // One (sequence, KV head): the `group` query heads that share it, over its first ctx positions.
 // K is read once for all the group's scores, then V once for all its outputs, a page at a time:
 // each head's query (and, for V, its sum) stays in registers while the page's rows, in L1 after
@@ -115,9 +112,9 @@ template <int64_t D>
 void attend(const Pages& pg, const int32_t* table, int64_t ctx, int64_t head_off, const float* q, int64_t qh,
             int64_t group, int64_t d_rt, float scale, float* scores, int64_t stride, float* out) {
   const int64_t d = D > 0 ? D : d_rt, nv = d / 8;
-  constexpr int64_t kVecs = (D > 0 ? D : kMaxHeadDim) / 8;
+  constexpr int64_t kVecs = (D > 0 ? D : kDecodeMaxHeadDim) / 8;
   const f8 neg_inf = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
-  f8 mx[kMaxGroup];
+  f8 mx[kDecodeMaxGroup];
   std::fill(mx, mx + group, neg_inf);
   for_each_block(pg.k, pg, table, ctx, head_off, d, [&](const float* rows, int64_t p0, int64_t n) {
     for (int64_t j = 0; j < group; ++j) {
@@ -138,14 +135,15 @@ void attend(const Pages& pg, const int32_t* table, int64_t ctx, int64_t head_off
       }
     }
   });
-  float total[kMaxGroup];
+  float total[kDecodeMaxGroup];
   for (int64_t j = 0; j < group; ++j) {
     float* sc = scores + j * stride;
     const float m = max_lane(mx[j]);
     for (int64_t p = 0; p < ctx; ++p) sc[p] = exp_fast(sc[p] - m);
     total[j] = sum(sc, ctx);
   }
-  f8 sums[kMaxGroup][kVecs] = {};
+  f8 sums[kDecodeMaxGroup][kVecs];  // only the group's rows are used: only they are zeroed
+  for (int64_t j = 0; j < group; ++j) std::fill(sums[j], sums[j] + nv, f8{});
   for_each_block(pg.v, pg, table, ctx, head_off, d, [&](const float* rows, int64_t p0, int64_t n) {
     for (int64_t j = 0; j < group; ++j) {
       f8 acc[kVecs];
@@ -311,8 +309,9 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   TORCH_CHECK(q.dim() == 3 && k_cache.size(3) == d && heads % kvh == 0, "q [S, heads, D] against the cache");
   TORCH_CHECK(block_tables.size(0) == seqs && context_lens.size(0) == seqs, "one table row and length per sequence");
   const int64_t width = block_tables.size(1), group = heads / kvh;
-  TORCH_CHECK(group <= kMaxGroup, "at most ", kMaxGroup, " query heads per KV head");
-  TORCH_CHECK(d % 8 == 0 && d <= kMaxHeadDim, "head size must be a multiple of 8, at most ", kMaxHeadDim);
+  TORCH_CHECK(group <= kDecodeMaxGroup, "at most ", kDecodeMaxGroup, " query heads per KV head");
+  TORCH_CHECK(d % kDecodeHeadMultiple == 0 && d <= kDecodeMaxHeadDim, "head size must be a multiple of ",
+              kDecodeHeadMultiple, ", at most ", kDecodeMaxHeadDim);
   const int32_t* bt = block_tables.data_ptr<int32_t>();
   const int32_t* cl = context_lens.data_ptr<int32_t>();
   int64_t longest = 0, total = 0;

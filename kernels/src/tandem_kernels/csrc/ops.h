@@ -64,6 +64,12 @@ void lora_grouped(const at::Tensor& x, at::Tensor& out, const at::Tensor& pool, 
                   const at::Tensor& scales, const at::Tensor& chunks);
 int64_t parallel_threads(int64_t n);
 
+// paged_decode_attention's limits, exported to Python (bindings.cpp) so that the dispatcher sends
+// other shapes to the reference rather than into the op's error.
+constexpr int64_t kDecodeHeadMultiple = 8;  // head sizes in whole 8-float vectors
+constexpr int64_t kDecodeMaxHeadDim = 256;
+constexpr int64_t kDecodeMaxGroup = 16;  // query heads per KV head: the register arrays' size
+
 // decode_cpu.cpp
 std::vector<at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps,
                                  const c10::optional<at::Tensor>& residual);
