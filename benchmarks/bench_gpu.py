@@ -196,6 +196,24 @@ def kernels() -> dict:
         out[f"decode_{name}_relerr"] = err
         out[f"decode_{name}_ok"] = bool(err < tol[dtype] and torch.isfinite(got).all())
 
+    # Prefill over cached KV (PyTorch's fused attention, bottom-right causal): cached prefixes,
+    # a whole prompt and a one-token chunk packed together, against the float32 reference.
+    from tandem_kernels.prefill_attention import paged_prefill_attention
+
+    for dtype in (torch.bfloat16, torch.float16):
+        q_lens = [sz(700, 7), sz(2048, 20), 1, sz(300, 3)]
+        ctx = [sz(1500, 12), sz(2048, 20), 90, sz(4000, 30)]
+        k, v, tables, clens = _paged(ctx, 8, 128, dtype)
+        cu = [0]
+        for n in q_lens:
+            cu.append(cu[-1] + n)
+        q = torch.randn(cu[-1], 32, 128, dtype=dtype, device=DEV)
+        got = paged_prefill_attention(q, k, v, tables, cu, ctx, 128**-0.5)
+        want = reference.paged_prefill_attention(q, k, v, tables, torch.tensor(cu), clens, 128**-0.5)
+        err = rel_err(got, want)
+        out[f"prefill_cached_{str(dtype)[6:]}_relerr"] = err
+        out[f"prefill_cached_{str(dtype)[6:]}_ok"] = bool(err < tol[dtype] and torch.isfinite(got).all())
+
     # LoRA shrink/expand, mixed ranks, bf16 pool (as in the engine: a view of the KV pool)
     for dtype in (torch.bfloat16, torch.float32):
         ranks = [8, 16, 32, 64, 128, 0]
@@ -349,12 +367,45 @@ def _attention_case(batch: int, ctx: int, copy_bw: float | None) -> dict:
     return row
 
 
+def _prefill_case(q_len: int, ctx: int) -> dict:
+    """A chunk of q_len queries after ctx - q_len cached positions, Llama-3-8B heads: the engine's
+    path over the pages, the float32 reference it replaced, and SDPA on the same KV laid out densely."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    from tandem_kernels import reference
+    from tandem_kernels.prefill_attention import paged_prefill_attention
+
+    nh, nkv, hd = 32, 8, 128
+    k, v, tables, lens = _paged([ctx], nkv, hd, torch.bfloat16)
+    q = torch.randn(q_len, nh, hd, dtype=torch.bfloat16, device=DEV)
+    scale, cu = hd**-0.5, [0, q_len]
+    # Scores below the diagonal only: q_len * (ctx - q_len / 2) per head, two matmuls.
+    flops = 4 * nh * hd * q_len * (ctx - q_len / 2)
+    t = bench_ms(lambda: paged_prefill_attention(q, k, v, tables, cu, [ctx], scale))
+    row = {"fused_ms": t, "fused_TFLOPs": flops / (t * 1e-3) / 1e12}
+    ref = lambda: reference.paged_prefill_attention(q, k, v, tables, torch.tensor(cu), lens, scale)  # noqa: E731
+    row["torch_reference_ms"] = bench_ms(ref, warmup=3, rep=10)
+    row["speedup_vs_reference"] = row["torch_reference_ms"] / t
+    kd = k.view(-1, nkv, hd)[:ctx].transpose(0, 1)[None].contiguous()
+    vd = v.view(-1, nkv, hd)[:ctx].transpose(0, 1)[None].contiguous()
+    qd = q.transpose(0, 1)[None]
+    bias = causal_lower_right(q_len, ctx)
+    dense = lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=bias, scale=scale, enable_gqa=True)  # noqa: E731
+    row["sdpa_dense_ms"] = bench_ms(dense)
+    row["fraction_of_dense"] = row["sdpa_dense_ms"] / t
+    return row
+
+
 @section
 def attention() -> dict:
     copy_bw = RESULTS.get("ceilings", {}).get("copy_GBps")
     out: dict = {}
     for batch, ctx in sz(((64, 2048), (256, 1024), (16, 4096), (1, 8192)), ((2, 64),)):
         out[f"b{batch}_ctx{ctx}"] = _attention_case(batch, ctx, copy_bw)
+        torch.cuda.empty_cache()
+    # Prefill after a cached prefix (a shared system prompt; a long prompt's second chunk).
+    for q_len, ctx in sz(((2048, 4096), (512, 8192)), ((16, 48),)):
+        out[f"prefill_q{q_len}_ctx{ctx}"] = _prefill_case(q_len, ctx)
         torch.cuda.empty_cache()
     return out
 

@@ -162,6 +162,40 @@ def test_reference_prefill_matches_naive(q_lens, context_lens, num_heads, num_kv
     torch.testing.assert_close(tandem_kernels.paged_prefill_attention(*args), out, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("q_lens", "context_lens", "num_heads", "num_kv_heads", "head_dim"), PREFILL_CASES)
+def test_fused_prefill_matches_naive(q_lens, context_lens, num_heads, num_kv_heads, head_dim, dtype):
+    # The CUDA path (SDPA with a bottom-right causal bias over pages gathered in the cache's
+    # dtype). Here on CPU SDPA materializes that bias: this checks the alignment, the gather and
+    # the GQA mapping; bench_gpu's kernels section checks the flash kernel on a GPU.
+    from tandem_kernels.prefill_attention import paged_prefill_attention as fused
+
+    gen = torch.Generator().manual_seed(4)
+    kv = make_paged_kv(context_lens, num_kv_heads, head_dim, dtype, gen)
+    cu = [0]
+    for n in q_lens:
+        cu.append(cu[-1] + n)
+    q = torch.randn(cu[-1], num_heads, head_dim, generator=gen).to(dtype)
+    scale = head_dim**-0.5
+    out = fused(q, kv.k_cache, kv.v_cache, kv.block_tables, cu, context_lens, scale)  # host lists
+    assert out.shape == q.shape and out.dtype == dtype
+    # bf16: its output rounding alone is up to 2e-3; a misaligned mask or head is off by ~1.
+    assert rel_err(out, naive_attention(q, kv, cu)) < {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    as_tensors = (torch.tensor(cu, dtype=torch.int32), kv.context_lens)
+    assert torch.equal(fused(q, kv.k_cache, kv.v_cache, kv.block_tables, *as_tensors, scale), out)
+
+
+def test_fused_prefill_refuses_chunks_longer_than_their_context():
+    from tandem_kernels.prefill_attention import paged_prefill_attention as fused
+
+    kv = make_paged_kv([20, 8], 2, 64, torch.float32, torch.Generator().manual_seed(0))
+    q = torch.randn(14, 4, 64)
+    with pytest.raises(ValueError, match="sequence 1: 9 queries over 8 cached positions"):
+        fused(q, kv.k_cache, kv.v_cache, kv.block_tables, [0, 5, 14], [20, 8], 0.125)
+    with pytest.raises(ValueError, match="2 sequences need 3 bounds"):
+        fused(q, kv.k_cache, kv.v_cache, kv.block_tables, [0, 14], [20, 8], 0.125)
+
+
 # Decodes (q_len 1), whole prompts and chunks after a cached prefix, packed in one call.
 GATHERED_CASES = [
     ([1, 1, 1], [1, 17, 300], 6, 2, 64),

@@ -61,8 +61,8 @@ for CPU float32 tensors the C++ op (`cpu_extension`: store_kvcache, paged_decode
 rms_norm, rotary, silu_and_mul) once loaded (`cpu_ops_serve`, which the engine calls at start);
 the torch reference otherwise.
 `TANDEM_KERNELS=triton` forces Triton (with TRITON_INTERPRET=1 this runs the kernels on CPU, which
-is how the tests check them) and `TANDEM_KERNELS=torch` forces the reference. Prefill has no
-Triton kernel yet and always runs the reference.
+is how the tests check them) and `TANDEM_KERNELS=torch` forces the reference. Prefill over
+cached KV has no Triton kernel: on CUDA it runs PyTorch's fused attention (prefill_attention.py).
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ import torch
 
 from tandem_kernels import cpu_extension, lora_reference, reference
 from tandem_kernels.lora_reference import lora_token_groups, lora_token_tiles
+from tandem_kernels.prefill_attention import paged_prefill_attention as _fused_paged_prefill_attention
 from tandem_kernels.reference import DecodeBucket, plan_decode_buckets
 
 try:
@@ -279,15 +280,17 @@ def paged_prefill_attention(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    context_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | Sequence[int],
+    context_lens: torch.Tensor | Sequence[int],
     scale: float,
 ) -> torch.Tensor:
-    """Causal attention for packed query chunks whose KV is already cached; returns q's shape."""
-    # No Triton varlen kernel yet: the reference is the only path on every device.
-    return reference.paged_prefill_attention(
-        q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale
-    )
+    """Causal attention for packed query chunks whose KV is already cached; returns q's shape.
+    `cu_seqlens_q` and `context_lens` may be host lists (no sync to read them)."""
+    args = (q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
+    if q.device.type == "cuda" and os.environ.get("TANDEM_KERNELS", "").lower() != "torch":
+        # PyTorch's fused (flash) attention over the gathered pages: no Triton kernel of our own.
+        return _fused_paged_prefill_attention(*args)
+    return reference.paged_prefill_attention(*args)
 
 
 def gathered_attention(

@@ -83,13 +83,18 @@ def _causal_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
+def host_ints(values: torch.Tensor | Sequence[int]) -> list[int]:
+    """Lengths or bounds as a host list: a list as it is, a tensor read (on a GPU, a sync)."""
+    return values.tolist() if isinstance(values, torch.Tensor) else list(values)
+
+
 def paged_prefill_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    context_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | Sequence[int],
+    context_lens: torch.Tensor | Sequence[int],
     scale: float,
 ) -> torch.Tensor:
     """Causal attention for packed query chunks whose KV is already in the cache; returns q's shape.
@@ -99,9 +104,9 @@ def paged_prefill_attention(
     """
     block_size = k_cache.shape[1]
     out = torch.empty_like(q)
-    # One host sync for the lengths rather than one per sequence.
-    starts = cu_seqlens_q.tolist()
-    lens = context_lens.tolist()
+    # One host sync for the lengths rather than one per sequence (none for host lists).
+    starts = host_ints(cu_seqlens_q)
+    lens = host_ints(context_lens)
     for s, kv_len in enumerate(lens):
         q_start, q_end = starts[s], starts[s + 1]
         q_len = q_end - q_start

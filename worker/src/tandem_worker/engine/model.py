@@ -33,8 +33,9 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None  # [num_decodes] int32
     # Prefill part: packed chunks after the decode tokens.
     prefill_block_tables: torch.Tensor | None  # [num_prefills, max_blocks] int32
-    prefill_cu_seqlens_q: torch.Tensor | None  # [num_prefills + 1] int32
-    prefill_context_lens: torch.Tensor | None  # [num_prefills] int32
+    # On the host: attention reads them in Python, and a device copy would cost a sync per layer.
+    prefill_cu_seqlens_q: list[int] | None  # num_prefills + 1 bounds of the packed chunks
+    prefill_context_lens: list[int] | None  # num_prefills: positions each chunk attends to
     # Every prefill chunk starts at position 0 (no cached prefix, no earlier chunk): attention can
     # use the fresh K/V with a causal mask instead of reading them back from the paged cache.
     prefill_is_fresh: bool = False
@@ -235,11 +236,10 @@ class Attention(nn.Module):
 
 
 def _fresh_prefill_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[int], scale: float
 ) -> torch.Tensor:
     """Causal attention for whole prompts with no cached prefix, straight from the new K/V."""
     out = torch.empty_like(q)
-    bounds = cu_seqlens_q.tolist()
     for s, e in zip(bounds[:-1], bounds[1:]):
         # 4-D [1, H, L, D]: SDPA's fused (flash / memory-efficient) kernels take only 4-D inputs;
         # 3-D ones fall back to the math path, which materialises the L x L scores (3x slower

@@ -187,8 +187,8 @@ class ModelRunner:
             cu = [0]
             for c in chunks:
                 cu.append(cu[-1] + c.num_tokens)
-            meta.prefill_cu_seqlens_q = self._tensor(cu, torch.int32)
-            meta.prefill_context_lens = self._tensor([c.start + c.num_tokens for c in chunks], torch.int32)
+            meta.prefill_cu_seqlens_q = cu
+            meta.prefill_context_lens = [c.start + c.num_tokens for c in chunks]
             meta.prefill_is_fresh = all(c.start == 0 for c in chunks)
         if self.gather_attention:
             self._add_gathered(meta, [out.chunks[i] for i in order])
