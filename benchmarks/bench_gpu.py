@@ -4,7 +4,8 @@ Sections (each runs on its own; a failure is recorded and the next one goes on):
   ceilings   device-to-device copy bandwidth (bytes read + written) and a bf16 8192^3 matmul
   kernels    Triton kernels on CUDA against the torch references, on fresh random inputs
   attention  paged decode attention bandwidth (Llama-3-8B shapes) as a fraction of the copy
-             bandwidth, against the torch reference kernel and PyTorch's own attention (SDPA)
+             bandwidth, against the torch reference kernel and PyTorch's own attention (SDPA);
+             prefill after a cached prefix against the float32 reference and dense SDPA
   lora       LoRA shrink/expand time at rank 16, batch 64, as a fraction of the base projections
   lora_sweep the same for 13 launch settings of lora_apply, grouped and tiled, to pick the default
   greedy     greedy outputs of the engine (bf16, CUDA graphs) against `transformers` generate on
@@ -19,6 +20,8 @@ Sections (each runs on its own; a failure is recorded and the next one goes on):
              `transformers` on the same weights
   kv         KV transfer device->device through the real gRPC path (KVStager, kv_chunks,
              KVWriter) on loopback, against raw pinned copies of the same bytes
+  sampling   a decode step's tokens sampled (top-p, top-k, temperature) from Llama-3's 128K
+             vocabulary at batch 16/64/256 on the device, against transformers' warpers
 
 There is no checkpoint to download: SmolLM2 and Llama-3-8B shapes with random weights (the
 tokenizer files are only read, never used: prompts are token ids).
@@ -1242,6 +1245,22 @@ def kv() -> dict:
 
 
 # ------------------------------------------------------------------------------------ main
+
+
+@section
+def sampling() -> dict:
+    from bench_sampling import compare  # benchmarks/, beside this script
+
+    found = compare(sz([16, 64, 256], [2]), sz(128256, 1000), DEV, repeat=sz(20, 2))
+    return {
+        f"{name.replace(' ', '_')}_b{batch}": {
+            "tandem_ms": ours,
+            "transformers_ms": theirs,
+            "speedup": theirs / ours,
+        }
+        for name, rows in found.items()
+        for batch, (ours, theirs) in rows.items()
+    }
 
 
 def main() -> int:

@@ -136,6 +136,89 @@ def test_top_k_and_top_p_combine():
     assert set(tokens) == {0, 1}
 
 
+def test_each_row_of_a_mixed_batch_keeps_its_own_filters_and_temperature():
+    # One batched call: rows differ in k, p and temperature, greedy rows among them. Each row's
+    # draws follow its own truncated, tempered distribution, not another row's or the batch's.
+    vocab = 12
+    logits = torch.linspace(3.0, 0.0, vocab)[
+        torch.randperm(vocab, generator=torch.Generator().manual_seed(5))
+    ]
+    rank = logits.argsort(descending=True)  # token ids, most likely first
+    cases = [
+        (SamplingParams(temperature=1.0, top_k=2), rank[:2]),
+        (SamplingParams(temperature=1.0, top_k=5), rank[:5]),
+        (SamplingParams(temperature=0.0), rank[:1]),
+        (SamplingParams(temperature=2.0), rank),
+        (SamplingParams(temperature=1.0, top_k=6, top_p=0.5), None),
+        (SamplingParams(temperature=0.5, top_p=0.7, seed=3), None),
+    ]
+    n = 1500
+    params = [c[0] for c in cases for _ in range(n)]
+    rows = logits.expand(len(params), -1).contiguous()
+    ids = [f"r{i}" for i in range(len(params))]
+    # Output positions differ, so the seeded row's draws do too (one seed, one stream of positions).
+    tokens = Sampler(seed=2).sample(rows, ids, params, list(range(len(params)))).token_ids
+    for j, (p, allowed) in enumerate(cases):
+        got = counts_of(tokens[j * n : (j + 1) * n], vocab)
+        x = logits / max(p.temperature, 1e-9)
+        if p.greedy:
+            assert got[int(rank[0])] == n
+            continue
+        if p.top_k > 0:
+            x = x.masked_fill(x < x.topk(p.top_k).values[-1], float("-inf"))
+        probs = torch.softmax(x, -1)
+        if allowed is None:  # the nucleus of the tempered, top-k-filtered distribution
+            ordered = probs.sort(descending=True)
+            keep = ordered.values.cumsum(0) - ordered.values < p.top_p
+            allowed = ordered.indices[keep]
+        expected = torch.zeros(vocab)
+        expected[allowed] = probs[allowed] / probs[allowed].sum()
+        assert all(got[t] == 0 for t in range(vocab) if expected[t] == 0), (j, got)
+        kept = [t for t in range(vocab) if expected[t] > 0]
+        assert chi_square([got[t] for t in kept], [float(expected[t]) for t in kept]) < 30, (j, got)
+
+
+def test_top_p_from_candidates_equals_top_p_from_a_full_sort(monkeypatch):
+    # The nucleus is cut from each row's most likely NUCLEUS_CANDIDATES tokens, or from a sort of
+    # the whole row when one row's reaches past them: the same tokens either way, for the same draws.
+    from tandem_worker.engine import sampler as sampler_mod
+
+    g = torch.Generator().manual_seed(8)
+    for scale, top_p, fits in ((8.0, 0.6, True), (0.3, 0.95, False)):  # peaked, flat
+        logits = torch.randn(40, 300, generator=g) * scale
+        top8 = torch.softmax(logits, -1).topk(8).values.sum(-1)
+        assert bool((top8 >= top_p).all()) == fits  # which path 8 candidates take
+        params = [SamplingParams(temperature=1.0, top_p=top_p, seed=i) for i in range(40)]
+        ids = [f"r{i}" for i in range(40)]
+
+        def run(candidates: int) -> list[int]:
+            monkeypatch.setattr(sampler_mod, "NUCLEUS_CANDIDATES", candidates)
+            return Sampler().sample(logits, ids, params, list(range(40))).token_ids  # noqa: B023
+
+        full = run(300)
+        assert run(8) == full
+        assert len(set(full)) > (5 if fits else 30)
+
+
+@pytest.mark.parametrize("u", [0.0, 1.0])
+def test_draws_at_the_ends_of_the_unit_interval_land_on_allowed_tokens(monkeypatch, u):
+    # Inverse-CDF sampling: a uniform of 0 takes the first token with probability, the top end
+    # the last; neither may land on a token the filters removed (probability 0). Uniforms are
+    # below 1, but u * total can round up to the total: 1.0 stands for that.
+    logits = torch.tensor([[0.0, 4.0, 3.0, -1.0, 3.5, 2.0]] * 3)
+    params = [
+        SamplingParams(temperature=1.0, top_k=3),
+        SamplingParams(temperature=1.0, top_p=0.5),
+        SamplingParams(temperature=1.0),
+    ]
+    sampler = Sampler()
+    monkeypatch.setattr(sampler, "_uniforms", lambda ps, idx: torch.full((len(ps),), u, dtype=torch.float64))
+    got = sampler.sample(logits, ["a", "b", "c"], params).token_ids
+    # Top-k keeps {1, 4, 2} (its CDF in vocabulary order), top-p 0.5 keeps {1, 4} (0.47 before
+    # 4; most likely first), no filter keeps all (vocabulary order).
+    assert got == ([1, 1, 0] if u == 0.0 else [4, 4, 5])
+
+
 # --- seeds -------------------------------------------------------------------------------------
 
 
