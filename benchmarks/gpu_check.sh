@@ -26,6 +26,9 @@ SMOKE_FLAG=()
 if [[ -n "${SMOKE:-}" ]]; then
     SMOKE_FLAG=(--smoke)
 else
+    # What engine/streams.py relies on: torch's streams come from a pool that wraps (expect True).
+    "$PYTHON" -c "import torch; s = [torch.cuda.Stream() for _ in range(33)]; \
+        print('stream pool wraps at 32:', s[0].cuda_stream == s[32].cuda_stream)" | tee "$OUT/streams.txt"
     # The CUDA-only tests CI skips: KV staging through pinned buffers on side streams (--noconftest:
     # the suite's conftest runs Triton interpreted; the one test needing the built-in model is left out).
     "$PYTHON" -m pytest -q --noconftest -p no:cacheprovider tests/test_kv_staging.py -k "not cpu_sink" 2>&1 \

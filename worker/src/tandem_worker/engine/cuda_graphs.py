@@ -34,6 +34,7 @@ from tandem_kernels.lora_reference import TILE_ROWS, HostGroups, tile_bounds
 
 from .lora import KINDS, LoRABatch, LoRAManager
 from .model import AttentionMetadata, LlamaModel
+from .streams import side_stream
 
 log = logging.getLogger(__name__)
 
@@ -153,17 +154,18 @@ class DecodeGraphs:
             # so the tests exercise padding, buffers and slot -1 on any machine.
             call()
             return _Rerun(call)
-        # Warm up on a side stream (as capture requires): compiles the Triton kernels and lets
-        # the allocator settle before anything is recorded.
-        side = torch.cuda.Stream()
+        # Warm up off the default stream (as capture requires): compiles the Triton kernels and
+        # lets the allocator settle before anything is recorded. Capture on this process's own
+        # capture stream, which no other work is ever queued on (streams.py).
+        side = side_stream("graph-capture", self.kv_cache.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             call()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: a LoRA graph is captured while serving, when other threads (KV transfers)
-        # may be calling into CUDA; their calls are not part of this capture.
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+        # may be calling into CUDA on their own streams; their calls are not part of this capture.
+        with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
             call()
         return graph
 

@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 
 from .block_manager import cache_slots
+from .streams import side_stream
 
 
 class KVReady(Protocol):
@@ -44,7 +45,7 @@ class KVStager:
 
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
-        self.stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
+        self.stream = side_stream("kv-stage", self.device) if self.device.type == "cuda" else None
 
     def stage(
         self, kv_cache: torch.Tensor, layer: int, slots: torch.Tensor

@@ -43,6 +43,7 @@ from tandem_kernels import cpu_extension, lora_reference
 from .block_manager import BlockManager
 from .config import ModelConfig
 from .sampling_params import RequestError
+from .streams import side_stream
 
 log = logging.getLogger(__name__)
 
@@ -563,7 +564,7 @@ class LoRAManager:
         self._next_slot = 0
         self.tables = LoRATables(cfg.num_hidden_layers, kv_cache.device)
         # The LoRA shrinks run here, concurrent with the base projections' GEMMs (LoRABatch.project).
-        self.stream = torch.cuda.Stream(kv_cache.device) if kv_cache.device.type == "cuda" else None
+        self.stream = side_stream("lora", kv_cache.device) if kv_cache.device.type == "cuda" else None
         if kv_cache.device.type == "cpu" and kv_cache.dtype == torch.float32:
             # Build (first time on a machine, ~25 s) or load the C++ decode op now, not inside the
             # first decode step with an adapter.

@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 import torch
 
+from ..engine.streams import side_stream
 from .pb import worker_pb2 as wpb
 
 KV_CHUNK_TOKENS = 512  # 512 tokens x 3 heads x 64 dims x 4 B x 2 = 768 KiB per message for SmolLM2
@@ -153,7 +154,10 @@ class KVWriter:
         self.messages = 0
         self._stream: torch.cuda.Stream | None = None
         if kv_cache.device.type == "cuda":
-            self._stream = torch.cuda.Stream(device=kv_cache.device)
+            # One stream for every transfer of this process (streams.py: one taken per transfer
+            # would come round to the stream CUDA graphs are captured on). Transfers share it:
+            # their copies cross one PCIe link in turn anyway.
+            self._stream = side_stream("kv-write", kv_cache.device)
             # The reserved blocks may have been another sequence's until this step. The engine's
             # steps end in a host sync (sampling), so its writes to them are done; still, order ours
             # after all work already queued on the default stream (this thread's current one, and
@@ -232,8 +236,8 @@ class KVWriter:
         """Wait until every chunk written so far is in the cache (nothing to wait for on CPU)."""
         if self._stream is None:
             return
-        # An event, not stream.synchronize(): streams come from a shared pool, and work other
-        # writers queue on ours later need not be waited for.
+        # An event, not stream.synchronize(): other transfers share the stream, and what they
+        # queue on it after this point need not be waited for.
         done = torch.cuda.Event(blocking=True)
         done.record(self._stream)
         done.synchronize()
