@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from tandem_kernels.reference import host_ints
+from tandem_kernels.reference import gather_kv, host_ints
 
 
 def paged_prefill_attention(
@@ -48,10 +48,10 @@ def paged_prefill_attention(
             continue
         if not q_len <= kv_len <= block_tables.shape[1] * block_size:
             raise ValueError(f"sequence {s}: {q_len} queries over {kv_len} cached positions")
-        pages = block_tables[s, : -(-kv_len // block_size)].long()
-        # [pages, block, kv_heads, D] -> [1, kv_heads, kv_len, D]: the layout SDPA reads.
-        k = k_cache[pages].flatten(0, 1)[:kv_len].transpose(0, 1).unsqueeze(0)
-        v = v_cache[pages].flatten(0, 1)[:kv_len].transpose(0, 1).unsqueeze(0)
+        pages = -(-kv_len // block_size)
+        # [1, kv_heads, kv_len, D], the layout SDPA reads, in the cache's dtype.
+        k = gather_kv(k_cache, block_tables[s : s + 1], pages, upcast=False)[:, :, :kv_len]
+        v = gather_kv(v_cache, block_tables[s : s + 1], pages, upcast=False)[:, :, :kv_len]
         qs = q[start:end].transpose(0, 1).unsqueeze(0).to(k.dtype)
         o = F.scaled_dot_product_attention(
             qs, k, v, attn_mask=causal_lower_right(q_len, kv_len), scale=scale, enable_gqa=True

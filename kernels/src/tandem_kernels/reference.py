@@ -38,13 +38,16 @@ def store_kvcache(
     v_slots[slot_mapping] = value
 
 
-def _gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, num_blocks: int) -> torch.Tensor:
-    """Copy out the first `num_blocks` pages of each table row: [rows, kv_heads, kv_len, head_dim]."""
+def gather_kv(
+    cache: torch.Tensor, block_tables: torch.Tensor, num_blocks: int, upcast: bool = True
+) -> torch.Tensor:
+    """Copy out the first `num_blocks` pages of each table row: [rows, kv_heads, kv_len, head_dim],
+    half precision upcast to float32 unless `upcast` is False (for kernels that sum in float32)."""
     pages = cache[block_tables[:, :num_blocks].long()]  # [rows, num_blocks, block_size, kv_heads, head_dim]
     rows, _, block_size, num_kv_heads, head_dim = pages.shape
     kv = pages.view(rows, num_blocks * block_size, num_kv_heads, head_dim).transpose(1, 2)
     # The softmax must accumulate in fp32; upcasting the gathered copy is cheaper than a second pass.
-    return kv.float() if kv.dtype in _LOW_PRECISION else kv
+    return kv.float() if upcast and kv.dtype in _LOW_PRECISION else kv
 
 
 def paged_decode_attention(
@@ -61,8 +64,8 @@ def paged_decode_attention(
     group = num_heads // num_kv_heads
     max_len = int(context_lens.max())
     num_blocks = -(-max_len // block_size)
-    k = _gather_kv(k_cache, block_tables, num_blocks)  # [num_seqs, kv_heads, kv_len, head_dim]
-    v = _gather_kv(v_cache, block_tables, num_blocks)
+    k = gather_kv(k_cache, block_tables, num_blocks)  # [num_seqs, kv_heads, kv_len, head_dim]
+    v = gather_kv(v_cache, block_tables, num_blocks)
     positions = torch.arange(k.shape[2], device=q.device)
     mask = positions[None, :] < context_lens[:, None].to(q.device)  # [num_seqs, kv_len]
     # A group's query heads h = kv_head * group + g share one kv head, so they can stand in
@@ -113,8 +116,8 @@ def paged_prefill_attention(
         if q_len == 0:
             continue
         num_blocks = -(-kv_len // block_size)
-        k = _gather_kv(k_cache, block_tables[s : s + 1], num_blocks)[:, :, :kv_len]
-        v = _gather_kv(v_cache, block_tables[s : s + 1], num_blocks)[:, :, :kv_len]
+        k = gather_kv(k_cache, block_tables[s : s + 1], num_blocks)[:, :, :kv_len]
+        v = gather_kv(v_cache, block_tables[s : s + 1], num_blocks)[:, :, :kv_len]
         q_s = q[q_start:q_end].transpose(0, 1).unsqueeze(0).to(k.dtype)  # [1, num_heads, q_len, head_dim]
         out[q_start:q_end] = _causal_chunk_attention(q_s, k, v, scale)[0].transpose(0, 1).to(q.dtype)
     return out
