@@ -112,9 +112,11 @@ class Sampler:
         top_p = torch.tensor([params[j].top_p for j in nucleus], dtype=torch.float32, device=device)
         if len(nucleus) == len(params):
             return _nucleus_draw(probs, top_p, u)
-        tokens = _inverse_cdf(probs, u)  # rows without top-p; the others replaced below
+        tokens = torch.empty(len(params), dtype=torch.long, device=device)
         at = torch.tensor(nucleus, device=device)
         tokens[at] = _nucleus_draw(probs[at], top_p, u[at])
+        at = torch.tensor([j for j, p in enumerate(params) if p.top_p >= 1.0], device=device)
+        tokens[at] = _inverse_cdf(probs[at], u[at])
         return tokens
 
 
