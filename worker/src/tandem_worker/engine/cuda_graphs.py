@@ -104,15 +104,19 @@ class DecodeGraphs:
         device, n = self.kv_cache.device, self.max_batch
         # The step's token groups (lora_token_groups' layout), padded to the batch size: one group
         # per row at most, the unused ones empty at the end; and the tiles over them.
+        # The three int32 ones are views of one buffer, [offsets | slots | tiles], so a step moves
+        # them in one copy, and the int64 indices in another: both whole, contiguous and in their
+        # own dtype, from pinned memory, hence asynchronous (a slice, or a copy that converts,
+        # goes through a pageable temporary and blocks the host until the device has it).
+        num_tiles = -(-n // TILE_ROWS)
         self.lora_token_indices = torch.zeros(n, dtype=torch.int64, device=device)
-        self.lora_group_offsets = torch.zeros(n + 1, dtype=torch.int32, device=device)
-        self.lora_group_slots = torch.zeros(n, dtype=torch.int32, device=device)
-        self.lora_tiles = torch.zeros(-(-n // TILE_ROWS), 2, dtype=torch.int32, device=device)
+        self._lora_i32 = torch.zeros(2 * n + 1 + 2 * num_tiles, dtype=torch.int32, device=device)
+        self.lora_group_offsets = self._lora_i32[: n + 1]
+        self.lora_group_slots = self._lora_i32[n + 1 : 2 * n + 1]
+        self.lora_tiles = self._lora_i32[2 * n + 1 :].view(num_tiles, 2)
         pin = device.type == "cuda"
-        # One pinned host buffer for all four: [indices | offsets | slots | tiles], as int64.
-        self._lora_host = torch.zeros(
-            3 * n + 1 + 2 * self.lora_tiles.shape[0], dtype=torch.int64, pin_memory=pin
-        )
+        self._lora_host_indices = torch.zeros(n, dtype=torch.int64, pin_memory=pin)
+        self._lora_host_i32 = torch.zeros(self._lora_i32.shape, dtype=torch.int32, pin_memory=pin)
 
     def _args(self, bs: int, lora: bool = False) -> tuple:
         meta = AttentionMetadata(
@@ -212,8 +216,7 @@ class DecodeGraphs:
         lora_slots: each row's adapter slot (None: the base model); `lora_fits` must hold."""
         n = len(input_ids)
         bs = self.sizes[bisect.bisect_left(self.sizes, n)]
-        if self._copied is not None:
-            self._copied.synchronize()  # the last step's copies have read the host buffers
+        self._wait_for_host_buffers()
         # numpy views of the pinned buffers: filling them from lists costs microseconds per step
         # where a torch.tensor per row would cost a millisecond at batch 256.
         rows = self._host_np
@@ -224,24 +227,22 @@ class DecodeGraphs:
         rows[3, :n] = rows[1, :n] + 1  # context length: every position up to the new token's
         rows[3, n:bs] = 1
         table_rows, row_tables, row_lens = self._host_tables_np, self._row_tables, self._row_lens
-        width = 0
         for i, t in enumerate(tables):
             length = len(t)
-            if length > width:
-                width = length
             if t is not row_tables[i] or length != row_lens[i]:
                 table_rows[i, :length] = t
                 row_tables[i], row_lens[i] = t, length
         self._rows.copy_(self._host, non_blocking=True)
         self.context_lens.copy_(self._rows[3])
-        self.block_tables[:n, :width].copy_(self._host_tables[:n, :width], non_blocking=True)
-        if self.kv_cache.device.type == "cuda":
-            self._copied = torch.cuda.Event()
-            self._copied.record()
+        # Whole rows: a contiguous copy, so asynchronous from pinned memory (the columns past a
+        # row's length are never read: context_lens bound them).
+        self.block_tables[:n].copy_(self._host_tables[:n], non_blocking=True)
         if lora_slots is None or all(s is None for s in lora_slots):
+            self._record_host_copies()
             self._graphs[bs].replay()
             return self.logits[:n]
         self._fill_lora(lora_slots, bs)
+        self._record_host_copies()
         self._check_lora_version()
         if bs not in self._lora_graphs:
             # Captured now, on this step's inputs (already in the buffers, so the capture's warm-up
@@ -266,7 +267,9 @@ class DecodeGraphs:
         self._check_lora_version()
         for bs in sorted(self.sizes, reverse=True):
             if bs not in self._lora_graphs:
+                self._wait_for_host_buffers()
                 self._fill_lora([None] * bs, bs)
+                self._record_host_copies()
                 self._lora_graphs[bs] = self._capture(bs, lora=True)
         if self.kv_cache.device.type == "cuda":
             torch.cuda.synchronize()
@@ -281,27 +284,37 @@ class DecodeGraphs:
             self._lora_graphs.clear()
             self._lora_version = tables.version
 
+    def _wait_for_host_buffers(self) -> None:
+        """Block until the last step's copies have read the pinned host buffers, which the next
+        step is about to refill."""
+        if self._copied is not None:
+            self._copied.synchronize()
+
+    def _record_host_copies(self) -> None:
+        if self.kv_cache.device.type == "cuda":
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
     def _fill_lora(self, lora_slots: list[int | None], bs: int) -> None:
-        """The step's token groups into the static LoRA buffers, padded to the batch size."""
+        """The step's token groups into the static LoRA buffers, padded to the batch size: empty
+        groups up to `bs`, after the real ones. Only the first `bs` rows (and bs + 1 offsets) are
+        read by the graph of that size; the rest are copied as they are."""
         groups = HostGroups([1] * len(lora_slots), lora_slots)  # the engine's grouping, on the host
         rows, group_slots = groups.token_indices.numpy(), groups.slots
         num_groups = len(group_slots)
-        bounds = groups.bounds + [len(rows)] * (bs - num_groups)  # empty groups up to the graph's bs
+        bounds = groups.bounds + [len(rows)] * (bs - num_groups)
         tiles = tile_bounds(bounds, bs)
-        host = self._lora_host.numpy()
         n = self.max_batch
-        host[:bs] = 0
-        host[: len(rows)] = rows
-        host[n : n + bs + 1] = bounds
-        host[2 * n + 1 : 2 * n + 1 + bs] = 0
-        host[2 * n + 1 : 2 * n + 1 + num_groups] = group_slots
-        at = 3 * n + 1
-        host[at : at + 2 * len(tiles)] = np.asarray(tiles, dtype=np.int64).reshape(-1)
-        buf = self._lora_host
-        self.lora_token_indices[:bs].copy_(buf[:bs])
-        self.lora_group_offsets[: bs + 1].copy_(buf[n : n + bs + 1])
-        self.lora_group_slots[:bs].copy_(buf[2 * n + 1 : 2 * n + 1 + bs])
-        self.lora_tiles[: len(tiles)].copy_(buf[at : at + 2 * len(tiles)].view(len(tiles), 2))
+        indices, i32 = self._lora_host_indices.numpy(), self._lora_host_i32.numpy()
+        indices[: len(rows)] = rows
+        indices[len(rows) : bs] = 0
+        i32[: bs + 1] = bounds
+        i32[n + 1 : n + 1 + bs] = 0
+        i32[n + 1 : n + 1 + num_groups] = group_slots
+        at = 2 * n + 1
+        i32[at : at + 2 * len(tiles)] = np.asarray(tiles, dtype=np.int32).reshape(-1)
+        self.lora_token_indices.copy_(self._lora_host_indices, non_blocking=True)
+        self._lora_i32.copy_(self._lora_host_i32, non_blocking=True)
 
 
 class _Rerun:
