@@ -336,7 +336,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         lora_host_cache_bytes=args.lora_host_cache_bytes,
     )
     adapters = _read_adapters_config(args.adapters_config) if args.adapters_config else {}
-    serve_worker(
+    return serve_worker(
         args.role,
         config,
         args.host,
@@ -345,7 +345,6 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         max_pending=args.max_pending,
         adapters=adapters,
     )
-    return 0
 
 
 def _read_adapters_config(path: str) -> dict[str, str]:

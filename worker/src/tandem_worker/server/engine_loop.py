@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,11 @@ class QueueFull(Exception):
 
 class RequestAborted(Exception):
     pass
+
+
+class EngineDead(RuntimeError):
+    """The engine thread has failed (for example, out of device memory): this worker serves
+    nothing more and should be restarted; a router may retry the request elsewhere."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,7 @@ class EngineLoop:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self.error: BaseException | None = None
+        self.died = threading.Event()  # set once `error` is, for whoever must react (the server)
         self._stats: dict[str, Any] = engine.stats()
 
     def start(self) -> EngineLoop:
@@ -124,13 +131,15 @@ class EngineLoop:
         kv_skip: int = 0,
         adapter: str = "",
     ) -> RequestStream:
-        if self.error is not None:
-            raise RuntimeError(f"engine loop died: {self.error}")
+        self._check_alive()
         self.engine.validate(prompt_token_ids, params)
         if adapter:
             self.engine.lora.check(adapter)  # NOT_FOUND before anything is queued
         stream = RequestStream(self, request_id)
         with self._lock:
+            # Under the lock the dying thread takes to fail every stream: a stream registered
+            # after that would wait for events forever.
+            self._check_alive()
             if len(self._streams) >= self.max_pending:
                 raise QueueFull(f"{len(self._streams)} requests in flight (the limit is {self.max_pending})")
             if request_id in self._streams:
@@ -189,11 +198,24 @@ class EngineLoop:
             except BaseException as e:  # noqa: BLE001 - handed back to the caller
                 box.put((False, e))
 
+        self._check_alive()
         self._cmds.put(do)
-        ok, value = box.get(timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                ok, value = box.get(timeout=min(0.1, max(deadline - time.monotonic(), 0.001)))
+                break
+            except queue.Empty:
+                self._check_alive()  # a dead loop never runs the command: say so, not time out
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"the engine did not answer within {timeout:g} s") from None
         if not ok:
             raise value
         return value
+
+    def _check_alive(self) -> None:
+        if self.error is not None:
+            raise EngineDead(f"engine failed: {self.error!r}")
 
     # --- the loop thread -----------------------------------------------------------------------
 
@@ -244,9 +266,10 @@ class EngineLoop:
                 self._route(outputs)
         except BaseException as e:  # noqa: BLE001 - fail every waiting request, then report
             log.exception("engine loop failed")
-            self.error = e
             with self._lock:
+                self.error = e
                 streams = list(self._streams.values())
                 self._streams.clear()
             for s in streams:
-                s.put(RuntimeError(f"engine failed: {e}"))
+                s.put(EngineDead(f"engine failed: {e!r}"))
+            self.died.set()

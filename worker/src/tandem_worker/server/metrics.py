@@ -162,8 +162,15 @@ def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host)
 
 
-def register_engine(role: str, stats: Callable[[], dict[str, Any]]) -> None:
-    REGISTRY.register(EngineCollector(role, stats))
+def register_engine(role: str, stats: Callable[[], dict[str, Any]]) -> EngineCollector:
+    collector = EngineCollector(role, stats)
+    REGISTRY.register(collector)
+    return collector
+
+
+def unregister(collector: Any) -> None:
+    """Take a collector out of the registry (a worker served in-process, then stopped)."""
+    REGISTRY.unregister(collector)
 
 
 def register_worker_pool(snapshot: Callable[[], list[Any]]) -> None:

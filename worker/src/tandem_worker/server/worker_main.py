@@ -37,8 +37,11 @@ def serve_worker(
     drain_timeout: float = 30.0,
     stop_event: threading.Event | None = None,
     adapters: dict[str, str] | None = None,
-) -> None:
+) -> int:
     """Serve until SIGTERM/SIGINT (or `stop_event`), then drain: refuse new work, finish in-flight.
+    Returns the process's exit status: 0, or 1 when the engine failed (out of device memory, a
+    kernel fault): the worker then stops at once, so that Kubernetes restarts it, rather than
+    staying up and failing every request it is sent.
 
     `adapters` (name -> folder) are registered to load on first use, besides the adapter store."""
     if role not in ROLES:
@@ -67,7 +70,7 @@ def serve_worker(
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
 
-    metrics.register_engine(role, loop.stats)
+    collector = metrics.register_engine(role, loop.stats)
     metrics.serve_metrics(metrics_port, host)
     server.start()
     for name in ["", *names]:
@@ -81,14 +84,21 @@ def serve_worker(
             signal.signal(sig, lambda *_: stop.set())
         except ValueError:  # not the main thread (tests): rely on stop_event
             break
-    stop.wait()
+    while not stop.is_set() and not loop.died.is_set():
+        stop.wait(0.2)
 
     # Drain: new requests are refused (health NOT_SERVING tells routers), in-flight ones finish.
+    # After an engine failure there is nothing left to finish: the loop failed them already.
     state.draining.set()
     for name in ["", *names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     deadline = time.monotonic() + drain_timeout
-    while loop.num_in_flight and time.monotonic() < deadline:
+    while loop.num_in_flight and not loop.died.is_set() and time.monotonic() < deadline:
         time.sleep(0.05)
     server.stop(grace=1.0).wait()
     loop.stop()
+    metrics.unregister(collector)
+    if loop.died.is_set():
+        log.error("%s worker stopped: its engine failed (%r)", role, loop.error)
+        return 1
+    return 0

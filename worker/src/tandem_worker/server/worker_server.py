@@ -27,7 +27,7 @@ from ..engine.lora import AdapterBusyError, AdapterError, AdapterNotFoundError
 from ..engine.sampling_params import RequestError
 from . import metrics
 from .convert import FINISH_TO_PB, kv_layout, params_from_pb, params_to_pb
-from .engine_loop import EngineLoop, KVPiece, KVReserved, QueueFull, RequestAborted
+from .engine_loop import EngineDead, EngineLoop, KVPiece, KVReserved, QueueFull, RequestAborted
 from .kv_transfer import KVWriter, encode_kv_chunk, kv_chunks, layout_mismatch, prefill_stub
 from .pb import inference_pb2 as pb
 from .pb import worker_pb2 as wpb
@@ -74,6 +74,10 @@ def _abort_for(context: grpc.ServicerContext, e: Exception) -> None:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
     if isinstance(e, QueueFull):
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+    if isinstance(e, EngineDead):
+        # UNAVAILABLE: the router retries elsewhere (when nothing was streamed) and takes this
+        # worker out of rotation; the process exits and is restarted (worker_main).
+        context.abort(grpc.StatusCode.UNAVAILABLE, f"worker engine failed: {e}")
     raise e
 
 
@@ -99,7 +103,7 @@ class WorkerService(wgrpc.WorkerServicer):
             stream = s.loop.submit(
                 list(request.prompt_token_ids), params, rid, remote_kv=remote, adapter=request.adapter
             )
-        except (RequestError, QueueFull) as e:
+        except (RequestError, QueueFull, EngineDead) as e:
             _abort_for(context, e)
         done = threading.Event()
         context.add_callback(lambda: None if done.is_set() else stream.cancel())
@@ -129,6 +133,9 @@ class WorkerService(wgrpc.WorkerServicer):
         except RequestAborted:
             done.set()
             return
+        except EngineDead as e:
+            done.set()
+            _abort_for(context, e)
         finally:
             if not done.is_set():
                 stream.cancel()
@@ -227,7 +234,7 @@ class KVTransferService(wgrpc.KVTransferServicer):
                 kv_skip=request.skip_tokens,
                 adapter=request.adapter,
             )
-        except (RequestError, QueueFull) as e:
+        except (RequestError, QueueFull, EngineDead) as e:
             _abort_for(context, e)
         done = threading.Event()
         context.add_callback(lambda: None if done.is_set() else stream.cancel())
@@ -265,6 +272,9 @@ class KVTransferService(wgrpc.KVTransferServicer):
         except RequestAborted:
             done.set()
             return
+        except EngineDead as e:
+            done.set()
+            _abort_for(context, e)
         finally:
             if not done.is_set():
                 stream.cancel()
@@ -344,6 +354,8 @@ def _admin_abort(context: grpc.ServicerContext, e: Exception) -> None:
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
     if isinstance(e, AdapterError):
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    if isinstance(e, EngineDead):
+        context.abort(grpc.StatusCode.UNAVAILABLE, f"worker engine failed: {e}")
     if isinstance(e, (TimeoutError, queue.Empty)):
         context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the engine did not answer in time")
     raise e
