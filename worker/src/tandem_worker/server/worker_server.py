@@ -14,11 +14,13 @@ router may retry on another pair (UNAVAILABLE); nothing has been streamed to the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 import grpc
 
@@ -106,11 +108,13 @@ class WorkerService(wgrpc.WorkerServicer):
         except (RequestError, QueueFull, EngineDead) as e:
             _abort_for(context, e)
         done = threading.Event()
-        context.add_callback(lambda: None if done.is_set() else stream.cancel())
+        guard = _CancelGuard(stream, done)
+        context.add_callback(guard.rpc_ended)
         try:
             for ev in stream:
                 if isinstance(ev, KVReserved):
-                    self._pull_kv(request, ev, context)
+                    with guard.writing_kv():
+                        self._pull_kv(request, ev, context)
                     continue
                 assert isinstance(ev, RequestOutput)
                 if ev.error is not None:  # e.g. its adapter failed to load: nothing was generated
@@ -202,6 +206,40 @@ class WorkerService(wgrpc.WorkerServicer):
         metrics.KV_TRANSFER_BYTES.labels(direction="received").inc(writer.bytes)
         metrics.KV_TRANSFER_SECONDS.labels(direction="received").observe(time.monotonic() - t0)
         s.loop.kv_ready(ev.request_id, first.first_token, first.first_logprob)
+
+
+class _CancelGuard:
+    """Cancels a request when its RPC ends early (the client went away, the deadline passed), but
+    not while KV is being written into its reserved blocks: freed then, the blocks could be handed
+    to another sequence while the copies still land in them. The pull sees the cancellation too
+    (its call to the prefill worker is cancelled with the RPC) and frees the blocks itself once its
+    writes are done; any cancellation that arrived meanwhile is applied then."""
+
+    def __init__(self, stream, done: threading.Event) -> None:
+        self._stream, self._done = stream, done
+        self._lock = threading.Lock()
+        self._writing = self._deferred = False
+
+    def rpc_ended(self) -> None:
+        if self._done.is_set():
+            return
+        with self._lock:
+            if self._writing:
+                self._deferred = True
+                return
+        self._stream.cancel()
+
+    @contextlib.contextmanager
+    def writing_kv(self) -> Iterator[None]:
+        with self._lock:
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._writing, deferred = False, self._deferred
+            if deferred and not self._done.is_set():
+                self._stream.cancel()
 
 
 class _Refused(Exception):

@@ -1,0 +1,171 @@
+"""Worker behaviour that needs the worker in this process, where its engine can be made to fail
+or its KV writes held at a chosen point.
+
+- A worker whose engine fails (out of device memory, a kernel fault) stops serving and exits: the
+  stream in flight ends with UNAVAILABLE (which the router retries on another pair and takes the
+  worker out of rotation for), later requests are refused with UNAVAILABLE instead of hanging or
+  UNKNOWN, health says NOT_SERVING, and `serve_worker` returns exit status 1 so that Kubernetes
+  restarts the pod.
+- A client that goes away while its prompt's KV is being written into the decode worker's reserved
+  blocks gets those blocks freed only after the writes are done, never while a copy may still land
+  in them (they could belong to another sequence by then).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tandem_proto.v1 import worker_pb2 as wpb
+from tandem_proto.v1 import worker_pb2_grpc as wgrpc
+from tandem_worker.engine.config import EngineConfig
+from tandem_worker.engine.llm_engine import LLMEngine
+from tandem_worker.server.local import free_port
+from tandem_worker.server.worker_main import serve_worker
+
+from .procs import HOST, KV_BYTES, assert_idle, greedy, wait_for
+
+
+@contextlib.contextmanager
+def in_process_worker(role: str, model_dir) -> Iterator[tuple[grpc.Channel, threading.Thread, list[int]]]:
+    """A worker served by a thread of this process: (a channel to it, the thread, its exit status
+    once it returned)."""
+    port, stop, status = free_port(), threading.Event(), []
+    config = EngineConfig(model=str(model_dir), kv_cache_bytes=KV_BYTES)
+    thread = threading.Thread(
+        target=lambda: status.append(serve_worker(role, config, HOST, port, stop_event=stop)), daemon=True
+    )
+    thread.start()
+    channel = grpc.insecure_channel(f"{HOST}:{port}")
+    try:
+        wait_for(lambda: serving(channel), 120, f"the in-process {role} worker serves")
+        yield channel, thread, status
+    finally:
+        stop.set()
+        channel.close()
+        thread.join(timeout=30)
+
+
+def serving(channel: grpc.Channel) -> bool:
+    try:
+        check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+    except grpc.RpcError:
+        return False
+    return check.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_worker_whose_engine_fails_refuses_work_and_exits_nonzero(model_dir, monkeypatch):
+    fail = threading.Event()
+    original = LLMEngine.step
+
+    def step(self):
+        if fail.is_set():
+            raise RuntimeError("CUDA out of memory (injected by the test)")
+        return original(self)
+
+    monkeypatch.setattr(LLMEngine, "step", step)
+    with in_process_worker("colocated", model_dir) as (channel, server, status):
+        worker = wgrpc.WorkerStub(channel)
+        request = wpb.WorkerGenerateRequest(
+            request_id="r1", prompt_token_ids=[1, 2, 3, 4], sampling=greedy(500)
+        )
+        stream = worker.Generate(request, timeout=60)
+        assert next(stream).token_ids  # decoding
+        fail.set()
+        with pytest.raises(grpc.RpcError) as err:
+            for _ in stream:
+                pass
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+        assert "engine failed" in err.value.details() and "out of memory" in err.value.details()
+
+        server.join(timeout=30)  # stops on its own: no stop_event, no signal
+        assert not server.is_alive() and status == [1]
+        # Nothing listens any more: a router's health check and its requests fail fast.
+        assert not serving(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            next(worker.Generate(request, timeout=5))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_client_gone_during_the_kv_pull_frees_the_blocks_after_the_writes(cluster, model_dir, monkeypatch):
+    from tandem_worker.server.engine_loop import EngineLoop
+    from tandem_worker.server.kv_transfer import KVWriter
+
+    events: list[str] = []
+    writing, release = threading.Event(), threading.Event()
+    write, finish, abort = KVWriter.write, KVWriter.finish, EngineLoop.abort
+
+    def held_write(self, *args):
+        if not writing.is_set():
+            writing.set()
+            release.wait(30)  # a slow copy, as a big chunk into device memory can be
+        return write(self, *args)
+
+    def spy_finish(self):
+        finish(self)
+        events.append("writes done")
+
+    def spy_abort(self, request_id):
+        events.append("abort")
+        abort(self, request_id)
+
+    monkeypatch.setattr(KVWriter, "write", held_write)
+    monkeypatch.setattr(KVWriter, "finish", spy_finish)
+    monkeypatch.setattr(EngineLoop, "abort", spy_abort)
+    with in_process_worker("decode", model_dir) as (channel, _, _):
+        request = wpb.WorkerGenerateRequest(
+            request_id="gone",
+            prompt_token_ids=list(range(1, 200)),
+            sampling=greedy(8),
+            prefill_endpoint=cluster.p0.address,
+        )
+        stream = wgrpc.WorkerStub(channel).Generate(request, timeout=60)
+        assert writing.wait(30), "no KV chunk reached the decode worker"
+        stream.cancel()
+        with pytest.raises(grpc.RpcError):
+            list(stream)
+        # The RPC is over, but a write is still in progress: its blocks stay the request's.
+        assert not wait_for_event(events, "abort", 1.0)
+        release.set()
+        assert wait_for_event(events, "abort", 10.0)
+        assert events.index("writes done") < events.index("abort")
+        stats = wgrpc.AdminStub(channel).Stats
+        wait_for(lambda: stats(wpb.StatsRequest(), timeout=2).used_blocks == 0, 10, "the blocks are freed")
+    assert_idle([cluster.p0])
+
+
+def wait_for_event(events: list[str], name: str, timeout: float) -> bool:
+    try:
+        wait_for(lambda: name in events, timeout, name, interval=0.05)
+    except AssertionError:
+        return False
+    return True
+
+
+def test_a_dead_engine_loop_fails_every_caller_at_once(model_dir, monkeypatch):
+    from tandem_worker.engine.sampling_params import SamplingParams
+    from tandem_worker.server.engine_loop import EngineDead, EngineLoop
+
+    engine = LLMEngine(model=str(model_dir), kv_cache_bytes=32 * 2**20)
+    loop = EngineLoop(engine).start()
+    try:
+        params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+        running = loop.submit([1, 2, 3], params, "running")
+        assert next(iter(running)).new_token_ids
+        monkeypatch.setattr(engine, "step", lambda: 1 / 0)
+        with pytest.raises(EngineDead, match="ZeroDivisionError"):
+            list(running)
+        assert loop.died.wait(5)
+        with pytest.raises(EngineDead):
+            loop.submit([1, 2, 3], params, "after")
+        # A command for the loop thread (adapter admin) fails now, not after its timeout.
+        with pytest.raises(EngineDead):
+            loop.call(lambda: None, timeout=600)
+        assert loop.num_in_flight == 0
+    finally:
+        loop.stop()
