@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tandem_worker.engine.sampling_params import SamplingParams
+from tandem_worker.engine.sampling_params import RequestError, SamplingParams
 from tandem_worker.engine.tokenizer import TextStream, Tokenizer
 
 
@@ -69,3 +69,16 @@ def test_special_tokens_add_no_text(tok):
     stream = TextStream(tok, [1], SamplingParams())
     assert stream.push([eos], special={eos}) == ""
     assert stream.push(tok.encode(" ok"), special={eos}) + stream.finish() == " ok"
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_request_error(real_tok, monkeypatch):
+    # As Llama 2's and Mistral's templates do for roles that do not alternate: raise_exception(...)
+    template = (
+        "{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('roles must alternate') }}{% endif %}"
+    )
+    monkeypatch.setattr(real_tok.hf, "chat_template", template + real_tok.hf.chat_template)
+    assert real_tok.apply_chat_template([{"role": "user", "content": "Hi"}])
+    with pytest.raises(
+        RequestError, match="messages: the model's chat template refuses them: roles must alternate"
+    ):
+        real_tok.apply_chat_template([{"role": "assistant", "content": "Hi"}])

@@ -176,6 +176,10 @@ def test_unknown_model_is_404(client, deployment):
         ({"max_tokens": 0}, "max_tokens"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
         ({"prompt": [1] * 9000}, "prompt"),  # refused by the router: longer than the model's context
+        # Past their protobuf fields' ranges: refused by name, not a dropped connection.
+        ({"max_tokens": 5_000_000_000}, "max_tokens"),
+        ({"extra_body": {"top_k": 2**31}}, "top_k"),
+        ({"prompt": [2**32]}, "prompt"),
     ],
 )
 def test_bad_parameter_is_400(client, kwargs, param):
@@ -184,6 +188,28 @@ def test_bad_parameter_is_400(client, kwargs, param):
         client.completions.create(**args)
     err = _error_body(ei.value)
     assert err["param"] == param and err["type"] == "invalid_request_error", err
+
+
+def test_a_lone_surrogate_is_400_not_a_dropped_connection(deployment):
+    # What JavaScript sends after cutting an emoji in half: valid JSON ("\ud83e"), not valid text.
+    bodies = {
+        "/v1/completions": {"model": SERVED, "prompt": "half an emoji: \ud83e", "max_tokens": 2},
+        "/v1/chat/completions": {
+            "model": SERVED,
+            "messages": [{"role": "user", "content": "\ud83e"}],
+            "max_tokens": 2,
+        },
+    }
+    for path, body in bodies.items():
+        data = json.dumps(body).encode()  # ASCII, the surrogate escaped
+        post = urllib.request.Request(
+            deployment.http + path, data=data, headers={"Content-Type": "application/json"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as ei:
+            urllib.request.urlopen(post, timeout=30)
+        assert ei.value.code == 400
+        assert "invalid request" in json.loads(ei.value.read())["error"]["message"]
+    assert_idle(deployment.workers)
 
 
 def test_chat_bad_message_is_400(client):

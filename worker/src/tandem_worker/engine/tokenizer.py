@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import jinja2
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers.decoders import DecodeStream
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -42,7 +43,12 @@ class Tokenizer:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise RequestError(f"messages[{i}]", "needs 'role' and 'content'")
-        ids = self.hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        try:
+            ids = self.hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        except jinja2.TemplateError as e:
+            # Templates refuse what their model was not trained on (Llama 2's and Mistral's raise on
+            # roles that do not alternate): the request's fault, said in the template's words.
+            raise RequestError("messages", f"the model's chat template refuses them: {e}") from None
         if isinstance(ids, dict) or hasattr(ids, "keys"):  # a BatchEncoding in newer transformers
             ids = ids["input_ids"]
         return list(ids)

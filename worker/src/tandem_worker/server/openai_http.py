@@ -220,11 +220,11 @@ class OpenAIFrontend:
             mct = _get(body, "max_completion_tokens", (int,), "an integer")
             max_tokens = mct if mct is not None else max_tokens
         if max_tokens is not None:
-            if max_tokens < 1:
+            if not 1 <= max_tokens < 2**32:
                 key = (
                     "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
                 )
-                raise invalid(key, f"must be >= 1, got {max_tokens}")
+                raise invalid(key, f"must be in [1, 2^32), got {max_tokens}")
             s.max_tokens = max_tokens
         elif chat:
             s.max_tokens = self._room(req)
@@ -240,6 +240,8 @@ class OpenAIFrontend:
             s.top_p = top_p
         top_k = _get(body, "top_k", (int,), "an integer")
         if top_k is not None:
+            if not 0 <= top_k < 2**31:
+                raise invalid("top_k", f"must be in [0, 2^31), got {top_k}")
             s.top_k = top_k
         seed = _get(body, "seed", (int,), "an integer")
         if seed is not None:
@@ -300,8 +302,8 @@ class OpenAIFrontend:
         if isinstance(p, str):
             req.text = p
         elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-            if any(t < 0 for t in p):
-                raise invalid("prompt", "token ids must be >= 0")
+            if any(not 0 <= t < 2**32 for t in p):
+                raise invalid("prompt", "token ids must be in [0, 2^32)")
             req.token_ids.ids.extend(p)
         elif isinstance(p, list) and len(p) > 1:
             raise invalid("prompt", "one prompt per request (a list of several is not supported)")
@@ -601,6 +603,12 @@ class _Handler(BaseHTTPRequestHandler):
             parsed = fe.parse(self._read_json(), chat, self.headers)
         except ApiError as e:
             self._send_error(e)
+            return
+        except (ValueError, TypeError) as e:
+            # What the checks above let through and the request's protobuf refuses (a lone UTF-16
+            # surrogate in a string, a number out of its field's range) or a chat template raises:
+            # the client's request, not the server, so 400, never a dropped connection.
+            self._send_error(ApiError(400, f"invalid request: {e}"))
             return
         call = fe.call(parsed)
         done = threading.Event()
