@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -221,3 +222,30 @@ def test_incompatible_prefill_worker_is_refused(cluster, incompatible):
     assert_idle([cluster.d0, bad])
     # The decode worker is unharmed: it still serves through a compatible prefill worker.
     wait_router_ready(cluster.r11)
+
+
+def test_a_frozen_worker_fails_its_streams_instead_of_hanging_them(cluster):
+    """A worker that stops answering without closing its connections (its node lost power, a network
+    partition; here a SIGSTOP) ends the streams it was serving with UNAVAILABLE once the router's
+    keepalive pings go unanswered, rather than leaving them waiting until their deadlines."""
+    from tandem_worker.server.worker_pool import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS
+
+    c0, rc = cluster.c0, cluster.rc
+    stream = pbgrpc.InferenceStub(rc.channel).Generate(
+        request("Count to a thousand:", greedy(3000)), timeout=300
+    )
+    assert next(stream).text is not None  # decoding
+    os.kill(c0.pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            for _ in stream:
+                pass
+        waited = time.monotonic() - t0
+    finally:
+        os.kill(c0.pid, signal.SIGCONT)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
+    assert waited < 3 * (KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS) / 1000
+    # Resumed, the worker finds the connection gone, frees the request, and serves again.
+    assert_idle([c0], timeout=30)
+    wait_router_ready(rc, all_workers=False)

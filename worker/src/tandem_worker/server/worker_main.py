@@ -20,6 +20,7 @@ from .convert import model_id
 from .engine_loop import EngineLoop
 from .kv_transfer import prefill_method_handler
 from .pb import worker_pb2, worker_pb2_grpc
+from .worker_pool import SERVER_KEEPALIVE_OPTIONS
 from .worker_server import GRPC_OPTIONS, AdminService, KVTransferService, WorkerService, WorkerState
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,9 @@ def serve_worker(
     loop = EngineLoop(engine, max_pending=max_pending).start()
     state = WorkerState(engine, loop, role, model_id(engine.model_dir))
 
-    server = grpc.server(ThreadPoolExecutor(max_workers=max_pending + 16), options=GRPC_OPTIONS)
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=max_pending + 16), options=GRPC_OPTIONS + SERVER_KEEPALIVE_OPTIONS
+    )
     names = [worker_pb2.DESCRIPTOR.services_by_name["Admin"].full_name]
     worker_pb2_grpc.add_AdminServicer_to_server(AdminService(state), server)
     if role == "prefill":

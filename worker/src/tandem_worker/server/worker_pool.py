@@ -25,10 +25,29 @@ log = logging.getLogger(__name__)
 # Workers come and go (start-up, restarts, rescheduled pods): reconnect within a second instead of
 # after gRPC's default exponential backoff (up to two minutes), during which every call on the
 # channel fails at once with UNAVAILABLE even though the worker is back.
+#
+# Keepalive pings while calls are open: a peer that vanished without a reset (its node lost power,
+# a network partition, a frozen process) otherwise leaves a stream waiting forever, holding the
+# router's in-flight slot and the decode worker's reserved KV. Failed within KEEPALIVE_TIME_MS +
+# KEEPALIVE_TIMEOUT_MS, it ends with UNAVAILABLE. Pings may come without data (a stream waits
+# through a long prefill): the worker servers allow that (SERVER_KEEPALIVE_OPTIONS), else they
+# would answer with GOAWAY "too_many_pings".
+KEEPALIVE_TIME_MS = 10_000
+KEEPALIVE_TIMEOUT_MS = 5_000
 RECONNECT_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 250),
     ("grpc.min_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    # gRPC core (1.85) waits for a keepalive ping's answer up to its ping timeout (60 s unless set),
+    # not the keepalive timeout: measured, a frozen peer's stream ended after 70 s without this.
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+SERVER_KEEPALIVE_OPTIONS = [
+    ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
+    ("grpc.http2.max_ping_strikes", 0),
 ]
 
 
