@@ -82,3 +82,17 @@ def test_a_chat_template_that_refuses_the_messages_is_a_request_error(real_tok, 
         RequestError, match="messages: the model's chat template refuses them: roles must alternate"
     ):
         real_tok.apply_chat_template([{"role": "assistant", "content": "Hi"}])
+
+
+def test_a_prompt_ending_inside_a_character_streams_only_the_completion(tok):
+    # A continuation whose token-id prompt was cut after the first bytes of an emoji: the streamed
+    # text is the completed emoji and what follows, never the prompt's own text again.
+    ids = tok.encode("The mascot is 🤗 and café")
+    cut = next(k for k in range(1, len(ids)) if tok.hf.decode(ids[:k]).endswith("\ufffd"))
+    clean = tok.hf.decode(ids[: cut - 1])
+    for end in (cut, cut + 1):  # one or two of the emoji's tokens in the prompt
+        if not tok.hf.decode(ids[:end]).endswith("\ufffd"):
+            continue
+        stream = TextStream(tok, ids[:end], SamplingParams())
+        text = "".join(stream.push([t], set()) for t in ids[end:]) + stream.finish()
+        assert text == tok.hf.decode(ids)[len(clean) :] == " 🤗 and café"

@@ -69,21 +69,29 @@ class IncrementalDetokenizer:
     Otherwise a short window of recent tokens is decoded, which keeps each step O(1) in the sequence
     length; a window ending in U+FFFD is an incomplete UTF-8 sequence, so it waits for the next token.
     Either way the last few prompt tokens are the context, so the first token's leading space (or
-    its absence) decodes as it would inside the whole text.
+    its absence) decodes as it would inside the whole text. A prompt given as token ids may end
+    inside a character (a continuation cut mid-emoji): its dangling tokens are not context but
+    pending, so the character comes out whole with the token that completes it, and the context
+    before it is never emitted.
     """
 
     CONTEXT = 6  # prompt tokens decoded as context, never emitted
 
     def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int]) -> None:
         context = list(prompt_token_ids[-self.CONTEXT :])
+        pending: list[int] = []
+        while context and tokenizer.hf.decode(context, skip_special_tokens=True).endswith("\ufffd"):
+            pending.insert(0, context.pop())
         self.backend = tokenizer.backend
         if self.backend is not None:
             self.stream = DecodeStream(ids=context, skip_special_tokens=True)
+            for t in pending:
+                self.stream.step(self.backend, t)  # incomplete: nothing to show yet
             return
         self.tok = tokenizer.hf
-        self.ids: list[int] = context
+        self.ids: list[int] = context + pending
         self.prefix_offset = 0
-        self.read_offset = len(self.ids)
+        self.read_offset = len(context)
 
     def push(self, token_id: int) -> str:
         if self.backend is not None:
