@@ -74,6 +74,22 @@ def test_invalid_requests_leave_workers_serving(cluster):
     assert_idle([cluster.p0, cluster.d0])
 
 
+def test_two_clients_may_use_the_same_request_id(cluster):
+    # Clients name their requests as they like ("1" is common); the workers see ids of their own,
+    # and each answer carries its client's id.
+    streams = [
+        pbgrpc.InferenceStub(cluster.r11.channel).Generate(
+            request(prompt, greedy(6), request_id="1"), timeout=60
+        )
+        for prompt in ("Hello there", "The sky is")
+    ]
+    results = [list(s) for s in streams]
+    for msgs in results:
+        assert msgs[-1].finish_reason and {m.request_id for m in msgs} == {"1"}
+        assert sum(len(m.token_ids) for m in msgs) == 6
+    assert_idle([cluster.p0, cluster.d0])
+
+
 def test_more_load_than_fits_is_resource_exhausted(cluster):
     """A router that takes 2 requests at once refuses the rest with RESOURCE_EXHAUSTED."""
     go = threading.Barrier(6)

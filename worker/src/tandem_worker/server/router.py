@@ -155,7 +155,10 @@ class RouterService(pbgrpc.InferenceServicer):
             try:
                 call = wgrpc.WorkerStub(pair.decode.channel).Generate(
                     wpb.WorkerGenerateRequest(
-                        request_id=f"{rid}-{attempt}" if attempt else rid,
+                        # Unique per attempt: clients' ids are not unique across clients, and a
+                        # worker refuses an id it still has in flight (a retry could follow its
+                        # failed attempt before that attempt's abort reached the engine).
+                        request_id=f"{rid}.{uuid.uuid4().hex[:8]}",
                         prompt_token_ids=ids,
                         sampling=request.sampling,
                         adapter=request.adapter,
