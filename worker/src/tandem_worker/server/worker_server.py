@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -394,7 +393,7 @@ def _admin_abort(context: grpc.ServicerContext, e: Exception) -> None:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
     if isinstance(e, EngineDead):
         context.abort(grpc.StatusCode.UNAVAILABLE, f"worker engine failed: {e}")
-    if isinstance(e, (TimeoutError, queue.Empty)):
+    if isinstance(e, TimeoutError):
         context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the engine did not answer in time")
     raise e
 
