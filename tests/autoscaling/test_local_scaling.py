@@ -223,13 +223,13 @@ def prometheus(tmp_path):
         proc.wait(30)
 
 
+# TTFT misses growing prefill is the test above (the processes' own metrics); here the other phase,
+# through Prometheus. Both directions through both sources would add about 40 s to the suite for
+# no path that is not already covered (the policy's choices are unit-tested in test_policy.py).
 @pytest.mark.parametrize(
     "slo, grows",
-    [
-        (("--slo-ttft-ms", "1", "--slo-tpot-ms", "100000"), "prefill"),
-        (("--slo-ttft-ms", "100000", "--slo-tpot-ms", "1"), "decode"),
-    ],
-    ids=["ttft-misses-add-prefill", "tpot-misses-add-decode"],
+    [(("--slo-ttft-ms", "100000", "--slo-tpot-ms", "1"), "decode")],
+    ids=["tpot-misses-add-decode"],
 )
 def test_autoscaling_from_a_real_prometheus(prometheus, tmp_path, slo, grows):
     """Real Prometheus scraping a real `tandem up`: a load that breaks one SLO grows the pool that
