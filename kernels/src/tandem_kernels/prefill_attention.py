@@ -19,7 +19,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from tandem_kernels.reference import gather_kv, host_ints
 
@@ -40,6 +39,10 @@ def paged_prefill_attention(
     bounds, lens = host_ints(cu_seqlens_q), host_ints(context_lens)
     if len(bounds) != len(lens) + 1 or block_tables.shape[0] < len(lens):
         raise ValueError(f"{len(lens)} sequences need {len(lens) + 1} bounds and as many table rows")
+    # Imported here: `torch.nn.attention.bias` pulls in torch._dynamo, about 2 s of every
+    # process's start on a CPU host, where this path never runs.
+    from torch.nn.attention.bias import causal_lower_right
+
     out = torch.empty_like(q)
     for s, kv_len in enumerate(lens):
         start, end = bounds[s], bounds[s + 1]

@@ -135,10 +135,14 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
         super().__init__()
-        inv_freq = rope_inv_freq(cfg)
-        pos = torch.arange(max_positions, dtype=torch.float32)
-        freqs = pos[:, None] * inv_freq[None, :]  # [max_positions, head_dim // 2]
-        emb = torch.cat((freqs, freqs), dim=-1)
+        # Computed on the host, and moved with the module: inside `torch.device("meta")` (a model
+        # built to be materialised with `to_empty`, which rebuilds this table) the math would go
+        # through torch._refs, whose import of torch._dynamo costs about 2 s of a worker's start.
+        with torch.device("cpu"):
+            inv_freq = rope_inv_freq(cfg)
+            pos = torch.arange(max_positions, dtype=torch.float32)
+            freqs = pos[:, None] * inv_freq[None, :]  # [max_positions, head_dim // 2]
+            emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
@@ -300,7 +304,12 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # Given an empty weight, which the checkpoint (or `init_dummy_weights`) fills: a random init
+        # on the meta device goes through torch._refs, whose import of torch._dynamo costs about
+        # 2 s of every worker's start on a CPU host.
+        self.embed_tokens = nn.Embedding(
+            cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size)
+        )
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg, max_positions)

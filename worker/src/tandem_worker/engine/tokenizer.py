@@ -2,20 +2,43 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import jinja2
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers.decoders import DecodeStream
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedConfig, PreTrainedTokenizerBase
 
 from .sampling_params import RequestError, SamplingParams
 
 
+def _config_for_tokenizer(folder: Path) -> PreTrainedConfig | None:
+    """The model config as `AutoTokenizer` reads it when the tokenizer names its own class: the
+    model type and path only. Without it, `AutoTokenizer` loads the model's config class, whose
+    module (for Llama and its kin) imports transformers' modeling stack and torch._dynamo: about
+    2 s of every worker's and router's start, for a tokenizer that takes 0.2 s. None (the full
+    config is read) where the tokenizer leaves its class to the model type or to remote code, the
+    cases where `AutoTokenizer` looks the class up by the config's Python type."""
+    try:
+        tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+        model_config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not tokenizer_config.get("tokenizer_class") or "auto_map" in tokenizer_config:
+        return None
+    config = PreTrainedConfig(name_or_path=str(folder), tokenizer_class=model_config.get("tokenizer_class"))
+    config.model_type = model_config.get("model_type", "")
+    return config
+
+
 class Tokenizer:
     def __init__(self, folder: Path) -> None:
-        self.hf: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(str(folder))
+        folder = Path(folder)
+        self.hf: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
+            str(folder), config=_config_for_tokenizer(folder)
+        )
 
     @property
     def backend(self) -> RustTokenizer | None:
