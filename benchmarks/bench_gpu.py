@@ -19,7 +19,8 @@ Sections (each runs on its own; a failure is recorded and the next one goes on):
              and MFU for a 2K prompt, decode tokens/s at batch 1/16/64/256, each against
              `transformers` on the same weights
   kv         KV transfer device->device through the real gRPC path (KVStager, kv_chunks,
-             KVWriter) on loopback, against raw pinned copies of the same bytes
+             KVWriter) on loopback, against raw pinned copies of the same bytes; and the same
+             prompt's layers split over 2/4/8 concurrent streams (does the connector scale?)
   sampling   a decode step's tokens sampled (top-p, top-k, temperature) from Llama-3's 128K
              vocabulary at batch 16/64/256 on the device, against transformers' warpers
 
@@ -1166,8 +1167,15 @@ def _kv_server(port: int, ready, shape: tuple[int, int, int], tokens: int, dev: 
     stager = KVStager(torch.device(dev))
 
     def prefill(request, context):
-        staged = [stager.stage(kv, layer, slots) for layer in range(layers)]
-        for layer, (k, v, ev) in enumerate(staged):
+        # "<id>/<shard>of<n>": only layers shard, shard + n, ... (the parallel-streams probe in kv())
+        shard, n = (
+            map(int, request.request_id.rpartition("/")[2].split("of"))
+            if "/" in request.request_id
+            else (0, 1)
+        )
+        mine = range(shard, layers, n)
+        staged = [stager.stage(kv, layer, slots) for layer in mine]
+        for layer, (k, v, ev) in zip(mine, staged):
             ev.synchronize()
             yield from kv_chunks(layer, 0, k, v)
         yield encode_kv_chunk(wpb.KVChunk(last=True, first_token=1))
@@ -1184,14 +1192,59 @@ def _kv_server(port: int, ready, shape: tuple[int, int, int], tokens: int, dev: 
     server.wait_for_termination()
 
 
-@section
-def kv() -> dict:
-    import grpc
-
+def _kv_pull(channel, request_id: str, cache: torch.Tensor, table: list[int], got: list[int]) -> None:
+    """One KV stream into `cache` through the real receive path; appends the bytes it wrote."""
     from tandem_proto.v1 import worker_pb2 as wpb
     from tandem_worker.server.kv_transfer import KVWriter, prefill_stub
-    from tandem_worker.server.local import free_port
+
+    writer = KVWriter(cache, table, KV_BLOCK)
+    for header, k, v in prefill_stub(channel)(wpb.PrefillRequest(request_id=request_id)):
+        if header.last:
+            break
+        writer.write(header, k, v)
+    writer.finish()
+    got.append(writer.bytes)
+
+
+def _kv_streams(port: int, cache: torch.Tensor, table: list[int], streams) -> tuple[dict[str, float], int]:
+    """GB/s of one prompt's KV arriving over n concurrent streams (its layers split between them,
+    each on a channel and TCP connection of its own), for each n; and the bytes a prompt moves."""
+    import threading
+
+    import grpc
+
     from tandem_worker.server.worker_server import GRPC_OPTIONS
+
+    rates, nbytes = {}, None
+    opts = GRPC_OPTIONS + [("grpc.use_local_subchannel_pool", 1)]  # no subchannel shared between them
+    for n in streams:
+        channels = [grpc.insecure_channel(f"127.0.0.1:{port}", options=opts) for _ in range(n)]
+        times = []
+        for i in range(4):  # the first is a warm-up
+            got: list[int] = []
+            threads = [
+                threading.Thread(target=_kv_pull, args=(ch, f"r{n}-{i}/{j}of{n}", cache, table, got))
+                for j, ch in enumerate(channels)
+            ]
+            t0 = time.perf_counter()
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            sync()
+            times.append(time.perf_counter() - t0)
+            nbytes = nbytes or sum(got)
+            if sum(got) != nbytes:
+                raise RuntimeError(f"{n} streams moved {sum(got)} bytes, one stream {nbytes}")
+        for ch in channels:
+            ch.close()
+        rates[str(n)] = nbytes / statistics.median(times[1:]) / 1e9
+    return rates, nbytes
+
+
+@section
+def kv() -> dict:
+    from tandem_worker.server.local import free_port
 
     shape, tokens = sz(KV_SHAPE, (2, 2, 64)), sz(KV_TOKENS, 64)
     layers, heads, dim = shape
@@ -1206,22 +1259,8 @@ def kv() -> dict:
         blocks = tokens // KV_BLOCK
         cache = torch.zeros(2, layers, blocks + 4, KV_BLOCK, heads, dim, dtype=torch.bfloat16, device=DEV)
         table = list(range(blocks))
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS)
-        call = prefill_stub(channel)
-        times, nbytes = [], 0
-        for i in range(4):
-            writer = KVWriter(cache, table, KV_BLOCK)
-            t0 = time.perf_counter()
-            for header, k, v in call(wpb.PrefillRequest(request_id=f"r{i}")):
-                if header.last:
-                    break
-                writer.write(header, k, v)
-            writer.finish()
-            sync()
-            times.append(time.perf_counter() - t0)
-            nbytes = writer.bytes
-        channel.close()
-        t = statistics.median(times[1:])
+        rates, nbytes = _kv_streams(port, cache, table, streams=(1, 2, 4, 8))
+        t = nbytes / rates["1"] / 1e9
         # The ceiling of any host-staged path: the same bytes device->pinned host->device, raw.
         src = cache.view(2, layers, -1)[:, :, : tokens * heads * dim]
         host = torch.empty(src.shape, dtype=src.dtype, pin_memory=DEV == "cuda")
@@ -1238,6 +1277,11 @@ def kv() -> dict:
             "grpc_seconds": t,
             "raw_pinned_roundtrip_GBps": src.nbytes / t_raw / 1e9,
             "fraction_of_raw": (nbytes / t) / (src.nbytes / t_raw),
+            # One Python gRPC stream is bound by its serial copies (encode, gRPC's slice, the
+            # socket, the received bytes, pinned staging) on one or two cores: whether 2/4/8
+            # streams, each its own connection, scale is what decides if the KV connector should
+            # split a prompt's layers between them.
+            "streams_GBps": rates,
         }
     finally:
         proc.terminate()
