@@ -1326,6 +1326,13 @@ def main() -> int:
         from tandem_worker.engine.loader import resolve_model
 
         ARGS.tokenizer = str(resolve_model("smollm2-135m"))
+    if not (Path(ARGS.tokenizer) / "tokenizer.json").is_file():
+        # Said now, not as a tokenizer error deep inside every model section of a timed GPU run.
+        print(
+            f"bench_gpu: no tokenizer.json in {ARGS.tokenizer} (run `make gpu-kit` here first)",
+            file=sys.stderr,
+        )
+        return 2
     if ARGS.smoke:
         global DEV, SMOKE
         DEV, SMOKE = "cpu", True

@@ -34,7 +34,11 @@ else
     "$PYTHON" -m pytest -q --noconftest -p no:cacheprovider tests/test_kv_staging.py -k "not cpu_sink" 2>&1 \
         | tail -5 | tee "$OUT/pytest.txt"
 fi
-"$PYTHON" benchmarks/bench_gpu.py --tokenizer "${TANDEM_TOKENIZER:-.gpu/tok}" --out "$OUT" \
+TOKENIZER=(--tokenizer "${TANDEM_TOKENIZER:-.gpu/tok}")
+if [[ -n "${SMOKE:-}" && -z "${TANDEM_TOKENIZER:-}" && ! -d .gpu/tok ]]; then
+    TOKENIZER=()  # a smoke run here: the built-in model's own tokenizer, no kit needed
+fi
+"$PYTHON" benchmarks/bench_gpu.py "${TOKENIZER[@]}" --out "$OUT" \
     --sections "$SECTIONS" "${SMOKE_FLAG[@]}" 2>&1 | tee "$OUT/log.txt" | grep -v "^\[.*\]   " || true
 "$PYTHON" - "$OUT/results.json" <<'PY'
 # The headline figures (the reply of a device call carries only the end of the output).
