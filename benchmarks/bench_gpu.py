@@ -691,11 +691,19 @@ LLAMA3_8B = {
 }
 
 
+def copy_tokenizer(folder: Path) -> None:
+    """The tokenizer files beside a model's weights. Checked here, where each section that serves a
+    model starts, not where the engine loads it after minutes of training or timing."""
+    if not (Path(ARGS.tokenizer) / "tokenizer.json").is_file():
+        raise RuntimeError(f"no tokenizer.json in {ARGS.tokenizer} (run `make gpu-kit` here first)")
+    for f in Path(ARGS.tokenizer).glob("tokenizer*"):
+        shutil.copy(f, folder / f.name)
+
+
 def model_folder(cfg: dict) -> Path:
     folder = Path(tempfile.mkdtemp(prefix="tandem-bench-"))
     (folder / "config.json").write_text(json.dumps(cfg))
-    for f in Path(ARGS.tokenizer).glob("tokenizer*"):
-        shutil.copy(f, folder / f.name)
+    copy_tokenizer(folder)
     return folder
 
 
@@ -902,8 +910,7 @@ def disagg() -> dict:
         raise RuntimeError("run the greedy section first: this one serves its trained model")
     folder = Path(tempfile.mkdtemp(prefix="tandem-disagg-"))
     g["hf32"].save_pretrained(str(folder))  # safetensors + config.json, as a user's checkpoint
-    for f in Path(ARGS.tokenizer).glob("tokenizer*"):
-        shutil.copy(f, folder / f.name)
+    copy_tokenizer(folder)
     deployment = LocalDeployment(
         prefill=1,
         decode=1,
@@ -1326,13 +1333,6 @@ def main() -> int:
         from tandem_worker.engine.loader import resolve_model
 
         ARGS.tokenizer = str(resolve_model("smollm2-135m"))
-    if not (Path(ARGS.tokenizer) / "tokenizer.json").is_file():
-        # Said now, not as a tokenizer error deep inside every model section of a timed GPU run.
-        print(
-            f"bench_gpu: no tokenizer.json in {ARGS.tokenizer} (run `make gpu-kit` here first)",
-            file=sys.stderr,
-        )
-        return 2
     if ARGS.smoke:
         global DEV, SMOKE
         DEV, SMOKE = "cpu", True
