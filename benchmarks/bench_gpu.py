@@ -1222,16 +1222,19 @@ def _kv_streams(port: int, cache: torch.Tensor, table: list[int], streams) -> tu
 
     from tandem_worker.server.worker_server import GRPC_OPTIONS
 
-    rates, nbytes = {}, None
     opts = GRPC_OPTIONS + [("grpc.use_local_subchannel_pool", 1)]  # no subchannel shared between them
-    for n in streams:
-        channels = [grpc.insecure_channel(f"127.0.0.1:{port}", options=opts) for _ in range(n)]
-        times = []
-        for i in range(4):  # the first is a warm-up
+    channels = {
+        n: [grpc.insecure_channel(f"127.0.0.1:{port}", options=opts) for _ in range(n)] for n in streams
+    }
+    times: dict[int, list[float]] = {n: [] for n in streams}
+    _, layers, _, _, heads, dim = cache.shape
+    nbytes = 2 * layers * len(table) * KV_BLOCK * heads * dim * cache.element_size()  # the prompt's KV
+    for i in range(4):  # the first round is a warm-up; rounds interleave the stream counts
+        for n in streams:
             got: list[int] = []
             threads = [
                 threading.Thread(target=_kv_pull, args=(ch, f"r{n}-{i}/{j}of{n}", cache, table, got))
-                for j, ch in enumerate(channels)
+                for j, ch in enumerate(channels[n])
             ]
             t0 = time.perf_counter()
             for th in threads:
@@ -1239,13 +1242,13 @@ def _kv_streams(port: int, cache: torch.Tensor, table: list[int], streams) -> tu
             for th in threads:
                 th.join()
             sync()
-            times.append(time.perf_counter() - t0)
-            nbytes = nbytes or sum(got)
+            times[n].append(time.perf_counter() - t0)
             if sum(got) != nbytes:
-                raise RuntimeError(f"{n} streams moved {sum(got)} bytes, one stream {nbytes}")
-        for ch in channels:
+                raise RuntimeError(f"{n} streams moved {sum(got)} bytes of the prompt's {nbytes}")
+    for chs in channels.values():
+        for ch in chs:
             ch.close()
-        rates[str(n)] = nbytes / statistics.median(times[1:]) / 1e9
+    rates = {str(n): nbytes / statistics.median(t[1:]) / 1e9 for n, t in times.items()}
     return rates, nbytes
 
 
