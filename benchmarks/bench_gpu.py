@@ -19,8 +19,10 @@ Sections (each runs on its own; a failure is recorded and the next one goes on):
              and MFU for a 2K prompt, decode tokens/s at batch 1/16/64/256, each against
              `transformers` on the same weights
   kv         KV transfer device->device through the real gRPC path (KVStager, kv_chunks,
-             KVWriter) on loopback, against raw pinned copies of the same bytes; and the same
-             prompt's layers split over 2/4/8 concurrent streams (does the connector scale?)
+             KVWriter) on loopback, against raw pinned copies of the same bytes; the same
+             prompt's layers split over 2/4/8 concurrent streams (does the connector scale?);
+             where one stream's time goes: gRPC alone on the same messages, each side's KV work
+             alone (staging and encoding; parsing and writing, checked byte for byte)
   sampling   a decode step's tokens sampled (top-p, top-k, temperature) from Llama-3's 128K
              vocabulary at batch 16/64/256 on the device, against transformers' warpers
 
@@ -1160,32 +1162,44 @@ KV_TOKENS = 2048
 KV_BLOCK = 16
 
 
+def _kv_messages(stager, kv: torch.Tensor, layers, slots: torch.Tensor):
+    """The prefill side's work for `layers`: stage each layer to pinned host memory (all queued
+    first, as the engine does while it computes), then encode its messages as each copy lands."""
+    from tandem_worker.server.kv_transfer import kv_chunks
+
+    staged = [stager.stage(kv, layer, slots) for layer in layers]
+    for layer, (k, v, ev) in zip(layers, staged):
+        ev.synchronize()
+        yield from kv_chunks(layer, 0, k, v)
+
+
 def _kv_server(port: int, ready, shape: tuple[int, int, int], tokens: int, dev: str) -> None:
     import grpc
 
     from tandem_proto.v1 import worker_pb2 as wpb
     from tandem_worker.engine.kv_staging import KVStager
-    from tandem_worker.server.kv_transfer import encode_kv_chunk, kv_chunks, prefill_method_handler
+    from tandem_worker.server.kv_transfer import encode_kv_chunk, prefill_method_handler
 
     layers, heads, dim = shape
     blocks = tokens // KV_BLOCK
     kv = torch.randn(2, layers, blocks + 4, KV_BLOCK, heads, dim, dtype=torch.bfloat16, device=dev)
     slots = torch.arange(tokens, device=dev)
     stager = KVStager(torch.device(dev))
+    last = encode_kv_chunk(wpb.KVChunk(last=True, first_token=1))
+    # The same prompt's messages, encoded once: "bare/" requests get them with no KV work at all,
+    # so their rate is the gRPC transport's own ceiling for these message sizes.
+    encoded = list(_kv_messages(stager, kv, range(layers), slots))
 
     def prefill(request, context):
+        rid = request.request_id
+        if rid.startswith("bare/"):
+            yield from encoded
+            yield last
+            return
         # "<id>/<shard>of<n>": only layers shard, shard + n, ... (the parallel-streams probe in kv())
-        shard, n = (
-            map(int, request.request_id.rpartition("/")[2].split("of"))
-            if "/" in request.request_id
-            else (0, 1)
-        )
-        mine = range(shard, layers, n)
-        staged = [stager.stage(kv, layer, slots) for layer in mine]
-        for layer, (k, v, ev) in zip(mine, staged):
-            ev.synchronize()
-            yield from kv_chunks(layer, 0, k, v)
-        yield encode_kv_chunk(wpb.KVChunk(last=True, first_token=1))
+        shard, n = map(int, rid.rpartition("/")[2].split("of")) if "/" in rid else (0, 1)
+        yield from _kv_messages(stager, kv, range(shard, layers, n), slots)
+        yield last
 
     from concurrent.futures import ThreadPoolExecutor
 
@@ -1213,9 +1227,19 @@ def _kv_pull(channel, request_id: str, cache: torch.Tensor, table: list[int], go
     got.append(writer.bytes)
 
 
+def _bare_pull(channel, request_id: str, cache: torch.Tensor, table: list[int], got: list[int]) -> None:
+    """The same messages received and dropped: no parsing, no copy into the cache."""
+    from tandem_proto.v1 import worker_pb2 as wpb
+    from tandem_worker.server.kv_transfer import PREFILL_METHOD
+
+    call = channel.unary_stream(PREFILL_METHOD, request_serializer=wpb.PrefillRequest.SerializeToString)
+    got.append(sum(len(m) for m in call(wpb.PrefillRequest(request_id=request_id))))
+
+
 def _kv_streams(port: int, cache: torch.Tensor, table: list[int], streams) -> tuple[dict[str, float], int]:
     """GB/s of one prompt's KV arriving over n concurrent streams (its layers split between them,
-    each on a channel and TCP connection of its own), for each n; and the bytes a prompt moves."""
+    each on a channel and TCP connection of its own), for each n, and over one stream carrying the
+    same bytes with no KV work on either side ("bare"); and the bytes a prompt moves."""
     import threading
 
     import grpc
@@ -1223,18 +1247,21 @@ def _kv_streams(port: int, cache: torch.Tensor, table: list[int], streams) -> tu
     from tandem_worker.server.worker_server import GRPC_OPTIONS
 
     opts = GRPC_OPTIONS + [("grpc.use_local_subchannel_pool", 1)]  # no subchannel shared between them
+    kinds = [(str(n), n, _kv_pull) for n in streams] + [("bare", 1, _bare_pull)]
     channels = {
-        n: [grpc.insecure_channel(f"127.0.0.1:{port}", options=opts) for _ in range(n)] for n in streams
+        name: [grpc.insecure_channel(f"127.0.0.1:{port}", options=opts) for _ in range(n)]
+        for name, n, _ in kinds
     }
-    times: dict[int, list[float]] = {n: [] for n in streams}
+    times: dict[str, list[float]] = {name: [] for name, _, _ in kinds}
     _, layers, _, _, heads, dim = cache.shape
     nbytes = 2 * layers * len(table) * KV_BLOCK * heads * dim * cache.element_size()  # the prompt's KV
-    for i in range(4):  # the first round is a warm-up; rounds interleave the stream counts
-        for n in streams:
+    for i in range(4):  # the first round is a warm-up; rounds interleave the kinds
+        for name, n, pull in kinds:
             got: list[int] = []
+            prefix = "bare" if pull is _bare_pull else f"r{n}-{i}"
             threads = [
-                threading.Thread(target=_kv_pull, args=(ch, f"r{n}-{i}/{j}of{n}", cache, table, got))
-                for j, ch in enumerate(channels[n])
+                threading.Thread(target=pull, args=(ch, f"{prefix}/{j}of{n}", cache, table, got))
+                for j, ch in enumerate(channels[name])
             ]
             t0 = time.perf_counter()
             for th in threads:
@@ -1242,14 +1269,51 @@ def _kv_streams(port: int, cache: torch.Tensor, table: list[int], streams) -> tu
             for th in threads:
                 th.join()
             sync()
-            times[n].append(time.perf_counter() - t0)
-            if sum(got) != nbytes:
+            times[name].append(time.perf_counter() - t0)
+            if pull is _kv_pull and sum(got) != nbytes:  # (bare counts message bytes, headers too)
                 raise RuntimeError(f"{n} streams moved {sum(got)} bytes of the prompt's {nbytes}")
     for chs in channels.values():
         for ch in chs:
             ch.close()
-    rates = {str(n): nbytes / statistics.median(t[1:]) / 1e9 for n, t in times.items()}
+    rates = {name: nbytes / statistics.median(t[1:]) / 1e9 for name, t in times.items()}
     return rates, nbytes
+
+
+def _kv_sides(shape: tuple[int, int, int], tokens: int) -> dict[str, float]:
+    """Each side's own work in GB/s, in this process with no network: the prefill side staging and
+    encoding a prompt's messages, and the decode side parsing them and writing them into a cache;
+    then the bytes that arrived are checked against the source KV."""
+    from tandem_worker.engine.kv_staging import KVStager
+    from tandem_worker.server.kv_transfer import KVWriter, decode_kv_chunk
+
+    layers, heads, dim = shape
+    blocks = tokens // KV_BLOCK
+    src = torch.randn(2, layers, blocks + 4, KV_BLOCK, heads, dim, dtype=torch.bfloat16, device=DEV)
+    slots = torch.arange(tokens, device=DEV)
+    stager = KVStager(torch.device(DEV))
+    nbytes = 2 * layers * tokens * heads * dim * src.element_size()
+    # The receiving cache's blocks in reverse order: writes scatter, as into a real block table.
+    table = list(range(blocks))[::-1]
+    cache = torch.zeros_like(src)
+    send_t, recv_t = [], []
+    for _ in range(4):  # the first is a warm-up (pinned pools fill)
+        sync()
+        t0 = time.perf_counter()
+        messages = list(_kv_messages(stager, src, range(layers), slots))
+        send_t.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        writer = KVWriter(cache, table, KV_BLOCK)
+        for m in messages:
+            writer.write(*decode_kv_chunk(m))
+        writer.finish()
+        recv_t.append(time.perf_counter() - t0)
+    # Block i of the prompt sits in cache block table[i].
+    if not torch.equal(cache[:, :, table], src[:, :, :blocks]):
+        raise RuntimeError("the KV written on the decode side differs from the prefill side's")
+    return {
+        "send_GBps": nbytes / statistics.median(send_t[1:]) / 1e9,
+        "receive_GBps": nbytes / statistics.median(recv_t[1:]) / 1e9,
+    }
 
 
 @section
@@ -1291,7 +1355,11 @@ def kv() -> dict:
             # socket, the received bytes, pinned staging) on one or two cores: whether 2/4/8
             # streams, each its own connection, scale is what decides if the KV connector should
             # split a prompt's layers between them.
-            "streams_GBps": rates,
+            "streams_GBps": {n: r for n, r in rates.items() if n != "bare"},
+            # Where one stream's time goes: the transport alone (the same messages, no KV work),
+            # and each side's KV work alone (no network). The slowest of the three bounds it.
+            "bare_grpc_GBps": rates["bare"],
+            **_kv_sides(shape, tokens),
         }
     finally:
         proc.terminate()
