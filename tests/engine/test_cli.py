@@ -22,7 +22,7 @@ def tandem(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
 def test_generate_json_in_input_order_matches_engine(engine, model_dir, tmp_path):
     prompts_file = tmp_path / "prompts.jsonl"
     prompts_file.write_text(
-        json.dumps({"prompt": "Three facts about Mars:", "max_tokens": 5})
+        json.dumps({"prompt": "Three facts about Mars:", "max_tokens": 5, "top_logprobs": 2})
         + "\n\n"
         + json.dumps({"prompt": "What is 2+2?", "chat": True, "max_tokens": 7})
         + "\n"
@@ -48,6 +48,12 @@ def test_generate_json_in_input_order_matches_engine(engine, model_dir, tmp_path
         "What is 2+2?",
     ]
     assert [len(x["token_ids"]) for x in lines[:2]] == [6, 5]
+    # Asked for per prompt: each position's two most likely, greedy's choice first.
+    top = lines[1]["top_logprobs"]
+    assert len(top) == 5 and all(len(pairs) == 2 for pairs in top)
+    assert [pairs[0][0] for pairs in top] == lines[1]["token_ids"]
+    assert [pairs[0][1] for pairs in top] == pytest.approx(lines[1]["logprobs"])
+    assert "top_logprobs" not in lines[0]
     for x in lines:
         assert set(x) >= {"prompt_token_ids", "token_ids", "text", "finish_reason"}
     assert lines[2]["prompt_token_ids"] == engine.tokenizer.chat_prompt("What is 2+2?")
@@ -66,6 +72,7 @@ def test_generate_json_in_input_order_matches_engine(engine, model_dir, tmp_path
         (["--prompt", "hi", "--max-tokens", "0"], "max_tokens"),
         (["--prompt", "hi", "--top-p", "1.5"], "top_p"),
         (["--prompt", "hi", "--temperature", "-1"], "temperature"),
+        (["--prompt", "hi", "--top-logprobs", "21"], "top_logprobs"),
         (["--prompt", ""], "prompt"),
         ([], "--prompt"),
         (["--prompt", "hi", "--model", "no-such-model"], "no-such-model"),

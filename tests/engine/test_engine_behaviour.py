@@ -131,6 +131,32 @@ def test_logprobs_match_transformers(engine, hf_model):
     assert torch.allclose(torch.tensor(out.logprobs), expected, atol=1e-3)
 
 
+def test_top_logprobs_match_transformers(engine, hf_model):
+    k = 5
+    out = _generate_one(
+        engine,
+        SamplingParams(max_tokens=6, temperature=0, top_logprobs=k, ignore_eos=True),
+        prompt="Roses are red,",
+    )
+    ids = out.prompt_token_ids + out.token_ids
+    with torch.inference_mode():
+        logits = hf_model(torch.tensor([ids])).logits[0].float()
+    n = len(out.prompt_token_ids)
+    ref = torch.log_softmax(logits[n - 1 : -1], -1)
+    assert out.top_logprobs is not None and len(out.top_logprobs) == len(out.token_ids) == 6
+    assert out.logprobs is not None and len(out.logprobs) == 6  # implied
+    for pos, top in enumerate(out.top_logprobs):
+        tokens, values = [t for t, _ in top], [lp for _, lp in top]
+        assert len(top) == k and len(set(tokens)) == k
+        # Greedy: the chosen token leads, with the same logprob as reported for it.
+        assert tokens[0] == out.token_ids[pos] and values[0] == pytest.approx(out.logprobs[pos], abs=1e-6)
+        # Each listed value is transformers' for that token, most likely first, and no token
+        # transformers ranks higher than the last listed is missing (up to float noise).
+        assert values == pytest.approx(ref[pos, tokens].tolist(), abs=1e-3)
+        assert values == sorted(values, reverse=True)
+        assert float(ref[pos].topk(k + 1).values[-1]) <= values[-1] + 1e-3
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [

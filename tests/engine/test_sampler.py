@@ -320,7 +320,38 @@ def test_logprobs_are_log_softmax_of_raw_logits_at_the_chosen_token():
 
 def test_no_logprobs_unless_asked():
     res = Sampler().sample(torch.randn(2, 10), ["a", "b"], [GREEDY, SamplingParams(seed=1)])
-    assert res.logprobs is None
+    assert res.logprobs is None and res.top_logprobs is None
+
+
+def test_top_logprobs_are_each_rows_most_likely_tokens_under_the_raw_logits():
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 50, generator=g) * 4
+    params = [
+        SamplingParams(temperature=0.0, top_logprobs=3),
+        SamplingParams(temperature=0.7, top_k=2, seed=1, top_logprobs=5),  # tempered, truncated draw
+        SamplingParams(temperature=1.0, seed=2, logprobs=True),  # the sampled token's only
+        SamplingParams(temperature=0.0),  # asked for nothing
+    ]
+    res = Sampler().sample(logits, ["a", "b", "c", "d"], params)
+    ref = torch.log_softmax(logits.double(), dim=-1)
+    assert res.top_logprobs is not None and [len(t) for t in res.top_logprobs] == [3, 5, 0, 0]
+    for row, top in enumerate(res.top_logprobs[:2]):
+        want = ref[row].topk(len(top))
+        assert [t for t, _ in top] == want.indices.tolist()
+        assert [lp for _, lp in top] == pytest.approx(want.values.tolist(), abs=1e-5)
+        # The sampled token's logprob is its entry's when it is among them (greedy: the first).
+        chosen = dict(top).get(res.token_ids[row])
+        assert chosen is None or chosen == pytest.approx(res.logprobs[row], abs=1e-6)
+    assert res.top_logprobs[0][0][0] == res.token_ids[0]
+    # top_logprobs implies the sampled token's logprob; rows that asked for nothing get none listed.
+    assert params[0].logprobs and res.logprobs is not None
+
+
+@pytest.mark.parametrize("bad", [-1, 21, 2.5])
+def test_top_logprobs_out_of_range_is_refused(bad):
+    with pytest.raises(RequestError) as err:
+        SamplingParams(top_logprobs=bad)
+    assert err.value.field == "top_logprobs"
 
 
 # --- temperature -------------------------------------------------------------------------------

@@ -146,6 +146,63 @@ def test_chat_logprobs(client, deployment):
     assert "".join(t.token for t in content) == r.choices[0].message.content == ref.text
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_top_logprobs_equal_grpc(client, deployment, stream):
+    ref = generate(deployment.router, request(CHAT, greedy(6, top_logprobs=3)))
+    kw = {"model": SERVED, "messages": CHAT, "max_tokens": 6, "logprobs": True, "top_logprobs": 3, **GREEDY}
+    if stream:
+        content = [
+            entry
+            for chunk in client.chat.completions.create(**kw, stream=True)
+            if chunk.choices and chunk.choices[0].logprobs
+            for entry in chunk.choices[0].logprobs.content
+        ]
+    else:
+        content = client.chat.completions.create(**kw).choices[0].logprobs.content
+    assert len(content) == len(ref.top_logprobs) == 6
+    for entry, want in zip(content, ref.top_logprobs):
+        alts = entry.top_logprobs
+        # Greedy: the chosen token is the most likely one, listed first with the same logprob.
+        assert [a.token for a in alts][0] == entry.token and alts[0].logprob == pytest.approx(entry.logprob)
+        assert [a.logprob for a in alts] == pytest.approx([lp for _, lp in want], abs=1e-6)
+        assert all(bytes(a.bytes).decode() == a.token for a in alts)
+
+
+def test_completion_logprobs_n_lists_the_most_likely_and_the_sampled(client):
+    r = client.completions.create(
+        model=SERVED,
+        prompt=PROMPT,
+        max_tokens=6,
+        logprobs=2,
+        temperature=1.5,
+        seed=11,
+        extra_body={"ignore_eos": True},
+    )
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    assert "".join(lp.tokens) == r.choices[0].text
+    for tok, tok_lp, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        # The two most likely, and the sampled token when it is not one of them (OpenAI's rule).
+        assert 2 <= len(top) <= 3 and top[tok] == pytest.approx(tok_lp)
+        if len(top) == 3:  # listed beside the two most likely: it is less likely than both
+            assert all(tok_lp <= v + 1e-6 for t, v in top.items() if t != tok)
+    # At temperature 1.5 some sampled token is not among the two most likely (else, a weak test).
+    assert any(len(top) == 3 for top in lp.top_logprobs)
+
+
+def test_top_logprobs_need_logprobs_and_a_bound(client):
+    for kw, param in (
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ):
+        with pytest.raises(openai.BadRequestError) as ei:
+            client.chat.completions.create(model=SERVED, messages=CHAT, max_tokens=2, **kw)
+        assert _error_body(ei.value)["param"] == param
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.completions.create(model=SERVED, prompt=PROMPT, max_tokens=2, logprobs=21)
+    assert _error_body(ei.value)["param"] == "logprobs"
+
+
 def _error_body(e: openai.APIStatusError) -> dict:
     body = e.response.json()
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body

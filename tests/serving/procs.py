@@ -245,6 +245,8 @@ class Result:
     stop_reason: str = ""
     usage: pb.Usage | None = None
     messages: int = 0
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 def sampling(**kw: Any) -> pb.SamplingParams:
@@ -277,6 +279,8 @@ def generate(endpoint: Proc | grpc.Channel, req: pb.GenerateRequest, timeout: fl
         r.prompt_token_ids.extend(msg.prompt_token_ids)
         r.token_ids.extend(msg.token_ids)
         r.text += msg.text
+        r.logprobs.extend(msg.logprobs)
+        r.top_logprobs.extend(list(zip(t.token_ids, t.logprobs)) for t in msg.top_logprobs)
         if msg.finish_reason:
             r.finish_reason = msg.finish_reason
             r.stop_reason = msg.stop_reason

@@ -145,6 +145,19 @@ def test_seeded_sampling_same_through_1p1d_colocated_and_offline(cluster, offlin
     assert any(r.token_ids != g.token_ids for r, g in zip(refs, greedy_refs))
 
 
+def test_top_logprobs_through_1p1d_equal_offline(cluster, offline):
+    """The first position's come from the prefill worker with the KV, the rest from decode."""
+    params = sampling(max_tokens=8, temperature=0.8, seed=7, ignore_eos=True, top_logprobs=4)
+    (ref,) = offline_generate(offline, [PROMPTS["short"]], params)
+    res = generate(cluster.r11, request(PROMPTS["short"], params))
+    assert res.token_ids == ref.token_ids
+    assert len(res.top_logprobs) == len(res.logprobs) == 8
+    for pos, (got, want) in enumerate(zip(res.top_logprobs, ref.top_logprobs)):
+        assert [t for t, _ in got] == [t for t, _ in want], pos
+        assert [lp for _, lp in got] == pytest.approx([lp for _, lp in want], abs=1e-4), pos
+    assert res.logprobs == pytest.approx(ref.logprobs, abs=1e-4)
+
+
 @pytest.mark.parametrize("shape", ["1+1", "colocated"])
 def test_stop_string_cuts_text(cluster, references, offline, shape):
     r = {"1+1": cluster.r11, "colocated": cluster.rc}[shape]

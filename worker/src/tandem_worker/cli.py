@@ -17,6 +17,7 @@ SAMPLING_FIELDS = (
     "stop_token_ids",
     "ignore_eos",
     "logprobs",
+    "top_logprobs",
 )
 
 
@@ -33,6 +34,13 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--logprobs", action="store_true", help="report each generated token's log-probability")
+    p.add_argument(
+        "--top-logprobs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also report the N most likely tokens at each position (at most 20; implies --logprobs)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,7 +230,7 @@ def _read_prompts(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _print_record(
-    item: dict[str, Any], prompt_token_ids, token_ids, text, finish_reason, logprobs, as_json
+    item: dict[str, Any], prompt_token_ids, token_ids, text, finish_reason, logprobs, top_logprobs, as_json
 ) -> None:
     if as_json:
         record = {
@@ -234,6 +242,8 @@ def _print_record(
         }
         if logprobs:
             record["logprobs"] = list(logprobs)
+        if top_logprobs:
+            record["top_logprobs"] = [[list(pair) for pair in top] for top in top_logprobs]
         print(json.dumps(record, ensure_ascii=False), flush=True)
     else:
         print(f"--- {item['prompt']!r}\n{text}", flush=True)
@@ -270,7 +280,14 @@ def _generate_remote(args: argparse.Namespace, items: list[dict[str, Any]], para
                 return 0
             for item, c in zip(items, client.complete_all(requests, args.timeout)):
                 _print_record(
-                    item, c.prompt_token_ids, c.token_ids, c.text, c.finish_reason, c.logprobs, args.json
+                    item,
+                    c.prompt_token_ids,
+                    c.token_ids,
+                    c.text,
+                    c.finish_reason,
+                    c.logprobs,
+                    c.top_logprobs,
+                    args.json,
                 )
     except grpc.RpcError as e:
         raise CLIError(f"{args.endpoint}: {e.code().name}: {e.details()}") from None
@@ -290,6 +307,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         "stop": args.stop,
         "ignore_eos": args.ignore_eos,
         "logprobs": args.logprobs,
+        "top_logprobs": args.top_logprobs,
     }
     params = []
     for i, item in enumerate(items):
@@ -315,7 +333,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     outputs = llm.generate(prompts, params, adapters=[it.get("adapter", args.adapter) for it in items])
     for item, out in zip(items, outputs):
         _print_record(
-            item, out.prompt_token_ids, out.token_ids, out.text, out.finish_reason, out.logprobs, args.json
+            item,
+            out.prompt_token_ids,
+            out.token_ids,
+            out.text,
+            out.finish_reason,
+            out.logprobs,
+            out.top_logprobs,
+            args.json,
         )
     return 0
 

@@ -20,7 +20,7 @@ from .kv_staging import KVReady, KVStager, slot_indices
 from .loader import resolve_model
 from .lora import LoRAManager
 from .model_runner import ModelRunner
-from .sampler import Sampler
+from .sampler import Sampler, TopLogprobs
 from .sampling_params import RequestError, SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import FinishReason, Sequence
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 class RequestOutput:
     """One request's progress after a step: what the step added, and everything so far.
 
-    `token_ids`, `text` and `logprobs` (all generated so far) are built when read, from the
+    `token_ids`, `text`, `logprobs` and `top_logprobs` (all generated so far) are built when read, from the
     request's own lists and text as they stood at this step: those only ever grow, so a prefix of
     them is a snapshot. Copying them into every step's output instead made each step O(length)
     per request, a request's whole generation quadratic, and a long one a visible share of a step.
@@ -51,6 +51,7 @@ class RequestOutput:
         "error",  # set, with finish_reason "abort", when the request failed (adapter load)
         "_tokens",
         "_logprobs",
+        "_top_logprobs",
         "_num_tokens",
         "_text",
         "_text_len",
@@ -71,8 +72,10 @@ class RequestOutput:
         num_cached_tokens: int = 0,
         metrics: dict[str, float] | None = None,
         error: str | None = None,
+        top_logprobs: list[TopLogprobs] | None = None,
     ) -> None:
         self.request_id = request_id
+        self._top_logprobs = top_logprobs
         self.prompt_token_ids = prompt_token_ids
         self._tokens, self._logprobs, self._num_tokens = tokens, logprobs, len(tokens)
         self._text, self._text_len = text, text_len
@@ -99,6 +102,11 @@ class RequestOutput:
     def logprobs(self) -> list[float] | None:
         """Each generated token's log-probability, if the request asked for them."""
         return None if self._logprobs is None else self._logprobs[: self._num_tokens]
+
+    @property
+    def top_logprobs(self) -> list[TopLogprobs] | None:
+        """Each generated position's most likely tokens, if the request asked for them."""
+        return None if self._top_logprobs is None else self._top_logprobs[: self._num_tokens]
 
     def __repr__(self) -> str:
         return (
@@ -265,7 +273,11 @@ class LLMEngine:
         return taken
 
     def kv_ready(
-        self, request_id: str, first_token: int, first_logprob: float | None
+        self,
+        request_id: str,
+        first_token: int,
+        first_logprob: float | None,
+        first_top_logprobs: TopLogprobs | None = None,
     ) -> RequestOutput | None:
         """A remote-KV request's prompt KV is in its blocks; add the prefill worker's first token."""
         req = self._requests.get(request_id)
@@ -273,7 +285,7 @@ class LLMEngine:
             return None  # aborted meanwhile
         seq = req.seq
         self.scheduler.activate(seq)
-        return self._append_token(req, first_token, first_logprob, time.monotonic())
+        return self._append_token(req, first_token, first_logprob, time.monotonic(), first_top_logprobs)
 
     @property
     def num_unfinished(self) -> int:
@@ -367,14 +379,21 @@ class LLMEngine:
         for row, seq in enumerate(seqs):
             req = self._requests[seq.request_id]
             logprob = result.logprobs[row] if result.logprobs is not None else None
-            outputs.append(self._append_token(req, result.token_ids[row], logprob, now))
+            top = result.top_logprobs[row] if result.top_logprobs is not None else None
+            outputs.append(self._append_token(req, result.token_ids[row], logprob, now, top))
         return outputs
 
-    def _append_token(self, req: _Request, token: int, logprob: float | None, now: float) -> RequestOutput:
+    def _append_token(
+        self, req: _Request, token: int, logprob: float | None, now: float, top: TopLogprobs | None = None
+    ) -> RequestOutput:
         seq = req.seq
         seq.output_token_ids.append(token)
         if seq.params.logprobs and logprob is not None:
             seq.output_logprobs.append(logprob)
+        if seq.params.top_logprobs:
+            # A first token from a prefill worker that sent none (an older build, mid-upgrade)
+            # gets an empty list, so positions stay aligned with tokens.
+            seq.output_top_logprobs.append(top or [])
         if seq.first_token_time is None:
             seq.first_token_time = now
         out = self._output(req, self._check_stop(req, token))
@@ -427,6 +446,7 @@ class LLMEngine:
             seq.stop_reason,
             seq.num_cached_tokens,
             metrics,
+            top_logprobs=seq.output_top_logprobs if seq.params.top_logprobs else None,
         )
 
     # --- introspection -----------------------------------------------------------------------

@@ -8,11 +8,17 @@ import torch
 
 from .sampling_params import SamplingParams
 
+# A position's most likely tokens, most likely first: (token id, log-probability) pairs.
+TopLogprobs = list[tuple[int, float]]
+
 
 @dataclass(frozen=True)
 class SampleResult:
     token_ids: list[int]
     logprobs: list[float] | None  # log-probability of each chosen token under the raw logits
+    # Per row, its request's top_logprobs most likely tokens (empty for rows that asked for none);
+    # None when no row asked.
+    top_logprobs: list[TopLogprobs] | None = None
 
 
 def _token_seed(seed: int, index: int) -> int:
@@ -56,11 +62,20 @@ class Sampler:
             chosen = logits.argmax(dim=-1)
         else:
             chosen = self._draw(logits, params, output_index)
-        logprobs = None
+        logprobs = top = None
         if any(p.logprobs for p in params):
-            lp = torch.log_softmax(logits.float(), dim=-1).gather(1, chosen[:, None])[:, 0]
-            logprobs = lp.tolist()
-        return SampleResult(chosen.tolist(), logprobs)
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            logprobs = log_probs.gather(1, chosen[:, None])[:, 0].tolist()
+            k = max(p.top_logprobs for p in params)
+            if k:
+                # One topk for the batch at its largest k; each row keeps its first top_logprobs.
+                values, ids = log_probs.topk(k, dim=-1)
+                values, ids = values.tolist(), ids.tolist()
+                top = [
+                    list(zip(ids[row][: p.top_logprobs], values[row][: p.top_logprobs]))
+                    for row, p in enumerate(params)
+                ]
+        return SampleResult(chosen.tolist(), logprobs, top)
 
     def _uniforms(self, params: list[SamplingParams], output_index: list[int]) -> torch.Tensor:
         """One uniform draw in [0, 1) per row, float64 on the host: a seeded request's from its

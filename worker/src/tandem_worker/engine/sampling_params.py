@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 SAMPLING_EPS = 1e-5
+# OpenAI's bound: each position's most likely tokens cost a topk over the vocabulary and that many
+# (token, logprob) pairs on the wire per generated token.
+MAX_TOP_LOGPROBS = 20
 
 
 class RequestError(ValueError):
@@ -26,6 +29,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: bool = False
+    # This many most likely tokens at each generated position, with log-probabilities; implies
+    # logprobs.
+    top_logprobs: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -33,6 +39,8 @@ class SamplingParams:
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
         self.validate()
+        if self.top_logprobs:
+            self.logprobs = True
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -47,6 +55,10 @@ class SamplingParams:
             raise RequestError("stop", "stop strings must be non-empty")
         if any((not isinstance(t, int)) or t < 0 for t in self.stop_token_ids):
             raise RequestError("stop_token_ids", "must be non-negative integers")
+        if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise RequestError(
+                "top_logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}"
+            )
 
     @property
     def greedy(self) -> bool:

@@ -32,6 +32,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     # Tokens whose KV is in the cache (computed here or found in the prefix cache).
     num_computed_tokens: int = 0
     # Of the prompt, tokens served from the prefix cache at (the last) admission.

@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 
 from ..engine.sampling_params import SamplingParams
-from .convert import FINISH_FROM_PB, params_to_pb
+from .convert import FINISH_FROM_PB, params_to_pb, top_logprobs_from_pb
 from .pb import inference_pb2 as pb
 from .pb import inference_pb2_grpc as pbgrpc
 
@@ -23,6 +23,8 @@ class Completion:
     finish_reason: str | None = None
     stop_reason: str = ""
     logprobs: list[float] = field(default_factory=list)
+    # Per position, (token id, logprob) of its most likely tokens, when top_logprobs was asked for.
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     usage: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -72,6 +74,7 @@ class Client:
             c.prompt_token_ids.extend(msg.prompt_token_ids)
             c.token_ids.extend(msg.token_ids)
             c.logprobs.extend(msg.logprobs)
+            c.top_logprobs.extend(top_logprobs_from_pb(t) for t in msg.top_logprobs)
             c.text += msg.text
             if msg.finish_reason:
                 c.finish_reason = FINISH_FROM_PB[msg.finish_reason]

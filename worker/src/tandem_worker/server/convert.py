@@ -10,6 +10,7 @@ import grpc
 import torch
 
 from ..engine.llm_engine import LLMEngine
+from ..engine.sampler import TopLogprobs
 from ..engine.sampling_params import SamplingParams
 from ..engine.sequence import FinishReason
 from .pb import inference_pb2 as pb
@@ -40,6 +41,7 @@ def params_from_pb(s: pb.SamplingParams, *, max_tokens: int | None = None) -> Sa
         stop_token_ids=list(s.stop_token_ids),
         ignore_eos=s.ignore_eos,
         logprobs=s.logprobs,
+        top_logprobs=s.top_logprobs,
     )
 
 
@@ -53,10 +55,19 @@ def params_to_pb(p: SamplingParams) -> pb.SamplingParams:
         stop_token_ids=p.stop_token_ids,
         ignore_eos=p.ignore_eos,
         logprobs=p.logprobs,
+        top_logprobs=p.top_logprobs,
     )
     if p.seed is not None:
         msg.seed = p.seed
     return msg
+
+
+def top_logprobs_to_pb(top: TopLogprobs) -> pb.TopLogprobs:
+    return pb.TopLogprobs(token_ids=[t for t, _ in top], logprobs=[lp for _, lp in top])
+
+
+def top_logprobs_from_pb(msg: pb.TopLogprobs) -> TopLogprobs:
+    return list(zip(msg.token_ids, msg.logprobs))
 
 
 def model_id(folder: Path) -> str:

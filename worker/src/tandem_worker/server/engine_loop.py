@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..engine.llm_engine import LLMEngine, RequestOutput
+from ..engine.sampler import TopLogprobs
 from ..engine.sampling_params import RequestError, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -175,9 +176,15 @@ class EngineLoop:
 
         self._cmds.put(do)
 
-    def kv_ready(self, request_id: str, first_token: int, first_logprob: float | None) -> None:
+    def kv_ready(
+        self,
+        request_id: str,
+        first_token: int,
+        first_logprob: float | None,
+        first_top_logprobs: TopLogprobs | None = None,
+    ) -> None:
         def do() -> None:
-            out = self.engine.kv_ready(request_id, first_token, first_logprob)
+            out = self.engine.kv_ready(request_id, first_token, first_logprob, first_top_logprobs)
             if out is not None:
                 self._route([out])
 

@@ -4,7 +4,8 @@ What it serves: the base model and every LoRA adapter the workers know as model 
 "<adapter>"` selects that adapter); non-streaming responses and server-sent events (`data: {...}`,
 then `data: [DONE]`), with `stream_options.include_usage` adding a last chunk that carries usage and
 no choices; `max_tokens`/`max_completion_tokens`, `temperature`, `top_p`, `seed`, `stop`, `n=1`,
-the sampled tokens' log-probabilities, and vLLM's `top_k`/`ignore_eos` extensions. Errors have
+log-probabilities (the sampled token's and up to 20 most likely: chat's `logprobs`/`top_logprobs`,
+completions' `logprobs: N`), and vLLM's `top_k`/`ignore_eos` extensions. Errors have
 OpenAI's shape `{"error": {"message", "type", "param", "code"}}` and status: 400 invalid, 404 unknown
 model or adapter, 429 overloaded, 503 no worker, 504 past the deadline (an optional
 `X-Request-Timeout: SECONDS` header sets one). `GET /health` is 200 once the router can serve.
@@ -42,7 +43,7 @@ from typing import Any
 
 import grpc
 
-from ..engine.sampling_params import RequestError
+from ..engine.sampling_params import MAX_TOP_LOGPROBS, RequestError
 from ..engine.tokenizer import Tokenizer
 from .pb import inference_pb2 as pb
 from .pb import inference_pb2_grpc as pbgrpc
@@ -256,19 +257,24 @@ class OpenAIFrontend:
             s.ignore_eos = True
 
         logprobs = False
+        top = None
         if chat:
             logprobs = bool(_get(body, "logprobs", (bool,), "a boolean"))
             top = _get(body, "top_logprobs", (int,), "an integer")
-            if top:
-                raise invalid("top_logprobs", "only the sampled token's log-probability is available (0)")
+            if top and not logprobs:
+                raise invalid("top_logprobs", "requires 'logprobs' to be true")
         else:
-            lp = _get(body, "logprobs", (int,), "an integer")
-            if lp is not None:
-                if lp not in (0, 1):
-                    raise invalid(
-                        "logprobs", "only the sampled token's log-probability is available (0 or 1)"
-                    )
-                logprobs = True
+            # The legacy field: how many most likely tokens to list at each position (the sampled
+            # one is always listed too); 0 lists only the sampled one.
+            top = _get(body, "logprobs", (int,), "an integer")
+            logprobs = top is not None
+        if top is not None:
+            if not 0 <= top <= MAX_TOP_LOGPROBS:
+                raise invalid(
+                    "top_logprobs" if chat else "logprobs",
+                    f"must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top}",
+                )
+            s.top_logprobs = top
         s.logprobs = logprobs
 
         stream = bool(_get(body, "stream", (bool,), "a boolean"))
@@ -363,21 +369,33 @@ class OpenAIFrontend:
     def _logprobs(self, msg: pb.GenerateResponse, chat: bool, offset: int) -> tuple[Any, int]:
         toks = [self.tok.decode([t]) for t in msg.token_ids]
         lps = list(msg.logprobs)
+        # Each position's most likely tokens, when asked for (else none: the lists stay empty).
+        tops = [
+            [(self.tok.decode([t]), lp) for t, lp in zip(top.token_ids, top.logprobs)]
+            for top in msg.top_logprobs
+        ] or [[] for _ in toks]
         if chat:
             return [
-                {"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
-                for t, lp in zip(toks, lps)
+                {
+                    "token": t,
+                    "logprob": lp,
+                    "bytes": list(t.encode()),
+                    "top_logprobs": [
+                        {"token": alt, "logprob": alt_lp, "bytes": list(alt.encode())} for alt, alt_lp in top
+                    ],
+                }
+                for t, lp, top in zip(toks, lps, tops)
             ], offset
         offsets = []
         for t in toks:
             offsets.append(offset)
             offset += len(t)
-        return {
-            "tokens": toks,
-            "token_logprobs": lps,
-            "top_logprobs": [{t: lp} for t, lp in zip(toks, lps)],
-            "text_offset": offsets,
-        }, offset
+        # The legacy format maps text to logprob: the most likely first, then the sampled token if
+        # it is not among them (OpenAI lists it always, so up to logprobs + 1 entries).
+        listed = [dict(top) for top in tops]
+        for d, t, lp in zip(listed, toks, lps):
+            d.setdefault(t, lp)
+        return {"tokens": toks, "token_logprobs": lps, "top_logprobs": listed, "text_offset": offsets}, offset
 
     @staticmethod
     def usage(msg: pb.GenerateResponse) -> dict[str, Any]:

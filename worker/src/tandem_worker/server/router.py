@@ -177,7 +177,11 @@ class RouterService(pbgrpc.InferenceServicer):
                         msg.finish_reason != pb.FINISH_REASON_UNSPECIFIED or text.stopped_by is not None
                     )
                     out = pb.GenerateResponse(
-                        request_id=rid, text=delta, token_ids=msg.token_ids, logprobs=msg.logprobs
+                        request_id=rid,
+                        text=delta,
+                        token_ids=msg.token_ids,
+                        logprobs=msg.logprobs,
+                        top_logprobs=msg.top_logprobs,
                     )
                     if not sent_first:
                         out.prompt_token_ids.extend(ids)

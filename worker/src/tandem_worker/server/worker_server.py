@@ -27,7 +27,14 @@ from ..engine.llm_engine import LLMEngine, RequestOutput
 from ..engine.lora import AdapterBusyError, AdapterError, AdapterNotFoundError
 from ..engine.sampling_params import RequestError
 from . import metrics
-from .convert import FINISH_TO_PB, kv_layout, params_from_pb, params_to_pb
+from .convert import (
+    FINISH_TO_PB,
+    kv_layout,
+    params_from_pb,
+    params_to_pb,
+    top_logprobs_from_pb,
+    top_logprobs_to_pb,
+)
 from .engine_loop import EngineDead, EngineLoop, KVPiece, KVReserved, QueueFull, RequestAborted
 from .kv_transfer import KVWriter, encode_kv_chunk, kv_chunks, layout_mismatch, prefill_stub
 from .pb import inference_pb2 as pb
@@ -124,8 +131,11 @@ class WorkerService(wgrpc.WorkerServicer):
                     finish_reason=FINISH_TO_PB[ev.finish_reason],
                     num_cached_tokens=ev.num_cached_tokens,
                 )
+                new = len(ev.token_ids) - len(ev.new_token_ids)  # where this message's tokens start
                 if ev.logprobs is not None:
-                    msg.logprobs.extend(ev.logprobs[len(ev.token_ids) - len(ev.new_token_ids) :])
+                    msg.logprobs.extend(ev.logprobs[new:])
+                if ev.top_logprobs is not None:
+                    msg.top_logprobs.extend(top_logprobs_to_pb(t) for t in ev.top_logprobs[new:])
                 if ev.finished:
                     done.set()
                     m = ev.metrics
@@ -204,7 +214,12 @@ class WorkerService(wgrpc.WorkerServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, "prefill worker ended the KV stream early")
         metrics.KV_TRANSFER_BYTES.labels(direction="received").inc(writer.bytes)
         metrics.KV_TRANSFER_SECONDS.labels(direction="received").observe(time.monotonic() - t0)
-        s.loop.kv_ready(ev.request_id, first.first_token, first.first_logprob)
+        s.loop.kv_ready(
+            ev.request_id,
+            first.first_token,
+            first.first_logprob,
+            top_logprobs_from_pb(first.first_top_logprobs),
+        )
 
 
 class _CancelGuard:
@@ -303,6 +318,8 @@ class KVTransferService(wgrpc.KVTransferServicer):
                 )
                 if ev.logprobs:
                     last.first_logprob = ev.logprobs[0]
+                if ev.top_logprobs:
+                    last.first_top_logprobs.CopyFrom(top_logprobs_to_pb(ev.top_logprobs[0]))
                 if first_msg:
                     last.layout.CopyFrom(s.layout)
                 yield encode_kv_chunk(last)
