@@ -108,6 +108,28 @@ def _demo_spec() -> dict:
         ({"router": {"serviceType": "Ingress"}}, "ClusterIP"),
         ({"prefill": {"unknownField": 1}}, "Extra inputs are not permitted"),
         ({"terminationGracePeriodSeconds": 10}, "greater than or equal to 35"),
+        ({"router": {"httpPort": 80}}, "greater than or equal to 1024"),
+        ({"prefill": {"minReplicas": 0}}, "greater than or equal to 1"),
+        ({"prefill": {"tolerations": [{"effect": "NoSchedule"}]}}, "without a key must use operator Exists"),
+        (
+            {"prefill": {"tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]}},
+            "operator Exists takes no value",
+        ),
+        (
+            {"decode": {"tolerations": [{"key": "k", "effect": "NoSchedule", "tolerationSeconds": 5}]}},
+            "tolerationSeconds needs effect NoExecute",
+        ),
+        (
+            {
+                "mode": "colocated",
+                "prefill": None,
+                "decode": None,
+                "colocated": {"gpus": 0},
+                "autoscaling": {"enabled": True},
+            },
+            "mode colocated cannot enable it",
+        ),
+        ({"prefill": {"replicas": 0}, "autoscaling": {"enabled": True}}, "of at least 1"),
     ],
 )
 def test_models_refuse_what_the_schema_refuses(change: dict, message: str):
@@ -160,6 +182,26 @@ def test_long_names_are_refused():
     assert errors == []
 
 
+@pytest.mark.parametrize("name", ["llama.v3", "7b-chat", "demo-", "Demo", "a_b"])
+def test_names_that_cannot_name_a_service_are_refused(name):
+    # Valid names for the custom resource itself (DNS-1123 subdomains, or close), but its Services
+    # ("<name>-router", ...) must be DNS-1035 labels.
+    _, errors = plan_spec_errors(name, _demo_spec())
+    assert [e.reason for e in errors] == ["InvalidName"], name
+
+
+def test_autoscaled_pools_keep_a_floor_and_paused_manual_pools_are_fine():
+    spec = _demo_spec()
+    spec["prefill"] = {**spec["prefill"], "replicas": 0}  # manual: paused
+    assert plan_spec_errors("demo", spec)[1] == []
+    spec["autoscaling"] = {"enabled": True}
+    with pytest.raises(ValidationError, match="of at least 1"):
+        api.parse_spec(spec)
+    spec["prefill"]["minReplicas"] = 1  # the autoscaler may start it from 0
+    spec["prefill"]["replicas"] = 1
+    assert plan_spec_errors("demo", spec)[1] == []
+
+
 def test_defaults_fill_a_minimal_spec():
     spec = api.parse_spec({"model": {"builtin": "smollm2-135m"}, "image": "i", "prefill": {}, "decode": {}})
     assert spec.mode == api.Mode.disaggregated
@@ -190,12 +232,29 @@ RULE_SAMPLES: dict[type, list[dict]] = {
         for extra in ({}, {"minReplicas": 2}, {"maxReplicas": 2}, {"minReplicas": 1, "maxReplicas": 4})
     ],
     api.Router: [{"grpcPort": 1, "metricsPort": 1}, {"grpcPort": 1, "metricsPort": 2}],
+    api.Toleration: [
+        {"operator": op, **extra}
+        for op in ("Equal", "Exists")
+        for extra in ({}, {"key": "k"}, {"key": "k", "value": "v"}, {"value": "v"}, {"key": "", "value": ""},
+                      {"key": "k", "effect": "NoExecute", "tolerationSeconds": 5},
+                      {"key": "k", "effect": "NoSchedule", "tolerationSeconds": 5},
+                      {"key": "k", "tolerationSeconds": 5})
+    ],
     api.RatioBand: [{"min": 0.5, "max": 1.0}, {"min": 1.0, "max": 1.0}, {"min": 2.0, "max": 1.0}],
     api.ModelDeploymentSpec: [
         {"mode": mode, **pools}
         for mode in ("disaggregated", "colocated")
         for pools in ({"prefill": {}, "decode": {}}, {"colocated": {}}, {"prefill": {}},
                       {"prefill": {}, "decode": {}, "colocated": {}}, {"decode": {}, "colocated": {}})
+    ] + [
+        {"mode": mode, **pools, "autoscaling": auto}
+        for mode in ("disaggregated", "colocated")
+        for auto in ({}, {"enabled": False}, {"enabled": True})
+        for pools in ({"prefill": {"replicas": 1}, "decode": {"replicas": 1}},
+                      {"prefill": {"replicas": 0}, "decode": {"replicas": 1}},
+                      {"prefill": {"replicas": 0, "minReplicas": 1}, "decode": {"replicas": 2}},
+                      {"prefill": {"replicas": 1}, "decode": {"replicas": 3, "minReplicas": 0}},
+                      {"colocated": {"replicas": 1}})
     ],
 }  # fmt: skip
 
@@ -222,11 +281,19 @@ def test_cel_rules_agree_with_the_python_checks(model):
         assert outcomes == {True, False}, f"samples never exercise both outcomes of {rule.cel!r}"
 
 
-def test_the_name_rule_in_cel():
+def test_the_name_rules_in_cel():
     celpy = pytest.importorskip("celpy")
     doc = yaml.safe_load((CRD_DIR / f"{api.PLURAL}.{api.GROUP}.yaml").read_text())
-    (rule,) = doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["x-kubernetes-validations"]
+    rules = doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["x-kubernetes-validations"]
     env = celpy.Environment()
-    program = env.program(env.compile(rule["rule"]))
-    assert program.evaluate({"self": celpy.json_to_cel({"metadata": {"name": "x" * 50}})})
-    assert not program.evaluate({"self": celpy.json_to_cel({"metadata": {"name": "x" * 51}})})
+    programs = [env.program(env.compile(rule["rule"])) for rule in rules]
+
+    def accepted(name: str) -> bool:
+        return all(p.evaluate({"self": celpy.json_to_cel({"metadata": {"name": name}})}) for p in programs)
+
+    for name in ("x" * 50, "demo", "llama3-8b", "a"):
+        assert accepted(name), name
+        assert plan_spec_errors(name, _demo_spec())[1] == []  # the operator agrees
+    for name in ("x" * 51, "llama.v3", "7b-chat", "demo-", "Demo"):
+        assert not accepted(name), name
+        assert plan_spec_errors(name, _demo_spec())[1] != []

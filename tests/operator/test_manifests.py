@@ -40,6 +40,9 @@ def test_rbac_grants_exactly_what_the_operator_uses():
     want = {
         (api.GROUP, api.PLURAL): {"get", "list", "watch"},
         (api.GROUP, f"{api.PLURAL}/status"): {"patch"},
+        # Children's owner references set blockOwnerDeletion: OwnerReferencesPermissionEnforcement
+        # admits that only from whoever may update the owner's finalizers.
+        (api.GROUP, f"{api.PLURAL}/finalizers"): {"update"},
         ("", "events"): {"create"},
         ("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch", "patch"},
     }

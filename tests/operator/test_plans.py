@@ -74,7 +74,8 @@ def test_lists_compare_whole_and_quantities_by_value():
         desired, {"spec": {"resources": {"requests": {"cpu": "500m", "memory": "1Gi"}}, "args": ["a"]}}
     )
     # Omitted-when-empty on the server side counts as equal; False does not.
-    assert is_subset({"a": [], "b": {}}, {})
+    assert is_subset({"a": [], "b": {}, "c": ""}, {})  # an env var's empty value is dropped on storage
+    assert not is_subset({"c": ""}, {"c": "x"})  # but not equal to another value
     assert not is_subset({"a": False}, {})
     assert not is_subset({"a": "1"}, {"a": 1})
 

@@ -86,6 +86,11 @@ resource: clusterkopfpeerings (all namespaces) or kopfpeerings (namespaced mode)
 - apiGroups: ["tandem.dev"]
   resources: ["modeldeployments/status"]
   verbs: ["patch"]
+# Children carry blockOwnerDeletion, which OwnerReferencesPermissionEnforcement (on in OpenShift)
+# allows only to whoever may update the owner's finalizers.
+- apiGroups: ["tandem.dev"]
+  resources: ["modeldeployments/finalizers"]
+  verbs: ["update"]
 # The children: watched, read, created, patched, and deleted when a spec no longer wants them.
 - apiGroups: ["apps"]
   resources: ["deployments"]

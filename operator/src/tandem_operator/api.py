@@ -35,6 +35,9 @@ BUILTIN_MODELS = ("smollm2-135m",)
 
 # The longest child suffix is "-colocated" (10): Service names are DNS-1035 labels (63).
 MAX_NAME_LENGTH = 50
+# Kubernetes accepts any DNS-1123 subdomain as a resource's name ("llama.v3", "7b-chat"), but the
+# children's Services need DNS-1035 labels: a lowercase letter first, no dots.
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?$"
 LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
@@ -153,6 +156,26 @@ class EnvVar(_Model):
 
 
 class Toleration(_Model):
+    # Kubernetes' own toleration checks, so a bad one is refused at apply time, not when the
+    # operator's Deployment is (Degraded with ApplyFailed).
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            "self.operator == 'Exists' || (has(self.key) && self.key != '')",
+            "a toleration without a key must use operator Exists",
+            lambda t: t.operator == "Exists" or bool(t.key),
+        ),
+        Rule(
+            "self.operator != 'Exists' || !has(self.value) || self.value == ''",
+            "a toleration with operator Exists takes no value",
+            lambda t: t.operator != "Exists" or not t.value,
+        ),
+        Rule(
+            "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+            "tolerationSeconds needs effect NoExecute",
+            lambda t: t.toleration_seconds is None or t.effect == "NoExecute",
+        ),
+    )
+
     key: str | None = Field(default=None, description="Taint key to tolerate; empty with Exists: all taints.")
     operator: TolerationOperator = Field(
         default=TolerationOperator.Equal, description="Exists (any value) or Equal (value must match)."
@@ -187,7 +210,13 @@ class Pool(_Model):
 
     replicas: int = Field(default=1, ge=0, le=1000, description="Number of worker pods.")
     min_replicas: int | None = Field(
-        default=None, ge=0, le=1000, description="Lower bound for the autoscaler (default: replicas)."
+        default=None,
+        ge=1,
+        le=1000,
+        description=(
+            "Lower bound for the autoscaler (default: replicas). At least 1: nothing scales a pool "
+            "up from zero."
+        ),
     )
     max_replicas: int | None = Field(
         default=None, ge=1, le=1000, description="Upper bound for the autoscaler (default: replicas)."
@@ -244,10 +273,12 @@ class Router(_Model):
     service_type: ServiceType = Field(
         default=ServiceType.ClusterIP, description="Type of the router's Service: the endpoint clients use."
     )
-    grpc_port: int = Field(default=50051, ge=1, le=65535, description="gRPC inference port.")
+    # Router ports are also its container's ports, which an unprivileged container (as ours runs)
+    # may not bind below 1024 on many runtimes.
+    grpc_port: int = Field(default=50051, ge=1024, le=65535, description="gRPC inference port.")
     http_port: int | None = Field(
         default=None,
-        ge=1,
+        ge=1024,
         le=65535,
         description=(
             "Port of the OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions); "
@@ -256,11 +287,11 @@ class Router(_Model):
     )
     kserve_port: int | None = Field(
         default=None,
-        ge=1,
+        ge=1024,
         le=65535,
         description="Port of KServe's Open Inference Protocol v2 over gRPC; unset: not served.",
     )
-    metrics_port: int = Field(default=9090, ge=1, le=65535, description="/metrics HTTP port.")
+    metrics_port: int = Field(default=9090, ge=1024, le=65535, description="/metrics HTTP port.")
     max_in_flight: int = Field(
         default=512, ge=1, le=100000, description="Requests in flight before RESOURCE_EXHAUSTED."
     )
@@ -337,6 +368,33 @@ class Placement(_Model):
     )
 
 
+def _field(obj: Any, name: str) -> Any:
+    """A nested field as a rule's Python half sees it: a typed model in the operator, the raw
+    camelCase object where the rules are tested against CEL."""
+    if isinstance(obj, dict):
+        return obj.get(to_camel(name))
+    return getattr(obj, name, None)
+
+
+def _autoscaling_on(spec: Any) -> bool:
+    return bool(spec.autoscaling is not None and _field(spec.autoscaling, "enabled"))
+
+
+def _floor_at_least_one(pool: Any) -> bool:
+    if pool is None:
+        return True
+    lo = _field(pool, "min_replicas")
+    return (_field(pool, "replicas") if lo is None else lo) >= 1
+
+
+_AUTOSCALING_ON = "has(self.autoscaling) && has(self.autoscaling.enabled) && self.autoscaling.enabled"
+
+
+def _floor_cel(role: str) -> str:
+    pool = f"self.{role}"
+    return f"(!has({pool}) || (has({pool}.minReplicas) ? {pool}.minReplicas : {pool}.replicas) >= 1)"
+
+
 class ModelDeploymentSpec(_Model):
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
@@ -353,6 +411,19 @@ class ModelDeploymentSpec(_Model):
             lambda s: (
                 s.mode != Mode.colocated
                 or (s.colocated is not None and s.prefill is None and s.decode is None)
+            ),
+        ),
+        Rule(
+            f"!({_AUTOSCALING_ON}) || self.mode != 'colocated'",
+            "autoscaling sizes prefill and decode pools: mode colocated cannot enable it",
+            lambda s: not _autoscaling_on(s) or s.mode != Mode.colocated,
+        ),
+        Rule(
+            f"!({_AUTOSCALING_ON}) || ({_floor_cel('prefill')} && {_floor_cel('decode')})",
+            "with autoscaling enabled, prefill and decode need minReplicas (or, unset, replicas) of "
+            "at least 1: nothing scales a pool up from zero",
+            lambda s: (
+                not _autoscaling_on(s) or (_floor_at_least_one(s.prefill) and _floor_at_least_one(s.decode))
             ),
         ),
     )

@@ -120,7 +120,12 @@ def build_crd() -> dict[str, Any]:
                 "rule": f"self.metadata.name.size() <= {api.MAX_NAME_LENGTH}",
                 "message": f"metadata.name must be at most {api.MAX_NAME_LENGTH} characters "
                 "(child names add a suffix and must stay DNS labels)",
-            }
+            },
+            {
+                "rule": f"self.metadata.name.matches('{api.NAME_PATTERN}')",
+                "message": "metadata.name must start with a lowercase letter and hold only lowercase "
+                "letters, digits and '-' (its Services' names are DNS-1035 labels)",
+            },
         ],
     }
 

@@ -55,7 +55,8 @@ def is_subset(want: Any, have: Any) -> bool:
             return False
         for key, value in want.items():
             if key not in have:
-                if value in (None, [], {}):  # omitted-when-empty on the server side
+                # Omitted when empty on the server side (an env var's value "", an empty list).
+                if value is None or (isinstance(value, (str, list, dict)) and not value):
                     continue
                 return False
             if not is_subset(value, have[key]):

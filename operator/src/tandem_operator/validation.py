@@ -7,6 +7,7 @@ as a condition plus an Event rather than refused at admission. An empty list mea
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -39,6 +40,14 @@ def plan_spec_errors(
     if len(name) > api.MAX_NAME_LENGTH:
         errors.append(
             SpecError("NameTooLong", f"metadata.name must be at most {api.MAX_NAME_LENGTH} characters")
+        )
+    if not re.fullmatch(api.NAME_PATTERN, name):
+        errors.append(
+            SpecError(
+                "InvalidName",
+                f"metadata.name {name!r} must start with a lowercase letter and hold only lowercase "
+                "letters, digits and '-' (its Services' names are DNS-1035 labels)",
+            )
         )
     try:
         parsed = api.parse_spec(spec)
