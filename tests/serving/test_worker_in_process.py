@@ -139,6 +139,46 @@ def test_a_client_gone_during_the_kv_pull_frees_the_blocks_after_the_writes(clus
     assert_idle([cluster.p0])
 
 
+def test_a_client_gone_while_its_blocks_are_reserved_gets_no_kv_written(cluster, model_dir, monkeypatch):
+    """Cancelled during the engine step that reserves its blocks: the cancel frees them at once (no
+    write has started), so the pull must not start afterwards and write into blocks that may
+    already be another sequence's."""
+    from tandem_worker.server.kv_transfer import KVWriter
+
+    reserving, writes = threading.Event(), []
+    step, write = LLMEngine.step, KVWriter.write
+
+    def slow_step(self):
+        if self.scheduler.awaiting:  # the step that will reserve the request's blocks
+            reserving.set()
+            threading.Event().wait(1.5)  # a busy engine's step
+        return step(self)
+
+    def spy_write(self, *args):
+        writes.append(args[0].layer)
+        return write(self, *args)
+
+    monkeypatch.setattr(LLMEngine, "step", slow_step)
+    monkeypatch.setattr(KVWriter, "write", spy_write)
+    with in_process_worker("decode", model_dir) as (channel, _, _):
+        request = wpb.WorkerGenerateRequest(
+            request_id="early",
+            prompt_token_ids=list(range(100, 400)),
+            sampling=greedy(5),
+            prefill_endpoint=cluster.p0.address,
+        )
+        stream = wgrpc.WorkerStub(channel).Generate(request, timeout=60)
+        assert reserving.wait(30)
+        stream.cancel()
+        with pytest.raises(grpc.RpcError):
+            list(stream)
+        stats = wgrpc.AdminStub(channel).Stats
+        wait_for(lambda: stats(wpb.StatsRequest(), timeout=2).used_blocks == 0, 10, "the blocks are freed")
+        threading.Event().wait(2.0)  # where the pull would have run
+        assert writes == [], f"{len(writes)} KV chunks were written after the request was cancelled"
+    assert_idle([cluster.p0])
+
+
 def wait_for_event(events: list[str], name: str, timeout: float) -> bool:
     try:
         wait_for(lambda: name in events, timeout, name, interval=0.05)

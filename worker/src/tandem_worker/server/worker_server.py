@@ -172,7 +172,8 @@ class WorkerService(wgrpc.WorkerServicer):
                 ),
                 timeout=_remaining(context),
             )
-            context.add_callback(call.cancel)
+            if not context.add_callback(call.cancel):
+                call.cancel()  # the RPC already ended: the pull still unwinds through the abort below
             try:
                 for i, (chunk, key, value) in enumerate(call):
                     if i == 0:
@@ -227,12 +228,13 @@ class _CancelGuard:
     not while KV is being written into its reserved blocks: freed then, the blocks could be handed
     to another sequence while the copies still land in them. The pull sees the cancellation too
     (its call to the prefill worker is cancelled with the RPC) and frees the blocks itself once its
-    writes are done; any cancellation that arrived meanwhile is applied then."""
+    writes are done; any cancellation that arrived meanwhile is applied then. A cancellation that
+    came first (while the step reserving the blocks ran) has already freed them: no write starts."""
 
     def __init__(self, stream, done: threading.Event) -> None:
         self._stream, self._done = stream, done
         self._lock = threading.Lock()
-        self._writing = self._deferred = False
+        self._writing = self._deferred = self._cancelled = False
 
     def rpc_ended(self) -> None:
         if self._done.is_set():
@@ -241,11 +243,15 @@ class _CancelGuard:
             if self._writing:
                 self._deferred = True
                 return
+            self._cancelled = True
         self._stream.cancel()
 
     @contextlib.contextmanager
     def writing_kv(self) -> Iterator[None]:
+        """Raises RequestAborted when the request was cancelled before its KV could be written."""
         with self._lock:
+            if self._cancelled:
+                raise RequestAborted("cancelled before its KV was pulled")
             self._writing = True
         try:
             yield
