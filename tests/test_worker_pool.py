@@ -68,6 +68,19 @@ def test_router_side_pending_load_counts_until_the_next_stats(pool):
     assert pair.prefill.address == "p1:1", "p2 now has 1,100 queued tokens by our own count"
 
 
+def test_an_attempt_gives_its_pending_load_back_when_it_ends(pool):
+    d2 = pool._workers["d2:1"]
+    room = d2.free_tokens()
+    pair = pool.pick(500, set())
+    ticket = pool.begin(pair, prompt_tokens=500)
+    assert d2.free_tokens() == room - 500 and pool.pick(500, set()) is None  # d1 is too small
+    other = pool.begin(pool.pick(100, set()), prompt_tokens=100)
+    pool.end(pair, ticket)  # finished before any health check: its prompt no longer counts
+    assert d2.free_tokens() == room - 100 and d2.pending_requests == 1
+    pool.end(pair, other)
+    assert d2.free_tokens() == room and d2.pending_requests == 0
+
+
 def test_decode_without_room_is_skipped_and_none_when_nobody_fits(pool):
     assert pool.pick(prompt_tokens=300, exclude=set()).decode.address == "d2:1"
     assert not pool.all_full(300, set())
@@ -117,7 +130,7 @@ class _FlakyDecode(wgrpc.WorkerServicer):
         if self.calls == 1:
             # What WorkerPool._check does with stats taken now: the reservation is in them.
             w.stats.free_blocks -= self.reserved
-            w.pending_tokens = 0
+            w.pending.clear()
             context.abort(grpc.StatusCode.UNAVAILABLE, "prefill worker p:1 failed: connection reset")
         w.stats.free_blocks += self.reserved  # the failed attempt's blocks were freed
         yield wpb.WorkerGenerateResponse(token_ids=[42], finish_reason=pb.FINISH_REASON_LENGTH)
@@ -137,6 +150,53 @@ class _Context:
 
     def is_active(self) -> bool:
         return True
+
+
+class _BusyPrefills(wgrpc.WorkerServicer):
+    """A decode worker whose every prefill partner is at its request limit."""
+
+    def __init__(self) -> None:
+        self.prefills: list[str] = []
+
+    def Generate(self, request, context):  # noqa: N802
+        self.prefills.append(request.prefill_endpoint)
+        context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"prefill worker {request.prefill_endpoint} is busy: 256 requests in flight (the limit is 256)",
+        )
+        yield  # a generator, as the real servicer
+
+
+class _AbortContext(_Context):
+    def abort(self, code, details):
+        raise grpc.RpcError(code, details)
+
+
+def test_busy_workers_are_resource_exhausted_and_stay_in_rotation(model_dir):
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2))
+    port = server.add_insecure_port("127.0.0.1:0")
+    pool = WorkerPool(decode_targets=[], prefill_targets=[])
+    decode = info(f"127.0.0.1:{port}", "decode", free_blocks=160)
+    decode.channel = grpc.insecure_channel(decode.address)
+    decode.stats.num_blocks = 160
+    pool._workers = {"decode": decode, "p:1": info("p:1", "prefill"), "p:2": info("p:2", "prefill")}
+    pool._decode, pool._prefill = ["decode"], ["p:1", "p:2"]
+    fake = _BusyPrefills()
+    wgrpc.add_WorkerServicer_to_server(fake, server)
+    server.start()
+    try:
+        router = RouterService(pool, Tokenizer(model_dir), "smollm2-135m", 4096, set())
+        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3]), sampling=pb.SamplingParams())
+        with pytest.raises(grpc.RpcError) as err:
+            list(router.Generate(request, _AbortContext()))
+    finally:
+        server.stop(None)
+        decode.channel.close()
+    code, details = err.value.args
+    # Busy is a retry-later (HTTP 429), not "no worker could serve it" (503).
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "is busy" in details, (code, details)
+    assert sorted(fake.prefills) == ["p:1", "p:2"]  # each prefill worker was tried once
+    assert all(pool._workers[a].healthy for a in ("p:1", "p:2")), "busy workers were taken out of rotation"
 
 
 def test_a_retry_is_not_refused_for_the_kv_its_failed_attempt_held(model_dir):

@@ -286,6 +286,15 @@ def test_deadline_is_504(client):
     assert _error_body(ei.value)["code"] == "deadline_exceeded"
 
 
+@pytest.mark.parametrize("seconds", ["inf", "1e12"])
+def test_a_deadline_beyond_any_wait_is_none(client, seconds):
+    # gRPC deadlines that far out overflow and expire at once: they must mean "no deadline".
+    r = client.completions.create(
+        model=SERVED, prompt=PROMPT, max_tokens=2, extra_headers={"X-Request-Timeout": seconds}
+    )
+    assert r.usage.completion_tokens == 2
+
+
 def test_overload_is_429(deployment):
     """The router's admission bound (--max-in-flight 1) answers a second request with 429."""
     with openai.OpenAI(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import threading
 import time
@@ -19,6 +20,8 @@ import pytest
 
 from tandem_proto.v1 import inference_pb2 as pb
 from tandem_proto.v1 import inference_pb2_grpc as pbgrpc
+from tandem_proto.v1 import worker_pb2 as wpb
+from tandem_proto.v1 import worker_pb2_grpc as wgrpc
 
 from .conftest import wait_router_ready
 from .procs import (
@@ -116,6 +119,33 @@ def test_more_load_than_fits_is_resource_exhausted(cluster):
     # The slots are given back: the router takes requests again.
     assert len(generate(cluster.rlim, request("Hello", greedy(2))).token_ids) == 2
     assert_idle([cluster.p0, cluster.d0])
+
+
+def test_back_to_back_prompts_of_over_half_the_kv_cache_are_served(cluster):
+    """Each prompt needs more than half of the decode worker's KV cache. The router's stats of
+    that worker, taken while the previous request held its blocks, must not refuse the next one
+    as "every KV cache is full" once the previous one is done."""
+    capacity = cluster.d0.stats().num_blocks * cluster.d0.stats().block_size
+    n = capacity * 3 // 5
+    rng = random.Random(3)
+    for i in range(2):
+        prompt = [rng.randrange(1000, 40000) for _ in range(n)]  # distinct: no prefix-cache help
+        res = generate(cluster.r11, request(prompt, greedy(1)))
+        assert res.token_ids and res.finish_reason == pb.FINISH_REASON_LENGTH, i
+    assert_idle([cluster.p0, cluster.d0])
+
+
+def test_usage_counts_the_prefill_workers_prefix_cache_hits(cluster):
+    """A prompt the shared prefill worker has cached (served before for another decode worker) is
+    reported as cached, though this decode worker never saw it."""
+    rng = random.Random(5)
+    prompt = [rng.randrange(1000, 40000) for _ in range(300)]
+    warm = wpb.WorkerGenerateRequest(
+        request_id="warm-p0", prompt_token_ids=prompt, sampling=greedy(1), prefill_endpoint=cluster.p0.address
+    )
+    assert list(wgrpc.WorkerStub(cluster.d1.channel).Generate(warm, timeout=60))[-1].finish_reason
+    res = generate(cluster.r11, request(prompt, greedy(2)))  # decode-0 + prefill-0
+    assert res.usage.cached_prompt_tokens >= 300 - 16, res.usage  # all but the last partial block
 
 
 def test_expired_deadline_frees_both_sides(cluster):

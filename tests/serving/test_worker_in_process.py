@@ -179,6 +179,42 @@ def test_a_client_gone_while_its_blocks_are_reserved_gets_no_kv_written(cluster,
     assert_idle([cluster.p0])
 
 
+def test_a_busy_prefill_worker_is_resource_exhausted_not_failed(model_dir):
+    """A prefill worker at its request limit answers RESOURCE_EXHAUSTED; the decode worker passes
+    that on (the router then tries another and keeps this one in rotation) instead of calling the
+    prefill worker failed (UNAVAILABLE, which takes it out of rotation)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tandem_worker.server.kv_transfer import prefill_method_handler
+
+    def busy(request, context):
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "256 requests in flight (the limit is 256)")
+        yield b""
+
+    prefill = grpc.server(ThreadPoolExecutor(2))
+    prefill.add_generic_rpc_handlers((prefill_method_handler(busy),))
+    port = prefill.add_insecure_port(f"{HOST}:0")
+    prefill.start()
+    try:
+        with in_process_worker("decode", model_dir) as (channel, _, _):
+            request = wpb.WorkerGenerateRequest(
+                request_id="busy",
+                prompt_token_ids=list(range(1, 50)),
+                sampling=greedy(4),
+                prefill_endpoint=f"{HOST}:{port}",
+            )
+            with pytest.raises(grpc.RpcError) as err:
+                list(wgrpc.WorkerStub(channel).Generate(request, timeout=60))
+            stats = wgrpc.AdminStub(channel).Stats
+            wait_for(
+                lambda: stats(wpb.StatsRequest(), timeout=2).used_blocks == 0, 10, "the blocks are freed"
+            )
+    finally:
+        prefill.stop(None)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+    assert "is busy" in err.value.details() and "the limit is 256" in err.value.details()
+
+
 def wait_for_event(events: list[str], name: str, timeout: float) -> bool:
     try:
         wait_for(lambda: name in events, timeout, name, interval=0.05)

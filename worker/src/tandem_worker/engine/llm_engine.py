@@ -278,12 +278,16 @@ class LLMEngine:
         first_token: int,
         first_logprob: float | None,
         first_top_logprobs: TopLogprobs | None = None,
+        prefill_cached_tokens: int = 0,
     ) -> RequestOutput | None:
-        """A remote-KV request's prompt KV is in its blocks; add the prefill worker's first token."""
+        """A remote-KV request's prompt KV is in its blocks; add the prefill worker's first token.
+        `prefill_cached_tokens`: prompt tokens the prefill worker found in its own prefix cache; the
+        request reports the larger of its and this worker's hits as its cached tokens."""
         req = self._requests.get(request_id)
         if req is None or request_id not in self.scheduler.reserved:
             return None  # aborted meanwhile
         seq = req.seq
+        seq.num_cached_tokens = max(seq.num_cached_tokens, prefill_cached_tokens)
         self.scheduler.activate(seq)
         return self._append_token(req, first_token, first_logprob, time.monotonic(), first_top_logprobs)
 

@@ -182,9 +182,12 @@ class EngineLoop:
         first_token: int,
         first_logprob: float | None,
         first_top_logprobs: TopLogprobs | None = None,
+        prefill_cached_tokens: int = 0,
     ) -> None:
         def do() -> None:
-            out = self.engine.kv_ready(request_id, first_token, first_logprob, first_top_logprobs)
+            out = self.engine.kv_ready(
+                request_id, first_token, first_logprob, first_top_logprobs, prefill_cached_tokens
+            )
             if out is not None:
                 self._route([out])
 

@@ -50,6 +50,10 @@ from .pb import inference_pb2_grpc as pbgrpc
 
 log = logging.getLogger(__name__)
 
+# Deadlines past this (about three years) mean none: a gRPC deadline that far out, or infinite,
+# overflows and expires at once.
+MAX_TIMEOUT_SECONDS = 1e8
+
 FINISH = {
     pb.FINISH_REASON_STOP: "stop",
     pb.FINISH_REASON_LENGTH: "length",
@@ -296,6 +300,8 @@ class OpenAIFrontend:
                     raise ValueError
             except ValueError:
                 raise ApiError(400, f"X-Request-Timeout: must be seconds > 0, got {raw!r}") from None
+            if timeout > MAX_TIMEOUT_SECONDS:  # "inf" and the like: no deadline (gRPC's would expire)
+                timeout = None
         # Always our own id: the workers refuse a second request under an id that is in flight, and
         # clients' ids are not unique across clients.
         req.request_id = uuid.uuid4().hex

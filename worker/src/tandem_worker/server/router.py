@@ -140,8 +140,13 @@ class RouterService(pbgrpc.InferenceServicer):
         n_tokens = 0
         exclude: set[str] = set()
         last_error = "no healthy worker can take this request"
+        busy = ""  # a worker refused the request as over its limit (RESOURCE_EXHAUSTED): why
         for attempt in range(self.max_attempts):
             pair = self.pool.pick(len(ids), exclude, request.adapter)
+            if pair is None and self.pool.all_full(len(ids), exclude):
+                # The stats may predate a request that has since finished and freed its blocks.
+                self.pool.recheck_decodes()
+                pair = self.pool.pick(len(ids), exclude, request.adapter)
             if pair is None:
                 break
             if attempt:
@@ -151,7 +156,7 @@ class RouterService(pbgrpc.InferenceServicer):
             # Counted as pending before it is sent: a health check whose stats already hold this
             # request's KV then clears it, rather than leaving it counted twice (once in the stats,
             # once as pending) until the next check, which made a retry see every KV cache full.
-            self.pool.begin(pair, len(ids))
+            ticket = self.pool.begin(pair, len(ids))
             try:
                 call = wgrpc.WorkerStub(pair.decode.channel).Generate(
                     wpb.WorkerGenerateRequest(
@@ -233,16 +238,20 @@ class RouterService(pbgrpc.InferenceServicer):
                 )
                 if code == grpc.StatusCode.UNAVAILABLE:
                     self.pool.mark_failed(failed, details)
+                elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    busy = details  # busy, not broken: stays in rotation, only not retried now
                 exclude.add(failed.address)
                 last_error = details
                 log.warning("request %s attempt %d failed before any token: %s", rid, attempt, details)
             finally:
-                self.pool.end(pair)
-        if self.pool.all_full(len(ids), exclude):
+                self.pool.end(pair, ticket)
+        if busy or self.pool.all_full(len(ids), exclude):
             metrics.REQUESTS.labels(outcome="rejected").inc()
             context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                "every decode worker's KV cache is full right now; retry later",
+                f"workers are at their limit right now ({busy}); retry later"
+                if busy
+                else "every decode worker's KV cache is full right now; retry later",
             )
         metrics.REQUESTS.labels(outcome="failed").inc()
         context.abort(grpc.StatusCode.UNAVAILABLE, f"no worker pair could serve the request: {last_error}")

@@ -9,9 +9,11 @@ reads its `Admin.Stats`; a worker is eligible only while both answer and it is n
 
 from __future__ import annotations
 
+import itertools
 import logging
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 
 import grpc
@@ -57,11 +59,17 @@ class WorkerInfo:
     channel: grpc.Channel
     healthy: bool = False
     stats: wpb.StatsResponse | None = None
-    # Router-side load not yet visible in the worker's stats.
-    pending_tokens: int = 0
+    # Router-side load not yet visible in the worker's stats: prompt tokens per attempt (by the
+    # ticket `WorkerPool.begin` gave it), until the attempt ends or stats taken after it began.
+    pending: dict[int, int] = field(default_factory=dict)
     pending_requests: int = 0
     error: str = ""
     failures: int = 0
+    checked_at: float = 0.0  # time.monotonic() of the last stats
+
+    @property
+    def pending_tokens(self) -> int:
+        return sum(self.pending.values())
 
     @property
     def role(self) -> str:
@@ -131,6 +139,9 @@ class WorkerPool:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="worker-pool", daemon=True)
         self._ready = threading.Event()
+        self._tickets = itertools.count(1)
+        self._next_ticket = 1
+        self._recheck_lock = threading.Lock()
 
     def start(self) -> WorkerPool:
         self._thread.start()
@@ -173,6 +184,9 @@ class WorkerPool:
             self._ready.set()
 
     def _check(self, w: WorkerInfo) -> None:
+        with self._lock:
+            # Attempts begun from here on may not be in the stats this check gets back.
+            seen_before = self._next_ticket
         try:
             resp = health_pb2_grpc.HealthStub(w.channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=self.check_timeout
@@ -187,10 +201,25 @@ class WorkerPool:
             return
         w.healthy = resp.status == health_pb2.HealthCheckResponse.SERVING
         w.stats = stats
+        w.checked_at = time.monotonic()
         w.error = ""
         with self._lock:
-            # The fresh stats include what we had sent; keep only what is still in flight from us.
-            w.pending_tokens = 0
+            # The fresh stats include what we had sent; keep only what may not have reached them.
+            for ticket in [t for t in w.pending if t < seen_before]:
+                del w.pending[ticket]
+
+    def recheck_decodes(self, max_age: float = 0.1) -> None:
+        """Fresh stats from the eligible decode workers whose stats are older than `max_age`
+        seconds: before a request is refused for want of KV room, which stats taken while an
+        earlier request still held its blocks would claim. One caller at a time; the others wait
+        for it and then find the stats fresh."""
+        with self._recheck_lock:
+            with self._lock:
+                decodes = [self._workers[a] for a in self._decode if a in self._workers]
+            now = time.monotonic()
+            for w in decodes:
+                if w.eligible and now - w.checked_at > max_age:
+                    self._check(w)
 
     # --- picking -------------------------------------------------------------------------------
 
@@ -256,15 +285,20 @@ class WorkerPool:
         sizes = [w.stats.num_blocks * w.stats.block_size for w in decodes if w.eligible]
         return max(sizes) if sizes else None
 
-    def begin(self, pair: Pair, prompt_tokens: int) -> None:
+    def begin(self, pair: Pair, prompt_tokens: int) -> int:
+        """Count an attempt's prompt against its pair until `end(pair, ticket)`; returns the ticket."""
         with self._lock:
+            ticket = next(self._tickets)
+            self._next_ticket = ticket + 1
             for w in (pair.decode, pair.prefill):
                 if w is not None:
-                    w.pending_tokens += prompt_tokens
+                    w.pending[ticket] = prompt_tokens
                     w.pending_requests += 1
+        return ticket
 
-    def end(self, pair: Pair) -> None:
+    def end(self, pair: Pair, ticket: int) -> None:
         with self._lock:
             for w in (pair.decode, pair.prefill):
                 if w is not None:
+                    w.pending.pop(ticket, None)
                     w.pending_requests = max(0, w.pending_requests - 1)

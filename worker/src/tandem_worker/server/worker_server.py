@@ -200,6 +200,9 @@ class WorkerService(wgrpc.WorkerServicer):
                 context.abort(code, e.details())
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 context.abort(code, "deadline exceeded while pulling KV from the prefill worker")
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                # Busy, not failed: the router tries another prefill worker and keeps this one.
+                context.abort(code, f"prefill worker {request.prefill_endpoint} is busy: {e.details()}")
             context.abort(
                 grpc.StatusCode.UNAVAILABLE,
                 f"prefill worker {request.prefill_endpoint} failed: {e.details()}",
@@ -220,6 +223,7 @@ class WorkerService(wgrpc.WorkerServicer):
             first.first_token,
             first.first_logprob,
             top_logprobs_from_pb(first.first_top_logprobs),
+            first.num_cached_tokens,
         )
 
 
