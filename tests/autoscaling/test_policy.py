@@ -652,3 +652,63 @@ def test_a_state_restored_from_json_decides_exactly_as_the_original():
 def test_a_state_of_another_layout_is_refused(text):
     with pytest.raises(ValueError):
         PolicyState.from_json(text)
+
+
+def _settled_state() -> PolicyState:
+    # Started long ago, no change yet: neither stabilization nor cooldown stands between a
+    # recommendation and the decision.
+    return PolicyState(started=-10_000.0)
+
+
+def test_a_window_of_failed_requests_holds_both_pools():
+    """Every request failed (attainment 0): no pool is to blame, and none may read it as room."""
+    comfortable = decide(window(met=500), Replicas(3, 3), SPEC, _settled_state(), now=0)
+    assert (comfortable.desired_prefill, comfortable.desired_decode) == (2, 2)  # the same load, served
+
+    state, cur = _settled_state(), Replicas(3, 3)
+    for t in range(0, 1800, 15):
+        d = decide(window(met=0, failed=500), cur, SPEC, state, now=t)
+        assert (d.desired_prefill, d.desired_decode) == (3, 3), d.reason
+        assert d.no_data == ()  # a decision, not a lack of data
+    assert d.reason == (
+        "prefill 3->3: 500 of 500 requests failed: holding; decode 3->3: 500 of 500 requests failed: holding"
+    )
+
+
+def test_failures_count_against_the_scale_down_margin():
+    # allowed 10%, down margin half of it: 5% of the window may go unserved or missed.
+    d = decide(window(met=96, failed=4), Replicas(3, 3), SPEC, _settled_state(), now=0)
+    assert (d.desired_prefill, d.desired_decode) == (2, 2)
+    d = decide(window(met=94, failed=6), Replicas(3, 3), SPEC, _settled_state(), now=0)
+    assert (d.desired_prefill, d.desired_decode) == (3, 3)
+    assert "6 of 100 requests failed: holding" in d.reason
+    # Within the margin each, over it together with the pool's own misses.
+    d = decide(window(met=94, ttft=3, failed=3), Replicas(3, 3), SPEC, _settled_state(), now=0)
+    assert d.desired_prefill == 3 and "prefill 3->3: 3 of 100 requests failed: holding" in d.reason
+    assert d.desired_decode == 2
+
+
+def test_failures_scale_nothing_up():
+    d = decide(window(met=40, failed=60), Replicas(2, 2), SPEC, _settled_state(), now=0)
+    assert (d.desired_prefill, d.desired_decode) == (2, 2)
+
+
+def test_rejected_requests_scale_decode_up_and_hold_prefill():
+    """Rejected requests are decode's misses; they never reached prefill, which must not shrink."""
+    w = window(met=60, rejected=40)
+    d = decide(w, Replicas(3, 3), SPEC, _settled_state(), now=0)
+    assert d.desired_decode > 3
+    assert d.desired_prefill == 3
+    assert "prefill 3->3: 40 of 100 requests rejected: holding" in d.reason
+    d = decide(window(met=50, failed=10, rejected=40), Replicas(3, 3), SPEC, _settled_state(), now=0)
+    assert "prefill 3->3: 10 of 100 requests failed, 40 rejected: holding" in d.reason
+
+
+def test_failures_hold_prefill_sized_by_its_throughput():
+    """The absolute sizing reads the arrival rate, which failed requests' prompts never reach."""
+    spec = replace(SPEC, prefill_tokens_per_second=10_000.0, burst_horizon_seconds=0)
+    low = dict(prompt_tokens_per_s=1000.0, prompt_tokens_per_s_peak=1000.0)
+    d = decide(window(met=100, **low), Replicas(3, 3), spec, _settled_state(), now=0)
+    assert d.desired_prefill == 1 and "fits 1" in d.reason
+    d = decide(window(met=0, failed=100, **low), Replicas(3, 3), spec, _settled_state(), now=0)
+    assert d.desired_prefill == 3 and "100 of 100 requests failed: holding" in d.reason

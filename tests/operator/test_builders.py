@@ -9,6 +9,8 @@ of the golden files.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -293,11 +295,98 @@ def test_adapters_reach_the_workers():
     assert args[args.index("--adapters-config") + 1] == "/etc/tandem/engine.json"
     inits = builders._init_containers(spec)
     assert [c["name"] for c in inits] == ["fetch-adapters"]
-    script = inits[0]["command"][-1]
-    assert "https://example.com/a/from-web.tar.gz" in script and "/adapters/from-web" in script
-    assert "sql-assistant" not in script  # path sources come from the model volume, not the web
+    assert inits[0]["command"] == ["sh", "-c", builders.fetch_adapters_script()]
+    # The init container reads the URIs from the ConfigMap, which it mounts next to its output.
+    assert {m["name"]: m["mountPath"] for m in inits[0]["volumeMounts"]} == {
+        "config": "/etc/tandem",
+        "adapters": "/adapters",
+    }
+    assert "/etc/tandem/adapter-uris.txt" in inits[0]["command"][-1]
+    owner = Owner(name="d", namespace="ns", uid="u")
+    listed = builders.build_config_map(owner, spec)["data"]["adapter-uris.txt"]
+    # Path sources come from the model volume, not the web.
+    assert listed == "from-web https://example.com/a/from-web.tar.gz\n"
     mounts = {m["name"]: m for m in builders._model_mounts(spec)}
     assert mounts["adapters"]["readOnly"] and mounts["model"]["mountPath"] == "/models"
+
+
+def test_no_adapter_list_without_uri_adapters():
+    from tandem_operator import builders
+
+    objs = build("heterogeneous.yaml")  # path adapters only
+    assert set(objs[("ConfigMap", "llama-8b-config")]["data"]) == {"engine.json"}
+    for (kind, _), obj in objs.items():
+        if kind == "Deployment":
+            assert "initContainers" not in pod(obj)
+    assert builders.adapter_list(api.parse_spec(load_example("cpu-demo.yaml")["spec"])) == ""
+
+
+def _with_uri_adapters(count: int, base: str = "https://example.com/adapters") -> api.ModelDeploymentSpec:
+    raw = load_example("cpu-demo.yaml")["spec"]
+    raw["adapters"] = [
+        {"name": f"adapter-{i:05d}", "source": f"{base}/adapter-{i:05d}.tar.gz"} for i in range(count)
+    ]
+    return api.parse_spec(raw)
+
+
+def test_many_uri_adapters_keep_the_pods_small():
+    """The fetch-adapters program does not grow with the adapters: inlined, 1,000 of them passed the
+    kernel's 128 KiB limit on one exec argument (MAX_ARG_STRLEN), so the init container never started."""
+    from tandem_operator import builders
+
+    owner = Owner(name="d", namespace="ns", uid="u")
+    one, many = _with_uri_adapters(1), _with_uri_adapters(1000)
+    for spec in (one, many):
+        for role in ("prefill", "decode"):
+            init = pod(builders.build_worker_deployment(owner, spec, role, "h"))["initContainers"][0]
+            assert init["name"] == "fetch-adapters"
+            assert max(len(arg.encode()) for arg in init["command"]) < 4096
+        assert (
+            pod(builders.build_router_deployment(owner, spec, "h"))["initContainers"][0]["name"]
+            == "fetch-adapters"
+        )
+    # The Deployments are identical for 1 and 1,000 adapters (but for the config hash, which rolls pods).
+    for role in ("prefill", "decode"):
+        assert builders.build_worker_deployment(owner, one, role, "h") == builders.build_worker_deployment(
+            owner, many, role, "h"
+        )
+    lines = builders.adapter_list(many).splitlines()
+    assert (
+        len(lines) == 1000 and lines[7] == "adapter-00007 https://example.com/adapters/adapter-00007.tar.gz"
+    )
+
+
+def test_the_most_adapters_the_spec_allows_fit_the_config_map_and_its_record():
+    """At the limits the operator accepts (1,000 adapters, their names and sources 256 KiB), the
+    ConfigMap stays within 1 MiB and its last-applied record within an annotation's 256 KiB; one
+    byte more of sources is refused before anything is built."""
+    from tandem_operator import builders
+    from tandem_operator.patching import LAST_APPLIED_ANNOTATION, with_last_applied
+    from tandem_operator.validation import MAX_ADAPTER_LIST_BYTES, plan_spec_errors
+
+    raw = load_example("cpu-demo.yaml")["spec"]
+    per = MAX_ADAPTER_LIST_BYTES // 1000
+    raw["adapters"] = [
+        {"name": f"adapter-{i:05d}", "source": f"https://example.com/{'x' * (per - 47)}/a{i:05d}.tar.gz"}
+        for i in range(1000)
+    ]
+    assert sum(len(a["name"]) + len(a["source"]) for a in raw["adapters"]) <= MAX_ADAPTER_LIST_BYTES
+    spec, errors = plan_spec_errors("d", raw)
+    assert errors == []
+    cm = with_last_applied(builders.build_config_map(Owner(name="d", namespace="ns", uid="u"), spec))
+    assert sum(len(v.encode()) for v in cm["data"].values()) < 1 << 20
+    assert len(cm["metadata"]["annotations"][LAST_APPLIED_ANNOTATION].encode()) < 256 << 10
+    raw["adapters"][0]["source"] = raw["adapters"][0]["source"].replace("x", "xx" * per, 1)
+    assert [e.reason for e in plan_spec_errors("d", raw)[1]] == ["AdapterListTooLarge"]
+
+
+def test_adapter_list_is_one_name_and_one_uri_a_line():
+    from tandem_operator import builders
+
+    raw = load_example("cpu-demo.yaml")["spec"]
+    raw["adapters"] = [{"name": "a", "source": "https://h/x y\tz\nq\x7f.tgz"}]
+    # Whitespace and control characters would split the line; percent-encoded, the URI means the same.
+    assert builders.adapter_list(api.parse_spec(raw)) == "a https://h/x%20y%09z%0Aq%7F.tgz\n"
 
 
 def test_router_serves_the_optional_client_apis():
@@ -319,3 +408,115 @@ def test_router_serves_the_optional_client_apis():
     raw["router"]["kservePort"] = 8000
     _, errors = plan_spec_errors("demo", raw)
     assert [e.reason for e in errors] == ["PortCollision"]
+
+
+@pytest.fixture
+def adapter_server(tmp_path: Path):
+    """A local HTTP server of PEFT-like adapter archives; yields (base URL, the paths requested)."""
+    import http.server
+    import io
+    import tarfile
+    import threading
+
+    served = tmp_path / "served"
+    served.mkdir()
+    for archive, mode in (("gz.tar.gz", "w:gz"), ("plain.tar", "w"), ("with space.tgz", "w:gz")):
+        with tarfile.open(served / archive, mode) as tar:
+            for member, body in (
+                ("adapter_config.json", b'{"r": 8}'),
+                ("adapter_model.safetensors", archive.encode()),
+            ):
+                info = tarfile.TarInfo(member)
+                info.size = len(body)
+                tar.addfile(info, io.BytesIO(body))
+    requested: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(served), **kwargs)
+
+        def do_GET(self):
+            requested.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", requested
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def _run_fetch(tmp_path: Path, list_text: str) -> subprocess.CompletedProcess:
+    from tandem_operator import builders
+
+    (tmp_path / "config").mkdir(exist_ok=True)
+    (tmp_path / "adapters").mkdir(exist_ok=True)
+    (tmp_path / "config" / "adapter-uris.txt").write_text(list_text)
+    script = builders.fetch_adapters_script(
+        str(tmp_path / "adapters"), str(tmp_path / "config" / "adapter-uris.txt")
+    )
+    return subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None or shutil.which("tar") is None, reason="needs curl and tar")
+def test_fetch_adapters_script_runs(tmp_path: Path, adapter_server):
+    """The init container's program, run with sh against a local server: each adapter is unpacked
+    into its folder (gzip or plain tar), and a rerun (an init restart) downloads nothing again."""
+    from tandem_operator import builders
+
+    base, requested = adapter_server
+    raw = load_example("cpu-demo.yaml")["spec"]
+    raw["adapters"] = [
+        {"name": "zipped", "source": f"{base}/gz.tar.gz"},
+        {"name": "plain", "source": f"{base}/plain.tar"},
+        {"name": "spaced.v2", "source": f"{base}/with space.tgz"},
+    ]
+    spec = api.parse_spec(raw)
+    listed = builders.build_config_map(Owner("d", "ns", "u"), spec)["data"][builders.ADAPTER_LIST_KEY]
+    done = _run_fetch(tmp_path, listed)
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "adapters"
+    assert sorted(p.name for p in out.iterdir()) == ["plain", "spaced.v2", "zipped"]  # no temporaries left
+    for name, archive in (("zipped", "gz.tar.gz"), ("plain", "plain.tar"), ("spaced.v2", "with space.tgz")):
+        assert (out / name / "adapter_config.json").read_text() == '{"r": 8}'
+        assert (out / name / "adapter_model.safetensors").read_text() == archive
+    assert sorted(requested) == ["/gz.tar.gz", "/plain.tar", "/with%20space.tgz"]
+
+    again = _run_fetch(tmp_path, listed)
+    assert again.returncode == 0, again.stderr
+    assert len(requested) == 3  # all present: nothing fetched twice
+
+
+@pytest.mark.skipif(shutil.which("curl") is None or shutil.which("tar") is None, reason="needs curl and tar")
+def test_fetch_adapters_script_never_evaluates_the_list(tmp_path: Path, adapter_server):
+    base, requested = adapter_server
+    marker = tmp_path / "pwned"
+    for line in (
+        f"x {base}/$(touch${{IFS}}{marker}).tgz",
+        f"x {base}/`touch${{IFS}}{marker}`.tgz",
+        f"x {base}/a.tgz;touch${{IFS}}{marker}",
+        f"x {base}/'\"$IFS;touch${{IFS}}{marker};.tgz",
+    ):
+        done = _run_fetch(tmp_path, line + "\n")
+        assert done.returncode != 0  # a 404: curl -f fails, set -e stops
+        assert not marker.exists() and not (tmp_path / "adapters" / "x").exists()
+    # What the operator's validation rejects, the program rejects too: a path outside the volume, a
+    # URI that curl would read as an option or a local file.
+    for line in (
+        f"../escaped {base}/gz.tar.gz",
+        f".hidden {base}/gz.tar.gz",
+        "x -o/tmp/evil",
+        "x file:///etc/passwd",
+    ):
+        done = _run_fetch(tmp_path, line + "\n")
+        assert done.returncode == 1 and "fetch-adapters: " in done.stderr, line
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "adapters" / ".hidden").exists()
+    # The injection attempts reached the server as literal paths; the rejected lines never left the pod.
+    assert len(requested) == 4 and all("touch" in path for path in requested)

@@ -441,7 +441,12 @@ class ModelDeploymentSpec(_Model):
     decode: Pool | None = Field(default=None, description="Decode pool (mode disaggregated).")
     colocated: Pool | None = Field(default=None, description="Colocated pool (mode colocated).")
     router: Router = Field(default_factory=Router, description="The router: the gRPC endpoint.")
-    adapters: list[Adapter] = Field(default_factory=list, max_length=10000, description="LoRA adapters.")
+    # Bounded by the ConfigMap that lists them: its last-applied record (an annotation, at most
+    # 256 KiB) holds engine.json and adapter-uris.txt, about 220 bytes an adapter with 50-character
+    # URIs, so 1,000 leaves room for longer ones.
+    adapters: list[Adapter] = Field(
+        default_factory=list, max_length=1000, description="LoRA adapters (at most 1,000)."
+    )
     slo: SLO = Field(default_factory=SLO, description="Latency objectives goodput is measured against.")
     autoscaling: Autoscaling = Field(
         default_factory=Autoscaling, description="Autoscaling policy (applied by the autoscaler)."

@@ -5,7 +5,7 @@ Children of a deployment NAME (namespace NS):
 | object | name | what |
 |---|---|---|
 | ServiceAccount | NAME | pods' identity; no API token mounted (workers never call the API) |
-| ConfigMap | NAME-config | engine.json: the engine settings every pod runs with |
+| ConfigMap | NAME-config | engine.json: the settings every pod runs with; adapter-uris.txt: URIs to fetch |
 | Deployment + headless Service | NAME-prefill, NAME-decode (or NAME-colocated) | a worker pool |
 | PodDisruptionBudget | NAME-<role>, NAME-router | at most one pod of a pool down at a time |
 | Deployment + Service | NAME-router | the gRPC endpoint; finds workers through the headless Services |
@@ -134,21 +134,51 @@ def adapter_path(spec: api.ModelDeploymentSpec, adapter: api.Adapter) -> str:
     return f"{MODEL_MOUNT}/{adapter.source.lstrip('/')}"
 
 
-def _fetch_adapters_script(spec: api.ModelDeploymentSpec) -> str:
-    steps = ["set -eu"]
-    for a in spec.adapters:
-        if "://" not in a.source:
-            continue
-        name, uri = shlex.quote(a.name), shlex.quote(a.source)
-        flags = "-xzf" if a.source.endswith((".tar.gz", ".tgz")) else "-xf"
-        steps.append(
-            f"if [ ! -d {ADAPTER_MOUNT}/{name} ]; then "
-            f"curl -fsSL --retry 5 --retry-delay 2 -o {ADAPTER_MOUNT}/.download {uri}; "
-            f"mkdir -p {ADAPTER_MOUNT}/.unpack; "
-            f"tar {flags} {ADAPTER_MOUNT}/.download -C {ADAPTER_MOUNT}/.unpack; "
-            f"mv {ADAPTER_MOUNT}/.unpack {ADAPTER_MOUNT}/{name}; rm -f {ADAPTER_MOUNT}/.download; fi"
-        )
-    return "; ".join(steps)
+ADAPTER_LIST_KEY = "adapter-uris.txt"  # ConfigMap key: one `NAME URI` line per adapter fetched from a URI
+
+# The fetch-adapters init container's program. It reads the adapter list from the mounted ConfigMap
+# rather than having one step per adapter inlined: an inlined script grows with the adapter count and
+# passes Linux's 128 KiB limit on one argument (MAX_ARG_STRLEN) at about 400 adapters, and bloats
+# every Deployment. Names and URIs are only ever expanded inside double quotes, never evaluated; the
+# case checks repeat the operator's validation so a hand-edited list cannot smuggle in a curl option
+# or a path outside the volume. Each adapter is downloaded and unpacked under temporary names (which
+# no adapter name can take: names start with a letter or digit) and moved into place, so a pod
+# restarted mid-fetch never sees a partial adapter and skips those already fetched (an emptyDir
+# survives init restarts). The list comes on fd 3 so nothing in the loop can consume it as stdin.
+_FETCH_ADAPTERS_SCRIPT = """set -eu
+dir={dir}
+while read -r name uri <&3; do
+  case "$name" in ''|.*|-*|*/*) echo "fetch-adapters: bad adapter name: $name" >&2; exit 1;; esac
+  case "$uri" in http://*|https://*) ;; *) echo "fetch-adapters: $name: bad URI: $uri" >&2; exit 1;; esac
+  if [ -d "$dir/$name" ]; then continue; fi
+  case "$uri" in *.tar.gz|*.tgz) flags=-xzf;; *) flags=-xf;; esac
+  curl -fsSL --globoff --retry 5 --retry-delay 2 -o "$dir/.download" "$uri"
+  rm -rf "$dir/.unpack"
+  mkdir -p "$dir/.unpack"
+  tar "$flags" "$dir/.download" -C "$dir/.unpack"
+  mv "$dir/.unpack" "$dir/$name"
+  rm -f "$dir/.download"
+done 3< {list_path}
+"""
+
+
+def fetch_adapters_script(
+    adapter_dir: str = ADAPTER_MOUNT, list_path: str = f"{CONFIG_MOUNT}/{ADAPTER_LIST_KEY}"
+) -> str:
+    """The fetch-adapters init container's `sh -c` program: the same few hundred bytes for any number
+    of adapters (the list is `adapter_list(spec)`, read from `list_path`)."""
+    return _FETCH_ADAPTERS_SCRIPT.format(dir=shlex.quote(adapter_dir), list_path=shlex.quote(list_path))
+
+
+def _uri_for_list(uri: str) -> str:
+    # The list is split on whitespace, one adapter a line: percent-encode whitespace and control
+    # characters, which RFC 3986 does not allow unencoded in a URI anyway (the server sees the same URI).
+    return "".join(f"%{ord(c):02X}" if ord(c) <= 0x20 or ord(c) == 0x7F else c for c in uri)
+
+
+def adapter_list(spec: api.ModelDeploymentSpec) -> str:
+    """The `NAME URI` lines (ConfigMap key `ADAPTER_LIST_KEY`) the fetch-adapters init container reads."""
+    return "".join(f"{a.name} {_uri_for_list(a.source)}\n" for a in spec.adapters if "://" in a.source)
 
 
 def _fetches_adapters(spec: api.ModelDeploymentSpec) -> bool:
@@ -219,9 +249,12 @@ def _init_containers(spec: api.ModelDeploymentSpec) -> list[dict[str, Any]]:
             {
                 "name": "fetch-adapters",
                 "image": spec.model.fetch_image,
-                "command": ["sh", "-c", _fetch_adapters_script(spec)],
+                "command": ["sh", "-c", fetch_adapters_script()],
                 "securityContext": _container_security(),
-                "volumeMounts": [{"name": "adapters", "mountPath": ADAPTER_MOUNT}],
+                "volumeMounts": [
+                    {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+                    {"name": "adapters", "mountPath": ADAPTER_MOUNT},
+                ],
                 "resources": resources,
             }
         )
@@ -262,12 +295,14 @@ def build_engine_config(spec: api.ModelDeploymentSpec) -> dict[str, Any]:
 
 
 def build_config_map(owner: Owner, spec: api.ModelDeploymentSpec) -> dict[str, Any]:
-    text = json.dumps(build_engine_config(spec), indent=2, sort_keys=True) + "\n"
+    data = {"engine.json": json.dumps(build_engine_config(spec), indent=2, sort_keys=True) + "\n"}
+    if _fetches_adapters(spec):
+        data[ADAPTER_LIST_KEY] = adapter_list(spec)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _meta(owner, config_map_name(owner), "config"),
-        "data": {"engine.json": text},
+        "data": data,
     }
 
 

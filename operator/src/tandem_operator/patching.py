@@ -12,6 +12,7 @@ The patch is a JSON merge patch (RFC 7386): maps merge, lists are replaced whole
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import re
 from decimal import Decimal, InvalidOperation
@@ -102,10 +103,27 @@ def _strip_last_applied(obj: dict[str, Any]) -> dict[str, Any]:
     return obj
 
 
+# Strings longer than this are recorded by digest: the record serves to find the keys we set and no
+# longer want (`_removals` reads keys, never values), and an annotation holds at most 256 KiB, which
+# a ConfigMap's files copied in whole (engine.json, the adapter list) would use up.
+_RECORD_MAX_STRING = 128
+
+
+def _digested(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _digested(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_digested(v) for v in value]
+    if isinstance(value, str) and len(value) > _RECORD_MAX_STRING:
+        return "sha256:" + hashlib.sha256(value.encode()).hexdigest()
+    return value
+
+
 def with_last_applied(desired: dict[str, Any]) -> dict[str, Any]:
-    """`desired` plus the annotation recording it (compact JSON, sorted: stable across passes)."""
+    """`desired` plus the annotation recording it (compact JSON, sorted: stable across passes; long
+    strings by digest)."""
     out = copy.deepcopy(desired)
-    record = json.dumps(_strip_last_applied(desired), sort_keys=True, separators=(",", ":"))
+    record = json.dumps(_digested(_strip_last_applied(desired)), sort_keys=True, separators=(",", ":"))
     out.setdefault("metadata", {}).setdefault("annotations", {})[LAST_APPLIED_ANNOTATION] = record
     return out
 

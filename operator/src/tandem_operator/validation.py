@@ -27,6 +27,11 @@ class SpecError:
     message: str
 
 
+# The ConfigMap lists every adapter twice (engine.json, and the fetch list for URI sources) and a
+# ConfigMap holds at most 1 MiB.
+MAX_ADAPTER_LIST_BYTES = 256 * 1024
+
+
 def model_file_name(uri: str) -> str:
     """The last path segment of a model URI (what the init container saves)."""
     return urlparse(uri).path.rsplit("/", 1)[-1]
@@ -100,6 +105,15 @@ def plan_spec_errors(
                     "which only a model.pvc provides; use a URI or a PVC model",
                 )
             )
+    listed = sum(len(a.name) + len(a.source) for a in parsed.adapters)
+    if listed > MAX_ADAPTER_LIST_BYTES:
+        errors.append(
+            SpecError(
+                "AdapterListTooLarge",
+                f"the adapters' names and sources take {listed} bytes, more than the "
+                f"{MAX_ADAPTER_LIST_BYTES} the deployment's ConfigMap can carry (twice, within its 1 MiB)",
+            )
+        )
 
     for role, pool in parsed.pools().items():
         if pool.gpu_product is not None and pool.gpus == 0:

@@ -56,7 +56,11 @@ What it does, per pool (prefill and decode scale independently):
   highest recommendation of the last `stabilization_seconds`
   (the recommendation must have stayed lower for the whole window). Without a known throughput
   the policy steps down one replica at a time. Decode KV held behind a prefill backlog (decode
-  reserves KV before prefill) is not a decode signal.
+  reserves KV before prefill) is not a decode signal. Requests never served count against the
+  `down_margin` too, with the pool's own misses: failed ones for both pools (an error neither pool is
+  blamed for, so failures scale nothing up, but a window where every request failed put no load
+  on either pool and must not read as room to spare) and, for prefill, rejected ones (decode's
+  misses already; they never reached prefill, whose load then looks lighter than it is).
 * **No decision** on missing metrics or on fewer than `min_requests` finished requests in the
   window (SLO statistics from a handful of requests are noise); the reason says so. Backlog/KV
   pressure still scales up, and an idle deployment (no requests, nothing queued, nothing running)
@@ -210,8 +214,9 @@ class MetricsWindow:
     met: int | None = None
     missed_ttft: int | None = None
     missed_tpot: int | None = None
-    failed: int | None = None
-    rejected: int = 0  # every decode KV cache full (RESOURCE_EXHAUSTED): a decode signal
+    failed: int | None = None  # an error no pool is blamed for: blocks scale-down, never scales up
+    rejected: int = 0  # turned away (RESOURCE_EXHAUSTED: every decode KV cache full, or the router's
+    # in-flight limit): a decode signal
     ttft_p50_s: float | None = None
     ttft_p90_s: float | None = None
     ttft_p99_s: float | None = None
@@ -370,6 +375,20 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3g}"
 
 
+def _unserved_hold(pool: str, w: MetricsWindow, own: float, margin: float, n_cur: int) -> _Rec | None:
+    """Hold `pool` when its own miss fraction `own` plus the requests it never served (failed; for
+    prefill also rejected, which never reached it) exceed `margin`: requests that errored out put no
+    load on the pool, so a window of them would otherwise read as room to spare."""
+    finished = w.finished or 0
+    counts = [(w.failed or 0, "failed"), (w.rejected if pool == "prefill" else 0, "rejected")]
+    lost = sum(n for n, _ in counts)
+    if not lost or own + lost / finished <= margin:
+        return None
+    (n, verb), *rest = [c for c in counts if c[0]]
+    more = "".join(f", {m} {v}" for m, v in rest)
+    return _Rec(n_cur, f"{n} of {finished} requests {verb}{more}: holding")
+
+
 def _recommend(
     pool: str,
     w: MetricsWindow,
@@ -465,6 +484,9 @@ def _recommend(
             return _Rec(
                 n_cur, f"TTFT misses {m_ttft:.0%} not below {spec.down_margin:.0%} of allowed: holding"
             )
+        held = _unserved_hold(pool, w, m_ttft, spec.down_margin * allowed, n_cur)
+        if held is not None:
+            return held
         if fit is not None:
             return _Rec(max(fit, lo), f"TTFT within SLO; peak prompt rate {rate:.0f} tok/s{note} fits {fit}")
         if backlog_max is not None and backlog_max > 0.25 * target:
@@ -507,6 +529,9 @@ def _recommend(
     p90 = w.tpot_p90_s
     if m_tpot > spec.down_margin * allowed:
         return _Rec(n_cur, f"TPOT misses {m_tpot:.0%} not below {spec.down_margin:.0%} of allowed: holding")
+    held = _unserved_hold(pool, w, m_tpot, spec.down_margin * allowed, n_cur)
+    if held is not None:
+        return held
     if p90 is not None and p90 > spec.latency_headroom * spec.tpot_ms / 1000.0:
         return _Rec(n_cur, f"TPOT p90 {p90:.3g}s above {spec.latency_headroom:.0%} of the SLO: holding")
     kv_fit = _ceil(n_cur * (usage or 0.0) / spec.kv_usage_target)
