@@ -4,7 +4,10 @@ with a fake decode worker in-process)."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -79,6 +82,19 @@ def test_an_attempt_gives_its_pending_load_back_when_it_ends(pool):
     assert d2.free_tokens() == room - 100 and d2.pending_requests == 1
     pool.end(pair, other)
     assert d2.free_tokens() == room and d2.pending_requests == 0
+
+
+def test_stats_are_asked_again_only_where_an_attempt_ended_since(pool, monkeypatch):
+    checked: list[str] = []
+    monkeypatch.setattr(pool, "_check", lambda w: checked.append(w.address))
+    for w in pool._workers.values():
+        w.stats_asked_at = 10.0
+    pool.recheck_decodes()
+    assert checked == []  # nothing ended since: the stats stand
+    pair = pool.pick(100, set())
+    pool.end(pair, pool.begin(pair, 100))  # ended now, after those stats were asked for
+    pool.recheck_decodes()
+    assert checked == [pair.decode.address]  # only that decode worker, never prefill workers
 
 
 def test_decode_without_room_is_skipped_and_none_when_nobody_fits(pool):
@@ -172,7 +188,10 @@ class _AbortContext(_Context):
         raise grpc.RpcError(code, details)
 
 
-def test_busy_workers_are_resource_exhausted_and_stay_in_rotation(model_dir):
+@contextlib.contextmanager
+def _router_over_fake_decode(model_dir, make_servicer) -> Iterator[tuple[RouterService, WorkerPool, Any]]:
+    """A router whose pool is one decode worker with 160 free KV blocks, the fake servicer
+    `make_servicer(pool)` served here, and two prefill workers p:1 and p:2 (only ever named to it)."""
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2))
     port = server.add_insecure_port("127.0.0.1:0")
     pool = WorkerPool(decode_targets=[], prefill_targets=[])
@@ -181,17 +200,21 @@ def test_busy_workers_are_resource_exhausted_and_stay_in_rotation(model_dir):
     decode.stats.num_blocks = 160
     pool._workers = {"decode": decode, "p:1": info("p:1", "prefill"), "p:2": info("p:2", "prefill")}
     pool._decode, pool._prefill = ["decode"], ["p:1", "p:2"]
-    fake = _BusyPrefills()
+    fake = make_servicer(pool)
     wgrpc.add_WorkerServicer_to_server(fake, server)
     server.start()
     try:
-        router = RouterService(pool, Tokenizer(model_dir), "smollm2-135m", 4096, set())
-        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3]), sampling=pb.SamplingParams())
-        with pytest.raises(grpc.RpcError) as err:
-            list(router.Generate(request, _AbortContext()))
+        yield RouterService(pool, Tokenizer(model_dir), "smollm2-135m", 4096, set()), pool, fake
     finally:
         server.stop(None)
         decode.channel.close()
+
+
+def test_busy_workers_are_resource_exhausted_and_stay_in_rotation(model_dir):
+    with _router_over_fake_decode(model_dir, lambda pool: _BusyPrefills()) as (router, pool, fake):
+        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3]), sampling=pb.SamplingParams())
+        with pytest.raises(grpc.RpcError) as err:
+            list(router.Generate(request, _AbortContext()))
     code, details = err.value.args
     # Busy is a retry-later (HTTP 429), not "no worker could serve it" (503).
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "is busy" in details, (code, details)
@@ -205,31 +228,17 @@ def test_a_retry_is_not_refused_for_the_kv_its_failed_attempt_held(model_dir):
     # send, so after that check), the retry would see room for less than one prompt and be refused
     # as RESOURCE_EXHAUSTED. Seen in CI: test_prefill_worker_killed_during_transfer.
     prompt = list(range(1000, 1000 + 64 * 16))  # 1024 tokens, 64 blocks
-    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2))
-    port = server.add_insecure_port("127.0.0.1:0")
-    pool = WorkerPool(decode_targets=[], prefill_targets=[])
-    decode = info(f"127.0.0.1:{port}", "decode", free_blocks=160)
-    decode.channel = grpc.insecure_channel(decode.address)
-    decode.stats.num_blocks = 160
-    pool._workers = {"decode": decode, "p:1": info("p:1", "prefill"), "p:2": info("p:2", "prefill")}
-    pool._decode, pool._prefill = ["decode"], ["p:1", "p:2"]
-    fake = _FlakyDecode(pool, reserved_blocks=65)
-    begin = pool.begin
+    flaky = lambda pool: _FlakyDecode(pool, reserved_blocks=65)  # noqa: E731
+    with _router_over_fake_decode(model_dir, flaky) as (router, pool, fake):
+        begin = pool.begin
 
-    def late_begin(*args) -> None:  # the router thread descheduled for a moment around the send
-        time.sleep(0.2)
-        begin(*args)
+        def late_begin(*args) -> int:  # the router thread descheduled for a moment around the send
+            time.sleep(0.2)
+            return begin(*args)
 
-    pool.begin = late_begin
-    wgrpc.add_WorkerServicer_to_server(fake, server)
-    server.start()
-    try:
-        router = RouterService(pool, Tokenizer(model_dir), "smollm2-135m", 4096, set())
+        pool.begin = late_begin
         sampling = pb.SamplingParams(max_tokens=1)
         request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling=sampling)
         out = list(router.Generate(request, _Context()))
-    finally:
-        server.stop(None)
-        decode.channel.close()
     assert fake.calls == 2  # retried, on the prefill worker that did not fail
     assert out[-1].token_ids == [42] and out[-1].finish_reason == pb.FINISH_REASON_LENGTH

@@ -124,6 +124,18 @@ class Reservation:
     block_table: list[int]
 
 
+@dataclass(frozen=True)
+class PrefillResult:
+    """What a remote-KV request gets from its prefill worker besides the KV."""
+
+    token: int  # the first token, sampled there
+    logprob: float | None = None
+    top_logprobs: TopLogprobs | None = None
+    # Prompt tokens the prefill worker found in its own prefix cache: the request reports the larger
+    # of these and this worker's hits as its cached tokens.
+    cached_tokens: int = 0
+
+
 @dataclass
 class _Request:
     seq: Sequence
@@ -272,24 +284,15 @@ class LLMEngine:
         taken, self._reservations = self._reservations, []
         return taken
 
-    def kv_ready(
-        self,
-        request_id: str,
-        first_token: int,
-        first_logprob: float | None,
-        first_top_logprobs: TopLogprobs | None = None,
-        prefill_cached_tokens: int = 0,
-    ) -> RequestOutput | None:
-        """A remote-KV request's prompt KV is in its blocks; add the prefill worker's first token.
-        `prefill_cached_tokens`: prompt tokens the prefill worker found in its own prefix cache; the
-        request reports the larger of its and this worker's hits as its cached tokens."""
+    def kv_ready(self, request_id: str, first: PrefillResult) -> RequestOutput | None:
+        """A remote-KV request's prompt KV is in its blocks; add the prefill worker's first token."""
         req = self._requests.get(request_id)
         if req is None or request_id not in self.scheduler.reserved:
             return None  # aborted meanwhile
         seq = req.seq
-        seq.num_cached_tokens = max(seq.num_cached_tokens, prefill_cached_tokens)
+        seq.num_cached_tokens = max(seq.num_cached_tokens, first.cached_tokens)
         self.scheduler.activate(seq)
-        return self._append_token(req, first_token, first_logprob, time.monotonic(), first_top_logprobs)
+        return self._append_token(req, first.token, first.logprob, time.monotonic(), first.top_logprobs)
 
     @property
     def num_unfinished(self) -> int:

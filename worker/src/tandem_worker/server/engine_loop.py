@@ -20,8 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..engine.llm_engine import LLMEngine, RequestOutput
-from ..engine.sampler import TopLogprobs
+from ..engine.llm_engine import LLMEngine, PrefillResult, RequestOutput
 from ..engine.sampling_params import RequestError, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -176,18 +175,13 @@ class EngineLoop:
 
         self._cmds.put(do)
 
-    def kv_ready(
-        self,
-        request_id: str,
-        first_token: int,
-        first_logprob: float | None,
-        first_top_logprobs: TopLogprobs | None = None,
-        prefill_cached_tokens: int = 0,
-    ) -> None:
+    def kv_ready(self, request_id: str, first: PrefillResult) -> None:
         def do() -> None:
-            out = self.engine.kv_ready(
-                request_id, first_token, first_logprob, first_top_logprobs, prefill_cached_tokens
-            )
+            out = self.engine.kv_ready(request_id, first)
+            # Before the output goes out, as after a step: a request that ends here (max_tokens 1)
+            # has freed its blocks, and a router that asks for stats on its last message must
+            # see them free.
+            self._stats = self.engine.stats()
             if out is not None:
                 self._route([out])
 

@@ -65,7 +65,10 @@ class WorkerInfo:
     pending_requests: int = 0
     error: str = ""
     failures: int = 0
-    checked_at: float = 0.0  # time.monotonic() of the last stats
+    # time.monotonic() when the request for the current stats was sent, and when an attempt on this
+    # worker last ended: stats asked for before that may still count the attempt's KV blocks.
+    stats_asked_at: float = 0.0
+    ended_at: float = 0.0
 
     @property
     def pending_tokens(self) -> int:
@@ -187,6 +190,7 @@ class WorkerPool:
         with self._lock:
             # Attempts begun from here on may not be in the stats this check gets back.
             seen_before = self._next_ticket
+        asked_at = time.monotonic()
         try:
             resp = health_pb2_grpc.HealthStub(w.channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=self.check_timeout
@@ -201,25 +205,25 @@ class WorkerPool:
             return
         w.healthy = resp.status == health_pb2.HealthCheckResponse.SERVING
         w.stats = stats
-        w.checked_at = time.monotonic()
+        w.stats_asked_at = asked_at
         w.error = ""
         with self._lock:
             # The fresh stats include what we had sent; keep only what may not have reached them.
             for ticket in [t for t in w.pending if t < seen_before]:
                 del w.pending[ticket]
 
-    def recheck_decodes(self, max_age: float = 0.1) -> None:
-        """Fresh stats from the eligible decode workers whose stats are older than `max_age`
-        seconds: before a request is refused for want of KV room, which stats taken while an
-        earlier request still held its blocks would claim. One caller at a time; the others wait
-        for it and then find the stats fresh."""
+    def recheck_decodes(self) -> None:
+        """Fresh stats from the eligible decode workers on which an attempt ended since their stats
+        were asked for: before a request is refused for want of KV room, which stats taken while an
+        earlier request still held its blocks would claim (a worker frees a request's blocks before
+        it sends the request's last message). One caller at a time; the others wait for it and
+        then find the stats fresh."""
         with self._recheck_lock:
             with self._lock:
                 decodes = [self._workers[a] for a in self._decode if a in self._workers]
-            now = time.monotonic()
-            for w in decodes:
-                if w.eligible and now - w.checked_at > max_age:
-                    self._check(w)
+                stale = [w for w in decodes if w.eligible and w.stats_asked_at <= w.ended_at]
+            for w in stale:
+                self._check(w)
 
     # --- picking -------------------------------------------------------------------------------
 
@@ -302,3 +306,4 @@ class WorkerPool:
                 if w is not None:
                     w.pending.pop(ticket, None)
                     w.pending_requests = max(0, w.pending_requests - 1)
+                    w.ended_at = time.monotonic()

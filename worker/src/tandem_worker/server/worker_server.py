@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from ..engine.llm_engine import LLMEngine, RequestOutput
+from ..engine.llm_engine import LLMEngine, PrefillResult, RequestOutput
 from ..engine.lora import AdapterBusyError, AdapterError, AdapterNotFoundError
 from ..engine.sampling_params import RequestError
 from . import metrics
@@ -220,10 +220,12 @@ class WorkerService(wgrpc.WorkerServicer):
         metrics.KV_TRANSFER_SECONDS.labels(direction="received").observe(time.monotonic() - t0)
         s.loop.kv_ready(
             ev.request_id,
-            first.first_token,
-            first.first_logprob,
-            top_logprobs_from_pb(first.first_top_logprobs),
-            first.num_cached_tokens,
+            PrefillResult(
+                token=first.first_token,
+                logprob=first.first_logprob,
+                top_logprobs=top_logprobs_from_pb(first.first_top_logprobs),
+                cached_tokens=first.num_cached_tokens,
+            ),
         )
 
 
