@@ -153,3 +153,15 @@ def test_starting_an_engine_imports_neither_dynamo_nor_the_modeling_stack(model_
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_token_bytes_join_into_the_text_even_where_tokens_split_characters(real_tok):
+    text = "Grüße aus München! 日本語のテキスト — «ça va?» 🎉 done"
+    ids = real_tok.encode(text)
+    pieces = [real_tok.token_bytes(i) for i in ids]
+    assert b"".join(pieces) == text.encode()
+    # The case it exists for: tokens that are part of a character, which decode shows as U+FFFD.
+    split = [p for i, p in zip(ids, pieces) if "\ufffd" in real_tok.decode([i])]
+    assert split and all(p and "\ufffd".encode() not in p for p in split)
+    # A special token shows as decode shows it: nothing.
+    assert real_tok.token_bytes(real_tok.eos_token_id) == b""

@@ -165,7 +165,9 @@ def test_chat_top_logprobs_equal_grpc(client, deployment, stream):
         # Greedy: the chosen token is the most likely one, listed first with the same logprob.
         assert [a.token for a in alts][0] == entry.token and alts[0].logprob == pytest.approx(entry.logprob)
         assert [a.logprob for a in alts] == pytest.approx([lp for _, lp in want], abs=1e-6)
-        assert all(bytes(a.bytes).decode() == a.token for a in alts)
+        assert all(a.bytes and all(0 <= b < 256 for b in a.bytes) for a in alts)
+    # Each entry's bytes are its token's own: joined, they are the text.
+    assert b"".join(bytes(e.bytes) for e in content).decode() == ref.text
 
 
 def test_completion_logprobs_n_lists_the_most_likely_and_the_sampled(client):

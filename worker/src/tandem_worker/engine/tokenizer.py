@@ -33,12 +33,42 @@ def _config_for_tokenizer(folder: Path) -> PreTrainedConfig | None:
     return config
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's (GPT-2's) printable stand-in for each byte: the vocabulary is written in
+    these characters. `tokenizers` applies the mapping but does not expose its inverse."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+
+
+def _decoder_types(decoder: dict[str, Any] | None) -> set[str]:
+    if not decoder:
+        return set()
+    return {decoder.get("type", ""), *(t for d in decoder.get("decoders") or [] for t in _decoder_types(d))}
+
+
 class Tokenizer:
     def __init__(self, folder: Path) -> None:
         folder = Path(folder)
         self.hf: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
             str(folder), config=_config_for_tokenizer(folder)
         )
+        backend = self.backend
+        self._decoders = _decoder_types(json.loads(backend.to_str()).get("decoder")) if backend else set()
+        self._special = set(self.hf.all_special_ids)
 
     @property
     def backend(self) -> RustTokenizer | None:
@@ -81,6 +111,21 @@ class Tokenizer:
 
     def decode(self, token_ids: list[int]) -> str:
         return self.hf.decode(token_ids, skip_special_tokens=True)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for: with byte-level BPE or SentencePiece's byte fallback, a
+        token may be part of a UTF-8 character, which `decode` can only show as U+FFFD (OpenAI's
+        logprobs report these bytes, so clients can join tokens into text)."""
+        if token_id in self._special:  # shown as decode shows them (not at all)
+            return self.decode([token_id]).encode()
+        piece = self.backend.id_to_token(token_id) if self.backend else None
+        if piece is not None and "ByteLevel" in self._decoders and all(c in _BYTE_LEVEL for c in piece):
+            return bytes(_BYTE_LEVEL[c] for c in piece)
+        if piece is not None and "ByteFallback" in self._decoders:
+            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                return bytes([int(piece[3:5], 16)])
+            return piece.replace("\u2581", " ").encode()
+        return self.decode([token_id]).encode()
 
 
 class IncrementalDetokenizer:

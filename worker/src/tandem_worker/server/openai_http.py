@@ -376,21 +376,25 @@ class OpenAIFrontend:
         toks = [self.tok.decode([t]) for t in msg.token_ids]
         lps = list(msg.logprobs)
         # Each position's most likely tokens, when asked for (else none: the lists stay empty).
-        tops = [
-            [(self.tok.decode([t]), lp) for t, lp in zip(top.token_ids, top.logprobs)]
-            for top in msg.top_logprobs
-        ] or [[] for _ in toks]
+        tops = [list(zip(top.token_ids, top.logprobs)) for top in msg.top_logprobs] or [[] for _ in toks]
         if chat:
+            # `bytes` are the token's own (part of a character for some, whose `token` shows U+FFFD):
+            # joined, they are the text.
             return [
                 {
                     "token": t,
                     "logprob": lp,
-                    "bytes": list(t.encode()),
+                    "bytes": list(self.tok.token_bytes(tid)),
                     "top_logprobs": [
-                        {"token": alt, "logprob": alt_lp, "bytes": list(alt.encode())} for alt, alt_lp in top
+                        {
+                            "token": self.tok.decode([alt]),
+                            "logprob": alt_lp,
+                            "bytes": list(self.tok.token_bytes(alt)),
+                        }
+                        for alt, alt_lp in top
                     ],
                 }
-                for t, lp, top in zip(toks, lps, tops)
+                for tid, t, lp, top in zip(msg.token_ids, toks, lps, tops)
             ], offset
         offsets = []
         for t in toks:
@@ -398,7 +402,7 @@ class OpenAIFrontend:
             offset += len(t)
         # The legacy format maps text to logprob: the most likely first, then the sampled token if
         # it is not among them (OpenAI lists it always, so up to logprobs + 1 entries).
-        listed = [dict(top) for top in tops]
+        listed = [{self.tok.decode([alt]): alt_lp for alt, alt_lp in top} for top in tops]
         for d, t, lp in zip(listed, toks, lps):
             d.setdefault(t, lp)
         return {"tokens": toks, "token_logprobs": lps, "top_logprobs": listed, "text_offset": offsets}, offset
