@@ -8,6 +8,7 @@ of the golden files.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import subprocess
@@ -256,25 +257,123 @@ def test_archive_uri_is_unpacked_into_a_folder():
     assert "tar -xzf /models/.download -C /models/.unpack" in pod(dep)["initContainers"][0]["command"][2]
 
 
-def test_config_change_changes_the_pod_template_hash():
-    manifest = load_example("cpu-demo.yaml")
-    spec1, _ = plan_spec_errors("d", manifest["spec"])
-    manifest["spec"]["slo"] = {"ttftMs": 123}
-    spec2, _ = plan_spec_errors("d", manifest["spec"])
-    owner = Owner("d", "ns", UID)
+HASH = "tandem.dev/config-hash"
 
-    def template_hash(spec: api.ModelDeploymentSpec) -> str:
-        dep = next(
-            o
-            for o in build_children(owner, spec)
-            if o["metadata"]["name"] == "d-decode" and o["kind"] == "Deployment"
-        )
-        return dep["spec"]["template"]["metadata"]["annotations"]["tandem.dev/config-hash"]
 
-    assert template_hash(spec1) != template_hash(spec2)
-    assert template_hash(spec1) == template_hash(
-        plan_spec_errors("d", load_example("cpu-demo.yaml")["spec"])[0]
+def _with(raw: dict, change: dict) -> dict:
+    """`raw` with `change` merged in (one level into each top-level field)."""
+    out = copy.deepcopy(raw)
+    for key, value in change.items():
+        out[key] = {**out[key], **value} if isinstance(value, dict) and key in out else value
+    return out
+
+
+def _templates(raw: dict) -> dict[str, dict]:
+    spec, errors = plan_spec_errors("d", raw)
+    assert errors == [] and spec is not None
+    objs = build_children(Owner("d", "ns", UID), spec)
+    return {o["metadata"]["name"]: o["spec"]["template"] for o in objs if o["kind"] == "Deployment"}
+
+
+def _uri_adapter_spec() -> dict:
+    raw = load_example("heterogeneous.yaml")["spec"]
+    raw["adapters"].append({"name": "from-web", "source": "https://example.com/a/from-web.tar.gz"})
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("change", "rolled"),
+    [
+        # The router takes the TTFT/TPOT targets as flags; no worker reads the SLOs.
+        ({"slo": {"ttftMs": 123}}, {"d-router"}),
+        ({"slo": {"attainment": 0.5}}, set()),  # read by the autoscaler only
+        ({"router": {"maxInFlight": 7}}, {"d-router"}),
+        ({"decode": {"maxPending": 512}}, {"d-decode"}),
+        ({"prefill": {"kvCacheBytes": 1 << 30}}, {"d-prefill"}),
+        ({"autoscaling": {"maxStep": 3, "cooldownSeconds": 30}}, set()),
+    ],
+)
+@pytest.mark.parametrize("base", ["cpu-demo", "path-adapters", "uri-adapters"])
+def test_a_config_change_rolls_only_the_pods_that_read_it(base: str, change: dict, rolled: set[str]):
+    """engine.json records every setting, but a pod reads from it only the adapters (see
+    `builders.config_reads`); a setting that reaches one pod as a flag rolls that pod through its args
+    and leaves every config hash alone."""
+    raw = {
+        "cpu-demo": lambda: load_example("cpu-demo.yaml")["spec"],
+        "path-adapters": lambda: load_example("heterogeneous.yaml")["spec"],
+        "uri-adapters": _uri_adapter_spec,
+    }[base]()
+    before, after = _templates(raw), _templates(_with(raw, change))
+    assert {n for n in before if before[n] != after[n]} == rolled
+    assert {n: t["metadata"]["annotations"][HASH] for n, t in before.items()} == {
+        n: t["metadata"]["annotations"][HASH] for n, t in after.items()
+    }
+
+
+def test_an_adapter_change_rolls_the_pods_that_load_or_fetch_adapters():
+    base = load_example("heterogeneous.yaml")["spec"]  # path adapters: the workers register them
+    before = _templates(base)
+
+    def hashes_changed(raw: dict) -> set[str]:
+        after = _templates(raw)
+        return {
+            n
+            for n in before
+            if before[n]["metadata"]["annotations"][HASH] != after[n]["metadata"]["annotations"][HASH]
+        }
+
+    added = _with(base, {"adapters": [*base["adapters"], {"name": "new", "source": "adapters/new"}]})
+    assert hashes_changed(added) == {"d-prefill", "d-decode"}
+    moved = _with(base, {"adapters": [base["adapters"][0], {"name": "support-bot", "source": "adapters/v2"}]})
+    assert hashes_changed(moved) == {"d-prefill", "d-decode"}
+    # A URI adapter is also fetched by the init container of every pod, the router's included.
+    web = _with(base, {"adapters": [*base["adapters"], {"name": "web", "source": "https://e.com/w.tgz"}]})
+    assert hashes_changed(web) == {"d-prefill", "d-decode", "d-router"}
+    web_before = _templates(web)
+    web2 = _with(web, {"adapters": [*base["adapters"], {"name": "web", "source": "https://e.com/w2.tgz"}]})
+    web_after = _templates(web2)
+    assert all(
+        web_before[n]["metadata"]["annotations"][HASH] != web_after[n]["metadata"]["annotations"][HASH]
+        for n in web_before
     )
+    # Dropping every adapter drops --adapters-config: the worker templates change anyway.
+    none = _templates(_with(base, {"adapters": []}))
+    assert {n for n in before if before[n] != none[n]} == {"d-prefill", "d-decode"}
+
+
+@pytest.mark.parametrize("base", ["cpu-demo", "path-adapters", "uri-adapters"])
+def test_the_config_hash_covers_what_each_pod_reads(base: str, tmp_path: Path):
+    """`config_reads` names a file exactly when the pod has a reader of it (`--adapters-config`, the
+    fetch-adapters init container), and for engine.json exactly what the worker's own reader takes."""
+    from tandem_operator import builders
+
+    raw = {
+        "cpu-demo": lambda: load_example("cpu-demo.yaml")["spec"],
+        "path-adapters": lambda: load_example("heterogeneous.yaml")["spec"],
+        "uri-adapters": _uri_adapter_spec,
+    }[base]()
+    spec, _ = plan_spec_errors("d", raw)
+    assert spec is not None
+    config_map = builders.build_config_map(Owner("d", "ns", UID), spec)
+    for name, template in _templates(raw).items():
+        component = name.removeprefix("d-")
+        reads = builders.config_reads(config_map, component)
+        args = template["spec"]["containers"][0]["args"]
+        inits = [c["name"] for c in template["spec"].get("initContainers", [])]
+        assert ("engine.json" in reads) == ("--adapters-config" in args)
+        assert (builders.ADAPTER_LIST_KEY in reads) == ("fetch-adapters" in inits)
+        assert template["metadata"]["annotations"][HASH] == builders.config_hash(config_map, component)
+        # Nothing else under /etc/tandem is named by the pod's containers.
+        for c in [*template["spec"]["containers"], *template["spec"].get("initContainers", [])]:
+            text = " ".join([*c.get("command", []), *c.get("args", [])])
+            named = {word.split("/etc/tandem/")[1] for word in text.split() if "/etc/tandem/" in word}
+            assert named <= set(reads), (name, c["name"], named)
+            assert not any("valueFrom" in e for e in c.get("env", []))
+        if "engine.json" in reads:
+            cli = pytest.importorskip("tandem_worker.cli")
+            (tmp_path / "engine.json").write_text(config_map["data"]["engine.json"])
+            worker_sees = cli._read_adapters_config(str(tmp_path / "engine.json"))
+            assert worker_sees == {a["name"]: a["path"] for a in reads["engine.json"]["adapters"]}
 
 
 def test_adapters_reach_the_workers():
@@ -345,7 +444,8 @@ def test_many_uri_adapters_keep_the_pods_small():
             pod(builders.build_router_deployment(owner, spec, "h"))["initContainers"][0]["name"]
             == "fetch-adapters"
         )
-    # The Deployments are identical for 1 and 1,000 adapters (but for the config hash, which rolls pods).
+    # The Deployments are identical for 1 and 1,000 adapters (but for the config hash: the adapter
+    # list is what the init container and the workers read, so a change of it rolls them).
     for role in ("prefill", "decode"):
         assert builders.build_worker_deployment(owner, one, role, "h") == builders.build_worker_deployment(
             owner, many, role, "h"

@@ -10,7 +10,7 @@ import pytest
 
 from tandem_operator import api
 from tandem_operator.k8s import ApiError
-from tandem_operator.reconciler import Reconciler
+from tandem_operator.reconciler import Reconciler, split_route
 
 from .conftest import load_example
 
@@ -53,13 +53,21 @@ class MemoryApi:
         if key in self.objects:
             raise ApiError(409, "AlreadyExists", "exists")
         self.objects[key] = copy.deepcopy(obj)
-        return copy.deepcopy(obj)
+        if kind != api.KIND:
+            self.objects[key]["metadata"].setdefault("generation", 1)
+        return copy.deepcopy(self.objects[key])
 
     async def patch(self, api_version, kind, namespace, name, patch, subresource=None) -> dict[str, Any]:
         self._check("patch", kind, name)
         key = (kind, namespace, name)
-        self.objects[key] = merge_patch(self.objects[key], patch)
-        return copy.deepcopy(self.objects[key])
+        before = self.objects[key]
+        after = merge_patch(before, patch)
+        # As the API server does for a child: a spec change moves metadata.generation (the tests set
+        # the ModelDeployment's themselves).
+        if kind != api.KIND and subresource is None and after.get("spec") != before.get("spec"):
+            after["metadata"]["generation"] = int(before["metadata"].get("generation", 1)) + 1
+        self.objects[key] = after
+        return copy.deepcopy(after)
 
     async def delete(self, api_version, kind, namespace, name) -> None:
         self._check("delete", kind, name)
@@ -154,3 +162,154 @@ def test_passes_of_one_object_never_overlap():
     # The burst coalesced into the first pass plus one rerun, not five passes.
     md_reads = [c for c in memory.calls if c == ("get", api.KIND, "demo")]
     assert len(md_reads) == 2
+
+
+# ---- mode switch: the old pools serve until the new ones are ready
+
+
+def set_ready(memory: MemoryApi, name: str, ready: int | None = None) -> None:
+    """The Deployment controller's part: the current template rolled out, `ready` pods ready."""
+    dep = memory.objects[("Deployment", "ns", name)]
+    want = dep["spec"]["replicas"]
+    ready = want if ready is None else ready
+    dep["status"] = {
+        "observedGeneration": dep["metadata"]["generation"],
+        "replicas": want,
+        "updatedReplicas": want,
+        "readyReplicas": ready,
+        "availableReplicas": ready,
+    }
+
+
+def switch_mode(memory: MemoryApi, mode: str, name: str = "demo") -> None:
+    md = memory.objects[(api.KIND, "ns", name)]
+    spec = md["spec"]
+    pool = {"gpus": 0, "cpu": "1", "memory": "2Gi"}
+    for role in ("prefill", "decode", "colocated"):
+        spec.pop(role, None)
+    if mode == "colocated":
+        spec["colocated"] = {**pool, "replicas": 2}
+    else:
+        spec["prefill"], spec["decode"] = dict(pool), dict(pool)
+    spec["mode"] = mode
+    md["metadata"]["generation"] += 1
+
+
+def pool_objects(memory: MemoryApi, role: str) -> set[str]:
+    return {kind for kind, _, name in memory.objects if name == f"demo-{role}"}
+
+
+def route(memory: MemoryApi) -> list[str]:
+    router = memory.objects[("Deployment", "ns", "demo-router")]
+    return split_route(router["spec"]["template"]["spec"]["containers"][0]["args"])[1]
+
+
+def assert_routes_to_ready_workers(memory: MemoryApi) -> None:
+    """Every worker target of the router is a headless Service whose Deployment has ready pods."""
+    targets = route(memory)[1::2]
+    assert targets
+    for target in targets:
+        role = target.removeprefix("dns:demo-").split(".", 1)[0]
+        assert ("Service", "ns", f"demo-{role}") in memory.objects, target
+        dep = memory.objects.get(("Deployment", "ns", f"demo-{role}"))
+        assert dep is not None and dep.get("status", {}).get("readyReplicas", 0) >= 1, target
+
+
+def test_a_mode_switch_keeps_the_old_pools_until_the_new_ones_are_ready():
+    memory, reconciler, _ = make()
+    run(reconciler.reconcile("ns", "demo"))
+    for w in ("prefill", "decode", "router"):
+        set_ready(memory, f"demo-{w}")
+    run(reconciler.reconcile("ns", "demo"))
+    assert condition(memory, "Ready")["status"] == "True"
+    old_route = route(memory)
+
+    switch_mode(memory, "colocated")
+    run(reconciler.reconcile("ns", "demo"))
+    pool_kinds = {"Deployment", "Service", "PodDisruptionBudget"}
+    assert pool_objects(memory, "colocated") == pool_kinds
+    assert pool_objects(memory, "prefill") == pool_objects(memory, "decode") == pool_kinds
+    assert route(memory) == old_route  # still the old pools
+    assert_routes_to_ready_workers(memory)
+    progressing = condition(memory, "Progressing")
+    assert (progressing["status"], progressing["reason"]) == ("True", "ModeSwitch")
+    assert progressing["message"] == "mode switch: keeping prefill, decode until colocated are ready"
+    assert condition(memory, "Ready")["status"] == "True"  # served through the old pools
+    status = memory.objects[(api.KIND, "ns", "demo")]["status"]
+    assert status["colocated"]["summary"] == "0/2" and status["prefill"]["summary"] == "1/1"
+
+    # An operator started afresh decides the same from the live objects; a pass over an unchanged
+    # switch writes nothing.
+    reconciler = Reconciler(memory, lambda *a: None)
+    memory.calls.clear()
+    run(reconciler.reconcile("ns", "demo"))
+    assert memory.writes() == []
+
+    set_ready(memory, "demo-colocated", ready=1)  # one of two: not ready yet
+    run(reconciler.reconcile("ns", "demo"))
+    assert pool_objects(memory, "prefill") == pool_kinds and route(memory) == old_route
+
+    # All new replicas ready: the router moves to them, the old pools stay while it rolls out.
+    set_ready(memory, "demo-colocated")
+    run(reconciler.reconcile("ns", "demo"))
+    assert route(memory) == ["--decode", "dns:demo-colocated.ns.svc:50061"]
+    assert_routes_to_ready_workers(memory)
+    assert pool_objects(memory, "prefill") == pool_objects(memory, "decode") == pool_kinds
+    assert condition(memory, "Progressing")["message"] == (
+        "mode switch: keeping prefill, decode until the router has rolled out to colocated"
+    )
+
+    set_ready(memory, "demo-router")
+    memory.calls.clear()
+    run(reconciler.reconcile("ns", "demo"))
+    assert pool_objects(memory, "prefill") == pool_objects(memory, "decode") == set()
+    deleted = {(kind, name) for verb, kind, name in memory.writes() if verb == "delete"}
+    assert deleted == {(k, f"demo-{r}") for k in pool_kinds for r in ("prefill", "decode")}
+    assert_routes_to_ready_workers(memory)
+    status = memory.objects[(api.KIND, "ns", "demo")]["status"]
+    assert "prefill" not in status and "decode" not in status
+    assert condition(memory, "Progressing")["reason"] == "RolloutComplete"
+    assert condition(memory, "Ready")["status"] == "True"
+
+
+def test_switching_back_mid_switch_and_objects_without_a_pool_deployment():
+    memory, reconciler, _ = make()
+    switch_mode(memory, "colocated")
+    run(reconciler.reconcile("ns", "demo"))
+    for w in ("colocated", "router"):
+        set_ready(memory, f"demo-{w}")
+    run(reconciler.reconcile("ns", "demo"))
+    colocated_route = route(memory)
+
+    switch_mode(memory, "disaggregated")
+    run(reconciler.reconcile("ns", "demo"))
+    set_ready(memory, "demo-prefill")  # decode never gets ready
+    run(reconciler.reconcile("ns", "demo"))
+    assert route(memory) == colocated_route
+    assert pool_objects(memory, "colocated") == {"Deployment", "Service", "PodDisruptionBudget"}
+    assert condition(memory, "Progressing")["message"] == (
+        "mode switch: keeping colocated until prefill, decode are ready"
+    )
+    # Not ready in either mode: not serving.
+    set_ready(memory, "demo-colocated", ready=0)
+    run(reconciler.reconcile("ns", "demo"))
+    ready = condition(memory, "Ready")
+    assert ready["status"] == "False" and ready["message"] == "no ready pod in: colocated, decode"
+    set_ready(memory, "demo-colocated")
+
+    # Back to colocated: its pool is ready and the router never left it, so the half-started pools
+    # go once the router has rolled out (at once, unless its pod template changed meanwhile).
+    switch_mode(memory, "colocated")
+    run(reconciler.reconcile("ns", "demo"))
+    assert route(memory) == colocated_route
+    set_ready(memory, "demo-router")
+    run(reconciler.reconcile("ns", "demo"))
+    assert pool_objects(memory, "prefill") == pool_objects(memory, "decode") == set()
+    assert condition(memory, "Progressing")["reason"] == "RolloutComplete"
+
+    # A leftover Service of a pool whose Deployment is gone routes nothing: pruned at once.
+    switch_mode(memory, "disaggregated")
+    run(reconciler.reconcile("ns", "demo"))
+    del memory.objects[("Deployment", "ns", "demo-colocated")]
+    run(reconciler.reconcile("ns", "demo"))
+    assert pool_objects(memory, "colocated") == set()

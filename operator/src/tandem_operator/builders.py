@@ -306,20 +306,42 @@ def build_config_map(owner: Owner, spec: api.ModelDeploymentSpec) -> dict[str, A
     }
 
 
-def config_hash(config_map: dict[str, Any]) -> str:
-    """A pod-template annotation: a changed config rolls the pods that read it.
+def config_reads(config_map: dict[str, Any], component: str) -> dict[str, Any]:
+    """The part of the ConfigMap that a pod of `component` (a pool's role, or "router") reads from
+    /etc/tandem, keyed by file. Everything else in engine.json (model, mode, pools, router, SLOs,
+    autoscaling) reaches the pods as command-line flags, which change the pod template themselves,
+    or is read by no pod at all (the autoscaling policy: the operator's autoscaler reads it).
 
-    The autoscaling policy is left out: no pod reads it (the operator's autoscaler does), so
-    enabling autoscaling or tuning it must not restart every worker."""
-    data = dict(config_map["data"])
-    try:
-        engine = json.loads(data["engine.json"])
-    except (KeyError, ValueError):
-        engine = None
-    if isinstance(engine, dict):
-        engine.pop("autoscaling", None)
-        data["engine.json"] = json.dumps(engine, sort_keys=True)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    - Worker process: only with `--adapters-config /etc/tandem/engine.json` (there when the spec has
+      adapters), the `name` and `path` of each `adapters` entry (`_read_adapters_config` in
+      worker/src/tandem_worker/cli.py).
+    - The fetch-adapters init container (worker and router pods, there when an adapter comes from a
+      URI): all of adapter-uris.txt.
+    - Router process: nothing (it learns the adapters from the workers)."""
+    data = config_map["data"]
+    reads: dict[str, Any] = {}
+    if ADAPTER_LIST_KEY in data:
+        reads[ADAPTER_LIST_KEY] = data[ADAPTER_LIST_KEY]
+    if component != "router":
+        try:
+            engine = json.loads(data["engine.json"])
+            adapters = [{"name": a["name"], "path": a["path"]} for a in engine.get("adapters") or []]
+        except (KeyError, ValueError, TypeError, AttributeError):
+            # Not a config these builders wrote: assume the workers read all of it.
+            reads["engine.json"] = data.get("engine.json")
+        else:
+            if adapters:
+                reads["engine.json"] = {"adapters": adapters}
+    return reads
+
+
+def config_hash(config_map: dict[str, Any], component: str) -> str:
+    """The pod-template annotation of `component`'s pods: a hash of only what those pods read from the
+    ConfigMap (`config_reads`), so a config change rolls exactly the pods that read it. Changing the
+    SLOs, the router's settings or a pool's settings rolls no worker through this hash (those that
+    reach a pod as flags roll that pod through its args); the autoscaling policy rolls no pod."""
+    reads = config_reads(config_map, component)
+    return hashlib.sha256(json.dumps(reads, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------ workloads
@@ -627,14 +649,13 @@ def build_service_account(owner: Owner) -> dict[str, Any]:
 def build_children(owner: Owner, spec: api.ModelDeploymentSpec) -> list[dict[str, Any]]:
     """Every child this spec wants, in apply order."""
     config_map = build_config_map(owner, spec)
-    digest = config_hash(config_map)
     children = [build_service_account(owner), config_map]
     for role in spec.pools():
         children.append(build_worker_service(owner, spec, role))
     children.append(build_router_service(owner, spec))
     for role in spec.pools():
-        children.append(build_worker_deployment(owner, spec, role, digest))
-    children.append(build_router_deployment(owner, spec, digest))
+        children.append(build_worker_deployment(owner, spec, role, config_hash(config_map, role)))
+    children.append(build_router_deployment(owner, spec, config_hash(config_map, "router")))
     for role in spec.pools():
         children.append(build_pdb(owner, role))
     children.append(build_pdb(owner, "router"))

@@ -14,6 +14,14 @@ Replica counts: the pools' `replicas` from the spec, unless the autoscaler is ac
 only clamps the live count into the pool's [minReplicas, maxReplicas] (a Deployment that has to be
 created starts at the pool's `replicas`). Everything else in those Deployments stays the pass's.
 A pass and an autoscaler step over one object never interleave (`lock`).
+
+Mode switch (colocated <-> disaggregated): the old mode's pools (Deployment, headless Service, PDB)
+are not pruned, and the router keeps its old worker targets (`--decode`/`--prefill`), until every
+new pool's Deployment has all its replicas ready; then the router gets the new targets, and the old
+pools go once the router has rolled out. Loading a model takes minutes, and pruning at once would
+leave nothing to serve meanwhile. Whether a switch is under way is read from the live objects
+alone (an old-mode Deployment this object controls still exists), so a restarted operator decides
+the same. Everything else the spec no longer wants is pruned at once.
 """
 
 from __future__ import annotations
@@ -29,7 +37,15 @@ from . import api
 from .builders import MANAGED_BY, ROLES, Owner, build_children, child_name, possible_children
 from .k8s import ApiError, KubeClient
 from .patching import plan_patch, with_last_applied
-from .status import DEGRADED, SPEC_VALID, Workload, observe_deployment, plan_status, plan_status_patch
+from .status import (
+    DEGRADED,
+    SPEC_VALID,
+    ModeSwitch,
+    Workload,
+    observe_deployment,
+    plan_status,
+    plan_status_patch,
+)
 from .validation import plan_spec_errors
 
 log = logging.getLogger(__name__)
@@ -69,6 +85,50 @@ def _ident(obj: dict[str, Any]) -> tuple[str, str, str]:
 
 
 AUTOSCALED_ROLES = ("prefill", "decode")
+
+# The router arguments that name its workers (each followed by a `dns:` target).
+ROUTE_FLAGS = ("--decode", "--prefill")
+
+
+def _router_args(deployment: dict[str, Any]) -> list[str] | None:
+    containers = deployment.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []) or []
+    return next((c.get("args") for c in containers if c.get("name") == "router"), None)
+
+
+def split_route(args: list[str]) -> tuple[list[str], list[str]]:
+    """(the arguments without the worker targets, the worker targets as flag/value pairs)."""
+    rest: list[str] = []
+    route: list[str] = []
+    i = 0
+    while i < len(args):
+        if args[i] in ROUTE_FLAGS:
+            route += args[i : i + 2]
+            i += 2
+        else:
+            rest.append(args[i])
+            i += 1
+    return rest, route
+
+
+def with_live_route(desired: dict[str, Any], live: dict[str, Any] | None) -> dict[str, Any]:
+    """The desired router Deployment, but still routing to the workers the live one routes to."""
+    live_args = _router_args(live) if live is not None else None
+    live_route = split_route(live_args)[1] if live_args else []
+    if not live_route:
+        return desired  # nothing to keep routing to
+    out = copy.deepcopy(desired)
+    for c in out["spec"]["template"]["spec"]["containers"]:
+        if c.get("name") == "router":
+            c["args"] = split_route(c["args"])[0] + live_route
+    return out
+
+
+def fully_ready(deployment: dict[str, Any] | None) -> bool:
+    """Rolled out to its current template with every replica ready (as status reports it)."""
+    if deployment is None:
+        return False
+    w = observe_deployment(deployment)
+    return w.rolled_out and w.ready >= w.desired
 
 
 def autoscaling_active(spec: api.ModelDeploymentSpec) -> bool:
@@ -144,15 +204,34 @@ class Reconciler:
             bounds = {
                 role: replica_bounds(pool) for role, pool in spec.pools().items() if role in AUTOSCALED_ROLES
             }
+        mode_switch: ModeSwitch | None = None
         if not errors:
             assert spec is not None
             desired = build_children(owner, spec)
             wanted = {_ident(obj) for obj in desired}
+            # Worker Deployments of another mode that this object controls: a mode switch under way.
+            old_pools: dict[str, dict[str, Any]] = {}
+            for role in ROLES:
+                if role not in spec.pools():
+                    dep = await c.get("apps/v1", "Deployment", namespace, child_name(owner, role))
+                    if dep is not None and _controller_uid(dep) == owner.uid:
+                        old_pools[role] = dep
+            router_ident = ("apps/v1", "Deployment", child_name(owner, "router"))
+            new_pools_ready = False
             for obj in desired:
                 role = obj["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+                if _ident(obj) == router_ident and old_pools:
+                    # The worker Deployments come before the router's in apply order.
+                    new_pools_ready = all(
+                        fully_ready(live.get(("apps/v1", "Deployment", child_name(owner, r))))
+                        for r in spec.pools()
+                    )
                 try:
                     applied = await self._apply(
-                        owner, obj, bounds.get(role) if obj["kind"] == "Deployment" else None
+                        owner,
+                        obj,
+                        bounds.get(role) if obj["kind"] == "Deployment" else None,
+                        keep_route=_ident(obj) == router_ident and bool(old_pools) and not new_pools_ready,
                     )
                 except ApiError as e:
                     if e.status not in REFUSED:
@@ -164,8 +243,19 @@ class Reconciler:
                     conflicts.append(f"{obj['kind']}/{obj['metadata']['name']}")
                     applied = None  # someone else's object under our name: not ours to report
                 live[_ident(obj)] = applied
+            router = live.get(router_ident)
+            # Old router pods still route to the old pools until the router has rolled out.
+            if old_pools and not (
+                new_pools_ready and router is not None and observe_deployment(router).rolled_out
+            ):
+                mode_switch = ModeSwitch(
+                    kept=tuple(old_pools), new=tuple(spec.pools()), pools_ready=new_pools_ready
+                )
+                for role, dep in old_pools.items():
+                    live[("apps/v1", "Deployment", child_name(owner, role))] = dep
+            kept = {child_name(owner, role) for role in mode_switch.kept} if mode_switch else set()
             for ident in possible_children(owner):
-                if ident not in wanted:
+                if ident not in wanted and ident[2] not in kept:
                     await self._prune(owner, *ident)
         else:
             for component in (*ROLES, "router"):
@@ -210,6 +300,7 @@ class Reconciler:
             now=self._now(),
             # A bad spec leaves the autoscaler's status alone (the autoscaler holds meanwhile).
             autoscaling=autoscaled or bool(errors),
+            mode_switch=mode_switch,
         )
         patch = plan_status_patch(previous, new_status)
         if patch is not None:
@@ -219,13 +310,20 @@ class Reconciler:
             self._warn_once(body, previous, new_status, DEGRADED, "True")
 
     async def _apply(
-        self, owner: Owner, desired: dict[str, Any], bounds: tuple[int, int] | None = None
+        self,
+        owner: Owner,
+        desired: dict[str, Any],
+        bounds: tuple[int, int] | None = None,
+        keep_route: bool = False,
     ) -> dict[str, Any] | None:
         """Create or patch one child. `bounds`: the autoscaler owns this Deployment's replicas, so
-        the live count is kept, clamped into [min, max]."""
+        the live count is kept, clamped into [min, max]. `keep_route`: the router Deployment keeps
+        the worker targets it has (a mode switch whose new pools are not ready yet)."""
         c = self._client
         api_version, kind, name = _ident(desired)
         live = await c.get(api_version, kind, owner.namespace, name)
+        if keep_route and live is not None and is_ours(live, owner):
+            desired = with_live_route(desired, live)
         if live is not None and bounds is not None and is_ours(live, owner):
             have = live.get("spec", {}).get("replicas")
             if isinstance(have, int):

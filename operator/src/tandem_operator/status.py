@@ -6,8 +6,10 @@ Status parts:
   only when the condition's status changes):
   - `SpecValid`: True when the spec passed every check; False names the first failed check's reason
     (the children of an earlier valid spec are left running).
-  - `Ready`: True when requests can be served: the router and every worker role have a ready pod.
-  - `Progressing`: True while a workload is being created or rolled to its current template.
+  - `Ready`: True when requests can be served: the router and every worker role have a ready pod
+    (during a mode switch: the router, and every pool of either the old or the new mode).
+  - `Progressing`: True while a workload is being created or rolled to its current template, or
+    while a mode switch keeps the old mode's pools (reason `ModeSwitch`, see `ModeSwitch`).
   - `Degraded`: True when the API server refused a child (`ApplyFailed`: invalid or forbidden),
     a child's name is taken by an object this deployment does not own (`NameConflict`), a
     rolled-out workload has fewer ready pods than desired (`ReplicasUnavailable`), or Kubernetes
@@ -46,6 +48,23 @@ class Workload:
     updated: int
     rolled_out: bool
     stuck_reason: str | None  # ReplicaFailure / ProgressDeadlineExceeded
+
+
+@dataclass(frozen=True)
+class ModeSwitch:
+    """A mode switch in progress: the old mode's pools (`kept`) still run, and the router still routes
+    to them, until the new mode's pools (`new`) have all their replicas ready (`pools_ready`) and the
+    router has rolled out to them."""
+
+    kept: tuple[str, ...]
+    new: tuple[str, ...]
+    pools_ready: bool
+
+    def message(self) -> str:
+        kept, new = ", ".join(self.kept), ", ".join(self.new)
+        if not self.pools_ready:
+            return f"mode switch: keeping {kept} until {new} are ready"
+        return f"mode switch: keeping {kept} until the router has rolled out to {new}"
 
 
 def observe_deployment(live: dict[str, Any] | None, desired: int | None = None) -> Workload:
@@ -140,8 +159,10 @@ def plan_status(
     previous: dict[str, Any],
     now: str,
     autoscaling: bool = False,
+    mode_switch: ModeSwitch | None = None,
 ) -> dict[str, Any]:
-    """The full status. `workloads`: component (role or "router") -> what its Deployment reports.
+    """The full status. `workloads`: component (role or "router") -> what its Deployment reports
+    (during a mode switch, the kept pools too).
 
     `autoscaling`: the autoscaler is active for this object, so its part of `previous` (the
     `autoscaler` entry and the `AutoscalerHealthy` condition) is kept; otherwise it is dropped."""
@@ -160,6 +181,8 @@ def plan_status(
     rolling = sorted(c for c, w in workloads.items() if not w.rolled_out)
     if not workloads:
         progressing = cond(PROGRESSING, False, "NoWorkloads", "nothing is deployed")
+    elif mode_switch is not None:
+        progressing = cond(PROGRESSING, True, "ModeSwitch", mode_switch.message())
     elif rolling:
         progressing = cond(PROGRESSING, True, "RollingOut", f"rolling out: {', '.join(rolling)}")
     else:
@@ -185,8 +208,15 @@ def plan_status(
     else:
         degraded = cond(DEGRADED, False, "AsExpected", "every rolled-out workload has all its pods ready")
 
-    roles = [c for c in workloads if c in WORKER_ROLES]
-    missing = sorted(c for c in (*roles, "router") if workloads.get(c) is None or workloads[c].ready < 1)
+    def unready(components: Any) -> list[str]:
+        return sorted(c for c in components if workloads.get(c) is None or workloads[c].ready < 1)
+
+    if mode_switch is None:
+        missing = unready([*(c for c in workloads if c in WORKER_ROLES), "router"])
+    else:
+        # The router routes to one mode's pools at a time: either set fully up is enough.
+        kept, new = unready(mode_switch.kept), unready(mode_switch.new)
+        missing = sorted((kept + new if kept and new else []) + unready(["router"]))
     if not workloads:
         ready = cond(READY, False, "NoWorkloads", "nothing is deployed")
     elif missing:
