@@ -326,16 +326,18 @@ def test_an_adapter_change_rolls_the_pods_that_load_or_fetch_adapters():
     assert hashes_changed(added) == {"d-prefill", "d-decode"}
     moved = _with(base, {"adapters": [base["adapters"][0], {"name": "support-bot", "source": "adapters/v2"}]})
     assert hashes_changed(moved) == {"d-prefill", "d-decode"}
-    # A URI adapter is also fetched by the init container of every pod, the router's included.
+    # A URI adapter is fetched by the workers' init container; the router fetches none (it learns
+    # the adapters from the workers), so it does not roll.
     web = _with(base, {"adapters": [*base["adapters"], {"name": "web", "source": "https://e.com/w.tgz"}]})
-    assert hashes_changed(web) == {"d-prefill", "d-decode", "d-router"}
+    assert hashes_changed(web) == {"d-prefill", "d-decode"}
     web_before = _templates(web)
     web2 = _with(web, {"adapters": [*base["adapters"], {"name": "web", "source": "https://e.com/w2.tgz"}]})
     web_after = _templates(web2)
-    assert all(
-        web_before[n]["metadata"]["annotations"][HASH] != web_after[n]["metadata"]["annotations"][HASH]
+    assert {
+        n
         for n in web_before
-    )
+        if web_before[n]["metadata"]["annotations"][HASH] != web_after[n]["metadata"]["annotations"][HASH]
+    } == {"d-prefill", "d-decode"}
     # Dropping every adapter drops --adapters-config: the worker templates change anyway.
     none = _templates(_with(base, {"adapters": []}))
     assert {n for n in before if before[n] != none[n]} == {"d-prefill", "d-decode"}
@@ -392,8 +394,13 @@ def test_adapters_reach_the_workers():
     }
     args = builders.build_worker_args("decode", spec.decode, spec)
     assert args[args.index("--adapters-config") + 1] == "/etc/tandem/engine.json"
-    inits = builders._init_containers(spec)
+    owner = Owner(name="d", namespace="ns", uid="u")
+    worker = pod(builders.build_worker_deployment(owner, spec, "decode", "h"))
+    inits = worker["initContainers"]
     assert [c["name"] for c in inits] == ["fetch-adapters"]
+    # The router learns the adapters from the workers: it downloads none.
+    router = pod(builders.build_router_deployment(owner, spec, "h"))
+    assert all(c["name"] != "fetch-adapters" for c in router.get("initContainers", []))
     assert inits[0]["command"] == ["sh", "-c", builders.fetch_adapters_script()]
     # The init container reads the URIs from the ConfigMap, which it mounts next to its output.
     assert {m["name"]: m["mountPath"] for m in inits[0]["volumeMounts"]} == {
@@ -401,11 +408,10 @@ def test_adapters_reach_the_workers():
         "adapters": "/adapters",
     }
     assert "/etc/tandem/adapter-uris.txt" in inits[0]["command"][-1]
-    owner = Owner(name="d", namespace="ns", uid="u")
     listed = builders.build_config_map(owner, spec)["data"]["adapter-uris.txt"]
     # Path sources come from the model volume, not the web.
     assert listed == "from-web https://example.com/a/from-web.tar.gz\n"
-    mounts = {m["name"]: m for m in builders._model_mounts(spec)}
+    mounts = {m["name"]: m for m in worker["containers"][0]["volumeMounts"]}
     assert mounts["adapters"]["readOnly"] and mounts["model"]["mountPath"] == "/models"
 
 
@@ -440,10 +446,9 @@ def test_many_uri_adapters_keep_the_pods_small():
             init = pod(builders.build_worker_deployment(owner, spec, role, "h"))["initContainers"][0]
             assert init["name"] == "fetch-adapters"
             assert max(len(arg.encode()) for arg in init["command"]) < 4096
-        assert (
-            pod(builders.build_router_deployment(owner, spec, "h"))["initContainers"][0]["name"]
-            == "fetch-adapters"
-        )
+        router = pod(builders.build_router_deployment(owner, spec, "h"))
+        assert "initContainers" not in router  # a built-in model: the router downloads nothing
+        assert all(v["name"] != "adapters" for v in router["volumes"])
     # The Deployments are identical for 1 and 1,000 adapters (but for the config hash: the adapter
     # list is what the init container and the workers read, so a change of it rolls them).
     for role in ("prefill", "decode"):

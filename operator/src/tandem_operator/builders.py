@@ -205,7 +205,7 @@ def _fetch_script(uri: str) -> str:
     )
 
 
-def _model_volumes(spec: api.ModelDeploymentSpec) -> list[dict[str, Any]]:
+def _model_volumes(spec: api.ModelDeploymentSpec, adapters: bool) -> list[dict[str, Any]]:
     vols: list[dict[str, Any]] = []
     if spec.model.pvc is not None:
         vols.append(
@@ -216,21 +216,23 @@ def _model_volumes(spec: api.ModelDeploymentSpec) -> list[dict[str, Any]]:
         )
     elif spec.model.uri is not None:
         vols.append({"name": "model", "emptyDir": {}})
-    if _fetches_adapters(spec):
+    if adapters and _fetches_adapters(spec):
         vols.append({"name": "adapters", "emptyDir": {}})
     return vols
 
 
-def _model_mounts(spec: api.ModelDeploymentSpec) -> list[dict[str, Any]]:
+def _model_mounts(spec: api.ModelDeploymentSpec, adapters: bool) -> list[dict[str, Any]]:
     mounts = []
     if spec.model.builtin is None:
         mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
-    if _fetches_adapters(spec):
+    if adapters and _fetches_adapters(spec):
         mounts.append({"name": "adapters", "mountPath": ADAPTER_MOUNT, "readOnly": True})
     return mounts
 
 
-def _init_containers(spec: api.ModelDeploymentSpec) -> list[dict[str, Any]]:
+def _init_containers(spec: api.ModelDeploymentSpec, adapters: bool) -> list[dict[str, Any]]:
+    """The pod's downloads: the model (workers and the router, which tokenizes) and, with
+    `adapters` (workers only: the router learns adapters from the workers), the URI adapters."""
     inits = []
     resources = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
     if spec.model.uri is not None:
@@ -244,7 +246,7 @@ def _init_containers(spec: api.ModelDeploymentSpec) -> list[dict[str, Any]]:
                 "resources": resources,
             }
         )
-    if _fetches_adapters(spec):
+    if adapters and _fetches_adapters(spec):
         inits.append(
             {
                 "name": "fetch-adapters",
@@ -315,23 +317,24 @@ def config_reads(config_map: dict[str, Any], component: str) -> dict[str, Any]:
     - Worker process: only with `--adapters-config /etc/tandem/engine.json` (there when the spec has
       adapters), the `name` and `path` of each `adapters` entry (`_read_adapters_config` in
       worker/src/tandem_worker/cli.py).
-    - The fetch-adapters init container (worker and router pods, there when an adapter comes from a
-      URI): all of adapter-uris.txt.
+    - The fetch-adapters init container (worker pods, there when an adapter comes from a URI): all
+      of adapter-uris.txt.
     - Router process: nothing (it learns the adapters from the workers)."""
     data = config_map["data"]
     reads: dict[str, Any] = {}
+    if component == "router":
+        return reads
     if ADAPTER_LIST_KEY in data:
         reads[ADAPTER_LIST_KEY] = data[ADAPTER_LIST_KEY]
-    if component != "router":
-        try:
-            engine = json.loads(data["engine.json"])
-            adapters = [{"name": a["name"], "path": a["path"]} for a in engine.get("adapters") or []]
-        except (KeyError, ValueError, TypeError, AttributeError):
-            # Not a config these builders wrote: assume the workers read all of it.
-            reads["engine.json"] = data.get("engine.json")
-        else:
-            if adapters:
-                reads["engine.json"] = {"adapters": adapters}
+    try:
+        engine = json.loads(data["engine.json"])
+        adapters = [{"name": a["name"], "path": a["path"]} for a in engine.get("adapters") or []]
+    except (KeyError, ValueError, TypeError, AttributeError):
+        # Not a config these builders wrote: assume the workers read all of it.
+        reads["engine.json"] = data.get("engine.json")
+    else:
+        if adapters:
+            reads["engine.json"] = {"adapters": adapters}
     return reads
 
 
@@ -410,19 +413,19 @@ def build_worker_args(role: str, pool: api.Pool, spec: api.ModelDeploymentSpec) 
     return args
 
 
-def _pod_volumes(owner: Owner, spec: api.ModelDeploymentSpec) -> list[dict[str, Any]]:
+def _pod_volumes(owner: Owner, spec: api.ModelDeploymentSpec, adapters: bool) -> list[dict[str, Any]]:
     return [
         {"name": "config", "configMap": {"name": config_map_name(owner)}},
         {"name": "cache", "emptyDir": {}},
-        *_model_volumes(spec),
+        *_model_volumes(spec, adapters),
     ]
 
 
-def _pod_mounts(spec: api.ModelDeploymentSpec) -> list[dict[str, Any]]:
+def _pod_mounts(spec: api.ModelDeploymentSpec, adapters: bool) -> list[dict[str, Any]]:
     return [
         {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
         {"name": "cache", "mountPath": CACHE_MOUNT},
-        *_model_mounts(spec),
+        *_model_mounts(spec, adapters),
     ]
 
 
@@ -474,7 +477,7 @@ def build_worker_deployment(
         ],
         "env": _env(pool.env),
         "resources": build_resources(pool.cpu, pool.memory, pool.gpus),
-        "volumeMounts": _pod_mounts(spec),
+        "volumeMounts": _pod_mounts(spec, adapters=True),
         **_probes(pool.port, startup="grpc"),
         "securityContext": _container_security(),
     }
@@ -486,9 +489,9 @@ def build_worker_deployment(
             "enableServiceLinks": False,
             "securityContext": _pod_security(),
             "terminationGracePeriodSeconds": spec.termination_grace_period_seconds,
-            "initContainers": _init_containers(spec),
+            "initContainers": _init_containers(spec, adapters=True),
             "containers": [container],
-            "volumes": _pod_volumes(owner, spec),
+            "volumes": _pod_volumes(owner, spec, adapters=True),
             "nodeSelector": dict(pool.node_selector),
             "tolerations": build_tolerations(pool.tolerations, pool.gpus),
             "affinity": build_affinity(role, pool, selector_labels(owner, role), peer_labels, spec.placement),
@@ -566,7 +569,7 @@ def build_router_deployment(
         ],
         "env": _env([]),
         "resources": build_resources(r.cpu, r.memory, 0),
-        "volumeMounts": _pod_mounts(spec),
+        "volumeMounts": _pod_mounts(spec, adapters=False),
         **_probes(r.grpc_port, startup="tcpSocket"),
         "securityContext": _container_security(),
     }
@@ -579,9 +582,9 @@ def build_router_deployment(
             "enableServiceLinks": False,
             "securityContext": _pod_security(),
             "terminationGracePeriodSeconds": ROUTER_TERMINATION_GRACE_SECONDS,
-            "initContainers": _init_containers(spec),
+            "initContainers": _init_containers(spec, adapters=False),
             "containers": [container],
-            "volumes": _pod_volumes(owner, spec),
+            "volumes": _pod_volumes(owner, spec, adapters=False),
             "nodeSelector": dict(r.node_selector),
             "tolerations": build_tolerations(r.tolerations, 0),
             "topologySpreadConstraints": build_topology_spread(selector, spec.placement),
