@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import replace
 
 import pytest
@@ -712,3 +713,30 @@ def test_failures_hold_prefill_sized_by_its_throughput():
     assert d.desired_prefill == 1 and "fits 1" in d.reason
     d = decide(window(met=0, failed=100, **low), Replicas(3, 3), spec, _settled_state(), now=0)
     assert d.desired_prefill == 3 and "100 of 100 requests failed: holding" in d.reason
+
+
+def test_the_memory_of_two_second_steps_at_the_widest_windows_fits_the_status_field():
+    """The saved memory grows with window and stabilization over the step interval; the status field
+    (and the autoscaler's guard before it writes) must hold it for any interval a user may choose
+    down to 2 s, or the API server refuses the whole status patch."""
+    from tandem_operator import api
+
+    spec = AutoscalingSpec(
+        prefill_min_replicas=1, prefill_max_replicas=8, decode_min_replicas=1, decode_max_replicas=8,
+        window_seconds=3600, stabilization_seconds=3600,
+    )  # fmt: skip
+    state, now, p, d = PolicyState(), 1.7e9, 2, 2
+    rng = random.Random(0)
+    for _ in range(int(8000 / 2)):
+        w = MetricsWindow(
+            duration_s=3600, met=100, missed_ttft=1, missed_tpot=1, failed=0,
+            prefill_backlog_tokens=rng.random() * 10, decode_kv_usage=rng.random() * 0.5,
+            prompt_tokens_per_s=rng.random() * 5000, prompt_tokens_per_s_peak=rng.random() * 9000,
+            decode_running=3.0, decode_waiting=0.0, prefill_running=1.0, prefill_waiting=0.0,
+        )  # fmt: skip
+        dec = decide(w, Replicas(p, d, p, d), spec, state, now)
+        p, d = dec.desired_prefill, dec.desired_decode
+        now += 2
+    size = len(state.to_json())
+    assert 65536 < size <= api.MAX_AUTOSCALER_MEMORY_BYTES, size  # past the old 64 KiB bound
+    assert PolicyState.from_json(state.to_json()).to_json() == state.to_json()

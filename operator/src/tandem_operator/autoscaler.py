@@ -281,7 +281,15 @@ class Autoscaler:
                 body, "Normal", event_reason(changes), f"{message}: {decision.reason}"[:EVENT_MESSAGE_LIMIT]
             )
         if changes or now - self._saved.get(owner.uid, -math.inf) >= MEMORY_SAVE_SECONDS:
-            record["memory"] = state.to_json()
+            memory = state.to_json()
+            if len(memory) <= api.MAX_AUTOSCALER_MEMORY_BYTES:
+                record["memory"] = memory
+            else:  # the API server would refuse the whole status patch: carry on without saving it
+                log.warning(
+                    "%s/%s: autoscaler memory of %d bytes is over the %d status can hold: not saved "
+                    "(a restarted operator starts afresh); a longer --autoscale-interval keeps it smaller",
+                    namespace, name, len(memory), api.MAX_AUTOSCALER_MEMORY_BYTES,
+                )  # fmt: skip
             self._saved[owner.uid] = now
         await self._report(body, True, HEALTHY, f"reading metrics from {self._url}", record)
 
