@@ -9,7 +9,6 @@ reads its `Admin.Stats`; a worker is eligible only while both answer and it is n
 
 from __future__ import annotations
 
-import itertools
 import logging
 import socket
 import threading
@@ -142,8 +141,7 @@ class WorkerPool:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="worker-pool", daemon=True)
         self._ready = threading.Event()
-        self._tickets = itertools.count(1)
-        self._next_ticket = 1
+        self._next_ticket = 1  # begin's next attempt ticket; a check clears those below its own
         self._recheck_lock = threading.Lock()
 
     def start(self) -> WorkerPool:
@@ -292,8 +290,8 @@ class WorkerPool:
     def begin(self, pair: Pair, prompt_tokens: int) -> int:
         """Count an attempt's prompt against its pair until `end(pair, ticket)`; returns the ticket."""
         with self._lock:
-            ticket = next(self._tickets)
-            self._next_ticket = ticket + 1
+            ticket = self._next_ticket
+            self._next_ticket += 1
             for w in (pair.decode, pair.prefill):
                 if w is not None:
                     w.pending[ticket] = prompt_tokens
