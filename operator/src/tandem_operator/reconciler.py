@@ -211,9 +211,11 @@ class Reconciler:
             wanted = {_ident(obj) for obj in desired}
             # Worker Deployments of another mode that this object controls: a mode switch under way.
             old_pools: dict[str, dict[str, Any]] = {}
+            read: dict[tuple[str, str, str], dict[str, Any] | None] = {}  # for pruning below
             for role in ROLES:
                 if role not in spec.pools():
-                    dep = await c.get("apps/v1", "Deployment", namespace, child_name(owner, role))
+                    ident = ("apps/v1", "Deployment", child_name(owner, role))
+                    dep = read[ident] = await c.get(ident[0], ident[1], namespace, ident[2])
                     if dep is not None and _controller_uid(dep) == owner.uid:
                         old_pools[role] = dep
             router_ident = ("apps/v1", "Deployment", child_name(owner, "router"))
@@ -256,7 +258,7 @@ class Reconciler:
             kept = {child_name(owner, role) for role in mode_switch.kept} if mode_switch else set()
             for ident in possible_children(owner):
                 if ident not in wanted and ident[2] not in kept:
-                    await self._prune(owner, *ident)
+                    await self._prune(owner, ident, read)
         else:
             for component in (*ROLES, "router"):
                 ident = ("apps/v1", "Deployment", child_name(owner, component))
@@ -348,8 +350,16 @@ class Reconciler:
         log.info("updating %s %s/%s", kind, owner.namespace, name)
         return await c.patch(api_version, kind, owner.namespace, name, patch)
 
-    async def _prune(self, owner: Owner, api_version: str, kind: str, name: str) -> None:
-        live = await self._client.get(api_version, kind, owner.namespace, name)
+    async def _prune(
+        self, owner: Owner, ident: tuple[str, str, str], read: dict[tuple[str, str, str], Any]
+    ) -> None:
+        """Delete the child if this object controls it. `read`: children this pass has already
+        read (the other mode's Deployments, absent ones as None), which are not read again."""
+        api_version, kind, name = ident
+        if ident in read:
+            live = read[ident]
+        else:
+            live = await self._client.get(api_version, kind, owner.namespace, name)
         if live is not None and _controller_uid(live) == owner.uid:
             log.info("deleting %s %s/%s (no longer wanted)", kind, owner.namespace, name)
             await self._client.delete(api_version, kind, owner.namespace, name)
