@@ -108,7 +108,7 @@ def _demo_spec() -> dict:
         ({"router": {"serviceType": "Ingress"}}, "ClusterIP"),
         ({"prefill": {"unknownField": 1}}, "Extra inputs are not permitted"),
         ({"terminationGracePeriodSeconds": 10}, "greater than or equal to 35"),
-        ({"router": {"httpPort": 80}}, "greater than or equal to 1024"),
+        ({"router": {"httpPort": 0}}, "greater than or equal to 1"),
         ({"prefill": {"minReplicas": 0}}, "greater than or equal to 1"),
         ({"prefill": {"tolerations": [{"effect": "NoSchedule"}]}}, "without a key must use operator Exists"),
         (

@@ -140,7 +140,7 @@ def test_cpu_demo_objects():
     assert container(router)["args"] == [
         "router", "--model", "smollm2-135m", "--host", "0.0.0.0", "--port", "50051",
         "--metrics-port", "9090", "--max-in-flight", "512", "--slo-ttft-ms", "1000", "--slo-tpot-ms", "100",
-        "--http-port", "8000",
+        "--http-port", "8080",
         "--decode", f"dns:{n}-decode.default.svc:50061", "--prefill", f"dns:{n}-prefill.default.svc:50061",
     ]  # fmt: skip
     assert container(router)["readinessProbe"]["grpc"] == {"port": 50051}
@@ -494,23 +494,42 @@ def test_adapter_list_is_one_name_and_one_uri_a_line():
     assert builders.adapter_list(api.parse_spec(raw)) == "a https://h/x%20y%09z%0Aq%7F.tgz\n"
 
 
-def test_router_serves_the_optional_client_apis():
+def test_router_serves_the_optional_client_apis_on_any_service_port():
     from tandem_operator import api, builders
 
     raw = yaml.safe_load((EXAMPLES / "cpu-demo.yaml").read_text())["spec"]
-    raw["router"]["kservePort"] = 8001
+    # Ports below 1024 are the Service's: the non-root container behind it listens on its own ports.
+    raw["router"].update(grpcPort=443, httpPort=80, kservePort=8001, metricsPort=8080)
     spec = api.parse_spec(raw)
     owner = Owner(name="demo", namespace="default", uid="u")
     args = builders.build_router_args(owner, spec)
-    assert args[args.index("--http-port") + 1] == "8000" and args[args.index("--kserve-port") + 1] == "8001"
-    svc = builders.build_router_service(owner, spec)
-    ports = {p["name"]: p for p in svc["spec"]["ports"]}
-    assert ports["http"]["port"] == 8000 and ports["http"]["targetPort"] == "http"
-    assert ports["kserve"]["appProtocol"] == "grpc"
+    flags = {f: args[args.index(f) + 1] for f in ("--port", "--http-port", "--kserve-port", "--metrics-port")}
+    assert flags == {
+        "--port": "50051",
+        "--http-port": "8080",
+        "--kserve-port": "8081",
+        "--metrics-port": "9090",
+    }
     dep = builders.build_router_deployment(owner, spec, "digest")
-    names = {p["name"]: p["containerPort"] for p in dep["spec"]["template"]["spec"]["containers"][0]["ports"]}
-    assert names == {"grpc": 50051, "metrics": 9090, "http": 8000, "kserve": 8001}
-    raw["router"]["kservePort"] = 8000
+    container = dep["spec"]["template"]["spec"]["containers"][0]
+    listening = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert listening == {"grpc": 50051, "metrics": 9090, "http": 8080, "kserve": 8081}
+    assert container["readinessProbe"]["grpc"]["port"] == 50051
+    svc = builders.build_router_service(owner, spec)
+    offered = {p["name"]: (p["port"], p["targetPort"]) for p in svc["spec"]["ports"]}
+    # A Service port equal to another API's container port (metrics on 8080) is fine: targets go by name.
+    assert offered == {
+        "grpc": (443, "grpc"),
+        "http": (80, "http"),
+        "kserve": (8001, "kserve"),
+        "metrics": (8080, "metrics"),
+    }
+    assert {p["name"]: p["appProtocol"] for p in svc["spec"]["ports"] if "appProtocol" in p} == {
+        "grpc": "grpc",
+        "http": "http",
+        "kserve": "grpc",
+    }
+    raw["router"]["kservePort"] = 80
     _, errors = plan_spec_errors("demo", raw)
     assert [e.reason for e in errors] == ["PortCollision"]
 

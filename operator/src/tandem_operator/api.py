@@ -264,6 +264,11 @@ class Pool(_Model):
     )
 
 
+# The router container's own ports, whatever its Service offers: fixed, so they never collide and
+# are always bindable by a non-root process.
+ROUTER_CONTAINER_PORTS: dict[str, int] = {"grpc": 50051, "http": 8080, "kserve": 8081, "metrics": 9090}
+
+
 class Router(_Model):
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
@@ -277,25 +282,28 @@ class Router(_Model):
     service_type: ServiceType = Field(
         default=ServiceType.ClusterIP, description="Type of the router's Service: the endpoint clients use."
     )
-    # Router ports are also its container's ports, which an unprivileged container (as ours runs)
-    # may not bind below 1024 on many runtimes.
-    grpc_port: int = Field(default=50051, ge=1024, le=65535, description="gRPC inference port.")
+    # These are the router Service's ports, any of 1-65535 (a LoadBalancer may offer 443). The container
+    # behind them listens on fixed ports above 1024 (ROUTER_CONTAINER_PORTS): an unprivileged
+    # container, as ours runs, may not bind below 1024 on many runtimes.
+    grpc_port: int = Field(
+        default=50051, ge=1, le=65535, description="Service port of the gRPC inference API."
+    )
     http_port: int | None = Field(
         default=None,
-        ge=1024,
+        ge=1,
         le=65535,
         description=(
-            "Port of the OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions); "
-            "unset: not served."
+            "Service port of the OpenAI-compatible HTTP API (/v1/models, /v1/completions, "
+            "/v1/chat/completions); unset: not served."
         ),
     )
     kserve_port: int | None = Field(
         default=None,
-        ge=1024,
+        ge=1,
         le=65535,
-        description="Port of KServe's Open Inference Protocol v2 over gRPC; unset: not served.",
+        description="Service port of KServe's Open Inference Protocol v2 over gRPC; unset: not served.",
     )
-    metrics_port: int = Field(default=9090, ge=1024, le=65535, description="/metrics HTTP port.")
+    metrics_port: int = Field(default=9090, ge=1, le=65535, description="Service port of /metrics.")
     max_in_flight: int = Field(
         default=512, ge=1, le=100000, description="Requests in flight before RESOURCE_EXHAUSTED."
     )

@@ -532,17 +532,15 @@ def build_router_args(owner: Owner, spec: api.ModelDeploymentSpec) -> list[str]:
         "router",
         "--model", model_argument(spec),
         "--host", "0.0.0.0",
-        "--port", str(r.grpc_port),
-        "--metrics-port", str(r.metrics_port),
+        "--port", str(api.ROUTER_CONTAINER_PORTS["grpc"]),
+        "--metrics-port", str(api.ROUTER_CONTAINER_PORTS["metrics"]),
         "--max-in-flight", str(r.max_in_flight),
         # The router judges every request against the SLOs: the outcome counts autoscaling reads.
         "--slo-ttft-ms", str(spec.slo.ttft_ms),
         "--slo-tpot-ms", str(spec.slo.tpot_ms),
     ]  # fmt: skip
-    if r.http_port is not None:
-        args += ["--http-port", str(r.http_port)]
-    if r.kserve_port is not None:
-        args += ["--kserve-port", str(r.kserve_port)]
+    for name, _, _ in _router_api_ports(r):
+        args += [f"--{name}-port", str(api.ROUTER_CONTAINER_PORTS[name])]
     pools = spec.pools()
     if spec.mode == api.Mode.colocated:
         args += ["--decode", f"dns:{service_host(owner, 'colocated')}:{pools['colocated'].port}"]
@@ -563,14 +561,17 @@ def build_router_deployment(
         "command": ["tandem"],
         "args": build_router_args(owner, spec),
         "ports": [
-            {"name": "grpc", "containerPort": r.grpc_port, "protocol": "TCP"},
-            {"name": "metrics", "containerPort": r.metrics_port, "protocol": "TCP"},
-            *({"name": n, "containerPort": port, "protocol": "TCP"} for n, port, _ in _router_api_ports(r)),
+            {"name": "grpc", "containerPort": api.ROUTER_CONTAINER_PORTS["grpc"], "protocol": "TCP"},
+            {"name": "metrics", "containerPort": api.ROUTER_CONTAINER_PORTS["metrics"], "protocol": "TCP"},
+            *(
+                {"name": n, "containerPort": api.ROUTER_CONTAINER_PORTS[n], "protocol": "TCP"}
+                for n, _, _ in _router_api_ports(r)
+            ),
         ],
         "env": _env([]),
         "resources": build_resources(r.cpu, r.memory, 0),
         "volumeMounts": _pod_mounts(spec, adapters=False),
-        **_probes(r.grpc_port, startup="tcpSocket"),
+        **_probes(api.ROUTER_CONTAINER_PORTS["grpc"], startup="tcpSocket"),
         "securityContext": _container_security(),
     }
     selector = selector_labels(owner, "router")
