@@ -22,11 +22,12 @@ $(STAMP): requirements.txt kernels/pyproject.toml proto/pyproject.toml worker/py
 	$(BIN)/pip install -q --no-deps -e kernels -e proto -e worker -e operator
 	# Tandem's C++ CPU ops (the LoRA decode step, a layer's small float32 ops), built once here rather than by the first engine
 	$(BIN)/tandem-cpu-ops
-	# Debian's Prometheus server, for the tests that scrape real processes (skipped, and said so, without it)
-	@command -v prometheus >/dev/null 2>&1 || (command -v apt-get >/dev/null 2>&1 && \
-		(DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 || \
-		 (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1))) || \
-		echo "note: could not install Debian's prometheus package; the Prometheus-backed tests will skip"
+	# Debian's Prometheus server, for the tests that scrape real processes, and busybox, to run the
+	# fetch-adapters program as curlimages/curl does (each test skips, and says so, without them)
+	@(command -v prometheus && command -v busybox) >/dev/null 2>&1 || (command -v apt-get >/dev/null 2>&1 && \
+		(DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus busybox >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus busybox >/dev/null 2>&1))) || \
+		echo "note: could not install Debian's prometheus and busybox packages; the tests that need them will skip"
 	touch $(STAMP)
 
 test: install ## run the whole test suite

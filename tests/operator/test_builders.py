@@ -577,7 +577,23 @@ def adapter_server(tmp_path: Path):
         thread.join()
 
 
-def _run_fetch(tmp_path: Path, list_text: str) -> subprocess.CompletedProcess:
+@pytest.fixture(params=["sh", "busybox"])
+def shell_env(request, tmp_path_factory) -> dict[str, str] | None:
+    """How the fetch program runs: the system's sh (dash here), or as in `curlimages/curl`, where
+    sh, tar, mkdir, mv and rm are busybox's and only curl is its own (None: the current env)."""
+    if request.param == "sh":
+        return None
+    busybox, curl = shutil.which("busybox"), shutil.which("curl")
+    if busybox is None:
+        pytest.skip("needs Debian's busybox package (make install fetches it)")
+    bin_dir = tmp_path_factory.mktemp("busybox-bin")
+    for applet in ("sh", "tar", "gzip", "mkdir", "mv", "rm", "cat", "test", "["):
+        (bin_dir / applet).symlink_to(busybox)
+    (bin_dir / "curl").symlink_to(curl)
+    return {"PATH": str(bin_dir)}
+
+
+def _run_fetch(tmp_path: Path, list_text: str, env: dict[str, str] | None) -> subprocess.CompletedProcess:
     from tandem_operator import builders
 
     (tmp_path / "config").mkdir(exist_ok=True)
@@ -586,11 +602,14 @@ def _run_fetch(tmp_path: Path, list_text: str) -> subprocess.CompletedProcess:
     script = builders.fetch_adapters_script(
         str(tmp_path / "adapters"), str(tmp_path / "config" / "adapter-uris.txt")
     )
-    return subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    return subprocess.run(
+        ["sh", "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env,
+        executable=None if env is None else str(Path(env["PATH"]) / "sh"),
+    )  # fmt: skip
 
 
 @pytest.mark.skipif(shutil.which("curl") is None or shutil.which("tar") is None, reason="needs curl and tar")
-def test_fetch_adapters_script_runs(tmp_path: Path, adapter_server):
+def test_fetch_adapters_script_runs(tmp_path: Path, adapter_server, shell_env):
     """The init container's program, run with sh against a local server: each adapter is unpacked
     into its folder (gzip or plain tar), and a rerun (an init restart) downloads nothing again."""
     from tandem_operator import builders
@@ -604,7 +623,7 @@ def test_fetch_adapters_script_runs(tmp_path: Path, adapter_server):
     ]
     spec = api.parse_spec(raw)
     listed = builders.build_config_map(Owner("d", "ns", "u"), spec)["data"][builders.ADAPTER_LIST_KEY]
-    done = _run_fetch(tmp_path, listed)
+    done = _run_fetch(tmp_path, listed, shell_env)
     assert done.returncode == 0, done.stderr
     out = tmp_path / "adapters"
     assert sorted(p.name for p in out.iterdir()) == ["plain", "spaced.v2", "zipped"]  # no temporaries left
@@ -613,13 +632,13 @@ def test_fetch_adapters_script_runs(tmp_path: Path, adapter_server):
         assert (out / name / "adapter_model.safetensors").read_text() == archive
     assert sorted(requested) == ["/gz.tar.gz", "/plain.tar", "/with%20space.tgz"]
 
-    again = _run_fetch(tmp_path, listed)
+    again = _run_fetch(tmp_path, listed, shell_env)
     assert again.returncode == 0, again.stderr
     assert len(requested) == 3  # all present: nothing fetched twice
 
 
 @pytest.mark.skipif(shutil.which("curl") is None or shutil.which("tar") is None, reason="needs curl and tar")
-def test_fetch_adapters_script_never_evaluates_the_list(tmp_path: Path, adapter_server):
+def test_fetch_adapters_script_never_evaluates_the_list(tmp_path: Path, adapter_server, shell_env):
     base, requested = adapter_server
     marker = tmp_path / "pwned"
     for line in (
@@ -628,7 +647,7 @@ def test_fetch_adapters_script_never_evaluates_the_list(tmp_path: Path, adapter_
         f"x {base}/a.tgz;touch${{IFS}}{marker}",
         f"x {base}/'\"$IFS;touch${{IFS}}{marker};.tgz",
     ):
-        done = _run_fetch(tmp_path, line + "\n")
+        done = _run_fetch(tmp_path, line + "\n", shell_env)
         assert done.returncode != 0  # a 404: curl -f fails, set -e stops
         assert not marker.exists() and not (tmp_path / "adapters" / "x").exists()
     # What the operator's validation rejects, the program rejects too: a path outside the volume, a
@@ -639,7 +658,7 @@ def test_fetch_adapters_script_never_evaluates_the_list(tmp_path: Path, adapter_
         "x -o/tmp/evil",
         "x file:///etc/passwd",
     ):
-        done = _run_fetch(tmp_path, line + "\n")
+        done = _run_fetch(tmp_path, line + "\n", shell_env)
         assert done.returncode == 1 and "fetch-adapters: " in done.stderr, line
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "adapters" / ".hidden").exists()
     # The injection attempts reached the server as literal paths; the rejected lines never left the pod.
