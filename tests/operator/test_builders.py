@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tandem_operator import api
+from tandem_operator import api, builders
 from tandem_operator.builders import Owner, build_children
 from tandem_operator.validation import plan_spec_errors
 
@@ -234,9 +234,10 @@ def test_colocated_example_fetches_its_model_and_has_one_pool():
     assert "podAffinity" not in pod(dep).get("affinity", {})
     (init,) = pod(dep)["initContainers"]
     assert init["image"] == "curlimages/curl:8.11.1"
-    script = init["command"][2]
-    assert "https://models.example.com/qwen2-0.5b-instruct-q8_0.gguf" in script
-    assert "mv /models/.download /models/qwen2-0.5b-instruct-q8_0.gguf" in script
+    # The program test_fetch_model_script_runs runs, saving into the volume `--model` reads.
+    uri = "https://models.example.com/qwen2-0.5b-instruct-q8_0.gguf"
+    assert init["command"] == ["sh", "-c", builders.fetch_model_script(uri, "/models")]
+    assert init["volumeMounts"] == [{"name": "model", "mountPath": "/models"}]
     assert {"name": "model", "emptyDir": {}} in pod(dep)["volumes"]
     router = objs[("Deployment", f"{n}-router")]
     args = container(router)["args"]
@@ -254,7 +255,7 @@ def test_archive_uri_is_unpacked_into_a_folder():
     objs = build_children(Owner("x", "ns", UID), spec)
     dep = next(o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"] == "x-colocated")
     assert flag(container(dep)["args"], "--model") == "/models/model"
-    assert "tar -xzf /models/.download -C /models/.unpack" in pod(dep)["initContainers"][0]["command"][2]
+    assert "tar -xzf .download -C .unpack" in pod(dep)["initContainers"][0]["command"][2]
 
 
 HASH = "tandem.dev/config-hash"
@@ -602,10 +603,39 @@ def _run_fetch(tmp_path: Path, list_text: str, env: dict[str, str] | None) -> su
     script = builders.fetch_adapters_script(
         str(tmp_path / "adapters"), str(tmp_path / "config" / "adapter-uris.txt")
     )
+    return _run_sh(script, env, tmp_path)
+
+
+def _run_sh(script: str, env: dict[str, str] | None, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["sh", "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env,
+        ["sh", "-c", script], capture_output=True, text=True, timeout=60, cwd=cwd, env=env,
         executable=None if env is None else str(Path(env["PATH"]) / "sh"),
     )  # fmt: skip
+
+
+@pytest.mark.skipif(shutil.which("curl") is None or shutil.which("tar") is None, reason="needs curl and tar")
+def test_fetch_model_script_runs(tmp_path: Path, adapter_server, shell_env):
+    """The fetch-model init container's program against a local server: a .gguf file is saved under
+    its own name (also one starting with "-"), an archive unpacked into `model`, each where
+    `--model` points, and a rerun (an init restart) downloads nothing again."""
+    from tandem_operator import builders
+
+    base, requested = adapter_server
+    (tmp_path / "served" / "-tiny.gguf").write_bytes(b"GGUF")
+    for uri, expect in ((f"{base}/-tiny.gguf", "-tiny.gguf"), (f"{base}/gz.tar.gz", "model")):
+        models = tmp_path / "models" / expect.strip("-")
+        models.mkdir(parents=True)
+        script = builders.fetch_model_script(uri, str(models))
+        raw = load_example("cpu-demo.yaml")["spec"]
+        raw["model"] = {"uri": uri}
+        assert builders.model_argument(api.parse_spec(raw)) == f"{builders.MODEL_MOUNT}/{expect}"
+        for _ in range(2):
+            done = _run_sh(script, shell_env, tmp_path)
+            assert done.returncode == 0, done.stderr
+            assert sorted(p.name for p in models.iterdir()) == [expect]  # no temporaries left
+    assert (tmp_path / "models" / "tiny.gguf" / "-tiny.gguf").read_bytes() == b"GGUF"
+    assert (tmp_path / "models" / "model" / "model" / "adapter_config.json").read_text() == '{"r": 8}'
+    assert sorted(requested) == ["/-tiny.gguf", "/gz.tar.gz"]  # once each
 
 
 @pytest.mark.skipif(shutil.which("curl") is None or shutil.which("tar") is None, reason="needs curl and tar")

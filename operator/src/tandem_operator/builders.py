@@ -185,23 +185,24 @@ def _fetches_adapters(spec: api.ModelDeploymentSpec) -> bool:
     return any("://" in a.source for a in spec.adapters)
 
 
-def _fetch_script(uri: str) -> str:
-    # Download to a temporary name and move into place, so a pod restarted mid-download never sees a
-    # truncated model; skip when an earlier init (same pod, emptyDir kept) already finished.
+def fetch_model_script(uri: str, model_dir: str = MODEL_MOUNT) -> str:
+    """The fetch-model init container's `sh -c` program. It downloads to a temporary name and moves
+    into place, so a pod restarted mid-download never sees a truncated model, and exits at once when
+    an earlier init of the same pod (emptyDir kept) already finished."""
     file_name = model_file_name(uri)
-    q_uri = shlex.quote(uri)
+    q_uri, q_dir = shlex.quote(uri), shlex.quote(model_dir)
     if file_name.endswith(ARCHIVE_SUFFIXES):
         flags = "-xzf" if file_name.endswith((".tar.gz", ".tgz")) else "-xf"
         return (
-            "set -eu; test -d /models/model && exit 0; "
-            f"curl -fsSL --retry 5 --retry-delay 2 -o /models/.download {q_uri}; "
-            f"mkdir -p /models/.unpack; tar {flags} /models/.download -C /models/.unpack; "
-            "mv /models/.unpack /models/model; rm -f /models/.download"
+            f"set -eu; cd {q_dir}; test -d model && exit 0; "
+            f"curl -fsSL --globoff --retry 5 --retry-delay 2 -o .download {q_uri}; "
+            f"rm -rf .unpack; mkdir -p .unpack; tar {flags} .download -C .unpack; "
+            "mv .unpack model; rm -f .download"
         )
-    target = shlex.quote(f"{MODEL_MOUNT}/{file_name}")
+    target = shlex.quote(f"./{file_name}")  # "./": a name like "-x.gguf" is no option to test or mv
     return (
-        f"set -eu; test -f {target} && exit 0; "
-        f"curl -fsSL --retry 5 --retry-delay 2 -o /models/.download {q_uri}; mv /models/.download {target}"
+        f"set -eu; cd {q_dir}; test -f {target} && exit 0; "
+        f"curl -fsSL --globoff --retry 5 --retry-delay 2 -o .download {q_uri}; mv .download {target}"
     )
 
 
@@ -240,7 +241,7 @@ def _init_containers(spec: api.ModelDeploymentSpec, adapters: bool) -> list[dict
             {
                 "name": "fetch-model",
                 "image": spec.model.fetch_image,
-                "command": ["sh", "-c", _fetch_script(spec.model.uri)],
+                "command": ["sh", "-c", fetch_model_script(spec.model.uri)],
                 "securityContext": _container_security(),
                 "volumeMounts": [{"name": "model", "mountPath": MODEL_MOUNT}],
                 "resources": resources,
