@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
@@ -44,6 +44,9 @@ NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 MAX_AUTOSCALER_MEMORY_BYTES = 256 * 1024
 
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?$"
+DNS_SUBDOMAIN_PATTERN = (
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"  # e.g. a Secret's name
+)
 LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
 
 
@@ -145,10 +148,14 @@ class ModelSource(_Model):
             "folder; an init container downloads it into each pod before the engine starts."
         ),
     )
-    fetch_image: str = Field(
-        default="curlimages/curl:8.11.1",
+    fetch_image: str | None = Field(
+        default=None,
         min_length=1,
-        description="Image of the init container that downloads `uri` (needs sh, curl and tar).",
+        description=(
+            "Image of the init containers that download `uri` and the URI adapters, running a sh "
+            "program (needs sh, curl and tar, and a numeric non-root USER: the pods run as non-root); "
+            "unset: the deployment's own image downloads them, with Python."
+        ),
     )
 
 
@@ -444,6 +451,11 @@ class ModelDeploymentSpec(_Model):
     image: str = Field(min_length=1, description="Tandem container image for workers and router.")
     image_pull_policy: PullPolicy = Field(
         default=PullPolicy.IfNotPresent, description="Pull policy of the Tandem image."
+    )
+    image_pull_secrets: list[Annotated[str, Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)]] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Secrets (in this namespace) with credentials for the image's registry.",
     )
     mode: Mode = Field(
         default=Mode.disaggregated,

@@ -231,36 +231,43 @@ def _model_mounts(spec: api.ModelDeploymentSpec, adapters: bool) -> list[dict[st
     return mounts
 
 
+def _fetch_container(
+    spec: api.ModelDeploymentSpec, name: str, what: list[str], script: str
+) -> dict[str, Any]:
+    """An init container downloading into the pod: by default in the deployment's own image (Python:
+    `python -m tandem_worker.fetch WHAT...`), else the `sh` program `script` in `model.fetchImage`."""
+    if spec.model.fetch_image is None:
+        image = {"image": spec.image, "imagePullPolicy": spec.image_pull_policy.value}
+        command = ["python", "-m", "tandem_worker.fetch", *what]
+    else:
+        image = {"image": spec.model.fetch_image}
+        command = ["sh", "-c", script]
+    return {
+        "name": name,
+        **image,
+        "command": command,
+        "securityContext": _container_security(),
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
+    }
+
+
 def _init_containers(spec: api.ModelDeploymentSpec, adapters: bool) -> list[dict[str, Any]]:
     """The pod's downloads: the model (workers and the router, which tokenizes) and, with
     `adapters` (workers only: the router learns adapters from the workers), the URI adapters."""
     inits = []
-    resources = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
     if spec.model.uri is not None:
-        inits.append(
-            {
-                "name": "fetch-model",
-                "image": spec.model.fetch_image,
-                "command": ["sh", "-c", fetch_model_script(spec.model.uri)],
-                "securityContext": _container_security(),
-                "volumeMounts": [{"name": "model", "mountPath": MODEL_MOUNT}],
-                "resources": resources,
-            }
-        )
+        uri = spec.model.uri
+        fetch = _fetch_container(spec, "fetch-model", ["model", uri, MODEL_MOUNT], fetch_model_script(uri))
+        inits.append({**fetch, "volumeMounts": [{"name": "model", "mountPath": MODEL_MOUNT}]})
     if adapters and _fetches_adapters(spec):
-        inits.append(
-            {
-                "name": "fetch-adapters",
-                "image": spec.model.fetch_image,
-                "command": ["sh", "-c", fetch_adapters_script()],
-                "securityContext": _container_security(),
-                "volumeMounts": [
-                    {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
-                    {"name": "adapters", "mountPath": ADAPTER_MOUNT},
-                ],
-                "resources": resources,
-            }
-        )
+        list_path = f"{CONFIG_MOUNT}/{ADAPTER_LIST_KEY}"
+        what = ["adapters", list_path, ADAPTER_MOUNT]
+        fetch = _fetch_container(spec, "fetch-adapters", what, fetch_adapters_script())
+        mounts = [
+            {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+            {"name": "adapters", "mountPath": ADAPTER_MOUNT},
+        ]
+        inits.append({**fetch, "volumeMounts": mounts})
     return inits
 
 
@@ -385,7 +392,9 @@ def _container_security() -> dict[str, Any]:
 
 
 def _pod_security() -> dict[str, Any]:
-    return {"seccompProfile": {"type": "RuntimeDefault"}}
+    # Pod Security "restricted": Tandem's image runs as the numeric USER 65532, which the kubelet can
+    # check (OpenShift's SCC assigns its own non-root UID instead).
+    return {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
 def _env(pool_env: list[api.EnvVar]) -> list[dict[str, Any]]:
@@ -485,6 +494,7 @@ def build_worker_deployment(
     pod_spec = _without_empty(
         {
             "serviceAccountName": owner.name,
+            "imagePullSecrets": [{"name": n} for n in spec.image_pull_secrets],
             "automountServiceAccountToken": False,
             # Workers find each other through DNS; Docker-style service env vars only bloat the env.
             "enableServiceLinks": False,
@@ -579,6 +589,7 @@ def build_router_deployment(
     pod_spec = _without_empty(
         {
             "serviceAccountName": owner.name,
+            "imagePullSecrets": [{"name": n} for n in spec.image_pull_secrets],
             "automountServiceAccountToken": False,
             # Workers find each other through DNS; Docker-style service env vars only bloat the env.
             "enableServiceLinks": False,
