@@ -31,9 +31,11 @@ def _chart() -> Any:
     return helm.Chart.load(str(CHART))
 
 
-def render_files(values: dict[str, Any] | None = None) -> dict[str, str]:
+def render_files(
+    values: dict[str, Any] | None = None, name: str = RELEASE, namespace: str = NAMESPACE
+) -> dict[str, str]:
     """template path -> rendered text, as `helm install` would render it (schema checked first)."""
-    return _chart().render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    return _chart().render(values, name=name, namespace=namespace, is_install=True)
 
 
 def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -51,6 +53,14 @@ def _render_cached(key: str) -> tuple[dict[str, Any], ...]:
             continue
         docs += [d for d in yaml.safe_load_all(text) if d]
     return tuple(docs)
+
+
+def render_release(values: dict[str, Any] | None, name: str, namespace: str) -> list[dict[str, Any]]:
+    """Like `render`, for another release name and namespace (not cached)."""
+    files = render_files(values, name=name, namespace=namespace)
+    return [
+        d for p, t in sorted(files.items()) if not p.endswith("NOTES.txt") for d in yaml.safe_load_all(t) if d
+    ]
 
 
 def notes(values: dict[str, Any] | None = None) -> str:

@@ -4,6 +4,7 @@ and agreement with manifests/ and with what the operator's builders create."""
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import pytest
@@ -25,6 +26,8 @@ from .conftest import (
     notes,
     one,
     render,
+    render_files,
+    render_release,
 )
 
 # Non-default value sets: each renders, lints and validates like the defaults.
@@ -62,6 +65,8 @@ TUNED = {
     "priorityClassName": "system-cluster-critical",
     "verbose": True,
     "resyncSeconds": 30,
+    "autoscaleIntervalSeconds": 60,
+    "podLabels": {"team": "ml"},
     "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/x"}},
 }
 VALUE_SETS = {
@@ -73,6 +78,8 @@ VALUE_SETS = {
     "dashboards": DASHBOARDS,
     "standalone": STANDALONE,
     "tuned": TUNED,
+    # OpenShift's restricted SCC assigns the UID from the namespace's range: the chart must not name one.
+    "openshift": {"runAsUser": None, "runAsGroup": None},
     "bring-your-own-rbac": {"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "ops-sa"}},
     "everything": {**NAMESPACED, **MONITORING, **NETWORK_POLICY, **DASHBOARDS},
 }
@@ -154,10 +161,17 @@ def test_crds_validate_and_match_manifests_byte_for_byte():
         {"watchNamespaces": ["team-*"]},  # globs would need cluster-wide RBAC on Namespaces
         {"prometheus": {"url": "prometheus:9090"}},
         {"monitoring": {"serviceMonitor": {"interval": "often"}}},
+        # The Prometheus Operator's Duration: each unit at most once, largest first.
+        {"monitoring": {"serviceMonitor": {"interval": "30s1m"}}},
+        {"monitoring": {"podMonitor": {"scrapeTimeout": "15s15s"}}},
+        {"monitoring": {"podMonitor": {"interval": ""}}},
+        {"autoscaleIntervalSeconds": -1},
+        {"autoscaleIntervalSeconds": "15s"},
         {"networkPolicy": {"modelDeployments": [{"name": "x"}]}},
         {"networkPolicy": {"router": {"from": [{"podSelectr": {}}]}}},
         {"dashboards": {"enabled": "yes"}},
         {"runAsUser": 0},
+        {"runAsGroup": "1000"},
     ],
     ids=lambda v: str(v)[:60],
 )
@@ -177,11 +191,50 @@ def test_values_outside_the_schema_are_refused(values):
             {"monitoring": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}},
             "not both",
         ),
+        # The binding would grant the operator's role to every pod running as the namespace's default account.
+        ({"serviceAccount": {"create": False}}, "serviceAccount.name"),
+        ({"serviceAccount": {"create": False}, "watchNamespaces": ["ml"]}, "serviceAccount.name"),
+        # The selector is immutable and the chart's own: a pod label may not replace one of them.
+        ({"podLabels": {"app.kubernetes.io/name": "custom"}}, "podLabels.*app.kubernetes.io/name"),
+        ({"podLabels": {"team": "ml", "app.kubernetes.io/instance": "x"}}, "app.kubernetes.io/instance"),
+        ({"podLabels": {"app.kubernetes.io/component": "x"}}, "app.kubernetes.io/component"),
+        (
+            {"monitoring": {"serviceMonitor": {"enabled": True, "interval": "30s", "scrapeTimeout": "1m"}}},
+            "monitoring.serviceMonitor.scrapeTimeout",
+        ),
     ],
 )
 def test_contradictory_values_fail_with_a_reason(values, message):
     with pytest.raises(helm.HelmError, match=message):
         render(values)
+
+
+@pytest.mark.parametrize(
+    "interval, timeout, accepted",
+    [
+        ("15s", "10s", True),
+        ("1m", "60s", True),  # equal is allowed
+        ("1d", "1h30m", True),
+        ("1w", "1d", True),
+        ("1s", "100ms", True),
+        ("100ms", "1s", False),  # ms is not m
+        ("1h", "59m60s1ms", False),
+        ("1y", "53w", False),
+        ("0", "10s", True),  # 0: Prometheus' global interval, which the chart cannot know
+    ],
+)
+def test_scrape_timeout_longer_than_the_interval_is_refused(interval, timeout, accepted):
+    for kind in ("serviceMonitor", "podMonitor"):
+        values = {"monitoring": {kind: {"enabled": True, "interval": interval, "scrapeTimeout": timeout}}}
+        if accepted:
+            spec = one(render(values), kind[0].upper() + kind[1:])["spec"]
+            (endpoint,) = spec.get("endpoints") or spec["podMetricsEndpoints"]
+            assert (endpoint["interval"], endpoint["scrapeTimeout"]) == (interval, timeout)
+        else:
+            with pytest.raises(
+                helm.HelmError, match=re.escape(f"{kind}.scrapeTimeout ({timeout}) is longer")
+            ):
+                render(values)
 
 
 def test_schema_describes_every_default_value():
@@ -251,11 +304,17 @@ def test_default_install_matches_manifests():
 
     dep = one(docs, "Deployment")
     assert dep["spec"]["replicas"] == 2
+    # A new replica joins the peering before an old one leaves, so one is always able to act.
+    assert dep["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
     assert dep["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
     args = _operator_args(docs)
     assert args.all_namespaces and not args.namespace and not args.standalone
     assert args.peering == one(docs, "ClusterKopfPeering")["metadata"]["name"]
     assert args.resync_seconds == 60
+    assert args.autoscale_interval == build_parser().parse_args(["-A"]).autoscale_interval == 15
     (c,) = dep["spec"]["template"]["spec"]["containers"]
     assert c["image"] == "ghcr.io/tandem-dev/tandem-operator:0.1.0"
     # The liveness probe asks Kopf's liveness endpoint.
@@ -274,7 +333,9 @@ def test_pods_are_locked_down(name):
     for dep in by_kind(render(VALUE_SETS[name]), "Deployment"):
         pod = dep["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
-        assert pod["securityContext"]["runAsUser"] > 0 and pod["securityContext"]["runAsGroup"] > 0
+        # Absent (null values): the platform assigns them, and runAsNonRoot still holds it to a non-root one.
+        assert pod["securityContext"].get("runAsUser", 1) > 0
+        assert pod["securityContext"].get("runAsGroup", 1) > 0
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
         for c in pod["containers"] + pod.get("initContainers", []):
             sc = c["securityContext"]
@@ -322,8 +383,91 @@ def test_standalone_runs_one_replica_without_peering():
     docs = render(STANDALONE)
     args = _operator_args(docs)
     assert args.standalone
-    assert one(docs, "Deployment")["spec"]["replicas"] == 1
+    dep = one(docs, "Deployment")
+    assert dep["spec"]["replicas"] == 1
+    # Without peering nothing stops two replicas from both acting, so an upgrade must not overlap them.
+    assert dep["spec"]["strategy"] == {"type": "Recreate"}
     assert not by_kind(docs, "ClusterKopfPeering") and not by_kind(docs, "PodDisruptionBudget")
+
+
+def test_run_as_user_and_group_can_be_left_to_the_platform():
+    pod = one(render(VALUE_SETS["openshift"]), "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    pod = one(render({"runAsGroup": None}), "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsUser"] == 65532 and "runAsGroup" not in pod["securityContext"]
+
+
+def test_large_ids_render_as_integers():
+    # An OpenShift namespace's range starts around 1000680000, which Go prints as 1.00068e+09 by default.
+    uid = 1000680000
+    files = render_files({"runAsUser": uid, "runAsGroup": uid + 1})
+    text = files[f"{CHART.name}/templates/deployment.yaml"]
+    assert f"runAsUser: {uid}\n" in text and f"runAsGroup: {uid + 1}\n" in text
+    sc = one(render({"runAsUser": uid, "runAsGroup": uid + 1}), "Deployment")["spec"]["template"]["spec"]
+    assert sc["securityContext"]["runAsUser"] == uid and sc["securityContext"]["runAsGroup"] == uid + 1
+
+
+def _assert_names_are_strings(docs: list[dict[str, Any]]) -> None:
+    """Every metadata name, namespace, label and annotation value (the object's and its pod template's)
+    is a string, and the objects pass the API schemas, which want strings wherever a name goes."""
+    for doc in docs:
+        for meta in (doc["metadata"], doc.get("spec", {}).get("template", {}).get("metadata", {})):
+            values = [meta[k] for k in ("name", "namespace") if k in meta]
+            values += [*meta.get("labels", {}).values(), *meta.get("annotations", {}).values()]
+            for value in values:
+                assert isinstance(value, str), (doc["kind"], value)
+        if doc["kind"] not in CUSTOM_KINDS:
+            for version in KUBE_VERSIONS:
+                kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_names_that_look_like_numbers_or_booleans_stay_strings():
+    values = {
+        "watchNamespaces": ["2024", "no"],
+        "priorityClassName": "1000",
+        "monitoring": {"podMonitor": {"enabled": True}},
+        "networkPolicy": {"enabled": True, "modelDeployments": [{"name": "llama", "namespace": "2024"}]},
+        "dashboards": {"enabled": True, "namespace": "0755"},
+    }
+    docs = render_release(values, "2024", "1234")
+    _assert_names_are_strings(docs)
+    for kind in ("Role", "RoleBinding", "KopfPeering"):
+        assert sorted(d["metadata"]["namespace"] for d in by_kind(docs, kind)) == ["2024", "no"]
+    assert one(docs, "PodMonitor")["spec"]["namespaceSelector"] == {"matchNames": ["2024", "no"]}
+    assert one(docs, "ConfigMap")["metadata"]["namespace"] == "0755"
+    assert {d["metadata"]["namespace"] for d in by_kind(docs, "NetworkPolicy")} == {"2024"}
+    dep = one(docs, "Deployment")
+    assert dep["metadata"]["namespace"] == "1234"
+    assert dep["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"] == "2024"
+    assert dep["spec"]["template"]["spec"]["priorityClassName"] == "1000"
+    for binding in by_kind(docs, "RoleBinding"):
+        assert binding["subjects"][0]["namespace"] == "1234"
+    assert _operator_args(docs).namespace == ["2024", "no"]
+    # Every name the values can set on its own.
+    values = {
+        "fullnameOverride": "1234",
+        "nameOverride": "5678",
+        "serviceAccount": {"name": "0"},
+        "peering": {"enabled": True, "name": "1e3"},
+        "priorityClassName": "yes",
+    }
+    docs = render_release(values, "true", "null")
+    _assert_names_are_strings(docs)
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert (pod["serviceAccountName"], pod["priorityClassName"]) == ("0", "yes")
+    assert one(docs, "ClusterRoleBinding")["subjects"] == [
+        {"kind": "ServiceAccount", "name": "0", "namespace": "null"}
+    ]
+    assert one(docs, "ClusterKopfPeering")["metadata"]["name"] == "1e3"
+
+
+def test_autoscale_interval_reaches_the_operator():
+    assert _operator_args(render({"autoscaleIntervalSeconds": 45})).autoscale_interval == 45
+    assert _operator_args(render({"autoscaleIntervalSeconds": 2.5})).autoscale_interval == 2.5
+    # 0: no autoscaler at all (the spec's replicas stay in force), so NOTES say nothing about Prometheus.
+    assert _operator_args(render({"autoscaleIntervalSeconds": 0})).autoscale_interval == 0
+    assert "prometheus.url is empty" not in notes({"autoscaleIntervalSeconds": 0})
+    assert "Autoscaling: off" in notes({"autoscaleIntervalSeconds": 0})
 
 
 def test_values_reach_the_operator():
@@ -336,7 +480,10 @@ def test_values_reach_the_operator():
     assert env["TANDEM_PROMETHEUS_URL"] == "http://prometheus-operated.monitoring.svc:9090"
     assert env["TZ"] == "UTC"
     args = _operator_args(docs)
-    assert args.verbose and args.resync_seconds == 30
+    assert args.verbose and args.resync_seconds == 30 and args.autoscale_interval == 60
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert labels["team"] == "ml"
+    assert _matches(dep["spec"]["selector"]["matchLabels"], labels)
     assert pod["imagePullSecrets"] == [{"name": "ghcr"}]
     assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
     assert pod["priorityClassName"] == "system-cluster-critical"
@@ -352,6 +499,16 @@ def test_notes_say_what_to_do_next():
     assert f"port-forward svc/smollm2-demo-router {example['spec']['router']['httpPort']}:" in text
     assert "prometheus.url" in text
     assert "prometheus.url is empty" not in notes(MONITORING)
+
+
+def test_notes_warn_when_no_monitor_attaches_the_autoscalers_labels():
+    values = {"prometheus": {"url": "http://prometheus.monitoring.svc:9090"}}
+    text = notes(values)
+    assert "neither monitoring.serviceMonitor nor monitoring.podMonitor" in text
+    # What another scrape configuration must attach (autoscaler.selector in the operator).
+    assert "model_deployment" in text and "app.kubernetes.io/instance" in text and "namespace" in text
+    for monitored in (MONITORING, POD_MONITORING | values, values | {"autoscaleIntervalSeconds": 0}, {}):
+        assert "neither monitoring.serviceMonitor" not in notes(monitored)
 
 
 # ------------------------------------------------- monitoring and policies vs. the operator's children
