@@ -71,6 +71,20 @@ def test_special_tokens_add_no_text(tok):
     assert stream.push(tok.encode(" ok"), special={eos}) + stream.finish() == " ok"
 
 
+def test_an_output_cut_inside_a_character_keeps_all_its_text(tok):
+    # max_tokens (or EOS) right after " 🚀"'s first byte token: the space before it and the text
+    # before that are not lost, and the broken character reads as decoding the ids says.
+    ids = tok.encode(" Hi 🚀 there")
+    cut = next(k for k in range(1, len(ids)) if tok.hf.decode(ids[:k]).endswith("\ufffd"))
+    stream = TextStream(tok, tok.encode("Say:"), SamplingParams())
+    text = "".join(stream.push([t], special=set()) for t in ids[:cut]) + stream.finish()
+    assert text == tok.decode(ids[:cut]) == " Hi \ufffd"
+    # Held back for a stop string, then ended: the held text comes out too.
+    stream = TextStream(tok, tok.encode("Say:"), SamplingParams(stop=["never"]))
+    text = "".join(stream.push([t], special=set()) for t in ids[:cut]) + stream.finish()
+    assert text == " Hi \ufffd"
+
+
 def test_a_chat_template_that_refuses_the_messages_is_a_request_error(real_tok, monkeypatch):
     # As Llama 2's and Mistral's templates do for roles that do not alternate: raise_exception(...)
     template = (

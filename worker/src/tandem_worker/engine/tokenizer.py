@@ -146,42 +146,54 @@ class IncrementalDetokenizer:
     Otherwise a short window of recent tokens is decoded, which keeps each step O(1) in the sequence
     length; a window ending in U+FFFD is an incomplete UTF-8 sequence, so it waits for the next token.
     Either way the last few prompt tokens are the context, so the first token's leading space (or
-    its absence) decodes as it would inside the whole text. A prompt given as token ids may end
-    inside a character (a continuation cut mid-emoji): its dangling tokens are not context but
-    pending, so the character comes out whole with the token that completes it, and the context
-    before it is never emitted.
+    its absence) decodes as it would inside the whole text.
+
+    A prompt given as token ids may end inside a character (a continuation cut mid-emoji): its
+    dangling tokens are not context but pending, so the character comes out whole with the token that
+    completes it, and the context before it is never emitted (the text is what decoding the prompt
+    and output together adds to the prompt's complete characters). `flush` gives what is still held
+    back when the output ends, so the text always equals that decode: with U+FFFD for bytes of a
+    character never completed.
     """
 
     CONTEXT = 6  # prompt tokens decoded as context, never emitted
 
     def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int]) -> None:
+        self.tok = tokenizer.hf
         context = list(prompt_token_ids[-self.CONTEXT :])
         pending: list[int] = []
-        while context and tokenizer.hf.decode(context, skip_special_tokens=True).endswith("\ufffd"):
+        while context and self._decode(context).endswith("\ufffd"):
             pending.insert(0, context.pop())
+        # Emitted (or context) ids, the last few kept as the next decode's prefix; then those held back.
+        self.head, self.tail = context, list(pending)
         self.backend = tokenizer.backend
         if self.backend is not None:
             self.stream = DecodeStream(ids=context, skip_special_tokens=True)
             for t in pending:
                 self.stream.step(self.backend, t)  # incomplete: nothing to show yet
-            return
-        self.tok = tokenizer.hf
-        self.ids: list[int] = context + pending
-        self.prefix_offset = 0
-        self.read_offset = len(context)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
 
     def push(self, token_id: int) -> str:
+        self.tail.append(token_id)
         if self.backend is not None:
-            return self.stream.step(self.backend, token_id) or ""
-        self.ids.append(token_id)
-        prefix = self.tok.decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-        full = self.tok.decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            delta = full[len(prefix) :]
-            self.prefix_offset = self.read_offset
-            self.read_offset = len(self.ids)
-            return delta
-        return ""
+            delta = self.stream.step(self.backend, token_id) or ""
+        else:
+            prefix, full = self._decode(self.head), self._decode(self.head + self.tail)
+            delta = full[len(prefix) :] if len(full) > len(prefix) and not full.endswith("\ufffd") else ""
+        if not delta:
+            return ""
+        self.head, self.tail = (self.head + self.tail)[-self.CONTEXT :], []
+        return delta
+
+    def flush(self) -> str:
+        """The text of the ids still held back (an output ending inside a character): nothing is lost."""
+        if not self.tail:
+            return ""
+        delta = self._decode(self.head + self.tail)[len(self._decode(self.head)) :]
+        self.head, self.tail = (self.head + self.tail)[-self.CONTEXT :], []
+        return delta
 
 
 class TextStream:
@@ -220,4 +232,7 @@ class TextStream:
         return delta
 
     def finish(self) -> str:
+        """The rest of the text when the output ends (max_tokens, EOS, a stop token)."""
+        if self.stopped_by is None:
+            self.text += self.detok.flush()
         return self._flush(final=True)
