@@ -283,3 +283,27 @@ def test_busy_time_lasts_until_the_step_tokens_are_read_back(engine, monkeypatch
     before = engine.busy_seconds
     _generate_one(engine, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True), prompt="Hi")
     assert engine.busy_seconds - before == pytest.approx(3 * 0.3)
+
+
+def test_a_turn_ends_at_an_eos_only_generation_config_lists(engine, model_dir, tmp_path):
+    # Llama 3 Instruct ends a turn with <|eot_id|>, listed in generation_config.json but not as
+    # config.json's eos_token_id: transformers stops there, so the engine must too.
+    import json
+
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    free = _generate_one(engine, params, prompt="Name three colours.")
+    assert len(free.token_ids) == 6 and free.finish_reason == "length"
+    third = free.token_ids[2]
+    assert third not in free.token_ids[:2]
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for f in model_dir.iterdir():
+        if f.name != "generation_config.json":
+            (folder / f.name).symlink_to(f)
+    generation = json.loads((model_dir / "generation_config.json").read_text())
+    generation["eos_token_id"] = [*engine.model_config.eos_token_ids, third]
+    (folder / "generation_config.json").write_text(json.dumps(generation))
+    chat = LLMEngine(model=str(folder), kv_cache_bytes=32 * 2**20)
+    assert third in chat.eos_token_ids
+    ended = _generate_one(chat, params, prompt="Name three colours.")
+    assert ended.token_ids == free.token_ids[:3] and ended.finish_reason == "stop"

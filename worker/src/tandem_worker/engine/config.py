@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +91,16 @@ class ModelConfig:
         path = Path(folder) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"model folder {folder} has no config.json")
-        return cls.from_dict(json.loads(path.read_text()))
+        config = cls.from_dict(json.loads(path.read_text()))
+        # Chat models may end a turn with a token only generation_config.json lists (Llama 3's
+        # <|eot_id|>): transformers' generate stops at both lists, and so must the engine and router.
+        generation = Path(folder) / "generation_config.json"
+        if generation.is_file():
+            eos = json.loads(generation.read_text()).get("eos_token_id")
+            extra = eos if isinstance(eos, list) else [eos] if eos is not None else []
+            ids = config.eos_token_ids + tuple(int(e) for e in extra if int(e) not in config.eos_token_ids)
+            config = replace(config, eos_token_ids=ids)
+        return config
 
     def kv_bytes_per_token(self, dtype_size: int) -> int:
         """Bytes of K and V one token occupies across all layers."""
