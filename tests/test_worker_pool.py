@@ -242,3 +242,31 @@ def test_a_retry_is_not_refused_for_the_kv_its_failed_attempt_held(model_dir):
         out = list(router.Generate(request, _Context()))
     assert fake.calls == 2  # retried, on the prefill worker that did not fail
     assert out[-1].token_ids == [42] and out[-1].finish_reason == pb.FINISH_REASON_LENGTH
+
+
+class _SeveralTokensAMessage(wgrpc.WorkerServicer):
+    """A decode worker whose one message carries a whole answer, stop string and all."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+
+    def Generate(self, request, context):  # noqa: N802
+        yield wpb.WorkerGenerateResponse(
+            token_ids=self.ids, logprobs=[-0.5] * len(self.ids), finish_reason=pb.FINISH_REASON_LENGTH
+        )
+
+
+def test_tokens_after_a_stop_string_are_not_part_of_the_output(model_dir):
+    tok = Tokenizer(model_dir)
+    ids = tok.encode(" one two STOP three four")
+    upto = next(k for k in range(1, len(ids) + 1) if "STOP" in tok.decode(ids[:k]))
+    assert upto < len(ids)
+    with _router_over_fake_decode(model_dir, lambda pool: _SeveralTokensAMessage(ids)) as (router, _, _):
+        sampling = pb.SamplingParams(stop=["STOP"])
+        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3]), sampling=sampling)
+        (out,) = list(router.Generate(request, _Context()))
+    assert out.text == " one two " and out.stop_reason == "STOP"
+    assert out.finish_reason == pb.FINISH_REASON_STOP
+    # Up to and including the token that completed the stop string, as the engine itself counts.
+    assert list(out.token_ids) == ids[:upto] and len(out.logprobs) == upto
+    assert out.usage.completion_tokens == upto

@@ -209,9 +209,13 @@ class TextStream:
         self.text = ""
         self.emitted = 0
         self.stopped_by: str | None = None
+        self.used = 0
 
     def push(self, token_ids: list[int], special: set[int]) -> str:
-        for t in token_ids:
+        """The new text of `token_ids`; `used` is then how many of them count: up to and including
+        the one that completed a stop string (those after it are not part of the output)."""
+        self.used = len(token_ids)
+        for k, t in enumerate(token_ids):
             if t in special:
                 continue  # EOS or a stop token: ends the stream, adds no text
             before = len(self.text)
@@ -221,7 +225,7 @@ class TextStream:
                 hits = [(i, s) for s in self.stops if (i := self.text.find(s, lo)) >= 0]
                 if hits:
                     i, s = min(hits)
-                    self.text, self.stopped_by = self.text[:i], s
+                    self.text, self.stopped_by, self.used = self.text[:i], s, k + 1
                     return self._flush(final=True)
         return self._flush(final=False)
 

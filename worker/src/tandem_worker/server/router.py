@@ -176,17 +176,18 @@ class RouterService(pbgrpc.InferenceServicer):
                     now = time.monotonic()
                     if msg.token_ids and first_token_time is None:
                         first_token_time = now
-                    n_tokens += len(msg.token_ids)
                     delta = text.push(list(msg.token_ids), special)
+                    used = text.used  # tokens after one that completed a stop string are dropped
+                    n_tokens += used
                     finished = (
                         msg.finish_reason != pb.FINISH_REASON_UNSPECIFIED or text.stopped_by is not None
                     )
                     out = pb.GenerateResponse(
                         request_id=rid,
                         text=delta,
-                        token_ids=msg.token_ids,
-                        logprobs=msg.logprobs,
-                        top_logprobs=msg.top_logprobs,
+                        token_ids=msg.token_ids[:used],
+                        logprobs=msg.logprobs[:used],
+                        top_logprobs=msg.top_logprobs[:used],
                     )
                     if not sent_first:
                         out.prompt_token_ids.extend(ids)
