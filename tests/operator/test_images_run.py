@@ -75,6 +75,40 @@ def test_the_worker_image_serves_a_deployment_read_only_and_offline(var):
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert op.stdout.strip().startswith("/opt/tandem/lib/tandem-cpu-ops/"), op.stdout + op.stderr
+        _fetch_runs_in_the_image(tag)
+
+
+def _fetch_runs_in_the_image(tag: str) -> None:
+    """The fetch-model init container, as the operator builds it: the image's non-root user, a
+    read-only root, the model volume an emptyDir (here a tmpfs), from a server on loopback."""
+    import http.server
+    import threading
+
+    from tandem_operator import api, builders
+
+    served = Path(subprocess.run(["mktemp", "-d"], capture_output=True, text=True).stdout.strip())
+    (served / "tiny.gguf").write_bytes(b"GGUF")
+    handler = lambda *a, **kw: http.server.SimpleHTTPRequestHandler(*a, directory=str(served), **kw)  # noqa: E731
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        uri = f"http://127.0.0.1:{httpd.server_address[1]}/tiny.gguf"
+        spec = api.parse_spec({"image": tag, "model": {"uri": uri}, "mode": "colocated", "colocated": {}})
+        (init,) = builders._init_containers(spec, adapters=False)
+        assert init["command"][0] == "python"
+        script = init["command"] + ["&&", "cat", f"{builders.MODEL_MOUNT}/tiny.gguf"]
+        run = subprocess.run(
+            [
+                "docker", "run", "--rm", "--network", "host", "--read-only",
+                "--tmpfs", f"{builders.MODEL_MOUNT}:rw,mode=1777", "--entrypoint", "sh", tag,
+                "-c", " ".join(script),
+            ],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert run.returncode == 0 and run.stdout == "GGUF", run.stdout + run.stderr
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 @pytest.mark.asyncio

@@ -72,8 +72,10 @@ def test_operator_deployment_runs_the_real_command():
     spec = dep["spec"]["template"]["spec"]
     assert spec["serviceAccountName"] == "tandem-operator"
     (c,) = spec["containers"]
-    assert c["command"] == ["tandem"] and c["args"][0] == "operator"
-    args = parse_args(c["args"][1:])  # the same parser `tandem operator` uses
+    # The operator's own image (no torch), as the chart runs it.
+    assert c["image"] == "ghcr.io/tandem-dev/tandem-operator:0.1.0" and c["command"] == ["tandem-operator"]
+    args = parse_args(c["args"])  # the parser `tandem-operator` uses
+    assert {"name": "POD_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in c["env"]
     assert args.all_namespaces and not args.standalone
     assert args.peering == peering["metadata"]["name"]
     assert dep["spec"]["replicas"] == 2  # peering keeps one of them passive
