@@ -307,3 +307,39 @@ def test_a_turn_ends_at_an_eos_only_generation_config_lists(engine, model_dir, t
     assert third in chat.eos_token_ids
     ended = _generate_one(chat, params, prompt="Name three colours.")
     assert ended.token_ids == free.token_ids[:3] and ended.finish_reason == "stop"
+
+
+def _small_engine(engine, blocks: int, **kw) -> LLMEngine:
+    """An engine on the same model whose KV cache holds exactly `blocks` blocks."""
+    cfg = engine.model_config
+    block_bytes = engine.config.block_size * cfg.kv_bytes_per_token(4)  # float32 on the CPU
+    return LLMEngine(model=engine.config.model, kv_cache_bytes=blocks * block_bytes, **kw)
+
+
+def test_a_request_whose_kv_fits_the_cache_exactly_is_served(engine):
+    # 100 prompt tokens + 29 generated: the last token is sampled, never fed back, so the request
+    # holds at most 128 tokens of KV, 8 blocks of 16; an 8-block cache serves it.
+    small = _small_engine(engine, 8)
+    assert small.block_manager.num_blocks == 8
+    prompt = small.tokenizer.encode(" ".join(["word"] * 200))[:100]
+    out = _generate_one(
+        small, SamplingParams(max_tokens=29, temperature=0.0, ignore_eos=True), prompt_token_ids=prompt
+    )
+    assert len(out.token_ids) == 29 and out.finish_reason == "length"
+    with pytest.raises(RequestError, match="max_tokens: 100 prompt tokens \\+ 30 max_tokens can never fit"):
+        small.add_request(prompt_token_ids=prompt, params=SamplingParams(max_tokens=30))
+    with pytest.raises(RequestError, match="prompt: 129 prompt tokens"):
+        small.add_request(prompt_token_ids=prompt + prompt[:29], params=SamplingParams(max_tokens=1))
+
+
+def test_cached_tokens_count_only_the_prompts_first_admission(engine):
+    # Preempted and admitted again, a request hits the blocks it computed itself (prompt and
+    # output): those are not the prompt's cache hits, which usage reports.
+    small = _small_engine(engine, 8, max_num_batched_tokens=64)
+    params = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+    prompts = ["Tell me a story about a dragon.", "Write a poem about the moon.", "Explain how rain forms."]
+    ids = [small.add_request(p, params) for p in prompts]
+    final = run_all(small)
+    assert small.stats()["preemptions"] > 0
+    assert [final[i].num_cached_tokens for i in ids] == [0, 0, 0]  # no prompt shares a block with another
+    assert small.stats()["prefix_cached_tokens"] == 0

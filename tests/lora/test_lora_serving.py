@@ -129,6 +129,18 @@ def test_admin_loads_lists_and_unloads(lora_cluster, adapter_store, tmp_path):
     assert err.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_admin_load_of_a_malformed_adapter_is_invalid_argument(lora_cluster, adapter_store, tmp_path):
+    """Files a bare parse trips over (a lora_alpha that is no number) are the caller's error, named."""
+    admin = wgrpc.AdminStub(lora_cluster.d1.channel)
+    conf = json.loads((adapter_store / "qv-r4" / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**conf, "lora_alpha": "sixteen"}))
+    (tmp_path / "adapter_model.safetensors").symlink_to(adapter_store / "qv-r4" / "adapter_model.safetensors")
+    err = rpc_error(
+        lambda: admin.LoadAdapter(wpb.LoadAdapterRequest(name="word-alpha", path=str(tmp_path)), timeout=30)
+    )
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "lora_alpha 'sixteen'" in err.details()
+
+
 def test_router_prefers_the_pair_holding_the_adapter(lora_cluster):
     """After one request for an adapter, later ones go to the pair that already holds it."""
     c = lora_cluster

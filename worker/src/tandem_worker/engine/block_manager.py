@@ -180,7 +180,10 @@ class BlockManager:
             self._ref(b)
         seq.block_table = hits + [self._take_fresh() for _ in range(needed)]
         seq.num_computed_tokens = cached_tokens
-        seq.num_cached_tokens = cached_tokens
+        if seq.num_preemptions == 0:
+            # What usage reports as the prompt's cache hits: a preempted request's re-admission
+            # also hits its own prompt and output, which it computed itself.
+            seq.num_cached_tokens = min(cached_tokens, seq.num_prompt_tokens)
         return True
 
     def can_grow(self, seq: Sequence, num_new_tokens: int) -> bool:

@@ -208,15 +208,19 @@ class LLMEngine:
                 f"{n} tokens leave no room to generate in the model's context of {self.max_model_len} tokens",
             )
         bm = self.block_manager
-        worst = min(n + params.max_tokens, self.max_model_len)
-        if bm.blocks_needed(worst) > bm.num_blocks:
+        if bm.blocks_needed(self._peak_kv_tokens(n, params)) > bm.num_blocks:
             capacity = bm.num_blocks * bm.block_size
-            field_name = "prompt" if bm.blocks_needed(n + 1) > bm.num_blocks else "max_tokens"
+            field_name = "prompt" if bm.blocks_needed(n) > bm.num_blocks else "max_tokens"
             raise RequestError(
                 field_name,
                 f"{n} prompt tokens + {params.max_tokens} max_tokens can never fit in the KV cache "
                 f"({capacity} tokens); shorten the request or raise the KV cache budget",
             )
+
+    def _peak_kv_tokens(self, n: int, params: SamplingParams) -> int:
+        """The most tokens of KV a request of `n` prompt tokens ever holds: its last token is
+        sampled, never fed back, so it takes no KV."""
+        return min(n + params.max_tokens, self.max_model_len) - 1
 
     def add_request(
         self,
@@ -254,24 +258,57 @@ class LLMEngine:
         adapter = adapter or None
         if adapter is not None:
             self.lora.check(adapter)
+            self._check_fits_beside(adapter, len(prompt_token_ids), params)
         seq = Sequence(request_id, list(prompt_token_ids), params, remote_kv=remote_kv, kv_sink=kv_sink)
         seq.kv_sent = kv_skip
         if adapter is not None:
             seq.lora_name = adapter
             seq.cache_salt = self.lora.cache_salt(adapter)
             self.lora.prefetch(adapter)  # read it from the store while earlier batches run
+            self.lora.add_user(adapter)  # until it ends: the adapter cannot be unloaded nor re-pointed
         self._requests[request_id] = _Request(seq, TextStream(self.tokenizer, seq.prompt_token_ids, params))
         self.scheduler.add(seq)
         return request_id
+
+    def _check_fits_beside(self, adapter: str, n: int, params: SamplingParams) -> None:
+        """Raise `RequestError` if the request's KV and its adapter's blocks exceed the pool together.
+
+        Known only once the adapter is in memory; one that is not yet is found out by the scheduler
+        when, running alone, the request still cannot be admitted (it fails then, not stalls)."""
+        blocks = self.lora.num_blocks(adapter)
+        if blocks is None:
+            return
+        bm = self.block_manager
+        if blocks >= bm.num_blocks:
+            raise RequestError(
+                "adapter",
+                f"adapter {adapter!r} needs {blocks} KV blocks and the whole KV cache has "
+                f"{bm.num_blocks}: no request for it can ever run; raise the KV cache budget",
+            )
+        room = bm.num_blocks - blocks
+        if bm.blocks_needed(self._peak_kv_tokens(n, params)) > room:
+            field_name = "prompt" if bm.blocks_needed(n) > room else "max_tokens"
+            raise RequestError(
+                field_name,
+                f"{n} prompt tokens + {params.max_tokens} max_tokens can never fit in the KV cache "
+                f"({bm.num_blocks} blocks of {bm.block_size} tokens) beside adapter {adapter!r}, which "
+                f"takes {blocks} of them; shorten the request or raise the KV cache budget",
+            )
 
     def abort(self, request_id: str) -> bool:
         req = self._requests.pop(request_id, None)
         if req is None:
             return False
         req.seq.finish_reason = FinishReason.ABORT
-        self.scheduler.finish(req.seq)
-        self.sampler.forget(request_id)
+        self._retire(req.seq)
         return True
+
+    def _retire(self, seq: Sequence) -> None:
+        """A request has ended (finished, failed or aborted): release what it held."""
+        self.scheduler.finish(seq)
+        self.sampler.forget(seq.request_id)
+        if seq.lora_name is not None:
+            self.lora.remove_user(seq.lora_name)
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)
@@ -334,11 +371,10 @@ class LLMEngine:
         return failed + outputs
 
     def _fail(self, seq: Sequence, why: str) -> RequestOutput:
-        """End a request that cannot run (its adapter failed to load); the others go on."""
+        """End a request that cannot run (its adapter failed to load, it can never fit); the others go on."""
         req = self._requests.pop(seq.request_id)
         seq.finish_reason = FinishReason.ABORT
-        self.scheduler.finish(seq)
-        self.sampler.forget(seq.request_id)
+        self._retire(seq)
         log.warning("request %s failed: %s", seq.request_id, why)
         out = self._output(req, "")
         out.error = why
@@ -406,8 +442,7 @@ class LLMEngine:
         out = self._output(req, self._check_stop(req, token))
         if seq.finish_reason is not None:
             self._requests.pop(seq.request_id, None)
-            self.scheduler.finish(seq)
-            self.sampler.forget(seq.request_id)
+            self._retire(seq)
         return out
 
     def _check_stop(self, req: _Request, token: int) -> str:

@@ -116,6 +116,31 @@ def read_peft_adapter(path: Path, cfg: ModelConfig, dtype: torch.dtype, name: st
     """Parse a PEFT LoRA adapter folder and check it against the base model (AdapterError if unfit)."""
     path = Path(path)
     name = name or path.name
+    try:
+        return _read_peft_adapter(path, cfg, dtype, name)
+    except AdapterError:
+        raise
+    except Exception as e:
+        # The files come from users: whatever else a malformed one trips must fail this adapter
+        # (its requests, its admin load), never the engine thread that reads it.
+        raise AdapterError(f"adapter {name!r}: malformed adapter in {path}: {type(e).__name__}: {e}") from e
+
+
+# PEFT options under which the adapter computes something other than "x A^T B^T * scaling added to
+# these projections, on every token": served as plain LoRA they would give wrong outputs, so they
+# are refused by name, with what they do.
+_UNSUPPORTED_OPTIONS = {
+    "use_dora": "DoRA",
+    "fan_in_fan_out": "transposed weights",
+    "modules_to_save": "fully trained copies of modules",
+    "alpha_pattern": "per-module alpha",
+    "alora_invocation_tokens": "Activated LoRA: applied only from its invocation tokens on",
+    "layer_replication": "duplicated base layers",
+    "target_parameters": "adapted raw parameters",
+}
+
+
+def _read_peft_adapter(path: Path, cfg: ModelConfig, dtype: torch.dtype, name: str) -> HostAdapter:
     cfg_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
     if not cfg_file.is_file() or not weights_file.is_file():
         raise AdapterError(f"adapter {name!r}: {path} lacks adapter_config.json or adapter_model.safetensors")
@@ -123,19 +148,16 @@ def read_peft_adapter(path: Path, cfg: ModelConfig, dtype: torch.dtype, name: st
         conf = json.loads(cfg_file.read_text())
     except (OSError, ValueError) as e:
         raise AdapterError(f"adapter {name!r}: unreadable adapter_config.json: {e}") from e
+    if not isinstance(conf, dict):
+        raise AdapterError(f"adapter {name!r}: adapter_config.json is a {type(conf).__name__}, not an object")
     if conf.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"adapter {name!r}: peft_type {conf.get('peft_type')!r}, only LORA is supported")
-    unsupported = {
-        "use_dora": bool(conf.get("use_dora")),
-        "fan_in_fan_out": bool(conf.get("fan_in_fan_out")),
-        "bias": conf.get("bias", "none") != "none" or bool(conf.get("lora_bias")),
-        "modules_to_save": bool(conf.get("modules_to_save")),
-        "alpha_pattern": bool(conf.get("alpha_pattern")),
-    }
-    bad = [k for k, v in unsupported.items() if v]
+    bad = [f"{k} ({what})" for k, what in _UNSUPPORTED_OPTIONS.items() if conf.get(k)]
+    if conf.get("bias", "none") not in ("none", None) or conf.get("lora_bias"):
+        bad.append("bias")
     if bad:
         raise AdapterError(f"adapter {name!r}: unsupported PEFT option(s) {', '.join(bad)}")
-    alpha = float(conf.get("lora_alpha", 8))
+    alpha = _alpha(conf.get("lora_alpha", 8), name)
     rslora = bool(conf.get("use_rslora"))
     shapes = module_shapes(cfg)
     raw: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
@@ -168,12 +190,21 @@ def read_peft_adapter(path: Path, cfg: ModelConfig, dtype: torch.dtype, name: st
             raise AdapterError(f"adapter {name!r}: layer {layer} {module} lacks lora_A or lora_B")
         a, b = ab["A"], ab["B"]
         fan_in, fan_out = shapes[module]
-        r = a.shape[0]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != fan_in or b.shape != (fan_out, r) or r < 1:
+        if (
+            a.dim() != 2
+            or b.dim() != 2
+            or not a.is_floating_point()
+            or not b.is_floating_point()
+            or a.shape[0] < 1
+            or a.shape[1] != fan_in
+            or tuple(b.shape) != (fan_out, a.shape[0])
+        ):
             raise AdapterError(
-                f"adapter {name!r}: layer {layer} {module}: A {tuple(a.shape)}, B {tuple(b.shape)} "
-                f"do not fit the base model's {fan_in} -> {fan_out} projection"
+                f"adapter {name!r}: layer {layer} {module}: A {tuple(a.shape)} {a.dtype}, "
+                f"B {tuple(b.shape)} {b.dtype} do not fit the base model's {fan_in} -> {fan_out} "
+                f"projection (floating-point A [rank, {fan_in}] and B [{fan_out}, rank] expected)"
             )
+        r = a.shape[0]
         s = alpha / math.sqrt(r) if rslora else alpha / r
         if scaling.setdefault(module, s) != s:
             raise AdapterError(f"adapter {name!r}: {module} has different ranks across layers")
@@ -181,6 +212,21 @@ def read_peft_adapter(path: Path, cfg: ModelConfig, dtype: torch.dtype, name: st
         weights[(layer, module)] = (a, b)
         num_bytes += a.nbytes + b.nbytes
     return HostAdapter(name, path, weights, scaling, num_bytes)
+
+
+def _alpha(value: Any, name: str) -> float:
+    """lora_alpha as a finite number (PEFT writes an int; a numeric string is taken as its number)."""
+    alpha = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        alpha = float(value)
+    elif isinstance(value, str):
+        try:
+            alpha = float(value)
+        except ValueError:
+            pass
+    if alpha is None or not math.isfinite(alpha):
+        raise AdapterError(f"adapter {name!r}: lora_alpha {value!r} is not a number")
+    return alpha
 
 
 @dataclass
@@ -558,7 +604,11 @@ class LoRAManager:
         self._host: OrderedDict[str, HostAdapter] = OrderedDict()  # LRU, oldest first
         self._loading: dict[str, Future] = {}
         self._loading_since: dict[str, float] = {}
-        self._generation: dict[str, int] = {}  # bumped by unload, so a reloaded name never hits old KV
+        # Per name, part of its prefix-cache salt: moved on whenever what the name stands for may
+        # have changed (see `cache_salt`), so KV computed with old weights never serves new ones.
+        self._generation: dict[str, int] = {}
+        self._stamps: dict[str, tuple] = {}  # per name, its files' identity when last read
+        self._users: dict[str, int] = {}  # per name, unfinished requests for it (add_user)
         self._device: OrderedDict[str, DeviceAdapter] = OrderedDict()  # LRU, oldest first
         self._free_slots: list[int] = []
         self._next_slot = 0
@@ -608,13 +658,58 @@ class LoRAManager:
     def store_names(self) -> list[str]:
         if self.store_dir is None or not self.store_dir.is_dir():
             return []
-        return sorted(p.name for p in self.store_dir.iterdir() if (p / "adapter_config.json").is_file())
+        # A folder whose name requests cannot use (spaces, '+', a leading '_' or '.') is not listed:
+        # it would be advertised and then never found.
+        return sorted(
+            p.name
+            for p in self.store_dir.iterdir()
+            if _valid_name(p.name) and (p / "adapter_config.json").is_file()
+        )
+
+    # --- requests --------------------------------------------------------------------------
+
+    def add_user(self, name: str) -> None:
+        """An unfinished request names `name`; until its `remove_user`, `name` cannot be unloaded
+        or re-pointed, whether the request is waiting, running or preempted (holding no pin)."""
+        self._users[name] = self._users.get(name, 0) + 1
+
+    def remove_user(self, name: str) -> None:
+        n = self._users.get(name, 0) - 1
+        if n > 0:
+            self._users[name] = n
+        else:
+            self._users.pop(name, None)
+
+    def _refuse_if_used(self, name: str, action: str) -> None:
+        dev = self._device.get(name)
+        n = max(self._users.get(name, 0), dev.pins if dev is not None else 0)
+        if n:
+            raise AdapterBusyError(
+                f"adapter {name!r} is in use by {n} unfinished request(s): {action} it is refused "
+                f"until they finish"
+            )
+
+    def cache_salt(self, name: str) -> bytes:
+        """Prefix-cache salt: KV computed under one adapter (and load) is never reused by another.
+
+        A request takes its salt when it arrives and keeps it for life: its block hashes chain from
+        it, and a preempted request resumes from its own cached blocks. That is sound because what
+        a name stands for cannot change under an unfinished request: unload and a load or register
+        from another path are refused while any names it (`add_user`), and each moves the
+        generation on. Refusing is simpler than re-salting requests mid-flight, and a response is
+        never generated by two adapters. The one change that cannot be refused, the files replaced
+        on disk, is seen at the next read (only once the adapter is off the device, so no request
+        holds it) and moves the generation on too; then the scheduler gives a request that has not
+        started the new salt, and fails one that has (part of its answer came from the old files).
+        """
+        return f"lora:{name}:{self._generation.get(name, 0)}".encode()
 
     # --- host tier -------------------------------------------------------------------------
 
-    def _read(self, name: str, path: Path) -> HostAdapter:
+    def _parse(self, name: str, path: Path) -> tuple[HostAdapter, tuple]:
         t0 = time.perf_counter()
         try:
+            stamp = _stamp(path)
             adapter = read_peft_adapter(path, self.cfg, self.dtype, name)
         except Exception:
             with self._lock:
@@ -623,8 +718,23 @@ class LoRAManager:
         with self._lock:
             self.stats.loads += 1
             self.stats.load_seconds += time.perf_counter() - t0
+        return adapter, stamp
+
+    def _install(self, name: str, adapter: HostAdapter, stamp: tuple, generation: int) -> None:
+        """Put a read in the host tier, unless `name` was unloaded or re-pointed since the read began
+        (its generation moved on): that read is of weights the name no longer stands for."""
+        with self._lock:
+            if self._generation.get(name, 0) != generation:
+                return
+            if self._stamps.get(name, stamp) != stamp:
+                self._generation[name] = generation + 1  # the files changed on disk since the last read
+            self._stamps[name] = stamp
             self._host[name] = adapter
             self._trim_host()
+
+    def _read(self, name: str, path: Path, generation: int) -> HostAdapter:
+        adapter, stamp = self._parse(name, path)
+        self._install(name, adapter, stamp, generation)
         return adapter
 
     def _trim_host(self) -> None:
@@ -647,33 +757,55 @@ class LoRAManager:
             self._start_read(name, path)
 
     def _start_read(self, name: str, path: Path) -> None:
-        self._loading[name] = self._executor.submit(self._read, name, path)
+        self._loading[name] = self._executor.submit(self._read, name, path, self._generation.get(name, 0))
         self._loading_since[name] = time.monotonic()
 
-    def cache_salt(self, name: str) -> bytes:
-        """Prefix-cache salt: KV computed under one adapter (and load) is never reused by another."""
-        return f"lora:{name}:{self._generation.get(name, 0)}".encode()
+    def _drop(self, name: str) -> None:
+        """Forget every copy of `name`'s weights and move its generation on."""
+        if name in self._device:
+            self._evict(name)
+        fut = self._loading.pop(name, None)
+        self._loading_since.pop(name, None)
+        if fut is not None:
+            fut.cancel()  # one already running completes, and `_install` drops it as stale
+        with self._lock:
+            self._host.pop(name, None)
+            self._stamps.pop(name, None)
+            self._generation[name] = self._generation.get(name, 0) + 1
+
+    def _moves(self, name: str, path: Path) -> bool:
+        """`name` would stand for other files if it were pointed at `path`."""
+        old = self._path(name)
+        return old is None or Path(old).resolve() != Path(path).resolve()
 
     def load(self, name: str, path: Path | None = None, to_device: bool = False) -> AdapterInfo:
-        """Admin: read an adapter (from `path`, else the store) into host memory now, checking it fits."""
+        """Admin: read an adapter (from `path`, else the store) into host memory now, checking it fits.
+
+        A `path` other than the one `name` stands for now re-points it (refused while requests
+        for it are unfinished); a `path` that is not a fitting adapter changes nothing."""
         if not _valid_name(name):
             raise AdapterError(f"adapter name {name!r}: use letters, digits, '.', '_' and '-' only")
-        if path is not None:
-            if name in self._device or name in self._host:
-                known = self._paths.get(name) or (self.store_dir / name if self.store_dir else None)
-                if known is not None and Path(path).resolve() != Path(known).resolve():
-                    raise AdapterBusyError(f"adapter {name!r} is loaded from {known}; unload it first")
+        if path is not None and self._moves(name, Path(path)):
             src = Path(path)
+            self._refuse_if_used(name, "re-pointing")
+            adapter, stamp = self._parse(name, src)  # raises AdapterError before anything changes
+            self._drop(name)
+            self._paths[name] = src
+            self._install(name, adapter, stamp, self._generation[name])
         else:
-            src = self._path(name)
+            src = Path(path) if path is not None else self._path(name)
             if src is None:
                 raise AdapterNotFoundError(name, f" (not in the adapter store {self.store_dir})")
-        if name not in self._host and name not in self._device:
-            self._read(name, src)  # raises AdapterError before anything is registered
-        if path is not None:
-            self._paths[name] = src
+            if name not in self._host and name not in self._device:
+                self._read(name, src, self._generation.get(name, 0))
+            if path is not None:
+                self._paths[name] = src
         if to_device and name not in self._device:
-            if self._to_device(name) is None:
+            with self._lock:
+                adapter = self._host.get(name)
+            if adapter is None:  # its files changed on disk while it was read: a later load reads them
+                raise AdapterBusyError(f"adapter {name!r} changed while it was loaded; load it again")
+            if self._to_device(adapter) is None:
                 raise AdapterBusyError(f"adapter {name!r}: no room on the device now (KV cache full)")
         return self.info(name)
 
@@ -681,24 +813,27 @@ class LoRAManager:
         """Make `name` loadable from `path` on first use (no read now): deployments list their adapters."""
         if not _valid_name(name):
             raise AdapterError(f"adapter name {name!r}: use letters, digits, '.', '_' and '-' only")
+        if self._moves(name, Path(path)):
+            self._refuse_if_used(name, "re-pointing")
+            self._drop(name)
         self._paths[name] = Path(path)
 
     def unload(self, name: str) -> None:
-        """Admin: drop an adapter from every tier; refused while a request uses it."""
-        dev = self._device.get(name)
-        if dev is not None and dev.pins:
-            raise AdapterBusyError(f"adapter {name!r} is in use by {dev.pins} running request(s)")
+        """Admin: drop an adapter from every tier; refused while a request for it is unfinished."""
+        self._refuse_if_used(name, "unloading")
         if not self.known(name):
             raise AdapterNotFoundError(name)
-        if dev is not None:
-            self._evict(name)
-        fut = self._loading.pop(name, None)
-        if fut is not None:
-            fut.cancel()
-        with self._lock:
-            self._host.pop(name, None)
+        self._drop(name)
         self._paths.pop(name, None)
-        self._generation[name] = self._generation.get(name, 0) + 1
+
+    def num_blocks(self, name: str) -> int | None:
+        """KV blocks `name` takes on the device; None while its weights are not in memory."""
+        dev = self._device.get(name)
+        if dev is not None:
+            return dev.num_blocks
+        with self._lock:
+            host = self._host.get(name)
+        return None if host is None else self._plan(host)[0]
 
     # --- device tier -----------------------------------------------------------------------
 
@@ -740,9 +875,10 @@ class LoRAManager:
         if name not in self._host and name not in self._loading:
             self.check(name)
             self._start_read(name, self._path(name))
-        if self._poll(name) is None:
+        adapter = self._poll(name)
+        if adapter is None:
             return None
-        dev = self._to_device(name)
+        dev = self._to_device(adapter)
         if dev is None:
             return None
         dev.pins += 1
@@ -786,8 +922,8 @@ class LoRAManager:
             n += 1
         return n, layers
 
-    def _to_device(self, name: str) -> DeviceAdapter | None:
-        adapter = self._host[name]
+    def _to_device(self, adapter: HostAdapter) -> DeviceAdapter | None:
+        name = adapter.name
         n, layers = self._plan(adapter)
         if n > self.bm.num_blocks:
             raise AdapterError(
@@ -799,8 +935,28 @@ class LoRAManager:
             first = self.bm.allocate_run(n)
         if first is None:
             return None
-        slot = self._free_slots.pop() if self._free_slots else self._take_slot()
-        dev = DeviceAdapter(name, slot, first, n, adapter.num_bytes, adapter.max_rank)
+        slot = None
+        try:
+            slot = self._free_slots.pop() if self._free_slots else self._take_slot()
+            dev = DeviceAdapter(name, slot, first, n, adapter.num_bytes, adapter.max_rank)
+            self._place(adapter, dev, layers)
+            self.tables.set_slot(slot, dev, adapter.scaling)
+        except BaseException:
+            # The scheduler fails the request on any error here and the engine serves on: the run
+            # and the slot go back, or they would be lost for good.
+            if slot is not None:
+                self.tables.set_slot(slot, None, {})
+                self._free_slots.append(slot)
+            self.bm.free_run(first, n)
+            raise
+        self._device[name] = dev
+        with self._lock:
+            self.stats.device_loads += 1
+        return dev
+
+    def _place(self, adapter: HostAdapter, dev: DeviceAdapter, layers: dict[int, list[tuple]]) -> None:
+        """Copy the adapter's matrices into its block run and record where each one went."""
+        first, n = dev.first_block, dev.num_blocks
         regions = (first * self.block_elems, self._v_base + first * self.block_elems)
         for layer, mats in layers.items():
             base = [r + layer * self._layer_stride for r in regions]
@@ -827,11 +983,6 @@ class LoRAManager:
                     p.parts[tag] = (at, a.shape[0], y_off)
             for kind, p in by_kind.items():
                 dev.placements[(layer, kind)] = p
-        self.tables.set_slot(slot, dev, adapter.scaling)
-        self._device[name] = dev
-        with self._lock:
-            self.stats.device_loads += 1
-        return dev
 
     def _take_slot(self) -> int:
         slot = self._next_slot
@@ -899,6 +1050,20 @@ class LoRAManager:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _stamp(path: Path) -> tuple:
+    """The identity of an adapter's files (inode, size, times): another value means other weights
+    may be behind the same path. ctime too, as a copy that keeps the mtime still changes it."""
+    out = []
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        try:
+            st = (Path(path) / f).stat()
+        except OSError:
+            out.append(None)
+            continue
+        out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(out)
 
 
 def _valid_name(name: str) -> bool:

@@ -20,12 +20,14 @@ Each `schedule()` call decides one model step:
   adapter finds no room on the device (the pool is held by running requests' KV and pinned
   adapters), the requests behind it that need no new room (the base model, resident adapters) go
   ahead, but only for `adapter_wait_steps` steps of that request's wait: then the queue stops
-  behind it until room frees, so it cannot starve.
+  behind it until room frees, so it cannot starve. A request that cannot be admitted, or grow, even
+  with nothing else holding KV (its KV and its adapter exceed the pool) fails instead of waiting.
 The decisions are bookkeeping over `BlockManager` and the LoRA manager; no tensors here.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +38,8 @@ from .sequence import Sequence, SequenceStatus
 
 if TYPE_CHECKING:
     from .lora import LoRAManager
+
+log = logging.getLogger(__name__)
 
 
 # Steps a request whose adapter has no room on the device lets the queue behind it go ahead: a
@@ -131,15 +135,32 @@ class Scheduler:
         if seq.lora_name is None or seq.lora_slot is not None:
             return True
         assert self.adapters is not None, "a LoRA request reached an engine without adapters"
+        name = seq.lora_name
         try:
-            slot = self.adapters.acquire(seq.lora_name)
-        except ValueError as e:  # AdapterError, AdapterNotFoundError: this request cannot run
+            slot = self.adapters.acquire(name)
+        except Exception as e:  # noqa: BLE001 - whatever its adapter does fails this request, not the engine
+            why = str(e)  # AdapterError, AdapterNotFoundError: they say what is wrong
+            if not isinstance(e, ValueError):
+                log.exception("acquiring adapter %r for request %s failed", name, seq.request_id)
+                why = f"adapter {name!r} could not be loaded: {type(e).__name__}: {e}"
             queue.popleft()
-            out.failed.append((seq, str(e)))
+            out.failed.append((seq, why))
             return True
         if slot is None:
             return False
         seq.lora_slot = slot
+        salt = self.adapters.cache_salt(name)
+        if seq.cache_salt != salt:
+            # The adapter's files changed on disk since the request took its salt (see
+            # LoRAManager.cache_salt). Never admitted, it has computed and sent nothing: it runs
+            # with the weights there now. Otherwise part of its answer came from the old weights.
+            if seq.num_preemptions == 0 and not seq.output_token_ids:
+                seq.cache_salt = salt
+                self.bm.forget(seq)  # hashes chained from the old salt by a failed admission
+            else:
+                self._release(seq)
+                queue.popleft()
+                out.failed.append((seq, f"adapter {name!r} changed while this request ran; send it again"))
         return True
 
     def _adapter_loading(self, seq: Sequence) -> bool:
@@ -184,10 +205,31 @@ class Scheduler:
                 continue  # its adapter cannot load: _acquire took it off the queue
             if not admit(seq):
                 self._release(seq)
-                break
+                if self.running or self.reserved:
+                    break  # they free room as they finish
+                # Nothing else holds KV, and every adapter but its own has been evicted for it: it
+                # will never fit (its adapter was not in memory when it arrived, to refuse it then).
+                queue.popleft()
+                out.failed.append((seq, self._never_fits(seq)))
+                continue
             queue.popleft()
-            self.stats.num_prefix_cached_tokens += seq.num_cached_tokens
+            if seq.num_preemptions == 0:  # a re-admission's hits are its own earlier work
+                self.stats.num_prefix_cached_tokens += seq.num_cached_tokens
         queue.extendleft(reversed(passed))
+
+    def _never_fits(self, seq: Sequence) -> str:
+        bm = self.bm
+        beside = ""
+        if seq.lora_name is not None and self.adapters is not None:
+            blocks = self.adapters.num_blocks(seq.lora_name)
+            beside = f" beside adapter {seq.lora_name!r}" + (
+                f", which takes {blocks} of them" if blocks else ""
+            )
+        return (
+            f"{seq.num_prompt_tokens} prompt tokens + {seq.params.max_tokens} max_tokens can never fit "
+            f"in the KV cache ({bm.num_blocks} blocks of {bm.block_size} tokens){beside}; shorten the "
+            f"request or raise the KV cache budget"
+        )
 
     def _needs_room(self, seq: Sequence) -> bool:
         return (
@@ -230,6 +272,13 @@ class Scheduler:
                 if self.adapters is not None and self.adapters.evict_one():
                     continue
                 victim = running.pop()
+                if victim is seq and not running and not self.reserved:
+                    # Alone, with every other adapter evicted, it still cannot grow: preempted it
+                    # would be admitted again and come back here, every step, for ever.
+                    self._release(seq)
+                    self.bm.free(seq)
+                    out.failed.append((seq, self._never_fits(seq)))
+                    break
                 self._preempt(victim, out)
                 if victim is seq:
                     break
