@@ -25,6 +25,8 @@ from tandem_proto.v1 import worker_pb2 as wpb
 from tandem_proto.v1 import worker_pb2_grpc as wgrpc
 from tandem_worker.engine.config import EngineConfig
 from tandem_worker.engine.llm_engine import LLMEngine
+from tandem_worker.engine.lora import AdapterNotFoundError
+from tandem_worker.engine.sampling_params import RequestError
 from tandem_worker.server.local import free_port
 from tandem_worker.server.worker_main import serve_worker
 
@@ -245,3 +247,34 @@ def test_a_dead_engine_loop_fails_every_caller_at_once(model_dir, monkeypatch):
         assert loop.num_in_flight == 0
     finally:
         loop.stop()
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (RequestError("prompt", "can never fit beside adapter x"), grpc.StatusCode.INVALID_ARGUMENT),
+        (AdapterNotFoundError("x"), grpc.StatusCode.NOT_FOUND),
+    ],
+)
+def test_what_the_engine_thread_refuses_reaches_the_client_as_its_code(model_dir, monkeypatch, error, code):
+    # The engine thread adds each request after the server thread checked it; what it refuses
+    # then (the adapter's size is known only there, or it was unloaded meanwhile) is the caller's
+    # error, not UNKNOWN, and the worker serves on.
+    original = LLMEngine.add_request
+
+    def add_request(self, *args, request_id=None, **kwargs):
+        if request_id == "refused":
+            raise error
+        return original(self, *args, request_id=request_id, **kwargs)
+
+    monkeypatch.setattr(LLMEngine, "add_request", add_request)
+    with in_process_worker("colocated", model_dir) as (channel, server, status):
+        worker = wgrpc.WorkerStub(channel)
+        ids = [1, 2, 3]
+        refused = wpb.WorkerGenerateRequest(request_id="refused", prompt_token_ids=ids, sampling=greedy(4))
+        with pytest.raises(grpc.RpcError) as err:
+            list(worker.Generate(refused, timeout=60))
+        assert err.value.code() == code, err.value
+        served = wpb.WorkerGenerateRequest(request_id="served", prompt_token_ids=ids, sampling=greedy(4))
+        assert sum(len(m.token_ids) for m in worker.Generate(served, timeout=60)) == 4
+        assert server.is_alive()

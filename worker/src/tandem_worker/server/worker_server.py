@@ -146,7 +146,9 @@ class WorkerService(wgrpc.WorkerServicer):
         except RequestAborted:
             done.set()
             return
-        except EngineDead as e:
+        except (EngineDead, RequestError, AdapterError, AdapterNotFoundError) as e:
+            # Also what the engine thread refuses when it adds the request (its adapter, in
+            # memory only there, leaves no room for its KV; the adapter was unloaded meanwhile).
             done.set()
             _abort_for(context, e)
         finally:
@@ -338,7 +340,9 @@ class KVTransferService(wgrpc.KVTransferServicer):
         except RequestAborted:
             done.set()
             return
-        except EngineDead as e:
+        except (EngineDead, RequestError, AdapterError, AdapterNotFoundError) as e:
+            # Also what the engine thread refuses when it adds the request (its adapter, in
+            # memory only there, leaves no room for its KV; the adapter was unloaded meanwhile).
             done.set()
             _abort_for(context, e)
         finally:
