@@ -99,6 +99,15 @@ def _rules(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
     return granted
 
 
+def _is_user_role(role: dict[str, Any]) -> bool:
+    return any(k.startswith("rbac.authorization.k8s.io/aggregate-to-") for k in role["metadata"]["labels"])
+
+
+def _operator_role(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (role,) = [d for d in by_kind(docs, "ClusterRole") if not _is_user_role(d)]
+    return role
+
+
 def _manifest_rules() -> dict[tuple[str, str], set[str]]:
     docs = yaml.safe_load_all((REPO_ROOT / "manifests" / "rbac.yaml").read_text())
     (role,) = [d for d in docs if d and d["kind"] == "ClusterRole"]
@@ -278,8 +287,8 @@ def test_default_install_matches_manifests():
     docs = render()
     kinds = sorted(d["kind"] for d in docs)
     assert kinds == sorted(
-        ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering", "Deployment",
-         "PodDisruptionBudget"]
+        ["ServiceAccount", "ClusterRole", "ClusterRole", "ClusterRole", "ClusterRoleBinding",
+         "ClusterKopfPeering", "Deployment", "PodDisruptionBudget"]
     )  # fmt: skip
     manifests = {
         d["kind"]: d
@@ -288,15 +297,17 @@ def test_default_install_matches_manifests():
         if d
     }
     # The same names as the plain-YAML install for a release called "tandem".
-    for kind in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering", "Deployment"):
+    for kind in ("ServiceAccount", "ClusterRoleBinding", "ClusterKopfPeering", "Deployment"):
         assert one(docs, kind)["metadata"]["name"] == manifests[kind]["metadata"]["name"]
-    assert _rules(one(docs, "ClusterRole")) == _manifest_rules()
+    role = _operator_role(docs)
+    assert role["metadata"]["name"] == manifests["ClusterRole"]["metadata"]["name"]
+    assert _rules(role) == _manifest_rules()
     binding = one(docs, "ClusterRoleBinding")
     sa = one(docs, "ServiceAccount")
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
         "kind": "ClusterRole",
-        "name": one(docs, "ClusterRole")["metadata"]["name"],
+        "name": role["metadata"]["name"],
     }
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": NAMESPACE}
@@ -348,7 +359,9 @@ def test_pods_are_locked_down(name):
 
 def test_namespaced_mode_grants_nothing_cluster_wide():
     docs = render(NAMESPACED)
-    assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
+    # Nothing for the operator: only the user roles' aggregated rules, bound to no one here.
+    assert all(_is_user_role(r) for r in by_kind(docs, "ClusterRole"))
+    assert not by_kind(docs, "ClusterRoleBinding")
     assert not by_kind(docs, "ClusterKopfPeering")
     args = _operator_args(docs)
     assert args.namespace == ["team-a", "team-b"] and not args.all_namespaces
@@ -667,3 +680,42 @@ def test_packaged_chart_renders_the_same(tmp_path):
         docs = [d for path, text in sorted(rendered.items()) if not path.endswith("NOTES.txt")
                 for d in yaml.safe_load_all(text) if d]  # fmt: skip
         assert docs == render(values)
+
+
+def test_users_get_modeldeployments_through_their_own_roles():
+    """Aggregated into the built-in roles: edit and admin may write ModelDeployments, view may read
+    them (status too), no one is bound here, and the plain-YAML install ships the same roles."""
+    user_roles = [r for r in by_kind(render(), "ClusterRole") if _is_user_role(r)]
+    by_aggregate = {
+        tuple(sorted(k.rsplit("-", 1)[1] for k in r["metadata"]["labels"] if "aggregate-to-" in k)): r
+        for r in user_roles
+    }
+    assert set(by_aggregate) == {("admin", "edit"), ("view",)}
+    write, read = by_aggregate[("admin", "edit")], by_aggregate[("view",)]
+    assert _rules(write) == {
+        ("tandem.dev", "modeldeployments"): {
+            "get", "list", "watch", "create", "update", "patch", "delete", "deletecollection",
+        }
+    }  # fmt: skip
+    assert _rules(read) == {
+        ("tandem.dev", "modeldeployments"): {"get", "list", "watch"},
+        ("tandem.dev", "modeldeployments/status"): {"get", "list", "watch"},
+    }
+    assert all(
+        r["metadata"]["labels"][k] == "true"
+        for r in user_roles
+        for k in r["metadata"]["labels"]
+        if "aggregate-to-" in k
+    )
+    shipped = list(yaml.safe_load_all((REPO_ROOT / "manifests" / "user-roles.yaml").read_text()))
+    assert [(d["metadata"]["name"], _rules(d)) for d in shipped] == [
+        (r["metadata"]["name"], _rules(r)) for r in user_roles
+    ]
+    assert [{k: v for k, v in d["metadata"]["labels"].items() if "aggregate-to-" in k} for d in shipped] == [
+        {k: v for k, v in r["metadata"]["labels"].items() if "aggregate-to-" in k} for r in user_roles
+    ]
+    assert not [
+        r
+        for r in by_kind(render({"rbac": {"aggregateToUserRoles": False}}), "ClusterRole")
+        if _is_user_role(r)
+    ]

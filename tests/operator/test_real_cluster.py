@@ -59,7 +59,7 @@ def apply_md(manifest: dict, ns: str, check: bool = True) -> subprocess.Complete
 
 
 def test_manifests_are_accepted_by_the_api_server(namespace):
-    for name in ("rbac.yaml", "operator.yaml"):
+    for name in ("rbac.yaml", "user-roles.yaml", "operator.yaml"):
         kubectl("apply", "--dry-run=server", "-f", str(MANIFESTS / name))
     for example in sorted((MANIFESTS / "examples").glob("*.yaml")):
         doc = yaml.safe_load(example.read_text())
