@@ -300,3 +300,33 @@ def test_an_adapter_with_no_room_lets_the_queue_pass_for_a_while(
         assert final[rid].error is None
         assert_matches(f"{name}/{i}", final[rid].token_ids, peft_references[(name, i)], notes)
     assert bm.num_free_blocks + bm.num_adapter_blocks == bm.num_blocks  # nothing leaked
+
+
+def test_per_layer_ranks_match_peft(model_dir, tmp_path, hf_tokenizer):
+    """PEFT's rank_pattern keyed by layer: down_proj at rank 4 in layer 0 and 2, 16 elsewhere, each
+    layer scaled by its own alpha / r (folded into B, as the kernels scale per module)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.make_adapters import AdapterSpec, make_adapters
+
+    spec = AdapterSpec(
+        "per-layer", 16, ("q_proj", "down_proj"), alpha=16, seed=11, b_std=0.2,
+        rank_pattern={"model.layers.0.mlp.down_proj": 4, "model.layers.2.mlp.down_proj": 4},
+    )  # fmt: skip
+    (path,) = make_adapters(model_dir, tmp_path, [spec]).values()
+    engine = LLMEngine(model=str(model_dir), kv_cache_bytes=64 * 2**20, lora_store=str(tmp_path))
+    host = read_peft_adapter(path, engine.model_config, torch.float32)
+    ranks = {layer: a.shape[0] for (layer, module), (a, _) in host.weights.items() if module == "down_proj"}
+    assert ranks[0] == ranks[2] == 4 and ranks[1] == 16
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    peft = PeftModel.from_pretrained(base, path).eval()
+    prompt = hf_tokenizer.encode("The capital of France is")
+    ours = engine.add_request(prompt_token_ids=prompt, params=GREEDY, adapter="per-layer")
+    plain = engine.add_request(prompt_token_ids=prompt, params=GREEDY)
+    done = run_all(engine)
+    notes: list[str] = []
+    assert_matches(
+        "per-layer", done[ours].token_ids, hf_greedy(peft, prompt, len(done[ours].token_ids)), notes
+    )
+    assert done[ours].token_ids != done[plain].token_ids  # the adapter (and its low-rank layers) matters

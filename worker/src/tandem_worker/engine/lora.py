@@ -206,8 +206,11 @@ def _read_peft_adapter(path: Path, cfg: ModelConfig, dtype: torch.dtype, name: s
             )
         r = a.shape[0]
         s = alpha / math.sqrt(r) if rslora else alpha / r
-        if scaling.setdefault(module, s) != s:
-            raise AdapterError(f"adapter {name!r}: {module} has different ranks across layers")
+        ref = scaling.setdefault(module, s)
+        if s != ref:
+            # A per-layer rank (PEFT's rank_pattern keyed by layer) gives this layer its own
+            # alpha / r, but the kernels apply one scaling per module: the ratio goes into B.
+            b = b.float() * (s / ref)
         a, b = a.to(dtype).contiguous(), b.to(dtype).contiguous()
         weights[(layer, module)] = (a, b)
         num_bytes += a.nbytes + b.nbytes
