@@ -240,7 +240,8 @@ def test_autoscaling_from_a_real_prometheus(prometheus, tmp_path, slo, grows):
         "up", "--prefill", "1", "--decode", "1", "--port", str(port), "--kv-cache-bytes", str(KV_BYTES),
         "--log-dir", str(tmp_path / "logs"), "--autoscale", "--max-prefill", "2", "--max-decode", "2",
         *slo, "--window", "10", "--min-requests", "4", "--cooldown", "2", "--stabilization", "10",
-        "--burst-horizon", "10", "--prometheus", url, "--autoscale-dir", str(targets),
+        "--burst-horizon", "10", "--prometheus", url, "--scrape-interval", "1",
+        "--autoscale-dir", str(targets),
     )  # fmt: skip
     with _Up(argv) as up:
         up.read_until("serving", 240)

@@ -98,6 +98,8 @@ def test_nothing_scraped_is_missing_data_and_the_policy_holds(prom):
 
 def test_pools_reporting_but_no_requests_is_idle(prom):
     FakePrometheus.answers = {
+        # The router exports every outcome from its start: idle is outcomes at 0, not none.
+        "increase(tandem_requests_total": vector(({"outcome": "met"}, 0), ({"outcome": "failed"}, 0)),
         "tandem_prefill_backlog_tokens": vector(({}, 0)),
         "tandem_kv_usage_ratio": vector(({}, 0)),
         "tandem_requests_running": vector(({}, 0)),
@@ -105,6 +107,34 @@ def test_pools_reporting_but_no_requests_is_idle(prom):
     }
     w = fetch_window(prom, 60)
     assert w.finished == 0 and w.is_idle()
+
+
+def test_pools_reporting_without_outcomes_is_missing_data_not_idle(prom):
+    # No outcome rows: the router is not scraped yet, or the window holds too few of its scrapes
+    # for increase(). Read as 0 requests, it was "idle" and scaled both pools to their minimum.
+    FakePrometheus.answers = {
+        "tandem_prefill_backlog_tokens": vector(({}, 0)),
+        "tandem_kv_usage_ratio": vector(({}, 0)),
+        "tandem_requests_running": vector(({}, 0)),
+        "tandem_requests_waiting": vector(({}, 0)),
+    }
+    w = fetch_window(prom, 60)
+    assert w.finished is None and not w.is_idle()
+    spec = AutoscalingSpec(prefill_max_replicas=8, decode_max_replicas=8)
+    d = decide(w, Replicas(4, 4), spec, PolicyState(), now=0)
+    assert (d.desired_prefill, d.desired_decode) == (4, 4), d.reason
+
+
+def test_every_range_spans_four_scrapes():
+    # rate() and deriv() need two samples in their range: at the chart's 15 s scrapes, the 15 s
+    # peak sub-window held one and always read as no data, and so did a window under ~30 s.
+    q = queries(10, 'ns="x"')
+    assert 'increase(tandem_requests_total{ns="x"}[60s])' in q["outcomes"]
+    assert q["prompt_tokens_per_s_peak"].endswith("[60s])))[60s:15s])")
+    fast = queries(120, 'ns="x"', scrape_interval_s=1, sub_window_s=2, step_s=1)
+    # The window's rates divide by the span really read.
+    assert fetch_window(lambda query, at: [], 10).duration_s == 60
+    assert "[120s]" in fast["outcomes"] and fast["prompt_tokens_per_s_peak"].endswith("[4s])))[120s:1s])")
 
 
 def test_errors_raise(prom):
@@ -119,8 +149,8 @@ def test_queries_use_the_exported_metric_names():
     q = queries(60, 'ns="x"')
     assert q["outcomes"] == 'sum by (outcome) (increase(tandem_requests_total{ns="x"}[60s]))'
     assert q["prompt_tokens_per_s_peak"] == (
-        'max_over_time((sum(rate(tandem_prefill_tokens_computed_total{ns="x",role="prefill"}[15s]))'
-        ' + sum(deriv(tandem_prefill_backlog_tokens{ns="x",role="prefill"}[15s])))[60s:5s])'
+        'max_over_time((sum(rate(tandem_prefill_tokens_computed_total{ns="x",role="prefill"}[60s]))'
+        ' + sum(deriv(tandem_prefill_backlog_tokens{ns="x",role="prefill"}[60s])))[60s:15s])'
     )
     names = " ".join(q.values())
     for metric in (
@@ -144,3 +174,17 @@ def test_queries_use_the_exported_metric_names():
         exported.add(fam.name + {"counter": "_total", "histogram": "_bucket"}.get(fam.type, ""))
     read = set(re.findall(r"(tandem_[a-z_]+)\{", " ".join(q.values())))
     assert read and BUSY_METRIC in read and read <= exported, read - exported
+
+
+def test_the_router_exports_every_outcome_the_autoscaler_reads_from_its_start():
+    # A series born at its first failure loses what was counted before its first scrape (increase()
+    # takes the first sample as its baseline), and no series reads as "not scraped", not "idle".
+    from prometheus_client import REGISTRY
+
+    from tandem_operator.autoscaling.prometheus import OUTCOMES
+    from tandem_worker.server import metrics
+
+    assert set(OUTCOMES) <= set(metrics.REQUEST_OUTCOMES)
+    metrics.start_request_outcomes()
+    for outcome in OUTCOMES:
+        assert REGISTRY.get_sample_value("tandem_requests_total", {"outcome": outcome}) is not None, outcome

@@ -483,6 +483,18 @@ def test_autoscale_interval_reaches_the_operator():
     assert "Autoscaling: off" in notes({"autoscaleIntervalSeconds": 0})
 
 
+def test_the_monitors_scrape_interval_reaches_the_autoscaler():
+    # Its rate windows must span 4 scrapes of the monitor the chart made; without one, the default.
+    assert _operator_args(render()).scrape_interval == 15
+    on = lambda kind, interval: {  # noqa: E731
+        "monitoring": {kind: {"enabled": True, "interval": interval, "scrapeTimeout": "0"}}
+    }
+    assert _operator_args(render(on("serviceMonitor", "30s"))).scrape_interval == 30
+    assert _operator_args(render(on("podMonitor", "1m30s"))).scrape_interval == 90
+    assert _operator_args(render(on("podMonitor", "500ms"))).scrape_interval == 0.5
+    assert _operator_args(render(on("serviceMonitor", "0"))).scrape_interval == 15  # Prometheus' global one
+
+
 def test_values_reach_the_operator():
     docs = render({**TUNED, **MONITORING})
     dep = one(docs, "Deployment")

@@ -124,7 +124,7 @@ def manifest(enabled: bool = True) -> dict[str, Any]:
     md = load_example("cpu-demo.yaml")
     md["spec"]["prefill"]["maxReplicas"] = 3
     md["spec"]["decode"]["maxReplicas"] = 3
-    md["spec"]["autoscaling"] = {"enabled": enabled, "windowSeconds": 30}
+    md["spec"]["autoscaling"] = {"enabled": enabled, "windowSeconds": 90}
     return md
 
 
@@ -179,7 +179,7 @@ async def test_a_ttft_miss_window_adds_prefill_and_records_the_decision(
         50,
         0.5,
     )
-    assert inputs["ttftP90Seconds"] == 2.5 and inputs["windowSeconds"] == 30
+    assert inputs["ttftP90Seconds"] == 2.5 and inputs["windowSeconds"] == 90
     assert (inputs["prefillReplicas"], inputs["prefillReady"], inputs["decodeReplicas"]) == (1, 1, 1)
     assert "holding" not in st
     healthy = cluster.condition(DEMO, "AutoscalerHealthy")
@@ -194,7 +194,7 @@ async def test_a_ttft_miss_window_adds_prefill_and_records_the_decision(
     await eventually(lambda: cluster.md(DEMO)["status"]["prefill"]["desired"] == 2)
     # Only this deployment's series, over the spec's window.
     assert prom.seen and all(SELECTOR in q for q in prom.seen if "{" in q)
-    assert any("[30s]" in q for q in prom.seen)
+    assert any("[90s]" in q for q in prom.seen)
 
     # The cooldown (60 s by default) holds prefill at 2 while the misses go on.
     await asyncio.sleep(5 * INTERVAL)

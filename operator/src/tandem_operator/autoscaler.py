@@ -42,7 +42,7 @@ from typing import Any
 
 from . import api
 from .autoscaling.policy import AutoscalingSpec, Decision, MetricsWindow, PolicyState, Replicas, decide
-from .autoscaling.prometheus import PrometheusError, fetch_window, http_query
+from .autoscaling.prometheus import DEFAULT_SCRAPE_INTERVAL_S, PrometheusError, fetch_window, http_query
 from .builders import Owner, child_name
 from .k8s import ApiError, KubeClient
 from .patching import replicas_patch
@@ -131,6 +131,7 @@ class Autoscaler:
         now: Callable[[], str] = utc_now,
         clock: Callable[[], float] = time.time,
         query_timeout_s: float = DEFAULT_QUERY_TIMEOUT_SECONDS,
+        scrape_interval_s: float = DEFAULT_SCRAPE_INTERVAL_S,
     ) -> None:
         self._client = client
         self._reconciler = reconciler
@@ -139,6 +140,7 @@ class Autoscaler:
         self._now = now
         self._clock = clock
         self._timeout = query_timeout_s
+        self._scrape_interval = scrape_interval_s
         self._states: dict[str, PolicyState] = {}
         self._saved: dict[str, float] = {}  # uid -> clock time the memory was last written to status
 
@@ -188,6 +190,7 @@ class Autoscaler:
                     http_query(self._url, timeout_s=self._timeout),
                     aspec.window_seconds,
                     selector(namespace, name),
+                    scrape_interval_s=self._scrape_interval,
                 )
             except PrometheusError as e:
                 failure = str(e)

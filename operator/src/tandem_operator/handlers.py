@@ -24,6 +24,7 @@ import kopf
 
 from . import api
 from .autoscaler import Autoscaler
+from .autoscaling.prometheus import DEFAULT_SCRAPE_INTERVAL_S
 from .builders import MANAGED_BY
 from .k8s import ClientClosedError, KubeClient
 from .reconciler import Reconciler
@@ -98,11 +99,13 @@ def register(
     resync_seconds: float = DEFAULT_RESYNC_SECONDS,
     autoscale_interval: float = 0.0,
     prometheus_url: str = "",
+    scrape_interval: float = DEFAULT_SCRAPE_INTERVAL_S,
 ) -> None:
     """Register every handler on `registry` (a fresh one per operator run, so tests stay isolated).
 
     `autoscale_interval` > 0 runs the autoscaler every that many seconds per ModelDeployment,
-    reading Prometheus at `prometheus_url`; 0 leaves the replica counts to the spec."""
+    reading Prometheus at `prometheus_url` (which scrapes the pods every `scrape_interval` seconds);
+    0 leaves the replica counts to the spec."""
     autoscaling = autoscale_interval > 0
 
     @kopf.on.startup(registry=registry)
@@ -110,7 +113,9 @@ def register(
         memo.client = KubeClient(lambda: login(settings))
         memo.reconciler = Reconciler(memo.client, post_event, autoscaler=autoscaling)
         if autoscaling:
-            memo.autoscaler = Autoscaler(memo.client, memo.reconciler, post_event, prometheus_url)
+            memo.autoscaler = Autoscaler(
+                memo.client, memo.reconciler, post_event, prometheus_url, scrape_interval_s=scrape_interval
+            )
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:

@@ -52,6 +52,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds between autoscaler steps per ModelDeployment (default 15; 0: no autoscaler, "
         "the spec's replicas stay in force)",
     )
+    p.add_argument(
+        "--scrape-interval",
+        type=float,
+        default=15.0,
+        help="seconds between Prometheus' scrapes of Tandem's pods (default 15, the chart's monitors): "
+        "the autoscaler's rate windows span at least 4 of them",
+    )
     p.add_argument("--verbose", action="store_true")
 
 
@@ -75,6 +82,7 @@ async def operate(
         resync_seconds=args.resync_seconds,
         autoscale_interval=args.autoscale_interval,
         prometheus_url=args.prometheus_url,
+        scrape_interval=args.scrape_interval,
     )
     # Equal priorities make Kopf pause every replica; a random one elects a single active replica.
     priority = args.priority if args.priority is not None else random.randint(1, 1_000_000)

@@ -176,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="read metrics from this Prometheus (URL) instead of scraping the processes directly",
     )
     a.add_argument(
+        "--scrape-interval",
+        type=float,
+        default=15.0,
+        help="seconds between that Prometheus' scrapes (default 15): rate windows span at least 4",
+    )
+    a.add_argument(
         "--autoscale-dir",
         default=None,
         help="where the router's worker lists and Prometheus' file_sd targets.json go (default: a temp dir)",
@@ -435,6 +441,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
             autoscale=_autoscaling_spec(args, prefill, decode) if args.autoscale else None,
             targets_dir=args.autoscale_dir,
             prometheus_url=args.prometheus,
+            scrape_interval=args.scrape_interval,
         )
     )
 

@@ -41,6 +41,12 @@ OUTCOMES = ("met", "missed_ttft", "missed_tpot", "failed", "rejected")
 BUSY_METRIC = "tandem_engine_busy_seconds_total"
 
 
+# What Tandem's monitors scrape at by default (charts/tandem: monitoring.*.interval); the operator's
+# --scrape-interval tells it another.
+DEFAULT_SCRAPE_INTERVAL_S = 15.0
+MIN_SAMPLES_PER_RANGE = 4
+
+
 class PrometheusError(RuntimeError):
     """Prometheus could not be asked (unreachable, HTTP error, query error)."""
 
@@ -55,11 +61,21 @@ def queries(
     selector: str = "",
     prefill_role: str = "prefill",
     decode_role: str = "decode",
-    sub_window_s: float = 15.0,
-    step_s: float = 5.0,
+    sub_window_s: float | None = None,
+    step_s: float | None = None,
+    scrape_interval_s: float = DEFAULT_SCRAPE_INTERVAL_S,
 ) -> dict[str, str]:
-    """The PromQL of each MetricsWindow field (plus `outcomes`, a vector by outcome)."""
-    w, sub, step = f"{int(window_s)}s", f"{int(sub_window_s)}s", f"{int(step_s)}s"
+    """The PromQL of each MetricsWindow field (plus `outcomes`, a vector by outcome).
+
+    rate(), increase() and deriv() need two samples in their range, so every range is at least
+    `MIN_SAMPLES_PER_RANGE` scrape intervals (Prometheus' own advice): at the chart's 15 s a range
+    of 15 s held one sample, and the burst peak (or a short window) always read as no data.
+    The peak's sub-windows default to that length, sampled once a scrape interval."""
+    least = MIN_SAMPLES_PER_RANGE * scrape_interval_s
+    window_s = max(window_s, least)
+    sub_window_s = max(sub_window_s or 0.0, least)
+    step_s = step_s or scrape_interval_s
+    w, sub, step = f"{int(window_s)}s", f"{int(sub_window_s)}s", f"{max(1, int(step_s))}s"
     pre, dec = f'role="{prefill_role}"', f'role="{decode_role}"'
     q: dict[str, str] = {
         "outcomes": f"sum by (outcome) (increase(tandem_requests_total{_sel(selector)}[{w}]))",
@@ -138,6 +154,8 @@ def fetch_window(
 ) -> MetricsWindow:
     """One MetricsWindow; `query` is a Prometheus base URL or a function made by `http_query`."""
     run = http_query(query) if isinstance(query, str) else query
+    # The window queries() really reads (at least 4 scrapes): rates are over that span.
+    window_s = max(window_s, MIN_SAMPLES_PER_RANGE * kw.get("scrape_interval_s", DEFAULT_SCRAPE_INTERVAL_S))
     q = queries(window_s, selector, **kw)
     fields: dict[str, Any] = {}
     for name, promql in q.items():
@@ -152,9 +170,10 @@ def fetch_window(
         v = _value(row)
         if o in counts and v is not None:
             counts[o] = int(round(v))
-    pools_report = fields["prefill_backlog_tokens"] is not None or fields["decode_kv_usage"] is not None
-    if not outcome_rows and not pools_report:
-        return MetricsWindow(duration_s=window_s, **fields)  # nothing scraped: missing data
+    if not outcome_rows:
+        # The router exports every outcome from its start (at 0): no rows is no router scraped, or
+        # too few scrapes in the window, never "no requests", which would read as idle.
+        return MetricsWindow(duration_s=window_s, **fields)
     return MetricsWindow(
         duration_s=window_s,
         met=counts["met"],

@@ -28,6 +28,7 @@ class LocalAutoscaler:
     scrape_every: float = 2.0
     decisions: list[Any] = field(default_factory=list)  # every Decision that changed a size
     prometheus_url: str | None = None
+    scrape_interval: float = 15.0  # of that Prometheus: its rate windows span at least 4
 
     def __post_init__(self) -> None:
         from tandem_operator.autoscaling.policy import PolicyState
@@ -75,6 +76,7 @@ class LocalAutoscaler:
                     selector=f'deployment="{PROMETHEUS_DEPLOYMENT_LABEL}"',
                     sub_window_s=max(2.0, self.spec.window_seconds / 4),
                     step_s=1.0,
+                    scrape_interval_s=self.scrape_interval,
                 )
             except PrometheusError as e:  # hold the current sizes, as the operator does
                 print(f"tandem up: autoscaler holds: Prometheus unavailable: {e}", flush=True)

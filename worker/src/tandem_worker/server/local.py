@@ -110,6 +110,7 @@ class LocalDeployment:
     # Where the router's worker lists and a Prometheus file_sd target file (targets.json) go.
     targets_dir: str | None = None
     prometheus_url: str | None = None  # autoscale from this Prometheus (scraping targets.json)
+    scrape_interval: float = 15.0  # seconds between that Prometheus' scrapes
     children: list[Child] = field(default_factory=list)
     starting: list[Child] = field(default_factory=list)  # spawned, not yet healthy (autoscaling)
     stopping: list[Child] = field(default_factory=list)  # draining after SIGTERM (autoscaling)
@@ -412,7 +413,10 @@ def up(deployment: LocalDeployment) -> int:
         from .autoscale_local import LocalAutoscaler
 
         autoscaler = LocalAutoscaler(
-            deployment, deployment.autoscale, prometheus_url=deployment.prometheus_url
+            deployment,
+            deployment.autoscale,
+            prometheus_url=deployment.prometheus_url,
+            scrape_interval=deployment.scrape_interval,
         )
         spec = deployment.autoscale
         print(

@@ -41,6 +41,7 @@ QUEUE_SECONDS = Histogram(
     "tandem_request_queue_seconds", "Arrival to first scheduling", buckets=LATENCY_BUCKETS
 )
 REQUESTS = Counter("tandem_requests", "Finished requests by outcome", ["outcome"])
+REQUEST_OUTCOMES = ("met", "missed_ttft", "missed_tpot", "failed", "rejected", "invalid")
 RETRIES = Counter("tandem_request_retries", "Requests retried on another worker pair before any token")
 
 
@@ -175,3 +176,12 @@ def unregister(collector: Any) -> None:
 
 def register_worker_pool(snapshot: Callable[[], list[Any]]) -> None:
     REGISTRY.register(WorkerPoolCollector(snapshot))
+
+
+def start_request_outcomes() -> None:
+    """Every outcome's series, at 0, from the router's first scrape. Prometheus' increase() takes a
+    series' first sample as its baseline: a series born at its first failure would lose the
+    failures counted before that scrape (the autoscaler's "failures hold scale-down" guard), and
+    no series at all could not tell "no requests" from "not scraped yet"."""
+    for outcome in REQUEST_OUTCOMES:
+        REQUESTS.labels(outcome=outcome)

@@ -68,6 +68,7 @@ def serve_router(
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
     metrics.register_worker_pool(pool.snapshot)
+    metrics.start_request_outcomes()
     metrics.serve_metrics(metrics_port, host)
     server.start()
     for n in ("", name):
