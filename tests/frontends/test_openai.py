@@ -385,3 +385,32 @@ def test_client_disconnect_cancels_upstream(deployment, stream):
     t0 = time.monotonic()
     assert_idle(deployment.workers, timeout=20)
     assert time.monotonic() - t0 < 20
+
+
+def test_a_model_id_is_percent_decoded(deployment):
+    # openai's models.retrieve() sends "org%2Fmodel" for the Hugging Face id "org/model".
+    with urllib.request.urlopen(deployment.http + "/v1/models/sm%6Fl", timeout=30) as r:
+        assert json.loads(r.read())["id"] == SERVED
+
+
+def test_json_nested_too_deeply_is_400_not_a_dropped_connection(deployment):
+    data = b"[" * 100_000 + b"]" * 100_000
+    post = urllib.request.Request(
+        deployment.http + "/v1/completions", data=data, headers={"Content-Type": "application/json"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as ei:
+        urllib.request.urlopen(post, timeout=30)
+    assert ei.value.code == 400 and "nested too deeply" in json.loads(ei.value.read())["error"]["message"]
+
+
+def test_text_parts_are_separate_lines(client):
+    # ["Translate to French:", "Good morning"] is two pieces of text, not "French:Good".
+    def prompt_tokens(content) -> int:
+        r = client.chat.completions.create(
+            model=SERVED, messages=[{"role": "user", "content": content}], max_tokens=1
+        )
+        return r.usage.prompt_tokens
+
+    parts = [{"type": "text", "text": "Translate to French:"}, {"type": "text", "text": "Good morning"}]
+    assert prompt_tokens(parts) == prompt_tokens("Translate to French:\nGood morning")
+    assert prompt_tokens(parts) != prompt_tokens("Translate to French:Good morning")

@@ -35,6 +35,7 @@ import select
 import socket
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -344,7 +345,7 @@ class OpenAIFrontend:
                     if not isinstance(part, dict) or part.get("type") != "text":
                         raise invalid(f"messages[{i}].content", "only text parts are supported")
                     parts.append(str(part.get("text", "")))
-                content = "".join(parts)
+                content = "\n".join(parts)  # separate parts stay separate words (as vLLM joins them)
             elif not isinstance(content, str):
                 raise invalid(f"messages[{i}].content", "must be a string or a list of text parts")
             out.append({"role": role, "content": content})
@@ -572,6 +573,8 @@ class _Handler(BaseHTTPRequestHandler):
             return json.loads(raw or b"null")
         except ValueError as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ApiError(400, "the request body is not valid JSON: nested too deeply") from None
 
     def _watch(self, call: grpc.Call, done: threading.Event) -> None:
         """Cancel `call` when the client closes its connection before the response is complete."""
@@ -601,7 +604,8 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/v1/models":
             self._send_json(200, fe.models())
         elif path.startswith("/v1/models/"):
-            name = path[len("/v1/models/") :]
+            # Clients percent-encode the id (openai's models.retrieve: "org%2Fmodel" for "org/model").
+            name = urllib.parse.unquote(path[len("/v1/models/") :])
             for card in fe.models()["data"]:
                 if card["id"] == name:
                     self._send_json(200, card)
@@ -720,6 +724,9 @@ class OpenAIServer:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default accept queue of 5 left bursts of new connections waiting for SYN
+    # retries: seconds to a minute for 100 clients at once.
+    request_queue_size = 1024
 
     def __init__(self, addr: tuple[str, int], handler: type) -> None:
         if ":" in addr[0]:
