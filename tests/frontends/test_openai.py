@@ -414,3 +414,13 @@ def test_text_parts_are_separate_lines(client):
     parts = [{"type": "text", "text": "Translate to French:"}, {"type": "text", "text": "Good morning"}]
     assert prompt_tokens(parts) == prompt_tokens("Translate to French:\nGood morning")
     assert prompt_tokens(parts) != prompt_tokens("Translate to French:Good morning")
+
+
+def test_chat_on_an_adapter_without_max_tokens_is_served(client):
+    # The rest of the context is more KV than the worker holds beside the adapter: it lowers the
+    # bound instead of refusing the request (a 400 naming max_tokens, which the client never sent).
+    client.completions.create(model=ADAPTER, prompt="Hi", max_tokens=1)  # the adapter now in memory
+    r = client.chat.completions.create(
+        model=ADAPTER, messages=[{"role": "user", "content": "Say hi."}], stop=[" ", "\n"], **GREEDY
+    )
+    assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens >= 1

@@ -351,3 +351,31 @@ def test_the_store_lists_only_names_requests_can_use(tmp_path, model_dir):
         assert [a.name for a in lora.list()] == ["ok-v1.2"]
     finally:
         lora.close()
+
+
+def test_fit_max_tokens_lowers_max_tokens_to_the_room_beside_the_adapter(model_dir, adapter_store):
+    # A chat request without max_tokens: the router offers the rest of the context, and the
+    # worker lowers it to what its KV cache holds beside the prompt and the adapter; refusing it
+    # was a 400 for every such request on an adapter.
+    engine = LLMEngine(model=str(model_dir), kv_cache_bytes=24 * 2**20, lora_store=str(adapter_store))
+    bm = engine.block_manager
+    engine.lora.load("all-r16", to_device=True)
+    room_tokens = (bm.num_blocks - bm.num_adapter_blocks) * bm.block_size
+    prompt = list(range(1000, 1040))
+    params = SamplingParams(max_tokens=8000, temperature=0.0, ignore_eos=True, fit_max_tokens=True)
+    engine.validate(prompt, params)  # the server thread's check: the whole pool
+    assert params.max_tokens == bm.num_blocks * bm.block_size + 1 - len(prompt)
+    rid = engine.add_request(prompt_token_ids=prompt, params=params, adapter="all-r16")
+    assert params.max_tokens == room_tokens + 1 - len(prompt)  # the engine thread's: beside the adapter
+    engine.abort(rid)
+    strict = SamplingParams(max_tokens=8000, temperature=0.0)  # asked for: still refused
+    with pytest.raises(RequestError, match="max_tokens: 40 prompt tokens \\+ 8000 max_tokens can never fit"):
+        engine.add_request(prompt_token_ids=prompt, params=strict, adapter="all-r16")
+    too_long = list(range(1000, 1000 + room_tokens + 1))  # a prompt that cannot fit is refused still
+    with pytest.raises(RequestError) as e:
+        engine.add_request(
+            prompt_token_ids=too_long,
+            params=SamplingParams(max_tokens=9, fit_max_tokens=True),
+            adapter="all-r16",
+        )
+    assert e.value.field == "prompt"

@@ -208,6 +208,7 @@ class LLMEngine:
                 f"{n} tokens leave no room to generate in the model's context of {self.max_model_len} tokens",
             )
         bm = self.block_manager
+        self._fit(n, params, bm.num_blocks)
         if bm.blocks_needed(self._peak_kv_tokens(n, params)) > bm.num_blocks:
             capacity = bm.num_blocks * bm.block_size
             field_name = "prompt" if bm.blocks_needed(n) > bm.num_blocks else "max_tokens"
@@ -216,6 +217,14 @@ class LLMEngine:
                 f"{n} prompt tokens + {params.max_tokens} max_tokens can never fit in the KV cache "
                 f"({capacity} tokens); shorten the request or raise the KV cache budget",
             )
+
+    def _fit(self, n: int, params: SamplingParams, room_blocks: int) -> None:
+        """With `fit_max_tokens`, lower max_tokens to what `room_blocks` of KV hold beside the
+        prompt (a prompt that does not fit is still refused)."""
+        bm = self.block_manager
+        if params.fit_max_tokens and bm.blocks_needed(n) <= room_blocks:
+            most = room_blocks * bm.block_size + 1 - n  # + 1: the last token takes no KV
+            params.max_tokens = max(1, min(params.max_tokens, most))
 
     def _peak_kv_tokens(self, n: int, params: SamplingParams) -> int:
         """The most tokens of KV a request of `n` prompt tokens ever holds: its last token is
@@ -286,6 +295,7 @@ class LLMEngine:
                 f"{bm.num_blocks}: no request for it can ever run; raise the KV cache budget",
             )
         room = bm.num_blocks - blocks
+        self._fit(n, params, room)
         if bm.blocks_needed(self._peak_kv_tokens(n, params)) > room:
             field_name = "prompt" if bm.blocks_needed(n) > room else "max_tokens"
             raise RequestError(

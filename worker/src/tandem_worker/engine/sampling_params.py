@@ -32,6 +32,9 @@ class SamplingParams:
     # This many most likely tokens at each generated position, with log-probabilities; implies
     # logprobs.
     top_logprobs: int = 0
+    # max_tokens is an upper bound: the engine lowers it to what fits its KV cache (beside the
+    # request's adapter) instead of refusing the request.
+    fit_max_tokens: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -42,6 +42,7 @@ def params_from_pb(s: pb.SamplingParams, *, max_tokens: int | None = None) -> Sa
         ignore_eos=s.ignore_eos,
         logprobs=s.logprobs,
         top_logprobs=s.top_logprobs,
+        fit_max_tokens=s.fit_max_tokens,
     )
 
 
@@ -56,6 +57,7 @@ def params_to_pb(p: SamplingParams) -> pb.SamplingParams:
         ignore_eos=p.ignore_eos,
         logprobs=p.logprobs,
         top_logprobs=p.top_logprobs,
+        fit_max_tokens=p.fit_max_tokens,
     )
     if p.seed is not None:
         msg.seed = p.seed

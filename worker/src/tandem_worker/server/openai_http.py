@@ -233,7 +233,10 @@ class OpenAIFrontend:
                 raise invalid(key, f"must be in [1, 2^32), got {max_tokens}")
             s.max_tokens = max_tokens
         elif chat:
+            # Up to the rest of the context; the serving worker lowers it to what its KV cache
+            # holds beside the prompt and the adapter (the router knows neither worker nor adapter).
             s.max_tokens = self._room(req)
+            s.fit_max_tokens = True
         temperature = _get(body, "temperature", (int, float), "a number")
         if temperature is not None:
             if not 0 <= temperature <= 2:
