@@ -243,3 +243,40 @@ def test_cancelled_stream_and_deadline_free_the_workers(client, deployment):
         client.infer(SERVED, [text_input(), sampling(max_tokens=2000, ignore_eos=True)], client_timeout=1.0)
     assert "DEADLINE_EXCEEDED" in ei.value.status()
     assert_idle(deployment.workers, timeout=20)
+
+
+def test_sampling_parameters_take_each_value_as_its_own_type():
+    # Nothing coerced into something else: "128" is not the token ids [1, 2, 8], a map not its
+    # keys as stop strings, true not a temperature, "false" not true. Numeric strings are numbers
+    # for every numeric key alike (Triton's vLLM backend documents them so).
+    from tritonclient.grpc import service_pb2 as kpb
+
+    from tandem_worker.server.kserve import BadRequest, KServeService
+
+    svc = KServeService("127.0.0.1:1", "smol", 8192, adapters=lambda: [], ready=lambda: True)
+
+    def sampling(**sp):
+        r = kpb.ModelInferRequest(model_name="smol")
+        for name, val in (("text_input", b"Hi"), ("sampling_parameters", json.dumps(sp).encode())):
+            t = r.inputs.add(name=name, datatype="BYTES", shape=[1])
+            t.contents.bytes_contents.append(val)
+        return svc.translate(r).request.sampling
+
+    for bad in (
+        {"stop_token_ids": "128"},
+        {"stop_token_ids": [True]},
+        {"stop": {"foo": 1, "bar": 2}},
+        {"temperature": True},
+        {"temperature": "hot"},
+        {"ignore_eos": "no"},
+        {"ignore_eos": 1},
+        {"max_tokens": 2.5},
+    ):
+        with pytest.raises(BadRequest, match="bad value"):
+            sampling(**bad)
+    s = sampling(
+        max_tokens="16", temperature="0.7", top_k="5", ignore_eos="false", stop="x", stop_token_ids=[7, "8"]
+    )
+    assert (s.max_tokens, round(s.temperature, 3), s.top_k, s.ignore_eos) == (16, 0.7, 5, False)
+    assert list(s.stop) == ["x"] and list(s.stop_token_ids) == [7, 8]
+    assert sampling(ignore_eos=True, max_tokens=4.0).ignore_eos is True

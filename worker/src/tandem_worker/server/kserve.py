@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import threading
 import uuid
@@ -370,28 +371,30 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
 
     @staticmethod
     def _set(s: pb.SamplingParams, key: str, value: Any, where: str) -> None:
+        # Each value as its own type, nothing coerced that could mean something else: a string
+        # "128" is not the token ids [1, 2, 8], nor "false" true. Numbers may come as numeric
+        # strings (as Triton's vLLM backend documents them), for every numeric key alike.
         try:
             if key in ("max_tokens", "top_k"):
-                if isinstance(value, bool) or int(value) != value:
-                    raise ValueError
-                if key == "max_tokens" and value < 1:
+                n = _as_int(value)
+                if key == "max_tokens" and n < 1:
                     raise BadRequest(f"{where}: must be >= 1, got {value}")
-                setattr(s, key, int(value))
+                setattr(s, key, n)
             elif key in ("temperature", "top_p"):
-                setattr(s, key, float(value))
+                setattr(s, key, _as_float(value))
             elif key == "seed":
-                if isinstance(value, bool) or int(value) != value:
-                    raise ValueError
-                s.seed = int(value) & 0xFFFFFFFFFFFFFFFF
+                s.seed = _as_int(value) & 0xFFFFFFFFFFFFFFFF
             elif key == "ignore_eos":
-                s.ignore_eos = bool(value)
+                s.ignore_eos = _as_bool(value)
             elif key == "stop":
-                stops = [value] if isinstance(value, str) else list(value)
-                if not all(isinstance(x, str) for x in stops):
+                stops = [value] if isinstance(value, str) else value
+                if not isinstance(stops, list) or not all(isinstance(x, str) for x in stops):
                     raise ValueError
                 s.stop.extend(stops)
             elif key == "stop_token_ids":
-                s.stop_token_ids.extend(int(x) for x in value)
+                if not isinstance(value, list):
+                    raise ValueError
+                s.stop_token_ids.extend(_as_int(x) for x in value)
         except (ValueError, TypeError, OverflowError):
             raise BadRequest(f"{where}: bad value {value!r}") from None
 
@@ -642,3 +645,33 @@ def serve_kserve(host: str, port: int, service: KServeService, max_workers: int 
 
 
 __all__ = ["KServeServer", "KServeService", "SERVICE_NAME", "serve_kserve"]
+
+
+def _as_int(value: Any) -> int:
+    """An integer, or a string or float that is exactly one; never a bool."""
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, str):
+        return int(value.strip())
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError
+    return int(value)
+
+
+def _as_float(value: Any) -> float:
+    """A finite number, or a string of one; never a bool."""
+    if isinstance(value, bool):
+        raise ValueError
+    v = float(value.strip() if isinstance(value, str) else value)
+    if math.isnan(v) or math.isinf(v):
+        raise ValueError
+    return v
+
+
+def _as_bool(value: Any) -> bool:
+    """A bool, or the string "true" / "false"."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError
