@@ -223,6 +223,8 @@ def test_unknown_model_is_404(client, deployment):
             call()
         err = _error_body(ei.value)
         assert "no-such-model" in err["message"] and err["code"] == "model_not_found"
+        # Nothing of the deployment's insides: no worker address, no path on a worker's disk.
+        assert "127.0.0.1" not in err["message"] and "/" not in err["message"], err["message"]
     assert_idle(deployment.workers)
 
 

@@ -654,7 +654,7 @@ class LoRAManager:
         """Raise AdapterNotFoundError unless `name` is resident or can be loaded from the store."""
         if not self.known(name):
             where = (
-                f" (not in the adapter store {self.store_dir})" if self.store_dir else " (no adapter store)"
+                " (not registered nor in the adapter store)" if self.store_dir else " (no adapter store)"
             )
             raise AdapterNotFoundError(name, where)
 

@@ -233,7 +233,9 @@ class RouterService(pbgrpc.InferenceServicer):
                 if sent_first or code not in RETRYABLE:
                     caller_error = code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
                     metrics.REQUESTS.labels(outcome="invalid" if caller_error else "failed").inc()
-                    context.abort(code, f"{details} (decode worker {pair.decode.address})")
+                    # Which worker is the operator's to know (the log), not the client's.
+                    log.warning("request %s: %s (decode worker %s)", rid, details, pair.decode.address)
+                    context.abort(code, details)
                 failed = (
                     pair.decode if pair.prefill is None or "prefill worker" not in details else pair.prefill
                 )
