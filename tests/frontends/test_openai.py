@@ -426,3 +426,19 @@ def test_chat_on_an_adapter_without_max_tokens_is_served(client):
         model=ADAPTER, messages=[{"role": "user", "content": "Say hi."}], stop=[" ", "\n"], **GREEDY
     )
     assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens >= 1
+
+
+def test_an_http_1_0_client_gets_a_plain_stream_ended_by_the_close(deployment):
+    # RFC 9112: no chunked encoding to an HTTP/1.0 client; the stream ends when the connection does.
+    body = json.dumps({"model": SERVED, "prompt": PROMPT, "max_tokens": 2, "stream": True}).encode()
+    host, port = deployment.http.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    head, _, stream = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.") and b" 200 " in head.split(b"\r\n")[0]
+    assert b"transfer-encoding" not in head.lower()
+    events = [e for e in stream.split(b"\n\n") if e]
+    assert all(e.startswith(b"data: ") for e in events) and events[-1] == b"data: [DONE]", events

@@ -688,7 +688,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.send_header("X-Accel-Buffering", "no")
         self.send_header("X-Request-Id", p.request.request_id)
-        self.send_header("Transfer-Encoding", "chunked")
+        # HTTP/1.0 knows no chunked encoding (RFC 9112): its stream ends when the connection closes.
+        self._chunked = self.request_version != "HTTP/1.0"
+        if self._chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.close_connection = True
         self.end_headers()
         try:
             for c in fe.chunks(p, first, call):
@@ -700,10 +705,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._chunk(b"data: " + json.dumps(from_rpc(e, p.model, p.chat).body()).encode() + b"\n\n")
         except ApiError as e:
             self._chunk(b"data: " + json.dumps(e.body()).encode() + b"\n\n")
-        self.wfile.write(b"0\r\n\r\n")
+        if self._chunked:
+            self.wfile.write(b"0\r\n\r\n")
 
     def _chunk(self, data: bytes) -> None:
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data)
         self.wfile.flush()
 
 
