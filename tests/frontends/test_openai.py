@@ -240,6 +240,7 @@ def test_unknown_model_is_404(client, deployment):
         # Past their protobuf fields' ranges: refused by name, not a dropped connection.
         ({"max_tokens": 5_000_000_000}, "max_tokens"),
         ({"extra_body": {"top_k": 2**31}}, "top_k"),
+        ({"extra_body": {"top_k": -2}}, "top_k"),
         ({"prompt": [2**32]}, "prompt"),
     ],
 )
@@ -442,3 +443,15 @@ def test_an_http_1_0_client_gets_a_plain_stream_ended_by_the_close(deployment):
     assert b"transfer-encoding" not in head.lower()
     events = [e for e in stream.split(b"\n\n") if e]
     assert all(e.startswith(b"data: ") for e in events) and events[-1] == b"data: [DONE]", events
+
+
+def test_top_k_minus_one_is_disabled_as_vllm_clients_send_it(client):
+    plain = client.completions.create(model=SERVED, prompt=PROMPT, max_tokens=4, **GREEDY)
+    off = client.completions.create(
+        model=SERVED,
+        prompt=PROMPT,
+        max_tokens=4,
+        temperature=0.0,
+        extra_body={"ignore_eos": True, "top_k": -1},
+    )
+    assert off.choices[0].text == plain.choices[0].text

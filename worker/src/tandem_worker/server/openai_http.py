@@ -249,8 +249,8 @@ class OpenAIFrontend:
             s.top_p = top_p
         top_k = _get(body, "top_k", (int,), "an integer")
         if top_k is not None:
-            if not 0 <= top_k < 2**31:
-                raise invalid("top_k", f"must be in [0, 2^31), got {top_k}")
+            if not -1 <= top_k < 2**31:  # -1: disabled, as vLLM's clients send it (and 0)
+                raise invalid("top_k", f"must be -1 or 0 (disabled) or in [1, 2^31), got {top_k}")
             s.top_k = top_k
         seed = _get(body, "seed", (int,), "an integer")
         if seed is not None:
