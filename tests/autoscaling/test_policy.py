@@ -740,3 +740,81 @@ def test_the_memory_of_two_second_steps_at_the_widest_windows_fits_the_status_fi
     size = len(state.to_json())
     assert 65536 < size <= api.MAX_AUTOSCALER_MEMORY_BYTES, size  # past the old 64 KiB bound
     assert PolicyState.from_json(state.to_json()).to_json() == state.to_json()
+
+
+def test_misses_while_a_replica_never_gets_ready_hold_the_pool_down():
+    """A replica stuck Pending (or crash-looping) keeps the pool unsettled: its misses must not size
+    it up, but neither may the zeroed misses read as room to spare (it cycled down and back up)."""
+    bad = window(met=10, ttft=50, tpot=40)
+    state, cur = PolicyState(), Replicas(3, 3, prefill_ready=2, decode_ready=2)
+    for t in range(0, 900, 15):
+        d = decide(bad, cur, SPEC, state, now=t)
+        assert (d.desired_prefill, d.desired_decode) == (3, 3), (t, d.reason)
+    assert "TTFT misses 50% not below 50% of allowed (2 of 3 ready" in d.reason
+    assert "TPOT misses 40% not below 50% of allowed (2 of 3 ready" in d.reason
+    assert d.no_data == ()
+    # Settled, the same window scales both up.
+    d = decide(bad, Replicas(3, 3), SPEC, _settled_state(), now=0)
+    assert d.desired_prefill > 3 and d.desired_decode > 3
+
+
+def kv_window(mean: float, busiest: float, waiting: float = 0.0, **kw) -> MetricsWindow:
+    return replace(window(kv=mean, waiting=waiting, **kw), decode_kv_usage_max=busiest)
+
+
+def test_one_replica_full_of_a_long_context_does_not_size_decode():
+    """The busiest replica's KV is no measure of the pool: more replicas would not relieve it."""
+    spec = replace(SPEC, decode_max_replicas=16, max_step=4)
+    for waiting, size in ((0.0, 2), (0.5, 3)):
+        # One replica at 90%, the others at 10%; every request served. With requests waiting, it
+        # adds one above what the mean sizes, once (not one per decision), and keeps it.
+        state, cur, reasons = PolicyState(), Replicas(2, 2), set()
+        for t in range(0, 1200, 15):
+            mean = (0.9 + 0.1 * (cur.decode - 1)) / cur.decode
+            d = decide(kv_window(mean, 0.9, waiting=waiting), cur, spec, state, now=t)
+            cur = Replicas(d.desired_prefill, d.desired_decode)
+            reasons.add(next(r for r in d.reason.split("; ") if r.startswith("decode ")))
+            assert cur.decode <= size, (t, d.reason)
+        assert cur.decode == size, reasons
+    assert "decode 2->3: busiest decode KV usage 90% (mean 0.5) with 0.5 waiting: one more" in reasons
+    assert "decode 3->3: busiest decode KV usage 90% with 0.5 waiting: holding" in reasons
+    # The pool's mean still sizes it in proportion.
+    d = decide(kv_window(0.9, 0.95), Replicas(2, 4), spec, _settled_state(), now=0)
+    assert d.desired_decode == 6 and "decode KV usage 90% (busiest 0.95" in d.reason
+
+
+def test_missing_pool_gauges_hold_the_pool():
+    """Outcomes but no worker gauges (their metrics not scraped): no evidence of room to spare."""
+    spec = replace(SPEC, stabilization_seconds=0, cooldown_seconds=0, learn_capacity=False)
+    w = MetricsWindow(
+        duration_s=60, met=200, missed_ttft=5, missed_tpot=5, failed=0, ttft_p90_s=0.6, tpot_p90_s=0.04
+    )
+    d = decide(w, Replicas(4, 4), spec, PolicyState(), now=0)
+    assert (d.desired_prefill, d.desired_decode) == (4, 4)
+    assert d.no_data == ("prefill", "decode")
+    assert "prefill backlog not reported: holding" in d.reason
+    assert "decode KV usage not reported: holding" in d.reason
+    # A known throughput and a measured rate size prefill without its backlog.
+    rated = replace(w, prompt_tokens_per_s=1000.0, prompt_tokens_per_s_peak=1000.0)
+    d = decide(rated, Replicas(4, 4), replace(spec, prefill_tokens_per_second=10_000), PolicyState(), now=0)
+    assert (d.desired_prefill, d.desired_decode) == (2, 4) and d.no_data == ("decode",)
+
+
+def test_a_memory_saved_by_a_clock_ahead_keeps_its_bursts():
+    """Another operator replica saved the memory with its clock 2 min ahead of this one's: its
+    times lie in the future, and the burst memory must not drop them as repeated calls."""
+    spec = replace(SPEC, prefill_tokens_per_second=1000, max_step=4)
+    state, cur = PolicyState(), Replicas(1, 2)
+    for t in range(0, 781, 15):  # 500 tok/s, then a 2-minute burst at 4000 that ends at 780
+        rate = 4000.0 if 660 <= t < 780 else 500.0
+        d = decide(window(prompt_tokens_per_s=rate, prompt_tokens_per_s_peak=rate), cur, spec, state, now=t)
+        cur = Replicas(d.desired_prefill, d.desired_decode)
+    saved = json.loads(state.to_json())
+    saved["rates"].reverse()  # in any order
+    calm = window(prompt_tokens_per_s=500.0, prompt_tokens_per_s_peak=500.0)
+    same = PolicyState.from_json(json.dumps(saved))
+    assert list(same.rates) == list(state.rates)
+    here = decide(calm, cur, spec, same, now=795)
+    behind = decide(calm, cur, spec, PolicyState.from_json(json.dumps(saved)), now=795 - 120)
+    assert here.inputs["prefill_sized_rate"] == behind.inputs["prefill_sized_rate"] == 4000
+    assert (behind.desired_prefill, behind.desired_decode) == (here.desired_prefill, here.desired_decode)

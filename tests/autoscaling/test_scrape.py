@@ -113,6 +113,64 @@ def test_a_worker_that_starts_in_the_window_counts_from_its_first_scrape():
     assert s.window(30.0).prompt_tokens_per_s == pytest.approx(1000)
 
 
+def prefill_page(computed: float, backlog: float, busy: float) -> str:
+    return (
+        f'tandem_prefill_tokens_computed_total{{role="prefill"}} {computed}\n'
+        f'tandem_prefill_backlog_tokens{{role="prefill"}} {backlog}\n'
+        f'tandem_engine_busy_seconds_total{{role="prefill"}} {busy}\n'
+    )
+
+
+def scrape_pages(s: DirectScraper, pages: dict[float, dict[str, str]]) -> None:
+    """Scrape at each time what `pages[time]` holds (a URL it does not hold is down)."""
+    for t, at in pages.items():
+
+        def get(url: str, at: dict[str, str] = at) -> str:
+            if url not in at:
+                raise OSError("connection refused")
+            return at[url]
+
+        s.get = get
+        s.scrape(t)
+
+
+def test_counters_that_restart_in_the_window_count_what_was_counted_since():
+    # A prefill worker at 1000 tok/s restarts at 30 s (its counters from 0) and a router at 30 s
+    # too: each drop between two scrapes is a restart, as Prometheus' increase() reads it.
+    p = "http://prefill/metrics"
+    computed = {0: 30_000, 15: 45_000, 30: 0, 45: 15_000, 60: 31_000}
+    met = {0: 100, 15: 150, 30: 10, 45: 40, 60: 60}
+    s = DirectScraper("http://router/metrics", {p: "prefill"}, window_s=60, sub_window_s=15)
+    scrape_pages(
+        s,
+        {
+            float(t): {
+                p: prefill_page(c, 0, c / 1000),
+                "http://router/metrics": f'tandem_requests_total{{outcome="met"}} {met[t]}\n',
+            }
+            for t, c in computed.items()
+        },
+    )
+    w = s.window(60.0)
+    assert w.prompt_tokens_per_s == pytest.approx((15_000 + 0 + 15_000 + 16_000) / 60)
+    assert w.prompt_tokens_per_s_peak == pytest.approx(16_000 / 15)
+    assert w.prefill_tokens_per_busy_s == pytest.approx(1000)
+    assert w.met == 50 + 10 + 30 + 20
+
+
+def test_a_worker_that_leaves_takes_its_backlog_along():
+    # Two prefill workers; the second, with 8000 tokens queued, is removed at 30 s: its queue left
+    # with it, arrivals did not fall (the other computes 500 tok/s throughout).
+    a, b = "http://a/metrics", "http://b/metrics"
+    s = DirectScraper(None, {a: "prefill", b: "prefill"}, window_s=60, sub_window_s=15)
+    pages = {float(t): {a: prefill_page(500 * t, 0, t / 2), b: prefill_page(0, 8000, 0)} for t in (0, 15)}
+    pages.update({float(t): {a: prefill_page(500 * t, 0, t / 2)} for t in (30, 45, 60)})
+    scrape_pages(s, pages)
+    w = s.window(60.0)
+    assert w.prompt_tokens_per_s == pytest.approx(500)
+    assert w.prompt_tokens_per_s_peak == pytest.approx(500)
+
+
 def test_parse_and_quantile():
     text = '# HELP x y\nfoo_total{a="1",b="q\\"x"} 3.5\nbar 2\nbad line\n'
     assert parse_text(text) == {

@@ -14,14 +14,17 @@ What it does, per pool (prefill and decode scale independently):
   waited for decode KV, not for prefill.
 * **Scale to fit, before anything finishes.** The prefill backlog (queued prompt tokens per
   replica) above `prefill_backlog_target_tokens`, or the decode KV usage above `kv_usage_high`, is
-  an up signal even when the window holds no finished request (a queue that grows).
+  an up signal even when the window holds no finished request (a queue that grows). Decode is
+  sized on the pool's mean KV usage: the busiest replica's (one long context) is not relieved by
+  more replicas, so it adds one, and only with requests waiting or decode missing its SLO.
 * **Sizing.** Up signals are proportional (HPA-style `ceil(ready * observed / target)`), computed
   against the *ready* replicas so that replicas still starting are not counted twice, and SLO
-  misses only count once the pool has been fully ready for a whole window (a window that predates
-  the current size does not judge it). When a prefill replica's throughput is known, declared
-  (`prefill_tokens_per_second`) or learned (prompt tokens computed per engine-busy second,
-  smoothed over windows), prefill is sized absolutely: the window's peak prompt-token arrival
-  rate (as the burst memory below raises it) plus draining the backlog, at
+  misses only scale a pool up once it has been fully ready for a whole window (a window that
+  predates the current size does not judge it); before that they still hold it from scaling down
+  (a replica that never becomes ready is no room to spare). When a prefill replica's throughput
+  is known, declared (`prefill_tokens_per_second`) or learned (prompt tokens computed per
+  engine-busy second, smoothed over windows), prefill is sized absolutely: the window's peak
+  prompt-token arrival rate (as the burst memory below raises it) plus draining the backlog, at
   `target_utilization`; this sizes scale-down too.
 * **Burst-aware prefill sizing.** A replica added now serves only after its cold start, and a
   burst of prompts can arrive faster than that. So the rate prefill is sized for is the highest of
@@ -62,7 +65,9 @@ What it does, per pool (prefill and decode scale independently):
   on either pool and must not read as room to spare) and, for prefill, rejected ones (decode's
   misses already; they never reached prefill, whose load then looks lighter than it is).
 * **No decision** on missing metrics or on fewer than `min_requests` finished requests in the
-  window (SLO statistics from a handful of requests are noise); the reason says so. Backlog/KV
+  window (SLO statistics from a handful of requests are noise); the reason says so. A pool whose
+  own gauges are missing (decode KV usage; prefill backlog, unless a known throughput sizes
+  prefill) is held too: an unscraped worker is no evidence of an empty one. Backlog/KV
   pressure still scales up, and an idle deployment (no requests, nothing queued, nothing running)
   counts as data: it recommends the minimum (for prefill: what the burst memory still sizes, if
   more).
@@ -296,6 +301,8 @@ class PolicyState:
     # (now, requests that met their TTFT, requests finished) per window
     outcomes: deque[tuple[float, int, int]] = field(default_factory=deque)
     burst_q: float | None = None  # the burst quantile as attainment feedback set it (None: nominal)
+    # Read by from_json and not used since: its times may be another process's clock (see rebase).
+    restored: bool = field(default=False, compare=False)
 
     # The JSON form's version: a state written by another layout is not read (the caller starts afresh).
     JSON_VERSION = 1
@@ -332,20 +339,54 @@ class PolicyState:
             if not isinstance(d, dict) or d.get("v") != cls.JSON_VERSION:
                 raise ValueError(f"not a version-{cls.JSON_VERSION} policy state")
             opt = lambda v: None if v is None else float(v)  # noqa: E731
+            # Sorted: `decide` trims them from the oldest end and replaces at the newest.
             return cls(
-                history={p: deque((float(t), int(n)) for t, n in h) for p, h in d["history"].items()},
+                history={p: deque(sorted((float(t), int(n)) for t, n in h)) for p, h in d["history"].items()},
                 last_change={p: float(t) for p, t in d["lastChange"].items()},
                 settled={p: (math.inf if t is None else float(t)) for p, t in d["settled"].items()},
                 prefill_capacity=opt(d["prefillCapacity"]),
-                rates=deque((float(t), float(r)) for t, r in d["rates"]),
+                rates=deque(sorted((float(t), float(r)) for t, r in d["rates"])),
                 startup_s=opt(d["startup"]),
                 scaling_up={p: (float(t), int(n)) for p, (t, n) in d["scalingUp"].items()},
                 started=opt(d["started"]),
-                outcomes=deque((float(t), int(m), int(n)) for t, m, n in d["outcomes"]),
+                outcomes=deque(sorted((float(t), int(m), int(n)) for t, m, n in d["outcomes"])),
                 burst_q=opt(d["burstQ"]),
+                restored=True,
             )
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"not a policy state: {e!r}") from None
+
+    def rebase(self, now: float) -> None:
+        """Move every time in this state back by as much as its newest lies after `now`.
+
+        A state written by a process whose clock ran ahead of this one's (another operator
+        replica; this one before a restart and a clock step back) holds times in the future: the
+        cooldown and readiness would last longer by the skew, and the burst memory would drop them
+        all as repeated calls. One shift for all keeps their spacing, which is what they mean:
+        clamping each to `now` would pile them on one instant, where the time-weighted quantiles
+        give them no weight. (A clock that ran behind cannot be told from a pause: its times only
+        look older.)"""
+        finite = [t for t in self.settled.values() if not math.isinf(t)]
+        newest = max(
+            [h[-1][0] for h in self.history.values() if h]
+            + list(self.last_change.values())
+            + finite
+            + [t for t, _ in self.scaling_up.values()]
+            + [x[-1][0] for x in (self.rates, self.outcomes) if x]
+            + ([] if self.started is None else [self.started]),
+            default=now,
+        )
+        skew = newest - now
+        if skew <= 0:
+            return
+        self.history = {p: deque((t - skew, n) for t, n in h) for p, h in self.history.items()}
+        self.last_change = {p: t - skew for p, t in self.last_change.items()}
+        self.settled = {p: t if math.isinf(t) else t - skew for p, t in self.settled.items()}
+        self.scaling_up = {p: (t - skew, n) for p, (t, n) in self.scaling_up.items()}
+        self.rates = deque((t - skew, r) for t, r in self.rates)
+        self.outcomes = deque((t - skew, m, n) for t, m, n in self.outcomes)
+        if self.started is not None:
+            self.started -= skew
 
 
 @dataclass
@@ -418,16 +459,25 @@ def _recommend(
         and (w.decode_waiting or 0) > 0
     )
     m_ttft = m_tpot = m_total = 0.0
-    if slo_ok and settled:  # else the window predates the current size: its misses do not judge it
+    if slo_ok:
         m_ttft = (w.missed_ttft or 0) / finished  # type: ignore[operator]
         m_tpot = ((w.missed_tpot or 0) + w.rejected) / finished  # type: ignore[operator]
         m_total = 1.0 - (w.met or 0) / finished  # type: ignore[operator]
+    # Unsettled, the window predates the current size: its misses do not size it up, but they still
+    # forbid a scale-down (a replica that never becomes ready must not read as room to spare).
+    unsettled = ""
+    if not settled:
+        ready = f"{n_ready} of {n_cur} ready" if n_ready < n_cur else "all ready for less than a window"
+        unsettled = f" ({ready}: misses scale nothing up)"
+    slo_missed = False  # this pool's own misses call for more of it
+    if slo_ok and settled:
         ttft_pool = "decode" if decode_saturated else "prefill"
         misses = {"prefill": 0.0, "decode": 0.0}
         misses[ttft_pool] += m_ttft
         misses["decode"] += m_tpot
         m = misses[pool]
-        if m > 0 and (m > allowed or (m_total > allowed and m >= (m_ttft + m_tpot) / 2)):
+        slo_missed = m > 0 and (m > allowed or (m_total > allowed and m >= (m_ttft + m_tpot) / 2))
+        if slo_missed:
             what = "TTFT" if pool == "prefill" or (decode_saturated and m_ttft) else "TPOT"
             ups.append(
                 (
@@ -482,36 +532,55 @@ def _recommend(
         p90 = w.ttft_p90_s
         if m_ttft > spec.down_margin * allowed:
             return _Rec(
-                n_cur, f"TTFT misses {m_ttft:.0%} not below {spec.down_margin:.0%} of allowed: holding"
+                n_cur,
+                f"TTFT misses {m_ttft:.0%} not below {spec.down_margin:.0%} of allowed{unsettled}: holding",
             )
         held = _unserved_hold(pool, w, m_ttft, spec.down_margin * allowed, n_cur)
         if held is not None:
             return held
         if fit is not None:
             return _Rec(max(fit, lo), f"TTFT within SLO; peak prompt rate {rate:.0f} tok/s{note} fits {fit}")
+        if backlog is None:  # workers not scraped, and no throughput to size by: no evidence of room
+            return _Rec(n_cur, "prefill backlog not reported: holding", hold=True)
         if backlog_max is not None and backlog_max > 0.25 * target:
             return _Rec(n_cur, f"prefill backlog up to {backlog_max:.0f} tokens/replica: holding")
         return _Rec(max(n_cur - 1, lo), f"TTFT within SLO (p90 {_fmt(p90)}s): one fewer")
 
     # decode
-    usage = w.decode_kv_usage
+    usage = w.decode_kv_usage  # the pool's mean, what added replicas would share: it sizes the pool
+    # The busiest replica's: a long context fills one replica's KV and stays there however many are
+    # added, so it never sizes the pool; with requests waiting or decode missing its SLO, it adds one
+    # above what the mean sizes (not one per decision: a lasting queue would ratchet to the maximum).
     usage_hi = w.decode_kv_usage_max if w.decode_kv_usage_max is not None else usage
+    waiting = w.decode_waiting or 0
     if prefill_bound and usage_hi is not None and usage_hi >= spec.kv_usage_target:
         ups_note = f"; KV usage {usage_hi:.0%} held behind a prefill backlog: left to prefill"
     else:
         ups_note = ""
     if (
-        usage_hi is not None
+        usage is not None
         and not prefill_bound
-        and (
-            usage_hi >= spec.kv_usage_high
-            or ((w.decode_waiting or 0) > 0 and usage_hi >= spec.kv_usage_target)
-        )
+        and (usage >= spec.kv_usage_high or (waiting > 0 and usage >= spec.kv_usage_target))
     ):
         ups.append(
             (
-                max(n_ready + 1, _ceil(base * usage_hi / spec.kv_usage_target)),
-                f"decode KV usage {usage_hi:.0%} (waiting {_fmt(w.decode_waiting)})",
+                max(n_ready + 1, _ceil(base * usage / spec.kv_usage_target)),
+                f"decode KV usage {usage:.0%} (busiest {_fmt(usage_hi)}, waiting {_fmt(w.decode_waiting)})",
+            )
+        )
+    elif (
+        usage_hi is not None
+        and not prefill_bound
+        and usage_hi >= spec.kv_usage_high
+        and (waiting > 0 or slo_missed)
+        and (usage is None or _ceil(n_ready * usage / spec.kv_usage_target) >= n_ready)
+    ):
+        ups.append(
+            (
+                n_ready + 1,
+                f"busiest decode KV usage {usage_hi:.0%} (mean {_fmt(usage)}) with "
+                + (f"{waiting:.3g} waiting" if waiting > 0 else "TPOT missed")
+                + ": one more",
             )
         )
     if ups:
@@ -528,13 +597,19 @@ def _recommend(
         )
     p90 = w.tpot_p90_s
     if m_tpot > spec.down_margin * allowed:
-        return _Rec(n_cur, f"TPOT misses {m_tpot:.0%} not below {spec.down_margin:.0%} of allowed: holding")
+        return _Rec(
+            n_cur, f"TPOT misses {m_tpot:.0%} not below {spec.down_margin:.0%} of allowed{unsettled}: holding"
+        )
     held = _unserved_hold(pool, w, m_tpot, spec.down_margin * allowed, n_cur)
     if held is not None:
         return held
+    if usage is None:  # workers not scraped: not evidence of an empty cache
+        return _Rec(n_cur, "decode KV usage not reported: holding", hold=True)
     if p90 is not None and p90 > spec.latency_headroom * spec.tpot_ms / 1000.0:
         return _Rec(n_cur, f"TPOT p90 {p90:.3g}s above {spec.latency_headroom:.0%} of the SLO: holding")
-    kv_fit = _ceil(n_cur * (usage or 0.0) / spec.kv_usage_target)
+    if usage_hi is not None and usage_hi >= spec.kv_usage_high and waiting > 0:  # what added one
+        return _Rec(n_cur, f"busiest decode KV usage {usage_hi:.0%} with {waiting:.3g} waiting: holding")
+    kv_fit = _ceil(n_cur * usage / spec.kv_usage_target)
     if kv_fit >= n_cur:
         return _Rec(n_cur, f"decode KV usage {_fmt(usage)}: holding")
     return _Rec(
@@ -588,7 +663,7 @@ def _burst_rate(rate: float, spec: AutoscalingSpec, state: PolicyState, now: flo
     horizon = spec.burst_horizon_seconds
     startup = _startup(spec, state)
     lag = max(startup, spec.window_seconds)
-    while state.rates and state.rates[-1][0] >= now:  # a repeated call at the same time replaces
+    while state.rates and state.rates[-1][0] == now:  # a repeated call at the same time replaces
         state.rates.pop()
     state.rates.append((now, rate))
     while state.rates and state.rates[0][0] < now - horizon - lag:  # growth looks back a lag
@@ -648,7 +723,7 @@ def _attainment_feedback(w: MetricsWindow, spec: AutoscalingSpec, state: PolicyS
         return ""
     finished = w.finished
     if finished is not None:
-        while state.outcomes and state.outcomes[-1][0] >= now:  # a repeated call at the same time replaces
+        while state.outcomes and state.outcomes[-1][0] == now:  # a repeated call at the same time replaces
             state.outcomes.pop()
         # Only what prefill sizing can fix counts against it: a request that met its TTFT but
         # missed TPOT is decode's miss (failures count against both).
@@ -707,7 +782,11 @@ def decide(
 
     `current` is what the pools are set to now (with how many replicas are ready, if known);
     `state` is updated in place (this call's recommendations, changes); `now` is any monotonic
-    clock in seconds. Call it every few seconds to a minute; the caller applies the sizes."""
+    clock in seconds (a state from `from_json` is first moved onto it: `PolicyState.rebase`). Call
+    it every few seconds to a minute; the caller applies the sizes."""
+    if state.restored:
+        state.rebase(now)
+        state.restored = False
     if state.started is None:
         state.started = now
     inputs: dict[str, Any] = {"now": now, "current": asdict(current)}

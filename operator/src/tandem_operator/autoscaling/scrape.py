@@ -3,10 +3,11 @@
 For `tandem up --autoscale` on one machine: call `scrape(now)` every few seconds (it reads the
 router's and every worker's Prometheus text exposition), then `window(now)` before each decision.
 The window is computed the way the PromQL in `prometheus.py` computes it: counter increases
-between the first and last scrape in the window (summed over processes; a process that appeared
-during the window counts from its first scrape), histogram quantiles from the router's bucket
-increases (linear within a bucket, as `histogram_quantile`), gauges averaged over scrapes and
-replicas (and their maximum), arrival rate = prefill tokens computed + backlog growth.
+over the scrapes in the window, a drop between two scrapes read as a restart from 0 as Prometheus
+reads it (summed over processes; a process that appeared during the window counts from its first
+scrape), histogram quantiles from the router's bucket increases (linear within a bucket, as
+`histogram_quantile`), gauges averaged over scrapes and replicas (and their maximum), arrival
+rate = prefill tokens computed + each worker's backlog growth while it was scraped.
 Standard library only.
 """
 
@@ -57,6 +58,11 @@ def _sum(samples: Samples, name: str, **labels: str) -> float | None:
     want = set(labels.items())
     vals = [v for (n, ls), v in samples.items() if n == name and want <= ls]
     return sum(vals) if vals else None
+
+
+def _counter_increase(values: list[float]) -> float:
+    """A counter's increase over consecutive scrapes: a drop is a restart, which counted from 0."""
+    return sum(b - a if b >= a else b for a, b in zip(values, values[1:]))
 
 
 @dataclass
@@ -129,21 +135,18 @@ class DirectScraper:
         return [s for s in self.scrapes if now - self.window_s <= s.t <= now]
 
     def _increase(self, scrapes: list[_Scrape], name: str, role: str) -> float | None:
-        """Sum over workers of (last - first) of a counter within the scrapes (resets: last)."""
-        first: dict[str, float] = {}
-        last: dict[str, float] = {}
+        """Sum over workers of a counter's increase within the scrapes (`_counter_increase`)."""
+        series: dict[str, list[float]] = {}
         for s in scrapes:
             for url, (r, samples) in s.workers.items():
                 if r != role:
                     continue
                 v = _sum(samples, name)
-                if v is None:
-                    continue
-                first.setdefault(url, v)
-                last[url] = v
-        if not last:
+                if v is not None:
+                    series.setdefault(url, []).append(v)
+        if not series:
             return None
-        return sum((last[u] - first[u]) if last[u] >= first[u] else last[u] for u in last)
+        return sum(_counter_increase(vals) for vals in series.values())
 
     def _gauge(self, scrapes: list[_Scrape], name: str, role: str) -> tuple[float | None, float | None]:
         """(mean over scrapes of the mean over replicas, max over scrapes and replicas)."""
@@ -157,28 +160,26 @@ class DirectScraper:
                 peak = max(vals) if peak is None else max(peak, max(vals))
         return (sum(means) / len(means) if means else None), peak
 
-    def _arrival_rate(self, a: _Scrape, b: _Scrape) -> float | None:
-        span = b.t - a.t
+    def _arrival_rate(self, scrapes: list[_Scrape]) -> float | None:
+        """Prompt tokens computed plus backlog growth, per second, from the first scrape to the last."""
+        span = scrapes[-1].t - scrapes[0].t
         if span <= 0:
             return None
-        inc = self._increase([a, b], "tandem_prefill_tokens_computed_total", "prefill")
+        inc = self._increase(scrapes, "tandem_prefill_tokens_computed_total", "prefill")
         if inc is None:
             return None
-        backlog_a = sum(
-            v
-            for r, s in a.workers.values()
-            if r == "prefill"
-            for v in [_sum(s, "tandem_prefill_backlog_tokens")]
-            if v is not None
-        )
-        backlog_b = sum(
-            v
-            for r, s in b.workers.values()
-            if r == "prefill"
-            for v in [_sum(s, "tandem_prefill_backlog_tokens")]
-            if v is not None
-        )
-        return max(0.0, (inc + backlog_b - backlog_a) / span)
+        # Each worker's backlog growth while it was scraped (as `deriv` per series): one that left
+        # (scaled away, crashed) took its queue along, which is no fall in arrivals.
+        first: dict[str, float] = {}
+        last: dict[str, float] = {}
+        for s in scrapes:
+            for url, (r, smp) in s.workers.items():
+                v = _sum(smp, "tandem_prefill_backlog_tokens") if r == "prefill" else None
+                if v is not None:
+                    first.setdefault(url, v)
+                    last[url] = v
+        growth = sum(last[u] - first[u] for u in last)
+        return max(0.0, (inc + growth) / span)
 
     def window(self, now: float) -> MetricsWindow:
         scrapes = self._in_window(now)
@@ -187,11 +188,11 @@ class DirectScraper:
             return w  # not enough scrapes: missing data
         routers = [s.router for s in scrapes if s.router is not None]
         if len(routers) >= 2:
-            first, last = routers[0], routers[-1]
+            last = routers[-1]
 
             def inc(name: str, **labels: str) -> float:
-                a, b = _sum(first, name, **labels) or 0.0, _sum(last, name, **labels) or 0.0
-                return b - a if b >= a else b
+                # A labelled series appears on its first use: absent, it was 0.
+                return _counter_increase([_sum(r, name, **labels) or 0.0 for r in routers])
 
             counts = {o: int(round(inc("tandem_requests_total", outcome=o))) for o in OUTCOMES}
             w.met, w.missed_ttft, w.missed_tpot = counts["met"], counts["missed_ttft"], counts["missed_tpot"]
@@ -212,12 +213,12 @@ class DirectScraper:
         w.decode_kv_usage, w.decode_kv_usage_max = self._gauge(scrapes, "tandem_kv_usage_ratio", "decode")
         w.decode_running, _ = self._gauge(scrapes, "tandem_requests_running", "decode")
         w.decode_waiting, _ = self._gauge(scrapes, "tandem_requests_waiting", "decode")
-        w.prompt_tokens_per_s = self._arrival_rate(scrapes[0], scrapes[-1])
+        w.prompt_tokens_per_s = self._arrival_rate(scrapes)
         rates = []
         for i, a in enumerate(scrapes):
-            for b in scrapes[i + 1 :]:
-                if b.t - a.t >= self.sub_window_s - 1e-9:
-                    r = self._arrival_rate(a, b)
+            for j in range(i + 1, len(scrapes)):
+                if scrapes[j].t - a.t >= self.sub_window_s - 1e-9:
+                    r = self._arrival_rate(scrapes[i : j + 1])
                     if r is not None:
                         rates.append(r)
                     break
