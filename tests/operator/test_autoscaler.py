@@ -468,3 +468,34 @@ async def test_a_restarted_operator_carries_on_from_the_policy_memory_in_status(
     await restart_and_step(1_000_075.0)
     assert prefill() == 3  # no cooldown remembered: the backlog scales at once
     assert "unreadable" in caplog.text
+
+
+async def test_a_replica_that_leads_again_carries_on_from_the_other_ones_memory(prom: FakePrometheus):
+    # Peering hands the object from A to B and back. B scaled in between: A's own memory, older,
+    # knows nothing of that change and would skip its cooldown; the memory in status is B's.
+    prom.answers = BACKLOG
+    prom.start()
+    now = [1_000_000.0]
+    memory, reconciler, a, events = memory_setup(prom.url, clock=lambda: now[0])
+    memory.objects[(api.KIND, "ns", DEMO)]["spec"]["prefill"]["maxReplicas"] = 5
+
+    def prefill() -> int:
+        return memory.objects[("Deployment", "ns", PREFILL)]["spec"]["replicas"]
+
+    async def step(autoscaler: Autoscaler, at: float) -> None:
+        now[0] = at
+        await reconciler.reconcile("ns", DEMO)
+        for name in (PREFILL, DECODE):
+            dep = memory.objects[("Deployment", "ns", name)]
+            dep["status"] = {"readyReplicas": dep["spec"]["replicas"]}
+        await autoscaler.step("ns", DEMO)
+
+    await step(a, 1_000_000.0)
+    assert prefill() == 2
+    b = Autoscaler(memory, reconciler, lambda *x: events.append((x[1], x[2])), prom.url, clock=lambda: now[0])
+    await step(b, 1_000_070.0)  # after A's cooldown: the backlog adds one
+    assert prefill() == 3
+    await step(a, 1_000_080.0)  # within B's cooldown, which A's own memory does not know of
+    assert prefill() == 3
+    await step(a, 1_000_140.0)  # B's cooldown over: A scales on
+    assert prefill() == 4

@@ -143,17 +143,21 @@ class Autoscaler:
         self._scrape_interval = scrape_interval_s
         self._states: dict[str, PolicyState] = {}
         self._saved: dict[str, float] = {}  # uid -> clock time the memory was last written to status
+        self._written: dict[str, str] = {}  # uid -> the memory this process last put in a status patch
 
     def forget(self, uid: str) -> None:
         self._states.pop(uid, None)
         self._saved.pop(uid, None)
+        self._written.pop(uid, None)
 
     def _state(self, body: dict[str, Any], uid: str) -> PolicyState:
-        """This object's policy memory: in this process, else as the last operator saved it."""
-        state = self._states.get(uid)
-        if state is not None:
-            return state
+        """This object's policy memory: in this process, unless another operator saved one since
+        (peering handed the object to another replica and back: its memory is the newer, and ours
+        would skip the cooldown of its changes); else as the last operator saved it."""
         saved = ((body.get("status") or {}).get("autoscaler") or {}).get("memory")
+        state = self._states.get(uid)
+        if state is not None and (not saved or saved == self._written.get(uid)):
+            return state
         state = PolicyState()
         if saved:
             meta = body["metadata"]
@@ -287,6 +291,7 @@ class Autoscaler:
             memory = state.to_json()
             if len(memory) <= api.MAX_AUTOSCALER_MEMORY_BYTES:
                 record["memory"] = memory
+                self._written[owner.uid] = memory
             else:  # the API server would refuse the whole status patch: carry on without saving it
                 log.warning(
                     "%s/%s: autoscaler memory of %d bytes is over the %d status can hold: not saved "
