@@ -280,3 +280,18 @@ def test_sampling_parameters_take_each_value_as_its_own_type():
     assert (s.max_tokens, round(s.temperature, 3), s.top_k, s.ignore_eos) == (16, 0.7, 5, False)
     assert list(s.stop) == ["x"] and list(s.stop_token_ids) == [7, 8]
     assert sampling(ignore_eos=True, max_tokens=4.0).ignore_eos is True
+
+
+def test_a_half_precision_tensor_in_typed_contents_is_a_clear_bad_request():
+    # The protocol has no typed contents for FP16: such a value can only arrive as raw bytes.
+    from tritonclient.grpc import service_pb2 as kpb
+
+    from tandem_worker.server.kserve import BadRequest, KServeService
+
+    svc = KServeService("127.0.0.1:1", "smol", 8192, adapters=lambda: [], ready=lambda: True)
+    r = kpb.ModelInferRequest(model_name="smol")
+    t = r.inputs.add(name="text_input", datatype="BYTES", shape=[1])
+    t.contents.bytes_contents.append(b"Hi")
+    r.inputs.add(name="temperature", datatype="FP16", shape=[1])
+    with pytest.raises(BadRequest, match="FP16 travels in raw_input_contents only"):
+        svc.translate(r)

@@ -182,8 +182,10 @@ def read_inputs(request: kpb.ModelInferRequest) -> dict[str, list[Any]]:
         elif dt in NUMPY:
             if raw:
                 vals = np.frombuffer(raw[i], dtype=np.dtype(NUMPY[dt]).newbyteorder("<")).tolist()
-            else:
+            elif dt in CONTENTS:
                 vals = list(getattr(t.contents, CONTENTS[dt]))
+            else:  # FP16, BF16: the protocol has no typed contents for them, only raw bytes
+                raise BadRequest(f"input {t.name!r}: datatype {dt} travels in raw_input_contents only")
         else:
             raise BadRequest(f"input {t.name!r}: datatype {dt!r} is not supported")
         if INPUTS[t.name][1] != "strs" and len(vals) != 1:
