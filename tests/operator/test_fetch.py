@@ -115,6 +115,17 @@ def _inits(spec: api.ModelDeploymentSpec) -> dict[str, dict]:
     return {c["name"]: c for c in decode["spec"]["template"]["spec"]["initContainers"]}
 
 
+def test_the_python_program_names_files_as_the_operator_does():
+    # Twins across the layers (the operator imports no worker code): the program must save a model
+    # where `--model` points, and take the archives the operator's validation lets through.
+    from tandem_operator.validation import ARCHIVE_SUFFIXES, model_file_name
+    from tandem_worker import fetch
+
+    assert set(fetch.ARCHIVE_SUFFIXES) == set(ARCHIVE_SUFFIXES)
+    for uri in ("https://h/m/my%20model.gguf?x=1", "http://h/a.tar.gz", "https://h/-x.gguf"):
+        assert fetch.file_name(uri) == model_file_name(uri)
+
+
 def test_init_containers_run_these_programs():
     uri = "https://example.com/m/tiny.gguf"
     adapters = [{"name": "a", "source": "https://example.com/a.tgz"}]

@@ -47,6 +47,12 @@ DEFAULT_SCRAPE_INTERVAL_S = 15.0
 MIN_SAMPLES_PER_RANGE = 4
 
 
+def read_window_s(window_s: float, scrape_interval_s: float = DEFAULT_SCRAPE_INTERVAL_S) -> float:
+    """The window the queries really read: at least `MIN_SAMPLES_PER_RANGE` scrapes, since rate(),
+    increase() and deriv() need two samples in their range (Prometheus' own advice is four)."""
+    return max(window_s, MIN_SAMPLES_PER_RANGE * scrape_interval_s)
+
+
 class PrometheusError(RuntimeError):
     """Prometheus could not be asked (unreachable, HTTP error, query error)."""
 
@@ -67,13 +73,11 @@ def queries(
 ) -> dict[str, str]:
     """The PromQL of each MetricsWindow field (plus `outcomes`, a vector by outcome).
 
-    rate(), increase() and deriv() need two samples in their range, so every range is at least
-    `MIN_SAMPLES_PER_RANGE` scrape intervals (Prometheus' own advice): at the chart's 15 s a range
-    of 15 s held one sample, and the burst peak (or a short window) always read as no data.
-    The peak's sub-windows default to that length, sampled once a scrape interval."""
-    least = MIN_SAMPLES_PER_RANGE * scrape_interval_s
-    window_s = max(window_s, least)
-    sub_window_s = max(sub_window_s or 0.0, least)
+    Every range spans at least `MIN_SAMPLES_PER_RANGE` scrape intervals (`read_window_s`): at the
+    chart's 15 s a range of 15 s held one sample, and the burst peak (or a short window) always
+    read as no data. The peak's sub-windows default to that length, sampled once a scrape interval."""
+    window_s = read_window_s(window_s, scrape_interval_s)
+    sub_window_s = read_window_s(sub_window_s or 0.0, scrape_interval_s)
     step_s = step_s or scrape_interval_s
     w, sub, step = f"{int(window_s)}s", f"{int(sub_window_s)}s", f"{max(1, int(step_s))}s"
     pre, dec = f'role="{prefill_role}"', f'role="{decode_role}"'
@@ -154,8 +158,8 @@ def fetch_window(
 ) -> MetricsWindow:
     """One MetricsWindow; `query` is a Prometheus base URL or a function made by `http_query`."""
     run = http_query(query) if isinstance(query, str) else query
-    # The window queries() really reads (at least 4 scrapes): rates are over that span.
-    window_s = max(window_s, MIN_SAMPLES_PER_RANGE * kw.get("scrape_interval_s", DEFAULT_SCRAPE_INTERVAL_S))
+    # Rates are over the span queries() really reads.
+    window_s = read_window_s(window_s, kw.get("scrape_interval_s", DEFAULT_SCRAPE_INTERVAL_S))
     q = queries(window_s, selector, **kw)
     fields: dict[str, Any] = {}
     for name, promql in q.items():

@@ -134,16 +134,20 @@ class DirectScraper:
     def _in_window(self, now: float) -> list[_Scrape]:
         return [s for s in self.scrapes if now - self.window_s <= s.t <= now]
 
-    def _increase(self, scrapes: list[_Scrape], name: str, role: str) -> float | None:
-        """Sum over workers of a counter's increase within the scrapes (`_counter_increase`)."""
+    @staticmethod
+    def _series(scrapes: list[_Scrape], name: str, role: str) -> dict[str, list[float]]:
+        """Per worker of `role`, the values of `name` in the scrapes where it was there."""
         series: dict[str, list[float]] = {}
         for s in scrapes:
             for url, (r, samples) in s.workers.items():
-                if r != role:
-                    continue
-                v = _sum(samples, name)
+                v = _sum(samples, name) if r == role else None
                 if v is not None:
                     series.setdefault(url, []).append(v)
+        return series
+
+    def _increase(self, scrapes: list[_Scrape], name: str, role: str) -> float | None:
+        """Sum over workers of a counter's increase within the scrapes (`_counter_increase`)."""
+        series = self._series(scrapes, name, role)
         if not series:
             return None
         return sum(_counter_increase(vals) for vals in series.values())
@@ -170,15 +174,8 @@ class DirectScraper:
             return None
         # Each worker's backlog growth while it was scraped (as `deriv` per series): one that left
         # (scaled away, crashed) took its queue along, which is no fall in arrivals.
-        first: dict[str, float] = {}
-        last: dict[str, float] = {}
-        for s in scrapes:
-            for url, (r, smp) in s.workers.items():
-                v = _sum(smp, "tandem_prefill_backlog_tokens") if r == "prefill" else None
-                if v is not None:
-                    first.setdefault(url, v)
-                    last[url] = v
-        growth = sum(last[u] - first[u] for u in last)
+        backlogs = self._series(scrapes, "tandem_prefill_backlog_tokens", "prefill")
+        growth = sum(vals[-1] - vals[0] for vals in backlogs.values())
         return max(0.0, (inc + growth) / span)
 
     def window(self, now: float) -> MetricsWindow:

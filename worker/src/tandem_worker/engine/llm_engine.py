@@ -208,23 +208,23 @@ class LLMEngine:
                 f"{n} tokens leave no room to generate in the model's context of {self.max_model_len} tokens",
             )
         bm = self.block_manager
-        self._fit(n, params, bm.num_blocks)
-        if bm.blocks_needed(self._peak_kv_tokens(n, params)) > bm.num_blocks:
-            capacity = bm.num_blocks * bm.block_size
-            field_name = "prompt" if bm.blocks_needed(n) > bm.num_blocks else "max_tokens"
-            raise RequestError(
-                field_name,
-                f"{n} prompt tokens + {params.max_tokens} max_tokens can never fit in the KV cache "
-                f"({capacity} tokens); shorten the request or raise the KV cache budget",
-            )
+        self._check_kv_room(n, params, bm.num_blocks, f"({bm.num_blocks * bm.block_size} tokens)")
 
-    def _fit(self, n: int, params: SamplingParams, room_blocks: int) -> None:
-        """With `fit_max_tokens`, lower max_tokens to what `room_blocks` of KV hold beside the
-        prompt (a prompt that does not fit is still refused)."""
+    def _check_kv_room(self, n: int, params: SamplingParams, room_blocks: int, where: str) -> None:
+        """Raise `RequestError` if `room_blocks` of KV can never hold the request; with
+        `fit_max_tokens`, first lower max_tokens to what they hold beside the prompt (a prompt that
+        does not fit is still refused). `where` describes the room in the message."""
         bm = self.block_manager
         if params.fit_max_tokens and bm.blocks_needed(n) <= room_blocks:
             most = room_blocks * bm.block_size + 1 - n  # + 1: the last token takes no KV
             params.max_tokens = max(1, min(params.max_tokens, most))
+        if bm.blocks_needed(self._peak_kv_tokens(n, params)) > room_blocks:
+            field_name = "prompt" if bm.blocks_needed(n) > room_blocks else "max_tokens"
+            raise RequestError(
+                field_name,
+                f"{n} prompt tokens + {params.max_tokens} max_tokens can never fit in the KV cache "
+                f"{where}; shorten the request or raise the KV cache budget",
+            )
 
     def _peak_kv_tokens(self, n: int, params: SamplingParams) -> int:
         """The most tokens of KV a request of `n` prompt tokens ever holds: its last token is
@@ -294,16 +294,13 @@ class LLMEngine:
                 f"adapter {adapter!r} needs {blocks} KV blocks and the whole KV cache has "
                 f"{bm.num_blocks}: no request for it can ever run; raise the KV cache budget",
             )
-        room = bm.num_blocks - blocks
-        self._fit(n, params, room)
-        if bm.blocks_needed(self._peak_kv_tokens(n, params)) > room:
-            field_name = "prompt" if bm.blocks_needed(n) > room else "max_tokens"
-            raise RequestError(
-                field_name,
-                f"{n} prompt tokens + {params.max_tokens} max_tokens can never fit in the KV cache "
-                f"({bm.num_blocks} blocks of {bm.block_size} tokens) beside adapter {adapter!r}, which "
-                f"takes {blocks} of them; shorten the request or raise the KV cache budget",
-            )
+        self._check_kv_room(
+            n,
+            params,
+            bm.num_blocks - blocks,
+            f"({bm.num_blocks} blocks of {bm.block_size} tokens) beside adapter {adapter!r}, which takes "
+            f"{blocks} of them",
+        )
 
     def abort(self, request_id: str) -> bool:
         req = self._requests.pop(request_id, None)

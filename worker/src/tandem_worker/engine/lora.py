@@ -653,9 +653,7 @@ class LoRAManager:
     def check(self, name: str) -> None:
         """Raise AdapterNotFoundError unless `name` is resident or can be loaded from the store."""
         if not self.known(name):
-            where = (
-                " (not registered nor in the adapter store)" if self.store_dir else " (no adapter store)"
-            )
+            where = " (not registered nor in the adapter store)" if self.store_dir else " (no adapter store)"
             raise AdapterNotFoundError(name, where)
 
     def store_names(self) -> list[str]:

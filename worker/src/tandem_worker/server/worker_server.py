@@ -75,6 +75,12 @@ class WorkerState:
         return prefill_stub(ch)
 
 
+# What ends a request's event stream with a status for the caller: the engine died, or the engine
+# thread refused the request when it added it (its adapter, in memory only there, leaves no room for
+# its KV; the adapter was unloaded meanwhile). AdapterNotFoundError is a RequestError.
+_STREAM_ABORTS = (EngineDead, RequestError, AdapterError)
+
+
 def _abort_for(context: grpc.ServicerContext, e: Exception) -> None:
     if isinstance(e, AdapterNotFoundError):
         context.abort(grpc.StatusCode.NOT_FOUND, str(e))
@@ -146,9 +152,7 @@ class WorkerService(wgrpc.WorkerServicer):
         except RequestAborted:
             done.set()
             return
-        except (EngineDead, RequestError, AdapterError, AdapterNotFoundError) as e:
-            # Also what the engine thread refuses when it adds the request (its adapter, in
-            # memory only there, leaves no room for its KV; the adapter was unloaded meanwhile).
+        except _STREAM_ABORTS as e:
             done.set()
             _abort_for(context, e)
         finally:
@@ -340,9 +344,7 @@ class KVTransferService(wgrpc.KVTransferServicer):
         except RequestAborted:
             done.set()
             return
-        except (EngineDead, RequestError, AdapterError, AdapterNotFoundError) as e:
-            # Also what the engine thread refuses when it adds the request (its adapter, in
-            # memory only there, leaves no room for its KV; the adapter was unloaded meanwhile).
+        except _STREAM_ABORTS as e:
             done.set()
             _abort_for(context, e)
         finally:
