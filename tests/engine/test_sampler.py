@@ -200,6 +200,47 @@ def test_top_p_from_candidates_equals_top_p_from_a_full_sort(monkeypatch):
         assert len(set(full)) > (5 if fits else 30)
 
 
+def test_tied_logits_draw_the_same_token_whichever_path_the_batch_took(monkeypatch):
+    # bf16 logits tie often. topk (the candidates) and the full sort (taken when any row of the
+    # batch needs more candidates) ordered tied tokens differently, so a seeded draw changed
+    # with its batch neighbours.
+    from tandem_worker.engine import sampler as sampler_mod
+
+    monkeypatch.setattr(sampler_mod, "NUCLEUS_CANDIDATES", 64)
+    g = torch.Generator().manual_seed(3)
+    row = (torch.randn(512, generator=g) * 3).bfloat16().float()  # many exact ties
+    flat = torch.zeros(512)  # a neighbour whose nucleus spans more than 64 candidates
+    changed = 0
+    for seed in range(200):
+        p = SamplingParams(temperature=1.0, top_p=0.95, seed=seed)
+        alone = Sampler().sample(row[None].clone(), ["a"], [p], [0]).token_ids[0]
+        other = SamplingParams(temperature=1.0, top_p=0.99, seed=1)
+        batched = Sampler().sample(torch.stack([row, flat]), ["a", "b"], [p, other], [0, 0]).token_ids[0]
+        changed += alone != batched
+    assert changed == 0
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_non_finite_logits_still_draw_a_token_of_the_vocabulary(top_p, top_k):
+    # An overflowing model's NaN or +inf made softmax NaN and the draw land on id == vocab, which
+    # failed the whole batch at the next step's embedding lookup.
+    vocab = 50
+    base = torch.randn(vocab, generator=torch.Generator().manual_seed(0))
+    nan_one, inf_one = base.clone(), base.clone()
+    nan_one[7], inf_one[31] = float("nan"), float("inf")
+    rows = torch.stack(
+        [torch.full((vocab,), float("nan")), nan_one, inf_one, torch.full((vocab,), -math.inf)]
+    )
+    params = [
+        SamplingParams(temperature=1.0, top_p=top_p, top_k=top_k, seed=i, logprobs=True) for i in range(4)
+    ]
+    got = Sampler().sample(rows, list("abcd"), params, [0] * 4).token_ids
+    assert all(0 <= t < vocab for t in got)
+    assert got[1] != 7  # NaN is never drawn
+    assert got[2] == 31  # +inf is certain
+
+
 @pytest.mark.parametrize("u", [0.0, 1.0])
 def test_draws_at_the_ends_of_the_unit_interval_land_on_allowed_tokens(monkeypatch, u):
     # Inverse-CDF sampling: a uniform of 0 takes the first token with probability, the top end

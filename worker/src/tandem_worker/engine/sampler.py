@@ -111,7 +111,13 @@ class Sampler:
     ) -> torch.Tensor:
         vocab, device = logits.shape[-1], logits.device
         temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
-        x = logits.float() / temperature[:, None]
+        # A NaN or +inf logit (an overflowing model) made softmax all NaN and the draw land past the
+        # vocabulary, which then failed the whole batch's next step: NaN counts as impossible and
+        # +inf as the largest finite value, so the draw stays a real token.
+        x = torch.nan_to_num(
+            logits.float(), nan=float("-inf"), posinf=torch.finfo(torch.float32).max, neginf=float("-inf")
+        )
+        x = x / temperature[:, None]
         ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
         if any(ks):
             # The k-th largest value of each row (k = its own); rows without top-k keep all.
@@ -120,6 +126,10 @@ class Sampler:
             floor[torch.tensor([k == 0 for k in ks], device=device)] = float("-inf")
             x = x.masked_fill(x < floor, float("-inf"))
         probs = torch.softmax(x, dim=-1)
+        # A row with nothing possible (all -inf): its argmax, as greedy would take.
+        dead = ~torch.isfinite(probs).all(dim=-1)
+        if dead.any():
+            probs[dead] = torch.nn.functional.one_hot(x[dead].argmax(-1), vocab).to(probs.dtype)
         u = self._uniforms(params, output_index).to(device)
         nucleus = [j for j, p in enumerate(params) if p.top_p < 1.0]
         if not nucleus:
@@ -136,19 +146,27 @@ class Sampler:
 
 
 # Candidates for a top-p nucleus: the most likely tokens of each row, by topk, instead of a sort
-# of the whole vocabulary (a sort of 64 rows of 49,152 took 10x a topk of 1,024 on 2 cores). A row
-# whose nucleus reaches past them falls back to the sort: the result is the same either way.
+# of the whole vocabulary (a sort of 64 rows of 49,152 took 10x a topk of 1,024 on 2 cores). A
+# batch with a row whose nucleus reaches past them falls back to the sort.
 NUCLEUS_CANDIDATES = 1024
 
 
 def _nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's smallest set of most likely tokens whose mass reaches its top_p (always at least
-    one token): their probabilities, most likely first, zero past the set; and their token ids."""
+    one token): their probabilities, most likely first and ties by token id, zero past the set;
+    and their token ids."""
     kept, order = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)
     before = kept.cumsum(-1) - kept  # mass of the more likely tokens
     if (before[:, -1] + kept[:, -1] < top_p).any():  # the candidates hold less than a nucleus
-        kept, order = probs.sort(dim=-1, descending=True)
-        before = kept.cumsum(-1) - kept
+        # Stable: tied tokens stay in id order.
+        kept, order = probs.sort(dim=-1, descending=True, stable=True)
+    else:
+        # topk orders tied tokens as it likes (and unlike the sort): put them in id order, so a
+        # seeded request draws the same token whichever path its batch took (bf16 logits tie).
+        order, by_id = order.sort(dim=-1)
+        kept, by_p = kept.gather(1, by_id).sort(dim=-1, descending=True, stable=True)
+        order = order.gather(1, by_p)
+    before = kept.cumsum(-1) - kept
     return kept.masked_fill(before >= top_p[:, None], 0.0), order
 
 
