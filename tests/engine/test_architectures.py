@@ -42,19 +42,25 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_tiny_variant_matches_transformers(name, model_dir, tmp_path):
+def _save(config, model_dir, path):
+    """A random model of `config` saved by transformers with the built-in tokenizer (which fits
+    the 49,152-token vocabulary); returns the transformers model."""
     torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(CONFIGS[name](), dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():  # random biases too, so a dropped bias would show
         for n, p in hf.named_parameters():
             if n.endswith("bias"):
                 p.normal_(0, 0.5)
-    hf.save_pretrained(tmp_path)
-    for f in model_dir.iterdir():  # the built-in tokenizer fits the 49,152-token vocabulary
+    hf.save_pretrained(path)
+    for f in model_dir.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.copy(f, tmp_path / f.name)
+            shutil.copy(f, path / f.name)
+    return hf
 
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_tiny_variant_matches_transformers(name, model_dir, tmp_path):
+    hf = _save(CONFIGS[name](), model_dir, tmp_path)
     engine = LLMEngine(model=str(tmp_path), kv_cache_bytes=16 * 2**20)
     # Long enough that RoPE scaling's low-frequency change moves the logits.
     prompts = [[5, 17, 300, 4000, 12], list(range(100, 490)), [7]]
@@ -70,3 +76,29 @@ def test_tiny_variant_matches_transformers(name, model_dir, tmp_path):
             logits = hf(ref).logits[0, len(p) - 1 : -1].float()
         expected = torch.log_softmax(logits, -1).gather(1, ref[0, len(p) :, None])[:, 0]
         assert torch.allclose(torch.tensor(outs[rid].logprobs), expected, atol=1e-4), name
+
+
+def test_sliding_window_model_is_served_only_within_its_window(model_dir, tmp_path):
+    """Mistral attends over its last `sliding_window` positions; the engine's attention is full,
+    which is the same only up to the window. So contexts stop there (equal to transformers up to
+    the last token), and a longer one is refused, never computed differently."""
+    hf = _save(MistralConfig(**COMMON, tie_word_embeddings=False, sliding_window=32), model_dir, tmp_path)
+    engine = LLMEngine(model=str(tmp_path), kv_cache_bytes=16 * 2**20)
+    assert engine.max_model_len == 32
+    prompt = list(range(100, 120))
+    rid = engine.add_request(
+        prompt_token_ids=prompt, params=SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+    )
+    out = run_all(engine)[rid]
+    assert len(prompt) + len(out.token_ids) == 32  # cut at the window
+    with torch.inference_mode():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert out.token_ids == ref[0, len(prompt) :].tolist()
+    with pytest.raises(ValueError, match="leave no room"):
+        engine.add_request(prompt_token_ids=list(range(100, 140)), params=SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="sliding attention window"):
+        LLMEngine(model=str(tmp_path), kv_cache_bytes=16 * 2**20, max_model_len=64)
+    # Qwen2 lists a window it does not use (use_sliding_window: false): no limit then.
+    qwen = tmp_path / "qwen"
+    _save(Qwen2Config(**COMMON, sliding_window=32, use_sliding_window=False), model_dir, qwen)
+    assert LLMEngine(model=str(qwen), kv_cache_bytes=16 * 2**20).max_model_len == 512

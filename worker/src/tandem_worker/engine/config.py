@@ -40,6 +40,9 @@ class ModelConfig:
     attention_bias: bool  # Qwen2 has biases on q/k/v
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
+    # Mistral's (and Qwen2's, when use_sliding_window) attention over the last N positions only.
+    # The engine's attention is full-causal, which equals it for contexts of at most N tokens.
+    sliding_window: int | None = None
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -66,6 +69,9 @@ class ModelConfig:
         elif rope_type not in (None, "default"):
             raise ValueError(f"unsupported rope scaling type {rope_type!r}; supported: default, llama3")
         eos = cfg.get("eos_token_id")
+        window = cfg.get("sliding_window")
+        if cfg.get("use_sliding_window") is False:  # Qwen2 lists a window it does not use
+            window = None
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         return cls(
             architecture=arch,
@@ -84,6 +90,7 @@ class ModelConfig:
             attention_bias=bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM")),
             eos_token_ids=tuple(int(e) for e in eos_ids),
             bos_token_id=cfg.get("bos_token_id"),
+            sliding_window=int(window) if window else None,
         )
 
     @classmethod
@@ -101,6 +108,14 @@ class ModelConfig:
             ids = config.eos_token_ids + tuple(int(e) for e in extra if int(e) not in config.eos_token_ids)
             config = replace(config, eos_token_ids=ids)
         return config
+
+    @property
+    def context_limit(self) -> int:
+        """The longest context the engine computes as the model does: its positions, and no more
+        than its sliding window (beyond which full-causal attention would differ)."""
+        if self.sliding_window is None:
+            return self.max_position_embeddings
+        return min(self.max_position_embeddings, self.sliding_window)
 
     def kv_bytes_per_token(self, dtype_size: int) -> int:
         """Bytes of K and V one token occupies across all layers."""

@@ -148,11 +148,24 @@ class LLMEngine:
         self.config = config = config or EngineConfig(**kwargs)
         self.model_dir = resolve_model(config.model, require_weights=config.load_format != "dummy")
         self.model_config = ModelConfig.from_folder(self.model_dir)
-        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
-        if self.max_model_len > self.model_config.max_position_embeddings:
+        mc = self.model_config
+        self.max_model_len = config.max_model_len or mc.context_limit
+        if self.max_model_len > mc.max_position_embeddings:
             raise ValueError(
                 f"max_model_len {self.max_model_len} exceeds the model's context "
-                f"({self.model_config.max_position_embeddings})"
+                f"({mc.max_position_embeddings})"
+            )
+        if self.max_model_len > mc.context_limit:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} exceeds the model's sliding attention window "
+                f"({mc.sliding_window} tokens): Tandem's attention is full-causal, which equals the "
+                "model's only for contexts within the window"
+            )
+        if mc.context_limit < mc.max_position_embeddings and not config.max_model_len:
+            log.warning(
+                "contexts limited to the model's sliding attention window of %d tokens (of %d positions)",
+                mc.sliding_window,
+                mc.max_position_embeddings,
             )
         self.tokenizer = Tokenizer(self.model_dir)
         torch.manual_seed(config.seed)

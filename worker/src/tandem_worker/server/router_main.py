@@ -55,7 +55,7 @@ def serve_router(
     pool = WorkerPool(decode, prefill).start()
     model_name = served_model_name or model
     service = RouterService(
-        pool, tok, model_name, cfg.max_position_embeddings, eos, max_in_flight=max_in_flight, slo=slo
+        pool, tok, model_name, cfg.context_limit, eos, max_in_flight=max_in_flight, slo=slo
     )
 
     server = grpc.server(ThreadPoolExecutor(max_workers=max_in_flight + 16))
@@ -85,7 +85,7 @@ def serve_router(
             frontend = OpenAIFrontend(
                 upstream,
                 model_name,
-                cfg.max_position_embeddings,
+                cfg.context_limit,
                 tok,
                 adapters=lambda: known_adapters(pool),
                 ready=ready.is_set,
@@ -102,7 +102,7 @@ def serve_router(
             kservice = KServeService(
                 upstream,
                 model_name,
-                cfg.max_position_embeddings,
+                cfg.context_limit,
                 adapters=lambda: known_adapters(pool),
                 ready=ready.is_set,
                 version=_version(),
