@@ -332,6 +332,17 @@ def test_a_request_whose_kv_fits_the_cache_exactly_is_served(engine):
         small.add_request(prompt_token_ids=prompt + prompt[:29], params=SamplingParams(max_tokens=1))
 
 
+def test_fit_max_tokens_fits_each_request_not_the_callers_params(engine):
+    # One params object for a batch (LLM.generate's usual call): the long prompt's lowered bound
+    # was written into it, and cut the short prompt (and the caller's later calls) to 29 tokens.
+    small = _small_engine(engine, 8)  # 128 tokens of KV
+    prompt = small.tokenizer.encode(" ".join(["word"] * 200))[:100]
+    params = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True, fit_max_tokens=True)
+    outs = LLM.from_engine(small).generate([prompt, prompt[:5]], params)
+    assert [len(o.token_ids) for o in outs] == [29, 60]
+    assert params.max_tokens == 60
+
+
 def test_cached_tokens_count_only_the_prompts_first_admission(engine):
     # Preempted and admitted again, a request hits the blocks it computed itself (prompt and
     # output): those are not the prompt's cache hits, which usage reports.

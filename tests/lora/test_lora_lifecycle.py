@@ -366,7 +366,8 @@ def test_fit_max_tokens_lowers_max_tokens_to_the_room_beside_the_adapter(model_d
     engine.validate(prompt, params)  # the server thread's check: the whole pool
     assert params.max_tokens == bm.num_blocks * bm.block_size + 1 - len(prompt)
     rid = engine.add_request(prompt_token_ids=prompt, params=params, adapter="all-r16")
-    assert params.max_tokens == room_tokens + 1 - len(prompt)  # the engine thread's: beside the adapter
+    # The engine thread's, on the request's own copy: beside the adapter.
+    assert engine._requests[rid].seq.params.max_tokens == room_tokens + 1 - len(prompt)
     engine.abort(rid)
     strict = SamplingParams(max_tokens=8000, temperature=0.0)  # asked for: still refused
     with pytest.raises(RequestError, match="max_tokens: 40 prompt tokens \\+ 8000 max_tokens can never fit"):

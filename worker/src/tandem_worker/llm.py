@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import Any
@@ -84,7 +85,7 @@ class LLM:
                 raise ValueError(f"{len(prompts)} prompts but {len(names)} adapters")
         token_ids = [self._token_ids(p) for p in prompts]
         for ids, p in zip(token_ids, params):
-            self.engine.validate(ids, p)
+            self.engine.validate(ids, dataclasses.replace(p))  # a copy: validate may fit max_tokens
         for name in set(names) - {None}:
             self.engine.lora.check(name)
         ids_in_order = [

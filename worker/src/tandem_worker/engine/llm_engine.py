@@ -6,6 +6,7 @@ raises `RequestError` naming the field, and the engine keeps serving the others.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -207,7 +208,8 @@ class LLMEngine:
         return f"req-{self._counter}"
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise `RequestError` if the request can never be served; changes nothing."""
+        """Raise `RequestError` if the request can never be served; changes no engine state (with
+        `fit_max_tokens` it lowers `params.max_tokens`: pass a copy to keep yours)."""
         params.validate()
         n = len(prompt_token_ids)
         if n == 0:
@@ -263,7 +265,9 @@ class LLMEngine:
         `kv_sink(layer, start, key, value, ready)` (see `Sequence.kv_sink`).
         `adapter`: a LoRA adapter's name; an unknown one raises `AdapterNotFoundError`.
         """
-        params = params or SamplingParams()
+        # The request's own copy: fit_max_tokens lowers max_tokens to its prompt's room, which must
+        # not cut the caller's other requests sharing one params object (LLM.generate does).
+        params = dataclasses.replace(params) if params is not None else SamplingParams()
         if prompt_token_ids is None:
             if isinstance(prompt, list):
                 prompt_token_ids = prompt
