@@ -82,3 +82,34 @@ def test_layout_mismatch_names_every_differing_field():
     )
     msg = layout_mismatch(a, b)
     assert "model_id" in msg and "dtype" in msg and "block_size" not in msg
+
+
+def test_writer_takes_each_token_once_in_order_from_the_skip_and_checks_the_whole_prompt_came():
+    # Tokens below the skip are the decode worker's cached prefix, shared with other sequences;
+    # a stream that ends short would leave stale KV the prefix cache then serves to others.
+    layers, heads, dim = 2, 2, 8
+    cache = torch.zeros(2, layers, 6, 4, heads, dim)
+
+    def chunk(layer: int, start: int, n: int):
+        return decode_kv_chunk(
+            encode_kv_chunk(
+                wpb.KVChunk(layer=layer, token_start=start, num_tokens=n),
+                torch.ones(n, heads, dim),
+                torch.ones(n, heads, dim),
+            )
+        )
+
+    writer = KVWriter(cache, [0, 1, 2], 4, skip_tokens=4, num_tokens=10)
+    for bad, why in (((0, 0, 4), "starts at token 0, expected 4"), ((0, 8, 4), "outside the reserved")):
+        with pytest.raises(ValueError, match=why):
+            writer.write(*chunk(*bad))
+    assert cache.abs().sum() == 0
+    writer.write(*chunk(0, 4, 6))
+    with pytest.raises(ValueError, match="starts at token 4, expected 10"):  # the same tokens again
+        writer.write(*chunk(0, 4, 6))
+    with pytest.raises(ValueError, match=r"1 layer\(s\) incomplete \(layer 1 at token 4 of 10\)"):
+        writer.check_complete()
+    writer.write(*chunk(1, 4, 3))
+    writer.write(*chunk(1, 7, 3))
+    writer.check_complete()
+    assert cache[:, :, 0].abs().sum() == 0  # the skipped block: never written

@@ -278,3 +278,89 @@ def test_what_the_engine_thread_refuses_reaches_the_client_as_its_code(model_dir
         served = wpb.WorkerGenerateRequest(request_id="served", prompt_token_ids=ids, sampling=greedy(4))
         assert sum(len(m.token_ids) for m in worker.Generate(served, timeout=60)) == 4
         assert server.is_alive()
+
+
+def test_a_malformed_kv_stream_fails_its_request_and_corrupts_nothing(model_dir, offline):
+    """What a faulty (or mismatched) prefill worker sends is checked before the decode worker uses
+    it: a stream missing KV, a chunk over the decode worker's own cached prefix (blocks shared with
+    other sequences), or a first token past the vocabulary each fail that request with DATA_LOSS.
+    Before, the first two were accepted and left garbage in the prefix cache, served afterwards to
+    purely local requests, and the third failed the engine and every request on the worker."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from tandem_worker.server.convert import params_from_pb
+    from tandem_worker.server.kv_transfer import encode_kv_chunk, kv_chunks, prefill_method_handler
+
+    def prompt(start: int) -> list[int]:
+        return list(range(start, start + 65))  # 4 full blocks, which the prefix cache keeps
+
+    def expected(ids: list[int]) -> list[int]:
+        return offline.generate([ids], params_from_pb(greedy(8)))[0].token_ids
+
+    def no_kv(request, context):
+        yield encode_kv_chunk(wpb.KVChunk(layout=request.layout))
+        yield encode_kv_chunk(wpb.KVChunk(last=True, first_token=42))
+
+    def over_the_cached_prefix(request, context):
+        yield encode_kv_chunk(wpb.KVChunk(layout=request.layout))
+        lay, n = request.layout, len(request.prompt_token_ids)
+        for layer in range(lay.num_layers):
+            z = torch.zeros(n - request.skip_tokens, lay.num_kv_heads, lay.head_dim)
+            yield from kv_chunks(layer, request.skip_tokens, z, z)
+            g = torch.full((16, lay.num_kv_heads, lay.head_dim), 7.0)
+            yield from kv_chunks(layer, 0, g, g)  # tokens [0, 16): the decode worker's cached blocks
+        yield encode_kv_chunk(wpb.KVChunk(last=True, first_token=42))
+
+    def token_past_the_vocabulary(request, context):
+        yield encode_kv_chunk(wpb.KVChunk(layout=request.layout))
+        lay, n = request.layout, len(request.prompt_token_ids)
+        for layer in range(lay.num_layers):
+            z = torch.zeros(n - request.skip_tokens, lay.num_kv_heads, lay.head_dim)
+            yield from kv_chunks(layer, request.skip_tokens, z, z)
+        yield encode_kv_chunk(wpb.KVChunk(last=True, first_token=10**6))
+
+    behaviour = {"now": no_kv}
+    prefill = grpc.server(ThreadPoolExecutor(4))
+    prefill.add_generic_rpc_handlers((prefill_method_handler(lambda r, c: behaviour["now"](r, c)),))
+    port = prefill.add_insecure_port(f"{HOST}:0")
+    prefill.start()
+    try:
+        with in_process_worker("decode", model_dir) as (channel, thread, _):
+            worker = wgrpc.WorkerStub(channel)
+
+            def generate(rid: str, ids: list[int], remote: bool = False) -> list[int]:
+                req = wpb.WorkerGenerateRequest(
+                    request_id=rid,
+                    prompt_token_ids=ids,
+                    sampling=greedy(8),
+                    prefill_endpoint=f"{HOST}:{port}" if remote else "",
+                )
+                return [t for m in worker.Generate(req, timeout=60) for t in m.token_ids]
+
+            def refused(rid: str, ids: list[int], why: str) -> None:
+                with pytest.raises(grpc.RpcError) as err:
+                    generate(rid, ids, remote=True)
+                assert err.value.code() == grpc.StatusCode.DATA_LOSS, err.value.details()
+                assert why in err.value.details()
+
+            # 1. No KV at all: refused, and nothing of it is cached for the next local request.
+            refused("no-kv", prompt(1000), "KV stream ended with 30 layer(s) incomplete")
+            assert generate("local-1", prompt(1000)) == expected(prompt(1000))
+            # 2. A write over the cached prefix: refused; the prefix still gives the same tokens.
+            behaviour["now"] = over_the_cached_prefix
+            assert generate("local-2", prompt(2000)) == expected(prompt(2000))
+            refused("overwrite", prompt(2000) + [5, 6, 7], "starts at token 0, expected")
+            assert generate("local-3", prompt(2000)) == expected(prompt(2000))
+            # 3. A first token past the vocabulary: refused; the worker serves on.
+            behaviour["now"] = token_past_the_vocabulary
+            refused("bad-token", prompt(3000), "outside the vocabulary")
+            assert generate("local-4", prompt(3000)) == expected(prompt(3000))
+            assert thread.is_alive()
+            stats = wgrpc.AdminStub(channel).Stats
+            wait_for(
+                lambda: stats(wpb.StatsRequest(), timeout=2).used_blocks == 0, 10, "the blocks are freed"
+            )
+    finally:
+        prefill.stop(None)

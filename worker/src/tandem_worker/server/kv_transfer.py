@@ -145,11 +145,24 @@ class KVWriter:
     read from the network while the last ones cross PCIe, and the engine's stream never waits.
     Call `finish()` before the engine may read the blocks (or free them, on failure)."""
 
-    def __init__(self, kv_cache: torch.Tensor, block_table: list[int], block_size: int) -> None:
+    def __init__(
+        self,
+        kv_cache: torch.Tensor,
+        block_table: list[int],
+        block_size: int,
+        skip_tokens: int = 0,
+        num_tokens: int | None = None,
+    ) -> None:
+        """`skip_tokens`: the first tokens' KV is already there (this worker's prefix-cache hits,
+        shared with other sequences: never written); `num_tokens`: the prompt's length, whose KV
+        must all arrive (`check_complete`); by default as many as the blocks hold."""
         self.kv = kv_cache
         self.bs = block_size
         self.heads, self.dim = kv_cache.shape[-2:]
         self.capacity = len(block_table) * block_size  # tokens the reserved blocks hold
+        self.end = self.capacity if num_tokens is None else min(num_tokens, self.capacity)
+        # Per layer, the next token expected: chunks arrive in order, each position exactly once.
+        self._next = [skip_tokens] * kv_cache.shape[1]
         self.bytes = 0
         self.messages = 0
         self._stream: torch.cuda.Stream | None = None
@@ -183,12 +196,19 @@ class KVWriter:
             got = None if key is None else len(key)
             raise ValueError(f"KV chunk of {n} tokens has {got} key bytes, expected {expected}")
         # Checked here, on the host: on a GPU an out-of-range index is a device-side assert that
-        # takes the whole worker down, not an exception for this request.
-        if chunk.layer >= self.kv.shape[1] or chunk.token_start + n > self.capacity:
+        # takes the whole worker down, not an exception for this request. Below the skip are
+        # shared prefix blocks, which a write would corrupt for every sequence reading them.
+        if chunk.layer >= self.kv.shape[1] or chunk.token_start + n > self.end:
             raise ValueError(
                 f"KV chunk for layer {chunk.layer}, tokens [{chunk.token_start}, {chunk.token_start + n}) "
-                f"is outside the reserved cache ({self.kv.shape[1]} layers, {self.capacity} tokens)"
+                f"is outside the reserved cache ({self.kv.shape[1]} layers, {self.end} tokens)"
             )
+        if chunk.token_start != self._next[chunk.layer]:
+            raise ValueError(
+                f"KV chunk for layer {chunk.layer} starts at token {chunk.token_start}, "
+                f"expected {self._next[chunk.layer]} (chunks must cover the prompt in order, once)"
+            )
+        self._next[chunk.layer] += n
         k = torch.frombuffer(key, dtype=self.kv.dtype).view(n, self.heads, self.dim)
         v = torch.frombuffer(value, dtype=self.kv.dtype).view(n, self.heads, self.dim)
         if self._stream is None:
@@ -231,6 +251,17 @@ class KVWriter:
         """Cache slots of prompt tokens [start, start + n), on the table's device."""
         pos = torch.arange(start, start + n, device=self.table.device)
         return self.table[pos // self.bs] * self.bs + pos % self.bs
+
+    def check_complete(self) -> None:
+        """Raise ValueError unless every layer's KV arrived up to `num_tokens`: a stream that ends
+        short would leave blocks of stale KV that the prefix cache then hands to other requests."""
+        short = [(layer, at) for layer, at in enumerate(self._next) if at != self.end]
+        if short:
+            layer, at = short[0]
+            raise ValueError(
+                f"KV stream ended with {len(short)} layer(s) incomplete "
+                f"(layer {layer} at token {at} of {self.end})"
+            )
 
     def finish(self) -> None:
         """Wait until every chunk written so far is in the cache (nothing to wait for on CPU)."""

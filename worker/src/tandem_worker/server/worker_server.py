@@ -163,7 +163,10 @@ class WorkerService(wgrpc.WorkerServicer):
         self, request: wpb.WorkerGenerateRequest, ev: KVReserved, context: grpc.ServicerContext
     ) -> None:
         s = self.s
-        writer = KVWriter(s.engine.runner.kv_cache, ev.block_table, s.engine.config.block_size)
+        n = len(request.prompt_token_ids)
+        writer = KVWriter(
+            s.engine.runner.kv_cache, ev.block_table, s.engine.config.block_size, ev.skip_tokens, n
+        )
         t0 = time.monotonic()
         first = None
         try:
@@ -187,6 +190,13 @@ class WorkerService(wgrpc.WorkerServicer):
                         if bad:
                             raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, f"prefill worker: {bad}")
                     if chunk.last:
+                        writer.check_complete()
+                        # Checked before the engine sees it: a token past the vocabulary fails the
+                        # whole batch's next step (a device-side assert on a GPU).
+                        if not 0 <= chunk.first_token < s.engine.model_config.vocab_size:
+                            raise ValueError(f"first token {chunk.first_token} is outside the vocabulary")
+                        if chunk.num_cached_tokens > n:
+                            raise ValueError(f"{chunk.num_cached_tokens} cached tokens of a {n}-token prompt")
                         first = chunk
                         break
                     if chunk.num_tokens:
