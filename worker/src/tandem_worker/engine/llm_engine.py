@@ -196,6 +196,7 @@ class LLMEngine:
         self._counter = 0
         self._kv_stager: KVStager | None = None  # made on first use, on a CUDA prefill worker
         self.busy_seconds = 0.0
+        self.last_step_idle = False  # the last step found nothing it could do
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -338,7 +339,8 @@ class LLMEngine:
         return bool(self._requests)
 
     def has_schedulable_work(self) -> bool:
-        """Work a step can do now (remote-KV requests in transit are not)."""
+        """Work a step can do now (remote-KV requests in transit are not). After a step that did
+        nothing (`last_step_idle`), only a new command or a finished load changes that."""
         return self.scheduler.has_schedulable_work
 
     def take_reservations(self) -> list[Reservation]:
@@ -364,6 +366,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; return an output for every request that advanced."""
         out = self.scheduler.schedule()
+        # Nothing changed: what waits needs blocks held by KV in transit, or an adapter's load.
+        self.last_step_idle = out.is_empty and not (out.reserved or out.failed or out.preempted)
         now = time.monotonic()
         failed = [self._fail(seq, why) for seq, why in out.failed]
         for seq in out.reserved:

@@ -256,7 +256,11 @@ class EngineLoop:
         engine = self.engine
         try:
             while not self._stop.is_set():
-                self._drain_commands(block=not engine.has_schedulable_work())
+                # Block (briefly) on the command queue when a step can do nothing: spinning on
+                # empty steps took a core and the GIL from the gRPC threads writing the very KV
+                # that waiting requests need; a command (submit, abort, kv_ready) wakes it at once.
+                idle = engine.last_step_idle or not engine.has_schedulable_work()
+                self._drain_commands(block=idle)
                 if self._stop.is_set():
                     break
                 self._stats = engine.stats()
