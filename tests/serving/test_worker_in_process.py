@@ -249,6 +249,31 @@ def test_a_dead_engine_loop_fails_every_caller_at_once(model_dir, monkeypatch):
         loop.stop()
 
 
+def test_the_engine_loop_waits_instead_of_spinning_while_kv_is_in_transit(model_dir, monkeypatch):
+    # A request waiting for blocks that a request with KV in transit holds: no step can do
+    # anything until that KV lands. The loop stepped back to back (250,000 empty steps a second),
+    # taking a core and the GIL from the threads writing that KV; it now waits for a command.
+    from tandem_worker.engine.sampling_params import SamplingParams
+    from tandem_worker.server.engine_loop import EngineLoop, KVReserved
+
+    engine = LLMEngine(model=str(model_dir), kv_cache_bytes=8 * 16 * 2 * 30 * 3 * 64 * 4)  # 8 blocks
+    steps = []
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: steps.append(1) or step())
+    loop = EngineLoop(engine).start()
+    try:
+        params = SamplingParams(max_tokens=4, temperature=0.0)
+        holder = loop.submit(list(range(100, 200)), params, "in-transit", remote_kv=True)
+        assert isinstance(next(iter(holder)), KVReserved)  # 7 of 8 blocks, its KV never arrives
+        loop.submit(list(range(300, 340)), params, "waiting", remote_kv=True)
+        before = len(steps)
+        threading.Event().wait(1.0)
+        # Blocking waits of 50 ms allow about 20; spinning made hundreds of thousands.
+        assert len(steps) - before < 100
+    finally:
+        loop.stop()
+
+
 @pytest.mark.parametrize(
     ("error", "code"),
     [
