@@ -343,6 +343,20 @@ def test_fit_max_tokens_fits_each_request_not_the_callers_params(engine):
     assert params.max_tokens == 60
 
 
+def test_an_aborted_request_hands_out_no_reservation(engine):
+    # Its blocks are free again once it is aborted, and the next admission takes them: a KV pull
+    # started from the reservation would overwrite that other request's KV.
+    small = _small_engine(engine, 4)
+    prompt = list(range(100, 130))
+    remote = small.add_request(prompt_token_ids=prompt, params=GREEDY8, remote_kv=True)
+    small.step()  # reserves its blocks
+    small.abort(remote)
+    local = small.add_request(prompt_token_ids=prompt, params=GREEDY8)
+    small.step()  # admitted into the blocks the aborted request held
+    assert [r.request_id for r in small.take_reservations()] == []
+    assert small.scheduler.running[0].request_id == local
+
+
 def test_cached_tokens_count_only_the_prompts_first_admission(engine):
     # Preempted and admitted again, a request hits the blocks it computed itself (prompt and
     # output): those are not the prompt's cache hits, which usage reports.

@@ -326,6 +326,9 @@ class LLMEngine:
             return False
         req.seq.finish_reason = FinishReason.ABORT
         self._retire(req.seq)
+        # A reservation not yet taken names blocks that are free again (and may be another's):
+        # a KV pull into them would overwrite that sequence's KV.
+        self._reservations = [r for r in self._reservations if r.request_id != request_id]
         return True
 
     def _retire(self, seq: Sequence) -> None:
