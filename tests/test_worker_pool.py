@@ -23,7 +23,13 @@ from tandem_worker.server.worker_pool import WorkerInfo, WorkerPool, resolve
 def info(addr: str, role: str, free_blocks: int = 100, queued: int = 0, draining: bool = False) -> WorkerInfo:
     w = WorkerInfo(addr, grpc.insecure_channel(addr), healthy=True)
     w.stats = wpb.StatsResponse(
-        role=role, free_blocks=free_blocks, block_size=16, queued_prompt_tokens=queued, draining=draining
+        role=role,
+        model_id="m",
+        num_blocks=max(free_blocks, 100),
+        free_blocks=free_blocks,
+        block_size=16,
+        queued_prompt_tokens=queued,
+        draining=draining,
     )
     return w
 
@@ -126,6 +132,32 @@ def test_colocated_worker_needs_no_prefill_partner():
     assert pair.decode.address == "c:1" and pair.prefill is None
 
 
+def test_workers_are_paired_only_by_their_role_and_with_kv_the_other_takes(pool):
+    # A prefill worker among the decode targets (a wrong selector) reports the most free KV.
+    pool._workers["d3:1"] = info("d3:1", "prefill", free_blocks=500)
+    pool._decode.append("d3:1")
+    assert pool.pick(100, set()).decode.address == "d2:1"
+    # A rolling upgrade: p2 (the shorter queue) serves other weights, whose KV d2 refuses.
+    pool._workers["p2:1"].stats.model_id = "m2"
+    assert pool.pick(100, set()).prefill.address == "p1:1"
+    # Only new workers fit each other: the roomiest decode worker has no partner, the other has.
+    pool._workers["p1:1"].stats.model_id = "m2"
+    pool._workers["d1:1"].stats.model_id = "m2"
+    pair = pool.pick(100, set())
+    assert (pair.decode.address, pair.prefill.address) == ("d1:1", "p2:1")
+
+
+def test_a_prefill_worker_is_picked_only_for_prompts_it_holds(pool):
+    pool._workers["d2:1"].stats.num_blocks = pool._workers["d2:1"].stats.free_blocks = 300
+    pool._workers["p2:1"].stats.num_blocks = 10  # 160 tokens of KV
+    pool._workers["p1:1"].stats.max_model_len = 200
+    assert pool.pick(150, set()).prefill.address == "p2:1"
+    assert pool.pick(170, set()).prefill.address == "p1:1"
+    assert pool.pick(250, set()) is None
+    # The longest prompt a pair holds: the decode worker's 4,800, cut to the largest prefill's.
+    assert pool.kv_capacity_tokens() == 1600
+
+
 def test_resolve_static_and_dns_targets():
     assert resolve("10.0.0.7:5000") == ["10.0.0.7:5000"]
     addrs = resolve("dns:localhost:5000")
@@ -217,7 +249,8 @@ def test_busy_workers_are_resource_exhausted_and_stay_in_rotation(model_dir):
             list(router.Generate(request, _AbortContext()))
     code, details = err.value.args
     # Busy is a retry-later (HTTP 429), not "no worker could serve it" (503).
-    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "is busy" in details, (code, details)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "at their limit" in details, (code, details)
+    assert "p:1" not in details and "p:2" not in details  # which worker is the log's, not the client's
     assert sorted(fake.prefills) == ["p:1", "p:2"]  # each prefill worker was tried once
     assert all(pool._workers[a].healthy for a in ("p:1", "p:2")), "busy workers were taken out of rotation"
 
@@ -242,6 +275,47 @@ def test_a_retry_is_not_refused_for_the_kv_its_failed_attempt_held(model_dir):
         out = list(router.Generate(request, _Context()))
     assert fake.calls == 2  # retried, on the prefill worker that did not fail
     assert out[-1].token_ids == [42] and out[-1].finish_reason == pb.FINISH_REASON_LENGTH
+
+
+class _MalformedPrefill(wgrpc.WorkerServicer):
+    """A decode worker whose pull from p:1 gets a malformed KV stream (DATA_LOSS)."""
+
+    def __init__(self) -> None:
+        self.prefills: list[str] = []
+
+    def Generate(self, request, context):  # noqa: N802
+        self.prefills.append(request.prefill_endpoint)
+        if request.prefill_endpoint == "p:1":
+            context.abort(grpc.StatusCode.DATA_LOSS, "prefill worker p:1: KV stream ended early")
+        yield wpb.WorkerGenerateResponse(token_ids=[42], finish_reason=pb.FINISH_REASON_LENGTH)
+
+
+def test_a_malformed_kv_stream_is_retried_on_another_prefill_worker(model_dir):
+    with _router_over_fake_decode(model_dir, lambda pool: _MalformedPrefill()) as (router, pool, fake):
+        pool._workers["p:2"].stats.queued_prompt_tokens = 50  # p:1 first
+        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3]), sampling=pb.SamplingParams())
+        out = list(router.Generate(request, _Context()))
+        assert fake.prefills == ["p:1", "p:2"] and out[-1].token_ids == [42]
+        assert not pool._workers["p:1"].healthy  # out of rotation until its next health check
+
+
+class _FailsMidStream(wgrpc.WorkerServicer):
+    def Generate(self, request, context):  # noqa: N802
+        yield wpb.WorkerGenerateResponse(token_ids=[42])
+        context.abort(grpc.StatusCode.INTERNAL, "engine failed: CUDA error at /src/kernel.cu:88 (10.0.3.7)")
+
+
+def test_a_worker_failure_reaches_the_client_without_the_workers_internals(model_dir):
+    with _router_over_fake_decode(model_dir, lambda pool: _FailsMidStream()) as (router, _, _):
+        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3]), sampling=pb.SamplingParams())
+        with pytest.raises(grpc.RpcError) as err:
+            list(router.Generate(request, _AbortContext()))
+    code, details = err.value.args
+    assert code == grpc.StatusCode.INTERNAL
+    assert details == (
+        "the worker serving this request failed (INTERNAL) after part of the answer was sent; "
+        "send the request again"
+    )
 
 
 class _SeveralTokensAMessage(wgrpc.WorkerServicer):

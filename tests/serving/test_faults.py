@@ -246,25 +246,24 @@ def incompatible(cluster, model_dir: Path, tmp_path: Path):
     try:
         for p in procs:
             p.start()
-        wait_healthy(procs)
+        wait_healthy([bad])
         yield bad, r
     finally:
         stop_all(procs)
 
 
-def test_incompatible_prefill_worker_is_refused(cluster, incompatible):
+def test_incompatible_prefill_worker_is_never_paired(cluster, incompatible):
+    """The router pairs a decode worker only with prefill workers whose KV it takes (same weights
+    and block size): with none, it stays unready and says why, and sends the pair nothing. (It
+    paired them before, and join-shortest-queue kept choosing the idle incompatible worker.)"""
     bad, r = incompatible
     assert bad.stats().model_id != cluster.d0.stats().model_id
-
-    def refused():
-        # UNAVAILABLE only until the router's pool has seen the freshly started worker healthy.
-        e = rpc_error(lambda: generate(r, request("Hello there", greedy(4)), timeout=60))
-        return (e.code(), e.details()) if e.code() != grpc.StatusCode.UNAVAILABLE else None
-
-    code, details = wait_for(refused, 10, "the router forwards to the incompatible pair", interval=0.5)
-    assert code == grpc.StatusCode.FAILED_PRECONDITION, (code, details)
-    assert "incompatible KV layout" in details
-    assert "model_id" in details
+    says_why = "no prefill worker's KV fits a decode worker's"
+    wait_for(lambda: says_why in r.log_tail(), 60, "the router says why")
+    assert cluster.d0.stats().model_id in r.log_tail()
+    e = rpc_error(lambda: generate(r, request("Hello there", greedy(4)), timeout=60))
+    assert e.code() == grpc.StatusCode.UNAVAILABLE, (e.code(), e.details())
+    assert bad.metric("tandem_kv_transfer_bytes_total", direction="sent") == 0
     assert_idle([cluster.d0, bad])
     # The decode worker is unharmed: it still serves through a compatible prefill worker.
     wait_router_ready(cluster.r11)

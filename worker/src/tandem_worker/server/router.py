@@ -29,7 +29,23 @@ from .worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
 
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+# Before any token: a worker down or busy, or a prefill worker's malformed KV stream (DATA_LOSS).
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DATA_LOSS}
+# A worker's message for these is about the request itself, so the caller's; the others' name
+# workers and their internals (addresses, stack text), which the log gets instead.
+CALLER_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.OUT_OF_RANGE,
+}
+
+
+def _retryable(code: grpc.StatusCode, details: str) -> bool:
+    # A pair whose KV layouts differ (a rolling upgrade): another pair can serve the request.
+    return code in RETRYABLE or (
+        code == grpc.StatusCode.FAILED_PRECONDITION and "incompatible KV layout" in details
+    )
 
 
 @dataclass
@@ -230,16 +246,20 @@ class RouterService(pbgrpc.InferenceServicer):
                 details = e.details() if isinstance(e, grpc.RpcError) else "worker stream ended early"
                 if code == grpc.StatusCode.CANCELLED and not context.is_active():
                     return  # our client went away
-                if sent_first or code not in RETRYABLE:
+                if sent_first or not _retryable(code, details):
                     caller_error = code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
                     metrics.REQUESTS.labels(outcome="invalid" if caller_error else "failed").inc()
                     # Which worker is the operator's to know (the log), not the client's.
                     log.warning("request %s: %s (decode worker %s)", rid, details, pair.decode.address)
+                    if code not in CALLER_CODES:
+                        details = f"the worker serving this request failed ({code.name})" + (
+                            " after part of the answer was sent; send the request again" if sent_first else ""
+                        )
                     context.abort(code, details)
                 failed = (
                     pair.decode if pair.prefill is None or "prefill worker" not in details else pair.prefill
                 )
-                if code == grpc.StatusCode.UNAVAILABLE:
+                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS):
                     self.pool.mark_failed(failed, details)
                 elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     busy = details  # busy, not broken: stays in rotation, only not retried now
@@ -252,12 +272,17 @@ class RouterService(pbgrpc.InferenceServicer):
             metrics.REQUESTS.labels(outcome="rejected").inc()
             context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"workers are at their limit right now ({busy}); retry later"
+                "workers are at their limit right now; retry later"
                 if busy
                 else "every decode worker's KV cache is full right now; retry later",
             )
         metrics.REQUESTS.labels(outcome="failed").inc()
-        context.abort(grpc.StatusCode.UNAVAILABLE, f"no worker pair could serve the request: {last_error}")
+        log.warning("request %s: no worker pair could serve it (last error: %s)", rid, last_error)
+        context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            "no worker pair could serve the request"
+            + (f": {len(exclude)} worker(s) failed it" if exclude else ": no healthy worker can take it"),
+        )
 
     def _observe(self, ttft: float, tpot: float, e2e: float, queue: float) -> None:
         metrics.TTFT_SECONDS.observe(ttft)

@@ -118,7 +118,12 @@ def serve_router(
 
     def mark_ready() -> None:
         # Ready (for probes and `tandem up`) only once a whole worker pair could take a request.
+        told = None
         while not stop.is_set():
+            problem = pool.pairing_problem()
+            if problem and problem != told:
+                log.warning("router not ready: %s", problem)
+                told = problem
             if pool.pick(1, set()) is not None:
                 for n in ("", name):
                     health_servicer.set(n, health_pb2.HealthCheckResponse.SERVING)

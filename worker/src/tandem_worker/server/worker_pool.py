@@ -96,6 +96,23 @@ def _residency(w: WorkerInfo, adapter: str) -> int:
     return 1 if adapter in w.stats.adapters_host else 0
 
 
+def _capacity(w: WorkerInfo) -> int:
+    """Tokens of KV the worker's whole cache holds."""
+    return w.stats.num_blocks * w.stats.block_size if w.stats else 0
+
+
+def _holds(w: WorkerInfo, prompt_tokens: int) -> bool:
+    """The prompt fits the worker's KV cache and context at all (a prefill worker holds all of it)."""
+    s = w.stats
+    return _capacity(w) >= prompt_tokens and (not s.max_model_len or prompt_tokens < s.max_model_len)
+
+
+def _kv_compatible(prefill: WorkerInfo, decode: WorkerInfo) -> bool:
+    """The decode worker would take the prefill worker's KV (the transfer's layout check)."""
+    p, d = prefill.stats, decode.stats
+    return p.model_id == d.model_id and p.block_size == d.block_size
+
+
 def resolve(target: str) -> list[str]:
     """`host:port` as is; `dns:NAME:PORT` to one `ip:port` per address NAME resolves to now;
     `file:PATH` to the file's non-empty, non-comment lines (none while it is missing)."""
@@ -250,25 +267,58 @@ class WorkerPool:
         with self._lock:
             decodes = [self._workers[a] for a in self._decode if a in self._workers]
             prefills = [self._workers[a] for a in self._prefill if a in self._workers]
-        decodes = [w for w in decodes if w.eligible and w.address not in exclude]
-        roomy = [w for w in decodes if w.free_tokens() > prompt_tokens]
-        if not roomy:
+        # By the role each reports: a prefill worker listed among the decode targets (a wrong
+        # Service selector) reports the most free KV and would be picked to decode, then refuse.
+        roomy = [
+            w
+            for w in decodes
+            if w.eligible
+            and w.address not in exclude
+            and w.role in ("decode", "colocated")
+            and w.free_tokens() > prompt_tokens
+        ]
+        prefills = [
+            w
+            for w in prefills
+            if w.eligible and w.address not in exclude and w.role == "prefill" and _holds(w, prompt_tokens)
+        ]
+        roomy.sort(key=lambda w: (_residency(w, adapter), w.free_tokens(), -w.pending_requests), reverse=True)
+        for decode in roomy:
+            if decode.role == "colocated":
+                return Pair(decode, None)
+            # Only a prefill worker whose KV the decode worker takes (same weights and layout):
+            # during a rolling upgrade an incompatible one sits idle, so the shortest queue is its.
+            fits = [w for w in prefills if _kv_compatible(w, decode)]
+            if fits:
+                prefill = min(
+                    fits,
+                    key=lambda w: (
+                        -_residency(w, adapter),
+                        w.stats.queued_prompt_tokens + w.pending_tokens,
+                        w.pending_requests,
+                    ),
+                )
+                return Pair(decode, prefill)
+        return None
+
+    def pairing_problem(self) -> str | None:
+        """Why no pair forms although decode and prefill workers are eligible (their KV differs:
+        other weights or block size, as in a rolling upgrade gone wrong); None otherwise."""
+        with self._lock:
+            decodes = [self._workers[a] for a in self._decode if a in self._workers]
+            prefills = [self._workers[a] for a in self._prefill if a in self._workers]
+        decodes = [w for w in decodes if w.eligible and w.role == "decode"]
+        prefills = [w for w in prefills if w.eligible and w.role == "prefill"]
+        if not decodes or not prefills or any(_kv_compatible(p, d) for p in prefills for d in decodes):
             return None
-        decode = max(roomy, key=lambda w: (_residency(w, adapter), w.free_tokens(), -w.pending_requests))
-        if decode.role == "colocated":
-            return Pair(decode, None)
-        prefills = [w for w in prefills if w.eligible and w.address not in exclude and w.role == "prefill"]
-        if not prefills:
-            return None
-        prefill = min(
-            prefills,
-            key=lambda w: (
-                -_residency(w, adapter),
-                w.stats.queued_prompt_tokens + w.pending_tokens,
-                w.pending_requests,
-            ),
+
+        def kinds(ws: list[WorkerInfo]) -> str:
+            return ", ".join(sorted({f"{w.stats.model_id} (block size {w.stats.block_size})" for w in ws}))
+
+        return (
+            f"no prefill worker's KV fits a decode worker's: decode workers serve {kinds(decodes)}, "
+            f"prefill workers {kinds(prefills)}"
         )
-        return Pair(decode, prefill)
 
     def adapters(self) -> list[str]:
         """Adapters resident (device or host memory) on any eligible worker."""
@@ -280,12 +330,21 @@ class WorkerPool:
         return sorted(names)
 
     def kv_capacity_tokens(self) -> int | None:
-        """The most tokens any eligible decode (or colocated) worker's whole KV cache holds; None
+        """The longest prompt whose KV some eligible worker pair holds: a colocated worker's whole
+        cache, or the smaller of a decode and a prefill worker's (both hold the prompt's KV); None
         while no such worker has reported its stats."""
         with self._lock:
             decodes = [self._workers[a] for a in self._decode if a in self._workers]
-        sizes = [w.stats.num_blocks * w.stats.block_size for w in decodes if w.eligible]
-        return max(sizes) if sizes else None
+            prefills = [self._workers[a] for a in self._prefill if a in self._workers]
+        prefill_sizes = [_capacity(w) for w in prefills if w.eligible and w.role == "prefill"]
+        sizes = [
+            _capacity(w) if w.role == "colocated" else min(_capacity(w), max(prefill_sizes, default=0))
+            for w in decodes
+            if w.eligible
+        ]
+        if not sizes or (max(sizes) == 0 and not prefill_sizes):
+            return None  # decode workers but no prefill worker has reported yet
+        return max(sizes)
 
     def begin(self, pair: Pair, prompt_tokens: int) -> int:
         """Count an attempt's prompt against its pair until `end(pair, ticket)`; returns the ticket."""
