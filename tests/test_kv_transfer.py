@@ -113,3 +113,37 @@ def test_writer_takes_each_token_once_in_order_from_the_skip_and_checks_the_whol
     writer.write(*chunk(1, 7, 3))
     writer.check_complete()
     assert cache[:, :, 0].abs().sum() == 0  # the skipped block: never written
+
+
+def test_model_id_tells_weights_apart_anywhere_in_the_checkpoint_and_ignores_the_folder_name(tmp_path):
+    # The id gates which prefill worker's KV a decode worker takes. It hashed the first MiB of each
+    # file, so a fine-tune that left the embeddings alone had the base model's id; and it named
+    # the folder, so the same weights under two names were refused.
+    import json as _json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from tandem_worker.server.convert import model_id
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a.embed_tokens.weight": torch.randn(512, 1024, generator=g),  # 2 MiB, first in the file
+        "z.layers.0.o_proj.weight": torch.randn(64, 64, generator=g),
+    }
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(_json.dumps({"model_type": "llama", "hidden_size": 64}))
+    save_file(tensors, str(base / "model.safetensors"))
+    renamed = tmp_path / "same-weights-other-name"
+    shutil.copytree(base, renamed)
+    tuned = tmp_path / "base-tuned"
+    tuned.mkdir()
+    shutil.copy(base / "config.json", tuned / "config.json")
+    changed = dict(tensors)
+    changed["z.layers.0.o_proj.weight"] = tensors["z.layers.0.o_proj.weight"] * 1.01
+    save_file(changed, str(tuned / "model.safetensors"))
+
+    assert model_id(renamed) == model_id(base)
+    assert model_id(tuned) != model_id(base)
+    assert model_id(base).startswith("llama@")
