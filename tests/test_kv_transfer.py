@@ -147,3 +147,29 @@ def test_model_id_tells_weights_apart_anywhere_in_the_checkpoint_and_ignores_the
     assert model_id(renamed) == model_id(base)
     assert model_id(tuned) != model_id(base)
     assert model_id(base).startswith("llama@")
+
+
+def test_a_decode_worker_closes_channels_to_prefill_endpoints_long_unused(monkeypatch):
+    # Each prefill pod that ever served it left a channel open for the worker's lifetime;
+    # autoscaling and rollouts bring new addresses all the time.
+    import threading
+
+    from tandem_worker.server import worker_server
+
+    clock = [1000.0]
+    monkeypatch.setattr(worker_server.time, "monotonic", lambda: clock[0])
+    state = worker_server.WorkerState.__new__(worker_server.WorkerState)
+    state._channels, state._lock = {}, threading.Lock()
+    state.prefill_call("10.0.0.1:50051")
+    first = state._channels["10.0.0.1:50051"][0]
+    clock[0] += 60
+    state.prefill_call("10.0.0.2:50051")
+    assert set(state._channels) == {"10.0.0.1:50051", "10.0.0.2:50051"}
+    clock[0] += worker_server.IDLE_CHANNEL_SECONDS
+    state.prefill_call("10.0.0.2:50051")  # in use: kept, and the same channel
+    state.prefill_call("10.0.0.3:50051")
+    assert set(state._channels) == {"10.0.0.2:50051", "10.0.0.3:50051"}
+    with pytest.raises(ValueError):  # closed
+        first.unary_unary("/x")(b"", timeout=1)
+    for ch, _ in state._channels.values():
+        ch.close()

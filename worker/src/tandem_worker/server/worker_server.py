@@ -52,6 +52,9 @@ GRPC_OPTIONS = [
 ]
 
 
+IDLE_CHANNEL_SECONDS = 1800.0
+
+
 class WorkerState:
     """What every service of one worker process shares."""
 
@@ -62,16 +65,23 @@ class WorkerState:
         self.model_id = model_id
         self.layout = kv_layout(engine, model_id)
         self.draining = threading.Event()
-        self._channels: dict[str, grpc.Channel] = {}
+        # Per prefill endpoint: its channel and when it was last used.
+        self._channels: dict[str, tuple[grpc.Channel, float]] = {}
         self._lock = threading.Lock()
 
     def prefill_call(self, endpoint: str):
+        now = time.monotonic()
         with self._lock:
-            ch = self._channels.get(endpoint)
+            ch = self._channels.get(endpoint, (None, 0.0))[0]
             if ch is None:
-                ch = self._channels[endpoint] = grpc.insecure_channel(
-                    endpoint, options=GRPC_OPTIONS + RECONNECT_OPTIONS
-                )
+                ch = grpc.insecure_channel(endpoint, options=GRPC_OPTIONS + RECONNECT_OPTIONS)
+                # Prefill pods come and go (autoscaling, rollouts), each at a new address: close
+                # the channels of endpoints unused for a long while (far longer than any prefill).
+                for old, (c, used) in list(self._channels.items()):
+                    if now - used > IDLE_CHANNEL_SECONDS:
+                        del self._channels[old]
+                        c.close()
+            self._channels[endpoint] = (ch, now)
         return prefill_stub(ch)
 
 
