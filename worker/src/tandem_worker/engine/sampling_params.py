@@ -46,7 +46,7 @@ class SamplingParams:
             self.logprobs = True
 
     def validate(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise RequestError("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
         if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < float("inf")):
             raise RequestError("temperature", f"must be a finite number >= 0, got {self.temperature}")
@@ -54,8 +54,14 @@ class SamplingParams:
             raise RequestError("top_p", f"must be in (0, 1], got {self.top_p}")
         if not isinstance(self.top_k, int) or self.top_k < -1:
             raise RequestError("top_k", f"must be -1, 0 (disabled) or a positive integer, got {self.top_k!r}")
-        if any(not s for s in self.stop):
-            raise RequestError("stop", "stop strings must be non-empty")
+        # Checked here, not when first used: a bad seed raised inside the engine's step, which
+        # failed every request in the batch.
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**64
+        ):
+            raise RequestError("seed", f"must be an integer in [0, 2^64), got {self.seed!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise RequestError("stop", "stop strings must be non-empty strings")
         if any((not isinstance(t, int)) or t < 0 for t in self.stop_token_ids):
             raise RequestError("stop_token_ids", "must be non-negative integers")
         if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
