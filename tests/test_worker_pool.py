@@ -344,3 +344,18 @@ def test_tokens_after_a_stop_string_are_not_part_of_the_output(model_dir):
     # Up to and including the token that completed the stop string, as the engine itself counts.
     assert list(out.token_ids) == ids[:upto] and len(out.logprobs) == upto
     assert out.usage.completion_tokens == upto
+
+
+def test_a_router_on_a_port_another_server_holds_fails_to_start(model_dir):
+    # gRPC's default SO_REUSEPORT let a second router (or worker) "listen" on a taken port, and
+    # the kernel split connections between the two processes.
+    from tandem_worker.server.router_main import serve_router
+
+    holder = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=1))
+    port = holder.add_insecure_port("127.0.0.1:0")
+    holder.start()
+    try:
+        with pytest.raises(OSError, match=f"cannot listen for gRPC on 127.0.0.1:{port}"):
+            serve_router(str(model_dir), ["127.0.0.1:1"], [], port=port)
+    finally:
+        holder.stop(None)

@@ -47,6 +47,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from .listen import EXCLUSIVE_PORT_OPTIONS, listen
 from .pb import inference_pb2 as pb
 from .pb import inference_pb2_grpc as pbgrpc
 
@@ -632,14 +633,15 @@ def serve_kserve(host: str, port: int, service: KServeService, max_workers: int 
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
-    server = grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kserve"))
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kserve"),
+        options=EXCLUSIVE_PORT_OPTIONS,
+    )
     kgrpc.add_GRPCInferenceServiceServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot listen for KServe v2 gRPC on {host}:{port}")
+    bound = listen(server, host, port, "KServe v2 gRPC")
     server.start()
     for n in ("", SERVICE_NAME):
         health_servicer.set(n, health_pb2.HealthCheckResponse.NOT_SERVING)

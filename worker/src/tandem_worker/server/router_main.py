@@ -21,6 +21,7 @@ from ..engine.config import ModelConfig
 from ..engine.loader import resolve_model
 from ..engine.tokenizer import Tokenizer
 from . import metrics
+from .listen import EXCLUSIVE_PORT_OPTIONS, listen
 from .pb import inference_pb2, inference_pb2_grpc
 from .pb import worker_pb2 as wpb
 from .pb import worker_pb2_grpc as wgrpc
@@ -58,15 +59,17 @@ def serve_router(
         pool, tok, model_name, cfg.context_limit, eos, max_in_flight=max_in_flight, slo=slo
     )
 
-    server = grpc.server(ThreadPoolExecutor(max_workers=max_in_flight + 16))
+    server = grpc.server(ThreadPoolExecutor(max_workers=max_in_flight + 16), options=EXCLUSIVE_PORT_OPTIONS)
     inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     name = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
     reflection.enable_server_reflection([name, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
+    try:
+        bound = listen(server, host, port)
+    except OSError:
+        pool.stop()
+        raise
     metrics.register_worker_pool(pool.snapshot)
     metrics.start_request_outcomes()
     metrics.serve_metrics(metrics_port, host)

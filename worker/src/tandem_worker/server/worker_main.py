@@ -19,6 +19,7 @@ from . import metrics
 from .convert import model_id
 from .engine_loop import EngineLoop
 from .kv_transfer import prefill_method_handler
+from .listen import EXCLUSIVE_PORT_OPTIONS, listen
 from .pb import worker_pb2, worker_pb2_grpc
 from .worker_pool import SERVER_KEEPALIVE_OPTIONS
 from .worker_server import GRPC_OPTIONS, AdminService, KVTransferService, WorkerService, WorkerState
@@ -55,7 +56,8 @@ def serve_worker(
     state = WorkerState(engine, loop, role, model_id(engine.model_dir))
 
     server = grpc.server(
-        ThreadPoolExecutor(max_workers=max_pending + 16), options=GRPC_OPTIONS + SERVER_KEEPALIVE_OPTIONS
+        ThreadPoolExecutor(max_workers=max_pending + 16),
+        options=GRPC_OPTIONS + SERVER_KEEPALIVE_OPTIONS + EXCLUSIVE_PORT_OPTIONS,
     )
     names = [worker_pb2.DESCRIPTOR.services_by_name["Admin"].full_name]
     worker_pb2_grpc.add_AdminServicer_to_server(AdminService(state), server)
@@ -69,9 +71,7 @@ def serve_worker(
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
+    bound = listen(server, host, port)
 
     collector = metrics.register_engine(role, loop.stats)
     metrics.serve_metrics(metrics_port, host)
