@@ -88,6 +88,26 @@ def test_engine_config_rejects_bad_load_format_and_graph_batch():
         EngineConfig(cuda_graph_max_batch=-1)
 
 
+def test_engine_config_refuses_a_device_this_machine_lacks_and_a_bad_max_model_len():
+    # torch's own error was an AssertionError deep inside its CUDA init ("Torch not compiled
+    # with CUDA enabled"), a traceback from every worker after it loaded the model.
+    import torch
+
+    for bad, why in (("mps", "cpu or cuda"), ("not a device", "not a device name")):
+        with pytest.raises(ValueError, match=why):
+            EngineConfig(device=bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device is available here"):
+            EngineConfig(device="cuda")
+    else:
+        with pytest.raises(ValueError, match="CUDA device"):
+            EngineConfig(device=f"cuda:{torch.cuda.device_count()}")
+    # 0 read as "unset" (the whole context) and a negative one failed inside torch.
+    for bad in (0, -5, 1):
+        with pytest.raises(ValueError, match="max_model_len must be at least 2"):
+            EngineConfig(max_model_len=bad)
+
+
 def test_capture_sizes_cover_every_batch_up_to_the_maximum():
     """Every decode batch of 1..max fits a captured size, never padded to twice its rows."""
     for max_batch in (1, 7, 32, 100, 256, 600):

@@ -158,6 +158,29 @@ class EngineConfig:
     lora_load_timeout_s: float = 30.0
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def _check_device(self) -> None:
+        """A clear error for a device this machine lacks (torch's is an assertion deep inside)."""
+        import torch
+
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as e:
+            raise ValueError(
+                f"device {self.device!r} is not a device name (cpu, cuda, cuda:1): {e}"
+            ) from None
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(
+                    f"device {self.device!r}: no CUDA device is available here "
+                    f"(torch {torch.__version__}{'' if torch.version.cuda else ', a CPU-only build'})"
+                )
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise ValueError(
+                    f"device {self.device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+                )
+        elif device.type != "cpu":
+            raise ValueError(f"device {self.device!r}: Tandem runs on cpu or cuda")
+
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
@@ -179,6 +202,13 @@ class EngineConfig:
             raise ValueError("cuda_graph_max_lora_rank must be >= 0 (0: LoRA decode steps run eagerly)")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be at least 1")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            # 0 was taken as "unset" (the model's whole context), a negative one failed in torch.
+            raise ValueError(
+                "max_model_len must be at least 2 (a prompt token and one to generate), "
+                f"got {self.max_model_len}"
+            )
+        self._check_device()
         if self.max_num_seqs > self.max_num_batched_tokens:
             # Otherwise running decodes beyond the token budget would wait for older ones to finish.
             self.max_num_seqs = self.max_num_batched_tokens
