@@ -60,24 +60,20 @@ def test_tandem_up_serves_and_stops_cleanly(offline, model_dir, tmp_path):
         assert len(children) == 3, children  # prefill, decode, router
 
         prompt = "Héllo wörld, the weather today is"
-        gen = subprocess.run(
-            tandem_argv(
-                "generate",
-                "--endpoint",
-                f"127.0.0.1:{port}",
-                "--json",
-                "--prompt",
-                prompt,
-                "--max-tokens",
-                "8",
-                "--ignore-eos",
-                "--timeout",
-                "120",
-            ),
-            capture_output=True,
-            text=True,
-            timeout=180,
+        gen_argv = tandem_argv(
+            "generate",
+            "--endpoint",
+            f"127.0.0.1:{port}",
+            "--json",
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            "8",
+            "--ignore-eos",
+            "--timeout",
+            "120",
         )
+        gen = subprocess.run(gen_argv, capture_output=True, text=True, timeout=180)
         assert gen.returncode == 0, gen.stderr
         (record,) = [json.loads(x) for x in gen.stdout.splitlines()]
         (ref,) = offline_generate(offline, [prompt], greedy(8))
@@ -86,6 +82,24 @@ def test_tandem_up_serves_and_stops_cleanly(offline, model_dir, tmp_path):
         assert record["token_ids"] == ref.token_ids
         assert record["text"] == ref.text
         assert record["finish_reason"] == "length"
+
+        # A worker that dies is restarted on its port, as Kubernetes would; the deployment
+        # answers again once it is back (it was left dead, failing every request).
+        decode = next(c for c in children if "decode" in " ".join(c.cmdline()))
+        decode.kill()
+        while "restarting decode-0" not in output[-1]:
+            line = lines.get(timeout=60)
+            assert line is not None, "tandem up exited:\n" + "".join(output)
+            output.append(line)
+        again = None
+        for _ in range(60):
+            again = subprocess.run(gen_argv, capture_output=True, text=True, timeout=180)
+            if again.returncode == 0:
+                break
+            threading.Event().wait(2)
+        assert again.returncode == 0, again.stderr
+        assert json.loads(again.stdout)["token_ids"] == ref.token_ids
+        children = psutil.Process(up.pid).children(recursive=True)
 
         up.send_signal(signal.SIGTERM)
         code = up.wait(60)
@@ -103,3 +117,69 @@ def test_tandem_up_serves_and_stops_cleanly(offline, model_dir, tmp_path):
     assert code == 0, rest
     assert "tandem up: stopped" in rest
     assert not left, f"children left running after tandem up exited: {left}"
+
+
+def test_free_port_fails_at_once_for_an_address_this_machine_lacks():
+    # Any bind error but "in use" was retried for ever, at 100% CPU, on a --host it cannot bind.
+    from tandem_worker.server.local import free_port as local_free_port
+
+    with pytest.raises(OSError, match="cannot listen on 192.0.2.1"):  # TEST-NET-1: on no interface
+        local_free_port("192.0.2.1")
+    with pytest.raises(OSError, match="cannot resolve host"):
+        local_free_port("no-such-host.invalid")
+
+
+def test_a_child_that_fails_to_start_is_reported_with_its_log(tmp_path):
+    import sys
+
+    from tandem_worker.server.local import Child, LocalDeployment
+
+    d = LocalDeployment(log_dir=str(tmp_path))
+    c = Child("prefill-0", "127.0.0.1:1", [sys.executable, "-c", "print('model file is truncated'); exit(3)"])
+    d._spawn(c)
+    with pytest.raises(RuntimeError, match="prefill-0 exited with code 3 during start-up") as err:
+        d._wait_healthy([c])
+    assert "model file is truncated" in str(err.value) and str(tmp_path / "prefill-0.log") in str(err.value)
+
+
+def test_the_autoscaler_s_temporary_folder_is_removed_on_stop():
+    import os
+
+    from tandem_worker.server.local import LocalDeployment
+
+    d = LocalDeployment(autoscale=object())
+    d._router_targets(["127.0.0.1:1"], ["127.0.0.1:2"])
+    folder = d.targets_dir
+    assert os.path.isfile(os.path.join(folder, "decode"))
+    d.stop()
+    assert not os.path.exists(folder)
+
+
+def test_tandem_up_stops_at_once_when_told_to_while_starting(tmp_path):
+    # Its signal handlers only set a flag that start-up never looked at: SIGTERM or Ctrl-C waited
+    # until every worker was healthy (or 300 s for one that never would be).
+    up = spawn(
+        tandem_argv("up", "--port", str(free_port()), "--kv-cache-bytes", str(KV_BYTES)),
+        None,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    children: list[psutil.Process] = []
+    try:
+        assert "starting" in up.stdout.readline()  # type: ignore[union-attr]
+        for _ in range(300):  # its two workers (loading the model, not yet healthy)
+            children = psutil.Process(up.pid).children(recursive=True)
+            if len(children) >= 2:
+                break
+            threading.Event().wait(0.1)
+        up.send_signal(signal.SIGINT)
+        out, _ = up.communicate(timeout=60)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+    assert up.returncode == 0 and "stopped while starting" in out, out
+    assert "serving" not in out
+    psutil.wait_procs(children, timeout=10)
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]

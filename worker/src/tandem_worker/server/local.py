@@ -8,9 +8,11 @@ period in which workers drain, then SIGKILL).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +24,8 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ..engine.config import EngineConfig
 
 # A child must die with its supervisor (PR_SET_PDEATHSIG), but not through Popen(preexec_fn=...):
 # running Python in a forked child while gRPC is active can crash it before it execs (grpcio >= 1.80,
@@ -62,21 +66,34 @@ def free_port(host: str = "127.0.0.1") -> int:
     same port twice in one process, since the first taker may not have bound it yet."""
     low = _ephemeral_low()
     if low - _PORT_SPAN < 1024:  # an unusual range: no room below it
-        with socket.socket() as s:
+        with socket.socket(_family(host)) as s:
             s.bind((host, 0))
             return s.getsockname()[1]
     rng = random.SystemRandom()
-    while True:
+    family = _family(host)
+    for _ in range(1000):
         port = rng.randrange(low - _PORT_SPAN, low)
         if port in _PORTS_GIVEN:
             continue
-        with socket.socket() as s:
+        with socket.socket(family) as s:
             try:
                 s.bind((host, port))
-            except OSError:
-                continue
+            except OSError as e:
+                if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                    continue
+                # Not this port but the address: no other port would do (it spun for ever).
+                raise OSError(f"cannot listen on {host}: {e.strerror or e}") from None
         _PORTS_GIVEN.add(port)
         return port
+    raise OSError(f"no free port on {host} in {low - _PORT_SPAN}-{low - 1}")
+
+
+def _family(host: str) -> socket.AddressFamily:
+    """The address family `host` binds with (an IPv6 address needs an AF_INET6 socket)."""
+    try:
+        return socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as e:
+        raise OSError(f"cannot resolve host {host!r}: {e.strerror or e}") from None
 
 
 @dataclass
@@ -86,6 +103,7 @@ class Child:
     argv: list[str]
     proc: subprocess.Popen | None = None
     metrics_port: int = 0
+    restarts: list[float] = field(default_factory=list)  # time.monotonic() of each restart
 
 
 @dataclass
@@ -114,12 +132,19 @@ class LocalDeployment:
     children: list[Child] = field(default_factory=list)
     starting: list[Child] = field(default_factory=list)  # spawned, not yet healthy (autoscaling)
     stopping: list[Child] = field(default_factory=list)  # draining after SIGTERM (autoscaling)
+    # Set (by up's signal handlers) to stop: start-up gives up at once, run_forever returns.
+    stop_requested: threading.Event = field(default_factory=threading.Event)
+    _own_targets_dir: bool = False  # made here (a temporary folder): removed by stop()
 
     def __post_init__(self) -> None:
         if self.colocated and (self.prefill or self.decode):
             raise ValueError("choose --colocated K, or --prefill N --decode M, not both")
+        if self.colocated < 0 or self.prefill < 0 or self.decode < 0:
+            raise ValueError("worker counts must not be negative")
         if not self.colocated and (self.prefill < 1 or self.decode < 1):
             raise ValueError("a disaggregated deployment needs at least 1 prefill and 1 decode worker")
+        # Here, before any child starts: each would die of it after loading the model.
+        EngineConfig(device=self.device)
 
     @property
     def endpoint(self) -> str:
@@ -161,7 +186,12 @@ class LocalDeployment:
             stdout=out or subprocess.DEVNULL,
             stderr=out or None,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # Out of the terminal's process group: Ctrl-C reaches only `tandem up`, which then
+            # stops the children in order (router first) instead of each dying mid-request.
+            start_new_session=True,
         )
+        if out is not None:
+            out.close()  # the child has its own copy
 
     def start(self) -> None:
         """Start every worker, wait until each is healthy, then start the router in front of them."""
@@ -220,7 +250,9 @@ class LocalDeployment:
             ]
         import tempfile
 
-        self.targets_dir = self.targets_dir or tempfile.mkdtemp(prefix="tandem-up-")
+        if self.targets_dir is None:
+            self.targets_dir = tempfile.mkdtemp(prefix="tandem-up-")
+            self._own_targets_dir = True
         self._write_targets()
         return [
             "--decode",
@@ -308,10 +340,12 @@ class LocalDeployment:
         deadline = time.monotonic() + self.startup_timeout
         pending = list(children)
         while pending:
+            if self.stop_requested.is_set():
+                raise KeyboardInterrupt  # Ctrl-C or SIGTERM while starting: stop now, not when healthy
             for c in list(pending):
                 code = c.proc.poll() if c.proc else None
                 if code is not None:
-                    raise RuntimeError(f"{c.name} exited with code {code} during start-up")
+                    raise RuntimeError(f"{c.name} exited with code {code} during start-up{self._log_hint(c)}")
                 try:
                     with grpc.insecure_channel(c.address) as ch:
                         r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
@@ -324,46 +358,79 @@ class LocalDeployment:
                     f"not healthy after {self.startup_timeout:.0f}s: {', '.join(c.name for c in pending)}"
                 )
             if pending:
-                time.sleep(0.3)
+                self.stop_requested.wait(0.3)
+
+    def _log_hint(self, c: Child) -> str:
+        """Where a child's output went, with its last lines (with --log-dir it is not on screen)."""
+        if not self.log_dir:
+            return ""
+        path = os.path.join(self.log_dir, f"{c.name}.log")
+        try:
+            with open(path, errors="replace") as f:
+                tail = "".join(f.readlines()[-8:])
+        except OSError:
+            return f" (its log: {path})"
+        return f"; the end of its log {path}:\n{tail.rstrip()}"
 
     def stop(self, grace: float = 30.0) -> None:
-        """SIGTERM everyone (router first, so no new work reaches draining workers), then SIGKILL."""
+        """SIGTERM the router, and once it has finished its in-flight requests the workers
+        (which those requests need until then); SIGKILL whoever outlasts `grace`."""
         self.children += [c for c in self.starting if c not in self.children]
         self.starting = []
-        for c in reversed(self.children):
-            if c.proc and c.proc.poll() is None:
-                c.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace
-        for c in reversed(self.children):
-            if c.proc is None:
-                continue
-            try:
-                c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                c.proc.kill()
-                c.proc.wait()
+        routers = [c for c in self.children if c.name == "router"]
+        workers = [c for c in self.children if c.name != "router"]
+        for group in (routers, workers):
+            for c in group:
+                if c.proc and c.proc.poll() is None:
+                    c.proc.send_signal(signal.SIGTERM)
+            for c in group:
+                if c.proc is None:
+                    continue
+                try:
+                    c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    c.proc.kill()
+                    c.proc.wait()
+        if self._own_targets_dir and self.targets_dir:
+            shutil.rmtree(self.targets_dir, ignore_errors=True)
 
-    def run_forever(self, stop: threading.Event, autoscaler: Any = None) -> int:
-        """Supervise until `stop`; report children that die; run the autoscaler. Returns the exit status."""
-        reported: set[str] = set()
+    def run_forever(self, stop: threading.Event | None = None, autoscaler: Any = None) -> int:
+        """Supervise until `stop` (by default `stop_requested`): restart a worker that dies, as
+        Kubernetes would (on its port, which the router keeps calling), unless it died
+        RESTART_LIMIT times within RESTART_WINDOW_S; run the autoscaler. Returns the exit status:
+        1 when the router or a worker that keeps dying ends the deployment."""
+        stop = stop or self.stop_requested
         while not stop.wait(0.5):
             if autoscaler is not None:
                 autoscaler.tick()
             for c in self.children:
                 code = c.proc.poll() if c.proc else None
-                if code is not None and c.name not in reported and c not in self.stopping:
-                    reported.add(c.name)
+                if code is None or c in self.stopping:
+                    continue
+                print(
+                    f"tandem up: {c.name} ({c.address}) exited with code {code}", file=sys.stderr, flush=True
+                )
+                if c.name == "router":
+                    return 1
+                now = time.monotonic()
+                c.restarts = [t for t in c.restarts if now - t < RESTART_WINDOW_S] + [now]
+                if len(c.restarts) > RESTART_LIMIT:
                     print(
-                        f"tandem up: {c.name} ({c.address}) exited with code {code}",
+                        f"tandem up: {c.name} died {len(c.restarts)} times in {RESTART_WINDOW_S:.0f} s; "
+                        f"stopping{self._log_hint(c)}",
                         file=sys.stderr,
                         flush=True,
                     )
-                    if c.name == "router":
-                        return 1
+                    return 1
+                print(f"tandem up: restarting {c.name}", file=sys.stderr, flush=True)
+                self._spawn(c)
         return 0
 
 
 PROMETHEUS_DEPLOYMENT_LABEL = "tandem-up"
+RESTART_LIMIT = 3  # a worker restarted this often within the window is given up on
+RESTART_WINDOW_S = 60.0
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -386,7 +453,7 @@ def _serving(address: str, timeout: float) -> bool:
 
 
 def up(deployment: LocalDeployment) -> int:
-    stop = threading.Event()
+    stop = deployment.stop_requested
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     shape = (
@@ -395,7 +462,11 @@ def up(deployment: LocalDeployment) -> int:
         else f"{deployment.prefill} prefill + {deployment.decode} decode"
     )
     print(f"tandem up: starting {shape} worker(s) for {deployment.model} ...", flush=True)
-    deployment.start()
+    try:
+        deployment.start()
+    except KeyboardInterrupt:  # start() stopped every child it had started
+        print("tandem up: stopped while starting", flush=True)
+        return 0
     print(
         f"tandem up: serving {deployment.model} on {deployment.endpoint} ({shape}). Ctrl-C stops it.",
         flush=True,
