@@ -34,7 +34,7 @@ CACHE_MOUNT = "/var/cache/tandem"
 CONFIG_MOUNT = "/etc/tandem"
 ADAPTER_MOUNT = "/adapters"  # adapters fetched from URIs by an init container (an emptyDir)
 PROGRESS_DEADLINE_SECONDS = 900
-ROUTER_TERMINATION_GRACE_SECONDS = 30  # the router stops with a 5 s gRPC grace; the rest is margin
+ROUTER_TERMINATION_GRACE_SECONDS = 30  # the router drains streams 25 s (DRAIN_SECONDS); the rest: margin
 
 # (apiVersion, kind) of every child kind, in creation order (identity before config before workloads).
 CHILD_KINDS = (

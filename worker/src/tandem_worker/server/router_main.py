@@ -30,6 +30,10 @@ from .worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
 
+# On SIGTERM, streams in flight get this long to finish (answers stream for tens of seconds; 5 s
+# cut them off at every rollout). Within the pod's 30 s termination grace (builders.py).
+DRAIN_SECONDS = 25.0
+
 
 def serve_router(
     model: str,
@@ -151,9 +155,9 @@ def serve_router(
     # Close the frontends' listeners first; their in-flight calls finish within the gRPC grace.
     if http_server is not None:
         http_server.stop()
-    stopping = [server.stop(grace=5.0)]
+    stopping = [server.stop(grace=DRAIN_SECONDS)]
     if kserve_server is not None:
-        stopping.append(kserve_server.stop(grace=5.0))
+        stopping.append(kserve_server.stop(grace=DRAIN_SECONDS))
     for done in stopping:
         done.wait()
     for fe in (http_server, kserve_server):
