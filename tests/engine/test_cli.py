@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
 from tandem_worker.engine.sampling_params import SamplingParams
+from tandem_worker.server.pb import inference_pb2 as pb
+from tandem_worker.server.pb import inference_pb2_grpc as pbgrpc
 
 from .conftest import run_all
 
@@ -85,3 +91,263 @@ def test_bad_input_exits_nonzero_with_a_message_and_no_traceback(args, needle):
     assert r.returncode != 0
     assert needle in r.stderr
     assert "Traceback" not in r.stderr
+
+
+# --- argument validation: refused by argparse (exit 2, naming the flag) before anything starts ---
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["up", "--port", "99999"], "--port"),  # gRPC would listen on 99999 % 65536
+        (["up", "--port", "-5"], "--port"),
+        (["up", "--port", "0"], "--port"),  # would health-check host:0 for minutes
+        (["up", "--http-port", "65536"], "--http-port"),
+        (["up", "--kserve-port", "-1"], "--kserve-port"),
+        (["router", "--decode", "127.0.0.1:1", "--http-port", "99999"], "--http-port"),
+        (["router", "--decode", "127.0.0.1:1", "--http-port", "-1"], "--http-port"),
+        (["router", "--decode", "127.0.0.1:1", "--metrics-port", "99999"], "--metrics-port"),
+        (["router", "--decode", "127.0.0.1:1", "--port", "0"], "--port"),
+        (["worker", "--role", "decode", "--port", "70000"], "--port"),
+        (["worker", "--role", "decode", "--metrics-port", "-2"], "--metrics-port"),
+        (["up", "--port", "http"], "--port"),
+    ],
+)
+def test_ports_out_of_range_are_argparse_errors(argv, flag, capsys):
+    from tandem_worker.cli import build_parser
+
+    # The parser alone: a regression must fail here, not start the deployment it failed to refuse.
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}:" in err and "Traceback" not in err
+
+
+def test_port_zero_is_accepted_only_where_it_means_off():
+    from tandem_worker.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["router", "--http-port", "0", "--kserve-port", "0", "--metrics-port", "0"]).http_port == 0
+    assert parse(["worker", "--role", "decode", "--metrics-port", "0"]).metrics_port == 0
+    assert parse(["up", "--http-port", "0", "--kserve-port", "0"]).kserve_port == 0
+    assert parse(["up", "--port", "65535"]).port == 65535
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["demo", "--max-tokens", "0"], "--max-tokens"),
+        (["up", "--colocated", "-2"], "--colocated"),
+        (["up", "--prefill", "-1"], "--prefill"),
+        (["up", "--decode", "-1"], "--decode"),
+        (["up", "--kv-cache-bytes", "0"], "--kv-cache-bytes"),
+        (["up", "--slo-ttft-ms", "0"], "--slo-ttft-ms"),
+        (["up", "--autoscale", "--window", "0"], "--window"),
+        (["up", "--autoscale", "--cooldown", "-5"], "--cooldown"),
+        (["up", "--autoscale", "--min-requests", "-1"], "--min-requests"),
+        (["up", "--autoscale", "--max-decode", "0"], "--max-decode"),
+        (["up", "--autoscale", "--scrape-interval", "nan"], "--scrape-interval"),
+        (["router", "--decode", "127.0.0.1:1", "--max-in-flight", "-100"], "--max-in-flight"),
+        (["router", "--decode", "127.0.0.1:1", "--slo-tpot-ms", "-1"], "--slo-tpot-ms"),
+        (["worker", "--role", "decode", "--max-pending", "0"], "--max-pending"),
+        (["worker", "--role", "decode", "--cuda-graph-max-batch", "-1"], "--cuda-graph-max-batch"),
+        (["bench", "--trace", "t.csv", "--endpoint", "h:1", "--max-requests", "-1"], "--max-requests"),
+        (["bench", "--trace", "t.csv", "--endpoint", "h:1", "--slo-ttft-ms", "-1"], "--slo-ttft-ms"),
+        (["bench", "--trace", "t.csv", "--endpoint", "h:1", "--time-scale", "inf"], "--time-scale"),
+        (["generate", "--endpoint", "h:1", "--prompt", "hi", "--timeout", "0"], "--timeout"),
+        (["generate", "--endpoint", "h:1", "--prompt", "hi", "--timeout", "-3"], "--timeout"),
+    ],
+)
+def test_bad_counts_and_durations_are_argparse_errors(argv, flag, capsys):
+    from tandem_worker.cli import build_parser
+
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}:" in err and "Traceback" not in err
+
+
+def test_zero_is_accepted_where_it_means_none():
+    from tandem_worker.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["up", "--autoscale", "--cooldown", "0", "--min-requests", "0", "--burst-horizon", "0"]
+    )
+    assert (args.cooldown, args.min_requests, args.burst_horizon) == (0.0, 0, 0.0)
+    args = build_parser().parse_args(["worker", "--role", "decode", "--cuda-graph-max-batch", "0"])
+    assert args.cuda_graph_max_batch == 0
+
+
+def test_demo_checks_its_sampling_params_before_starting(monkeypatch):
+    from tandem_worker.server import demo as demo_mod
+
+    class NeverStart:
+        def __init__(self, **kwargs):
+            pass
+
+        def start(self):
+            raise AssertionError("the deployment started before max_tokens was checked")
+
+    monkeypatch.setattr(demo_mod, "LocalDeployment", lambda **kw: NeverStart(**kw))
+    with pytest.raises(ValueError, match="max_tokens"):
+        demo_mod.demo(max_tokens=0)
+
+
+def test_replay_refuses_a_negative_max_requests():
+    from tandem_worker.server.replay import TraceRow, replay
+
+    with pytest.raises(ValueError, match="max_requests"):
+        replay(object(), [TraceRow(0.0, 4, 4)] * 3, max_requests=-1)  # type: ignore[arg-type]
+
+
+# --- `tandem generate --endpoint` against an in-process fake router (no model, no deployment) ---
+
+
+class FakeRouter(pbgrpc.InferenceServicer):
+    """Prompt "slow" streams a token every 20 ms for up to 10 s; "fail" fails once `slow_before_failing`
+    slow ones are running; any other prompt gets 3 chunks."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        import grpc
+
+        self.slow_before_failing = 1
+        self.started = self.cancelled = self.finished_slow = 0
+        self.lock = threading.Lock()
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=16))
+        pbgrpc.add_InferenceServicer_to_server(self, self.server)
+        self.endpoint = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.server.start()
+
+    def Generate(self, request, context):
+        import grpc
+
+        if request.text == "fail":
+            self.wait_for("started", self.slow_before_failing)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "this prompt fails")
+        if request.text == "slow":
+            with self.lock:
+                self.started += 1
+            completed = False
+            try:
+                end = time.monotonic() + 10
+                while time.monotonic() < end and context.is_active():
+                    yield pb.GenerateResponse(text="x", token_ids=[7])
+                    time.sleep(0.02)
+                completed = context.is_active()
+                if completed:
+                    yield pb.GenerateResponse(finish_reason=pb.FINISH_REASON_LENGTH)
+            finally:
+                # A cancelled stream ends at the is_active() check or, when gRPC closes the generator,
+                # here at a yield (GeneratorExit): count it either way.
+                with self.lock:
+                    if completed:
+                        self.finished_slow += 1
+                    else:
+                        self.cancelled += 1
+            return
+        for i in range(3):
+            yield pb.GenerateResponse(text=f"{request.text}{i} ", token_ids=[i])
+        yield pb.GenerateResponse(finish_reason=pb.FINISH_REASON_LENGTH)
+
+    def wait_for(self, counter: str, n: int, timeout: float = 5.0) -> int:
+        end = time.monotonic() + timeout
+        while getattr(self, counter) < n and time.monotonic() < end:
+            time.sleep(0.02)
+        return getattr(self, counter)
+
+
+@pytest.fixture
+def fake_router():
+    router = FakeRouter()
+    yield router
+    router.server.stop(0)
+
+
+def test_complete_all_raises_the_first_error_at_once_and_cancels_the_rest(fake_router):
+    import grpc
+
+    from tandem_worker.server.client import Client, build_request
+
+    reqs = [build_request(t, SamplingParams(max_tokens=5)) for t in ("slow", "fail", "slow")]
+    fake_router.slow_before_failing = 2
+    t0 = time.monotonic()
+    with Client(fake_router.endpoint) as client, pytest.raises(grpc.RpcError) as exc:
+        client.complete_all(reqs)
+    assert time.monotonic() - t0 < 5, "waited for the slow requests before reporting the failure"
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fake_router.wait_for("cancelled", 2) == 2 and fake_router.finished_slow == 0
+
+
+def test_complete_all_cancels_every_request_on_ctrl_c(fake_router):
+    from tandem_worker.server.client import Client, build_request
+
+    reqs = [build_request("slow", SamplingParams(max_tokens=5)) for _ in range(3)]
+    # Python leaves SIGINT ignored when it started ignored (pytest run in the background by a script).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def interrupt_once_all_run() -> None:
+        fake_router.wait_for("started", 3)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    interrupter = threading.Thread(target=interrupt_once_all_run, daemon=True)
+    t0 = time.monotonic()
+    interrupter.start()
+    try:
+        with Client(fake_router.endpoint) as client, pytest.raises(KeyboardInterrupt):
+            client.complete_all(reqs)
+    finally:
+        interrupter.join()
+        signal.signal(signal.SIGINT, previous)
+    assert time.monotonic() - t0 < 5, "Ctrl-C waited for the requests to finish"
+    assert fake_router.wait_for("cancelled", 3) == 3 and fake_router.finished_slow == 0
+
+
+def test_generate_endpoint_reports_a_failure_without_waiting(fake_router, capsys):
+    from tandem_worker.cli import main
+
+    t0 = time.monotonic()
+    rc = main(["generate", "--endpoint", fake_router.endpoint, "--prompt", "slow", "--prompt", "fail"])
+    assert rc == 2 and time.monotonic() - t0 < 5
+    assert "INVALID_ARGUMENT: this prompt fails" in capsys.readouterr().err
+
+
+def test_generate_stream_json_says_which_prompt_each_chunk_belongs_to(fake_router, capsys):
+    from tandem_worker.cli import main
+
+    argv = ["generate", "--endpoint", fake_router.endpoint, "--stream", "--json"]
+    assert main([*argv, "--prompt", "a", "--prompt", "b"]) == 0
+    chunks = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    texts: dict[int, str] = {}
+    for c in chunks:
+        texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+    assert texts == {0: "a0 a1 a2 ", 1: "b0 b1 b2 "}
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--model", "/nonexistent/x.gguf", "--device", "bogus"],
+        ["--lora-store", "/nonexistent/adapters"],
+        ["--kv-cache-bytes", "1000000"],
+        ["--model", "smollm2-135m"],  # even the default, when it is said explicitly
+    ],
+)
+def test_generate_endpoint_refuses_offline_only_flags(fake_router, extra, capsys):
+    from tandem_worker.cli import main
+
+    rc = main(["generate", "--endpoint", fake_router.endpoint, "--prompt", "a", *extra])
+    captured = capsys.readouterr()
+    assert rc == 2 and captured.out == ""
+    assert extra[0] in captured.err and "offline only" in captured.err
+
+
+@pytest.mark.parametrize("extra", [["--stream"], ["--timeout", "5"]])
+def test_generate_offline_refuses_endpoint_only_flags(extra, capsys):
+    from tandem_worker.cli import main
+
+    assert main(["generate", "--prompt", "a", *extra]) == 2
+    assert f"{extra[0]}: only with --endpoint" in capsys.readouterr().err

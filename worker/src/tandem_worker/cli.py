@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from collections.abc import Callable
 from typing import Any
 
 SAMPLING_FIELDS = (
@@ -23,6 +25,45 @@ SAMPLING_FIELDS = (
 
 class CLIError(Exception):
     """An error the user can fix; printed without a traceback."""
+
+
+# argparse `type=` checks: a bad value is refused (exit 2, naming the flag) before anything starts,
+# rather than deep inside a server that is already half up.
+def _int_in(lo: int, hi: int | None = None, hint: str = "") -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            bounds = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}{hint}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_above(lo: float, inclusive: bool) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        # NaN compares false with everything, so it would slip through the bound check alone.
+        if not math.isfinite(value) or value < lo or (value == lo and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {lo:g}, got {text}")
+        return value
+
+    return parse
+
+
+positive_int = _int_in(1)
+non_negative_int = _int_in(0)
+positive_float = _float_above(0.0, inclusive=False)
+non_negative_float = _float_above(0.0, inclusive=True)
+# gRPC takes a port modulo 65536 and the HTTP servers overflow, so out-of-range ports must stop here.
+port = _int_in(1, 65535)
+port_or_off = _int_in(0, 65535, " (0: off)")  # only for flags whose help says 0 turns the server off
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -50,14 +91,25 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text offline with the built-in engine")
     g.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     g.add_argument("--prompts-file", help="JSON lines: {'prompt': ..., optional sampling fields}")
-    g.add_argument("--model", default="smollm2-135m", help="built-in name, GGUF file or HF folder")
+    # Offline-only flags default to None so that passing them with --endpoint can be refused.
+    g.add_argument(
+        "--model", default=None, help="offline: built-in name, GGUF file or HF folder (default smollm2-135m)"
+    )
     g.add_argument("--chat", action="store_true", help="apply the model's chat template")
-    g.add_argument("--json", action="store_true", help="one JSON object per prompt, in input order")
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--kv-cache-bytes", type=int, default=None, help="KV cache budget in bytes")
+    g.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per prompt, in input order (with --stream: one per chunk, with its 'index')",
+    )
+    g.add_argument("--device", default=None, help="offline: cpu (the default), cuda or cuda:N")
+    g.add_argument(
+        "--kv-cache-bytes", type=positive_int, default=None, help="offline: KV cache budget in bytes"
+    )
     g.add_argument("--endpoint", help="HOST:PORT of a Tandem router: generate remotely instead of offline")
     g.add_argument("--stream", action="store_true", help="with --endpoint: print text as it arrives")
-    g.add_argument("--timeout", type=float, default=None, help="with --endpoint: deadline per request (s)")
+    g.add_argument(
+        "--timeout", type=positive_float, default=None, help="with --endpoint: deadline per request (s)"
+    )
     g.add_argument("--adapter", default="", help="LoRA adapter name ('adapter' per line in --prompts-file)")
     g.add_argument("--lora-store", default=None, help="offline: folder of PEFT adapters, one sub-folder each")
     _add_sampling_args(g)
@@ -66,29 +118,32 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--role", required=True, choices=["prefill", "decode", "colocated"])
     w.add_argument("--model", default="smollm2-135m")
     w.add_argument("--host", default="127.0.0.1")
-    w.add_argument("--port", type=int, default=50061)
-    w.add_argument("--metrics-port", type=int, default=0, help="HTTP port of /metrics (0: off)")
+    w.add_argument("--port", type=port, default=50061)
+    w.add_argument("--metrics-port", type=port_or_off, default=0, help="HTTP port of /metrics (0: off)")
     w.add_argument("--device", default="cpu")
-    w.add_argument("--kv-cache-bytes", type=int, default=None)
+    w.add_argument("--kv-cache-bytes", type=positive_int, default=None)
     w.add_argument(
         "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: bf16 on CUDA"
     )
     w.add_argument(
         "--cuda-graph-max-batch",
-        type=int,
+        type=non_negative_int,
         default=256,
         help="CUDA: replay captured graphs for decode batches up to this size (0: always eager)",
     )
     w.add_argument(
         "--cuda-graph-max-lora-rank",
-        type=int,
+        type=non_negative_int,
         default=64,
         help="CUDA: decode batches with adapters of at most this rank replay graphs too (0: eager)",
     )
-    w.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    w.add_argument("--max-num-batched-tokens", type=positive_int, default=2048)
     w.add_argument("--lora-store", default=None, help="folder of PEFT LoRA adapters, one sub-folder each")
     w.add_argument(
-        "--lora-host-cache-bytes", type=int, default=2 * 2**30, help="host memory for adapters (LRU)"
+        "--lora-host-cache-bytes",
+        type=non_negative_int,
+        default=2 * 2**30,
+        help="host memory for adapters (LRU)",
     )
     w.add_argument(
         "--adapters-config",
@@ -96,14 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON file whose 'adapters' list of {name, path} names adapters (the operator's engine.json)",
     )
     w.add_argument(
-        "--max-pending", type=int, default=256, help="requests in flight before RESOURCE_EXHAUSTED"
+        "--max-pending", type=positive_int, default=256, help="requests in flight before RESOURCE_EXHAUSTED"
     )
 
     r = sub.add_parser("router", help="serve the gRPC inference endpoint in front of workers")
     r.add_argument("--model", default="smollm2-135m")
     r.add_argument("--host", default="127.0.0.1")
-    r.add_argument("--port", type=int, default=50051)
-    r.add_argument("--metrics-port", type=int, default=0)
+    r.add_argument("--port", type=port, default=50051)
+    r.add_argument("--metrics-port", type=port_or_off, default=0, help="HTTP port of /metrics (0: off)")
     r.add_argument(
         "--decode",
         action="append",
@@ -113,18 +168,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--prefill", action="append", default=[], help="prefill worker: HOST:PORT or dns:NAME:PORT"
     )
-    r.add_argument("--max-in-flight", type=int, default=512)
-    r.add_argument("--slo-ttft-ms", type=float, default=2000.0, help="time-to-first-token SLO (default 2000)")
-    r.add_argument("--slo-tpot-ms", type=float, default=200.0, help="time-per-output-token SLO (default 200)")
+    r.add_argument("--max-in-flight", type=positive_int, default=512)
+    r.add_argument(
+        "--slo-ttft-ms", type=positive_float, default=2000.0, help="time-to-first-token SLO (default 2000)"
+    )
+    r.add_argument(
+        "--slo-tpot-ms", type=positive_float, default=200.0, help="time-per-output-token SLO (default 200)"
+    )
     r.add_argument(
         "--http-port",
-        type=int,
+        type=port_or_off,
         default=0,
         help="port of the OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/...); 0: off",
     )
     r.add_argument(
         "--kserve-port",
-        type=int,
+        type=port_or_off,
         default=0,
         help="port of KServe's Open Inference Protocol v2 over gRPC (Triton's clients); 0: off",
     )
@@ -135,38 +194,57 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     u = sub.add_parser("up", help="run a whole deployment (workers + router) as local processes")
-    u.add_argument("--prefill", type=int, default=None, help="prefill workers (default 1)")
-    u.add_argument("--decode", type=int, default=None, help="decode workers (default 1)")
-    u.add_argument("--colocated", type=int, default=0, help="colocated workers instead of prefill/decode")
-    u.add_argument("--port", type=int, default=50051, help="the router's port")
+    u.add_argument("--prefill", type=non_negative_int, default=None, help="prefill workers (default 1)")
+    u.add_argument("--decode", type=non_negative_int, default=None, help="decode workers (default 1)")
+    u.add_argument(
+        "--colocated", type=non_negative_int, default=0, help="colocated workers instead of prefill/decode"
+    )
+    u.add_argument("--port", type=port, default=50051, help="the router's port")
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--model", default="smollm2-135m")
-    u.add_argument("--kv-cache-bytes", type=int, default=1 << 30, help="KV budget per worker (default 1 GiB)")
+    u.add_argument(
+        "--kv-cache-bytes", type=positive_int, default=1 << 30, help="KV budget per worker (default 1 GiB)"
+    )
     u.add_argument("--device", default="cpu", help="every worker's device: cpu, cuda or cuda:N")
     u.add_argument("--log-dir", default=None, help="write each process's output to DIR/NAME.log")
     u.add_argument("--lora-store", default=None, help="folder of PEFT LoRA adapters for every worker")
-    u.add_argument("--http-port", type=int, default=0, help="the router's OpenAI HTTP port (0: off)")
-    u.add_argument("--kserve-port", type=int, default=0, help="the router's KServe v2 gRPC port (0: off)")
-    u.add_argument("--slo-ttft-ms", type=float, default=2000.0, help="time-to-first-token SLO (default 2000)")
-    u.add_argument("--slo-tpot-ms", type=float, default=200.0, help="time-per-output-token SLO (default 200)")
+    u.add_argument("--http-port", type=port_or_off, default=0, help="the router's OpenAI HTTP port (0: off)")
+    u.add_argument(
+        "--kserve-port", type=port_or_off, default=0, help="the router's KServe v2 gRPC port (0: off)"
+    )
+    u.add_argument(
+        "--slo-ttft-ms", type=positive_float, default=2000.0, help="time-to-first-token SLO (default 2000)"
+    )
+    u.add_argument(
+        "--slo-tpot-ms", type=positive_float, default=200.0, help="time-per-output-token SLO (default 200)"
+    )
     a = u.add_argument_group("autoscaling (the operator's policy, on local processes)")
     a.add_argument("--autoscale", action="store_true", help="scale prefill and decode from measured goodput")
-    a.add_argument("--max-prefill", type=int, default=4, help="most prefill workers (default 4)")
-    a.add_argument("--max-decode", type=int, default=4, help="most decode workers (default 4)")
+    a.add_argument("--max-prefill", type=positive_int, default=4, help="most prefill workers (default 4)")
+    a.add_argument("--max-decode", type=positive_int, default=4, help="most decode workers (default 4)")
     a.add_argument("--attainment", type=float, default=0.9, help="SLO attainment target (default 0.9)")
-    a.add_argument("--window", type=float, default=60.0, help="metrics window, seconds (default 60)")
+    a.add_argument("--window", type=positive_float, default=60.0, help="metrics window, seconds (default 60)")
     a.add_argument(
-        "--stabilization", type=float, default=120.0, help="scale down only after this long (default 120 s)"
+        "--stabilization",
+        type=non_negative_float,
+        default=120.0,
+        help="scale down only after this long (default 120 s)",
     )
     a.add_argument(
-        "--cooldown", type=float, default=30.0, help="seconds between changes of a pool (default 30)"
+        "--cooldown",
+        type=non_negative_float,
+        default=30.0,
+        help="seconds between changes of a pool (default 30)",
     )
     a.add_argument(
-        "--min-requests", type=int, default=20, help="fewer finished requests in a window: no SLO decision"
+        "--min-requests",
+        type=non_negative_int,
+        default=20,
+        help="fewer finished requests in a window: no SLO decision",
     )
     a.add_argument(
         "--burst-horizon",
-        type=float,
+        type=non_negative_float,
         default=600.0,
         help="prefill keeps capacity for the bursts of this many recent seconds (default 600; 0: off)",
     )
@@ -177,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument(
         "--scrape-interval",
-        type=float,
+        type=positive_float,
         default=15.0,
         help="seconds between that Prometheus' scrapes (default 15): rate windows span at least 4",
     )
@@ -188,14 +266,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d = sub.add_parser("demo", help="start 1 prefill + 1 decode locally, stream a few answers, stop")
     d.add_argument("--model", default="smollm2-135m")
-    d.add_argument("--max-tokens", type=int, default=64)
+    d.add_argument("--max-tokens", type=positive_int, default=64)
     b = sub.add_parser("bench", help="replay a request trace against an endpoint; report SLO attainment")
     b.add_argument("--trace", required=True, help="Azure LLM trace CSV or JSON lines (timestamp ms, ...)")
     b.add_argument("--endpoint", required=True, help="HOST:PORT of a Tandem router")
-    b.add_argument("--time-scale", type=float, default=1.0, help="multiply arrival times (2: half the rate)")
-    b.add_argument("--max-requests", type=int, default=None, help="replay only the first N requests")
-    b.add_argument("--slo-ttft-ms", type=float, default=1000.0, help="time-to-first-token SLO (default 1000)")
-    b.add_argument("--slo-tpot-ms", type=float, default=100.0, help="time-per-output-token SLO (default 100)")
+    b.add_argument(
+        "--time-scale", type=positive_float, default=1.0, help="multiply arrival times (2: half the rate)"
+    )
+    b.add_argument("--max-requests", type=positive_int, default=None, help="replay only the first N requests")
+    b.add_argument(
+        "--slo-ttft-ms", type=positive_float, default=1000.0, help="time-to-first-token SLO (default 1000)"
+    )
+    b.add_argument(
+        "--slo-tpot-ms", type=positive_float, default=100.0, help="time-per-output-token SLO (default 100)"
+    )
     b.add_argument("--json", action="store_true", help="print the report as one JSON object")
     o = sub.add_parser("operator", help="run the Kubernetes operator for ModelDeployment resources (Kopf)")
     try:  # tandem_operator.main imports only the standard library at module level
@@ -268,17 +352,14 @@ def _generate_remote(args: argparse.Namespace, items: list[dict[str, Any]], para
     try:
         with Client(args.endpoint) as client:
             if args.stream:
-                for item, req in zip(items, requests):
+                for index, (item, req) in enumerate(zip(items, requests)):
                     if not args.json:
                         print(f"--- {item['prompt']!r}", flush=True)
                     for msg in client.stream(req, args.timeout):
                         if args.json:
-                            print(
-                                json.dumps(
-                                    {"text": msg.text, "token_ids": list(msg.token_ids)}, ensure_ascii=False
-                                ),
-                                flush=True,
-                            )
+                            # Many chunks per prompt: the index says which prompt (input order) each extends.
+                            chunk = {"index": index, "text": msg.text, "token_ids": list(msg.token_ids)}
+                            print(json.dumps(chunk, ensure_ascii=False), flush=True)
                         else:
                             print(msg.text, end="", flush=True)
                     if not args.json:
@@ -300,7 +381,24 @@ def _generate_remote(args: argparse.Namespace, items: list[dict[str, Any]], para
     return 0
 
 
+# Flags that only the offline engine reads; a router has its own model, device and KV budget.
+OFFLINE_ONLY = ("model", "device", "kv_cache_bytes", "lora_store")
+REMOTE_ONLY = ("stream", "timeout")
+
+
+def _check_generate_mode(args: argparse.Namespace) -> None:
+    def given(names: tuple[str, ...]) -> list[str]:
+        return ["--" + n.replace("_", "-") for n in names if getattr(args, n) not in (None, False)]
+
+    if args.endpoint:
+        if ignored := given(OFFLINE_ONLY):
+            raise CLIError(f"{', '.join(ignored)}: offline only; the router at --endpoint chooses these")
+    elif needs := given(REMOTE_ONLY):
+        raise CLIError(f"{', '.join(needs)}: only with --endpoint (offline generation returns whole answers)")
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
+    _check_generate_mode(args)
     items = _read_prompts(args)
     from .engine.sampling_params import SamplingParams
 
@@ -326,12 +424,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         return _generate_remote(args, items, params)
     from .llm import LLM, ChatPrompt
 
-    kwargs: dict[str, Any] = {"device": args.device}
+    kwargs: dict[str, Any] = {"device": args.device or "cpu"}
     if args.kv_cache_bytes is not None:
         kwargs["kv_cache_bytes"] = args.kv_cache_bytes
     if args.lora_store:
         kwargs["lora_store"] = args.lora_store
-    llm = LLM(args.model, **kwargs)
+    llm = LLM(args.model or "smollm2-135m", **kwargs)
     prompts = [
         ChatPrompt([{"role": "user", "content": it["prompt"]}]) if it.get("chat", args.chat) else it["prompt"]
         for it in items
@@ -392,9 +490,6 @@ def _read_adapters_config(path: str) -> dict[str, str]:
 def _cmd_router(args: argparse.Namespace) -> int:
     from .server.router import SLO
     from .server.router_main import serve_router
-
-    if args.slo_ttft_ms <= 0 or args.slo_tpot_ms <= 0:
-        raise CLIError("--slo-ttft-ms and --slo-tpot-ms must be positive")
 
     serve_router(
         args.model,
@@ -474,8 +569,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from .server.replay import load_trace, replay
 
-    if args.time_scale <= 0:
-        raise CLIError("--time-scale must be > 0")
     try:
         report = replay(
             args.endpoint,

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, CancelledError, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,31 +70,66 @@ class Client:
         return self.stub.Generate(request, timeout=timeout)
 
     def complete(self, request: pb.GenerateRequest, timeout: float | None = None) -> Completion:
-        c = Completion()
-        for msg in self.stream(request, timeout):
-            c.prompt_token_ids.extend(msg.prompt_token_ids)
-            c.token_ids.extend(msg.token_ids)
-            c.logprobs.extend(msg.logprobs)
-            c.top_logprobs.extend(top_logprobs_from_pb(t) for t in msg.top_logprobs)
-            c.text += msg.text
-            if msg.finish_reason:
-                c.finish_reason = FINISH_FROM_PB[msg.finish_reason]
-                c.stop_reason = msg.stop_reason
-                c.usage = {
-                    "prompt_tokens": msg.usage.prompt_tokens,
-                    "completion_tokens": msg.usage.completion_tokens,
-                    "cached_prompt_tokens": msg.usage.cached_prompt_tokens,
-                }
-                c.timings = {
-                    "queue": msg.timings.queue_seconds,
-                    "ttft": msg.timings.ttft_seconds,
-                    "e2e": msg.timings.e2e_seconds,
-                }
-        return c
+        return _collect(self.stream(request, timeout))
 
     def complete_all(
         self, requests: list[pb.GenerateRequest], timeout: float | None = None
     ) -> list[Completion]:
-        """All requests at once (so they share the servers' batches); results in input order."""
-        with ThreadPoolExecutor(max_workers=max(1, min(64, len(requests)))) as ex:
-            return list(ex.map(lambda r: self.complete(r, timeout), requests))
+        """All requests at once (so they share the servers' batches); results in input order.
+
+        The first failure, or Ctrl-C, cancels every request still running and is raised at once: the
+        servers stop generating answers nobody will read."""
+        lock = threading.Lock()
+        calls: list[grpc.Call] = []
+        stopping = False
+
+        def run(request: pb.GenerateRequest) -> Completion:
+            with lock:
+                # A queued request that starts after the others were cancelled would run unwatched.
+                if stopping:
+                    raise CancelledError()
+                call = self.stub.Generate(request, timeout=timeout)
+                calls.append(call)
+            return _collect(call)
+
+        ex = ThreadPoolExecutor(max_workers=max(1, min(64, len(requests))))
+        try:
+            futures = [ex.submit(run, r) for r in requests]
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            for f in futures:
+                if f in done and f.exception() is not None:
+                    f.result()  # raises it, while later requests may still be running
+            return [f.result() for f in futures]
+        except BaseException:
+            with lock:
+                stopping = True
+                for call in calls:
+                    call.cancel()
+            raise
+        finally:
+            # `with ThreadPoolExecutor` would wait here for every request to run to its end.
+            ex.shutdown(wait=False, cancel_futures=True)
+
+
+def _collect(responses: Iterable[pb.GenerateResponse]) -> Completion:
+    c = Completion()
+    for msg in responses:
+        c.prompt_token_ids.extend(msg.prompt_token_ids)
+        c.token_ids.extend(msg.token_ids)
+        c.logprobs.extend(msg.logprobs)
+        c.top_logprobs.extend(top_logprobs_from_pb(t) for t in msg.top_logprobs)
+        c.text += msg.text
+        if msg.finish_reason:
+            c.finish_reason = FINISH_FROM_PB[msg.finish_reason]
+            c.stop_reason = msg.stop_reason
+            c.usage = {
+                "prompt_tokens": msg.usage.prompt_tokens,
+                "completion_tokens": msg.usage.completion_tokens,
+                "cached_prompt_tokens": msg.usage.cached_prompt_tokens,
+            }
+            c.timings = {
+                "queue": msg.timings.queue_seconds,
+                "ttft": msg.timings.ttft_seconds,
+                "e2e": msg.timings.e2e_seconds,
+            }
+    return c

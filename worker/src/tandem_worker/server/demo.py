@@ -16,6 +16,8 @@ QUESTIONS = [
 
 
 def demo(model: str = "smollm2-135m", max_tokens: int = 64) -> int:
+    # Built first: a bad value fails here, not after the deployment took a minute to start.
+    params = SamplingParams(max_tokens=max_tokens, temperature=0)
     dep = LocalDeployment(prefill=1, decode=1, port=free_port(), model=model, kv_cache_bytes=512 << 20)
     print(
         "Starting a local disaggregated deployment: 1 prefill worker, 1 decode worker, 1 router ...",
@@ -29,9 +31,7 @@ def demo(model: str = "smollm2-135m", max_tokens: int = 64) -> int:
             for q in QUESTIONS:
                 print(f"> {q}\n", flush=True)
                 last = None
-                for msg in client.stream(
-                    build_request(q, SamplingParams(max_tokens=max_tokens, temperature=0), chat=True)
-                ):
+                for msg in client.stream(build_request(q, params, chat=True)):
                     print(msg.text, end="", flush=True)
                     last = msg
                 if last is not None:

@@ -176,6 +176,9 @@ def replay(
     output` are cut to fit (the endpoint's limit, when known)."""
     if time_scale <= 0:
         raise ValueError(f"time_scale must be > 0, got {time_scale}")
+    if max_requests is not None and max_requests < 0:
+        # A negative slice bound would drop rows from the end and replay nearly the whole trace.
+        raise ValueError(f"max_requests must be >= 0, got {max_requests}")
     rows = list(trace)[: max_requests if max_requests is not None else None]
     channel = None
     if isinstance(target, str):
