@@ -7,6 +7,7 @@ import json
 
 from tandem_operator.patching import LAST_APPLIED_ANNOTATION, is_subset, plan_patch, with_last_applied
 from tandem_operator.status import (
+    ModeSwitch,
     Workload,
     observe_deployment,
     plan_condition,
@@ -111,14 +112,18 @@ def test_condition_transition_time_moves_only_on_status_change():
     assert plan_condition([], "Ready", True, "Serving", "", 1, "T2")["lastTransitionTime"] == "T2"
 
 
-def _status(workloads, errors=(), previous=None):
+ROUTER_SERVICE = {"metadata": {"name": "m-router", "namespace": "ns"}, "spec": {"ports": []}}
+
+
+def _status(workloads, errors=(), previous=None, router_service=ROUTER_SERVICE, mode_switch=None):
     return plan_status(
         generation=3,
         spec_errors=list(errors),
         workloads=workloads,
-        router_service=None,
+        router_service=router_service,
         previous=previous or {},
         now="T",
+        mode_switch=mode_switch,
     )
 
 
@@ -147,8 +152,33 @@ def test_status_conditions():
     bad = _status(serving, errors=[("DuplicateAdapterName", "adapter name 'a' is used twice")])
     assert _conds(bad)["SpecValid"] == ("False", "DuplicateAdapterName")
     assert _conds(bad)["Ready"] == ("True", "Serving")  # the earlier spec's children still serve
+    # ... but they run the last valid spec, not this generation's (it said RolloutComplete).
+    assert _conds(bad)["Progressing"] == ("False", "SpecInvalid")
+    # No router Service of ours (someone else's holds the name): clients reach nothing.
+    assert _conds(_status(serving, router_service=None))["Ready"] == ("False", "EndpointUnavailable")
     assert _status(serving)["decode"] == {"desired": 1, "ready": 1, "updated": 1, "summary": "1/1"}
     assert _conds(_status({}))["Ready"] == ("False", "NoWorkloads")
+
+
+def test_ready_during_a_mode_switch_follows_the_pools_the_router_routes_to():
+    up, down, half = (
+        Workload(2, 2, 2, True, None),
+        Workload(1, 0, 1, True, None),
+        Workload(2, 1, 2, False, None),
+    )
+    to_colocated = dict(kept=("prefill", "decode"), new=("colocated",))
+    # New pools not all ready: the router still routes to the old ones, which must serve. It said
+    # Serving when the new pool had one pod up and the old pools none.
+    workloads = {"prefill": down, "decode": down, "colocated": half, "router": up}
+    st = _status(workloads, mode_switch=ModeSwitch(**to_colocated, pools_ready=False))
+    assert _conds(st)["Ready"] == ("False", "NotServing")
+    workloads = {"prefill": up, "decode": up, "colocated": half, "router": up}
+    st = _status(workloads, mode_switch=ModeSwitch(**to_colocated, pools_ready=False))
+    assert _conds(st)["Ready"] == ("True", "Serving")
+    # New pools ready, the router rolling out to them: either side serving is enough.
+    workloads = {"prefill": down, "decode": down, "colocated": up, "router": up}
+    st = _status(workloads, mode_switch=ModeSwitch(**to_colocated, pools_ready=True))
+    assert _conds(st)["Ready"] == ("True", "Serving")
 
 
 def test_status_patch_only_when_changed_and_removes_stale_pools():

@@ -290,11 +290,11 @@ def test_switching_back_mid_switch_and_objects_without_a_pool_deployment():
     assert condition(memory, "Progressing")["message"] == (
         "mode switch: keeping colocated until prefill, decode are ready"
     )
-    # Not ready in either mode: not serving.
+    # The pools the router still routes to have no ready pod: not serving (whatever the new do).
     set_ready(memory, "demo-colocated", ready=0)
     run(reconciler.reconcile("ns", "demo"))
     ready = condition(memory, "Ready")
-    assert ready["status"] == "False" and ready["message"] == "no ready pod in: colocated, decode"
+    assert ready["status"] == "False" and ready["message"] == "no ready pod in: colocated"
     set_ready(memory, "demo-colocated")
 
     # Back to colocated: its pool is ready and the router never left it, so the half-started pools
@@ -313,3 +313,36 @@ def test_switching_back_mid_switch_and_objects_without_a_pool_deployment():
     del memory.objects[("Deployment", "ns", "demo-colocated")]
     run(reconciler.reconcile("ns", "demo"))
     assert pool_objects(memory, "colocated") == set()
+
+
+def test_a_change_that_arrives_during_a_failed_pass_gets_its_own_pass():
+    # A call during a pass only marks the object dirty; when that pass failed (a 503), the rerun
+    # was lost and the change waited for the next resync (event handlers are not retried).
+    memory, reconciler, _ = make()
+    run(reconciler.reconcile("ns", "demo"))
+    get, failed = memory.get, []
+
+    async def flaky_get(api_version, kind, namespace, name):
+        if kind == "ConfigMap" and not failed:
+            failed.append(1)
+            md = memory.objects[(api.KIND, "ns", "demo")]
+            md["spec"]["prefill"]["replicas"] = 3
+            md["metadata"]["generation"] += 1
+            await reconciler.reconcile("ns", "demo")  # the update's event, mid-pass
+            raise ApiError(503, "ServiceUnavailable", "etcd")
+        return await get(api_version, kind, namespace, name)
+
+    memory.get = flaky_get
+    run(reconciler.reconcile("ns", "demo"))
+    assert failed and memory.objects[("Deployment", "ns", "demo-prefill")]["spec"]["replicas"] == 3
+
+
+def test_a_model_uri_that_does_not_parse_is_an_invalid_spec_not_a_crash():
+    # The schema's pattern lets it through; urlparse raised, and every pass died before any status.
+    memory, reconciler, events = make()
+    md = memory.objects[(api.KIND, "ns", "demo")]
+    md["spec"]["model"] = {"uri": "https://[bad/model.gguf"}
+    run(reconciler.reconcile("ns", "demo"))
+    spec_valid = condition(memory, "SpecValid")
+    assert spec_valid["status"] == "False" and spec_valid["reason"] == "InvalidModelURI"
+    assert ("Warning", "InvalidModelURI") in events

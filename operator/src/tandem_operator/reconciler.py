@@ -177,8 +177,17 @@ class Reconciler:
         try:
             while True:
                 self._dirty.discard(key)
-                async with self.lock(namespace, name):
-                    await self._pass(namespace, name)
+                try:
+                    async with self.lock(namespace, name):
+                        await self._pass(namespace, name)
+                except Exception:
+                    # A change that arrived during a failed pass only marked the object dirty; it
+                    # gets its own pass now, or it would wait for the next resync (event handlers
+                    # are not retried).
+                    if key in self._dirty:
+                        log.warning("pass over %s/%s failed; a newer change gets its own pass", *key)
+                        continue
+                    raise
                 if key not in self._dirty:
                     return
         finally:

@@ -6,10 +6,12 @@ Status parts:
   only when the condition's status changes):
   - `SpecValid`: True when the spec passed every check; False names the first failed check's reason
     (the children of an earlier valid spec are left running).
-  - `Ready`: True when requests can be served: the router and every worker role have a ready pod
-    (during a mode switch: the router, and every pool of either the old or the new mode).
+  - `Ready`: True when requests can be served: the router Service is ours and the router and
+    every worker role have a ready pod (during a mode switch: the pools the router routes to, the
+    old mode's until the new mode's are all ready, then either while the router rolls out).
   - `Progressing`: True while a workload is being created or rolled to its current template, or
-    while a mode switch keeps the old mode's pools (reason `ModeSwitch`, see `ModeSwitch`).
+    while a mode switch keeps the old mode's pools (reason `ModeSwitch`, see `ModeSwitch`); False
+    with `SpecInvalid` when this generation is invalid (the workloads run the last valid spec).
   - `Degraded`: True when the API server refused a child (`ApplyFailed`: invalid or forbidden),
     a child's name is taken by an object this deployment does not own (`NameConflict`), a
     rolled-out workload has fewer ready pods than desired (`ReplicasUnavailable`), or Kubernetes
@@ -185,6 +187,9 @@ def plan_status(
         progressing = cond(PROGRESSING, True, "ModeSwitch", mode_switch.message())
     elif rolling:
         progressing = cond(PROGRESSING, True, "RollingOut", f"rolling out: {', '.join(rolling)}")
+    elif spec_errors:
+        # Nothing of this generation was applied: the workloads run the last valid spec.
+        progressing = cond(PROGRESSING, False, "SpecInvalid", "the workloads run the last valid spec")
     else:
         progressing = cond(PROGRESSING, False, "RolloutComplete", "every workload runs the current spec")
 
@@ -213,14 +218,20 @@ def plan_status(
 
     if mode_switch is None:
         missing = unready([*(c for c in workloads if c in WORKER_ROLES), "router"])
+    elif not mode_switch.pools_ready:
+        # The router still routes to the old pools only: they must serve.
+        missing = sorted(unready(mode_switch.kept) + unready(["router"]))
     else:
-        # The router routes to one mode's pools at a time: either set fully up is enough.
+        # The router is rolling out from the old pools to the new: either set up is enough.
         kept, new = unready(mode_switch.kept), unready(mode_switch.new)
         missing = sorted((kept + new if kept and new else []) + unready(["router"]))
     if not workloads:
         ready = cond(READY, False, "NoWorkloads", "nothing is deployed")
     elif missing:
         ready = cond(READY, False, "NotServing", f"no ready pod in: {', '.join(missing)}")
+    elif router_service is None:
+        # Missing, or someone else's Service of that name: clients reach no router of ours.
+        ready = cond(READY, False, "EndpointUnavailable", "the router has no Service of ours")
     else:
         ready = cond(READY, True, "Serving", "the router and every worker pool have ready pods")
 

@@ -33,8 +33,12 @@ MAX_ADAPTER_LIST_BYTES = 256 * 1024
 
 
 def model_file_name(uri: str) -> str:
-    """The last path segment of a model URI (what the init container saves)."""
-    return urlparse(uri).path.rsplit("/", 1)[-1]
+    """The last path segment of a model URI (what the init container saves); "" for a URI that
+    does not parse (the schema's pattern lets `https://[bad/x.gguf` through, and urlparse raises)."""
+    try:
+        return urlparse(uri).path.rsplit("/", 1)[-1]
+    except ValueError:
+        return ""
 
 
 def plan_spec_errors(
@@ -73,13 +77,18 @@ def plan_spec_errors(
         )
     if parsed.model.uri is not None:
         file_name = model_file_name(parsed.model.uri)
-        if not (file_name.endswith(".gguf") or file_name.endswith(ARCHIVE_SUFFIXES)):
-            errors.append(
-                SpecError(
-                    "UnsupportedModelURI",
-                    f"model.uri must name a .gguf file or a .tar/.tar.gz/.tgz archive, got {file_name!r}",
+        try:
+            urlparse(parsed.model.uri)
+        except ValueError as e:
+            errors.append(SpecError("InvalidModelURI", f"model.uri {parsed.model.uri!r} is not a URL: {e}"))
+        else:
+            if not (file_name.endswith(".gguf") or file_name.endswith(ARCHIVE_SUFFIXES)):
+                errors.append(
+                    SpecError(
+                        "UnsupportedModelURI",
+                        f"model.uri must name a .gguf file or a .tar/.tar.gz/.tgz archive, got {file_name!r}",
+                    )
                 )
-            )
 
     seen: set[str] = set()
     for adapter in parsed.adapters:
