@@ -346,3 +346,32 @@ def test_a_model_uri_that_does_not_parse_is_an_invalid_spec_not_a_crash():
     spec_valid = condition(memory, "SpecValid")
     assert spec_valid["status"] == "False" and spec_valid["reason"] == "InvalidModelURI"
     assert ("Warning", "InvalidModelURI") in events
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda s: s["prefill"].update(nodeSelector={"pool type": "fast"}),
+        lambda s: s["decode"].update(nodeSelector={"pool": "fast lane"}),
+        lambda s: s["prefill"].update(tolerations=[{"key": "gpu type", "operator": "Exists"}]),
+        lambda s: s.update(placement={"spreadTopologyKey": "host name"}),
+        lambda s: s.update(image=" tandem:0.2.0"),
+    ],
+)
+def test_label_keys_and_values_kubernetes_refuses_make_the_whole_update_invalid(mutate):
+    # Only the Deployment using one got a 422; the rest of the update (a new image) went out, so
+    # pools ran different versions.
+    memory, reconciler, _ = make()
+    run(reconciler.reconcile("ns", "demo"))
+    before = copy.deepcopy(memory.objects)
+    md = memory.objects[(api.KIND, "ns", "demo")]
+    md["spec"]["image"] = "tandem:0.2.0"
+    mutate(md["spec"])
+    md["metadata"]["generation"] += 1
+    memory.calls.clear()
+    run(reconciler.reconcile("ns", "demo"))
+    assert condition(memory, "SpecValid")["status"] == "False"
+    assert [w for w in memory.writes() if w[1] != api.KIND] == []  # nothing but the status
+    assert {k: v for k, v in memory.objects.items() if k[0] != api.KIND} == {
+        k: v for k, v in before.items() if k[0] != api.KIND
+    }

@@ -43,11 +43,20 @@ NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 # interval): about 22 KB at the defaults' extremes with 15 s steps, 66 KB with 5 s, 164 KB with 2 s.
 MAX_AUTOSCALER_MEMORY_BYTES = 256 * 1024
 
+# Kubernetes' label keys (an optional DNS-subdomain prefix and "/", then a name of at most 63) and
+# label values; topology keys and taint keys are label keys too. Checked here so that a bad one
+# makes the spec invalid before anything is applied, instead of one Deployment failing with 422
+# while the rest of the update goes out.
+QUALIFIED_NAME_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?$"
 DNS_SUBDOMAIN_PATTERN = (
     r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"  # e.g. a Secret's name
 )
 LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE_PATTERN)]
 
 
 @dataclass(frozen=True)
@@ -112,7 +121,10 @@ class TaintEffect(str, Enum):
 
 class PVCSource(_Model):
     claim_name: str = Field(
-        min_length=1, max_length=253, description="Name of a PersistentVolumeClaim in the same namespace."
+        min_length=1,
+        max_length=253,
+        pattern=DNS_SUBDOMAIN_PATTERN,
+        description="Name of a PersistentVolumeClaim in the same namespace.",
     )
     path: str = Field(
         min_length=1,
@@ -187,11 +199,21 @@ class Toleration(_Model):
         ),
     )
 
-    key: str | None = Field(default=None, description="Taint key to tolerate; empty with Exists: all taints.")
+    key: str | None = Field(
+        default=None,
+        max_length=316,
+        pattern=r"^(" + QUALIFIED_NAME_PATTERN[1:-1] + r")?$",  # or empty
+        description="Taint key to tolerate; empty with Exists: all taints.",
+    )
     operator: TolerationOperator = Field(
         default=TolerationOperator.Equal, description="Exists (any value) or Equal (value must match)."
     )
-    value: str | None = Field(default=None, description="Taint value, with operator Equal.")
+    value: str | None = Field(
+        default=None,
+        max_length=63,
+        pattern=LABEL_VALUE_PATTERN,
+        description="Taint value, with operator Equal.",
+    )
     effect: TaintEffect | None = Field(default=None, description="Taint effect to tolerate; empty: all.")
     toleration_seconds: int | None = Field(
         default=None, ge=0, description="With NoExecute: how long the pod stays bound after the taint."
@@ -250,7 +272,7 @@ class Pool(_Model):
     memory: str = Field(
         default="8Gi", pattern=QUANTITY_PATTERN, description="Memory request and limit per pod."
     )
-    node_selector: dict[str, str] = Field(
+    node_selector: dict[str, LabelValue] = Field(
         default_factory=dict, description="Extra node labels the pods require."
     )
     tolerations: list[Toleration] = Field(
@@ -318,7 +340,9 @@ class Router(_Model):
     memory: str = Field(
         default="2Gi", pattern=QUANTITY_PATTERN, description="Memory request and limit per router pod."
     )
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods require.")
+    node_selector: dict[str, LabelValue] = Field(
+        default_factory=dict, description="Node labels the pods require."
+    )
     tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations of the router pods.")
 
 
@@ -375,6 +399,7 @@ class Placement(_Model):
         default="topology.kubernetes.io/zone",
         min_length=1,
         max_length=316,
+        pattern=QUALIFIED_NAME_PATTERN,
         description=(
             "Node label whose domain prefill and decode pods prefer to share (KV crosses between them)."
         ),
@@ -383,6 +408,7 @@ class Placement(_Model):
         default="kubernetes.io/hostname",
         min_length=1,
         max_length=316,
+        pattern=QUALIFIED_NAME_PATTERN,
         description="Node label each pool's pods are spread across.",
     )
 
@@ -448,7 +474,9 @@ class ModelDeploymentSpec(_Model):
     )
 
     model: ModelSource = Field(description="The model to serve.")
-    image: str = Field(min_length=1, description="Tandem container image for workers and router.")
+    image: str = Field(
+        min_length=1, pattern=r"^\S+$", description="Tandem container image for workers and router."
+    )
     image_pull_policy: PullPolicy = Field(
         default=PullPolicy.IfNotPresent, description="Pull policy of the Tandem image."
     )

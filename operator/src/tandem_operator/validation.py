@@ -90,6 +90,20 @@ def plan_spec_errors(
                     )
                 )
 
+    # Label keys: a schema pattern cannot reach a map's keys (structural schemas have no
+    # propertyNames), so they are checked here, before anything is applied.
+    selectors = {role: getattr(parsed, role) for role in ("prefill", "decode", "colocated")}
+    for where, obj in {**selectors, "router": parsed.router}.items():
+        for key in obj.node_selector if obj is not None else {}:
+            if len(key) > 316 or not re.fullmatch(api.QUALIFIED_NAME_PATTERN, key):
+                errors.append(
+                    SpecError(
+                        "InvalidNodeSelector",
+                        f"{where}.nodeSelector key {key!r} is not a label key "
+                        "(an optional DNS-subdomain prefix and '/', then up to 63 of [-A-Za-z0-9_.])",
+                    )
+                )
+
     seen: set[str] = set()
     for adapter in parsed.adapters:
         if adapter.name in seen:
