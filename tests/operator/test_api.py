@@ -166,6 +166,17 @@ def test_models_refuse_what_the_schema_refuses(change: dict, message: str):
         ({"prefill": {"gpus": 0, "gpuProduct": "NVIDIA-H100-80GB-HBM3"}}, "GPUProductWithoutGPUs"),
         ({"router": {"grpcPort": 8080, "httpPort": 8080}}, "PortCollision"),
         ({"model": {"uri": "https://example.com/model.bin"}}, "UnsupportedModelURI"),
+        ({"model": {"uri": "https://[bad/model.gguf"}}, "InvalidModelURI"),
+        # Paths that leave the volume would read the container's own files.
+        ({"model": {"pvc": {"claimName": "m", "path": "../../etc/model"}}}, "ModelPathOutsideVolume"),
+        (
+            {
+                "model": {"pvc": {"claimName": "m", "path": "llama"}},
+                "adapters": [{"name": "a", "source": "adapters/../../../proc/self"}],
+            },
+            "AdapterPathOutsideVolume",
+        ),
+        ({"prefill": {"nodeSelector": {"pool type": "fast"}}}, "InvalidNodeSelector"),
     ],
 )
 def test_semantic_checks_the_schema_cannot_express(change: dict, reason: str):

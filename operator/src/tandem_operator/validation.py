@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
 
@@ -39,6 +40,11 @@ def model_file_name(uri: str) -> str:
         return urlparse(uri).path.rsplit("/", 1)[-1]
     except ValueError:
         return ""
+
+
+def _climbs_out(path: str) -> bool:
+    """A path that leaves the volume it is relative to (it would read the container's own files)."""
+    return path.startswith("/") or ".." in PurePosixPath(path).parts
 
 
 def plan_spec_errors(
@@ -104,6 +110,14 @@ def plan_spec_errors(
                     )
                 )
 
+    if parsed.model.pvc is not None and _climbs_out(parsed.model.pvc.path):
+        errors.append(
+            SpecError(
+                "ModelPathOutsideVolume",
+                f"model.pvc.path {parsed.model.pvc.path!r} must stay inside the claim (no '..')",
+            )
+        )
+
     seen: set[str] = set()
     for adapter in parsed.adapters:
         if adapter.name in seen:
@@ -120,6 +134,14 @@ def plan_spec_errors(
                         f"archive of the PEFT adapter folder, got {adapter.source!r}",
                     )
                 )
+        elif _climbs_out(adapter.source):
+            errors.append(
+                SpecError(
+                    "AdapterPathOutsideVolume",
+                    f"adapter {adapter.name!r}: source {adapter.source!r} must be a relative path inside "
+                    "the model volume (no leading '/', no '..')",
+                )
+            )
         elif parsed.model.pvc is None:
             errors.append(
                 SpecError(
