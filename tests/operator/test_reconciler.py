@@ -375,3 +375,27 @@ def test_label_keys_and_values_kubernetes_refuses_make_the_whole_update_invalid(
     assert {k: v for k, v in memory.objects.items() if k[0] != api.KIND} == {
         k: v for k, v in before.items() if k[0] != api.KIND
     }
+
+
+def test_an_orphaned_pool_of_the_other_mode_is_switched_from_and_pruned():
+    # `kubectl delete --cascade=orphan`, then the object recreated in the other mode: its wanted
+    # children were adopted, but the old mode's pool (no controller, our labels) ran for ever.
+    memory, reconciler, _ = make()
+    switch_mode(memory, "colocated")
+    run(reconciler.reconcile("ns", "demo"))
+    for w in ("colocated", "router"):
+        set_ready(memory, f"demo-{w}")
+    md = memory.objects[(api.KIND, "ns", "demo")]
+    for key, obj in memory.objects.items():
+        if key[0] != api.KIND:
+            obj["metadata"].pop("ownerReferences", None)
+    md["metadata"].update(uid="uid-2", generation=1)
+    md.pop("status", None)
+    switch_mode(memory, "disaggregated")
+    for _ in range(3):
+        run(reconciler.reconcile("ns", "demo"))
+        for w in ("prefill", "decode", "router"):
+            set_ready(memory, f"demo-{w}")
+    run(reconciler.reconcile("ns", "demo"))
+    assert pool_objects(memory, "colocated") == set()
+    assert condition(memory, "Progressing")["reason"] == "RolloutComplete"

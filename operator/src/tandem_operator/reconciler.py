@@ -225,7 +225,10 @@ class Reconciler:
                 if role not in spec.pools():
                     ident = ("apps/v1", "Deployment", child_name(owner, role))
                     dep = read[ident] = await c.get(ident[0], ident[1], namespace, ident[2])
-                    if dep is not None and _controller_uid(dep) == owner.uid:
+                    # Ours also when orphaned (`kubectl delete --cascade=orphan`, then the object
+                    # recreated in the other mode): wanted children are adopted, so these must be
+                    # switched from and pruned, not left holding GPUs for ever.
+                    if dep is not None and is_ours(dep, owner):
                         old_pools[role] = dep
             router_ident = ("apps/v1", "Deployment", child_name(owner, "router"))
             new_pools_ready = False
@@ -362,14 +365,14 @@ class Reconciler:
     async def _prune(
         self, owner: Owner, ident: tuple[str, str, str], read: dict[tuple[str, str, str], Any]
     ) -> None:
-        """Delete the child if this object controls it. `read`: children this pass has already
-        read (the other mode's Deployments, absent ones as None), which are not read again."""
+        """Delete the child if it is ours (controlled, or an orphan of ours). `read`: children this
+        pass has already read (the other mode's Deployments, absent ones as None), not read again."""
         api_version, kind, name = ident
         if ident in read:
             live = read[ident]
         else:
             live = await self._client.get(api_version, kind, owner.namespace, name)
-        if live is not None and _controller_uid(live) == owner.uid:
+        if live is not None and is_ours(live, owner):
             log.info("deleting %s %s/%s (no longer wanted)", kind, owner.namespace, name)
             await self._client.delete(api_version, kind, owner.namespace, name)
 
