@@ -74,6 +74,9 @@ def test_lists_compare_whole_and_quantities_by_value():
     assert not is_subset(
         desired, {"spec": {"resources": {"requests": {"cpu": "500m", "memory": "1Gi"}}, "args": ["a"]}}
     )
+    # Finer than 1m, the API server writes cpu back in u or n: the same value, no patch every pass.
+    assert is_subset({"cpu": "0.0001"}, {"cpu": "100u"}) and is_subset({"cpu": "0.0000005"}, {"cpu": "500n"})
+    assert not is_subset({"cpu": "0.0001"}, {"cpu": "101u"})
     # Omitted-when-empty on the server side counts as equal; False does not.
     assert is_subset({"a": [], "b": {}, "c": ""}, {})  # an env var's empty value is dropped on storage
     assert not is_subset({"c": ""}, {"c": "x"})  # but not equal to another value
