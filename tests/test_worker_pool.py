@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -190,8 +191,8 @@ class _Context:
     def abort(self, code, details):
         raise AssertionError(f"aborted: {code} {details}")
 
-    def add_callback(self, callback) -> None:
-        pass
+    def add_callback(self, callback) -> bool:
+        return True  # registered: the RPC is still active
 
     def time_remaining(self) -> None:
         return None
@@ -359,3 +360,44 @@ def test_a_router_on_a_port_another_server_holds_fails_to_start(model_dir):
             serve_router(str(model_dir), ["127.0.0.1:1"], [], port=port)
     finally:
         holder.stop(None)
+
+
+class _Endless(wgrpc.WorkerServicer):
+    """A decode worker that streams for a while unless its caller cancels."""
+
+    def __init__(self) -> None:
+        self.started, self.ended = threading.Event(), threading.Event()
+        self.sent = 0
+
+    def Generate(self, request, context):  # noqa: N802
+        self.started.set()
+        context.add_callback(self.ended.set)
+        for _ in range(200):  # 2 s of tokens, unless cancelled
+            if not context.is_active():
+                return
+            yield wpb.WorkerGenerateResponse(token_ids=[42])
+            self.sent += 1
+            time.sleep(0.01)
+        yield wpb.WorkerGenerateResponse(token_ids=[42], finish_reason=pb.FINISH_REASON_LENGTH)
+
+
+class _GoneContext(_Context):
+    """The client left before the router registered its cancel callback."""
+
+    def add_callback(self, callback) -> bool:
+        return False
+
+    def is_active(self) -> bool:
+        return False
+
+
+def test_a_client_gone_before_the_router_forwards_cancels_the_worker_call(model_dir):
+    # add_callback's False (the RPC already ended) was ignored: the worker call then ran on with
+    # nobody to cancel it.
+    with _router_over_fake_decode(model_dir, lambda pool: _Endless()) as (router, _, fake):
+        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3]), sampling=pb.SamplingParams())
+        for _ in router.Generate(request, _GoneContext()):
+            pass
+        # Cancelled at once: the worker never saw the call, or stopped long before its end.
+        time.sleep(0.5)
+        assert not fake.started.is_set() or (fake.ended.wait(10) and fake.sent < 100)

@@ -432,8 +432,8 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
         call = self.stub.Generate(t.request, timeout=timeout)
         if calls is not None:
             calls.add(call)
-        else:
-            context.add_callback(call.cancel)
+        elif not context.add_callback(call.cancel):
+            call.cancel()  # the client already left: no callback would come
         try:
             yield from call
         finally:
@@ -487,7 +487,8 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
             for c in list(calls):
                 c.cancel()
 
-        context.add_callback(cancel_all)
+        if not context.add_callback(cancel_all):
+            cancel_all()
 
         def run(req: kpb.ModelInferRequest) -> None:
             try:

@@ -187,7 +187,8 @@ class RouterService(pbgrpc.InferenceServicer):
                     ),
                     timeout=timeout,
                 )
-                context.add_callback(call.cancel)
+                if not context.add_callback(call.cancel):
+                    call.cancel()  # our client already left: no callback would come
                 for msg in call:
                     now = time.monotonic()
                     if msg.token_ids and first_token_time is None:

@@ -131,7 +131,8 @@ class WorkerService(wgrpc.WorkerServicer):
             _abort_for(context, e)
         done = threading.Event()
         guard = _CancelGuard(stream, done)
-        context.add_callback(guard.rpc_ended)
+        if not context.add_callback(guard.rpc_ended):
+            guard.rpc_ended()  # the RPC already ended (the caller left): no callback would come
         try:
             for ev in stream:
                 if isinstance(ev, KVReserved):
@@ -327,7 +328,8 @@ class KVTransferService(wgrpc.KVTransferServicer):
         except (RequestError, QueueFull, EngineDead) as e:
             _abort_for(context, e)
         done = threading.Event()
-        context.add_callback(lambda: None if done.is_set() else stream.cancel())
+        if not context.add_callback(lambda: None if done.is_set() else stream.cancel()):
+            stream.cancel()  # the RPC already ended: no callback would come
         first_msg = True
         sent = 0
         t0 = time.monotonic()
