@@ -204,5 +204,7 @@ def test_cli_bench_json(server, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["requests"] == 4 and out["met"] == 2 and out["missed_ttft"] == 2
     assert out["attainment"] == 0.5
-    rc = main(["bench", "--trace", str(trace), "--endpoint", endpoint, "--time-scale", "0"])
-    assert rc == 2
+    with pytest.raises(SystemExit) as refused:  # argparse's refusal, before the trace is read
+        main(["bench", "--trace", str(trace), "--endpoint", endpoint, "--time-scale", "0"])
+    assert refused.value.code == 2
+    assert "--time-scale: must be > 0" in capsys.readouterr().err
