@@ -181,21 +181,33 @@ def test_each_adapter_is_unpacked_into_its_folder_once(tmp_path: Path, server, f
             {"name": "zipped", "source": f"{base}/gz.tar.gz"},
             {"name": "plain", "source": f"{base}/plain.tar"},
             {"name": "spaced.v2", "source": f"{base}/with space.tgz"},
+            # A presigned URL: the query follows the archive's name (it was refused as no archive).
+            {"name": "signed", "source": f"{base}/gz.tar.gz?X-Amz-Signature=ab%2Fcd&X-Amz-Expires=600"},
         ]
     )
     listed = builders.build_config_map(Owner("d", "ns", "u"), spec)["data"][builders.ADAPTER_LIST_KEY]
     done = _fetch_list(tmp_path, fetch, listed)
     assert done.returncode == 0, done.stderr
     out = tmp_path / "adapters"
-    assert sorted(p.name for p in out.iterdir()) == ["plain", "spaced.v2", "zipped"]  # no temporaries left
-    for name, archive in (("zipped", "gz.tar.gz"), ("plain", "plain.tar"), ("spaced.v2", "with space.tgz")):
+    assert sorted(p.name for p in out.iterdir()) == ["plain", "signed", "spaced.v2", "zipped"]  # nothing else
+    for name, archive in (
+        ("zipped", "gz.tar.gz"),
+        ("plain", "plain.tar"),
+        ("spaced.v2", "with space.tgz"),
+        ("signed", "gz.tar.gz"),
+    ):
         assert (out / name / "adapter_config.json").read_text() == '{"r": 8}'
         assert (out / name / "adapter_model.safetensors").read_text() == archive
-    assert sorted(requested) == ["/gz.tar.gz", "/plain.tar", "/with%20space.tgz"]
+    assert sorted(requested) == [
+        "/gz.tar.gz",
+        "/gz.tar.gz?X-Amz-Signature=ab%2Fcd&X-Amz-Expires=600",
+        "/plain.tar",
+        "/with%20space.tgz",
+    ]
 
     again = _fetch_list(tmp_path, fetch, listed)
     assert again.returncode == 0, again.stderr
-    assert len(requested) == 3  # all present: nothing fetched twice
+    assert len(requested) == 4  # all present: nothing fetched twice
 
 
 def test_the_adapter_list_is_never_evaluated(tmp_path: Path, server, fetch: Fetch):

@@ -151,7 +151,7 @@ while read -r name uri <&3; do
   case "$name" in ''|.*|-*|*/*) echo "fetch-adapters: bad adapter name: $name" >&2; exit 1;; esac
   case "$uri" in http://*|https://*) ;; *) echo "fetch-adapters: $name: bad URI: $uri" >&2; exit 1;; esac
   if [ -d "$dir/$name" ]; then continue; fi
-  case "$uri" in *.tar.gz|*.tgz) flags=-xzf;; *) flags=-xf;; esac
+  case "$uri" in *.tar.gz|*.tgz|*.tar.gz[?#]*|*.tgz[?#]*) flags=-xzf;; *) flags=-xf;; esac
   curl -fsSL --globoff --retry 5 --retry-delay 2 -o "$dir/.download" "$uri"
   rm -rf "$dir/.unpack"
   mkdir -p "$dir/.unpack"

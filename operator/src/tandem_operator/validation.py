@@ -124,9 +124,10 @@ def plan_spec_errors(
             errors.append(SpecError("DuplicateAdapterName", f"adapter name {adapter.name!r} is used twice"))
         seen.add(adapter.name)
         if "://" in adapter.source:
-            if not adapter.source.startswith(("http://", "https://")) or not adapter.source.endswith(
-                ARCHIVE_SUFFIXES
-            ):
+            # The path names the archive; a query may follow (a presigned URL's signature).
+            if not adapter.source.startswith(("http://", "https://")) or not model_file_name(
+                adapter.source
+            ).endswith(ARCHIVE_SUFFIXES):
                 errors.append(
                     SpecError(
                         "UnsupportedAdapterURI",
