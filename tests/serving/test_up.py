@@ -183,3 +183,33 @@ def test_tandem_up_stops_at_once_when_told_to_while_starting(tmp_path):
     assert "serving" not in out
     psutil.wait_procs(children, timeout=10)
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_a_child_dies_with_its_supervisor_even_when_that_is_killed():
+    # PR_SET_PDEATHSIG, set by the launcher through libc's prctl (found in the process itself, so
+    # glibc and musl images alike; it named libc.so.6, which musl lacks).
+    import sys
+
+    code = (
+        "import time; from tandem_worker.server.local import popen_dying_with_parent; "
+        "p = popen_dying_with_parent(['/bin/sleep', '100']); print(p.pid, flush=True); time.sleep(100)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        child = psutil.Process(int(parent.stdout.readline()))  # type: ignore[union-attr]
+        assert child.is_running() and child.status() != psutil.STATUS_ZOMBIE
+    finally:
+        parent.kill()
+        parent.wait()
+
+    def dead() -> bool:  # reaped, or a zombie awaiting its reaper
+        try:
+            return child.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    for _ in range(100):
+        if dead():
+            break
+        threading.Event().wait(0.1)
+    assert dead()

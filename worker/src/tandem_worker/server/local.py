@@ -32,7 +32,7 @@ from ..engine.config import EngineConfig
 # grpc/grpc#43055). So a tiny launcher sets the signal (it survives exec) and execs the real command.
 _LAUNCH = (
     "import ctypes, os, signal, sys\n"
-    "ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (glibc or musl)\n"
     "if os.getppid() != int(sys.argv[1]):\n"
     "    os._exit(1)  # the parent died before the signal was set\n"
     "os.execv(sys.argv[2], sys.argv[2:])\n"
