@@ -157,6 +157,8 @@ def test_port_zero_is_accepted_only_where_it_means_off():
         (["bench", "--trace", "t.csv", "--endpoint", "h:1", "--time-scale", "inf"], "--time-scale"),
         (["generate", "--endpoint", "h:1", "--prompt", "hi", "--timeout", "0"], "--timeout"),
         (["generate", "--endpoint", "h:1", "--prompt", "hi", "--timeout", "-3"], "--timeout"),
+        (["up", "--autoscale", "--prometheus", "notaurl"], "--prometheus"),
+        (["up", "--autoscale", "--prometheus", "localhost:9090"], "--prometheus"),
     ],
 )
 def test_bad_counts_and_durations_are_argparse_errors(argv, flag, capsys):

@@ -57,6 +57,22 @@ def _float_above(lo: float, inclusive: bool) -> Callable[[str], float]:
     return parse
 
 
+def http_url(text: str) -> str:
+    """An http(s) URL with a host (a Prometheus base URL): a typo otherwise surfaced only as the
+    autoscaler's "holding" message, every few seconds, for as long as it ran."""
+    from urllib.parse import urlparse
+
+    try:
+        parsed = urlparse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not a URL: {e}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise argparse.ArgumentTypeError(
+            f"expected an http(s) URL such as http://localhost:9090, got {text!r}"
+        )
+    return text
+
+
 positive_int = _int_in(1)
 non_negative_int = _int_in(0)
 positive_float = _float_above(0.0, inclusive=False)
@@ -250,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument(
         "--prometheus",
+        type=http_url,
         default=None,
         help="read metrics from this Prometheus (URL) instead of scraping the processes directly",
     )
