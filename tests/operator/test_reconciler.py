@@ -399,3 +399,12 @@ def test_an_orphaned_pool_of_the_other_mode_is_switched_from_and_pruned():
     run(reconciler.reconcile("ns", "demo"))
     assert pool_objects(memory, "colocated") == set()
     assert condition(memory, "Progressing")["reason"] == "RolloutComplete"
+
+
+def test_a_deleted_object_leaves_no_lock_behind():
+    memory, reconciler, _ = make()
+    run(reconciler.reconcile("ns", "demo"))
+    assert ("ns", "demo") in reconciler._locks
+    reconciler.forget("ns", "demo")
+    assert ("ns", "demo") not in reconciler._locks
+    reconciler.forget("ns", "never-seen")  # nothing to drop: no error

@@ -132,6 +132,12 @@ def register(
         event: kopf.RawEvent, namespace: str, name: str, memo: kopf.Memo, **_: Any
     ) -> None:
         if event.get("type") == "DELETED":
+            # What this process kept for the object (its lock, the autoscaler's state) would
+            # otherwise stay for the operator's lifetime, one set per object ever deleted.
+            memo.reconciler.forget(namespace, name)
+            if "autoscaler" in memo:
+                uid = ((event.get("object") or {}).get("metadata") or {}).get("uid", "")
+                memo.autoscaler.forget(uid)
             return
         await _reconcile(memo, namespace, name)
 

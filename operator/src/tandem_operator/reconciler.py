@@ -165,6 +165,13 @@ class Reconciler:
         """Held by each pass over the object and by each autoscaler step over it."""
         return self._locks.setdefault((namespace, name), asyncio.Lock())
 
+    def forget(self, namespace: str, name: str) -> None:
+        """The object is deleted: drop its lock, unless a pass or an autoscaler step holds it."""
+        key = (namespace, name)
+        lock = self._locks.get(key)
+        if lock is not None and not lock.locked() and key not in self._running:
+            del self._locks[key]
+
     def autoscaled(self, spec: api.ModelDeploymentSpec) -> bool:
         return self._autoscaler and autoscaling_active(spec)
 
