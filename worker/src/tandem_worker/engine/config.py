@@ -60,14 +60,21 @@ class ModelConfig:
         scaling = None
         rope_type = rope_params.get("rope_type") or rope_params.get("type")
         if rope_type == "llama3":
-            scaling = RopeScaling(
-                factor=float(rope_params["factor"]),
-                low_freq_factor=float(rope_params["low_freq_factor"]),
-                high_freq_factor=float(rope_params["high_freq_factor"]),
-                original_max_position_embeddings=int(rope_params["original_max_position_embeddings"]),
-            )
+            try:
+                scaling = RopeScaling(
+                    factor=float(rope_params["factor"]),
+                    low_freq_factor=float(rope_params["low_freq_factor"]),
+                    high_freq_factor=float(rope_params["high_freq_factor"]),
+                    original_max_position_embeddings=int(rope_params["original_max_position_embeddings"]),
+                )
+            except KeyError as e:
+                raise ValueError(f"llama3 rope scaling lacks {e.args[0]!r}") from None
         elif rope_type not in (None, "default"):
             raise ValueError(f"unsupported rope scaling type {rope_type!r}; supported: default, llama3")
+        # The MLP is SwiGLU: another activation would be served as SiLU, with other outputs.
+        act = cfg.get("hidden_act") or cfg.get("hidden_activation") or "silu"
+        if act not in ("silu", "swish"):
+            raise ValueError(f"unsupported hidden_act {act!r}; Tandem's MLP is SwiGLU (silu)")
         eos = cfg.get("eos_token_id")
         window = cfg.get("sliding_window")
         if cfg.get("use_sliding_window") is False:  # Qwen2 lists a window it does not use

@@ -7,6 +7,7 @@ says which is which and where each token's KV goes in the cache.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -16,12 +17,34 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 import tandem_kernels
 
 from .config import ModelConfig
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, as transformers reads them: those its
+    model.safetensors.index.json maps (each must be there), else model.safetensors, else every
+    *.safetensors. A folder may hold others (Mistral's repos ship consolidated.safetensors in
+    another naming beside the shards; a stale single file may sit beside new shards)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"model folder {folder}: {index.name} lists missing shards: {', '.join(missing)}"
+            )
+        return [folder / n for n in names]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in model folder {folder}")
+    return files
 
 
 @dataclass
@@ -371,15 +394,18 @@ class LlamaModel(nn.Module):
 
     def load_weights(self, folder: Path) -> None:
         """Load Hugging Face-named safetensors, fusing q/k/v and gate/up as they arrive."""
-        files = sorted(Path(folder).glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no *.safetensors in model folder {folder}")
+        files = checkpoint_files(Path(folder))
 
         def tensors() -> Iterator[tuple[str, torch.Tensor]]:
             for f in files:
-                with safe_open(str(f), framework="pt") as st:
-                    for name in st.keys():
-                        yield name, st.get_tensor(name)
+                try:
+                    with safe_open(str(f), framework="pt") as st:
+                        for name in st.keys():
+                            yield name, st.get_tensor(name)
+                except SafetensorError as e:
+                    raise ValueError(
+                        f"{f} is not a readable safetensors file (truncated or corrupt?): {e}"
+                    ) from None
 
         self.load_state(tensors(), source=f"model folder {folder}")
 
@@ -408,14 +434,20 @@ class LlamaModel(nn.Module):
             if target not in params:
                 raise ValueError(f"unexpected weight {name!r} in {source}")
             p = params[target]
+            key = f"{target}#{shard}"
+            if key in loaded:  # two files of one folder (a stale single file beside the shards)
+                raise ValueError(f"weight {name!r} appears twice in {source}")
             with torch.no_grad():
                 if shard is None:
-                    if p.shape != tensor.shape:
-                        raise ValueError(f"{name}: shape {tuple(tensor.shape)}, model wants {tuple(p.shape)}")
-                    p.copy_(tensor)
+                    want = tuple(p.shape)
                 else:
-                    p.narrow(0, *self._shard_range(parts[-2], shard)).copy_(tensor)
-            loaded.add(f"{target}#{shard}")
+                    start, length = self._shard_range(parts[-2], shard)
+                    want = (length, *p.shape[1:])
+                # Checked for the fused parts too: copy_ broadcasts, so a [64] q_proj filled the slice.
+                if tuple(tensor.shape) != want:
+                    raise ValueError(f"{name}: shape {tuple(tensor.shape)}, model wants {want}")
+                (p if shard is None else p.narrow(0, start, length)).copy_(tensor)
+            loaded.add(key)
         missing = []
         for name, _ in self.named_parameters():
             if name.endswith("qkv_proj.weight") or name.endswith("qkv_proj.bias"):

@@ -10,6 +10,7 @@ import grpc
 import torch
 
 from ..engine.llm_engine import LLMEngine
+from ..engine.model import checkpoint_files
 from ..engine.sampler import TopLogprobs
 from ..engine.sampling_params import SamplingParams
 from ..engine.sequence import FinishReason
@@ -89,7 +90,7 @@ def model_id(folder: Path) -> str:
     h = hashlib.sha256()
     config = json.loads((folder / "config.json").read_text())
     h.update(json.dumps(config, sort_keys=True).encode())
-    for f in sorted(folder.glob("*.safetensors")):
+    for f in checkpoint_files(folder):
         with open(f, "rb") as fh:
             header_len = int.from_bytes(fh.read(8), "little")
             header = fh.read(header_len)
