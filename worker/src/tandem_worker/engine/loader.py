@@ -11,6 +11,7 @@ Adding an architecture means one more entry in ``_ARCHITECTURES`` (see the qwen2
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -162,13 +163,24 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     """Convert ``gguf_path`` into a cache folder unless already there; return the folder.
 
     The folder is written under a temporary name and renamed into place, so it either exists complete
-    or not at all. Two processes converting at once both succeed; the loser's copy is discarded.
+    or not at all. Converters of one file take turns on a lock file (the second finds the first's
+    folder): PIDs in its temporary names cannot tell a crashed converter from a live one in another
+    PID namespace sharing the cache volume, whose work in progress was deleted.
     """
     gguf_path = Path(gguf_path)
     target = cache_folder_for(gguf_path, cache_dir)
     if (target / CONVERSION_INFO_FILE).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel if this process dies
+        if (target / CONVERSION_INFO_FILE).is_file():
+            return target
+        return _convert_locked(gguf_path, target)
+
+
+def _convert_locked(gguf_path: Path, target: Path) -> Path:
+    # Under the lock no other converter of this target runs: any temp folder is a crashed one's.
     _remove_stale_temp_folders(target)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
@@ -193,24 +205,9 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
 
 
 def _remove_stale_temp_folders(target: Path) -> None:
-    """Delete temp folders of earlier conversions of this target whose process is gone (a crash)."""
+    """Delete temp folders of earlier conversions of this target (crashed: the caller holds the lock)."""
     for tmp in target.parent.glob(f".{target.name}.tmp-*"):
-        match = re.search(r"\.tmp-(\d+)-", tmp.name)
-        if match and _pid_alive(int(match.group(1))):
-            continue
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ---------------------------------------------------------------------------------------- conversion
