@@ -243,12 +243,17 @@ def _router_over_fake_decode(model_dir, make_servicer) -> Iterator[tuple[RouterS
         decode.channel.close()
 
 
+def _refused(router: RouterService) -> tuple[grpc.StatusCode, str]:
+    """The status a client of `router` gets for a small request."""
+    request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3]), sampling=pb.SamplingParams())
+    with pytest.raises(grpc.RpcError) as err:
+        list(router.Generate(request, _AbortContext()))
+    return err.value.args
+
+
 def test_busy_workers_are_resource_exhausted_and_stay_in_rotation(model_dir):
     with _router_over_fake_decode(model_dir, lambda pool: _BusyPrefills()) as (router, pool, fake):
-        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3]), sampling=pb.SamplingParams())
-        with pytest.raises(grpc.RpcError) as err:
-            list(router.Generate(request, _AbortContext()))
-    code, details = err.value.args
+        code, details = _refused(router)
     # Busy is a retry-later (HTTP 429), not "no worker could serve it" (503).
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "at their limit" in details, (code, details)
     assert "p:1" not in details and "p:2" not in details  # which worker is the log's, not the client's
@@ -308,10 +313,7 @@ class _FailsMidStream(wgrpc.WorkerServicer):
 
 def test_a_worker_failure_reaches_the_client_without_the_workers_internals(model_dir):
     with _router_over_fake_decode(model_dir, lambda pool: _FailsMidStream()) as (router, _, _):
-        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3]), sampling=pb.SamplingParams())
-        with pytest.raises(grpc.RpcError) as err:
-            list(router.Generate(request, _AbortContext()))
-    code, details = err.value.args
+        code, details = _refused(router)
     assert code == grpc.StatusCode.INTERNAL
     assert details == (
         "the worker serving this request failed (INTERNAL) after part of the answer was sent; "

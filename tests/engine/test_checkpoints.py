@@ -17,17 +17,7 @@ from tandem_worker.engine.config import ModelConfig
 from tandem_worker.engine.loader import BUILTIN_MODELS, UnsupportedModelError, convert_gguf, gguf_cache_key
 from tandem_worker.engine.model import LlamaModel
 
-TINY = {
-    "architectures": ["LlamaForCausalLM"],
-    "vocab_size": 300,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-    "tie_word_embeddings": False,
-}
+from .conftest import TINY
 
 
 def _state() -> dict[str, torch.Tensor]:

@@ -16,18 +16,7 @@ from tandem_worker.engine.llm_engine import LLMEngine
 from tandem_worker.engine.model import LlamaModel
 from tandem_worker.engine.sampling_params import SamplingParams
 
-TINY = {
-    "architectures": ["LlamaForCausalLM"],
-    "vocab_size": 300,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-    "tie_word_embeddings": False,
-    "eos_token_id": 2,
-}
+from .conftest import TINY
 
 
 def test_load_state_from_transformers_equals_the_checkpoint(model_dir, hf_model):

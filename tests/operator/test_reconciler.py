@@ -272,12 +272,18 @@ def test_a_mode_switch_keeps_the_old_pools_until_the_new_ones_are_ready():
     assert condition(memory, "Ready")["status"] == "True"
 
 
-def test_switching_back_mid_switch_and_objects_without_a_pool_deployment():
+def serving_colocated() -> tuple[MemoryApi, Reconciler]:
+    """A colocated deployment after one pass, its pool and router ready."""
     memory, reconciler, _ = make()
     switch_mode(memory, "colocated")
     run(reconciler.reconcile("ns", "demo"))
     for w in ("colocated", "router"):
         set_ready(memory, f"demo-{w}")
+    return memory, reconciler
+
+
+def test_switching_back_mid_switch_and_objects_without_a_pool_deployment():
+    memory, reconciler = serving_colocated()
     run(reconciler.reconcile("ns", "demo"))
     colocated_route = route(memory)
 
@@ -380,11 +386,7 @@ def test_label_keys_and_values_kubernetes_refuses_make_the_whole_update_invalid(
 def test_an_orphaned_pool_of_the_other_mode_is_switched_from_and_pruned():
     # `kubectl delete --cascade=orphan`, then the object recreated in the other mode: its wanted
     # children were adopted, but the old mode's pool (no controller, our labels) ran for ever.
-    memory, reconciler, _ = make()
-    switch_mode(memory, "colocated")
-    run(reconciler.reconcile("ns", "demo"))
-    for w in ("colocated", "router"):
-        set_ready(memory, f"demo-{w}")
+    memory, reconciler = serving_colocated()
     md = memory.objects[(api.KIND, "ns", "demo")]
     for key, obj in memory.objects.items():
         if key[0] != api.KIND:

@@ -328,23 +328,24 @@ def test_a_malformed_kv_stream_fails_its_request_and_corrupts_nothing(model_dir,
         yield encode_kv_chunk(wpb.KVChunk(layout=request.layout))
         yield encode_kv_chunk(wpb.KVChunk(last=True, first_token=42))
 
-    def over_the_cached_prefix(request, context):
+    def whole_stream(request, first_token: int, over_the_prefix: bool = False):
+        """The handshake, every layer's KV from the skip to the prompt's end (zeros), and the last
+        message; `over_the_prefix` adds tokens [0, 16) per layer: the decode worker's cached blocks."""
         yield encode_kv_chunk(wpb.KVChunk(layout=request.layout))
         lay, n = request.layout, len(request.prompt_token_ids)
         for layer in range(lay.num_layers):
             z = torch.zeros(n - request.skip_tokens, lay.num_kv_heads, lay.head_dim)
             yield from kv_chunks(layer, request.skip_tokens, z, z)
-            g = torch.full((16, lay.num_kv_heads, lay.head_dim), 7.0)
-            yield from kv_chunks(layer, 0, g, g)  # tokens [0, 16): the decode worker's cached blocks
-        yield encode_kv_chunk(wpb.KVChunk(last=True, first_token=42))
+            if over_the_prefix:
+                g = torch.full((16, lay.num_kv_heads, lay.head_dim), 7.0)
+                yield from kv_chunks(layer, 0, g, g)
+        yield encode_kv_chunk(wpb.KVChunk(last=True, first_token=first_token))
+
+    def over_the_cached_prefix(request, context):
+        return whole_stream(request, 42, over_the_prefix=True)
 
     def token_past_the_vocabulary(request, context):
-        yield encode_kv_chunk(wpb.KVChunk(layout=request.layout))
-        lay, n = request.layout, len(request.prompt_token_ids)
-        for layer in range(lay.num_layers):
-            z = torch.zeros(n - request.skip_tokens, lay.num_kv_heads, lay.head_dim)
-            yield from kv_chunks(layer, request.skip_tokens, z, z)
-        yield encode_kv_chunk(wpb.KVChunk(last=True, first_token=10**6))
+        return whole_stream(request, 10**6)
 
     behaviour = {"now": no_kv}
     prefill = grpc.server(ThreadPoolExecutor(4))
