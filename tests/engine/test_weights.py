@@ -175,3 +175,19 @@ def test_packing_frees_the_dense_projection_weights(engine):
     )
     with pytest.raises(ValueError, match="shape"):
         model.load_state([("model.layers.0.mlp.down_proj.weight", torch.zeros(576, 1536))])
+
+
+def test_a_kv_cache_budget_beyond_free_memory_is_refused(monkeypatch):
+    # It failed in torch's allocator, or got the process OOM-killed once the pages were touched.
+    from tandem_worker.engine import model_runner
+
+    cfg = ModelConfig.from_dict(TINY)
+    monkeypatch.setattr(model_runner, "available_memory_bytes", lambda device: 2**30)
+    cpu = torch.device("cpu")
+    with pytest.raises(
+        ValueError, match=r"kv_cache_bytes=2147483648 \(2\.0 GiB\) is more than the 1\.0 GiB free"
+    ):
+        model_runner.plan_kv_cache(cfg, EngineConfig(kv_cache_bytes=2**31), torch.float32, cpu)
+    assert (
+        model_runner.plan_kv_cache(cfg, EngineConfig(kv_cache_bytes=2**29), torch.float32, cpu).num_blocks > 0
+    )

@@ -77,6 +77,13 @@ def plan_kv_cache(
     if cfg.kv_cache_bytes is not None:
         budget = cfg.kv_cache_bytes
         source = f"kv_cache_bytes={budget}"
+        free = available_memory_bytes(device)
+        if budget > free:
+            # Else torch's allocator error, or (on a host that overcommits) the OOM killer later.
+            raise ValueError(
+                f"kv_cache_bytes={budget} ({budget / 2**30:.1f} GiB) is more than the "
+                f"{free / 2**30:.1f} GiB free on {device} after loading the model; lower it"
+            )
     else:
         free = available_memory_bytes(device)
         budget = int(free * cfg.kv_cache_memory_fraction)
