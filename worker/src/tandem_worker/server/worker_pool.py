@@ -234,13 +234,20 @@ class WorkerPool:
         it sends the request's last message). One caller at a time; the others wait for it and
         then find the stats fresh."""
         with self._recheck_lock:
-            with self._lock:
-                decodes = [self._workers[a] for a in self._decode if a in self._workers]
-                stale = [w for w in decodes if w.eligible and w.stats_asked_at <= w.ended_at]
+            decodes, _ = self._targets()
+            stale = [w for w in decodes if w.eligible and w.stats_asked_at <= w.ended_at]
             for w in stale:
                 self._check(w)
 
     # --- picking -------------------------------------------------------------------------------
+
+    def _targets(self) -> tuple[list[WorkerInfo], list[WorkerInfo]]:
+        """The current decode (or colocated) and prefill workers, as the last refresh resolved them."""
+        with self._lock:
+            return (
+                [self._workers[a] for a in self._decode if a in self._workers],
+                [self._workers[a] for a in self._prefill if a in self._workers],
+            )
 
     def mark_failed(self, w: WorkerInfo, why: str) -> None:
         """Take a worker out of rotation until its next successful health check."""
@@ -251,8 +258,7 @@ class WorkerPool:
     def all_full(self, prompt_tokens: int, exclude: set[str]) -> bool:
         """Healthy decode workers exist but none has KV room for the prompt right now: the caller
         should retry later (RESOURCE_EXHAUSTED), unlike when no worker is healthy (UNAVAILABLE)."""
-        with self._lock:
-            decodes = [self._workers[a] for a in self._decode if a in self._workers]
+        decodes, _ = self._targets()
         eligible = [w for w in decodes if w.eligible and w.address not in exclude]
         return bool(eligible) and all(w.free_tokens() <= prompt_tokens for w in eligible)
 
@@ -264,9 +270,7 @@ class WorkerPool:
         it in host memory, then the rest (where it loads on first use); among equals, the decode
         worker with the most free KV and the least loaded prefill worker win.
         """
-        with self._lock:
-            decodes = [self._workers[a] for a in self._decode if a in self._workers]
-            prefills = [self._workers[a] for a in self._prefill if a in self._workers]
+        decodes, prefills = self._targets()
         # By the role each reports: a prefill worker listed among the decode targets (a wrong
         # Service selector) reports the most free KV and would be picked to decode, then refuse.
         roomy = [
@@ -304,9 +308,7 @@ class WorkerPool:
     def pairing_problem(self) -> str | None:
         """Why no pair forms although decode and prefill workers are eligible (their KV differs:
         other weights or block size, as in a rolling upgrade gone wrong); None otherwise."""
-        with self._lock:
-            decodes = [self._workers[a] for a in self._decode if a in self._workers]
-            prefills = [self._workers[a] for a in self._prefill if a in self._workers]
+        decodes, prefills = self._targets()
         decodes = [w for w in decodes if w.eligible and w.role == "decode"]
         prefills = [w for w in prefills if w.eligible and w.role == "prefill"]
         if not decodes or not prefills or any(_kv_compatible(p, d) for p in prefills for d in decodes):
@@ -333,9 +335,7 @@ class WorkerPool:
         """The longest prompt whose KV some eligible worker pair holds: a colocated worker's whole
         cache, or the smaller of a decode and a prefill worker's (both hold the prompt's KV); None
         while no such worker has reported its stats."""
-        with self._lock:
-            decodes = [self._workers[a] for a in self._decode if a in self._workers]
-            prefills = [self._workers[a] for a in self._prefill if a in self._workers]
+        decodes, prefills = self._targets()
         prefill_sizes = [_capacity(w) for w in prefills if w.eligible and w.role == "prefill"]
         sizes = [
             _capacity(w) if w.role == "colocated" else min(_capacity(w), max(prefill_sizes, default=0))
