@@ -134,3 +134,35 @@ def test_the_gguf_cache_key_covers_the_whole_file_and_a_truncated_file_is_named(
         f.truncate(size * 2 // 3)
     with pytest.raises(UnsupportedModelError, match=r"m\.gguf is truncated or corrupt"):
         convert_gguf(gguf, tmp_path / "cache")
+
+
+@pytest.mark.parametrize("head_differs", [True, False])
+def test_a_tied_config_with_a_stored_head_serves_what_transformers_serves(tmp_path, model_dir, head_differs):
+    # transformers keeps a stored lm_head that differs from the embedding even when the config says
+    # tie_word_embeddings (it warns); tying it anyway gave other tokens than the reference.
+    from transformers import LlamaForCausalLM
+
+    from tandem_worker.engine.llm_engine import LLMEngine
+    from tandem_worker.engine.sampling_params import SamplingParams
+
+    state = _state()
+    if not head_differs:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({**TINY, "tie_word_embeddings": True}))
+    for f in model_dir.glob("tokenizer*"):
+        shutil.copy(f, tmp_path / f.name)
+    prompt = [5, 17, 33, 2 + 40, 99]
+    reference = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    want = reference.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None)
+    engine = LLMEngine(model=str(tmp_path), kv_cache_bytes=1 << 20)
+    engine.add_request(
+        prompt_token_ids=prompt, params=SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    )
+    got = []
+    while engine.has_unfinished():
+        got += [o.token_ids for o in engine.step() if o.finished]
+    assert got[0] == want[0, len(prompt) :].tolist()
+    model = engine.runner.model
+    tied = model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()
+    assert tied is not head_differs

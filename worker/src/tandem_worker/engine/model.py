@@ -7,7 +7,9 @@ says which is which and where each token's KV goes in the cache.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -23,6 +25,8 @@ from torch import nn
 import tandem_kernels
 
 from .config import ModelConfig
+
+logger = logging.getLogger(__name__)
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
@@ -421,8 +425,12 @@ class LlamaModel(nn.Module):
             "gate_proj": ("gate_up_proj", 0),
             "up_proj": ("gate_up_proj", 1),
         }
+        tied_head: torch.Tensor | None = None
         for name, tensor in items:
-            if "rotary_emb" in name or (name == "lm_head.weight" and self.config.tie_word_embeddings):
+            if "rotary_emb" in name:
+                continue
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                tied_head = tensor  # compared with the embedding once every tensor is in
                 continue
             target = name.removeprefix("model.")
             parts = target.split(".")
@@ -461,6 +469,27 @@ class LlamaModel(nn.Module):
             missing += [k for k in keys if k not in loaded]
         if missing:
             raise ValueError(f"{source} lacks weights: {', '.join(sorted(missing)[:5])}")
+        if tied_head is not None:
+            self._untie_if_different(tied_head, source)
+
+    def _untie_if_different(self, head: torch.Tensor, source: str) -> None:
+        """A config that ties the head to the embedding, in a checkpoint that stores a different
+        head: transformers keeps the stored head (with a warning), so the outputs match only if we
+        do the same."""
+        embed = self.embed_tokens.weight
+        want = tuple(embed.shape)
+        if tuple(head.shape) != want:
+            raise ValueError(f"lm_head.weight: shape {tuple(head.shape)}, model wants {want}")
+        if torch.equal(head.to(device=embed.device, dtype=embed.dtype), embed):
+            return
+        logger.warning(
+            "%s ties lm_head to embed_tokens (tie_word_embeddings) but stores a different "
+            "lm_head.weight: serving the stored head, as transformers does",
+            source,
+        )
+        self.config = dataclasses.replace(self.config, tie_word_embeddings=False)
+        with torch.no_grad():
+            self.lm_head.weight = nn.Parameter(torch.empty_like(embed).copy_(head), requires_grad=False)
 
     def init_dummy_weights(self, seed: int = 0, std: float = 0.02) -> None:
         """Random weights for benchmarks (`load_format="dummy"`): no checkpoint is read.
