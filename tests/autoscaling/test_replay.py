@@ -9,6 +9,7 @@ and the replay's statistics can be checked against it.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from concurrent import futures
 
@@ -208,3 +209,119 @@ def test_cli_bench_json(server, tmp_path, capsys):
         main(["bench", "--trace", str(trace), "--endpoint", endpoint, "--time-scale", "0"])
     assert refused.value.code == 2
     assert "--time-scale: must be > 0" in capsys.readouterr().err
+
+
+def test_load_trace_reads_azure_2024_timestamps(tmp_path):
+    # The 2024 trace writes a zone, and drops the fraction on whole seconds.
+    azure_2024 = tmp_path / "AzureLLMInferenceTrace_code_1week.csv"
+    azure_2024.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+        "2024-05-12 00:00:00.001163+00:00,1452,3\n"
+        "2024-05-12 00:00:00+00:00,584,3\n"
+        "2024-05-12 01:00:01.5+01:00,862,38\n"
+    )
+    rows = load_trace(azure_2024)
+    got = [(round(r.arrival, 6), r.prompt_tokens) for r in rows]
+    assert got == [(0.0, 584), (0.001163, 1452), (1.5, 862)]
+
+
+def test_load_trace_reads_timestamps_without_zone_as_utc(tmp_path, monkeypatch):
+    """2023's trace has no zone: one second apart stays one second apart wherever the bench runs,
+    also across the night Berlin's clocks went back an hour (read as local time: 3601 s)."""
+    azure_2023 = tmp_path / "t.csv"
+    azure_2023.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-10-29 02:59:59.0,10,1\n2023-10-29 03:00:00.0,20,1\n"
+    )
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+    try:
+        assert [r.arrival for r in load_trace(azure_2023)] == [0.0, 1.0]
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+@pytest.mark.parametrize(
+    "line, why",
+    [
+        ('{"timestamp": NaN, "input_length": 5, "output_length": 2}', "not a finite number"),
+        ('{"timestamp": Infinity, "input_length": 5, "output_length": 2}', "not a finite number"),
+        ('{"timestamp": 2000, "input_length": -5, "output_length": 2}', "negative token count"),
+    ],
+)
+def test_load_trace_refuses_rows_it_cannot_replay(tmp_path, line, why):
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"timestamp": 1000, "input_length": 5, "output_length": 2}\n' + line + "\n")
+    with pytest.raises(ValueError, match=f"t.jsonl:2: not a trace row .*{why}"):
+        load_trace(trace)
+
+
+class StuckInference(pbgrpc.InferenceServicer):
+    """Streams one token, then nothing until the client cancels (or 20 s pass)."""
+
+    def __init__(self) -> None:
+        self.streaming = threading.Event()
+        self.ended = threading.Event()
+        self.how = ""
+
+    def Generate(self, request, context):  # noqa: N802
+        over = threading.Event()
+        context.add_callback(over.set)
+        yield pb.GenerateResponse(token_ids=[7])
+        self.streaming.set()
+        self.how = "cancelled" if over.wait(20) else "still streaming after 20 s"
+        self.ended.set()
+
+
+def test_an_interrupted_replay_cancels_the_requests_in_flight():
+    """Ctrl-C in `tandem bench` while a request streams: the replay cancels it and gives control
+    back, rather than waiting for the stream to end (up to the 10-minute request timeout)."""
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    stuck = StuckInference()
+    pbgrpc.add_InferenceServicer_to_server(stuck, srv)
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    main_calls = 0
+
+    def clock() -> float:
+        # The replay's own thread reads the clock to start, then before sending each request: the
+        # interrupt lands while it waits to send the second one, with the first one streaming.
+        nonlocal main_calls
+        if threading.current_thread() is threading.main_thread():
+            main_calls += 1
+            if main_calls == 3:
+                assert stuck.streaming.wait(30)
+                raise KeyboardInterrupt
+        return time.monotonic()
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            replay(
+                f"127.0.0.1:{port}",
+                [TraceRow(0.0, 5, 4), TraceRow(0.5, 5, 4)],
+                timeout_s=None,
+                max_model_len=100,
+                clock=clock,
+            )
+        assert stuck.ended.wait(30)
+        assert stuck.how == "cancelled"
+    finally:
+        srv.stop(grace=None)
+
+
+@pytest.mark.parametrize(
+    "name, first_row, paper",
+    [
+        ("AzureLLMInferenceTrace_conv.csv", "2023-11-16 18:15:46.6805900,100,4", "Splitwise"),
+        ("AzureLLMInferenceTrace_code_1week.csv", "2024-05-10 00:00:00.009930+00:00,100,4", "DynamoLLM"),
+    ],
+)
+def test_cli_bench_cites_the_paper_of_the_trace_it_replays(server, tmp_path, capsys, name, first_row, paper):
+    from tandem_worker.cli import main
+
+    endpoint, _ = server
+    trace = tmp_path / name
+    trace.write_text(f"TIMESTAMP,ContextTokens,GeneratedTokens\n{first_row}\n")
+    assert main(["bench", "--trace", str(trace), "--endpoint", endpoint]) == 0
+    cited = [line for line in capsys.readouterr().out.splitlines() if line.startswith("trace: Azure")]
+    assert len(cited) == 1 and paper in cited[0], cited

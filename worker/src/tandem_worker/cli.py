@@ -598,7 +598,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     except grpc.RpcError as e:
         raise CLIError(f"{args.endpoint}: {e.code().name}: {e.details()}") from None
     if not args.json and "AzureLLMInferenceTrace" in args.trace:
-        print("trace: Azure LLM inference trace (CC-BY 4.0); Patel et al., Splitwise, ISCA 2024")
+        # CC-BY asks for the paper that came with the trace: 2024's files are the "_1week" ones.
+        paper = (
+            "Stojkovic et al., DynamoLLM, arXiv:2408.00741"
+            if "_1week" in args.trace
+            else "Patel et al., Splitwise, ISCA 2024"
+        )
+        print(f"trace: Azure LLM inference trace (CC-BY 4.0); {paper}")
     print(json.dumps(report.to_dict()) if args.json else report.table(), flush=True)
     return 0
 

@@ -18,6 +18,7 @@ device, or be a link pointing out.
 from __future__ import annotations
 
 import argparse
+import http.client
 import os
 import shutil
 import sys
@@ -26,6 +27,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -44,25 +46,69 @@ def file_name(uri: str) -> str:
 
 
 def _check_uri(uri: str) -> None:
-    if urllib.parse.urlparse(uri).scheme not in ("http", "https"):
+    try:
+        scheme = urllib.parse.urlparse(uri).scheme
+    except ValueError as e:  # e.g. an unclosed "[" of an IPv6 host
+        raise FetchError(f"not a URI: {uri!r} ({e})") from None
+    if scheme not in ("http", "https"):
         raise FetchError(f"not an http(s) URI: {uri!r}")
 
 
+class _Transient(Exception):
+    """A failure that another attempt may avoid: a refused or dropped connection, a 5xx or 429."""
+
+
+def _body(answer: http.client.HTTPResponse) -> Iterator[bytes]:
+    """The answer's body in chunks. A connection that ends early is an error: read in chunks,
+    http.client ends a body cut short as if it were complete (and a cut chunked one raises
+    IncompleteRead, which is no OSError)."""
+    received = 0
+    while True:
+        try:
+            chunk = answer.read(CHUNK_BYTES)
+        except (OSError, http.client.HTTPException) as e:
+            raise _Transient(f"connection lost after {received} bytes ({e!r})") from None
+        if not chunk:
+            break
+        received += len(chunk)
+        yield chunk
+    length = answer.headers.get("Content-Length", "")
+    if length.isdigit() and received != int(length):
+        raise _Transient(f"connection closed after {received} of {length} bytes")
+
+
+def _download_once(uri: str, dest: Path) -> None:
+    try:
+        answer = urllib.request.urlopen(uri, timeout=60)
+    except urllib.error.HTTPError as e:
+        if e.code < 500 and e.code != 429:
+            raise FetchError(f"{uri}: HTTP {e.code} {e.reason}") from None
+        raise _Transient(f"HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        raise _Transient(str(getattr(e, "reason", e))) from None
+    with answer:
+        try:
+            with open(dest, "wb") as out:
+                for chunk in _body(answer):
+                    out.write(chunk)
+        except OSError as e:
+            # Ours, not the network's (a full volume, a missing folder): downloading it all again
+            # cannot help.
+            raise FetchError(f"{uri}: cannot write {dest}: {e.strerror or e}") from None
+
+
 def download(uri: str, dest: Path, retries: int = RETRIES, delay: float = 2.0) -> None:
-    """`uri` into `dest`, retrying connection errors and 5xx/429 answers; 4xx is final."""
+    """`uri` into `dest`, retrying connection errors (also one cut short) and 5xx/429 answers;
+    4xx and errors writing `dest` are final."""
     _check_uri(uri)
     for attempt in range(retries + 1):
         try:
-            with urllib.request.urlopen(uri, timeout=60) as answer, open(dest, "wb") as out:
-                shutil.copyfileobj(answer, out, CHUNK_BYTES)
+            _download_once(uri, dest)
             return
-        except urllib.error.HTTPError as e:
-            if e.code < 500 and e.code != 429 or attempt == retries:
-                raise FetchError(f"{uri}: HTTP {e.code} {e.reason}") from None
-        except (urllib.error.URLError, OSError) as e:
+        except _Transient as e:
             if attempt == retries:
-                raise FetchError(f"{uri}: {getattr(e, 'reason', e)}") from None
-        print(f"fetch: {uri}: retrying ({attempt + 1}/{retries})", file=sys.stderr)
+                raise FetchError(f"{uri}: {e}") from None
+            print(f"fetch: {uri}: {e}; retrying ({attempt + 1}/{retries})", file=sys.stderr)
         time.sleep(delay * 2**attempt)
 
 
@@ -93,6 +139,7 @@ def fetch_archive(uri: str, target: Path) -> bool:
 
 def fetch_model(uri: str, directory: Path) -> Path:
     """The model at `uri` in `directory`: a `.gguf` file under its name, an archive as `model/`."""
+    _check_uri(uri)
     name = file_name(uri)
     if name.endswith(ARCHIVE_SUFFIXES):
         fetch_archive(uri, directory / "model")

@@ -9,9 +9,10 @@ of silently lowering the load. Outcomes as the router counts them: missed_ttft i
 missed_tpot if the mean time per output token after the first > SLO, else met; an RPC error is
 failed. Goodput is met requests per second of replay.
 
-Traces: the Azure LLM inference trace CSV (TIMESTAMP, ContextTokens, GeneratedTokens; Patel et
-al., "Splitwise", ISCA 2024, CC-BY 4.0) or Mooncake-style JSON lines (timestamp in ms,
-input_length, output_length).
+Traces: the Azure LLM inference trace CSV (TIMESTAMP, ContextTokens, GeneratedTokens; the 2023 one
+of Patel et al., "Splitwise", ISCA 2024, or the 2024 one, whose timestamps carry a zone; CC-BY 4.0)
+or Mooncake-style JSON lines (timestamp in ms, input_length, output_length). Interrupted (Ctrl-C),
+the replay cancels the requests in flight.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,28 @@ class TraceRow:
     output_tokens: int
 
 
+def _utc_seconds(text: str) -> float:
+    """An Azure trace's TIMESTAMP in seconds: 2023's are written without a zone
+    ("2023-11-16 18:15:46.6805900"), 2024's with one ("2024-05-10 00:00:00.009930+00:00", and
+    "2024-05-12 00:00:00+00:00" without a fraction). One without a zone is read as UTC, not as this
+    machine's local time: a local reading adds or removes an hour of arrivals across a
+    daylight-saving change."""
+    t = datetime.fromisoformat(text.strip())
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=timezone.utc)
+    return t.timestamp()
+
+
+def _row(t: float, prompt: int, output: int) -> tuple[float, int, int]:
+    # A NaN arrival breaks the sort (later rows land before t0), an infinite one makes the replay's
+    # sleep raise after earlier requests were sent; a negative length is no count of tokens.
+    if not math.isfinite(t):
+        raise ValueError(f"timestamp {t} is not a finite number")
+    if prompt < 0 or output < 0:
+        raise ValueError(f"negative token count ({prompt} prompt, {output} output)")
+    return t, prompt, output
+
+
 def load_trace(path: str | Path) -> list[TraceRow]:
     """An Azure-format CSV or a JSON-lines trace; arrivals shifted to start at 0, sorted."""
     path = Path(path)
@@ -56,16 +79,20 @@ def load_trace(path: str | Path) -> list[TraceRow]:
                 try:
                     d = json.loads(line)
                     rows.append(
-                        (float(d["timestamp"]) / 1000.0, int(d["input_length"]), int(d["output_length"]))
+                        _row(float(d["timestamp"]) / 1000.0, int(d["input_length"]), int(d["output_length"]))
                     )
                 except (ValueError, KeyError, TypeError) as e:
                     raise ValueError(f"{path}:{n}: not a trace row ({e})") from None
         else:
             for n, row in enumerate(csv.DictReader(f), 2):
                 try:
-                    head, _, frac = row["TIMESTAMP"].strip().partition(".")
-                    t = datetime.strptime(head, "%Y-%m-%d %H:%M:%S").timestamp() + float("0." + (frac or "0"))
-                    rows.append((t, int(row["ContextTokens"]), int(row["GeneratedTokens"])))
+                    rows.append(
+                        _row(
+                            _utc_seconds(row["TIMESTAMP"]),
+                            int(row["ContextTokens"]),
+                            int(row["GeneratedTokens"]),
+                        )
+                    )
                 except (ValueError, KeyError, TypeError) as e:
                     raise ValueError(f"{path}:{n}: not a trace row ({e})") from None
     if not rows:
@@ -212,12 +239,24 @@ def replay(
         req.token_ids.ids.extend(make_prompt(prompt, prompt_mode, rng, vocab))
         requests.append((Result(i, row.arrival * time_scale, prompt, out), req))
 
+    # The streams in flight, so that an interrupted replay (Ctrl-C) can cancel them: otherwise
+    # leaving the thread pool waits for each one to finish or time out (timeout_s: 10 minutes).
+    in_flight: set[Any] = set()
+    in_flight_lock = threading.Lock()
+    stopping = threading.Event()
+
     def run_one(res: Result, req: pb.GenerateRequest, t0: float) -> None:
         start = t0 + res.scheduled
         res.send_lag = max(0.0, clock() - start)
         first = last = None
+        call = None
         try:
-            for msg in stub.Generate(req, timeout=timeout_s):
+            call = stub.Generate(req, timeout=timeout_s)
+            with in_flight_lock:
+                in_flight.add(call)
+            if stopping.is_set():  # interrupted before this call was in the set to cancel
+                call.cancel()
+            for msg in call:
                 if msg.token_ids:
                     now = clock()
                     if first is None:
@@ -226,6 +265,9 @@ def replay(
                     res.output_tokens += len(msg.token_ids)
         except grpc.RpcError as e:
             res.error = f"{e.code().name}: {e.details()}"
+        finally:
+            with in_flight_lock:
+                in_flight.discard(call)
         end = clock()
         if first is not None:
             res.ttft = first - start
@@ -253,13 +295,20 @@ def replay(
             barrier.wait(30)
             t0 = clock()
             futures = []
-            for res, req in requests:
-                delay = t0 + res.scheduled - clock()
-                if delay > 0:
-                    time.sleep(delay)
-                futures.append(pool.submit(run_one, res, req, t0))
-            for f in futures:
-                f.result()
+            try:
+                for res, req in requests:
+                    delay = t0 + res.scheduled - clock()
+                    if delay > 0:
+                        time.sleep(delay)
+                    futures.append(pool.submit(run_one, res, req, t0))
+                for f in futures:
+                    f.result()
+            except BaseException:
+                stopping.set()
+                with in_flight_lock:
+                    for call in in_flight:
+                        call.cancel()
+                raise
     finally:
         if channel is not None:
             channel.close()
