@@ -138,6 +138,29 @@ def test_seed_and_stop(client, deployment):
     assert r.choices[0].text == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
 
 
+def test_stop_token_ids_end_the_completion_at_that_token(client, deployment, grpc_text):
+    # vLLM's extension, as its clients send it: it was silently ignored, the text ran to max_tokens.
+    full = grpc_text["text"]
+    stop = full.token_ids[len(full.token_ids) // 2]
+    k = full.token_ids.index(stop)
+    r = client.completions.create(
+        model=SERVED,
+        prompt=PROMPT,
+        max_tokens=16,
+        temperature=0.0,
+        extra_body={"ignore_eos": True, "stop_token_ids": [stop]},
+    )
+    ref = generate(deployment.router, request(PROMPT, greedy(16, stop_token_ids=[stop])))
+    assert r.choices[0].text == ref.text and len(ref.text) < len(full.text)
+    assert full.text.startswith(ref.text)
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == k + 1
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.completions.create(
+            model=SERVED, prompt=PROMPT, max_tokens=4, extra_body={"stop_token_ids": ["\n"]}
+        )
+    assert _error_body(ei.value)["param"] == "stop_token_ids"
+
+
 def test_chat_logprobs(client, deployment):
     ref = generate(deployment.router, request(CHAT, greedy(6, logprobs=True)))
     r = client.chat.completions.create(model=SERVED, messages=CHAT, max_tokens=6, logprobs=True, **GREEDY)
@@ -242,6 +265,8 @@ def test_unknown_model_is_404(client, deployment):
         ({"extra_body": {"top_k": 2**31}}, "top_k"),
         ({"extra_body": {"top_k": -2}}, "top_k"),
         ({"prompt": [2**32]}, "prompt"),
+        # vLLM's, which would keep the stop string in the text: refused, never silently ignored.
+        ({"extra_body": {"include_stop_str_in_output": True}}, "include_stop_str_in_output"),
     ],
 )
 def test_bad_parameter_is_400(client, kwargs, param):

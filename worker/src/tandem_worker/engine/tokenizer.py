@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import functools
 import json
 from pathlib import Path
@@ -95,11 +96,19 @@ class Tokenizer:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise RequestError(f"messages[{i}]", "needs 'role' and 'content'")
         try:
-            ids = self.hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+            # Special tokens spelt out in the messages ("<|im_end|>" in a user's text) are encoded as
+            # the plain text they are: only the template writes the tokens that delimit turns, else a
+            # user could close their turn and open a system one.
+            ids = self.hf.apply_chat_template(
+                messages, tokenize=True, add_generation_prompt=True, sanitize_control_tokens=True
+            )
         except jinja2.TemplateError as e:
             # Templates refuse what their model was not trained on (Llama 2's and Mistral's raise on
             # roles that do not alternate): the request's fault, said in the template's words.
             raise RequestError("messages", f"the model's chat template refuses them: {e}") from None
+        except ValueError as e:
+            # A special token this tokenizer cannot spell as plain text: refused, never let through.
+            raise RequestError("messages", str(e)) from None
         if isinstance(ids, dict) or hasattr(ids, "keys"):  # a BatchEncoding in newer transformers
             ids = ids["input_ids"]
         return list(ids)
@@ -136,6 +145,18 @@ class Tokenizer:
             return piece.replace("\u2581", " ").encode()
         return self.decode([token_id]).encode()
 
+    def ends_inside_character(self, token_ids: list[int]) -> bool:
+        """Whether the text of `token_ids` ends with the first bytes of a character that later tokens
+        may complete. Decoding shows those bytes as U+FFFD, but so it shows a U+FFFD the text really
+        holds (a prompt with a replacement character in it): only the bytes tell the two apart."""
+        if not self.decode(token_ids).endswith("\ufffd"):
+            return False
+        if self.backend is None:  # no view of the bytes: assume the character is incomplete
+            return True
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        utf8.decode(b"".join(self.token_bytes(t) for t in token_ids))
+        return bool(utf8.getstate()[0])  # bytes it holds back: a character's start, still open
+
 
 class IncrementalDetokenizer:
     """Text deltas from a growing list of token ids, never splitting a multi-byte character.
@@ -153,7 +174,9 @@ class IncrementalDetokenizer:
     completes it, and the context before it is never emitted (the text is what decoding the prompt
     and output together adds to the prompt's complete characters). `flush` gives what is still held
     back when the output ends, so the text always equals that decode: with U+FFFD for bytes of a
-    character never completed.
+    character never completed. A prompt whose text ends in a U+FFFD of its own (a replacement
+    character typed or pasted in) is context like any other: only its bytes tell it apart from an
+    unfinished character, and a tokenizer without a `backend` cannot show them.
     """
 
     CONTEXT = 6  # prompt tokens decoded as context, never emitted
@@ -162,11 +185,15 @@ class IncrementalDetokenizer:
         self.tok = tokenizer.hf
         context = list(prompt_token_ids[-self.CONTEXT :])
         pending: list[int] = []
-        while context and self._decode(context).endswith("\ufffd"):
+        while context and tokenizer.ends_inside_character(context):
             pending.insert(0, context.pop())
         # Emitted (or context) ids, the last few kept as the next decode's prefix; then those held back.
         self.head, self.tail = context, list(pending)
         self.backend = tokenizer.backend
+        if self.backend is not None and self._decode(context).endswith("\ufffd"):
+            # The text before the output ends in a U+FFFD of its own: DecodeStream takes that for an
+            # unfinished character and would emit the whole context with the first token.
+            self.backend = None
         if self.backend is not None:
             self.stream = DecodeStream(ids=context, skip_special_tokens=True)
             for t in pending:

@@ -5,7 +5,7 @@ What it serves: the base model and every LoRA adapter the workers know as model 
 then `data: [DONE]`), with `stream_options.include_usage` adding a last chunk that carries usage and
 no choices; `max_tokens`/`max_completion_tokens`, `temperature`, `top_p`, `seed`, `stop`, `n=1`,
 log-probabilities (the sampled token's and up to 20 most likely: chat's `logprobs`/`top_logprobs`,
-completions' `logprobs: N`), and vLLM's `top_k`/`ignore_eos` extensions. Errors have
+completions' `logprobs: N`), and vLLM's `top_k`/`ignore_eos`/`stop_token_ids` extensions. Errors have
 OpenAI's shape `{"error": {"message", "type", "param", "code"}}` and status: 400 invalid, 404 unknown
 model or adapter, 429 overloaded, 503 no worker, 504 past the deadline (an optional
 `X-Request-Timeout: SECONDS` header sets one). `GET /health` is 200 once the router can serve.
@@ -29,6 +29,7 @@ Design choices:
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import select
@@ -113,6 +114,24 @@ def from_rpc(e: grpc.RpcError, model: str, chat: bool) -> ApiError:
         param = "model"
         details = f"The model {model!r} does not exist or is not served here ({details})"
     return ApiError(status, details, type_, param, err_code)
+
+
+class TextOffsets:
+    """Where each generated token's text starts in the completion's text, in characters (the
+    legacy `text_offset`). Counted from the tokens' bytes: a token holding part of a character
+    decodes alone to one U+FFFD, so summing the lengths of single-token decodes drifts past the
+    text with every character split across tokens (most CJK text and emoji)."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tok = tokenizer
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.chars = 0
+
+    def start_of(self, token_id: int) -> int:
+        """The offset of `token_id`, the next token: of the character its first byte belongs to."""
+        start = self.chars
+        self.chars += len(self.utf8.decode(self.tok.token_bytes(token_id)))
+        return start
 
 
 @dataclass
@@ -261,6 +280,16 @@ class OpenAIFrontend:
             if not isinstance(stops, list) or not all(isinstance(x, str) and x for x in stops):
                 raise invalid("stop", "must be a non-empty string or a list of them")
             s.stop.extend(stops)
+        stop_ids = body.get("stop_token_ids")
+        if stop_ids is not None:
+            if not isinstance(stop_ids, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in stop_ids
+            ):
+                raise invalid("stop_token_ids", "must be a list of token ids")
+            s.stop_token_ids.extend(stop_ids)
+        if _get(body, "include_stop_str_in_output", (bool,), "a boolean"):
+            # The router cuts the text at a stop string before it reaches this frontend.
+            raise invalid("include_stop_str_in_output", "not supported; leave it unset or false")
         if _get(body, "ignore_eos", (bool,), "a boolean"):
             s.ignore_eos = True
 
@@ -376,7 +405,7 @@ class OpenAIFrontend:
     def call(self, p: Parsed) -> grpc.Call:
         return self.stub.Generate(p.request, timeout=p.timeout)
 
-    def _logprobs(self, msg: pb.GenerateResponse, chat: bool, offset: int) -> tuple[Any, int]:
+    def _logprobs(self, msg: pb.GenerateResponse, chat: bool, offsets: TextOffsets) -> Any:
         toks = [self.tok.decode([t]) for t in msg.token_ids]
         lps = list(msg.logprobs)
         # Each position's most likely tokens, when asked for (else none: the lists stay empty).
@@ -399,17 +428,18 @@ class OpenAIFrontend:
                     ],
                 }
                 for tid, t, lp, top in zip(msg.token_ids, toks, lps, tops)
-            ], offset
-        offsets = []
-        for t in toks:
-            offsets.append(offset)
-            offset += len(t)
+            ]
         # The legacy format maps text to logprob: the most likely first, then the sampled token if
         # it is not among them (OpenAI lists it always, so up to logprobs + 1 entries).
         listed = [{self.tok.decode([alt]): alt_lp for alt, alt_lp in top} for top in tops]
         for d, t, lp in zip(listed, toks, lps):
             d.setdefault(t, lp)
-        return {"tokens": toks, "token_logprobs": lps, "top_logprobs": listed, "text_offset": offsets}, offset
+        return {
+            "tokens": toks,
+            "token_logprobs": lps,
+            "top_logprobs": listed,
+            "text_offset": [offsets.start_of(t) for t in msg.token_ids],
+        }
 
     @staticmethod
     def usage(msg: pb.GenerateResponse) -> dict[str, Any]:
@@ -425,11 +455,11 @@ class OpenAIFrontend:
         text, finish, usage = "", None, None
         lp_chat: list[dict] = []
         lp_text: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        offset = 0
+        offsets = TextOffsets(self.tok)
         for msg in messages:
             text += msg.text
             if p.logprobs and msg.token_ids:
-                lp, offset = self._logprobs(msg, p.chat, offset)
+                lp = self._logprobs(msg, p.chat, offsets)
                 if p.chat:
                     lp_chat.extend(lp)
                 else:
@@ -482,13 +512,12 @@ class OpenAIFrontend:
         }
         if p.include_usage:
             head["usage"] = None
-        offset = 0
+        offsets = TextOffsets(self.tok)
 
         def chunk(delta_text: str, msg: pb.GenerateResponse | None, finish: str | None, role: bool = False):
-            nonlocal offset
             lp = None
             if p.logprobs and msg is not None and msg.token_ids:
-                lp, offset = self._logprobs(msg, p.chat, offset)
+                lp = self._logprobs(msg, p.chat, offsets)
                 if p.chat:
                     lp = {"content": lp}
             if p.chat:
