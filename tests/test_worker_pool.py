@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from tandem_proto.v1 import inference_pb2 as pb
+from tandem_proto.v1 import inference_pb2_grpc as pbgrpc
 from tandem_proto.v1 import worker_pb2 as wpb
 from tandem_proto.v1 import worker_pb2_grpc as wgrpc
 from tandem_worker.engine.tokenizer import Tokenizer
@@ -403,3 +404,80 @@ def test_a_client_gone_before_the_router_forwards_cancels_the_worker_call(model_
         # Cancelled at once: the worker never saw the call, or stopped long before its end.
         time.sleep(0.5)
         assert not fake.started.is_set() or (fake.ended.wait(10) and fake.sent < 100)
+
+
+def test_what_stops_a_pool_from_serving_is_named_and_full_kv_is_not_it(pool):
+    pool._workers["d1:1"].stats.free_blocks = pool._workers["d2:1"].stats.free_blocks = 0
+    assert pool.serving_problem() is None, "full KV caches are busy, not gone: the router stays ready"
+    for a in ("p1:1", "p2:1"):
+        pool.mark_failed(pool._workers[a], "down")
+    assert pool.serving_problem() == "no prefill worker is serving (2 known)"
+    pool._workers["d1:1"].stats.draining = True
+    pool.mark_failed(pool._workers["d2:1"], "down")
+    assert pool.serving_problem() == "no decode or colocated worker is serving (2 known)"
+
+
+class _StatsOnly(wgrpc.AdminServicer):
+    def __init__(self, role: str) -> None:
+        self.role = role
+
+    def Stats(self, request, context):  # noqa: N802
+        return wpb.StatsResponse(role=self.role, model_id="m", num_blocks=100, free_blocks=100, block_size=16)
+
+
+def _fake_worker(role: str, port: int = 0) -> tuple[grpc.Server, int]:
+    """What the router's pool asks a worker (gRPC health, Admin.Stats), served here."""
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2))
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    wgrpc.add_AdminServicer_to_server(_StatsOnly(role), server)
+    server.start()
+    return server, port
+
+
+def test_a_router_without_workers_is_not_ready_until_they_are_back(model_dir):
+    """With every decode worker gone the router reported SERVING all the same: Kubernetes kept
+    sending it clients whose every request failed. It now follows its pool's health checks."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tandem_worker.server.local import free_port
+    from tandem_worker.server.router_main import serve_router
+
+    from .serving.procs import wait_for
+
+    decode, decode_port = _fake_worker("decode")
+    prefill, prefill_port = _fake_worker("prefill")
+    port, stop = free_port(), threading.Event()
+    router = threading.Thread(
+        target=serve_router,
+        args=(str(model_dir), [f"127.0.0.1:{decode_port}"], [f"127.0.0.1:{prefill_port}"]),
+        kwargs={"port": port, "stop_event": stop},
+        daemon=True,
+    )
+    router.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    statuses = health_pb2.HealthCheckResponse
+
+    def health_is(status: int) -> bool:
+        check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        return check.status == status
+
+    try:
+        wait_for(lambda: health_is(statuses.SERVING), 60, "the router is ready")
+        decode.stop(None)
+        wait_for(lambda: health_is(statuses.NOT_SERVING), 30, "the router leaves the Service")
+        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3]))
+        with pytest.raises(grpc.RpcError) as err:
+            list(pbgrpc.InferenceStub(channel).Generate(request, timeout=30))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "no decode or colocated worker is serving" in err.value.details()
+        decode, _ = _fake_worker("decode", decode_port)  # back, on its old address
+        wait_for(lambda: health_is(statuses.SERVING), 30, "the router is ready again")
+    finally:
+        stop.set()
+        router.join(timeout=30)
+        channel.close()
+        decode.stop(None)
+        prefill.stop(None)

@@ -390,3 +390,47 @@ def test_a_malformed_kv_stream_fails_its_request_and_corrupts_nothing(model_dir,
             )
     finally:
         prefill.stop(None)
+
+
+def test_a_stalled_prefill_worker_frees_the_reserved_blocks_and_is_named(model_dir, monkeypatch):
+    """A prefill worker that answers keepalive pings and sends its handshake but then no KV (its
+    engine stuck) held the decode worker's reserved blocks for as long as the client had no
+    deadline. After the idle timeout the pull is cancelled, the blocks are freed, and the request
+    fails with UNAVAILABLE naming the prefill worker, which the router retries on another pair."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tandem_worker.server.kv_transfer import encode_kv_chunk, prefill_method_handler
+    from tandem_worker.server.worker_pool import SERVER_KEEPALIVE_OPTIONS
+    from tandem_worker.server.worker_server import KV_IDLE_TIMEOUT_ENV
+
+    monkeypatch.setenv(KV_IDLE_TIMEOUT_ENV, "1")
+    cancelled = threading.Event()
+
+    def stalled(request, context):
+        context.add_callback(cancelled.set)
+        yield encode_kv_chunk(wpb.KVChunk(layout=request.layout))
+        cancelled.wait(60)  # sends nothing more until the caller gives up
+
+    prefill = grpc.server(ThreadPoolExecutor(2), options=SERVER_KEEPALIVE_OPTIONS)
+    prefill.add_generic_rpc_handlers((prefill_method_handler(stalled),))
+    port = prefill.add_insecure_port(f"{HOST}:0")
+    prefill.start()
+    try:
+        with in_process_worker("decode", model_dir) as (channel, _, _):
+            request = wpb.WorkerGenerateRequest(
+                request_id="stalled",
+                prompt_token_ids=list(range(1, 200)),
+                sampling=greedy(4),
+                prefill_endpoint=f"{HOST}:{port}",
+            )
+            with pytest.raises(grpc.RpcError) as err:
+                list(wgrpc.WorkerStub(channel).Generate(request, timeout=30))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+            assert err.value.details() == f"prefill worker {HOST}:{port} stalled: no KV for 1 s"
+            assert cancelled.wait(10), "the prefill worker's call was left open"
+            stats = wgrpc.AdminStub(channel).Stats
+            wait_for(
+                lambda: stats(wpb.StatsRequest(), timeout=2).used_blocks == 0, 10, "the blocks are freed"
+            )
+    finally:
+        prefill.stop(None)

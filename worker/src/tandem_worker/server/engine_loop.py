@@ -149,6 +149,11 @@ class EngineLoop:
         def add() -> None:
             sink = None
             if kv_sink:
+                # Unbounded per request: with a slow reader (the decode worker, its link) up to the
+                # whole prompt's KV waits here as host copies. The sink runs on the engine thread
+                # inside a step shared by every request, so it must not wait for this one's reader;
+                # a bound needs the scheduler to hold back a backlogged sequence's next prefill
+                # chunk (the memory is then one step's chunk), which this loop cannot do.
                 sink = lambda layer, start, k, v, ready: stream.put(  # noqa: E731
                     KVPiece(layer, start, k, v, ready)
                 )

@@ -43,6 +43,12 @@ QUEUE_SECONDS = Histogram(
 REQUESTS = Counter("tandem_requests", "Finished requests by outcome", ["outcome"])
 REQUEST_OUTCOMES = ("met", "missed_ttft", "missed_tpot", "failed", "rejected", "invalid")
 RETRIES = Counter("tandem_request_retries", "Requests retried on another worker pair before any token")
+# A subset of outcome="rejected" (which a dashboard's totals keep counting): the autoscaler tells the
+# router's own limit apart from full or busy workers, and scales no pool up for it.
+ROUTER_REJECTED = Counter(
+    "tandem_router_rejected_requests",
+    'Requests the router turned away at its own in-flight limit (also counted as outcome="rejected")',
+)
 
 
 class EngineCollector(Collector):
@@ -147,6 +153,12 @@ class WorkerPoolCollector(Collector):
                 state = "unavailable"  # failing health checks, or not reached yet
             key = (w.role or "unknown", state)
             counts[key] = counts.get(key, 0) + 1
+        # A role's "serving" series reads 0 when none of its workers serves, rather than vanishing:
+        # absent, `tandem_router_workers{state="serving"} == 0` (no decode worker left) finds nothing
+        # exactly when it matters. A worker keeps its role once reached, also after it fails.
+        for role, _ in list(counts):
+            if role != "unknown":
+                counts.setdefault((role, "serving"), 0)
         g = GaugeMetricFamily(
             "tandem_router_workers",
             "Workers the router knows, by role and state (serving: gets new work)",

@@ -136,6 +136,7 @@ class RouterService(pbgrpc.InferenceServicer):
         with self._lock:
             if self._in_flight >= self.max_in_flight:
                 metrics.REQUESTS.labels(outcome="rejected").inc()
+                metrics.ROUTER_REJECTED.inc()
                 context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"router queue is full ({self.max_in_flight} in flight)",
@@ -279,11 +280,12 @@ class RouterService(pbgrpc.InferenceServicer):
             )
         metrics.REQUESTS.labels(outcome="failed").inc()
         log.warning("request %s: no worker pair could serve it (last error: %s)", rid, last_error)
-        context.abort(
-            grpc.StatusCode.UNAVAILABLE,
-            "no worker pair could serve the request"
-            + (f": {len(exclude)} worker(s) failed it" if exclude else ": no healthy worker can take it"),
-        )
+        if exclude:
+            why = f"{len(exclude)} worker(s) failed it"
+        else:
+            # The operator's view, and the client's: which kind of worker is missing.
+            why = self.pool.serving_problem() or "no healthy worker can take it"
+        context.abort(grpc.StatusCode.UNAVAILABLE, f"no worker pair could serve the request: {why}")
 
     def _observe(self, ttft: float, tpot: float, e2e: float, queue: float) -> None:
         metrics.TTFT_SECONDS.observe(ttft)

@@ -123,25 +123,37 @@ def serve_router(
         pool.stop()
         raise
 
-    def mark_ready() -> None:
-        # Ready (for probes and `tandem up`) only once a whole worker pair could take a request.
+    def track_readiness() -> None:
+        # Ready (for probes, the frontends and `tandem up`) only while a whole worker pair could take
+        # a request, as of the pool's last health checks: a router left with no usable pair must
+        # leave the Service (its requests would all fail) and rejoin once workers are back.
+        serving: bool | None = None
         told = None
         while not stop.is_set():
-            problem = pool.pairing_problem()
-            if problem and problem != told:
-                log.warning("router not ready: %s", problem)
-                told = problem
-            if pool.pick(1, set()) is not None:
-                for n in ("", name):
-                    health_servicer.set(n, health_pb2.HealthCheckResponse.SERVING)
-                ready.set()
-                if kserve_server is not None:
-                    kserve_server.set_serving(True)
+            problem = pool.readiness_problem()
+            if problem is None and serving is not True:
+                set_serving(True)
                 log.info("router ready: a worker pair is healthy")
-                return
+            elif problem is not None and (serving is not False or problem != told):
+                if serving:
+                    set_serving(False)
+                log.warning("router not ready: %s", problem)
+            serving, told = problem is None, problem
             stop.wait(0.25)
 
-    threading.Thread(target=mark_ready, name="router-ready", daemon=True).start()
+    def set_serving(on: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if on else health_pb2.HealthCheckResponse.NOT_SERVING
+        for n in ("", name):
+            health_servicer.set(n, status)
+        if on:
+            ready.set()
+        else:
+            ready.clear()
+        if kserve_server is not None:
+            kserve_server.set_serving(on)
+
+    readiness = threading.Thread(target=track_readiness, name="router-ready", daemon=True)
+    readiness.start()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
@@ -149,9 +161,8 @@ def serve_router(
         except ValueError:
             break
     stop.wait()
-    for n in ("", name):
-        health_servicer.set(n, health_pb2.HealthCheckResponse.NOT_SERVING)
-    ready.clear()
+    readiness.join(timeout=5)  # else it could report SERVING again after this
+    set_serving(False)
     # Close the frontends' listeners first; their in-flight calls finish within the gRPC grace.
     if http_server is not None:
         http_server.stop()

@@ -160,6 +160,8 @@ class WorkerPool:
         self._ready = threading.Event()
         self._next_ticket = 1  # begin's next attempt ticket; a check clears those below its own
         self._recheck_lock = threading.Lock()
+        # Why no request could be served, as of the last refresh (None: a pair could serve one).
+        self._problem: str | None = "no worker has answered a health check yet"
 
     def start(self) -> WorkerPool:
         self._thread.start()
@@ -200,6 +202,13 @@ class WorkerPool:
             self._check(w)
         if any(w.eligible for w in workers):
             self._ready.set()
+        # From the health checks alone: mark_failed between refreshes (one failed attempt) must
+        # not flip the router's readiness, which the next check may well restore.
+        self._problem = self.serving_problem()
+
+    def readiness_problem(self) -> str | None:
+        """`serving_problem()` as of the last refresh: what the router's readiness reports."""
+        return self._problem
 
     def _check(self, w: WorkerInfo) -> None:
         with self._lock:
@@ -304,6 +313,21 @@ class WorkerPool:
                 )
                 return Pair(decode, prefill)
         return None
+
+    def serving_problem(self) -> str | None:
+        """Why no request could be served now whatever its size (no eligible colocated worker, nor
+        an eligible decode worker with a prefill worker whose KV it takes); None when one could.
+        KV room is ignored: full workers are busy, not gone. Names no worker address (callers
+        pass it on to clients)."""
+        decodes, prefills = self._targets()
+        if any(w.eligible and w.role == "colocated" for w in decodes):
+            return None
+        serving = [w for w in decodes if w.eligible and w.role == "decode"]
+        if not serving:
+            return f"no decode or colocated worker is serving ({len(decodes)} known)"
+        if not any(w.eligible and w.role == "prefill" for w in prefills):
+            return f"no prefill worker is serving ({len(prefills)} known)"
+        return self.pairing_problem()
 
     def pairing_problem(self) -> str | None:
         """Why no pair forms although decode and prefill workers are eligible (their KV differs:

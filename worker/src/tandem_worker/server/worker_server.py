@@ -9,13 +9,15 @@ A decode worker serving a request with a `prefill_endpoint`:
    pinned staging buffer and a side stream, all of it waited for before step 4);
 4. on the last message hands the first token to the engine, which joins the running batch.
 Any failure before the first token frees the reserved blocks and ends the call with a status the
-router may retry on another pair (UNAVAILABLE); nothing has been streamed to the client yet.
+router may retry on another pair (UNAVAILABLE); nothing has been streamed to the client yet. A pull
+that receives nothing for KV_IDLE_TIMEOUT_S (a stalled prefill worker) is such a failure.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 import uuid
@@ -54,17 +56,101 @@ GRPC_OPTIONS = [
 
 IDLE_CHANNEL_SECONDS = 1800.0
 
+# A decode worker gives up on a KV pull that receives nothing for this long (seconds;
+# $TANDEM_KV_IDLE_TIMEOUT_S overrides it): a prefill worker that is alive (it answers keepalive
+# pings) but stalled would hold the reserved blocks for as long as the client has no deadline.
+# Counted from the call's start too, so it also bounds the wait in the prefill worker's queue:
+# well past any TTFT objective, the request is better retried on another pair. Between messages
+# of a running prefill the gaps are engine steps (a second or so), far below it.
+KV_IDLE_TIMEOUT_ENV = "TANDEM_KV_IDLE_TIMEOUT_S"
+KV_IDLE_TIMEOUT_S = 30.0
+
+
+def kv_idle_timeout() -> float:
+    """$TANDEM_KV_IDLE_TIMEOUT_S, else KV_IDLE_TIMEOUT_S."""
+    raw = os.environ.get(KV_IDLE_TIMEOUT_ENV, "")
+    if not raw:
+        return KV_IDLE_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not value > 0:  # also NaN
+        raise ValueError(f"{KV_IDLE_TIMEOUT_ENV} must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+class _Watched:
+    """One KV pull under a `StallWatch`: `touch()` on every message received."""
+
+    def __init__(self, call: grpc.Call) -> None:
+        self.call = call
+        self.last = time.monotonic()
+        self.stalled = False
+
+    def touch(self) -> None:
+        self.last = time.monotonic()
+
+
+class StallWatch:
+    """Cancels the KV pulls that received nothing for `idle_timeout` seconds (their iteration then
+    raises CANCELLED, and `stalled` says why). One thread for all of a worker's pulls, alive only
+    while some pull is watched: a timer per pull would start a thread per request."""
+
+    def __init__(self, idle_timeout: float) -> None:
+        self.idle_timeout = idle_timeout
+        self._period = min(1.0, idle_timeout / 4)
+        self._watched: set[_Watched] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def watching(self, call: grpc.Call) -> Iterator[_Watched]:
+        w = _Watched(call)
+        with self._lock:
+            self._watched.add(w)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="kv-stall-watch", daemon=True)
+                self._thread.start()
+        try:
+            yield w
+        finally:
+            with self._lock:
+                self._watched.discard(w)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self._period)
+            now = time.monotonic()
+            with self._lock:
+                if not self._watched:
+                    self._thread = None  # the next watched pull starts another
+                    return
+                stalled = [w for w in self._watched if now - w.last >= self.idle_timeout]
+            for w in stalled:
+                w.stalled = True
+                w.call.cancel()
+
 
 class WorkerState:
     """What every service of one worker process shares."""
 
-    def __init__(self, engine: LLMEngine, loop: EngineLoop, role: str, model_id: str) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        loop: EngineLoop,
+        role: str,
+        model_id: str,
+        kv_idle_timeout_s: float | None = None,
+    ) -> None:
+        """`kv_idle_timeout_s`: see KV_IDLE_TIMEOUT_S (default: `kv_idle_timeout()`)."""
         self.engine = engine
         self.loop = loop
         self.role = role
         self.model_id = model_id
         self.layout = kv_layout(engine, model_id)
         self.draining = threading.Event()
+        self.stall_watch = StallWatch(kv_idle_timeout_s or kv_idle_timeout())
         # Per prefill endpoint: its channel and when it was last used.
         self._channels: dict[str, tuple[grpc.Channel, float]] = {}
         self._lock = threading.Lock()
@@ -180,6 +266,7 @@ class WorkerService(wgrpc.WorkerServicer):
         )
         t0 = time.monotonic()
         first = None
+        watched: _Watched | None = None
         try:
             call = s.prefill_call(request.prefill_endpoint)(
                 wpb.PrefillRequest(
@@ -195,23 +282,28 @@ class WorkerService(wgrpc.WorkerServicer):
             if not context.add_callback(call.cancel):
                 call.cancel()  # the RPC already ended: the pull still unwinds through the abort below
             try:
-                for i, (chunk, key, value) in enumerate(call):
-                    if i == 0:
-                        bad = layout_mismatch(s.layout, chunk.layout)
-                        if bad:
-                            raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, f"prefill worker: {bad}")
-                    if chunk.last:
-                        writer.check_complete()
-                        # Checked before the engine sees it: a token past the vocabulary fails the
-                        # whole batch's next step (a device-side assert on a GPU).
-                        if not 0 <= chunk.first_token < s.engine.model_config.vocab_size:
-                            raise ValueError(f"first token {chunk.first_token} is outside the vocabulary")
-                        if chunk.num_cached_tokens > n:
-                            raise ValueError(f"{chunk.num_cached_tokens} cached tokens of a {n}-token prompt")
-                        first = chunk
-                        break
-                    if chunk.num_tokens:
-                        writer.write(chunk, key, value)
+                with s.stall_watch.watching(call) as watched:
+                    for i, (chunk, key, value) in enumerate(call):
+                        watched.touch()
+                        if i == 0:
+                            bad = layout_mismatch(s.layout, chunk.layout)
+                            if bad:
+                                raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, f"prefill worker: {bad}")
+                        if chunk.last:
+                            writer.check_complete()
+                            # Checked before the engine sees it: a token past the vocabulary fails the
+                            # whole batch's next step (a device-side assert on a GPU).
+                            if not 0 <= chunk.first_token < s.engine.model_config.vocab_size:
+                                raise ValueError(f"first token {chunk.first_token} is outside the vocabulary")
+                            if chunk.num_cached_tokens > n:
+                                raise ValueError(
+                                    f"{chunk.num_cached_tokens} cached tokens of a {n}-token prompt"
+                                )
+                            first = chunk
+                            break
+                        if chunk.num_tokens:
+                            writer.write(chunk, key, value)
+                            watched.touch()  # the idle time is the prefill worker's, not our copy's
             finally:
                 # On a GPU the writes are still queued on a side stream: they must land before the
                 # engine reads these blocks (kv_ready below) or frees them for reuse (any abort).
@@ -219,6 +311,14 @@ class WorkerService(wgrpc.WorkerServicer):
         except grpc.RpcError as e:
             s.loop.abort(ev.request_id)
             code = e.code()
+            if code == grpc.StatusCode.CANCELLED and watched is not None and watched.stalled:
+                # UNAVAILABLE naming the prefill worker: the router takes that worker out of
+                # rotation and, with nothing streamed to the client yet, retries on another pair.
+                context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"prefill worker {request.prefill_endpoint} stalled: no KV for "
+                    f"{s.stall_watch.idle_timeout:g} s",
+                )
             if code in (
                 grpc.StatusCode.FAILED_PRECONDITION,
                 grpc.StatusCode.INVALID_ARGUMENT,
