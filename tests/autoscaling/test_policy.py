@@ -692,6 +692,12 @@ def test_failures_count_against_the_scale_down_margin():
 def test_failures_scale_nothing_up():
     d = decide(window(met=40, failed=60), Replicas(2, 2), SPEC, _settled_state(), now=0)
     assert (d.desired_prefill, d.desired_decode) == (2, 2)
+    # A pool's few misses beside many failures: the attainment is low, but only through the
+    # failures, which are no pool's; the misses alone (5%) are within the allowed 10%.
+    d = decide(window(met=40, tpot=5, failed=55), Replicas(2, 2), SPEC, _settled_state(), now=0)
+    assert (d.desired_prefill, d.desired_decode) == (2, 2), d.reason
+    d = decide(window(met=40, ttft=5, failed=55), Replicas(2, 2), SPEC, _settled_state(), now=0)
+    assert (d.desired_prefill, d.desired_decode) == (2, 2), d.reason
 
 
 def test_rejected_requests_scale_decode_up_and_hold_prefill():
@@ -703,6 +709,26 @@ def test_rejected_requests_scale_decode_up_and_hold_prefill():
     assert "prefill 3->3: 40 of 100 requests rejected: holding" in d.reason
     d = decide(window(met=50, failed=10, rejected=40), Replicas(3, 3), SPEC, _settled_state(), now=0)
     assert "prefill 3->3: 10 of 100 requests failed, 40 rejected: holding" in d.reason
+
+
+def test_requests_the_router_turned_away_at_its_own_limit_scale_no_pool_up():
+    """The router at its in-flight limit is no decode miss: with the pools in their SLOs and room to
+    spare, more decode would not be sent more work. The rejections still hold both pools from
+    shrinking (demand neither saw), and the pools' own misses count over the requests they served."""
+    w = window(met=60, rejected=40, router_rejected=40)
+    d = decide(w, Replicas(3, 3), SPEC, _settled_state(), now=0)
+    assert (d.desired_prefill, d.desired_decode) == (3, 3), d.reason
+    assert "decode 3->3: 40 of 100 requests turned away at the router's in-flight limit: holding" in d.reason
+    assert "prefill 3->3: 40 of 100 requests turned away at the router's in-flight limit: holding" in d.reason
+    assert "router: 40 of 100 requests turned away at its in-flight limit" in d.reason
+    # Told apart from a full decode KV cache in the same window: only those are decode's misses.
+    d = decide(window(met=60, rejected=40, router_rejected=30), Replicas(3, 3), SPEC, _settled_state(), 0)
+    assert d.desired_decode > 3 and "TPOT misses 14% of 70 requests" in d.reason
+    # Decode missing its SLO on 9 of the 60 requests it served is decode's to fix, however many the
+    # router turned away (as a fraction of all 100 finished, 9% would be within the allowed 10%).
+    w = window(met=51, tpot=9, rejected=40, router_rejected=40)
+    d = decide(w, Replicas(3, 3), SPEC, _settled_state(), 0)
+    assert d.desired_decode > 3 and "TPOT misses 15% of 60 requests" in d.reason
 
 
 def test_failures_hold_prefill_sized_by_its_throughput():
@@ -818,3 +844,52 @@ def test_a_memory_saved_by_a_clock_ahead_keeps_its_bursts():
     behind = decide(calm, cur, spec, PolicyState.from_json(json.dumps(saved)), now=795 - 120)
     assert here.inputs["prefill_sized_rate"] == behind.inputs["prefill_sized_rate"] == 4000
     assert (behind.desired_prefill, behind.desired_decode) == (here.desired_prefill, here.desired_decode)
+
+
+def test_a_memory_saved_by_a_clock_behind_times_no_cold_start_across_the_gap():
+    """A memory saved while prefill replicas were starting, by a clock an hour behind this one (or
+    before an hour's pause: the two look alike). Timed across that gap, the cold start read an hour,
+    and the burst memory then measured the rate's growth over an hour instead of a minute."""
+    spec = replace(SPEC, prefill_tokens_per_second=1000, max_step=4)
+
+    def rated(rate: float) -> MetricsWindow:
+        return window(prompt_tokens_per_s=rate, prompt_tokens_per_s_peak=rate)
+
+    writer, cur = PolicyState(), Replicas(1, 2)
+    for t in range(0, 300, 15):  # calm, then a burst that adds prefill replicas
+        d = decide(rated(500 if t < 285 else 3000), cur, spec, writer, now=t - 3600)
+        cur = Replicas(d.desired_prefill, 2, prefill_ready=1, decode_ready=2)
+    assert cur.prefill > 1 and "prefill" in writer.scaling_up
+    ready = Replicas(cur.prefill, 2, prefill_ready=cur.prefill, decode_ready=2)
+    restored = PolicyState.from_json(writer.to_json())
+    d = decide(rated(3000), ready, spec, restored, now=300)  # they are ready 15 s later
+    assert restored.startup_s is None  # not measured: 60 s, the default, until one is
+    d = decide(rated(500), ready, spec, restored, now=315)
+    assert "growth over a 60s startup" in d.reason, d.reason
+    # The control: in one process, the same cold start is timed.
+    decide(rated(3000), ready, spec, writer, now=300 - 3600)
+    assert writer.startup_s == 15
+
+
+def test_a_gap_since_the_memory_was_saved_counts_toward_no_stabilization_window():
+    """A memory saved an hour ago by this clock, or just now by one an hour behind: the hour is
+    unseen either way, and one calm window after it must not scale down where a fresh start
+    watches a stabilization window first. A gap of a window or less hides nothing (each window
+    saw the one before), and the memory carries on."""
+    busy, calm = window(met=100, kv=0.5), window(met=100, kv=0.05)
+    saved = PolicyState()
+    for t in range(0, 600, 15):
+        decide(busy, Replicas(4, 4), SPEC, saved, now=t - 3600)  # busy: holding 4/4
+    for state in (PolicyState.from_json(saved.to_json()), PolicyState()):
+        d = decide(calm, Replicas(4, 4), SPEC, state, now=600)
+        assert (d.desired_prefill, d.desired_decode) == (4, 4), d.reason
+        assert "stabilizing (0s of 300s seen)" in d.reason
+        for t in range(615, 900, 15):
+            d = decide(calm, Replicas(4, 4), SPEC, state, now=t)
+        assert (d.desired_prefill, d.desired_decode) == (4, 4)
+        d = decide(calm, Replicas(4, 4), SPEC, state, now=900)
+        assert (d.desired_prefill, d.desired_decode) == (3, 3), d.reason
+    # Saved a window ago: it has seen the busy minutes, and holds for them.
+    restored = PolicyState.from_json(saved.to_json())
+    d = decide(calm, Replicas(4, 4), SPEC, restored, now=585 - 3600 + 60)
+    assert "stabilizing (recommended 4 within the last 300s)" in d.reason

@@ -188,3 +188,17 @@ def test_the_router_exports_every_outcome_the_autoscaler_reads_from_its_start():
     metrics.start_request_outcomes()
     for outcome in OUTCOMES:
         assert REGISTRY.get_sample_value("tandem_requests_total", {"outcome": outcome}) is not None, outcome
+
+
+def test_requests_turned_away_at_the_routers_own_limit_are_told_apart(prom):
+    outcomes = vector(({"outcome": "met"}, 60), ({"outcome": "rejected"}, 40.4))
+    FakePrometheus.answers = {
+        "increase(tandem_requests_total": outcomes,
+        'sum(increase(tandem_router_rejected_requests_total{namespace="ml"}[60s]))': vector(({}, 30.2)),
+    }
+    w = fetch_window(prom, 60, selector='namespace="ml"')
+    assert (w.rejected, w.router_rejected, w.pool_rejected, w.served) == (40, 30, 10, 70)
+    # A router without the counter: every rejection is read as the pools'.
+    FakePrometheus.answers = {"increase(tandem_requests_total": outcomes}
+    w = fetch_window(prom, 60, selector='namespace="ml"')
+    assert (w.rejected, w.router_rejected, w.pool_rejected, w.served) == (40, 0, 40, 100)

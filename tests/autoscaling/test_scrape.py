@@ -18,6 +18,7 @@ class Deployment:
     def __init__(self) -> None:
         self.router = CollectorRegistry()
         self.requests = Counter("tandem_requests", "", ["outcome"], registry=self.router)
+        self.router_rejected = Counter("tandem_router_rejected_requests", "", registry=self.router)
         self.ttft = Histogram(
             "tandem_time_to_first_token_seconds", "", buckets=LATENCY_BUCKETS, registry=self.router
         )
@@ -89,6 +90,18 @@ def test_window_from_the_processes_metrics():
         now=30.0,
     )
     assert d.desired_prefill == 2 and d.desired_decode == 1 and "TTFT misses 25%" in d.reason
+
+
+def test_requests_turned_away_at_the_routers_own_limit_are_told_apart():
+    dep = Deployment()
+    s = DirectScraper("http://router/metrics", {"http://decode/metrics": "decode"}, get=dep.get)
+    s.scrape(0.0)
+    dep.requests.labels(outcome="met").inc(30)
+    dep.requests.labels(outcome="rejected").inc(5)
+    dep.router_rejected.inc(3)  # of those 5, at the router's own limit
+    s.scrape(15.0)
+    w = s.window(15.0)
+    assert (w.rejected, w.router_rejected, w.pool_rejected, w.served) == (5, 3, 2, 32)
 
 
 def test_too_few_scrapes_or_processes_down_is_missing_data():

@@ -9,8 +9,11 @@ import pytest
 
 from tandem_operator.autoscaling import AutoscalingSpec, LatencyModel, SimConfig, simulate
 from tandem_operator.autoscaling.latency import fit_nonnegative
+from tandem_operator.autoscaling.policy import MetricsWindow, PolicyState, Replicas, decide
 from tandem_operator.autoscaling.simulator import (
+    Simulator,
     TraceRequest,
+    _Req,
     load_azure_trace,
     peak_minute,
     replay_learner,
@@ -232,3 +235,36 @@ def test_the_policy_learns_prefill_throughput_in_the_simulator():
     sim.run()
     expected = LatencyModel().prefill_tokens_per_second(2000)
     assert sim.state.prefill_capacity == pytest.approx(expected, rel=0.1)
+
+
+def scraped(
+    decode: list[tuple[list[float], list[int]]], backlog: list[list[int]] | None = None
+) -> MetricsWindow:
+    """The simulator's window over scrapes 5 s apart of its instances, each scrape given as the KV
+    usage and waiting requests of each decode instance (and the queued tokens of each prefill one)."""
+    lat = LatencyModel(kv_capacity_tokens=100)
+    sim = Simulator([], SimConfig(spec=SPEC, latency=lat))
+    for role, n in (("prefill", len(backlog[0]) if backlog else 1), ("decode", len(decode[0][0]))):
+        for _ in range(n):
+            sim._add(role, 0.0)
+    for i, (usage, waiting) in enumerate(decode):
+        sim.now = 5.0 * i
+        for inst, u, n in zip(sim.instances["decode"], usage, waiting):
+            inst.kv_used = round(u * lat.kv_capacity_tokens)
+            inst.waiting.extend(_Req(0, 0.0, 1, 1) for _ in range(n - len(inst.waiting)))
+        for inst, queued in zip(sim.instances["prefill"], backlog[i] if backlog else []):
+            inst.queued_tokens = queued
+        sim._scrape()
+    return sim.window()
+
+
+def test_the_windows_max_gauges_are_the_busiest_replicas_as_prometheus_reads_them():
+    """`*_max` is the max over replicas and scrapes (the operator's `max(max_over_time(...))`,
+    test_prometheus_server.py), not the highest pool mean: on a pool where one replica's KV rises
+    (a long context pinned there, requests waiting behind it) the simulator must add decode where
+    the operator does, and hold prefill on a backlog queued at one replica."""
+    w = scraped([([0.5, 0.2], [0, 0]), ([0.9, 0.2], [2, 0])], backlog=[[0, 0], [6000, 0]])
+    assert w.decode_kv_usage_max == pytest.approx(0.9) and w.decode_kv_usage == pytest.approx(0.45)
+    assert w.prefill_backlog_tokens_max == 6000 and w.prefill_backlog_tokens == 1500
+    d = decide(w, Replicas(2, 2), SPEC, PolicyState(started=-10_000.0), now=0)
+    assert d.desired_decode == 3 and "decode 2->3: busiest decode KV usage 90%" in d.reason, d.reason

@@ -499,3 +499,42 @@ async def test_a_replica_that_leads_again_carries_on_from_the_other_ones_memory(
     assert prefill() == 3
     await step(a, 1_000_140.0)  # B's cooldown over: A scales on
     assert prefill() == 4
+
+
+async def test_the_router_at_its_own_limit_is_reported_once_and_grows_no_pool(prom: FakePrometheus, caplog):
+    # 40 of 100 requests turned away at the router's in-flight limit; the pools meet their SLOs with
+    # room to spare. Read as decode misses (as every rejection was), decode grew; the router is the
+    # bottleneck, and an operator is told so once, not once per step.
+    limited = {
+        "increase(tandem_requests_total": vector(({"outcome": "met"}, 60), ({"outcome": "rejected"}, 40)),
+        "tandem_router_rejected_requests_total": vector(({}, 40)),
+        "tandem_prefill_backlog_tokens": vector(({}, 0)),
+        "tandem_kv_usage_ratio": vector(({}, 0.2)),
+    }
+    prom.answers = limited
+    prom.start()
+    now = [1_000_000.0]
+    memory, reconciler, autoscaler, events = memory_setup(prom.url, clock=lambda: now[0])
+
+    async def step(at: float) -> None:
+        now[0] = at
+        await reconciler.reconcile("ns", DEMO)
+        for name in (PREFILL, DECODE):
+            dep = memory.objects[("Deployment", "ns", name)]
+            dep["status"] = {"readyReplicas": dep["spec"]["replicas"]}
+        await autoscaler.step("ns", DEMO)
+
+    for t in range(0, 600, 15):
+        await step(1_000_000.0 + t)
+    assert memory.objects[("Deployment", "ns", DECODE)]["spec"]["replicas"] == 1
+    assert events == [("Warning", "RouterAtLimit")]
+    assert "40 of 100 requests in the last 90s were turned away at the router's own" in caplog.text
+    assert "raise spec.router.maxInFlight" in caplog.text
+    # Over, then back: a new episode, a new Event.
+    prom.answers = {**limited, "tandem_router_rejected_requests_total": vector(({}, 0))}
+    prom.answers["increase(tandem_requests_total"] = vector(({"outcome": "met"}, 100))
+    await step(1_000_600.0)
+    prom.answers = limited
+    await step(1_000_615.0)
+    assert events == [("Warning", "RouterAtLimit")] * 2
+    assert memory.objects[("Deployment", "ns", DECODE)]["spec"]["replicas"] == 1

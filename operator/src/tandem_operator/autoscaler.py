@@ -21,12 +21,17 @@ the error as message) with one Warning Event per distinct error, and it turns Tr
 first window read. No data for this deployment (or too few finished requests): hold, and
 `status.autoscaler.holding` says which pools and why.
 
+Requests the router turns away at its own in-flight limit scale no pool up (more replicas behind a
+router at its limit would not be sent more work): when they start, one Warning Event
+`RouterAtLimit` says how many and what to raise, and the decision's reason counts them.
+
 The policy's memory (recent recommendations for the scale-down stabilization, the last change per
 pool for the cooldown, the burst and outcome history, learned prefill throughput) is kept per
 object in this process and saved to `status.autoscaler.memory` with every change and at least every
 `MEMORY_SAVE_SECONDS`: a restarted (or newly elected) operator carries on from it, so a restart
 neither skips a cooldown nor forgets the bursts it sized prefill for. Its times are wall-clock
-seconds (`clock`), which is what lets another process read them. A memory that cannot be read
+seconds (`clock`), which is what lets another process read them (one whose clock differs: see
+`PolicyState.rebase`). A memory that cannot be read
 (another layout) is ignored with a warning; disabling autoscaling drops it with the rest of
 `status.autoscaler`, so a later enable starts afresh.
 """
@@ -60,6 +65,7 @@ MEMORY_SAVE_SECONDS = 60.0  # the policy's memory goes to status at least this o
 HEALTHY = "PrometheusReachable"
 UNAVAILABLE = "PrometheusUnavailable"
 NOT_CONFIGURED = "NoPrometheus"
+ROUTER_AT_LIMIT = "RouterAtLimit"
 
 
 def selector(namespace: str, name: str) -> str:
@@ -144,11 +150,13 @@ class Autoscaler:
         self._states: dict[str, PolicyState] = {}
         self._saved: dict[str, float] = {}  # uid -> clock time the memory was last written to status
         self._written: dict[str, str] = {}  # uid -> the memory this process last put in a status patch
+        self._router_limited: set[str] = set()  # uids whose last window had router-limit rejections
 
     def forget(self, uid: str) -> None:
         self._states.pop(uid, None)
         self._saved.pop(uid, None)
         self._written.pop(uid, None)
+        self._router_limited.discard(uid)
 
     def _state(self, body: dict[str, Any], uid: str) -> PolicyState:
         """This object's policy memory: in this process, unless another operator saved one since
@@ -254,6 +262,7 @@ class Autoscaler:
         state = self._state(body, owner.uid)
         now = self._clock()
         decision = decide(window, current, aspec, state, now)
+        self._warn_router_limit(body, owner.uid, window)
         changes = {
             role: (current.get(role), decision.desired(role))
             for role in AUTOSCALED_ROLES
@@ -300,6 +309,26 @@ class Autoscaler:
                 )  # fmt: skip
             self._saved[owner.uid] = now
         await self._report(body, True, HEALTHY, f"reading metrics from {self._url}", record)
+
+    def _warn_router_limit(self, body: dict[str, Any], uid: str, window: MetricsWindow) -> None:
+        """One Warning Event when the router starts turning requests away at its own limit (not one
+        per step while it goes on): the policy scales no pool up for them, so without it a router
+        that is the bottleneck would show only as misses in the dashboard's outcomes."""
+        n = window.router_limited
+        if not n:
+            self._router_limited.discard(uid)
+            return
+        if uid in self._router_limited:
+            return
+        self._router_limited.add(uid)
+        meta = body["metadata"]
+        message = (
+            f"{n} of {window.finished} requests in the last {window.duration_s:.0f}s were turned away at "
+            "the router's own in-flight limit: no pool is scaled up for them. If the pools have room, the "
+            "router is the bottleneck: raise spec.router.maxInFlight (per router pod) or spec.router.replicas"
+        )
+        log.warning("%s/%s: %s", meta["namespace"], meta["name"], message)
+        self._post_event(body, "Warning", ROUTER_AT_LIMIT, message[:EVENT_MESSAGE_LIMIT])
 
     async def _report(
         self, body: dict[str, Any], healthy: bool, reason: str, message: str, record: dict[str, Any]

@@ -9,7 +9,11 @@ What it does, per pool (prefill and decode scale independently):
 * **Phase attribution.** Requests that missed the TTFT SLO point at prefill, those that missed the
   TPOT SLO (and those rejected because every decode KV cache was full) at decode. A phase is scaled
   up when its own miss fraction exceeds the allowed `1 - attainment`, or when the overall attainment
-  is below target and that phase holds at least half of the misses. TTFT misses while the decode
+  is below target and that phase holds at least half of the misses. Requests the router turned away
+  at its own in-flight limit (`router_rejected`) reached no pool: they point at no phase, and the
+  fractions are of the requests the pools served. A router at its limit while the pools are slow
+  shows in their own signals (misses, backlog, KV usage); one at its limit while they have room is
+  the bottleneck itself, and more replicas would not be used. TTFT misses while the decode
   pool is KV-saturated (usage >= `kv_usage_high` and requests waiting) go to decode: the request
   waited for decode KV, not for prefill.
 * **Scale to fit, before anything finishes.** The prefill backlog (queued prompt tokens per
@@ -62,8 +66,9 @@ What it does, per pool (prefill and decode scale independently):
   reserves KV before prefill) is not a decode signal. Requests never served count against the
   `down_margin` too, with the pool's own misses: failed ones for both pools (an error neither pool is
   blamed for, so failures scale nothing up, but a window where every request failed put no load
-  on either pool and must not read as room to spare) and, for prefill, rejected ones (decode's
-  misses already; they never reached prefill, whose load then looks lighter than it is).
+  on either pool and must not read as room to spare), those the router turned away at its own
+  limit (demand neither pool saw) and, for prefill, rejected ones (decode's misses already; they
+  never reached prefill, whose load then looks lighter than it is).
 * **No decision** on missing metrics or on fewer than `min_requests` finished requests in the
   window (SLO statistics from a handful of requests are noise); the reason says so. A pool whose
   own gauges are missing (decode KV usage; prefill backlog, unless a known throughput sizes
@@ -213,15 +218,19 @@ class MetricsWindow:
 
     Request counts are of requests that finished in the window, by the router's outcome label
     (one outcome per request: missed_ttft wins over missed_tpot). Pool gauges are averages over
-    the pool's replicas and the window (`*_max`: the highest scrape in the window)."""
+    the pool's replicas and the window; `*_max` is the busiest replica's highest scrape in the
+    window (the max over replicas and scrapes, as Prometheus' `max(max_over_time(...))` reads it):
+    the time max follows a rising gauge to its latest value, where the mean lags by half a window,
+    and the replica max is the first to reach a limit."""
 
     duration_s: float
     met: int | None = None
     missed_ttft: int | None = None
     missed_tpot: int | None = None
     failed: int | None = None  # an error no pool is blamed for: blocks scale-down, never scales up
-    rejected: int = 0  # turned away (RESOURCE_EXHAUSTED: every decode KV cache full, or the router's
-    # in-flight limit): a decode signal
+    rejected: int = 0  # turned away (RESOURCE_EXHAUSTED: every decode KV cache full, the workers at
+    # their limit, or the router at its own in-flight limit); less `router_rejected`, a decode signal
+    router_rejected: int = 0  # of `rejected`, those the router turned away at its own in-flight limit
     ttft_p50_s: float | None = None
     ttft_p90_s: float | None = None
     ttft_p99_s: float | None = None
@@ -251,6 +260,23 @@ class MetricsWindow:
     def attainment(self) -> float | None:
         n = self.finished
         return None if not n else (self.met or 0) / n
+
+    @property
+    def router_limited(self) -> int:
+        """Requests the router turned away at its own in-flight limit (at most `rejected`: two
+        counters read at once may round apart)."""
+        return max(0, min(self.router_rejected, self.rejected))
+
+    @property
+    def pool_rejected(self) -> int:
+        """Rejected requests a pool turned away (every decode KV cache full, the workers busy)."""
+        return self.rejected - self.router_limited
+
+    @property
+    def served(self) -> int | None:
+        """Finished requests that reached the pools: all but those the router turned away itself."""
+        n = self.finished
+        return None if n is None else n - self.router_limited
 
     def has_pool_data(self) -> bool:
         return self.prefill_backlog_tokens is not None or self.decode_kv_usage is not None
@@ -356,16 +382,23 @@ class PolicyState:
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"not a policy state: {e!r}") from None
 
-    def rebase(self, now: float) -> None:
-        """Move every time in this state back by as much as its newest lies after `now`.
+    def rebase(self, now: float) -> float:
+        """Move every time in this state back by as much as its newest lies after `now`; return how
+        long before `now` its newest time then lies (the gap since it was saved, as far as known).
 
         A state written by a process whose clock ran ahead of this one's (another operator
         replica; this one before a restart and a clock step back) holds times in the future: the
         cooldown and readiness would last longer by the skew, and the burst memory would drop them
         all as repeated calls. One shift for all keeps their spacing, which is what they mean:
         clamping each to `now` would pile them on one instant, where the time-weighted quantiles
-        give them no weight. (A clock that ran behind cannot be told from a pause: its times only
-        look older.)"""
+        give them no weight.
+
+        A clock that ran behind leaves no such mark: its times only look older, as after a pause of
+        as long, and nothing in the state tells the two apart (the state's times are all the
+        writer's; telling them apart needs a clock both share, such as the API server's). So it is
+        read as a pause: the cooldown and the burst memory expire that much sooner, at worst as if
+        the state were fresh (a restart without memory), and what a gap must not read as observed,
+        `decide` does not (see there)."""
         finite = [t for t in self.settled.values() if not math.isinf(t)]
         newest = max(
             [h[-1][0] for h in self.history.values() if h]
@@ -378,7 +411,7 @@ class PolicyState:
         )
         skew = newest - now
         if skew <= 0:
-            return
+            return -skew
         self.history = {p: deque((t - skew, n) for t, n in h) for p, h in self.history.items()}
         self.last_change = {p: t - skew for p, t in self.last_change.items()}
         self.settled = {p: t if math.isinf(t) else t - skew for p, t in self.settled.items()}
@@ -387,6 +420,7 @@ class PolicyState:
         self.outcomes = deque((t - skew, m, n) for t, m, n in self.outcomes)
         if self.started is not None:
             self.started -= skew
+        return 0.0
 
 
 @dataclass
@@ -417,11 +451,16 @@ def _fmt(x: float | None) -> str:
 
 
 def _unserved_hold(pool: str, w: MetricsWindow, own: float, margin: float, n_cur: int) -> _Rec | None:
-    """Hold `pool` when its own miss fraction `own` plus the requests it never served (failed; for
-    prefill also rejected, which never reached it) exceed `margin`: requests that errored out put no
-    load on the pool, so a window of them would otherwise read as room to spare."""
+    """Hold `pool` when its own miss fraction `own` plus the requests it never served (failed; turned
+    away at the router's own limit; for prefill also rejected, which never reached it) exceed
+    `margin`: requests that errored out or were turned away put no load on the pool, so a window of
+    them would otherwise read as room to spare."""
     finished = w.finished or 0
-    counts = [(w.failed or 0, "failed"), (w.rejected if pool == "prefill" else 0, "rejected")]
+    counts = [
+        (w.failed or 0, "failed"),
+        (w.pool_rejected if pool == "prefill" else 0, "rejected"),
+        (w.router_limited, "turned away at the router's in-flight limit"),
+    ]
     lost = sum(n for n, _ in counts)
     if not lost or own + lost / finished <= margin:
         return None
@@ -445,7 +484,9 @@ def _recommend(
     n_cur, n_ready = cur.get(pool), max(cur.ready(pool), 0)
     lo, _ = spec.bounds(pool)
     allowed = 1.0 - spec.attainment
-    finished = w.finished
+    # The pools are judged on the requests they served: those the router turned away at its own
+    # limit never reached them.
+    finished = w.served
     slo_ok = finished is not None and finished >= spec.min_requests
     ups: list[tuple[int, str]] = []
     base = max(n_ready, 1)
@@ -461,8 +502,10 @@ def _recommend(
     m_ttft = m_tpot = m_total = 0.0
     if slo_ok:
         m_ttft = (w.missed_ttft or 0) / finished  # type: ignore[operator]
-        m_tpot = ((w.missed_tpot or 0) + w.rejected) / finished  # type: ignore[operator]
-        m_total = 1.0 - (w.met or 0) / finished  # type: ignore[operator]
+        m_tpot = ((w.missed_tpot or 0) + w.pool_rejected) / finished  # type: ignore[operator]
+        # The pools' misses together, not 1 - attainment: failures are no pool's (they scale
+        # nothing up), and with them in, a pool's few misses beside many failures grew that pool.
+        m_total = m_ttft + m_tpot
     # Unsettled, the window predates the current size: its misses do not size it up, but they still
     # forbid a scale-down (a replica that never becomes ready must not read as room to spare).
     unsettled = ""
@@ -479,10 +522,13 @@ def _recommend(
         slo_missed = m > 0 and (m > allowed or (m_total > allowed and m >= (m_ttft + m_tpot) / 2))
         if slo_missed:
             what = "TTFT" if pool == "prefill" or (decode_saturated and m_ttft) else "TPOT"
+            why = f"{what} misses {m:.0%} of {finished} requests"
+            if m <= allowed:  # within the allowance alone: the larger share of misses over it together
+                why += f", the larger share of all misses {m_total:.0%}"
             ups.append(
                 (
                     max(n_ready + 1, _ceil(base * (1.0 + m - min(m, allowed)))),
-                    f"{what} misses {m:.0%} of {finished} requests > allowed {allowed:.0%}",
+                    f"{why} > allowed {allowed:.0%}",
                 )
             )
 
@@ -721,7 +767,7 @@ def _attainment_feedback(w: MetricsWindow, spec: AutoscalingSpec, state: PolicyS
     horizon, allowed = spec.burst_horizon_seconds, 1.0 - spec.attainment
     if not spec.attainment_feedback or horizon <= 0 or allowed <= 0:
         return ""
-    finished = w.finished
+    finished = w.served  # those the router turned away at its own limit, prefill could not serve
     if finished is not None:
         while state.outcomes and state.outcomes[-1][0] == now:  # a repeated call at the same time replaces
             state.outcomes.pop()
@@ -785,7 +831,15 @@ def decide(
     clock in seconds (a state from `from_json` is first moved onto it: `PolicyState.rebase`). Call
     it every few seconds to a minute; the caller applies the sizes."""
     if state.restored:
-        state.rebase(now)
+        # The gap since the state was saved is a pause, or the skew of a clock that ran behind,
+        # never told apart (see `rebase`). Each decision's window sees the one before it: a gap of
+        # up to a window leaves nothing unseen. A longer one is not observed time: a cold start
+        # being timed then ends somewhere in it (an hour's skew timed an hour, and the burst memory
+        # measured growth over that hour), and it must not count toward a stabilization window
+        # (one window after it would scale down where a fresh start watches a whole one first).
+        if state.rebase(now) > spec.window_seconds:
+            state.scaling_up.clear()
+            state.started = None
         state.restored = False
     if state.started is None:
         state.started = now
@@ -867,6 +921,11 @@ def decide(
     if band_why:
         reasons.append(band_why)
         desired["prefill"], desired["decode"] = p, d
+    if window is not None and window.router_limited:
+        reasons.append(
+            f"router: {window.router_limited} of {window.finished} requests turned away at its"
+            " in-flight limit (no pool is scaled up for them)"
+        )
     for pool in POOLS:
         if desired[pool] != current.get(pool):
             state.last_change[pool] = now

@@ -12,7 +12,12 @@ then holds on what it cannot see); Prometheus unreachable or a query failing rai
 Notes on the mapping:
 * Request outcomes: `increase(tandem_requests_total[window])` by `outcome` (met, missed_ttft,
   missed_tpot, failed, rejected; invalid requests are the caller's fault and are left out),
-  rounded. No series at all while the pools report: zero requests (idle), not missing data.
+  rounded. No series at all while the pools report: zero requests (idle), not missing data. Of the
+  rejected ones, `increase(ROUTER_REJECTED_METRIC)` are those the router turned away at its own
+  in-flight limit (a router without that counter: none told apart, all read as the pools').
+* Pool gauges: `avg(avg_over_time(...))` is the mean over replicas and the window, and the `*_max`
+  fields `max(max_over_time(...))` the busiest replica's highest scrape (the simulator and
+  `scrape.py` compute the same).
 * Prompt-token arrival rate: what prefill computed plus what its backlog grew by,
   `rate(tandem_prefill_tokens_computed_total) + deriv(tandem_prefill_backlog_tokens)` on the
   prefill pool; the peak is a subquery, the highest such rate over `sub_window_s` at `step_s`
@@ -39,6 +44,8 @@ OUTCOMES = ("met", "missed_ttft", "missed_tpot", "failed", "rejected")
 # Seconds a worker's engine spent computing (a counter the workers do not export yet): with it the
 # policy learns a prefill replica's throughput; without it, that query returns nothing.
 BUSY_METRIC = "tandem_engine_busy_seconds_total"
+# Requests the router turned away at its own in-flight limit (also counted as outcome="rejected").
+ROUTER_REJECTED_METRIC = "tandem_router_rejected_requests_total"
 
 
 # What Tandem's monitors scrape at by default (charts/tandem: monitoring.*.interval); the operator's
@@ -83,6 +90,7 @@ def queries(
     pre, dec = f'role="{prefill_role}"', f'role="{decode_role}"'
     q: dict[str, str] = {
         "outcomes": f"sum by (outcome) (increase(tandem_requests_total{_sel(selector)}[{w}]))",
+        "router_rejected": f"sum(increase({ROUTER_REJECTED_METRIC}{_sel(selector)}[{w}]))",
     }
     for name, metric in (
         ("ttft", "tandem_time_to_first_token_seconds"),
@@ -163,7 +171,7 @@ def fetch_window(
     q = queries(window_s, selector, **kw)
     fields: dict[str, Any] = {}
     for name, promql in q.items():
-        if name == "outcomes":
+        if name in ("outcomes", "router_rejected"):
             continue
         result = run(promql, at)
         fields[name] = _value(result[0]) if result else None
@@ -178,6 +186,8 @@ def fetch_window(
         # The router exports every outcome from its start (at 0): no rows is no router scraped, or
         # too few scrapes in the window, never "no requests", which would read as idle.
         return MetricsWindow(duration_s=window_s, **fields)
+    limited = run(q["router_rejected"], at)
+    router_rejected = _value(limited[0]) if limited else None
     return MetricsWindow(
         duration_s=window_s,
         met=counts["met"],
@@ -185,5 +195,7 @@ def fetch_window(
         missed_tpot=counts["missed_tpot"],
         failed=counts["failed"],
         rejected=counts["rejected"],
+        # Rounded apart from the outcome it is part of, it could exceed it: the window clamps it.
+        router_rejected=int(round(router_rejected or 0)),
         **fields,
     )

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .policy import MetricsWindow
-from .prometheus import BUSY_METRIC, OUTCOMES
+from .prometheus import BUSY_METRIC, OUTCOMES, ROUTER_REJECTED_METRIC
 
 Samples = dict[tuple[str, frozenset], float]
 
@@ -194,6 +194,7 @@ class DirectScraper:
             counts = {o: int(round(inc("tandem_requests_total", outcome=o))) for o in OUTCOMES}
             w.met, w.missed_ttft, w.missed_tpot = counts["met"], counts["missed_ttft"], counts["missed_tpot"]
             w.failed, w.rejected = counts["failed"], counts["rejected"]
+            w.router_rejected = int(round(inc(ROUTER_REJECTED_METRIC)))
             for field_name, metric in (
                 ("ttft", "tandem_time_to_first_token_seconds"),
                 ("tpot", "tandem_time_per_output_token_seconds"),

@@ -441,15 +441,21 @@ class Simulator:
         pre = [x for x in self.instances["prefill"] if x.ready(self.now)]
         dec = [x for x in self.instances["decode"] if x.ready(self.now)]
         mean = lambda xs: sum(xs) / len(xs) if xs else 0.0
+        backlog = [x.queued_tokens + x.batch_tokens for x in pre]
+        kv = [x.kv_used / self.lat.kv_capacity_tokens for x in dec]
+        # Columns 7 and 8, the busiest replica's, make the window's `*_max` what Prometheus' and
+        # scrape.py's are (max over replicas and scrapes), not the highest pool mean.
         self.scrapes.append(
             (
                 self.now,
-                mean([x.queued_tokens + x.batch_tokens for x in pre]),
+                mean(backlog),
                 mean([(1 if x.busy else 0) for x in pre]),
                 mean([len(x.queue) for x in pre]),
-                mean([x.kv_used / self.lat.kv_capacity_tokens for x in dec]),
+                mean(kv),
                 mean([len(x.running) + len(x.joining) for x in dec]),
                 mean([len(x.waiting) for x in dec]) + len(self.router_wait),
+                max(backlog, default=0.0),
+                max(kv, default=0.0),
             )
         )
         while self.scrapes and self.scrapes[0][0] < self.now - self.spec.window_seconds:
@@ -491,14 +497,14 @@ class Simulator:
             tpot_p90_s=percentile(tpots, 90),
             tpot_p99_s=percentile(tpots, 99),
             prefill_backlog_tokens=avg(col(1)),
-            prefill_backlog_tokens_max=max(col(1)) if sc else None,
+            prefill_backlog_tokens_max=max(col(7)) if sc else None,
             prompt_tokens_per_s=total / w if self.cfg.arrival_rate_metric else None,
             prompt_tokens_per_s_peak=peak if self.cfg.arrival_rate_metric else None,
             prefill_tokens_per_busy_s=per_busy_s,
             prefill_running=avg(col(2)),
             prefill_waiting=avg(col(3)),
             decode_kv_usage=avg(col(4)),
-            decode_kv_usage_max=max(col(4)) if sc else None,
+            decode_kv_usage_max=max(col(8)) if sc else None,
             decode_running=avg(col(5)),
             decode_waiting=avg(col(6)),
         )
