@@ -403,6 +403,14 @@ def test_standalone_runs_one_replica_without_peering():
     assert not by_kind(docs, "ClusterKopfPeering") and not by_kind(docs, "PodDisruptionBudget")
 
 
+def test_a_node_drain_may_evict_crash_looping_operator_replicas():
+    """minAvailable 1 under the default IfHealthyBudget: with both replicas unready (crash-looping on a
+    bad upgrade, say), neither may be evicted and every node drain waits on them."""
+    pdb = one(render(), "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
 def test_run_as_user_and_group_can_be_left_to_the_platform():
     pod = one(render(VALUE_SETS["openshift"]), "Deployment")["spec"]["template"]["spec"]
     assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}

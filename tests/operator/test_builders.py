@@ -170,6 +170,7 @@ def test_cpu_demo_objects():
     assert pdb["spec"] == {
         "maxUnavailable": 1,
         "selector": {"matchLabels": headless["spec"]["selector"]},
+        "unhealthyPodEvictionPolicy": "AlwaysAllow",
     }
     # The built-in model needs no model volume; the config and the conversion cache are mounted.
     assert [v["name"] for v in pod(prefill)["volumes"]] == ["config", "cache"]
@@ -564,3 +565,85 @@ def test_every_pod_meets_pod_security_restricted(example):
             # Every container runs Tandem's own image (numeric USER): none needs a UID set for it.
             assert c["image"] == manifest["spec"]["image"]
             assert all("hostPort" not in p for p in c.get("ports", []))
+
+
+def _children_with_uri_adapters(example: str) -> list[dict]:
+    manifest = load_example(example)
+    manifest["spec"]["adapters"] = [{"name": "a", "source": "https://example.com/a.tgz"}]
+    spec, errors = plan_spec_errors("x", manifest["spec"])
+    assert errors == [] and spec is not None
+    return build_children(Owner("x", "ns", UID), spec)
+
+
+def test_router_keeps_serving_while_its_endpoints_go_away(monkeypatch):
+    """The router closes its listeners at SIGTERM (new connections are refused at once), while
+    kube-proxy and load balancers take a few seconds to stop sending new ones to a deleted pod: the
+    router must first sleep in preStop, and its grace period must cover that sleep and its drain."""
+    from tandem_worker.server.router_main import DRAIN_SECONDS
+
+    router = build("cpu-demo.yaml")[("Deployment", "smollm2-demo-router")]
+    command = container(router)["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[:2] == ["python", "-c"]
+    slept = []
+    monkeypatch.setattr("time.sleep", slept.append)
+    exec(compile(command[2], "<preStop>", "exec"), {})  # the program the kubelet runs
+    assert slept == [builders.ROUTER_PRESTOP_SECONDS] and slept[0] >= 5
+    assert builders.ROUTER_DRAIN_SECONDS == DRAIN_SECONDS
+    grace = pod(router)["terminationGracePeriodSeconds"]
+    assert grace >= slept[0] + DRAIN_SECONDS + 5  # the kubelet's SIGKILL comes this long after preStop starts
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
+def test_a_node_drain_may_evict_unready_pods(example):
+    """IfHealthyBudget (the default) refuses to evict a Running pod that is not Ready once the pool
+    is below its budget; the routers all turn unready together while no worker pair is healthy, and
+    a pool's workers while their model fails to load, which would block a node drain."""
+    pdbs = [o for o in _children_with_uri_adapters(example) if o["kind"] == "PodDisruptionBudget"]
+    assert pdbs
+    for pdb in pdbs:
+        assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
+def test_containers_without_a_gpu_see_none(example):
+    """Tandem's CUDA image sets NVIDIA_VISIBLE_DEVICES=all; with the NVIDIA device plugin's default
+    strategy a container that requests no GPU (router, CPU pool, init container) would be handed
+    every GPU on its node, those of other pods included. Those containers must override it; those
+    with a GPU limit must not (the device plugin sets it to the GPUs it allocated)."""
+    dockerfile = (Path(__file__).resolve().parents[2] / "worker" / "Dockerfile.cuda").read_text()
+    assert "NVIDIA_VISIBLE_DEVICES=all" in dockerfile  # why the override is needed
+    seen = {"with": 0, "without": 0}
+    for obj in _children_with_uri_adapters(example):
+        if obj["kind"] != "Deployment":
+            continue
+        for c in pod(obj)["containers"] + pod(obj).get("initContainers", []):
+            env = [e for e in c.get("env", []) if e["name"] == "NVIDIA_VISIBLE_DEVICES"]
+            if "nvidia.com/gpu" in c.get("resources", {}).get("limits", {}):
+                assert env == [], c["name"]
+                seen["with"] += 1
+            else:
+                assert env == [{"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"}], c["name"]
+                seen["without"] += 1
+    assert seen["without"] > 0
+
+
+def test_a_pools_own_nvidia_visible_devices_wins():
+    manifest = load_example("cpu-demo.yaml")
+    manifest["spec"]["decode"]["env"] = [{"name": "NVIDIA_VISIBLE_DEVICES", "value": "none"}]
+    spec, errors = plan_spec_errors("x", manifest["spec"])
+    assert errors == [] and spec is not None
+    objs = {(o["kind"], o["metadata"]["name"]): o for o in build_children(Owner("x", "ns", UID), spec)}
+    dep = objs[("Deployment", "x-decode")]
+    env = [e for e in container(dep)["env"] if e["name"] == "NVIDIA_VISIBLE_DEVICES"]
+    assert env == [{"name": "NVIDIA_VISIBLE_DEVICES", "value": "none"}]  # one entry: no shadowed duplicate
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
+def test_children_validate_against_the_oldest_and_newest_kubernetes_schemas(example):
+    """Strict (unknown fields fail) at the chart's kubeVersion floor and the newest schemas: a field
+    the floor's API server lacks would be dropped there, and the operator would patch it forever."""
+    import kubernetes_validate
+
+    for obj in _children_with_uri_adapters(example):
+        for version in ("1.27.0", kubernetes_validate.latest_version()):
+            kubernetes_validate.validate(obj, version, strict=True)

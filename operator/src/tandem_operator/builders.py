@@ -34,7 +34,19 @@ CACHE_MOUNT = "/var/cache/tandem"
 CONFIG_MOUNT = "/etc/tandem"
 ADAPTER_MOUNT = "/adapters"  # adapters fetched from URIs by an init container (an emptyDir)
 PROGRESS_DEADLINE_SECONDS = 900
-ROUTER_TERMINATION_GRACE_SECONDS = 30  # the router drains streams 25 s (DRAIN_SECONDS); the rest: margin
+# A deleted pod leaves its Service's endpoints asynchronously: kube-proxy on every node and any cloud
+# load balancer keep sending new connections to it for a few seconds after the kubelet's SIGTERM. The
+# router closes its listeners at SIGTERM, so it first sleeps this long (preStop) while still serving.
+ROUTER_PRESTOP_SECONDS = 5
+# How long the router's in-flight streams get after SIGTERM (router_main.DRAIN_SECONDS; a test compares).
+ROUTER_DRAIN_SECONDS = 25
+# The grace period runs from the start of preStop: the sleep, then the drain, then a margin.
+ROUTER_TERMINATION_GRACE_SECONDS = ROUTER_PRESTOP_SECONDS + ROUTER_DRAIN_SECONDS + 5
+# Set on containers that ask for no GPU. Tandem's CUDA image sets NVIDIA_VISIBLE_DEVICES=all, and on a
+# GPU node whose NVIDIA container runtime reads it (the device plugin's default "envvar" strategy) a
+# container that requests no nvidia.com/gpu would see every GPU of the node, those allocated to other
+# pods included (NVIDIA/k8s-device-plugin#61). "void": the runtime then adds no GPU at all.
+NO_GPU_ENV = {"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"}
 
 # (apiVersion, kind) of every child kind, in creation order (identity before config before workloads).
 CHILD_KINDS = (
@@ -246,6 +258,7 @@ def _fetch_container(
         "name": name,
         **image,
         "command": command,
+        "env": [dict(NO_GPU_ENV)],  # init containers never get a GPU allocated
         "securityContext": _container_security(),
         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
     }
@@ -397,9 +410,11 @@ def _pod_security() -> dict[str, Any]:
     return {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def _env(pool_env: list[api.EnvVar]) -> list[dict[str, Any]]:
+def _env(pool_env: list[api.EnvVar], gpus: int) -> list[dict[str, Any]]:
     # The built-in GGUF model is converted once into this cache (an emptyDir): the image stays read-only.
     env = [{"name": "TANDEM_CACHE_DIR", "value": CACHE_MOUNT}]
+    if gpus == 0 and all(e.name != NO_GPU_ENV["name"] for e in pool_env):  # the pool's own value wins
+        env.append(dict(NO_GPU_ENV))
     return env + [{"name": e.name, "value": e.value} for e in pool_env]
 
 
@@ -485,7 +500,7 @@ def build_worker_deployment(
             {"name": "grpc", "containerPort": pool.port, "protocol": "TCP"},
             {"name": "metrics", "containerPort": pool.metrics_port, "protocol": "TCP"},
         ],
-        "env": _env(pool.env),
+        "env": _env(pool.env, pool.gpus),
         "resources": build_resources(pool.cpu, pool.memory, pool.gpus),
         "volumeMounts": _pod_mounts(spec, adapters=True),
         **_probes(pool.port, startup="grpc"),
@@ -579,10 +594,16 @@ def build_router_deployment(
                 for n, _, _ in _router_api_ports(r)
             ),
         ],
-        "env": _env([]),
+        "env": _env([], 0),
         "resources": build_resources(r.cpu, r.memory, 0),
         "volumeMounts": _pod_mounts(spec, adapters=False),
         **_probes(api.ROUTER_CONTAINER_PORTS["grpc"], startup="tcpSocket"),
+        # `python`: the one program the image must have (the default fetch containers run it too).
+        "lifecycle": {
+            "preStop": {
+                "exec": {"command": ["python", "-c", f"import time; time.sleep({ROUTER_PRESTOP_SECONDS})"]}
+            }
+        },
         "securityContext": _container_security(),
     }
     selector = selector_labels(owner, "router")
@@ -645,11 +666,19 @@ def _router_api_ports(r: api.Router) -> list[tuple[str, int, str]]:
 
 def build_pdb(owner: Owner, component: str) -> dict[str, Any]:
     # maxUnavailable (not minAvailable): a one-replica pool still lets a node drain.
+    # AlwaysAllow: a pod that is not Ready protects no capacity, so evicting it is always allowed. The
+    # default (IfHealthyBudget) refuses to evict unready pods once the pool is below budget, and a
+    # pool's pods often turn unready together (every router while no worker pair is healthy, every
+    # worker of a model that fails to load): a node drain then blocks until they recover.
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
         "metadata": _meta(owner, child_name(owner, component), component),
-        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(owner, component)}},
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": selector_labels(owner, component)},
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
     }
 
 
