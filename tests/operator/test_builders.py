@@ -227,11 +227,11 @@ def test_heterogeneous_pools_land_on_their_own_gpu_types():
 
 def test_colocated_example_fetches_its_model_and_has_one_pool():
     objs = build("colocated.yaml")
-    n = "qwen-small"
+    n = "smollm2-small"
     assert ("Deployment", f"{n}-prefill") not in objs and ("Deployment", f"{n}-decode") not in objs
     dep = objs[("Deployment", f"{n}-colocated")]
     assert flag(container(dep)["args"], "--role") == "colocated"
-    assert flag(container(dep)["args"], "--model") == "/models/qwen2-0.5b-instruct-q8_0.gguf"
+    assert flag(container(dep)["args"], "--model") == "/models/smollm2-360m-instruct-q8_0.gguf"
     # No peer pool: no pod affinity towards one.
     assert "podAffinity" not in pod(dep).get("affinity", {})
     (init,) = pod(dep)["initContainers"]
@@ -239,7 +239,7 @@ def test_colocated_example_fetches_its_model_and_has_one_pool():
     assert init["image"] == container(dep)["image"]
     assert init["command"][-3:] == [
         "model",
-        "https://models.example.com/qwen2-0.5b-instruct-q8_0.gguf",
+        "https://models.example.com/smollm2-360m-instruct-q8_0.gguf",
         "/models",
     ]
     assert init["volumeMounts"] == [{"name": "model", "mountPath": "/models"}]
