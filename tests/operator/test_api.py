@@ -24,7 +24,7 @@ def test_check_fails_on_drift(tmp_path):
         (tmp_path / name).write_text(text)
     assert crd.main(["--check", "--out", str(tmp_path)]) == 0
     path = tmp_path / f"{api.PLURAL}.{api.GROUP}.yaml"
-    path.write_text(path.read_text().replace("maximum: 16", "maximum: 17"))
+    path.write_text(path.read_text().replace("maximum: 1000", "maximum: 1001"))
     assert crd.main(["--check", "--out", str(tmp_path)]) == 1
 
 
@@ -62,7 +62,7 @@ def test_crd_schema_is_structural_and_documented():
     assert spec["properties"]["mode"]["enum"] == ["disaggregated", "colocated"]
     assert spec["properties"]["mode"]["default"] == "disaggregated"
     pool = spec["properties"]["prefill"]
-    assert pool["properties"]["gpus"]["minimum"] == 0 and pool["properties"]["gpus"]["maximum"] == 16
+    assert pool["properties"]["gpus"]["minimum"] == 0 and pool["properties"]["gpus"]["maximum"] == 1
     assert pool["properties"]["replicas"]["default"] == 1
     assert spec["properties"]["router"]["default"] == {}  # so the API server fills the router's defaults
     slo = spec["properties"]["slo"]["properties"]["attainment"]
@@ -100,7 +100,7 @@ def _demo_spec() -> dict:
         ({"model": {"builtin": "smollm2-135m", "uri": "https://x/y.gguf"}}, "exactly one of builtin"),
         ({"mode": "colocated"}, "mode colocated needs a colocated pool"),
         ({"decode": None}, "mode disaggregated needs prefill and decode"),
-        ({"prefill": {"gpus": 17}}, "less than or equal to 16"),
+        ({"prefill": {"gpus": 2}}, "less than or equal to 1"),
         ({"prefill": {"memory": "lots"}}, "should match pattern"),
         ({"slo": {"attainment": 0}}, "greater than 0"),
         ({"autoscaling": {"prefillDecodeRatio": {"min": 2, "max": 1}}}, "ratio min must be <= max"),

@@ -254,8 +254,16 @@ class Pool(_Model):
     max_replicas: int | None = Field(
         default=None, ge=1, le=1000, description="Upper bound for the autoscaler (default: replicas)."
     )
+    # At most 1: a worker runs one engine on one device (no tensor parallelism), so a second GPU per
+    # pod would be allocated and never used.
     gpus: int = Field(
-        default=1, ge=0, le=16, description="nvidia.com/gpu per pod; 0 runs the engine on CPU (demos)."
+        default=1,
+        ge=0,
+        le=1,
+        description=(
+            "nvidia.com/gpu per pod: 1, or 0 to run the engine on CPU (demos). A worker runs one engine on "
+            "one GPU (no tensor parallelism)."
+        ),
     )
     gpu_product: str | None = Field(
         default=None,
