@@ -92,7 +92,8 @@ def test_cpu_demo_objects():
     assert c["args"] == [
         "worker", "--role", "prefill", "--model", "smollm2-135m", "--host", "0.0.0.0",
         "--port", "50061", "--metrics-port", "9091", "--device", "cpu",
-        "--max-num-batched-tokens", "2048", "--max-pending", "256", "--kv-cache-bytes", "268435456",
+        "--max-num-batched-tokens", "2048", "--max-pending", "256", "--drain-timeout", "55",
+        "--kv-cache-bytes", "268435456",
     ]  # fmt: skip
     # CPU-only pool: no GPU limits, no GPU toleration, no GPU product affinity.
     assert c["resources"] == {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "2Gi"}}
@@ -103,7 +104,7 @@ def test_cpu_demo_objects():
     assert c["startupProbe"]["grpc"] == {"port": 50061}
     assert c["startupProbe"]["failureThreshold"] * c["startupProbe"]["periodSeconds"] >= 300
     assert c["livenessProbe"]["tcpSocket"] == {"port": 50061}
-    assert pod(prefill)["terminationGracePeriodSeconds"] == 60  # > the worker's 30 s drain
+    assert pod(prefill)["terminationGracePeriodSeconds"] == 60  # the drain (55 s) and 5 s to close
     # Prefill prefers the zone of this deployment's decode pods (and vice versa).
     affinity = pod(prefill)["affinity"]["podAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
     assert affinity["podAffinityTerm"] == {
@@ -647,3 +648,19 @@ def test_children_validate_against_the_oldest_and_newest_kubernetes_schemas(exam
     for obj in _children_with_uri_adapters(example):
         for version in ("1.27.0", kubernetes_validate.latest_version()):
             kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_a_longer_grace_period_lengthens_the_workers_drain():
+    """The worker's drain was a fixed 30 s: raising terminationGracePeriodSeconds for long generations
+    still cut them at 30 s on every scale-down and rollout."""
+    from tandem_worker.cli import build_parser
+
+    body = load_example("cpu-demo.yaml")
+    spec = api.ModelDeploymentSpec.model_validate({**body["spec"], "terminationGracePeriodSeconds": 600})
+    args = build_parser().parse_args(builders.build_worker_args("decode", spec.decode, spec))
+    assert args.drain_timeout == 595
+    owner = Owner(name="d", namespace="ns", uid="u")
+    assert (
+        pod(builders.build_worker_deployment(owner, spec, "decode", "h"))["terminationGracePeriodSeconds"]
+        == 600
+    )

@@ -517,8 +517,8 @@ class ModelDeploymentSpec(_Model):
         ge=35,
         le=3600,
         description=(
-            "Grace period of worker pods: a worker drains in-flight requests for up to 30 s after "
-            "SIGTERM, so this must exceed that."
+            "Grace period of worker pods: after SIGTERM a worker lets in-flight requests finish for "
+            "this less 5 s (at least 30 s), so a longer one suits long generations."
         ),
     )
 

@@ -42,6 +42,8 @@ ROUTER_PRESTOP_SECONDS = 5
 ROUTER_DRAIN_SECONDS = 25
 # The grace period runs from the start of preStop: the sleep, then the drain, then a margin.
 ROUTER_TERMINATION_GRACE_SECONDS = ROUTER_PRESTOP_SECONDS + ROUTER_DRAIN_SECONDS + 5
+# What a worker's grace period keeps beyond its drain: closing the server and the engine.
+WORKER_DRAIN_MARGIN_SECONDS = 5
 # Set on containers that ask for no GPU. Tandem's CUDA image sets NVIDIA_VISIBLE_DEVICES=all, and on a
 # GPU node whose NVIDIA container runtime reads it (the device plugin's default "envvar" strategy) a
 # container that requests no nvidia.com/gpu would see every GPU of the node, those allocated to other
@@ -430,6 +432,8 @@ def build_worker_args(role: str, pool: api.Pool, spec: api.ModelDeploymentSpec) 
         "--device", "cuda" if pool.gpus > 0 else "cpu",
         "--max-num-batched-tokens", str(pool.max_num_batched_tokens),
         "--max-pending", str(pool.max_pending),
+        # In-flight requests finish within the pod's grace period: a longer one lengthens the drain.
+        "--drain-timeout", str(spec.termination_grace_period_seconds - WORKER_DRAIN_MARGIN_SECONDS),
     ]  # fmt: skip
     if pool.kv_cache_bytes is not None:
         args += ["--kv-cache-bytes", str(pool.kv_cache_bytes)]

@@ -169,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument(
         "--max-pending", type=positive_int, default=256, help="requests in flight before RESOURCE_EXHAUSTED"
     )
+    w.add_argument(
+        "--drain-timeout",
+        type=non_negative_float,
+        default=30.0,
+        help="seconds in-flight requests get to finish after SIGTERM (keep it below the pod's grace period)",
+    )
 
     r = sub.add_parser("router", help="serve the gRPC inference endpoint in front of workers")
     r.add_argument("--model", default="smollm2-135m")
@@ -490,6 +496,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         args.metrics_port,
         max_pending=args.max_pending,
         adapters=adapters,
+        drain_timeout=args.drain_timeout,
     )
 
 

@@ -31,7 +31,7 @@ from .worker_pool import WorkerPool
 log = logging.getLogger(__name__)
 
 # On SIGTERM, streams in flight get this long to finish (answers stream for tens of seconds; 5 s
-# cut them off at every rollout). Within the pod's 30 s termination grace (builders.py).
+# cut them off at every rollout). Within the pod's 35 s termination grace, after its 5 s preStop (builders.py).
 DRAIN_SECONDS = 25.0
 
 
@@ -53,7 +53,7 @@ def serve_router(
     off. `served_model_name` is the model id clients use (default: `model`)."""
     if not decode:
         raise ValueError("the router needs at least one decode or colocated worker (--decode)")
-    folder = resolve_model(model)
+    folder = resolve_model(model, weights=False)  # config and tokenizer: no weights in the router
     cfg = ModelConfig.from_folder(folder)
     tok = Tokenizer(folder)
     eos = set(cfg.eos_token_ids) | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
