@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
@@ -441,3 +442,88 @@ def test_reset_prefix_cache_drops_unreferenced_entries_only():
     assert probe_cached_tokens(bm, list(range(9)), "p2") == 8
     bm.free(held)
     assert bm.num_free_blocks == 8
+
+
+# --- adapter runs (LoRA weights paged in the KV pool) --------------------------------------------
+
+
+def cache_prompt(bm: BlockManager, tokens: list[int], rid: str) -> Sequence:
+    """Compute `tokens` (whole blocks) and publish them; the caller frees the sequence."""
+    seq = make_seq(tokens, rid)
+    admit_all(bm, seq)
+    compute_all(bm, seq)
+    return seq
+
+
+def test_adapter_run_takes_free_blocks_before_evicting_a_cached_prefix():
+    """The reviewer's case: the highest unreferenced run held a cached prefix while a free run sat
+    lower. Taking it cost half the prefix's hits for no reason."""
+    bm = BlockManager(num_blocks=16, block_size=BS)
+    private = make_seq(list(range(1000, 1000 + 8 * BS)), "private")
+    admit_all(bm, private)  # blocks 0-7, never published
+    shared = cache_prompt(bm, list(range(2000, 2000 + 8 * BS)), "shared")  # blocks 8-15
+    bm.free(private)
+    bm.free(shared)
+    bm.forget(shared)
+    start = bm.allocate_run(4)
+    assert start == 4  # the highest free run: KV keeps the lowest block ids
+    assert bm.num_evictions == 0
+    assert probe_cached_tokens(bm, list(range(2000, 2000 + 8 * BS)) + [1]) == 8 * BS
+    bm.free_run(start, 4)
+    assert bm.num_free_blocks == 16
+
+
+def test_adapter_run_evicts_the_least_recently_used_prefix_when_no_free_run_exists():
+    bm = BlockManager(num_blocks=17, block_size=BS)  # block 16: room for the probes' last token
+    old_tokens, new_tokens = list(range(3000, 3000 + 8 * BS)), list(range(4000, 4000 + 8 * BS))
+    old, new = cache_prompt(bm, old_tokens, "old"), cache_prompt(bm, new_tokens, "new")
+    assert old.block_table == list(range(8)) and new.block_table == list(range(8, 16))
+    for s in (old, new):  # every block but 16 cached; the old prompt's the least recently used
+        bm.free(s)
+        bm.forget(s)
+    start = bm.allocate_run(4)
+    assert bm.num_evictions == 4
+    # The old prompt's tail (its least recently used blocks), not the newest prompt at the top.
+    assert start == 4
+    assert probe_cached_tokens(bm, new_tokens + [1], "pn") == 8 * BS
+    assert probe_cached_tokens(bm, old_tokens + [1], "po") == 4 * BS
+    # Hitting the old prompt again makes the new one the least recently used.
+    bm.free_run(start, 4)
+    assert probe_cached_tokens(bm, old_tokens + [1], "po2") == 4 * BS
+    start = bm.allocate_run(8)
+    assert probe_cached_tokens(bm, old_tokens + [1], "po3") == 4 * BS
+    assert probe_cached_tokens(bm, new_tokens + [1], "pn2") < 8 * BS
+
+
+def test_adapter_run_costs_the_prefix_cache_the_least():
+    """Against every candidate run: a free one if any (the highest), else the one whose newest
+    cached block is the oldest (then the fewest cached blocks, then the highest)."""
+    for seed in range(300):
+        rng = random.Random(seed)
+        bm = BlockManager(num_blocks=rng.randint(1, 30), block_size=2)
+        held: list[Sequence] = []
+        for i in range(rng.randint(0, 12)):
+            s = make_seq([rng.randint(0, 3) for _ in range(rng.randint(1, 8))], f"s{i}")
+            if bm.admit(s, s.num_tokens):
+                compute_all(bm, s)
+                held.append(s)
+            if held and rng.random() < 0.5:
+                gone = held.pop(rng.randrange(len(held)))
+                bm.free(gone)
+                bm.forget(gone)
+            if rng.random() < 0.2:
+                bm.allocate_run(rng.randint(1, 3))
+        n = rng.randint(1, 5)
+        age = {b: i for i, b in enumerate(bm._evictable, 1)}
+        candidates = [
+            (max(age.get(b, 0) for b in range(s, s + n)), sum(b in age for b in range(s, s + n)), -s)
+            for s in range(bm.num_blocks - n + 1)
+            if not any(bm.ref_counts[b] for b in range(s, s + n))
+        ]
+        expected = -min(candidates)[2] if candidates else None
+        free_before = bm.num_free_blocks
+        assert bm.allocate_run(n) == expected, f"seed {seed}"
+        if expected is not None:
+            assert bm.num_free_blocks == free_before - n
+            assert all(bm.ref_counts[b] == 1 for b in range(expected, expected + n))
+            assert not set(range(expected, expected + n)) & (set(bm._free) | set(bm._evictable))

@@ -449,6 +449,66 @@ def test_remote_kv_waits_for_blocks_and_finish_frees_reservations():
     sim.assert_all_free()
 
 
+def test_a_chunked_prefill_does_not_stall_remote_kv_decodes_behind_it():
+    """Activated remote-KV sequences join `running` behind a local prefill (on a decode worker, a
+    preempted request's recompute): they decode every step while it goes on in smaller chunks.
+    They got no token until its whole prompt was computed."""
+    budget = 8
+    sim = Sim(num_blocks=64, budget=budget)
+    long = make_seq("long", 45, 2)
+    sim.add(long)
+    sim.step()
+    r1, r2 = make_remote("r1", 5, 20, 7), make_remote("r2", 6, 20, 8)
+    sim.add(r1, r2)
+    assert sim.step().reserved == [r1, r2]
+    for r in (r1, r2):
+        sim.land_remote_kv(r)
+        sim.sched.activate(r)
+    assert sim.sched.running == [long, r1, r2]
+    prefill_chunks = []
+    while not long.output_token_ids:
+        out = sim.step()
+        assert [(c.seq, c.num_tokens) for c in out.chunks[1:]] == [(r1, 1), (r2, 1)], "decodes stalled"
+        prefill_chunks.append(chunk_of(out, long).num_tokens)
+    assert prefill_chunks == [6, 6, 6, 6, 5]  # 45 tokens: two chunks of 8 alone, then of budget - 2
+    sim.run()
+    assert len(r1.output_token_ids) == len(r2.output_token_ids) == 20
+
+
+def test_a_preempted_request_goes_before_remote_kv_arrivals():
+    """A decode worker under a steady stream of remote-KV arrivals: the reservations for arrivals
+    took every block freed, step after step, and a preempted request (mid-answer) never came back
+    while arrivals kept coming. It goes first, and they wait while it waits for room."""
+    sim = Sim(num_blocks=4, budget=64)
+    a, b = make_seq("a", 4, 12), make_seq("b", 4, 12)
+    sim.add(a, b)
+    out = sim.step()
+    while not out.preempted:
+        out = sim.step()
+    assert out.preempted == [b]
+    arrivals = []
+    for i in range(40):
+        r = make_remote(f"r{i}", 3, 2, first_token=5)
+        arrivals.append(r)
+        sim.add(r)
+        out = sim.step()
+        for x in out.reserved:
+            sim.land_remote_kv(x)
+            sim.sched.activate(x)
+        if b in out.admitted:
+            break
+        assert not out.reserved, "an arrival took the blocks a preempted request waits for"
+    else:
+        pytest.fail("the preempted request never ran again while arrivals kept coming")
+    while sim.sched.has_work:
+        for x in sim.step().reserved:
+            sim.land_remote_kv(x)
+            sim.sched.activate(x)
+        assert len(sim.steps) < 500
+    sim.assert_all_free()
+    assert len(b.output_token_ids) == 12 and all(len(r.output_token_ids) == 2 for r in arrivals)
+
+
 def test_max_num_seqs_counts_reserved_remote_sequences():
     sim = Sim(num_blocks=32, budget=64, max_num_seqs=2)
     a = make_seq("a", 4, 10)

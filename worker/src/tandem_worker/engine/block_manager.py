@@ -8,7 +8,8 @@ Parts:
 - freed blocks that carry a hash stay cached and are evicted least-recently-used, and
   only when a fresh block is needed;
 - contiguous runs of blocks for LoRA adapters (unified paging, see lora.py): KV takes the
-  lowest free block ids and adapters the highest free run, so the two rarely fragment each other.
+  lowest free block ids and adapters the highest free run, so the two rarely fragment each other;
+  a run evicts cached prefix blocks only when no free run exists (`allocate_run`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 from array import array
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from .sequence import Sequence
@@ -126,18 +127,48 @@ class BlockManager:
         self.num_evictions += 1
 
     def allocate_run(self, n: int) -> int | None:
-        """Take `n` consecutive unreferenced blocks (the highest such run; cached ones are evicted).
+        """Take `n` consecutive unreferenced blocks; None if no such run exists now.
 
-        Returns the first block id, or None if no such run exists now. The blocks stay out of the
-        KV allocator until `free_run`.
+        The highest run of never-cached (free) blocks, so KV (lowest ids first) and adapters rarely
+        fragment each other. Only when no such run exists are cached prefix blocks evicted: from
+        the run whose most recently used cached block is the oldest (fewest evicted on a tie), so
+        a run costs the prefix cache no block that LRU eviction would have kept longer. Taking the
+        highest run regardless evicted hot prefixes while a free run sat lower in the pool.
+        The blocks stay out of the KV allocator until `free_run`.
         """
-        run = 0
+        refs = self.ref_counts
+        # Recency of each cached block, 1 = least recently used; free blocks count as 0.
+        age = [0] * self.num_blocks
+        for i, b in enumerate(self._evictable, 1):
+            age[b] = i
         start = None
+        best_age = best_cached = self.num_blocks + 1  # of the best run so far
+        run = cached = 0
+        newest: deque[int] = deque()  # the window's cached blocks by falling id and age: max first
         for b in range(self.num_blocks - 1, -1, -1):
-            run = run + 1 if self.ref_counts[b] == 0 else 0
-            if run == n:
-                start = b
-                break
+            if refs[b]:
+                run = cached = 0
+                newest.clear()
+                continue
+            a = age[b]
+            run += 1
+            if a:
+                cached += 1
+                while newest and age[newest[-1]] <= a:
+                    newest.pop()
+                newest.append(b)
+            if run > n:  # block b + n leaves the window [b, b + n)
+                if age[b + n]:
+                    cached -= 1
+                    if newest[0] == b + n:
+                        newest.popleft()
+            if run >= n:
+                if not cached:
+                    start = b
+                    break  # all free, and the highest such run: nothing beats it
+                m = age[newest[0]]
+                if m < best_age or (m == best_age and cached < best_cached):
+                    best_age, best_cached, start = m, cached, b
         if start is None:
             return None
         taken = range(start, start + n)

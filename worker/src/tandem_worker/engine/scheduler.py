@@ -2,8 +2,8 @@
 
 Each `schedule()` call decides one model step:
 - running sequences go first, oldest first: a decode takes one token, an unfinished
-  (chunked) prefill takes what is left of the budget, so a long prompt never stalls the
-  running decodes for more than one chunk;
+  (chunked) prefill takes what is left of the budget but a token for each decode behind it,
+  so a long prompt never stalls the running decodes for more than one chunk;
 - then waiting sequences are admitted first-come-first-served while the budget, the
   sequence limit and free KV blocks allow; the head of the queue is never skipped, so
   no request starves;
@@ -12,7 +12,9 @@ Each `schedule()` call decides one model step:
   cache) and it goes back to the front of the queue;
 - on a decode worker, a request whose prompt KV comes from a prefill worker first waits in
   `awaiting` until blocks for its whole prompt can be reserved (admission control where memory
-  is scarce); it then sits in `reserved`, never scheduled nor preempted, until `activate()`;
+  is scarce); it then sits in `reserved`, never scheduled nor preempted, until `activate()`.
+  Such arrivals are reserved for before the waiting sequences, unless a preempted one heads the
+  queue: then it goes first, and they wait while it waits for room;
 - a request for a LoRA adapter is admitted only once its adapter is on the device, and pins it
   there until it finishes or is preempted; unpinned adapters give their blocks back before any
   running sequence is preempted for room. While an adapter is read from the store (bounded by a
@@ -152,11 +154,19 @@ class Scheduler:
         salt = self.adapters.cache_salt(name)
         if seq.cache_salt != salt:
             # The adapter's files changed on disk since the request took its salt (see
-            # LoRAManager.cache_salt). Never admitted, it has computed and sent nothing: it runs
-            # with the weights there now. Otherwise part of its answer came from the old weights.
-            if seq.num_preemptions == 0 and not seq.output_token_ids:
+            # LoRAManager.cache_salt). While nothing of the old weights' work has left the engine,
+            # no token sampled and no KV streamed to a decode worker, it starts over with the
+            # weights there now, so its whole answer comes from one adapter: never admitted, or
+            # preempted mid-prefill (holding no blocks, it recomputes its prompt anyway). A
+            # preempted prefill-worker request (kv_sink) has streamed part of its prompt's KV.
+            # Otherwise part of its answer came from the old weights.
+            streamed = seq.kv_sink is not None and seq.num_preemptions > 0
+            if not seq.output_token_ids and not streamed:
                 seq.cache_salt = salt
-                self.bm.forget(seq)  # hashes chained from the old salt by a failed admission
+                self.bm.forget(seq)  # hashes chained from the old salt
+                # Started over: its next admission's hits are other requests' KV under the new
+                # salt, which usage reports as its prompt's cached tokens (see BlockManager.admit).
+                seq.num_preemptions = 0
             else:
                 self._release(seq)
                 queue.popleft()
@@ -177,9 +187,10 @@ class Scheduler:
         out: SchedulerOutput,
         has_room: Callable[[], bool],
         admit: Callable[[Sequence], bool],
-    ) -> None:
+    ) -> bool:
         """Admit from the front of `queue` while `has_room()`: first come first served, each with
         its adapter pinned, through `admit` (False: no KV room, and the queue stops there).
+        True if the queue stopped behind a request waiting for room (KV, or its adapter's).
 
         Passed over, keeping their place at the front: requests whose adapter is being read; one
         whose adapter finds no room on the device, for `adapter_wait_steps` steps of its wait (then
@@ -187,7 +198,7 @@ class Scheduler:
         too. So what goes ahead of a request waiting for room takes none of the room it waits for
         but KV, and the host cache is not churned by reads for adapters that could not run."""
         passed: list[Sequence] = []
-        blocked = False
+        blocked = stalled = False
         while queue and has_room():
             seq = queue[0]
             if blocked and self._needs_room(seq):
@@ -196,6 +207,7 @@ class Scheduler:
             if not self._acquire(seq, queue, out):
                 if not self._adapter_loading(seq):  # no room (the read may have just started)
                     if seq.num_adapter_waits >= self.adapter_wait_steps:
+                        stalled = True
                         break
                     seq.num_adapter_waits += 1
                     blocked = True
@@ -206,6 +218,7 @@ class Scheduler:
             if not admit(seq):
                 self._release(seq)
                 if self.running or self.reserved:
+                    stalled = True
                     break  # they free room as they finish
                 # Nothing else holds KV, and every adapter but its own has been evicted for it: it
                 # will never fit (its adapter was not in memory when it arrived, to refuse it then).
@@ -216,6 +229,7 @@ class Scheduler:
             if seq.num_preemptions == 0:  # a re-admission's hits are its own earlier work
                 self.stats.num_prefix_cached_tokens += seq.num_cached_tokens
         queue.extendleft(reversed(passed))
+        return stalled
 
     def _never_fits(self, seq: Sequence) -> str:
         bm = self.bm
@@ -267,7 +281,14 @@ class Scheduler:
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = seq.num_uncomputed_tokens
+            if n > 1:
+                # A (chunked) prefill leaves a token to each decode behind it: remote-KV arrivals
+                # join `running` behind a recompute, and would stall until its prompt was done.
+                behind = sum(1 for s in running[i + 1 :] if s.num_uncomputed_tokens == 1)
+                n = min(n, max(1, budget - behind))
+            else:
+                n = min(n, budget)
             while not grow(seq, n):
                 if self.adapters is not None and self.adapters.evict_one():
                     continue
@@ -299,7 +320,13 @@ class Scheduler:
         def has_seq_room() -> bool:
             return not out.preempted and len(self.running) + len(self.reserved) < self.max_num_seqs
 
-        self._admit_from(self.awaiting, out, has_seq_room, reserve)
+        # First come first served across the two queues: a preempted request (older than any
+        # arrival behind it, and mid-answer) goes before the remote-KV arrivals, which wait while it
+        # waits for room. Reserving for arrivals first took the blocks it waited for, step after
+        # step: under a steady stream of arrivals it never ran again.
+        preempted_first = bool(self.waiting) and self.waiting[0].num_preemptions > 0
+        if not preempted_first:
+            self._admit_from(self.awaiting, out, has_seq_room, reserve)
 
         def start(seq: Sequence) -> bool:
             nonlocal budget
@@ -313,7 +340,9 @@ class Scheduler:
             budget -= n
             return True
 
-        self._admit_from(self.waiting, out, lambda: budget > 0 and has_seq_room(), start)
+        stalled = self._admit_from(self.waiting, out, lambda: budget > 0 and has_seq_room(), start)
+        if preempted_first and not stalled:
+            self._admit_from(self.awaiting, out, has_seq_room, reserve)
         return out
 
     def on_step_done(self, out: SchedulerOutput) -> None:
