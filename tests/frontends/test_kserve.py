@@ -295,3 +295,204 @@ def test_a_half_precision_tensor_in_typed_contents_is_a_clear_bad_request():
     r.inputs.add(name="temperature", datatype="FP16", shape=[1])
     with pytest.raises(BadRequest, match="FP16 travels in raw_input_contents only"):
         svc.translate(r)
+
+
+def test_request_parameters_set_sampling_as_sampling_parameters_do(client, ref):
+    # The protocol's own request-level `parameters` map (tritonclient's `parameters=`), not a tensor.
+    r = client.infer(
+        SERVED, [text_input()], parameters={"max_tokens": 16, "temperature": 0.0, "ignore_eos": True}
+    )
+    assert text_of(r) == ref.text and ref.text
+    with pytest.raises(InferenceServerException) as ei:
+        client.infer(SERVED, [text_input()], parameters={"max_tokenz": 4})
+    assert "INVALID_ARGUMENT" in ei.value.status() and "max_tokenz" in ei.value.message()
+    with pytest.raises(InferenceServerException) as ei:
+        client.infer(SERVED, [text_input()], parameters={"repetition_penalty": 1.3})
+    assert "INVALID_ARGUMENT" in ei.value.status() and "repetition_penalty" in ei.value.message()
+
+
+def test_the_timeout_parameter_is_the_deadline(client, deployment):
+    # Triton's schedule-policy `timeout` (microseconds): 1 µs cannot be met.
+    with pytest.raises(InferenceServerException) as ei:
+        client.infer(SERVED, [text_input(), sampling(max_tokens=2000, ignore_eos=True)], timeout=1)
+    assert "DEADLINE_EXCEEDED" in ei.value.status()
+    assert_idle(deployment.workers, timeout=20)
+
+
+def test_a_response_names_the_model_also_when_the_request_did_not(client, ref):
+    r = client.infer("", [text_input(), sampling(**GREEDY)])
+    assert text_of(r) == ref.text
+    assert r.get_response().model_name == SERVED
+    results, errors = _stream(
+        client, [("", [text_input(), sampling(**GREEDY), tensor("stream", True, "BOOL")], "m")]
+    )
+    assert not errors and all(x.get_response().model_name == SERVED for x in results["m"])
+
+
+def _service():
+    from tandem_worker.server.kserve import KServeService
+
+    return KServeService("127.0.0.1:1", "smol", 8192, adapters=lambda: [], ready=lambda: True)
+
+
+def _request(params: dict | None = None, **tensors):
+    """A ModelInferRequest: text_input "Hi", then `tensors` (name -> (datatype, value)) in typed
+    contents, and `params` as the request's own parameters."""
+    from tritonclient.grpc import service_pb2 as kpb
+
+    from tandem_worker.server.kserve import CONTENTS
+
+    r = kpb.ModelInferRequest(model_name="smol")
+    t = r.inputs.add(name="text_input", datatype="BYTES", shape=[1])
+    t.contents.bytes_contents.append(b"Hi")
+    for name, (dt, value) in tensors.items():
+        t = r.inputs.add(name=name, datatype=dt, shape=[1])
+        getattr(t.contents, CONTENTS[dt]).append(value)
+    for key, value in (params or {}).items():
+        if isinstance(value, bool):
+            r.parameters[key].bool_param = value
+        elif isinstance(value, int):
+            r.parameters[key].int64_param = value
+        elif isinstance(value, float):
+            r.parameters[key].double_param = value
+        else:
+            r.parameters[key].string_param = value
+    return r
+
+
+def test_request_parameters_translate_with_the_checks_of_sampling_parameters():
+    from tandem_worker.server.kserve import BadRequest
+
+    svc = _service()
+    t = svc.translate(
+        _request(
+            {
+                "max_tokens": 7,
+                "temperature": 0.5,
+                "top_p": "0.9",
+                "top_k": 3,
+                "seed": 11,
+                "stop": "\n\n",
+                "stop_token_ids": 2,
+                "ignore_eos": True,
+                # No-op values of what the engine lacks, and what Triton's clients send.
+                "n": 1,
+                "repetition_penalty": 1.0,
+                "use_beam_search": False,
+                "priority": 3,
+                "sequence_id": 0,
+                "triton_enable_empty_final_response": True,
+                "timeout": 2_500_000,
+            }
+        )
+    )
+    s = t.request.sampling
+    assert (s.max_tokens, s.temperature, round(s.top_p, 3), s.top_k, s.seed, s.ignore_eos) == (
+        7,
+        0.5,
+        0.9,
+        3,
+        11,
+        True,
+    )
+    assert list(s.stop) == ["\n\n"] and list(s.stop_token_ids) == [2]
+    assert t.timeout == 2.5
+    for params, match in (
+        ({"max_tokens": 0}, "parameters.max_tokens: must be >= 1"),
+        ({"max_tokens": 2.5}, "parameters.max_tokens: bad value"),
+        ({"temperature": True}, "parameters.temperature: bad value"),
+        ({"ignore_eos": 1}, "parameters.ignore_eos: bad value"),
+        ({"stop": 5}, "parameters.stop: bad value"),
+        ({"n": 2}, "parameters.n: 2 is not supported"),
+        ({"n": True}, "parameters.n: True is not supported"),  # a bool is not the count 1
+        ({"presence_penalty": 0.5}, "parameters.presence_penalty"),
+        ({"sequence_id": 42}, "sequences"),
+        ({"timeout": -1}, "parameters.timeout"),
+        ({"headers": "x"}, "unknown request parameter 'headers'"),
+        ({"triton_custom": True}, "unknown request parameter 'triton_custom'"),
+    ):
+        with pytest.raises(BadRequest, match=match):
+            svc.translate(_request(params))
+
+
+def test_a_key_given_twice_must_agree():
+    from tandem_worker.server.kserve import BadRequest
+
+    svc = _service()
+    sp = ("BYTES", json.dumps({"max_tokens": 9, "temperature": 0.7}).encode())
+    with pytest.raises(BadRequest, match="conflicts"):
+        svc.translate(_request(max_tokens=("INT32", 5), sampling_parameters=sp))
+    with pytest.raises(BadRequest, match="conflicts"):
+        svc.translate(_request({"max_tokens": 5}, sampling_parameters=sp))
+    with pytest.raises(BadRequest, match="conflicts"):
+        svc.translate(_request(seed=("UINT64", 1), random_seed=("UINT64", 2)))
+    # The same value in two places is one value: 0.7 as FP32 and as JSON agree.
+    s = svc.translate(
+        _request({"max_tokens": 9}, temperature=("FP32", 0.7), sampling_parameters=sp)
+    ).request.sampling
+    assert s.max_tokens == 9 and round(s.temperature, 3) == 0.7
+    # Stops from two places both apply.
+    stops = ("BYTES", json.dumps({"stop": ["a"]}).encode())
+    s = svc.translate(_request({"stop": "b"}, sampling_parameters=stops)).request.sampling
+    assert sorted(s.stop) == ["a", "b"]
+
+
+def test_malformed_tensors_are_a_bad_request():
+    from tritonclient.grpc import service_pb2 as kpb
+
+    from tandem_worker.server.kserve import BadRequest
+
+    svc = _service()
+
+    def raw(*tensors: tuple[str, str, list[int], bytes]) -> kpb.ModelInferRequest:
+        r = kpb.ModelInferRequest(model_name="smol")
+        for name, dt, shape, data in tensors:
+            r.inputs.add(name=name, datatype=dt, shape=shape)
+            r.raw_input_contents.append(data)
+        return r
+
+    prompt = ("text_input", "BYTES", [1], (2).to_bytes(4, "little") + b"Hi")
+    cases = [
+        # 3 bytes are no INT32 (numpy's ValueError escaped as an internal error).
+        (raw(prompt, ("max_tokens", "INT32", [1], b"\x05\x00\x00")), "not whole INT32 elements"),
+        # An element longer than the bytes that follow: never silently cut short.
+        (raw(("text_input", "BYTES", [1], (100).to_bytes(4, "little") + b"Hi")), "runs past the end"),
+        # The same input twice: which one would count?
+        (
+            raw(
+                prompt,
+                ("max_tokens", "INT32", [1], b"\x05\x00\x00\x00"),
+                ("max_tokens", "INT32", [1], b"\x09\x00\x00\x00"),
+            ),
+            "given twice",
+        ),
+        # A yes/no input as a number: 2 or 0.5 is no answer.
+        (raw(prompt, ("stream", "INT32", [1], b"\x02\x00\x00\x00")), "datatype must be BOOL"),
+        (raw(prompt, ("exclude_input_in_output", "FP32", [1], b"\x00\x00\x00\x3f")), "datatype must be BOOL"),
+        # A shape that does not describe the data.
+        (raw(("text_input", "BYTES", [3, 2], (2).to_bytes(4, "little") + b"Hi")), "shape"),
+        # Past what float32 holds: infinity, not the number asked for.
+        (
+            raw(prompt, ("temperature", "FP64", [1], np.array([1e39], "<f8").tobytes())),
+            "temperature: bad value",
+        ),
+        # Past 64 bits a seed would be folded onto another one.
+        (
+            raw(prompt, ("sampling_parameters", "BYTES", [1], _bytes(json.dumps({"seed": 2**64})))),
+            "seed: must be in",
+        ),
+        (raw(prompt, ("sampling_parameters", "BYTES", [1], _bytes("[" * 100_000))), "nested too deeply"),
+    ]
+    for req, match in cases:
+        with pytest.raises(BadRequest, match=match):
+            svc.translate(req)
+    twice = raw(prompt)
+    twice.outputs.add(name="text_output")
+    twice.outputs.add(name="text_output")
+    with pytest.raises(BadRequest, match="twice"):
+        svc.translate(twice)
+
+
+def _bytes(text: str) -> bytes:
+    data = text.encode()
+    return len(data).to_bytes(4, "little") + data

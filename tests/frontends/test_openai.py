@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import socket
 import time
 import urllib.error
@@ -267,6 +268,8 @@ def test_unknown_model_is_404(client, deployment):
         ({"prompt": [2**32]}, "prompt"),
         # vLLM's, which would keep the stop string in the text: refused, never silently ignored.
         ({"extra_body": {"include_stop_str_in_output": True}}, "include_stop_str_in_output"),
+        # Past 64 bits a seed would be folded onto another one (2^64 onto 0).
+        ({"seed": 2**64}, "seed"),
     ],
 )
 def test_bad_parameter_is_400(client, kwargs, param):
@@ -480,3 +483,172 @@ def test_top_k_minus_one_is_disabled_as_vllm_clients_send_it(client):
         extra_body={"ignore_eos": True, "top_k": -1},
     )
     assert off.choices[0].text == plain.choices[0].text
+
+
+@pytest.mark.parametrize(
+    ("chat", "field", "value"),
+    [
+        # Features the engine does not have: ignoring them would change the output in silence.
+        (False, "min_tokens", 8),
+        (False, "repetition_penalty", 1.2),
+        (False, "min_p", 0.1),
+        (False, "skip_special_tokens", False),
+        (False, "guided_json", {"type": "object"}),
+        (False, "use_beam_search", True),
+        (True, "response_format", {"type": "json_object"}),
+        (True, "tool_choice", "required"),
+        (True, "reasoning_effort", "high"),
+        (True, "add_generation_prompt", False),
+        (True, "presence_penalty", True),  # a bool is not the penalty 1
+        # Another endpoint's field: max_completion_tokens would have left completions at 16 tokens.
+        (False, "max_completion_tokens", 2),
+        (False, "top_logprobs", 2),
+        (False, "tools", [{"type": "function", "function": {"name": "f"}}]),
+        (True, "prompt", "x"),
+        # A misspelling, or a field of a newer API: OpenAI's own answer is the same 400.
+        (False, "max_token", 2),
+        (True, "temprature", 0.5),
+    ],
+)
+def test_an_unsupported_field_is_refused_by_name(client, chat, field, value):
+    with pytest.raises(openai.BadRequestError) as ei:
+        if chat:
+            client.chat.completions.create(
+                model=SERVED, messages=CHAT, max_tokens=2, extra_body={field: value}
+            )
+        else:
+            client.completions.create(model=SERVED, prompt=PROMPT, max_tokens=2, extra_body={field: value})
+    err = _error_body(ei.value)
+    assert err["param"] == field and field in err["message"], err
+
+
+def test_off_values_and_bookkeeping_fields_are_accepted(client, grpc_text):
+    # What OpenAI's and vLLM's clients send by default (penalties 0, n 1, ...) and fields that change
+    # nothing in the output: the request runs, with the text it has without them.
+    ref = grpc_text["chat"]
+    r = client.chat.completions.create(
+        model=SERVED,
+        messages=CHAT,
+        max_tokens=16.0,  # an integral float is the integer (as vLLM takes it)
+        temperature=0,
+        n=1,
+        presence_penalty=0,
+        frequency_penalty=0.0,
+        logit_bias={},
+        response_format={"type": "text"},
+        tool_choice="none",
+        user="u-1",
+        metadata={"team": "a"},
+        store=False,
+        extra_body={
+            "ignore_eos": True,
+            "repetition_penalty": 1.0,
+            "min_tokens": 0,
+            "min_p": 0,
+            "skip_special_tokens": True,
+            "guided_json": None,
+        },
+    )
+    assert r.choices[0].message.content == ref.text and ref.text
+    assert r.usage.completion_tokens == 16
+
+
+@pytest.mark.parametrize(
+    ("messages", "param"),
+    [
+        # An earlier turn's tool call would vanish from the conversation the model sees.
+        (
+            [
+                {"role": "user", "content": "hi"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+                    ],
+                },
+            ],
+            "messages[1].tool_calls",
+        ),
+        # Not text: a number is not the text "5", a missing text not "".
+        ([{"role": "user", "content": [{"type": "text", "text": 5}]}], "messages[0].content"),
+        ([{"role": "user", "content": [{"type": "text"}]}], "messages[0].content"),
+    ],
+)
+def test_a_message_that_would_lose_its_meaning_is_refused(client, messages, param):
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.chat.completions.create(model=SERVED, messages=messages, max_tokens=2)
+    assert _error_body(ei.value)["param"] == param
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"include_usage": "false"},  # a string: "false" is not false
+        {"continuous_usage_stats": True},  # vLLM's usage in every chunk: not sent here
+        {"include_usages": True},
+    ],
+)
+def test_stream_options_are_checked(client, options):
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.completions.create(
+            model=SERVED, prompt=PROMPT, max_tokens=2, stream=True, stream_options=options
+        )
+    assert _error_body(ei.value)["param"] == "stream_options"
+
+
+def _raw_post(deployment, head: bytes, body: bytes) -> bytes:
+    """One request written as given, on a connection of its own; the whole reply until the close."""
+    host, port = deployment.http.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+        s.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + head + b"\r\n" + body
+        )
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    return reply
+
+
+def _status(reply: bytes) -> int:
+    return int(reply.split(b" ", 2)[1])
+
+
+BODY = json.dumps({"model": SERVED, "prompt": PROMPT, "max_tokens": 1}).encode()
+
+
+def test_a_well_framed_body_is_served(deployment):
+    # The baseline for the refusals below: both framings, one of them with a trailer.
+    assert _status(_raw_post(deployment, b"Content-Length: %d\r\n" % len(BODY), BODY)) == 200
+    chunked = b"%x\r\n%s\r\n0\r\nX-Trailer: 1\r\n\r\n" % (len(BODY), BODY)
+    assert _status(_raw_post(deployment, b"Transfer-Encoding: chunked\r\n", chunked)) == 200
+
+
+@pytest.mark.parametrize(
+    ("head", "body", "status"),
+    [
+        # Framings int() takes and HTTP does not (RFC 9110 8.6, RFC 9112 7.1): a proxy in front would
+        # read the body's end elsewhere.
+        (b"Content-Length: +%d\r\n" % len(BODY), BODY, 400),
+        (b"Transfer-Encoding: chunked\r\n", b"0x%x\r\n%s\r\n0\r\n\r\n" % (len(BODY), BODY), 400),
+        # A coding the server cannot undo (gzip): its body was read as plain JSON.
+        (b"Transfer-Encoding: gzip\r\nContent-Length: %d\r\n" % len(BODY), BODY, 501),
+    ],
+)
+def test_a_malformed_framing_is_refused(deployment, head, body, status):
+    assert _status(_raw_post(deployment, head, body)) == status
+
+
+def test_a_trailer_after_a_chunked_body_does_not_become_the_next_request(deployment):
+    host, port = deployment.http.removeprefix("http://").split(":")
+    chunked = b"%x\r\n%s\r\n0\r\nX-Trailer: 1\r\n\r\n" % (len(BODY), BODY)
+    first = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked
+    second = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+        s.sendall(first + second)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    # Each response's status line (the first one's JSON body ends without a newline).
+    statuses = [int(x) for x in re.findall(rb"HTTP/1\.1 (\d{3}) ", reply)]
+    assert statuses == [200, 200], reply[-300:]

@@ -19,6 +19,10 @@ Tensors, named as Triton's LLM backends (vLLM and TensorRT-LLM) name them:
   prepends the prompt as the vLLM backend does by default); `return_finish_reason`,
   `return_num_input_tokens`, `return_num_output_tokens` (BOOL) add those outputs. A tensor of any
   other name is refused (INVALID_ARGUMENT, naming it), so a misspelt parameter is never ignored.
+  The request's own `parameters` map takes the same sampling keys, one value each (`stop` one string,
+  `stop_token_ids` one id), and the keys Triton's clients set: `timeout` (microseconds) bounds the
+  request, `priority` is accepted (one priority here), a sequence (`sequence_id`) is refused; any
+  other key is refused too. A key given in two places must have the same value in both.
 * out: `text_output` (BYTES), and `finish_reason` (BYTES), `num_input_tokens`,
   `num_output_tokens` (UINT32) when asked for (by the return_* flags or the request's `outputs`).
 
@@ -38,6 +42,7 @@ import json
 import logging
 import math
 import queue
+import struct
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -142,6 +147,19 @@ NOOP_KEYS = {
     "min_tokens": 0,
     "use_beam_search": False,
 }
+# The request's own `parameters` map (the protocol's, beside the tensors) takes the sampling keys
+# above, one value each, and these ones Triton reserves and its clients set (tritonclient's
+# `priority`, `timeout`, `sequence_id`... arguments): a key in neither is refused.
+TRITON_PARAMETERS = {
+    "triton_enable_empty_final_response",
+    "priority",
+    "timeout",
+    "sequence_id",
+    "sequence_start",
+    "sequence_end",
+}
+# Seeds wider than 64 bits would be folded onto others; negative ones are an int64's two's complement.
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
 
 
 class BadRequest(Exception):
@@ -155,6 +173,8 @@ def _bytes_elems(raw: bytes) -> list[bytes]:
         if i + 4 > len(raw):
             raise BadRequest("malformed BYTES tensor contents")
         n = int.from_bytes(raw[i : i + 4], "little")
+        if i + 4 + n > len(raw):  # a cut element, never silently shortened
+            raise BadRequest("malformed BYTES tensor contents: an element runs past the end")
         out.append(raw[i + 4 : i + 4 + n])
         i += 4 + n
     return out
@@ -173,7 +193,17 @@ def read_inputs(request: kpb.ModelInferRequest) -> dict[str, list[Any]]:
     for i, t in enumerate(request.inputs):
         if t.name not in INPUTS:
             raise BadRequest(f"unknown input tensor {t.name!r}; this model takes {', '.join(INPUTS)}")
+        if t.name in values:
+            raise BadRequest(f"input {t.name!r} is given twice")
+        want, kind = INPUTS[t.name]
         dt = t.datatype
+        if want == "BYTES" and dt != "BYTES":
+            raise BadRequest(f"input {t.name!r}: datatype must be BYTES, got {dt}")
+        if want != "BYTES" and dt == "BYTES":
+            raise BadRequest(f"input {t.name!r}: datatype must be {want}, got BYTES")
+        if kind == "bool" and dt != "BOOL":
+            # 2 or 0.5 is no answer to a yes/no question (Triton refuses such a datatype too).
+            raise BadRequest(f"input {t.name!r}: datatype must be BOOL, got {dt}")
         if dt == "BYTES":
             elems = _bytes_elems(raw[i]) if raw else list(t.contents.bytes_contents)
             try:
@@ -182,19 +212,24 @@ def read_inputs(request: kpb.ModelInferRequest) -> dict[str, list[Any]]:
                 raise BadRequest(f"input {t.name!r}: not UTF-8 text") from None
         elif dt in NUMPY:
             if raw:
-                vals = np.frombuffer(raw[i], dtype=np.dtype(NUMPY[dt]).newbyteorder("<")).tolist()
+                dtype = np.dtype(NUMPY[dt]).newbyteorder("<")
+                if len(raw[i]) % dtype.itemsize:
+                    raise BadRequest(
+                        f"input {t.name!r}: {len(raw[i])} bytes of raw contents are not whole {dt} elements"
+                    )
+                vals = np.frombuffer(raw[i], dtype=dtype).tolist()
             elif dt in CONTENTS:
                 vals = list(getattr(t.contents, CONTENTS[dt]))
             else:  # FP16, BF16: the protocol has no typed contents for them, only raw bytes
                 raise BadRequest(f"input {t.name!r}: datatype {dt} travels in raw_input_contents only")
         else:
             raise BadRequest(f"input {t.name!r}: datatype {dt!r} is not supported")
-        if INPUTS[t.name][1] != "strs" and len(vals) != 1:
+        if kind != "strs" and len(vals) != 1:
             raise BadRequest(f"input {t.name!r}: expected one element (batch size 1), got {len(vals)}")
-        if INPUTS[t.name][0] == "BYTES" and dt != "BYTES":
-            raise BadRequest(f"input {t.name!r}: datatype must be BYTES, got {dt}")
-        if INPUTS[t.name][0] != "BYTES" and dt == "BYTES":
-            raise BadRequest(f"input {t.name!r}: datatype must be {INPUTS[t.name][0]}, got BYTES")
+        if any(d < 0 for d in t.shape) or math.prod(t.shape) != len(vals):
+            raise BadRequest(
+                f"input {t.name!r}: shape {list(t.shape)} does not hold its {len(vals)} element(s)"
+            )
         values[t.name] = vals
     return values
 
@@ -203,6 +238,21 @@ class _Translated:
     def __init__(self, request: pb.GenerateRequest, stream: bool, prompt: str, outputs: list[str]) -> None:
         self.request, self.stream, self.prompt, self.outputs = request, stream, prompt, outputs
         self.exclude_input = True
+        self.timeout: float | None = None  # seconds, from the request's `timeout` parameter
+
+
+def _param_value(p: kpb.InferParameter) -> Any:
+    kind = p.WhichOneof("parameter_choice")
+    return None if kind is None else getattr(p, kind)
+
+
+def _is_off(value: Any, off: Any) -> bool:
+    """Whether `value` is the no-op value `off` (numbers may come as numeric strings; a bool is
+    never a number)."""
+    try:
+        return _as_bool(value) == off if isinstance(off, bool) else _as_float(value) == off
+    except (ValueError, TypeError):
+        return False
 
 
 class KServeService(kgrpc.GRPCInferenceServiceServicer):
@@ -319,16 +369,22 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
             adapter="" if request.model_name in ("", self.model_name) else request.model_name,
         )
         s = req.sampling
+        # Each key once: the same key in two places (a tensor, sampling_parameters, the request's
+        # parameters) must agree, else which one wins would be a guess.
+        seen: dict[str, tuple[Any, str]] = {}
+        timeout = self._parameters(request, s, seen)
         if "sampling_parameters" in v:
             try:
                 sp = json.loads(v["sampling_parameters"][0] or "{}")
             except ValueError as e:
                 raise BadRequest(f"sampling_parameters: not JSON: {e}") from None
+            except RecursionError:
+                raise BadRequest("sampling_parameters: not JSON: nested too deeply") from None
             if not isinstance(sp, dict):
                 raise BadRequest("sampling_parameters: must be a JSON object")
             for key, value in sp.items():
                 if key in NOOP_KEYS:
-                    if value != NOOP_KEYS[key]:
+                    if not _is_off(value, NOOP_KEYS[key]):
                         raise BadRequest(f"sampling_parameters: {key}={value!r} is not supported")
                     continue
                 if key not in SAMPLING_KEYS:
@@ -336,7 +392,7 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
                         f"sampling_parameters: unknown key {key!r}; "
                         f"supported: {', '.join(sorted(SAMPLING_KEYS))}"
                     )
-                self._set(s, key, value, "sampling_parameters." + key)
+                self._set(s, key, value, "sampling_parameters." + key, seen)
         for name, key in (
             ("max_tokens", "max_tokens"),
             ("temperature", "temperature"),
@@ -347,9 +403,9 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
             ("ignore_eos", "ignore_eos"),
         ):
             if name in v:
-                self._set(s, key, v[name][0], name)
+                self._set(s, key, v[name][0], name, seen)
         if "stop_words" in v:
-            self._set(s, "stop", [w for w in v["stop_words"] if w], "stop_words")
+            self._set(s, "stop", [w for w in v["stop_words"] if w], "stop_words", seen)
         if "beam_width" in v and v["beam_width"][0] != 1:
             raise BadRequest(f"beam_width: only 1 is supported, got {v['beam_width'][0]}")
         stream = bool(v.get("stream", [False])[0])
@@ -361,44 +417,103 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
         ):
             if v.get(flag, [False])[0]:
                 outputs.append(out)
-        for o in request.outputs:
-            if o.name not in OUTPUTS:
-                raise BadRequest(f"unknown output {o.name!r}; this model has {', '.join(OUTPUTS)}")
-            if o.name not in outputs:
-                outputs.append(o.name)
-        if request.outputs:  # only what was asked for, in that order
-            outputs = [o.name for o in request.outputs]
+        asked = [o.name for o in request.outputs]
+        for name in asked:
+            if name not in OUTPUTS:
+                raise BadRequest(f"unknown output {name!r}; this model has {', '.join(OUTPUTS)}")
+        if len(set(asked)) != len(asked):
+            raise BadRequest(f"an output is asked for twice: {asked}")
+        if asked:  # only what was asked for, in that order
+            outputs = asked
         t = _Translated(req, stream, prompt, outputs)
         t.exclude_input = bool(v.get("exclude_input_in_output", [True])[0])
+        t.timeout = timeout
         return t
 
+    def _parameters(self, request: kpb.ModelInferRequest, s: pb.SamplingParams, seen: dict) -> float | None:
+        """The request's `parameters` map into `s`; returns the `timeout` it sets, in seconds."""
+        timeout = None
+        for key in sorted(request.parameters):
+            value = _param_value(request.parameters[key])
+            where = f"parameters.{key}"
+            if value is None:
+                raise BadRequest(f"{where}: has no value")
+            if key in SAMPLING_KEYS:
+                if key == "stop_token_ids" and isinstance(value, int) and not isinstance(value, bool):
+                    value = [value]  # a parameter holds one value; lists go in sampling_parameters
+                elif key == "stop" and not isinstance(value, str):
+                    raise BadRequest(f"{where}: bad value {value!r}")
+                self._set(s, key, value, where, seen)
+            elif key in NOOP_KEYS:
+                if not _is_off(value, NOOP_KEYS[key]):
+                    raise BadRequest(f"{where}: {value!r} is not supported")
+            elif key == "timeout":
+                # Triton's: microseconds, 0 for none; it becomes the upstream call's deadline.
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise BadRequest(f"{where}: must be microseconds >= 0, got {value!r}")
+                timeout = value / 1e6 if value else None
+            elif key == "sequence_id":
+                if value not in (0, ""):
+                    raise BadRequest(f"{where}: sequences (stateful models) are not supported")
+            elif key in ("sequence_start", "sequence_end"):
+                if value is not False:
+                    raise BadRequest(f"{where}: sequences (stateful models) are not supported")
+            elif key == "triton_enable_empty_final_response":
+                if not isinstance(value, bool):
+                    raise BadRequest(f"{where}: must be a bool, got {value!r}")
+            elif key == "priority":
+                # One priority for every request here: like Triton for a model without priority
+                # levels, the value changes nothing (and nothing in the output).
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise BadRequest(f"{where}: must be an integer, got {value!r}")
+            else:
+                known = sorted(SAMPLING_KEYS | set(NOOP_KEYS) | TRITON_PARAMETERS)
+                raise BadRequest(f"unknown request parameter {key!r}; supported: {', '.join(known)}")
+        return timeout
+
     @staticmethod
-    def _set(s: pb.SamplingParams, key: str, value: Any, where: str) -> None:
+    def _set(
+        s: pb.SamplingParams, key: str, value: Any, where: str, seen: dict[str, tuple[Any, str]]
+    ) -> None:
         # Each value as its own type, nothing coerced that could mean something else: a string
         # "128" is not the token ids [1, 2, 8], nor "false" true. Numbers may come as numeric
         # strings (as Triton's vLLM backend documents them), for every numeric key alike.
         try:
             if key in ("max_tokens", "top_k"):
-                n = _as_int(value)
-                if key == "max_tokens" and n < 1:
+                norm: Any = _as_int(value)
+                if key == "max_tokens" and norm < 1:
                     raise BadRequest(f"{where}: must be >= 1, got {value}")
-                setattr(s, key, n)
             elif key in ("temperature", "top_p"):
-                setattr(s, key, _as_float(value))
+                # As the float32 field holds it: an FP32 tensor's 0.7 and JSON's 0.7 agree, and
+                # 1e39 is refused here rather than sent on as infinity.
+                norm = struct.unpack("<f", struct.pack("<f", _as_float(value)))[0]
             elif key == "seed":
-                s.seed = _as_int(value) & 0xFFFFFFFFFFFFFFFF
+                norm = _as_int(value)
+                if not MIN_SEED <= norm <= MAX_SEED:
+                    raise BadRequest(f"{where}: must be in [-2^63, 2^64), got {value}")
+                norm &= 0xFFFFFFFFFFFFFFFF
             elif key == "ignore_eos":
-                s.ignore_eos = _as_bool(value)
+                norm = _as_bool(value)
             elif key == "stop":
-                stops = [value] if isinstance(value, str) else value
-                if not isinstance(stops, list) or not all(isinstance(x, str) for x in stops):
+                norm = [value] if isinstance(value, str) else value
+                if not isinstance(norm, list) or not all(isinstance(x, str) for x in norm):
                     raise ValueError
-                s.stop.extend(stops)
             elif key == "stop_token_ids":
                 if not isinstance(value, list):
                     raise ValueError
-                s.stop_token_ids.extend(_as_int(x) for x in value)
-        except (ValueError, TypeError, OverflowError):
+                norm = [_as_int(x) for x in value]
+            else:  # pragma: no cover - callers pass SAMPLING_KEYS only
+                raise BadRequest(f"{where}: unknown key")
+            if key in ("stop", "stop_token_ids"):
+                # Lists from two places both apply: a stop of either ends the text.
+                field = getattr(s, key)
+                field.extend(x for x in norm if x not in field)
+                return
+            if key in seen and seen[key][0] != norm:
+                raise BadRequest(f"{where}: {value!r} conflicts with {seen[key][1]} given as well")
+            seen[key] = (norm, where)
+            setattr(s, key, norm)
+        except (ValueError, TypeError, OverflowError, struct.error):
             raise BadRequest(f"{where}: bad value {value!r}") from None
 
     def _response(
@@ -409,7 +524,10 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
         final: pb.GenerateResponse | None,
         final_flag: bool | None = None,
     ) -> kpb.ModelInferResponse:
-        resp = kpb.ModelInferResponse(model_name=request.model_name, model_version=VERSION, id=request.id)
+        # The model that answered, also when the request named none (the base model).
+        resp = kpb.ModelInferResponse(
+            model_name=request.model_name or self.model_name, model_version=VERSION, id=request.id
+        )
         for name in t.outputs:
             if name == "text_output":
                 data = _serialize_bytes([text.encode()])
@@ -429,6 +547,8 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
     def _generate(self, request, t: _Translated, context, calls: set | None = None) -> Iterator:
         remaining = context.time_remaining()
         timeout = None if remaining is None or remaining > 1e8 else max(remaining, 0.001)
+        if t.timeout is not None:
+            timeout = t.timeout if timeout is None else min(timeout, t.timeout)
         call = self.stub.Generate(t.request, timeout=timeout)
         if calls is not None:
             calls.add(call)
@@ -537,7 +657,7 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
             return kpb.ModelStreamInferResponse(
                 error_message=msg,
                 infer_response=kpb.ModelInferResponse(
-                    model_name=request.model_name, model_version=VERSION, id=request.id
+                    model_name=request.model_name or self.model_name, model_version=VERSION, id=request.id
                 ),
             )
 

@@ -5,7 +5,10 @@ What it serves: the base model and every LoRA adapter the workers know as model 
 then `data: [DONE]`), with `stream_options.include_usage` adding a last chunk that carries usage and
 no choices; `max_tokens`/`max_completion_tokens`, `temperature`, `top_p`, `seed`, `stop`, `n=1`,
 log-probabilities (the sampled token's and up to 20 most likely: chat's `logprobs`/`top_logprobs`,
-completions' `logprobs: N`), and vLLM's `top_k`/`ignore_eos`/`stop_token_ids` extensions. Errors have
+completions' `logprobs: N`), and vLLM's `top_k`/`ignore_eos`/`stop_token_ids` extensions. Any other
+field is refused by name (400), unless it changes nothing in the output (`user`, `metadata`, `store`,
+...) or holds the value that turns its feature off (`presence_penalty: 0`, `n: 1`, `tools: []`,
+...; OFF_VALUES): what the engine cannot do is never dropped in silence. Errors have
 OpenAI's shape `{"error": {"message", "type", "param", "code"}}` and status: 400 invalid, 404 unknown
 model or adapter, 429 overloaded, 503 no worker, 504 past the deadline (an optional
 `X-Request-Timeout: SECONDS` header sets one). `GET /health` is 200 once the router can serve.
@@ -78,6 +81,91 @@ STATUS = {
 # The router names the offending field first ("max_tokens: must be ..."); OpenAI calls a few of
 # them differently.
 PARAM_NAMES = {"prompt_token_ids": "prompt"}
+
+# The fields `parse` reads, per endpoint. Any other field must be in NEUTRAL_FIELDS or OFF_VALUES, or
+# the request is refused naming it (as OpenAI's own API does): a field ignored in silence would
+# change what the client asked for (a penalty, a JSON schema, a second choice) without a word.
+COMMON_FIELDS = frozenset(
+    {
+        "model",
+        "stream",
+        "stream_options",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "stop",
+        "stop_token_ids",
+        "ignore_eos",
+        "include_stop_str_in_output",
+        "logprobs",
+    }
+)
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
+# Accepted and ignored: bookkeeping and routing hints that change nothing in the output.
+NEUTRAL_FIELDS = frozenset(
+    {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "request_id"}
+)
+# Features the engine does not have (OpenAI's and vLLM's names), accepted only at a value that turns
+# them off, or null; any other value is refused. An empty tuple: only null.
+OFF_VALUES: dict[str, tuple[Any, ...]] = {
+    "n": (1,),
+    "best_of": (1,),
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "repetition_penalty": (1,),
+    "length_penalty": (1,),
+    "min_p": (0,),
+    "min_tokens": (0,),
+    "use_beam_search": (False,),
+    "logit_bias": ({},),
+    "echo": (False,),
+    "suffix": ("",),
+    "response_format": ({"type": "text"},),
+    "tools": ([],),
+    "functions": ([],),
+    "tool_choice": ("none", "auto"),  # without tools, both mean plain text
+    "function_call": ("none", "auto"),
+    "parallel_tool_calls": (True, False),
+    "modalities": (["text"],),
+    "skip_special_tokens": (True,),  # the detokenizer always skips them
+    "spaces_between_special_tokens": (True,),
+    "add_generation_prompt": (True,),  # the chat template is always applied with it
+    "continue_final_message": (False,),
+    "return_tokens_as_token_ids": (False,),
+    "priority": (0,),
+    "bad_words": ([],),
+    "allowed_token_ids": (),
+    "prompt_logprobs": (),
+    "truncate_prompt_tokens": (),
+    "logits_processors": (),
+    "guided_json": (),
+    "guided_regex": (),
+    "guided_choice": (),
+    "guided_grammar": (),
+    "guided_decoding_backend": (),
+    "guided_whitespace_pattern": (),
+    "structural_tag": (),
+    "structured_outputs": (),
+    "chat_template": (),
+    "chat_template_kwargs": ({},),
+    "documents": (),
+    "reasoning_effort": (),
+    "verbosity": (),
+    "web_search_options": (),
+    "audio": (),
+    "prediction": (),
+}
+# stream_options keys: include_usage is read; these are accepted at the value shown only.
+STREAM_OPTION_OFF: dict[str, tuple[Any, ...]] = {
+    "continuous_usage_stats": (False,),
+    "include_obfuscation": (True, False),  # padding against side channels: no change to the text
+}
+# Seeds wider than 64 bits would be folded onto others; negative ones are the two's complement of an
+# int64 (as clients that keep seeds signed send them).
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
 
 
 class ApiError(Exception):
@@ -153,9 +241,39 @@ def _get(body: dict, key: str, types: tuple[type, ...], what: str) -> Any:
         return None
     if isinstance(v, bool) and bool not in types:
         raise invalid(key, f"must be {what}, got {json.dumps(v)}")
+    if int in types and float not in types and isinstance(v, float) and v.is_integer():
+        # 16.0 is the integer 16 (Python clients serialise computed counts so; vLLM accepts them).
+        return int(v)
     if not isinstance(v, types):
         raise invalid(key, f"must be {what}, got {json.dumps(v)[:80]}")
     return v
+
+
+def _is_value(value: Any, off: Any) -> bool:
+    # A bool is an int to Python: true is not the count 1, nor false the penalty 0.
+    return isinstance(value, bool) == isinstance(off, bool) and value == off
+
+
+def _check_fields(body: dict, chat: bool) -> None:
+    """Refuse, by name, every field that is neither read nor harmless to ignore."""
+    read = CHAT_FIELDS if chat else COMPLETION_FIELDS
+    for key, value in body.items():
+        if key in read or key in NEUTRAL_FIELDS:
+            continue
+        if key in OFF_VALUES:
+            offs = OFF_VALUES[key]
+            if value is None or any(_is_value(value, off) for off in offs):
+                continue
+            shown = " or ".join(json.dumps(off) for off in offs) or "null"
+            raise ApiError(
+                400,
+                f"{key}: {json.dumps(value)[:80]} is not supported here; leave it unset or {shown}",
+                param=key,
+                code="unsupported_value",
+            )
+        raise ApiError(
+            400, f"Unrecognized request argument supplied: {key}", param=key, code="unknown_parameter"
+        )
 
 
 class OpenAIFrontend:
@@ -207,6 +325,7 @@ class OpenAIFrontend:
     def parse(self, body: Any, chat: bool, headers: Any) -> Parsed:
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
+        _check_fields(body, chat)
         model = _get(body, "model", (str,), "a string") or self.model_name
         req = pb.GenerateRequest(adapter="" if model == self.model_name else model)
         s = req.sampling
@@ -216,29 +335,6 @@ class OpenAIFrontend:
                 req.chat.messages.add(role=m["role"], content=m["content"])
         else:
             self._prompt(body, req)
-
-        n = _get(body, "n", (int,), "an integer")
-        if n is not None and n != 1:
-            raise invalid("n", f"only n=1 is supported, got {n}")
-        best_of = _get(body, "best_of", (int,), "an integer")
-        if best_of is not None and best_of != 1:
-            raise invalid("best_of", f"only best_of=1 is supported, got {best_of}")
-        for key in ("presence_penalty", "frequency_penalty"):
-            if _get(body, key, (int, float), "a number"):
-                raise invalid(key, "penalties are not supported; leave it unset or 0")
-        if body.get("logit_bias"):
-            raise invalid("logit_bias", "not supported")
-        if not chat:
-            if body.get("echo"):
-                raise invalid("echo", "not supported")
-            if body.get("suffix"):
-                raise invalid("suffix", "not supported")
-        else:
-            if body.get("tools"):
-                raise invalid("tools", "tool calling is not supported")
-            fmt = body.get("response_format")
-            if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-                raise invalid("response_format", "only {'type': 'text'} is supported")
 
         max_tokens = _get(body, "max_tokens", (int,), "an integer")
         if chat:
@@ -273,6 +369,8 @@ class OpenAIFrontend:
             s.top_k = top_k
         seed = _get(body, "seed", (int,), "an integer")
         if seed is not None:
+            if not MIN_SEED <= seed <= MAX_SEED:
+                raise invalid("seed", f"must be in [-2^63, 2^64), got {seed}")
             s.seed = seed & 0xFFFFFFFFFFFFFFFF
         stop = body.get("stop")
         if stop is not None:
@@ -322,6 +420,14 @@ class OpenAIFrontend:
                 raise invalid("stream_options", "only allowed when 'stream' is true")
             if not isinstance(opts, dict):
                 raise invalid("stream_options", "must be an object")
+            for key, value in opts.items():
+                if key == "include_usage":
+                    if value is not None and not isinstance(value, bool):
+                        raise invalid("stream_options", f"include_usage must be a boolean, got {value!r}")
+                elif key not in STREAM_OPTION_OFF:
+                    raise invalid("stream_options", f"unknown option {key!r}")
+                elif value is not None and not any(_is_value(value, o) for o in STREAM_OPTION_OFF[key]):
+                    raise invalid("stream_options", f"{key}={json.dumps(value)} is not supported")
             include_usage = bool(opts.get("include_usage"))
 
         timeout = None
@@ -368,6 +474,10 @@ class OpenAIFrontend:
                 role = "system"
             if role not in ("system", "user", "assistant"):
                 raise invalid(f"messages[{i}].role", f"{role!r} is not supported (system, user, assistant)")
+            for key in ("tool_calls", "function_call"):
+                # A tool call of an earlier turn would be dropped from the conversation the model sees.
+                if m.get(key):
+                    raise invalid(f"messages[{i}].{key}", "tool calling is not supported")
             content = m.get("content")
             if content is None:
                 content = ""
@@ -376,7 +486,9 @@ class OpenAIFrontend:
                 for part in content:
                     if not isinstance(part, dict) or part.get("type") != "text":
                         raise invalid(f"messages[{i}].content", "only text parts are supported")
-                    parts.append(str(part.get("text", "")))
+                    if not isinstance(part.get("text"), str):
+                        raise invalid(f"messages[{i}].content", "a text part needs a string 'text'")
+                    parts.append(part["text"])
                 content = "\n".join(parts)  # separate parts stay separate words (as vLLM joins them)
             elif not isinstance(content, str):
                 raise invalid(f"messages[{i}].content", "must be a string or a list of text parts")
@@ -551,6 +663,13 @@ class OpenAIFrontend:
 MAX_BODY_BYTES = 32 << 20
 
 
+def _hex_size(text: bytes) -> int:
+    """A chunk size: hex digits only (int(x, 16) also takes "0x10", "-5", "1_0")."""
+    if not text or len(text) > 16 or text.strip(b"0123456789abcdefABCDEF"):
+        raise ValueError
+    return int(text, 16)
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "tandem"
@@ -579,25 +698,41 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _read_json(self) -> Any:
         too_big = ApiError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", code="too_large")
+        coding = self.headers.get("Transfer-Encoding")
         try:
-            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            if coding is not None and coding.strip().lower() != "chunked":
+                # A coding this server cannot undo (gzip, ...): where its body ends is unknown, so the
+                # rest of the connection cannot be read as requests (RFC 9112 6.1: 501).
+                self.close_connection = True
+                raise ApiError(501, f"Transfer-Encoding {coding!r} is not supported", code="unsupported")
+            if coding is not None:
                 raw = b""
                 while True:
-                    size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                    size = _hex_size(self.rfile.readline(65537).split(b";")[0].strip())
                     if size == 0:
-                        self.rfile.readline()
+                        # The trailer section: header lines up to an empty one.
+                        while self.rfile.readline(65537).strip():
+                            pass
                         break
                     if len(raw) + size > MAX_BODY_BYTES:
                         self.close_connection = True
                         raise too_big
-                    raw += self.rfile.read(size)
-                    self.rfile.readline()
+                    chunk = self.rfile.read(size)
+                    if len(chunk) != size or self.rfile.readline(3).strip():
+                        raise ValueError
+                    raw += chunk
             else:
-                length = int(self.headers.get("Content-Length") or 0)
-                if length > MAX_BODY_BYTES or length < 0:
+                text = (self.headers.get("Content-Length") or "0").strip()
+                # Digits only: int() would also take "+5", "1_000" and " 5 " (RFC 9110 8.6).
+                if not (text.isascii() and text.isdigit()):
+                    raise ValueError
+                length = int(text)
+                if length > MAX_BODY_BYTES:
                     self.close_connection = True
                     raise too_big
                 raw = self.rfile.read(length)
+                if len(raw) != length:
+                    raise ValueError  # the client closed before sending it all
         except ValueError:
             self.close_connection = True
             raise ApiError(400, "malformed Content-Length or chunked body") from None
