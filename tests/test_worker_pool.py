@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import json
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -449,11 +452,11 @@ def test_a_router_without_workers_is_not_ready_until_they_are_back(model_dir):
 
     decode, decode_port = _fake_worker("decode")
     prefill, prefill_port = _fake_worker("prefill")
-    port, stop = free_port(), threading.Event()
+    port, http_port, stop = free_port(), free_port(), threading.Event()
     router = threading.Thread(
         target=serve_router,
         args=(str(model_dir), [f"127.0.0.1:{decode_port}"], [f"127.0.0.1:{prefill_port}"]),
-        kwargs={"port": port, "stop_event": stop},
+        kwargs={"port": port, "http_port": http_port, "stop_event": stop},
         daemon=True,
     )
     router.start()
@@ -464,10 +467,18 @@ def test_a_router_without_workers_is_not_ready_until_they_are_back(model_dir):
         check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
         return check.status == status
 
+    def http_health() -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=5) as r:
+                return r.status, json.load(r)
+        except urllib.error.HTTPError as e:
+            return e.code, json.load(e)
+
     try:
         wait_for(lambda: health_is(statuses.SERVING), 60, "the router is ready")
         decode.stop(None)
         wait_for(lambda: health_is(statuses.NOT_SERVING), 30, "the router leaves the Service")
+        assert http_health() == (503, {"status": "unavailable"})  # the OpenAI frontend's probe too
         request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3]))
         with pytest.raises(grpc.RpcError) as err:
             list(pbgrpc.InferenceStub(channel).Generate(request, timeout=30))
@@ -475,6 +486,7 @@ def test_a_router_without_workers_is_not_ready_until_they_are_back(model_dir):
         assert "no decode or colocated worker is serving" in err.value.details()
         decode, _ = _fake_worker("decode", decode_port)  # back, on its old address
         wait_for(lambda: health_is(statuses.SERVING), 30, "the router is ready again")
+        assert http_health() == (200, {"status": "ok"})
     finally:
         stop.set()
         router.join(timeout=30)

@@ -782,7 +782,8 @@ class _Handler(BaseHTTPRequestHandler):
             )
         elif path in ("/health", "/ready"):
             ok = fe.ready()
-            self._send_json(200 if ok else 503, {"status": "ok" if ok else "starting"})
+            # Not ready: still starting, or no worker pair can serve now (workers gone, or incompatible).
+            self._send_json(200 if ok else 503, {"status": "ok" if ok else "unavailable"})
         else:
             self._send_error(ApiError(404, f"no route {self.command} {path}", code="not_found"))
 
