@@ -410,3 +410,20 @@ def test_a_deleted_object_leaves_no_lock_behind():
     reconciler.forget("ns", "demo")
     assert ("ns", "demo") not in reconciler._locks
     reconciler.forget("ns", "never-seen")  # nothing to drop: no error
+
+
+def test_autoscaling_asked_of_an_operator_without_an_autoscaler_is_said_in_status():
+    """`--autoscale-interval 0` with `autoscaling.enabled`: the pools silently kept their spec sizes."""
+    memory, reconciler, _ = make()
+    md = memory.objects[(api.KIND, "ns", "demo")]
+    md["spec"]["autoscaling"] = {"enabled": True}
+    run(reconciler.reconcile("ns", "demo"))
+    off = condition(memory, "AutoscalerHealthy")
+    assert (off["status"], off["reason"]) == ("False", "AutoscalerOff")
+    assert "--autoscale-interval 0" in off["message"]
+    md = memory.objects[(api.KIND, "ns", "demo")]
+    md["spec"]["autoscaling"] = {"enabled": False}
+    md["metadata"]["generation"] = 2
+    run(reconciler.reconcile("ns", "demo"))
+    status = memory.objects[(api.KIND, "ns", "demo")]["status"]
+    assert all(c["type"] != "AutoscalerHealthy" for c in status["conditions"])

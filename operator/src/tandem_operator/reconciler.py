@@ -322,6 +322,10 @@ class Reconciler:
             # A bad spec leaves the autoscaler's status alone (the autoscaler holds meanwhile).
             autoscaling=autoscaled or bool(errors),
             mode_switch=mode_switch,
+            # Asked for, but this operator runs no autoscaler: said in status, not left silent.
+            autoscaler_off=(
+                spec is not None and not errors and not self._autoscaler and autoscaling_active(spec)
+            ),
         )
         patch = plan_status_patch(previous, new_status)
         if patch is not None:

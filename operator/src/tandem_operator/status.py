@@ -23,7 +23,8 @@ Status parts:
 - `autoscaler` and the condition `AutoscalerHealthy` (False: Prometheus cannot be queried, so every
   pool holds its size): written by the autoscaler (`plan_autoscaler_status`), carried over
   unchanged by the reconciler's passes while autoscaling is active, and removed by them when it
-  is not.
+  is not; False with reason `AutoscalerOff`, by the reconciler, when the spec enables autoscaling
+  but the operator runs without an autoscaler.
 """
 
 from __future__ import annotations
@@ -162,12 +163,15 @@ def plan_status(
     now: str,
     autoscaling: bool = False,
     mode_switch: ModeSwitch | None = None,
+    autoscaler_off: bool = False,
 ) -> dict[str, Any]:
     """The full status. `workloads`: component (role or "router") -> what its Deployment reports
     (during a mode switch, the kept pools too).
 
     `autoscaling`: the autoscaler is active for this object, so its part of `previous` (the
-    `autoscaler` entry and the `AutoscalerHealthy` condition) is kept; otherwise it is dropped."""
+    `autoscaler` entry and the `AutoscalerHealthy` condition) is kept; otherwise it is dropped.
+    `autoscaler_off`: the spec enables autoscaling but this operator runs no autoscaler
+    (`--autoscale-interval 0`): `AutoscalerHealthy` is False with reason `AutoscalerOff`."""
     old = previous.get("conditions", []) or []
 
     def cond(type_: str, ok: bool, reason: str, message: str) -> dict[str, Any]:
@@ -245,6 +249,16 @@ def plan_status(
         conditions.extend(c for c in old if c.get("type") == AUTOSCALER_HEALTHY)
         if previous.get("autoscaler"):
             status["autoscaler"] = previous["autoscaler"]
+    elif autoscaler_off:
+        conditions.append(
+            cond(
+                AUTOSCALER_HEALTHY,
+                False,
+                "AutoscalerOff",
+                "autoscaling is enabled but the operator runs no autoscaler (--autoscale-interval 0): "
+                "every pool keeps its spec's replicas",
+            )
+        )
     for component, w in workloads.items():
         status[component] = {
             "desired": w.desired,
