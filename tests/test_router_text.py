@@ -251,8 +251,46 @@ def test_legacy_text_offsets_point_into_the_text_where_tokens_split_characters(r
     assert offsets == [o for c in streamed for o in c["choices"][0]["logprobs"]["text_offset"]]
     assert offsets == sorted(offsets) and offsets[-1] < len(text)
     for off, token in zip(offsets, lp["tokens"]):
-        if "\ufffd" not in token:  # a token of whole characters is found where its offset says
+        if not token.startswith("bytes:"):  # a token of whole characters is found where its offset says
             assert text[off : off + len(token)] == token
     # A split character's tokens all point at it: the rocket's bytes come in several tokens.
-    rocket = [o for o, t in zip(offsets, lp["tokens"]) if t == "\ufffd" and text[o] == "🚀"]
+    rocket = [o for o, t in zip(offsets, lp["tokens"]) if t.startswith("bytes:") and text[o] == "🚀"]
     assert len(rocket) > 1 and len(set(rocket)) == 1
+
+
+def test_logprobs_name_tokens_that_split_a_character_by_their_bytes(real_tok):
+    # Tokens holding part of a character all decoded alone to U+FFFD: as keys of the legacy
+    # text -> logprob map they collapsed into one, and the sampled token's own entry was lost.
+    # OpenAI writes them `bytes:\xNN...`; a special token by its name, not as "".
+    from tandem_worker.server.openai_http import OpenAIFrontend
+    from tandem_worker.server.pb import inference_pb2 as pb
+
+    partial = [t for t in real_tok.encode(" 🚀🎉") if real_tok.token_text(t).startswith("bytes:")]
+    assert len(set(partial)) >= 3
+    sampled, a, b = partial[:3]
+    eos = real_tok.eos_token_id
+    top = pb.TopLogprobs(token_ids=[a, b, eos], logprobs=[-0.125, -0.25, -0.375])
+    msg = pb.GenerateResponse(text="", token_ids=[sampled], logprobs=[-1.0], top_logprobs=[top])
+    msg.finish_reason = pb.FINISH_REASON_LENGTH
+    fe = OpenAIFrontend("127.0.0.1:9", "smol", 2048, real_tok, lambda: [], lambda: True)
+    try:
+        legacy = fe.complete(fe.parse({"prompt": "x", "logprobs": 3}, chat=False, headers={}), iter([msg]))
+        chat = fe.complete(
+            fe.parse(
+                {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 3},
+                chat=True,
+                headers={},
+            ),
+            iter([msg]),
+        )
+    finally:
+        fe.close()
+    listed = legacy["choices"][0]["logprobs"]["top_logprobs"][0]
+    name = real_tok.token_text
+    assert listed == {name(a): -0.125, name(b): -0.25, name(eos): -0.375, name(sampled): -1.0}
+    assert len({name(a), name(b), name(sampled)}) == 3
+    assert name(sampled) == "bytes:" + "".join(f"\\x{c:02x}" for c in real_tok.token_bytes(sampled))
+    assert name(eos) == real_tok.hf.eos_token
+    content = chat["choices"][0]["logprobs"]["content"][0]
+    assert content["token"] == name(sampled) and bytes(content["bytes"]) == real_tok.token_bytes(sampled)
+    assert [t["token"] for t in content["top_logprobs"]] == [name(a), name(b), name(eos)]

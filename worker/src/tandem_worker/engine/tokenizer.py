@@ -145,6 +145,19 @@ class Tokenizer:
             return piece.replace("\u2581", " ").encode()
         return self.decode([token_id]).encode()
 
+    def token_text(self, token_id: int) -> str:
+        """One token as log-probabilities show it (OpenAI's form): its text; `bytes:\\xe6\\x97` for a
+        token holding part of a character, which decoding alone shows as U+FFFD (so two such tokens
+        would be one key of the legacy format's text -> logprob map, and one entry lost); a special
+        token by its name (decoding skips it: "")."""
+        if token_id in self._special:
+            return str(self.hf.convert_ids_to_tokens(token_id))
+        raw = self.token_bytes(token_id)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
     def ends_inside_character(self, token_ids: list[int]) -> bool:
         """Whether the text of `token_ids` ends with the first bytes of a character that later tokens
         may complete. Decoding shows those bytes as U+FFFD, but so it shows a U+FFFD the text really

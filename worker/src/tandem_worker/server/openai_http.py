@@ -518,13 +518,13 @@ class OpenAIFrontend:
         return self.stub.Generate(p.request, timeout=p.timeout)
 
     def _logprobs(self, msg: pb.GenerateResponse, chat: bool, offsets: TextOffsets) -> Any:
-        toks = [self.tok.decode([t]) for t in msg.token_ids]
+        toks = [self.tok.token_text(t) for t in msg.token_ids]
         lps = list(msg.logprobs)
         # Each position's most likely tokens, when asked for (else none: the lists stay empty).
         tops = [list(zip(top.token_ids, top.logprobs)) for top in msg.top_logprobs] or [[] for _ in toks]
         if chat:
-            # `bytes` are the token's own (part of a character for some, whose `token` shows U+FFFD):
-            # joined, they are the text.
+            # `bytes` are the token's own (part of a character for some, whose `token` reads
+            # `bytes:\\x..`): joined, they are the text.
             return [
                 {
                     "token": t,
@@ -532,7 +532,7 @@ class OpenAIFrontend:
                     "bytes": list(self.tok.token_bytes(tid)),
                     "top_logprobs": [
                         {
-                            "token": self.tok.decode([alt]),
+                            "token": self.tok.token_text(alt),
                             "logprob": alt_lp,
                             "bytes": list(self.tok.token_bytes(alt)),
                         }
@@ -543,7 +543,7 @@ class OpenAIFrontend:
             ]
         # The legacy format maps text to logprob: the most likely first, then the sampled token if
         # it is not among them (OpenAI lists it always, so up to logprobs + 1 entries).
-        listed = [{self.tok.decode([alt]): alt_lp for alt, alt_lp in top} for top in tops]
+        listed = [{self.tok.token_text(alt): alt_lp for alt, alt_lp in top} for top in tops]
         for d, t, lp in zip(listed, toks, lps):
             d.setdefault(t, lp)
         return {
