@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -302,3 +303,122 @@ def test_converters_of_one_file_take_turns_and_keep_each_others_work(tmp_path, m
     ours.join(30)
     assert (target / CONVERSION_INFO_FILE).is_file() and len(calls) == 1 and not theirs.exists()
     assert loader.convert_gguf(gguf_path, cache) == target and len(calls) == 1
+
+
+# ------------------------------------------------------------------------ shards, config + tokenizer
+
+
+def test_a_conversion_in_shards_holds_the_single_files_tensors_and_the_engine_serves_it(
+    tmp_path, monkeypatch, gguf_path, model_dir, hf_model
+):
+    # Every tensor was dequantized into one dict before anything was written: an 8B GGUF needed
+    # its whole float32 model (~32 GB) in the worker's memory. Shards are now written as they fill.
+    from tandem_worker.engine import loader
+    from tandem_worker.engine.llm_engine import LLMEngine
+    from tandem_worker.engine.model import checkpoint_files
+    from tandem_worker.engine.sampling_params import SamplingParams
+
+    limit = 16 << 20  # the embedding (113 MB) alone is larger: it gets a shard of its own
+    monkeypatch.setattr(loader, "MAX_SHARD_BYTES", limit)
+    folder = loader.convert_gguf(gguf_path, tmp_path / "cache")
+    assert folder == loader.cache_folder_for(gguf_path, tmp_path / "cache")
+    assert not (folder / "model.safetensors").exists()
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    files = checkpoint_files(folder)
+    assert len(files) > 2 and {f.name for f in files} == set(index["weight_map"].values())
+    assert all(f.stat().st_mode & 0o777 == 0o644 for f in files)
+
+    single = load_file(model_dir / "model.safetensors")  # the default: one file, no index
+    assert not (model_dir / "model.safetensors.index.json").exists()
+    sharded: dict[str, torch.Tensor] = {}
+    for f in files:
+        shard = load_file(f)
+        assert sum(t.nbytes for t in shard.values()) <= limit or len(shard) == 1, f.name
+        assert all(index["weight_map"][name] == f.name for name in shard)
+        assert not set(shard) & set(sharded)
+        sharded.update(shard)
+    assert set(sharded) == set(single) == set(index["weight_map"])
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in single.values())
+    for name, tensor in single.items():
+        assert sharded[name].dtype == tensor.dtype and torch.equal(sharded[name], tensor), name
+    del single, sharded
+    # Everything else in the folder is as in the single-file conversion.
+    for f in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (folder / f).read_bytes() == (model_dir / f).read_bytes(), f
+
+    ids = hf_model.generation_config.bos_token_id, 504, 3458, 282, 4649, 314, 4649
+    want = hf_model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None)
+    engine = LLMEngine(model=str(folder), kv_cache_bytes=16 << 20)
+    engine.add_request(
+        prompt_token_ids=list(ids), params=SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    )
+    got = []
+    while engine.has_unfinished():
+        got += [o.token_ids for o in engine.step() if o.finished]
+    assert got[0] == want[0, len(ids) :].tolist()
+
+
+def test_the_routers_resolution_writes_no_weights_and_gives_the_full_folders_config_and_tokenizer(
+    tmp_path, gguf_path, model_dir
+):
+    # The router converted the whole GGUF (weights dequantized to float32 in memory) to read
+    # config.json and the tokenizer: its pod's 2Gi limit OOM-killed it on any GGUF over ~0.5B.
+    from tandem_worker.engine.loader import cache_folder_for, metadata_folder_for
+    from tandem_worker.engine.tokenizer import Tokenizer
+
+    cache = tmp_path / "cache"
+    folder = resolve_model("smollm2-135m", cache_dir=cache, weights=False)
+    assert folder == metadata_folder_for(cache_folder_for(gguf_path, cache)) != model_dir
+    assert not [p for p in cache.rglob("*") if "safetensors" in p.name]
+    assert not cache_folder_for(gguf_path, cache).exists()
+    info = json.loads((folder / CONVERSION_INFO_FILE).read_text())
+    assert info["weights"] is False and info["chat_template"] is True
+    assert resolve_model(gguf_path, cache_dir=cache, weights=False) == folder  # cached
+
+    names = {p.name for p in model_dir.iterdir()} - {"model.safetensors", CONVERSION_INFO_FILE}
+    assert {p.name for p in folder.iterdir()} - {CONVERSION_INFO_FILE} == names
+    for f in names:  # tie_word_embeddings and the vocabulary check came from the tensor infos
+        assert (folder / f).read_bytes() == (model_dir / f).read_bytes(), f
+    assert ModelConfig.from_folder(folder) == ModelConfig.from_folder(model_dir)
+    ours, full = Tokenizer(folder), Tokenizer(model_dir)
+    for text in NON_ASCII_TEXTS:
+        assert ours.encode(text) == full.encode(text)
+    assert ours.eos_token_id == full.eos_token_id
+
+    # An HF folder needs no weights for it either; a full folder still does.
+    bare = tmp_path / "bare"
+    shutil.copytree(folder, bare)
+    assert resolve_model(bare, weights=False) == bare
+    with pytest.raises(UnsupportedModelError, match=r"\*\.safetensors"):
+        resolve_model(bare)
+
+
+def test_the_router_reuses_a_full_conversion(model_dir, model_cache_dir):
+    # `tandem up` starts the workers (which convert the file) before the router: it must not
+    # write a second folder beside theirs.
+    from tandem_worker.engine.loader import metadata_folder_for
+
+    assert resolve_model("smollm2-135m", cache_dir=model_cache_dir, weights=False) == model_dir
+    assert not metadata_folder_for(model_dir).exists()
+
+
+def test_the_router_reads_a_gguf_model_without_its_weights(tmp_path, monkeypatch):
+    import concurrent.futures
+
+    import grpc
+
+    from tandem_worker.server.router_main import serve_router
+
+    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path / "cache"))
+    # A taken port ends serve_router right after it has read the model's config and tokenizer.
+    holder = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=1))
+    port = holder.add_insecure_port("127.0.0.1:0")
+    holder.start()
+    try:
+        with pytest.raises(OSError, match=f"cannot listen for gRPC on 127.0.0.1:{port}"):
+            serve_router("smollm2-135m", ["127.0.0.1:1"], [], port=port)
+    finally:
+        holder.stop(None)
+    (folder,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    assert folder.name.endswith("-metadata") and (folder / CONVERSION_INFO_FILE).is_file()
+    assert not [p for p in folder.iterdir() if "safetensors" in p.name]

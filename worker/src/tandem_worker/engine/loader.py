@@ -1,10 +1,14 @@
 """Find a model's weights: a built-in name, a GGUF file or a Hugging Face folder -> a Hugging Face folder.
 
-The engine only ever reads Hugging Face-format folders (``config.json``, ``model.safetensors`` and the
-tokenizer files). A GGUF file is converted once into a cache folder: every tensor is dequantized to
-float32, renamed from llama.cpp's names to Hugging Face's, and Q/K get llama.cpp's rotary permutation
-undone; ``config.json`` is built from the GGUF metadata and the tokenizer (with its chat template) is
-converted by ``transformers``. Later loads find the cache folder by a cheap content key and return at once.
+The engine only ever reads Hugging Face-format folders (``config.json``, ``model.safetensors`` or
+shards named by ``model.safetensors.index.json``, and the tokenizer files). A GGUF file is converted
+once into a cache folder: every tensor is dequantized to float32, renamed from llama.cpp's names to
+Hugging Face's, and Q/K get llama.cpp's rotary permutation undone; ``config.json`` is built from the
+GGUF metadata and the tokenizer (with its chat template) is converted by ``transformers``. Later loads
+find the cache folder by a cheap content key and return at once.
+
+The router needs only the config and the tokenizer: ``resolve_model(..., weights=False)`` reuses a
+full conversion if there is one, else writes a folder without weights (no tensor is dequantized).
 
 Adding an architecture means one more entry in ``_ARCHITECTURES`` (see the qwen2 note there).
 """
@@ -22,6 +26,7 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +40,17 @@ CONVERTER_VERSION = 1
 
 CACHE_DIR_ENV = "TANDEM_CACHE_DIR"
 CONVERSION_INFO_FILE = "tandem_conversion.json"
+# The cache folder of a GGUF file's config and tokenizer alone ends in this (see `resolve_model`).
+METADATA_FOLDER_SUFFIX = "-metadata"
+
+# Converted weights go into shards of at most this many (float32) bytes, each written as soon as it
+# is full: a conversion holds about one shard and one tensor in memory, not the whole float32 model
+# (32 GB for an 8B GGUF). A tensor larger than this gets a shard of its own. When everything fits in
+# one shard it is a single model.safetensors, the layout of converter version 1.
+MAX_SHARD_BYTES = 1 << 30
+# Quantized rows are dequantized this many float32 bytes at a time: gguf's dequantize makes
+# temporaries several times the size of its output, which for a whole 2 GB embedding add up.
+_DEQUANTIZE_CHUNK_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -88,18 +104,26 @@ def _builtin_names() -> str:
 
 
 def resolve_model(
-    name_or_path: str | os.PathLike[str], cache_dir: Path | None = None, require_weights: bool = True
+    name_or_path: str | os.PathLike[str],
+    cache_dir: Path | None = None,
+    require_weights: bool = True,
+    weights: bool = True,
 ) -> Path:
     """Return a Hugging Face-format folder for a built-in name, a ``.gguf`` file or an HF folder.
 
     GGUF files (including built-ins) are converted once into ``cache_dir`` (default: `default_cache_dir`).
     Raises `ModelNotFoundError` for unknown names / missing paths, `UnsupportedModelError` for the rest.
     `require_weights=False` accepts a folder with no checkpoint (random "dummy" weights).
+    `weights=False` (what the router needs): a folder with at least ``config.json``,
+    ``generation_config.json`` and the tokenizer files. For a GGUF file that is its full conversion
+    if the cache holds one, else a folder of those files alone (`convert_gguf_metadata`), which
+    dequantizes nothing; it implies `require_weights=False`.
     """
+    convert = convert_gguf if weights else convert_gguf_metadata
     text = os.fspath(name_or_path)
     builtin = BUILTIN_MODELS.get(text)
     if builtin is not None:
-        return convert_gguf(builtin.gguf_path(), cache_dir)
+        return convert(builtin.gguf_path(), cache_dir)
 
     path = Path(text).expanduser()
     if path.is_file():
@@ -108,9 +132,9 @@ def resolve_model(
                 f"{text!r} is a file but not a .gguf file; pass a .gguf file, a Hugging Face model folder "
                 f"or a built-in name ({_builtin_names()})"
             )
-        return convert_gguf(path, cache_dir)
+        return convert(path, cache_dir)
     if path.is_dir():
-        _check_hf_folder(path, text, require_weights)
+        _check_hf_folder(path, text, require_weights and weights)
         return path
     raise ModelNotFoundError(
         f"model {text!r} is neither a built-in model nor an existing path; "
@@ -159,6 +183,13 @@ def cache_folder_for(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     return cache_dir / f"{stem}-{gguf_cache_key(Path(gguf_path))}"
 
 
+def metadata_folder_for(full_folder: Path) -> Path:
+    """Where `convert_gguf_metadata` puts the config and tokenizer of the file whose full conversion
+    goes to ``full_folder`` (`cache_folder_for`). A name of its own, so that no reader of the full
+    folder's name can ever find a folder without weights there."""
+    return full_folder.with_name(full_folder.name + METADATA_FOLDER_SUFFIX)
+
+
 def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     """Convert ``gguf_path`` into a cache folder unless already there; return the folder.
 
@@ -168,7 +199,25 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     PID namespace sharing the cache volume, whose work in progress was deleted.
     """
     gguf_path = Path(gguf_path)
-    target = cache_folder_for(gguf_path, cache_dir)
+    return _convert_cached(gguf_path, cache_folder_for(gguf_path, cache_dir), _convert_into)
+
+
+def convert_gguf_metadata(gguf_path: Path, cache_dir: Path | None = None) -> Path:
+    """A folder with ``gguf_path``'s config.json, generation_config.json and tokenizer, no weights.
+
+    The full conversion (`convert_gguf`) when the cache already holds it; else a metadata-only folder
+    of its own (`metadata_folder_for`), written with the same temp-folder-and-lock discipline.
+    Nothing is dequantized, so this costs a hash of the file and the tokenizer's conversion: the
+    router, with a small memory limit, reads a model's config and tokenizer this way.
+    """
+    gguf_path = Path(gguf_path)
+    full = cache_folder_for(gguf_path, cache_dir)
+    if (full / CONVERSION_INFO_FILE).is_file():
+        return full
+    return _convert_cached(gguf_path, metadata_folder_for(full), _convert_metadata_into)
+
+
+def _convert_cached(gguf_path: Path, target: Path, convert: Callable[[Path, Path], dict[str, Any]]) -> Path:
     if (target / CONVERSION_INFO_FILE).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -176,10 +225,10 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel if this process dies
         if (target / CONVERSION_INFO_FILE).is_file():
             return target
-        return _convert_locked(gguf_path, target)
+        return _convert_locked(gguf_path, target, convert)
 
 
-def _convert_locked(gguf_path: Path, target: Path) -> Path:
+def _convert_locked(gguf_path: Path, target: Path, convert: Callable[[Path, Path], dict[str, Any]]) -> Path:
     # Under the lock no other converter of this target runs: any temp folder is a crashed one's.
     _remove_stale_temp_folders(target)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -187,7 +236,7 @@ def _convert_locked(gguf_path: Path, target: Path) -> Path:
         tmp.mkdir()
         started = time.perf_counter()
         logger.info("converting %s into %s", gguf_path, target)
-        info = _convert_into(gguf_path, tmp)
+        info = convert(gguf_path, tmp)
         info["conversion_seconds"] = round(time.perf_counter() - started, 2)
         # Written last: its presence marks a complete folder even if someone copies caches around.
         (tmp / CONVERSION_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
@@ -288,11 +337,8 @@ def _f32(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def _convert_into(gguf_path: Path, out: Path) -> dict[str, Any]:
+def _open_gguf(gguf_path: Path) -> tuple[Any, str, _ArchSpec]:
     from gguf import GGUFReader
-    from gguf.quants import dequantize
-    from safetensors.numpy import save_file
-    from tqdm import tqdm
 
     try:
         reader = GGUFReader(gguf_path)
@@ -305,45 +351,129 @@ def _convert_into(gguf_path: Path, out: Path) -> dict[str, Any]:
         raise UnsupportedModelError(
             f"GGUF file {gguf_path} has architecture {arch!r}; Tandem converts: {', '.join(_ARCHITECTURES)}"
         )
-    config = _build_config(reader, arch, spec)
-    n_heads = config["num_attention_heads"]
-    n_kv = config["num_key_value_heads"]
+    return reader, arch, spec
 
-    tensors: dict[str, np.ndarray] = {}
-    quant_types: dict[str, int] = {}
-    for t in tqdm(reader.tensors, desc=f"Converting {gguf_path.name}", unit="tensor", file=sys.stderr):
-        name = hf_tensor_name(t.name)
-        expected = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost-first
-        try:
-            weight = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(expected)
-        except (ValueError, IndexError) as e:
-            raise UnsupportedModelError(
-                f"GGUF file {gguf_path} is truncated or corrupt: tensor {t.name}: {e}"
-            ) from None
-        if spec.permute_qk and ".attn_q." in t.name:
-            weight = unpermute_rotary(weight, n_heads)
-        elif spec.permute_qk and ".attn_k." in t.name:
-            weight = unpermute_rotary(weight, n_kv)
-        tensors[name] = np.ascontiguousarray(weight)  # also copies out of the read-only memmap
-        quant_types[t.tensor_type.name] = quant_types.get(t.tensor_type.name, 0) + 1
 
-    if "model.embed_tokens.weight" not in tensors:
+@dataclass(frozen=True)
+class _Tensor:
+    gguf: Any  # gguf.ReaderTensor: its data is a view of the memory-mapped file
+    name: str  # Hugging Face's
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * int(np.prod(self.shape, dtype=np.int64))  # as float32
+
+
+def _tensor_layout(reader: Any, gguf_path: Path, config: dict[str, Any]) -> list[_Tensor]:
+    """Every tensor's Hugging Face name and shape, from the GGUF's tensor infos alone (nothing is
+    read or dequantized); checks the vocabulary against the embedding and settles
+    ``tie_word_embeddings`` in ``config``. The metadata-only folder must say what the full one says."""
+    tensors = [
+        # GGUF lists dims innermost-first
+        _Tensor(t, hf_tensor_name(t.name), tuple(int(d) for d in reversed(t.shape)))
+        for t in reader.tensors
+    ]
+    shapes = {t.name: t.shape for t in tensors}
+    if "model.embed_tokens.weight" not in shapes:
         raise UnsupportedModelError(f"GGUF file {gguf_path} has no token_embd.weight")
-    embed_rows = tensors["model.embed_tokens.weight"].shape[0]
+    embed_rows = shapes["model.embed_tokens.weight"][0]
     if embed_rows != config["vocab_size"]:
         raise UnsupportedModelError(
             f"GGUF file {gguf_path}: {config['vocab_size']} tokens but {embed_rows} embedding rows"
         )
-    config["tie_word_embeddings"] = "lm_head.weight" not in tensors
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    os.chmod(out / "model.safetensors", 0o644)  # safetensors creates it 0600; the cache may be shared
-    del tensors
+    config["tie_word_embeddings"] = "lm_head.weight" not in shapes
+    return tensors
 
+
+def _plan_shards(tensors: list[_Tensor], max_bytes: int) -> list[list[_Tensor]]:
+    """Consecutive tensors, in the file's order, grouped into shards of at most ``max_bytes``."""
+    shards: list[list[_Tensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def _dequantize(t: _Tensor, gguf_path: Path) -> np.ndarray:
+    """The tensor as a float32 array of its Hugging Face shape, dequantized a block of rows at a time."""
+    from gguf.quants import dequantize
+
+    data, qtype = t.gguf.data, t.gguf.tensor_type
+    out = np.empty(t.shape, dtype=np.float32)  # also what copies F32 tensors out of the read-only memmap
+    try:
+        if out.ndim < 2 or data.shape[0] != t.shape[0]:  # quantized rows are data's rows, else all at once
+            out[...] = np.asarray(dequantize(data, qtype), dtype=np.float32).reshape(t.shape)
+            return out
+        step = max(1, _DEQUANTIZE_CHUNK_BYTES // max(1, out[0].nbytes))
+        for row in range(0, t.shape[0], step):
+            part = out[row : row + step]
+            part[...] = np.asarray(dequantize(data[row : row + step], qtype), dtype=np.float32).reshape(
+                part.shape
+            )
+    except (ValueError, IndexError) as e:
+        raise UnsupportedModelError(
+            f"GGUF file {gguf_path} is truncated or corrupt: tensor {t.gguf.name}: {e}"
+        ) from None
+    return out
+
+
+def _hf_weight(
+    t: _Tensor, gguf_path: Path, config: dict[str, Any], spec: _ArchSpec, progress: Any
+) -> np.ndarray:
+    weight = _dequantize(t, gguf_path)
+    if spec.permute_qk and ".attn_q." in t.gguf.name:
+        weight = unpermute_rotary(weight, config["num_attention_heads"])
+    elif spec.permute_qk and ".attn_k." in t.gguf.name:
+        weight = unpermute_rotary(weight, config["num_key_value_heads"])
+    progress.update()
+    return weight
+
+
+def _write_weights(
+    tensors: list[_Tensor], gguf_path: Path, out: Path, config: dict[str, Any], spec: _ArchSpec
+) -> None:
+    """Dequantize into shards, each saved and dropped before the next is read (see MAX_SHARD_BYTES)."""
+    from safetensors.numpy import save_file
+    from tqdm import tqdm
+
+    shards = _plan_shards(tensors, MAX_SHARD_BYTES)
+    if len(shards) == 1:
+        files = ["model.safetensors"]
+    else:  # transformers' names and index
+        files = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    progress = tqdm(total=len(tensors), desc=f"Converting {gguf_path.name}", unit="tensor", file=sys.stderr)
+    with progress:
+        for file, shard in zip(files, shards):
+            arrays = {t.name: _hf_weight(t, gguf_path, config, spec, progress) for t in shard}
+            save_file(arrays, str(out / file), metadata={"format": "pt"})
+            os.chmod(out / file, 0o644)  # safetensors creates it 0600; the cache may be shared
+            del arrays  # before the next shard's tensors are read
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.nbytes for t in tensors)},
+            "weight_map": {t.name: file for file, shard in zip(files, shards) for t in shard},
+        }
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _write_metadata(template: str | None, gguf_path: Path, out: Path, config: dict[str, Any]) -> bool:
+    """config.json, generation_config.json and the tokenizer (``template``: the GGUF's chat
+    template); whether the tokenizer has a chat template."""
     generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    has_template = _save_tokenizer(reader, gguf_path, out, config["max_position_embeddings"])
+    return _save_tokenizer(template, gguf_path, out, config["max_position_embeddings"])
 
+
+def _conversion_info(reader: Any, gguf_path: Path, arch: str) -> dict[str, Any]:
+    quant_types: dict[str, int] = {}
+    for t in reader.tensors:
+        quant_types[t.tensor_type.name] = quant_types.get(t.tensor_type.name, 0) + 1
     return {
         "converter_version": CONVERTER_VERSION,
         "source": str(gguf_path.resolve()),
@@ -351,8 +481,33 @@ def _convert_into(gguf_path: Path, out: Path) -> dict[str, Any]:
         "gguf_architecture": arch,
         "general_name": _field(reader, "general.name"),
         "quant_types": quant_types,
-        "chat_template": has_template,
     }
+
+
+def _convert_into(gguf_path: Path, out: Path) -> dict[str, Any]:
+    return _convert_gguf_into(gguf_path, out, weights=True)
+
+
+def _convert_metadata_into(gguf_path: Path, out: Path) -> dict[str, Any]:
+    return _convert_gguf_into(gguf_path, out, weights=False)
+
+
+def _convert_gguf_into(gguf_path: Path, out: Path, weights: bool) -> dict[str, Any]:
+    reader, arch, spec = _open_gguf(gguf_path)
+    config = _build_config(reader, arch, spec)
+    tensors = _tensor_layout(reader, gguf_path, config)
+    if weights:
+        _write_weights(tensors, gguf_path, out, config, spec)
+    info = _conversion_info(reader, gguf_path, arch)
+    template = _field(reader, "tokenizer.chat_template")
+    # A reader holds a Python object per part of every metadata field: ~160 MB for a 49k-token
+    # vocabulary, more for larger ones. transformers reads the file again with its own reader to
+    # convert the tokenizer; this one goes first, so the router's peak is one reader, not two.
+    del reader, tensors
+    info["chat_template"] = _write_metadata(template, gguf_path, out, config)
+    if not weights:
+        info["weights"] = False
+    return info
 
 
 def _build_config(reader: Any, arch: str, spec: _ArchSpec) -> dict[str, Any]:
@@ -421,12 +576,11 @@ def _build_config(reader: Any, arch: str, spec: _ArchSpec) -> dict[str, Any]:
     return config
 
 
-def _save_tokenizer(reader: Any, gguf_path: Path, out: Path, max_len: int) -> bool:
+def _save_tokenizer(template: str | None, gguf_path: Path, out: Path, max_len: int) -> bool:
     """Let transformers convert the GGUF tokenizer; make sure the chat template comes along."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    template = _field(reader, "tokenizer.chat_template")
     if template and not tokenizer.chat_template:
         tokenizer.chat_template = template
     tokenizer.model_max_length = max_len

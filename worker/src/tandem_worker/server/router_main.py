@@ -31,7 +31,8 @@ from .worker_pool import WorkerPool
 log = logging.getLogger(__name__)
 
 # On SIGTERM, streams in flight get this long to finish (answers stream for tens of seconds; 5 s
-# cut them off at every rollout). Within the pod's 35 s termination grace, after its 5 s preStop (builders.py).
+# cut them off at every rollout). Within the pod's 35 s termination grace, after its 5 s preStop
+# (builders.py).
 DRAIN_SECONDS = 25.0
 
 
