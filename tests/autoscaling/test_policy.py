@@ -535,6 +535,21 @@ def test_tpot_misses_do_not_tighten_the_prefill_headroom():
     assert state.burst_q == pytest.approx(0.9)
 
 
+def test_prefill_rejections_tighten_the_burst_headroom_and_decode_rejections_do_not():
+    """Attainment feedback counts against prefill only what prefill sizing can fix: its own
+    rejections, like TTFT misses, but not decode's (like TPOT misses)."""
+    spec = replace(SPEC, attainment_feedback=True, prefill_tokens_per_second=10_000.0)
+    rate = dict(prompt_tokens_per_s=1000.0, prompt_tokens_per_s_peak=1000.0)
+    by_pool = {}
+    for pool in ("prefill", "decode"):
+        state = _settled_state()
+        w = window(met=80, rejected=20, prefill_rejected=20 if pool == "prefill" else 0, **rate)
+        d = decide(w, Replicas(3, 3), spec, state, now=0)
+        by_pool[pool] = d.inputs["burst_quantile"]
+    assert by_pool["prefill"] == 1.0  # 80% realized against 90%: the most headroom
+    assert by_pool["decode"] == 0.0  # none of prefill's miss budget used: no headroom
+
+
 def test_attainment_at_target_keeps_the_nominal_quantile():
     _, state = after_a_spike(FEEDBACK, met=90, ttft=10)
     assert state.burst_q == pytest.approx(0.9)
@@ -701,14 +716,49 @@ def test_failures_scale_nothing_up():
 
 
 def test_rejected_requests_scale_decode_up_and_hold_prefill():
-    """Rejected requests are decode's misses; they never reached prefill, which must not shrink."""
+    """Rejections no pool is named for (every decode KV cache full; a router older than the pool
+    counter) are decode's misses; they never reached prefill, which must not shrink."""
     w = window(met=60, rejected=40)
     d = decide(w, Replicas(3, 3), SPEC, _settled_state(), now=0)
     assert d.desired_decode > 3
     assert d.desired_prefill == 3
-    assert "prefill 3->3: 40 of 100 requests rejected: holding" in d.reason
+    assert "decode 3->4: decode rejections 40% of 100 requests" in d.reason
+    assert "prefill 3->3: 40 of 100 requests rejected by decode: holding" in d.reason
     d = decide(window(met=50, failed=10, rejected=40), Replicas(3, 3), SPEC, _settled_state(), now=0)
-    assert "prefill 3->3: 10 of 100 requests failed, 40 rejected: holding" in d.reason
+    assert "prefill 3->3: 10 of 100 requests failed, 40 rejected by decode: holding" in d.reason
+
+
+def test_requests_the_prefill_workers_turned_away_scale_prefill_up_and_hold_decode():
+    """Every prefill worker at its request limit: TTFT-side pressure, prefill's to fix. Read as
+    decode's (as every rejection was), decode grew while prefill, the bottleneck, stayed."""
+    w = window(met=60, rejected=40, prefill_rejected=40)
+    d = decide(w, Replicas(3, 3), SPEC, _settled_state(), now=0)
+    assert (d.desired_prefill, d.desired_decode) == (4, 3), d.reason
+    assert "prefill 3->4: prefill rejections 40% of 100 requests > allowed 10%" in d.reason
+    # Decode reserved their KV and gave it back: demand it never served, which holds it from shrinking.
+    assert "decode 3->3: 40 of 100 requests rejected by prefill: holding" in d.reason
+    # With TTFT misses beside them, both are prefill's: 6% + 6% is over the allowed 10%.
+    d = decide(
+        window(met=88, ttft=6, rejected=6, prefill_rejected=6), Replicas(3, 3), SPEC, _settled_state(), 0
+    )
+    assert d.desired_prefill > 3 and "TTFT misses and prefill rejections 12% of 100" in d.reason
+    # Still prefill's while decode's KV is saturated: a decode worker reserves a request's KV before
+    # it asks prefill, so these had theirs (the TTFT misses go to decode then, as they waited for KV).
+    w = window(met=60, ttft=10, rejected=30, prefill_rejected=30, kv=0.95, waiting=5.0)
+    d = decide(w, Replicas(3, 3), SPEC, _settled_state(), 0)
+    assert "prefill 3->4: prefill rejections 30% of 100 requests" in d.reason, d.reason
+    # Counted apart, decode's are what the router says, not what the others leave: increase()
+    # extrapolates each series on its own, and 5 left over would be no decode rejection.
+    w = window(met=60, rejected=40, prefill_rejected=35, decode_rejected=0)
+    assert (w.rejected_by_prefill, w.rejected_by_decode) == (35, 0)
+    # Both pools in one window: each pool's own rejections are its misses.
+    d = decide(window(met=70, rejected=30, prefill_rejected=15), Replicas(3, 3), SPEC, _settled_state(), 0)
+    assert d.desired_prefill > 3 and d.desired_decode > 3, d.reason
+    assert "prefill rejections 15%" in d.reason and "decode rejections 15%" in d.reason
+    # Within the SLO otherwise, prefill's rejections hold it from scaling down: they are its misses.
+    w = window(met=94, rejected=6, prefill_rejected=6)
+    d = decide(w, Replicas(3, 3), SPEC, _settled_state(), 0)
+    assert "prefill 3->3: prefill rejections 6% not below 50% of allowed: holding" in d.reason
 
 
 def test_requests_the_router_turned_away_at_its_own_limit_scale_no_pool_up():
@@ -723,7 +773,7 @@ def test_requests_the_router_turned_away_at_its_own_limit_scale_no_pool_up():
     assert "router: 40 of 100 requests turned away at its in-flight limit" in d.reason
     # Told apart from a full decode KV cache in the same window: only those are decode's misses.
     d = decide(window(met=60, rejected=40, router_rejected=30), Replicas(3, 3), SPEC, _settled_state(), 0)
-    assert d.desired_decode > 3 and "TPOT misses 14% of 70 requests" in d.reason
+    assert d.desired_decode > 3 and "decode rejections 14% of 70 requests" in d.reason
     # Decode missing its SLO on 9 of the 60 requests it served is decode's to fix, however many the
     # router turned away (as a fraction of all 100 finished, 9% would be within the allowed 10%).
     w = window(met=51, tpot=9, rejected=40, router_rejected=40)

@@ -188,6 +188,10 @@ def test_the_router_exports_every_outcome_the_autoscaler_reads_from_its_start():
     metrics.start_request_outcomes()
     for outcome in OUTCOMES:
         assert REGISTRY.get_sample_value("tandem_requests_total", {"outcome": outcome}) is not None, outcome
+    # So is each pool's share of the rejections: increase() from its first prefill rejection on
+    # would lose that one.
+    for pool in ("prefill", "decode"):
+        assert REGISTRY.get_sample_value("tandem_pool_rejected_requests_total", {"pool": pool}) is not None
 
 
 def test_requests_turned_away_at_the_routers_own_limit_are_told_apart(prom):
@@ -202,3 +206,17 @@ def test_requests_turned_away_at_the_routers_own_limit_are_told_apart(prom):
     FakePrometheus.answers = {"increase(tandem_requests_total": outcomes}
     w = fetch_window(prom, 60, selector='namespace="ml"')
     assert (w.rejected, w.router_rejected, w.pool_rejected, w.served) == (40, 0, 40, 100)
+    assert (w.rejected_by_prefill, w.rejected_by_decode) == (0, 40)  # decode's, as before the split
+
+
+def test_rejections_are_told_apart_by_the_pool_that_turned_them_away(prom):
+    FakePrometheus.answers = {
+        "increase(tandem_requests_total": vector(({"outcome": "met"}, 60), ({"outcome": "rejected"}, 40)),
+        'sum(increase(tandem_router_rejected_requests_total{namespace="ml"}[60s]))': vector(({}, 10)),
+        'sum by (pool) (increase(tandem_pool_rejected_requests_total{namespace="ml"}[60s]))': vector(
+            ({"pool": "prefill"}, 24.6), ({"pool": "decode"}, 3.2)
+        ),
+    }
+    w = fetch_window(prom, 60, selector='namespace="ml"')
+    # increase() extrapolates each series on its own: the 2 left over are no pool's.
+    assert (w.router_limited, w.rejected_by_prefill, w.rejected_by_decode) == (10, 25, 3)

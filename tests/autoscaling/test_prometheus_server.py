@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
@@ -193,3 +194,48 @@ def test_requests_the_router_turns_away_at_its_limit_do_not_grow_decode(tmp_path
     d = decide(w, Replicas(2, 2), SPEC, PolicyState(started=-10_000.0), now=0)
     assert d.desired_decode == 2, d.reason
     assert "turned away at the router's in-flight limit: holding" in d.reason
+
+
+class _PrefillBusyOnDemand(_Answers):
+    """`_Answers`, until `busy`: then every prefill partner is at its request limit."""
+
+    busy = False
+
+    def Generate(self, request, context):  # noqa: N802
+        if self.busy:
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"prefill worker {request.prefill_endpoint} is busy: 256 requests in flight"
+                " (the limit is 256)",
+            )
+        yield from super().Generate(request, context)
+
+
+def test_requests_the_prefill_workers_turn_away_grow_prefill_not_decode(tmp_path, model_dir):
+    """Through the real router's metrics and a real Prometheus: 60 requests served within the SLOs,
+    40 turned away because every prefill worker was at its limit. Read as decode misses (as every
+    rejection was), they grew decode and left prefill, the bottleneck, as it was."""
+    with (
+        deployment(tmp_path) as dep,
+        _router_over_fake_decode(model_dir, lambda pool: _PrefillBusyOnDemand()) as (router, _, fake),
+    ):
+        dep.scraped_twice("tandem_pool_rejected_requests_total", "router-0")  # the baseline is in
+        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3]), sampling=pb.SamplingParams())
+        for _ in range(60):
+            assert list(router.Generate(request, _Context()))[-1].token_ids == [42]
+        fake.busy = True
+        for _ in range(40):
+            assert _refused(router)[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+        total = REGISTRY.get_sample_value("tandem_pool_rejected_requests_total", {"pool": "prefill"})
+        dep.eventually(
+            f'tandem_pool_rejected_requests_total{{{SELECTOR},pool="prefill"}}',
+            lambda v: v == pytest.approx(total),
+        )
+        w = window(dep.url)
+    # increase() extrapolates each series on its own (the outcome's from where earlier tests left the
+    # process's counters, the pool's from 0): the prefill count is most of the rejections'.
+    assert 0.5 * w.rejected <= w.rejected_by_prefill <= w.rejected and w.rejected_by_prefill > 0
+    assert (w.rejected_by_decode, w.router_limited) == (0, 0)
+    d = decide(w, Replicas(2, 2), SPEC, PolicyState(started=-10_000.0), now=0)
+    assert d.desired_prefill > 2 and d.desired_decode == 2, d.reason
+    assert "prefill rejections" in d.reason and "rejected by prefill: holding" in d.reason

@@ -19,6 +19,7 @@ class Deployment:
         self.router = CollectorRegistry()
         self.requests = Counter("tandem_requests", "", ["outcome"], registry=self.router)
         self.router_rejected = Counter("tandem_router_rejected_requests", "", registry=self.router)
+        self.pool_rejected = Counter("tandem_pool_rejected_requests", "", ["pool"], registry=self.router)
         self.ttft = Histogram(
             "tandem_time_to_first_token_seconds", "", buckets=LATENCY_BUCKETS, registry=self.router
         )
@@ -102,6 +103,21 @@ def test_requests_turned_away_at_the_routers_own_limit_are_told_apart():
     s.scrape(15.0)
     w = s.window(15.0)
     assert (w.rejected, w.router_rejected, w.pool_rejected, w.served) == (5, 3, 2, 32)
+    assert (w.rejected_by_prefill, w.rejected_by_decode) == (0, 2)  # no pool named: decode's
+
+
+def test_rejections_are_told_apart_by_the_pool_that_turned_them_away():
+    dep = Deployment()
+    s = DirectScraper("http://router/metrics", {"http://decode/metrics": "decode"}, get=dep.get)
+    s.scrape(0.0)
+    dep.requests.labels(outcome="met").inc(30)
+    dep.requests.labels(outcome="rejected").inc(9)
+    dep.router_rejected.inc(2)
+    dep.pool_rejected.labels(pool="prefill").inc(4)  # its series born in the window: it was 0
+    dep.pool_rejected.labels(pool="decode").inc(3)
+    s.scrape(15.0)
+    w = s.window(15.0)
+    assert (w.router_limited, w.rejected_by_prefill, w.rejected_by_decode) == (2, 4, 3)
 
 
 def test_too_few_scrapes_or_processes_down_is_missing_data():

@@ -44,6 +44,10 @@ class Exporters:
     def __init__(self) -> None:
         self.router = CollectorRegistry()
         self.requests = Counter("tandem_requests", "", ["outcome"], registry=self.router)
+        self.router_rejected = Counter("tandem_router_rejected_requests", "", registry=self.router)
+        self.pool_rejected = Counter("tandem_pool_rejected_requests", "", ["pool"], registry=self.router)
+        for pool in ("prefill", "decode"):
+            self.pool_rejected.labels(pool=pool)  # as the router: every series from its start
         self.ttft = Histogram(
             "tandem_time_to_first_token_seconds", "", buckets=LATENCY_BUCKETS, registry=self.router
         )
@@ -99,10 +103,13 @@ class Exporters:
         self._thread.start()
 
     def _traffic(self) -> None:
-        """Per tick: 3 requests met every SLO, 1 missed TTFT, 2 were the caller's fault (invalid)."""
+        """Per tick: 3 requests met every SLO, 1 missed TTFT, 1 was turned away by the prefill
+        workers, 2 were the caller's fault (invalid)."""
         while not self._stop.wait(0.05):
             self.requests.labels(outcome="met").inc(3)
             self.requests.labels(outcome="missed_ttft").inc(1)
+            self.requests.labels(outcome="rejected").inc(1)
+            self.pool_rejected.labels(pool="prefill").inc(1)
             self.requests.labels(outcome="invalid").inc(2)
             for _ in range(4):
                 self.ttft.observe(0.2)
@@ -203,7 +210,14 @@ def test_every_panel_returns_data_from_a_real_prometheus(prometheus):
     assert empty == [], "panels without data"
 
     (attainment,) = _query(prometheus, _substitute(dict(_exprs())["SLO attainment"]))
-    assert float(attainment["value"][1]) == pytest.approx(0.75, abs=0.02)  # 3 met of 4 counted requests
+    assert float(attainment["value"][1]) == pytest.approx(0.6, abs=0.02)  # 3 met of 5 counted requests
+    # The rejections by cause are a breakdown of the outcome's, not more requests: here all prefill's.
+    (by_pool,) = [e for t, e in _exprs() if t == "Rejected requests by cause" and "tandem_pool_" in e]
+    causes = _query(prometheus, _substitute(by_pool))
+    by_outcome = _query(prometheus, _substitute(dict(_exprs())["Requests by outcome"]))
+    rejected = {float(r["value"][1]) for r in by_outcome if r["metric"]["outcome"] == "rejected"}
+    ((prefill,),) = [{float(r["value"][1]) for r in causes if r["metric"].get("pool") == "prefill"}]
+    assert prefill == pytest.approx(rejected.pop(), rel=0.1) and prefill > 0
     replicas = _query(prometheus, _substitute(dict(_exprs())["Replicas per pool"]))
     assert {r["metric"]["label_app_kubernetes_io_component"] for r in replicas} == {
         "prefill",

@@ -538,3 +538,64 @@ async def test_the_router_at_its_own_limit_is_reported_once_and_grows_no_pool(pr
     await step(1_000_615.0)
     assert events == [("Warning", "RouterAtLimit")] * 2
     assert memory.objects[("Deployment", "ns", DECODE)]["spec"]["replicas"] == 1
+
+
+async def test_the_router_at_its_limit_is_reported_once_across_refused_patches_and_restarts(
+    prom: FakePrometheus,
+):
+    # The router at its limit while a prefill backlog asks for more prefill. Each Event kopf posts
+    # is a new object (nothing aggregates them): the episode must not be reported again at each
+    # step whose replicas patch is refused (which drops the policy's memory), nor by a restarted
+    # operator, which reads it from status.
+    from tandem_operator.k8s import ApiError
+
+    prom.answers = {
+        "increase(tandem_requests_total": vector(({"outcome": "met"}, 60), ({"outcome": "rejected"}, 40)),
+        "tandem_router_rejected_requests_total": vector(({}, 40)),
+        "tandem_pool_rejected_requests_total": vector(({"pool": "prefill"}, 0), ({"pool": "decode"}, 0)),
+        **BACKLOG,
+    }
+    prom.start()
+    now = [1_000_000.0]
+    memory, reconciler, autoscaler, events = memory_setup(prom.url, clock=lambda: now[0])
+    md_key = (api.KIND, "ns", DEMO)
+    await reconciler.reconcile("ns", DEMO)
+    for name in (PREFILL, DECODE):
+        memory.objects[("Deployment", "ns", name)]["status"] = {"readyReplicas": 1}
+
+    memory.refuse[("patch", "Deployment")] = ApiError(422, "Invalid", "refused by an admission webhook")
+    for t in (0, 15, 30):
+        now[0] = 1_000_000.0 + t
+        await autoscaler.step("ns", DEMO)
+    assert memory.objects[("Deployment", "ns", PREFILL)]["spec"]["replicas"] == 1  # refused each time
+    assert events == [("Warning", "RouterAtLimit")]
+
+    del memory.refuse[("patch", "Deployment")]
+    now[0] += 15
+    await autoscaler.step("ns", DEMO)
+    assert memory.objects[("Deployment", "ns", PREFILL)]["spec"]["replicas"] == 2
+    status = memory.objects[md_key]["status"]["autoscaler"]
+    assert status["routerAtLimitSince"].endswith("Z")
+    assert (status["inputs"]["rejected"], status["inputs"]["routerRejected"]) == (40, 40)
+    assert (status["inputs"]["prefillRejected"], status["inputs"]["decodeRejected"]) == (0, 0)
+
+    restarted = Autoscaler(
+        memory, reconciler, lambda *a: events.append((a[1], a[2])), prom.url, clock=lambda: now[0]
+    )
+
+    async def step() -> None:  # within the cooldown of that scale-up: no other Event
+        now[0] += 5
+        await restarted.step("ns", DEMO)
+
+    await step()
+    assert events == [("Warning", "RouterAtLimit"), ("Normal", "ScaledUp")]
+    # Over: cleared from status, and the next episode is reported.
+    limited = prom.answers["increase(tandem_requests_total"]
+    prom.answers["tandem_router_rejected_requests_total"] = vector(({}, 0))
+    prom.answers["increase(tandem_requests_total"] = vector(({"outcome": "met"}, 100))
+    await step()
+    assert "routerAtLimitSince" not in memory.objects[md_key]["status"]["autoscaler"]
+    prom.answers["tandem_router_rejected_requests_total"] = vector(({}, 40))
+    prom.answers["increase(tandem_requests_total"] = limited
+    await step()
+    assert events[-1] == ("Warning", "RouterAtLimit") and len(events) == 3

@@ -563,7 +563,38 @@ class AutoscalerInputs(_Model):
     missed_tpot: int | None = Field(default=None, ge=0, description="Requests that missed the TPOT SLO.")
     failed: int | None = Field(default=None, ge=0, description="Requests that failed.")
     rejected: int | None = Field(
-        default=None, ge=0, description="Requests rejected because every decode KV cache was full."
+        default=None,
+        ge=0,
+        description=(
+            "Requests turned away before any token (RESOURCE_EXHAUSTED, HTTP 429): by the router at its "
+            "own in-flight limit, or by a pool's workers (at their request limit; for decode also every "
+            "KV cache full). routerRejected, prefillRejected and decodeRejected say by whom."
+        ),
+    )
+    router_rejected: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Of those, requests the router turned away at its own in-flight limit "
+            "(spec.router.maxInFlight per router pod): no pool is scaled up for them."
+        ),
+    )
+    prefill_rejected: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Of those, requests turned away because the prefill workers tried were at their request "
+            "limit: counted as prefill's (TTFT-side) misses."
+        ),
+    )
+    decode_rejected: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Of those, requests turned away because every decode worker's KV cache was full or the "
+            "decode workers were at their request limit (with a router that does not tell the pools "
+            "apart, every rejection not at the router's limit): counted as decode's misses."
+        ),
     )
     attainment: float | None = Field(default=None, description="Fraction of requests that met both SLOs.")
     ttft_p90_seconds: float | None = Field(
@@ -603,6 +634,14 @@ class AutoscalerStatus(_Model):
         description=(
             "Set while the autoscaler holds pools at their size for lack of data (no metrics for "
             "this deployment, too few finished requests): which pools and why."
+        ),
+    )
+    router_at_limit_since: str | None = Field(
+        default=None,
+        description=(
+            "Set while the router turns requests away at its own in-flight limit: when that began "
+            "(RFC 3339; a RouterAtLimit Warning Event was posted then). Cleared by the first window "
+            "without such rejections."
         ),
     )
     memory: str | None = Field(

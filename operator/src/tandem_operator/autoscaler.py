@@ -23,7 +23,10 @@ first window read. No data for this deployment (or too few finished requests): h
 
 Requests the router turns away at its own in-flight limit scale no pool up (more replicas behind a
 router at its limit would not be sent more work): when they start, one Warning Event
-`RouterAtLimit` says how many and what to raise, and the decision's reason counts them.
+`RouterAtLimit` says how many and what to raise, and the decision's reason counts them. The episode
+is kept in `status.autoscaler.routerAtLimitSince` until a window without them: a restarted operator,
+or one whose replicas patch was refused (which drops the policy's memory), posts no second Event.
+Requests a pool's workers turn away count as that pool's misses (see `policy`).
 
 The policy's memory (recent recommendations for the scale-down stabilization, the last change per
 pool for the cooldown, the burst and outcome history, learned prefill throughput) is kept per
@@ -85,6 +88,7 @@ def _round(v: float | None) -> float | None:
 
 def plan_inputs(window: MetricsWindow, current: Replicas) -> dict[str, Any]:
     """The key inputs of a decision, as `status.autoscaler.inputs` (camelCase; unmeasured left out)."""
+    counted = window.finished is not None
     inputs = {
         "windowSeconds": _round(window.duration_s),
         "requests": window.finished,
@@ -92,7 +96,10 @@ def plan_inputs(window: MetricsWindow, current: Replicas) -> dict[str, Any]:
         "missedTtft": window.missed_ttft,
         "missedTpot": window.missed_tpot,
         "failed": window.failed,
-        "rejected": window.rejected if window.finished is not None else None,
+        "rejected": window.rejected if counted else None,
+        "routerRejected": window.router_limited if counted else None,
+        "prefillRejected": window.rejected_by_prefill if counted else None,
+        "decodeRejected": window.rejected_by_decode if counted else None,
         "attainment": _round(window.attainment),
         "ttftP90Seconds": _round(window.ttft_p90_s),
         "tpotP90Seconds": _round(window.tpot_p90_s),
@@ -150,13 +157,19 @@ class Autoscaler:
         self._states: dict[str, PolicyState] = {}
         self._saved: dict[str, float] = {}  # uid -> clock time the memory was last written to status
         self._written: dict[str, str] = {}  # uid -> the memory this process last put in a status patch
-        self._router_limited: set[str] = set()  # uids whose last window had router-limit rejections
+        # uid -> since when the router turns requests away at its own limit (as in status): kept
+        # here too for a step whose status write does not happen (a refused replicas patch).
+        self._router_limited: dict[str, str] = {}
 
     def forget(self, uid: str) -> None:
+        """Drop all this process keeps of the object (deleted, or autoscaling disabled)."""
+        self._forget_policy(uid)
+        self._router_limited.pop(uid, None)
+
+    def _forget_policy(self, uid: str) -> None:
         self._states.pop(uid, None)
         self._saved.pop(uid, None)
         self._written.pop(uid, None)
-        self._router_limited.discard(uid)
 
     def _state(self, body: dict[str, Any], uid: str) -> PolicyState:
         """This object's policy memory: in this process, unless another operator saved one since
@@ -262,13 +275,15 @@ class Autoscaler:
         state = self._state(body, owner.uid)
         now = self._clock()
         decision = decide(window, current, aspec, state, now)
-        self._warn_router_limit(body, owner.uid, window)
         changes = {
             role: (current.get(role), decision.desired(role))
             for role in AUTOSCALED_ROLES
             if decision.desired(role) != current.get(role)
         }
-        record: dict[str, Any] = {"holding": plan_holding(decision, window)}
+        record: dict[str, Any] = {
+            "holding": plan_holding(decision, window),
+            "routerAtLimitSince": self._warn_router_limit(body, owner.uid, window),
+        }
         if changes:
             for role, (old, new) in changes.items():
                 log.info("%s/%s: scaling %s %d -> %d: %s", namespace, name, role, old, new, decision.reason)
@@ -283,7 +298,7 @@ class Autoscaler:
                 except ApiError as e:
                     log.warning("%s/%s: scaling %s refused: %s", namespace, name, role, e)
                     # The policy believes it changed: let the next step see the real size afresh.
-                    self.forget(owner.uid)
+                    self._forget_policy(owner.uid)
                     return
             record.update(
                 lastDecisionTime=self._now(),
@@ -310,17 +325,27 @@ class Autoscaler:
             self._saved[owner.uid] = now
         await self._report(body, True, HEALTHY, f"reading metrics from {self._url}", record)
 
-    def _warn_router_limit(self, body: dict[str, Any], uid: str, window: MetricsWindow) -> None:
+    def _warn_router_limit(self, body: dict[str, Any], uid: str, window: MetricsWindow) -> str | None:
         """One Warning Event when the router starts turning requests away at its own limit (not one
         per step while it goes on): the policy scales no pool up for them, so without it a router
-        that is the bottleneck would show only as misses in the dashboard's outcomes."""
+        that is the bottleneck would show only as misses in the dashboard's outcomes. Returns since
+        when it has (`status.autoscaler.routerAtLimitSince`), None when it does not.
+
+        The episode is read back from status: kopf posts every Event as a new object (the API server
+        aggregates nothing), so an Event per operator restart, or per step while the replicas patch
+        is refused, would each be another Warning."""
+        saved = ((body.get("status") or {}).get("autoscaler") or {}).get("routerAtLimitSince")
+        since = self._router_limited.get(uid) or saved
+        if window.finished is None:  # no outcome counts: nothing known either way
+            return since
         n = window.router_limited
         if not n:
-            self._router_limited.discard(uid)
-            return
-        if uid in self._router_limited:
-            return
-        self._router_limited.add(uid)
+            self._router_limited.pop(uid, None)
+            return None
+        if since is not None:
+            self._router_limited[uid] = since
+            return since
+        since = self._router_limited[uid] = self._now()
         meta = body["metadata"]
         message = (
             f"{n} of {window.finished} requests in the last {window.duration_s:.0f}s were turned away at "
@@ -329,6 +354,7 @@ class Autoscaler:
         )
         log.warning("%s/%s: %s", meta["namespace"], meta["name"], message)
         self._post_event(body, "Warning", ROUTER_AT_LIMIT, message[:EVENT_MESSAGE_LIMIT])
+        return since
 
     async def _report(
         self, body: dict[str, Any], healthy: bool, reason: str, message: str, record: dict[str, Any]

@@ -7,7 +7,11 @@ does no I/O, so the operator, `tandem up --autoscale` and the simulator all run 
 What it does, per pool (prefill and decode scale independently):
 
 * **Phase attribution.** Requests that missed the TTFT SLO point at prefill, those that missed the
-  TPOT SLO (and those rejected because every decode KV cache was full) at decode. A phase is scaled
+  TPOT SLO at decode. Requests a pool's workers turned away (RESOURCE_EXHAUSTED, by the router's
+  `tandem_pool_rejected_requests_total{pool}`) count as that pool's misses: prefill's (each prefill
+  worker tried at its request limit) are TTFT-side pressure, decode's (every decode KV cache full,
+  or the decode workers at their limit) decode's; a rejection no pool is named for (a router older
+  than that counter) is decode's. A phase is scaled
   up when its own miss fraction exceeds the allowed `1 - attainment`, or when the overall attainment
   is below target and that phase holds at least half of the misses. Requests the router turned away
   at its own in-flight limit (`router_rejected`) reached no pool: they point at no phase, and the
@@ -15,7 +19,8 @@ What it does, per pool (prefill and decode scale independently):
   shows in their own signals (misses, backlog, KV usage); one at its limit while they have room is
   the bottleneck itself, and more replicas would not be used. TTFT misses while the decode
   pool is KV-saturated (usage >= `kv_usage_high` and requests waiting) go to decode: the request
-  waited for decode KV, not for prefill.
+  waited for decode KV, not for prefill. Prefill's rejections stay prefill's: a decode worker
+  reserves a request's KV before it asks prefill, so those had theirs.
 * **Scale to fit, before anything finishes.** The prefill backlog (queued prompt tokens per
   replica) above `prefill_backlog_target_tokens`, or the decode KV usage above `kv_usage_high`, is
   an up signal even when the window holds no finished request (a queue that grows). Decode is
@@ -67,8 +72,8 @@ What it does, per pool (prefill and decode scale independently):
   `down_margin` too, with the pool's own misses: failed ones for both pools (an error neither pool is
   blamed for, so failures scale nothing up, but a window where every request failed put no load
   on either pool and must not read as room to spare), those the router turned away at its own
-  limit (demand neither pool saw) and, for prefill, rejected ones (decode's misses already; they
-  never reached prefill, whose load then looks lighter than it is).
+  limit (demand neither pool saw) and those the other pool turned away (its misses already; this
+  pool never served them, and its load then looks lighter than it is).
 * **No decision** on missing metrics or on fewer than `min_requests` finished requests in the
   window (SLO statistics from a handful of requests are noise); the reason says so. A pool whose
   own gauges are missing (decode KV usage; prefill backlog, unless a known throughput sizes
@@ -228,9 +233,13 @@ class MetricsWindow:
     missed_ttft: int | None = None
     missed_tpot: int | None = None
     failed: int | None = None  # an error no pool is blamed for: blocks scale-down, never scales up
-    rejected: int = 0  # turned away (RESOURCE_EXHAUSTED: every decode KV cache full, the workers at
-    # their limit, or the router at its own in-flight limit); less `router_rejected`, a decode signal
+    rejected: int = 0  # turned away (RESOURCE_EXHAUSTED: every decode KV cache full, a pool's workers
+    # at their request limit, or the router at its own in-flight limit)
     router_rejected: int = 0  # of `rejected`, those the router turned away at its own in-flight limit
+    prefill_rejected: int = 0  # of `rejected`, those the prefill workers turned away
+    # ... and those the decode workers turned away; None: the router does not say which pool turned
+    # a request away (older than that counter), and the rest of `rejected` is decode's
+    decode_rejected: int | None = None
     ttft_p50_s: float | None = None
     ttft_p90_s: float | None = None
     ttft_p99_s: float | None = None
@@ -271,6 +280,20 @@ class MetricsWindow:
     def pool_rejected(self) -> int:
         """Rejected requests a pool turned away (every decode KV cache full, the workers busy)."""
         return self.rejected - self.router_limited
+
+    @property
+    def rejected_by_prefill(self) -> int:
+        """Of `pool_rejected`, those the prefill workers turned away (clamped as `router_limited`)."""
+        return max(0, min(self.prefill_rejected, self.pool_rejected))
+
+    @property
+    def rejected_by_decode(self) -> int:
+        """Of `pool_rejected`, the decode workers' (KV full, at their request limit), or all the rest
+        from a router that does not say which pool turned a request away. Counted apart, what no
+        count takes is no pool's: Prometheus' increase() extrapolates each series on its own, and
+        a remainder would hand decode the others' rounding (a few, whenever prefill rejects many)."""
+        rest = self.pool_rejected - self.rejected_by_prefill
+        return rest if self.decode_rejected is None else max(0, min(self.decode_rejected, rest))
 
     @property
     def served(self) -> int | None:
@@ -452,13 +475,14 @@ def _fmt(x: float | None) -> str:
 
 def _unserved_hold(pool: str, w: MetricsWindow, own: float, margin: float, n_cur: int) -> _Rec | None:
     """Hold `pool` when its own miss fraction `own` plus the requests it never served (failed; turned
-    away at the router's own limit; for prefill also rejected, which never reached it) exceed
-    `margin`: requests that errored out or were turned away put no load on the pool, so a window of
-    them would otherwise read as room to spare."""
+    away at the router's own limit or by the other pool's workers) exceed `margin`: requests that
+    errored out or were turned away put no load on the pool, so a window of them would otherwise
+    read as room to spare."""
     finished = w.finished or 0
+    other = "decode" if pool == "prefill" else "prefill"
     counts = [
         (w.failed or 0, "failed"),
-        (w.pool_rejected if pool == "prefill" else 0, "rejected"),
+        (w.rejected_by_decode if pool == "prefill" else w.rejected_by_prefill, f"rejected by {other}"),
         (w.router_limited, "turned away at the router's in-flight limit"),
     ]
     lost = sum(n for n, _ in counts)
@@ -499,13 +523,22 @@ def _recommend(
         and (w.decode_kv_usage_max or w.decode_kv_usage or 0) >= spec.kv_usage_high
         and (w.decode_waiting or 0) > 0
     )
-    m_ttft = m_tpot = m_total = 0.0
+    # Each pool's share of the misses, by kind (fractions of `finished`).
+    kinds: dict[str, float] = {}
     if slo_ok:
-        m_ttft = (w.missed_ttft or 0) / finished  # type: ignore[operator]
-        m_tpot = ((w.missed_tpot or 0) + w.pool_rejected) / finished  # type: ignore[operator]
-        # The pools' misses together, not 1 - attainment: failures are no pool's (they scale
-        # nothing up), and with them in, a pool's few misses beside many failures grew that pool.
-        m_total = m_ttft + m_tpot
+        n = finished or 1
+        kinds = {
+            "TTFT misses": (w.missed_ttft or 0) / n,
+            "prefill rejections": w.rejected_by_prefill / n,
+            "TPOT misses": (w.missed_tpot or 0) / n,
+            "decode rejections": w.rejected_by_decode / n,
+        }
+    m_ttft = kinds.get("TTFT misses", 0.0)
+    m_prej = kinds.get("prefill rejections", 0.0)  # prefill's even while decode is saturated
+    m_tpot = kinds.get("TPOT misses", 0.0) + kinds.get("decode rejections", 0.0)
+    # The pools' misses together, not 1 - attainment: failures are no pool's (they scale nothing
+    # up), and with them in, a pool's few misses beside many failures grew that pool.
+    m_total = m_ttft + m_prej + m_tpot
     # Unsettled, the window predates the current size: its misses do not size it up, but they still
     # forbid a scale-down (a replica that never becomes ready must not read as room to spare).
     unsettled = ""
@@ -515,14 +548,12 @@ def _recommend(
     slo_missed = False  # this pool's own misses call for more of it
     if slo_ok and settled:
         ttft_pool = "decode" if decode_saturated else "prefill"
-        misses = {"prefill": 0.0, "decode": 0.0}
-        misses[ttft_pool] += m_ttft
-        misses["decode"] += m_tpot
-        m = misses[pool]
-        slo_missed = m > 0 and (m > allowed or (m_total > allowed and m >= (m_ttft + m_tpot) / 2))
+        owners = {"TTFT misses": ttft_pool, "prefill rejections": "prefill"}
+        mine = [k for k, v in kinds.items() if v > 0 and owners.get(k, "decode") == pool]
+        m = sum(kinds[k] for k in mine)
+        slo_missed = m > 0 and (m > allowed or (m_total > allowed and m >= m_total / 2))
         if slo_missed:
-            what = "TTFT" if pool == "prefill" or (decode_saturated and m_ttft) else "TPOT"
-            why = f"{what} misses {m:.0%} of {finished} requests"
+            why = f"{' and '.join(mine)} {m:.0%} of {finished} requests"
             if m <= allowed:  # within the allowance alone: the larger share of misses over it together
                 why += f", the larger share of all misses {m_total:.0%}"
             ups.append(
@@ -576,12 +607,14 @@ def _recommend(
                 hold=True,
             )
         p90 = w.ttft_p90_s
-        if m_ttft > spec.down_margin * allowed:
+        own = m_ttft + m_prej
+        if own > spec.down_margin * allowed:
+            what = " and ".join(k for k in ("TTFT misses", "prefill rejections") if kinds.get(k))
             return _Rec(
                 n_cur,
-                f"TTFT misses {m_ttft:.0%} not below {spec.down_margin:.0%} of allowed{unsettled}: holding",
+                f"{what} {own:.0%} not below {spec.down_margin:.0%} of allowed{unsettled}: holding",
             )
-        held = _unserved_hold(pool, w, m_ttft, spec.down_margin * allowed, n_cur)
+        held = _unserved_hold(pool, w, own, spec.down_margin * allowed, n_cur)
         if held is not None:
             return held
         if fit is not None:
@@ -643,8 +676,9 @@ def _recommend(
         )
     p90 = w.tpot_p90_s
     if m_tpot > spec.down_margin * allowed:
+        what = " and ".join(k for k in ("TPOT misses", "decode rejections") if kinds.get(k))
         return _Rec(
-            n_cur, f"TPOT misses {m_tpot:.0%} not below {spec.down_margin:.0%} of allowed{unsettled}: holding"
+            n_cur, f"{what} {m_tpot:.0%} not below {spec.down_margin:.0%} of allowed{unsettled}: holding"
         )
     held = _unserved_hold(pool, w, m_tpot, spec.down_margin * allowed, n_cur)
     if held is not None:
@@ -746,8 +780,9 @@ def _burst_rate(rate: float, spec: AutoscalingSpec, state: PolicyState, now: flo
 def _attainment_feedback(w: MetricsWindow, spec: AutoscalingSpec, state: PolicyState, now: float) -> str:
     """Set the burst quantile from the TTFT attainment realized over the last `burst_horizon_seconds`.
 
-    Requests that met their TTFT count as met here even if they missed TPOT: that miss is the
-    decode pool's, which prefill headroom cannot fix.
+    Requests that met their TTFT count as met here even if they missed TPOT, and so do those the
+    decode workers turned away: those misses are the decode pool's, which prefill headroom cannot
+    fix. Those the prefill workers turned away count as missed.
 
     The quantile is a headroom bought to meet the target; the outcomes of the horizon say how much
     of it was needed. With `a` the realized attainment, `t` the target and `q0` the nominal
@@ -772,8 +807,9 @@ def _attainment_feedback(w: MetricsWindow, spec: AutoscalingSpec, state: PolicyS
         while state.outcomes and state.outcomes[-1][0] == now:  # a repeated call at the same time replaces
             state.outcomes.pop()
         # Only what prefill sizing can fix counts against it: a request that met its TTFT but
-        # missed TPOT is decode's miss (failures count against both).
-        state.outcomes.append((now, (w.met or 0) + (w.missed_tpot or 0), finished))
+        # missed TPOT, or that the decode workers turned away, is decode's miss (failures count
+        # against both).
+        state.outcomes.append((now, (w.met or 0) + (w.missed_tpot or 0) + w.rejected_by_decode, finished))
     while state.outcomes and state.outcomes[0][0] < now - horizon:
         state.outcomes.popleft()
     if finished is None:

@@ -14,7 +14,9 @@ Notes on the mapping:
   missed_tpot, failed, rejected; invalid requests are the caller's fault and are left out),
   rounded. No series at all while the pools report: zero requests (idle), not missing data. Of the
   rejected ones, `increase(ROUTER_REJECTED_METRIC)` are those the router turned away at its own
-  in-flight limit (a router without that counter: none told apart, all read as the pools').
+  in-flight limit and `increase(POOL_REJECTED_METRIC)` by `pool` those each pool's workers turned
+  away (a router without these counters: none told apart, the rest read as decode's, as before
+  they existed).
 * Pool gauges: `avg(avg_over_time(...))` is the mean over replicas and the window, and the `*_max`
   fields `max(max_over_time(...))` the busiest replica's highest scrape (the simulator and
   `scrape.py` compute the same).
@@ -46,11 +48,15 @@ OUTCOMES = ("met", "missed_ttft", "missed_tpot", "failed", "rejected")
 BUSY_METRIC = "tandem_engine_busy_seconds_total"
 # Requests the router turned away at its own in-flight limit (also counted as outcome="rejected").
 ROUTER_REJECTED_METRIC = "tandem_router_rejected_requests_total"
+# Requests a pool's workers turned away, by `pool` (prefill, decode; also outcome="rejected").
+POOL_REJECTED_METRIC = "tandem_pool_rejected_requests_total"
 
 
 # What Tandem's monitors scrape at by default (charts/tandem: monitoring.*.interval); the operator's
 # --scrape-interval tells it another.
 DEFAULT_SCRAPE_INTERVAL_S = 15.0
+# Queries of request counts, read only when the outcomes are (rejections split by who turned them away).
+COUNT_QUERIES = ("outcomes", "router_rejected", "pool_rejected")
 MIN_SAMPLES_PER_RANGE = 4
 
 
@@ -91,6 +97,7 @@ def queries(
     q: dict[str, str] = {
         "outcomes": f"sum by (outcome) (increase(tandem_requests_total{_sel(selector)}[{w}]))",
         "router_rejected": f"sum(increase({ROUTER_REJECTED_METRIC}{_sel(selector)}[{w}]))",
+        "pool_rejected": f"sum by (pool) (increase({POOL_REJECTED_METRIC}{_sel(selector)}[{w}]))",
     }
     for name, metric in (
         ("ttft", "tandem_time_to_first_token_seconds"),
@@ -171,7 +178,7 @@ def fetch_window(
     q = queries(window_s, selector, **kw)
     fields: dict[str, Any] = {}
     for name, promql in q.items():
-        if name in ("outcomes", "router_rejected"):
+        if name in COUNT_QUERIES:
             continue
         result = run(promql, at)
         fields[name] = _value(result[0]) if result else None
@@ -186,8 +193,14 @@ def fetch_window(
         # The router exports every outcome from its start (at 0): no rows is no router scraped, or
         # too few scrapes in the window, never "no requests", which would read as idle.
         return MetricsWindow(duration_s=window_s, **fields)
+    # Rounded (and extrapolated) apart from the outcome they are part of, they could exceed it: the
+    # window clamps them.
     limited = run(q["router_rejected"], at)
-    router_rejected = _value(limited[0]) if limited else None
+    parts: dict[str, Any] = {"router_rejected": int(round((_value(limited[0]) if limited else None) or 0))}
+    by_pool = {row.get("metric", {}).get("pool"): _value(row) for row in run(q["pool_rejected"], at)}
+    if by_pool:  # a router that tells the pools apart (its series exist from its start, at 0)
+        parts["prefill_rejected"] = int(round(by_pool.get("prefill") or 0))
+        parts["decode_rejected"] = int(round(by_pool.get("decode") or 0))
     return MetricsWindow(
         duration_s=window_s,
         met=counts["met"],
@@ -195,7 +208,6 @@ def fetch_window(
         missed_tpot=counts["missed_tpot"],
         failed=counts["failed"],
         rejected=counts["rejected"],
-        # Rounded apart from the outcome it is part of, it could exceed it: the window clamps it.
-        router_rejected=int(round(router_rejected or 0)),
+        **parts,
         **fields,
     )

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .policy import MetricsWindow
-from .prometheus import BUSY_METRIC, OUTCOMES, ROUTER_REJECTED_METRIC
+from .prometheus import BUSY_METRIC, OUTCOMES, POOL_REJECTED_METRIC, ROUTER_REJECTED_METRIC
 
 Samples = dict[tuple[str, frozenset], float]
 
@@ -195,6 +195,9 @@ class DirectScraper:
             w.met, w.missed_ttft, w.missed_tpot = counts["met"], counts["missed_ttft"], counts["missed_tpot"]
             w.failed, w.rejected = counts["failed"], counts["rejected"]
             w.router_rejected = int(round(inc(ROUTER_REJECTED_METRIC)))
+            if any(n == POOL_REJECTED_METRIC for n, _ in last):  # a router that tells the pools apart
+                w.prefill_rejected = int(round(inc(POOL_REJECTED_METRIC, pool="prefill")))
+                w.decode_rejected = int(round(inc(POOL_REJECTED_METRIC, pool="decode")))
             for field_name, metric in (
                 ("ttft", "tandem_time_to_first_token_seconds"),
                 ("tpot", "tandem_time_per_output_token_seconds"),

@@ -49,6 +49,16 @@ ROUTER_REJECTED = Counter(
     "tandem_router_rejected_requests",
     'Requests the router turned away at its own in-flight limit (also counted as outcome="rejected")',
 )
+# The rest of outcome="rejected", by the pool whose workers turned the request away: the autoscaler
+# reads prefill's as TTFT-side pressure and decode's as decode's. "decode" is the router's decode
+# targets (decode or colocated workers), and also takes a request no decode worker had KV room for.
+POOL_REJECTED = Counter(
+    "tandem_pool_rejected_requests",
+    "Requests turned away because the workers of a pool were at their request limit or, for decode,"
+    ' out of KV room, by pool (also counted as outcome="rejected")',
+    ["pool"],
+)
+REJECTING_POOLS = ("prefill", "decode")
 
 
 class EngineCollector(Collector):
@@ -191,9 +201,12 @@ def register_worker_pool(snapshot: Callable[[], list[Any]]) -> None:
 
 
 def start_request_outcomes() -> None:
-    """Every outcome's series, at 0, from the router's first scrape. Prometheus' increase() takes a
-    series' first sample as its baseline: a series born at its first failure would lose the
-    failures counted before that scrape (the autoscaler's "failures hold scale-down" guard), and
-    no series at all could not tell "no requests" from "not scraped yet"."""
+    """Every outcome's series (and each pool's rejections), at 0, from the router's first scrape.
+    Prometheus' increase() takes a series' first sample as its baseline: a series born at its
+    first failure would lose the failures counted before that scrape (the autoscaler's "failures
+    hold scale-down" guard), and no series at all could not tell "no requests" from "not scraped
+    yet"."""
     for outcome in REQUEST_OUTCOMES:
         REQUESTS.labels(outcome=outcome)
+    for pool in REJECTING_POOLS:
+        POOL_REJECTED.labels(pool=pool)

@@ -158,6 +158,7 @@ class RouterService(pbgrpc.InferenceServicer):
         exclude: set[str] = set()
         last_error = "no healthy worker can take this request"
         busy = ""  # a worker refused the request as over its limit (RESOURCE_EXHAUSTED): why
+        busy_pools: set[str] = set()  # the pools whose workers refused it so
         for attempt in range(self.max_attempts):
             pair = self.pool.pick(len(ids), exclude, request.adapter)
             if pair is None and self.pool.all_full(len(ids), exclude):
@@ -265,13 +266,19 @@ class RouterService(pbgrpc.InferenceServicer):
                     self.pool.mark_failed(failed, details)
                 elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     busy = details  # busy, not broken: stays in rotation, only not retried now
+                    busy_pools.add("prefill" if failed is pair.prefill else "decode")
                 exclude.add(failed.address)
                 last_error = details
                 log.warning("request %s attempt %d failed before any token: %s", rid, attempt, details)
             finally:
                 self.pool.end(pair, ticket)
-        if busy or self.pool.all_full(len(ids), exclude):
+        decode_full = self.pool.all_full(len(ids), exclude)
+        if busy or decode_full:
+            # Prefill's only when prefill workers alone refused it and a decode worker had room: with
+            # decode short too, more prefill would not have served it.
+            pool = "prefill" if busy_pools == {"prefill"} and not decode_full else "decode"
             metrics.REQUESTS.labels(outcome="rejected").inc()
+            metrics.POOL_REJECTED.labels(pool=pool).inc()
             context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 "workers are at their limit right now; retry later"
