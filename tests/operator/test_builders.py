@@ -664,3 +664,20 @@ def test_a_longer_grace_period_lengthens_the_workers_drain():
         pod(builders.build_worker_deployment(owner, spec, "decode", "h"))["terminationGracePeriodSeconds"]
         == 600
     )
+
+
+def test_a_large_model_gets_a_longer_startup_budget():
+    """The startup probe's 10 minutes and the 900 s progress deadline were fixed: a large model on
+    slow storage was restarted mid-load, for ever."""
+    body = load_example("cpu-demo.yaml")
+    spec = api.ModelDeploymentSpec.model_validate({**body["spec"], "startupTimeoutSeconds": 1800})
+    owner = Owner(name="d", namespace="ns", uid="u")
+    for dep in (
+        builders.build_worker_deployment(owner, spec, "prefill", "h"),
+        builders.build_router_deployment(owner, spec, "h"),
+    ):
+        probe = container(dep)["startupProbe"]
+        assert probe["periodSeconds"] * probe["failureThreshold"] == 1800
+        assert dep["spec"]["progressDeadlineSeconds"] == 2100
+    with pytest.raises(ValueError, match="greater than or equal to 60"):
+        api.ModelDeploymentSpec.model_validate({**body["spec"], "startupTimeoutSeconds": 10})

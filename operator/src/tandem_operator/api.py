@@ -512,6 +512,16 @@ class ModelDeploymentSpec(_Model):
         default_factory=Autoscaling, description="Autoscaling policy (applied by the autoscaler)."
     )
     placement: Placement = Field(default_factory=Placement, description="Topology preferences.")
+    startup_timeout_seconds: int = Field(
+        default=600,
+        ge=60,
+        le=7200,
+        description=(
+            "How long a worker may take from its container's start to a loaded model (its startup "
+            "probe) before it is restarted; each Deployment reports ProgressDeadlineExceeded 300 s "
+            "after that (the model's download comes first). Raise it for large models on slow storage."
+        ),
+    )
     termination_grace_period_seconds: int = Field(
         default=60,
         ge=35,

@@ -33,7 +33,10 @@ MODEL_MOUNT = "/models"
 CACHE_MOUNT = "/var/cache/tandem"
 CONFIG_MOUNT = "/etc/tandem"
 ADAPTER_MOUNT = "/adapters"  # adapters fetched from URIs by an init container (an emptyDir)
-PROGRESS_DEADLINE_SECONDS = 900
+# A Deployment is reported stuck (ProgressDeadlineExceeded) this long after a worker's startup
+# budget: the model's download by the init container comes before the startup probe starts.
+PROGRESS_MARGIN_SECONDS = 300
+STARTUP_PROBE_PERIOD_SECONDS = 5
 # A deleted pod leaves its Service's endpoints asynchronously: kube-proxy on every node and any cloud
 # load balancer keep sending new connections to it for a few seconds after the kubelet's SIGTERM. The
 # router closes its listeners at SIGTERM, so it first sleeps this long (preStop) while still serving.
@@ -373,18 +376,18 @@ def config_hash(config_map: dict[str, Any], component: str) -> str:
 # ------------------------------------------------------------------------------------ workloads
 
 
-def _probes(port: int, startup: str) -> dict[str, Any]:
+def _probes(port: int, startup: str, startup_seconds: int) -> dict[str, Any]:
     """Readiness asks the gRPC health service (NOT_SERVING while draining, and for the router until a
     worker pair is healthy). Liveness only asks "is the port open": a draining or waiting process is
     alive and must not be restarted. `startup` is "grpc" for workers (SERVING once the model is
-    loaded; up to 10 minutes) and "tcpSocket" for the router (up once the tokenizer is loaded; its
-    health waits for workers, which may take longer than any startup budget)."""
+    loaded; up to `startup_seconds`) and "tcpSocket" for the router (up once the tokenizer is loaded;
+    its health waits for workers, which may take longer than any startup budget)."""
     return {
         "startupProbe": {
             startup: {"port": port},
-            "periodSeconds": 5,
+            "periodSeconds": STARTUP_PROBE_PERIOD_SECONDS,
             "timeoutSeconds": 3,
-            "failureThreshold": 120,
+            "failureThreshold": -(-startup_seconds // STARTUP_PROBE_PERIOD_SECONDS),
         },
         "readinessProbe": {
             "grpc": {"port": port},
@@ -464,7 +467,12 @@ def _without_empty(fields: dict[str, Any]) -> dict[str, Any]:
 
 
 def _deployment(
-    owner: Owner, component: str, replicas: int, pod_spec: dict[str, Any], config_digest: str
+    owner: Owner,
+    component: str,
+    replicas: int,
+    pod_spec: dict[str, Any],
+    config_digest: str,
+    spec: api.ModelDeploymentSpec,
 ) -> dict[str, Any]:
     return {
         "apiVersion": "apps/v1",
@@ -472,8 +480,8 @@ def _deployment(
         "metadata": _meta(owner, child_name(owner, component), component),
         "spec": {
             "replicas": replicas,
-            # Longer than the 10-minute startup budget, so a slow model load is not "stuck".
-            "progressDeadlineSeconds": PROGRESS_DEADLINE_SECONDS,
+            # Longer than the startup budget, so a slow download and model load is not "stuck".
+            "progressDeadlineSeconds": spec.startup_timeout_seconds + PROGRESS_MARGIN_SECONDS,
             "selector": {"matchLabels": selector_labels(owner, component)},
             # Never below the desired capacity during a roll: surge one pod, then retire one.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
@@ -507,7 +515,7 @@ def build_worker_deployment(
         "env": _env(pool.env, pool.gpus),
         "resources": build_resources(pool.cpu, pool.memory, pool.gpus),
         "volumeMounts": _pod_mounts(spec, adapters=True),
-        **_probes(pool.port, startup="grpc"),
+        **_probes(pool.port, startup="grpc", startup_seconds=spec.startup_timeout_seconds),
         "securityContext": _container_security(),
     }
     pod_spec = _without_empty(
@@ -528,7 +536,7 @@ def build_worker_deployment(
             "topologySpreadConstraints": build_topology_spread(selector_labels(owner, role), spec.placement),
         }
     )
-    return _deployment(owner, role, pool.replicas, pod_spec, config_digest)
+    return _deployment(owner, role, pool.replicas, pod_spec, config_digest, spec)
 
 
 def build_worker_service(owner: Owner, spec: api.ModelDeploymentSpec, role: str) -> dict[str, Any]:
@@ -601,7 +609,11 @@ def build_router_deployment(
         "env": _env([], 0),
         "resources": build_resources(r.cpu, r.memory, 0),
         "volumeMounts": _pod_mounts(spec, adapters=False),
-        **_probes(api.ROUTER_CONTAINER_PORTS["grpc"], startup="tcpSocket"),
+        **_probes(
+            api.ROUTER_CONTAINER_PORTS["grpc"],
+            startup="tcpSocket",
+            startup_seconds=spec.startup_timeout_seconds,
+        ),
         # `python`: the one program the image must have (the default fetch containers run it too).
         "lifecycle": {
             "preStop": {
@@ -628,7 +640,7 @@ def build_router_deployment(
             "topologySpreadConstraints": build_topology_spread(selector, spec.placement),
         }
     )
-    return _deployment(owner, "router", r.replicas, pod_spec, config_digest)
+    return _deployment(owner, "router", r.replicas, pod_spec, config_digest, spec)
 
 
 def build_router_service(owner: Owner, spec: api.ModelDeploymentSpec) -> dict[str, Any]:
