@@ -592,3 +592,86 @@ def test_random_workloads_keep_every_invariant(seed):
     assert all(s.is_finished and len(s.output_token_ids) == s.params.max_tokens for s in seqs)
     order = [sim.first_scheduled[s.request_id] for s in seqs]
     assert order == sorted(order)
+
+
+# --- the admission watermark -------------------------------------------------------------------
+
+
+def test_admission_leaves_a_free_block_for_each_running_sequence():
+    """An admission that took the last free blocks left a running decode none for its next token:
+    the next step preempted the newcomer, whose work so far was thrown away and recomputed."""
+    sim = Sim(num_blocks=8, budget=64)
+    a = make_seq("a", 7, 6)  # 2 blocks; its 9th token (the 2nd decode) needs a 3rd
+    sim.add(a)
+    sim.step()
+    assert sim.bm.num_free_blocks == 6
+    b = make_seq("b", 24, 2)  # exactly the 6 free blocks
+    sim.add(b)
+    out = sim.step()
+    assert out.admitted == [], "took the block the running decode needs next"
+    sim.run()
+    assert sim.sched.stats.num_preemptions == 0
+    assert all(s.is_finished for s in (a, b))
+    assert sim.first_scheduled["b"] > max(i for i, o in enumerate(sim.steps) if chunk_of(o, a))
+
+
+def test_a_remote_kv_reservation_leaves_a_free_block_for_each_running_sequence():
+    sim = Sim(num_blocks=8, budget=64)
+    a = make_seq("a", 7, 6)
+    sim.add(a)
+    sim.step()
+    r = make_remote("r", 23, 2, first_token=5)  # 24 tokens: the 6 free blocks
+    sim.add(r)
+    assert not sim.step().reserved
+    while sim.sched.has_work:
+        for x in sim.step().reserved:
+            sim.land_remote_kv(x)
+            sim.sched.activate(x)
+        assert len(sim.steps) < 100
+    assert sim.sched.stats.num_preemptions == 0
+    assert len(r.output_token_ids) == 2 and a.is_finished
+
+
+def test_the_watermark_never_keeps_out_a_lone_request_that_fits():
+    # Nothing runs: the request may take every block (a watermark then would refuse it for ever).
+    sim = Sim(num_blocks=4, budget=64)
+    a = make_seq("a", 16, 1)
+    sim.add(a)
+    assert sim.step().admitted == [a]
+    sim.run()
+    # And one that can never fit still fails at once, with its reason, rather than waiting.
+    big = make_seq("big", 17, 1)
+    sim.add(big)
+    out = sim.sched.schedule()
+    assert [(s, "can never fit" in why) for s, why in out.failed] == [(big, True)]
+    assert not sim.sched.has_work
+
+
+# --- prefill-side backpressure -----------------------------------------------------------------
+
+
+def test_a_prefill_whose_kv_reader_is_behind_is_held_back_while_others_run():
+    """On a prefill worker, a request whose reader (the decode worker) is slow piled its whole
+    prompt's KV up in host memory. While `kv_backlogged()` says so, its next chunk waits; the other
+    sequences run, and take the budget it leaves."""
+    sim = Sim(num_blocks=64, budget=8)
+    backlogged = [False]
+    slow = make_seq("slow", 40, 1)
+    slow.kv_backlogged = lambda: backlogged[0]
+    other = make_seq("other", 30, 2)
+    sim.add(slow, other)
+    out = sim.step()
+    assert [(c.seq, c.num_tokens) for c in out.chunks] == [(slow, 8)]
+    backlogged[0] = True
+    for _ in range(3):
+        out = sim.step()
+        assert chunk_of(out, slow) is None, "computed more KV for a reader that is behind"
+        assert chunk_of(out, other).num_tokens == 8
+    assert slow.num_computed_tokens == 8
+    # With nothing else to run the step is empty (the engine loop then waits to be woken).
+    while not other.is_finished:
+        sim.step()
+    assert sim.sched.schedule().is_empty and slow.num_computed_tokens == 8
+    backlogged[0] = False
+    sim.run()
+    assert slow.is_finished and len(slow.output_token_ids) == 1

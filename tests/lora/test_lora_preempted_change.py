@@ -38,16 +38,17 @@ def test_a_request_preempted_mid_prefill_restarts_with_its_adapters_new_files(
     hits = 2  # blocks of X's prompt in the prefix cache when it arrives, computed with the old files
     run_one(engine, prompt[: hits * bs + 1], "X")
     # One step: a base request of one full block, then X's prefix hits and the budget left to X
-    # cover the rest of the pool exactly, and X's prompt needs more. Step two: the base request's
-    # first decode needs a block, and X, the newest, is preempted mid-prefill.
-    sched.max_num_batched_tokens = bs + (room - 1 - hits) * bs
+    # cover the rest of the pool but the block the admission leaves free for the base request
+    # (the watermark), and X's prompt needs more. Step two: the base request's first decode takes
+    # that block, X's next chunk finds none, and X, the newest, is preempted mid-prefill.
+    sched.max_num_batched_tokens = bs + (room - 2 - hits) * bs
     base = engine.add_request(prompt_token_ids=list(range(1000, 1000 + bs)), params=SHORT)
     sent: list[int] = []
     sink = (lambda layer, start, k, v, ready: sent.append(start)) if streams_kv else None
     x = engine.add_request(prompt_token_ids=prompt, params=SHORT, adapter="X", kv_sink=sink)
     seq = engine._requests[x].seq
     engine.step()
-    assert seq.num_cached_tokens == hits * bs and seq.num_computed_tokens == (room - 1) * bs
+    assert seq.num_cached_tokens == hits * bs and seq.num_computed_tokens == (room - 2) * bs
     final = {o.request_id: o for o in engine.step() if o.finished}
     assert seq.num_preemptions == 1 and not seq.output_token_ids and seq in sched.waiting
 

@@ -170,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-pending", type=positive_int, default=256, help="requests in flight before RESOURCE_EXHAUSTED"
     )
     w.add_argument(
+        "--kv-send-backlog-bytes",
+        type=positive_int,
+        default=64 * 2**20,
+        help="prefill: a request's KV not yet sent beyond which its next chunk waits for the reader "
+        "(default 64 MiB)",
+    )
+    w.add_argument(
         "--drain-timeout",
         type=non_negative_float,
         default=30.0,
@@ -486,6 +493,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens,
         lora_store=args.lora_store,
         lora_host_cache_bytes=args.lora_host_cache_bytes,
+        kv_send_backlog_bytes=args.kv_send_backlog_bytes,
     )
     adapters = _read_adapters_config(args.adapters_config) if args.adapters_config else {}
     return serve_worker(

@@ -194,8 +194,9 @@ class BlockManager:
             self._evictable.pop(block, None)
         self.ref_counts[block] += 1
 
-    def admit(self, seq: Sequence, num_new_tokens: int) -> bool:
-        """Give a waiting sequence its cached prefix and room for `num_new_tokens` more.
+    def admit(self, seq: Sequence, num_new_tokens: int, watermark: int = 0) -> bool:
+        """Give a waiting sequence its cached prefix and room for `num_new_tokens` more, leaving at
+        least `watermark` blocks free.
 
         Sets `seq.block_table` and `seq.num_computed_tokens`; on False nothing changed.
         """
@@ -205,7 +206,7 @@ class BlockManager:
         num_new_tokens = min(num_new_tokens, seq.num_tokens - cached_tokens)
         needed = self.blocks_needed(cached_tokens + num_new_tokens) - len(hits)
         reclaimed = sum(1 for b in hits if self.ref_counts[b] == 0)
-        if needed + reclaimed > self.num_free_blocks:
+        if needed + reclaimed + watermark > self.num_free_blocks:
             return False
         for b in hits:
             self._ref(b)

@@ -163,6 +163,13 @@ class EngineConfig:
     lora_store: str | None = None
     lora_host_cache_bytes: int = 2 * 2**30
     lora_load_timeout_s: float = 30.0
+    # Prefill worker: KV computed for a request but not yet sent to its decode worker, in bytes.
+    # Above the first, that request's next prompt chunk waits for its reader to catch up (a slow
+    # reader then costs about this plus one chunk's KV of host memory); above the second, for all
+    # requests together, new KV pulls are refused as busy (the router tries another prefill worker).
+    # A reader as fast as the engine stays far below both (about one layer's piece of a chunk).
+    kv_send_backlog_bytes: int = 64 * 2**20
+    kv_send_backlog_total_bytes: int = 4 * 2**30
     extra: dict[str, Any] = field(default_factory=dict)
 
     def _check_device(self) -> None:
@@ -201,6 +208,8 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be at least 1")
         if self.lora_load_timeout_s <= 0:
             raise ValueError("lora_load_timeout_s must be positive")
+        if self.kv_send_backlog_bytes < 1 or self.kv_send_backlog_total_bytes < 1:
+            raise ValueError("kv_send_backlog_bytes and kv_send_backlog_total_bytes must be positive")
         if self.load_format not in ("safetensors", "dummy"):
             raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {self.load_format!r}")
         if self.cuda_graph_max_batch < 0:

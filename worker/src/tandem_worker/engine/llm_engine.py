@@ -257,13 +257,15 @@ class LLMEngine:
         remote_kv: bool = False,
         kv_sink: Callable[[int, int, torch.Tensor, torch.Tensor, KVReady | None], None] | None = None,
         kv_skip: int = 0,
+        kv_backlogged: Callable[[], bool] | None = None,
         adapter: str | None = None,
     ) -> str:
         """Queue a request; raises `RequestError` (changing nothing) if it can never be served.
 
         `remote_kv`: the prompt's KV will come from a prefill worker (see `take_reservations` and
         `kv_ready`). `kv_sink`: stream each layer's KV for prompt tokens from `kv_skip` on, as
-        `kv_sink(layer, start, key, value, ready)` (see `Sequence.kv_sink`).
+        `kv_sink(layer, start, key, value, ready)` (see `Sequence.kv_sink`); while `kv_backlogged()`
+        says the sink's reader is too far behind, the next prompt chunk waits (`Sequence.kv_backlogged`).
         `adapter`: a LoRA adapter's name; an unknown one raises `AdapterNotFoundError`.
         """
         # The request's own copy: fit_max_tokens lowers max_tokens to its prompt's room, which must
@@ -286,7 +288,14 @@ class LLMEngine:
         if adapter is not None:
             self.lora.check(adapter)
             self._check_fits_beside(adapter, len(prompt_token_ids), params)
-        seq = Sequence(request_id, list(prompt_token_ids), params, remote_kv=remote_kv, kv_sink=kv_sink)
+        seq = Sequence(
+            request_id,
+            list(prompt_token_ids),
+            params,
+            remote_kv=remote_kv,
+            kv_sink=kv_sink,
+            kv_backlogged=kv_backlogged,
+        )
         seq.kv_sent = kv_skip
         if adapter is not None:
             seq.lora_name = adapter

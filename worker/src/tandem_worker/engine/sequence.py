@@ -51,6 +51,11 @@ class Sequence:
     # prefill worker.
     kv_sink: Callable[[int, int, Any, Any, Any], None] | None = None
     kv_sent: int = 0
+    # Prefill side: True while more of this request's KV waits for its reader than it may (see
+    # engine_loop.KVBacklog); the scheduler then holds back its next prompt chunk, the others run
+    # on. The sink must never wait (it runs inside a step all requests share): this is how a slow
+    # reader's backlog stays bounded, at about the limit plus one chunk's KV.
+    kv_backlogged: Callable[[], bool] | None = None
     remote_kv: bool = False
     # LoRA: the adapter's name, its device slot while the sequence holds it pinned (see lora.py),
     # and the prefix-cache salt that keeps KV computed under different adapters apart.

@@ -8,6 +8,9 @@ Parts:
   reserved blocks, with the first token the prefill worker sampled;
 - the loop thread applies commands between steps and steps while there is work.
 The queue is bounded: beyond `max_pending` unfinished requests, `submit()` raises `QueueFull`.
+On a prefill worker each request's KV pieces wait in its stream for the reader that sends them
+(`KVBacklog`): past `EngineConfig.kv_send_backlog_bytes` unsent, its next prompt chunk is held
+back until the reader catches up, which wakes the loop.
 """
 
 from __future__ import annotations
@@ -64,12 +67,72 @@ class KVPiece:
 _END = object()
 
 
-class RequestStream:
-    """The events of one request, in order: `KVReserved`, `KVPiece`s, `RequestOutput`s."""
+def _noop() -> None:
+    pass
 
-    def __init__(self, loop: EngineLoop, request_id: str) -> None:
+
+class KVBacklog:
+    """One prefill request's KV pieces queued for its reader and not yet sent, in bytes (also
+    summed over the loop's requests, `EngineLoop.kv_unsent_bytes`).
+
+    The sink (engine thread) counts a piece in as it queues it and never waits; the reader (a gRPC
+    thread) counts it out once sent. The scheduler asks `over_limit()` before each of the request's
+    prompt chunks and holds the chunk back while it is True; the reader wakes the engine loop when
+    the backlog falls back to the limit, as the loop may be blocked for want of work."""
+
+    def __init__(self, loop: EngineLoop, limit: int) -> None:
+        self._loop = loop
+        self.limit = limit
+        self.bytes = 0
+        self._held = False  # the scheduler saw it over the limit: wake the loop when it is not
+        self._closed = False  # the reader is gone: what the engine still computes is dropped
+
+    def put(self, stream: RequestStream, piece: KVPiece) -> None:
+        """Engine thread: queue a piece for the reader, unless it stopped reading."""
+        n = piece.key.nbytes + piece.value.nbytes
+        with self._loop._lock:
+            if self._closed:
+                return
+            self.bytes += n
+            self._loop._kv_unsent += n
+        stream.put(piece)
+
+    def over_limit(self) -> bool:
+        """Engine thread (the scheduler): hold back the request's next chunk."""
+        with self._loop._lock:
+            self._held = self.bytes > self.limit
+            return self._held
+
+    def sent(self, n: int) -> None:
+        """Reader thread: a piece of `n` bytes has been sent."""
+        with self._loop._lock:
+            self.bytes -= n
+            self._loop._kv_unsent -= n
+            wake = self._held and self.bytes <= self.limit
+            if wake:
+                self._held = False
+        if wake:
+            self._loop.wake()
+
+    def close(self) -> None:
+        """Reader thread: it reads no more (the request ended, failed or was cancelled)."""
+        with self._loop._lock:
+            if not self._closed:
+                self._closed = True
+                self._loop._kv_unsent -= self.bytes
+                self.bytes = 0
+
+
+class RequestStream:
+    """The events of one request, in order: `KVReserved`, `KVPiece`s, `RequestOutput`s.
+
+    With `kv` (a prefill request), a `KVPiece` counts as sent once the consumer asks for the next
+    event: the KVTransfer servicer asks only after gRPC took all of the piece's messages."""
+
+    def __init__(self, loop: EngineLoop, request_id: str, kv: KVBacklog | None = None) -> None:
         self.loop = loop
         self.request_id = request_id
+        self.kv = kv
         self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.finished = False
 
@@ -77,15 +140,25 @@ class RequestStream:
         self._q.put(item)
 
     def __iter__(self) -> Iterator[Any]:
-        while True:
-            item = self._q.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if isinstance(item, RequestOutput) and item.finished:
-                return
+        try:
+            while True:
+                item = self._q.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if self.kv is not None and isinstance(item, KVPiece):
+                    self.kv.sent(item.key.nbytes + item.value.nbytes)
+                if isinstance(item, RequestOutput) and item.finished:
+                    return
+        finally:
+            self.close_kv()
+
+    def close_kv(self) -> None:
+        """The consumer reads no more: its unsent pieces stop counting (idempotent)."""
+        if self.kv is not None:
+            self.kv.close()
 
     def cancel(self) -> None:
         self.loop.abort(self.request_id)
@@ -103,6 +176,7 @@ class EngineLoop:
         self.error: BaseException | None = None
         self.died = threading.Event()  # set once `error` is, for whoever must react (the server)
         self._stats: dict[str, Any] = engine.stats()
+        self._kv_unsent = 0  # bytes, over every request's KVBacklog (under _lock)
 
     def start(self) -> EngineLoop:
         self._thread.start()
@@ -117,6 +191,16 @@ class EngineLoop:
     def num_in_flight(self) -> int:
         with self._lock:
             return len(self._streams)
+
+    @property
+    def kv_unsent_bytes(self) -> int:
+        """Prefill side: KV queued for every request's reader and not yet sent."""
+        with self._lock:
+            return self._kv_unsent
+
+    def wake(self) -> None:
+        """Make a loop blocked for want of work step again (a held-back request may go on)."""
+        self._cmds.put(_noop)
 
     # --- called from server threads -----------------------------------------------------------
 
@@ -135,7 +219,8 @@ class EngineLoop:
         self.engine.validate(prompt_token_ids, params)
         if adapter:
             self.engine.lora.check(adapter)  # NOT_FOUND before anything is queued
-        stream = RequestStream(self, request_id)
+        backlog = KVBacklog(self, self.engine.config.kv_send_backlog_bytes) if kv_sink else None
+        stream = RequestStream(self, request_id, backlog)
         with self._lock:
             # Under the lock the dying thread takes to fail every stream: a stream registered
             # after that would wait for events forever.
@@ -148,14 +233,11 @@ class EngineLoop:
 
         def add() -> None:
             sink = None
-            if kv_sink:
-                # Unbounded per request: with a slow reader (the decode worker, its link) up to the
-                # whole prompt's KV waits here as host copies. The sink runs on the engine thread
-                # inside a step shared by every request, so it must not wait for this one's reader;
-                # a bound needs the scheduler to hold back a backlogged sequence's next prefill
-                # chunk (the memory is then one step's chunk), which this loop cannot do.
-                sink = lambda layer, start, k, v, ready: stream.put(  # noqa: E731
-                    KVPiece(layer, start, k, v, ready)
+            if backlog is not None:
+                # Never waits for the reader (the sink runs inside a step every request shares):
+                # the scheduler bounds the backlog by holding back this request's next chunk.
+                sink = lambda layer, start, k, v, ready: backlog.put(  # noqa: E731
+                    stream, KVPiece(layer, start, k, v, ready)
                 )
             try:
                 self.engine.add_request(
@@ -165,6 +247,7 @@ class EngineLoop:
                     remote_kv=remote_kv,
                     kv_sink=sink,
                     kv_skip=kv_skip,
+                    kv_backlogged=backlog.over_limit if backlog is not None else None,
                     adapter=adapter or None,
                 )
             except Exception as e:  # validated already; anything here is a race such as a duplicate id

@@ -10,7 +10,9 @@ A decode worker serving a request with a `prefill_endpoint`:
 4. on the last message hands the first token to the engine, which joins the running batch.
 Any failure before the first token frees the reserved blocks and ends the call with a status the
 router may retry on another pair (UNAVAILABLE); nothing has been streamed to the client yet. A pull
-that receives nothing for KV_IDLE_TIMEOUT_S (a stalled prefill worker) is such a failure.
+that receives nothing for KV_IDLE_TIMEOUT_S (a stalled prefill worker) is such a failure. A prefill
+worker whose readers already leave more KV unsent than `kv_send_backlog_total_bytes` refuses new
+pulls as busy (RESOURCE_EXHAUSTED), which the decode worker passes on: the router tries another pair.
 """
 
 from __future__ import annotations
@@ -413,6 +415,15 @@ class KVTransferService(wgrpc.KVTransferServicer):
         bad = layout_mismatch(s.layout, request.layout)
         if bad:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"decode worker: {bad}")
+        unsent, most = s.loop.kv_unsent_bytes, s.engine.config.kv_send_backlog_total_bytes
+        if unsent > most:
+            # Readers slower than this worker computes: more pulls would only pile up host memory.
+            # Busy, not failed: the decode worker passes this on and the router tries another
+            # prefill worker (or answers 429), keeping this one in rotation.
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{unsent / 2**20:.0f} MiB of KV wait for slow readers (the limit is {most / 2**20:.0f} MiB)",
+            )
         rid = f"kv-{request.request_id or uuid.uuid4().hex}"
         try:
             params = params_from_pb(request.sampling, max_tokens=1)
@@ -472,6 +483,9 @@ class KVTransferService(wgrpc.KVTransferServicer):
         finally:
             if not done.is_set():
                 stream.cancel()
+            # Also when this generator is only dropped later (an abort's traceback holds it): its
+            # unsent pieces must stop counting against the worker's backlog now.
+            stream.close_kv()
             metrics.KV_TRANSFER_BYTES.labels(direction="sent").inc(sent)
             metrics.KV_TRANSFER_SECONDS.labels(direction="sent").observe(time.monotonic() - t0)
 
