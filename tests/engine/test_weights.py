@@ -191,3 +191,12 @@ def test_a_kv_cache_budget_beyond_free_memory_is_refused(monkeypatch):
     assert (
         model_runner.plan_kv_cache(cfg, EngineConfig(kv_cache_bytes=2**29), torch.float32, cpu).num_blocks > 0
     )
+
+
+def test_dummy_weights_of_a_gguf_model_convert_none_of_its_weights(tmp_path, monkeypatch):
+    # Random weights need the config and tokenizer only: converting a GGUF file's weights (the whole
+    # float32 model, minutes for an 8B one) was wasted on a benchmark that overwrites them.
+    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path))
+    engine = LLMEngine(model="smollm2-135m", load_format="dummy", kv_cache_bytes=1 << 22)
+    assert engine.model_dir.parent == tmp_path
+    assert not list(tmp_path.rglob("*.safetensors"))

@@ -147,7 +147,8 @@ class _Request:
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, **kwargs: Any) -> None:
         self.config = config = config or EngineConfig(**kwargs)
-        self.model_dir = resolve_model(config.model, require_weights=config.load_format != "dummy")
+        # Random weights need no checkpoint: a GGUF model's weights are then not even converted.
+        self.model_dir = resolve_model(config.model, weights=config.load_format != "dummy")
         self.model_config = ModelConfig.from_folder(self.model_dir)
         mc = self.model_config
         self.max_model_len = config.max_model_len or mc.context_limit

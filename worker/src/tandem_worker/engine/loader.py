@@ -104,20 +104,16 @@ def _builtin_names() -> str:
 
 
 def resolve_model(
-    name_or_path: str | os.PathLike[str],
-    cache_dir: Path | None = None,
-    require_weights: bool = True,
-    weights: bool = True,
+    name_or_path: str | os.PathLike[str], cache_dir: Path | None = None, weights: bool = True
 ) -> Path:
     """Return a Hugging Face-format folder for a built-in name, a ``.gguf`` file or an HF folder.
 
     GGUF files (including built-ins) are converted once into ``cache_dir`` (default: `default_cache_dir`).
     Raises `ModelNotFoundError` for unknown names / missing paths, `UnsupportedModelError` for the rest.
-    `require_weights=False` accepts a folder with no checkpoint (random "dummy" weights).
-    `weights=False` (what the router needs): a folder with at least ``config.json``,
-    ``generation_config.json`` and the tokenizer files. For a GGUF file that is its full conversion
-    if the cache holds one, else a folder of those files alone (`convert_gguf_metadata`), which
-    dequantizes nothing; it implies `require_weights=False`.
+    `weights=False` (what the router and random "dummy" weights need): a folder with at least
+    ``config.json``, ``generation_config.json`` and the tokenizer files, no checkpoint required. For
+    a GGUF file that is its full conversion if the cache holds one, else a folder of those files
+    alone (`convert_gguf_metadata`), which dequantizes nothing.
     """
     convert = convert_gguf if weights else convert_gguf_metadata
     text = os.fspath(name_or_path)
@@ -134,7 +130,7 @@ def resolve_model(
             )
         return convert(path, cache_dir)
     if path.is_dir():
-        _check_hf_folder(path, text, require_weights and weights)
+        _check_hf_folder(path, text, weights)
         return path
     raise ModelNotFoundError(
         f"model {text!r} is neither a built-in model nor an existing path; "
