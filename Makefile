@@ -8,8 +8,12 @@ export TANDEM_CACHE_DIR ?= $(CURDIR)/.cache/models
 .DEFAULT_GOAL := help
 .PHONY: help install test demo bench bench-gpu gpu-kit images images-cuda test-images lint proto crds clean
 
+# The name column is as wide as the longest target name; help texts are printed as written, so
+# they name make variables bare (WORKER_IMAGE): a $(...) there would print unexpanded.
 help: ## list the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' \
+		'{ name[NR] = $$1; text[NR] = $$2; if (length($$1) > w) w = length($$1) } \
+		END { for (i = 1; i <= NR; i++) printf "  %-" w "s  %s\n", name[i], text[i] }'
 
 install: $(STAMP) ## create .venv and install Tandem, the built-in model and the dev tools
 
@@ -65,7 +69,7 @@ images: ## build the worker (CPU) and operator images (needs a Docker engine)
 	docker build $(DOCKER_BUILD_ARGS) -f worker/Dockerfile -t $(WORKER_IMAGE) .
 	docker build $(DOCKER_BUILD_ARGS) -f operator/Dockerfile -t $(OPERATOR_IMAGE) .
 
-images-cuda: ## build the CUDA worker image (about 6 GB) as $(WORKER_IMAGE)-cuda
+images-cuda: ## build the CUDA worker image (about 6 GB), tagged WORKER_IMAGE-cuda (default tandem:dev-cuda)
 	docker build $(DOCKER_BUILD_ARGS) -f worker/Dockerfile.cuda -t $(WORKER_IMAGE)-cuda .
 
 test-images: install ## run the images as a cluster would (with WORKER_CUDA_IMAGE=tag also the CUDA one, on the CPU)

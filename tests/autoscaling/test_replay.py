@@ -325,3 +325,63 @@ def test_cli_bench_cites_the_paper_of_the_trace_it_replays(server, tmp_path, cap
     assert main(["bench", "--trace", str(trace), "--endpoint", endpoint]) == 0
     cited = [line for line in capsys.readouterr().out.splitlines() if line.startswith("trace: Azure")]
     assert len(cited) == 1 and paper in cited[0], cited
+
+
+def write_trace(path, prompt_lengths: list[int]) -> str:
+    path.write_text(
+        "".join(
+            json.dumps({"timestamp": i * 20, "input_length": n, "output_length": 4}) + "\n"
+            for i, n in enumerate(prompt_lengths)
+        )
+    )
+    return str(path)
+
+
+def test_cli_bench_exits_1_when_no_request_succeeds(server, tmp_path, capsys):
+    # A replay in which every request failed measured nothing, yet exited 0 like a passing one.
+    from tandem_worker.cli import main
+
+    endpoint, _ = server
+    trace = write_trace(tmp_path / "t.jsonl", [FAIL_PROMPT] * 3)
+    assert main(["bench", "--trace", trace, "--endpoint", endpoint, "--json"]) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["failed"] == 3  # the report is still printed
+    assert captured.err.splitlines() == [
+        "tandem: error: no request succeeded (3 of 3 failed; most often: INTERNAL: injected failure)"
+    ]
+    # One answered request is a measurement, however bad: exit 0.
+    trace = write_trace(tmp_path / "t2.jsonl", [FAIL_PROMPT, 100, FAIL_PROMPT])
+    assert main(["bench", "--trace", trace, "--endpoint", endpoint]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_cli_bench_refuses_an_endpoint_it_cannot_reach_before_replaying(tmp_path, capsys):
+    # It waited 10 s for a connection, replayed every request into the void, and exited 0.
+    from tandem_worker.cli import main
+
+    trace = write_trace(tmp_path / "t.jsonl", [100, 100])
+    assert main(["bench", "--trace", trace, "--endpoint", "127.0.0.1:1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no report of requests that were never sent
+    assert captured.err.startswith("tandem: error: 127.0.0.1:1: cannot reach it: UNAVAILABLE")
+    assert len(captured.err.splitlines()) == 1
+
+
+def test_cli_bench_waits_for_a_router_that_is_not_ready_then_refuses_it():
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from tandem_worker.cli import CLIError, _check_endpoint
+
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, srv)
+    endpoint = f"127.0.0.1:{srv.add_insecure_port('127.0.0.1:0')}"
+    srv.start()
+    try:
+        servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)  # a router whose workers are starting
+        with pytest.raises(CLIError, match="not ready after .* NOT_SERVING"):
+            _check_endpoint(endpoint, wait_s=0.5)
+        threading.Timer(0.3, servicer.set, ("", health_pb2.HealthCheckResponse.SERVING)).start()
+        _check_endpoint(endpoint, wait_s=30)  # returns once it is ready
+    finally:
+        srv.stop(None)

@@ -209,7 +209,8 @@ def test_replay_refuses_a_negative_max_requests():
 
 class FakeRouter(pbgrpc.InferenceServicer):
     """Prompt "slow" streams a token every 20 ms for up to 10 s; "fail" fails once `slow_before_failing`
-    slow ones are running; any other prompt gets 3 chunks."""
+    slow ones are running; "cut" streams part of a line, then fails as a dying worker does; any other
+    prompt gets 3 chunks (the first with the prompt's token ids) and a final one with finish_reason."""
 
     def __init__(self) -> None:
         from concurrent.futures import ThreadPoolExecutor
@@ -251,8 +252,13 @@ class FakeRouter(pbgrpc.InferenceServicer):
                     else:
                         self.cancelled += 1
             return
+        if request.text == "cut":
+            yield pb.GenerateResponse(text="once upon", token_ids=[5, 6], prompt_token_ids=[9])
+            yield pb.GenerateResponse(text=" a time", token_ids=[7, 8])
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the worker serving this request failed")
         for i in range(3):
-            yield pb.GenerateResponse(text=f"{request.text}{i} ", token_ids=[i])
+            first = {"prompt_token_ids": [len(request.text), 42]} if i == 0 else {}
+            yield pb.GenerateResponse(text=f"{request.text}{i} ", token_ids=[i], **first)
         yield pb.GenerateResponse(finish_reason=pb.FINISH_REASON_LENGTH)
 
     def wait_for(self, counter: str, n: int, timeout: float = 5.0) -> int:
@@ -327,6 +333,45 @@ def test_generate_stream_json_says_which_prompt_each_chunk_belongs_to(fake_route
     for c in chunks:
         texts[c["index"]] = texts.get(c["index"], "") + c["text"]
     assert texts == {0: "a0 a1 a2 ", 1: "b0 b1 b2 "}
+
+
+def test_generate_stream_json_chunks_add_up_to_the_unstreamed_record(fake_router, capsys):
+    # The streamed chunks never said how an answer ended: no finish_reason, no prompt_token_ids.
+    from tandem_worker.cli import main
+
+    argv = ["generate", "--endpoint", fake_router.endpoint, "--json", "--prompt", "a", "--prompt", "bb"]
+    assert main(argv) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert main([*argv, "--stream"]) == 0
+    chunks = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    for index, record in enumerate(records):
+        mine = [c for c in chunks if c["index"] == index]
+        # Every chunk says whether it ends its answer: null until the last one.
+        assert [c["finish_reason"] for c in mine] == [None] * (len(mine) - 1) + [record["finish_reason"]]
+        assert record["finish_reason"] == "length"
+        assert "".join(c["text"] for c in mine) == record["text"]
+        assert [t for c in mine for t in c["token_ids"]] == record["token_ids"]
+        assert [c["prompt_token_ids"] for c in mine if "prompt_token_ids" in c] == [
+            record["prompt_token_ids"]
+        ]
+
+
+def test_generate_stream_cut_off_puts_the_error_on_a_line_of_its_own(fake_router):
+    # The error used to land right after the partial text: "once upon a timetandem: error: ...".
+    r = subprocess.run(
+        [sys.executable, "-m", "tandem_worker.cli", "generate", "--endpoint", fake_router.endpoint]
+        + ["--stream", "--prompt", "cut"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,  # as a terminal shows them: one stream
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2
+    assert r.stdout.splitlines() == [
+        "--- 'cut'",
+        "once upon a time",
+        f"tandem: error: {fake_router.endpoint}: UNAVAILABLE: the worker serving this request failed",
+    ]
 
 
 @pytest.mark.parametrize(

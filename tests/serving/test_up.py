@@ -7,6 +7,7 @@ import queue
 import signal
 import subprocess
 import threading
+import urllib.request
 
 import psutil
 import pytest
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.slow  # real processes: seconds to minutes
 
 
 def test_tandem_up_serves_and_stops_cleanly(offline, model_dir, tmp_path):
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     up = spawn(
         tandem_argv(
             "up",
@@ -32,6 +33,8 @@ def test_tandem_up_serves_and_stops_cleanly(offline, model_dir, tmp_path):
             str(KV_BYTES),
             "--log-dir",
             str(tmp_path / "logs"),
+            "--metrics-port",
+            str(metrics_port),
         ),
         None,
         stdout=subprocess.PIPE,
@@ -56,6 +59,25 @@ def test_tandem_up_serves_and_stops_cleanly(offline, model_dir, tmp_path):
             if "serving" in line:
                 break
         assert f"127.0.0.1:{port}" in line
+        # The banner says where each process's Prometheus metrics are (they were printed nowhere):
+        # the router's on --metrics-port, the workers' above it.
+        metrics: dict[str, str] = {}
+        while len(metrics) < 3:
+            line = lines.get(timeout=30)
+            assert line is not None, "tandem up exited:\n" + "".join(output)
+            output.append(line)
+            if "/metrics" in line:
+                name, url = line.split()
+                metrics[name] = url
+        assert metrics["router"] == f"http://127.0.0.1:{metrics_port}/metrics"
+        for name, family in [
+            ("router", "tandem_router_workers"),
+            ("prefill-0", "tandem_kv_blocks_free"),
+            ("decode-0", "tandem_kv_blocks_free"),
+        ]:
+            assert int(metrics[name].split(":")[2].split("/")[0]) >= metrics_port
+            with urllib.request.urlopen(metrics[name], timeout=10) as r:
+                assert family in r.read().decode(), name
         children = psutil.Process(up.pid).children(recursive=True)
         assert len(children) == 3, children  # prefill, decode, router
 
@@ -213,3 +235,46 @@ def test_a_child_dies_with_its_supervisor_even_when_that_is_killed():
             break
         threading.Event().wait(0.1)
     assert dead()
+
+
+def test_the_banner_lists_every_process_s_metrics_url():
+    # `tandem up` drew each process's metrics port at random and printed none of them.
+    from tandem_worker.server.local import Child, LocalDeployment
+
+    d = LocalDeployment(prefill=1, decode=1, http_port=8000)
+    d.children = [
+        d._worker("prefill", 0),
+        d._worker("decode", 0),
+        Child("router", d.endpoint, [], metrics_port=9100),
+    ]
+    lines = d.banner()
+    listed = {line.split()[0]: line.split()[1] for line in lines if line.endswith("/metrics")}
+    assert listed == {
+        "router": "http://127.0.0.1:9100/metrics",
+        "prefill-0": f"http://127.0.0.1:{d.children[0].metrics_port}/metrics",
+        "decode-0": f"http://127.0.0.1:{d.children[1].metrics_port}/metrics",
+    }
+    for c in d.children[:2]:  # the port each worker is told to serve /metrics on
+        assert c.argv[c.argv.index("--metrics-port") + 1] == str(c.metrics_port)
+    assert "  OpenAI-compatible HTTP: http://127.0.0.1:8000/v1" in lines
+
+
+def test_metrics_port_puts_the_router_there_and_the_workers_on_free_ports_above():
+    import socket
+
+    from tandem_worker.server.local import LocalDeployment
+
+    base = free_port()
+    d = LocalDeployment(prefill=1, decode=2, metrics_port=base)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", base + 1))  # taken by something else: skipped
+        ports = [d._worker("prefill", 0).metrics_port, d._worker("decode", 0).metrics_port]
+    ports.append(d._worker("decode", 1).metrics_port)  # one the autoscaler adds later
+    assert base + 1 not in ports and ports == sorted(set(ports)) and ports[0] > base
+    assert d._router_metrics_port() == base
+    with socket.socket() as busy:  # refused at start, not once the workers have loaded the model
+        busy.bind(("127.0.0.1", base))
+        with pytest.raises(OSError, match=f"--metrics-port {base}: 127.0.0.1:{base} is in use"):
+            LocalDeployment(metrics_port=base).start()
+    with pytest.raises(ValueError, match="also the router's"):
+        LocalDeployment(port=base, metrics_port=base)

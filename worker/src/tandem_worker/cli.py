@@ -239,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--lora-store", default=None, help="folder of PEFT LoRA adapters for every worker")
     u.add_argument("--http-port", type=port_or_off, default=0, help="the router's OpenAI HTTP port (0: off)")
     u.add_argument(
+        "--metrics-port",
+        type=port_or_off,
+        default=0,
+        help="the router's /metrics port; the workers' are the next free ones above it "
+        "(default 0: random free ports; all are printed once serving)",
+    )
+    u.add_argument(
         "--kserve-port", type=port_or_off, default=0, help="the router's KServe v2 gRPC port (0: off)"
     )
     u.add_argument(
@@ -369,6 +376,25 @@ def _print_record(
         print(f"--- {item['prompt']!r}\n{text}", flush=True)
 
 
+def _stream_chunk(index: int, msg: Any) -> dict[str, Any]:
+    """One `--stream --json` line. Its fields are the non-streamed record's, split over the chunks:
+    the first carries prompt_token_ids, the last a finish_reason (null before), and logprobs come
+    with their tokens when asked for; `index` says which prompt (input order) the chunk extends."""
+    from .server.convert import FINISH_FROM_PB, top_logprobs_from_pb
+
+    chunk: dict[str, Any] = {"index": index}
+    if msg.prompt_token_ids:
+        chunk["prompt_token_ids"] = list(msg.prompt_token_ids)
+    chunk["text"] = msg.text
+    chunk["token_ids"] = list(msg.token_ids)
+    if msg.logprobs:
+        chunk["logprobs"] = list(msg.logprobs)
+    if msg.top_logprobs:
+        chunk["top_logprobs"] = [[list(pair) for pair in top_logprobs_from_pb(t)] for t in msg.top_logprobs]
+    chunk["finish_reason"] = FINISH_FROM_PB[msg.finish_reason] if msg.finish_reason else None
+    return chunk
+
+
 def _generate_remote(args: argparse.Namespace, items: list[dict[str, Any]], params: list[Any]) -> int:
     import grpc
 
@@ -379,6 +405,7 @@ def _generate_remote(args: argparse.Namespace, items: list[dict[str, Any]], para
         build_request(it["prompt"], p, c, adapter=it.get("adapter", args.adapter))
         for it, p, c in zip(items, params, chat)
     ]
+    partial_line = False  # streamed text not yet ended by a newline
     try:
         with Client(args.endpoint) as client:
             if args.stream:
@@ -387,13 +414,13 @@ def _generate_remote(args: argparse.Namespace, items: list[dict[str, Any]], para
                         print(f"--- {item['prompt']!r}", flush=True)
                     for msg in client.stream(req, args.timeout):
                         if args.json:
-                            # Many chunks per prompt: the index says which prompt (input order) each extends.
-                            chunk = {"index": index, "text": msg.text, "token_ids": list(msg.token_ids)}
-                            print(json.dumps(chunk, ensure_ascii=False), flush=True)
-                        else:
+                            print(json.dumps(_stream_chunk(index, msg), ensure_ascii=False), flush=True)
+                        elif msg.text:
                             print(msg.text, end="", flush=True)
+                            partial_line = not msg.text.endswith("\n")
                     if not args.json:
                         print(flush=True)
+                        partial_line = False
                 return 0
             for item, c in zip(items, client.complete_all(requests, args.timeout)):
                 _print_record(
@@ -407,6 +434,9 @@ def _generate_remote(args: argparse.Namespace, items: list[dict[str, Any]], para
                     args.json,
                 )
     except grpc.RpcError as e:
+        if partial_line:
+            # A stream cut off mid-line: the error goes on a line of its own, not after the text.
+            print(flush=True)
         raise CLIError(f"{args.endpoint}: {e.code().name}: {e.details()}") from None
     return 0
 
@@ -563,6 +593,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
             lora_store=args.lora_store,
             http_port=args.http_port,
             kserve_port=args.kserve_port,
+            metrics_port=args.metrics_port,
             slo_ttft_ms=args.slo_ttft_ms,
             slo_tpot_ms=args.slo_tpot_ms,
             autoscale=_autoscaling_spec(args, prefill, decode) if args.autoscale else None,
@@ -596,15 +627,44 @@ def _autoscaling_spec(args: argparse.Namespace, prefill: int, decode: int) -> An
     )
 
 
+def _check_endpoint(endpoint: str, wait_s: float = 10.0) -> None:
+    """Refuse to replay against an endpoint that cannot answer: every request would fail, each
+    after waiting for a connection. One that is up but not ready (its workers still starting) gets
+    `wait_s` to become ready; one without gRPC health checking is taken as it is."""
+    import time
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + wait_s
+    with grpc.insecure_channel(endpoint) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                r = health.Check(health_pb2.HealthCheckRequest(), timeout=max(1.0, wait_s))
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    return
+                raise CLIError(f"{endpoint}: cannot reach it: {e.code().name}: {e.details()}") from None
+            if r.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+            if time.monotonic() >= deadline:
+                status = health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+                raise CLIError(f"{endpoint}: not ready after {wait_s:.0f} s (health: {status})")
+            time.sleep(0.5)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     import grpc
 
     from .server.replay import load_trace, replay
 
+    trace = load_trace(args.trace)
+    _check_endpoint(args.endpoint)
     try:
         report = replay(
             args.endpoint,
-            load_trace(args.trace),
+            trace,
             time_scale=args.time_scale,
             max_requests=args.max_requests,
             slo_ttft_s=args.slo_ttft_ms / 1000.0,
@@ -621,6 +681,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         )
         print(f"trace: Azure LLM inference trace (CC-BY 4.0); {paper}")
     print(json.dumps(report.to_dict()) if args.json else report.table(), flush=True)
+    if reason := report.total_failure():
+        # A script running the bench must not read a replay that measured nothing as a pass.
+        print(f"tandem: error: {reason}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -88,6 +88,19 @@ def free_port(host: str = "127.0.0.1") -> int:
     raise OSError(f"no free port on {host} in {low - _PORT_SPAN}-{low - 1}")
 
 
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(_family(host)) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _url(host: str, port: int, path: str = "") -> str:
+    return f"http://[{host}]:{port}{path}" if ":" in host else f"http://{host}:{port}{path}"
+
+
 def _family(host: str) -> socket.AddressFamily:
     """The address family `host` binds with (an IPv6 address needs an AF_INET6 socket)."""
     try:
@@ -123,6 +136,9 @@ class LocalDeployment:
     kserve_port: int = 0  # the router's KServe v2 gRPC API (0: off)
     slo_ttft_ms: float = 2000.0  # the router judges each request against these (metrics, autoscaling)
     slo_tpot_ms: float = 200.0
+    # The router's /metrics port; the workers' are the next free ports above it, so that a scrape
+    # config can name them. 0: free ports drawn at random (each printed once serving).
+    metrics_port: int = 0
     # Autoscaling: the router reads its workers from files that `scale` rewrites.
     autoscale: Any = None  # a tandem_operator.autoscaling.policy.AutoscalingSpec, or None
     # Where the router's worker lists and a Prometheus file_sd target file (targets.json) go.
@@ -135,6 +151,7 @@ class LocalDeployment:
     # Set (by up's signal handlers) to stop: start-up gives up at once, run_forever returns.
     stop_requested: threading.Event = field(default_factory=threading.Event)
     _own_targets_dir: bool = False  # made here (a temporary folder): removed by stop()
+    _last_metrics_port: int = 0  # the highest worker metrics port handed out from metrics_port
 
     def __post_init__(self) -> None:
         if self.colocated and (self.prefill or self.decode):
@@ -145,13 +162,37 @@ class LocalDeployment:
             raise ValueError("a disaggregated deployment needs at least 1 prefill and 1 decode worker")
         # Here, before any child starts: each would die of it after loading the model.
         EngineConfig(device=self.device)
+        if self.metrics_port and self.metrics_port in (self.port, self.http_port, self.kserve_port):
+            raise ValueError(f"--metrics-port {self.metrics_port} is also the router's gRPC or HTTP port")
 
     @property
     def endpoint(self) -> str:
         return f"{self.host}:{self.port}"
 
+    def _worker_metrics_port(self) -> int:
+        if not self.metrics_port:
+            return free_port(self.host)
+        # The router's own ports are not bound yet when workers start: skip them by number.
+        taken = {self.port, self.http_port, self.kserve_port}
+        port = max(self._last_metrics_port, self.metrics_port) + 1
+        while port in taken or port in _PORTS_GIVEN or not _bindable(self.host, port):
+            port += 1
+            if port > 65535:
+                raise OSError(f"--metrics-port {self.metrics_port}: no free port above it for a worker")
+        _PORTS_GIVEN.add(port)
+        self._last_metrics_port = port
+        return port
+
+    def _router_metrics_port(self) -> int:
+        if not self.metrics_port:
+            return free_port(self.host)
+        if not _bindable(self.host, self.metrics_port):
+            raise OSError(f"--metrics-port {self.metrics_port}: {self.host}:{self.metrics_port} is in use")
+        _PORTS_GIVEN.add(self.metrics_port)
+        return self.metrics_port
+
     def _worker(self, role: str, i: int) -> Child:
-        port, mport = free_port(self.host), free_port(self.host)
+        port, mport = free_port(self.host), self._worker_metrics_port()
         argv = [
             sys.executable,
             "-m",
@@ -195,6 +236,8 @@ class LocalDeployment:
 
     def start(self) -> None:
         """Start every worker, wait until each is healthy, then start the router in front of them."""
+        # Checked before the workers spend a minute loading the model, not once they are healthy.
+        router_metrics = self._router_metrics_port()
         workers = [self._worker("prefill", i) for i in range(self.prefill)]
         workers += [self._worker("decode", i) for i in range(self.decode)]
         workers += [self._worker("colocated", i) for i in range(self.colocated)]
@@ -205,7 +248,6 @@ class LocalDeployment:
             self._wait_healthy(workers)
             decode = [w.address for w in workers if not w.name.startswith("prefill")]
             prefill = [w.address for w in workers if w.name.startswith("prefill")]
-            router_metrics = free_port(self.host)
             router = Child(
                 "router",
                 self.endpoint,
@@ -317,6 +359,7 @@ class LocalDeployment:
                 self.starting.remove(c)
                 self.children.append(c)
                 changed = True
+                print(f"tandem up: {c.name} ready, metrics {self.metrics_url(c)}", flush=True)
         for c in list(self.stopping):
             if c.proc.poll() is not None:
                 self.stopping.remove(c)
@@ -325,16 +368,31 @@ class LocalDeployment:
         if changed:
             self._write_targets()
 
+    def metrics_url(self, c: Child) -> str:
+        return _url(self.host, c.metrics_port, "/metrics")
+
     def router_metrics_url(self) -> str | None:
         router = next((c for c in self.children if c.name == "router"), None)
-        return f"http://{self.host}:{router.metrics_port}/metrics" if router and router.metrics_port else None
+        return self.metrics_url(router) if router and router.metrics_port else None
 
     def worker_metrics_urls(self) -> dict[str, str]:
-        return {
-            f"http://{self.host}:{c.metrics_port}/metrics": _role(c)
-            for c in self.children
-            if _role(c) in ("prefill", "decode")
-        }
+        return {self.metrics_url(c): _role(c) for c in self.children if _role(c) in ("prefill", "decode")}
+
+    def banner(self) -> list[str]:
+        """What `tandem up` prints once serving: where to send requests and where each process's
+        Prometheus metrics are (their ports are drawn at random unless metrics_port is given)."""
+        lines = [
+            f"  try: tandem generate --endpoint {self.endpoint} --stream --chat --prompt 'Hello!'",
+        ]
+        if self.http_port:
+            lines.append(f"  OpenAI-compatible HTTP: {_url(self.host, self.http_port, '/v1')}")
+        if self.kserve_port:
+            lines.append(f"  KServe v2 gRPC: {self.host}:{self.kserve_port}")
+        # The router first: its metrics are the deployment's (requests, SLOs, workers by state).
+        named = sorted((c for c in self.children if c.metrics_port), key=lambda c: c.name != "router")
+        width = max((len(c.name) for c in named), default=0)
+        lines += ["  Prometheus metrics:"] + [f"    {c.name:<{width}}  {self.metrics_url(c)}" for c in named]
+        return lines
 
     def _wait_healthy(self, children: list[Child]) -> None:
         deadline = time.monotonic() + self.startup_timeout
@@ -471,14 +529,7 @@ def up(deployment: LocalDeployment) -> int:
         f"tandem up: serving {deployment.model} on {deployment.endpoint} ({shape}). Ctrl-C stops it.",
         flush=True,
     )
-    print(
-        f"  try: tandem generate --endpoint {deployment.endpoint} --stream --chat --prompt 'Hello!'",
-        flush=True,
-    )
-    if deployment.http_port:
-        print(f"  OpenAI-compatible HTTP: http://{deployment.host}:{deployment.http_port}/v1", flush=True)
-    if deployment.kserve_port:
-        print(f"  KServe v2 gRPC: {deployment.host}:{deployment.kserve_port}", flush=True)
+    print("\n".join(deployment.banner()), flush=True)
     autoscaler = None
     if deployment.autoscale is not None:
         from .autoscale_local import LocalAutoscaler

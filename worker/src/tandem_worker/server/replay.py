@@ -150,6 +150,13 @@ class Report:
     def goodput(self) -> float:
         return self.met / self.duration_s if self.duration_s > 0 else 0.0
 
+    def total_failure(self) -> str | None:
+        """Why the replay measured nothing (no request was answered), in one line; None otherwise."""
+        if self.requests == 0 or self.failed < self.requests:
+            return None
+        common = max(self.errors.items(), key=lambda kv: kv[1])[0] if self.errors else "no tokens"
+        return f"no request succeeded ({self.failed} of {self.requests} failed; most often: {common})"
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("results")
