@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
+import logging
 import threading
 import time
 import urllib.error
@@ -440,7 +441,7 @@ def _fake_worker(role: str, port: int = 0) -> tuple[grpc.Server, int]:
     return server, port
 
 
-def test_a_router_without_workers_is_not_ready_until_they_are_back(model_dir):
+def test_a_router_without_workers_is_not_ready_until_they_are_back(model_dir, caplog):
     """With every decode worker gone the router reported SERVING all the same: Kubernetes kept
     sending it clients whose every request failed. It now follows its pool's health checks."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -474,10 +475,22 @@ def test_a_router_without_workers_is_not_ready_until_they_are_back(model_dir):
         except urllib.error.HTTPError as e:
             return e.code, json.load(e)
 
+    caplog.set_level(logging.INFO, logger="tandem_worker.server.router_main")
     try:
         wait_for(lambda: health_is(statuses.SERVING), 60, "the router is ready")
+        # Not ready while starting is expected: no warning on `tandem up`'s terminal for it.
+        not_ready = [r for r in caplog.records if "router not ready" in r.getMessage()]
+        assert all(r.levelno == logging.INFO for r in not_ready)
         decode.stop(None)
         wait_for(lambda: health_is(statuses.NOT_SERVING), 30, "the router leaves the Service")
+        wait_for(
+            lambda: any(
+                r.levelno == logging.WARNING and "no decode or colocated worker" in r.getMessage()
+                for r in caplog.records
+            ),
+            10,
+            "losing its workers is a warning",
+        )
         assert http_health() == (503, {"status": "unavailable"})  # the OpenAI frontend's probe too
         request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3]))
         with pytest.raises(grpc.RpcError) as err:

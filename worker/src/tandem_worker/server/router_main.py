@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 # cut them off at every rollout). Within the pod's 35 s termination grace, after its 5 s preStop
 # (builders.py).
 DRAIN_SECONDS = 25.0
+# How long a starting router's "not ready" is expected (logged as info), before it warns.
+STARTUP_GRACE_SECONDS = 30.0
 
 
 def serve_router(
@@ -130,15 +133,24 @@ def serve_router(
         # leave the Service (its requests would all fail) and rejoin once workers are back.
         serving: bool | None = None
         told = None
+        # While starting (before the first ready, within STARTUP_GRACE_SECONDS) "not ready" is
+        # expected, the first health checks not yet answered: info, not a warning on the terminal
+        # of `tandem up`. Later, or after having been ready, it is news.
+        started, ever_ready, warned_slow = time.monotonic(), False, False
         while not stop.is_set():
             problem = pool.readiness_problem()
+            starting = not ever_ready and time.monotonic() - started < STARTUP_GRACE_SECONDS
             if problem is None and serving is not True:
                 set_serving(True)
+                ever_ready = True
                 log.info("router ready: a worker pair is healthy")
             elif problem is not None and (serving is not False or problem != told):
                 if serving:
                     set_serving(False)
-                log.warning("router not ready: %s", problem)
+                log.log(logging.INFO if starting else logging.WARNING, "router not ready: %s", problem)
+            elif problem is not None and not starting and not ever_ready and not warned_slow:
+                log.warning("router not ready after %.0f s: %s", STARTUP_GRACE_SECONDS, problem)
+                warned_slow = True
             serving, told = problem is None, problem
             stop.wait(0.25)
 
