@@ -173,3 +173,13 @@ def test_a_decode_worker_closes_channels_to_prefill_endpoints_long_unused(monkey
         first.unary_unary("/x")(b"", timeout=1)
     for ch, _ in state._channels.values():
         ch.close()
+
+
+def test_a_heartbeat_is_an_empty_message_with_nothing_to_write():
+    # What a prefill worker sends a pull that waits its turn: zero bytes on the wire, which parse
+    # back as a chunk of no tokens, not the last one (the decode side writes nothing for it).
+    data = encode_kv_chunk(wpb.KVChunk())
+    assert data == b""
+    header, key, value = decode_kv_chunk(data)
+    assert header == wpb.KVChunk() and not header.last and header.num_tokens == 0
+    assert key is None and value is None

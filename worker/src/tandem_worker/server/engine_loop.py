@@ -10,7 +10,8 @@ Parts:
 The queue is bounded: beyond `max_pending` unfinished requests, `submit()` raises `QueueFull`.
 On a prefill worker each request's KV pieces wait in its stream for the reader that sends them
 (`KVBacklog`): past `EngineConfig.kv_send_backlog_bytes` unsent, its next prompt chunk is held
-back until the reader catches up, which wakes the loop.
+back until the reader catches up, which wakes the loop. Its reader may ask for a `Heartbeat` while
+it waits (`RequestStream.events`): proof for the decode worker that the engine is busy, not stuck.
 """
 
 from __future__ import annotations
@@ -64,6 +65,12 @@ class KVPiece:
     ready: Any = None  # None, or a torch.cuda.Event (anything with .synchronize())
 
 
+@dataclass(frozen=True)
+class Heartbeat:
+    """No event for the heartbeat period, but the engine made progress meanwhile (`EngineLoop.progress`):
+    the request waits its turn behind others, and the engine is not stuck."""
+
+
 _END = object()
 
 
@@ -90,6 +97,8 @@ class KVBacklog:
     def put(self, stream: RequestStream, piece: KVPiece) -> None:
         """Engine thread: queue a piece for the reader, unless it stopped reading."""
         n = piece.key.nbytes + piece.value.nbytes
+        # A layer computed: progress within a step, which may be long (a big chunk on a CPU).
+        self._loop.progress += 1
         with self._loop._lock:
             if self._closed:
                 return
@@ -140,9 +149,24 @@ class RequestStream:
         self._q.put(item)
 
     def __iter__(self) -> Iterator[Any]:
+        return self.events()
+
+    def events(self, heartbeat_s: float | None = None) -> Iterator[Any]:
+        """The events, in order. With `heartbeat_s`, also a `Heartbeat` after each `heartbeat_s`
+        without an event in which the engine made progress (`EngineLoop.progress` moved since the
+        last item): a stuck engine (a kernel that never returns) gives none, so a reader that
+        times out on silence still sees that."""
+        seen = self.loop.progress
         try:
             while True:
-                item = self._q.get()
+                try:
+                    item = self._q.get(timeout=heartbeat_s)
+                except queue.Empty:
+                    now = self.loop.progress
+                    if now != seen:
+                        seen = now
+                        yield Heartbeat()
+                    continue
                 if item is _END:
                     return
                 if isinstance(item, BaseException):
@@ -152,6 +176,7 @@ class RequestStream:
                     self.kv.sent(item.key.nbytes + item.value.nbytes)
                 if isinstance(item, RequestOutput) and item.finished:
                     return
+                seen = self.loop.progress  # the next heartbeat needs progress after this item
         finally:
             self.close_kv()
 
@@ -177,6 +202,10 @@ class EngineLoop:
         self.died = threading.Event()  # set once `error` is, for whoever must react (the server)
         self._stats: dict[str, Any] = engine.stats()
         self._kv_unsent = 0  # bytes, over every request's KVBacklog (under _lock)
+        # Steps that did something plus KV pieces computed: it stands still only while the engine
+        # is stuck or has nothing it can do (see `RequestStream.events`). Written by the loop
+        # thread alone (KVBacklog.put runs on it too), read by any.
+        self.progress = 0
 
     def start(self) -> EngineLoop:
         self._thread.start()
@@ -353,6 +382,8 @@ class EngineLoop:
                     break
                 self._stats = engine.stats()
                 outputs = engine.step()
+                if not engine.last_step_idle:
+                    self.progress += 1
                 self._stats = engine.stats()
                 for r in engine.take_reservations():
                     with self._lock:

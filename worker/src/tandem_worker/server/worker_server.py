@@ -10,7 +10,9 @@ A decode worker serving a request with a `prefill_endpoint`:
 4. on the last message hands the first token to the engine, which joins the running batch.
 Any failure before the first token frees the reserved blocks and ends the call with a status the
 router may retry on another pair (UNAVAILABLE); nothing has been streamed to the client yet. A pull
-that receives nothing for KV_IDLE_TIMEOUT_S (a stalled prefill worker) is such a failure. A prefill
+that receives nothing for KV_IDLE_TIMEOUT_S (a stalled prefill worker) is such a failure; a prefill
+worker whose engine is busy with other prompts sends a pull that waits its turn an empty message
+every `kv_heartbeat()` seconds (see KV_HEARTBEAT_S), so only a stuck engine runs into it. A prefill
 worker whose readers already leave more KV unsent than `kv_send_backlog_total_bytes` refuses new
 pulls as busy (RESOURCE_EXHAUSTED), which the decode worker passes on: the router tries another pair.
 """
@@ -39,7 +41,7 @@ from .convert import (
     top_logprobs_from_pb,
     top_logprobs_to_pb,
 )
-from .engine_loop import EngineDead, EngineLoop, KVPiece, KVReserved, QueueFull, RequestAborted
+from .engine_loop import EngineDead, EngineLoop, Heartbeat, KVPiece, KVReserved, QueueFull, RequestAborted
 from .kv_transfer import KVWriter, encode_kv_chunk, kv_chunks, layout_mismatch, prefill_stub
 from .pb import inference_pb2 as pb
 from .pb import worker_pb2 as wpb
@@ -61,11 +63,20 @@ IDLE_CHANNEL_SECONDS = 1800.0
 # A decode worker gives up on a KV pull that receives nothing for this long (seconds;
 # $TANDEM_KV_IDLE_TIMEOUT_S overrides it): a prefill worker that is alive (it answers keepalive
 # pings) but stalled would hold the reserved blocks for as long as the client has no deadline.
-# Counted from the call's start too, so it also bounds the wait in the prefill worker's queue:
-# well past any TTFT objective, the request is better retried on another pair. Between messages
-# of a running prefill the gaps are engine steps (a second or so), far below it.
+# Counted from the call's start too (a prefill worker that never answers). Silence is not idleness:
+# a request queued behind other prompts, or behind a long chunk on a slow machine, has nothing to
+# send for a while; see KV_HEARTBEAT_S.
 KV_IDLE_TIMEOUT_ENV = "TANDEM_KV_IDLE_TIMEOUT_S"
 KV_IDLE_TIMEOUT_S = 30.0
+
+# A prefill worker sends a pull with nothing to send an empty message (the handshake, if not sent
+# yet) after this long (seconds), but only if its engine made progress meanwhile (a step, a layer's
+# KV): a busy engine keeps its queued pulls alive, a stuck one (a kernel that never returns) lets
+# them time out. Both sides read $TANDEM_KV_IDLE_TIMEOUT_S, so the beat follows the timeout down
+# (`kv_heartbeat`); beats stop for longer than the timeout only when no progress is seen for that
+# long: no step ends and no layer finishes (a single layer of one chunk slower than the timeout),
+# or every running prompt waits for its own slow reader while the queued ones wait for their blocks.
+KV_HEARTBEAT_S = 5.0
 
 
 def kv_idle_timeout() -> float:
@@ -80,6 +91,12 @@ def kv_idle_timeout() -> float:
     if not value > 0:  # also NaN
         raise ValueError(f"{KV_IDLE_TIMEOUT_ENV} must be a positive number of seconds, got {raw!r}")
     return value
+
+
+def kv_heartbeat(idle_timeout: float) -> float:
+    """The prefill side's heartbeat period for a decode side's `idle_timeout`: KV_HEARTBEAT_S, or less
+    so that a beat skipped for want of progress still leaves room for the next before the timeout."""
+    return min(KV_HEARTBEAT_S, idle_timeout / 4)
 
 
 class _Watched:
@@ -153,6 +170,7 @@ class WorkerState:
         self.layout = kv_layout(engine, model_id)
         self.draining = threading.Event()
         self.stall_watch = StallWatch(kv_idle_timeout_s or kv_idle_timeout())
+        self.kv_heartbeat_s = kv_heartbeat(self.stall_watch.idle_timeout)
         # Per prefill endpoint: its channel and when it was last used.
         self._channels: dict[str, tuple[grpc.Channel, float]] = {}
         self._lock = threading.Lock()
@@ -445,7 +463,13 @@ class KVTransferService(wgrpc.KVTransferServicer):
         sent = 0
         t0 = time.monotonic()
         try:
-            for ev in stream:
+            for ev in stream.events(heartbeat_s=s.kv_heartbeat_s):
+                if isinstance(ev, Heartbeat):
+                    # Queued behind other prompts, or a long chunk computes: nothing to send, but
+                    # the engine is not stuck. A message with no KV keeps the pull from timing out.
+                    yield encode_kv_chunk(wpb.KVChunk(layout=s.layout) if first_msg else wpb.KVChunk())
+                    first_msg = False
+                    continue
                 if isinstance(ev, KVPiece):
                     if first_msg:  # the handshake: our layout travels first, alone
                         yield encode_kv_chunk(wpb.KVChunk(layout=s.layout))
