@@ -79,6 +79,9 @@ def test_block_table_rows_follow_growth_reordering_and_preemption(model_dir):
     # with new tables: any stale row reads another block's KV and changes the greedy tokens.
     engine = LLMEngine(model=str(model_dir), kv_cache_bytes=6 * 737_280, enable_prefix_caching=False)
     assert engine.block_manager.num_blocks == 6
+    # Preemption is what this test needs: the admission watermark (a free block per running
+    # sequence) would avoid most of it.
+    engine.scheduler.watermark_blocks_per_seq = 0
     prompts = ["Hi", "The capital of France is", "def fibonacci(n):", "List three colors:"]
     max_tokens = [40, 22, 34, 28]
 
