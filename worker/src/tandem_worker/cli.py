@@ -9,18 +9,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-SAMPLING_FIELDS = (
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "seed",
-    "stop",
-    "stop_token_ids",
-    "ignore_eos",
-    "logprobs",
-    "top_logprobs",
-)
+from .engine.sampling_params import SAMPLING_REQUEST_FIELDS
+
+SAMPLING_FIELDS = (*SAMPLING_REQUEST_FIELDS, "logprobs", "top_logprobs")
 
 
 class CLIError(Exception):

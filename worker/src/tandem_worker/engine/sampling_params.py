@@ -8,6 +8,19 @@ SAMPLING_EPS = 1e-5
 # OpenAI's bound: each position's most likely tokens cost a topk over the vocabulary and that many
 # (token, logprob) pairs on the wire per generated token.
 MAX_TOP_LOGPROBS = 20
+# The request fields every frontend takes by these names (the CLI's prompts file, OpenAI's body,
+# KServe's sampling_parameters), one per SamplingParams field it sets; log-probabilities are named
+# differently by each.
+SAMPLING_REQUEST_FIELDS = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+)
 
 
 class RequestError(ValueError):

@@ -52,6 +52,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from ..engine.sampling_params import SAMPLING_REQUEST_FIELDS
 from .listen import EXCLUSIVE_PORT_OPTIONS, listen
 from .pb import inference_pb2 as pb
 from .pb import inference_pb2_grpc as pbgrpc
@@ -127,16 +128,7 @@ OUTPUTS = {
     "num_input_tokens": "UINT32",
     "num_output_tokens": "UINT32",
 }
-SAMPLING_KEYS = {
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "seed",
-    "stop",
-    "stop_token_ids",
-    "ignore_eos",
-}
+SAMPLING_KEYS = set(SAMPLING_REQUEST_FIELDS)
 # Keys the vLLM backend passes on that are accepted here only at their no-op values.
 NOOP_KEYS = {
     "n": 1,

@@ -48,7 +48,7 @@ from typing import Any
 
 import grpc
 
-from ..engine.sampling_params import MAX_TOP_LOGPROBS, RequestError
+from ..engine.sampling_params import MAX_TOP_LOGPROBS, SAMPLING_REQUEST_FIELDS, RequestError
 from ..engine.tokenizer import Tokenizer
 from .pb import inference_pb2 as pb
 from .pb import inference_pb2_grpc as pbgrpc
@@ -86,21 +86,7 @@ PARAM_NAMES = {"prompt_token_ids": "prompt"}
 # the request is refused naming it (as OpenAI's own API does): a field ignored in silence would
 # change what the client asked for (a penalty, a JSON schema, a second choice) without a word.
 COMMON_FIELDS = frozenset(
-    {
-        "model",
-        "stream",
-        "stream_options",
-        "max_tokens",
-        "temperature",
-        "top_p",
-        "top_k",
-        "seed",
-        "stop",
-        "stop_token_ids",
-        "ignore_eos",
-        "include_stop_str_in_output",
-        "logprobs",
-    }
+    {"model", "stream", "stream_options", "include_stop_str_in_output", "logprobs", *SAMPLING_REQUEST_FIELDS}
 )
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
