@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import queue
-import shutil
 import subprocess
 import threading
 import time
@@ -18,6 +17,7 @@ from tandem_operator.autoscaling.policy import AutoscalingSpec
 from tandem_proto.v1 import inference_pb2 as pb
 from tandem_proto.v1 import inference_pb2_grpc as pbgrpc
 from tandem_worker.server.local import LocalDeployment
+from tests.prometheus_server import PROMETHEUS, prometheus_server
 from tests.serving.procs import KV_BYTES, free_port, spawn, tandem_argv
 
 pytestmark = pytest.mark.slow  # real processes
@@ -183,9 +183,6 @@ def test_tandem_up_autoscale_adds_prefill_when_ttft_misses(tmp_path):
         up.read_until("autoscale prefill 2 -> 1", 120)
 
 
-PROMETHEUS = shutil.which("prometheus")
-
-
 @pytest.fixture
 def prometheus(tmp_path):
     """Debian's Prometheus on loopback, scraping whatever `tandem up` lists in targets.json, every second."""
@@ -193,34 +190,14 @@ def prometheus(tmp_path):
         pytest.skip("needs Debian's prometheus package (make install fetches it)")
     targets = tmp_path / "autoscale"
     targets.mkdir()
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
+    config = (
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
         "scrape_configs:\n"
         "  - job_name: tandem\n"
         f"    file_sd_configs: [{{files: ['{targets}/targets.json'], refresh_interval: 1s}}]\n"
     )
-    port = free_port()
-    proc = subprocess.Popen(
-        [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "w"),
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        import urllib.request
-
-        def ready() -> bool:
-            try:
-                return urllib.request.urlopen(f"{url}/-/ready", timeout=1).status == 200
-            except OSError:
-                return False
-
-        _wait(ready, 60, "Prometheus to start")
+    with prometheus_server(tmp_path, config) as url:
         yield url, targets
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 # TTFT misses growing prefill is the test above (the processes' own metrics); here the other phase,

@@ -9,8 +9,6 @@ router turns away at its own limit reach the policy told apart, so decode is not
 from __future__ import annotations
 
 import contextlib
-import json
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,10 +32,10 @@ from tandem_proto.v1 import inference_pb2 as pb
 from tandem_proto.v1 import worker_pb2 as wpb
 from tandem_proto.v1 import worker_pb2_grpc as wgrpc
 from tandem_worker.server import metrics
-from tandem_worker.server.local import free_port
 from tandem_worker.server.metrics import EngineCollector
 
-from ..chart.test_dashboard_prometheus import LABELS, PROMETHEUS, _query
+from ..chart.test_dashboard_prometheus import LABELS, _query
+from ..prometheus_server import PROMETHEUS, prometheus_server
 from ..test_worker_pool import _Context, _refused, _router_over_fake_decode
 from .conftest import idle_engine_stats
 from .test_simulator import scraped
@@ -107,24 +105,11 @@ def deployment(tmp_path: Path, **initial: dict[str, Any]) -> Iterator[Deployment
         }
         for pod, srv in servers.items()
     ]
-    config = tmp_path / "prometheus.yml"
-    config.write_text(json.dumps({"global": {"scrape_interval": f"{SCRAPE_S}s"}, "scrape_configs": scrape}))
-    port = free_port()
-    log = (tmp_path / "prometheus.log").open("w")
-    proc = subprocess.Popen(
-        [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-        stdout=subprocess.DEVNULL, stderr=log,
-    )  # fmt: skip
+    config = {"global": {"scrape_interval": f"{SCRAPE_S}s"}, "scrape_configs": scrape}
     try:
-        yield Deployment(f"http://127.0.0.1:{port}", stats)
+        with prometheus_server(tmp_path, config) as url:
+            yield Deployment(url, stats)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
         for srv in servers.values():
             srv.shutdown()
             srv.server_close()

@@ -7,8 +7,6 @@ kube-state-metrics' Deployment series."""
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import threading
 import time
 import urllib.parse
@@ -18,12 +16,11 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from tandem_worker.server.local import free_port
 from tandem_worker.server.metrics import LATENCY_BUCKETS, TOKEN_BUCKETS, EngineCollector
 
+from ..prometheus_server import PROMETHEUS, prometheus_server
 from .test_dashboard import _exprs
 
-PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="needs Debian's prometheus package")
 LABELS = {"namespace": "default", "model_deployment": "smollm2-demo"}
 STAT_KEYS = (
@@ -157,24 +154,11 @@ def prometheus(tmp_path):
             "static_configs": [{"targets": [f"127.0.0.1:{exporters.ports['ksm']}"]}],
         }
     )
-    config = tmp_path / "prometheus.yml"
-    config.write_text(json.dumps({"global": {"scrape_interval": "1s"}, "scrape_configs": scrape}))
-    port = free_port()
-    log = (tmp_path / "prometheus.log").open("w")
-    proc = subprocess.Popen(
-        [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-        stdout=subprocess.DEVNULL, stderr=log,
-    )  # fmt: skip
+    config = {"global": {"scrape_interval": "1s"}, "scrape_configs": scrape}
     try:
-        yield f"http://127.0.0.1:{port}"
+        with prometheus_server(tmp_path, config) as url:
+            yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
         exporters.close()
 
 
