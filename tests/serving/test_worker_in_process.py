@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -59,6 +60,22 @@ def serving(channel: grpc.Channel) -> bool:
     except grpc.RpcError:
         return False
     return check.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@contextlib.contextmanager
+def fake_prefill(handler, workers: int = 2, options=None) -> Iterator[int]:
+    """A scripted prefill worker on loopback: `handler(request, context)` serves its KV pulls;
+    yields its port."""
+    from tandem_worker.server.kv_transfer import prefill_method_handler
+
+    server = grpc.server(ThreadPoolExecutor(workers), options=options)
+    server.add_generic_rpc_handlers((prefill_method_handler(handler),))
+    port = server.add_insecure_port(f"{HOST}:0")
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(None)
 
 
 def test_a_worker_whose_engine_fails_refuses_work_and_exits_nonzero(model_dir, monkeypatch):
@@ -185,19 +202,12 @@ def test_a_busy_prefill_worker_is_resource_exhausted_not_failed(model_dir):
     """A prefill worker at its request limit answers RESOURCE_EXHAUSTED; the decode worker passes
     that on (the router then tries another and keeps this one in rotation) instead of calling the
     prefill worker failed (UNAVAILABLE, which takes it out of rotation)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tandem_worker.server.kv_transfer import prefill_method_handler
 
     def busy(request, context):
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "256 requests in flight (the limit is 256)")
         yield b""
 
-    prefill = grpc.server(ThreadPoolExecutor(2))
-    prefill.add_generic_rpc_handlers((prefill_method_handler(busy),))
-    port = prefill.add_insecure_port(f"{HOST}:0")
-    prefill.start()
-    try:
+    with fake_prefill(busy) as port:
         with in_process_worker("decode", model_dir) as (channel, _, _):
             request = wpb.WorkerGenerateRequest(
                 request_id="busy",
@@ -211,8 +221,6 @@ def test_a_busy_prefill_worker_is_resource_exhausted_not_failed(model_dir):
             wait_for(
                 lambda: stats(wpb.StatsRequest(), timeout=2).used_blocks == 0, 10, "the blocks are freed"
             )
-    finally:
-        prefill.stop(None)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
     assert "is busy" in err.value.details() and "the limit is 256" in err.value.details()
 
@@ -311,12 +319,11 @@ def test_a_malformed_kv_stream_fails_its_request_and_corrupts_nothing(model_dir,
     other sequences), or a first token past the vocabulary each fail that request with DATA_LOSS.
     Before, the first two were accepted and left garbage in the prefix cache, served afterwards to
     purely local requests, and the third failed the engine and every request on the worker."""
-    from concurrent.futures import ThreadPoolExecutor
 
     import torch
 
     from tandem_worker.server.convert import params_from_pb
-    from tandem_worker.server.kv_transfer import encode_kv_chunk, kv_chunks, prefill_method_handler
+    from tandem_worker.server.kv_transfer import encode_kv_chunk, kv_chunks
 
     def prompt(start: int) -> list[int]:
         return list(range(start, start + 65))  # 4 full blocks, which the prefix cache keeps
@@ -348,11 +355,7 @@ def test_a_malformed_kv_stream_fails_its_request_and_corrupts_nothing(model_dir,
         return whole_stream(request, 10**6)
 
     behaviour = {"now": no_kv}
-    prefill = grpc.server(ThreadPoolExecutor(4))
-    prefill.add_generic_rpc_handlers((prefill_method_handler(lambda r, c: behaviour["now"](r, c)),))
-    port = prefill.add_insecure_port(f"{HOST}:0")
-    prefill.start()
-    try:
+    with fake_prefill(lambda r, c: behaviour["now"](r, c), workers=4) as port:
         with in_process_worker("decode", model_dir) as (channel, thread, _):
             worker = wgrpc.WorkerStub(channel)
 
@@ -388,8 +391,6 @@ def test_a_malformed_kv_stream_fails_its_request_and_corrupts_nothing(model_dir,
             wait_for(
                 lambda: stats(wpb.StatsRequest(), timeout=2).used_blocks == 0, 10, "the blocks are freed"
             )
-    finally:
-        prefill.stop(None)
 
 
 def test_a_stalled_prefill_worker_frees_the_reserved_blocks_and_is_named(model_dir, monkeypatch):
@@ -397,9 +398,8 @@ def test_a_stalled_prefill_worker_frees_the_reserved_blocks_and_is_named(model_d
     engine stuck) held the decode worker's reserved blocks for as long as the client had no
     deadline. After the idle timeout the pull is cancelled, the blocks are freed, and the request
     fails with UNAVAILABLE naming the prefill worker, which the router retries on another pair."""
-    from concurrent.futures import ThreadPoolExecutor
 
-    from tandem_worker.server.kv_transfer import encode_kv_chunk, prefill_method_handler
+    from tandem_worker.server.kv_transfer import encode_kv_chunk
     from tandem_worker.server.worker_pool import SERVER_KEEPALIVE_OPTIONS
     from tandem_worker.server.worker_server import KV_IDLE_TIMEOUT_ENV
 
@@ -411,11 +411,7 @@ def test_a_stalled_prefill_worker_frees_the_reserved_blocks_and_is_named(model_d
         yield encode_kv_chunk(wpb.KVChunk(layout=request.layout))
         cancelled.wait(60)  # sends nothing more until the caller gives up
 
-    prefill = grpc.server(ThreadPoolExecutor(2), options=SERVER_KEEPALIVE_OPTIONS)
-    prefill.add_generic_rpc_handlers((prefill_method_handler(stalled),))
-    port = prefill.add_insecure_port(f"{HOST}:0")
-    prefill.start()
-    try:
+    with fake_prefill(stalled, options=SERVER_KEEPALIVE_OPTIONS) as port:
         with in_process_worker("decode", model_dir) as (channel, _, _):
             request = wpb.WorkerGenerateRequest(
                 request_id="stalled",
@@ -432,5 +428,3 @@ def test_a_stalled_prefill_worker_frees_the_reserved_blocks_and_is_named(model_d
             wait_for(
                 lambda: stats(wpb.StatsRequest(), timeout=2).used_blocks == 0, 10, "the blocks are freed"
             )
-    finally:
-        prefill.stop(None)
