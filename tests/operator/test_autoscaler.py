@@ -345,6 +345,16 @@ def memory_setup(
     return memory, reconciler, Autoscaler(memory, reconciler, post, prometheus_url, **kw), events
 
 
+async def pass_and_step(memory: Any, reconciler: Reconciler, autoscaler: Autoscaler) -> None:
+    """A reconcile pass, every pool's pods ready at their size (as the Deployments would report), then
+    an autoscaler step."""
+    await reconciler.reconcile("ns", DEMO)
+    for name in (PREFILL, DECODE):
+        dep = memory.objects[("Deployment", "ns", name)]
+        dep["status"] = {"readyReplicas": dep["spec"]["replicas"]}
+    await autoscaler.step("ns", DEMO)
+
+
 async def test_no_prometheus_configured_holds_and_says_so():
     memory, reconciler, autoscaler, events = memory_setup("")
 
@@ -484,11 +494,7 @@ async def test_a_replica_that_leads_again_carries_on_from_the_other_ones_memory(
 
     async def step(autoscaler: Autoscaler, at: float) -> None:
         now[0] = at
-        await reconciler.reconcile("ns", DEMO)
-        for name in (PREFILL, DECODE):
-            dep = memory.objects[("Deployment", "ns", name)]
-            dep["status"] = {"readyReplicas": dep["spec"]["replicas"]}
-        await autoscaler.step("ns", DEMO)
+        await pass_and_step(memory, reconciler, autoscaler)
 
     await step(a, 1_000_000.0)
     assert prefill() == 2
@@ -518,11 +524,7 @@ async def test_the_router_at_its_own_limit_is_reported_once_and_grows_no_pool(pr
 
     async def step(at: float) -> None:
         now[0] = at
-        await reconciler.reconcile("ns", DEMO)
-        for name in (PREFILL, DECODE):
-            dep = memory.objects[("Deployment", "ns", name)]
-            dep["status"] = {"readyReplicas": dep["spec"]["replicas"]}
-        await autoscaler.step("ns", DEMO)
+        await pass_and_step(memory, reconciler, autoscaler)
 
     for t in range(0, 600, 15):
         await step(1_000_000.0 + t)
