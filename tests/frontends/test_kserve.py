@@ -206,9 +206,12 @@ def test_stream_infer_concurrent_requests_on_one_stream(client, ref, deployment)
 
 
 def test_errors(client, deployment):
+    invalid = deployment.router.metric("tandem_requests_total", outcome="invalid")
     with pytest.raises(InferenceServerException) as ei:
         client.infer(SERVED, [text_input(), tensor("max_tokenz", 4, "INT32")])
     assert "INVALID_ARGUMENT" in ei.value.status() and "max_tokenz" in ei.value.message()
+    # Refused by the frontend, which the router never saw: counted all the same.
+    assert deployment.router.metric("tandem_requests_total", outcome="invalid") == invalid + 1
     with pytest.raises(InferenceServerException) as ei:
         client.infer(SERVED, [text_input(), sampling(max_tokens=0)])
     assert "INVALID_ARGUMENT" in ei.value.status()

@@ -280,6 +280,15 @@ def test_bad_parameter_is_400(client, kwargs, param):
     assert err["param"] == param and err["type"] == "invalid_request_error", err
 
 
+def test_a_request_the_frontend_refuses_is_counted_as_invalid(client, deployment):
+    # The router counts the requests it refuses; one refused by the frontend never reached it and
+    # was counted nowhere, so the dashboard's invalid rate missed it.
+    before = deployment.router.metric("tandem_requests_total", outcome="invalid")
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=SERVED, prompt=PROMPT, max_tokens=4, extra_body={"min_p": 0.5})
+    assert deployment.router.metric("tandem_requests_total", outcome="invalid") == before + 1
+
+
 def test_a_lone_surrogate_is_400_not_a_dropped_connection(deployment):
     # What JavaScript sends after cutting an emoji in half: valid JSON ("\ud83e"), not valid text.
     bodies = {

@@ -53,6 +53,7 @@ import grpc
 import numpy as np
 
 from ..engine.sampling_params import SAMPLING_REQUEST_FIELDS
+from . import metrics
 from .listen import EXCLUSIVE_PORT_OPTIONS, listen
 from .pb import inference_pb2 as pb
 from .pb import inference_pb2_grpc as pbgrpc
@@ -561,6 +562,7 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
         try:
             t = self.translate(request)
         except BadRequest as e:
+            metrics.REQUESTS.labels(outcome="invalid").inc()  # refused here: the router never sees it
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if t.stream:
             context.abort(
@@ -661,6 +663,7 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
         try:
             t = self.translate(request)
         except BadRequest as e:
+            metrics.REQUESTS.labels(outcome="invalid").inc()
             yield error(f"INVALID_ARGUMENT: {e}")
             return
         empty_final = (

@@ -50,6 +50,7 @@ import grpc
 
 from ..engine.sampling_params import MAX_TOP_LOGPROBS, SAMPLING_REQUEST_FIELDS, RequestError
 from ..engine.tokenizer import Tokenizer
+from . import metrics
 from .pb import inference_pb2 as pb
 from .pb import inference_pb2_grpc as pbgrpc
 
@@ -788,12 +789,15 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             parsed = fe.parse(self._read_json(), chat, self.headers)
         except ApiError as e:
+            if e.status == 400:  # refused here, so the router never counts it
+                metrics.REQUESTS.labels(outcome="invalid").inc()
             self._send_error(e)
             return
         except (ValueError, TypeError) as e:
             # What the checks above let through and the request's protobuf refuses (a lone UTF-16
             # surrogate in a string, a number out of its field's range) or a chat template raises:
             # the client's request, not the server, so 400, never a dropped connection.
+            metrics.REQUESTS.labels(outcome="invalid").inc()
             self._send_error(ApiError(400, f"invalid request: {e}"))
             return
         call = fe.call(parsed)
