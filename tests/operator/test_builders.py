@@ -139,6 +139,7 @@ def test_cpu_demo_objects():
     assert container(router)["args"] == [
         "router", "--model", "smollm2-135m", "--host", "0.0.0.0", "--port", "50051",
         "--metrics-port", "9090", "--max-in-flight", "512", "--slo-ttft-ms", "1000", "--slo-tpot-ms", "100",
+        "--served-model-name", "smollm2-135m",
         "--http-port", "8080",
         "--decode", f"dns:{n}-decode.default.svc:50061", "--prefill", f"dns:{n}-prefill.default.svc:50061",
     ]  # fmt: skip
@@ -681,3 +682,20 @@ def test_a_large_model_gets_a_longer_startup_budget():
         assert dep["spec"]["progressDeadlineSeconds"] == 2100
     with pytest.raises(ValueError, match="greater than or equal to 60"):
         api.ModelDeploymentSpec.model_validate({**body["spec"], "startupTimeoutSeconds": 10})
+
+
+def test_clients_name_the_model_by_a_name_not_its_path_in_the_pod():
+    """A model from a URI or a PVC was served under its path in the pod (`/models/x.gguf`), which
+    OpenAI and KServe clients then had to give as `model`."""
+    from tandem_worker.cli import build_parser
+
+    owner = Owner(name="llama-8b", namespace="ns", uid="u")
+    spec = api.ModelDeploymentSpec.model_validate(load_example("heterogeneous.yaml")["spec"])
+    args = build_parser().parse_args(builders.build_router_args(owner, spec))
+    assert args.model.startswith("/models/") and args.served_model_name == "llama-8b"
+    named = spec.model_copy(update={"router": spec.router.model_copy(update={"served_model_name": "llama3"})})
+    assert build_parser().parse_args(builders.build_router_args(owner, named)).served_model_name == "llama3"
+    with pytest.raises(ValueError, match="should match pattern"):
+        api.ModelDeploymentSpec.model_validate(
+            {**load_example("heterogeneous.yaml")["spec"], "router": {"servedModelName": "has space"}}
+        )

@@ -344,6 +344,17 @@ class Router(_Model):
     max_in_flight: int = Field(
         default=512, ge=1, le=100000, description="Requests in flight before RESOURCE_EXHAUSTED."
     )
+    served_model_name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$",
+        description=(
+            "The model name clients give (OpenAI's `model`, KServe's model name, /v1/models); "
+            "default: the built-in model's name, else this ModelDeployment's name (not the model's "
+            "path inside the pod)."
+        ),
+    )
     cpu: str = Field(default="1", pattern=QUANTITY_PATTERN, description="CPU request per router pod.")
     memory: str = Field(
         default="2Gi", pattern=QUANTITY_PATTERN, description="Memory request and limit per router pod."

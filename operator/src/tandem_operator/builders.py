@@ -563,6 +563,12 @@ def build_worker_service(owner: Owner, spec: api.ModelDeploymentSpec, role: str)
     }
 
 
+def served_model_name(owner: Owner, spec: api.ModelDeploymentSpec) -> str:
+    """The model name clients give: `router.servedModelName`, else the built-in model's name, else
+    the ModelDeployment's (a URI's or PVC's model would otherwise be named by its path in the pod)."""
+    return spec.router.served_model_name or spec.model.builtin or owner.name
+
+
 def build_router_args(owner: Owner, spec: api.ModelDeploymentSpec) -> list[str]:
     """`tandem router ...` with the workers as `dns:<headless service>:<port>` targets."""
     r = spec.router
@@ -576,6 +582,7 @@ def build_router_args(owner: Owner, spec: api.ModelDeploymentSpec) -> list[str]:
         # The router judges every request against the SLOs: the outcome counts autoscaling reads.
         "--slo-ttft-ms", str(spec.slo.ttft_ms),
         "--slo-tpot-ms", str(spec.slo.tpot_ms),
+        "--served-model-name", served_model_name(owner, spec),
     ]  # fmt: skip
     for name, _, _ in _router_api_ports(r):
         args += [f"--{name}-port", str(api.ROUTER_CONTAINER_PORTS[name])]
