@@ -121,3 +121,23 @@ def test_the_operator_imports_neither_the_worker_nor_the_kernels():
                 continue
             for name in names:
                 assert not name.startswith(forbidden), f"{path.name} imports {name}"
+
+
+def test_the_operator_without_credentials_says_so_and_exits(tmp_path):
+    # Kopf retried the login every minute for ever, with a traceback each time: a missing
+    # KUBECONFIG looked like a crash loop.
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST")}
+    done = subprocess.run(
+        [sys.executable, "-m", "tandem_operator.main", "--namespace", "default", "--standalone"],
+        env={**env, "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "no in-cluster service account and no kubeconfig found" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -106,6 +106,17 @@ def run(args: argparse.Namespace) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    import kopf
+
+    from .handlers import login
+
+    # Checked once before Kopf starts: without credentials Kopf logs a traceback and retries the
+    # login every minute for ever, which reads as a crash loop rather than a missing setting.
+    try:
+        login(kopf.OperatorSettings())
+    except kopf.LoginError as e:
+        print(f"tandem operator: error: {e} (set KUBECONFIG, or run it in a pod)", file=sys.stderr)
+        return 2
     try:
         asyncio.run(operate(args))
     except KeyboardInterrupt:
