@@ -49,7 +49,14 @@ from collections.abc import Callable
 from typing import Any
 
 from . import api
-from .autoscaling.policy import AutoscalingSpec, Decision, MetricsWindow, PolicyState, Replicas, decide
+from .autoscaling.policy import (
+    AutoscalingSpec,
+    MetricsWindow,
+    PolicyState,
+    Replicas,
+    decide,
+    holding_reason,
+)
 from .autoscaling.prometheus import DEFAULT_SCRAPE_INTERVAL_S, PrometheusError, fetch_window, http_query
 from .builders import Owner, child_name
 from .k8s import ApiError, KubeClient
@@ -111,16 +118,6 @@ def plan_inputs(window: MetricsWindow, current: Replicas) -> dict[str, Any]:
         "decodeReady": current.ready("decode"),
     }
     return {k: v for k, v in inputs.items() if v is not None}
-
-
-def plan_holding(decision: Decision, window: MetricsWindow) -> str | None:
-    """What `status.autoscaler.holding` says: stable text (it changes only with the situation)."""
-    if not decision.no_data:
-        return None
-    pools = ", ".join(decision.no_data)
-    if window.finished is None and not window.has_pool_data():
-        return f"no metrics for this deployment in Prometheus: holding {pools}"
-    return f"too few finished requests in the window to judge the SLOs: holding {pools}"
 
 
 def event_reason(changes: dict[str, tuple[int, int]]) -> str:
@@ -281,7 +278,7 @@ class Autoscaler:
             if decision.desired(role) != current.get(role)
         }
         record: dict[str, Any] = {
-            "holding": plan_holding(decision, window),
+            "holding": holding_reason(decision, window),
             "routerAtLimitSince": self._warn_router_limit(body, owner.uid, window),
         }
         if changes:

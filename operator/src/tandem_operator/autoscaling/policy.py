@@ -458,6 +458,17 @@ class Decision:
         return self.desired_prefill if pool == "prefill" else self.desired_decode
 
 
+def holding_reason(decision: Decision, window: MetricsWindow, source: str = "Prometheus") -> str | None:
+    """Why pools hold for want of data (None: none does), in stable text that changes only with the
+    situation (the operator's `status.autoscaler.holding`, `tandem up --autoscale`'s output)."""
+    if not decision.no_data:
+        return None
+    pools = ", ".join(decision.no_data)
+    if window.finished is None and not window.has_pool_data():
+        return f"no metrics for this deployment in {source}: holding {pools}"
+    return f"too few finished requests in the window to judge the SLOs: holding {pools}"
+
+
 @dataclass
 class _Rec:
     value: int

@@ -41,9 +41,10 @@ class LocalAutoscaler:
             sub_window_s=max(self.scrape_every, self.spec.window_seconds / 4),
         )
         self._last_scrape = self._last_decision = float("-inf")
+        self._holding: str | None = None  # what was last said about holding
 
     def tick(self, now: float | None = None) -> None:
-        from tandem_operator.autoscaling.policy import Replicas, decide
+        from tandem_operator.autoscaling.policy import Replicas, decide, holding_reason
 
         now = time.monotonic() if now is None else now
         d = self.deployment
@@ -84,6 +85,14 @@ class LocalAutoscaler:
         else:
             window = self.scraper.window(now)
         decision = decide(window, current, self.spec, self.state, now)
+        # Said once per situation: holding silently (the first 20 finished requests of a window by
+        # default) read as an autoscaler that did nothing.
+        holding = holding_reason(
+            decision, window, "Prometheus" if self.prometheus_url else "the processes' /metrics"
+        )
+        if holding != self._holding and holding is not None:
+            print(f"tandem up: autoscaler: {holding}", flush=True)
+        self._holding = holding
         if (decision.desired_prefill, decision.desired_decode) != (current.prefill, current.decode):
             self.decisions.append(decision)
             print(
