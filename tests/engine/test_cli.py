@@ -398,3 +398,20 @@ def test_generate_offline_refuses_endpoint_only_flags(extra, capsys):
 
     assert main(["generate", "--prompt", "a", *extra]) == 2
     assert f"{extra[0]}: only with --endpoint" in capsys.readouterr().err
+
+
+def test_bench_judges_requests_by_the_slos_the_router_counts_them_by():
+    # `tandem bench` defaulted to 1000/100 ms while `tandem up` and `tandem router` default to
+    # 2000/200 ms: the same requests were met in the router's counts and missed in the report.
+    from tandem_worker.cli import build_parser
+
+    parse = build_parser().parse_args
+    defaults = {
+        cmd: (a.slo_ttft_ms, a.slo_tpot_ms)
+        for cmd, a in (
+            ("bench", parse(["bench", "--trace", "t.csv", "--endpoint", "h:1"])),
+            ("up", parse(["up"])),
+            ("router", parse(["router", "--decode", "h:2"])),
+        )
+    }
+    assert len(set(defaults.values())) == 1, defaults

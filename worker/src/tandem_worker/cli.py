@@ -302,11 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--time-scale", type=positive_float, default=1.0, help="multiply arrival times (2: half the rate)"
     )
     b.add_argument("--max-requests", type=positive_int, default=None, help="replay only the first N requests")
+    # The defaults of `tandem up` and `tandem router`: the report then judges as the router counts.
     b.add_argument(
-        "--slo-ttft-ms", type=positive_float, default=1000.0, help="time-to-first-token SLO (default 1000)"
+        "--slo-ttft-ms", type=positive_float, default=2000.0, help="time-to-first-token SLO (default 2000)"
     )
     b.add_argument(
-        "--slo-tpot-ms", type=positive_float, default=100.0, help="time-per-output-token SLO (default 100)"
+        "--slo-tpot-ms", type=positive_float, default=200.0, help="time-per-output-token SLO (default 200)"
     )
     b.add_argument("--json", action="store_true", help="print the report as one JSON object")
     o = sub.add_parser("operator", help="run the Kubernetes operator for ModelDeployment resources (Kopf)")
