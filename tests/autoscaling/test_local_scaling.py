@@ -226,7 +226,7 @@ def test_autoscaling_from_a_real_prometheus(prometheus, tmp_path, slo, grows):
         # busy most of the time on a slow CI machine, and the capacity rule rightly grew prefill too
         # (a 30 tok/s peak against a learned 41 tok/s at 70% utilization).
         with _Load(f"127.0.0.1:{port}", max_tokens=32) as load:
-            line = up.read_until("autoscale", 180)
+            line = up.read_until("autoscale prefill", 180)  # a decision, not a note that it holds
             other = "decode" if grows == "prefill" else "prefill"
             assert f"{grows} 1 -> 2" in line and f"{other} 1 -> 1" in line, line
         assert load.done >= 4 and not load.failures, load.failures
