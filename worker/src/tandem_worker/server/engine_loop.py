@@ -64,6 +64,11 @@ class KVPiece:
     value: Any
     ready: Any = None  # None, or a torch.cuda.Event (anything with .synchronize())
 
+    @property
+    def nbytes(self) -> int:
+        """What the piece holds, key and value: what the KV backlog and the transfer metrics count."""
+        return self.key.nbytes + self.value.nbytes
+
 
 @dataclass(frozen=True)
 class Heartbeat:
@@ -96,7 +101,7 @@ class KVBacklog:
 
     def put(self, stream: RequestStream, piece: KVPiece) -> None:
         """Engine thread: queue a piece for the reader, unless it stopped reading."""
-        n = piece.key.nbytes + piece.value.nbytes
+        n = piece.nbytes
         # A layer computed: progress within a step, which may be long (a big chunk on a CPU).
         self._loop.progress += 1
         with self._loop._lock:
@@ -173,7 +178,7 @@ class RequestStream:
                     raise item
                 yield item
                 if self.kv is not None and isinstance(item, KVPiece):
-                    self.kv.sent(item.key.nbytes + item.value.nbytes)
+                    self.kv.sent(item.nbytes)
                 if isinstance(item, RequestOutput) and item.finished:
                     return
                 seen = self.loop.progress  # the next heartbeat needs progress after this item

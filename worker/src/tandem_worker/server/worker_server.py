@@ -479,7 +479,7 @@ class KVTransferService(wgrpc.KVTransferServicer):
                         # thread, so the engine thread goes on computing the next layers.
                         ev.ready.synchronize()
                     # KV payload bytes, as the decode side counts them (not the message framing)
-                    sent += ev.key.nbytes + ev.value.nbytes
+                    sent += ev.nbytes
                     yield from kv_chunks(ev.layer, ev.start, ev.key, ev.value)
                     continue
                 assert isinstance(ev, RequestOutput) and ev.finished
