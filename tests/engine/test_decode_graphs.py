@@ -77,11 +77,15 @@ def test_block_table_rows_follow_growth_reordering_and_preemption(model_dir):
     # changed. Here tables grow by a block every 16 tokens at different steps, finished requests
     # move the others to other rows, and a KV cache of 6 blocks preempts requests, which come back
     # with new tables: any stale row reads another block's KV and changes the greedy tokens.
-    engine = LLMEngine(model=str(model_dir), kv_cache_bytes=6 * 737_280, enable_prefix_caching=False)
-    assert engine.block_manager.num_blocks == 6
     # Preemption is what this test needs: the admission watermark (a free block per running
     # sequence) would avoid most of it.
-    engine.scheduler.watermark_blocks_per_seq = 0
+    engine = LLMEngine(
+        model=str(model_dir),
+        kv_cache_bytes=6 * 737_280,
+        enable_prefix_caching=False,
+        admission_watermark_blocks_per_seq=0,
+    )
+    assert engine.block_manager.num_blocks == 6
     prompts = ["Hi", "The capital of France is", "def fibonacci(n):", "List three colors:"]
     max_tokens = [40, 22, 34, 28]
 

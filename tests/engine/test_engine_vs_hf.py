@@ -169,9 +169,9 @@ def test_together_staggered_small_budget_matches_transformers(model_dir, all_cas
         kv_cache_bytes=int(longest * 1.6) * bytes_per_token,
         max_num_batched_tokens=192,
         enable_prefix_caching=False,
+        # The admission watermark spares this mix every preemption: off, so recomputes are checked.
+        admission_watermark_blocks_per_seq=0,
     )
-    # The admission watermark spares this mix every preemption: off, so recomputes are checked too.
-    small.scheduler.watermark_blocks_per_seq = 0
     assert small.block_manager.num_blocks * small.config.block_size < sum(
         len(c.token_ids) + MAX_NEW for c in all_cases
     ), "the budget must be too small for all requests at once"

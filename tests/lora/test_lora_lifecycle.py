@@ -59,14 +59,18 @@ def test_an_adapter_is_not_unloaded_while_a_request_for_it_is_unfinished(
 ):
     """Queued, running or preempted (holding no pin), a request keeps its adapter: unloading it is
     refused until the request ends, which then answers with that adapter throughout."""
-    engine = LLMEngine(model=str(model_dir), kv_cache_bytes=20 * 2**20, lora_store=str(adapter_store))
+    engine = LLMEngine(
+        model=str(model_dir),
+        kv_cache_bytes=20 * 2**20,
+        lora_store=str(adapter_store),
+        admission_watermark_blocks_per_seq=0,
+    )
     bm, lora = engine.block_manager, engine.lora
     lora.load("qv-r4", to_device=True)
     bs, room = bm.block_size, bm.num_blocks - bm.num_adapter_blocks
     # A base request filling all but one block, to a block's end: its first decode step needs one
     # more block, and the adapter request admitted after it is preempted to free one. (Taking the
     # block a running decode needs next is what the admission watermark prevents: off here.)
-    engine.scheduler.watermark_blocks_per_seq = 0
     long = engine.add_request(prompt_token_ids=list(range(1000, 1000 + (room - 1) * bs)), params=SHORT)
     x = engine.add_request(prompt_token_ids=prompt_ids[0], params=GREEDY, adapter="qv-r4")
     with pytest.raises(AdapterBusyError, match="in use by 1 unfinished request"):

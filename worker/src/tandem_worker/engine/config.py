@@ -170,6 +170,11 @@ class EngineConfig:
     # A reader as fast as the engine stays far below both (about one layer's piece of a chunk).
     kv_send_backlog_bytes: int = 64 * 2**20
     kv_send_backlog_total_bytes: int = 4 * 2**30
+    # Free KV blocks an admission leaves for each sequence already holding KV (Scheduler.watermark):
+    # the blocks running decodes take next. 0 admits up to the last block (more preemption and
+    # recompute on CPU; on a GPU, where a recompute is cheap next to a decode step, 0 may be the
+    # better choice: to be measured there).
+    admission_watermark_blocks_per_seq: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
     def _check_device(self) -> None:
@@ -210,6 +215,8 @@ class EngineConfig:
             raise ValueError("lora_load_timeout_s must be positive")
         if self.kv_send_backlog_bytes < 1 or self.kv_send_backlog_total_bytes < 1:
             raise ValueError("kv_send_backlog_bytes and kv_send_backlog_total_bytes must be positive")
+        if self.admission_watermark_blocks_per_seq < 0:
+            raise ValueError("admission_watermark_blocks_per_seq must be >= 0 (0: no watermark)")
         if self.load_format not in ("safetensors", "dummy"):
             raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {self.load_format!r}")
         if self.cuda_graph_max_batch < 0:

@@ -189,7 +189,11 @@ class LLMEngine:
             if config.lora_store:
                 self.runner.graphs.capture_lora()
         self.scheduler = Scheduler(
-            self.block_manager, config.max_num_batched_tokens, config.max_num_seqs, self.lora
+            self.block_manager,
+            config.max_num_batched_tokens,
+            config.max_num_seqs,
+            self.lora,
+            watermark_blocks_per_seq=config.admission_watermark_blocks_per_seq,
         )
         self.sampler = Sampler(config.seed)
         self._requests: dict[str, _Request] = {}

@@ -104,6 +104,7 @@ class Scheduler:
         max_num_seqs: int,
         adapters: LoRAManager | None = None,
         adapter_wait_steps: int = ADAPTER_WAIT_STEPS,
+        watermark_blocks_per_seq: int = 1,
     ) -> None:
         self.bm = block_manager
         self.adapters = adapters
@@ -115,7 +116,7 @@ class Scheduler:
         self.awaiting: deque[Sequence] = deque()  # remote KV: waiting for blocks
         self.reserved: dict[str, Sequence] = {}  # remote KV: blocks reserved, KV in transit
         # Free blocks an admission leaves for each sequence holding KV (see `watermark`); 0: none.
-        self.watermark_blocks_per_seq = 1
+        self.watermark_blocks_per_seq = watermark_blocks_per_seq
         self.stats = SchedulerStats()
 
     def add(self, seq: Sequence) -> None:
