@@ -39,6 +39,7 @@ class AdapterSpec:
     use_rslora: bool = False
     b_std: float = 0.02
     rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
 
 
 def mixed_specs(
@@ -82,6 +83,7 @@ def make_adapters(base_model_dir: Path, out_dir: Path, specs: list[AdapterSpec])
             spec.target_modules,
             spec.use_rslora,
             tuple(sorted(spec.rank_pattern.items())),
+            tuple(spec.alpha_pattern.items()),  # in order: PEFT takes the first key that matches
         )
         groups.setdefault(key, []).append(spec)
     for group in groups.values():
@@ -92,6 +94,7 @@ def make_adapters(base_model_dir: Path, out_dir: Path, specs: list[AdapterSpec])
             target_modules=list(first.target_modules),
             use_rslora=first.use_rslora,
             rank_pattern=dict(first.rank_pattern),
+            alpha_pattern=dict(first.alpha_pattern),
             lora_dropout=0.0,
             bias="none",
             task_type="CAUSAL_LM",

@@ -6,12 +6,14 @@ active in turn, decoded greedily (tests/engine/test_engine_vs_hf.py's loop and n
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from tandem_kernels import cpu_extension, lora_reference
+from tandem_worker.engine.config import ModelConfig
 from tandem_worker.engine.llm_engine import LLMEngine
 from tandem_worker.engine.lora import AdapterError, AdapterNotFoundError, read_peft_adapter
 from tandem_worker.engine.sampling_params import SamplingParams
@@ -330,3 +332,60 @@ def test_per_layer_ranks_match_peft(model_dir, tmp_path, hf_tokenizer):
         "per-layer", done[ours].token_ids, hf_greedy(peft, prompt, len(done[ours].token_ids)), notes
     )
     assert done[ours].token_ids != done[plain].token_ids  # the adapter (and its low-rank layers) matters
+
+
+def test_per_module_alphas_match_peft(model_dir, tmp_path, hf_tokenizer):
+    """PEFT's alpha_pattern: a module name for every layer's down_proj, one layer's q_proj by its
+    full name, and an alpha of 0 for layer 0's (the scaling the kernels apply is then another
+    layer's). The first key that matches wins, as in PEFT: layer 1's down_proj keeps 64."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.make_adapters import AdapterSpec, make_adapters
+
+    spec = AdapterSpec(
+        "alphas", 8, ("q_proj", "down_proj"), alpha=8, seed=12, b_std=0.2,
+        alpha_pattern={
+            "model.layers.0.self_attn.q_proj": 0, "down_proj": 64, "model.layers.1.mlp.down_proj": 1
+        },
+    )  # fmt: skip
+    (path,) = make_adapters(model_dir, tmp_path, [spec]).values()
+    engine = LLMEngine(model=str(model_dir), kv_cache_bytes=64 * 2**20, lora_store=str(tmp_path))
+    host = read_peft_adapter(path, engine.model_config, torch.float32)
+    assert host.scaling == {"q_proj": 1.0, "down_proj": 8.0}
+    assert not host.weights[(0, "q_proj")][1].any()  # alpha 0: folded into B as zeros
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    peft = PeftModel.from_pretrained(base, path).eval()
+    assert peft.base_model.model.model.layers[1].mlp.down_proj.scaling["default"] == 8.0
+    prompt = hf_tokenizer.encode("The capital of France is")
+    ours = engine.add_request(prompt_token_ids=prompt, params=GREEDY, adapter="alphas")
+    done = run_all(engine)
+    notes: list[str] = []
+    assert_matches("alphas", done[ours].token_ids, hf_greedy(peft, prompt, len(done[ours].token_ids)), notes)
+    # The same weights read with alpha_pattern dropped answer otherwise: the pattern matters.
+    conf = json.loads((path / "adapter_config.json").read_text())
+    plain = tmp_path / "store2" / "alphas"
+    plain.mkdir(parents=True)
+    (plain / "adapter_model.safetensors").write_bytes((path / "adapter_model.safetensors").read_bytes())
+    (plain / "adapter_config.json").write_text(json.dumps({**conf, "alpha_pattern": {}}))
+    other = LLMEngine(model=str(model_dir), kv_cache_bytes=64 * 2**20, lora_store=str(plain.parent))
+    again = other.add_request(prompt_token_ids=prompt, params=GREEDY, adapter="alphas")
+    assert run_all(other)[again].token_ids != done[ours].token_ids
+
+
+def test_a_malformed_alpha_pattern_is_refused(model_dir, tmp_path, adapter_store):
+    conf = json.loads((adapter_store / "qv-r4" / "adapter_config.json").read_text())
+    cfg = ModelConfig.from_folder(model_dir)
+    for pattern, message in [
+        (["q_proj"], "alpha_pattern is a list"),
+        ({"q_proj(": 4}, "not a regular expression"),
+        ({"q_proj": "four"}, "lora_alpha 'four' is not a number"),
+    ]:
+        path = tmp_path / str(len(message))
+        path.mkdir()
+        (path / "adapter_model.safetensors").write_bytes(
+            (adapter_store / "qv-r4" / "adapter_model.safetensors").read_bytes()
+        )
+        (path / "adapter_config.json").write_text(json.dumps({**conf, "alpha_pattern": pattern}))
+        with pytest.raises(AdapterError, match=message):
+            read_peft_adapter(path, cfg, torch.float32)

@@ -56,7 +56,7 @@ KINDS: dict[str, tuple[str, ...]] = {
 }
 MODULE_KIND = {m: k for k, parts in KINDS.items() for m in parts}
 _KEY = re.compile(
-    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$"
+    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$"
 )
 
 
@@ -133,7 +133,6 @@ _UNSUPPORTED_OPTIONS = {
     "use_dora": "DoRA",
     "fan_in_fan_out": "transposed weights",
     "modules_to_save": "fully trained copies of modules",
-    "alpha_pattern": "per-module alpha",
     "alora_invocation_tokens": "Activated LoRA: applied only from its invocation tokens on",
     "layer_replication": "duplicated base layers",
     "target_parameters": "adapted raw parameters",
@@ -158,9 +157,11 @@ def _read_peft_adapter(path: Path, cfg: ModelConfig, dtype: torch.dtype, name: s
     if bad:
         raise AdapterError(f"adapter {name!r}: unsupported PEFT option(s) {', '.join(bad)}")
     alpha = _alpha(conf.get("lora_alpha", 8), name)
+    alphas = _alpha_pattern(conf.get("alpha_pattern"), name)
     rslora = bool(conf.get("use_rslora"))
     shapes = module_shapes(cfg)
     raw: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    parents: dict[tuple[int, str], str] = {}
     try:
         with safe_open(str(weights_file), framework="pt") as st:
             for key in st.keys():
@@ -170,7 +171,7 @@ def _read_peft_adapter(path: Path, cfg: ModelConfig, dtype: torch.dtype, name: s
                         f"adapter {name!r}: tensor {key!r} targets a module Tandem cannot adapt "
                         f"(supported: {', '.join(MODULE_KIND)} of the decoder layers)"
                     )
-                layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
+                layer, parent, module, ab = int(m.group(1)), m.group(2), m.group(3), m.group(4)
                 if module not in MODULE_KIND:
                     raise AdapterError(f"adapter {name!r}: unknown target module {module!r} in {key!r}")
                 if layer >= cfg.num_hidden_layers:
@@ -178,13 +179,14 @@ def _read_peft_adapter(path: Path, cfg: ModelConfig, dtype: torch.dtype, name: s
                         f"adapter {name!r}: layer {layer} but the base model has {cfg.num_hidden_layers}"
                     )
                 raw.setdefault((layer, module), {})[ab] = st.get_tensor(key)
+                parents[(layer, module)] = parent
     except AdapterError:
         raise
     except Exception as e:  # a truncated or foreign file: say which adapter
         raise AdapterError(f"adapter {name!r}: unreadable adapter_model.safetensors: {e}") from e
     if not raw:
         raise AdapterError(f"adapter {name!r}: no LoRA weights in {weights_file}")
-    weights, scaling, num_bytes = {}, {}, 0
+    checked: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]] = {}
     for (layer, module), ab in sorted(raw.items()):
         if set(ab) != {"A", "B"}:
             raise AdapterError(f"adapter {name!r}: layer {layer} {module} lacks lora_A or lora_B")
@@ -205,16 +207,53 @@ def _read_peft_adapter(path: Path, cfg: ModelConfig, dtype: torch.dtype, name: s
                 f"projection (floating-point A [rank, {fan_in}] and B [{fan_out}, rank] expected)"
             )
         r = a.shape[0]
-        s = alpha / math.sqrt(r) if rslora else alpha / r
-        ref = scaling.setdefault(module, s)
+        a_mod = _pattern_value(alphas, f"model.layers.{layer}.{parents[(layer, module)]}.{module}", alpha)
+        checked[(layer, module)] = (a, b, a_mod / math.sqrt(r) if rslora else a_mod / r)
+    # The kernels apply one scaling per module: the first layer's that is not 0 (alpha 0 adds
+    # nothing). A layer with its own (PEFT's rank_pattern or alpha_pattern keyed by layer) has the
+    # ratio folded into B.
+    scaling: dict[str, float] = {}
+    for (_, module), (_, _, s) in checked.items():
+        if not scaling.get(module):  # unset, or 0 so far
+            scaling[module] = s
+    weights, num_bytes = {}, 0
+    for (layer, module), (a, b, s) in checked.items():
+        ref = scaling[module]
         if s != ref:
-            # A per-layer rank (PEFT's rank_pattern keyed by layer) gives this layer its own
-            # alpha / r, but the kernels apply one scaling per module: the ratio goes into B.
             b = b.float() * (s / ref)
         a, b = a.to(dtype).contiguous(), b.to(dtype).contiguous()
         weights[(layer, module)] = (a, b)
         num_bytes += a.nbytes + b.nbytes
     return HostAdapter(name, path, weights, scaling, num_bytes)
+
+
+def _alpha_pattern(value: Any, name: str) -> dict[str, float]:
+    """PEFT's alpha_pattern (module-name pattern -> alpha), checked: keys are regular expressions
+    matched against the module's full name, values numbers."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise AdapterError(f"adapter {name!r}: alpha_pattern is a {type(value).__name__}, not an object")
+    out = {}
+    for key, alpha in value.items():
+        try:
+            re.compile(key)
+        except re.error as e:
+            raise AdapterError(
+                f"adapter {name!r}: alpha_pattern key {key!r} is not a regular expression: {e}"
+            ) from None
+        out[key] = _alpha(alpha, name)
+    return out
+
+
+def _pattern_value(patterns: dict[str, float], module: str, default: float) -> float:
+    """The value of the first pattern naming `module` (the whole name or a dotted suffix of it),
+    else `default`: PEFT's own rule (peft.utils.other.get_pattern_key), so that the first key in
+    the config's order wins as it does there."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
 
 
 def _alpha(value: Any, name: str) -> float:
