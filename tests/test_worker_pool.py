@@ -506,3 +506,136 @@ def test_a_router_without_workers_is_not_ready_until_they_are_back(model_dir, ca
         channel.close()
         decode.stop(None)
         prefill.stop(None)
+
+
+class _Clock:
+    """The pool's clock for its backoffs, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _health_checks_pass(pool: WorkerPool) -> None:
+    """What the pool's next refresh does for workers that answer their health checks."""
+    for w in pool._workers.values():
+        w.healthy = True
+
+
+def test_a_failed_worker_stays_out_though_its_health_checks_pass_for_a_growing_backoff():
+    """A prefill worker that is up but stalls its KV streams was back in rotation at its next
+    health check (half a second on), each time costing a request its KV idle timeout (30 s)."""
+    servers = [_fake_worker(role) for role in ("decode", "prefill", "prefill")]
+    (_, d), (_, p1), (_, p2) = servers
+    clock = _Clock()
+    pool = WorkerPool([f"127.0.0.1:{d}"], [f"127.0.0.1:{p1}", f"127.0.0.1:{p2}"], clock=clock)
+    try:
+        pool.refresh()
+        stalls = pool.pick(100, set()).prefill
+        other = next(w for w in pool._targets()[1] if w is not stalls)
+        for backoff in (1, 2, 4, 8, 16, 30, 30):
+            failed_at = clock.now
+            pool.mark_failed(stalls, "prefill worker: no KV for 30 s")
+            pool.refresh()  # a real health check, which it passes
+            assert stalls.healthy and pool.pick(100, set()).prefill is other
+            assert pool.readiness_problem() is None, "the other prefill worker serves"
+            clock.now = failed_at + backoff - 0.5
+            assert pool.pick(100, set()).prefill is other, f"back before its {backoff} s were up"
+            clock.now = failed_at + backoff
+            assert pool.pick(100, set()).prefill is stalls  # as idle as the other: the first again
+        # A minute in rotation without a failure: the next one starts over at a second.
+        clock.now += pool.backoff_reset
+        pool.mark_failed(stalls, "prefill worker: no KV for 30 s")
+        pool.refresh()
+        clock.now += 1
+        assert pool.pick(100, set()).prefill is stalls
+    finally:
+        for w in pool.snapshot():
+            w.channel.close()
+        for server, _ in servers:
+            server.stop(None)
+
+
+def test_one_fault_failing_many_requests_at_once_counts_once(pool):
+    pool.clock = clock = _Clock()
+    p2 = pool._workers["p2:1"]
+    for _ in range(10):  # every request it held stalled together
+        pool.mark_failed(p2, "prefill worker: no KV for 30 s")
+    _health_checks_pass(pool)
+    clock.now += 0.5
+    assert pool.pick(100, set()).prefill.address == "p1:1"
+    clock.now += 0.5
+    assert pool.pick(100, set()).prefill is p2, "one fault, one second out, not the longest backoff"
+
+
+def test_a_request_served_through_a_worker_resets_its_backoff(pool):
+    pool.clock = clock = _Clock()
+    p1, p2 = pool._workers["p1:1"], pool._workers["p2:1"]
+    earlier = pool.pick(100, set())
+    earlier_ticket = pool.begin(earlier, 100)  # a long stream through p2, begun before its fault
+    pool.mark_failed(p2, "prefill worker: no KV for 30 s")
+    _health_checks_pass(pool)
+    pool.succeeded(earlier, earlier_ticket)  # says nothing about p2 since its fault
+    assert pool.pick(100, set()).prefill is p1
+    clock.now += 1
+    pair = pool.pick(100, set())
+    assert pair.prefill is p2
+    pool.succeeded(pair, pool.begin(pair, 100))
+    pool.mark_failed(p2, "prefill worker: no KV for 30 s")  # a second fault, but not in a row
+    _health_checks_pass(pool)
+    clock.now += 1
+    assert pool.pick(100, set()).prefill is p2, "out for 2 s as if the request between had failed"
+
+    # Both backing off, so both in rotation; one serves a request and is preferred again.
+    pool.mark_failed(p1, "prefill worker: no KV for 30 s")
+    pool.mark_failed(p2, "prefill worker: no KV for 30 s")
+    _health_checks_pass(pool)
+    pair = pool.pick(100, {"p2:1"})
+    assert pair.prefill is p1
+    pool.succeeded(pair, pool.begin(pair, 100))
+    assert pool.pick(100, set()).prefill is p1, "p2 queues less, but it is still backing off"
+
+
+def test_a_backoff_never_takes_the_last_workers_of_a_role_out(pool):
+    pool.clock = _Clock()
+    pool.mark_failed(pool._workers["p2:1"], "prefill worker: no KV for 30 s")
+    _health_checks_pass(pool)
+    assert pool.pick(100, set()).prefill.address == "p1:1" and pool.serving_problem() is None
+    # p1 only busy (it refused this request): p2 stays out; the router answers retry-later.
+    assert pool.pick(100, {"p1:1"}) is None
+    for a in ("p1:1", "d1:1", "d2:1"):
+        pool.mark_failed(pool._workers[a], "no KV for 30 s")
+    _health_checks_pass(pool)
+    # All backing off: all in rotation, as if none were, rather than nothing to serve with.
+    pair = pool.pick(100, set())
+    assert pair.decode.address == "d2:1" and pair.prefill.address == "p2:1"
+    assert pool.serving_problem() is None
+
+
+def test_a_worker_backing_off_is_not_serving():
+    """Readiness follows what `pick` would do: a colocated worker backing off while a decode
+    worker is in rotation leaves requests without a prefill worker, and says so."""
+    clock = _Clock()
+    p = WorkerPool(decode_targets=["c:1", "d:1"], clock=clock)
+    p._workers = {"c:1": info("c:1", "colocated"), "d:1": info("d:1", "decode", free_blocks=200)}
+    p._decode = ["c:1", "d:1"]
+    assert p.pick(100, set()).decode.address == "c:1" and p.serving_problem() is None
+    p.mark_failed(p._workers["c:1"], "worker stream ended early")
+    _health_checks_pass(p)
+    assert p.pick(100, set()) is None
+    assert p.serving_problem() == "no prefill worker is serving (0 known)"
+    clock.now += 1
+    assert p.pick(100, set()).decode.address == "c:1" and p.serving_problem() is None
+
+
+def test_a_prefill_worker_that_failed_a_request_is_not_tried_first_again(model_dir):
+    with _router_over_fake_decode(model_dir, lambda pool: _MalformedPrefill()) as (router, pool, fake):
+        pool.clock = _Clock()
+        pool._workers["p:2"].stats.queued_prompt_tokens = 50  # p:1 first
+        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3]), sampling=pb.SamplingParams())
+        list(router.Generate(request, _Context()))
+        _health_checks_pass(pool)
+        out = list(router.Generate(request, _Context()))
+        assert fake.prefills == ["p:1", "p:2", "p:2"] and out[-1].token_ids == [42]

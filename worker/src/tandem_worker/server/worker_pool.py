@@ -5,6 +5,10 @@ a Kubernetes headless Service, re-resolved on each refresh) or `file:PATH` (the 
 a file, re-read on each refresh: `tandem up --autoscale` rewrites it as it adds and removes
 workers). A background thread health-checks each worker with the standard gRPC health service and
 reads its `Admin.Stats`; a worker is eligible only while both answer and it is not draining.
+
+A failed request takes a worker out of rotation for a while even when it still answers health
+checks (outlier ejection, as Envoy's): a prefill worker that is up but stalls its KV streams would
+otherwise be picked again within half a second, each time costing a request its KV idle timeout.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -63,7 +68,13 @@ class WorkerInfo:
     pending: dict[int, int] = field(default_factory=dict)
     pending_requests: int = 0
     error: str = ""
+    # Request-path failures in a row (`WorkerPool.mark_failed`; those while it already backs off
+    # count as one), each doubling its time out of rotation: until `backoff_until` on the pool's
+    # clock. `failed_ticket`: the first ticket `WorkerPool.begin` gave after the last one; only an
+    # attempt from then on vouches for the worker (`WorkerPool.succeeded`).
     failures: int = 0
+    backoff_until: float = 0.0
+    failed_ticket: int = 0
     # time.monotonic() when the request for the current stats was sent, and when an attempt on this
     # worker last ended: stats asked for before that may still count the attempt's KV blocks.
     stats_asked_at: float = 0.0
@@ -137,6 +148,9 @@ def resolve(target: str) -> list[str]:
     return sorted(set(addrs))
 
 
+DECODE_ROLES = ("decode", "colocated")  # the roles a decode target may serve as
+
+
 @dataclass
 class Pair:
     decode: WorkerInfo
@@ -149,6 +163,12 @@ class WorkerPool:
     prefill_targets: list[str] = field(default_factory=list)
     interval: float = 0.5
     check_timeout: float = 1.0
+    # Out of rotation after a request-path failure: backoff_base seconds, doubled with each further
+    # failure up to backoff_max; backoff_reset seconds back in rotation without one start it over.
+    backoff_base: float = 1.0
+    backoff_max: float = 30.0
+    backoff_reset: float = 60.0
+    clock: Callable[[], float] = time.monotonic  # for the backoff; tests pass their own
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -259,16 +279,69 @@ class WorkerPool:
             )
 
     def mark_failed(self, w: WorkerInfo, why: str) -> None:
-        """Take a worker out of rotation until its next successful health check."""
-        w.healthy = False
-        w.error = why
-        w.failures += 1
+        """A request failed on the worker: out of rotation until its next successful health check
+        and, whatever those say, for a backoff that doubles with each failure in a row
+        (`backoff_base` .. `backoff_max` seconds), unless all of its role are (`_in_rotation`)."""
+        now = self.clock()
+        with self._lock:
+            w.healthy = False
+            w.error = why
+            if now < w.backoff_until:
+                # Already backing off: this is one of the attempts it held when it failed (a stalled
+                # worker fails all of them at once), or one picked only because all of its role
+                # are out (`_in_rotation`). No new evidence: ten requests stalled together would
+                # otherwise push it out for the longest backoff at its first fault.
+                return
+            if now - w.backoff_until >= self.backoff_reset:
+                w.failures = 0  # a fault long after the last one: a new incident, not a streak
+            w.failures += 1
+            backoff = min(self.backoff_base * 2 ** min(w.failures - 1, 30), self.backoff_max)
+            w.backoff_until = now + backoff
+            w.failed_ticket = self._next_ticket
+        log.warning(
+            "worker %s out of rotation for %.0f s (%d failure(s) in a row): %s",
+            w.address,
+            backoff,
+            w.failures,
+            why,
+        )
+
+    def succeeded(self, pair: Pair, ticket: int) -> None:
+        """The attempt `begin` gave `ticket` served its request: its workers work, so a failure
+        before it neither keeps them out of rotation nor lengthens their next backoff. An attempt
+        begun before a worker's last failure says nothing about it since (a long stream that began
+        before its KV streams stalled) and is ignored."""
+        with self._lock:
+            for w in (pair.decode, pair.prefill):
+                if w is not None and ticket >= w.failed_ticket:
+                    w.failures, w.backoff_until = 0, 0.0
+
+    def _in_rotation(self, workers: list[WorkerInfo], roles: tuple[str, ...]) -> list[WorkerInfo]:
+        """The eligible workers of these roles, less those backing off after a failed request,
+        unless every one of them is: then all of them.
+
+        A backoff never takes a role's last workers out (as Envoy's panic threshold; its
+        max_ejection_percent still ejects a pool's only host): it is there to steer requests to the
+        others, and with none left it could only refuse every request for up to `backoff_max` and
+        make the router unready. An attempt on a worker that failed a moment ago beats a sure
+        refusal: the fault may have passed, or been blamed on the wrong worker (the router tells a
+        prefill worker's failure from its decode partner's by the message), and a fault that every
+        worker hit would push the whole role out in turn. A worker that keeps failing costs its
+        requests what it did before backoffs existed, no more.
+
+        By role, not by request: a worker that is only busy (it refused this request, or its KV
+        cache is full) keeps those backing off out: it is not gone, and a request it cannot take
+        now is one to retry later, not one to send to a worker that just failed."""
+        now = self.clock()
+        eligible = [w for w in workers if w.eligible and w.role in roles]
+        rested = [w for w in eligible if w.backoff_until <= now]
+        return rested or eligible
 
     def all_full(self, prompt_tokens: int, exclude: set[str]) -> bool:
         """Healthy decode workers exist but none has KV room for the prompt right now: the caller
         should retry later (RESOURCE_EXHAUSTED), unlike when no worker is healthy (UNAVAILABLE)."""
         decodes, _ = self._targets()
-        eligible = [w for w in decodes if w.eligible and w.address not in exclude]
+        eligible = [w for w in self._in_rotation(decodes, DECODE_ROLES) if w.address not in exclude]
         return bool(eligible) and all(w.free_tokens() <= prompt_tokens for w in eligible)
 
     def pick(self, prompt_tokens: int, exclude: set[str], adapter: str = "") -> Pair | None:
@@ -284,16 +357,13 @@ class WorkerPool:
         # Service selector) reports the most free KV and would be picked to decode, then refuse.
         roomy = [
             w
-            for w in decodes
-            if w.eligible
-            and w.address not in exclude
-            and w.role in ("decode", "colocated")
-            and w.free_tokens() > prompt_tokens
+            for w in self._in_rotation(decodes, DECODE_ROLES)
+            if w.address not in exclude and w.free_tokens() > prompt_tokens
         ]
         prefills = [
             w
-            for w in prefills
-            if w.eligible and w.address not in exclude and w.role == "prefill" and _holds(w, prompt_tokens)
+            for w in self._in_rotation(prefills, ("prefill",))
+            if w.address not in exclude and _holds(w, prompt_tokens)
         ]
         roomy.sort(key=lambda w: (_residency(w, adapter), w.free_tokens(), -w.pending_requests), reverse=True)
         for decode in roomy:
@@ -318,14 +388,16 @@ class WorkerPool:
         """Why no request could be served now whatever its size (no eligible colocated worker, nor
         an eligible decode worker with a prefill worker whose KV it takes); None when one could.
         KV room is ignored: full workers are busy, not gone. Names no worker address (callers
-        pass it on to clients)."""
+        pass it on to clients). By the workers `pick` would take: one backing off after a failed
+        request is not serving, though never so the last of its role (`_in_rotation`), so a
+        backoff alone never makes the router unready."""
         decodes, prefills = self._targets()
-        if any(w.eligible and w.role == "colocated" for w in decodes):
+        in_rotation = self._in_rotation(decodes, DECODE_ROLES)
+        if any(w.role == "colocated" for w in in_rotation):
             return None
-        serving = [w for w in decodes if w.eligible and w.role == "decode"]
-        if not serving:
+        if not any(w.role == "decode" for w in in_rotation):
             return f"no decode or colocated worker is serving ({len(decodes)} known)"
-        if not any(w.eligible and w.role == "prefill" for w in prefills):
+        if not self._in_rotation(prefills, ("prefill",)):
             return f"no prefill worker is serving ({len(prefills)} known)"
         return self.pairing_problem()
 
@@ -333,8 +405,8 @@ class WorkerPool:
         """Why no pair forms although decode and prefill workers are eligible (their KV differs:
         other weights or block size, as in a rolling upgrade gone wrong); None otherwise."""
         decodes, prefills = self._targets()
-        decodes = [w for w in decodes if w.eligible and w.role == "decode"]
-        prefills = [w for w in prefills if w.eligible and w.role == "prefill"]
+        decodes = [w for w in self._in_rotation(decodes, DECODE_ROLES) if w.role == "decode"]
+        prefills = self._in_rotation(prefills, ("prefill",))
         if not decodes or not prefills or any(_kv_compatible(p, d) for p in prefills for d in decodes):
             return None
 
