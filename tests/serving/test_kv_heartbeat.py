@@ -68,13 +68,15 @@ class SlowPrefill:
 
 
 @contextlib.contextmanager
-def slow_prefill_worker(model_dir) -> Iterator[tuple[str, SlowPrefill]]:
+def slow_prefill_worker(
+    model_dir, kv_idle_timeout_s: float | None = None
+) -> Iterator[tuple[str, SlowPrefill]]:
     engine = LLMEngine(
         model=str(model_dir), kv_cache_bytes=64 * 2**20, detokenize=False, max_num_batched_tokens=CHUNK
     )
     slow = SlowPrefill(engine)
     loop = EngineLoop(engine).start()
-    state = WorkerState(engine, loop, "prefill", model_id(engine.model_dir))
+    state = WorkerState(engine, loop, "prefill", model_id(engine.model_dir), kv_idle_timeout_s)
     server = grpc.server(ThreadPoolExecutor(8), options=GRPC_OPTIONS)
     server.add_generic_rpc_handlers((prefill_method_handler(KVTransferService(state).Prefill),))
     port = server.add_insecure_port(f"{HOST}:0")
@@ -118,6 +120,25 @@ def test_a_pull_queued_behind_a_long_prefill_outlives_the_idle_timeout(model_dir
         short = generate(worker, "short", SHORT, prefill)
         got = [tokens(long), tokens(short)]
         assert slow.steps >= 48  # it did wait behind the long prompt
+    want = [o.token_ids for o in offline.generate([LONG, SHORT], params_from_pb(greedy(6)))]
+    assert got == want
+
+
+def test_a_prefill_worker_beats_for_the_decode_workers_timeout_not_its_own(model_dir, offline, monkeypatch):
+    """The timeout is the decode worker's, and each pull names it: a prefill worker set up with a
+    longer one (its own beat every 5 s) used to keep a pull queued on it alive only when both
+    workers read the same $TANDEM_KV_IDLE_TIMEOUT_S, and failed it against a decode worker's 2 s."""
+    monkeypatch.delenv(KV_IDLE_TIMEOUT_ENV, raising=False)
+    with (
+        slow_prefill_worker(model_dir, kv_idle_timeout_s=600.0) as (prefill, slow),
+        in_process_worker("decode", model_dir, kv_idle_timeout_s=IDLE_TIMEOUT) as (ch, _, _),
+    ):
+        worker = wgrpc.WorkerStub(ch)
+        long = generate(worker, "long", LONG, prefill)
+        assert slow.computing.wait(60)
+        short = generate(worker, "short", SHORT, prefill)  # waits ~4.7 s for its turn, beating
+        got = [tokens(long), tokens(short)]
+        assert slow.steps >= 48
     want = [o.token_ids for o in offline.generate([LONG, SHORT], params_from_pb(greedy(6)))]
     assert got == want
 

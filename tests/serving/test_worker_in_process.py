@@ -35,13 +35,16 @@ from .procs import HOST, KV_BYTES, assert_idle, greedy, wait_for
 
 
 @contextlib.contextmanager
-def in_process_worker(role: str, model_dir) -> Iterator[tuple[grpc.Channel, threading.Thread, list[int]]]:
+def in_process_worker(
+    role: str, model_dir, **serve_kw
+) -> Iterator[tuple[grpc.Channel, threading.Thread, list[int]]]:
     """A worker served by a thread of this process: (a channel to it, the thread, its exit status
-    once it returned)."""
+    once it returned). `serve_kw`: more arguments of `serve_worker`."""
     port, stop, status = free_port(), threading.Event(), []
     config = EngineConfig(model=str(model_dir), kv_cache_bytes=KV_BYTES)
     thread = threading.Thread(
-        target=lambda: status.append(serve_worker(role, config, HOST, port, stop_event=stop)), daemon=True
+        target=lambda: status.append(serve_worker(role, config, HOST, port, stop_event=stop, **serve_kw)),
+        daemon=True,
     )
     thread.start()
     channel = grpc.insecure_channel(f"{HOST}:{port}")

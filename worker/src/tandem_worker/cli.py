@@ -168,6 +168,21 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 64 MiB)",
     )
     w.add_argument(
+        "--kv-send-backlog-total-bytes",
+        type=positive_int,
+        default=4 * 2**30,
+        help="prefill: KV not yet sent, over all requests, beyond which new KV pulls are refused as busy "
+        "(default 4 GiB)",
+    )
+    w.add_argument(
+        "--kv-idle-timeout",
+        type=positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="decode: give up on a KV pull that receives nothing for this long; prefill workers beat "
+        "for the timeout each pull names (default: $TANDEM_KV_IDLE_TIMEOUT_S, else 30)",
+    )
+    w.add_argument(
         "--drain-timeout",
         type=non_negative_float,
         default=30.0,
@@ -516,6 +531,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         lora_store=args.lora_store,
         lora_host_cache_bytes=args.lora_host_cache_bytes,
         kv_send_backlog_bytes=args.kv_send_backlog_bytes,
+        kv_send_backlog_total_bytes=args.kv_send_backlog_total_bytes,
     )
     adapters = _read_adapters_config(args.adapters_config) if args.adapters_config else {}
     return serve_worker(
@@ -527,6 +543,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         max_pending=args.max_pending,
         adapters=adapters,
         drain_timeout=args.drain_timeout,
+        kv_idle_timeout_s=args.kv_idle_timeout,
     )
 
 

@@ -54,20 +54,22 @@ class KVLayout(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "layout", "prompt_token_ids", "sampling", "adapter", "skip_tokens")
+    __slots__ = ("request_id", "layout", "prompt_token_ids", "sampling", "adapter", "skip_tokens", "kv_idle_timeout_s")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     SKIP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_IDLE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     layout: KVLayout
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _inference_pb2.SamplingParams
     adapter: str
     skip_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParams, _Mapping]] = ..., adapter: _Optional[str] = ..., skip_tokens: _Optional[int] = ...) -> None: ...
+    kv_idle_timeout_s: float
+    def __init__(self, request_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParams, _Mapping]] = ..., adapter: _Optional[str] = ..., skip_tokens: _Optional[int] = ..., kv_idle_timeout_s: _Optional[float] = ...) -> None: ...
 
 class KVChunk(_message.Message):
     __slots__ = ("layout", "layer", "token_start", "num_tokens", "key", "value", "last", "first_token", "first_logprob", "num_cached_tokens", "first_top_logprobs")

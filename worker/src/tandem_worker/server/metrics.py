@@ -1,7 +1,9 @@
 """Prometheus metrics of Tandem's processes: names prefixed `tandem_`, units in the names.
 
-Workers export KV and queue state (read from the engine at scrape time) and KV transfer volume;
-the router exports per-request latency against the SLOs and how many of its workers serve.
+Workers export KV and queue state (read from the engine at scrape time) and KV transfer volume
+(of completed transfers; aborted ones are counted apart, so a transfer cut off halfway never shows
+as a fast small one); the router exports per-request latency against the SLOs and how many of its
+workers serve.
 Labels stay bounded.
 """
 
@@ -18,14 +20,28 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120
 TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)
 
 KV_TRANSFER_BYTES = Counter(
-    "tandem_kv_transfer_bytes", "KV cache bytes moved between prefill and decode workers", ["direction"]
+    "tandem_kv_transfer_bytes",
+    "KV cache payload bytes of completed transfers between prefill and decode workers",
+    ["direction"],
 )
 KV_TRANSFER_SECONDS = Histogram(
     "tandem_kv_transfer_seconds",
-    "Duration of one request's KV transfer",
+    "Duration of one request's completed KV transfer",
     ["direction"],
     buckets=LATENCY_BUCKETS,
 )
+KV_TRANSFERS = Counter(
+    "tandem_kv_transfers",
+    "KV transfers by outcome: completed (the last message went out, or came in), or aborted"
+    " (cancelled, failed or stalled before that)",
+    ["direction", "outcome"],
+)
+KV_TRANSFER_ABORTED_BYTES = Counter(
+    "tandem_kv_transfer_aborted_bytes",
+    "KV cache payload bytes that aborted transfers moved before they ended",
+    ["direction"],
+)
+KV_TRANSFER_OUTCOMES = ("completed", "aborted")
 TTFT_SECONDS = Histogram(
     "tandem_time_to_first_token_seconds", "Arrival to first token", buckets=LATENCY_BUCKETS
 )
@@ -62,11 +78,15 @@ REJECTING_POOLS = ("prefill", "decode")
 
 
 class EngineCollector(Collector):
-    """Reads the engine's stats at scrape time, so gauges are never stale."""
+    """Reads the engine's stats at scrape time, so gauges are never stale. `kv_unsent` (a prefill
+    worker's): bytes of KV queued for its readers and not yet sent."""
 
-    def __init__(self, role: str, stats: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self, role: str, stats: Callable[[], dict[str, Any]], kv_unsent: Callable[[], int] | None = None
+    ) -> None:
         self.role = role
         self.stats = stats
+        self.kv_unsent = kv_unsent
 
     def collect(self) -> Iterator[Any]:
         try:
@@ -90,6 +110,16 @@ class EngineCollector(Collector):
         )
         usage.add_metric([self.role], st["used_blocks"] / max(st["num_blocks"], 1))
         yield usage
+        if self.kv_unsent is not None:
+            # Read live, not from the stats snapshot: readers drain it between engine steps.
+            unsent = GaugeMetricFamily(
+                "tandem_kv_send_backlog_bytes",
+                "KV computed for readers (decode workers) and not sent to them yet; past"
+                " --kv-send-backlog-total-bytes new KV pulls are refused as busy",
+                labels=labels,
+            )
+            unsent.add_metric([self.role], self.kv_unsent())
+            yield unsent
         for name, key, doc in (
             ("tandem_prefill_tokens_computed", "prefill_tokens_computed", "Prompt tokens computed"),
             (
@@ -185,10 +215,33 @@ def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host)
 
 
-def register_engine(role: str, stats: Callable[[], dict[str, Any]]) -> EngineCollector:
-    collector = EngineCollector(role, stats)
+def register_engine(
+    role: str, stats: Callable[[], dict[str, Any]], kv_unsent: Callable[[], int] | None = None
+) -> EngineCollector:
+    collector = EngineCollector(role, stats, kv_unsent)
     REGISTRY.register(collector)
     return collector
+
+
+def kv_transfer_ended(direction: str, completed: bool, nbytes: int, seconds: float) -> None:
+    """One KV transfer's end, on either side (`direction` "sent" or "received"): the byte and
+    duration metrics take completed transfers only, alike on both sides, so sent and received
+    bytes agree and the duration histogram is of whole transfers."""
+    if completed:
+        KV_TRANSFER_BYTES.labels(direction=direction).inc(nbytes)
+        KV_TRANSFER_SECONDS.labels(direction=direction).observe(seconds)
+    else:
+        KV_TRANSFER_ABORTED_BYTES.labels(direction=direction).inc(nbytes)
+    KV_TRANSFERS.labels(direction=direction, outcome="completed" if completed else "aborted").inc()
+
+
+def start_kv_transfers(direction: str) -> None:
+    """A worker's KV transfer series, at 0, from its first scrape (see `start_request_outcomes`)."""
+    KV_TRANSFER_BYTES.labels(direction=direction)
+    KV_TRANSFER_SECONDS.labels(direction=direction)
+    KV_TRANSFER_ABORTED_BYTES.labels(direction=direction)
+    for outcome in KV_TRANSFER_OUTCOMES:
+        KV_TRANSFERS.labels(direction=direction, outcome=outcome)
 
 
 def unregister(collector: Any) -> None:

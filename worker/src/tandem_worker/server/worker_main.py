@@ -22,7 +22,14 @@ from .kv_transfer import prefill_method_handler
 from .listen import EXCLUSIVE_PORT_OPTIONS, listen
 from .pb import worker_pb2, worker_pb2_grpc
 from .worker_pool import SERVER_KEEPALIVE_OPTIONS
-from .worker_server import GRPC_OPTIONS, AdminService, KVTransferService, WorkerService, WorkerState
+from .worker_server import (
+    GRPC_OPTIONS,
+    AdminService,
+    KVTransferService,
+    WorkerService,
+    WorkerState,
+    kv_idle_timeout,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,21 +46,26 @@ def serve_worker(
     drain_timeout: float = 30.0,
     stop_event: threading.Event | None = None,
     adapters: dict[str, str] | None = None,
+    kv_idle_timeout_s: float | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT (or `stop_event`), then drain: refuse new work, finish in-flight.
     Returns the process's exit status: 0, or 1 when the engine failed (out of device memory, a
     kernel fault): the worker then stops at once, so that Kubernetes restarts it, rather than
     staying up and failing every request it is sent.
 
-    `adapters` (name -> folder) are registered to load on first use, besides the adapter store."""
+    `adapters` (name -> folder) are registered to load on first use, besides the adapter store.
+    `kv_idle_timeout_s`: how long a decode worker's KV pull may receive nothing (see
+    worker_server.KV_IDLE_TIMEOUT_S; default: $TANDEM_KV_IDLE_TIMEOUT_S, else 30 s)."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+    # Resolved here, so a bad $TANDEM_KV_IDLE_TIMEOUT_S fails before the model loads.
+    idle_timeout = kv_idle_timeout(kv_idle_timeout_s)
     config.detokenize = False  # the router detokenizes and applies stop strings
     engine = LLMEngine(config)
     for name, path in (adapters or {}).items():
         engine.lora.register(name, Path(path))
     loop = EngineLoop(engine, max_pending=max_pending).start()
-    state = WorkerState(engine, loop, role, model_id(engine.model_dir))
+    state = WorkerState(engine, loop, role, model_id(engine.model_dir), idle_timeout)
 
     server = grpc.server(
         ThreadPoolExecutor(max_workers=max_pending + 16),
@@ -73,7 +85,13 @@ def serve_worker(
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     bound = listen(server, host, port)
 
-    collector = metrics.register_engine(role, loop.stats)
+    if role == "prefill":
+        collector = metrics.register_engine(role, loop.stats, lambda: loop.kv_unsent_bytes)
+        metrics.start_kv_transfers("sent")
+    else:
+        collector = metrics.register_engine(role, loop.stats)
+        if role == "decode":
+            metrics.start_kv_transfers("received")
     metrics.serve_metrics(metrics_port, host)
     server.start()
     for name in ["", *names]:

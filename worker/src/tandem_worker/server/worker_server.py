@@ -10,11 +10,14 @@ A decode worker serving a request with a `prefill_endpoint`:
 4. on the last message hands the first token to the engine, which joins the running batch.
 Any failure before the first token frees the reserved blocks and ends the call with a status the
 router may retry on another pair (UNAVAILABLE); nothing has been streamed to the client yet. A pull
-that receives nothing for KV_IDLE_TIMEOUT_S (a stalled prefill worker) is such a failure; a prefill
-worker whose engine is busy with other prompts sends a pull that waits its turn an empty message
-every `kv_heartbeat()` seconds (see KV_HEARTBEAT_S), so only a stuck engine runs into it. A prefill
-worker whose readers already leave more KV unsent than `kv_send_backlog_total_bytes` refuses new
-pulls as busy (RESOURCE_EXHAUSTED), which the decode worker passes on: the router tries another pair.
+that receives nothing for the decode worker's idle timeout (a stalled prefill worker) is such a
+failure; a prefill worker whose engine is busy with other prompts sends a pull that waits its turn
+an empty message every `kv_heartbeat()` of the timeout the pull names (see KV_HEARTBEAT_S), so only
+a stuck engine runs into it. A prefill worker whose readers already leave more KV unsent than
+`kv_send_backlog_total_bytes` refuses new pulls as busy (RESOURCE_EXHAUSTED), which the decode
+worker passes on: the router tries another pair.
+Both sides count each pull once it ends, as completed or aborted (`metrics.kv_transfer_ended`); a
+pull refused before any KV moved is an aborted one on both.
 """
 
 from __future__ import annotations
@@ -61,26 +64,35 @@ GRPC_OPTIONS = [
 IDLE_CHANNEL_SECONDS = 1800.0
 
 # A decode worker gives up on a KV pull that receives nothing for this long (seconds;
-# $TANDEM_KV_IDLE_TIMEOUT_S overrides it): a prefill worker that is alive (it answers keepalive
-# pings) but stalled would hold the reserved blocks for as long as the client has no deadline.
-# Counted from the call's start too (a prefill worker that never answers). Silence is not idleness:
-# a request queued behind other prompts, or behind a long chunk on a slow machine, has nothing to
-# send for a while; see KV_HEARTBEAT_S.
+# $TANDEM_KV_IDLE_TIMEOUT_S overrides it, `tandem worker --kv-idle-timeout` both): a prefill worker
+# that is alive (it answers keepalive pings) but stalled would hold the reserved blocks for as long
+# as the client has no deadline. Counted from the call's start too (a prefill worker that never
+# answers). Silence is not idleness: a request queued behind other prompts, or behind a long chunk
+# on a slow machine, has nothing to send for a while; see KV_HEARTBEAT_S.
 KV_IDLE_TIMEOUT_ENV = "TANDEM_KV_IDLE_TIMEOUT_S"
 KV_IDLE_TIMEOUT_S = 30.0
 
 # A prefill worker sends a pull with nothing to send an empty message (the handshake, if not sent
 # yet) after this long (seconds), but only if its engine made progress meanwhile (a step, a layer's
 # KV): a busy engine keeps its queued pulls alive, a stuck one (a kernel that never returns) lets
-# them time out. Both sides read $TANDEM_KV_IDLE_TIMEOUT_S, so the beat follows the timeout down
-# (`kv_heartbeat`); beats stop for longer than the timeout only when no progress is seen for that
-# long: no step ends and no layer finishes (a single layer of one chunk slower than the timeout),
-# or every running prompt waits for its own slow reader while the queued ones wait for their blocks.
+# them time out. Each pull names the decode worker's timeout (PrefillRequest.kv_idle_timeout_s) and
+# the beat follows it down (`kv_heartbeat`), whatever the prefill worker's own timeout is; beats stop
+# for longer than the timeout only when no progress is seen for that long: no step ends and no layer
+# finishes (a single layer of one chunk slower than the timeout), or every running prompt waits for
+# its own slow reader while the queued ones wait for their blocks.
 KV_HEARTBEAT_S = 5.0
+# The fastest beat a pull's timeout can ask for: a peer's tiny value must not make this worker's
+# gRPC threads spin.
+KV_HEARTBEAT_MIN_S = 0.05
 
 
-def kv_idle_timeout() -> float:
-    """$TANDEM_KV_IDLE_TIMEOUT_S, else KV_IDLE_TIMEOUT_S."""
+def kv_idle_timeout(seconds: float | None = None) -> float:
+    """`seconds` (the --kv-idle-timeout flag) when given, else $TANDEM_KV_IDLE_TIMEOUT_S, else
+    KV_IDLE_TIMEOUT_S."""
+    if seconds is not None:
+        if not seconds > 0:  # also NaN
+            raise ValueError(f"the KV idle timeout must be a positive number of seconds, got {seconds!r}")
+        return seconds
     raw = os.environ.get(KV_IDLE_TIMEOUT_ENV, "")
     if not raw:
         return KV_IDLE_TIMEOUT_S
@@ -96,7 +108,7 @@ def kv_idle_timeout() -> float:
 def kv_heartbeat(idle_timeout: float) -> float:
     """The prefill side's heartbeat period for a decode side's `idle_timeout`: KV_HEARTBEAT_S, or less
     so that a beat skipped for want of progress still leaves room for the next before the timeout."""
-    return min(KV_HEARTBEAT_S, idle_timeout / 4)
+    return max(min(KV_HEARTBEAT_S, idle_timeout / 4), KV_HEARTBEAT_MIN_S)
 
 
 class _Watched:
@@ -162,14 +174,15 @@ class WorkerState:
         model_id: str,
         kv_idle_timeout_s: float | None = None,
     ) -> None:
-        """`kv_idle_timeout_s`: see KV_IDLE_TIMEOUT_S (default: `kv_idle_timeout()`)."""
+        """`kv_idle_timeout_s`: see KV_IDLE_TIMEOUT_S (default: `kv_idle_timeout()`). A decode worker
+        gives up on its pulls after it; a prefill worker beats for it only for pulls that name none."""
         self.engine = engine
         self.loop = loop
         self.role = role
         self.model_id = model_id
         self.layout = kv_layout(engine, model_id)
         self.draining = threading.Event()
-        self.stall_watch = StallWatch(kv_idle_timeout_s or kv_idle_timeout())
+        self.stall_watch = StallWatch(kv_idle_timeout(kv_idle_timeout_s))
         self.kv_heartbeat_s = kv_heartbeat(self.stall_watch.idle_timeout)
         # Per prefill endpoint: its channel and when it was last used.
         self._channels: dict[str, tuple[grpc.Channel, float]] = {}
@@ -285,6 +298,32 @@ class WorkerService(wgrpc.WorkerServicer):
             s.engine.runner.kv_cache, ev.block_table, s.engine.config.block_size, ev.skip_tokens, n
         )
         t0 = time.monotonic()
+        completed = False
+        try:
+            first = self._receive_kv(request, ev, context, writer)
+            completed = True
+        finally:  # every failure below ends in context.abort, which raises
+            metrics.kv_transfer_ended("received", completed, writer.bytes, time.monotonic() - t0)
+        s.loop.kv_ready(
+            ev.request_id,
+            PrefillResult(
+                token=first.first_token,
+                logprob=first.first_logprob,
+                top_logprobs=top_logprobs_from_pb(first.first_top_logprobs),
+                cached_tokens=first.num_cached_tokens,
+            ),
+        )
+
+    def _receive_kv(
+        self,
+        request: wpb.WorkerGenerateRequest,
+        ev: KVReserved,
+        context: grpc.ServicerContext,
+        writer: KVWriter,
+    ) -> wpb.KVChunk:
+        """Pull the prompt's KV into `writer`; its last message, or abort the RPC (freeing the blocks)."""
+        s = self.s
+        n = len(request.prompt_token_ids)
         first = None
         watched: _Watched | None = None
         try:
@@ -296,6 +335,7 @@ class WorkerService(wgrpc.WorkerServicer):
                     sampling=request.sampling,
                     adapter=request.adapter,
                     skip_tokens=ev.skip_tokens,
+                    kv_idle_timeout_s=s.stall_watch.idle_timeout,
                 ),
                 timeout=_remaining(context),
             )
@@ -363,17 +403,7 @@ class WorkerService(wgrpc.WorkerServicer):
         if first is None:
             s.loop.abort(ev.request_id)
             context.abort(grpc.StatusCode.UNAVAILABLE, "prefill worker ended the KV stream early")
-        metrics.KV_TRANSFER_BYTES.labels(direction="received").inc(writer.bytes)
-        metrics.KV_TRANSFER_SECONDS.labels(direction="received").observe(time.monotonic() - t0)
-        s.loop.kv_ready(
-            ev.request_id,
-            PrefillResult(
-                token=first.first_token,
-                logprob=first.first_logprob,
-                top_logprobs=top_logprobs_from_pb(first.first_top_logprobs),
-                cached_tokens=first.num_cached_tokens,
-            ),
-        )
+        return first
 
 
 class _CancelGuard:
@@ -422,11 +452,29 @@ class _Refused(Exception):
         self.message = message
 
 
+class _Sent:
+    """What one KV pull sent: payload bytes, and whether its last message went out."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.completed = False
+
+
 class KVTransferService(wgrpc.KVTransferServicer):
     def __init__(self, state: WorkerState) -> None:
         self.s = state
 
     def Prefill(self, request: wpb.PrefillRequest, context: grpc.ServicerContext):  # noqa: N802
+        tally = _Sent()
+        t0 = time.monotonic()
+        try:
+            yield from self._send_kv(request, context, tally)
+        finally:  # also a refusal (context.abort raises), as the decode side counts it
+            metrics.kv_transfer_ended("sent", tally.completed, tally.bytes, time.monotonic() - t0)
+
+    def _send_kv(
+        self, request: wpb.PrefillRequest, context: grpc.ServicerContext, tally: _Sent
+    ) -> Iterator[bytes]:
         s = self.s
         if s.draining.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining")
@@ -459,11 +507,13 @@ class KVTransferService(wgrpc.KVTransferServicer):
         done = threading.Event()
         if not context.add_callback(lambda: None if done.is_set() else stream.cancel()):
             stream.cancel()  # the RPC already ended: no callback would come
+        # The puller's timeout, not ours: the two workers' settings may differ (flags, a rollout).
+        # 0 (or nonsense) is a decode worker that does not say: ours, as both used to share it.
+        theirs = request.kv_idle_timeout_s
+        heartbeat_s = kv_heartbeat(theirs) if theirs > 0 else s.kv_heartbeat_s
         first_msg = True
-        sent = 0
-        t0 = time.monotonic()
         try:
-            for ev in stream.events(heartbeat_s=s.kv_heartbeat_s):
+            for ev in stream.events(heartbeat_s=heartbeat_s):
                 if isinstance(ev, Heartbeat):
                     # Queued behind other prompts, or a long chunk computes: nothing to send, but
                     # the engine is not stuck. A message with no KV keeps the pull from timing out.
@@ -478,9 +528,10 @@ class KVTransferService(wgrpc.KVTransferServicer):
                         # GPU: the pinned copy may still be in flight. Wait here, in the gRPC
                         # thread, so the engine thread goes on computing the next layers.
                         ev.ready.synchronize()
-                    # KV payload bytes, as the decode side counts them (not the message framing)
-                    sent += ev.nbytes
                     yield from kv_chunks(ev.layer, ev.start, ev.key, ev.value)
+                    # KV payload bytes, as the decode side counts them (not the message framing),
+                    # once gRPC took all of them: an aborted transfer counts what left.
+                    tally.bytes += ev.nbytes
                     continue
                 assert isinstance(ev, RequestOutput) and ev.finished
                 done.set()
@@ -498,6 +549,7 @@ class KVTransferService(wgrpc.KVTransferServicer):
                 if first_msg:
                     last.layout.CopyFrom(s.layout)
                 yield encode_kv_chunk(last)
+                tally.completed = True  # gRPC took the last message
         except RequestAborted:
             done.set()
             return
@@ -510,8 +562,6 @@ class KVTransferService(wgrpc.KVTransferServicer):
             # Also when this generator is only dropped later (an abort's traceback holds it): its
             # unsent pieces must stop counting against the worker's backlog now.
             stream.close_kv()
-            metrics.KV_TRANSFER_BYTES.labels(direction="sent").inc(sent)
-            metrics.KV_TRANSFER_SECONDS.labels(direction="sent").observe(time.monotonic() - t0)
 
 
 class AdminService(wgrpc.AdminServicer):
