@@ -44,6 +44,8 @@ def test_rbac_grants_exactly_what_the_operator_uses():
         # admits that only from whoever may update the owner's finalizers.
         (api.GROUP, f"{api.PLURAL}/finalizers"): {"update"},
         ("", "events"): {"create"},
+        # Worker health: the reconciler lists each object's pods (by label), and writes none.
+        ("", "pods"): {"list"},
         ("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch", "patch"},
     }
     # Every child kind the builders make is watched by a handler and written by the reconciler.
@@ -86,6 +88,23 @@ def test_operator_deployment_runs_the_real_command():
     assert {"name": "health", "containerPort": port, "protocol": "TCP"} in c["ports"]
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert dep["metadata"]["namespace"] == "tandem-system"
+
+
+def test_operator_deployment_bounds_the_disk_it_may_fill():
+    """Its one writable place, /tmp, has a sizeLimit, and the pod declares its ephemeral storage
+    (the kubelet evicts it, not its neighbours, if it writes more)."""
+    from tandem_operator.patching import _quantity
+
+    dep = next(d for d in _docs("operator.yaml") if d["kind"] == "Deployment")
+    spec = dep["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    for m in c["volumeMounts"]:
+        assert _quantity(volumes[m["name"]]["emptyDir"]["sizeLimit"]) > 0
+    storage = c["resources"]["limits"]["ephemeral-storage"]
+    assert c["resources"]["requests"]["ephemeral-storage"] == storage
+    tmp = sum(_quantity(volumes[m["name"]]["emptyDir"]["sizeLimit"]) for m in c["volumeMounts"])
+    assert _quantity(storage) >= tmp + 50 * 2**20  # and the kubelet's default 5 x 10Mi of logs
 
 
 def test_peering_crds_are_shipped():

@@ -46,6 +46,19 @@ class MemoryApi:
         obj = self.objects.get((kind, namespace, name))
         return copy.deepcopy(obj)
 
+    async def list_objects(
+        self, api_version: str, kind: str, namespace: str, label_selector: str
+    ) -> list[dict[str, Any]]:
+        self._check("list", kind, "")
+        want = dict(term.split("=", 1) for term in label_selector.split(","))
+        return [
+            copy.deepcopy(obj)
+            for (k, ns, _), obj in self.objects.items()
+            if k == kind
+            and ns == namespace
+            and all((obj["metadata"].get("labels") or {}).get(key) == v for key, v in want.items())
+        ]
+
     async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         kind, meta = obj["kind"], obj["metadata"]
         self._check("create", kind, meta["name"])
@@ -74,7 +87,7 @@ class MemoryApi:
         self.objects.pop((kind, namespace, name), None)
 
     def writes(self) -> list[tuple[str, str, str]]:
-        return [c for c in self.calls if c[0] != "get"]
+        return [c for c in self.calls if c[0] not in ("get", "list")]
 
 
 def make(name: str = "demo") -> tuple[MemoryApi, Reconciler, list[tuple[str, str]]]:
@@ -103,7 +116,7 @@ def test_second_pass_only_reads():
     memory.calls.clear()
     run(reconciler.reconcile("ns", "demo"))
     assert memory.writes() == []
-    assert memory.calls and all(verb == "get" for verb, _, _ in memory.calls)
+    assert memory.calls and all(verb in ("get", "list") for verb, _, _ in memory.calls)
 
 
 def test_a_refused_child_is_reported_and_the_rest_applied():

@@ -106,6 +106,10 @@ resource: clusterkopfpeerings (all namespaces) or kopfpeerings (namespaced mode)
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Worker health (the WorkersHealthy condition): one list of the object's pods per pass.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
 # Warning Events about bad specs.
 - apiGroups: [""]
   resources: ["events"]

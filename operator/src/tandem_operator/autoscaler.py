@@ -28,6 +28,15 @@ is kept in `status.autoscaler.routerAtLimitSince` until a window without them: a
 or one whose replicas patch was refused (which drops the policy's memory), posts no second Event.
 Requests a pool's workers turn away count as that pool's misses (see `policy`).
 
+A pool whose pods crash is not scaled up: while the reconciler's `WorkersHealthy` condition (in the
+status this step reads) names the pool `OOMKilled` or `CrashLoopBackOff`, its size is the policy's
+maximum for the step (it may still shrink), and `status.autoscaler.holding` says so. Each replica
+holds a GPU, and one more would crash as its peers do: an OOM kill comes from what each pod holds
+(its memory limit against its own in-flight load, which `maxPending` and the engine's budgets
+bound, not the pool's size), and under the overload that triggers scale-up every replica reaches
+those bounds; a crash loop is a broken pod, not too few of them. A single crash that is running
+again (`ContainerRestarted`) holds nothing: one fault is no evidence that more replicas would fail.
+
 The policy's memory (recent recommendations for the scale-down stabilization, the last change per
 pool for the cooldown, the burst and outcome history, learned prefill throughput) is kept per
 object in this process and saved to `status.autoscaler.memory` with every change and at least every
@@ -42,6 +51,7 @@ seconds (`clock`), which is what lets another process read them (one whose clock
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -62,7 +72,13 @@ from .builders import Owner, child_name
 from .k8s import ApiError, KubeClient
 from .patching import replicas_patch
 from .reconciler import AUTOSCALED_ROLES, EventPoster, Reconciler, is_ours, utc_now
-from .status import AUTOSCALER_HEALTHY, plan_autoscaler_status
+from .status import (
+    AUTOSCALER_HEALTHY,
+    CRASH_LOOP,
+    OOM_KILLED,
+    plan_autoscaler_status,
+    unhealthy_components,
+)
 from .validation import plan_spec_errors
 
 log = logging.getLogger(__name__)
@@ -76,6 +92,8 @@ HEALTHY = "PrometheusReachable"
 UNAVAILABLE = "PrometheusUnavailable"
 NOT_CONFIGURED = "NoPrometheus"
 ROUTER_AT_LIMIT = "RouterAtLimit"
+# A pool whose pods crash for one of these is not scaled up (see the module docstring).
+NO_SCALE_UP = (OOM_KILLED, CRASH_LOOP)
 
 
 def selector(namespace: str, name: str) -> str:
@@ -127,6 +145,23 @@ def event_reason(changes: dict[str, tuple[int, int]]) -> str:
     if not any(ups):
         return "ScaledDown"
     return "Scaled"
+
+
+def hold_crashing(
+    aspec: AutoscalingSpec, current: Replicas, status: dict[str, Any]
+) -> tuple[AutoscalingSpec, str]:
+    """`aspec` with the maximum of each pool whose pods crash (`NO_SCALE_UP`, as `WorkersHealthy`
+    in `status` says) lowered to its current size, and what that holds ("" when nothing)."""
+    held: list[str] = []
+    for role, reason in unhealthy_components(status).items():
+        if role not in AUTOSCALED_ROLES or reason not in NO_SCALE_UP:
+            continue
+        lo, hi = aspec.bounds(role)
+        cap = min(hi, max(current.get(role), lo))
+        if cap < hi:
+            aspec = dataclasses.replace(aspec, **{f"{role}_max_replicas": cap})
+        held.append(f"{role} is not scaled up while its pods crash ({reason}, see WorkersHealthy)")
+    return aspec, "; ".join(held)
 
 
 class Autoscaler:
@@ -269,6 +304,7 @@ class Autoscaler:
 
         (p, p_ready), (d, d_ready) = size("prefill"), size("decode")
         current = Replicas(prefill=p, decode=d, prefill_ready=p_ready, decode_ready=d_ready)
+        aspec, held = hold_crashing(aspec, current, body.get("status") or {})
         state = self._state(body, owner.uid)
         now = self._clock()
         decision = decide(window, current, aspec, state, now)
@@ -277,8 +313,9 @@ class Autoscaler:
             for role in AUTOSCALED_ROLES
             if decision.desired(role) != current.get(role)
         }
+        holding = "; ".join(x for x in (holding_reason(decision, window), held) if x) or None
         record: dict[str, Any] = {
-            "holding": holding_reason(decision, window),
+            "holding": holding,
             "routerAtLimitSince": self._warn_router_limit(body, owner.uid, window),
         }
         if changes:
@@ -297,16 +334,17 @@ class Autoscaler:
                     # The policy believes it changed: let the next step see the real size afresh.
                     self._forget_policy(owner.uid)
                     return
+            reason = f"{decision.reason}; {held}" if held else decision.reason
             record.update(
                 lastDecisionTime=self._now(),
                 prefill=decision.desired_prefill,
                 decode=decision.desired_decode,
-                reason=decision.reason,
+                reason=reason,
                 inputs=plan_inputs(window, current),
             )
             message = ", ".join(f"{role} {old} -> {new}" for role, (old, new) in changes.items())
             self._post_event(
-                body, "Normal", event_reason(changes), f"{message}: {decision.reason}"[:EVENT_MESSAGE_LIMIT]
+                body, "Normal", event_reason(changes), f"{message}: {reason}"[:EVENT_MESSAGE_LIMIT]
             )
         if changes or now - self._saved.get(owner.uid, -math.inf) >= MEMORY_SAVE_SECONDS:
             memory = state.to_json()

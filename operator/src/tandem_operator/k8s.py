@@ -1,4 +1,5 @@
-"""`KubeClient`: the few Kubernetes API calls the reconciler makes (get, create, merge-patch, delete).
+"""`KubeClient`: the few Kubernetes API calls the reconciler makes (get, create, merge-patch, delete,
+and one labelled list of a ModelDeployment's pods per pass).
 
 Created once at operator start-up from the same credentials Kopf logs in with (`kopf.ConnectionInfo`:
 in-cluster service account or kubeconfig), so the operator never holds two notions of "the cluster".
@@ -29,6 +30,7 @@ RESOURCES = {
     ("v1", "Service"): ("/api/v1", "services"),
     ("apps/v1", "Deployment"): ("/apis/apps/v1", "deployments"),
     ("policy/v1", "PodDisruptionBudget"): ("/apis/policy/v1", "poddisruptionbudgets"),
+    ("v1", "Pod"): ("/api/v1", "pods"),  # listed only (worker health), never written
 }
 
 
@@ -131,6 +133,20 @@ class KubeClient:
 
     async def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         return await self.request("GET", object_path(api_version, kind, namespace, name))
+
+    async def list_objects(
+        self, api_version: str, kind: str, namespace: str, label_selector: str
+    ) -> list[dict[str, Any]]:
+        """The objects of one kind in one namespace that match `label_selector` ([] for 404).
+
+        `resourceVersion=0` lets the API server answer from its watch cache instead of a quorum
+        read from etcd: the reconciler lists on every pass, and a view a moment old is fine for it."""
+        out = await self.request(
+            "GET",
+            object_path(api_version, kind, namespace),
+            params={"labelSelector": label_selector, "resourceVersion": "0"},
+        )
+        return list((out or {}).get("items") or [])
 
     async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         meta = obj["metadata"]

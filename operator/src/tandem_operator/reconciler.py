@@ -22,6 +22,14 @@ pools go once the router has rolled out. Loading a model takes minutes, and prun
 leave nothing to serve meanwhile. Whether a switch is under way is read from the live objects
 alone (an old-mode Deployment this object controls still exists), so a restarted operator decides
 the same. Everything else the spec no longer wants is pruned at once.
+
+Worker health: each pass lists the object's pods once (its namespace, its instance label: never
+the cluster's pods) and reports crashed containers in the condition `WorkersHealthy` (see
+`status.observe_pods`), with one Warning Event per component when it starts crashing (and again if
+it turns OOMKilled), not one per pass: the episode is read back from status, so a restarted
+operator does not repeat it. No pod is watched: a crash makes the pod unready, and the
+Deployment's status change wakes a pass; restarts counted while it stays unready, and the return to
+stable, wait for the periodic pass.
 """
 
 from __future__ import annotations
@@ -34,21 +42,36 @@ from collections.abc import Callable
 from typing import Any
 
 from . import api
-from .builders import MANAGED_BY, ROLES, Owner, build_children, child_name, possible_children
+from .builders import (
+    MANAGED_BY,
+    ROLES,
+    Owner,
+    build_children,
+    child_name,
+    possible_children,
+    selector_labels,
+)
 from .k8s import ApiError, KubeClient
 from .patching import plan_patch, with_last_applied
 from .status import (
     DEGRADED,
+    OOM_KILLED,
     SPEC_VALID,
+    WORKERS_HEALTHY,
     ModeSwitch,
+    PoolPods,
     Workload,
     observe_deployment,
+    observe_pods,
     plan_status,
     plan_status_patch,
+    unhealthy_components,
 )
 from .validation import plan_spec_errors
 
 log = logging.getLogger(__name__)
+
+EVENT_MESSAGE_LIMIT = 1000
 
 # API answers that retrying the same object cannot fix: reported in status instead of retried.
 REFUSED = (400, 403, 422)
@@ -129,6 +152,20 @@ def fully_ready(deployment: dict[str, Any] | None) -> bool:
         return False
     w = observe_deployment(deployment)
     return w.rolled_out and w.ready >= w.desired
+
+
+COMPONENT_LABEL = "app.kubernetes.io/component"
+
+
+def pod_labels(owner: Owner) -> dict[str, str]:
+    """The labels every pod of the object's workloads carries (each component's selector, less the
+    component)."""
+    return {k: v for k, v in selector_labels(owner, "router").items() if k != COMPONENT_LABEL}
+
+
+def pods_selector(owner: Owner) -> str:
+    """Label selector of the object's pods: the API server filters, so a pass reads only those."""
+    return ",".join(f"{k}={v}" for k, v in sorted(pod_labels(owner).items()))
 
 
 def autoscaling_active(spec: api.ModelDeploymentSpec) -> bool:
@@ -295,6 +332,7 @@ class Reconciler:
                 if dep is not None:
                     wanted_replicas[role] = int(dep.get("spec", {}).get("replicas", wanted_replicas[role]))
         workloads: dict[str, Workload] = {}
+        ours: list[str] = []  # components whose Deployment (and so whose pods) are ours
         for component in (*ROLES, "router"):
             ident = ("apps/v1", "Deployment", child_name(owner, component))
             if ident not in live:
@@ -304,7 +342,25 @@ class Reconciler:
                 continue  # no such workload and none wanted by a spec we can read
             if obj is not None and not is_ours(obj, owner):
                 obj = None  # someone else's object under our name: not ours to report
+            if obj is not None:
+                ours.append(component)
             workloads[component] = observe_deployment(obj, wanted_replicas.get(component))
+        now = self._now()
+        pods: dict[str, PoolPods] | None = None
+        pods_unreadable = ""
+        if workloads:
+            try:
+                listed = await c.list_objects("v1", "Pod", namespace, pods_selector(owner))
+                want = pod_labels(owner).items()
+                # Checked here too: a server (or emulator) that ignores the selector must not
+                # report another deployment's crashes as this one's.
+                mine = [p for p in listed if want <= ((p.get("metadata") or {}).get("labels") or {}).items()]
+                pods = observe_pods(mine, ours, now)
+            except ApiError as e:
+                # Forbidden (a role from before pods were listed) or a transient error: said in
+                # status, and the rest of the pass goes on.
+                log.warning("%s/%s: cannot list its pods: %s", namespace, name, e)
+                pods_unreadable = str(e)
         router_service = live.get(("v1", "Service", child_name(owner, "router")))
         if router_service is not None and not is_ours(router_service, owner):
             router_service = None
@@ -318,7 +374,7 @@ class Reconciler:
             workloads=workloads,
             router_service=router_service,
             previous=previous,
-            now=self._now(),
+            now=now,
             # A bad spec leaves the autoscaler's status alone (the autoscaler holds meanwhile).
             autoscaling=autoscaled or bool(errors),
             mode_switch=mode_switch,
@@ -326,6 +382,8 @@ class Reconciler:
             autoscaler_off=(
                 spec is not None and not errors and not self._autoscaler and autoscaling_active(spec)
             ),
+            pods=pods,
+            pods_unreadable=pods_unreadable,
         )
         patch = plan_status_patch(previous, new_status)
         if patch is not None:
@@ -333,6 +391,7 @@ class Reconciler:
         self._warn_once(body, previous, new_status, SPEC_VALID, "False")
         if conflicts or failures:
             self._warn_once(body, previous, new_status, DEGRADED, "True")
+        self._warn_crashes(body, previous, new_status)
 
     async def _apply(
         self,
@@ -405,3 +464,16 @@ class Reconciler:
             cur["message"],
         ):
             self._post_event(body, "Warning", cur["reason"], cur["message"])
+
+    def _warn_crashes(self, body: dict[str, Any], previous: dict[str, Any], new: dict[str, Any]) -> None:
+        """A Warning Event per component that starts crashing, or whose crashes turn OOMKilled:
+        one per episode (as `WorkersHealthy` in `previous` and `new` tells), not one per restart."""
+        before, after = unhealthy_components(previous), unhealthy_components(new)
+        if not after:
+            return
+        cond = next(c for c in new["conditions"] if c["type"] == WORKERS_HEALTHY)
+        parts = {p.partition(": ")[0]: p for p in cond["message"].split("; ")}
+        for component, reason in after.items():
+            was = before.get(component)
+            if was is None or (reason == OOM_KILLED and was != OOM_KILLED):
+                self._post_event(body, "Warning", reason, parts[component][:EVENT_MESSAGE_LIMIT])

@@ -20,6 +20,15 @@ Status parts:
   (`summary` is "ready/desired" for `kubectl get`). Created is not ready: readiness comes from the
   Deployment's own status, which the pods' readiness probes drive.
 - `endpoint`: host:port of the router Service's gRPC port (the load balancer's address once it has one).
+- `WorkersHealthy` (per component, from a labelled list of the object's pods, see `observe_pods`):
+  False while a container of a pool's (or the router's) pods has crashed and not yet run
+  `STABLE_SECONDS` since, with the worst reason of all of them: `OOMKilled` (the kernel killed it
+  at its memory limit), `CrashLoopBackOff` (the kubelet holds it back, or it has crashed more than
+  once), `ContainerRestarted` (one crash, running again); the message has one `<component>:
+  <reason>: ...` part per such component (how many of its pods, their restarts, the last
+  termination, what to change). True (`Stable`) once every container has run that long since its
+  last crash; Unknown (`PodsUnreadable`) when the pods cannot be listed. Kubernetes' own status of
+  the pods says this only pod by pod; the Deployment's says only that fewer are ready.
 - `autoscaler` and the condition `AutoscalerHealthy` (False: Prometheus cannot be queried, so every
   pool holds its size): written by the autoscaler (`plan_autoscaler_status`), carried over
   unchanged by the reconciler's passes while autoscaling is active, and removed by them when it
@@ -29,6 +38,7 @@ Status parts:
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,9 +47,20 @@ PROGRESSING = "Progressing"
 DEGRADED = "Degraded"
 SPEC_VALID = "SpecValid"
 AUTOSCALER_HEALTHY = "AutoscalerHealthy"
-CONDITION_TYPES = (READY, PROGRESSING, DEGRADED, SPEC_VALID)
+WORKERS_HEALTHY = "WorkersHealthy"
+CONDITION_TYPES = (READY, PROGRESSING, DEGRADED, SPEC_VALID, WORKERS_HEALTHY)
 
 WORKER_ROLES = ("prefill", "decode", "colocated")
+
+# A container that has run this long since its last crash is stable again: the kubelet resets its
+# crash back-off after the same 10 minutes.
+STABLE_SECONDS = 600.0
+STABLE_MINUTES = f"{STABLE_SECONDS / 60:.0f}"
+OOM_KILLED = "OOMKilled"
+CRASH_LOOP = "CrashLoopBackOff"
+RESTARTED = "ContainerRestarted"
+# Worst first: the condition's reason is the worst of its components'.
+CRASH_REASONS = (OOM_KILLED, CRASH_LOOP, RESTARTED)
 
 
 @dataclass(frozen=True)
@@ -68,6 +89,159 @@ class ModeSwitch:
         if not self.pools_ready:
             return f"mode switch: keeping {kept} until {new} are ready"
         return f"mode switch: keeping {kept} until the router has rolled out to {new}"
+
+
+@dataclass(frozen=True)
+class Crash:
+    """One container of a pod that has crashed and not yet run `STABLE_SECONDS` since."""
+
+    pod: str
+    container: str
+    restarts: int
+    reason: str  # of its last termination (OOMKilled, Error, ...); "" when the kubelet no longer says
+    exit_code: int | None
+    finished_at: str  # when it last terminated (RFC 3339); "" when unknown
+    waiting: str  # why it is not running now (CrashLoopBackOff, ...); "" when it runs
+
+
+@dataclass(frozen=True)
+class PoolPods:
+    """The pods of one component (a pool or the router) and those of their containers that crashed."""
+
+    pods: int
+    crashes: tuple[Crash, ...] = ()
+
+    @property
+    def reason(self) -> str | None:
+        """OOMKilled, CrashLoopBackOff or ContainerRestarted (None: every container is stable)."""
+        if not self.crashes:
+            return None
+        if any(c.reason == OOM_KILLED for c in self.crashes):
+            return OOM_KILLED
+        if any(c.waiting == CRASH_LOOP or c.restarts > 1 for c in self.crashes):
+            return CRASH_LOOP
+        return RESTARTED
+
+    def message(self, component: str) -> str:
+        """`<component>: <reason>: ...`, free of "; " (the condition joins components with it)."""
+        reason = self.reason
+        crashed = len({c.pod for c in self.crashes})
+        restarts = sum(c.restarts for c in self.crashes)
+        last = max(self.crashes, key=lambda c: c.finished_at)
+        how = last.reason or "terminated"
+        if last.exit_code is not None:
+            how += f" (exit code {last.exit_code})"
+        at = f" at {last.finished_at}" if last.finished_at else ""
+        now = f", now {last.waiting}" if last.waiting else ""
+        text = (
+            f"{component}: {reason}: {crashed} of {self.pods} pods crashed in the last {STABLE_MINUTES} "
+            f"minutes ({restarts} restarts in all), the last: pod {last.pod} container {last.container} "
+            f"{how}{at}{now}"
+        )
+        if reason == OOM_KILLED:
+            if component == "router":
+                hint = "raise spec.router.memory (each pod's memory limit) or lower spec.router.maxInFlight"
+            else:
+                hint = (
+                    f"raise spec.{component}.memory (each pod's memory limit) or lower each pod's load: "
+                    f"spec.{component}.maxPending, maxNumBatchedTokens (and kvCacheBytes where the KV "
+                    "cache is in host memory, gpus: 0)"
+                )
+        else:
+            hint = f"see kubectl logs {last.pod} -c {last.container} --previous"
+        return f"{text}: {hint}".replace(";", ",")
+
+
+def _time(value: str | None) -> datetime.datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _crash(pod: str, cs: dict[str, Any], now: datetime.datetime | None) -> Crash | None:
+    """The container's crash if it has not run stably since, else None."""
+    state = cs.get("state") or {}
+    restarts = int(cs.get("restartCount") or 0)
+    terminated = state.get("terminated")
+    if terminated:
+        if terminated.get("exitCode") == 0:
+            return None  # finished (an init container that completed)
+        last = terminated  # dead, not restarted yet
+    else:
+        if restarts == 0:
+            return None
+        started = _time((state.get("running") or {}).get("startedAt"))
+        if started is not None and now is not None and (now - started).total_seconds() >= STABLE_SECONDS:
+            return None
+        last = (cs.get("lastState") or {}).get("terminated") or {}
+    code = last.get("exitCode")
+    return Crash(
+        pod=pod,
+        container=str(cs.get("name", "")),
+        restarts=restarts,
+        reason=str(last.get("reason") or ""),
+        exit_code=code if isinstance(code, int) else None,
+        finished_at=str(last.get("finishedAt") or ""),
+        waiting=str((state.get("waiting") or {}).get("reason") or ""),
+    )
+
+
+def observe_pods(pods: list[dict[str, Any]], components: Any, now: str) -> dict[str, PoolPods]:
+    """Each of `components` (by the pods' `app.kubernetes.io/component` label; others are ignored):
+    how many pods it has and which of their containers crashed less than `STABLE_SECONDS` before
+    `now`. Pods being deleted, or done (Succeeded/Failed: evicted), are not counted: their
+    replacements are."""
+    at = _time(now)
+    found: dict[str, list[Crash]] = {c: [] for c in components}
+    counts = dict.fromkeys(components, 0)
+    for p in pods:
+        meta = p.get("metadata") or {}
+        component = (meta.get("labels") or {}).get("app.kubernetes.io/component")
+        st = p.get("status") or {}
+        if component not in found or meta.get("deletionTimestamp"):
+            continue
+        if st.get("phase") in ("Succeeded", "Failed"):
+            continue
+        counts[component] += 1
+        for cs in (st.get("initContainerStatuses") or []) + (st.get("containerStatuses") or []):
+            crash = _crash(str(meta.get("name", "")), cs, at)
+            if crash is not None:
+                found[component].append(crash)
+    return {c: PoolPods(pods=counts[c], crashes=tuple(found[c])) for c in found}
+
+
+def unhealthy_components(status: dict[str, Any]) -> dict[str, str]:
+    """Component -> crash reason, as the `WorkersHealthy` condition in `status` reports them."""
+    cond = next((c for c in status.get("conditions", []) or [] if c.get("type") == WORKERS_HEALTHY), None)
+    if cond is None or cond.get("status") != "False":
+        return {}
+    out: dict[str, str] = {}
+    for part in str(cond.get("message", "")).split("; "):
+        component, _, rest = part.partition(": ")
+        reason = rest.partition(": ")[0]
+        if reason in CRASH_REASONS:
+            out[component] = reason
+    return out
+
+
+def plan_workers_condition(
+    pods: dict[str, PoolPods] | None, unreadable: str, cond: Any
+) -> dict[str, Any] | None:
+    """The `WorkersHealthy` condition (None: the pods were not read). `cond(ok, reason, message)`."""
+    if unreadable:
+        return cond(None, "PodsUnreadable", f"cannot list the pods: {unreadable}")
+    if pods is None:
+        return None
+    bad = {c: p for c, p in pods.items() if p.reason is not None}
+    if not bad:
+        names = ", ".join(pods) or "no component"
+        message = f"no container of {names} has crashed in the last {STABLE_MINUTES} minutes"
+        return cond(True, "Stable", message)
+    worst = min((p.reason for p in bad.values()), key=lambda r: CRASH_REASONS.index(r or ""))
+    return cond(False, worst, "; ".join(p.message(c) for c, p in bad.items()))
 
 
 def observe_deployment(live: dict[str, Any] | None, desired: int | None = None) -> Workload:
@@ -113,14 +287,14 @@ def observe_deployment(live: dict[str, Any] | None, desired: int | None = None) 
 def plan_condition(
     previous: list[dict[str, Any]],
     type_: str,
-    status: bool,
+    status: bool | None,
     reason: str,
     message: str,
     generation: int,
     now: str,
 ) -> dict[str, Any]:
-    """A condition whose lastTransitionTime moves only when its status changes."""
-    value = "True" if status else "False"
+    """A condition whose lastTransitionTime moves only when its status changes (None: Unknown)."""
+    value = "Unknown" if status is None else "True" if status else "False"
     old = next((c for c in previous if c.get("type") == type_), None)
     since = (
         old["lastTransitionTime"]
@@ -164,6 +338,8 @@ def plan_status(
     autoscaling: bool = False,
     mode_switch: ModeSwitch | None = None,
     autoscaler_off: bool = False,
+    pods: dict[str, PoolPods] | None = None,
+    pods_unreadable: str = "",
 ) -> dict[str, Any]:
     """The full status. `workloads`: component (role or "router") -> what its Deployment reports
     (during a mode switch, the kept pools too).
@@ -171,10 +347,12 @@ def plan_status(
     `autoscaling`: the autoscaler is active for this object, so its part of `previous` (the
     `autoscaler` entry and the `AutoscalerHealthy` condition) is kept; otherwise it is dropped.
     `autoscaler_off`: the spec enables autoscaling but this operator runs no autoscaler
-    (`--autoscale-interval 0`): `AutoscalerHealthy` is False with reason `AutoscalerOff`."""
+    (`--autoscale-interval 0`): `AutoscalerHealthy` is False with reason `AutoscalerOff`.
+    `pods`: component -> its pods (`observe_pods`), for `WorkersHealthy` (None: not read, no such
+    condition); `pods_unreadable`: why they could not be listed (`WorkersHealthy` Unknown)."""
     old = previous.get("conditions", []) or []
 
-    def cond(type_: str, ok: bool, reason: str, message: str) -> dict[str, Any]:
+    def cond(type_: str, ok: bool | None, reason: str, message: str) -> dict[str, Any]:
         return plan_condition(old, type_, ok, reason, message, generation, now)
 
     if spec_errors:
@@ -240,6 +418,11 @@ def plan_status(
         ready = cond(READY, True, "Serving", "the router and every worker pool have ready pods")
 
     conditions = [ready, progressing, degraded, spec_valid]
+    workers = plan_workers_condition(
+        pods, pods_unreadable, lambda ok, reason, message: cond(WORKERS_HEALTHY, ok, reason, message)
+    )
+    if workers is not None:
+        conditions.append(workers)
     status: dict[str, Any] = {
         "observedGeneration": generation,
         "conditions": conditions,
