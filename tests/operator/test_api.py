@@ -109,6 +109,9 @@ def _demo_spec() -> dict:
         ({"prefill": {"unknownField": 1}}, "Extra inputs are not permitted"),
         ({"terminationGracePeriodSeconds": 10}, "greater than or equal to 35"),
         ({"router": {"httpPort": 0}}, "greater than or equal to 1"),
+        # The router's env is checked as the pools' is.
+        ({"router": {"env": [{"name": "1 BAD", "value": "x"}]}}, "should match pattern"),
+        ({"model": {"builtin": "smollm2-135m", "storageSize": "40 GB"}}, "should match pattern"),
         ({"prefill": {"minReplicas": 0}}, "greater than or equal to 1"),
         ({"prefill": {"tolerations": [{"effect": "NoSchedule"}]}}, "without a key must use operator Exists"),
         (

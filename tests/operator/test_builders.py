@@ -96,7 +96,10 @@ def test_cpu_demo_objects():
         "--kv-cache-bytes", "268435456",
     ]  # fmt: skip
     # CPU-only pool: no GPU limits, no GPU toleration, no GPU product affinity.
-    assert c["resources"] == {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "2Gi"}}
+    assert c["resources"] == {
+        "requests": {"cpu": "1", "memory": "2Gi", "ephemeral-storage": "3Gi"},
+        "limits": {"memory": "2Gi", "ephemeral-storage": "3Gi"},
+    }
     assert "tolerations" not in pod(prefill)
     assert "nodeAffinity" not in pod(prefill)["affinity"]
     # Probes: gRPC health for startup and readiness, TCP for liveness.
@@ -150,6 +153,7 @@ def test_cpu_demo_objects():
         assert container(dep)["securityContext"] == {
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
         }
         assert pod(dep)["securityContext"] == {
             "runAsNonRoot": True,
@@ -174,8 +178,8 @@ def test_cpu_demo_objects():
         "selector": {"matchLabels": headless["spec"]["selector"]},
         "unhealthyPodEvictionPolicy": "AlwaysAllow",
     }
-    # The built-in model needs no model volume; the config and the conversion cache are mounted.
-    assert [v["name"] for v in pod(prefill)["volumes"]] == ["config", "cache"]
+    # The built-in model needs no model volume; the config, the conversion cache and /tmp are mounted.
+    assert [v["name"] for v in pod(prefill)["volumes"]] == ["config", "cache", "tmp"]
     assert "initContainers" not in pod(prefill)
 
 
@@ -244,8 +248,11 @@ def test_colocated_example_fetches_its_model_and_has_one_pool():
         "https://models.example.com/smollm2-360m-instruct-q8_0.gguf",
         "/models",
     ]
-    assert init["volumeMounts"] == [{"name": "model", "mountPath": "/models"}]
-    assert {"name": "model", "emptyDir": {}} in pod(dep)["volumes"]
+    assert init["volumeMounts"] == [
+        {"name": "model", "mountPath": "/models"},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    assert {"name": "model", "emptyDir": {"sizeLimit": "40Gi"}} in pod(dep)["volumes"]
     router = objs[("Deployment", f"{n}-router")]
     args = container(router)["args"]
     assert flag(args, "--decode") == f"dns:{n}-colocated.default.svc:50061"
@@ -417,6 +424,7 @@ def test_adapters_reach_the_workers():
     assert {m["name"]: m["mountPath"] for m in inits[0]["volumeMounts"]} == {
         "config": "/etc/tandem",
         "adapters": "/adapters",
+        "tmp": "/tmp",
     }
     listed = builders.build_config_map(owner, spec)["data"]["adapter-uris.txt"]
     # Path sources come from the model volume, not the web.
@@ -567,6 +575,185 @@ def test_every_pod_meets_pod_security_restricted(example):
             # Every container runs Tandem's own image (numeric USER): none needs a UID set for it.
             assert c["image"] == manifest["spec"]["image"]
             assert all("hostPort" not in p for p in c.get("ports", []))
+
+
+def _writable_mounts(pod_spec: dict, c: dict) -> dict[str, dict]:
+    """The container's mounts of emptyDir volumes it may write, by path, with their volume."""
+    volumes = {v["name"]: v for v in pod_spec["volumes"]}
+    return {
+        m["mountPath"]: volumes[m["name"]]
+        for m in c.get("volumeMounts", [])
+        if "emptyDir" in volumes[m["name"]] and not m.get("readOnly")
+    }
+
+
+def _under(path: str, roots: dict[str, dict]) -> bool:
+    return any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots)
+
+
+@pytest.mark.parametrize("model", ["example", "uri"])
+@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
+def test_containers_write_only_to_their_volumes(example, model):
+    """A read-only root filesystem (an intruder cannot rewrite the image's programs), with the places
+    the processes write on emptyDirs: /tmp (Python's tempfile: Triton's launcher and the C++ op
+    build there), the cache (converted models, compiled kernels) and HOME (what defaults to ~:
+    Triton's ~/.triton, the CUDA driver's ~/.nv), for every container, downloads included."""
+    manifest = load_example(example)
+    manifest["spec"]["adapters"] = [{"name": "a", "source": "https://example.com/a.tgz"}]
+    if model == "uri":
+        manifest["spec"]["model"] = {"uri": "https://example.com/m.gguf"}
+    spec, errors = plan_spec_errors("x", manifest["spec"])
+    assert errors == [] and spec is not None
+    seen = set()
+    for obj in build_children(Owner("x", "ns", UID), spec):
+        if obj["kind"] != "Deployment":
+            continue
+        pod_spec = pod(obj)
+        for c in pod_spec["containers"] + pod_spec.get("initContainers", []):
+            seen.add(c["name"])
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True, c["name"]
+            writable = _writable_mounts(pod_spec, c)
+            assert "/tmp" in writable, c["name"]
+            if c["name"] in ("worker", "router"):
+                env = {e["name"]: e["value"] for e in c["env"]}
+                for name in ("HOME", "TANDEM_CACHE_DIR"):
+                    assert _under(env[name], writable), (c["name"], name, env[name])
+    assert {"worker", "router", "fetch-adapters"} <= seen
+    if model == "uri":
+        assert "fetch-model" in seen
+
+
+def _pod_storage(obj: dict) -> dict:
+    """{container name: its ephemeral-storage request (= limit)} and {volume name: sizeLimit}."""
+    pod_spec = pod(obj)
+    containers = {}
+    for c in pod_spec["containers"] + pod_spec.get("initContainers", []):
+        res = c["resources"]
+        assert res["requests"]["ephemeral-storage"] == res["limits"]["ephemeral-storage"], c["name"]
+        containers[c["name"]] = res["limits"]["ephemeral-storage"]
+    volumes = {v["name"]: v["emptyDir"]["sizeLimit"] for v in pod_spec["volumes"] if "emptyDir" in v}
+    return {"containers": containers, "volumes": volumes}
+
+
+@pytest.mark.parametrize(
+    ("model", "worker", "router"),
+    [
+        # The built-in model converts to 0.5 GB; the router converts its config and tokenizer alone.
+        ({"builtin": "smollm2-135m"}, "3Gi", "3Gi"),
+        # A PVC's folder is read in place; a PVC's GGUF file is converted (float32) by the workers.
+        ({"pvc": {"claimName": "m", "path": "llama"}}, "3Gi", "3Gi"),
+        ({"pvc": {"claimName": "m", "path": "llama.Q4.GGUF"}}, "42Gi", "3Gi"),
+        ({"pvc": {"claimName": "m", "path": "llama.gguf"}, "storageSize": "100Gi"}, "102Gi", "3Gi"),
+        # Every pod downloads a URI's model.
+        ({"uri": "https://example.com/m.tar.gz"}, "42Gi", "42Gi"),
+        ({"uri": "https://example.com/m.gguf", "storageSize": "1.5Gi"}, "3584Mi", "3584Mi"),
+    ],
+)
+def test_every_pod_bounds_the_disk_it_may_fill(model: dict, worker: str, router: str):
+    """A model download had no bound: it could fill its node's disk and get other pods evicted. Every
+    emptyDir has a sizeLimit, and every pod declares ephemeral storage (request = limit) for its model
+    (`model.storageSize`, documented defaults), its kernel caches and /tmp."""
+    from tandem_operator.patching import _quantity
+
+    raw = load_example("cpu-demo.yaml")["spec"]
+    raw["model"] = model
+    raw["adapters"] = [{"name": "a", "source": "https://example.com/a.tgz"}]
+    spec, errors = plan_spec_errors("x", raw)
+    assert errors == [] and spec is not None
+    deps = {
+        o["metadata"]["name"]: o
+        for o in build_children(Owner("x", "ns", UID), spec)
+        if o["kind"] == "Deployment"
+    }
+    for name, want in (("x-prefill", worker), ("x-decode", worker), ("x-router", router)):
+        got = _pod_storage(deps[name])
+        main = "router" if name == "x-router" else "worker"
+        assert got["containers"][main] == want, name
+        # Downloads count against the pod's budget: an init's own request adds nothing to the pod's.
+        assert set(got["containers"].values()) == {want}, name
+        assert got["volumes"]["tmp"] == "1Gi"
+        budget, tmp = _quantity(want), _quantity(got["volumes"].pop("tmp"))
+        # Any one volume full, with /tmp full too, still fits the pod's budget: the pod is evicted
+        # for the volume (its message names it) rather than for the total.
+        assert all(_quantity(limit) + tmp <= budget for limit in got["volumes"].values()), name
+        if "uri" in model:  # the model volume holds the whole of `storageSize`
+            assert _quantity(got["volumes"]["model"]) == budget - 2 * 2**30
+    # The router never fetches adapters, nor converts weights.
+    assert "adapters" not in _pod_storage(deps["x-router"])["volumes"]
+    assert _pod_storage(deps["x-router"])["volumes"]["cache"] == "2Gi"
+
+
+def test_a_storage_size_without_a_unit_is_refused():
+    raw = load_example("cpu-demo.yaml")["spec"]
+    raw["model"] = {"uri": "https://example.com/m.gguf", "storageSize": "40"}  # 40 bytes
+    assert [e.reason for e in plan_spec_errors("x", raw)[1]] == ["StorageSizeTooSmall"]
+    raw["model"]["storageSize"] = "40 GB"
+    assert [e.reason for e in plan_spec_errors("x", raw)[1]] == ["InvalidSpec"]
+
+
+def test_a_pods_own_env_wins_without_duplicates():
+    """The pool's (and router's) env overrides the operator's defaults by name, leaving one entry."""
+    manifest = load_example("cpu-demo.yaml")
+    own = [{"name": "HOME", "value": "/home/me"}, {"name": "TANDEM_CACHE_DIR", "value": "/var/cache/me"}]
+    manifest["spec"]["decode"]["env"] = own
+    manifest["spec"]["router"]["env"] = own
+    spec, errors = plan_spec_errors("x", manifest["spec"])
+    assert errors == [] and spec is not None
+    objs = {(o["kind"], o["metadata"]["name"]): o for o in build_children(Owner("x", "ns", UID), spec)}
+    for name in ("x-decode", "x-router"):
+        env = container(objs[("Deployment", name)])["env"]
+        assert [e["name"] for e in env].count("HOME") == 1
+        assert {e["name"]: e["value"] for e in env}["HOME"] == "/home/me"
+        assert {e["name"]: e["value"] for e in env}["TANDEM_CACHE_DIR"] == "/var/cache/me"
+    # The prefill pool sets nothing: the defaults.
+    env = {e["name"]: e["value"] for e in container(objs[("Deployment", "x-prefill")])["env"]}
+    assert env["HOME"] == env["TANDEM_CACHE_DIR"] == builders.CACHE_MOUNT
+
+
+def test_the_pods_env_reaches_its_downloads():
+    """Downloads behind a proxy or a private CA need the pod's env (HTTPS_PROXY, NO_PROXY,
+    SSL_CERT_FILE): each pod's init containers get that pod's env, pool or router, but never its
+    NVIDIA_VISIBLE_DEVICES (an init container has no GPU allocated)."""
+    manifest = load_example("cpu-demo.yaml")
+    spec_raw = manifest["spec"]
+    spec_raw["model"] = {"uri": "https://example.com/m.gguf"}
+    spec_raw["adapters"] = [{"name": "a", "source": "https://example.com/a.tgz"}]
+    pool_env = [
+        {"name": "HTTPS_PROXY", "value": "http://proxy.corp:3128"},
+        {"name": "NO_PROXY", "value": ".svc,.cluster.local"},
+        {"name": "SSL_CERT_FILE", "value": "/etc/ssl/corp.pem"},
+        {"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"},
+    ]
+    spec_raw["decode"]["env"] = pool_env
+    spec_raw["router"]["env"] = [{"name": "HTTPS_PROXY", "value": "http://router-proxy:3128"}]
+    spec, errors = plan_spec_errors("x", spec_raw)
+    assert errors == [] and spec is not None
+    objs = {(o["kind"], o["metadata"]["name"]): o for o in build_children(Owner("x", "ns", UID), spec)}
+
+    def init_env(name: str) -> dict[str, list[str]]:
+        inits = pod(objs[("Deployment", name)])["initContainers"]
+        out = {}
+        for c in inits:
+            env: dict[str, list[str]] = {}
+            for e in c["env"]:
+                env.setdefault(e["name"], []).append(e["value"])
+            out[c["name"]] = env
+        return out
+
+    for init, env in init_env("x-decode").items():
+        assert env == {
+            "NVIDIA_VISIBLE_DEVICES": ["void"],
+            "HTTPS_PROXY": ["http://proxy.corp:3128"],
+            "NO_PROXY": [".svc,.cluster.local"],
+            "SSL_CERT_FILE": ["/etc/ssl/corp.pem"],
+        }, init
+    assert set(init_env("x-decode")) == {"fetch-model", "fetch-adapters"}
+    assert init_env("x-router") == {
+        "fetch-model": {"NVIDIA_VISIBLE_DEVICES": ["void"], "HTTPS_PROXY": ["http://router-proxy:3128"]}
+    }
+    assert all(list(env) == ["NVIDIA_VISIBLE_DEVICES"] for env in init_env("x-prefill").values())
+    router_env = {e["name"]: e["value"] for e in container(objs[("Deployment", "x-router")])["env"]}
+    assert router_env["HTTPS_PROXY"] == "http://router-proxy:3128"
 
 
 def _children_with_uri_adapters(example: str) -> list[dict]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.server
 import io
+import os
 import shutil
 import subprocess
 import sys
@@ -165,6 +166,70 @@ def test_the_model_lands_where_model_points(tmp_path: Path, server, fetch: Fetch
     assert (tmp_path / "models" / "tiny.gguf" / "-tiny.gguf").read_bytes() == b"GGUF"
     assert (tmp_path / "models" / "model" / "model" / "adapter_config.json").read_text() == '{"r": 8}'
     assert sorted(requested) == ["/-tiny.gguf", "/gz.tar.gz"]  # once each
+
+
+@pytest.fixture
+def proxy():
+    """A forward HTTP proxy on loopback that answers every request itself (with b"GGUF"); yields
+    (its URL, the request targets it saw)."""
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.path)  # a proxy is asked for the absolute URI
+            self.send_response(200)
+            self.send_header("Content-Length", "4")
+            self.end_headers()
+            self.wfile.write(b"GGUF")
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", seen
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+@pytest.mark.parametrize("program", ["python", "sh"])
+def test_downloads_go_through_the_pods_proxy(tmp_path: Path, proxy, program: str):
+    """A cluster that reaches the web only through a proxy: the pool's and the router's env name it,
+    and each pod's fetch-model init container, run with exactly its env, downloads through it (the
+    model's host does not even resolve). Without the pod's env the downloads could not start."""
+    if program == "sh" and shutil.which("curl") is None:
+        pytest.skip("needs curl")
+    proxy_url, seen = proxy
+    uri = "http://hub.example.invalid/tiny.gguf"  # .invalid never resolves (RFC 6761)
+    model: dict = {"uri": uri}
+    if program == "sh":
+        model["fetchImage"] = "curlimages/curl:8.11.1"
+    # Lower case: curl reads only http_proxy for http:// (HTTP_PROXY is the CGI header's, httpoxy).
+    env = [{"name": "http_proxy", "value": proxy_url}]
+    raw = load_example("cpu-demo.yaml")["spec"]
+    raw.update(model=model, router={**raw["router"], "env": env})
+    raw["decode"] = {**raw["decode"], "env": env}
+    objs = builders.build_children(Owner("d", "ns", "u"), api.parse_spec(raw))
+    pods = {o["metadata"]["name"]: o["spec"]["template"]["spec"] for o in objs if o["kind"] == "Deployment"}
+    for name in ("d-decode", "d-router"):
+        (init,) = pods[name]["initContainers"]
+        models = tmp_path / name
+        models.mkdir()
+        # The container's own command, with the model volume here and this interpreter for `python`.
+        command = [a.replace(builders.MODEL_MOUNT, str(models)) for a in init["command"]]
+        if command[0] == "python":
+            command[0] = sys.executable
+        init_env = {e["name"]: e["value"] for e in init["env"]}
+        done = subprocess.run(
+            command, env={"PATH": os.environ["PATH"], **init_env}, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, (name, done.stderr)
+        assert (models / "tiny.gguf").read_bytes() == b"GGUF"
+    assert seen == [uri, uri]
 
 
 def _fetch_list(tmp_path: Path, fetch: Fetch, list_text: str) -> subprocess.CompletedProcess:

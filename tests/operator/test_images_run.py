@@ -3,7 +3,8 @@
 * The worker images (CPU, and CUDA, which falls back to the CPU without a GPU) serve a whole
   disaggregated deployment (`tandem demo`: router, prefill and decode processes, the built-in
   model) as the operator's pods run them: as their non-root user, with a read-only root
-  filesystem, the cache on a tmpfs and no network at all; the CPU image's C++ op loads prebuilt.
+  filesystem, a tmpfs where the worker pod has an emptyDir (the cache and HOME, /tmp), the pod's env
+  and no network at all; the CPU image's C++ op loads prebuilt.
 * The operator image reconciles a ModelDeployment against kmock's Kubernetes API, from its own
   container, and answers its liveness probe.
 
@@ -26,7 +27,7 @@ import pytest
 
 from tandem_operator.builders import CACHE_MOUNT
 
-from .conftest import Cluster, eventually
+from .conftest import Cluster, eventually, load_example
 from .test_operator_kmock import DEMO, DEMO_CHILDREN, converge_demo
 
 UID = "65532"  # the images' USER
@@ -45,14 +46,33 @@ def image(var: str) -> str:
     return tag
 
 
+def _as_the_worker_pod() -> list[str]:
+    """`docker run` options giving the container what the operator's worker pods give theirs: a
+    tmpfs (writable, executable, as an emptyDir) where the pod mounts an emptyDir, and its env
+    (HOME, TANDEM_CACHE_DIR, ...)."""
+    from tandem_operator import api, builders
+
+    spec = api.parse_spec(load_example("cpu-demo.yaml")["spec"])
+    pod = builders.build_worker_deployment(builders.Owner("d", "ns", "u"), spec, "decode", "h")
+    pod_spec = pod["spec"]["template"]["spec"]
+    (c,) = pod_spec["containers"]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True  # hence --read-only
+    empty = {v["name"] for v in pod_spec["volumes"] if "emptyDir" in v}
+    options = [
+        f"--tmpfs={m['mountPath']}:rw,exec,uid={UID},gid={UID}"
+        for m in c["volumeMounts"]
+        if m["name"] in empty and not m.get("readOnly")
+    ]
+    assert any(o.startswith(f"--tmpfs={CACHE_MOUNT}:") for o in options)
+    return options + [f"--env={e['name']}={e['value']}" for e in c["env"]]
+
+
 @pytest.mark.parametrize("var", ["TANDEM_WORKER_IMAGE", "TANDEM_WORKER_CUDA_IMAGE"])
 def test_the_worker_image_serves_a_deployment_read_only_and_offline(var):
     tag = image(var)
     run = subprocess.run(
         [
-            "docker", "run", "--rm", "--network", "none", "--read-only",
-            "--tmpfs", f"{CACHE_MOUNT}:rw,uid={UID},gid={UID}",
-            "--tmpfs", "/tmp:rw",
+            "docker", "run", "--rm", "--network", "none", "--read-only", *_as_the_worker_pod(),
             tag, "demo", "--max-tokens", "8",
         ],
         capture_output=True, text=True, timeout=600,
@@ -94,13 +114,14 @@ def _fetch_runs_in_the_image(tag: str) -> None:
     try:
         uri = f"http://127.0.0.1:{httpd.server_address[1]}/tiny.gguf"
         spec = api.parse_spec({"image": tag, "model": {"uri": uri}, "mode": "colocated", "colocated": {}})
-        (init,) = builders._init_containers(spec, adapters=False)
+        (init,) = builders._init_containers(spec, adapters=False, pod_env=[], storage=1 << 30)
         assert init["command"][0] == "python"
         script = init["command"] + ["&&", "cat", f"{builders.MODEL_MOUNT}/tiny.gguf"]
         run = subprocess.run(
             [
                 "docker", "run", "--rm", "--network", "host", "--read-only",
-                "--tmpfs", f"{builders.MODEL_MOUNT}:rw,mode=1777", "--entrypoint", "sh", tag,
+                "--tmpfs", f"{builders.MODEL_MOUNT}:rw,mode=1777", "--tmpfs", "/tmp:rw,mode=1777",
+                "--entrypoint", "sh", tag,
                 "-c", " ".join(script),
             ],
             capture_output=True, text=True, timeout=120,

@@ -169,6 +169,23 @@ class ModelSource(_Model):
             "unset: the deployment's own image downloads them, with Python."
         ),
     )
+    # The model's size is known only once it is downloaded, so the disk it takes is declared here: a
+    # pod without a bound could fill its node's disk and get other pods evicted.
+    storage_size: str | None = Field(
+        default=None,
+        pattern=QUANTITY_PATTERN,
+        description=(
+            "Local disk for the model in each pod that keeps a copy of it: the workers (a `uri` model's "
+            "download, whose archive and unpacked folder coexist while it unpacks; a GGUF file's "
+            "conversion, whose weights are float32: about 4 bytes a parameter, 8 times a 4-bit GGUF "
+            "file; the URI adapters) and, for a `uri` model, the router. It bounds those emptyDir "
+            "volumes (sizeLimit) and, with 2Gi for /tmp and compiled-kernel caches, is each pod's "
+            "ephemeral-storage request and limit: pods go where the disk is free, and one that "
+            "outgrows it is evicted instead of filling its node's disk. Default: 40Gi where the model "
+            "is downloaded or converted (a `uri`, or a `pvc` path ending in .gguf), else 1Gi (the "
+            "built-in model, a PVC's Hugging Face folder, and the router of a `pvc` model)."
+        ),
+    )
 
 
 class EnvVar(_Model):
@@ -287,7 +304,13 @@ class Pool(_Model):
         default_factory=list,
         description="Extra tolerations (nvidia.com/gpu:NoSchedule is tolerated when gpus > 0).",
     )
-    env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables.")
+    env: list[EnvVar] = Field(
+        default_factory=list,
+        description=(
+            "Extra environment variables of the pool's pods, their download init containers included "
+            "(HTTPS_PROXY, NO_PROXY, SSL_CERT_FILE...); NVIDIA_VISIBLE_DEVICES does not reach those."
+        ),
+    )
     port: int = Field(default=50061, ge=1024, le=65535, description="Worker gRPC port.")
     metrics_port: int = Field(default=9091, ge=1024, le=65535, description="Worker /metrics HTTP port.")
     kv_cache_bytes: int | None = Field(
@@ -363,6 +386,13 @@ class Router(_Model):
         default_factory=dict, description="Node labels the pods require."
     )
     tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations of the router pods.")
+    env: list[EnvVar] = Field(
+        default_factory=list,
+        description=(
+            "Extra environment variables of the router pods, their fetch-model init container "
+            "included (HTTPS_PROXY, NO_PROXY, SSL_CERT_FILE...)."
+        ),
+    )
 
 
 class Adapter(_Model):

@@ -24,7 +24,7 @@ from typing import Any
 
 from . import api
 from .placement import PEER_ROLE, build_affinity, build_resources, build_tolerations, build_topology_spread
-from .validation import ARCHIVE_SUFFIXES, model_file_name
+from .validation import ARCHIVE_SUFFIXES, model_file_name, quantity_bytes
 
 MANAGED_BY = "tandem-operator"
 APP_NAME = "tandem"
@@ -33,6 +33,21 @@ MODEL_MOUNT = "/models"
 CACHE_MOUNT = "/var/cache/tandem"
 CONFIG_MOUNT = "/etc/tandem"
 ADAPTER_MOUNT = "/adapters"  # adapters fetched from URIs by an init container (an emptyDir)
+# The root filesystem is read-only: /tmp is an emptyDir (Triton compiles its kernels' C launchers
+# there, and the C++ op builds there, both through tempfile), and HOME is the cache volume, so what
+# defaults to ~ (Triton's ~/.triton, the CUDA driver's JIT cache ~/.nv, ~/.cache) is written there
+# instead of failing on the image's read-only /home/tandem.
+TMP_MOUNT = "/tmp"
+TMP_SIZE_BYTES = 1 << 30
+_TMP_MOUNT = {"name": "tmp", "mountPath": TMP_MOUNT}
+# What the cache volume holds beside the model's conversion: compiled kernels (Triton's, the C++
+# op's, the CUDA driver's JIT cache of PTX it had to compile: little, torch ships machine code).
+KERNEL_CACHE_BYTES = 1 << 30
+# `model.storageSize` unset: a model downloaded or converted in the pod (an 8B model takes about 35 GB:
+# a 16 GB archive beside its unpacked folder, or a 4.9 GB 4-bit GGUF file and its float32 conversion),
+# or one that is not (the built-in model converts to 0.5 GB; a PVC's folder is read in place).
+LARGE_MODEL_STORAGE = "40Gi"
+SMALL_MODEL_STORAGE = "1Gi"
 # A Deployment is reported stuck (ProgressDeadlineExceeded) this long after a worker's startup
 # budget: the model's download by the init container comes before the startup probe starts.
 PROGRESS_MARGIN_SECONDS = 300
@@ -223,7 +238,39 @@ def fetch_model_script(uri: str, model_dir: str = MODEL_MOUNT) -> str:
     )
 
 
-def _model_volumes(spec: api.ModelDeploymentSpec, adapters: bool) -> list[dict[str, Any]]:
+def model_storage_bytes(spec: api.ModelDeploymentSpec, component: str) -> int:
+    """Local disk for the model in a pod of `component` (a pool's role, or "router"):
+    `model.storageSize` (default `LARGE_MODEL_STORAGE`) where the pod downloads or converts the
+    model, else `SMALL_MODEL_STORAGE`. The router converts only a GGUF file's config and tokenizer, so
+    it keeps a copy only of a `uri` model (its download)."""
+    m = spec.model
+    if component == "router" and m.uri is None:
+        return quantity_bytes(SMALL_MODEL_STORAGE)
+    if m.storage_size is not None:
+        return quantity_bytes(m.storage_size)
+    large = m.uri is not None or (m.pvc is not None and m.pvc.path.lower().endswith(".gguf"))
+    return quantity_bytes(LARGE_MODEL_STORAGE if large else SMALL_MODEL_STORAGE)
+
+
+def pod_storage_bytes(spec: api.ModelDeploymentSpec, component: str) -> int:
+    """A pod's ephemeral-storage request and limit: the model, the kernel caches and /tmp (with a
+    read-only root filesystem, the containers write nowhere else but their logs)."""
+    return model_storage_bytes(spec, component) + KERNEL_CACHE_BYTES + TMP_SIZE_BYTES
+
+
+def _bytes_quantity(n: int) -> str:
+    # Whole GiB or MiB read better in `kubectl describe` than bytes; rounded up, never below the need.
+    if n % (1 << 30) == 0:
+        return f"{n >> 30}Gi"
+    return f"{-(-n // (1 << 20))}Mi"
+
+
+def _empty_dir(size_bytes: int) -> dict[str, Any]:
+    # A sizeLimit gets the pod evicted when the volume outgrows it, before the node's disk fills.
+    return {"emptyDir": {"sizeLimit": _bytes_quantity(size_bytes)}}
+
+
+def _model_volumes(spec: api.ModelDeploymentSpec, adapters: bool, storage: int) -> list[dict[str, Any]]:
     vols: list[dict[str, Any]] = []
     if spec.model.pvc is not None:
         vols.append(
@@ -233,9 +280,9 @@ def _model_volumes(spec: api.ModelDeploymentSpec, adapters: bool) -> list[dict[s
             }
         )
     elif spec.model.uri is not None:
-        vols.append({"name": "model", "emptyDir": {}})
+        vols.append({"name": "model", **_empty_dir(storage)})
     if adapters and _fetches_adapters(spec):
-        vols.append({"name": "adapters", "emptyDir": {}})
+        vols.append({"name": "adapters", **_empty_dir(storage)})
     return vols
 
 
@@ -248,11 +295,26 @@ def _model_mounts(spec: api.ModelDeploymentSpec, adapters: bool) -> list[dict[st
     return mounts
 
 
+def _init_env(pod_env: list[api.EnvVar]) -> list[dict[str, Any]]:
+    # A download needs the pod's proxy and CA settings (HTTPS_PROXY, NO_PROXY, SSL_CERT_FILE...), so
+    # it gets the pod's whole env: a subset would miss the next such variable (CURL_CA_BUNDLE,
+    # no_proxy). Only NVIDIA_VISIBLE_DEVICES is ours: an init container never has a GPU allocated.
+    own = [{"name": e.name, "value": e.value} for e in pod_env if e.name != NO_GPU_ENV["name"]]
+    return [dict(NO_GPU_ENV), *own]
+
+
 def _fetch_container(
-    spec: api.ModelDeploymentSpec, name: str, what: list[str], script: str
+    spec: api.ModelDeploymentSpec,
+    name: str,
+    what: list[str],
+    script: str,
+    pod_env: list[api.EnvVar],
+    storage: int,
 ) -> dict[str, Any]:
     """An init container downloading into the pod: by default in the deployment's own image (Python:
-    `python -m tandem_worker.fetch WHAT...`), else the `sh` program `script` in `model.fetchImage`."""
+    `python -m tandem_worker.fetch WHAT...`), else the `sh` program `script` in `model.fetchImage`.
+    `pod_env` is the pod's own env (`pool.env`, `router.env`), `storage` the pod's ephemeral storage
+    (the download counts against it: the init's request adds nothing to the pod's)."""
     if spec.model.fetch_image is None:
         image = {"image": spec.image, "imagePullPolicy": spec.image_pull_policy.value}
         command = ["python", "-m", "tandem_worker.fetch", *what]
@@ -263,27 +325,36 @@ def _fetch_container(
         "name": name,
         **image,
         "command": command,
-        "env": [dict(NO_GPU_ENV)],  # init containers never get a GPU allocated
+        "env": _init_env(pod_env),
         "securityContext": _container_security(),
-        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
+        "resources": {
+            "requests": {"cpu": "100m", "memory": "128Mi", "ephemeral-storage": _bytes_quantity(storage)},
+            "limits": {"memory": "512Mi", "ephemeral-storage": _bytes_quantity(storage)},
+        },
     }
 
 
-def _init_containers(spec: api.ModelDeploymentSpec, adapters: bool) -> list[dict[str, Any]]:
+def _init_containers(
+    spec: api.ModelDeploymentSpec, adapters: bool, pod_env: list[api.EnvVar], storage: int
+) -> list[dict[str, Any]]:
     """The pod's downloads: the model (workers and the router, which tokenizes) and, with
-    `adapters` (workers only: the router learns adapters from the workers), the URI adapters."""
+    `adapters` (workers only: the router learns adapters from the workers), the URI adapters.
+    `pod_env` and `storage`: see `_fetch_container`."""
     inits = []
     if spec.model.uri is not None:
         uri = spec.model.uri
-        fetch = _fetch_container(spec, "fetch-model", ["model", uri, MODEL_MOUNT], fetch_model_script(uri))
-        inits.append({**fetch, "volumeMounts": [{"name": "model", "mountPath": MODEL_MOUNT}]})
+        what = ["model", uri, MODEL_MOUNT]
+        fetch = _fetch_container(spec, "fetch-model", what, fetch_model_script(uri), pod_env, storage)
+        mounts = [{"name": "model", "mountPath": MODEL_MOUNT}, dict(_TMP_MOUNT)]
+        inits.append({**fetch, "volumeMounts": mounts})
     if adapters and _fetches_adapters(spec):
         list_path = f"{CONFIG_MOUNT}/{ADAPTER_LIST_KEY}"
         what = ["adapters", list_path, ADAPTER_MOUNT]
-        fetch = _fetch_container(spec, "fetch-adapters", what, fetch_adapters_script())
+        fetch = _fetch_container(spec, "fetch-adapters", what, fetch_adapters_script(), pod_env, storage)
         mounts = [
             {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
             {"name": "adapters", "mountPath": ADAPTER_MOUNT},
+            dict(_TMP_MOUNT),
         ]
         inits.append({**fetch, "volumeMounts": mounts})
     return inits
@@ -405,8 +476,13 @@ def _probes(port: int, startup: str, startup_seconds: int) -> dict[str, Any]:
 
 
 def _container_security() -> dict[str, Any]:
-    # Nothing in a Tandem pod needs privileges (ports are unprivileged, no host access).
-    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    # Nothing in a Tandem pod needs privileges (ports are unprivileged, no host access), nor writes
+    # outside its volumes (see TMP_MOUNT): a compromised process cannot plant files in the image.
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+    }
 
 
 def _pod_security() -> dict[str, Any]:
@@ -415,12 +491,22 @@ def _pod_security() -> dict[str, Any]:
     return {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def _env(pool_env: list[api.EnvVar], gpus: int) -> list[dict[str, Any]]:
-    # The built-in GGUF model is converted once into this cache (an emptyDir): the image stays read-only.
-    env = [{"name": "TANDEM_CACHE_DIR", "value": CACHE_MOUNT}]
-    if gpus == 0 and all(e.name != NO_GPU_ENV["name"] for e in pool_env):  # the pool's own value wins
+def _env(pod_env: list[api.EnvVar], gpus: int) -> list[dict[str, Any]]:
+    # A GGUF model is converted once into this cache (an emptyDir), and HOME is there (see TMP_MOUNT).
+    env = [{"name": "TANDEM_CACHE_DIR", "value": CACHE_MOUNT}, {"name": "HOME", "value": CACHE_MOUNT}]
+    if gpus == 0:
         env.append(dict(NO_GPU_ENV))
-    return env + [{"name": e.name, "value": e.value} for e in pool_env]
+    # The pod's own value of a name wins, without a shadowed duplicate (the API server warns of those).
+    own = {e.name for e in pod_env}
+    return [e for e in env if e["name"] not in own] + [{"name": e.name, "value": e.value} for e in pod_env]
+
+
+def _with_storage(resources: dict[str, Any], storage: int) -> dict[str, Any]:
+    # Request = limit, as for memory: the scheduler places the pod where its disk is free, and the
+    # kubelet evicts it, not its neighbours, when it writes more.
+    resources["requests"]["ephemeral-storage"] = _bytes_quantity(storage)
+    resources["limits"]["ephemeral-storage"] = _bytes_quantity(storage)
+    return resources
 
 
 def build_worker_args(role: str, pool: api.Pool, spec: api.ModelDeploymentSpec) -> list[str]:
@@ -445,11 +531,17 @@ def build_worker_args(role: str, pool: api.Pool, spec: api.ModelDeploymentSpec) 
     return args
 
 
-def _pod_volumes(owner: Owner, spec: api.ModelDeploymentSpec, adapters: bool) -> list[dict[str, Any]]:
+def _pod_volumes(
+    owner: Owner, spec: api.ModelDeploymentSpec, component: str, adapters: bool
+) -> list[dict[str, Any]]:
+    model = model_storage_bytes(spec, component)
+    # The router converts a GGUF file's config and tokenizer alone: its cache needs no room for weights.
+    converted = quantity_bytes(SMALL_MODEL_STORAGE) if component == "router" else model
     return [
         {"name": "config", "configMap": {"name": config_map_name(owner)}},
-        {"name": "cache", "emptyDir": {}},
-        *_model_volumes(spec, adapters),
+        {"name": "cache", **_empty_dir(converted + KERNEL_CACHE_BYTES)},
+        {"name": "tmp", **_empty_dir(TMP_SIZE_BYTES)},
+        *_model_volumes(spec, adapters, model),
     ]
 
 
@@ -457,6 +549,7 @@ def _pod_mounts(spec: api.ModelDeploymentSpec, adapters: bool) -> list[dict[str,
     return [
         {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
         {"name": "cache", "mountPath": CACHE_MOUNT},
+        dict(_TMP_MOUNT),
         *_model_mounts(spec, adapters),
     ]
 
@@ -502,6 +595,7 @@ def build_worker_deployment(
     pool = spec.pools()[role]
     peer = PEER_ROLE.get(role)
     peer_labels = selector_labels(owner, peer) if peer is not None else None
+    storage = pod_storage_bytes(spec, role)
     container = {
         "name": "worker",
         "image": spec.image,
@@ -513,7 +607,7 @@ def build_worker_deployment(
             {"name": "metrics", "containerPort": pool.metrics_port, "protocol": "TCP"},
         ],
         "env": _env(pool.env, pool.gpus),
-        "resources": build_resources(pool.cpu, pool.memory, pool.gpus),
+        "resources": _with_storage(build_resources(pool.cpu, pool.memory, pool.gpus), storage),
         "volumeMounts": _pod_mounts(spec, adapters=True),
         **_probes(pool.port, startup="grpc", startup_seconds=spec.startup_timeout_seconds),
         "securityContext": _container_security(),
@@ -527,9 +621,9 @@ def build_worker_deployment(
             "enableServiceLinks": False,
             "securityContext": _pod_security(),
             "terminationGracePeriodSeconds": spec.termination_grace_period_seconds,
-            "initContainers": _init_containers(spec, adapters=True),
+            "initContainers": _init_containers(spec, adapters=True, pod_env=pool.env, storage=storage),
             "containers": [container],
-            "volumes": _pod_volumes(owner, spec, adapters=True),
+            "volumes": _pod_volumes(owner, spec, role, adapters=True),
             "nodeSelector": dict(pool.node_selector),
             "tolerations": build_tolerations(pool.tolerations, pool.gpus),
             "affinity": build_affinity(role, pool, selector_labels(owner, role), peer_labels, spec.placement),
@@ -599,6 +693,7 @@ def build_router_deployment(
     owner: Owner, spec: api.ModelDeploymentSpec, config_digest: str
 ) -> dict[str, Any]:
     r = spec.router
+    storage = pod_storage_bytes(spec, "router")
     container = {
         "name": "router",
         "image": spec.image,
@@ -613,8 +708,8 @@ def build_router_deployment(
                 for n, _, _ in _router_api_ports(r)
             ),
         ],
-        "env": _env([], 0),
-        "resources": build_resources(r.cpu, r.memory, 0),
+        "env": _env(r.env, 0),
+        "resources": _with_storage(build_resources(r.cpu, r.memory, 0), storage),
         "volumeMounts": _pod_mounts(spec, adapters=False),
         **_probes(
             api.ROUTER_CONTAINER_PORTS["grpc"],
@@ -639,9 +734,9 @@ def build_router_deployment(
             "enableServiceLinks": False,
             "securityContext": _pod_security(),
             "terminationGracePeriodSeconds": ROUTER_TERMINATION_GRACE_SECONDS,
-            "initContainers": _init_containers(spec, adapters=False),
+            "initContainers": _init_containers(spec, adapters=False, pod_env=r.env, storage=storage),
             "containers": [container],
-            "volumes": _pod_volumes(owner, spec, adapters=False),
+            "volumes": _pod_volumes(owner, spec, "router", adapters=False),
             "nodeSelector": dict(r.node_selector),
             "tolerations": build_tolerations(r.tolerations, 0),
             "topologySpreadConstraints": build_topology_spread(selector, spec.placement),

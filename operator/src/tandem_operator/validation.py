@@ -7,6 +7,7 @@ as a condition plus an Event rather than refused at admission. An empty list mea
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -16,6 +17,7 @@ from urllib.parse import urlparse
 from pydantic import ValidationError
 
 from . import api
+from .patching import _quantity
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
@@ -26,6 +28,19 @@ class SpecError:
 
     reason: str
     message: str
+
+
+# A model takes at least this much disk: less is a typo ("40" for "40Gi", 40 bytes) that would get
+# every pod evicted at its download.
+MIN_STORAGE_BYTES = 1 << 20
+
+
+def quantity_bytes(quantity: str) -> int:
+    """A Kubernetes quantity of bytes ("40Gi", "1.5G", "500M") as whole bytes, rounded up."""
+    value = _quantity(quantity)
+    if value is None:
+        raise ValueError(f"not a quantity: {quantity!r}")
+    return math.ceil(value)
 
 
 # The ConfigMap lists every adapter twice (engine.json, and the fetch list for URI sources) and a
@@ -109,6 +124,15 @@ def plan_spec_errors(
                         "(an optional DNS-subdomain prefix and '/', then up to 63 of [-A-Za-z0-9_.])",
                     )
                 )
+
+    size = parsed.model.storage_size
+    if size is not None and quantity_bytes(size) < MIN_STORAGE_BYTES:
+        errors.append(
+            SpecError(
+                "StorageSizeTooSmall",
+                f"model.storageSize {size!r} is less than 1Mi; give a unit (e.g. 40Gi for 40 GiB)",
+            )
+        )
 
     if parsed.model.pvc is not None and _climbs_out(parsed.model.pvc.path):
         errors.append(
