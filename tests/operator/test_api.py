@@ -49,7 +49,11 @@ def test_crd_schema_is_structural_and_documented():
     assert columns["Mode"] == ".spec.mode"
     assert columns["Prefill"] == ".status.prefill.summary"
     assert columns["Decode"] == ".status.decode.summary"
+    assert columns["Colocated"] == ".status.colocated.summary"
     assert columns["Ready"] == '.status.conditions[?(@.type=="Ready")].status'
+    assert columns["Workers"] == '.status.conditions[?(@.type=="WorkersHealthy")].reason'
+    # Only -o wide adds a column: a colocated deployment's size and its health show by default.
+    assert [c["name"] for c in version["additionalPrinterColumns"] if c.get("priority")] == ["Endpoint"]
     assert columns["Age"] == ".metadata.creationTimestamp"
     root = version["schema"]["openAPIV3Schema"]
     for path, node in _walk(root):

@@ -367,3 +367,36 @@ async def test_the_autoscaler_adds_no_replica_to_a_pool_whose_pods_are_oom_kille
     await pass_and_step()
     assert prefill() == 2 and ("Normal", "ScaledUp") in events
     assert "prefill" not in memory.objects[(api.KIND, NAMESPACE, DEMO)]["status"]["autoscaler"]["holding"]
+
+
+async def test_a_cuda_out_of_memory_crash_is_named_from_the_containers_last_log_lines():
+    """A CUDA OOM is exit code 1 to the kubelet ("Error"): the worker's last log lines, its
+    termination message under FallbackToLogsOnError, tell it from any other crash, and the hint
+    names what bounds GPU memory, not the pod's memory limit."""
+    from tandem_operator.builders import Owner, build_children
+
+    log_tail = (
+        "ERROR engine loop failed\nTraceback (most recent call last):\n"
+        "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB."
+    )
+    oom = crashed("Error", 2, at(-1), exit_code=1)
+    oom["lastState"]["terminated"]["message"] = log_tail
+    other = crashed("Error", 2, at(-1), exit_code=1)
+    other["lastState"]["terminated"]["message"] = "ValueError: model folder /models has no config.json"
+    seen = observe_pods(
+        [pod("d-a", "decode", [oom]), pod("p-a", "prefill", [other])], ["prefill", "decode"], at(0)
+    )
+    assert seen["decode"].reason == "GPUOutOfMemory" and seen["prefill"].reason == "CrashLoopBackOff"
+    message = seen["decode"].message("decode")
+    assert message.startswith("decode: GPUOutOfMemory: 1 of 1 pods") and "spec.decode.kvCacheBytes" in message
+    # The pods the operator builds keep those lines: worker and router containers alike.
+    spec = api.ModelDeploymentSpec.model_validate(load_example("cpu-demo.yaml")["spec"])
+    children = build_children(Owner(name=DEMO, namespace=NAMESPACE, uid="u"), spec)
+    containers = [
+        c
+        for child in children
+        if child["kind"] == "Deployment"
+        for c in child["spec"]["template"]["spec"]["containers"]
+    ]
+    assert {c["name"] for c in containers} == {"worker", "router"}
+    assert {c.get("terminationMessagePolicy") for c in containers} == {"FallbackToLogsOnError"}

@@ -589,7 +589,9 @@ class ConditionStatus(str, Enum):
 
 
 class Condition(_Model):
-    type: str = Field(description="Ready, Progressing, Degraded, SpecValid or AutoscalerHealthy.")
+    type: str = Field(
+        description="Ready, Progressing, Degraded, SpecValid, WorkersHealthy or AutoscalerHealthy."
+    )
     status: ConditionStatus = Field(description="True, False or Unknown.")
     reason: str = Field(description="CamelCase reason for the condition's last transition or state.")
     message: str = Field(default="", description="Human-readable details.")
@@ -712,9 +714,10 @@ class ModelDeploymentStatus(_Model):
         default_factory=list,
         description=(
             "Ready (requests can be served), Progressing (a workload is rolling out), Degraded "
-            "(fewer ready pods than desired, a refused or conflicting child), SpecValid, and "
-            "AutoscalerHealthy while autoscaling is enabled (False: Prometheus cannot be queried, "
-            "and every pool holds its size)."
+            "(fewer ready pods than desired, a refused or conflicting child), SpecValid, "
+            "WorkersHealthy (False: a component's containers were OOMKilled or crash-loop in the "
+            "last 10 minutes, named in its message), and AutoscalerHealthy while autoscaling is "
+            "enabled (False: Prometheus cannot be queried, and every pool holds its size)."
         ),
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )

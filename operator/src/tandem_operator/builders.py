@@ -609,6 +609,9 @@ def build_worker_deployment(
         "env": _env(pool.env, pool.gpus),
         "resources": _with_storage(build_resources(pool.cpu, pool.memory, pool.gpus), storage),
         "volumeMounts": _pod_mounts(spec, adapters=True),
+        # A crash's last log lines become its termination message, where the operator reads why it
+        # died (a CUDA out-of-memory error is exit code 1 to the kubelet, unlike a host OOM kill).
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         **_probes(pool.port, startup="grpc", startup_seconds=spec.startup_timeout_seconds),
         "securityContext": _container_security(),
     }
@@ -711,6 +714,9 @@ def build_router_deployment(
         "env": _env(r.env, 0),
         "resources": _with_storage(build_resources(r.cpu, r.memory, 0), storage),
         "volumeMounts": _pod_mounts(spec, adapters=False),
+        # A crash's last log lines become its termination message, where the operator reads why it
+        # died (a CUDA out-of-memory error is exit code 1 to the kubelet, unlike a host OOM kill).
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         **_probes(
             api.ROUTER_CONTAINER_PORTS["grpc"],
             startup="tcpSocket",

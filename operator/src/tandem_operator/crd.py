@@ -168,12 +168,20 @@ def build_crd() -> dict[str, Any]:
                         },
                         pool_column("prefill"),
                         pool_column("decode"),
-                        pool_column("colocated", priority=1),
+                        # Shown by default, though empty in disaggregated mode (as prefill and decode
+                        # are in colocated mode): a jsonPath cannot pick a column by the mode.
+                        pool_column("colocated"),
                         {
                             "name": "Ready",
                             "type": "string",
                             "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
                             "description": "the Ready condition",
+                        },
+                        {
+                            "name": "Workers",
+                            "type": "string",
+                            "jsonPath": '.status.conditions[?(@.type=="WorkersHealthy")].reason',
+                            "description": "Stable, or why pods crash (OOMKilled, CrashLoopBackOff, ...)",
                         },
                         {
                             "name": "Endpoint",

@@ -26,7 +26,7 @@ the same. Everything else the spec no longer wants is pruned at once.
 Worker health: each pass lists the object's pods once (its namespace, its instance label: never
 the cluster's pods) and reports crashed containers in the condition `WorkersHealthy` (see
 `status.observe_pods`), with one Warning Event per component when it starts crashing (and again if
-it turns OOMKilled), not one per pass: the episode is read back from status, so a restarted
+it turns OOMKilled or GPUOutOfMemory), not one per pass: the episode is read back from status, so a restarted
 operator does not repeat it. No pod is watched: a crash makes the pod unready, and the
 Deployment's status change wakes a pass; restarts counted while it stays unready, and the return to
 stable, wait for the periodic pass.
@@ -55,6 +55,7 @@ from .k8s import ApiError, KubeClient
 from .patching import plan_patch, with_last_applied
 from .status import (
     DEGRADED,
+    GPU_OOM,
     OOM_KILLED,
     SPEC_VALID,
     WORKERS_HEALTHY,
@@ -466,7 +467,7 @@ class Reconciler:
             self._post_event(body, "Warning", cur["reason"], cur["message"])
 
     def _warn_crashes(self, body: dict[str, Any], previous: dict[str, Any], new: dict[str, Any]) -> None:
-        """A Warning Event per component that starts crashing, or whose crashes turn OOMKilled:
+        """A Warning Event per component that starts crashing, or whose crashes turn out of memory:
         one per episode (as `WorkersHealthy` in `previous` and `new` tells), not one per restart."""
         before, after = unhealthy_components(previous), unhealthy_components(new)
         if not after:
@@ -475,5 +476,5 @@ class Reconciler:
         parts = {p.partition(": ")[0]: p for p in cond["message"].split("; ")}
         for component, reason in after.items():
             was = before.get(component)
-            if was is None or (reason == OOM_KILLED and was != OOM_KILLED):
+            if was is None or (reason in (OOM_KILLED, GPU_OOM) and was != reason):
                 self._post_event(body, "Warning", reason, parts[component][:EVENT_MESSAGE_LIMIT])

@@ -57,10 +57,14 @@ WORKER_ROLES = ("prefill", "decode", "colocated")
 STABLE_SECONDS = 600.0
 STABLE_MINUTES = f"{STABLE_SECONDS / 60:.0f}"
 OOM_KILLED = "OOMKilled"
+# A container that died of a CUDA out-of-memory error (torch raises it; the engine loop dies and the
+# worker exits 1): read from its termination message, its log's tail (FallbackToLogsOnError).
+GPU_OOM = "GPUOutOfMemory"
+GPU_OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError")
 CRASH_LOOP = "CrashLoopBackOff"
 RESTARTED = "ContainerRestarted"
 # Worst first: the condition's reason is the worst of its components'.
-CRASH_REASONS = (OOM_KILLED, CRASH_LOOP, RESTARTED)
+CRASH_REASONS = (OOM_KILLED, GPU_OOM, CRASH_LOOP, RESTARTED)
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,7 @@ class Crash:
     exit_code: int | None
     finished_at: str  # when it last terminated (RFC 3339); "" when unknown
     waiting: str  # why it is not running now (CrashLoopBackOff, ...); "" when it runs
+    gpu_oom: bool = False  # its termination message shows a CUDA out-of-memory error
 
 
 @dataclass(frozen=True)
@@ -113,11 +118,14 @@ class PoolPods:
 
     @property
     def reason(self) -> str | None:
-        """OOMKilled, CrashLoopBackOff or ContainerRestarted (None: every container is stable)."""
+        """OOMKilled, GPUOutOfMemory, CrashLoopBackOff or ContainerRestarted (None: every container
+        is stable)."""
         if not self.crashes:
             return None
         if any(c.reason == OOM_KILLED for c in self.crashes):
             return OOM_KILLED
+        if any(c.gpu_oom for c in self.crashes):
+            return GPU_OOM
         if any(c.waiting == CRASH_LOOP or c.restarts > 1 for c in self.crashes):
             return CRASH_LOOP
         return RESTARTED
@@ -147,6 +155,11 @@ class PoolPods:
                     f"spec.{component}.maxPending, maxNumBatchedTokens (and kvCacheBytes where the KV "
                     "cache is in host memory, gpus: 0)"
                 )
+        elif reason == GPU_OOM:
+            hint = (
+                f"lower spec.{component}.kvCacheBytes (the KV cache's share of GPU memory) or "
+                f"maxNumBatchedTokens (a step's activations), or use a GPU with more memory"
+            )
         else:
             hint = f"see kubectl logs {last.pod} -c {last.container} --previous"
         return f"{text}: {hint}".replace(";", ",")
@@ -186,6 +199,7 @@ def _crash(pod: str, cs: dict[str, Any], now: datetime.datetime | None) -> Crash
         exit_code=code if isinstance(code, int) else None,
         finished_at=str(last.get("finishedAt") or ""),
         waiting=str((state.get("waiting") or {}).get("reason") or ""),
+        gpu_oom=any(m in str(last.get("message") or "") for m in GPU_OOM_MARKERS),
     )
 
 
