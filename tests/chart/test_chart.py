@@ -335,6 +335,9 @@ def test_default_install_matches_manifests():
     env = {e["name"]: e for e in c["env"]}
     assert env["POD_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert env["TANDEM_PROMETHEUS_URL"]["value"] == ""
+    # The same bounds on memory and on the disk it may fill as the plain-YAML install.
+    (plain,) = manifests["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert c["resources"] == plain["resources"]
     pdb = one(docs, "PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
 
