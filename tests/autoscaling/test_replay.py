@@ -256,6 +256,70 @@ def test_load_trace_refuses_rows_it_cannot_replay(tmp_path, line, why):
         load_trace(trace)
 
 
+# (ms, prompt, output) as a trace file lists them: ties at 2000 ms (ordered by length when sorted)
+# straddle the cut at 3 rows, and in the unsorted one the first arrival comes last.
+SORTED_ROWS = [(1000, 9, 1), (2000, 50, 2), (2000, 7, 3), (2000, 30, 4), (4000, 5, 5)]
+UNSORTED_ROWS = [(2000, 50, 2), (4000, 5, 5), (2000, 30, 4), (2000, 7, 3), (1000, 9, 1)]
+
+
+def _trace_file(folder, rows: list[tuple[int, int, int]], kind: str):
+    if kind == "jsonl":
+        lines = [json.dumps({"timestamp": t, "input_length": p, "output_length": o}) for t, p, o in rows]
+    else:
+        lines = ["TIMESTAMP,ContextTokens,GeneratedTokens"] + [
+            f"2023-11-16 18:00:{t // 1000:02d}.{t % 1000:03d}0000,{p},{o}" for t, p, o in rows
+        ]
+    path = folder / f"t.{kind}"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])
+@pytest.mark.parametrize("rows", [SORTED_ROWS, UNSORTED_ROWS], ids=["sorted", "unsorted"])
+def test_load_trace_max_requests_keeps_the_rows_the_whole_sorted_trace_starts_with(tmp_path, kind, rows):
+    path = _trace_file(tmp_path, rows, kind)
+    whole = load_trace(path)
+    assert whole == [
+        TraceRow(0.0, 9, 1),
+        TraceRow(1.0, 7, 3),
+        TraceRow(1.0, 30, 4),
+        TraceRow(1.0, 50, 2),
+        TraceRow(3.0, 5, 5),
+    ]
+    for n in range(len(rows) + 2):
+        assert load_trace(path, max_requests=n) == whole[:n], n
+    with pytest.raises(ValueError, match="max_requests must be >= 0"):
+        load_trace(path, max_requests=-1)
+    empty = tmp_path / f"empty.{kind}"
+    empty.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" if kind == "csv" else "")
+    with pytest.raises(ValueError, match="no requests"):
+        load_trace(empty, max_requests=0)
+
+
+def test_cli_bench_holds_only_the_requests_it_replays(tmp_path, capsys):
+    # `tandem bench --max-requests 3` read and sorted the whole trace first (a 68 MB trace of
+    # 1.9 M rows: 9.3 s and 595 MB): now its memory is the rows kept. Here the rows to keep come last
+    # in the file, so they must be found by reading it all. Stopped at the endpoint, after the read.
+    import tracemalloc
+
+    from tandem_worker.cli import main
+
+    n = 50_000
+    trace = tmp_path / "t.jsonl"
+    with open(trace, "w") as f:
+        for i in range(n, 0, -1):
+            f.write(f'{{"timestamp": {i * 10}, "input_length": {i}, "output_length": 1}}\n')
+    tracemalloc.start()
+    try:
+        code = main(["bench", "--trace", str(trace), "--endpoint", "127.0.0.1:1", "--max-requests", "3"])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert code == 2 and "cannot reach it" in capsys.readouterr().err
+    assert peak < 2 * 2**20, f"{peak / 2**20:.1f} MiB for 3 of {n} rows"  # the whole trace: 12.5 MiB
+    assert [r.prompt_tokens for r in load_trace(trace, max_requests=3)] == [1, 2, 3]
+
+
 class StuckInference(pbgrpc.InferenceServicer):
     """Streams one token, then nothing until the client cancels (or 20 s pass)."""
 

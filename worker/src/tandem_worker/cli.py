@@ -668,7 +668,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from .server.replay import load_trace, replay
 
-    trace = load_trace(args.trace)
+    trace = load_trace(args.trace, max_requests=args.max_requests)
     _check_endpoint(args.endpoint)
     try:
         report = replay(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import functools
 import json
@@ -130,6 +131,14 @@ class Tokenizer:
     def _special(self) -> set[int]:
         return set(self.hf.all_special_ids)
 
+    @functools.cached_property
+    def hidden_tokens(self) -> dict[int, str]:
+        """Tokens with a text of their own ("<|im_end|>") that decoding leaves out, by id: the
+        special tokens as `skip_special_tokens` sees them, which are more than `all_special_ids`
+        (SmolLM2's "<repo_name>" and its kin)."""
+        added = getattr(self.hf, "added_tokens_decoder", None) or {}
+        return {i: t.content for i, t in added.items() if t.content and not self.decode([i])}
+
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for: with byte-level BPE or SentencePiece's byte fallback, a
         token may be part of a UTF-8 character, which `decode` can only show as U+FFFD (OpenAI's
@@ -240,6 +249,12 @@ class TextStream:
     """Token ids in, text deltas out, cut at the first stop string and never leaking part of one.
 
     The engine uses it when it detokenizes itself; the router when workers send token ids only.
+
+    The text leaves special tokens out, yet clients of chat models ask to stop at them by their text
+    (stop=["<|im_end|>"], as Hugging Face's `stop_strings` match them): a hidden token whose text is
+    in a stop string counts, for matching only, as that text. It is one piece: a stop string that
+    starts or ends inside it ("end|>") does not match it. Other hidden tokens stay invisible to the
+    match too, as they are to the text ("a<|x|>b" still stops at "ab").
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -250,6 +265,14 @@ class TextStream:
         self.emitted = 0
         self.stopped_by: str | None = None
         self.used = 0
+        hidden = tokenizer.hidden_tokens if self.stops else {}
+        self.named = {t: name for t, name in hidden.items() if any(name in s for s in self.stops)}
+        # With such tokens: the text with theirs in place, which stop strings are matched in; where
+        # each such token's text starts and ends in it; and how much of it is theirs up to each end.
+        self.seen = ""
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.hidden: list[int] = []
 
     def push(self, token_ids: list[int], special: set[int]) -> str:
         """The new text of `token_ids`; `used` is then how many of them count: up to and including
@@ -258,16 +281,53 @@ class TextStream:
         for k, t in enumerate(token_ids):
             if t in special:
                 continue  # EOS or a stop token: ends the stream, adds no text
-            before = len(self.text)
-            self.text += self.detok.push(t)
-            if self.stops:
-                lo = max(0, before - self.hold)
-                hits = [(i, s) for s in self.stops if (i := self.text.find(s, lo)) >= 0]
-                if hits:
-                    i, s = min(hits)
-                    self.text, self.stopped_by, self.used = self.text[:i], s, k + 1
-                    return self._flush(final=True)
+            if self._add(self.detok.push(t), t):
+                self.used = k + 1
+                return self._flush(final=True)
         return self._flush(final=False)
+
+    def _add(self, delta: str, token: int | None) -> bool:
+        """Add `token`'s text `delta`; whether that completed a stop string (the text is then cut
+        where it starts)."""
+        self.text += delta
+        if not self.stops:
+            return False
+        if not self.named:  # the text is what stop strings are matched in
+            cut, s = self._find(self.text, len(self.text) - len(delta))
+        else:
+            before = len(self.seen)
+            self.seen += delta
+            if token in self.named:
+                self.starts.append(len(self.seen))
+                self.seen += self.named[token]
+                self.ends.append(len(self.seen))
+                self.hidden.append((self.hidden[-1] if self.hidden else 0) + len(self.named[token]))
+            cut, s = self._find(self.seen, before)
+            if s is not None:  # back from the matched text to the shown text
+                j = bisect.bisect_right(self.ends, cut) - 1
+                cut -= self.hidden[j] if j >= 0 else 0
+        if s is None:
+            return False
+        self.text, self.stopped_by = self.text[:cut], s
+        return True
+
+    def _find(self, text: str, before: int) -> tuple[int, str | None]:
+        """The first stop string in `text` (position, string) that ends past `before`: the text up to
+        there was searched already."""
+        lo = max(0, before - self.hold)
+        hits = []
+        for s in self.stops:
+            i = text.find(s, lo)
+            while i >= 0 and (self._splits(i) or self._splits(i + len(s))):
+                i = text.find(s, i + 1)
+            if i >= 0:
+                hits.append((i, s))
+        return min(hits) if hits else (0, None)
+
+    def _splits(self, pos: int) -> bool:
+        """Whether `pos` (in the matched text) lies inside a hidden token's text."""
+        j = bisect.bisect_right(self.starts, pos) - 1
+        return j >= 0 and self.starts[j] < pos < self.ends[j]
 
     def _flush(self, final: bool) -> str:
         end = len(self.text) if final else max(self.emitted, len(self.text) - self.hold)
@@ -278,5 +338,7 @@ class TextStream:
     def finish(self) -> str:
         """The rest of the text when the output ends (max_tokens, EOS, a stop token)."""
         if self.stopped_by is None:
-            self.text += self.detok.flush()
+            # Matched too: a token that starts a character ends the text ("! " then the first
+            # bytes of "東"), and the stop string before it was held back with that token.
+            self._add(self.detok.flush(), None)
         return self._flush(final=True)
