@@ -31,6 +31,28 @@ class RequestError(ValueError):
         self.field = field_name
 
 
+# The seeds the HTTP and KServe frontends take: any int64 (OpenAI's type for it) or uint64 (the
+# engine's, and KServe's seed tensor). -1 is no seed, as vLLM and llama.cpp read it (their clients
+# send it for "sample at random"); any other negative seed is its 64-bit two's complement, as vLLM's
+# torch generators read it, so a client that keeps seeds signed gets the same tokens for -2 as one
+# that sends 2^64 - 2. Wider values would fold onto others and are refused.
+NO_SEED = -1
+MIN_REQUEST_SEED, MAX_REQUEST_SEED = -(2**63), 2**64 - 1
+
+
+def request_seed(seed: int) -> int | None:
+    """A frontend request's seed as the engine takes it (None: no seed); RequestError if out of range."""
+    if (
+        isinstance(seed, bool)
+        or not isinstance(seed, int)
+        or not MIN_REQUEST_SEED <= seed <= MAX_REQUEST_SEED
+    ):
+        raise RequestError("seed", f"must be in [-2^63, 2^64) (-1: no seed), got {seed!r}")
+    if seed == NO_SEED:
+        return None
+    return seed & (2**64 - 1)
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16

@@ -14,7 +14,8 @@ Tensors, named as Triton's LLM backends (vLLM and TensorRT-LLM) name them:
   response per text delta, the last one flagged `triton_final_response`); `sampling_parameters`
   (BYTES JSON, as the vLLM backend: max_tokens, temperature, top_p, top_k, seed, stop,
   stop_token_ids, ignore_eos); or the separate tensors `max_tokens`, `temperature`, `top_p`,
-  `top_k`, `seed`/`random_seed`, `stop_words` (BYTES), `ignore_eos`, `beam_width` (1);
+  `top_k`, `seed`/`random_seed`, `stop_words` (BYTES), `ignore_eos`, `beam_width` (1) (a seed of -1
+  is none, as the vLLM backend reads it; see `request_seed`);
   `exclude_input_in_output` (BOOL, default true here: text_output is only the generated text; false
   prepends the prompt as the vLLM backend does by default); `return_finish_reason`,
   `return_num_input_tokens`, `return_num_output_tokens` (BOOL) add those outputs. A tensor of any
@@ -52,7 +53,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from ..engine.sampling_params import SAMPLING_REQUEST_FIELDS
+from ..engine.sampling_params import SAMPLING_REQUEST_FIELDS, RequestError, request_seed
 from . import metrics
 from .listen import EXCLUSIVE_PORT_OPTIONS, listen
 from .pb import inference_pb2 as pb
@@ -151,8 +152,6 @@ TRITON_PARAMETERS = {
     "sequence_start",
     "sequence_end",
 }
-# Seeds wider than 64 bits would be folded onto others; negative ones are an int64's two's complement.
-MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
 
 
 class BadRequest(Exception):
@@ -481,10 +480,10 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
                 # 1e39 is refused here rather than sent on as infinity.
                 norm = struct.unpack("<f", struct.pack("<f", _as_float(value)))[0]
             elif key == "seed":
-                norm = _as_int(value)
-                if not MIN_SEED <= norm <= MAX_SEED:
-                    raise BadRequest(f"{where}: must be in [-2^63, 2^64), got {value}")
-                norm &= 0xFFFFFFFFFFFFFFFF
+                try:
+                    norm = request_seed(_as_int(value))
+                except RequestError as e:
+                    raise BadRequest(f"{where}: {str(e).split(': ', 1)[-1]}") from None
             elif key == "ignore_eos":
                 norm = _as_bool(value)
             elif key == "stop":
@@ -505,7 +504,10 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
             if key in seen and seen[key][0] != norm:
                 raise BadRequest(f"{where}: {value!r} conflicts with {seen[key][1]} given as well")
             seen[key] = (norm, where)
-            setattr(s, key, norm)
+            if norm is None:
+                s.ClearField(key)  # a seed of -1: none
+            else:
+                setattr(s, key, norm)
         except (ValueError, TypeError, OverflowError, struct.error):
             raise BadRequest(f"{where}: bad value {value!r}") from None
 

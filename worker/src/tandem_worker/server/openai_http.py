@@ -3,15 +3,16 @@
 What it serves: the base model and every LoRA adapter the workers know as model ids (`model:
 "<adapter>"` selects that adapter); non-streaming responses and server-sent events (`data: {...}`,
 then `data: [DONE]`), with `stream_options.include_usage` adding a last chunk that carries usage and
-no choices; `max_tokens`/`max_completion_tokens`, `temperature`, `top_p`, `seed`, `stop`, `n=1`,
-log-probabilities (the sampled token's and up to 20 most likely: chat's `logprobs`/`top_logprobs`,
-completions' `logprobs: N`), and vLLM's `top_k`/`ignore_eos`/`stop_token_ids` extensions. Any other
-field is refused by name (400), unless it changes nothing in the output (`user`, `metadata`, `store`,
-...) or holds the value that turns its feature off (`presence_penalty: 0`, `n: 1`, `tools: []`,
-...; OFF_VALUES): what the engine cannot do is never dropped in silence. Errors have
-OpenAI's shape `{"error": {"message", "type", "param", "code"}}` and status: 400 invalid, 404 unknown
-model or adapter, 429 overloaded, 503 no worker, 504 past the deadline (an optional
-`X-Request-Timeout: SECONDS` header sets one). `GET /health` is 200 once the router can serve.
+no choices; `max_tokens`/`max_completion_tokens`, `temperature`, `top_p`, `seed` (-1: no seed, as
+vLLM reads it; see `request_seed`), `stop`, `n=1`, log-probabilities (the sampled token's and up
+to 20 most likely: chat's `logprobs`/`top_logprobs`, completions' `logprobs: N`), and vLLM's
+`top_k`/`ignore_eos`/`stop_token_ids` extensions. Any other field is refused by name (400), unless
+it changes nothing in the output (`user`, `metadata`, `store`, ...) or holds the value that turns
+its feature off (`presence_penalty: 0`, `n: 1`, `tools: []`, ...; OFF_VALUES): what the engine
+cannot do is never dropped in silence. Errors have OpenAI's shape `{"error": {"message", "type",
+"param", "code"}}` and status: 400 invalid, 404 unknown model or adapter, 429 overloaded, 503 no
+worker, 504 past the deadline (an optional `X-Request-Timeout: SECONDS` header sets one). `GET
+/health` is 200 once the router can serve.
 
 Design choices:
 
@@ -48,7 +49,7 @@ from typing import Any
 
 import grpc
 
-from ..engine.sampling_params import MAX_TOP_LOGPROBS, SAMPLING_REQUEST_FIELDS, RequestError
+from ..engine.sampling_params import MAX_TOP_LOGPROBS, SAMPLING_REQUEST_FIELDS, RequestError, request_seed
 from ..engine.tokenizer import Tokenizer
 from . import metrics
 from .pb import inference_pb2 as pb
@@ -150,9 +151,6 @@ STREAM_OPTION_OFF: dict[str, tuple[Any, ...]] = {
     "continuous_usage_stats": (False,),
     "include_obfuscation": (True, False),  # padding against side channels: no change to the text
 }
-# Seeds wider than 64 bits would be folded onto others; negative ones are the two's complement of an
-# int64 (as clients that keep seeds signed send them).
-MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
 
 
 class ApiError(Exception):
@@ -356,9 +354,12 @@ class OpenAIFrontend:
             s.top_k = top_k
         seed = _get(body, "seed", (int,), "an integer")
         if seed is not None:
-            if not MIN_SEED <= seed <= MAX_SEED:
-                raise invalid("seed", f"must be in [-2^63, 2^64), got {seed}")
-            s.seed = seed & 0xFFFFFFFFFFFFFFFF
+            try:
+                engine_seed = request_seed(seed)
+            except RequestError as e:
+                raise invalid("seed", str(e).split(": ", 1)[-1]) from None
+            if engine_seed is not None:
+                s.seed = engine_seed
         stop = body.get("stop")
         if stop is not None:
             stops = [stop] if isinstance(stop, str) else stop

@@ -5,6 +5,16 @@ the `WorkerPool`, forwards the token ids, and streams text back, detokenized inc
 at stop strings. A request that has streamed nothing is retried on another pair when a worker
 fails; once tokens have been streamed, a failure ends the stream with the worker's status.
 Deadlines and cancellation travel downstream with the call.
+
+Every request counts in exactly one outcome of `tandem_requests_total` (the frontends' requests
+too: they call this service): met, missed_ttft or missed_tpot when answered; invalid, rejected or
+failed when refused or failed; and when its client ended it first (cancelled, or past the
+deadline it set), by what it had already missed: missed_ttft when it waited longer than the TTFT
+SLO for its first token, missed_tpot when its tokens, counting the wait for the next one, came
+slower than the TPOT SLO, else `cancelled` or `timed_out`. Attainment leaves those two out, as it
+does invalid requests: the client's choice says nothing of the service, whereas a client that gave
+up on a late answer is a miss, which would otherwise vanish from the totals exactly when the
+service is slow.
 """
 
 from __future__ import annotations
@@ -52,6 +62,22 @@ def _retryable(code: grpc.StatusCode, details: str) -> bool:
 class SLO:
     ttft_seconds: float = 2.0
     tpot_seconds: float = 0.2
+
+
+# Outcomes of requests their client ended before the answer was complete, with no SLO missed yet
+# (see the module's docstring): cancelled, or past the deadline the client set.
+CLIENT_ENDED_OUTCOMES = ("cancelled", "timed_out")
+
+
+@dataclass
+class _Progress:
+    """One admitted request's progress: what it is judged by if its client ends it, and whether its
+    outcome has been counted (exactly once, whichever way it ends)."""
+
+    arrival: float
+    first_token_time: float | None = None
+    n_tokens: int = 0
+    counted: bool = False
 
 
 class RouterService(pbgrpc.InferenceServicer):
@@ -142,19 +168,27 @@ class RouterService(pbgrpc.InferenceServicer):
                     f"router queue is full ({self.max_in_flight} in flight)",
                 )
             self._in_flight += 1
+        progress = _Progress(arrival)
         try:
-            yield from self._generate(request, context, ids, params, arrival)
+            yield from self._generate(request, context, ids, params, progress)
+        except Exception:
+            if not progress.counted:  # a fault of the router's own (an abort comes counted)
+                self._count(progress, "failed")
+            raise
         finally:
             with self._lock:
                 self._in_flight -= 1
+            if not progress.counted:
+                # Neither answered nor failed: its client ended it, while the router waited for the
+                # worker (the call's cancellation returns) or at a yield (gRPC closes the generator).
+                self._count(progress, self._client_ended(progress, _past_deadline(context)))
 
-    def _generate(self, request, context, ids: list[int], params: SamplingParams, arrival: float):
+    def _generate(self, request, context, ids: list[int], params: SamplingParams, progress: _Progress):
         rid = request.request_id or uuid.uuid4().hex
         special = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos)
         text = TextStream(self.tok, ids, params)
         sent_first = False
-        first_token_time = None
-        n_tokens = 0
+        arrival = progress.arrival
         exclude: set[str] = set()
         last_error = "no healthy worker can take this request"
         busy = ""  # a worker refused the request as over its limit (RESOURCE_EXHAUSTED): why
@@ -193,11 +227,11 @@ class RouterService(pbgrpc.InferenceServicer):
                     call.cancel()  # our client already left: no callback would come
                 for msg in call:
                     now = time.monotonic()
-                    if msg.token_ids and first_token_time is None:
-                        first_token_time = now
+                    if msg.token_ids and progress.first_token_time is None:
+                        progress.first_token_time = now
                     delta = text.push(list(msg.token_ids), special)
                     used = text.used  # tokens after one that completed a stop string are dropped
-                    n_tokens += used
+                    progress.n_tokens += used
                     finished = (
                         msg.finish_reason != pb.FINISH_REASON_UNSPECIFIED or text.stopped_by is not None
                     )
@@ -219,6 +253,7 @@ class RouterService(pbgrpc.InferenceServicer):
                         else:
                             out.text += text.finish()
                             out.finish_reason = msg.finish_reason
+                        first_token_time, n_tokens = progress.first_token_time, progress.n_tokens
                         e2e = now - arrival
                         ttft = (first_token_time or now) - arrival
                         tpot = (
@@ -238,7 +273,7 @@ class RouterService(pbgrpc.InferenceServicer):
                                 queue_seconds=msg.timings.queue_seconds, ttft_seconds=ttft, e2e_seconds=e2e
                             )
                         )
-                        self._observe(ttft, tpot, e2e, msg.timings.queue_seconds)
+                        self._observe(progress, ttft, tpot, e2e, msg.timings.queue_seconds)
                         yield out
                         return
                     yield out
@@ -248,10 +283,14 @@ class RouterService(pbgrpc.InferenceServicer):
                 code = e.code() if isinstance(e, grpc.RpcError) else grpc.StatusCode.UNAVAILABLE
                 details = e.details() if isinstance(e, grpc.RpcError) else "worker stream ended early"
                 if code == grpc.StatusCode.CANCELLED and not context.is_active():
-                    return  # our client went away
+                    return  # our client went away: Generate counts it
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    # The deadline passed down with the call: the client's own, not a worker's fault.
+                    self._count(progress, self._client_ended(progress, past_deadline=True))
+                    context.abort(code, details)
                 if sent_first or not _retryable(code, details):
                     caller_error = code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
-                    metrics.REQUESTS.labels(outcome="invalid" if caller_error else "failed").inc()
+                    self._count(progress, "invalid" if caller_error else "failed")
                     # Which worker is the operator's to know (the log), not the client's.
                     log.warning("request %s: %s (decode worker %s)", rid, details, pair.decode.address)
                     if code not in CALLER_CODES:
@@ -277,7 +316,7 @@ class RouterService(pbgrpc.InferenceServicer):
             # Prefill's only when prefill workers alone refused it and a decode worker had room: with
             # decode short too, more prefill would not have served it.
             pool = "prefill" if busy_pools == {"prefill"} and not decode_full else "decode"
-            metrics.REQUESTS.labels(outcome="rejected").inc()
+            self._count(progress, "rejected")
             metrics.POOL_REJECTED.labels(pool=pool).inc()
             context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -285,7 +324,7 @@ class RouterService(pbgrpc.InferenceServicer):
                 if busy
                 else "every decode worker's KV cache is full right now; retry later",
             )
-        metrics.REQUESTS.labels(outcome="failed").inc()
+        self._count(progress, "failed")
         log.warning("request %s: no worker pair could serve it (last error: %s)", rid, last_error)
         if exclude:
             why = f"{len(exclude)} worker(s) failed it"
@@ -294,23 +333,55 @@ class RouterService(pbgrpc.InferenceServicer):
             why = self.pool.serving_problem() or "no healthy worker can take it"
         context.abort(grpc.StatusCode.UNAVAILABLE, f"no worker pair could serve the request: {why}")
 
-    def _observe(self, ttft: float, tpot: float, e2e: float, queue: float) -> None:
+    def _observe(self, progress: _Progress, ttft: float, tpot: float, e2e: float, queue: float) -> None:
         metrics.TTFT_SECONDS.observe(ttft)
         metrics.E2E_SECONDS.observe(e2e)
         metrics.QUEUE_SECONDS.observe(queue)
         if tpot:
             metrics.TPOT_SECONDS.observe(tpot)
+        self._count(progress, self._judge(ttft, tpot))
+
+    def _judge(self, ttft: float, tpot: float) -> str:
         if ttft > self.slo.ttft_seconds:
-            outcome = "missed_ttft"
-        elif tpot > self.slo.tpot_seconds:
-            outcome = "missed_tpot"
+            return "missed_ttft"
+        if tpot > self.slo.tpot_seconds:
+            return "missed_tpot"
+        return "met"
+
+    def _client_ended(self, progress: _Progress, past_deadline: bool) -> str:
+        """The outcome of a request its client ended now: a miss it had already made, else cancelled
+        or timed_out. The TTFT and TPOT it is judged by are lower bounds of what the client would
+        have seen: no first token until now, or no next token until now."""
+        now = time.monotonic()
+        first = progress.first_token_time
+        if first is None:
+            outcome = self._judge(now - progress.arrival, 0.0)
         else:
-            outcome = "met"
+            outcome = self._judge(first - progress.arrival, (now - first) / max(progress.n_tokens, 1))
+        if outcome != "met":
+            return outcome
+        return "timed_out" if past_deadline else "cancelled"
+
+    @staticmethod
+    def _count(progress: _Progress, outcome: str) -> None:
+        progress.counted = True
         metrics.REQUESTS.labels(outcome=outcome).inc()
+
+
+# A deadline's expiry ends the call as a cancellation does: only the clock tells them apart, and it
+# reads a little time left when the client's side expired first and cancelled (its cancellation
+# beats this side's deadline by the request's transit time) or gRPC's timer fired early (by a few
+# ms). A client that cancels this close to its deadline counts as timed out.
+DEADLINE_SLACK_SECONDS = 0.1
+
+
+def _past_deadline(context: grpc.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= DEADLINE_SLACK_SECONDS
 
 
 class _Ended(Exception):
     pass
 
 
-__all__ = ["FINISH_TO_PB", "SLO", "RouterService"]
+__all__ = ["CLIENT_ENDED_OUTCOMES", "FINISH_TO_PB", "SLO", "RouterService"]
