@@ -310,6 +310,40 @@ def test_a_malformed_kv_stream_is_retried_on_another_prefill_worker(model_dir):
         assert not pool._workers["p:1"].healthy  # out of rotation until its next health check
 
 
+def test_a_whole_answer_through_a_backing_off_worker_clears_its_backoff(model_dir):
+    """The router tells the pool when a pair served a request: p:1 failed once (backing off for 1 s),
+    then, the only prefill worker left (p:2 gone), served an answer: its count starts over, so its
+    next failure backs it off for 1 s again, not 2."""
+    with _router_over_fake_decode(model_dir, lambda pool: _SeveralTokensAMessage([42])) as (router, pool, _):
+        pool.clock = clock = _Clock()
+        p1 = pool._workers["p:1"]
+        pool.mark_failed(p1, "prefill worker p:1 stalled")
+        _health_checks_pass(pool)
+        pool._prefill = ["p:1"]
+        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3]), sampling=pb.SamplingParams())
+        out = list(router.Generate(request, _Context()))
+        assert out[-1].token_ids == [42]
+        assert (p1.failures, p1.backoff_until) == (0, 0.0)
+        clock.now += 0.5
+        pool.mark_failed(p1, "prefill worker p:1 stalled again")
+        assert p1.failures == 1 and p1.backoff_until == clock.now + 1.0
+
+
+class _DiesMidStream(wgrpc.WorkerServicer):
+    def Generate(self, request, context):  # noqa: N802
+        yield wpb.WorkerGenerateResponse(token_ids=[42])
+        context.abort(grpc.StatusCode.UNAVAILABLE, "Socket closed")
+
+
+def test_a_decode_worker_that_dies_mid_answer_backs_off(model_dir):
+    with _router_over_fake_decode(model_dir, lambda pool: _DiesMidStream()) as (router, pool, _):
+        pool.clock = _Clock()
+        code, _ = _refused(router)
+        decode = pool._workers["decode"]
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert decode.failures == 1 and decode.backoff_until > pool.clock()
+
+
 class _FailsMidStream(wgrpc.WorkerServicer):
     def Generate(self, request, context):  # noqa: N802
         yield wpb.WorkerGenerateResponse(token_ids=[42])

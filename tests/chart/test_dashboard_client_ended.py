@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
 from tandem_operator.autoscaling.prometheus import fetch_window
-from tandem_worker.server.router import CLIENT_ENDED_OUTCOMES
+from tandem_worker.server.metrics import CLIENT_ENDED_OUTCOMES
 
 from ..prometheus_server import PROMETHEUS, prometheus_server
 from .test_dashboard import _exprs

@@ -11,7 +11,8 @@ then holds on what it cannot see); Prometheus unreachable or a query failing rai
 
 Notes on the mapping:
 * Request outcomes: `increase(tandem_requests_total[window])` by `outcome` (met, missed_ttft,
-  missed_tpot, failed, rejected; invalid requests are the caller's fault and are left out),
+  missed_tpot, failed, rejected; invalid requests are the caller's fault, and cancelled and
+  timed_out ones ended by their client before any SLO was missed: all left out),
   rounded. No series at all while the pools report: zero requests (idle), not missing data. Of the
   rejected ones, `increase(ROUTER_REJECTED_METRIC)` are those the router turned away at its own
   in-flight limit and `increase(POOL_REJECTED_METRIC)` by `pool` those each pool's workers turned

@@ -54,10 +54,24 @@ E2E_SECONDS = Histogram(
     "tandem_e2e_request_latency_seconds", "Arrival to last token", buckets=LATENCY_BUCKETS
 )
 QUEUE_SECONDS = Histogram(
-    "tandem_request_queue_seconds", "Arrival to first scheduling", buckets=LATENCY_BUCKETS
+    "tandem_request_queue_seconds",
+    "The serving decode (or colocated) worker's wait: its arrival there to first scheduling (the KV "
+    "reservation when disaggregated); not the router's, the prefill queue's or the KV transfer's time",
+    buckets=LATENCY_BUCKETS,
 )
 REQUESTS = Counter("tandem_requests", "Finished requests by outcome", ["outcome"])
-REQUEST_OUTCOMES = ("met", "missed_ttft", "missed_tpot", "failed", "rejected", "invalid")
+# Ended by their client with no SLO missed yet (see router.py): attainment leaves them out, as it
+# does invalid requests.
+CLIENT_ENDED_OUTCOMES = ("cancelled", "timed_out")
+REQUEST_OUTCOMES = (
+    "met",
+    "missed_ttft",
+    "missed_tpot",
+    "failed",
+    "rejected",
+    "invalid",
+    *CLIENT_ENDED_OUTCOMES,
+)
 RETRIES = Counter("tandem_request_retries", "Requests retried on another worker pair before any token")
 # A subset of outcome="rejected" (which a dashboard's totals keep counting): the autoscaler tells the
 # router's own limit apart from full or busy workers, and scales no pool up for it.

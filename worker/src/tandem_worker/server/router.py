@@ -64,11 +64,6 @@ class SLO:
     tpot_seconds: float = 0.2
 
 
-# Outcomes of requests their client ended before the answer was complete, with no SLO missed yet
-# (see the module's docstring): cancelled, or past the deadline the client set.
-CLIENT_ENDED_OUTCOMES = ("cancelled", "timed_out")
-
-
 @dataclass
 class _Progress:
     """One admitted request's progress: what it is judged by if its client ends it, and whether its
@@ -274,6 +269,9 @@ class RouterService(pbgrpc.InferenceServicer):
                             )
                         )
                         self._observe(progress, ttft, tpot, e2e, msg.timings.queue_seconds)
+                        # Its workers served a whole answer: a failure before no longer keeps them
+                        # out of rotation, nor lengthens their next backoff.
+                        self.pool.succeeded(pair, ticket)
                         yield out
                         return
                     yield out
@@ -289,6 +287,10 @@ class RouterService(pbgrpc.InferenceServicer):
                     self._count(progress, self._client_ended(progress, past_deadline=True))
                     context.abort(code, details)
                 if sent_first or not _retryable(code, details):
+                    if sent_first and code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS):
+                        # The decode worker went away mid-answer (its prefill partner was done): it
+                        # backs off as one that failed before the first token does.
+                        self.pool.mark_failed(pair.decode, details)
                     caller_error = code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
                     self._count(progress, "invalid" if caller_error else "failed")
                     # Which worker is the operator's to know (the log), not the client's.
@@ -384,4 +386,4 @@ class _Ended(Exception):
     pass
 
 
-__all__ = ["CLIENT_ENDED_OUTCOMES", "FINISH_TO_PB", "SLO", "RouterService"]
+__all__ = ["FINISH_TO_PB", "SLO", "RouterService"]

@@ -26,7 +26,7 @@ from .listen import EXCLUSIVE_PORT_OPTIONS, listen
 from .pb import inference_pb2, inference_pb2_grpc
 from .pb import worker_pb2 as wpb
 from .pb import worker_pb2_grpc as wgrpc
-from .router import CLIENT_ENDED_OUTCOMES, SLO, RouterService
+from .router import SLO, RouterService
 from .worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -80,8 +80,6 @@ def serve_router(
         raise
     metrics.register_worker_pool(pool.snapshot)
     metrics.start_request_outcomes()
-    for outcome in CLIENT_ENDED_OUTCOMES:  # at 0 from the first scrape too, as start_request_outcomes'
-        metrics.REQUESTS.labels(outcome=outcome)
     metrics.serve_metrics(metrics_port, host)
     server.start()
     for n in ("", name):
