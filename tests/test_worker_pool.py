@@ -388,6 +388,25 @@ def test_tokens_after_a_stop_string_are_not_part_of_the_output(model_dir):
     assert out.usage.completion_tokens == upto
 
 
+def test_a_stop_string_completed_only_when_the_output_ends_is_a_stop(model_dir):
+    # " 東" is one token of a space and the character's first bytes: the space is held back until
+    # the character is whole, and an answer cut there (max_tokens) completes "! " only at its end.
+    tok = Tokenizer(model_dir)
+    ids = tok.encode("Hello, world! 東京")
+    cut = next(k for k in range(1, len(ids)) if tok.hf.decode(ids[:k]).endswith("! \ufffd"))
+    with _router_over_fake_decode(model_dir, lambda pool: _SeveralTokensAMessage(ids[:cut])) as (
+        router,
+        _,
+        _,
+    ):
+        request = pb.GenerateRequest(
+            token_ids=pb.TokenIds(ids=[1, 2, 3]), sampling=pb.SamplingParams(stop=["! "])
+        )
+        (out,) = list(router.Generate(request, _Context()))
+    assert out.text == "Hello, world" and out.stop_reason == "! "
+    assert out.finish_reason == pb.FINISH_REASON_STOP
+
+
 def test_a_router_on_a_port_another_server_holds_fails_to_start(model_dir):
     # gRPC's default SO_REUSEPORT let a second router (or worker) "listen" on a taken port, and
     # the kernel split connections between the two processes.

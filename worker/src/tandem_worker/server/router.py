@@ -248,6 +248,9 @@ class RouterService(pbgrpc.InferenceServicer):
                         else:
                             out.text += text.finish()
                             out.finish_reason = msg.finish_reason
+                            if text.stopped_by is not None:  # completed by the last character's end
+                                out.finish_reason = pb.FINISH_REASON_STOP
+                                out.stop_reason = text.stopped_by
                         first_token_time, n_tokens = progress.first_token_time, progress.n_tokens
                         e2e = now - arrival
                         ttft = (first_token_time or now) - arrival
