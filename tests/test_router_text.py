@@ -215,8 +215,12 @@ def test_token_bytes_join_into_the_text_even_where_tokens_split_characters(real_
     # The case it exists for: tokens that are part of a character, which decode shows as U+FFFD.
     split = [p for i, p in zip(ids, pieces) if "\ufffd" in real_tok.decode([i])]
     assert split and all(p and "\ufffd".encode() not in p for p in split)
-    # A special token shows as decode shows it: nothing.
+    # A special token shows as decode shows it: nothing; so does every token decoding hides, though
+    # not in all_special_ids (SmolLM2's "<repo_name>"), which logprobs name as special ones.
     assert real_tok.token_bytes(real_tok.eos_token_id) == b""
+    (repo_name,) = [i for i, name in real_tok.hidden_tokens.items() if name == "<repo_name>"]
+    assert repo_name not in real_tok.hf.all_special_ids and real_tok.decode([repo_name]) == ""
+    assert real_tok.token_bytes(repo_name) == b"" and real_tok.token_text(repo_name) == "<repo_name>"
 
 
 def _responses(tok: Tokenizer, prompt: list[int], out: list[int]) -> list:

@@ -129,7 +129,9 @@ class Tokenizer:
 
     @functools.cached_property
     def _special(self) -> set[int]:
-        return set(self.hf.all_special_ids)
+        # Every token decoding hides, not only all_special_ids: the bytes of "<repo_name>" would
+        # otherwise show in logprobs where the text has none.
+        return set(self.hf.all_special_ids) | set(self.hidden_tokens)
 
     @functools.cached_property
     def hidden_tokens(self) -> dict[int, str]:
