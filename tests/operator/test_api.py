@@ -57,8 +57,12 @@ def test_crd_schema_is_structural_and_documented():
     assert columns["Age"] == ".metadata.creationTimestamp"
     root = version["schema"]["openAPIV3Schema"]
     for path, node in _walk(root):
-        # Structural: a type everywhere, none of JSON Schema's combinators or references.
-        assert "type" in node, path
+        # Structural: a type everywhere but on IntOrString nodes (which Kubernetes requires untyped,
+        # and which then need their own CEL check), none of JSON Schema's combinators or references.
+        if node.get("x-kubernetes-int-or-string"):
+            assert "type" not in node and node["x-kubernetes-validations"], path
+        else:
+            assert "type" in node, path
         assert not {"$ref", "anyOf", "oneOf", "allOf", "$defs", "title"} & set(node), path
         if path and path != ".metadata" and not path.endswith(("[]", "{}")):  # fields, not items
             assert node.get("description"), f"{path} has no description"
@@ -68,6 +72,9 @@ def test_crd_schema_is_structural_and_documented():
     pool = spec["properties"]["prefill"]
     assert pool["properties"]["gpus"]["minimum"] == 0 and pool["properties"]["gpus"]["maximum"] == 1
     assert pool["properties"]["replicas"]["default"] == 1
+    rollout = pool["properties"]["rollout"]["properties"]
+    assert rollout["maxSurge"]["x-kubernetes-int-or-string"] is True
+    assert rollout["maxUnavailable"]["x-kubernetes-int-or-string"] is True
     assert spec["properties"]["router"]["default"] == {}  # so the API server fills the router's defaults
     slo = spec["properties"]["slo"]["properties"]["attainment"]
     assert slo["minimum"] == 0 and slo["exclusiveMinimum"] is True and slo["maximum"] == 1
@@ -259,6 +266,11 @@ RULE_SAMPLES: dict[type, list[dict]] = {
                       {"key": "k", "tolerationSeconds": 5})
     ],
     api.RatioBand: [{"min": 0.5, "max": 1.0}, {"min": 1.0, "max": 1.0}, {"min": 2.0, "max": 1.0}],
+    api.Rollout: [
+        {**surge, **unavailable}
+        for surge in ({}, {"maxSurge": 0}, {"maxSurge": "0%"}, {"maxSurge": 1}, {"maxSurge": "10%"})
+        for unavailable in ({}, {"maxUnavailable": 0}, {"maxUnavailable": "0%"}, {"maxUnavailable": 2})
+    ],
     api.ModelDeploymentSpec: [
         {"mode": mode, **pools}
         for mode in ("disaggregated", "colocated")

@@ -13,12 +13,13 @@ Parts of the status: see `ModelDeploymentStatus`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "tandem.dev"
@@ -237,6 +238,113 @@ class Toleration(_Model):
     )
 
 
+# A rollout's maxSurge and maxUnavailable, as Kubernetes' IntOrString takes them: a number of pods or
+# a percentage of the pool's replicas. Bounded at 100% and at a pool's most replicas: a rollout never
+# runs more new pods than the pool's replicas, so a larger surge adds nothing, and Kubernetes refuses
+# a maxUnavailable above 100% (the operator's Deployment would fail with 422).
+MAX_POOL_REPLICAS = 1000
+PERCENT_PATTERN = r"^(100|[1-9]?[0-9])%$"
+DEFAULT_MAX_SURGE = 1
+# An IntOrString is `dyn` to the API server's CEL: every use is guarded by `type(...)`.
+_COUNT_OR_PERCENT_CEL = (
+    f"type(self) == int ? self >= 0 && self <= {MAX_POOL_REPLICAS} "
+    f": type(self) == string && self.matches('{PERCENT_PATTERN}')"
+)
+_COUNT_OR_PERCENT_MESSAGE = (
+    f"must be a number of pods (0 to {MAX_POOL_REPLICAS}) or a percentage of the pool's replicas "
+    "(0% to 100%, e.g. 25%)"
+)
+
+
+def is_count_or_percent(value: Any) -> bool:
+    """True for what a rollout field takes: an int from 0 or a percentage like "25%" (no "1", no 1.0)."""
+    if isinstance(value, bool):  # JSON true is no number of pods
+        return False
+    if isinstance(value, int):
+        return 0 <= value <= MAX_POOL_REPLICAS
+    return isinstance(value, str) and re.fullmatch(PERCENT_PATTERN, value) is not None
+
+
+def _count_or_percent(value: Any) -> int | str:
+    if not is_count_or_percent(value):
+        raise ValueError(f"{_COUNT_OR_PERCENT_MESSAGE}, got {value!r}")
+    return value
+
+
+def is_zero(value: Any) -> bool:
+    """A rollout field that lets no pod be added (maxSurge) or taken down (maxUnavailable)."""
+    return (isinstance(value, int) and not isinstance(value, bool) and value == 0) or value == "0%"
+
+
+# The CRD's IntOrString: `x-kubernetes-int-or-string` and no `type` is the one untyped node a structural
+# schema allows; the field's own CEL rule checks the value, so a bad one is refused at apply time.
+CountOrPercent = Annotated[
+    int | str,
+    PlainValidator(_count_or_percent),
+    WithJsonSchema(
+        {
+            "x-kubernetes-int-or-string": True,
+            "x-kubernetes-validations": [
+                {"rule": _COUNT_OR_PERCENT_CEL, "message": _COUNT_OR_PERCENT_MESSAGE}
+            ],
+        }
+    ),
+]
+
+
+# With the pattern, a percentage's one zero is "0%". `type(...)` keeps CEL from comparing a string to
+# an int, which CEL without heterogeneous equality refuses rather than answering false.
+def _zero_cel(field: str) -> str:
+    return f"(type(self.{field}) == int ? self.{field} == 0 : self.{field} == '0%')"
+
+
+class Rollout(_Model):
+    """How a pool's Deployment replaces its pods when the pod template changes (a new image, a changed
+    spec): the Deployment's RollingUpdate strategy."""
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            "!has(self.maxSurge) || !has(self.maxUnavailable) || "
+            f"!({_zero_cel('maxSurge')} && {_zero_cel('maxUnavailable')})",
+            "rollout maxSurge and maxUnavailable cannot both be 0: the rollout could neither add a pod "
+            "nor take one down; with no spare GPU set maxUnavailable to 1 (maxSurge 0 alone does that)",
+            lambda r: not (is_zero(_field(r, "max_surge")) and is_zero(_field(r, "max_unavailable"))),
+        ),
+    )
+
+    max_surge: CountOrPercent | None = Field(
+        default=None,
+        description=(
+            "Pods (or a percentage of replicas, rounded up) started beyond replicas while the pool "
+            "rolls out, each holding its GPUs. Default 1: a new pod must be ready before an old one "
+            "stops, so capacity never drops and a broken update takes nothing down, but the cluster "
+            "needs a spare GPU of the pool's type; without one the new pod stays Pending and the "
+            "rollout never finishes (Degraded: ProgressDeadlineExceeded). 0 there: old pods stop "
+            "first and free their GPUs for their replacements."
+        ),
+    )
+    max_unavailable: CountOrPercent | None = Field(
+        default=None,
+        description=(
+            "Pods (or a percentage of replicas, rounded down) that may be missing from replicas while "
+            "the pool rolls out: old pods stopped before their replacements are ready. Default 0, or 1 "
+            "when maxSurge is 0. With replicas 1, anything above 0 means the pool serves nothing "
+            "while its pod is replaced, and nothing until a broken update is fixed. Not both 0."
+        ),
+    )
+
+    def rolling_update(self) -> dict[str, int | str]:
+        """The Deployment's `strategy.rollingUpdate`, defaults filled in."""
+        surge = DEFAULT_MAX_SURGE if self.max_surge is None else self.max_surge
+        if self.max_unavailable is not None:
+            unavailable = self.max_unavailable
+        else:
+            # maxSurge 0 alone is how Kubernetes users ask for an in-place roll (Kubernetes' own
+            # maxUnavailable default, 25%, lets it progress); a default of 0 would refuse it.
+            unavailable = 1 if is_zero(surge) else 0
+        return {"maxSurge": surge, "maxUnavailable": unavailable}
+
+
 class Pool(_Model):
     """One pool of worker pods (prefill, decode or colocated): one Deployment plus a headless Service."""
 
@@ -258,18 +366,21 @@ class Pool(_Model):
         ),
     )
 
-    replicas: int = Field(default=1, ge=0, le=1000, description="Number of worker pods.")
+    replicas: int = Field(default=1, ge=0, le=MAX_POOL_REPLICAS, description="Number of worker pods.")
     min_replicas: int | None = Field(
         default=None,
         ge=1,
-        le=1000,
+        le=MAX_POOL_REPLICAS,
         description=(
             "Lower bound for the autoscaler (default: replicas). At least 1: nothing scales a pool "
             "up from zero."
         ),
     )
     max_replicas: int | None = Field(
-        default=None, ge=1, le=1000, description="Upper bound for the autoscaler (default: replicas)."
+        default=None,
+        ge=1,
+        le=MAX_POOL_REPLICAS,
+        description="Upper bound for the autoscaler (default: replicas).",
     )
     # At most 1: a worker runs one engine on one device (no tensor parallelism), so a second GPU per
     # pod would be allocated and never used.
@@ -321,6 +432,14 @@ class Pool(_Model):
     )
     max_pending: int = Field(
         default=256, ge=1, le=100000, description="Requests in flight per pod before RESOURCE_EXHAUSTED."
+    )
+    rollout: Rollout = Field(
+        default_factory=Rollout,
+        description=(
+            "How the pool's pods are replaced when their template changes (maxSurge, maxUnavailable). "
+            "Default: one extra pod at a time, none down; on a cluster with no spare GPU set "
+            "maxSurge 0 (then maxUnavailable defaults to 1)."
+        ),
     )
 
 

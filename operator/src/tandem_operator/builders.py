@@ -559,6 +559,11 @@ def _without_empty(fields: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v not in ([], {}, None)}
 
 
+# The router holds no GPU, so a surge pod always finds room: never below its desired capacity during
+# a roll (clients hold connections to it), one new pod at a time.
+ROUTER_ROLLING_UPDATE = {"maxSurge": 1, "maxUnavailable": 0}
+
+
 def _deployment(
     owner: Owner,
     component: str,
@@ -566,6 +571,7 @@ def _deployment(
     pod_spec: dict[str, Any],
     config_digest: str,
     spec: api.ModelDeploymentSpec,
+    rolling_update: dict[str, int | str],
 ) -> dict[str, Any]:
     return {
         "apiVersion": "apps/v1",
@@ -576,8 +582,7 @@ def _deployment(
             # Longer than the startup budget, so a slow download and model load is not "stuck".
             "progressDeadlineSeconds": spec.startup_timeout_seconds + PROGRESS_MARGIN_SECONDS,
             "selector": {"matchLabels": selector_labels(owner, component)},
-            # Never below the desired capacity during a roll: surge one pod, then retire one.
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": dict(rolling_update)},
             "template": {
                 "metadata": {
                     "labels": build_labels(owner, component),
@@ -633,7 +638,10 @@ def build_worker_deployment(
             "topologySpreadConstraints": build_topology_spread(selector_labels(owner, role), spec.placement),
         }
     )
-    return _deployment(owner, role, pool.replicas, pod_spec, config_digest, spec)
+    # Each worker holds a GPU: whether a roll adds pods first (needs a spare GPU) or stops old ones
+    # first (loses capacity meanwhile) is the pool's `rollout`.
+    rolling_update = pool.rollout.rolling_update()
+    return _deployment(owner, role, pool.replicas, pod_spec, config_digest, spec, rolling_update)
 
 
 def build_worker_service(owner: Owner, spec: api.ModelDeploymentSpec, role: str) -> dict[str, Any]:
@@ -748,7 +756,7 @@ def build_router_deployment(
             "topologySpreadConstraints": build_topology_spread(selector, spec.placement),
         }
     )
-    return _deployment(owner, "router", r.replicas, pod_spec, config_digest, spec)
+    return _deployment(owner, "router", r.replicas, pod_spec, config_digest, spec, ROUTER_ROLLING_UPDATE)
 
 
 def build_router_service(owner: Owner, spec: api.ModelDeploymentSpec) -> dict[str, Any]:
@@ -790,6 +798,11 @@ def _router_api_ports(r: api.Router) -> list[tuple[str, int, str]]:
 
 def build_pdb(owner: Owner, component: str) -> dict[str, Any]:
     # maxUnavailable (not minAvailable): a one-replica pool still lets a node drain.
+    # Independent of the pool's `rollout`: the Deployment controller replaces pods without the
+    # eviction API. Pods a roll has taken down (its maxUnavailable) count against this budget, so a
+    # drain waits for the roll; one stuck with a pod down (a replacement that never gets ready) holds
+    # drains of the pool's ready pods until it is fixed. A surge roll (the default) stuck on a Pending
+    # pod holds nothing: every desired pod is still ready.
     # AlwaysAllow: a pod that is not Ready protects no capacity, so evicting it is always allowed. The
     # default (IfHealthyBudget) refuses to evict unready pods once the pool is below budget, and a
     # pool's pods often turn unready together (every router while no worker pair is healthy, every
