@@ -400,3 +400,55 @@ async def test_a_cuda_out_of_memory_crash_is_named_from_the_containers_last_log_
     ]
     assert {c["name"] for c in containers} == {"worker", "router"}
     assert {c.get("terminationMessagePolicy") for c in containers} == {"FallbackToLogsOnError"}
+
+
+def test_a_pod_the_scheduler_cannot_place_is_named_where_its_rollout_or_scale_up_waits():
+    """A surge pod Pending for want of a spare GPU held a rollout until ProgressDeadlineExceeded,
+    and status said only "stuck: prefill": now the pod, the scheduler's reason, and (a rollout
+    waiting for a GPU) the setting that replaces pods in place."""
+    from tandem_operator.status import Workload, plan_status
+
+    unplaced = pod("p-new", "prefill", [])
+    unplaced["status"] = {
+        "phase": "Pending",
+        "conditions": [
+            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+             "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."},
+        ],
+    }  # fmt: skip
+    waiting = pod("d-new", "decode", [])
+    waiting["status"] = {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}]}
+    seen = observe_pods(
+        [unplaced, pod("p-old", "prefill", [running()]), waiting], ["prefill", "decode"], at(0)
+    )
+    assert seen["prefill"].unschedulable == (
+        ("p-new", "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."),
+    )
+    assert seen["decode"].unschedulable == ()
+
+    def status(prefill: Workload) -> dict[str, tuple[str, str]]:
+        ok = Workload(1, 1, 1, True, None)
+        out = plan_status(
+            generation=2,
+            spec_errors=[],
+            workloads={"prefill": prefill, "decode": ok, "router": ok},
+            router_service=None,
+            previous={},
+            now=at(0),
+            pods=seen,
+        )
+        return {c["type"]: c["message"] for c in out["conditions"]}
+
+    hint = (
+        "(pod p-new unschedulable: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu: "
+        "with no spare GPU, set spec.prefill.rollout.maxSurge: 0)"
+    )
+    assert status(Workload(1, 1, 0, False, None))["Progressing"] == f"rolling out: prefill {hint}"
+    stuck = status(Workload(1, 1, 0, False, "ProgressDeadlineExceeded"))["Degraded"]
+    assert stuck == f"stuck: prefill (ProgressDeadlineExceeded) {hint}"
+    # A scale-up the cluster has no GPU for: the reason, but no rollout to change.
+    short = status(Workload(2, 1, 2, True, None))["Degraded"]
+    assert short == (
+        "fewer ready pods than desired: prefill 1/2 "
+        "(pod p-new unschedulable: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu)"
+    )

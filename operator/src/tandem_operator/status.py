@@ -115,6 +115,21 @@ class PoolPods:
 
     pods: int
     crashes: tuple[Crash, ...] = ()
+    # Pods the scheduler cannot place: (pod, the scheduler's message: "0/3 nodes are available: 3
+    # Insufficient nvidia.com/gpu. ..."), which says why a rollout or a scale-up waits.
+    unschedulable: tuple[tuple[str, str], ...] = ()
+
+    def pending_detail(self, component: str, rolling_out: bool) -> str:
+        """ " (pod x unschedulable: <why>)" for the first such pod, with what to set when a rollout
+        waits for a GPU no node has spare; "" when every pod is placed."""
+        if not self.unschedulable:
+            return ""
+        pod, why = self.unschedulable[0]
+        more = f" and {len(self.unschedulable) - 1} more" if len(self.unschedulable) > 1 else ""
+        hint = ""
+        if rolling_out and component != "router" and "nvidia.com/gpu" in why:
+            hint = f": with no spare GPU, set spec.{component}.rollout.maxSurge: 0"
+        return f" (pod {pod}{more} unschedulable: {why.strip().rstrip('.')}{hint})"
 
     @property
     def reason(self) -> str | None:
@@ -210,6 +225,7 @@ def observe_pods(pods: list[dict[str, Any]], components: Any, now: str) -> dict[
     replacements are."""
     at = _time(now)
     found: dict[str, list[Crash]] = {c: [] for c in components}
+    pending: dict[str, list[tuple[str, str]]] = {c: [] for c in components}
     counts = dict.fromkeys(components, 0)
     for p in pods:
         meta = p.get("metadata") or {}
@@ -220,11 +236,21 @@ def observe_pods(pods: list[dict[str, Any]], components: Any, now: str) -> dict[
         if st.get("phase") in ("Succeeded", "Failed"):
             continue
         counts[component] += 1
+        for c in st.get("conditions") or []:
+            if (
+                c.get("type") == "PodScheduled"
+                and c.get("status") == "False"
+                and c.get("reason") == "Unschedulable"
+            ):
+                pending[component].append((str(meta.get("name", "")), str(c.get("message") or "")))
         for cs in (st.get("initContainerStatuses") or []) + (st.get("containerStatuses") or []):
             crash = _crash(str(meta.get("name", "")), cs, at)
             if crash is not None:
                 found[component].append(crash)
-    return {c: PoolPods(pods=counts[c], crashes=tuple(found[c])) for c in found}
+    return {
+        c: PoolPods(pods=counts[c], crashes=tuple(found[c]), unschedulable=tuple(sorted(pending[c])))
+        for c in found
+    }
 
 
 def unhealthy_components(status: dict[str, Any]) -> dict[str, str]:
@@ -376,7 +402,11 @@ def plan_status(
     else:
         spec_valid = cond(SPEC_VALID, True, "Valid", "the spec passed every check")
 
-    rolling = sorted(c for c, w in workloads.items() if not w.rolled_out)
+    def pending(component: str, rolling_out: bool) -> str:
+        p = (pods or {}).get(component)
+        return p.pending_detail(component, rolling_out) if p is not None else ""
+
+    rolling = sorted(c + pending(c, True) for c, w in workloads.items() if not w.rolled_out)
     if not workloads:
         progressing = cond(PROGRESSING, False, "NoWorkloads", "nothing is deployed")
     elif mode_switch is not None:
@@ -389,9 +419,13 @@ def plan_status(
     else:
         progressing = cond(PROGRESSING, False, "RolloutComplete", "every workload runs the current spec")
 
-    stuck = sorted(f"{c} ({w.stuck_reason})" for c, w in workloads.items() if w.stuck_reason)
+    stuck = sorted(
+        f"{c} ({w.stuck_reason}){pending(c, True)}" for c, w in workloads.items() if w.stuck_reason
+    )
     short = sorted(
-        f"{c} {w.ready}/{w.desired}" for c, w in workloads.items() if w.rolled_out and w.ready < w.desired
+        f"{c} {w.ready}/{w.desired}{pending(c, False)}"
+        for c, w in workloads.items()
+        if w.rolled_out and w.ready < w.desired
     )
     if failures:
         degraded = cond(DEGRADED, True, "ApplyFailed", "; ".join(failures))
