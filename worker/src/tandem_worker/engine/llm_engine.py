@@ -202,6 +202,9 @@ class LLMEngine:
         self._kv_stager: KVStager | None = None  # made on first use, on a CUDA prefill worker
         self.busy_seconds = 0.0
         self.last_step_idle = False  # the last step found nothing it could do
+        # The last step passed over requests whose adapter is still being read, within its load
+        # timeout: waiting on work that is under way, not stuck (EngineLoop.progress).
+        self.last_step_waited_on_load = False
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -385,6 +388,7 @@ class LLMEngine:
         out = self.scheduler.schedule()
         # Nothing changed: what waits needs blocks held by KV in transit, or an adapter's load.
         self.last_step_idle = out.is_empty and not (out.reserved or out.failed or out.preempted)
+        self.last_step_waited_on_load = bool(out.loading)
         now = time.monotonic()
         failed = [self._fail(seq, why) for seq, why in out.failed]
         for seq in out.reserved:

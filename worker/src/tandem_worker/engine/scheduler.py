@@ -5,7 +5,9 @@ Each `schedule()` call decides one model step:
   (chunked) prefill takes what is left of the budget but a token for each decode behind it,
   so a long prompt never stalls the running decodes for more than one chunk;
 - on a prefill worker, a running prefill whose KV waits for a slow reader beyond its limit
-  (`Sequence.kv_backlogged`) is held back for the step, taking nothing; the others run;
+  (`Sequence.kv_backlogged`) is held back for the step, taking nothing; the others run. So is a
+  preempted one waiting to be re-admitted: it keeps its place at the front of the queue, and the
+  requests behind it go ahead until its reader catches up;
 - then waiting sequences are admitted first-come-first-served while the budget, the
   sequence limit and free KV blocks allow; the head of the queue is never skipped, so
   no request starves. An admission leaves a free block for each sequence holding KV (the
@@ -76,6 +78,9 @@ class SchedulerOutput:
     admitted: list[Sequence] = field(default_factory=list)
     reserved: list[Sequence] = field(default_factory=list)  # remote-KV sequences that got their blocks
     failed: list[tuple[Sequence, str]] = field(default_factory=list)  # e.g. their adapter cannot load
+    # Passed over while their adapter is read from the store, within its load timeout: what they
+    # wait for may still come, so the engine is not stuck (see EngineLoop.progress).
+    loading: list[Sequence] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -200,11 +205,12 @@ class Scheduler:
         its adapter pinned, through `admit` (False: no KV room, and the queue stops there).
         True if the queue stopped behind a request waiting for room (KV, or its adapter's).
 
-        Passed over, keeping their place at the front: requests whose adapter is being read; one
-        whose adapter finds no room on the device, for `adapter_wait_steps` steps of its wait (then
-        the queue stops behind it); and behind such a one, requests whose adapter would need room
-        too. So what goes ahead of a request waiting for room takes none of the room it waits for
-        but KV, and the host cache is not churned by reads for adapters that could not run."""
+        Passed over, keeping their place at the front: preempted prefills whose KV reader is still
+        behind (`Sequence.kv_backlogged`); requests whose adapter is being read; one whose adapter
+        finds no room on the device, for `adapter_wait_steps` steps of its wait (then the queue
+        stops behind it); and behind such a one, requests whose adapter would need room too. So
+        what goes ahead of a request waiting for room takes none of the room it waits for but KV,
+        and the host cache is not churned by reads for adapters that could not run."""
         passed: list[Sequence] = []
         blocked = stalled = False
         while queue and has_room():
@@ -212,8 +218,17 @@ class Scheduler:
             if blocked and self._needs_room(seq):
                 passed.append(queue.popleft())
                 continue
+            if seq.kv_backlogged is not None and seq.kv_backlogged():
+                # Preempted while its reader was behind (a new request has sent nothing). Re-admitted,
+                # its first chunk computed KV past the limit, again at each preemption (the newest
+                # admission is the next victim), and took blocks it could not use. Stopping the
+                # queue behind it instead would let one slow reader stall every request.
+                passed.append(queue.popleft())
+                continue
             if not self._acquire(seq, queue, out):
-                if not self._adapter_loading(seq):  # no room (the read may have just started)
+                if self._adapter_loading(seq):
+                    out.loading.append(seq)
+                else:  # no room (the read may have just started)
                     if seq.num_adapter_waits >= self.adapter_wait_steps:
                         stalled = True
                         break

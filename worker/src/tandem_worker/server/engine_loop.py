@@ -7,7 +7,9 @@ Parts:
 - `kv_ready()` tells a decode engine that a request's prompt KV has been written into its
   reserved blocks, with the first token the prefill worker sampled;
 - the loop thread applies commands between steps and steps while there is work.
-The queue is bounded: beyond `max_pending` unfinished requests, `submit()` raises `QueueFull`.
+The queue is bounded: beyond `max_pending` unfinished requests, `submit()` raises `QueueFull`; on a
+prefill worker, so does a prompt that would take its unfinished prompts past
+`max_queued_prefill_tokens` (when set, and unless it would be the only one).
 On a prefill worker each request's KV pieces wait in its stream for the reader that sends them
 (`KVBacklog`): past `EngineConfig.kv_send_backlog_bytes` unsent, its next prompt chunk is held
 back until the reader catches up, which wakes the loop. Its reader may ask for a `Heartbeat` while
@@ -143,10 +145,13 @@ class RequestStream:
     With `kv` (a prefill request), a `KVPiece` counts as sent once the consumer asks for the next
     event: the KVTransfer servicer asks only after gRPC took all of the piece's messages."""
 
-    def __init__(self, loop: EngineLoop, request_id: str, kv: KVBacklog | None = None) -> None:
+    def __init__(
+        self, loop: EngineLoop, request_id: str, kv: KVBacklog | None = None, prefill_tokens: int = 0
+    ) -> None:
         self.loop = loop
         self.request_id = request_id
         self.kv = kv
+        self.prefill_tokens = prefill_tokens  # what it adds to `EngineLoop.queued_prefill_tokens`
         self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.finished = False
 
@@ -195,9 +200,19 @@ class RequestStream:
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, max_pending: int = 1024) -> None:
+    def __init__(
+        self, engine: LLMEngine, max_pending: int = 1024, max_queued_prefill_tokens: int = 0
+    ) -> None:
+        """`max_queued_prefill_tokens` (0: no bound): a prefill worker refuses a KV pull as busy
+        (`QueueFull`) when its prompt would take the prompt tokens of its unfinished pulls past it:
+        about the tokens it prefills within the wait a request may have in its queue (its prefill
+        throughput times a TTFT target). Heartbeats keep a queued pull alive for as long as the
+        engine works, while it holds blocks reserved on its decode worker and its client waits; the
+        router picks the least queued prefill worker by stats that lag, and passes the refusal on to
+        another one (or answers 429 when all are this busy)."""
         self.engine = engine
         self.max_pending = max_pending
+        self.max_queued_prefill_tokens = max_queued_prefill_tokens
         self._cmds: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
         self._lock = threading.Lock()
@@ -207,9 +222,11 @@ class EngineLoop:
         self.died = threading.Event()  # set once `error` is, for whoever must react (the server)
         self._stats: dict[str, Any] = engine.stats()
         self._kv_unsent = 0  # bytes, over every request's KVBacklog (under _lock)
-        # Steps that did something plus KV pieces computed: it stands still only while the engine
-        # is stuck or has nothing it can do (see `RequestStream.events`). Written by the loop
-        # thread alone (KVBacklog.put runs on it too), read by any.
+        self._prefill_tokens = 0  # over the unfinished prefill-worker requests (under _lock)
+        # Steps that did something, KV pieces computed, and steps that waited on an adapter still
+        # being read: it stands still only while the engine is stuck or has nothing it can do (see
+        # `RequestStream.events`). Written by the loop thread alone (KVBacklog.put runs on it too),
+        # read by any.
         self.progress = 0
 
     def start(self) -> EngineLoop:
@@ -225,6 +242,14 @@ class EngineLoop:
     def num_in_flight(self) -> int:
         with self._lock:
             return len(self._streams)
+
+    @property
+    def queued_prefill_tokens(self) -> int:
+        """Prefill side: prompt tokens (less those the reader has) of the unfinished KV pulls, from
+        their submission on. Whole prompts, also once partly computed: exact under the lock at
+        submission, where the engine's `queued_prompt_tokens` lags by the commands not yet run."""
+        with self._lock:
+            return self._prefill_tokens
 
     @property
     def kv_unsent_bytes(self) -> int:
@@ -254,7 +279,8 @@ class EngineLoop:
         if adapter:
             self.engine.lora.check(adapter)  # NOT_FOUND before anything is queued
         backlog = KVBacklog(self, self.engine.config.kv_send_backlog_bytes) if kv_sink else None
-        stream = RequestStream(self, request_id, backlog)
+        tokens = max(len(prompt_token_ids) - kv_skip, 1) if kv_sink else 0
+        stream = RequestStream(self, request_id, backlog, tokens)
         with self._lock:
             # Under the lock the dying thread takes to fail every stream: a stream registered
             # after that would wait for events forever.
@@ -263,6 +289,13 @@ class EngineLoop:
                 raise QueueFull(f"{len(self._streams)} requests in flight (the limit is {self.max_pending})")
             if request_id in self._streams:
                 raise RequestError("request_id", f"{request_id!r} is already in flight")
+            most, queued = self.max_queued_prefill_tokens, self._prefill_tokens
+            # An idle worker takes any prompt, however long: refused, it would be refused everywhere.
+            if tokens and most and queued and queued + tokens > most:
+                raise QueueFull(
+                    f"{queued} prompt tokens queued for prefill; {tokens} more would pass the limit of {most}"
+                )
+            self._prefill_tokens += tokens
             self._streams[request_id] = stream
 
         def add() -> None:
@@ -345,22 +378,26 @@ class EngineLoop:
 
     # --- the loop thread -----------------------------------------------------------------------
 
+    def _forget(self, request_id: str) -> RequestStream | None:
+        """Under _lock: the request is over (finished, failed, aborted); its stream, if still known."""
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            self._prefill_tokens -= stream.prefill_tokens
+        return stream
+
     def _close(self, request_id: str, error: BaseException | None = None) -> None:
         with self._lock:
-            stream = self._streams.pop(request_id, None)
+            stream = self._forget(request_id)
         if stream is not None:
             stream.put(error if error is not None else _END)
 
     def _route(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
             with self._lock:
-                stream = self._streams.get(out.request_id)
-            if stream is None:
-                continue
-            stream.put(out)
-            if out.finished:
-                with self._lock:
-                    self._streams.pop(out.request_id, None)
+                # Forgotten before its reader sees the end: a pull that follows finds it gone.
+                stream = self._forget(out.request_id) if out.finished else self._streams.get(out.request_id)
+            if stream is not None:
+                stream.put(out)
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -387,7 +424,11 @@ class EngineLoop:
                     break
                 self._stats = engine.stats()
                 outputs = engine.step()
-                if not engine.last_step_idle:
+                # A request waiting for its adapter's read (from a slow disk, longer than a decode
+                # worker's idle timeout) is busy, not stalled. A read that hangs is bounded by the
+                # adapter load timeout instead: past it the request fails with the reason, and
+                # until then a hung read cannot be told from a slow one (the read reports nothing).
+                if not engine.last_step_idle or engine.last_step_waited_on_load:
                     self.progress += 1
                 self._stats = engine.stats()
                 for r in engine.take_reservations():
@@ -402,6 +443,7 @@ class EngineLoop:
                 self.error = e
                 streams = list(self._streams.values())
                 self._streams.clear()
+                self._prefill_tokens = 0
             for s in streams:
                 s.put(EngineDead(f"engine failed: {e!r}"))
             self.died.set()
