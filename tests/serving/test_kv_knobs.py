@@ -163,3 +163,17 @@ def test_a_prefill_worker_shows_its_unsent_kv_and_refuses_pulls_past_its_total_l
         assert p.metric("tandem_kv_transfer_aborted_bytes_total", direction="sent") > 0
     finally:
         stop_all([p])
+
+
+def test_tandem_worker_passes_its_prefill_queue_bound_to_the_engine_loop(monkeypatch):
+    """--max-queued-prefill-tokens reaches serve_worker (and so the EngineLoop); 0 by default."""
+    from tandem_worker import cli
+    from tandem_worker.server import worker_main
+
+    seen: list[dict] = []
+    monkeypatch.setattr(worker_main, "serve_worker", lambda *args, **kw: seen.append(kw) or 0)
+    assert cli.main(["worker", "--role", "prefill", "--max-queued-prefill-tokens", "4096"]) == 0
+    assert cli.main(["worker", "--role", "prefill"]) == 0
+    assert [kw["max_queued_prefill_tokens"] for kw in seen] == [4096, 0]
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["worker", "--max-queued-prefill-tokens", "-1"])

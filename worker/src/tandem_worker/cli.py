@@ -161,6 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-pending", type=positive_int, default=256, help="requests in flight before RESOURCE_EXHAUSTED"
     )
     w.add_argument(
+        "--max-queued-prefill-tokens",
+        type=non_negative_int,
+        default=0,
+        metavar="TOKENS",
+        help="prefill: refuse new KV pulls as busy (the router tries another prefill worker) while "
+        "unfinished prompts hold this many tokens; about prefill tokens/s times the wait allowed in "
+        "its queue (default 0: no bound)",
+    )
+    w.add_argument(
         "--kv-send-backlog-bytes",
         type=positive_int,
         default=64 * 2**20,
@@ -544,6 +553,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         adapters=adapters,
         drain_timeout=args.drain_timeout,
         kv_idle_timeout_s=args.kv_idle_timeout,
+        max_queued_prefill_tokens=args.max_queued_prefill_tokens,
     )
 
 

@@ -47,6 +47,7 @@ def serve_worker(
     stop_event: threading.Event | None = None,
     adapters: dict[str, str] | None = None,
     kv_idle_timeout_s: float | None = None,
+    max_queued_prefill_tokens: int = 0,
 ) -> int:
     """Serve until SIGTERM/SIGINT (or `stop_event`), then drain: refuse new work, finish in-flight.
     Returns the process's exit status: 0, or 1 when the engine failed (out of device memory, a
@@ -55,7 +56,9 @@ def serve_worker(
 
     `adapters` (name -> folder) are registered to load on first use, besides the adapter store.
     `kv_idle_timeout_s`: how long a decode worker's KV pull may receive nothing (see
-    worker_server.KV_IDLE_TIMEOUT_S; default: $TANDEM_KV_IDLE_TIMEOUT_S, else 30 s)."""
+    worker_server.KV_IDLE_TIMEOUT_S; default: $TANDEM_KV_IDLE_TIMEOUT_S, else 30 s).
+    `max_queued_prefill_tokens`: a prefill worker's bound on the prompt tokens of its unfinished
+    KV pulls, past which it refuses new ones as busy (0: none; see `EngineLoop`)."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
     # Resolved here, so a bad $TANDEM_KV_IDLE_TIMEOUT_S fails before the model loads.
@@ -64,7 +67,9 @@ def serve_worker(
     engine = LLMEngine(config)
     for name, path in (adapters or {}).items():
         engine.lora.register(name, Path(path))
-    loop = EngineLoop(engine, max_pending=max_pending).start()
+    loop = EngineLoop(
+        engine, max_pending=max_pending, max_queued_prefill_tokens=max_queued_prefill_tokens
+    ).start()
     state = WorkerState(engine, loop, role, model_id(engine.model_dir), idle_timeout)
 
     server = grpc.server(
