@@ -98,6 +98,17 @@ def test_the_engine_stops_at_a_special_token_named_as_a_stop_string(engine):
         assert out.text == tok.decode(base.token_ids[:n])
 
 
+def test_the_engine_reports_a_stop_the_text_completes_only_at_its_end(engine):
+    # Each emoji after the first few is one token holding a space and the emoji's first bytes:
+    # the space is held back until the emoji is whole. Cut there (max_tokens), "🎏 " is completed
+    # only as the text ends: a stop, not a length (the text was already cut right, the reason not).
+    params = SamplingParams(max_tokens=22, temperature=0.0, ignore_eos=True, stop=["🎏 "])
+    rid = engine.add_request(params=params, prompt="Emoji list: 🎉 🎈 🎁 🎂")
+    out = run_all(engine)[rid]
+    assert out.text.endswith(" 🎎 ") and "🎏" not in out.text
+    assert (out.finish_reason, out.stop_reason) == ("stop", "🎏 ")
+
+
 SPLIT_TEXT = " one two three STOP four 東京 🚀 naïve"
 
 

@@ -515,6 +515,10 @@ class LLMEngine:
         finished = seq.finish_reason is not None
         if finished:
             new_text += req.text.finish()  # nothing is held back once the request ends
+            if req.text.stopped_by is not None and seq.finish_reason != FinishReason.ABORT:
+                # A stop string completed only by the end of the text: held back with the first
+                # bytes of a character the last token left unfinished (TextStream.finish).
+                seq.finish_reason, seq.stop_reason = FinishReason.STOP, req.text.stopped_by
         tokens = seq.output_token_ids
         new_tokens = tokens[req.emitted_tokens :]
         req.emitted_tokens = len(tokens)
