@@ -72,7 +72,7 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParams, _Mapping]] = ..., adapter: _Optional[str] = ..., skip_tokens: _Optional[int] = ..., kv_idle_timeout_s: _Optional[float] = ...) -> None: ...
 
 class KVChunk(_message.Message):
-    __slots__ = ("layout", "layer", "token_start", "num_tokens", "key", "value", "last", "first_token", "first_logprob", "num_cached_tokens", "first_top_logprobs")
+    __slots__ = ("layout", "layer", "token_start", "num_tokens", "key", "value", "last", "first_token", "first_logprob", "num_cached_tokens", "first_top_logprobs", "adapter_digest")
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     TOKEN_START_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,7 @@ class KVChunk(_message.Message):
     FIRST_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_DIGEST_FIELD_NUMBER: _ClassVar[int]
     layout: KVLayout
     layer: int
     token_start: int
@@ -95,7 +96,8 @@ class KVChunk(_message.Message):
     first_logprob: float
     num_cached_tokens: int
     first_top_logprobs: _inference_pb2.TopLogprobs
-    def __init__(self, layout: _Optional[_Union[KVLayout, _Mapping]] = ..., layer: _Optional[int] = ..., token_start: _Optional[int] = ..., num_tokens: _Optional[int] = ..., key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., last: _Optional[bool] = ..., first_token: _Optional[int] = ..., first_logprob: _Optional[float] = ..., num_cached_tokens: _Optional[int] = ..., first_top_logprobs: _Optional[_Union[_inference_pb2.TopLogprobs, _Mapping]] = ...) -> None: ...
+    adapter_digest: str
+    def __init__(self, layout: _Optional[_Union[KVLayout, _Mapping]] = ..., layer: _Optional[int] = ..., token_start: _Optional[int] = ..., num_tokens: _Optional[int] = ..., key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., last: _Optional[bool] = ..., first_token: _Optional[int] = ..., first_logprob: _Optional[float] = ..., num_cached_tokens: _Optional[int] = ..., first_top_logprobs: _Optional[_Union[_inference_pb2.TopLogprobs, _Mapping]] = ..., adapter_digest: _Optional[str] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
@@ -158,18 +160,20 @@ class LoadAdapterRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., to_device: _Optional[bool] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("name", "tier", "size_bytes", "rank", "pinned")
+    __slots__ = ("name", "tier", "size_bytes", "rank", "pinned", "digest")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     PINNED_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
     name: str
     tier: str
     size_bytes: int
     rank: int
     pinned: bool
-    def __init__(self, name: _Optional[str] = ..., tier: _Optional[str] = ..., size_bytes: _Optional[int] = ..., rank: _Optional[int] = ..., pinned: _Optional[bool] = ...) -> None: ...
+    digest: str
+    def __init__(self, name: _Optional[str] = ..., tier: _Optional[str] = ..., size_bytes: _Optional[int] = ..., rank: _Optional[int] = ..., pinned: _Optional[bool] = ..., digest: _Optional[str] = ...) -> None: ...
 
 class UnloadAdapterRequest(_message.Message):
     __slots__ = ("name",)

@@ -12,7 +12,9 @@ Parts:
 - `prefill_method_handler()` / `prefill_stub()` register and call `KVTransfer.Prefill` with these
   (de)serializers instead of the generated ones;
 - `layout_mismatch()` (both sides) is the handshake rule: model identity, dtype, block size and
-  shapes must agree, or the transfer is refused with FAILED_PRECONDITION.
+  shapes must agree, or the transfer is refused with FAILED_PRECONDITION;
+- `adapter_mismatch()` (decode side) is its rule for the request's LoRA adapter: the KV must have
+  been computed with the version of the adapter the decode worker continues with.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 import grpc
 import torch
 
+from ..engine.lora import short_digest
 from ..engine.streams import side_stream
 from .pb import worker_pb2 as wpb
 
@@ -282,3 +285,18 @@ def layout_mismatch(mine: wpb.KVLayout, theirs: wpb.KVLayout) -> str | None:
         if a != b:
             diffs.append(f"{f} {b!r} (here {a!r})")
     return "incompatible KV layout: " + ", ".join(diffs) if diffs else None
+
+
+def adapter_mismatch(adapter: str, mine: str, theirs: str) -> str | None:
+    """A sentence naming `adapter` and both digests when the prefill worker computed the KV with
+    other files for it (`theirs`) than the decode worker holds (`mine`), else None. Phrased as a
+    layout mismatch: the router retries such a refusal on another pair without taking either worker
+    out of rotation, as neither is broken (one holds an older or newer copy of the adapter). No
+    digest on either side is no mismatch: a base-model request, or an older peer that does not
+    send one (a rolling upgrade)."""
+    if not adapter or not mine or not theirs or mine == theirs:
+        return None
+    return (
+        f"incompatible KV layout: adapter {adapter!r} version {short_digest(theirs)} "
+        f"(here {short_digest(mine)}): the two workers read different files for it"
+    )

@@ -4,7 +4,12 @@ A decode worker serving a request with a `prefill_endpoint`:
 1. submits it to its engine as remote-KV; the engine reserves blocks for the whole prompt first
    (admission control lives where KV memory is scarce), reusing its own prefix cache;
 2. calls the prefill worker's `KVTransfer.Prefill` with its KV layout; the prefill worker refuses
-   a mismatch with FAILED_PRECONDITION, else streams each layer's KV as the layer finishes;
+   a mismatch with FAILED_PRECONDITION, else streams each layer's KV as the layer finishes, after
+   the digest of the request's LoRA adapter as it computed with it (`KVChunk.adapter_digest`): the
+   two workers read adapters from their own stores, and re-read one whose files changed, so the
+   same name may stand for two versions; KV of another version than the decode worker's is
+   refused with FAILED_PRECONDITION ("incompatible KV layout", which the router retries on another
+   pair) before any of it is written;
 3. writes each chunk straight into the reserved blocks (the only copy on this side; on a GPU via a
    pinned staging buffer and a side stream, all of it waited for before step 4);
 4. on the last message hands the first token to the engine, which joins the running batch.
@@ -33,7 +38,7 @@ from collections.abc import Iterator
 import grpc
 
 from ..engine.llm_engine import LLMEngine, PrefillResult, RequestOutput
-from ..engine.lora import AdapterBusyError, AdapterError, AdapterNotFoundError
+from ..engine.lora import AdapterBusyError, AdapterError, AdapterNotFoundError, short_digest
 from ..engine.sampling_params import RequestError
 from . import metrics
 from .convert import (
@@ -45,7 +50,7 @@ from .convert import (
     top_logprobs_to_pb,
 )
 from .engine_loop import EngineDead, EngineLoop, Heartbeat, KVPiece, KVReserved, QueueFull, RequestAborted
-from .kv_transfer import KVWriter, encode_kv_chunk, kv_chunks, layout_mismatch, prefill_stub
+from .kv_transfer import KVWriter, adapter_mismatch, encode_kv_chunk, kv_chunks, layout_mismatch, prefill_stub
 from .pb import inference_pb2 as pb
 from .pb import worker_pb2 as wpb
 from .pb import worker_pb2_grpc as wgrpc
@@ -326,6 +331,9 @@ class WorkerService(wgrpc.WorkerServicer):
         n = len(request.prompt_token_ids)
         first = None
         watched: _Watched | None = None
+        # The version this request decodes with: its adapter is pinned on the device from before its
+        # blocks were reserved (KVReserved) until it ends (see LoRAManager.version).
+        digest = s.engine.lora.version(request.adapter)[0] if request.adapter else ""
         try:
             call = s.prefill_call(request.prefill_endpoint)(
                 wpb.PrefillRequest(
@@ -349,6 +357,13 @@ class WorkerService(wgrpc.WorkerServicer):
                             bad = layout_mismatch(s.layout, chunk.layout)
                             if bad:
                                 raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, f"prefill worker: {bad}")
+                        if chunk.adapter_digest:  # before the first KV payload (or on the last message)
+                            bad = adapter_mismatch(request.adapter, digest, chunk.adapter_digest)
+                            if bad:
+                                raise _Refused(
+                                    grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"prefill worker {request.prefill_endpoint}: {bad}",
+                                )
                         if chunk.last:
                             writer.check_complete()
                             # Checked before the engine sees it: a token past the vocabulary fails the
@@ -491,6 +506,9 @@ class KVTransferService(wgrpc.KVTransferServicer):
                 f"{unsent / 2**20:.0f} MiB of KV wait for slow readers (the limit is {most / 2**20:.0f} MiB)",
             )
         rid = f"kv-{request.request_id or uuid.uuid4().hex}"
+        adapter = request.adapter
+        # Read before the request is submitted, so before it can run: see `_adapter_digest`.
+        changes = s.engine.lora.version(adapter)[1] if adapter else 0
         try:
             params = params_from_pb(request.sampling, max_tokens=1)
             # Tokens the decode side already holds (its prefix cache) are never sent.
@@ -512,6 +530,7 @@ class KVTransferService(wgrpc.KVTransferServicer):
         theirs = request.kv_idle_timeout_s
         heartbeat_s = kv_heartbeat(theirs) if theirs > 0 else s.kv_heartbeat_s
         first_msg = True
+        digest_sent = not adapter  # the adapter's digest goes before the first KV payload
         try:
             for ev in stream.events(heartbeat_s=heartbeat_s):
                 if isinstance(ev, Heartbeat):
@@ -521,8 +540,14 @@ class KVTransferService(wgrpc.KVTransferServicer):
                     first_msg = False
                     continue
                 if isinstance(ev, KVPiece):
-                    if first_msg:  # the handshake: our layout travels first, alone
-                        yield encode_kv_chunk(wpb.KVChunk(layout=s.layout))
+                    if first_msg or not digest_sent:
+                        # The handshake: our layout travels first, alone (unless a heartbeat took
+                        # it), with the version of the adapter the KV was computed with.
+                        head = wpb.KVChunk(layout=s.layout) if first_msg else wpb.KVChunk()
+                        if not digest_sent:
+                            head.adapter_digest = self._adapter_digest(adapter, changes, context)
+                            digest_sent = True
+                        yield encode_kv_chunk(head)
                         first_msg = False
                     if ev.ready is not None:
                         # GPU: the pinned copy may still be in flight. Wait here, in the gRPC
@@ -548,6 +573,8 @@ class KVTransferService(wgrpc.KVTransferServicer):
                     last.first_top_logprobs.CopyFrom(top_logprobs_to_pb(ev.top_logprobs[0]))
                 if first_msg:
                     last.layout.CopyFrom(s.layout)
+                if not digest_sent:
+                    last.adapter_digest = self._adapter_digest(adapter, changes, context)
                 yield encode_kv_chunk(last)
                 tally.completed = True  # gRPC took the last message
         except RequestAborted:
@@ -562,6 +589,22 @@ class KVTransferService(wgrpc.KVTransferServicer):
             # Also when this generator is only dropped later (an abort's traceback holds it): its
             # unsent pieces must stop counting against the worker's backlog now.
             stream.close_kv()
+
+    def _adapter_digest(self, adapter: str, changes: int, context: grpc.ServicerContext) -> str:
+        """The digest of the version of `adapter` this pull's KV was computed with. Read once the
+        request has run (its first KV): by then it may also have ended and released its adapter,
+        and a read of replaced files taken its place (LoRAManager.version). `changes`, read before
+        the request was submitted, tells: the same count, and every read the request could have
+        computed with found this digest; else the KV may be of either version, and the pull is
+        refused as the decode worker refuses a mismatch (the router retries on another pair)."""
+        digest, now = self.s.engine.lora.version(adapter)
+        if now != changes:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"prefill worker: incompatible KV layout: adapter {adapter!r} changed (now version "
+                f"{short_digest(digest)}) while this prompt's KV was computed with it",
+            )
+        return digest
 
 
 class AdminService(wgrpc.AdminServicer):
@@ -625,7 +668,12 @@ class AdminService(wgrpc.AdminServicer):
 
 def _info_pb(info) -> wpb.AdapterInfo:
     return wpb.AdapterInfo(
-        name=info.name, tier=info.tier, size_bytes=info.size_bytes, rank=info.rank, pinned=info.pinned
+        name=info.name,
+        tier=info.tier,
+        size_bytes=info.size_bytes,
+        rank=info.rank,
+        pinned=info.pinned,
+        digest=info.digest,
     )
 
 
