@@ -29,12 +29,14 @@ or one whose replicas patch was refused (which drops the policy's memory), posts
 Requests a pool's workers turn away count as that pool's misses (see `policy`).
 
 A pool whose pods crash is not scaled up: while the reconciler's `WorkersHealthy` condition (in the
-status this step reads) names the pool `OOMKilled`, `GPUOutOfMemory` or `CrashLoopBackOff`, its size
-is the policy's maximum for the step (it may still shrink), and `status.autoscaler.holding` says so.
+status this step reads) names the pool `OOMKilled`, `GPUOutOfMemory`, `Evicted` or
+`CrashLoopBackOff`, its size is the policy's maximum for the step (it may still shrink), and
+`status.autoscaler.holding` says so.
 Each replica holds a GPU, and one more would crash as its peers do: an OOM kill comes from what each
 pod holds (its memory limit against its own in-flight load, which `maxPending` and the engine's
 budgets bound, not the pool's size), and under the overload that triggers scale-up every replica
-reaches those bounds; a crash loop is a broken pod, not too few of them. A single crash that is
+reaches those bounds; a pod evicted for its disk limits is evicted again in any replica (the same
+download); a crash loop is a broken pod, not too few of them. A single crash that is
 running again (`ContainerRestarted`) holds nothing: one fault is no evidence that more replicas
 would fail.
 
@@ -76,6 +78,7 @@ from .reconciler import AUTOSCALED_ROLES, EventPoster, Reconciler, is_ours, utc_
 from .status import (
     AUTOSCALER_HEALTHY,
     CRASH_LOOP,
+    EVICTED,
     GPU_OOM,
     OOM_KILLED,
     plan_autoscaler_status,
@@ -95,7 +98,7 @@ UNAVAILABLE = "PrometheusUnavailable"
 NOT_CONFIGURED = "NoPrometheus"
 ROUTER_AT_LIMIT = "RouterAtLimit"
 # A pool whose pods crash for one of these is not scaled up (see the module docstring).
-NO_SCALE_UP = (OOM_KILLED, GPU_OOM, CRASH_LOOP)
+NO_SCALE_UP = (OOM_KILLED, GPU_OOM, EVICTED, CRASH_LOOP)
 
 
 def selector(namespace: str, name: str) -> str:

@@ -26,8 +26,8 @@ the same. Everything else the spec no longer wants is pruned at once.
 Worker health: each pass lists the object's pods once (its namespace, its instance label: never
 the cluster's pods) and reports crashed containers in the condition `WorkersHealthy` (see
 `status.observe_pods`), with one Warning Event per component when it starts crashing (and again if
-it turns OOMKilled or GPUOutOfMemory), not one per pass: the episode is read back from status, so a restarted
-operator does not repeat it. No pod is watched: a crash makes the pod unready, and the
+it turns OOMKilled, GPUOutOfMemory or Evicted), not one per pass: the episode is read back from
+status, so a restarted operator does not repeat it. No pod is watched: a crash makes the pod unready, and the
 Deployment's status change wakes a pass; restarts counted while it stays unready, and the return to
 stable, wait for the periodic pass.
 """
@@ -55,6 +55,7 @@ from .k8s import ApiError, KubeClient
 from .patching import plan_patch, with_last_applied
 from .status import (
     DEGRADED,
+    EVICTED,
     GPU_OOM,
     OOM_KILLED,
     SPEC_VALID,
@@ -349,6 +350,7 @@ class Reconciler:
         now = self._now()
         pods: dict[str, PoolPods] | None = None
         pods_unreadable = ""
+        pods_transient = False
         if workloads:
             try:
                 listed = await c.list_objects("v1", "Pod", namespace, pods_selector(owner))
@@ -362,6 +364,9 @@ class Reconciler:
                 # status, and the rest of the pass goes on.
                 log.warning("%s/%s: cannot list its pods: %s", namespace, name, e)
                 pods_unreadable = str(e)
+                # Not a refusal (an API server error, throttling): the last view stands, so a crash
+                # episode is neither warned again nor its autoscaler hold lifted for one failed list.
+                pods_transient = e.status not in (401, 403)
         router_service = live.get(("v1", "Service", child_name(owner, "router")))
         if router_service is not None and not is_ours(router_service, owner):
             router_service = None
@@ -385,6 +390,7 @@ class Reconciler:
             ),
             pods=pods,
             pods_unreadable=pods_unreadable,
+            pods_transient=pods_transient,
         )
         patch = plan_status_patch(previous, new_status)
         if patch is not None:
@@ -476,5 +482,5 @@ class Reconciler:
         parts = {p.partition(": ")[0]: p for p in cond["message"].split("; ")}
         for component, reason in after.items():
             was = before.get(component)
-            if was is None or (reason in (OOM_KILLED, GPU_OOM) and was != reason):
+            if was is None or (reason in (OOM_KILLED, GPU_OOM, EVICTED) and was != reason):
                 self._post_event(body, "Warning", reason, parts[component][:EVENT_MESSAGE_LIMIT])

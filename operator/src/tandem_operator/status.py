@@ -23,12 +23,15 @@ Status parts:
 - `WorkersHealthy` (per component, from a labelled list of the object's pods, see `observe_pods`):
   False while a container of a pool's (or the router's) pods has crashed and not yet run
   `STABLE_SECONDS` since, with the worst reason of all of them: `OOMKilled` (the kernel killed it
-  at its memory limit), `CrashLoopBackOff` (the kubelet holds it back, or it has crashed more than
-  once), `ContainerRestarted` (one crash, running again); the message has one `<component>:
-  <reason>: ...` part per such component (how many of its pods, their restarts, the last
-  termination, what to change). True (`Stable`) once every container has run that long since its
-  last crash; Unknown (`PodsUnreadable`) when the pods cannot be listed. Kubernetes' own status of
-  the pods says this only pod by pod; the Deployment's says only that fewer are ready.
+  at its memory limit), `GPUOutOfMemory`, `Evicted` (a pod the kubelet evicted that long ago or
+  less: see `EVICTED`), `CrashLoopBackOff` (the kubelet holds it back, or it crashed again before
+  running `STABLE_SECONDS` since a restart), `ContainerRestarted` (one crash, running again); the
+  message has one `<component>: <reason>: ...` part per such component (how many of its pods, their
+  restarts, the last termination, what to change). True (`Stable`) once every container has run
+  that long since its last crash; Unknown (`PodsUnreadable`) when the pods cannot be listed (a list
+  that failed for a passing reason keeps the last view: `plan_status`'s `pods_transient`).
+  Kubernetes' own status of the pods says this only pod by pod; the Deployment's says only that
+  fewer are ready.
 - `autoscaler` and the condition `AutoscalerHealthy` (False: Prometheus cannot be queried, so every
   pool holds its size): written by the autoscaler (`plan_autoscaler_status`), carried over
   unchanged by the reconciler's passes while autoscaling is active, and removed by them when it
@@ -58,13 +61,19 @@ STABLE_SECONDS = 600.0
 STABLE_MINUTES = f"{STABLE_SECONDS / 60:.0f}"
 OOM_KILLED = "OOMKilled"
 # A container that died of a CUDA out-of-memory error (torch raises it; the engine loop dies and the
-# worker exits 1): read from its termination message, its log's tail (FallbackToLogsOnError).
+# worker exits 1): read from its termination message, its log's tail (FallbackToLogsOnError). The
+# caching allocator says "CUDA out of memory" (torch.OutOfMemoryError); a cudaMalloc outside it (a
+# library's workspace, a CUDA context) fails as "CUDA error: out of memory" (a plain RuntimeError).
 GPU_OOM = "GPUOutOfMemory"
-GPU_OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError")
+GPU_OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "CUDA error: out of memory")
+# A pod the kubelet evicted: over its ephemeral-storage limit or an emptyDir's sizeLimit (the model's
+# download and conversion outgrew `model.storageSize`), or its node ran short. The pod is Failed, no
+# container restarts, and the ReplicaSet's replacement downloads again, to be evicted alike.
+EVICTED = "Evicted"
 CRASH_LOOP = "CrashLoopBackOff"
 RESTARTED = "ContainerRestarted"
 # Worst first: the condition's reason is the worst of its components'.
-CRASH_REASONS = (OOM_KILLED, GPU_OOM, CRASH_LOOP, RESTARTED)
+CRASH_REASONS = (OOM_KILLED, GPU_OOM, EVICTED, CRASH_LOOP, RESTARTED)
 
 
 @dataclass(frozen=True)
@@ -107,6 +116,11 @@ class Crash:
     finished_at: str  # when it last terminated (RFC 3339); "" when unknown
     waiting: str  # why it is not running now (CrashLoopBackOff, ...); "" when it runs
     gpu_oom: bool = False  # its termination message shows a CUDA out-of-memory error
+    # It crashed more than once in this episode: restarted more than once, and the run that ended
+    # did not last `STABLE_SECONDS` (`restarts` counts the pod's whole life, weeks of it).
+    repeated: bool = False
+    # The kubelet's message when the whole pod was evicted (`container` is then ""), else None.
+    eviction: str | None = None
 
 
 @dataclass(frozen=True)
@@ -133,34 +147,42 @@ class PoolPods:
 
     @property
     def reason(self) -> str | None:
-        """OOMKilled, GPUOutOfMemory, CrashLoopBackOff or ContainerRestarted (None: every container
-        is stable)."""
+        """OOMKilled, GPUOutOfMemory, Evicted, CrashLoopBackOff or ContainerRestarted (None: every
+        container is stable and no pod was evicted)."""
         if not self.crashes:
             return None
         if any(c.reason == OOM_KILLED for c in self.crashes):
             return OOM_KILLED
         if any(c.gpu_oom for c in self.crashes):
             return GPU_OOM
-        if any(c.waiting == CRASH_LOOP or c.restarts > 1 for c in self.crashes):
+        if any(c.eviction is not None for c in self.crashes):
+            return EVICTED
+        if any(c.waiting == CRASH_LOOP or c.repeated for c in self.crashes):
             return CRASH_LOOP
         return RESTARTED
 
     def message(self, component: str) -> str:
         """`<component>: <reason>: ...`, free of "; " (the condition joins components with it)."""
         reason = self.reason
-        crashed = len({c.pod for c in self.crashes})
+        crashed = {c.pod for c in self.crashes if c.eviction is None}
+        evicted = {c.pod for c in self.crashes if c.eviction is not None}
         restarts = sum(c.restarts for c in self.crashes)
         last = max(self.crashes, key=lambda c: c.finished_at)
-        how = last.reason or "terminated"
-        if last.exit_code is not None:
-            how += f" (exit code {last.exit_code})"
         at = f" at {last.finished_at}" if last.finished_at else ""
-        now = f", now {last.waiting}" if last.waiting else ""
-        text = (
-            f"{component}: {reason}: {crashed} of {self.pods} pods crashed in the last {STABLE_MINUTES} "
-            f"minutes ({restarts} restarts in all), the last: pod {last.pod} container {last.container} "
-            f"{how}{at}{now}"
-        )
+        counts = [f"{len(crashed)} of {self.pods} pods crashed"] if crashed else []
+        if evicted:
+            counts.append(f"{len(evicted)} pod{'' if len(evicted) == 1 else 's'} evicted")
+        text = f"{component}: {reason}: {' and '.join(counts)} in the last {STABLE_MINUTES} minutes"
+        if crashed:
+            text += f" ({restarts} restarts in all)"
+        if last.eviction is not None:
+            text += f", the last: pod {last.pod} evicted{at}: {last.eviction}"
+        else:
+            how = last.reason or "terminated"
+            if last.exit_code is not None:
+                how += f" (exit code {last.exit_code})"
+            now = f", now {last.waiting}" if last.waiting else ""
+            text += f", the last: pod {last.pod} container {last.container} {how}{at}{now}"
         if reason == OOM_KILLED:
             if component == "router":
                 hint = "raise spec.router.memory (each pod's memory limit) or lower spec.router.maxInFlight"
@@ -175,9 +197,28 @@ class PoolPods:
                 f"lower spec.{component}.kvCacheBytes (the KV cache's share of GPU memory) or "
                 f"maxNumBatchedTokens (a step's activations), or use a GPU with more memory"
             )
+        elif reason == EVICTED:
+            if any(_over_disk_limit(c.eviction) for c in self.crashes):
+                hint = (
+                    "raise spec.model.storageSize (each pod's disk: the model's download and its "
+                    "conversion, the URI adapters), or use nodes with more free disk"
+                )
+            else:
+                hint = f"its node ran short: see kubectl describe pod {last.pod}"
         else:
             hint = f"see kubectl logs {last.pod} -c {last.container} --previous"
         return f"{text}: {hint}".replace(";", ",")
+
+
+# The kubelet's words when it evicts a pod for its own disk limits: "Usage of EmptyDir volume "model"
+# exceeds the limit "40Gi"", "Pod ephemeral local storage usage exceeds the total limit of containers
+# 42Gi", "Container worker exceeded its local ephemeral storage limit "42Gi"" (a node short of disk
+# for other reasons says "The node was low on resource: ephemeral-storage").
+_DISK_LIMIT_MARKERS = ("emptydir volume", "ephemeral local storage", "local ephemeral storage")
+
+
+def _over_disk_limit(eviction: str | None) -> bool:
+    return eviction is not None and any(m in eviction.lower() for m in _DISK_LIMIT_MARKERS)
 
 
 def _time(value: str | None) -> datetime.datetime | None:
@@ -206,6 +247,10 @@ def _crash(pod: str, cs: dict[str, Any], now: datetime.datetime | None) -> Crash
             return None
         last = (cs.get("lastState") or {}).get("terminated") or {}
     code = last.get("exitCode")
+    began, ended = _time(last.get("startedAt")), _time(last.get("finishedAt"))
+    # A run of STABLE_SECONDS before this crash ended any earlier episode (the kubelet resets its
+    # back-off then too): one crash of a pod that also crashed last week is no crash loop.
+    ran_stably = began is not None and ended is not None and (ended - began).total_seconds() >= STABLE_SECONDS
     return Crash(
         pod=pod,
         container=str(cs.get("name", "")),
@@ -215,14 +260,44 @@ def _crash(pod: str, cs: dict[str, Any], now: datetime.datetime | None) -> Crash
         finished_at=str(last.get("finishedAt") or ""),
         waiting=str((state.get("waiting") or {}).get("reason") or ""),
         gpu_oom=any(m in str(last.get("message") or "") for m in GPU_OOM_MARKERS),
+        repeated=restarts > 1 and not ran_stably,
+    )
+
+
+def _eviction(pod: str, st: dict[str, Any], now: datetime.datetime | None) -> Crash | None:
+    """The pod's eviction by the kubelet if it came less than `STABLE_SECONDS` before `now`, else None.
+    When: the latest of its conditions' transitions and its containers' terminations (a pod's status
+    has no time of its own for it)."""
+    if st.get("phase") != "Failed" or st.get("reason") != EVICTED or now is None:
+        return None
+    stamps = [c.get("lastTransitionTime") for c in st.get("conditions") or []]
+    for cs in (st.get("initContainerStatuses") or []) + (st.get("containerStatuses") or []):
+        stamps.append(((cs.get("state") or {}).get("terminated") or {}).get("finishedAt"))
+    known = [(t, str(raw)) for raw in stamps if (t := _time(raw)) is not None]
+    if not known:
+        return None  # when is unknown: most likely long ago (evicted pods stay until deleted)
+    when, raw = max(known)
+    if (now - when).total_seconds() >= STABLE_SECONDS:
+        return None
+    message = " ".join(str(st.get("message") or "").split()).rstrip(".")
+    return Crash(
+        pod=pod,
+        container="",
+        restarts=0,
+        reason=EVICTED,
+        exit_code=None,
+        finished_at=raw,
+        waiting="",
+        eviction=message or "evicted",
     )
 
 
 def observe_pods(pods: list[dict[str, Any]], components: Any, now: str) -> dict[str, PoolPods]:
     """Each of `components` (by the pods' `app.kubernetes.io/component` label; others are ignored):
-    how many pods it has and which of their containers crashed less than `STABLE_SECONDS` before
-    `now`. Pods being deleted, or done (Succeeded/Failed: evicted), are not counted: their
-    replacements are."""
+    how many pods it has, which of their containers crashed less than `STABLE_SECONDS` before `now`,
+    and which of its pods the kubelet evicted in that time. Pods being deleted, or done
+    (Succeeded/Failed), are not counted among its pods (their replacements are); a recent eviction
+    is reported, though: the replacement of a pod evicted for its disk limits is evicted alike."""
     at = _time(now)
     found: dict[str, list[Crash]] = {c: [] for c in components}
     pending: dict[str, list[tuple[str, str]]] = {c: [] for c in components}
@@ -234,6 +309,9 @@ def observe_pods(pods: list[dict[str, Any]], components: Any, now: str) -> dict[
         if component not in found or meta.get("deletionTimestamp"):
             continue
         if st.get("phase") in ("Succeeded", "Failed"):
+            eviction = _eviction(str(meta.get("name", "")), st, at)
+            if eviction is not None:
+                found[component].append(eviction)
             continue
         counts[component] += 1
         for c in st.get("conditions") or []:
@@ -268,10 +346,13 @@ def unhealthy_components(status: dict[str, Any]) -> dict[str, str]:
 
 
 def plan_workers_condition(
-    pods: dict[str, PoolPods] | None, unreadable: str, cond: Any
+    pods: dict[str, PoolPods] | None, unreadable: str, cond: Any, kept: dict[str, Any] | None = None
 ) -> dict[str, Any] | None:
-    """The `WorkersHealthy` condition (None: the pods were not read). `cond(ok, reason, message)`."""
+    """The `WorkersHealthy` condition (None: the pods were not read). `cond(ok, reason, message)`.
+    `kept`: the previous condition, which stands when the pods could not be read this time."""
     if unreadable:
+        if kept is not None:
+            return kept
         return cond(None, "PodsUnreadable", f"cannot list the pods: {unreadable}")
     if pods is None:
         return None
@@ -380,6 +461,7 @@ def plan_status(
     autoscaler_off: bool = False,
     pods: dict[str, PoolPods] | None = None,
     pods_unreadable: str = "",
+    pods_transient: bool = False,
 ) -> dict[str, Any]:
     """The full status. `workloads`: component (role or "router") -> what its Deployment reports
     (during a mode switch, the kept pools too).
@@ -389,7 +471,10 @@ def plan_status(
     `autoscaler_off`: the spec enables autoscaling but this operator runs no autoscaler
     (`--autoscale-interval 0`): `AutoscalerHealthy` is False with reason `AutoscalerOff`.
     `pods`: component -> its pods (`observe_pods`), for `WorkersHealthy` (None: not read, no such
-    condition); `pods_unreadable`: why they could not be listed (`WorkersHealthy` Unknown)."""
+    condition); `pods_unreadable`: why they could not be listed (`WorkersHealthy` Unknown), unless
+    `pods_transient` (an API server error or throttling, not a refusal): then a known `WorkersHealthy`
+    in `previous` stands, a view one pass old. Unknown would end a crash episode: its Warning would
+    be posted again at the next list, and the autoscaler would scale up the crashing pool meanwhile."""
     old = previous.get("conditions", []) or []
 
     def cond(type_: str, ok: bool | None, reason: str, message: str) -> dict[str, Any]:
@@ -466,8 +551,11 @@ def plan_status(
         ready = cond(READY, True, "Serving", "the router and every worker pool have ready pods")
 
     conditions = [ready, progressing, degraded, spec_valid]
+    kept = next((c for c in old if c.get("type") == WORKERS_HEALTHY), None) if pods_transient else None
+    if kept is not None and kept.get("status") not in ("True", "False"):
+        kept = None
     workers = plan_workers_condition(
-        pods, pods_unreadable, lambda ok, reason, message: cond(WORKERS_HEALTHY, ok, reason, message)
+        pods, pods_unreadable, lambda ok, reason, message: cond(WORKERS_HEALTHY, ok, reason, message), kept
     )
     if workers is not None:
         conditions.append(workers)
