@@ -667,20 +667,76 @@ def test_a_backoff_never_takes_the_last_workers_of_a_role_out(pool):
     assert pool.serving_problem() is None
 
 
-def test_a_worker_backing_off_is_not_serving():
-    """Readiness follows what `pick` would do: a colocated worker backing off while a decode
-    worker is in rotation leaves requests without a prefill worker, and says so."""
+def test_a_backoff_never_takes_out_the_only_workers_that_can_serve_a_request():
+    """The fallback on workers backing off was by role: a decode worker in rotation made the one
+    backing off spare even when only the latter could serve (its KV fits the prefill workers, a
+    prompt only its partner holds, or it is the colocated one): every request failed and the router
+    was unready for the whole backoff (up to 30 s)."""
     clock = _Clock()
+    # A rolling upgrade: the new decode worker is up, its prefill partner not yet.
+    p = WorkerPool(decode_targets=["old:1", "new:1"], prefill_targets=["p:1"], clock=clock)
+    p._workers = {
+        "old:1": info("old:1", "decode"),
+        "new:1": info("new:1", "decode", free_blocks=200),
+        "p:1": info("p:1", "prefill"),
+    }
+    p._workers["new:1"].stats.model_id = "m2"
+    p._decode, p._prefill = ["old:1", "new:1"], ["p:1"]
+    p.mark_failed(p._workers["old:1"], "worker stream ended early")
+    _health_checks_pass(p)
+    assert p.pick(100, set()).decode.address == "old:1"
+    assert p.serving_problem() is None
+    # A colocated worker, beside a decode worker that has no prefill partner at all.
     p = WorkerPool(decode_targets=["c:1", "d:1"], clock=clock)
     p._workers = {"c:1": info("c:1", "colocated"), "d:1": info("d:1", "decode", free_blocks=200)}
     p._decode = ["c:1", "d:1"]
-    assert p.pick(100, set()).decode.address == "c:1" and p.serving_problem() is None
     p.mark_failed(p._workers["c:1"], "worker stream ended early")
     _health_checks_pass(p)
-    assert p.pick(100, set()) is None
-    assert p.serving_problem() == "no prefill worker is serving (0 known)"
-    clock.now += 1
     assert p.pick(100, set()).decode.address == "c:1" and p.serving_problem() is None
+
+
+def test_a_prompt_only_a_worker_backing_off_holds_goes_to_it(pool):
+    pool.clock = clock = _Clock()
+    pool._workers["d2:1"].stats.num_blocks = pool._workers["d2:1"].stats.free_blocks = 1000
+    pool._workers["p1:1"].stats.num_blocks = 1000  # 16,000 tokens of KV; p2 holds 1,600
+    pool.mark_failed(pool._workers["p1:1"], "prefill worker p1:1 stalled")
+    _health_checks_pass(pool)
+    assert pool.pick(100, set()).prefill.address == "p2:1"  # short prompts avoid it
+    assert pool.pick(5000, set()).prefill.address == "p1:1"  # it alone holds this one
+    # Busy is not unable: with the decode worker full, a long prompt is one to retry later.
+    pool._workers["d2:1"].stats.free_blocks = 10
+    assert pool.pick(5000, set()) is None and pool.all_full(5000, set())
+    clock.now += 1
+    pool._workers["d2:1"].stats.free_blocks = 1000
+    assert pool.pick(100, set()).prefill.address == "p2:1", "p2 still queues less"
+
+
+def test_a_request_failed_while_the_health_checks_run_leaves_readiness_alone():
+    """Readiness is the health checks' word: a request that failed on the only decode worker after
+    its check, while the same refresh checked the others, made the router unready until the next."""
+    servers = [_fake_worker(role) for role in ("decode", "prefill")]
+    (_, d), (_, p) = servers
+    pool = WorkerPool([f"127.0.0.1:{d}"], [f"127.0.0.1:{p}"], clock=_Clock())
+    check = pool._check
+
+    def check_then_a_request_fails(w: WorkerInfo) -> None:
+        check(w)
+        if w.address == f"127.0.0.1:{d}":
+            pool.mark_failed(w, "worker stream ended early")
+
+    try:
+        pool.refresh()
+        assert pool.readiness_problem() is None
+        pool._check = check_then_a_request_fails
+        pool.refresh()
+        assert pool.readiness_problem() is None
+        # Out of rotation until its next check all the same, as before.
+        assert pool.pick(100, set()) is None
+    finally:
+        for w in pool.snapshot():
+            w.channel.close()
+        for server, _ in servers:
+            server.stop(None)
 
 
 def test_a_prefill_worker_that_failed_a_request_is_not_tried_first_again(model_dir):
@@ -692,3 +748,73 @@ def test_a_prefill_worker_that_failed_a_request_is_not_tried_first_again(model_d
         _health_checks_pass(pool)
         out = list(router.Generate(request, _Context()))
         assert fake.prefills == ["p:1", "p:2", "p:2"] and out[-1].token_ids == [42]
+
+
+class _HeldAnswer(wgrpc.WorkerServicer):
+    """A worker that sends one token, then the rest of its answer once `release` is set."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def Generate(self, request, context):  # noqa: N802
+        yield wpb.WorkerGenerateResponse(token_ids=[42])
+        self.release.wait(30)
+        yield wpb.WorkerGenerateResponse(token_ids=[43], finish_reason=pb.FINISH_REASON_LENGTH)
+
+
+def test_a_worker_that_leaves_the_targets_finishes_the_answers_it_streams(model_dir, tmp_path):
+    """A scaled-down pod leaves its headless Service's DNS as it starts to drain: the router closed
+    its channel at the next refresh, which cancels every call on it, cutting the answers the drain
+    was there to finish."""
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=4))
+    port = server.add_insecure_port("127.0.0.1:0")
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    wgrpc.add_AdminServicer_to_server(_StatsOnly("colocated"), server)
+    worker = _HeldAnswer()
+    wgrpc.add_WorkerServicer_to_server(worker, server)
+    server.start()
+    targets = tmp_path / "decode"
+    targets.write_text(f"127.0.0.1:{port}\n")
+    pool = WorkerPool([f"file:{targets}"])
+    try:
+        pool.refresh()
+        router = RouterService(pool, Tokenizer(model_dir), "smollm2-135m", 4096, set())
+        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3]), sampling=pb.SamplingParams())
+        answer = router.Generate(request, _Context())
+        assert list(next(answer).token_ids) == [42]
+        targets.write_text("")  # it drains: out of the targets
+        pool.refresh()
+        assert pool.pick(3, set()) is None, "no new work for it"
+        worker.release.set()
+        rest = list(answer)
+        assert [list(m.token_ids) for m in rest] == [[43]]
+        assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        pool.refresh()
+        assert not pool._leaving, "its channel is closed once nothing runs on it"
+    finally:
+        worker.release.set()
+        for w in [*pool.snapshot(), *pool._leaving.values()]:
+            w.channel.close()
+        server.stop(None)
+
+
+def test_the_requests_a_stalled_worker_held_count_as_one_failure_though_they_fail_apart(pool):
+    """Each stalled pull fails at its own KV idle timeout, seconds apart: those that failed after
+    the first backoff was over each doubled it, as if the worker had failed again."""
+    pool.clock = clock = _Clock()
+    p2 = pool._workers["p2:1"]
+    pair = pool.pick(100, set())
+    assert pair.prefill is p2
+    held = [pool.begin(pair, 100) for _ in range(3)]  # its pulls when it stalled
+    for ticket, at in zip(held, (0.0, 1.5, 4.0), strict=True):
+        clock.now = 1000 + at
+        pool.mark_failed(p2, "prefill worker p2:1 stalled", ticket)
+    assert p2.failures == 1 and p2.backoff_until == 1001.0
+    # A request sent to it after that fault that fails too is a failure in a row.
+    _health_checks_pass(pool)
+    pair = pool.pick(100, set())
+    assert pair.prefill is p2
+    pool.mark_failed(p2, "prefill worker p2:1 stalled", pool.begin(pair, 100))
+    assert p2.failures == 2 and p2.backoff_until == clock.now + 2.0

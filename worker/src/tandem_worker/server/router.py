@@ -293,7 +293,7 @@ class RouterService(pbgrpc.InferenceServicer):
                     if sent_first and code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS):
                         # The decode worker went away mid-answer (its prefill partner was done): it
                         # backs off as one that failed before the first token does.
-                        self.pool.mark_failed(pair.decode, details)
+                        self.pool.mark_failed(pair.decode, details, ticket)
                     caller_error = code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
                     self._count(progress, "invalid" if caller_error else "failed")
                     # Which worker is the operator's to know (the log), not the client's.
@@ -307,7 +307,7 @@ class RouterService(pbgrpc.InferenceServicer):
                     pair.decode if pair.prefill is None or "prefill worker" not in details else pair.prefill
                 )
                 if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS):
-                    self.pool.mark_failed(failed, details)
+                    self.pool.mark_failed(failed, details, ticket)
                 elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     busy = details  # busy, not broken: stays in rotation, only not retried now
                     busy_pools.add("prefill" if failed is pair.prefill else "decode")

@@ -62,16 +62,20 @@ class WorkerInfo:
     address: str
     channel: grpc.Channel
     healthy: bool = False
+    # What its last health check said: `healthy` as `mark_failed` leaves it (the router's readiness
+    # follows the checks alone).
+    checked_healthy: bool = False
     stats: wpb.StatsResponse | None = None
     # Router-side load not yet visible in the worker's stats: prompt tokens per attempt (by the
     # ticket `WorkerPool.begin` gave it), until the attempt ends or stats taken after it began.
     pending: dict[int, int] = field(default_factory=dict)
     pending_requests: int = 0
     error: str = ""
-    # Request-path failures in a row (`WorkerPool.mark_failed`; those while it already backs off
-    # count as one), each doubling its time out of rotation: until `backoff_until` on the pool's
-    # clock. `failed_ticket`: the first ticket `WorkerPool.begin` gave after the last one; only an
-    # attempt from then on vouches for the worker (`WorkerPool.succeeded`).
+    # Request-path failures in a row (`WorkerPool.mark_failed`; those while it already backs off,
+    # and those of attempts begun before the last one, count as one), each doubling its time out of
+    # rotation: until `backoff_until` on the pool's clock. `failed_ticket`: the first ticket
+    # `WorkerPool.begin` gave after the last one; only an attempt from then on vouches for the
+    # worker (`WorkerPool.succeeded`) or counts against it.
     failures: int = 0
     backoff_until: float = 0.0
     failed_ticket: int = 0
@@ -96,6 +100,11 @@ class WorkerInfo:
         if not self.stats:
             return 0
         return self.stats.free_blocks * self.stats.block_size - self.pending_tokens
+
+
+def _serving(w: WorkerInfo, as_checked: bool) -> bool:
+    """`w.eligible`, or as its last health check left it (`as_checked`)."""
+    return w.eligible or (as_checked and w.checked_healthy and w.stats is not None and not w.stats.draining)
 
 
 def _residency(w: WorkerInfo, adapter: str) -> int:
@@ -180,6 +189,11 @@ class WorkerPool:
         self._ready = threading.Event()
         self._next_ticket = 1  # begin's next attempt ticket; a check clears those below its own
         self._recheck_lock = threading.Lock()
+        # Workers whose address left the targets while attempts still ran on them: a scaled-down or
+        # rolled pod leaves its headless Service's DNS at once, while it drains (finishes what it
+        # holds). Never picked; their channels stay open until those attempts end, as closing one
+        # cancels every call on it: the drain was there to spare those answers.
+        self._leaving: dict[str, WorkerInfo] = {}
         # Why no request could be served, as of the last refresh (None: a pair could serve one).
         self._problem: str | None = "no worker has answered a health check yet"
 
@@ -191,7 +205,7 @@ class WorkerPool:
         self._stop.set()
         self._thread.join(timeout=5)
         with self._lock:
-            for w in self._workers.values():
+            for w in [*self._workers.values(), *self._leaving.values()]:
                 w.channel.close()
 
     def wait_ready(self, timeout: float) -> bool:
@@ -213,18 +227,26 @@ class WorkerPool:
         prefill = [a for t in self.prefill_targets for a in resolve(t)]
         with self._lock:
             for addr in {*decode, *prefill} - self._workers.keys():
-                self._workers[addr] = WorkerInfo(addr, grpc.insecure_channel(addr, options=RECONNECT_OPTIONS))
+                back = self._leaving.pop(addr, None)
+                self._workers[addr] = back or WorkerInfo(
+                    addr, grpc.insecure_channel(addr, options=RECONNECT_OPTIONS)
+                )
             for addr in self._workers.keys() - {*decode, *prefill}:
-                self._workers.pop(addr).channel.close()
+                self._leaving[addr] = self._workers.pop(addr)
+            gone = [a for a, w in self._leaving.items() if w.pending_requests == 0]
+            closing = [self._leaving.pop(a) for a in gone]
             self._decode, self._prefill = decode, prefill
             workers = list(self._workers.values())
+        for w in closing:
+            w.channel.close()
         for w in workers:
             self._check(w)
         if any(w.eligible for w in workers):
             self._ready.set()
-        # From the health checks alone: mark_failed between refreshes (one failed attempt) must
-        # not flip the router's readiness, which the next check may well restore.
-        self._problem = self.serving_problem()
+        # From the health checks alone: mark_failed (one failed attempt) must not flip the router's
+        # readiness, which the next check may well restore; nor while this refresh checks the
+        # other workers, after its own check.
+        self._problem = self.serving_problem(as_checked=True)
 
     def readiness_problem(self) -> str | None:
         """`serving_problem()` as of the last refresh: what the router's readiness reports."""
@@ -245,9 +267,10 @@ class WorkerPool:
                 log.warning(
                     "worker %s is unavailable: %s", w.address, e.details() if hasattr(e, "details") else e
                 )
-            w.healthy, w.error = False, str(e.code()) if hasattr(e, "code") else str(e)
+            w.healthy = w.checked_healthy = False
+            w.error = str(e.code()) if hasattr(e, "code") else str(e)
             return
-        w.healthy = resp.status == health_pb2.HealthCheckResponse.SERVING
+        w.healthy = w.checked_healthy = resp.status == health_pb2.HealthCheckResponse.SERVING
         w.stats = stats
         w.stats_asked_at = asked_at
         w.error = ""
@@ -278,19 +301,21 @@ class WorkerPool:
                 [self._workers[a] for a in self._prefill if a in self._workers],
             )
 
-    def mark_failed(self, w: WorkerInfo, why: str) -> None:
-        """A request failed on the worker: out of rotation until its next successful health check
-        and, whatever those say, for a backoff that doubles with each failure in a row
-        (`backoff_base` .. `backoff_max` seconds), unless all of its role are (`_in_rotation`)."""
+    def mark_failed(self, w: WorkerInfo, why: str, ticket: int | None = None) -> None:
+        """A request failed on the worker (its attempt had `ticket` from `begin`): out of rotation
+        until its next successful health check and, whatever those say, for a backoff that doubles
+        with each failure in a row (`backoff_base` .. `backoff_max` seconds), unless all that could
+        serve a request are (`_rested`)."""
         now = self.clock()
         with self._lock:
             w.healthy = False
             w.error = why
-            if now < w.backoff_until:
-                # Already backing off: this is one of the attempts it held when it failed (a stalled
-                # worker fails all of them at once), or one picked only because all of its role
-                # are out (`_in_rotation`). No new evidence: ten requests stalled together would
-                # otherwise push it out for the longest backoff at its first fault.
+            if now < w.backoff_until or (ticket is not None and ticket < w.failed_ticket):
+                # No new evidence: one of the attempts it held when it last failed, or one picked
+                # only because all that could serve its request are out (`_rested`). A stalled
+                # worker fails all it held, each at its own KV idle timeout (seconds apart: each
+                # pull's last heartbeat), so often after a first backoff is over: ten requests
+                # stalled together would otherwise push it out for a long backoff at its first fault.
                 return
             if now - w.backoff_until >= self.backoff_reset:
                 w.failures = 0  # a fault long after the last one: a new incident, not a streak
@@ -316,32 +341,51 @@ class WorkerPool:
                 if w is not None and ticket >= w.failed_ticket:
                     w.failures, w.backoff_until = 0, 0.0
 
-    def _in_rotation(self, workers: list[WorkerInfo], roles: tuple[str, ...]) -> list[WorkerInfo]:
-        """The eligible workers of these roles, less those backing off after a failed request,
-        unless every one of them is: then all of them.
+    def _rested(self, workers: list[WorkerInfo]) -> list[WorkerInfo]:
+        """These workers less those backing off after a failed request, unless every one of them is:
+        then all of them.
 
-        A backoff never takes a role's last workers out (as Envoy's panic threshold; its
-        max_ejection_percent still ejects a pool's only host): it is there to steer requests to the
-        others, and with none left it could only refuse every request for up to `backoff_max` and
-        make the router unready. An attempt on a worker that failed a moment ago beats a sure
-        refusal: the fault may have passed, or been blamed on the wrong worker (the router tells a
-        prefill worker's failure from its decode partner's by the message), and a fault that every
-        worker hit would push the whole role out in turn. A worker that keeps failing costs its
-        requests what it did before backoffs existed, no more.
+        A backoff never takes the last workers that could serve a request out (as Envoy's panic
+        threshold; its max_ejection_percent still ejects a pool's only host): it is there to steer
+        requests to the others, and with none left it could only refuse them for up to
+        `backoff_max` and make the router unready. An attempt on a worker that failed a moment ago
+        beats a sure refusal: the fault may have passed, or been blamed on the wrong worker (the
+        router tells a prefill worker's failure from its decode partner's by the message), and a
+        fault that every worker hit would push them all out in turn. A worker that keeps failing
+        costs its requests what it did before backoffs existed, no more.
 
-        By role, not by request: a worker that is only busy (it refused this request, or its KV
-        cache is full) keeps those backing off out: it is not gone, and a request it cannot take
-        now is one to retry later, not one to send to a worker that just failed."""
+        Callers pass the workers that could serve the request at all (`_able`: its role, a prompt
+        their KV holds, a partner whose KV layout fits): during a rolling upgrade the only decode
+        workers whose KV an old prefill worker fits are the old ones, and a new one in rotation does
+        not make them spare. A worker that is only busy (it refused this request, or its KV cache is
+        full) is filtered out after this, and keeps those backing off out: it is not gone, and a
+        request it cannot take now is one to retry later, not one to send to a worker that just
+        failed."""
         now = self.clock()
-        eligible = [w for w in workers if w.eligible and w.role in roles]
-        rested = [w for w in eligible if w.backoff_until <= now]
-        return rested or eligible
+        rested = [w for w in workers if w.backoff_until <= now]
+        return rested or workers
+
+    def _able(self, prompt_tokens: int) -> tuple[list[WorkerInfo], list[WorkerInfo]]:
+        """The eligible decode (or colocated) and prefill workers that could serve a prompt of this
+        size, KV room now aside: a prefill worker that holds it; a decode worker whose whole cache
+        does and that is colocated or takes such a prefill worker's KV."""
+        decodes, prefills = self._targets()
+        prefills = [w for w in prefills if w.eligible and w.role == "prefill" and _holds(w, prompt_tokens)]
+        decodes = [
+            w
+            for w in decodes
+            if w.eligible
+            and w.role in DECODE_ROLES
+            and _capacity(w) > prompt_tokens
+            and (w.role == "colocated" or any(_kv_compatible(p, w) for p in prefills))
+        ]
+        return decodes, prefills
 
     def all_full(self, prompt_tokens: int, exclude: set[str]) -> bool:
         """Healthy decode workers exist but none has KV room for the prompt right now: the caller
         should retry later (RESOURCE_EXHAUSTED), unlike when no worker is healthy (UNAVAILABLE)."""
-        decodes, _ = self._targets()
-        eligible = [w for w in self._in_rotation(decodes, DECODE_ROLES) if w.address not in exclude]
+        decodes, _ = self._able(prompt_tokens)
+        eligible = [w for w in self._rested(decodes) if w.address not in exclude]
         return bool(eligible) and all(w.free_tokens() <= prompt_tokens for w in eligible)
 
     def pick(self, prompt_tokens: int, exclude: set[str], adapter: str = "") -> Pair | None:
@@ -352,18 +396,11 @@ class WorkerPool:
         it in host memory, then the rest (where it loads on first use); among equals, the decode
         worker with the most free KV and the least loaded prefill worker win.
         """
-        decodes, prefills = self._targets()
         # By the role each reports: a prefill worker listed among the decode targets (a wrong
         # Service selector) reports the most free KV and would be picked to decode, then refuse.
+        decodes, prefills = self._able(prompt_tokens)
         roomy = [
-            w
-            for w in self._in_rotation(decodes, DECODE_ROLES)
-            if w.address not in exclude and w.free_tokens() > prompt_tokens
-        ]
-        prefills = [
-            w
-            for w in self._in_rotation(prefills, ("prefill",))
-            if w.address not in exclude and _holds(w, prompt_tokens)
+            w for w in self._rested(decodes) if w.address not in exclude and w.free_tokens() > prompt_tokens
         ]
         roomy.sort(key=lambda w: (_residency(w, adapter), w.free_tokens(), -w.pending_requests), reverse=True)
         for decode in roomy:
@@ -371,7 +408,11 @@ class WorkerPool:
                 return Pair(decode, None)
             # Only a prefill worker whose KV the decode worker takes (same weights and layout):
             # during a rolling upgrade an incompatible one sits idle, so the shortest queue is its.
-            fits = [w for w in prefills if _kv_compatible(w, decode)]
+            fits = [
+                w
+                for w in self._rested([w for w in prefills if _kv_compatible(w, decode)])
+                if w.address not in exclude
+            ]
             if fits:
                 prefill = min(
                     fits,
@@ -384,29 +425,30 @@ class WorkerPool:
                 return Pair(decode, prefill)
         return None
 
-    def serving_problem(self) -> str | None:
+    def serving_problem(self, *, as_checked: bool = False) -> str | None:
         """Why no request could be served now whatever its size (no eligible colocated worker, nor
         an eligible decode worker with a prefill worker whose KV it takes); None when one could.
         KV room is ignored: full workers are busy, not gone. Names no worker address (callers
-        pass it on to clients). By the workers `pick` would take: one backing off after a failed
-        request is not serving, though never so the last of its role (`_in_rotation`), so a
-        backoff alone never makes the router unready."""
+        pass it on to clients). A backoff changes nothing here: `pick` falls back on the workers
+        backing off when they alone could serve a request (`_rested`). `as_checked`: by what the
+        workers' last health checks said, not counting a request failed on one since
+        (`mark_failed`)."""
         decodes, prefills = self._targets()
-        in_rotation = self._in_rotation(decodes, DECODE_ROLES)
-        if any(w.role == "colocated" for w in in_rotation):
+        serving = [w for w in decodes if _serving(w, as_checked)]
+        if any(w.role == "colocated" for w in serving):
             return None
-        if not any(w.role == "decode" for w in in_rotation):
+        if not any(w.role == "decode" for w in serving):
             return f"no decode or colocated worker is serving ({len(decodes)} known)"
-        if not self._in_rotation(prefills, ("prefill",)):
+        if not any(w.role == "prefill" for w in prefills if _serving(w, as_checked)):
             return f"no prefill worker is serving ({len(prefills)} known)"
-        return self.pairing_problem()
+        return self.pairing_problem(as_checked=as_checked)
 
-    def pairing_problem(self) -> str | None:
+    def pairing_problem(self, *, as_checked: bool = False) -> str | None:
         """Why no pair forms although decode and prefill workers are eligible (their KV differs:
         other weights or block size, as in a rolling upgrade gone wrong); None otherwise."""
         decodes, prefills = self._targets()
-        decodes = [w for w in self._in_rotation(decodes, DECODE_ROLES) if w.role == "decode"]
-        prefills = self._in_rotation(prefills, ("prefill",))
+        decodes = [w for w in decodes if _serving(w, as_checked) and w.role == "decode"]
+        prefills = [w for w in prefills if _serving(w, as_checked) and w.role == "prefill"]
         if not decodes or not prefills or any(_kv_compatible(p, d) for p in prefills for d in decodes):
             return None
 
