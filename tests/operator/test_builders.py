@@ -252,7 +252,7 @@ def test_colocated_example_fetches_its_model_and_has_one_pool():
         {"name": "model", "mountPath": "/models"},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
-    assert {"name": "model", "emptyDir": {"sizeLimit": "40Gi"}} in pod(dep)["volumes"]
+    assert {"name": "model", "emptyDir": {"sizeLimit": "4Gi"}} in pod(dep)["volumes"]
     router = objs[("Deployment", f"{n}-router")]
     args = container(router)["args"]
     assert flag(args, "--decode") == f"dns:{n}-colocated.default.svc:50061"

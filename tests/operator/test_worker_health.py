@@ -406,7 +406,7 @@ def test_a_pod_the_scheduler_cannot_place_is_named_where_its_rollout_or_scale_up
     """A surge pod Pending for want of a spare GPU held a rollout until ProgressDeadlineExceeded,
     and status said only "stuck: prefill": now the pod, the scheduler's reason, and (a rollout
     waiting for a GPU) the setting that replaces pods in place."""
-    from tandem_operator.status import Workload, plan_status
+    from tandem_operator.status import Workload, observe_deployment, plan_status
 
     unplaced = pod("p-new", "prefill", [])
     unplaced["status"] = {
@@ -446,6 +446,16 @@ def test_a_pod_the_scheduler_cannot_place_is_named_where_its_rollout_or_scale_up
     assert status(Workload(1, 1, 0, False, None))["Progressing"] == f"rolling out: prefill {hint}"
     stuck = status(Workload(1, 1, 0, False, "ProgressDeadlineExceeded"))["Degraded"]
     assert stuck == f"stuck: prefill (ProgressDeadlineExceeded) {hint}"
+    # A pool that already replaces pods in place: the reason, and no setting to change.
+    in_place = status(Workload(1, 1, 0, False, None, surges=False))["Progressing"]
+    assert in_place == (
+        "rolling out: prefill "
+        "(pod p-new unschedulable: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu)"
+    )
+    live = {"spec": {"replicas": 1, "strategy": {"type": "RollingUpdate"}}, "status": {}}
+    for surge, surges in ((1, True), (0, False), ("0%", False), ("25%", True)):
+        live["spec"]["strategy"]["rollingUpdate"] = {"maxSurge": surge, "maxUnavailable": 1}
+        assert observe_deployment(live).surges is surges
     # A scale-up the cluster has no GPU for: the reason, but no rollout to change.
     short = status(Workload(2, 1, 2, True, None))["Degraded"]
     assert short == (

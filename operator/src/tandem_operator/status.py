@@ -85,6 +85,9 @@ class Workload:
     updated: int
     rolled_out: bool
     stuck_reason: str | None  # ReplicaFailure / ProgressDeadlineExceeded
+    # Its rollout starts a new pod before stopping an old one (maxSurge above 0): only then does a
+    # rollout wait for a spare GPU.
+    surges: bool = True
 
 
 @dataclass(frozen=True)
@@ -396,12 +399,15 @@ def observe_deployment(live: dict[str, Any] | None, desired: int | None = None) 
             stuck = "ReplicaFailure"
         if c.get("type") == "Progressing" and c.get("reason") == "ProgressDeadlineExceeded":
             stuck = "ProgressDeadlineExceeded"
+    strategy = (live.get("spec") or {}).get("strategy") or {}
+    rolling = strategy.get("rollingUpdate") or {}
     return Workload(
         desired=want,
         ready=int(st.get("readyReplicas", 0)),
         updated=updated,
         rolled_out=rolled_out,
         stuck_reason=stuck,
+        surges=strategy.get("type") != "Recreate" and str(rolling.get("maxSurge", "25%")) not in ("0", "0%"),
     )
 
 
@@ -491,7 +497,7 @@ def plan_status(
         p = (pods or {}).get(component)
         return p.pending_detail(component, rolling_out) if p is not None else ""
 
-    rolling = sorted(c + pending(c, True) for c, w in workloads.items() if not w.rolled_out)
+    rolling = sorted(c + pending(c, w.surges) for c, w in workloads.items() if not w.rolled_out)
     if not workloads:
         progressing = cond(PROGRESSING, False, "NoWorkloads", "nothing is deployed")
     elif mode_switch is not None:
@@ -505,7 +511,7 @@ def plan_status(
         progressing = cond(PROGRESSING, False, "RolloutComplete", "every workload runs the current spec")
 
     stuck = sorted(
-        f"{c} ({w.stuck_reason}){pending(c, True)}" for c, w in workloads.items() if w.stuck_reason
+        f"{c} ({w.stuck_reason}){pending(c, w.surges)}" for c, w in workloads.items() if w.stuck_reason
     )
     short = sorted(
         f"{c} {w.ready}/{w.desired}{pending(c, False)}"
