@@ -192,6 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
         "for the timeout each pull names (default: $TANDEM_KV_IDLE_TIMEOUT_S, else 30)",
     )
     w.add_argument(
+        "--engine-stall-timeout",
+        type=non_negative_float,
+        default=None,
+        metavar="SECONDS",
+        help="call the engine stuck when one step with work makes no progress for this long: health "
+        "NOT_SERVING, also for the liveness service 'tandem.liveness', until it moves again; above "
+        "the slowest legitimate step, a first request's kernel compiles (default 120; 0: never)",
+    )
+    w.add_argument(
         "--drain-timeout",
         type=non_negative_float,
         default=30.0,
@@ -554,6 +563,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         drain_timeout=args.drain_timeout,
         kv_idle_timeout_s=args.kv_idle_timeout,
         max_queued_prefill_tokens=args.max_queued_prefill_tokens,
+        engine_stall_timeout_s=args.engine_stall_timeout,
     )
 
 

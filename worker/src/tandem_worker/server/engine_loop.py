@@ -14,14 +14,19 @@ On a prefill worker each request's KV pieces wait in its stream for the reader t
 (`KVBacklog`): past `EngineConfig.kv_send_backlog_bytes` unsent, its next prompt chunk is held
 back until the reader catches up, which wakes the loop. Its reader may ask for a `Heartbeat` while
 it waits (`RequestStream.events`): proof for the decode worker that the engine is busy, not stuck.
+An `EngineWatchdog` tells a stuck engine (a kernel or collective that never returns, a deadlock:
+one step, or one batch of commands, that has had no progress for a long while) from an idle one
+(nothing to do), which the loop thread itself cannot: it is the one that is stuck.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -78,6 +83,26 @@ class Heartbeat:
     the request waits its turn behind others, and the engine is not stuck."""
 
 
+@dataclass(frozen=True)
+class _Busy:
+    """What the loop thread is in: "step" (one with work to do) or "commands"; since `clock()` at
+    its start or at the last progress within it (a layer's KV)."""
+
+    what: str
+    since: float
+
+
+@dataclass(frozen=True)
+class Stall:
+    """The engine loop has been in one step (or batch of commands) for `seconds` with no progress."""
+
+    doing: str  # "a step with 3 requests (1 prefilling, 2 decoding)"
+    seconds: float
+
+    def __str__(self) -> str:
+        return f"{self.doing}, no progress for {self.seconds:.1f} s"
+
+
 _END = object()
 
 
@@ -105,7 +130,7 @@ class KVBacklog:
         """Engine thread: queue a piece for the reader, unless it stopped reading."""
         n = piece.nbytes
         # A layer computed: progress within a step, which may be long (a big chunk on a CPU).
-        self._loop.progress += 1
+        self._loop._progressed()
         with self._loop._lock:
             if self._closed:
                 return
@@ -201,7 +226,11 @@ class RequestStream:
 
 class EngineLoop:
     def __init__(
-        self, engine: LLMEngine, max_pending: int = 1024, max_queued_prefill_tokens: int = 0
+        self,
+        engine: LLMEngine,
+        max_pending: int = 1024,
+        max_queued_prefill_tokens: int = 0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`max_queued_prefill_tokens` (0: no bound): a prefill worker refuses a KV pull as busy
         (`QueueFull`) when its prompt would take the prompt tokens of its unfinished pulls past it:
@@ -209,7 +238,9 @@ class EngineLoop:
         throughput times a TTFT target). Heartbeats keep a queued pull alive for as long as the
         engine works, while it holds blocks reserved on its decode worker and its client waits; the
         router picks the least queued prefill worker by stats that lag, and passes the refusal on to
-        another one (or answers 429 when all are this busy)."""
+        another one (or answers 429 when all are this busy).
+
+        `clock` times stalls (`stall`); tests pass one they move by hand."""
         self.engine = engine
         self.max_pending = max_pending
         self.max_queued_prefill_tokens = max_queued_prefill_tokens
@@ -228,6 +259,10 @@ class EngineLoop:
         # `RequestStream.events`). Written by the loop thread alone (KVBacklog.put runs on it too),
         # read by any.
         self.progress = 0
+        self._clock = clock
+        # Set by the loop thread alone, replaced whole (never mutated), so any thread reads one
+        # consistent value: None while it waits for commands or steps with nothing to do.
+        self._busy: _Busy | None = None
 
     def start(self) -> EngineLoop:
         self._thread.start()
@@ -376,6 +411,58 @@ class EngineLoop:
         if self.error is not None:
             raise EngineDead(f"engine failed: {self.error!r}")
 
+    def stall(self, timeout: float) -> Stall | None:
+        """Any thread: a Stall when the loop thread has been in one step with work to do, or in one
+        batch of commands, for at least `timeout` seconds with no progress meanwhile; else None.
+
+        An idle loop (waiting for commands, or stepping with nothing schedulable: requests whose KV
+        is in transit, or held back for a slow reader) is never stalled however long it waits: its
+        steps return at once, and what it waits for has timeouts of its own."""
+        busy = self._busy
+        if busy is None:
+            return None
+        waited = self._clock() - busy.since
+        if waited < timeout:
+            return None
+        return Stall(self._describe(busy.what), waited)
+
+    def _describe(self, what: str) -> str:
+        """What the stalled loop is doing, read from another thread: the loop thread is not moving
+        the queues (it is stalled), but a late one may, and a description is not worth failing for."""
+        if what != "step":
+            return f"{what} between steps, {len(self._streams)} requests in flight"
+        s = self.engine.scheduler
+        try:
+            running = list(s.running)
+            waiting, awaiting, reserved = len(s.waiting), len(s.awaiting), len(s.reserved)
+        except RuntimeError:  # changed size while read: it moved after all
+            return "a step"
+        prefilling = sum(1 for q in running if q.num_computed_tokens < q.num_prompt_tokens)
+        parts = [
+            f"{n} {label}"
+            for n, label in (
+                (prefilling, "prefilling"),
+                (len(running) - prefilling, "decoding"),
+                (waiting, "waiting"),
+                (awaiting, "awaiting blocks for remote KV"),
+                (reserved, "receiving KV"),
+            )
+            if n
+        ]
+        total = len(running) + waiting + awaiting + reserved
+        return f"a step with {total} request{'' if total == 1 else 's'} ({', '.join(parts)})"
+
+    def thread_stack(self) -> str:
+        """Where the loop thread is now (its Python stack): the call that does not return."""
+        frame = sys._current_frames().get(self._thread.ident or -1)
+        return "".join(traceback.format_stack(frame)) if frame is not None else "(not running)\n"
+
+    def _progressed(self) -> None:
+        """Loop thread: progress (a step that did something, a layer's KV within one)."""
+        self.progress += 1
+        if self._busy is not None:
+            self._busy = _Busy(self._busy.what, self._clock())
+
     # --- the loop thread -----------------------------------------------------------------------
 
     def _forget(self, request_id: str) -> RequestStream | None:
@@ -404,12 +491,18 @@ class EngineLoop:
             cmd = self._cmds.get(timeout=0.05) if block else self._cmds.get_nowait()
         except queue.Empty:
             return
-        cmd()
-        while True:
-            try:
-                self._cmds.get_nowait()()
-            except queue.Empty:
-                return
+        # A command can hang too (an adapter copied to the device); loading a big adapter from a
+        # slow disk takes a while, but far less than any stall timeout.
+        self._busy = _Busy("commands", self._clock())
+        try:
+            cmd()
+            while True:
+                try:
+                    self._cmds.get_nowait()()
+                except queue.Empty:
+                    return
+        finally:
+            self._busy = None
 
     def _run(self) -> None:
         engine = self.engine
@@ -423,13 +516,18 @@ class EngineLoop:
                 if self._stop.is_set():
                     break
                 self._stats = engine.stats()
+                # Watched only with work to do: a step with nothing schedulable returns at once,
+                # and an idle worker is alive however long it waits.
+                if engine.has_schedulable_work():
+                    self._busy = _Busy("step", self._clock())
                 outputs = engine.step()
                 # A request waiting for its adapter's read (from a slow disk, longer than a decode
                 # worker's idle timeout) is busy, not stalled. A read that hangs is bounded by the
                 # adapter load timeout instead: past it the request fails with the reason, and
                 # until then a hung read cannot be told from a slow one (the read reports nothing).
                 if not engine.last_step_idle or engine.last_step_waited_on_load:
-                    self.progress += 1
+                    self._progressed()
+                self._busy = None
                 self._stats = engine.stats()
                 for r in engine.take_reservations():
                     with self._lock:
@@ -439,6 +537,7 @@ class EngineLoop:
                 self._route(outputs)
         except BaseException as e:  # noqa: BLE001 - fail every waiting request, then report
             log.exception("engine loop failed")
+            self._busy = None  # failed, not stalled: `died` tells
             with self._lock:
                 self.error = e
                 streams = list(self._streams.values())
@@ -447,3 +546,84 @@ class EngineLoop:
             for s in streams:
                 s.put(EngineDead(f"engine failed: {e!r}"))
             self.died.set()
+
+
+# How long the engine loop may spend in one step with work (or one batch of commands) with no
+# progress before the worker calls its engine stuck (seconds; `tandem worker --engine-stall-timeout`).
+# Legitimate steps are far shorter, the slowest being the first of their kind: a request's first
+# prefill compiles its Triton kernels (tens of seconds with a cold cache), a LoRA decode graph not
+# captured at startup is captured in a step, and a long prompt chunk on a CPU takes seconds. A
+# false alarm costs a restart (minutes of model loading, and a cold cache could make the next first
+# step as slow again), while a stuck worker's requests fail by their own timeouts meanwhile (the
+# decode side's KV idle timeout, 30 s): so a long margin over the slowest step.
+ENGINE_STALL_TIMEOUT_S = 120.0
+
+
+class EngineWatchdog:
+    """Watches an `EngineLoop` from a thread of its own, every `period` seconds (default: a
+    quarter of `timeout`, at most 1 s). When the loop has been stalled for `timeout` seconds
+    (`EngineLoop.stall`) it logs one error naming what the loop was doing, for how long, and the
+    loop thread's stack, then calls `on_change(stall)`; once the loop moves again, `on_change(None)`.
+
+    It reports, and never kills: a thread stuck in a device call cannot be stopped, and the process
+    may not even exit cleanly around it (its CUDA context waits for the kernel); the worker's
+    liveness probe failing makes the kubelet restart the pod, which always works."""
+
+    def __init__(
+        self,
+        loop: EngineLoop,
+        timeout: float,
+        on_change: Callable[[Stall | None], None],
+        period: float | None = None,
+    ) -> None:
+        if not timeout > 0:  # also NaN
+            raise ValueError(
+                f"the engine stall timeout must be a positive number of seconds, got {timeout!r}"
+            )
+        self.loop = loop
+        self.timeout = timeout
+        self.on_change = on_change
+        self.period = period if period is not None else min(max(timeout / 4, 0.01), 1.0)
+        self.stalled: Stall | None = None
+        self._stalled_since = 0.0  # loop clock, when the current stall began
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine-watchdog", daemon=True)
+
+    def start(self) -> EngineWatchdog:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def check(self) -> Stall | None:
+        """One look at the loop (the thread's): its stall, or None; reports a change."""
+        stall = self.loop.stall(self.timeout)
+        was = self.stalled
+        self.stalled = stall
+        if stall is not None and was is None:
+            self._stalled_since = self.loop._clock() - stall.seconds
+            log.error(
+                "engine stuck: %s (the stall timeout is %g s); this worker reports NOT_SERVING and "
+                "fails its liveness check until the engine moves again. The engine thread is at:\n%s",
+                stall,
+                self.timeout,
+                self.loop.thread_stack(),
+            )
+            self.on_change(stall)
+        elif stall is None and was is not None:
+            log.warning(
+                "engine moving again after %.0f s stuck (%s); serving again",
+                self.loop._clock() - self._stalled_since,
+                was.doing,
+            )
+            self.on_change(None)
+        return stall
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            try:
+                self.check()
+            except Exception:  # noqa: BLE001 - a watchdog that dies watches nothing; say why, go on
+                log.exception("engine watchdog check failed")

@@ -17,7 +17,7 @@ from ..engine.config import EngineConfig
 from ..engine.llm_engine import LLMEngine
 from . import metrics
 from .convert import model_id
-from .engine_loop import EngineLoop
+from .engine_loop import ENGINE_STALL_TIMEOUT_S, EngineLoop, EngineWatchdog, Stall
 from .kv_transfer import prefill_method_handler
 from .listen import EXCLUSIVE_PORT_OPTIONS, listen
 from .pb import worker_pb2, worker_pb2_grpc
@@ -35,6 +35,39 @@ log = logging.getLogger(__name__)
 
 ROLES = ("prefill", "decode", "colocated")
 
+# The health service name a worker's liveness probe asks (a Kubernetes `grpc` probe's `service`):
+# NOT_SERVING only while its engine is stuck (`EngineWatchdog`), so the kubelet restarts it. Unlike
+# the server's "" (readiness, the router's checks), it stays SERVING while the worker drains: a
+# draining worker is alive and must not be restarted.
+LIVENESS_SERVICE = "tandem.liveness"
+
+
+class _Health:
+    """The worker's health statuses, from two facts set by different threads: draining (the main
+    thread) and a stuck engine (the watchdog)."""
+
+    def __init__(self, servicer: health.HealthServicer, names: list[str]) -> None:
+        self._servicer = servicer
+        self._names = ["", *names]
+        self._lock = threading.Lock()
+        self._draining = False
+        self._stuck = False
+
+    def update(self, *, draining: bool | None = None, stuck: bool | None = None) -> None:
+        with self._lock:  # each update sets every status: the last one wins whole
+            if draining is not None:
+                self._draining = draining
+            if stuck is not None:
+                self._stuck = stuck
+            serving = not (self._draining or self._stuck)
+            for name in self._names:
+                self._servicer.set(name, _status(serving))
+            self._servicer.set(LIVENESS_SERVICE, _status(not self._stuck))
+
+
+def _status(serving: bool) -> int:
+    return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+
 
 def serve_worker(
     role: str,
@@ -48,6 +81,7 @@ def serve_worker(
     adapters: dict[str, str] | None = None,
     kv_idle_timeout_s: float | None = None,
     max_queued_prefill_tokens: int = 0,
+    engine_stall_timeout_s: float | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT (or `stop_event`), then drain: refuse new work, finish in-flight.
     Returns the process's exit status: 0, or 1 when the engine failed (out of device memory, a
@@ -58,9 +92,16 @@ def serve_worker(
     `kv_idle_timeout_s`: how long a decode worker's KV pull may receive nothing (see
     worker_server.KV_IDLE_TIMEOUT_S; default: $TANDEM_KV_IDLE_TIMEOUT_S, else 30 s).
     `max_queued_prefill_tokens`: a prefill worker's bound on the prompt tokens of its unfinished
-    KV pulls, past which it refuses new ones as busy (0: none; see `EngineLoop`)."""
+    KV pulls, past which it refuses new ones as busy (0: none; see `EngineLoop`).
+    `engine_stall_timeout_s`: how long one engine step with work may make no progress before the
+    worker calls its engine stuck (default ENGINE_STALL_TIMEOUT_S; 0: never): it then refuses new
+    requests (UNAVAILABLE) and reports NOT_SERVING for "" and every service, LIVENESS_SERVICE
+    included, until the step returns. It does not exit: the liveness probe gets it restarted."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+    stall_timeout = ENGINE_STALL_TIMEOUT_S if engine_stall_timeout_s is None else engine_stall_timeout_s
+    if not stall_timeout >= 0:  # also NaN
+        raise ValueError(f"the engine stall timeout must be >= 0 seconds, got {stall_timeout!r}")
     # Resolved here, so a bad $TANDEM_KV_IDLE_TIMEOUT_S fails before the model loads.
     idle_timeout = kv_idle_timeout(kv_idle_timeout_s)
     config.detokenize = False  # the router detokenizes and applies stop strings
@@ -99,8 +140,14 @@ def serve_worker(
             metrics.start_kv_transfers("received")
     metrics.serve_metrics(metrics_port, host)
     server.start()
-    for name in ["", *names]:
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    status = _Health(health_servicer, names)
+    status.update(draining=False, stuck=False)
+
+    def stuck(stall: Stall | None) -> None:
+        state.engine_stall = stall  # set first: new requests are refused before health says why
+        status.update(stuck=stall is not None)
+
+    watchdog = EngineWatchdog(loop, stall_timeout, stuck).start() if stall_timeout > 0 else None
     log.info("%s worker serving %s on %s:%d (metrics :%d)", role, state.model_id, host, bound, metrics_port)
     print(f"tandem worker ({role}) listening on {host}:{bound}", flush=True)
 
@@ -116,12 +163,13 @@ def serve_worker(
     # Drain: new requests are refused (health NOT_SERVING tells routers), in-flight ones finish.
     # After an engine failure there is nothing left to finish: the loop failed them already.
     state.draining.set()
-    for name in ["", *names]:
-        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    status.update(draining=True)
     deadline = time.monotonic() + drain_timeout
     while loop.num_in_flight and not loop.died.is_set() and time.monotonic() < deadline:
         time.sleep(0.05)
     server.stop(grace=1.0).wait()
+    if watchdog is not None:
+        watchdog.stop()
     loop.stop()
     metrics.unregister(collector)
     if loop.died.is_set():

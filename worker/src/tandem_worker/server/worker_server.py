@@ -49,7 +49,16 @@ from .convert import (
     top_logprobs_from_pb,
     top_logprobs_to_pb,
 )
-from .engine_loop import EngineDead, EngineLoop, Heartbeat, KVPiece, KVReserved, QueueFull, RequestAborted
+from .engine_loop import (
+    EngineDead,
+    EngineLoop,
+    Heartbeat,
+    KVPiece,
+    KVReserved,
+    QueueFull,
+    RequestAborted,
+    Stall,
+)
 from .kv_transfer import KVWriter, adapter_mismatch, encode_kv_chunk, kv_chunks, layout_mismatch, prefill_stub
 from .pb import inference_pb2 as pb
 from .pb import worker_pb2 as wpb
@@ -187,6 +196,10 @@ class WorkerState:
         self.model_id = model_id
         self.layout = kv_layout(engine, model_id)
         self.draining = threading.Event()
+        # Set by the engine watchdog while the engine is stuck (worker_main): new requests are
+        # refused with UNAVAILABLE, which the router retries elsewhere, rather than queued behind
+        # a step that may never end until they time out.
+        self.engine_stall: Stall | None = None
         self.stall_watch = StallWatch(kv_idle_timeout(kv_idle_timeout_s))
         self.kv_heartbeat_s = kv_heartbeat(self.stall_watch.idle_timeout)
         # Per prefill endpoint: its channel and when it was last used.
@@ -229,6 +242,12 @@ def _abort_for(context: grpc.ServicerContext, e: Exception) -> None:
     raise e
 
 
+def _refuse_if_stuck(s: WorkerState, context: grpc.ServicerContext) -> None:
+    stall = s.engine_stall
+    if stall is not None:
+        context.abort(grpc.StatusCode.UNAVAILABLE, f"worker engine stuck: {stall}")
+
+
 def _remaining(context: grpc.ServicerContext) -> float | None:
     r = context.time_remaining()
     return None if r is None or r > 1e8 else max(r, 0.001)
@@ -242,6 +261,7 @@ class WorkerService(wgrpc.WorkerServicer):
         s = self.s
         if s.draining.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining")
+        _refuse_if_stuck(s, context)
         if s.role == "prefill":
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a prefill worker does not serve Generate")
         remote = bool(request.prefill_endpoint)
@@ -493,6 +513,7 @@ class KVTransferService(wgrpc.KVTransferServicer):
         s = self.s
         if s.draining.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining")
+        _refuse_if_stuck(s, context)
         bad = layout_mismatch(s.layout, request.layout)
         if bad:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"decode worker: {bad}")
