@@ -818,3 +818,88 @@ def test_the_requests_a_stalled_worker_held_count_as_one_failure_though_they_fai
     assert pair.prefill is p2
     pool.mark_failed(p2, "prefill worker p2:1 stalled", pool.begin(pair, 100))
     assert p2.failures == 2 and p2.backoff_until == clock.now + 2.0
+
+
+# --- a draining worker ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _served(servicer: wgrpc.WorkerServicer) -> Iterator[str]:
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2))
+    port = server.add_insecure_port("127.0.0.1:0")
+    wgrpc.add_WorkerServicer_to_server(servicer, server)
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(None)
+
+
+def _draining_worker() -> wgrpc.WorkerServicer:
+    """The worker's own Generate, on a worker that drains: it refuses before anything else (so no
+    engine is needed behind it)."""
+    from types import SimpleNamespace
+
+    from tandem_worker.server.worker_server import WorkerService
+
+    draining = threading.Event()
+    draining.set()
+    return WorkerService(SimpleNamespace(draining=draining, engine_stall=None, role="colocated"))
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_draining_worker_is_skipped_for_the_request_not_failed(model_dir, caplog):
+    """A rollout or a scale-down drains workers, which refuse new requests (UNAVAILABLE) until their
+    next health check reports the drain: the router backed each off as failed, with a warning "out
+    of rotation" on every rollout. The request goes to another worker all the same."""
+    with _served(_draining_worker()) as leaving, _served(_SeveralTokensAMessage([42])) as staying:
+        pool = WorkerPool(decode_targets=[], clock=_Clock())
+        pool._workers = {a: info(a, "colocated") for a in (leaving, staying)}
+        pool._workers[leaving].stats.free_blocks = 200  # the roomiest: picked first
+        pool._decode = [leaving, staying]
+        for w in pool._workers.values():
+            w.checked_healthy = True
+        caplog.set_level(logging.INFO, logger="tandem_worker")
+        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3]), sampling=pb.SamplingParams())
+        router = RouterService(pool, Tokenizer(model_dir), "smollm2-135m", 4096, set())
+        try:
+            (out,) = list(router.Generate(request, _Context()))
+        finally:
+            for w in pool._workers.values():
+                w.channel.close()
+    assert out.token_ids == [42]
+    w = pool._workers[leaving]
+    assert w.healthy and w.failures == 0 and w.backoff_until == 0.0, "backed off as failed"
+    assert w.state(pool.clock()) == "serving"  # until its health check reports the drain
+    assert _warnings(caplog) == []
+
+
+class _PrefillDraining(wgrpc.WorkerServicer):
+    """A decode worker whose KV pull from p:1 meets a draining prefill worker, whose refusal it passes
+    on as the decode worker does (`prefill worker ADDR failed: DETAILS`)."""
+
+    def __init__(self) -> None:
+        self.prefills: list[str] = []
+
+    def Generate(self, request, context):  # noqa: N802
+        self.prefills.append(request.prefill_endpoint)
+        if request.prefill_endpoint == "p:1":
+            context.abort(grpc.StatusCode.UNAVAILABLE, "prefill worker p:1 failed: worker is draining")
+        yield wpb.WorkerGenerateResponse(token_ids=[42], finish_reason=pb.FINISH_REASON_LENGTH)
+
+
+def test_a_draining_prefill_worker_is_skipped_for_the_request_not_failed(model_dir, caplog):
+    with _router_over_fake_decode(model_dir, lambda pool: _PrefillDraining()) as (router, pool, fake):
+        pool.clock = _Clock()
+        pool._workers["p:2"].stats.queued_prompt_tokens = 50  # p:1 first
+        caplog.set_level(logging.INFO, logger="tandem_worker")
+        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3]), sampling=pb.SamplingParams())
+        out = list(router.Generate(request, _Context()))
+        assert fake.prefills == ["p:1", "p:2"] and out[-1].token_ids == [42]
+        p1, decode = pool._workers["p:1"], pool._workers["decode"]
+        assert p1.healthy and p1.failures == 0 and p1.backoff_until == 0.0, "backed off as failed"
+        assert decode.failures == 0, "the decode worker was blamed for its partner's drain"
+        assert _warnings(caplog) == []

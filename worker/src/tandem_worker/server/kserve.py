@@ -48,7 +48,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import numpy as np
@@ -557,17 +557,18 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
 
     def ModelInfer(self, request, context):  # noqa: N802
         if request.model_version not in ("", VERSION):
-            context.abort(
+            _refuse(
+                context,
                 grpc.StatusCode.NOT_FOUND,
                 f"model {request.model_name!r} has no version {request.model_version!r} (only {VERSION})",
             )
         try:
             t = self.translate(request)
         except BadRequest as e:
-            metrics.REQUESTS.labels(outcome="invalid").inc()  # refused here: the router never sees it
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if t.stream:
-            context.abort(
+            _refuse(
+                context,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "stream: token streaming needs the streaming call ModelStreamInfer",
             )
@@ -660,12 +661,13 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
         # A name that is not listed may still be an adapter in the workers' store: the router
         # answers NOT_FOUND when it is not.
         if request.model_version not in ("", VERSION):
+            _count_refused()
             yield error(f"model {request.model_name!r} has no version {request.model_version!r}")
             return
         try:
             t = self.translate(request)
         except BadRequest as e:
-            metrics.REQUESTS.labels(outcome="invalid").inc()
+            _count_refused()
             yield error(f"INVALID_ARGUMENT: {e}")
             return
         empty_final = (
@@ -713,6 +715,21 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
             if e.code() == grpc.StatusCode.CANCELLED and not context.is_active():
                 return
             yield error(f"{e.code().name}: {e.details()}")
+
+
+def _count_refused() -> None:
+    """A request refused here, before any call upstream: the router, which counts every request it
+    sees in `tandem_requests_total`, never sees this one. The caller's mistake (a malformed request,
+    a model version that does not exist), so `invalid`, which attainment leaves out."""
+    metrics.REQUESTS.labels(outcome="invalid").inc()
+
+
+def _refuse(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
+    """Counts the request (`_count_refused`) and ends its call with `code`; once only, as the abort
+    raises."""
+    _count_refused()
+    context.abort(code, details)
+    raise AssertionError("unreachable: context.abort raises")
 
 
 def _ended() -> grpc.RpcError:

@@ -3,12 +3,13 @@
 Workers export KV and queue state (read from the engine at scrape time) and KV transfer volume
 (of completed transfers; aborted ones are counted apart, so a transfer cut off halfway never shows
 as a fast small one); the router exports per-request latency against the SLOs and how many of its
-workers serve.
+workers serve and how often a failed request took one out of rotation.
 Labels stay bounded.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -89,6 +90,15 @@ POOL_REJECTED = Counter(
     ["pool"],
 )
 REJECTING_POOLS = ("prefill", "decode")
+# A worker's state as `tandem_router_workers` reads it shows an ejection only while it lasts (a
+# second or so, often between two scrapes); the count keeps every one: a worker failing now and then.
+WORKER_EJECTIONS = Counter(
+    "tandem_router_worker_ejections",
+    "Times the router took a worker out of rotation for a backoff after a failed request (further"
+    " failures of the same incident not counted), by role",
+    ["role"],
+)
+WORKER_ROLES = ("prefill", "decode", "colocated")
 
 
 class EngineCollector(Collector):
@@ -191,31 +201,35 @@ class EngineCollector(Collector):
 
 
 class WorkerPoolCollector(Collector):
-    """The router's view of its workers at scrape time: which ones get new work."""
+    """The router's view of its workers at scrape time: which ones get new work.
 
-    def __init__(self, snapshot: Callable[[], list[Any]]) -> None:
-        self.snapshot = snapshot  # WorkerPool.snapshot: WorkerInfo objects
+    `snapshot`: `WorkerPool.snapshot` (WorkerInfo objects); `clock`: the pool's (`WorkerPool.clock`),
+    which its backoffs are timed on."""
+
+    def __init__(
+        self, snapshot: Callable[[], list[Any]], clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.snapshot = snapshot
+        self.clock = clock
 
     def collect(self) -> Iterator[Any]:
         counts: dict[tuple[str, str], int] = {}
+        now = self.clock()
         for w in self.snapshot():
-            if w.eligible:
-                state = "serving"
-            elif w.healthy and w.stats is not None:
-                state = "draining"
-            else:
-                state = "unavailable"  # failing health checks, or not reached yet
-            key = (w.role or "unknown", state)
+            key = (w.role or "unknown", w.state(now))
             counts[key] = counts.get(key, 0) + 1
         # A role's "serving" series reads 0 when none of its workers serves, rather than vanishing:
-        # absent, `tandem_router_workers{state="serving"} == 0` (no decode worker left) finds nothing
-        # exactly when it matters. A worker keeps its role once reached, also after it fails.
+        # absent, `tandem_router_workers{state="serving"} == 0` (no decode worker in rotation: all
+        # down, draining or backing off) finds nothing exactly when it matters. A worker keeps its
+        # role once reached, also after it fails.
         for role, _ in list(counts):
             if role != "unknown":
                 counts.setdefault((role, "serving"), 0)
         g = GaugeMetricFamily(
             "tandem_router_workers",
-            "Workers the router knows, by role and state (serving: gets new work)",
+            "Workers the router knows, by role and state: serving (gets new work), backoff (out of"
+            " rotation for a while after a failed request), draining, unavailable (fails its health"
+            " checks)",
             labels=["role", "state"],
         )
         for (role, state), n in sorted(counts.items()):
@@ -263,12 +277,15 @@ def unregister(collector: Any) -> None:
     REGISTRY.unregister(collector)
 
 
-def register_worker_pool(snapshot: Callable[[], list[Any]]) -> None:
-    REGISTRY.register(WorkerPoolCollector(snapshot))
+def register_worker_pool(
+    snapshot: Callable[[], list[Any]], clock: Callable[[], float] = time.monotonic
+) -> None:
+    REGISTRY.register(WorkerPoolCollector(snapshot, clock))
 
 
 def start_request_outcomes() -> None:
-    """Every outcome's series (and each pool's rejections), at 0, from the router's first scrape.
+    """Every outcome's series (and each pool's rejections, each role's worker ejections), at 0, from
+    the router's first scrape.
     Prometheus' increase() takes a series' first sample as its baseline: a series born at its
     first failure would lose the failures counted before that scrape (the autoscaler's "failures
     hold scale-down" guard), and no series at all could not tell "no requests" from "not scraped
@@ -277,3 +294,5 @@ def start_request_outcomes() -> None:
         REQUESTS.labels(outcome=outcome)
     for pool in REJECTING_POOLS:
         POOL_REJECTED.labels(pool=pool)
+    for role in WORKER_ROLES:
+        WORKER_EJECTIONS.labels(role=role)

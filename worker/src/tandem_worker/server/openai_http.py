@@ -790,8 +790,12 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             parsed = fe.parse(self._read_json(), chat, self.headers)
         except ApiError as e:
-            if e.status == 400:  # refused here, so the router never counts it
-                metrics.REQUESTS.labels(outcome="invalid").inc()
+            # Refused here, so the router never counts it. Every refusal before the call upstream
+            # is the caller's: 400, and also 413 (a body past the limit) and 501 (a transfer coding
+            # this server cannot undo), which no retry or added capacity would serve: `invalid`, not
+            # `rejected` (a retry-later that the autoscaler reads as a pool short of capacity) or
+            # `failed` (the service's fault, against its attainment).
+            metrics.REQUESTS.labels(outcome="invalid").inc()
             self._send_error(e)
             return
         except (ValueError, TypeError) as e:

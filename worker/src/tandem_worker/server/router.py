@@ -3,7 +3,9 @@
 For each request it tokenizes (chat template for messages), picks a (decode, prefill) pair from
 the `WorkerPool`, forwards the token ids, and streams text back, detokenized incrementally and cut
 at stop strings. A request that has streamed nothing is retried on another pair when a worker
-fails; once tokens have been streamed, a failure ends the stream with the worker's status.
+fails; once tokens have been streamed, a failure ends the stream with the worker's status. A worker
+that refuses a request because it drains (a rollout, a scale-down) is only skipped for it: its next
+health check takes it out of rotation, and it never backs off as a failed one does.
 Deadlines and cancellation travel downstream with the call.
 
 Every request counts in exactly one outcome of `tandem_requests_total` (the frontends' requests
@@ -49,6 +51,17 @@ CALLER_CODES = {
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.OUT_OF_RANGE,
 }
+
+
+# How a worker refuses new work while it drains (a rollout, a scale-down); a decode worker passes its
+# prefill partner's refusal on within its own message ("prefill worker ADDR failed: ...").
+DRAINING = "worker is draining"
+
+
+def _draining(code: grpc.StatusCode, details: str) -> bool:
+    """The refusal of a worker that is draining: not a fault. Its health check reports the drain and
+    takes it out of rotation; a backoff on top (and a warning on every rollout) would only mislead."""
+    return code == grpc.StatusCode.UNAVAILABLE and details.endswith(DRAINING)
 
 
 def _retryable(code: grpc.StatusCode, details: str) -> bool:
@@ -306,14 +319,23 @@ class RouterService(pbgrpc.InferenceServicer):
                 failed = (
                     pair.decode if pair.prefill is None or "prefill worker" not in details else pair.prefill
                 )
-                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS):
+                draining = _draining(code, details)
+                if draining:
+                    pass  # leaving, not broken: excluded for this request only
+                elif code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS):
                     self.pool.mark_failed(failed, details, ticket)
                 elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     busy = details  # busy, not broken: stays in rotation, only not retried now
                     busy_pools.add("prefill" if failed is pair.prefill else "decode")
                 exclude.add(failed.address)
                 last_error = details
-                log.warning("request %s attempt %d failed before any token: %s", rid, attempt, details)
+                log.log(
+                    logging.INFO if draining else logging.WARNING,
+                    "request %s attempt %d failed before any token: %s",
+                    rid,
+                    attempt,
+                    details,
+                )
             finally:
                 self.pool.end(pair, ticket)
         decode_full = self.pool.all_full(len(ids), exclude)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from . import metrics
 from .pb import worker_pb2 as wpb
 from .pb import worker_pb2_grpc as wgrpc
 
@@ -95,6 +96,22 @@ class WorkerInfo:
     @property
     def eligible(self) -> bool:
         return self.healthy and self.stats is not None and not self.stats.draining
+
+    def state(self, now: float) -> str:
+        """What the router makes of the worker at `now` (on the pool's clock), as
+        `tandem_router_workers{state}` reports it: serving (gets new work), backoff (answers its
+        health checks but is out of rotation after a failed request: until its backoff is over and
+        a health check since has passed; still tried when no worker in rotation could take a
+        request), draining (reports it: finishes what it holds, takes nothing new) or unavailable
+        (fails its health checks, or not reached yet)."""
+        if self.stats is None:
+            return "unavailable"
+        if self.stats.draining and (self.healthy or self.checked_healthy):
+            return "draining"  # also when a request failed on it since: it is on its way out anyway
+        if self.eligible:
+            return "backoff" if now < self.backoff_until else "serving"
+        # Unhealthy as `mark_failed` left it, though its last health check passed.
+        return "backoff" if self.checked_healthy else "unavailable"
 
     def free_tokens(self) -> int:
         if not self.stats:
@@ -323,6 +340,7 @@ class WorkerPool:
             backoff = min(self.backoff_base * 2 ** min(w.failures - 1, 30), self.backoff_max)
             w.backoff_until = now + backoff
             w.failed_ticket = self._next_ticket
+        metrics.WORKER_EJECTIONS.labels(role=w.role or "unknown").inc()
         log.warning(
             "worker %s out of rotation for %.0f s (%d failure(s) in a row): %s",
             w.address,
