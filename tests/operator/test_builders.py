@@ -102,11 +102,14 @@ def test_cpu_demo_objects():
     }
     assert "tolerations" not in pod(prefill)
     assert "nodeAffinity" not in pod(prefill)["affinity"]
-    # Probes: gRPC health for startup and readiness, TCP for liveness.
+    # Probes: gRPC health for startup and readiness; liveness asks the worker's engine watchdog (a
+    # hung engine keeps its port open), by the name the worker serves it under.
+    from tandem_worker.server.worker_main import LIVENESS_SERVICE
+
     assert c["readinessProbe"]["grpc"] == {"port": 50061}
     assert c["startupProbe"]["grpc"] == {"port": 50061}
     assert c["startupProbe"]["failureThreshold"] * c["startupProbe"]["periodSeconds"] >= 300
-    assert c["livenessProbe"]["tcpSocket"] == {"port": 50061}
+    assert c["livenessProbe"]["grpc"] == {"port": 50061, "service": LIVENESS_SERVICE}
     assert pod(prefill)["terminationGracePeriodSeconds"] == 60  # the drain (55 s) and 5 s to close
     # Prefill prefers the zone of this deployment's decode pods (and vice versa).
     affinity = pod(prefill)["affinity"]["podAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
@@ -149,6 +152,7 @@ def test_cpu_demo_objects():
     assert container(router)["readinessProbe"]["grpc"] == {"port": 50051}
     # The router's health waits for workers: its startup probe must not kill it meanwhile.
     assert container(router)["startupProbe"]["tcpSocket"] == {"port": 50051}
+    assert container(router)["livenessProbe"]["tcpSocket"] == {"port": 50051}  # no engine to watch
     for dep in (prefill, decode, router):
         assert container(dep)["securityContext"] == {
             "allowPrivilegeEscalation": False,

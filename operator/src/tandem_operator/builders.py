@@ -447,10 +447,17 @@ def config_hash(config_map: dict[str, Any], component: str) -> str:
 # ------------------------------------------------------------------------------------ workloads
 
 
+# The worker's health service name that turns NOT_SERVING only when its engine is stuck (a step with
+# work that makes no progress for its --engine-stall-timeout: a hung CUDA or NCCL call), never while
+# it drains or waits: tandem_worker.server.worker_main.LIVENESS_SERVICE.
+WORKER_LIVENESS_SERVICE = "tandem.liveness"
+
+
 def _probes(port: int, startup: str, startup_seconds: int) -> dict[str, Any]:
     """Readiness asks the gRPC health service (NOT_SERVING while draining, and for the router until a
-    worker pair is healthy). Liveness only asks "is the port open": a draining or waiting process is
-    alive and must not be restarted. `startup` is "grpc" for workers (SERVING once the model is
+    worker pair is healthy). Liveness asks a worker's `WORKER_LIVENESS_SERVICE` (a hung engine keeps
+    its port open and its gRPC threads answering: only its watchdog can tell), and the router only
+    "is the port open": a draining or waiting process is alive and must not be restarted. `startup` is "grpc" for workers (SERVING once the model is
     loaded; up to `startup_seconds`) and "tcpSocket" for the router (up once the tokenizer is loaded;
     its health waits for workers, which may take longer than any startup budget)."""
     return {
@@ -467,7 +474,11 @@ def _probes(port: int, startup: str, startup_seconds: int) -> dict[str, Any]:
             "failureThreshold": 2,
         },
         "livenessProbe": {
-            "tcpSocket": {"port": port},
+            **(
+                {"grpc": {"port": port, "service": WORKER_LIVENESS_SERVICE}}
+                if startup == "grpc"
+                else {"tcpSocket": {"port": port}}
+            ),
             "periodSeconds": 10,
             "timeoutSeconds": 3,
             "failureThreshold": 6,
