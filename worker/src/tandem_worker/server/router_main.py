@@ -78,7 +78,7 @@ def serve_router(
     except OSError:
         pool.stop()
         raise
-    metrics.register_worker_pool(pool.snapshot)
+    metrics.register_worker_pool(pool.snapshot, pool.clock)
     metrics.start_request_outcomes()
     metrics.serve_metrics(metrics_port, host)
     server.start()
