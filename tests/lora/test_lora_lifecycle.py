@@ -253,10 +253,10 @@ def test_a_malformed_adapter_fails_only_its_requests(
     # Whatever acquiring an adapter raises is that request's failure, not the engine's.
     real_acquire = engine.lora.acquire
 
-    def acquire(name: str):
+    def acquire(name: str, **kwargs):
         if name == "good":
             raise RuntimeError("device copy failed")
-        return real_acquire(name)
+        return real_acquire(name, **kwargs)
 
     monkeypatch.setattr(engine.lora, "acquire", acquire)
     bad = engine.add_request(prompt_token_ids=prompt_ids[1], params=GREEDY, adapter="good")

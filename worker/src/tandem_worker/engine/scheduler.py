@@ -25,12 +25,15 @@ Each `schedule()` call decides one model step:
 - a request for a LoRA adapter is admitted only once its adapter is on the device, and pins it
   there until it finishes or is preempted; unpinned adapters give their blocks back before any
   running sequence is preempted for room. While an adapter is read from the store (bounded by a
-  timeout) the requests behind it go ahead; one that cannot load fails its requests. While an
-  adapter finds no room on the device (the pool is held by running requests' KV and pinned
-  adapters), the requests behind it that need no new room (the base model, resident adapters) go
-  ahead, but only for `adapter_wait_steps` steps of that request's wait: then the queue stops
-  behind it until room frees, so it cannot starve. A request that cannot be admitted, or grow, even
-  with nothing else holding KV (its KV and its adapter exceed the pool) fails instead of waiting.
+  timeout) the requests behind it go ahead; one that cannot load fails its requests. The same
+  holds while a resident adapter's replaced files are read and the requests still running on its
+  old version finish (only requests that computed with that version may pin it again; see
+  LoRAManager.acquire). While an adapter finds no room on the device (the pool is held by running
+  requests' KV and pinned adapters), the requests behind it that need no new room (the base model,
+  resident adapters) go ahead, but only for `adapter_wait_steps` steps of that request's wait:
+  then the queue stops behind it until room frees, so it cannot starve. A request that cannot be
+  admitted, or grow, even with nothing else holding KV (its KV and its adapter exceed the pool)
+  fails instead of waiting.
 The decisions are bookkeeping over `BlockManager` and the LoRA manager; no tensors here.
 """
 
@@ -151,8 +154,14 @@ class Scheduler:
             return True
         assert self.adapters is not None, "a LoRA request reached an engine without adapters"
         name = seq.lora_name
+        # Work computed with the adapter's version in memory that a restart could not take back:
+        # while that version is being replaced (its files changed on disk), such a request may
+        # still pin it, and every other one waits for the new version (LoRAManager.acquire).
+        streamed = seq.kv_sink is not None and seq.num_preemptions > 0
         try:
-            slot = self.adapters.acquire(name)
+            slot = self.adapters.acquire(
+                name, keep_version=bool(seq.output_token_ids) or streamed, waiting_since=seq.arrival_time
+            )
         except Exception as e:  # noqa: BLE001 - whatever its adapter does fails this request, not the engine
             why = str(e)  # AdapterError, AdapterNotFoundError: they say what is wrong
             if not isinstance(e, ValueError):
@@ -173,7 +182,6 @@ class Scheduler:
             # preempted mid-prefill (holding no blocks, it recomputes its prompt anyway). A
             # preempted prefill-worker request (kv_sink) has streamed part of its prompt's KV.
             # Otherwise part of its answer came from the old weights.
-            streamed = seq.kv_sink is not None and seq.num_preemptions > 0
             if not seq.output_token_ids and not streamed:
                 seq.cache_salt = salt
                 self.bm.forget(seq)  # hashes chained from the old salt
