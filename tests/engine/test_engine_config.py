@@ -17,6 +17,7 @@ from tandem_worker.engine.config import EngineConfig
         ({"max_model_len": 1}, "max_model_len must be at least 2"),
         ({"kv_send_backlog_bytes": 0}, "kv_send_backlog_bytes and kv_send_backlog_total_bytes"),
         ({"admission_watermark_blocks_per_seq": -1}, "admission_watermark_blocks_per_seq must be >= 0"),
+        ({"lora_files_check_interval_s": -1.0}, "lora_files_check_interval_s must be >= 0"),
         ({"load_format": "pt"}, "load_format must be"),
         ({"cuda_graph_max_batch": -1}, "cuda_graph_max_batch must be >= 0"),
         ({"device": "tpu"}, "is not a device name"),
@@ -34,3 +35,10 @@ def test_the_admission_watermark_reaches_the_scheduler(model_dir):
     engine = LLMEngine(model=str(model_dir), kv_cache_bytes=4 * 2**20, admission_watermark_blocks_per_seq=0)
     assert engine.scheduler.watermark_blocks_per_seq == 0
     assert LLMEngine(model=str(model_dir), kv_cache_bytes=4 * 2**20).scheduler.watermark_blocks_per_seq == 1
+
+
+def test_the_adapter_files_check_interval_reaches_the_lora_manager(model_dir):
+    from tandem_worker.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(model=str(model_dir), kv_cache_bytes=4 * 2**20, lora_files_check_interval_s=0.0)
+    assert engine.lora.files_check_interval_s == 0.0

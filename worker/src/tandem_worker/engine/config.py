@@ -163,6 +163,9 @@ class EngineConfig:
     lora_store: str | None = None
     lora_host_cache_bytes: int = 2 * 2**30
     lora_load_timeout_s: float = 30.0
+    # How often (seconds, per adapter, while requests want it) a resident adapter's files are
+    # checked for a replacement, which is then read and swapped in (LoRAManager); 0: every request.
+    lora_files_check_interval_s: float = 2.0
     # Prefill worker: KV computed for a request but not yet sent to its decode worker, in bytes.
     # Above the first, that request's next prompt chunk waits for its reader to catch up (a slow
     # reader then costs about this plus one chunk's KV of host memory); above the second, for all
@@ -213,6 +216,8 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be at least 1")
         if self.lora_load_timeout_s <= 0:
             raise ValueError("lora_load_timeout_s must be positive")
+        if not self.lora_files_check_interval_s >= 0:  # also NaN
+            raise ValueError("lora_files_check_interval_s must be >= 0")
         if self.kv_send_backlog_bytes < 1 or self.kv_send_backlog_total_bytes < 1:
             raise ValueError("kv_send_backlog_bytes and kv_send_backlog_total_bytes must be positive")
         if self.admission_watermark_blocks_per_seq < 0:

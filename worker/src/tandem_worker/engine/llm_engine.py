@@ -182,6 +182,7 @@ class LLMEngine:
             config.lora_store,
             config.lora_host_cache_bytes,
             config.lora_load_timeout_s,
+            files_check_interval_s=config.lora_files_check_interval_s,
         )
         self.runner.lora = self.lora
         if self.runner.graphs is not None and config.cuda_graph_max_lora_rank > 0:
