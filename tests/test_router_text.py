@@ -6,19 +6,11 @@ import pytest
 
 from tandem_worker.engine.sampling_params import RequestError, SamplingParams
 from tandem_worker.engine.tokenizer import TextStream, Tokenizer
+from tests import detokenizers
 
-
-@pytest.fixture(scope="module")
-def real_tok(model_dir) -> Tokenizer:
-    return Tokenizer(model_dir)
-
-
-@pytest.fixture(params=["decode_stream", "window"])
-def tok(request, real_tok: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> Tokenizer:
-    """Both detokenizers: the Rust DecodeStream, and the window a tokenizer without one gets."""
-    if request.param == "window":
-        monkeypatch.setattr(Tokenizer, "backend", property(lambda self: None))
-    return real_tok
+# Fixtures by assignment, not import: a test's `tok` argument would shadow an imported name.
+real_tok = detokenizers.real_tok
+tok = detokenizers.tok
 
 
 TEXTS = [

@@ -26,19 +26,15 @@ import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
 from tandem_worker.server.pb import inference_pb2_grpc as pbgrpc
-from tests.frontends.conftest import SERVED
+from tests.frontends.conftest import SERVED, frontend_router, serving
 from tests.serving.procs import (
     HOST,
     Proc,
     assert_idle,
-    free_port,
-    generate,
     greedy,
     request,
     router,
-    stop_all,
     wait_for,
-    wait_healthy,
 )
 
 PROMPT = "Once upon a time"
@@ -48,47 +44,22 @@ LONG = 2000  # tokens: far more than any deadline here lets it generate
 @pytest.fixture(scope="module")
 def routers(deployment):
     log, d0, p0 = deployment.log_dir, deployment.d0, deployment.p0
-    http_port, kserve_port = free_port(), free_port()
-    patient = router(
-        "outcomes-patient",
-        log,
-        [d0],
-        [p0],
-        "--http-port",
-        str(http_port),
-        "--kserve-port",
-        str(kserve_port),
-        "--served-model-name",
-        SERVED,
-        "--slo-ttft-ms",
-        "1e9",
-        "--slo-tpot-ms",
-        "1e9",
+    patient, http, kserve = frontend_router(
+        "outcomes-patient", log, d0, p0, "--slo-ttft-ms", "1e9", "--slo-tpot-ms", "1e9"
     )
     late_ttft = router("outcomes-late-ttft", log, [d0], [p0], "--slo-ttft-ms", "1e-6")
     late_tpot = router("outcomes-late-tpot", log, [d0], [p0], "--slo-ttft-ms", "1e9", "--slo-tpot-ms", "1e-6")
     procs = [patient, late_ttft, late_tpot]
-    try:
-        for p in procs:
-            p.start()
-        wait_healthy(procs)
-        for p in procs:
-            wait_for(
-                lambda p=p: generate(p, request("Hi", greedy(1)), timeout=60).token_ids,
-                120,
-                f"{p.name} serves",
-            )
+    with serving(procs, routers=procs):
         yield SimpleNamespace(
             patient=patient,
             late_ttft=late_ttft,
             late_tpot=late_tpot,
-            http=f"http://{HOST}:{http_port}",
-            kserve=f"{HOST}:{kserve_port}",
+            http=http,
+            kserve=kserve,
             workers=deployment.workers,
             d0=d0,
         )
-    finally:
-        stop_all(procs)
 
 
 def outcomes(r: Proc) -> dict[str, float]:

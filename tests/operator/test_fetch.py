@@ -6,6 +6,7 @@ and rm; only curl its own)."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import io
 import os
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import tarfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,20 @@ def _tar(path: Path, mode: str, members: dict[str, bytes]) -> None:
             info = tarfile.TarInfo(member)
             info.size = len(body)
             tar.addfile(info, io.BytesIO(body))
+
+
+@contextlib.contextmanager
+def _serving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """`handler` on a loopback port, in a thread; yields the server's base URL."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
 
 
 @pytest.fixture
@@ -60,15 +75,8 @@ def server(tmp_path: Path):
         def log_message(self, *args):
             pass
 
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", requested
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join()
+    with _serving(Handler) as url:
+        yield url, requested
 
 
 @pytest.fixture(params=["python", "sh", "busybox"])
@@ -185,15 +193,8 @@ def proxy():
         def log_message(self, *args):
             pass
 
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", seen
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join()
+    with _serving(Handler) as url:
+        yield url, seen
 
 
 @pytest.mark.parametrize("program", ["python", "sh"])

@@ -13,20 +13,18 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 
-from tandem_proto.v1 import inference_pb2 as pb
 from tandem_proto.v1 import worker_pb2 as wpb
 from tandem_worker.engine.llm_engine import LLMEngine
 from tandem_worker.engine.sampling_params import SamplingParams
 from tandem_worker.server.engine_loop import EngineLoop, KVPiece
-from tandem_worker.server.kv_transfer import prefill_method_handler, prefill_stub
-from tandem_worker.server.worker_server import GRPC_OPTIONS, KVTransferService, WorkerState
+from tandem_worker.server.worker_server import WorkerState
 
-from .procs import HOST, wait_for
+from .kv_pull import prefill_puller, prefill_request, prefill_server
+from .procs import wait_for
 
 LAYERS = 30
 TOKEN_KV = LAYERS * 2 * 3 * 64 * 4  # SmolLM2-135M's KV of one token in float32: 45 KiB
@@ -79,35 +77,23 @@ def test_a_prefill_worker_with_too_much_kv_unsent_refuses_new_pulls_as_busy(mode
     )
     loop = EngineLoop(engine).start()
     state = WorkerState(engine, loop, "prefill", "model")
-    server = grpc.server(ThreadPoolExecutor(4), options=GRPC_OPTIONS)
-    server.add_generic_rpc_handlers((prefill_method_handler(KVTransferService(state).Prefill),))
-    port = server.add_insecure_port(f"{HOST}:0")
-    server.start()
-    channel = grpc.insecure_channel(f"{HOST}:{port}", options=GRPC_OPTIONS)
-    pull = prefill_stub(channel)
 
     def request(rid: str, n: int) -> wpb.PrefillRequest:
-        return wpb.PrefillRequest(
-            request_id=rid,
-            layout=state.layout,
-            prompt_token_ids=list(range(1, n + 1)),
-            sampling=pb.SamplingParams(max_tokens=1, temperature=0.0),
-        )
+        return prefill_request(state.layout, rid, n)
 
     try:
-        # 512 tokens: 22 MiB of KV, far more than gRPC's windows take from a reader that stops.
-        hog = pull(request("hog", 512), timeout=120)
-        next(hog)  # the handshake; then this reader reads no more
-        wait_for(lambda: loop.kv_unsent_bytes > 2**20, 120, "KV piles up for the reader that stopped")
-        with pytest.raises(grpc.RpcError) as err:
-            list(pull(request("refused", 8), timeout=60))
-        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
-        assert "KV wait for slow readers (the limit is 1 MiB)" in err.value.details()
-        # The reader that left stops counting (its KV is dropped), and pulls are served again.
-        hog.cancel()
-        wait_for(lambda: loop.kv_unsent_bytes == 0, 30, "the cancelled pull's KV stops counting")
-        assert list(pull(request("served", 8), timeout=60))[-1][0].last
+        with prefill_server(state) as address, prefill_puller(address) as pull:
+            # 512 tokens: 22 MiB of KV, far more than gRPC's windows take from a reader that stops.
+            hog = pull(request("hog", 512), timeout=120)
+            next(hog)  # the handshake; then this reader reads no more
+            wait_for(lambda: loop.kv_unsent_bytes > 2**20, 120, "KV piles up for the reader that stopped")
+            with pytest.raises(grpc.RpcError) as err:
+                list(pull(request("refused", 8), timeout=60))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+            assert "KV wait for slow readers (the limit is 1 MiB)" in err.value.details()
+            # The reader that left stops counting (its KV is dropped), and pulls are served again.
+            hog.cancel()
+            wait_for(lambda: loop.kv_unsent_bytes == 0, 30, "the cancelled pull's KV stops counting")
+            assert list(pull(request("served", 8), timeout=60))[-1][0].last
     finally:
-        channel.close()
-        server.stop(None)
         loop.stop()

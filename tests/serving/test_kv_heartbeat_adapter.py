@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -25,11 +24,11 @@ from tandem_proto.v1 import worker_pb2_grpc as wgrpc
 from tandem_worker.engine.llm_engine import LLMEngine
 from tandem_worker.server.convert import model_id, params_from_pb
 from tandem_worker.server.engine_loop import EngineLoop
-from tandem_worker.server.kv_transfer import prefill_method_handler
-from tandem_worker.server.worker_server import GRPC_OPTIONS, KVTransferService, WorkerState
+from tandem_worker.server.worker_server import WorkerState
 from tests.lora.conftest import adapter_store  # noqa: F401 - the fixture
 
-from .procs import HOST, greedy
+from .kv_pull import prefill_server
+from .procs import greedy
 from .test_worker_in_process import in_process_worker
 
 IDLE_TIMEOUT = 2.0  # the decode worker's: the prefill worker beats every 0.5 s
@@ -59,16 +58,26 @@ def prefill_worker_with_held_reads(
     engine.lora._parse = held_parse
     loop = EngineLoop(engine).start()
     state = WorkerState(engine, loop, "prefill", model_id(engine.model_dir))
-    server = grpc.server(ThreadPoolExecutor(8), options=GRPC_OPTIONS)
-    server.add_generic_rpc_handlers((prefill_method_handler(KVTransferService(state).Prefill),))
-    port = server.add_insecure_port(f"{HOST}:0")
-    server.start()
     try:
-        yield f"{HOST}:{port}", release, engine
+        with prefill_server(state, threads=8) as address:
+            try:
+                yield address, release, engine
+            finally:
+                release.set()
     finally:
-        release.set()
-        server.stop(None)
         loop.stop()
+
+
+@contextlib.contextmanager
+def decode_worker(model_dir: Path, adapters: Path) -> Iterator[grpc.Channel]:
+    """A decode worker that can serve ADAPTER and gives up on a silent pull after IDLE_TIMEOUT."""
+    with in_process_worker(
+        "decode",
+        model_dir,
+        adapters={ADAPTER: str(adapters / ADAPTER)},
+        kv_idle_timeout_s=IDLE_TIMEOUT,
+    ) as (ch, _, _):
+        yield ch
 
 
 def generate(ch: grpc.Channel, prefill: str) -> list[int]:
@@ -95,12 +104,7 @@ def test_a_pull_waiting_for_a_slow_adapter_read_outlives_the_idle_timeout(model_
             release,
             engine,
         ),
-        in_process_worker(
-            "decode",
-            model_dir,
-            adapters={ADAPTER: str(adapter_store / ADAPTER)},
-            kv_idle_timeout_s=IDLE_TIMEOUT,
-        ) as (ch, _, _),
+        decode_worker(model_dir, adapter_store) as ch,
     ):
         # The read takes three idle timeouts: the decode worker gave up after the first.
         threading.Timer(3 * IDLE_TIMEOUT, release.set).start()
@@ -115,12 +119,7 @@ def test_a_hung_adapter_read_ends_the_pull_at_the_load_timeout_with_its_reason(m
     load_timeout = 2 * IDLE_TIMEOUT
     with (
         prefill_worker_with_held_reads(model_dir, adapter_store, load_timeout) as (prefill, _, engine),
-        in_process_worker(
-            "decode",
-            model_dir,
-            adapters={ADAPTER: str(adapter_store / ADAPTER)},
-            kv_idle_timeout_s=IDLE_TIMEOUT,
-        ) as (ch, _, _),
+        decode_worker(model_dir, adapter_store) as ch,
     ):
         try:
             generate(ch, prefill)

@@ -17,13 +17,13 @@ import threading
 import grpc
 import pytest
 
-from tandem_proto.v1 import inference_pb2 as pb
 from tandem_proto.v1 import worker_pb2 as wpb
 from tandem_proto.v1 import worker_pb2_grpc as wgrpc
-from tandem_worker.server.kv_transfer import encode_kv_chunk, prefill_stub
+from tandem_worker.server.kv_transfer import encode_kv_chunk
 from tandem_worker.server.worker_pool import SERVER_KEEPALIVE_OPTIONS
-from tandem_worker.server.worker_server import GRPC_OPTIONS, KV_IDLE_TIMEOUT_ENV
+from tandem_worker.server.worker_server import KV_IDLE_TIMEOUT_ENV
 
+from .kv_pull import prefill_puller, prefill_request
 from .procs import HOST, greedy, stop_all, wait_for, wait_healthy, worker
 from .test_worker_in_process import fake_prefill
 
@@ -123,16 +123,9 @@ def test_a_prefill_worker_shows_its_unsent_kv_and_refuses_pulls_past_its_total_l
             num_kv_heads=3,
             head_dim=64,
         )
-        channel = grpc.insecure_channel(p.address, options=GRPC_OPTIONS)
-        pull = prefill_stub(channel)
 
         def request(rid: str, n: int) -> wpb.PrefillRequest:
-            return wpb.PrefillRequest(
-                request_id=rid,
-                layout=layout,
-                prompt_token_ids=list(range(1, n + 1)),
-                sampling=pb.SamplingParams(max_tokens=1, temperature=0.0),
-            )
+            return prefill_request(layout, rid, n)
 
         def backlog() -> float:
             return p.metric("tandem_kv_send_backlog_bytes", role="prefill")
@@ -142,18 +135,20 @@ def test_a_prefill_worker_shows_its_unsent_kv_and_refuses_pulls_past_its_total_l
 
         assert ("tandem_kv_send_backlog_bytes", (("role", "prefill"),)) in p.metrics()
         assert backlog() == 0
-        # 512 tokens: 22 MiB of KV, far more than gRPC's windows take from a reader that stops.
-        hog = pull(request("hog", 512), timeout=120)
-        next(hog)  # the handshake; then this reader reads no more
-        wait_for(lambda: backlog() > 2**20, 120, "the gauge shows the KV piling up for the stopped reader")
-        with pytest.raises(grpc.RpcError) as err:
-            list(pull(request("refused", 8), timeout=60))
-        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
-        assert "KV wait for slow readers (the limit is 1 MiB)" in err.value.details()
-        hog.cancel()
-        wait_for(lambda: backlog() == 0, 30, "the gauge reads 0 once the reader is gone")
-        assert list(pull(request("served", 8), timeout=60))[-1][0].last
-        channel.close()
+        with prefill_puller(p.address) as pull:
+            # 512 tokens: 22 MiB of KV, far more than gRPC's windows take from a reader that stops.
+            hog = pull(request("hog", 512), timeout=120)
+            next(hog)  # the handshake; then this reader reads no more
+            wait_for(
+                lambda: backlog() > 2**20, 120, "the gauge shows the KV piling up for the stopped reader"
+            )
+            with pytest.raises(grpc.RpcError) as err:
+                list(pull(request("refused", 8), timeout=60))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+            assert "KV wait for slow readers (the limit is 1 MiB)" in err.value.details()
+            hog.cancel()
+            wait_for(lambda: backlog() == 0, 30, "the gauge reads 0 once the reader is gone")
+            assert list(pull(request("served", 8), timeout=60))[-1][0].last
 
         wait_for(lambda: transfers("completed") == 1, 10, "the served pull is counted")
         assert transfers("aborted") == 2  # the reader that left, and the refused pull

@@ -10,19 +10,16 @@ worker takes any prompt: refused there, it would be refused everywhere.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import grpc
 import pytest
 
-from tandem_proto.v1 import inference_pb2 as pb
 from tandem_proto.v1 import worker_pb2 as wpb
 from tandem_worker.engine.llm_engine import LLMEngine
 from tandem_worker.server.engine_loop import EngineLoop
-from tandem_worker.server.kv_transfer import prefill_method_handler, prefill_stub
-from tandem_worker.server.worker_server import GRPC_OPTIONS, KVTransferService, WorkerState
+from tandem_worker.server.worker_server import WorkerState
 
-from .procs import HOST, wait_for
+from .kv_pull import prefill_puller, prefill_request, prefill_server
+from .procs import wait_for
 
 LIMIT = 100
 
@@ -37,42 +34,29 @@ def test_a_prefill_worker_refuses_pulls_past_its_queued_prompt_tokens_as_busy(mo
     )
     loop = EngineLoop(engine, max_queued_prefill_tokens=LIMIT).start()
     state = WorkerState(engine, loop, "prefill", "model")
-    server = grpc.server(ThreadPoolExecutor(4), options=GRPC_OPTIONS)
-    server.add_generic_rpc_handlers((prefill_method_handler(KVTransferService(state).Prefill),))
-    port = server.add_insecure_port(f"{HOST}:0")
-    server.start()
-    channel = grpc.insecure_channel(f"{HOST}:{port}", options=GRPC_OPTIONS)
-    pull = prefill_stub(channel)
 
     def request(rid: str, n: int, skip: int = 0) -> wpb.PrefillRequest:
-        return wpb.PrefillRequest(
-            request_id=rid,
-            layout=state.layout,
-            prompt_token_ids=list(range(1, n + 1)),
-            sampling=pb.SamplingParams(max_tokens=1, temperature=0.0),
-            skip_tokens=skip,
-        )
+        return prefill_request(state.layout, rid, n, skip)
 
     try:
-        queued = pull(request("queued", 80), timeout=120)
-        next(queued)  # the handshake; its reader reads no more for now, so it stays unfinished
-        assert loop.queued_prefill_tokens == 80
-        with pytest.raises(grpc.RpcError) as err:
-            list(pull(request("refused", 30), timeout=60))
-        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
-        assert f"80 prompt tokens queued for prefill; 30 more would pass the limit of {LIMIT}" in (
-            err.value.details()
-        )
-        # What the decode worker holds already is not prefilled, and does not count.
-        assert list(pull(request("fits", 40, skip=20), timeout=60))[-1][0].last
-        assert loop.queued_prefill_tokens == 80
+        with prefill_server(state) as address, prefill_puller(address) as pull:
+            queued = pull(request("queued", 80), timeout=120)
+            next(queued)  # the handshake; its reader reads no more for now, so it stays unfinished
+            assert loop.queued_prefill_tokens == 80
+            with pytest.raises(grpc.RpcError) as err:
+                list(pull(request("refused", 30), timeout=60))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+            assert f"80 prompt tokens queued for prefill; 30 more would pass the limit of {LIMIT}" in (
+                err.value.details()
+            )
+            # What the decode worker holds already is not prefilled, and does not count.
+            assert list(pull(request("fits", 40, skip=20), timeout=60))[-1][0].last
+            assert loop.queued_prefill_tokens == 80
 
-        assert list(queued)[-1][0].last  # its reader catches up, and it ends
-        wait_for(lambda: loop.queued_prefill_tokens == 0, 30, "the finished pull stops counting")
-        # Alone, a prompt longer than the bound is served.
-        assert list(pull(request("long", 3 * LIMIT), timeout=120))[-1][0].last
-        assert loop.queued_prefill_tokens == 0
+            assert list(queued)[-1][0].last  # its reader catches up, and it ends
+            wait_for(lambda: loop.queued_prefill_tokens == 0, 30, "the finished pull stops counting")
+            # Alone, a prompt longer than the bound is served.
+            assert list(pull(request("long", 3 * LIMIT), timeout=120))[-1][0].last
+            assert loop.queued_prefill_tokens == 0
     finally:
-        channel.close()
-        server.stop(None)
         loop.stop()
