@@ -454,12 +454,13 @@ WORKER_LIVENESS_SERVICE = "tandem.liveness"
 
 
 def _probes(port: int, startup: str, startup_seconds: int) -> dict[str, Any]:
-    """Readiness asks the gRPC health service (NOT_SERVING while draining, and for the router until a
-    worker pair is healthy). Liveness asks a worker's `WORKER_LIVENESS_SERVICE` (a hung engine keeps
-    its port open and its gRPC threads answering: only its watchdog can tell), and the router only
-    "is the port open": a draining or waiting process is alive and must not be restarted. `startup` is "grpc" for workers (SERVING once the model is
-    loaded; up to `startup_seconds`) and "tcpSocket" for the router (up once the tokenizer is loaded;
-    its health waits for workers, which may take longer than any startup budget)."""
+    """Readiness asks the gRPC health service (NOT_SERVING while draining, and for the router until
+    a worker pair is healthy). Liveness asks a worker's `WORKER_LIVENESS_SERVICE` (a hung engine
+    keeps its port open and its gRPC threads answering: only its watchdog can tell), and the router
+    only "is the port open": a draining or waiting process is alive and must not be restarted.
+    `startup` is "grpc" for workers (SERVING once the model is loaded; up to `startup_seconds`) and
+    "tcpSocket" for the router (up once the tokenizer is loaded; its health waits for workers, which
+    may take longer than any startup budget)."""
     return {
         "startupProbe": {
             startup: {"port": port},
