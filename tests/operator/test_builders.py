@@ -104,7 +104,7 @@ def test_cpu_demo_objects():
     assert "nodeAffinity" not in pod(prefill)["affinity"]
     # Probes: gRPC health for startup and readiness; liveness asks the worker's engine watchdog (a
     # hung engine keeps its port open), by the name the worker serves it under.
-    from tandem_worker.server.worker_main import LIVENESS_SERVICE
+    from tandem_worker.server.health import LIVENESS_SERVICE
 
     assert c["readinessProbe"]["grpc"] == {"port": 50061}
     assert c["startupProbe"]["grpc"] == {"port": 50061}

@@ -28,7 +28,7 @@ from tandem_worker.engine.llm_engine import LLMEngine
 from tandem_worker.engine.model_runner import ModelRunner
 from tandem_worker.engine.sampling_params import SamplingParams
 from tandem_worker.server.engine_loop import ENGINE_STALL_TIMEOUT_S, EngineLoop, EngineWatchdog, KVBacklog
-from tandem_worker.server.worker_main import LIVENESS_SERVICE
+from tandem_worker.server.health import LIVENESS_SERVICE
 
 from .procs import greedy, wait_for
 from .test_worker_in_process import in_process_worker

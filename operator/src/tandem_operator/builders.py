@@ -449,7 +449,7 @@ def config_hash(config_map: dict[str, Any], component: str) -> str:
 
 # The worker's health service name that turns NOT_SERVING only when its engine is stuck (a step with
 # work that makes no progress for its --engine-stall-timeout: a hung CUDA or NCCL call), never while
-# it drains or waits: tandem_worker.server.worker_main.LIVENESS_SERVICE.
+# it drains or waits: tandem_worker.server.health.LIVENESS_SERVICE.
 WORKER_LIVENESS_SERVICE = "tandem.liveness"
 
 

@@ -26,6 +26,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ..engine.config import EngineConfig
+from .health import LIVENESS_SERVICE
 
 # A child must die with its supervisor (PR_SET_PDEATHSIG), but not through Popen(preexec_fn=...):
 # running Python in a forked child while gRPC is active can crash it before it execs (grpcio >= 1.80,
@@ -459,9 +460,13 @@ class LocalDeployment:
         RESTART_LIMIT times within RESTART_WINDOW_S; run the autoscaler. Returns the exit status:
         1 when the router or a worker that keeps dying ends the deployment."""
         stop = stop or self.stop_requested
+        next_liveness = time.monotonic() + LIVENESS_CHECK_S
         while not stop.wait(0.5):
             if autoscaler is not None:
                 autoscaler.tick()
+            if time.monotonic() >= next_liveness:
+                self._kill_stuck()
+                next_liveness = time.monotonic() + LIVENESS_CHECK_S
             for c in self.children:
                 code = c.proc.poll() if c.proc else None
                 if code is None or c in self.stopping:
@@ -485,8 +490,26 @@ class LocalDeployment:
                 self._spawn(c)
         return 0
 
+    def _kill_stuck(self) -> None:
+        """Kill each worker whose engine watchdog says it is stuck (`LIVENESS_SERVICE`), as a
+        liveness probe gets a pod restarted: the loop then restarts it like one that died. A hung
+        CUDA call keeps the process up and its port answering, and the router only stops sending
+        it work."""
+        for c in self.children:
+            if c.name == "router" or c in self.stopping or c in self.starting:
+                continue
+            if c.proc is not None and c.proc.poll() is None and _stuck(c.address):
+                print(
+                    f"tandem up: {c.name} ({c.address}): its engine is stuck (see its log); killing it",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                c.proc.kill()
+                c.proc.wait()
+
 
 PROMETHEUS_DEPLOYMENT_LABEL = "tandem-up"
+LIVENESS_CHECK_S = 10.0  # as the operator's liveness probe's period
 RESTART_LIMIT = 3  # a worker restarted this often within the window is given up on
 RESTART_WINDOW_S = 60.0
 
@@ -506,6 +529,19 @@ def _serving(address: str, timeout: float) -> bool:
         with grpc.insecure_channel(address) as ch:
             r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
         return r.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
+
+
+def _stuck(address: str, timeout: float = 2.0) -> bool:
+    """The worker says its engine is stuck. A worker that does not answer is not judged here: it
+    may be starting, or dying (the supervisor sees it exit)."""
+    try:
+        with grpc.insecure_channel(address) as ch:
+            r = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=LIVENESS_SERVICE), timeout=timeout
+            )
+        return r.status == health_pb2.HealthCheckResponse.NOT_SERVING
     except grpc.RpcError:
         return False
 

@@ -18,6 +18,7 @@ from ..engine.llm_engine import LLMEngine
 from . import metrics
 from .convert import model_id
 from .engine_loop import ENGINE_STALL_TIMEOUT_S, EngineLoop, EngineWatchdog, Stall
+from .health import LIVENESS_SERVICE
 from .kv_transfer import prefill_method_handler
 from .listen import EXCLUSIVE_PORT_OPTIONS, listen
 from .pb import worker_pb2, worker_pb2_grpc
@@ -34,12 +35,6 @@ from .worker_server import (
 log = logging.getLogger(__name__)
 
 ROLES = ("prefill", "decode", "colocated")
-
-# The health service name a worker's liveness probe asks (a Kubernetes `grpc` probe's `service`):
-# NOT_SERVING only while its engine is stuck (`EngineWatchdog`), so the kubelet restarts it. Unlike
-# the server's "" (readiness, the router's checks), it stays SERVING while the worker drains: a
-# draining worker is alive and must not be restarted.
-LIVENESS_SERVICE = "tandem.liveness"
 
 
 class _Health:
