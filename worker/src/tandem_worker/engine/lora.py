@@ -1166,12 +1166,8 @@ class LoRAManager:
         `waiting_since` (the request's arrival, by `clock`): past it the request fails.
         """
         self._watch(name)
-        if name in self._refresh:
-            dev = self._device.get(name)
-            if keep_version and dev is not None:
-                self._device.move_to_end(name)
-                dev.pins += 1
-                return dev.slot
+        # A `keep_version` request pins the old version below, as any request pins a resident one.
+        if name in self._refresh and not (keep_version and name in self._device):
             if not self._advance_refresh(name):
                 r = self._refresh[name]
                 now = self.clock()
