@@ -59,7 +59,6 @@ from .status import (
     GPU_OOM,
     OOM_KILLED,
     SPEC_VALID,
-    WORKERS_HEALTHY,
     ModeSwitch,
     PoolPods,
     Workload,
@@ -68,6 +67,7 @@ from .status import (
     plan_status,
     plan_status_patch,
     unhealthy_components,
+    unhealthy_parts,
 )
 from .validation import plan_spec_errors
 
@@ -475,12 +475,8 @@ class Reconciler:
     def _warn_crashes(self, body: dict[str, Any], previous: dict[str, Any], new: dict[str, Any]) -> None:
         """A Warning Event per component that starts crashing, or whose crashes turn out of memory:
         one per episode (as `WorkersHealthy` in `previous` and `new` tells), not one per restart."""
-        before, after = unhealthy_components(previous), unhealthy_components(new)
-        if not after:
-            return
-        cond = next(c for c in new["conditions"] if c["type"] == WORKERS_HEALTHY)
-        parts = {p.partition(": ")[0]: p for p in cond["message"].split("; ")}
-        for component, reason in after.items():
+        before = unhealthy_components(previous)
+        for component, (reason, message) in unhealthy_parts(new).items():
             was = before.get(component)
             if was is None or (reason in (OOM_KILLED, GPU_OOM, EVICTED) and was != reason):
-                self._post_event(body, "Warning", reason, parts[component][:EVENT_MESSAGE_LIMIT])
+                self._post_event(body, "Warning", reason, message[:EVENT_MESSAGE_LIMIT])

@@ -334,18 +334,24 @@ def observe_pods(pods: list[dict[str, Any]], components: Any, now: str) -> dict[
     }
 
 
-def unhealthy_components(status: dict[str, Any]) -> dict[str, str]:
-    """Component -> crash reason, as the `WorkersHealthy` condition in `status` reports them."""
+def unhealthy_parts(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Component -> (crash reason, its part of the message), as the `WorkersHealthy` condition in
+    `status` reports them (one `<component>: <reason>: ...` part per component, joined by "; ")."""
     cond = next((c for c in status.get("conditions", []) or [] if c.get("type") == WORKERS_HEALTHY), None)
     if cond is None or cond.get("status") != "False":
         return {}
-    out: dict[str, str] = {}
+    out: dict[str, tuple[str, str]] = {}
     for part in str(cond.get("message", "")).split("; "):
         component, _, rest = part.partition(": ")
         reason = rest.partition(": ")[0]
         if reason in CRASH_REASONS:
-            out[component] = reason
+            out[component] = (reason, part)
     return out
+
+
+def unhealthy_components(status: dict[str, Any]) -> dict[str, str]:
+    """Component -> crash reason, as the `WorkersHealthy` condition in `status` reports them."""
+    return {component: reason for component, (reason, _) in unhealthy_parts(status).items()}
 
 
 def plan_workers_condition(
