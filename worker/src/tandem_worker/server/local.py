@@ -524,26 +524,25 @@ def _role(c: Child) -> str:
     return c.name.rsplit("-", 1)[0]
 
 
-def _serving(address: str, timeout: float) -> bool:
+def _health(address: str, timeout: float, service: str = "") -> int | None:
+    """What the process at `address` says of `service` in the gRPC health service; None when it
+    does not answer."""
     try:
         with grpc.insecure_channel(address) as ch:
-            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
-        return r.status == health_pb2.HealthCheckResponse.SERVING
+            request = health_pb2.HealthCheckRequest(service=service)
+            return health_pb2_grpc.HealthStub(ch).Check(request, timeout=timeout).status
     except grpc.RpcError:
-        return False
+        return None
+
+
+def _serving(address: str, timeout: float) -> bool:
+    return _health(address, timeout) == health_pb2.HealthCheckResponse.SERVING
 
 
 def _stuck(address: str, timeout: float = 2.0) -> bool:
     """The worker says its engine is stuck. A worker that does not answer is not judged here: it
     may be starting, or dying (the supervisor sees it exit)."""
-    try:
-        with grpc.insecure_channel(address) as ch:
-            r = health_pb2_grpc.HealthStub(ch).Check(
-                health_pb2.HealthCheckRequest(service=LIVENESS_SERVICE), timeout=timeout
-            )
-        return r.status == health_pb2.HealthCheckResponse.NOT_SERVING
-    except grpc.RpcError:
-        return False
+    return _health(address, timeout, LIVENESS_SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def up(deployment: LocalDeployment) -> int:
