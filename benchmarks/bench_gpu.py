@@ -8,6 +8,9 @@ Sections (each runs on its own; a failure is recorded and the next one goes on):
              prefill after a cached prefix against the float32 reference and dense SDPA
   lora       LoRA shrink/expand time at rank 16, batch 64, as a fraction of the base projections
   lora_sweep the same for 13 launch settings of lora_apply, grouped and tiled, to pick the default
+  lora_linear  the projections with their LoRA in one launch (lora_gemm.py) against cuBLAS's base
+             GEMMs, the two-launch LoRA after them, and the shrink folded into cuBLAS's GEMM
+  lora_linear_sweep  21 launch settings of that kernel, to pick its default
   greedy     greedy outputs of the engine (bf16, CUDA graphs) against `transformers` generate on
              the same weights: 30 prompts x 32 tokens; each difference checked for a near-tie.
              The model is trained on the spot (memorizing random documents) so that its outputs
@@ -47,6 +50,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -425,6 +429,7 @@ def _lora_setup(kind: str, num_adapters: int, rank: int = 16, batch: int = 64) -
     tiled (the decode graphs' call: tiled launch, shrink sized for rank 64) and tiled_exact; and the
     whole projection as the engine runs it (`LoRABatch.project`: the shrink on a side stream beside
     the base GEMM, then the expand), grouped and tiled, against `sequential` (base, then fused)."""
+    import tandem_kernels
     from tandem_kernels import lora_reference
     from tandem_kernels.lora import lora_apply, lora_expand, lora_shrink
     from tandem_worker.engine.lora import LoRABatch
@@ -493,7 +498,44 @@ def _lora_setup(kind: str, num_adapters: int, rank: int = 16, batch: int = 64) -
         return LoRABatch(pool, lora_tables, groups, max_rank, shapes, tiles=tiles, stream=side)
 
     grouped_batch, tiled_batch = engine_batch(None), engine_batch(tiles)
+
+    # lora_linear: the base GEMM and the LoRA in one Triton launch (lora_gemm.py), with and without
+    # adapter rows; and the shrink folded into cuBLAS's GEMM instead (each adapter's stacked A
+    # appended to W as extra output rows, then lora_apply's expand reading y from those columns).
+    block_m = tandem_kernels.linear_block_m()
+    row_tiles = lora_reference.lora_row_tiles(groups[0], groups[1], batch, block_m, device=DEV)
+    no_rows = lora_reference.lora_row_tiles([], [0] * (num_adapters + 1), batch, block_m, device=DEV)
+    linear_args = (pool, a_off, ranks_shrink, groups[2])
+    linear_tables = (n_parts * rank, b_table, r_table, y_table, s_table, tables[4], rank)
+
+    def linear(tiles_: tuple) -> Callable[[], torch.Tensor]:
+        return lambda: tandem_kernels.lora_linear(x, w, None, *linear_args, tiles_, *linear_tables, out=o)
+
+    stacked = n_parts * rank
+    a_rows = [pool[int(a_off[i]) :][: stacked * hin].view(stacked, hin) for i in range(num_adapters)]
+    w_cat = torch.cat([w, *a_rows])
+    wide = torch.empty(batch, w_cat.shape[0], dtype=dtype, device=DEV)
+    base_of_wide = wide[:, :hout]  # the projection's output: a view with the wide row stride
+    folded_y = (y_table + torch.arange(num_adapters, device=DEV) * stacked).contiguous()
+    folded_total = (torch.arange(num_adapters, device=DEV, dtype=torch.int32) + 1) * stacked
+
+    def folded() -> None:
+        from tandem_kernels.lora import PendingApply
+
+        torch.matmul(x, w_cat.t(), out=wide)
+        pending = PendingApply(
+            x, pool, folded_total, groups, stacked * num_adapters, (b_table, r_table, folded_y, s_table),
+            tables[4], None,
+        )  # fmt: skip
+        pending.partials = wide[:, hout:].unsqueeze(0)  # y: [1 split, tokens, every adapter's rows]
+        pending.block_r = 16
+        pending.finish(base_of_wide)
+
     return {
+        "linear": linear(row_tiles),
+        "linear_plain": linear(no_rows),
+        "folded": folded,
+        "folded_out": base_of_wide,
         "out": o,
         "base": base,
         "per_op": per_op,
@@ -643,6 +685,105 @@ def lora_sweep() -> dict:
             log(f"  {num_adapters} adapters, best per layer: {out[f'{num_adapters}ad_layer']['best']}")
     finally:
         lora.APPLY_CONFIG = default
+    return out
+
+
+def _linear_case(kind: str, num_adapters: int) -> dict:
+    """One projection at batch 64, rank 16: cuBLAS's GEMM (base), lora_linear with no adapter row
+    and with every row on one of num_adapters adapters, the engine's path today (base, then
+    lora_apply), and the shrink folded into cuBLAS's GEMM; in CUDA graphs, with their results."""
+    case = _lora_setup(kind, num_adapters)
+    row = {name: graph_ms(case[name]) for name in ("base", "linear_plain", "linear", "sequential", "folded")}
+    o = case["out"]
+    case["sequential"]()
+    expected = o.clone()
+    case["linear"]()
+    row["linear_rel_err"] = rel_err(o, expected)
+    case["folded"]()
+    row["folded_rel_err"] = rel_err(case["folded_out"], expected)
+    return row
+
+
+def _linear_layer(rows: dict[str, dict]) -> dict:
+    """Per layer (the four projections summed): what each way adds to cuBLAS's base GEMMs."""
+    total = {key: sum(r[key] for r in rows.values()) for key in next(iter(rows.values())) if key != "kind"}
+    base = total["base"]
+    return {
+        **{f"{k}_ms": v for k, v in total.items() if not k.endswith("rel_err")},
+        # The issue's measure: LoRA's time as a fraction of the base projections'.
+        "fraction_linear": total["linear"] / base - 1,
+        "fraction_sequential": total["sequential"] / base - 1,
+        "fraction_folded": total["folded"] / base - 1,
+        # lora_linear's own GEMM against cuBLAS's, and the LoRA it adds to itself.
+        "linear_plain_vs_cublas": total["linear_plain"] / base,
+        "linear_lora_over_plain": total["linear"] / total["linear_plain"] - 1,
+        "max_rel_err": max(r[k] for r in rows.values() for k in r if k.endswith("rel_err")),
+    }
+
+
+@section
+def lora_linear() -> dict:
+    """The projections with their LoRA in one launch (tandem_kernels.lora_linear) at rank 16, batch
+    64, 1, 8 and 64 adapters: per projection and per layer, against cuBLAS's base GEMM, the
+    engine's two-launch LoRA after it, and the shrink folded into cuBLAS's GEMM."""
+    out: dict = {}
+    for num_adapters in sz((1, 8, 64), (2,)):
+        rows = {name: _linear_case(name, num_adapters) for name in _lora_projections()}
+        out.update({f"{num_adapters}ad_{name}": row for name, row in rows.items()})
+        out[f"{num_adapters}ad_layer"] = _linear_layer(rows)
+        log(f"  {num_adapters} adapters: {out[f'{num_adapters}ad_layer']}")
+        torch.cuda.empty_cache()
+    return out
+
+
+@section
+def lora_linear_sweep() -> dict:
+    """lora_linear's launch settings (tandem_kernels.lora_gemm.LinearConfig) at rank 16, batch 64, 1
+    and 8 adapters, in CUDA graphs: per layer, LoRA's fraction of cuBLAS's base GEMMs and the
+    plain kernel's time against cuBLAS's, to pick LINEAR_CONFIG from."""
+    from tandem_kernels import lora_gemm
+
+    default = lora_gemm.LINEAR_CONFIG
+    configs = [
+        lora_gemm.LinearConfig(block_n=block_n, block_k=block_k, num_stages=stages)
+        for block_n in (32, 64, 128)
+        for block_k in (64, 128, 256)
+        for stages in (3, 4)
+    ] + [
+        lora_gemm.LinearConfig(block_n=128, block_k=128, num_warps=8),
+        lora_gemm.LinearConfig(block_n=64, block_k=256, num_stages=5),
+        lora_gemm.LinearConfig(block_n=32, block_k=128, group_columns=128),
+    ]
+    if SMOKE:
+        configs = configs[:1] + configs[-1:]
+    out: dict = {"default": repr(default)}
+    try:
+        for num_adapters in sz((1, 8), (2,)):
+            base = 0.0
+            layer: dict[str, dict[str, float]] = {}
+            for name in _lora_projections():
+                case = _lora_setup(name, num_adapters)
+                base += graph_ms(case["base"])
+                for c in configs:
+                    lora_gemm.LINEAR_CONFIG = c
+                    key = f"n{c.block_n}_k{c.block_k}_s{c.num_stages}_w{c.num_warps}_g{c.group_columns}"
+                    entry = layer.setdefault(key, {"linear": 0.0, "plain": 0.0})
+                    for launch, field in (("linear", "linear"), ("linear_plain", "plain")):
+                        case[launch]()  # compiles these settings before any capture
+                        entry[field] += graph_ms(case[launch], rep=30)
+                lora_gemm.LINEAR_CONFIG = default
+                del case
+            fractions = {k: {"fraction": v["linear"] / base - 1, "plain_vs_cublas": v["plain"] / base}
+                         for k, v in layer.items()}  # fmt: skip
+            best = min(fractions, key=lambda k: fractions[k]["fraction"])
+            out[f"{num_adapters}ad_layer"] = {
+                "best": best,
+                "best_fraction": fractions[best]["fraction"],
+                **fractions,
+            }
+            log(f"  {num_adapters} adapters, best: {best} {fractions[best]}")
+    finally:
+        lora_gemm.LINEAR_CONFIG = default
     return out
 
 

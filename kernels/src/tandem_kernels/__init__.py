@@ -74,7 +74,7 @@ from typing import Any
 import torch
 
 from tandem_kernels import cpu_extension, lora_reference, reference
-from tandem_kernels.lora_reference import lora_token_groups, lora_token_tiles
+from tandem_kernels.lora_reference import lora_row_tiles, lora_token_groups, lora_token_tiles
 from tandem_kernels.prefill_attention import paged_prefill_attention as _fused_paged_prefill_attention
 from tandem_kernels.reference import DecodeBucket, plan_decode_buckets
 
@@ -93,6 +93,7 @@ if triton is not None:
     from tandem_kernels.lora import lora_apply_begin as _triton_lora_apply_begin
     from tandem_kernels.lora import lora_expand as _triton_lora_expand
     from tandem_kernels.lora import lora_shrink as _triton_lora_shrink
+    from tandem_kernels.lora_gemm import lora_linear as _triton_lora_linear
     from tandem_kernels.paged_decode_attention import (
         paged_decode_attention as _triton_paged_decode_attention,
     )
@@ -106,15 +107,19 @@ else:
     _triton_lora_shrink = None
     _triton_lora_expand = None
     _triton_lora_apply_begin = None
+    _triton_lora_linear = None
 
 __all__ = [
     "DecodeBucket",
     "cpu_ops_serve",
     "gathered_attention",
+    "linear_block_m",
     "lora_apply",
     "lora_apply_begin",
     "lora_expand",
+    "lora_linear",
     "lora_reference",
+    "lora_row_tiles",
     "lora_shrink",
     "lora_token_groups",
     "lora_token_tiles",
@@ -452,3 +457,61 @@ def lora_apply_begin(
     if uses_triton(pool.device):
         return _triton_lora_apply_begin(*args)
     return lora_reference.lora_apply_begin(*args)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    pool: torch.Tensor,
+    a_offsets: torch.Tensor,
+    total_ranks: torch.Tensor,
+    group_slots: torch.Tensor,
+    row_tiles: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    max_rank: int,
+    b_offsets: torch.Tensor,
+    ranks: torch.Tensor,
+    y_offsets: torch.Tensor,
+    scaling: torch.Tensor,
+    parts: Sequence[tuple[int, int]],
+    max_part_rank: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """F.linear(x, weight, bias) plus `lora_apply`'s delta, in one op; returns out (new if None).
+
+    The tables are lora_apply's, the parts must cover weight's output columns in order, and every
+    part rank is at most max_part_rank. `row_tiles` = `lora_row_tiles(token_indices,
+    group_offsets, num_tokens, linear_block_m())` names each row's group instead of the token
+    groups. On a GPU this is one launch: the GEMM's programs compute the LoRA products as they
+    stream the weight (lora_gemm.py). The sum is rounded to x's dtype once.
+    """
+    args = (
+        x,
+        weight,
+        bias,
+        pool,
+        a_offsets,
+        total_ranks,
+        group_slots,
+        row_tiles,
+        max_rank,
+        b_offsets,
+        ranks,
+        y_offsets,
+        scaling,
+        parts,
+        max_part_rank,
+        out,
+    )
+    if uses_triton(pool.device):
+        return _triton_lora_linear(*args)
+    return lora_reference.lora_linear(*args)
+
+
+def linear_block_m() -> int:
+    """The row tile `lora_linear`'s Triton kernel wants its `row_tiles` built for."""
+    if triton is None:
+        return 64
+    from tandem_kernels import lora_gemm
+
+    return lora_gemm.LINEAR_CONFIG.block_m
