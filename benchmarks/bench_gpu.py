@@ -8,9 +8,8 @@ Sections (each runs on its own; a failure is recorded and the next one goes on):
              prefill after a cached prefix against the float32 reference and dense SDPA
   lora       LoRA shrink/expand time at rank 16, batch 64, as a fraction of the base projections
   lora_sweep the same for 13 launch settings of lora_apply, grouped and tiled, to pick the default
-  lora_linear  the projections with their LoRA in one launch (lora_gemm.py) against cuBLAS's base
-             GEMMs, the two-launch LoRA after them, and the shrink folded into cuBLAS's GEMM
-  lora_linear_sweep  21 launch settings of that kernel, to pick its default
+  lora_folded_sweep  the shrink folded into cuBLAS's GEMM (adapters' A rows appended to W), then one
+             expand: padding of the appended rows and the expand's launch settings
   greedy     greedy outputs of the engine (bf16, CUDA graphs) against `transformers` generate on
              the same weights: 30 prompts x 32 tokens; each difference checked for a near-tie.
              The model is trained on the spot (memorizing random documents) so that its outputs
@@ -50,7 +49,6 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -423,12 +421,15 @@ def attention() -> dict:
 # ------------------------------------------------------------------------------------ lora
 
 
-def _lora_setup(kind: str, num_adapters: int, rank: int = 16, batch: int = 64) -> dict:
+def _lora_setup(kind: str, num_adapters: int, rank: int = 16, batch: int = 64, pad: int = 0) -> dict:
     """One projection's base GEMM and its LoRA calls at these shapes, as closures on shared tensors:
     base, per_op (a shrink, then an expand per part), fused (lora_apply, the engine's eager call),
     tiled (the decode graphs' call: tiled launch, shrink sized for rank 64) and tiled_exact; and the
     whole projection as the engine runs it (`LoRABatch.project`: the shrink on a side stream beside
-    the base GEMM, then the expand), grouped and tiled, against `sequential` (base, then fused)."""
+    the base GEMM, then the expand), grouped and tiled, against `sequential` (base, then fused);
+    and `folded`: the shrink folded into cuBLAS's GEMM (each adapter's stacked A appended to W as
+    extra output rows, padded with zero rows to a multiple of `pad`), then one expand launch
+    (tandem_kernels.lora_apply_finish) reading y from those columns, into `folded_out`."""
     import tandem_kernels
     from tandem_kernels import lora_reference
     from tandem_kernels.lora import lora_apply, lora_expand, lora_shrink
@@ -499,43 +500,34 @@ def _lora_setup(kind: str, num_adapters: int, rank: int = 16, batch: int = 64) -
 
     grouped_batch, tiled_batch = engine_batch(None), engine_batch(tiles)
 
-    # lora_linear: the base GEMM and the LoRA in one Triton launch (lora_gemm.py), with and without
-    # adapter rows; and the shrink folded into cuBLAS's GEMM instead (each adapter's stacked A
-    # appended to W as extra output rows, then lora_apply's expand reading y from those columns).
-    block_m = tandem_kernels.linear_block_m()
-    row_tiles = lora_reference.lora_row_tiles(groups[0], groups[1], batch, block_m, device=DEV)
-    no_rows = lora_reference.lora_row_tiles([], [0] * (num_adapters + 1), batch, block_m, device=DEV)
-    linear_args = (pool, a_off, ranks_shrink, groups[2])
-    linear_tables = (n_parts * rank, b_table, r_table, y_table, s_table, tables[4], rank)
-
-    def linear(tiles_: tuple) -> Callable[[], torch.Tensor]:
-        return lambda: tandem_kernels.lora_linear(x, w, None, *linear_args, tiles_, *linear_tables, out=o)
-
     stacked = n_parts * rank
     a_rows = [pool[int(a_off[i]) :][: stacked * hin].view(stacked, hin) for i in range(num_adapters)]
     w_cat = torch.cat([w, *a_rows])
+    if pad:  # zero rows up to a multiple of `pad`: cuBLAS may pick other tiles for odd widths
+        w_cat = torch.cat([w_cat, w_cat.new_zeros(-w_cat.shape[0] % pad, hin)])
     wide = torch.empty(batch, w_cat.shape[0], dtype=dtype, device=DEV)
-    base_of_wide = wide[:, :hout]  # the projection's output: a view with the wide row stride
-    folded_y = (y_table + torch.arange(num_adapters, device=DEV) * stacked).contiguous()
-    folded_total = (torch.arange(num_adapters, device=DEV, dtype=torch.int32) + 1) * stacked
+    folded_out = wide[:, :hout]  # the projection's output: a view with the wide row stride
+    bases = torch.arange(num_adapters, device=DEV) * stacked  # slot i's columns of the extra ones
+    folded_tables = (b_table, r_table, y_table + bases, s_table, tables[4])
+    folded_total = (bases + stacked).to(torch.int32)
 
     def folded() -> None:
-        from tandem_kernels.lora import PendingApply
-
         torch.matmul(x, w_cat.t(), out=wide)
-        pending = PendingApply(
-            x, pool, folded_total, groups, stacked * num_adapters, (b_table, r_table, folded_y, s_table),
-            tables[4], None,
-        )  # fmt: skip
-        pending.partials = wide[:, hout:].unsqueeze(0)  # y: [1 split, tokens, every adapter's rows]
-        pending.block_r = 16
-        pending.finish(base_of_wide)
+        y = wide[:, hout:]
+        tandem_kernels.lora_apply_finish(
+            y,
+            pool,
+            folded_total,
+            *groups,
+            num_adapters * stacked,
+            folded_out,
+            *folded_tables,
+            max_part_rank=rank,
+        )
 
     return {
-        "linear": linear(row_tiles),
-        "linear_plain": linear(no_rows),
         "folded": folded,
-        "folded_out": base_of_wide,
+        "folded_out": folded_out,
         "out": o,
         "base": base,
         "per_op": per_op,
@@ -561,6 +553,7 @@ def _lora_case(kind: str, num_adapters: int) -> dict:
         "sequential_graph_ms": graph_ms(case["sequential"]),
         "project_graph_ms": graph_ms(case["project"]),
         "project_tiled_graph_ms": graph_ms(case["project_tiled"]),
+        "folded_graph_ms": graph_ms(case["folded"]),
     }
     row["fraction_graph"] = row["lora_graph_ms"] / row["base_graph_ms"]
     # The tiled launch and the engine's project give the grouped launch's result (fresh outputs).
@@ -577,6 +570,8 @@ def _lora_case(kind: str, num_adapters: int) -> dict:
         o.zero_()
         case[launch]()
         row[f"{launch}_rel_err"] = rel_err(o, expected)
+    case["folded"]()
+    row["folded_rel_err"] = rel_err(case["folded_out"], expected)
     return row
 
 
@@ -620,6 +615,8 @@ def lora() -> dict:
             "added_sequential": total["sequential_graph_ms"] / base - 1,
             "added_project": total["project_graph_ms"] / base - 1,
             "added_project_tiled": total["project_tiled_graph_ms"] / base - 1,
+            # The shrink folded into the base GEMM, then one expand (lora_apply_finish).
+            "fraction_folded": total["folded_graph_ms"] / base - 1,
             "max_rel_err": max(r[k] for r in rows.values() for k in r if k.endswith("rel_err")),
         }
         torch.cuda.empty_cache()
@@ -688,102 +685,39 @@ def lora_sweep() -> dict:
     return out
 
 
-def _linear_case(kind: str, num_adapters: int) -> dict:
-    """One projection at batch 64, rank 16: cuBLAS's GEMM (base), lora_linear with no adapter row
-    and with every row on one of num_adapters adapters, the engine's path today (base, then
-    lora_apply), and the shrink folded into cuBLAS's GEMM; in CUDA graphs, with their results."""
-    case = _lora_setup(kind, num_adapters)
-    row = {name: graph_ms(case[name]) for name in ("base", "linear_plain", "linear", "sequential", "folded")}
-    o = case["out"]
-    case["sequential"]()
-    expected = o.clone()
-    case["linear"]()
-    row["linear_rel_err"] = rel_err(o, expected)
-    case["folded"]()
-    row["folded_rel_err"] = rel_err(case["folded_out"], expected)
-    return row
-
-
-def _linear_layer(rows: dict[str, dict]) -> dict:
-    """Per layer (the four projections summed): what each way adds to cuBLAS's base GEMMs."""
-    total = {key: sum(r[key] for r in rows.values()) for key in next(iter(rows.values())) if key != "kind"}
-    base = total["base"]
-    return {
-        **{f"{k}_ms": v for k, v in total.items() if not k.endswith("rel_err")},
-        # The issue's measure: LoRA's time as a fraction of the base projections'.
-        "fraction_linear": total["linear"] / base - 1,
-        "fraction_sequential": total["sequential"] / base - 1,
-        "fraction_folded": total["folded"] / base - 1,
-        # lora_linear's own GEMM against cuBLAS's, and the LoRA it adds to itself.
-        "linear_plain_vs_cublas": total["linear_plain"] / base,
-        "linear_lora_over_plain": total["linear"] / total["linear_plain"] - 1,
-        "max_rel_err": max(r[k] for r in rows.values() for k in r if k.endswith("rel_err")),
-    }
-
-
 @section
-def lora_linear() -> dict:
-    """The projections with their LoRA in one launch (tandem_kernels.lora_linear) at rank 16, batch
-    64, 1, 8 and 64 adapters: per projection and per layer, against cuBLAS's base GEMM, the
-    engine's two-launch LoRA after it, and the shrink folded into cuBLAS's GEMM."""
+def lora_folded_sweep() -> dict:
+    """The shrink folded into cuBLAS's GEMM (each adapter's stacked A appended to W), then one expand
+    launch: per layer, LoRA's fraction of the base GEMMs at rank 16, batch 64, 1 and 8 adapters,
+    for W's appended rows padded to a multiple of 0 (none) / 64 / 128 / 256 and the expand's
+    column tile and warps (tandem_kernels.lora.ApplyConfig)."""
+    from tandem_kernels import lora
+
+    default = lora.APPLY_CONFIG
+    configs = [lora.ApplyConfig(expand_block_n=n, num_warps=w) for n in (64, 128, 256) for w in (4, 8)]
     out: dict = {}
-    for num_adapters in sz((1, 8, 64), (2,)):
-        rows = {name: _linear_case(name, num_adapters) for name in _lora_projections()}
-        out.update({f"{num_adapters}ad_{name}": row for name, row in rows.items()})
-        out[f"{num_adapters}ad_layer"] = _linear_layer(rows)
-        log(f"  {num_adapters} adapters: {out[f'{num_adapters}ad_layer']}")
-        torch.cuda.empty_cache()
-    return out
-
-
-@section
-def lora_linear_sweep() -> dict:
-    """lora_linear's launch settings (tandem_kernels.lora_gemm.LinearConfig) at rank 16, batch 64, 1
-    and 8 adapters, in CUDA graphs: per layer, LoRA's fraction of cuBLAS's base GEMMs and the
-    plain kernel's time against cuBLAS's, to pick LINEAR_CONFIG from."""
-    from tandem_kernels import lora_gemm
-
-    default = lora_gemm.LINEAR_CONFIG
-    configs = [
-        lora_gemm.LinearConfig(block_n=block_n, block_k=block_k, num_stages=stages)
-        for block_n in (32, 64, 128)
-        for block_k in (64, 128, 256)
-        for stages in (3, 4)
-    ] + [
-        lora_gemm.LinearConfig(block_n=128, block_k=128, num_warps=8),
-        lora_gemm.LinearConfig(block_n=64, block_k=256, num_stages=5),
-        lora_gemm.LinearConfig(block_n=32, block_k=128, group_columns=128),
-    ]
-    if SMOKE:
-        configs = configs[:1] + configs[-1:]
-    out: dict = {"default": repr(default)}
     try:
         for num_adapters in sz((1, 8), (2,)):
             base = 0.0
-            layer: dict[str, dict[str, float]] = {}
+            layer: dict[str, float] = {}
             for name in _lora_projections():
-                case = _lora_setup(name, num_adapters)
-                base += graph_ms(case["base"])
-                for c in configs:
-                    lora_gemm.LINEAR_CONFIG = c
-                    key = f"n{c.block_n}_k{c.block_k}_s{c.num_stages}_w{c.num_warps}_g{c.group_columns}"
-                    entry = layer.setdefault(key, {"linear": 0.0, "plain": 0.0})
-                    for launch, field in (("linear", "linear"), ("linear_plain", "plain")):
-                        case[launch]()  # compiles these settings before any capture
-                        entry[field] += graph_ms(case[launch], rep=30)
-                lora_gemm.LINEAR_CONFIG = default
-                del case
-            fractions = {k: {"fraction": v["linear"] / base - 1, "plain_vs_cublas": v["plain"] / base}
-                         for k, v in layer.items()}  # fmt: skip
-            best = min(fractions, key=lambda k: fractions[k]["fraction"])
-            out[f"{num_adapters}ad_layer"] = {
-                "best": best,
-                "best_fraction": fractions[best]["fraction"],
-                **fractions,
-            }
-            log(f"  {num_adapters} adapters, best: {best} {fractions[best]}")
+                for pad in sz((0, 64, 128, 256), (0, 64)):
+                    case = _lora_setup(name, num_adapters, pad=pad)
+                    if pad == 0:
+                        base += graph_ms(case["base"])
+                    for c in configs:
+                        lora.APPLY_CONFIG = c
+                        case["folded"]()  # compiles before any capture
+                        key = f"pad{pad}_n{c.expand_block_n}_w{c.num_warps}"
+                        layer[key] = layer.get(key, 0.0) + graph_ms(case["folded"], rep=30)
+                    lora.APPLY_CONFIG = default
+                    del case
+            fractions = {k: v / base - 1 for k, v in layer.items()}
+            best = min(fractions, key=fractions.get)
+            out[f"{num_adapters}ad_layer"] = {"best": best, "best_fraction": fractions[best], **fractions}
+            log(f"  {num_adapters} adapters, best: {best} {fractions[best]:.3f}")
     finally:
-        lora_gemm.LINEAR_CONFIG = default
+        lora.APPLY_CONFIG = default
     return out
 
 

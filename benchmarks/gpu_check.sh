@@ -21,7 +21,7 @@ if ! "$PYTHON" -c "import grpc, grpc_health, grpc_reflection, google.protobuf as
     "$PYTHON" -m pip install -q --no-index --find-links .gpu/wheels \
         grpcio grpcio-health-checking grpcio-reflection protobuf
 fi
-SECTIONS=${SECTIONS:-lora_linear,lora_linear_sweep,ceilings,greedy,disagg,kernels,fused_ops,lora,lora_decode,sampling,lora_sweep,attention,llama8b,kv,greedy_random}
+SECTIONS=${SECTIONS:-ceilings,greedy,disagg,kernels,fused_ops,lora,lora_decode,sampling,lora_sweep,lora_folded_sweep,attention,llama8b,kv,greedy_random}
 SMOKE_FLAG=()
 if [[ -n "${SMOKE:-}" ]]; then
     SMOKE_FLAG=(--smoke)

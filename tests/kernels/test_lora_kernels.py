@@ -1052,6 +1052,93 @@ def test_apply_in_two_halves_around_the_base_projection(apply_ops, tiled):
     assert not bad.any()
 
 
+def _finish_op(apply):
+    """lora_apply_finish of the backend `apply` belongs to."""
+    if apply.__module__ == "tandem_kernels.lora":
+        from tandem_kernels.lora import lora_apply_finish
+
+        return lora_apply_finish
+    return lora_reference.lora_apply_finish
+
+
+def folded_y(x: torch.Tensor, fused: Fused, gap: int = 3, lead: int = 5) -> tuple[torch.Tensor, ...]:
+    """What the base GEMM gives with each slot's stacked A appended to the weight: slot s's x @ A.T
+    columns at base_s, `gap` NaN columns between slots and `lead` before them (a view of a wider
+    output, as the projection's own columns would be), in x's dtype; and lora_apply_finish's
+    y_offsets (lora_apply's plus base_s) and total_ranks (base_s + total_s)."""
+    totals = fused.total_ranks.tolist()
+    bases, at = [], 0
+    for total in totals:
+        bases.append(at)
+        at += total + gap
+    wide = torch.full((x.shape[0], lead + at), float("nan"), dtype=x.dtype)
+    y = wide[:, lead:]
+    for s, (base, total) in enumerate(zip(bases, totals)):
+        if total:
+            y[:, base : base + total] = (x.double() @ fused.a[s].T).to(x.dtype)
+    base_t = torch.tensor(bases, dtype=torch.int64)
+    return y, fused.y_offsets + base_t, (base_t + fused.total_ranks).to(torch.int32)
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", ["qkv", "ragged", "five"])
+def test_apply_finish_on_a_y_from_the_base_gemm_equals_apply(apply_ops, case, dtype, tiled):
+    # The shrink folded into the base GEMM (benchmarks/bench_gpu.py's lora_folded_sweep): y is a
+    # strided view of the GEMM's extra columns, NaN between slots, and rows of no adapter (inf in x)
+    # hold inf and NaN: any read outside a slot's columns or a group's rows shows.
+    apply = apply_ops[2]
+    finish = _finish_op(apply)
+    gen = torch.Generator().manual_seed(41)
+    fused, batch = apply_batch(case, dtype, gen)
+    out = make_out(len(batch.token_slots), APPLY_CASES[case][3], dtype, gen)
+    before, expected = out.clone(), out.clone()
+    tiles = tandem_kernels.lora_token_tiles(batch.groups[1], batch.groups[0].shape[0]) if tiled else None
+    apply(*apply_args(batch, fused, expected), tiles)
+    y, y_offsets, totals = folded_y(batch.x, fused)
+    b_offsets, ranks, _, scaling, parts = fused.tables()
+    finish(
+        y,
+        fused.pool,
+        totals,
+        *batch.groups,
+        y.shape[1],
+        out,
+        b_offsets,
+        ranks,
+        y_offsets,
+        scaling,
+        parts,
+        tiles,
+    )
+    fp32 = dtype == torch.float32
+    assert rel_err(out, expected) < (1e-6 if fp32 else 2e-3)
+    assert rel_err(out, naive_apply(batch.x, fused, batch.token_slots, before)) < (1e-5 if fp32 else 5e-3)
+    untouched = torch.tensor([s is None or fused.total_ranks[s] == 0 for s in batch.token_slots])
+    assert untouched.any() and torch.equal(out[untouched], before[untouched])
+    assert out.isfinite().all()
+
+
+def test_apply_finish_refuses_columns_past_a_slots_total(apply_ops):
+    # A part reaching into the next slot's columns would add another adapter's x @ A.T: refused
+    # (on the CPU, where the values cost no sync), and out is left as it was.
+    finish = _finish_op(apply_ops[2])
+    gen = torch.Generator().manual_seed(42)
+    fused, batch = apply_batch("qkv", torch.float32, gen)
+    out = make_out(len(batch.token_slots), APPLY_CASES["qkv"][3], torch.float32, gen)
+    before = out.clone()
+    y, y_offsets, totals = folded_y(batch.x, fused)
+    b_offsets, ranks, _, scaling, parts = fused.tables()
+    short = totals.clone()
+    short[0] -= 1  # slot 0 has LoRA on every part, and tokens in the batch
+    head = (y, fused.pool, short, *batch.groups, y.shape[1], out, b_offsets, ranks, y_offsets, scaling, parts)
+    with pytest.raises(ValueError, match="past its slot's total_ranks"):
+        finish(*head)
+    with pytest.raises(ValueError, match="max_rank must be in"):
+        finish(y, fused.pool, totals, *batch.groups, y.shape[1] + 1, *head[7:])
+    assert torch.equal(out, before)
+
+
 @requires_triton
 @pytest.mark.parametrize("tiled", [False, True])
 @pytest.mark.parametrize(

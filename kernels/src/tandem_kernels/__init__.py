@@ -47,6 +47,11 @@ does all of that as one op (two kernel launches on a GPU), with the per-part met
     lora_apply_begin(x, pool, a_offsets, total_ranks, *groups, max_rank, b_offsets, ranks,
                      y_offsets, scaling, parts, tiles=None).finish(out)
         the same in two halves: the shrink (it reads only x) before out exists, the expands after
+    lora_apply_finish(y, pool, total_ranks, *groups, max_rank, out, b_offsets, ranks, y_offsets,
+                      scaling, parts, tiles=None, max_part_rank=None)
+        the expands alone, on a y [num_tokens, >= max_rank] computed elsewhere (any float dtype,
+        rows contiguous; the base GEMM's own output when each adapter's stacked A is appended to
+        the weight): columns [y_offsets[p, s], + ranks[p, s]) of y, below total_ranks[s]
 A layer's elementwise work (fused_ops.py: one kernel each where the torch ops take several):
     rms_norm(x, weight, eps, residual=None)     x, residual [T, N] -> out, or (out, x + residual)
     rotary(q, k, cos, sin)                      q [T, Hq, D], k [T, Hk, D], cos/sin [T, 1, D] -> q', k'
@@ -74,7 +79,7 @@ from typing import Any
 import torch
 
 from tandem_kernels import cpu_extension, lora_reference, reference
-from tandem_kernels.lora_reference import lora_row_tiles, lora_token_groups, lora_token_tiles
+from tandem_kernels.lora_reference import lora_token_groups, lora_token_tiles
 from tandem_kernels.prefill_attention import paged_prefill_attention as _fused_paged_prefill_attention
 from tandem_kernels.reference import DecodeBucket, plan_decode_buckets
 
@@ -91,9 +96,9 @@ if triton is not None:
     from tandem_kernels.fused_ops import rotary as _triton_rotary
     from tandem_kernels.fused_ops import silu_and_mul as _triton_silu_and_mul
     from tandem_kernels.lora import lora_apply_begin as _triton_lora_apply_begin
+    from tandem_kernels.lora import lora_apply_finish as _triton_lora_apply_finish
     from tandem_kernels.lora import lora_expand as _triton_lora_expand
     from tandem_kernels.lora import lora_shrink as _triton_lora_shrink
-    from tandem_kernels.lora_gemm import lora_linear as _triton_lora_linear
     from tandem_kernels.paged_decode_attention import (
         paged_decode_attention as _triton_paged_decode_attention,
     )
@@ -107,19 +112,17 @@ else:
     _triton_lora_shrink = None
     _triton_lora_expand = None
     _triton_lora_apply_begin = None
-    _triton_lora_linear = None
+    _triton_lora_apply_finish = None
 
 __all__ = [
     "DecodeBucket",
     "cpu_ops_serve",
     "gathered_attention",
-    "linear_block_m",
     "lora_apply",
     "lora_apply_begin",
+    "lora_apply_finish",
     "lora_expand",
-    "lora_linear",
     "lora_reference",
-    "lora_row_tiles",
     "lora_shrink",
     "lora_token_groups",
     "lora_token_tiles",
@@ -459,59 +462,34 @@ def lora_apply_begin(
     return lora_reference.lora_apply_begin(*args)
 
 
-def lora_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
+def lora_apply_finish(
+    y: torch.Tensor,
     pool: torch.Tensor,
-    a_offsets: torch.Tensor,
     total_ranks: torch.Tensor,
+    token_indices: torch.Tensor,
+    group_offsets: torch.Tensor,
     group_slots: torch.Tensor,
-    row_tiles: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     max_rank: int,
+    out: torch.Tensor,
     b_offsets: torch.Tensor,
     ranks: torch.Tensor,
     y_offsets: torch.Tensor,
     scaling: torch.Tensor,
     parts: Sequence[tuple[int, int]],
-    max_part_rank: int,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """F.linear(x, weight, bias) plus `lora_apply`'s delta, in one op; returns out (new if None).
+    tiles: torch.Tensor | None = None,
+    max_part_rank: int | None = None,
+) -> None:
+    """`lora_apply`'s expands alone, in place, on a y computed elsewhere: one launch on a GPU.
 
-    The tables are lora_apply's, the parts must cover weight's output columns in order, and every
-    part rank is at most max_part_rank. `row_tiles` = `lora_row_tiles(token_indices,
-    group_offsets, num_tokens, linear_block_m())` names each row's group instead of the token
-    groups. On a GPU this is one launch: the GEMM's programs compute the LoRA products as they
-    stream the weight (lora_gemm.py). The sum is rounded to x's dtype once.
+    What it is for: the shrink folded into the base GEMM. With each adapter's stacked A rows
+    appended to a projection's weight, x @ W_cat.T computes the projection and every adapter's
+    x @ A.T at once (the extra rows cost their bytes, about 1% of a Llama-3-8B layer's for one
+    rank-16 adapter), and this adds the deltas into the projection's columns. Slot s's columns of
+    y are then [base_s, base_s + total_s): pass y_offsets + base_s and total_ranks = base_s + total_s.
     """
-    args = (
-        x,
-        weight,
-        bias,
-        pool,
-        a_offsets,
-        total_ranks,
-        group_slots,
-        row_tiles,
-        max_rank,
-        b_offsets,
-        ranks,
-        y_offsets,
-        scaling,
-        parts,
-        max_part_rank,
-        out,
-    )
+    args = (y, pool, total_ranks, token_indices, group_offsets, group_slots, max_rank, out)
+    tables = (b_offsets, ranks, y_offsets, scaling, parts, tiles, max_part_rank)
     if uses_triton(pool.device):
-        return _triton_lora_linear(*args)
-    return lora_reference.lora_linear(*args)
-
-
-def linear_block_m() -> int:
-    """The row tile `lora_linear`'s Triton kernel wants its `row_tiles` built for."""
-    if triton is None:
-        return 64
-    from tandem_kernels import lora_gemm
-
-    return lora_gemm.LINEAR_CONFIG.block_m
+        _triton_lora_apply_finish(*args, *tables)
+    else:
+        lora_reference.lora_apply_finish(*args, *tables)

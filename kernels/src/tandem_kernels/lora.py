@@ -68,6 +68,7 @@ from tandem_kernels.lora_reference import (
     check_apply_args,
     check_apply_out,
     check_expand_args,
+    check_finish_args,
     check_part_spans,
     check_shrink_args,
     check_tiles,
@@ -999,6 +1000,51 @@ def lora_apply_begin(
         )
     pending.partials, pending.block_r = partials, block_r
     return pending
+
+
+def lora_apply_finish(
+    y: torch.Tensor,
+    pool: torch.Tensor,
+    total_ranks: torch.Tensor,
+    token_indices: torch.Tensor,
+    group_offsets: torch.Tensor,
+    group_slots: torch.Tensor,
+    max_rank: int,
+    out: torch.Tensor,
+    b_offsets: torch.Tensor,
+    ranks: torch.Tensor,
+    y_offsets: torch.Tensor,
+    scaling: torch.Tensor,
+    parts: Sequence[tuple[int, int]],
+    tiles: torch.Tensor | None = None,
+    max_part_rank: int | None = None,
+) -> None:
+    """lora_apply's expand launch on a y computed elsewhere, e.g. by the base GEMM itself with each
+    adapter's stacked A appended to its weight (y: those columns of its output, any float dtype,
+    rows contiguous, in place of the shrink's fp32 partials). max_part_rank, if known, sizes the
+    rank tile for the parts' ranks rather than for y's width (a hint: any rank is fully summed)."""
+    groups = (token_indices, group_offsets, group_slots)
+    tables = (b_offsets, ranks, y_offsets, scaling)
+    check_finish_args(y, pool, total_ranks, *groups, max_rank, out, *tables, len(parts))
+    if y.stride(1) != 1:
+        raise ValueError("y rows must be contiguous")
+    _check_layout(
+        total_ranks=total_ranks,
+        token_indices=token_indices,
+        group_offsets=group_offsets,
+        group_slots=group_slots,
+        b_offsets=b_offsets,
+        ranks=ranks,
+        y_offsets=y_offsets,
+        scaling=scaling,
+    )
+    if tiles is not None:
+        check_tiles(tiles, group_offsets, token_indices.shape[0])
+    pending = PendingApply(y, pool, total_ranks, groups, max_rank, tables, parts, tiles)
+    if group_slots.shape[0] and token_indices.shape[0] and max_rank:
+        pending.partials = y.unsqueeze(0)  # one "split": the expand reads y as it is
+        pending.block_r = _rank_block(max_part_rank or max_rank)
+    pending.finish(out)
 
 
 class PendingApply:

@@ -601,181 +601,67 @@ def lora_apply_begin(
     return PendingApply(y, pool, groups, (b_offsets, ranks, y_offsets, scaling), parts)
 
 
-# ---------------------------------------------------------------------------------------------
-# lora_linear: a projection and its LoRA in one op (one Triton launch on a GPU, lora_gemm.py).
-# Its token metadata is per row of x, not per group: each tile of block_m rows names its groups.
-
-
-def lora_row_tiles(
-    token_indices: torch.Tensor | Sequence[int],
-    group_offsets: torch.Tensor | Sequence[int],
-    num_tokens: int,
-    block_m: int,
-    device: torch.device | str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """lora_linear's `row_tiles` from lora_token_groups' token_indices and group_offsets: (row_groups
-    [num_tokens] int32, each row's group or -1; tile_groups [cdiv(num_tokens, block_m), block_m]
-    int32, each tile's distinct groups ascending, padded with -1; tile_counts, their number per
-    tile). Host values in (tensors are read back), tensors on `device` out."""
-    indices = token_indices.tolist() if isinstance(token_indices, torch.Tensor) else list(token_indices)
-    bounds = group_offsets.tolist() if isinstance(group_offsets, torch.Tensor) else list(group_offsets)
-    row_groups = [-1] * num_tokens
-    for g in range(len(bounds) - 1):
-        for i in range(bounds[g], bounds[g + 1]):
-            row_groups[indices[i]] = g
-    num_tiles = -(-num_tokens // block_m)
-    tile_groups = [[-1] * block_m for _ in range(num_tiles)]
-    counts = []
-    for t in range(num_tiles):
-        present = sorted({g for g in row_groups[t * block_m : (t + 1) * block_m] if g >= 0})
-        tile_groups[t][: len(present)] = present
-        counts.append(len(present))
-    return (
-        torch.tensor(row_groups, dtype=torch.int32, device=device),
-        torch.tensor(tile_groups, dtype=torch.int32, device=device).reshape(num_tiles, block_m),
-        torch.tensor(counts, dtype=torch.int32, device=device),
-    )
-
-
-def _groups_of_rows(row_groups: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """lora_token_groups' token_indices and group_offsets back from row_groups (on the host)."""
-    rows = row_groups.tolist()
-    if any(not -1 <= g < num_groups for g in rows):
-        raise ValueError(f"row_groups must hold -1 or a group below {num_groups}")
-    members: list[list[int]] = [[] for _ in range(num_groups)]
-    for t, g in enumerate(rows):
-        if g >= 0:
-            members[g].append(t)
-    bounds = [0]
-    for m in members:
-        bounds.append(bounds[-1] + len(m))
-    device = row_groups.device
-    return (
-        torch.tensor([t for m in members for t in m], dtype=torch.int64, device=device),
-        torch.tensor(bounds, dtype=torch.int32, device=device),
-    )
-
-
-def check_linear_args(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
+def check_finish_args(
+    y: torch.Tensor,
     pool: torch.Tensor,
-    a_offsets: torch.Tensor,
     total_ranks: torch.Tensor,
+    token_indices: torch.Tensor,
+    group_offsets: torch.Tensor,
     group_slots: torch.Tensor,
-    row_tiles: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     max_rank: int,
+    out: torch.Tensor,
     b_offsets: torch.Tensor,
     ranks: torch.Tensor,
     y_offsets: torch.Tensor,
     scaling: torch.Tensor,
-    parts: Sequence[tuple[int, int]],
-    max_part_rank: int,
-    block_m: int,
-    out: torch.Tensor | None,
-) -> tuple[tuple[int, int], ...]:
-    """ValueError for lora_linear arguments of the wrong shape, dtype or device (no host sync); on the
-    CPU also for bad values (ranks past max_part_rank, weights outside the pool, row_tiles that are
-    not lora_row_tiles' of their row_groups). Returns the part spans, which must tile the weight's
-    output columns in order from 0."""
-    if weight.dim() != 2 or weight.dtype != x.dtype or weight.device != x.device:
-        raise ValueError(
-            f"weight must be a 2-D {x.dtype} tensor on {x.device} like x, got"
-            f" {tuple(weight.shape)} {weight.dtype} on {weight.device}"
-        )
-    num_tokens = x.shape[0] if x.dim() == 2 else -1
-    hidden_out = weight.shape[0]
-    if x.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"x must be [num_tokens, {weight.shape[1]}] for this weight, got {tuple(x.shape)}")
-    if bias is not None and (bias.shape != (hidden_out,) or bias.dtype != x.dtype or bias.device != x.device):
-        raise ValueError(f"bias must be a ({hidden_out},) {x.dtype} tensor on {x.device}")
-    if out is not None and (
-        out.shape != (num_tokens, hidden_out) or out.dtype != x.dtype or out.device != x.device
-    ):
-        raise ValueError(f"out must be a ({num_tokens}, {hidden_out}) {x.dtype} tensor on {x.device}")
-    if max_part_rank < 0:
-        raise ValueError(f"max_part_rank must be >= 0, got {max_part_rank}")
-    row_groups, tile_groups, tile_counts = row_tiles
-    num_groups = group_slots.shape[0] if group_slots.dim() == 1 else -1
-    # check_apply_args checks the tables against a token list; row_groups stands in for it here.
-    no_tokens = torch.empty(0, dtype=torch.int64, device=pool.device)
-    offsets = torch.zeros(max(num_groups, 0) + 1, dtype=torch.int32, device=pool.device)
+    num_parts: int,
+) -> None:
+    """ValueError for lora_apply_finish arguments of the wrong shape, dtype or device (no host sync);
+    on the CPU also for a part's columns of y running past its slot's total_ranks."""
+    if y.dim() == 2 and not 0 <= max_rank <= y.shape[1]:
+        raise ValueError(f"max_rank must be in [0, {y.shape[1]}] (y's columns), got {max_rank}")
+    # lora_apply's checks, with y as x; its a_offsets is never read here: a stand-in of the right
+    # shape, so that every other argument is checked as lora_apply checks it.
+    slots = total_ranks.shape[0] if total_ranks.dim() == 1 else 0
+    unread = torch.zeros(slots, dtype=torch.int64, device=pool.device)
     check_apply_args(
-        x, pool, a_offsets, total_ranks, no_tokens, offsets, group_slots, max_rank,
-        b_offsets, ranks, y_offsets, scaling, len(parts),
+        y, pool, unread, total_ranks, token_indices, group_offsets, group_slots, max_rank,
+        b_offsets, ranks, y_offsets, scaling, num_parts,
     )  # fmt: skip
-    num_tiles = -(-num_tokens // block_m)
-    for name, t, shape in (
-        ("row_groups", row_groups, (num_tokens,)),
-        ("tile_groups", tile_groups, (num_tiles, block_m)),
-        ("tile_counts", tile_counts, (num_tiles,)),
-    ):
-        if t.shape != shape or t.dtype != torch.int32 or t.device != pool.device:
-            raise ValueError(
-                f"{name} must be a {shape} int32 tensor on {pool.device} (lora_row_tiles with block_m"
-                f" {block_m}), got {tuple(t.shape)} {t.dtype} on {t.device}"
-            )
-    spans = check_part_spans(parts, hidden_out)
-    col = 0
-    for start, width in spans:
-        if start != col:
-            raise ValueError(
-                f"lora_linear's parts must cover the {hidden_out} output columns in order from 0"
-            )
-        col += width
-    if col != hidden_out:
-        raise ValueError(f"lora_linear's parts cover {col} of the {hidden_out} output columns")
-    if pool.device.type == "cpu":  # free here; on a GPU it would cost a host sync
-        if ranks.numel() and int(ranks.max()) > max_part_rank:
-            raise ValueError(f"a part rank of {int(ranks.max())} is past max_part_rank {max_part_rank}")
-        token_indices, group_offsets = _groups_of_rows(row_groups, num_groups)
-        expected = lora_row_tiles(token_indices, group_offsets, num_tokens, block_m)
-        if not all(torch.equal(a, b) for a, b in zip(expected, row_tiles)):
-            raise ValueError("row_tiles are not lora_row_tiles of their row_groups")
-        groups = (token_indices, group_offsets, group_slots)
-        check_values(pool, a_offsets, total_ranks, x.shape[1], None, max_rank, *groups, "max_rank")
-        for p, (_, width) in enumerate(spans):
-            check_values(pool, b_offsets[p], ranks[p], width, y_offsets[p], max_rank, *groups, "max_rank")
-    return spans
+    check_apply_out(out, y.shape[0], pool.device)
+    if pool.device.type == "cpu" and group_slots.numel():  # free here; on a GPU it would cost a sync
+        used = group_slots.long()
+        past = (ranks[:, used] > 0) & (y_offsets[:, used] + ranks[:, used] > total_ranks[used].long())
+        if past.any():
+            raise ValueError("a part's columns of y run past its slot's total_ranks")
 
 
-def lora_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
+def lora_apply_finish(
+    y: torch.Tensor,
     pool: torch.Tensor,
-    a_offsets: torch.Tensor,
     total_ranks: torch.Tensor,
+    token_indices: torch.Tensor,
+    group_offsets: torch.Tensor,
     group_slots: torch.Tensor,
-    row_tiles: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     max_rank: int,
+    out: torch.Tensor,
     b_offsets: torch.Tensor,
     ranks: torch.Tensor,
     y_offsets: torch.Tensor,
     scaling: torch.Tensor,
     parts: Sequence[tuple[int, int]],
-    max_part_rank: int,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """F.linear(x, weight, bias) plus lora_apply's delta, summed in fp32 and rounded once; returns out.
-    Any row tile size will do here (tile_groups' width); the Triton kernel's is LINEAR_CONFIG's."""
-    tile_groups = row_tiles[1]
-    block_m = tile_groups.shape[1] if tile_groups.dim() == 2 and tile_groups.shape[1] > 0 else 1
-    spans = check_linear_args(
-        x, weight, bias, pool, a_offsets, total_ranks, group_slots, row_tiles, max_rank,
-        b_offsets, ranks, y_offsets, scaling, parts, max_part_rank, block_m, out,
-    )  # fmt: skip
-    acc = torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
-    token_indices, group_offsets = _groups_of_rows(row_tiles[0], group_slots.shape[0])
-    lora_apply(
-        x, pool, a_offsets, total_ranks, token_indices, group_offsets, group_slots, max_rank,
-        acc, b_offsets, ranks, y_offsets, scaling, spans,
-    )  # fmt: skip
-    if out is None:
-        return acc.to(x.dtype)
-    out.copy_(acc)
-    return out
+    tiles: torch.Tensor | None = None,
+    max_part_rank: int | None = None,
+) -> None:
+    """`lora_apply`'s expands alone, on a y computed elsewhere (the package docstring has the
+    contract); `tiles` and max_part_rank only shape the Triton launch: here they are unused."""
+    args = (y, pool, total_ranks, token_indices, group_offsets, group_slots, max_rank, out)
+    check_finish_args(*args, b_offsets, ranks, y_offsets, scaling, len(parts))
+    if tiles is not None:
+        check_tiles(tiles, group_offsets, token_indices.shape[0])
+    groups = (token_indices, group_offsets, group_slots)
+    tables = (b_offsets, ranks, y_offsets, scaling)
+    PendingApply(y[:, :max_rank].float(), pool, groups, tables, parts).finish(out)  # lora_expand reads fp32
 
 
 # ---------------------------------------------------------------------------------------------
