@@ -15,8 +15,8 @@ Sections (each runs on its own; a failure is recorded and the next one goes on):
              The model is trained on the spot (memorizing random documents) so that its outputs
              are as decisive as a trained model's; `greedy_random` repeats it on random weights
   lora_decode  decode steps of 64 requests on 1 or 8 rank-16 adapters, replayed from the LoRA CUDA
-             graphs against the same steps run eagerly and against no adapter (8 layers of the
-             Llama-3-8B shape)
+             graphs (unfolded, and folded: the shrink inside the base GEMMs) against the same steps
+             run eagerly and against no adapter (8 layers of the Llama-3-8B shape)
   llama8b    a Llama-3-8B-shaped model with random weights built on the device: prefill tokens/s
              and MFU for a 2K prompt, decode tokens/s at batch 1/16/64/256, each against
              `transformers` on the same weights
@@ -1187,7 +1187,10 @@ def lora_decode() -> dict:
         torch.randint(3, cfg["vocab_size"], (prompt_len,), generator=gen).tolist() for _ in range(batch)
     ]
     out: dict = {}
-    for graph_rank in (64, 0):
+    # (mode, graph rank, fold rank): "folded" graphs run the LoRA shrink inside the base GEMMs (64:
+    # four rank-16 adapters on all projections fit; 8 adapters need 128).
+    modes = (("graphs", 64, 0), ("folded", 64, 64), ("folded128", 64, 128), ("eager", 0, 0))
+    for mode, graph_rank, fold_rank in sz(modes, modes[:2]):
         engine = LLMEngine(
             EngineConfig(
                 model=str(folder),
@@ -1201,10 +1204,10 @@ def lora_decode() -> dict:
                 max_num_seqs=batch,
                 cuda_graph_max_batch=batch,
                 cuda_graph_max_lora_rank=graph_rank,
+                cuda_graph_lora_fold_rank=fold_rank,
                 lora_store=str(store),
             )
         )
-        mode = "graphs" if graph_rank else "eager"
         for adapters in (0, 1, 8):
             names = [None if not adapters else f"r16-{i % adapters}" for i in range(batch)]
             params = SamplingParams(max_tokens=steps + 16, temperature=0.0, ignore_eos=True)
@@ -1223,7 +1226,7 @@ def lora_decode() -> dict:
     for adapters in (1, 8):
         base = out["graphs_0ad"]["ms_per_step"]
         out[f"lora_overhead_{adapters}ad"] = {
-            mode: out[f"{mode}_{adapters}ad"]["ms_per_step"] / base - 1 for mode in ("graphs", "eager")
+            mode: out[f"{mode}_{adapters}ad"]["ms_per_step"] / base - 1 for mode, _, _ in sz(modes, modes[:2])
         }
     shutil.rmtree(folder, ignore_errors=True)
     return out

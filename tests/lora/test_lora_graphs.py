@@ -146,3 +146,104 @@ def test_a_steps_host_to_device_copies_can_run_asynchronously(graph_engine, prom
     assert len(copies) >= 2 * len(replays)  # the step's rows and tables, then the LoRA groups
     bad = [c for c in copies if not (c[0] == c[1] and all(c[2:]))]
     assert not bad, f"host-to-device copies that would block: {bad[:4]}"
+
+
+# --- the LoRA shrink folded into the base GEMMs (lora_fold.py) ----------------------------------
+
+FOLD_RANK = 40  # extra rows per part: qkv 120, o 40, gate_up 80, down 40
+
+
+@pytest.fixture(scope="module")
+def fold_engine(model_dir: Path, adapter_store: Path) -> LLMEngine:
+    """graph_engine's setup with folding, and dense weights: the CPU's packed weight layout
+    (model.CPU_PREPACK) has no rows to append to."""
+    from tandem_worker.engine import model as model_module
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(model_module, "CPU_PREPACK", False)
+        engine = LLMEngine(model=str(model_dir), kv_cache_bytes=400 * 2**20, lora_store=str(adapter_store))
+    runner = engine.runner
+    max_blocks = -(-engine.max_model_len // runner.block_size)
+    runner.graphs = DecodeGraphs(runner.model, runner.kv_cache, MAX_BATCH, max_blocks)
+    runner.graphs.capture()
+    runner.graphs.use_lora(engine.lora, 32, fold_rank=FOLD_RANK)  # captures the base graphs again
+    runner.graphs.capture_lora()
+    return engine
+
+
+@pytest.fixture
+def lora_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """How many projections ran folded (lora_apply_finish) and unfolded (lora_apply_begin)."""
+    import tandem_kernels
+
+    calls = {"folded": 0, "unfolded": 0}
+    for name, key in (("lora_apply_finish", "folded"), ("lora_apply_begin", "unfolded")):
+        original = getattr(tandem_kernels, name)
+
+        def spy(*args, _original=original, _key=key, **kwargs):
+            calls[_key] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(tandem_kernels, name, spy)
+    return calls
+
+
+def test_folded_graphs_match_peft(fold_engine, prompt_ids, peft_references, replays, lora_calls):
+    # Together within the extra rows (qkv 8 + 48 + 24 of 120, o 24 of 40, gate_up 32 of 80, down 16
+    # of 40): every LoRA decode step folds; the base model's rows too read the folded weights' views.
+    graphs = fold_engine.runner.graphs
+    assert set(graphs._fold_graphs) == set(graphs.sizes), "not every folded graph was captured at start-up"
+    requests = [(None, 0), ("qv-r4", 1), ("all-r16", 2), ("attn-r8", 0), ("all-r16", 1), (None, 2)]
+    check(generate(fold_engine, requests, prompt_ids), peft_references)
+    assert any(lora for _, lora in replays)
+    assert lora_calls["folded"] and not lora_calls["unfolded"], lora_calls
+    assert len(graphs.fold.base) >= 3
+    assert_fold_rows_hold_the_adapters(graphs.fold, fold_engine.lora)
+
+
+def test_adapters_that_do_not_fit_together_run_unfolded(
+    fold_engine, prompt_ids, peft_references, replays, lora_calls
+):
+    # mlp-r32's gate_up (64 rows) and all-r16's (32) exceed the 80 extra rows together: those steps
+    # replay the unfolded LoRA graphs; steps with one of them alone still fold.
+    requests = [("mlp-r32", 0), ("all-r16", 1), ("mlp-r32", 2), (None, 1)]
+    check(generate(fold_engine, requests, prompt_ids), peft_references)
+    assert lora_calls["unfolded"] and lora_calls["folded"], lora_calls
+
+
+def test_a_slot_that_holds_another_adapter_is_copied_again(
+    fold_engine, prompt_ids, peft_references, replays, lora_calls
+):
+    # Unloading frees the slots; the adapters loaded next take them (the same slots, maybe the same
+    # pool blocks) with other weights: the extra rows must be copied again, not reused.
+    lora = fold_engine.lora
+    fold = fold_engine.runner.graphs.fold
+    old = {name: lora._device[name].slot for name in ("qv-r4", "all-r16", "attn-r8", "mlp-r32")}
+    assert set(old.values()) & set(fold.base), "nothing was folded before"
+    for name in old:
+        lora.unload(name)
+    requests = [("all-r4", 0), ("k-up-rslora-r8", 1), ("all-r4", 2), ("qv-r4", 1)]
+    check(generate(fold_engine, requests, prompt_ids), peft_references)
+    assert lora_calls["folded"] and not lora_calls["unfolded"], lora_calls
+    new = {name: lora._device[name].slot for name, _ in requests}
+    assert set(new.values()) & set(old.values()), "no slot was reused: this test would not test the copy"
+    # Small adapters barely move greedy tokens: check the extra rows themselves too.
+    assert set(new.values()) <= set(fold.base)
+    assert_fold_rows_hold_the_adapters(fold, lora)
+
+
+def assert_fold_rows_hold_the_adapters(fold, lora) -> None:
+    """Every placed slot's extra rows equal its adapter's stacked A rows in the pool, every layer."""
+    tables = lora.tables
+    for slot, bases in fold.base.items():
+        for kind, base in bases.items():
+            for layer in range(len(fold.weights)):
+                weight, _, hidden_out = fold.weights[layer][kind]
+                total = int(tables.total_ranks[kind][layer, slot])
+                offset = int(tables.a_offsets[kind][layer, slot])
+                a = fold.pool[offset : offset + total * weight.shape[1]].view(total, weight.shape[1])
+                assert torch.equal(weight[hidden_out + base : hidden_out + base + total], a), (
+                    slot,
+                    kind,
+                    layer,
+                )

@@ -144,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=64,
         help="CUDA: decode batches with adapters of at most this rank replay graphs too (0: eager)",
     )
+    w.add_argument(
+        "--cuda-graph-lora-fold-rank",
+        type=non_negative_int,
+        default=0,
+        help="CUDA: extra weight rows per projection part (in rank units) that hold the adapters of"
+        " the running batch, whose LoRA shrink then runs inside the base GEMMs (0: off)",
+    )
     w.add_argument("--max-num-batched-tokens", type=positive_int, default=2048)
     w.add_argument("--lora-store", default=None, help="folder of PEFT LoRA adapters, one sub-folder each")
     w.add_argument(
@@ -545,6 +552,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         cuda_graph_max_batch=args.cuda_graph_max_batch,
         cuda_graph_max_lora_rank=args.cuda_graph_max_lora_rank,
+        cuda_graph_lora_fold_rank=args.cuda_graph_lora_fold_rank,
         max_num_batched_tokens=args.max_num_batched_tokens,
         lora_store=args.lora_store,
         lora_host_cache_bytes=args.lora_host_cache_bytes,

@@ -157,6 +157,11 @@ class EngineConfig:
     # a batch size's first such step) when every adapter's rank is at most this; larger ones, or
     # 0, run those steps eagerly.
     cuda_graph_max_lora_rank: int = 64
+    # Those graphs fold the LoRA shrink into the base GEMMs (lora_fold.py) for batches whose adapters
+    # fit together in this many extra weight rows per projection part (their ranks summed): one
+    # GEMM and one expand launch per projection instead of a GEMM, a shrink and an expand. The
+    # rows cost memory (Llama-3-8B at 64: about 160 MB) and their bytes in every such GEMM. 0: off.
+    cuda_graph_lora_fold_rank: int = 0
     # LoRA: the adapter store (a folder of PEFT adapters, one sub-folder per name), the host-memory
     # cache above it, and how long a request may wait for its adapter to load. Device memory for
     # adapters comes out of the KV cache budget (unified paging).
@@ -228,6 +233,8 @@ class EngineConfig:
             raise ValueError("cuda_graph_max_batch must be >= 0 (0 disables CUDA graphs)")
         if self.cuda_graph_max_lora_rank < 0:
             raise ValueError("cuda_graph_max_lora_rank must be >= 0 (0: LoRA decode steps run eagerly)")
+        if self.cuda_graph_lora_fold_rank < 0:
+            raise ValueError("cuda_graph_lora_fold_rank must be >= 0 (0: no folding)")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be at least 1")
         if self.max_model_len is not None and self.max_model_len < 2:

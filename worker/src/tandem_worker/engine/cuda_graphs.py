@@ -33,6 +33,7 @@ import torch
 from tandem_kernels.lora_reference import TILE_ROWS, HostGroups, tile_bounds
 
 from .lora import KINDS, LoRABatch, LoRAManager
+from .lora_fold import LoRAFold
 from .model import AttentionMetadata, LlamaModel
 from .streams import side_stream
 
@@ -97,10 +98,22 @@ class DecodeGraphs:
         self.max_lora_rank = 0
         self._lora_graphs: dict[int, torch.cuda.CUDAGraph | _Rerun] = {}
         self._lora_version = -1
+        # With a fold rank: graphs whose projections run with the step's adapters folded in (lora_fold.py).
+        self.fold: LoRAFold | None = None
+        self._fold_graphs: dict[int, torch.cuda.CUDAGraph | _Rerun] = {}
 
-    def use_lora(self, manager: LoRAManager, max_rank: int) -> None:
-        """Replay decode steps with adapters of rank <= max_rank too (0: run them eagerly)."""
+    def use_lora(self, manager: LoRAManager, max_rank: int, fold_rank: int = 0) -> None:
+        """Replay decode steps with adapters of rank <= max_rank too (0: run them eagerly).
+
+        fold_rank > 0: steps whose adapters fit in that many extra weight rows per projection part
+        replay graphs with the LoRA shrink folded into the base GEMMs (`LoRAFold`); the projections'
+        weights move into larger buffers, so the base graphs are captured again."""
         self.lora, self.max_lora_rank = manager, max_rank
+        if fold_rank and self.fold is None:
+            self.fold = LoRAFold(self.model.layers, manager.tables, manager.pool, fold_rank)
+            if self._graphs:  # they read the weights' old storage
+                self._graphs.clear()
+                self.capture()
         device, n = self.kv_cache.device, self.max_batch
         # The step's token groups (lora_token_groups' layout), padded to the batch size: one group
         # per row at most, the unused ones empty at the end; and the tiles over them.
@@ -118,7 +131,7 @@ class DecodeGraphs:
         self._lora_host_indices = torch.zeros(n, dtype=torch.int64, pin_memory=pin)
         self._lora_host_i32 = torch.zeros(self._lora_i32.shape, dtype=torch.int32, pin_memory=pin)
 
-    def _args(self, bs: int, lora: bool = False) -> tuple:
+    def _args(self, bs: int, lora: bool = False, fold: bool = False) -> tuple:
         meta = AttentionMetadata(
             num_decode_tokens=bs,
             slot_mapping=self.slot_mapping[:bs],
@@ -129,10 +142,10 @@ class DecodeGraphs:
             prefill_context_lens=None,
         )
         if lora:
-            meta.lora = self._lora_batch(bs)
+            meta.lora = self._lora_batch(bs, fold)
         return (self.input_ids[:bs], self.positions[:bs], self.kv_cache, meta, self.logit_indices[:bs])
 
-    def _lora_batch(self, bs: int) -> LoRABatch:
+    def _lora_batch(self, bs: int, fold: bool = False) -> LoRABatch:
         groups = (self.lora_token_indices[:bs], self.lora_group_offsets[: bs + 1], self.lora_group_slots[:bs])
         # Each projection's shrink is sized for the largest adapter the graph serves.
         max_rank = {kind: self.max_lora_rank * len(parts) for kind, parts in KINDS.items()}
@@ -140,15 +153,23 @@ class DecodeGraphs:
         tables = manager.tables.on_device()
         tiles = self.lora_tiles[: -(-bs // TILE_ROWS)]
         return LoRABatch(
-            manager.pool, tables, groups, max_rank, manager.shapes, tiles=tiles, stream=manager.stream
+            manager.pool,
+            tables,
+            groups,
+            max_rank,
+            manager.shapes,
+            tiles=tiles,
+            stream=manager.stream,
+            fold=self.fold if fold else None,
+            max_part_rank=self.max_lora_rank,
         )
 
-    def _capture(self, bs: int, lora: bool) -> torch.cuda.CUDAGraph | _Rerun:
+    def _capture(self, bs: int, lora: bool, fold: bool = False) -> torch.cuda.CUDAGraph | _Rerun:
         """A graph of one decode step at batch size `bs`, writing its logits into `self.logits[:bs]`."""
         if self.logits is None:
             vocab = self.model.config.vocab_size
             self.logits = torch.empty(self.max_batch, vocab, dtype=torch.float32, device=self.kv_cache.device)
-        args, out = self._args(bs, lora), self.logits[:bs]
+        args, out = self._args(bs, lora, fold), self.logits[:bs]
 
         def call() -> None:
             self.model(*args, logits_out=out)
@@ -244,15 +265,20 @@ class DecodeGraphs:
         self._fill_lora(lora_slots, bs)
         self._record_host_copies()
         self._check_lora_version()
-        if bs not in self._lora_graphs:
+        fold = self.fold is not None and self.fold.place({s for s in lora_slots if s is not None})
+        graphs = self._fold_graphs if fold else self._lora_graphs
+        if bs not in graphs:
             # Captured now, on this step's inputs (already in the buffers, so the capture's warm-up
             # writes the very KV the replay writes, never another sequence's).
             t0 = time.perf_counter()
-            self._lora_graphs[bs] = self._capture(bs, lora=True)
+            graphs[bs] = self._capture(bs, lora=True, fold=fold)
             log.info(
-                "captured a LoRA decode CUDA graph for batch size %d in %.2f s", bs, time.perf_counter() - t0
+                "captured a LoRA decode CUDA graph (%s) for batch size %d in %.2f s",
+                "folded" if fold else "unfolded",
+                bs,
+                time.perf_counter() - t0,
             )
-        self._lora_graphs[bs].replay()
+        graphs[bs].replay()
         return self.logits[:n]
 
     def capture_lora(self) -> None:
@@ -265,12 +291,15 @@ class DecodeGraphs:
         if tables.capacity < LORA_GRAPH_SLOTS:
             tables.grow(LORA_GRAPH_SLOTS)  # growing later would mean capturing again, mid-serving
         self._check_lora_version()
-        for bs in sorted(self.sizes, reverse=True):
-            if bs not in self._lora_graphs:
-                self._wait_for_host_buffers()
-                self._fill_lora([None] * bs, bs)
-                self._record_host_copies()
-                self._lora_graphs[bs] = self._capture(bs, lora=True)
+        for fold, graphs in ((False, self._lora_graphs), (True, self._fold_graphs)):
+            if fold and self.fold is None:
+                continue
+            for bs in sorted(self.sizes, reverse=True):
+                if bs not in graphs:
+                    self._wait_for_host_buffers()
+                    self._fill_lora([None] * bs, bs)
+                    self._record_host_copies()
+                    graphs[bs] = self._capture(bs, lora=True, fold=fold)
         if self.kv_cache.device.type == "cuda":
             torch.cuda.synchronize()
             log.info("captured LoRA decode CUDA graphs in %.1f s", time.perf_counter() - t0)
@@ -282,6 +311,9 @@ class DecodeGraphs:
         tables.on_device()
         if self._lora_version != tables.version:
             self._lora_graphs.clear()
+            self._fold_graphs.clear()
+            if self.fold is not None:
+                self.fold.resize()
             self._lora_version = tables.version
 
     def _wait_for_host_buffers(self) -> None:

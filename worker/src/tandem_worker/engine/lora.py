@@ -47,7 +47,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -59,6 +59,9 @@ from .block_manager import BlockManager
 from .config import ModelConfig
 from .sampling_params import RequestError
 from .streams import side_stream
+
+if TYPE_CHECKING:
+    from .lora_fold import LoRAFold
 
 log = logging.getLogger(__name__)
 
@@ -425,6 +428,10 @@ class LoRATables:
         # Bumped when the device tables are reallocated (a capacity change): a CUDA graph that
         # captured the old ones must be captured again. Changes of values are copied in place.
         self.version = 0
+        # Bumped at every change of values, in all (generation) and per slot: what a copy of a
+        # slot's weights elsewhere (LoRAFold) checks to see that the slot holds something else now.
+        self.generation = 0
+        self.slot_generation = [0] * capacity
         self._alloc()
 
     def _alloc(self) -> None:
@@ -455,8 +462,12 @@ class LoRATables:
                 n[key][..., :old_cap] = o[key]
         for k in KINDS:
             self.max_total_rank[k][:old_cap] = old_max[k]
+        self.slot_generation += [0] * (capacity - old_cap)
+        self.generation += 1
 
     def set_slot(self, slot: int, dev: DeviceAdapter | None, scaling: dict[str, float]) -> None:
+        self.generation += 1
+        self.slot_generation[slot] += 1
         for kind in KINDS:
             self.a_offsets[kind][:, slot] = 0
             self.total_ranks[kind][:, slot] = 0
@@ -555,11 +566,17 @@ class LoRABatch:
         host_groups: lora_reference.HostGroups | None = None,
         tiles: torch.Tensor | None = None,
         stream: torch.cuda.Stream | None = None,
+        fold: LoRAFold | None = None,
+        max_part_rank: int | None = None,
     ) -> None:
         self.pool, self.t, self.groups, self.max_rank = pool, tables, groups, max_rank
         self.host_groups = host_groups
         self.tiles = tiles  # the tiled launch (a CUDA graph's): `lora_token_tiles` of the groups
         self.stream = stream  # CUDA: where `project` runs the shrinks, beside the base GEMMs
+        # The step's adapters placed in the projections' extra weight rows: `project` runs one GEMM
+        # (the projection and every x @ A.T) and one expand (lora_fold.py). max_part_rank, if
+        # known, sizes the expand's rank tile.
+        self.fold, self.max_part_rank = fold, max_part_rank
         self._work: dict[str, list[list]] = {}  # CPU path: kind -> per layer, per group
         self._native: dict[str, lora_reference.NativeTables] = {}  # CPU decode steps: kind -> tables
         self.part_cols: dict[str, list[tuple[str, int, int]]] = {}
@@ -610,6 +627,8 @@ class LoRABatch:
             out = linear(x)
             self.apply(layer, kind, x, out)
             return out
+        if self.fold is not None:
+            return self._project_folded(layer, kind, x)
         stream = self.stream
         if stream is None:
             pending = self._begin(layer, kind, x)
@@ -622,6 +641,30 @@ class LoRABatch:
             out = linear(x)
             current.wait_stream(stream)
         pending.finish(out)
+        return out
+
+    def _project_folded(self, layer: int, kind: str, x: torch.Tensor) -> torch.Tensor:
+        """One GEMM over the weight with the placed adapters' A rows appended, then one expand from
+        those extra columns into the projection's: returns a view of the GEMM's output."""
+        weight, bias, hidden_out, y_offsets, total_ranks = self.fold.layer(layer, kind)
+        wide = torch.nn.functional.linear(x, weight, bias)
+        _, _, b_offsets, ranks, _, scaling = self._fused[kind][layer]
+        out = wide[:, :hidden_out]
+        tandem_kernels.lora_apply_finish(
+            wide[:, hidden_out:],
+            self.pool,
+            total_ranks,
+            *self.groups,
+            self.fold.rows[kind],
+            out,
+            b_offsets,
+            ranks,
+            y_offsets,
+            scaling,
+            self.part_spans[kind],
+            self.tiles,
+            self.max_part_rank,
+        )
         return out
 
     def _begin(self, layer: int, kind: str, x: torch.Tensor) -> lora_reference.PendingLoRA:
