@@ -415,3 +415,27 @@ def test_bench_judges_requests_by_the_slos_the_router_counts_them_by():
         )
     }
     assert len(set(defaults.values())) == 1, defaults
+
+
+def test_worker_flags_reach_the_engine_config(monkeypatch):
+    from tandem_worker import cli
+    from tandem_worker.server import worker_main
+
+    seen = []
+    monkeypatch.setattr(worker_main, "serve_worker", lambda role, config, *a, **k: seen.append(config) or 0)
+    args = cli.build_parser().parse_args(
+        [
+            "worker",
+            "--role",
+            "decode",
+            "--cuda-graph-max-lora-rank",
+            "32",
+            "--cuda-graph-lora-fold-rank",
+            "64",
+        ]
+    )
+    cli._cmd_worker(args)
+    assert (seen[0].cuda_graph_max_lora_rank, seen[0].cuda_graph_lora_fold_rank) == (32, 64)
+    args = cli.build_parser().parse_args(["worker", "--role", "decode"])
+    cli._cmd_worker(args)
+    assert seen[1].cuda_graph_lora_fold_rank == 0  # off unless asked for

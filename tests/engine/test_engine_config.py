@@ -20,6 +20,8 @@ from tandem_worker.engine.config import EngineConfig
         ({"lora_files_check_interval_s": -1.0}, "lora_files_check_interval_s must be >= 0"),
         ({"load_format": "pt"}, "load_format must be"),
         ({"cuda_graph_max_batch": -1}, "cuda_graph_max_batch must be >= 0"),
+        ({"cuda_graph_max_lora_rank": -1}, "cuda_graph_max_lora_rank must be >= 0"),
+        ({"cuda_graph_lora_fold_rank": -1}, "cuda_graph_lora_fold_rank must be >= 0"),
         ({"device": "tpu"}, "is not a device name"),
         ({"device": "mps"}, "Tandem runs on cpu or cuda"),
     ],
