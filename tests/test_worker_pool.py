@@ -360,6 +360,55 @@ def test_a_worker_failure_reaches_the_client_without_the_workers_internals(model
     )
 
 
+class _PrefillFault(wgrpc.WorkerServicer):
+    """A decode worker whose pulls from the prefill workers in `faulty` fail inside them (INTERNAL, as
+    an exception there gives), before any token."""
+
+    def __init__(self, faulty: set[str], code: grpc.StatusCode = grpc.StatusCode.INTERNAL) -> None:
+        self.faulty, self.code, self.prefills = faulty, code, []
+
+    def Generate(self, request, context):  # noqa: N802
+        self.prefills.append(request.prefill_endpoint)
+        if request.prefill_endpoint in self.faulty:
+            context.abort(
+                self.code, f"prefill worker {request.prefill_endpoint} failed: engine error (10.0.3.7)"
+            )
+        yield wpb.WorkerGenerateResponse(token_ids=[42], finish_reason=pb.FINISH_REASON_LENGTH)
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN])
+def test_a_fault_inside_a_worker_before_any_token_is_retried_once_elsewhere(model_dir, code):
+    with _router_over_fake_decode(model_dir, lambda pool: _PrefillFault({"p:1"}, code)) as (
+        router,
+        pool,
+        fake,
+    ):
+        pool._workers["p:2"].stats.queued_prompt_tokens = 50  # p:1 first
+        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3]), sampling=pb.SamplingParams())
+        out = list(router.Generate(request, _Context()))
+        assert fake.prefills == ["p:1", "p:2"] and out[-1].token_ids == [42]
+        # One request's failure: p:1 stays in rotation, with no backoff.
+        p1 = pool._workers["p:1"]
+        assert p1.healthy and p1.failures == 0
+
+
+def test_a_fault_on_the_retry_too_reaches_the_client_as_the_workers_failure(model_dir):
+    # The request itself may be what fails them: one retry, not one per worker.
+    faulty = {"p:1", "p:2"}
+    with _router_over_fake_decode(model_dir, lambda pool: _PrefillFault(faulty)) as (router, pool, fake):
+        code, details = _refused(router)
+    assert len(fake.prefills) == 2
+    assert (code, details) == (grpc.StatusCode.INTERNAL, "the worker serving this request failed (INTERNAL)")
+
+
+def test_a_fault_with_no_other_pair_to_try_is_the_workers_failure(model_dir):
+    with _router_over_fake_decode(model_dir, lambda pool: _PrefillFault({"p:1"})) as (router, pool, fake):
+        pool._prefill = ["p:1"]
+        code, details = _refused(router)
+    assert fake.prefills == ["p:1"]
+    assert (code, details) == (grpc.StatusCode.INTERNAL, "the worker serving this request failed (INTERNAL)")
+
+
 class _SeveralTokensAMessage(wgrpc.WorkerServicer):
     """A decode worker whose one message carries a whole answer, stop string and all."""
 

@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 
 # Before any token: a worker down or busy, or a prefill worker's malformed KV stream (DATA_LOSS).
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DATA_LOSS}
+# Before any token: an error inside a worker (an exception: INTERNAL, or UNKNOWN when nothing caught
+# it) may be the worker's or the request's own, so another pair tries it once; the worker stays in
+# rotation (one request's failure says little about it; a broken worker fails its health checks).
+FAULTS = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 # A worker's message for these is about the request itself, so the caller's; the others' name
 # workers and their internals (addresses, stack text), which the log gets instead.
 CALLER_CODES = {
@@ -201,6 +205,8 @@ class RouterService(pbgrpc.InferenceServicer):
         last_error = "no healthy worker can take this request"
         busy = ""  # a worker refused the request as over its limit (RESOURCE_EXHAUSTED): why
         busy_pools: set[str] = set()  # the pools whose workers refused it so
+        fault: grpc.StatusCode | None = None  # the last attempt failed inside a worker (FAULTS)
+        fault_retried = False  # one retry for those per request
         for attempt in range(self.max_attempts):
             pair = self.pool.pick(len(ids), exclude, request.adapter)
             if pair is None and self.pool.all_full(len(ids), exclude):
@@ -302,7 +308,10 @@ class RouterService(pbgrpc.InferenceServicer):
                     # The deadline passed down with the call: the client's own, not a worker's fault.
                     self._count(progress, self._client_ended(progress, past_deadline=True))
                     context.abort(code, details)
-                if sent_first or not _retryable(code, details):
+                fault = code if code in FAULTS else None
+                retry_fault = fault is not None and not fault_retried
+                fault_retried = fault_retried or retry_fault
+                if sent_first or not (_retryable(code, details) or retry_fault):
                     if sent_first and code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS):
                         # The decode worker went away mid-answer (its prefill partner was done): it
                         # backs off as one that failed before the first token does.
@@ -353,6 +362,9 @@ class RouterService(pbgrpc.InferenceServicer):
             )
         self._count(progress, "failed")
         log.warning("request %s: no worker pair could serve it (last error: %s)", rid, last_error)
+        if fault is not None:
+            # No other pair to try it on: the worker's failure, as it would have been without the retry.
+            context.abort(fault, f"the worker serving this request failed ({fault.name})")
         if exclude:
             why = f"{len(exclude)} worker(s) failed it"
         else:
