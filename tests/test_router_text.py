@@ -290,3 +290,18 @@ def test_logprobs_name_tokens_that_split_a_character_by_their_bytes(real_tok):
     content = chat["choices"][0]["logprobs"]["content"][0]
     assert content["token"] == name(sampled) and bytes(content["bytes"]) == real_tok.token_bytes(sampled)
     assert [t["token"] for t in content["top_logprobs"]] == [name(a), name(b), name(eos)]
+
+
+def test_a_messages_name_reaches_the_chat_template_only_where_set(real_tok, monkeypatch):
+    # OpenAI's optional participant name travels in the wire message; a template that renders it
+    # gets it, and a message without one has no name key at all (templates test `'name' in m`).
+    from tandem_worker.server.pb import inference_pb2 as pb
+
+    template = (
+        "{% for m in messages %}{{ m['name'] if 'name' in m else '-' }}: {{ m['content'] }}\n{% endfor %}"
+    )
+    monkeypatch.setattr(real_tok.hf, "chat_template", template)
+    chat = pb.ChatMessages()
+    chat.messages.add(role="user", content="Hi", name="alice")
+    chat.messages.add(role="assistant", content="Hello")
+    assert real_tok.decode(real_tok.chat_messages(chat.messages)) == "alice: Hi\n-: Hello\n"

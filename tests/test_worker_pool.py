@@ -409,6 +409,26 @@ def test_a_fault_with_no_other_pair_to_try_is_the_workers_failure(model_dir):
     assert (code, details) == (grpc.StatusCode.INTERNAL, "the worker serving this request failed (INTERNAL)")
 
 
+def _ttft_count() -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("tandem_time_to_first_token_seconds_count") or 0.0
+
+
+def test_ttft_is_observed_at_the_first_token_once_whatever_happens_after(model_dir):
+    # A request that fails after its first token still had one (and an answer's TTFT is reported
+    # when it happens, not a whole generation later); a whole answer counts once.
+    with _router_over_fake_decode(model_dir, lambda pool: _FailsMidStream()) as (router, _, _):
+        before = _ttft_count()
+        _refused(router)
+        assert _ttft_count() == before + 1
+    with _router_over_fake_decode(model_dir, lambda pool: _SeveralTokensAMessage([42, 43])) as (router, _, _):
+        before = _ttft_count()
+        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3]), sampling=pb.SamplingParams())
+        list(router.Generate(request, _Context()))
+        assert _ttft_count() == before + 1
+
+
 class _SeveralTokensAMessage(wgrpc.WorkerServicer):
     """A decode worker whose one message carries a whole answer, stop string and all."""
 

@@ -90,6 +90,16 @@ def test_chat_equals_grpc(client, grpc_text):
     assert r.usage.prompt_tokens == len(ref.prompt_token_ids) and r.usage.completion_tokens == 16
 
 
+def test_chat_with_names_is_served_through_the_models_template(client, grpc_text):
+    # SmolLM2's template renders no names: the same prompt and answer as without them (a template
+    # that renders them gets them: tests/test_router_text.py).
+    ref = grpc_text["chat"]
+    named = [dict(m, name=f"speaker_{i}") for i, m in enumerate(CHAT)]
+    r = client.chat.completions.create(model=SERVED, messages=named, max_completion_tokens=16, **GREEDY)
+    assert r.choices[0].message.content == ref.text
+    assert r.usage.prompt_tokens == len(ref.prompt_token_ids)
+
+
 def test_chat_stream(client, grpc_text):
     stream = client.chat.completions.create(
         model=SERVED,
@@ -582,6 +592,9 @@ def test_off_values_and_bookkeeping_fields_are_accepted(client, grpc_text):
         # Not text: a number is not the text "5", a missing text not "".
         ([{"role": "user", "content": [{"type": "text", "text": 5}]}], "messages[0].content"),
         ([{"role": "user", "content": [{"type": "text"}]}], "messages[0].content"),
+        # A name the template would render as "5" or nothing.
+        ([{"role": "user", "content": "hi", "name": 5}], "messages[0].name"),
+        ([{"role": "user", "content": "hi", "name": ""}], "messages[0].name"),
     ],
 )
 def test_a_message_that_would_lose_its_meaning_is_refused(client, messages, param):

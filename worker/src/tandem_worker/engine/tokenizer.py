@@ -6,6 +6,7 @@ import bisect
 import codecs
 import functools
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,13 @@ class Tokenizer:
         if isinstance(ids, dict) or hasattr(ids, "keys"):  # a BatchEncoding in newer transformers
             ids = ids["input_ids"]
         return list(ids)
+
+    def chat_messages(self, messages: Iterable[Any]) -> list[int]:
+        """apply_chat_template on wire messages (role, content and an optional name): a name is
+        passed only where set, so templates that test for one see none otherwise."""
+        return self.apply_chat_template(
+            [{"role": m.role, "content": m.content} | ({"name": m.name} if m.name else {}) for m in messages]
+        )
 
     def chat_prompt(self, text: str) -> list[int]:
         return self.apply_chat_template([{"role": "user", "content": text}])

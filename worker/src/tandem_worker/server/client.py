@@ -44,7 +44,7 @@ def build_request(
         req.chat.messages.add(role="user", content=prompt)
     elif prompt and isinstance(prompt[0], dict):
         for m in prompt:  # type: ignore[union-attr]
-            req.chat.messages.add(role=m["role"], content=m["content"])
+            req.chat.messages.add(role=m["role"], content=m["content"], name=m.get("name") or "")
     else:
         req.token_ids.ids.extend(prompt)  # type: ignore[arg-type]
     return req

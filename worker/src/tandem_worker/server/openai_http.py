@@ -317,7 +317,7 @@ class OpenAIFrontend:
         if chat:
             messages = self._messages(body)
             for m in messages:
-                req.chat.messages.add(role=m["role"], content=m["content"])
+                req.chat.messages.add(**m)
         else:
             self._prompt(body, req)
 
@@ -480,18 +480,17 @@ class OpenAIFrontend:
                 content = "\n".join(parts)  # separate parts stay separate words (as vLLM joins them)
             elif not isinstance(content, str):
                 raise invalid(f"messages[{i}].content", "must be a string or a list of text parts")
-            out.append({"role": role, "content": content})
+            name = m.get("name")
+            if name is not None and (not isinstance(name, str) or not name):
+                raise invalid(f"messages[{i}].name", "must be a non-empty string")
+            out.append({"role": role, "content": content} | ({"name": name} if name else {}))
         return out
 
     def _room(self, req: pb.GenerateRequest) -> int:
         """A chat request without max_tokens may use the rest of the context (as OpenAI and vLLM),
         bounded by what one worker's KV cache can hold."""
         try:
-            n = len(
-                self.tok.apply_chat_template(
-                    [{"role": m.role, "content": m.content} for m in req.chat.messages]
-                )
-            )
+            n = len(self.tok.chat_messages(req.chat.messages))
         except RequestError as e:
             raise invalid(e.field, str(e).split(": ", 1)[-1]) from None
         limit = self.max_model_len

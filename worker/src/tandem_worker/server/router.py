@@ -133,9 +133,7 @@ class RouterService(pbgrpc.InferenceServicer):
                 raise RequestError("prompt", "must not be empty")
             return self.tok.encode(request.text)
         if kind == "chat":
-            return self.tok.apply_chat_template(
-                [{"role": m.role, "content": m.content} for m in request.chat.messages]
-            )
+            return self.tok.chat_messages(request.chat.messages)
         if kind == "token_ids":
             return list(request.token_ids.ids)
         raise RequestError("prompt", "set one of text, chat or token_ids")
@@ -243,6 +241,10 @@ class RouterService(pbgrpc.InferenceServicer):
                     now = time.monotonic()
                     if msg.token_ids and progress.first_token_time is None:
                         progress.first_token_time = now
+                        # Now, not when the answer ends: a long answer would otherwise report its
+                        # TTFT (which the autoscaler reads) a whole generation late, or never if
+                        # it failed or its client left after the first token.
+                        metrics.TTFT_SECONDS.observe(now - arrival)
                     delta = text.push(list(msg.token_ids), special)
                     used = text.used  # tokens after one that completed a stop string are dropped
                     progress.n_tokens += used
@@ -373,7 +375,8 @@ class RouterService(pbgrpc.InferenceServicer):
         context.abort(grpc.StatusCode.UNAVAILABLE, f"no worker pair could serve the request: {why}")
 
     def _observe(self, progress: _Progress, ttft: float, tpot: float, e2e: float, queue: float) -> None:
-        metrics.TTFT_SECONDS.observe(ttft)
+        if progress.first_token_time is None:  # an answer of no tokens: its end is its first response
+            metrics.TTFT_SECONDS.observe(ttft)
         metrics.E2E_SECONDS.observe(e2e)
         metrics.QUEUE_SECONDS.observe(queue)
         if tpot:
