@@ -14,7 +14,7 @@ from tandem_operator.k8s import ApiError
 from tandem_operator.status import observe_pods
 
 from .conftest import NAMESPACE, load_example
-from .test_worker_health import DEMO, at, crashed, memory_demo, pod, put_pod, workers
+from .test_worker_health import DEMO, at, crashed, memory_demo, pod, put_pod, running, workers
 
 pytestmark = pytest.mark.asyncio
 
@@ -187,3 +187,62 @@ def test_a_cuda_error_out_of_memory_is_a_gpu_oom_too():
     )
     seen = observe_pods([pod("d-a", "decode", [oom])], ["decode"], at(0))["decode"]
     assert seen.reason == "GPUOutOfMemory" and "spec.decode.kvCacheBytes" in seen.message("decode")
+
+
+def _waiting(reason: str, message: str, name: str = "worker") -> dict[str, Any]:
+    """A container the kubelet cannot start: never ran, waiting with `reason`."""
+    return {
+        "name": name,
+        "ready": False,
+        "restartCount": 0,
+        "state": {"waiting": {"reason": reason, "message": message}},
+    }
+
+
+async def test_containers_that_cannot_start_are_named_with_what_to_fix_and_hold_the_pool():
+    """A wrong image tag, or a private registry without pull secrets, leaves every new pod in
+    ImagePullBackOff, and a missing Secret in CreateContainerConfigError: nothing crashed, so
+    WorkersHealthy said Stable while no worker ever ran. Now it names them (the download's init
+    container too), and the autoscaler adds no replica: each would hold a GPU and serve nothing."""
+    pull = _waiting("ImagePullBackOff", 'Back-off pulling image "tandem:nope"')
+    first = _waiting("ErrImagePull", "rpc error: code = NotFound desc = failed to pull and unpack image")
+    secret = _waiting("CreateContainerConfigError", 'secret "hf-token" not found')
+    seen = observe_pods(
+        [
+            pod("d-a", "decode", [pull]),
+            pod("d-b", "decode", [first]),
+            pod("d-c", "decode", [_waiting("PodInitializing", "")], init=[{**pull, "name": "fetch-model"}]),
+            pod("p-a", "prefill", [secret]),
+        ],
+        ["prefill", "decode"],
+        at(0),
+    )
+    assert (
+        seen["decode"].reason == "ImagePullBackOff" and seen["prefill"].reason == "CreateContainerConfigError"
+    )
+    message = seen["decode"].message("decode")
+    assert message.startswith("decode: ImagePullBackOff: 3 of 3 pods cannot start their containers")
+    assert 'pod d-a container worker ImagePullBackOff: Back-off pulling image "tandem:nope"' in message
+    assert "spec.image" in message and "spec.imagePullSecrets" in message
+    message = seen["prefill"].message("prefill")
+    assert (
+        'CreateContainerConfigError: secret "hf-token" not found' in message
+        and "kubectl describe pod p-a" in message
+    )
+
+    # Through a pass: the condition, one Warning, and the autoscaler's hold.
+    now = [at(0)]
+    memory, reconciler, events = memory_demo(now)
+    put_pod(memory, pod(f"{DEMO}-decode-a", "decode", [pull]))
+    await reconciler.reconcile(NAMESPACE, DEMO)
+    status = memory.objects[(api.KIND, NAMESPACE, DEMO)]["status"]
+    assert (workers(status)["status"], workers(status)["reason"]) == ("False", "ImagePullBackOff")
+    assert [r for _, r, _ in events] == ["ImagePullBackOff"]
+    aspec, held = hold_crashing(_aspec(), Replicas(prefill=2, decode=2), status)
+    assert aspec.bounds("decode") == (1, 2) and "decode is not scaled up" in held
+
+    # Pulled at last and running: stable (it never crashed).
+    put_pod(memory, pod(f"{DEMO}-decode-a", "decode", [running(since=at(0.5))]))
+    now[0] = at(1)
+    await reconciler.reconcile(NAMESPACE, DEMO)
+    assert workers(memory.objects[(api.KIND, NAMESPACE, DEMO)]["status"])["reason"] == "Stable"

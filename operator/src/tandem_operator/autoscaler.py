@@ -29,14 +29,15 @@ or one whose replicas patch was refused (which drops the policy's memory), posts
 Requests a pool's workers turn away count as that pool's misses (see `policy`).
 
 A pool whose pods crash is not scaled up: while the reconciler's `WorkersHealthy` condition (in the
-status this step reads) names the pool `OOMKilled`, `GPUOutOfMemory`, `Evicted` or
-`CrashLoopBackOff`, its size is the policy's maximum for the step (it may still shrink), and
-`status.autoscaler.holding` says so.
+status this step reads) names the pool `OOMKilled`, `GPUOutOfMemory`, `Evicted`, `ImagePullBackOff`,
+`CreateContainerConfigError` or `CrashLoopBackOff`, its size is the policy's maximum for the step
+(it may still shrink), and `status.autoscaler.holding` says so.
 Each replica holds a GPU, and one more would crash as its peers do: an OOM kill comes from what each
 pod holds (its memory limit against its own in-flight load, which `maxPending` and the engine's
 budgets bound, not the pool's size), and under the overload that triggers scale-up every replica
 reaches those bounds; a pod evicted for its disk limits is evicted again in any replica (the same
-download); a crash loop is a broken pod, not too few of them. A single crash that is
+download); a pod that cannot start (its image, a missing Secret) holds its GPU and serves nothing,
+as would the next; a crash loop is a broken pod, not too few of them. A single crash that is
 running again (`ContainerRestarted`) holds nothing: one fault is no evidence that more replicas
 would fail.
 
@@ -77,9 +78,11 @@ from .patching import replicas_patch
 from .reconciler import AUTOSCALED_ROLES, EventPoster, Reconciler, is_ours, utc_now
 from .status import (
     AUTOSCALER_HEALTHY,
+    CONFIG_ERROR,
     CRASH_LOOP,
     EVICTED,
     GPU_OOM,
+    IMAGE_PULL,
     OOM_KILLED,
     plan_autoscaler_status,
     unhealthy_components,
@@ -98,7 +101,7 @@ UNAVAILABLE = "PrometheusUnavailable"
 NOT_CONFIGURED = "NoPrometheus"
 ROUTER_AT_LIMIT = "RouterAtLimit"
 # A pool whose pods crash for one of these is not scaled up (see the module docstring).
-NO_SCALE_UP = (OOM_KILLED, GPU_OOM, EVICTED, CRASH_LOOP)
+NO_SCALE_UP = (OOM_KILLED, GPU_OOM, EVICTED, IMAGE_PULL, CONFIG_ERROR, CRASH_LOOP)
 
 
 def selector(namespace: str, name: str) -> str:

@@ -184,7 +184,7 @@ def build_crd() -> dict[str, Any]:
                             "name": "Workers",
                             "type": "string",
                             "jsonPath": '.status.conditions[?(@.type=="WorkersHealthy")].reason',
-                            "description": "Stable, or why pods crash (OOMKilled, CrashLoopBackOff, ...)",
+                            "description": "Stable, or why pods crash or cannot start (OOMKilled, ...)",
                         },
                         {
                             "name": "Endpoint",

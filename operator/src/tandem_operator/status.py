@@ -25,7 +25,9 @@ Status parts:
   `STABLE_SECONDS` since, with the worst reason of all of them: `OOMKilled` (the kernel killed it
   at its memory limit), `GPUOutOfMemory`, `Evicted` (a pod the kubelet evicted that long ago or
   less: see `EVICTED`), `CrashLoopBackOff` (the kubelet holds it back, or it crashed again before
-  running `STABLE_SECONDS` since a restart), `ContainerRestarted` (one crash, running again); the
+  running `STABLE_SECONDS` since a restart), `ContainerRestarted` (one crash, running again); and
+  containers that cannot start: `ImagePullBackOff` (the image cannot be pulled: also ErrImagePull,
+  InvalidImageName) and `CreateContainerConfigError` (a Secret or ConfigMap it names is missing); the
   message has one `<component>: <reason>: ...` part per such component (how many of its pods, their
   restarts, the last termination, what to change). True (`Stable`) once every container has run
   that long since its last crash; Unknown (`PodsUnreadable`) when the pods cannot be listed (a list
@@ -72,8 +74,16 @@ GPU_OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "CUDA error: out of
 EVICTED = "Evicted"
 CRASH_LOOP = "CrashLoopBackOff"
 RESTARTED = "ContainerRestarted"
+# Containers that cannot start at all, whatever the pool's size: the image cannot be pulled (a wrong
+# `image`, a private registry without `imagePullSecrets`), or what the container references is
+# missing (a Secret or ConfigMap of its env). The kubelet's waiting reasons, as `kubectl get pods`
+# shows them; each group is reported under its first.
+IMAGE_PULL = "ImagePullBackOff"
+IMAGE_PULL_WAITING = (IMAGE_PULL, "ErrImagePull", "InvalidImageName", "ErrImageNeverPull")
+CONFIG_ERROR = "CreateContainerConfigError"
+CONFIG_ERROR_WAITING = (CONFIG_ERROR, "CreateContainerError")
 # Worst first: the condition's reason is the worst of its components'.
-CRASH_REASONS = (OOM_KILLED, GPU_OOM, EVICTED, CRASH_LOOP, RESTARTED)
+CRASH_REASONS = (OOM_KILLED, GPU_OOM, EVICTED, IMAGE_PULL, CONFIG_ERROR, CRASH_LOOP, RESTARTED)
 
 
 @dataclass(frozen=True)
@@ -124,6 +134,9 @@ class Crash:
     repeated: bool = False
     # The kubelet's message when the whole pod was evicted (`container` is then ""), else None.
     eviction: str | None = None
+    # The kubelet's message for a container that cannot start (IMAGE_PULL_WAITING,
+    # CONFIG_ERROR_WAITING), else "".
+    cannot_start: str = ""
 
 
 @dataclass(frozen=True)
@@ -150,8 +163,9 @@ class PoolPods:
 
     @property
     def reason(self) -> str | None:
-        """OOMKilled, GPUOutOfMemory, Evicted, CrashLoopBackOff or ContainerRestarted (None: every
-        container is stable and no pod was evicted)."""
+        """OOMKilled, GPUOutOfMemory, Evicted, ImagePullBackOff, CreateContainerConfigError,
+        CrashLoopBackOff or ContainerRestarted (None: every container is stable and runs, and no pod
+        was evicted)."""
         if not self.crashes:
             return None
         if any(c.reason == OOM_KILLED for c in self.crashes):
@@ -160,6 +174,10 @@ class PoolPods:
             return GPU_OOM
         if any(c.eviction is not None for c in self.crashes):
             return EVICTED
+        if any(c.waiting in IMAGE_PULL_WAITING for c in self.crashes):
+            return IMAGE_PULL
+        if any(c.waiting in CONFIG_ERROR_WAITING for c in self.crashes):
+            return CONFIG_ERROR
         if any(c.waiting == CRASH_LOOP or c.repeated for c in self.crashes):
             return CRASH_LOOP
         return RESTARTED
@@ -167,6 +185,8 @@ class PoolPods:
     def message(self, component: str) -> str:
         """`<component>: <reason>: ...`, free of "; " (the condition joins components with it)."""
         reason = self.reason
+        if reason in (IMAGE_PULL, CONFIG_ERROR):
+            return self._cannot_start_message(component, reason)
         crashed = {c.pod for c in self.crashes if c.eviction is None}
         evicted = {c.pod for c in self.crashes if c.eviction is not None}
         restarts = sum(c.restarts for c in self.crashes)
@@ -212,6 +232,22 @@ class PoolPods:
             hint = f"see kubectl logs {last.pod} -c {last.container} --previous"
         return f"{text}: {hint}".replace(";", ",")
 
+    def _cannot_start_message(self, component: str, reason: str) -> str:
+        waiting = IMAGE_PULL_WAITING if reason == IMAGE_PULL else CONFIG_ERROR_WAITING
+        stuck = [c for c in self.crashes if c.waiting in waiting]
+        pods = len({c.pod for c in stuck})
+        first = stuck[0]
+        why = " ".join(first.cannot_start.split()).rstrip(".")
+        text = (
+            f"{component}: {reason}: {pods} of {self.pods} pods cannot start their containers, the first:"
+            f" pod {first.pod} container {first.container} {first.waiting}" + (f": {why}" if why else "")
+        )
+        if reason == IMAGE_PULL:
+            hint = "check spec.image (spec.model.fetchImage: the download's) and spec.imagePullSecrets"
+        else:
+            hint = f"a Secret or ConfigMap its env names is missing: see kubectl describe pod {first.pod}"
+        return f"{text}: {hint}".replace(";", ",")
+
 
 # The kubelet's words when it evicts a pod for its own disk limits: "Usage of EmptyDir volume "model"
 # exceeds the limit "40Gi"", "Pod ephemeral local storage usage exceeds the total limit of containers
@@ -237,6 +273,18 @@ def _crash(pod: str, cs: dict[str, Any], now: datetime.datetime | None) -> Crash
     """The container's crash if it has not run stably since, else None."""
     state = cs.get("state") or {}
     restarts = int(cs.get("restartCount") or 0)
+    waiting = state.get("waiting") or {}
+    if waiting.get("reason") in IMAGE_PULL_WAITING + CONFIG_ERROR_WAITING:
+        return Crash(
+            pod=pod,
+            container=str(cs.get("name", "")),
+            restarts=restarts,
+            reason="",
+            exit_code=None,
+            finished_at="",
+            waiting=str(waiting["reason"]),
+            cannot_start=str(waiting.get("message") or ""),
+        )
     terminated = state.get("terminated")
     if terminated:
         if terminated.get("exitCode") == 0:
