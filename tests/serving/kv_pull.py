@@ -30,10 +30,20 @@ def prefill_server(state: WorkerState, threads: int = 4) -> Iterator[str]:
         server.stop(None)
 
 
+# A reader whose transport takes no more than HTTP/2's initial window (64 KiB) before it reads:
+# with the workers' 8 MiB lookahead and window growth, gRPC's buffers could take a whole short
+# prompt's KV (80 tokens of SmolLM2 are 3.7 MB) from a reader that reads nothing, so that its
+# prefill ran to the end after all (a test that relied on it being held back failed under load).
+SMALL_WINDOWS = [o for o in GRPC_OPTIONS if o[0] != "grpc.http2.lookahead_bytes"] + [
+    ("grpc.http2.bdp_probe", 0)
+]
+
+
 @contextlib.contextmanager
-def prefill_puller(address: str) -> Iterator[Callable[..., Iterator]]:
-    """The KV pull of the prefill worker at `address`, as a decode worker calls it."""
-    channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+def prefill_puller(address: str, small_windows: bool = False) -> Iterator[Callable[..., Iterator]]:
+    """The KV pull of the prefill worker at `address`, as a decode worker calls it (`small_windows`:
+    one whose transport buffers little for a reader that stops reading)."""
+    channel = grpc.insecure_channel(address, options=SMALL_WINDOWS if small_windows else GRPC_OPTIONS)
     try:
         yield prefill_stub(channel)
     finally:

@@ -39,7 +39,7 @@ def test_a_prefill_worker_refuses_pulls_past_its_queued_prompt_tokens_as_busy(mo
         return prefill_request(state.layout, rid, n, skip)
 
     try:
-        with prefill_server(state) as address, prefill_puller(address) as pull:
+        with prefill_server(state) as address, prefill_puller(address, small_windows=True) as pull:
             queued = pull(request("queued", 80), timeout=120)
             next(queued)  # the handshake; its reader reads no more for now, so it stays unfinished
             assert loop.queued_prefill_tokens == 80
