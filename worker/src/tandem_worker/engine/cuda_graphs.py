@@ -17,7 +17,9 @@ the batch size, so one graph serves any mix of adapters: the step's token groups
 buffers like the other inputs, the adapters' offset tables are updated in place
 (`LoRATables.on_device`), and their ranks are bounded by the graph's (`max_lora_rank`; batches with
 a larger adapter run eagerly). A capacity change of the tables reallocates them, and the LoRA
-graphs are captured again.
+graphs are captured again. With a fold rank (`use_lora`), a second set of LoRA graphs serves the
+steps whose adapters fit in the projections' extra weight rows, the LoRA shrink folded into the
+base GEMMs (lora_fold.py); the others replay the first set.
 """
 
 from __future__ import annotations
