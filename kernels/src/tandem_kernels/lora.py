@@ -1025,7 +1025,7 @@ def lora_apply_finish(
     rank tile for the parts' ranks rather than for y's width (a hint: any rank is fully summed)."""
     groups = (token_indices, group_offsets, group_slots)
     tables = (b_offsets, ranks, y_offsets, scaling)
-    check_finish_args(y, pool, total_ranks, *groups, max_rank, out, *tables, len(parts))
+    check_finish_args(y, pool, total_ranks, *groups, max_rank, out, *tables, len(parts), tiles)
     if y.stride(1) != 1:
         raise ValueError("y rows must be contiguous")
     _check_layout(
@@ -1038,8 +1038,6 @@ def lora_apply_finish(
         y_offsets=y_offsets,
         scaling=scaling,
     )
-    if tiles is not None:
-        check_tiles(tiles, group_offsets, token_indices.shape[0])
     pending = PendingApply(y, pool, total_ranks, groups, max_rank, tables, parts, tiles)
     if group_slots.shape[0] and token_indices.shape[0] and max_rank:
         pending.partials = y.unsqueeze(0)  # one "split": the expand reads y as it is

@@ -128,14 +128,15 @@ def _check_vector(
 def check_metadata(
     pool: torch.Tensor,
     offsets_name: str,
-    offsets: torch.Tensor,
+    offsets: torch.Tensor | None,
     ranks: torch.Tensor,
     token_indices: torch.Tensor,
     group_offsets: torch.Tensor,
     group_slots: torch.Tensor,
     **per_slot: tuple[torch.Tensor | None, torch.dtype],
 ) -> None:
-    """ValueError for a pool or metadata of the wrong shape, dtype or device; no host sync."""
+    """ValueError for a pool or metadata of the wrong shape, dtype or device; no host sync. `offsets`
+    None: an op that reads none (lora_apply_finish has no shrink)."""
     if pool.dim() != 1:
         raise ValueError(f"pool must be 1-D (a flat view of the pool), got shape {tuple(pool.shape)}")
     if not pool.is_contiguous():
@@ -166,7 +167,7 @@ def check_metadata(
 def check_shrink_args(
     x: torch.Tensor,
     pool: torch.Tensor,
-    a_offsets: torch.Tensor,
+    a_offsets: torch.Tensor | None,
     ranks: torch.Tensor,
     token_indices: torch.Tensor,
     group_offsets: torch.Tensor,
@@ -243,7 +244,7 @@ def check_part_spans(parts: Sequence[tuple[int, int]], out_width: int) -> tuple[
 def check_apply_args(
     x: torch.Tensor,
     pool: torch.Tensor,
-    a_offsets: torch.Tensor,
+    a_offsets: torch.Tensor | None,
     total_ranks: torch.Tensor,
     token_indices: torch.Tensor,
     group_offsets: torch.Tensor,
@@ -615,20 +616,20 @@ def check_finish_args(
     y_offsets: torch.Tensor,
     scaling: torch.Tensor,
     num_parts: int,
+    tiles: torch.Tensor | None,
 ) -> None:
     """ValueError for lora_apply_finish arguments of the wrong shape, dtype or device (no host sync);
-    on the CPU also for a part's columns of y running past its slot's total_ranks."""
+    on the CPU also for a part's columns of y running past its slot's total_ranks. (out is checked
+    where the expands start, `PendingApply.finish`, as lora_apply's is.)"""
     if y.dim() == 2 and not 0 <= max_rank <= y.shape[1]:
         raise ValueError(f"max_rank must be in [0, {y.shape[1]}] (y's columns), got {max_rank}")
-    # lora_apply's checks, with y as x; its a_offsets is never read here: a stand-in of the right
-    # shape, so that every other argument is checked as lora_apply checks it.
-    slots = total_ranks.shape[0] if total_ranks.dim() == 1 else 0
-    unread = torch.zeros(slots, dtype=torch.int64, device=pool.device)
+    # lora_apply's checks, with y as x and no A offsets (there is no shrink).
     check_apply_args(
-        y, pool, unread, total_ranks, token_indices, group_offsets, group_slots, max_rank,
+        y, pool, None, total_ranks, token_indices, group_offsets, group_slots, max_rank,
         b_offsets, ranks, y_offsets, scaling, num_parts,
     )  # fmt: skip
-    check_apply_out(out, y.shape[0], pool.device)
+    if tiles is not None:
+        check_tiles(tiles, group_offsets, token_indices.shape[0])
     if pool.device.type == "cpu" and group_slots.numel():  # free here; on a GPU it would cost a sync
         used = group_slots.long()
         past = (ranks[:, used] > 0) & (y_offsets[:, used] + ranks[:, used] > total_ranks[used].long())
@@ -656,9 +657,7 @@ def lora_apply_finish(
     """`lora_apply`'s expands alone, on a y computed elsewhere (the package docstring has the
     contract); `tiles` and max_part_rank only shape the Triton launch: here they are unused."""
     args = (y, pool, total_ranks, token_indices, group_offsets, group_slots, max_rank, out)
-    check_finish_args(*args, b_offsets, ranks, y_offsets, scaling, len(parts))
-    if tiles is not None:
-        check_tiles(tiles, group_offsets, token_indices.shape[0])
+    check_finish_args(*args, b_offsets, ranks, y_offsets, scaling, len(parts), tiles)
     groups = (token_indices, group_offsets, group_slots)
     tables = (b_offsets, ranks, y_offsets, scaling)
     PendingApply(y[:, :max_rank].float(), pool, groups, tables, parts).finish(out)  # lora_expand reads fp32
