@@ -68,6 +68,13 @@ def _draining(code: grpc.StatusCode, details: str) -> bool:
     return code == grpc.StatusCode.UNAVAILABLE and details.endswith(DRAINING)
 
 
+def _worker_failed(code: grpc.StatusCode, sent_first: bool) -> str:
+    """What the client is told of a worker's failure (its own message names workers and internals)."""
+    return f"the worker serving this request failed ({code.name})" + (
+        " after part of the answer was sent; send the request again" if sent_first else ""
+    )
+
+
 def _retryable(code: grpc.StatusCode, details: str) -> bool:
     # A pair whose KV layouts differ (a rolling upgrade): another pair can serve the request.
     return code in RETRYABLE or (
@@ -322,11 +329,7 @@ class RouterService(pbgrpc.InferenceServicer):
                     self._count(progress, "invalid" if caller_error else "failed")
                     # Which worker is the operator's to know (the log), not the client's.
                     log.warning("request %s: %s (decode worker %s)", rid, details, pair.decode.address)
-                    if code not in CALLER_CODES:
-                        details = f"the worker serving this request failed ({code.name})" + (
-                            " after part of the answer was sent; send the request again" if sent_first else ""
-                        )
-                    context.abort(code, details)
+                    context.abort(code, details if code in CALLER_CODES else _worker_failed(code, sent_first))
                 failed = (
                     pair.decode if pair.prefill is None or "prefill worker" not in details else pair.prefill
                 )
@@ -366,7 +369,7 @@ class RouterService(pbgrpc.InferenceServicer):
         log.warning("request %s: no worker pair could serve it (last error: %s)", rid, last_error)
         if fault is not None:
             # No other pair to try it on: the worker's failure, as it would have been without the retry.
-            context.abort(fault, f"the worker serving this request failed ({fault.name})")
+            context.abort(fault, _worker_failed(fault, sent_first=False))
         if exclude:
             why = f"{len(exclude)} worker(s) failed it"
         else:
