@@ -202,6 +202,9 @@ class _Context:
     def time_remaining(self) -> None:
         return None
 
+    def invocation_metadata(self) -> tuple:
+        return ()  # a direct client's call, not a frontend's handoff
+
     def is_active(self) -> bool:
         return True
 

@@ -21,8 +21,6 @@ from ..operator.conftest import (
 )
 from .conftest import by_kind, one, render
 
-pytestmark = pytest.mark.asyncio
-
 WATCHED = ["team-a", "team-b"]
 
 

@@ -31,8 +31,6 @@ from tandem_worker.server.local import free_port
 
 from .conftest import NAMESPACE, Cluster, RunningOperator, eventually, load_example
 
-pytestmark = pytest.mark.asyncio
-
 DEMO = "smollm2-demo"
 PREFILL, DECODE = f"{DEMO}-prefill", f"{DEMO}-decode"
 INTERVAL = 0.2  # seconds between autoscaler steps

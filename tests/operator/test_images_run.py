@@ -132,7 +132,6 @@ def _fetch_runs_in_the_image(tag: str) -> None:
         httpd.server_close()
 
 
-@pytest.mark.asyncio
 async def test_the_operator_image_reconciles_from_its_container(cluster: Cluster, tmp_path: Path):
     tag = image("TANDEM_OPERATOR_IMAGE")
     kubeconfig = Path(os.environ["KUBECONFIG"])  # written by the fixture: kmock on loopback

@@ -9,13 +9,9 @@ from __future__ import annotations
 import asyncio
 import copy
 
-import pytest
-
 from tandem_operator import api
 
 from .conftest import NAMESPACE, Cluster, RunningOperator, eventually, load_example
-
-pytestmark = pytest.mark.asyncio
 
 DEMO = "smollm2-demo"
 DEMO_CHILDREN = {

@@ -76,7 +76,6 @@ def test_cel_rules_run_on_the_server(namespace):
     assert out.returncode != 0 and "replicas must be <= maxReplicas" in out.stderr
 
 
-@pytest.mark.asyncio
 async def test_operator_end_to_end(namespace):
     op = RunningOperator(argv=["--namespace", namespace, "--standalone", "--liveness", ""])
     await op.start()

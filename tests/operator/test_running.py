@@ -10,14 +10,11 @@ import subprocess
 import sys
 
 import aiohttp
-import pytest
 
 from tandem_operator import api
 from tandem_worker.server.local import free_port
 
 from .conftest import NAMESPACE, Cluster, RunningOperator, eventually, load_example
-
-pytestmark = pytest.mark.asyncio
 
 PEERING = "tandem-operator"
 

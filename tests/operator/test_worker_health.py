@@ -26,8 +26,6 @@ from .conftest import NAMESPACE, Cluster, RunningOperator, eventually, load_exam
 from .test_autoscaler import BACKLOG, FakePrometheus, manifest
 from .test_reconciler import MemoryApi
 
-pytestmark = pytest.mark.asyncio
-
 DEMO = "smollm2-demo"
 POD_VERBS = {"list", "watch", "get", "create", "patch", "delete"}
 

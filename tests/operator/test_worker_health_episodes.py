@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-
 from tandem_operator import api
 from tandem_operator.autoscaler import hold_crashing
 from tandem_operator.autoscaling.policy import AutoscalingSpec, Replicas
@@ -15,8 +13,6 @@ from tandem_operator.status import observe_pods
 
 from .conftest import NAMESPACE, load_example
 from .test_worker_health import DEMO, at, crashed, memory_demo, pod, put_pod, running, workers
-
-pytestmark = pytest.mark.asyncio
 
 
 def _ran(container: dict[str, Any], started: str) -> dict[str, Any]:

@@ -55,6 +55,7 @@ import numpy as np
 
 from ..engine.sampling_params import SAMPLING_REQUEST_FIELDS, RequestError, request_seed
 from . import metrics
+from .handoff import Handoffs, forward
 from .listen import EXCLUSIVE_PORT_OPTIONS, listen
 from .pb import inference_pb2 as pb
 from .pb import inference_pb2_grpc as pbgrpc
@@ -256,9 +257,11 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
         adapters: Callable[[], list[str]],
         ready: Callable[[], bool],
         version: str = "",
+        handoffs: Handoffs | None = None,
     ) -> None:
         self.channel = grpc.insecure_channel(upstream)
         self.stub = pbgrpc.InferenceStub(self.channel)
+        self.handoffs = handoffs  # the router's, when `upstream` is this process's router
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.adapters = adapters
@@ -544,7 +547,7 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
         timeout = None if remaining is None or remaining > 1e8 else max(remaining, 0.001)
         if t.timeout is not None:
             timeout = t.timeout if timeout is None else min(timeout, t.timeout)
-        call = self.stub.Generate(t.request, timeout=timeout)
+        call, settle = forward(self.stub, t.request, timeout, self.handoffs)
         if calls is not None:
             calls.add(call)
         elif not context.add_callback(call.cancel):
@@ -554,6 +557,7 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
         finally:
             if calls is not None:
                 calls.discard(call)
+            settle()
 
     def ModelInfer(self, request, context):  # noqa: N802
         if request.model_version not in ("", VERSION):

@@ -52,6 +52,7 @@ import grpc
 from ..engine.sampling_params import MAX_TOP_LOGPROBS, SAMPLING_REQUEST_FIELDS, RequestError, request_seed
 from ..engine.tokenizer import Tokenizer
 from . import metrics
+from .handoff import Handoffs, forward
 from .pb import inference_pb2 as pb
 from .pb import inference_pb2_grpc as pbgrpc
 
@@ -273,8 +274,10 @@ class OpenAIFrontend:
         adapters: Callable[[], list[str]],
         ready: Callable[[], bool],
         kv_capacity: Callable[[], int | None] = lambda: None,
+        handoffs: Handoffs | None = None,
     ) -> None:
         self.channel = grpc.insecure_channel(upstream)
+        self.handoffs = handoffs  # the router's, when `upstream` is this process's router
         self.stub = pbgrpc.InferenceStub(self.channel)
         self.model_name = model_name
         self.max_model_len = max_model_len
@@ -501,8 +504,9 @@ class OpenAIFrontend:
 
     # --- responses ----------------------------------------------------------------------------
 
-    def call(self, p: Parsed) -> grpc.Call:
-        return self.stub.Generate(p.request, timeout=p.timeout)
+    def call(self, p: Parsed) -> tuple[grpc.Call, Callable[[], None]]:
+        """The call upstream, and what to run once done with it."""
+        return forward(self.stub, p.request, p.timeout, self.handoffs)
 
     def _logprobs(self, msg: pb.GenerateResponse, chat: bool, offsets: TextOffsets) -> Any:
         toks = [self.tok.token_text(t) for t in msg.token_ids]
@@ -804,7 +808,7 @@ class _Handler(BaseHTTPRequestHandler):
             metrics.REQUESTS.labels(outcome="invalid").inc()
             self._send_error(ApiError(400, f"invalid request: {e}"))
             return
-        call = fe.call(parsed)
+        call, settle = fe.call(parsed)
         done = threading.Event()
         self._watch(call, done)
         try:
@@ -823,6 +827,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         finally:
             done.set()
+            settle()
 
     def _alive(self) -> bool:
         try:

@@ -33,6 +33,7 @@ from ..engine.sampling_params import RequestError, SamplingParams
 from ..engine.tokenizer import TextStream, Tokenizer
 from . import metrics
 from .convert import FINISH_TO_PB, params_from_pb
+from .handoff import Handoffs
 from .pb import inference_pb2 as pb
 from .pb import inference_pb2_grpc as pbgrpc
 from .pb import worker_pb2 as wpb
@@ -121,6 +122,8 @@ class RouterService(pbgrpc.InferenceServicer):
         self.slo = slo or SLO()
         self._in_flight = 0
         self._lock = threading.Lock()
+        # The frontends in this process forward through these (see handoff.py).
+        self.handoffs = Handoffs(self._count_unbegun)
 
     def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.ServicerContext
@@ -171,6 +174,9 @@ class RouterService(pbgrpc.InferenceServicer):
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext):  # noqa: N802
         arrival = time.monotonic()
+        if not self.handoffs.begin(context):
+            # Its frontend gave up on it before this handler began, and counted it then.
+            context.abort(grpc.StatusCode.CANCELLED, "the request ended before the router took it")
         try:
             ids, params = self._validate(request)
         except RequestError as e:
@@ -406,6 +412,15 @@ class RouterService(pbgrpc.InferenceServicer):
         if outcome != "met":
             return outcome
         return "timed_out" if past_deadline else "cancelled"
+
+    def _count_unbegun(self, arrival: float, code: grpc.StatusCode) -> None:
+        """A request a frontend forwarded that ended (with `code`) before this service took it."""
+        progress = _Progress(arrival)
+        if code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
+            outcome = self._client_ended(progress, code == grpc.StatusCode.DEADLINE_EXCEEDED)
+        else:  # this service unreachable (stopping, say): the service's failure
+            outcome = "failed"
+        self._count(progress, outcome)
 
     @staticmethod
     def _count(progress: _Progress, outcome: str) -> None:

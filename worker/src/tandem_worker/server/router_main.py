@@ -101,6 +101,7 @@ def serve_router(
                 adapters=lambda: known_adapters(pool),
                 ready=ready.is_set,
                 kv_capacity=pool.kv_capacity_tokens,
+                handoffs=service.handoffs,
             )
             http_server = serve_openai_http(host, http_port, frontend)
             print(f"tandem router: OpenAI-compatible HTTP on http://{host}:{http_server.port}/v1", flush=True)
@@ -117,6 +118,7 @@ def serve_router(
                 adapters=lambda: known_adapters(pool),
                 ready=ready.is_set,
                 version=_version(),
+                handoffs=service.handoffs,
             )
             kserve_server = serve_kserve(host, kserve_port, kservice, max_workers=max_in_flight + 16)
             print(f"tandem router: KServe v2 gRPC on {host}:{kserve_server.port}", flush=True)

@@ -1,0 +1,183 @@
+"""A request the OpenAI or KServe frontend forwards, whose client ends it before the router's handler
+begins, still counts once in `tandem_requests_total` (see `server/handoff.py`). CI saw a KServe
+`timeout` of 1 µs counted nowhere: gRPC drops a call that is cancelled or past its deadline before
+a handler thread reads it, and the router never hears of it.
+
+In-process and without timing races: the router's gRPC server has one handler thread, which the
+test holds, so a forwarded request waits until its deadline passes and is dropped, as under load."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from types import SimpleNamespace
+
+import grpc
+import pytest
+from prometheus_client import REGISTRY
+from tritonclient.grpc import service_pb2 as kpb
+from tritonclient.grpc import service_pb2_grpc as kgrpc
+
+from tandem_worker.engine.tokenizer import Tokenizer
+from tandem_worker.server import metrics
+from tandem_worker.server.handoff import METADATA_KEY, Handoffs
+from tandem_worker.server.kserve import KServeService, serve_kserve
+from tandem_worker.server.openai_http import OpenAIFrontend, serve_openai_http
+from tandem_worker.server.pb import inference_pb2_grpc as pbgrpc
+from tandem_worker.server.router import RouterService
+from tandem_worker.server.worker_pool import WorkerPool
+
+MODEL = "smol"
+HOST = "127.0.0.1"
+
+
+@pytest.fixture(scope="module")
+def stack(model_dir) -> Iterator[SimpleNamespace]:
+    tok = Tokenizer(model_dir)
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    router = grpc.server(executor)
+    service = RouterService(WorkerPool([]), tok, MODEL, 4096, set())
+    pbgrpc.add_InferenceServicer_to_server(service, router)
+    upstream = f"{HOST}:{router.add_insecure_port(f'{HOST}:0')}"
+    router.start()
+    handoffs = service.handoffs
+    http = serve_openai_http(
+        HOST, 0, OpenAIFrontend(upstream, MODEL, 4096, tok, lambda: [], lambda: True, handoffs=handoffs)
+    )
+    kserve = serve_kserve(
+        HOST, 0, KServeService(upstream, MODEL, 4096, lambda: [], lambda: True, handoffs=handoffs)
+    )
+    channel = grpc.insecure_channel(f"{HOST}:{kserve.port}")
+    try:
+        yield SimpleNamespace(
+            executor=executor,
+            service=service,
+            http_port=http.port,
+            kserve=kgrpc.GRPCInferenceServiceStub(channel),
+        )
+    finally:
+        channel.close()
+        kserve.stop(None)
+        kserve.close()
+        http.stop()
+        http.close()
+        router.stop(None)
+
+
+def _outcomes() -> dict[str, float]:
+    return {
+        o: REGISTRY.get_sample_value("tandem_requests_total", {"outcome": o}) or 0.0
+        for o in metrics.REQUEST_OUTCOMES
+    }
+
+
+def _counted(before: dict[str, float]) -> dict[str, float]:
+    after = _outcomes()
+    return {o: n - before[o] for o, n in after.items() if n != before[o]}
+
+
+def _with_router_busy(stack, send) -> dict[str, float]:
+    """Run `send` while the router's only handler thread is held; once released and every handler
+    queued meanwhile has had its turn, what was counted."""
+    before = _outcomes()
+    release = threading.Event()
+    stack.executor.submit(release.wait)
+    try:
+        send()
+    finally:
+        release.set()
+    stack.executor.submit(lambda: None).result(timeout=30)  # the queue ran: late handlers had their turn
+    return _counted(before)
+
+
+def _kserve_request(timeout_us: int) -> kpb.ModelInferRequest:
+    r = kpb.ModelInferRequest(model_name=MODEL, id="r")
+    r.inputs.add(name="text_input", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"Hello")
+    sp = r.inputs.add(name="sampling_parameters", datatype="BYTES", shape=[1])
+    sp.contents.bytes_contents.append(json.dumps({"max_tokens": 1}).encode())
+    r.parameters["timeout"].int64_param = timeout_us
+    return r
+
+
+def test_a_kserve_request_past_its_timeout_before_the_router_took_it_counts_once_as_timed_out(stack):
+    def send():
+        with pytest.raises(grpc.RpcError) as ei:
+            stack.kserve.ModelInfer(_kserve_request(200_000), timeout=30)
+        assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    assert _with_router_busy(stack, send) == {"timed_out": 1.0}
+
+
+def test_an_http_request_past_its_timeout_before_the_router_took_it_counts_once_as_timed_out(stack):
+    body = json.dumps({"model": MODEL, "prompt": "Hello", "max_tokens": 1}).encode()
+
+    def send():
+        with socket.create_connection((HOST, stack.http_port), timeout=30) as s:
+            s.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Request-Timeout: 0.2\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body) + body
+            )
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+        assert reply.split(b" ", 2)[1] == b"504", reply
+
+    assert _with_router_busy(stack, send) == {"timed_out": 1.0}
+
+
+def test_a_forwarded_request_the_router_took_counts_once_by_the_router(stack):
+    # No workers: the router answers UNAVAILABLE and counts `failed`; the frontend counts nothing.
+    before, held = _outcomes(), stack.service.handoffs.pending()
+    with pytest.raises(grpc.RpcError) as ei:
+        stack.kserve.ModelInfer(_kserve_request(0), timeout=30)
+    assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert _counted(before) == {"failed": 1.0}
+    assert stack.service.handoffs.pending() == held  # nothing kept for a call settled after it began
+
+
+# --- either order, directly ---------------------------------------------------------------------
+
+
+class _Context:
+    def __init__(self, token: str | None) -> None:
+        self.token = token
+
+    def invocation_metadata(self):
+        return [(METADATA_KEY, self.token)] if self.token else []
+
+
+class _Call:
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self._code, self.cancelled = code, False
+
+    def is_active(self) -> bool:
+        return False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+
+def test_a_handler_that_begins_after_the_frontend_counted_counts_nothing_and_the_reverse_too():
+    counted: list[grpc.StatusCode] = []
+    h = Handoffs(lambda arrival, code: counted.append(code))
+
+    late = h.new()
+    h.settle(late, _Call(grpc.StatusCode.CANCELLED))
+    assert counted == [grpc.StatusCode.CANCELLED]
+    assert h.begin(_Context(late.token)) is False  # already counted: the handler must not
+    assert h.pending() == 0
+
+    taken = h.new()
+    assert h.begin(_Context(taken.token)) is True
+    h.settle(taken, _Call(grpc.StatusCode.DEADLINE_EXCEEDED))
+    assert counted == [grpc.StatusCode.CANCELLED]  # the router counts this one
+    assert h.pending() == 0
+
+    assert h.begin(_Context(None)) is True  # a direct client: always the router's to count
+    assert h.pending() == 0
