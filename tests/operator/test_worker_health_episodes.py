@@ -242,3 +242,16 @@ async def test_containers_that_cannot_start_are_named_with_what_to_fix_and_hold_
     now[0] = at(1)
     await reconciler.reconcile(NAMESPACE, DEMO)
     assert workers(memory.objects[(api.KIND, NAMESPACE, DEMO)]["status"])["reason"] == "Stable"
+
+
+def test_a_pod_that_cannot_start_beside_a_crashed_one_is_not_counted_among_the_crashed():
+    """A pool with an OOM-killed pod and one stuck pulling its image said "2 of 2 pods crashed": the
+    second never ran. Now it is named for what it is, and the last crash is the one that ran."""
+    oom = crashed("OOMKilled", 2, at(-1), exit_code=137)
+    pull = _waiting("ImagePullBackOff", 'Back-off pulling image "tandem:nope"')
+    seen = observe_pods([pod("d-a", "decode", [oom]), pod("d-b", "decode", [pull])], ["decode"], at(0))
+    assert seen["decode"].reason == "OOMKilled"
+    message = seen["decode"].message("decode")
+    assert "1 of 2 pods crashed and 1 cannot start its containers (ImagePullBackOff)" in message
+    assert "(2 restarts in all), the last: pod d-a container worker OOMKilled (exit code 137)" in message
+    assert "spec.decode.memory" in message

@@ -84,6 +84,7 @@ CONFIG_ERROR = "CreateContainerConfigError"
 CONFIG_ERROR_WAITING = (CONFIG_ERROR, "CreateContainerError")
 # Worst first: the condition's reason is the worst of its components'.
 CRASH_REASONS = (OOM_KILLED, GPU_OOM, EVICTED, IMAGE_PULL, CONFIG_ERROR, CRASH_LOOP, RESTARTED)
+_CANNOT_START = IMAGE_PULL_WAITING + CONFIG_ERROR_WAITING
 
 
 @dataclass(frozen=True)
@@ -187,14 +188,27 @@ class PoolPods:
         reason = self.reason
         if reason in (IMAGE_PULL, CONFIG_ERROR):
             return self._cannot_start_message(component, reason)
-        crashed = {c.pod for c in self.crashes if c.eviction is None}
-        evicted = {c.pod for c in self.crashes if c.eviction is not None}
-        restarts = sum(c.restarts for c in self.crashes)
-        last = max(self.crashes, key=lambda c: c.finished_at)
+        # A container that never ran and cannot start, beside worse ones, is named as such, not
+        # counted among those that crashed nor taken for the last crash.
+        stuck = [
+            c
+            for c in self.crashes
+            if c.eviction is None and c.waiting in _CANNOT_START and not c.reason and c.exit_code is None
+        ]
+        ran = [c for c in self.crashes if c not in stuck]
+        crashed = {c.pod for c in ran if c.eviction is None}
+        evicted = {c.pod for c in ran if c.eviction is not None}
+        restarts = sum(c.restarts for c in ran)
+        last = max(ran, key=lambda c: c.finished_at)
         at = f" at {last.finished_at}" if last.finished_at else ""
         counts = [f"{len(crashed)} of {self.pods} pods crashed"] if crashed else []
         if evicted:
             counts.append(f"{len(evicted)} pod{'' if len(evicted) == 1 else 's'} evicted")
+        if stuck:
+            n = len({c.pod for c in stuck} - crashed - evicted)
+            if n:
+                its = "its" if n == 1 else "their"
+                counts.append(f"{n} cannot start {its} containers ({stuck[0].waiting})")
         text = f"{component}: {reason}: {' and '.join(counts)} in the last {STABLE_MINUTES} minutes"
         if crashed:
             text += f" ({restarts} restarts in all)"
