@@ -220,6 +220,48 @@ def test_tied_logits_draw_the_same_token_whichever_path_the_batch_took(monkeypat
     assert changed == 0
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_a_top_k_batch_draws_among_its_candidates_the_tokens_the_full_vocabulary_would(monkeypatch, top_p):
+    """A batch whose rows all keep a top k draws among each row's k most likely tokens (a softmax
+    and a cumulative sum over 50 tokens, not the whole vocabulary): for the same seeds, the same
+    tokens as the full path, which a neighbour without top-k makes the batch take; and when the
+    k-th value ties past the candidates (bf16 logits), the full path, which keeps every tie."""
+    taken: list[bool] = []
+    candidates = Sampler._draw_top_k
+
+    def spy(self, *args):
+        tokens = candidates(self, *args)
+        taken.append(tokens is not None)
+        return tokens
+
+    monkeypatch.setattr(Sampler, "_draw_top_k", spy)
+    g = torch.Generator().manual_seed(5)
+    rows = torch.randn(3, 600, generator=g) * 2.5
+    tied = rows[2].bfloat16().float()
+    tied[tied >= tied.topk(60).values[-1]] = 9.0  # 60+ tokens tie at the top: past the 50 candidates
+    rows[2] = tied
+    neighbour = SamplingParams(temperature=0.9, top_p=top_p, seed=7)
+    drawn = set()
+    for seed in range(150):
+        params = [
+            SamplingParams(temperature=0.7, top_k=k, top_p=top_p, seed=seed + 1000 * j)
+            for j, k in enumerate((50, 3, 5))
+        ]
+        alone = Sampler().sample(rows.clone(), ["a", "b", "c"], params, [seed] * 3).token_ids
+        both = torch.cat([rows, rows[:1]])
+        full = Sampler().sample(both, ["a", "b", "c", "d"], [*params, neighbour], [seed] * 4).token_ids
+        assert alone == full[:3], seed
+        drawn.add(tuple(alone))
+        # Row by row: the two untied rows alone take the candidates; the tied one does not.
+        one = Sampler().sample(rows[:2].clone(), ["a", "b"], params[:2], [seed] * 2).token_ids
+        assert one == alone[:2]
+    # The full batches never try the candidates (a row without top-k); the tied ones give up.
+    assert taken.count(True) == 150 and taken.count(False) == 150
+    assert len(drawn) > 100  # the draws do vary with the seed
+    kept = set(rows[0].topk(50).indices.tolist())
+    assert {t[0] for t in drawn} <= kept
+
+
 @pytest.mark.parametrize("top_p", [1.0, 0.9])
 @pytest.mark.parametrize("top_k", [0, 5])
 def test_non_finite_logits_still_draw_a_token_of_the_vocabulary(top_p, top_k):
