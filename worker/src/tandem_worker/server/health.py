@@ -11,3 +11,7 @@ a worker for. A draining or waiting worker is alive. Kept apart from the servers
 from __future__ import annotations
 
 LIVENESS_SERVICE = "tandem.liveness"
+
+# How a draining worker refuses new work (UNAVAILABLE), a message the router tells apart from a
+# fault; a decode worker passes its prefill partner's refusal on at the end of its own message.
+DRAINING = "worker is draining"

@@ -34,6 +34,7 @@ from ..engine.tokenizer import TextStream, Tokenizer
 from . import metrics
 from .convert import FINISH_TO_PB, params_from_pb
 from .handoff import Handoffs
+from .health import DRAINING
 from .pb import inference_pb2 as pb
 from .pb import inference_pb2_grpc as pbgrpc
 from .pb import worker_pb2 as wpb
@@ -56,11 +57,6 @@ CALLER_CODES = {
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.OUT_OF_RANGE,
 }
-
-
-# How a worker refuses new work while it drains (a rollout, a scale-down); a decode worker passes its
-# prefill partner's refusal on within its own message ("prefill worker ADDR failed: ...").
-DRAINING = "worker is draining"
 
 
 def _draining(code: grpc.StatusCode, details: str) -> bool:

@@ -59,6 +59,7 @@ from .engine_loop import (
     RequestAborted,
     Stall,
 )
+from .health import DRAINING
 from .kv_transfer import KVWriter, adapter_mismatch, encode_kv_chunk, kv_chunks, layout_mismatch, prefill_stub
 from .pb import inference_pb2 as pb
 from .pb import worker_pb2 as wpb
@@ -260,7 +261,7 @@ class WorkerService(wgrpc.WorkerServicer):
     def Generate(self, request: wpb.WorkerGenerateRequest, context: grpc.ServicerContext):  # noqa: N802
         s = self.s
         if s.draining.is_set():
-            context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining")
+            context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
         _refuse_if_stuck(s, context)
         if s.role == "prefill":
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a prefill worker does not serve Generate")
@@ -512,7 +513,7 @@ class KVTransferService(wgrpc.KVTransferServicer):
     ) -> Iterator[bytes]:
         s = self.s
         if s.draining.is_set():
-            context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining")
+            context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
         _refuse_if_stuck(s, context)
         bad = layout_mismatch(s.layout, request.layout)
         if bad:
