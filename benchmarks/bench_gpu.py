@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import dataclasses
 import json
 import math
 import multiprocessing as mp
@@ -1171,7 +1172,13 @@ def _write_adapter(folder: Path, cfg: dict, rank: int, seed: int) -> None:
 def lora_decode() -> dict:
     """Decode steps of a batch of 64 requests on 1 or 8 rank-16 adapters (all seven projections),
     replayed from the LoRA CUDA graphs against the same steps run eagerly, and against the batch
-    without adapters; 8 decoder layers of the Llama-3-8B shape (per-layer costs as the full model's)."""
+    without adapters; 8 decoder layers of the Llama-3-8B shape (per-layer costs as the full model's).
+
+    Every engine is built first and the measurements interleave, round by round: built and measured
+    one after another, each later engine read slower on base-only steps (1.98, 2.12, 2.22 ms, and
+    2.26 for the eager one, which runs the same graphs as the first), a drift that hid whatever
+    folding costs steps without adapters. Each figure is the median of its rounds."""
+    from tandem_kernels import lora as tk_lora
     from tandem_worker.engine.config import EngineConfig
     from tandem_worker.engine.llm_engine import LLMEngine
     from tandem_worker.engine.sampling_params import SamplingParams
@@ -1181,17 +1188,30 @@ def lora_decode() -> dict:
     store = folder / "adapters"
     for i in range(8):
         _write_adapter(store / f"r16-{i}", cfg, 16, seed=i)
-    batch, prompt_len, steps = sz(64, 4), sz(128, 16), sz(32, 3)
+    batch, prompt_len, steps, rounds = sz(64, 4), sz(128, 16), sz(32, 3), sz(3, 2)
     gen = torch.Generator().manual_seed(3)
     prompts = [
         torch.randint(3, cfg["vocab_size"], (prompt_len,), generator=gen).tolist() for _ in range(batch)
     ]
-    out: dict = {}
-    # (mode, graph rank, fold rank): "folded" graphs run the LoRA shrink inside the base GEMMs (64:
-    # four rank-16 adapters on all projections fit; 8 adapters need 128).
-    modes = (("graphs", 64, 0), ("folded", 64, 64), ("folded128", 64, 128), ("eager", 0, 0))
-    for mode, graph_rank, fold_rank in sz(modes, modes[:2]):
-        engine = LLMEngine(
+    # (mode, graph rank, fold rank, expand tile): "folded" graphs run the LoRA shrink inside the base
+    # GEMMs (64: four rank-16 adapters on all projections fit; 8 adapters need 128); "_n128": their
+    # expand over 128 output columns a program (lora_folded_sweep's best once), not 64.
+    modes = sz(
+        (
+            ("graphs", 64, 0, 64),
+            ("folded", 64, 64, 64),
+            ("folded128", 64, 128, 64),
+            ("folded_n128", 64, 64, 128),
+            ("folded128_n128", 64, 128, 128),
+            ("eager", 0, 0, 64),
+        ),
+        (("graphs", 64, 0, 64), ("folded_n128", 64, 64, 128)),
+    )
+    default_config = tk_lora.APPLY_CONFIG
+    engines = {}
+    for mode, graph_rank, fold_rank, _ in modes:
+        started = time.perf_counter()
+        engines[mode] = LLMEngine(
             EngineConfig(
                 model=str(folder),
                 device=DEV,
@@ -1199,7 +1219,7 @@ def lora_decode() -> dict:
                 load_format="dummy",
                 detokenize=False,
                 enable_prefix_caching=False,
-                kv_cache_bytes=sz(4 << 30, 64 << 20),
+                kv_cache_bytes=sz(1 << 30, 64 << 20),
                 max_model_len=1024,
                 max_num_seqs=batch,
                 cuda_graph_max_batch=batch,
@@ -1208,26 +1228,39 @@ def lora_decode() -> dict:
                 lora_store=str(store),
             )
         )
+        log(f"  {mode}: engine built in {time.perf_counter() - started:.1f} s")
+    samples: dict[str, list[float]] = {}
+    for r in range(rounds):
         for adapters in (0, 1, 8):
             names = [None if not adapters else f"r16-{i % adapters}" for i in range(batch)]
             params = SamplingParams(max_tokens=steps + 16, temperature=0.0, ignore_eos=True)
-            for p, name in zip(prompts, names):
-                engine.add_request(prompt_token_ids=p, params=params, adapter=name)
-            # Untimed: adapters load, prompts prefill, the LoRA graph of this batch size is captured.
-            elapsed = time_decode_steps(engine, batch, steps, warm=2)
-            out[f"{mode}_{adapters}ad"] = {
-                "ms_per_step": 1e3 * elapsed / steps,
-                "tokens_per_s": batch * steps / elapsed,
-            }
-            log(f"  {mode}, {adapters} adapters: {out[f'{mode}_{adapters}ad']}")
-        del engine
-        if DEV == "cuda":
-            torch.cuda.empty_cache()
+            for mode, _, _, expand_n in modes:
+                engine = engines[mode]
+                # Read at each launch, so also when this engine captures its LoRA graphs (round 0).
+                tk_lora.APPLY_CONFIG = dataclasses.replace(default_config, expand_block_n=expand_n)
+                for p, name in zip(prompts, names):
+                    engine.add_request(prompt_token_ids=p, params=params, adapter=name)
+                # Untimed: adapters load, prompts prefill, the LoRA graph of this batch size is captured.
+                elapsed = time_decode_steps(engine, batch, steps, warm=2)
+                samples.setdefault(f"{mode}_{adapters}ad", []).append(1e3 * elapsed / steps)
+                log(f"  round {r}, {mode}, {adapters} adapters: {1e3 * elapsed / steps:.3f} ms a step")
+    out: dict = {}
+    for key, ms in samples.items():
+        median = statistics.median(ms)
+        out[key] = {"ms_per_step": median, "tokens_per_s": 1e3 * batch / median, "rounds_ms": ms}
     for adapters in (1, 8):
         base = out["graphs_0ad"]["ms_per_step"]
         out[f"lora_overhead_{adapters}ad"] = {
-            mode: out[f"{mode}_{adapters}ad"]["ms_per_step"] / base - 1 for mode, _, _ in sz(modes, modes[:2])
+            mode: out[f"{mode}_{adapters}ad"]["ms_per_step"] / base - 1 for mode, *_ in modes
         }
+    # What folding costs a step without adapters (its weights are views of larger buffers).
+    out["fold_cost_0ad"] = {
+        mode: out[f"{mode}_0ad"]["ms_per_step"] / out["graphs_0ad"]["ms_per_step"] - 1 for mode, *_ in modes
+    }
+    tk_lora.APPLY_CONFIG = default_config
+    del engines, engine
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
     shutil.rmtree(folder, ignore_errors=True)
     return out
 

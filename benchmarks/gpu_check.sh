@@ -46,7 +46,7 @@ import json
 import sys
 
 KEYS = ("fraction", "added", "speedup", "best", "equal", "_ok", "rel_err", "tokens_per_s", "ms_per_step",
-        "MFU", "GBps", "TFLOPs", "error", "graphs", "eager")
+        "MFU", "GBps", "TFLOPs", "error", "graphs", "eager", "folded")
 results = json.load(open(sys.argv[1]))
 
 
