@@ -18,6 +18,7 @@ import torch
 
 from tandem_worker.engine.cuda_graphs import DecodeGraphs
 from tandem_worker.engine.llm_engine import LLMEngine
+from tandem_worker.engine.lora_fold import fold_layers
 from tests.engine.conftest import run_all
 from tests.engine.test_engine_vs_hf import assert_matches
 from tests.lora.conftest import GREEDY
@@ -163,10 +164,13 @@ def fold_engine(model_dir: Path, adapter_store: Path) -> LLMEngine:
         patch.setattr(model_module, "CPU_PREPACK", False)
         engine = LLMEngine(model=str(model_dir), kv_cache_bytes=400 * 2**20, lora_store=str(adapter_store))
     runner = engine.runner
+    # In ModelRunner's order on CUDA: the weights move into their folded buffers first, then the
+    # base graphs are captured, once (they read the weights' storage).
+    folded = fold_layers(runner.model.layers, FOLD_RANK)
     max_blocks = -(-engine.max_model_len // runner.block_size)
     runner.graphs = DecodeGraphs(runner.model, runner.kv_cache, MAX_BATCH, max_blocks)
     runner.graphs.capture()
-    runner.graphs.use_lora(engine.lora, 32, fold_rank=FOLD_RANK)  # captures the base graphs again
+    runner.graphs.use_lora(engine.lora, 32, folded)
     runner.graphs.capture_lora()
     return engine
 

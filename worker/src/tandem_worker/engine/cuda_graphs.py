@@ -17,7 +17,7 @@ the batch size, so one graph serves any mix of adapters: the step's token groups
 buffers like the other inputs, the adapters' offset tables are updated in place
 (`LoRATables.on_device`), and their ranks are bounded by the graph's (`max_lora_rank`; batches with
 a larger adapter run eagerly). A capacity change of the tables reallocates them, and the LoRA
-graphs are captured again. With a fold rank (`use_lora`), a second set of LoRA graphs serves the
+graphs are captured again. With folded weights (`use_lora`), a second set of LoRA graphs serves the
 steps whose adapters fit in the projections' extra weight rows, the LoRA shrink folded into the
 base GEMMs (lora_fold.py); the others replay the first set.
 """
@@ -35,7 +35,7 @@ import torch
 from tandem_kernels.lora_reference import TILE_ROWS, HostGroups, tile_bounds
 
 from .lora import KINDS, LoRABatch, LoRAManager
-from .lora_fold import LoRAFold
+from .lora_fold import FoldedWeights, LoRAFold
 from .model import AttentionMetadata, LlamaModel
 from .streams import side_stream
 
@@ -104,18 +104,15 @@ class DecodeGraphs:
         self.fold: LoRAFold | None = None
         self._fold_graphs: dict[int, torch.cuda.CUDAGraph | _Rerun] = {}
 
-    def use_lora(self, manager: LoRAManager, max_rank: int, fold_rank: int = 0) -> None:
+    def use_lora(self, manager: LoRAManager, max_rank: int, folded: FoldedWeights | None = None) -> None:
         """Replay decode steps with adapters of rank <= max_rank too (0: run them eagerly).
 
-        fold_rank > 0: steps whose adapters fit in that many extra weight rows per projection part
-        replay graphs with the LoRA shrink folded into the base GEMMs (`LoRAFold`); the projections'
-        weights move into larger buffers, so the base graphs are captured again."""
+        `folded`: the model's projection weights as `fold_layers` moved them, before the base graphs
+        were captured (ModelRunner does so): steps whose adapters fit in their extra rows then
+        replay graphs with the LoRA shrink folded into the base GEMMs (`LoRAFold`)."""
         self.lora, self.max_lora_rank = manager, max_rank
-        if fold_rank and self.fold is None:
-            self.fold = LoRAFold(self.model.layers, manager.tables, manager.pool, fold_rank)
-            if self._graphs:  # they read the weights' old storage
-                self._graphs.clear()
-                self.capture()
+        if folded is not None and self.fold is None:
+            self.fold = LoRAFold(folded, manager.tables, manager.pool)
         device, n = self.kv_cache.device, self.max_batch
         # The step's token groups (lora_token_groups' layout), padded to the batch size: one group
         # per row at most, the unused ones empty at the end; and the tiles over them.

@@ -186,9 +186,7 @@ class LLMEngine:
         )
         self.runner.lora = self.lora
         if self.runner.graphs is not None and config.cuda_graph_max_lora_rank > 0:
-            self.runner.graphs.use_lora(
-                self.lora, config.cuda_graph_max_lora_rank, config.cuda_graph_lora_fold_rank
-            )
+            self.runner.graphs.use_lora(self.lora, config.cuda_graph_max_lora_rank, self.runner.folded)
             if config.lora_store:
                 self.runner.graphs.capture_lora()
         self.scheduler = Scheduler(

@@ -49,18 +49,12 @@ class LoRAFold:
     """The folded weights of every LoRA projection, which adapters' A rows they hold, and the
     expand's tables for that placement."""
 
-    def __init__(self, layers: nn.ModuleList, tables: LoRATables, pool: torch.Tensor, fold_rank: int) -> None:
-        if fold_rank <= 0:
-            raise ValueError(f"fold_rank must be positive, got {fold_rank}")
-        self.tables, self.pool, self.fold_rank = tables, pool, fold_rank
-        self.rows = {kind: len(parts) * fold_rank for kind, parts in KINDS.items()}
-        # Per layer, per kind: (weight with the extra rows, bias with as many zeros or None, hidden_out).
-        self.weights: list[dict[str, tuple[torch.Tensor, torch.Tensor | None, int]]] = []
-        for layer in layers:
-            folded = {}
-            for kind, (block, name) in _MODULES.items():
-                folded[kind] = _fold(getattr(getattr(layer, block), name), self.rows[kind])
-            self.weights.append(folded)
+    def __init__(self, weights: FoldedWeights, tables: LoRATables, pool: torch.Tensor) -> None:
+        """`weights`: what `fold_layers` returned."""
+        self.tables, self.pool, self.weights = tables, pool, weights
+        weight, _, hidden_out = weights[0]["o"]  # one part: its extra rows are the fold rank
+        self.fold_rank = weight.shape[0] - hidden_out
+        self.rows = _rows(self.fold_rank)
         # The placement: slot -> its first row among the extra rows of each kind, and the adapter
         # tables' generation of that slot when its rows were copied (a new adapter in the slot, or
         # new files of the same one, changes it).
@@ -150,6 +144,30 @@ class LoRAFold:
         [slots]) of one projection."""
         weight, bias, hidden_out = self.weights[layer][kind]
         return weight, bias, hidden_out, self.y_offsets[kind][layer], self.total_ranks[kind][layer]
+
+
+# Per layer, per kind: (weight with the extra rows, bias with as many zeros or None, hidden_out).
+FoldedWeights = list[dict[str, tuple[torch.Tensor, torch.Tensor | None, int]]]
+
+
+def _rows(fold_rank: int) -> dict[str, int]:
+    return {kind: len(parts) * fold_rank for kind, parts in KINDS.items()}
+
+
+def fold_layers(layers: nn.ModuleList, fold_rank: int) -> FoldedWeights:
+    """Move every LoRA projection's weight (and bias) into a buffer with `fold_rank` extra rows per
+    part. Before the KV cache is sized from free memory, so that it leaves them room, and before
+    any graph is captured: captured graphs read the weights' storage, which this replaces."""
+    if fold_rank <= 0:
+        raise ValueError(f"fold_rank must be positive, got {fold_rank}")
+    rows = _rows(fold_rank)
+    return [
+        {
+            kind: _fold(getattr(getattr(layer, block), name), rows[kind])
+            for kind, (block, name) in _MODULES.items()
+        }
+        for layer in layers
+    ]
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ from .block_manager import cache_slot, cache_slots
 from .config import EngineConfig, ModelConfig
 from .cuda_graphs import DecodeGraphs
 from .host_allocator import keep_freed_memory
+from .lora_fold import FoldedWeights, fold_layers
 from .model import AttentionMetadata, LlamaModel, RotaryEmbedding
 from .scheduler import SchedulerOutput
 
@@ -124,6 +125,13 @@ class ModelRunner:
         # lm_head's packed copy, which keeps its dense one) are then accounted for.
         model.prepack()
         self.model = model
+        use_graphs = self.device.type == "cuda" and tandem_kernels.uses_triton(self.device)
+        use_graphs = use_graphs and cfg.cuda_graph_max_batch > 0
+        # Folded LoRA graphs' weights (lora_fold.py): moved now, before the KV cache takes its share
+        # of free memory and before the base graphs capture the weights' storage.
+        self.folded: FoldedWeights | None = None
+        if use_graphs and cfg.cuda_graph_max_lora_rank > 0 and cfg.cuda_graph_lora_fold_rank > 0:
+            self.folded = fold_layers(model.layers, cfg.cuda_graph_lora_fold_rank)
         self.layout = plan_kv_cache(model_cfg, cfg, self.dtype, self.device)
         # Off CUDA (and unless Triton is forced) attention gathers each sequence's exact context.
         self.gather_attention = self.device.type != "cuda" and os.environ.get("TANDEM_KERNELS") != "triton"
@@ -132,8 +140,7 @@ class ModelRunner:
         self.kv_cache = torch.zeros(self.layout.shape, dtype=self.dtype, device=self.device)
         self.lora = None  # the engine's LoRAManager: adapters live in this KV pool
         self.graphs: DecodeGraphs | None = None
-        use_graphs = self.device.type == "cuda" and tandem_kernels.uses_triton(self.device)
-        if use_graphs and cfg.cuda_graph_max_batch > 0:
+        if use_graphs:
             # Captured against this kv_cache tensor: it must never be reallocated.
             max_batch = min(cfg.cuda_graph_max_batch, cfg.max_num_seqs)
             max_blocks = -(-max_model_len // self.block_size)
