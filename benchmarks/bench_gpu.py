@@ -419,6 +419,54 @@ def attention() -> dict:
     return out
 
 
+def _partition_case(batch: int, ctx: int, width: int, copy_bw: float | None, sms: int) -> dict:
+    from tandem_kernels.paged_decode_attention import adaptive_partition, paged_decode_attention
+
+    nh, nkv, hd = 32, 8, 128
+    k, v, tables, lens = _paged([ctx] * batch, nkv, hd, torch.bfloat16)
+    if width:
+        pad = tables[:, :1].expand(batch, width // 16 - tables.shape[1])
+        tables = torch.cat([tables, pad], dim=1).contiguous()
+    q = torch.randn(batch, nh, hd, dtype=torch.bfloat16, device=DEV)
+    scale, moved = hd**-0.5, 2 * batch * ctx * nkv * hd * 2 + 2 * q.nbytes
+    row: dict = {"adaptive_partition": adaptive_partition(batch * nkv, tables.shape[1] * 16, sms)}
+    for name, size in (("default", None), *((f"p{p}", p) for p in sz((64, 128, 256, 512, 1024), (64,)))):
+        t = bench_ms(lambda size=size: paged_decode_attention(q, k, v, tables, lens, scale, size))
+        row[f"{name}_us"] = 1e3 * t
+        if copy_bw:
+            row[f"{name}_fraction"] = moved / (t * 1e-3) / 1e9 / copy_bw
+    qd = q.view(batch, nh, 1, hd)
+    kd = k.view(-1, nkv, hd)[: batch * ctx].view(batch, ctx, nkv, hd).transpose(1, 2).contiguous()
+    vd = v.view(-1, nkv, hd)[: batch * ctx].view(batch, ctx, nkv, hd).transpose(1, 2).contiguous()
+    sdpa = lambda: F.scaled_dot_product_attention(qd, kd, vd, scale=scale, enable_gqa=True)  # noqa: E731
+    row["sdpa_dense_us"] = 1e3 * bench_ms(sdpa)
+    return row
+
+
+@section
+def attention_partitions() -> dict:
+    """Decode attention's split-K partition size, swept where few (sequence, kv head) pairs leave
+    SMs idle: the default (512 tokens when it splits), fixed sizes, and `adaptive_partition`'s
+    choice. "w": a block table wider than the context, as a CUDA graph's (max_model_len 32K):
+    the partitions past the context return at once, but the combine reads their slots."""
+    from tandem_kernels.paged_decode_attention import _num_sms
+
+    copy_bw = RESULTS.get("ceilings", {}).get("copy_GBps")
+    sms = _num_sms(torch.cuda.current_device()) if DEV == "cuda" else 4
+    cases = sz(
+        ((1, 8192, 0), (1, 2048, 0), (1, 2048, 32768), (4, 8192, 0), (16, 4096, 0), (64, 2048, 0)),
+        ((1, 256, 0), (1, 128, 512)),
+    )
+    out: dict = {}
+    for batch, ctx, width in cases:
+        key = f"b{batch}_ctx{ctx}" + (f"_w{width}" if width else "")
+        out[key] = _partition_case(batch, ctx, width, copy_bw, sms)
+        log(f"  {key}: {out[key]}")
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
 # ------------------------------------------------------------------------------------ lora
 
 

@@ -21,7 +21,7 @@ if ! "$PYTHON" -c "import grpc, grpc_health, grpc_reflection, google.protobuf as
     "$PYTHON" -m pip install -q --no-index --find-links .gpu/wheels \
         grpcio grpcio-health-checking grpcio-reflection protobuf
 fi
-SECTIONS=${SECTIONS:-ceilings,greedy,disagg,kernels,fused_ops,lora,lora_decode,sampling,lora_sweep,lora_folded_sweep,attention,llama8b,kv,greedy_random}
+SECTIONS=${SECTIONS:-ceilings,greedy,disagg,kernels,fused_ops,lora,lora_decode,sampling,lora_sweep,lora_folded_sweep,attention,attention_partitions,llama8b,kv,greedy_random}
 SMOKE_FLAG=()
 if [[ -n "${SMOKE:-}" ]]; then
     SMOKE_FLAG=(--smoke)
@@ -46,7 +46,7 @@ import json
 import sys
 
 KEYS = ("fraction", "added", "speedup", "best", "equal", "_ok", "rel_err", "tokens_per_s", "ms_per_step",
-        "MFU", "GBps", "TFLOPs", "error", "graphs", "eager", "folded")
+        "MFU", "GBps", "TFLOPs", "error", "graphs", "eager", "folded", "_us", "partition")
 results = json.load(open(sys.argv[1]))
 
 

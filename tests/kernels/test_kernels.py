@@ -510,3 +510,17 @@ def test_store_kvcache_skips_padding_slots(triton_kernels):
         untouched = torch.ones(k.shape[:2], dtype=torch.bool)
         untouched[blocks, offsets] = False
         assert torch.equal(k[untouched], k_cache[untouched]) and torch.equal(v[untouched], v_cache[untouched])
+
+
+def test_the_adaptive_partition_gives_a_lone_long_sequence_programs_for_every_sm():
+    # H200: 132 SMs. One 8K-token sequence, 8 kv heads: 512 tokens a partition made 128 programs
+    # of eight tiles each; about four programs per SM means 128 tokens (512 programs).
+    from tandem_kernels.paged_decode_attention import _BLOCK_N, _PARTITION, adaptive_partition
+
+    assert adaptive_partition(8, 8192, 132) == 128
+    assert adaptive_partition(8, 2048, 132) == _BLOCK_N  # never below one tile
+    assert adaptive_partition(64 * 8, 2048, 132) == _PARTITION  # enough pairs: the default's size
+    for pairs in (1, 3, 8, 40, 128, 4096):
+        for ctx in (16, 1000, 4096, 32768):
+            p = adaptive_partition(pairs, ctx, 132)
+            assert p & (p - 1) == 0 and _BLOCK_N <= p <= _PARTITION and p % _BLOCK_N == 0

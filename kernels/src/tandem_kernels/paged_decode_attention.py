@@ -174,6 +174,19 @@ def _split(num_programs: int, max_parts: int, device: torch.device) -> bool:
     return num_programs < 2 * _num_sms(device.index or 0)
 
 
+def adaptive_partition(num_pairs: int, max_context: int, num_sms: int, programs_per_sm: int = 4) -> int:
+    """A partition size (a power of two from _BLOCK_N to _PARTITION) that gives `num_pairs`
+    (sequence, kv head) pairs about `programs_per_sm` programs per SM over `max_context` tokens.
+
+    A candidate for the split-K heuristic, not yet the default: _PARTITION's 512 tokens leave a
+    batch of one 8K-token sequence (8 kv heads) 128 programs that each walk eight tiles one after
+    another, 8% of copy bandwidth on an H200 (SDPA on dense KV: 35%). bench_gpu's
+    attention_partitions section measures it against fixed sizes."""
+    parts = -(-programs_per_sm * num_sms // max(num_pairs, 1))
+    partition = triton.next_power_of_2(max(1, -(-max_context // parts)))
+    return min(max(partition, _BLOCK_N), _PARTITION)
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
