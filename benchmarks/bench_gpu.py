@@ -882,22 +882,32 @@ def run_engine(engine, prompts: list[list[int]], max_tokens: int) -> list[list[i
     return [done[i] for i in ids]
 
 
-def time_decode_steps(engine, batch: int, steps: int, warm: int) -> float:
+def time_decode_steps(engine, batch: int, steps: int, warm: int, tokens: dict | None = None) -> float:
     """Seconds of `steps` engine steps once all `batch` queued requests have their first token
-    and `warm` more steps ran (none of that timed); the requests then run to their end."""
+    and `warm` more steps ran (none of that timed); the requests then run to their end. `tokens`:
+    filled with each request's generated ids, by request id."""
+
+    def step() -> list:
+        outputs = engine.step()
+        if tokens is not None:
+            for o in outputs:
+                if o.finished:
+                    tokens[o.request_id] = list(o.token_ids)
+        return outputs
+
     produced = 0
     while produced < batch:
-        produced += sum(1 for o in engine.step() if len(o.token_ids) == 1)
+        produced += sum(1 for o in step() if len(o.token_ids) == 1)
     for _ in range(warm):
-        engine.step()
+        step()
     sync()
     t0 = time.perf_counter()
     for _ in range(steps):
-        engine.step()
+        step()
     sync()
     elapsed = time.perf_counter() - t0
     while engine.num_unfinished:
-        engine.step()
+        step()
     return elapsed
 
 
@@ -1278,6 +1288,7 @@ def lora_decode() -> dict:
         )
         log(f"  {mode}: engine built in {time.perf_counter() - started:.1f} s")
     samples: dict[str, list[float]] = {}
+    generated: dict[tuple[str, int], list[list[int]]] = {}
     for r in range(rounds):
         for adapters in (0, 1, 8):
             names = [None if not adapters else f"r16-{i % adapters}" for i in range(batch)]
@@ -1286,11 +1297,16 @@ def lora_decode() -> dict:
                 engine = engines[mode]
                 # Read at each launch, so also when this engine captures its LoRA graphs (round 0).
                 tk_lora.APPLY_CONFIG = dataclasses.replace(default_config, expand_block_n=expand_n)
-                for p, name in zip(prompts, names):
+                rids = [
                     engine.add_request(prompt_token_ids=p, params=params, adapter=name)
+                    for p, name in zip(prompts, names)
+                ]
                 # Untimed: adapters load, prompts prefill, the LoRA graph of this batch size is captured.
-                elapsed = time_decode_steps(engine, batch, steps, warm=2)
+                got: dict = {}
+                elapsed = time_decode_steps(engine, batch, steps, warm=2, tokens=got)
                 samples.setdefault(f"{mode}_{adapters}ad", []).append(1e3 * elapsed / steps)
+                if r == 0:
+                    generated[(mode, adapters)] = [got[rid] for rid in rids]
                 log(f"  round {r}, {mode}, {adapters} adapters: {1e3 * elapsed / steps:.3f} ms a step")
     out: dict = {}
     for key, ms in samples.items():
@@ -1301,6 +1317,16 @@ def lora_decode() -> dict:
         out[f"lora_overhead_{adapters}ad"] = {
             mode: out[f"{mode}_{adapters}ad"]["ms_per_step"] / base - 1 for mode, *_ in modes
         }
+    # Greedy tokens against the unfolded graphs' (bf16: cuBLAS may pick another GEMM for the
+    # folded weights' shapes, so near-ties can differ): the share of requests identical throughout.
+    out["same_tokens_as_graphs"] = {
+        f"{mode}_{adapters}ad": statistics.mean(
+            a == b for a, b in zip(generated[(mode, adapters)], generated[("graphs", adapters)])
+        )
+        for mode, *_ in modes
+        for adapters in (0, 1, 8)
+        if mode != "graphs"
+    }
     # What folding costs a step without adapters (its weights are views of larger buffers).
     out["fold_cost_0ad"] = {
         mode: out[f"{mode}_0ad"]["ms_per_step"] / out["graphs_0ad"]["ms_per_step"] - 1 for mode, *_ in modes

@@ -46,7 +46,7 @@ import json
 import sys
 
 KEYS = ("fraction", "added", "speedup", "best", "equal", "_ok", "rel_err", "tokens_per_s", "ms_per_step",
-        "MFU", "GBps", "TFLOPs", "error", "graphs", "eager", "folded", "_us", "partition")
+        "MFU", "GBps", "TFLOPs", "error", "graphs", "eager", "folded", "_us", "partition", "same_")
 results = json.load(open(sys.argv[1]))
 
 
