@@ -127,7 +127,8 @@ class Sampler:
             # The k-th largest value of each row (k = its own); rows without top-k keep all.
             kth = torch.topk(x, max(ks), dim=-1).values
             floor = kth.gather(1, torch.tensor([max(k, 1) - 1 for k in ks], device=device)[:, None])
-            floor[torch.tensor([k == 0 for k in ks], device=device)] = float("-inf")
+            # masked_fill, not a boolean index: that one reads the mask's count back (a device sync).
+            floor = floor.masked_fill(torch.tensor([[k == 0] for k in ks], device=device), float("-inf"))
             x = x.masked_fill(x < floor, float("-inf"))
         probs = torch.softmax(x, dim=-1)
         # A row with nothing possible (all -inf): its argmax, as greedy would take.
