@@ -302,6 +302,31 @@ def test_draws_at_the_ends_of_the_unit_interval_land_on_allowed_tokens(monkeypat
     assert got == ([1, 1, 0] if u == 0.0 else [4, 4, 5])
 
 
+@pytest.mark.parametrize("vocab", [49152, 128256])
+def test_a_whole_vocabulary_is_searched_by_blocks_for_the_column_a_full_cumulative_sum_gives(
+    monkeypatch, vocab
+):
+    # Block sums, then a cumulative sum inside one block (no float64 copy of the whole row): the
+    # same column as the float64 cumulative sum of the row, for draws anywhere in [0, 1), rows
+    # with whole blocks of zeros (top-k, top-p filtered) and the two ends of the interval.
+    from tandem_worker.engine import sampler as sampler_mod
+
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(6, vocab, generator=g) * 3
+    logits[1, 1000:] = -math.inf  # mass only at the start
+    logits[2, : vocab - 300] = -math.inf  # only at the end
+    logits[3, torch.randperm(vocab, generator=g)[: vocab - 7]] = -math.inf  # 7 tokens, anywhere
+    probs = torch.softmax(logits, dim=-1)
+    u = torch.rand(6, 150, generator=g, dtype=torch.float64)
+    u[:, 0], u[:, 1] = 0.0, 1.0 - 2**-53
+    by_blocks = torch.stack([sampler_mod._inverse_cdf(probs, u[:, i]) for i in range(150)], 1)
+    monkeypatch.setattr(sampler_mod, "_TWO_LEVEL_MIN", 1 << 40)  # the whole-row cumulative sum
+    whole = torch.stack([sampler_mod._inverse_cdf(probs, u[:, i]) for i in range(150)], 1)
+    assert torch.equal(by_blocks, whole)
+    assert (probs.gather(1, by_blocks) > 0).all()  # never a token the filters removed
+    assert by_blocks[3].unique().numel() > 3  # the draws spread over the seven tokens
+
+
 # --- seeds -------------------------------------------------------------------------------------
 
 

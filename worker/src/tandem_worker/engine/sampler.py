@@ -211,11 +211,43 @@ def _nucleus_draw(probs: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor) -> 
     return order.gather(1, _inverse_cdf(kept, u)[:, None])[:, 0]
 
 
+# A whole-vocabulary row is searched in two levels: float64 sums of blocks of this many columns
+# (summed without a float64 copy of the row), then a cumulative sum inside the one block the draw
+# falls in. A float64 copy and cumulative sum of the whole row were the sampler's largest cost
+# (64 rows of Llama-3's 128K: 96 MB written, as much read back).
+CDF_BLOCK_CHOICES = (1024, 512, 256, 128)
+_TWO_LEVEL_MIN = 8192  # columns; shorter rows (candidates) take the one-level sum
+
+
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """The column of each row where its cumulative probability first exceeds u * its total."""
+    n = probs.shape[-1]
+    block = next((b for b in CDF_BLOCK_CHOICES if n % b == 0), 0) if n >= _TWO_LEVEL_MIN else 0
+    if block:
+        return _inverse_cdf_blocks(probs, u, block)
     cdf = probs.double().cumsum(-1)
     total = cdf[:, -1:]
     # Strictly below the total (u * total can round up to it): the search then lands on a
     # column of nonzero probability, never past the last one.
     target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, target, right=True)[:, 0]
+
+
+def _inverse_cdf_blocks(probs: torch.Tensor, u: torch.Tensor, block: int) -> torch.Tensor:
+    """_inverse_cdf over blocks of `block` columns: the same column but where the draw lands within
+    rounding (float64 sums in another order) of a boundary between two tokens."""
+    rows = probs.shape[0]
+    blocks = probs.view(rows, -1, block)
+    cum = blocks.sum(-1, dtype=torch.float64).cumsum(-1)  # [rows, blocks]
+    total = cum[:, -1:]
+    target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    # The first block whose cumulative mass passes the target: it holds some of it (a block of
+    # zeros never does), so a column of nonzero probability follows.
+    b = torch.searchsorted(cum, target, right=True).clamp_(max=cum.shape[1] - 1)  # [rows, 1]
+    before = torch.where(b > 0, cum.gather(1, (b - 1).clamp(min=0)), torch.zeros_like(target))
+    inside = blocks.gather(1, b[:, :, None].expand(rows, 1, block))[:, 0].double().cumsum(-1)
+    # Rounding between the two sums must not push the target past this block's own total.
+    last = inside[:, -1:]
+    rest = torch.minimum(target - before, torch.nextafter(last, torch.zeros_like(last)))
+    col = torch.searchsorted(inside, rest.clamp(min=0), right=True).clamp_(max=block - 1)
+    return b[:, 0] * block + col[:, 0]
