@@ -131,8 +131,10 @@ class Sampler:
             floor = floor.masked_fill(torch.tensor([[k == 0] for k in ks], device=device), float("-inf"))
             x = x.masked_fill(x < floor, float("-inf"))
         probs = torch.softmax(x, dim=-1)
-        # A row with nothing possible (all -inf): its argmax, as greedy would take.
-        dead = ~torch.isfinite(probs).all(dim=-1)
+        # A row with nothing possible (all -inf), or whose largest value overflowed to +inf: its
+        # argmax, as greedy would take. Softmax makes such a row NaN throughout (x - max is NaN where
+        # x equals the infinite max, and the sum carries it to every column): one column tells.
+        dead = ~torch.isfinite(probs[:, 0])
         if dead.any():
             probs[dead] = torch.nn.functional.one_hot(x[dead].argmax(-1), vocab).to(probs.dtype)
         u = self._uniforms(params, output_index).to(device)
