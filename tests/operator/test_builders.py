@@ -890,3 +890,34 @@ def test_clients_name_the_model_by_a_name_not_its_path_in_the_pod():
         api.ModelDeploymentSpec.model_validate(
             {**load_example("heterogeneous.yaml")["spec"], "router": {"servedModelName": "has space"}}
         )
+
+
+def test_a_pools_cuda_graph_settings_reach_its_workers_and_only_when_set():
+    """`tandem worker --cuda-graph-*` had no field in the custom resource: a deployment serving
+    rank-128 adapters decoded them eagerly, its batches past 256 too. Unset fields add no argument,
+    so an operator upgrade leaves those pods' templates (and pods) as they were."""
+    from tandem_worker.cli import build_parser
+
+    body = load_example("cpu-demo.yaml")["spec"]
+    gpu = {**body["decode"], "gpus": 1}
+    plain = api.ModelDeploymentSpec.model_validate({**body, "decode": gpu})
+    assert not any(
+        a.startswith("--cuda-graph") for a in builders.build_worker_args("decode", plain.decode, plain)
+    )
+    graphs = {"maxBatch": 512, "maxLoraRank": 128, "loraFoldRank": 64}
+    spec = api.ModelDeploymentSpec.model_validate({**body, "decode": {**gpu, "cudaGraphs": graphs}})
+    args = build_parser().parse_args(builders.build_worker_args("decode", spec.decode, spec))
+    assert (args.cuda_graph_max_batch, args.cuda_graph_max_lora_rank, args.cuda_graph_lora_fold_rank) == (
+        512,
+        128,
+        64,
+    )
+    # On CPU there are no graphs: nothing to pass.
+    cpu = api.ModelDeploymentSpec.model_validate({**body, "decode": {**body["decode"], "cudaGraphs": graphs}})
+    assert not any(
+        a.startswith("--cuda-graph") for a in builders.build_worker_args("decode", cpu.decode, cpu)
+    )
+    with pytest.raises(ValueError, match="less than or equal to 4096"):
+        api.ModelDeploymentSpec.model_validate({**body, "decode": {**gpu, "cudaGraphs": {"maxBatch": 5000}}})
+    with pytest.raises(ValueError, match="Extra inputs"):
+        api.ModelDeploymentSpec.model_validate({**body, "decode": {**gpu, "cudaGraphs": {"maxBatchSize": 8}}})

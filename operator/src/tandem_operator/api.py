@@ -345,6 +345,33 @@ class Rollout(_Model):
         return {"maxSurge": surge, "maxUnavailable": unavailable}
 
 
+class CudaGraphs(_Model):
+    """Decode steps replayed from captured CUDA graphs (GPU pools; `tandem worker --cuda-graph-*`)."""
+
+    max_batch: int = Field(
+        default=256,
+        ge=0,
+        le=4096,
+        description="Decode batches up to this size replay captured graphs (0: always eager).",
+    )
+    max_lora_rank: int = Field(
+        default=64,
+        ge=0,
+        le=1024,
+        description="Decode batches with adapters of at most this rank replay graphs too (0: eager).",
+    )
+    lora_fold_rank: int = Field(
+        default=0,
+        ge=0,
+        le=1024,
+        description=(
+            "Extra weight rows per projection part (in rank units) that hold the running batch's "
+            "adapters, whose LoRA shrink then runs inside the base GEMMs (0: off; its rows come out of "
+            "GPU memory the KV cache would take)."
+        ),
+    )
+
+
 class Pool(_Model):
     """One pool of worker pods (prefill, decode or colocated): one Deployment plus a headless Service."""
 
@@ -432,6 +459,10 @@ class Pool(_Model):
     )
     max_pending: int = Field(
         default=256, ge=1, le=100000, description="Requests in flight per pod before RESOURCE_EXHAUSTED."
+    )
+    cuda_graphs: CudaGraphs = Field(
+        default_factory=CudaGraphs,
+        description="CUDA graphs of decode steps (pools with gpus: 1; ignored on CPU).",
     )
     rollout: Rollout = Field(
         default_factory=Rollout,

@@ -538,6 +538,16 @@ def build_worker_args(role: str, pool: api.Pool, spec: api.ModelDeploymentSpec) 
     ]  # fmt: skip
     if pool.kv_cache_bytes is not None:
         args += ["--kv-cache-bytes", str(pool.kv_cache_bytes)]
+    # Only what differs from the worker's defaults: an operator upgrade that adds a setting leaves
+    # the pod templates of deployments that do not use it as they were (no rollout of every pool).
+    graphs, defaults = pool.cuda_graphs, api.CudaGraphs()
+    for flag, value, default in (
+        ("--cuda-graph-max-batch", graphs.max_batch, defaults.max_batch),
+        ("--cuda-graph-max-lora-rank", graphs.max_lora_rank, defaults.max_lora_rank),
+        ("--cuda-graph-lora-fold-rank", graphs.lora_fold_rank, defaults.lora_fold_rank),
+    ):
+        if pool.gpus > 0 and value != default:
+            args += [flag, str(value)]
     if spec.adapters:
         args += ["--adapters-config", f"{CONFIG_MOUNT}/engine.json"]
     return args
