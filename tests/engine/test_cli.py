@@ -432,10 +432,14 @@ def test_worker_flags_reach_the_engine_config(monkeypatch):
             "32",
             "--cuda-graph-lora-fold-rank",
             "64",
+            "--sampling-seed",
+            "9",
         ]
     )
     cli._cmd_worker(args)
     assert (seen[0].cuda_graph_max_lora_rank, seen[0].cuda_graph_lora_fold_rank) == (32, 64)
+    assert seen[0].sampling_seed == 9
     args = cli.build_parser().parse_args(["worker", "--role", "decode"])
     cli._cmd_worker(args)
     assert seen[1].cuda_graph_lora_fold_rank == 0  # off unless asked for
+    assert seen[1].sampling_seed is None  # a random stream per process

@@ -556,3 +556,24 @@ def test_nan_temperature_is_rejected():
     with pytest.raises(RequestError) as exc:
         SamplingParams(temperature=math.nan)
     assert exc.value.field == "temperature"
+
+
+# --- the engine's stream for requests without a seed ---------------------------------------------
+
+
+def test_engines_draw_unseeded_requests_differently_unless_given_one_sampling_seed(engine, model_dir):
+    """Every worker seeded its stream for unseeded requests with 0: replicas, and a worker after a
+    restart, drew the same tokens for the same prompts. Now each engine draws its own stream;
+    `sampling_seed` replays one."""
+    from tandem_worker.engine.llm_engine import LLMEngine
+    from tests.engine.conftest import run_all
+
+    def sample(e: LLMEngine) -> list[int]:
+        rid = e.add_request(prompt="Once upon a time", params=SamplingParams(temperature=1.5, max_tokens=24))
+        return list(run_all(e)[rid].token_ids)
+
+    fresh = LLMEngine(model=str(model_dir), kv_cache_bytes=64 << 20)
+    assert sample(fresh) != sample(engine)
+    del fresh
+    replay = [LLMEngine(model=str(model_dir), kv_cache_bytes=64 << 20, sampling_seed=7) for _ in range(2)]
+    assert sample(replay[0]) == sample(replay[1])

@@ -152,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
         " the running batch, whose LoRA shrink then runs inside the base GEMMs (0: off)",
     )
     w.add_argument("--max-num-batched-tokens", type=positive_int, default=2048)
+    w.add_argument(
+        "--sampling-seed",
+        type=int,
+        default=None,
+        help="seed of the draws of requests that set none (default: random per process, so replicas"
+        " and restarts differ)",
+    )
     w.add_argument("--lora-store", default=None, help="folder of PEFT LoRA adapters, one sub-folder each")
     w.add_argument(
         "--lora-host-cache-bytes",
@@ -554,6 +561,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         cuda_graph_max_lora_rank=args.cuda_graph_max_lora_rank,
         cuda_graph_lora_fold_rank=args.cuda_graph_lora_fold_rank,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        sampling_seed=args.sampling_seed,
         lora_store=args.lora_store,
         lora_host_cache_bytes=args.lora_host_cache_bytes,
         kv_send_backlog_bytes=args.kv_send_backlog_bytes,

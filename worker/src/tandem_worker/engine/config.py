@@ -146,7 +146,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     # False on workers behind a router: it detokenizes and applies stop strings itself.
     detokenize: bool = True
-    seed: int = 0
+    seed: int = 0  # dummy weights and anything else drawn at start-up: the same in every worker
+    # The stream requests without a seed draw from. None: a random one per engine, so replicas (and
+    # a worker after a restart) do not all sample alike; set it to replay a worker's draws.
+    sampling_seed: int | None = None
     # "safetensors": the model folder's checkpoint; "dummy": random weights of the model's shape,
     # drawn on the device (benchmarks of large shapes with no download).
     load_format: str = "safetensors"

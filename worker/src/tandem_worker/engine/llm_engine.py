@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -196,7 +197,8 @@ class LLMEngine:
             self.lora,
             watermark_blocks_per_seq=config.admission_watermark_blocks_per_seq,
         )
-        self.sampler = Sampler(config.seed)
+        sampling_seed = config.sampling_seed
+        self.sampler = Sampler(secrets.randbits(63) if sampling_seed is None else sampling_seed)
         self._requests: dict[str, _Request] = {}
         self._reservations: list[Reservation] = []
         self._counter = 0
