@@ -110,3 +110,73 @@ def deployment(tmp_path_factory, model_dir, frontend_adapters):
             kserve=kserve,
             log_dir=log,
         )
+
+
+# --- in-process: both frontends over a RouterService with no workers ------------------------------
+
+
+@contextlib.contextmanager
+def in_process_frontends(model_dir: Path, router_threads: int) -> Iterator[SimpleNamespace]:
+    """The OpenAI and KServe frontends over a real `RouterService` (no workers: a request that
+    reaches it fails UNAVAILABLE and counts as `failed`) on a loopback gRPC port served by
+    `router_threads` handler threads: the router's `service` and `executor`, the HTTP port, and
+    a KServe stub."""
+    import concurrent.futures
+
+    import grpc
+    from tritonclient.grpc import service_pb2_grpc as kgrpc
+
+    from tandem_worker.engine.tokenizer import Tokenizer
+    from tandem_worker.server.kserve import KServeService, serve_kserve
+    from tandem_worker.server.openai_http import OpenAIFrontend, serve_openai_http
+    from tandem_worker.server.pb import inference_pb2_grpc as pbgrpc
+    from tandem_worker.server.router import RouterService
+    from tandem_worker.server.worker_pool import WorkerPool
+
+    tok = Tokenizer(model_dir)
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=router_threads)
+    server = grpc.server(executor)
+    service = RouterService(WorkerPool([]), tok, SERVED, 4096, set())
+    pbgrpc.add_InferenceServicer_to_server(service, server)
+    upstream = f"{HOST}:{server.add_insecure_port(f'{HOST}:0')}"
+    server.start()
+    handoffs = service.handoffs
+    http = serve_openai_http(
+        HOST, 0, OpenAIFrontend(upstream, SERVED, 4096, tok, lambda: [], lambda: True, handoffs=handoffs)
+    )
+    kserve = serve_kserve(
+        HOST, 0, KServeService(upstream, SERVED, 4096, lambda: [], lambda: True, handoffs=handoffs)
+    )
+    channel = grpc.insecure_channel(f"{HOST}:{kserve.port}")
+    try:
+        yield SimpleNamespace(
+            service=service,
+            executor=executor,
+            http_port=http.port,
+            kserve=kgrpc.GRPCInferenceServiceStub(channel),
+        )
+    finally:
+        channel.close()
+        kserve.stop(None)
+        kserve.close()
+        http.stop()
+        http.close()
+        server.stop(None)
+
+
+def registry_outcomes() -> dict[str, float]:
+    """`tandem_requests_total` by outcome, in this process."""
+    from prometheus_client import REGISTRY
+
+    from tandem_worker.server import metrics
+
+    return {
+        o: REGISTRY.get_sample_value("tandem_requests_total", {"outcome": o}) or 0.0
+        for o in metrics.REQUEST_OUTCOMES
+    }
+
+
+def registry_counted(before: dict[str, float]) -> dict[str, float]:
+    """What `tandem_requests_total` gained, by outcome, since `before` (registry_outcomes')."""
+    after = registry_outcomes()
+    return {o: n - before[o] for o, n in after.items() if n != before[o]}

@@ -8,7 +8,6 @@ test holds, so a forwarded request waits until its deadline passes and is droppe
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import socket
 import threading
@@ -17,18 +16,10 @@ from types import SimpleNamespace
 
 import grpc
 import pytest
-from prometheus_client import REGISTRY
 from tritonclient.grpc import service_pb2 as kpb
-from tritonclient.grpc import service_pb2_grpc as kgrpc
 
-from tandem_worker.engine.tokenizer import Tokenizer
-from tandem_worker.server import metrics
 from tandem_worker.server.handoff import METADATA_KEY, Handoffs
-from tandem_worker.server.kserve import KServeService, serve_kserve
-from tandem_worker.server.openai_http import OpenAIFrontend, serve_openai_http
-from tandem_worker.server.pb import inference_pb2_grpc as pbgrpc
-from tandem_worker.server.router import RouterService
-from tandem_worker.server.worker_pool import WorkerPool
+from tests.frontends.conftest import in_process_frontends, registry_counted, registry_outcomes
 
 MODEL = "smol"
 HOST = "127.0.0.1"
@@ -36,47 +27,11 @@ HOST = "127.0.0.1"
 
 @pytest.fixture(scope="module")
 def stack(model_dir) -> Iterator[SimpleNamespace]:
-    tok = Tokenizer(model_dir)
-    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    router = grpc.server(executor)
-    service = RouterService(WorkerPool([]), tok, MODEL, 4096, set())
-    pbgrpc.add_InferenceServicer_to_server(service, router)
-    upstream = f"{HOST}:{router.add_insecure_port(f'{HOST}:0')}"
-    router.start()
-    handoffs = service.handoffs
-    http = serve_openai_http(
-        HOST, 0, OpenAIFrontend(upstream, MODEL, 4096, tok, lambda: [], lambda: True, handoffs=handoffs)
-    )
-    kserve = serve_kserve(
-        HOST, 0, KServeService(upstream, MODEL, 4096, lambda: [], lambda: True, handoffs=handoffs)
-    )
-    channel = grpc.insecure_channel(f"{HOST}:{kserve.port}")
-    try:
-        yield SimpleNamespace(
-            executor=executor,
-            service=service,
-            http_port=http.port,
-            kserve=kgrpc.GRPCInferenceServiceStub(channel),
-        )
-    finally:
-        channel.close()
-        kserve.stop(None)
-        kserve.close()
-        http.stop()
-        http.close()
-        router.stop(None)
+    with in_process_frontends(model_dir, router_threads=1) as f:
+        yield f
 
 
-def _outcomes() -> dict[str, float]:
-    return {
-        o: REGISTRY.get_sample_value("tandem_requests_total", {"outcome": o}) or 0.0
-        for o in metrics.REQUEST_OUTCOMES
-    }
-
-
-def _counted(before: dict[str, float]) -> dict[str, float]:
-    after = _outcomes()
-    return {o: n - before[o] for o, n in after.items() if n != before[o]}
+_outcomes, _counted = registry_outcomes, registry_counted  # this process's registry
 
 
 def _with_router_busy(stack, send) -> dict[str, float]:

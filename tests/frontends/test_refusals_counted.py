@@ -9,7 +9,6 @@ on, shows as a second outcome."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import socket
 from collections.abc import Iterator
@@ -17,17 +16,10 @@ from types import SimpleNamespace
 
 import grpc
 import pytest
-from prometheus_client import REGISTRY
 from tritonclient.grpc import service_pb2 as kpb
-from tritonclient.grpc import service_pb2_grpc as kgrpc
 
-from tandem_worker.engine.tokenizer import Tokenizer
-from tandem_worker.server import metrics
-from tandem_worker.server.kserve import KServeService, serve_kserve
-from tandem_worker.server.openai_http import MAX_BODY_BYTES, OpenAIFrontend, serve_openai_http
-from tandem_worker.server.pb import inference_pb2_grpc as pbgrpc
-from tandem_worker.server.router import RouterService
-from tandem_worker.server.worker_pool import WorkerPool
+from tandem_worker.server.openai_http import MAX_BODY_BYTES
+from tests.frontends.conftest import in_process_frontends, registry_counted, registry_outcomes
 
 MODEL = "smol"
 HOST = "127.0.0.1"
@@ -35,35 +27,11 @@ HOST = "127.0.0.1"
 
 @pytest.fixture(scope="module")
 def frontends(model_dir) -> Iterator[SimpleNamespace]:
-    tok = Tokenizer(model_dir)
-    router = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=8))
-    pbgrpc.add_InferenceServicer_to_server(RouterService(WorkerPool([]), tok, MODEL, 4096, set()), router)
-    upstream = f"{HOST}:{router.add_insecure_port(f'{HOST}:0')}"
-    router.start()
-    http = serve_openai_http(HOST, 0, OpenAIFrontend(upstream, MODEL, 4096, tok, lambda: [], lambda: True))
-    kserve = serve_kserve(HOST, 0, KServeService(upstream, MODEL, 4096, lambda: [], lambda: True))
-    channel = grpc.insecure_channel(f"{HOST}:{kserve.port}")
-    try:
-        yield SimpleNamespace(http_port=http.port, kserve=kgrpc.GRPCInferenceServiceStub(channel))
-    finally:
-        channel.close()
-        kserve.stop(None)
-        kserve.close()
-        http.stop()
-        http.close()
-        router.stop(None)
+    with in_process_frontends(model_dir, router_threads=8) as f:
+        yield f
 
 
-def _outcomes() -> dict[str, float]:
-    return {
-        o: REGISTRY.get_sample_value("tandem_requests_total", {"outcome": o}) or 0.0
-        for o in metrics.REQUEST_OUTCOMES
-    }
-
-
-def _counted(before: dict[str, float]) -> dict[str, float]:
-    after = _outcomes()
-    return {o: n - before[o] for o, n in after.items() if n != before[o]}
+_outcomes, _counted = registry_outcomes, registry_counted  # this process's registry
 
 
 # --- OpenAI HTTP ---------------------------------------------------------------------------------
