@@ -23,7 +23,7 @@ from tandem_proto.v1 import worker_pb2 as wpb
 from tandem_proto.v1 import worker_pb2_grpc as wgrpc
 from tandem_worker.engine.tokenizer import Tokenizer
 from tandem_worker.server.router import RouterService
-from tandem_worker.server.worker_pool import WorkerInfo, WorkerPool, resolve
+from tandem_worker.server.worker_pool import Pair, WorkerInfo, WorkerPool, resolve
 
 
 def info(addr: str, role: str, free_blocks: int = 100, queued: int = 0, draining: bool = False) -> WorkerInfo:
@@ -330,6 +330,41 @@ def test_a_whole_answer_through_a_backing_off_worker_clears_its_backoff(model_di
         clock.now += 0.5
         pool.mark_failed(p1, "prefill worker p:1 stalled again")
         assert p1.failures == 1 and p1.backoff_until == clock.now + 1.0
+
+
+class _CannotPull(wgrpc.WorkerServicer):
+    """A decode worker that reaches no prefill worker (its own network is down)."""
+
+    def __init__(self) -> None:
+        self.prefills: list[str] = []
+
+    def Generate(self, request, context):  # noqa: N802
+        self.prefills.append(request.prefill_endpoint)
+        context.abort(
+            grpc.StatusCode.UNAVAILABLE, f"prefill worker {request.prefill_endpoint} failed: Socket closed"
+        )
+        yield  # a generator, as the servicer's streaming method must be
+
+
+def test_a_decode_worker_that_reaches_no_prefill_worker_is_blamed_not_each_prefill_worker(model_dir):
+    """Its pulls failing from p:1 and then p:2, the common factor is the decode worker: before, each
+    prefill worker it named backed off in turn (a whole healthy pool, for one broken decode worker)."""
+    with _router_over_fake_decode(model_dir, lambda pool: _CannotPull()) as (router, pool, fake):
+        pool.clock = clock = _Clock()
+        pool._workers["p:2"].stats.queued_prompt_tokens = 50  # p:1 first
+        code, _ = _refused(router)
+        assert code == grpc.StatusCode.UNAVAILABLE and fake.prefills == ["p:1", "p:2"]
+        p1, p2, decode = (pool._workers[a] for a in ("p:1", "p:2", "decode"))
+        assert p1.failures == 1  # the first failure could be either's: the prefill worker named
+        assert (p2.failures, p2.backoff_until) == (0, 0.0)  # the second points at the decode worker
+        assert decode.failures == 1 and decode.backoff_until > clock()
+
+        # Faults a minute apart, or a request served between them, start the count over.
+        pair = Pair(decode, p2)
+        clock.now += pool.backoff_reset
+        assert pool.blame_pull_fault(pair) is p2
+        pool.succeeded(pair, pool.begin(pair, 3))
+        assert pool.blame_pull_fault(Pair(decode, p1)) is p1
 
 
 class _DiesMidStream(wgrpc.WorkerServicer):

@@ -80,6 +80,9 @@ class WorkerInfo:
     failures: int = 0
     backoff_until: float = 0.0
     failed_ticket: int = 0
+    # A decode worker's failed KV pulls (UNAVAILABLE naming the prefill worker) since it last served
+    # a request: prefill worker address -> when, on the pool's clock (`WorkerPool.blame_pull_fault`).
+    pull_faults: dict[str, float] = field(default_factory=dict)
     # time.monotonic() when the request for the current stats was sent, and when an attempt on this
     # worker last ended: stats asked for before that may still count the attempt's KV blocks.
     stats_asked_at: float = 0.0
@@ -349,12 +352,28 @@ class WorkerPool:
             why,
         )
 
+    def blame_pull_fault(self, pair: Pair) -> WorkerInfo:
+        """The worker to take out when `pair`'s decode worker could not pull the prompt's KV from
+        its prefill partner (UNAVAILABLE naming it): the prefill worker, unless the decode worker's
+        pulls from another prefill worker failed too within `backoff_reset` seconds, with no request
+        served in between; then what the failures share is the decode worker (its network, say).
+        Blaming each prefill worker in turn would empty their pool for one broken decode worker."""
+        now = self.clock()
+        with self._lock:
+            faults = pair.decode.pull_faults
+            for address, at in list(faults.items()):
+                if now - at >= self.backoff_reset:
+                    del faults[address]
+            faults[pair.prefill.address] = now
+            return pair.decode if len(faults) >= 2 else pair.prefill
+
     def succeeded(self, pair: Pair, ticket: int) -> None:
         """The attempt `begin` gave `ticket` served its request: its workers work, so a failure
         before it neither keeps them out of rotation nor lengthens their next backoff. An attempt
         begun before a worker's last failure says nothing about it since (a long stream that began
         before its KV streams stalled) and is ignored."""
         with self._lock:
+            pair.decode.pull_faults.clear()
             for w in (pair.decode, pair.prefill):
                 if w is not None and ticket >= w.failed_ticket:
                     w.failures, w.backoff_until = 0, 0.0
