@@ -329,3 +329,39 @@ def test_an_admin_load_during_a_read_serves_what_that_read_found(
         info = admin.result(timeout=60)
     background.result(timeout=60)
     assert info.tier == "device" and lora.info("X").digest == lora.version("X")[0] == info.digest
+
+
+@pytest.mark.parametrize("named", ["by-path", "from-the-store"])
+def test_an_admin_load_reads_the_files_off_the_engine_thread(pair, stores, adapter_store, monkeypatch, named):
+    """Admin's LoadAdapter read the adapter's files on the engine thread: every request's decoding
+    stalled for the read (seconds for a large adapter, up to the load timeout on a slow volume). The
+    engine now answers while the files are read: ListAdapters, which runs on it, returns meanwhile."""
+    from tandem_worker.engine import lora as lora_mod
+
+    prefill, _, _ = pair  # the worker in this process
+    name = f"admin-{named}"
+    request = wpb.LoadAdapterRequest(name=name, to_device=True)
+    if named == "by-path":
+        request.path = str(adapter_store / ADAPTER)
+    else:
+        shutil.copytree(adapter_store / ADAPTER, stores["prefill"] / name)
+    read, started, release = lora_mod.read_peft_adapter, threading.Event(), threading.Event()
+
+    def slow(path, *args, **kwargs):  # a large adapter on a slow volume
+        started.set()
+        release.wait(60)
+        return read(path, *args, **kwargs)
+
+    monkeypatch.setattr(lora_mod, "read_peft_adapter", slow)
+    admin = wgrpc.AdminStub(prefill)
+    with ThreadPoolExecutor(1) as ex:
+        load = ex.submit(admin.LoadAdapter, request, timeout=60)
+        try:
+            assert started.wait(60)
+            listed = admin.ListAdapters(wpb.ListAdaptersRequest(), timeout=5)  # the engine is free
+            assert name not in {a.name for a in listed.adapters if a.tier in ("host", "device")}
+        finally:
+            release.set()
+        info = load.result(timeout=60)
+    assert (info.name, info.tier) == (name, "device")
+    admin.UnloadAdapter(wpb.UnloadAdapterRequest(name=name), timeout=30)

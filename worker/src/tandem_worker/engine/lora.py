@@ -789,6 +789,9 @@ class LoRAManager:
         # Per name, a read of changed files given up on as hung: no other starts until it returns,
         # or each would queue behind it on the loader and stall the adapter's requests again.
         self._hung: dict[str, Future] = {}
+        # Admin loads that re-point a name: its new files' parse, begun by `admin_read` (the path
+        # resolved, and the read), for `load` to take.
+        self._admin_parses: dict[str, tuple[Path, Future]] = {}
         self._device: OrderedDict[str, DeviceAdapter] = OrderedDict()  # LRU, oldest first
         self._free_slots: list[int] = []
         self._next_slot = 0
@@ -1087,6 +1090,36 @@ class LoRAManager:
         old = self._path(name)
         return old is None or Path(old).resolve() != Path(path).resolve()
 
+    def admin_read(self, name: str, path: Path | None = None) -> Future | None:
+        """Admin's load, its first half, on the engine thread and quick: start in the background
+        the reading of files that `load` would otherwise do on the engine thread (every decode
+        stalled meanwhile: a second or more for a large adapter, up to the load timeout on a slow
+        volume), and return that read for the caller to wait on off the engine thread; `load` then
+        finds it done. None: nothing to read first (a name or path `load` refuses, files unchanged)."""
+        if not _valid_name(name):
+            return None
+        if path is not None and self._moves(name, Path(path)):
+            read = self._executor.submit(self._parse, name, Path(path))
+            self._admin_parses[name] = (Path(path).resolve(), read)
+            return read
+        src = Path(path) if path is not None else self._path(name)
+        if src is None:
+            return None
+        if name in self._host or name in self._device or name in self._refresh:
+            self._watch(name, force=True)
+            refresh = self._refresh.get(name)
+            return None if refresh is None else refresh.read
+        pending = self._loading.get(name)
+        if pending is None or (pending.done() and pending.exception() is not None):
+            self._start_read(name, src)  # a failed read is not what the files say now
+        return self._loading[name]
+
+    def forget_admin_read(self, name: str) -> None:
+        """An admin load that gave up waiting: its parse (and the memory it holds) is not kept."""
+        entry = self._admin_parses.pop(name, None)
+        if entry is not None:
+            entry[1].cancel()
+
     def load(self, name: str, path: Path | None = None, to_device: bool = False) -> AdapterInfo:
         """Admin: read an adapter (from `path`, else the store) into host memory now, checking it fits.
 
@@ -1097,7 +1130,11 @@ class LoRAManager:
         if path is not None and self._moves(name, Path(path)):
             src = Path(path)
             self._refuse_if_used(name, "re-pointing")
-            adapter, stamp = self._parse(name, src)  # raises AdapterError before anything changes
+            resolved, read = self._admin_parses.pop(name, (None, None))
+            if read is not None and resolved == src.resolve() and read.done():
+                adapter, stamp = read.result()  # admin_read's; raises its AdapterError likewise
+            else:
+                adapter, stamp = self._parse(name, src)  # raises AdapterError before anything changes
             self._drop(name)
             self._paths[name] = src
             self._install(name, adapter, stamp, self._generation[name])

@@ -665,6 +665,20 @@ class AdminService(wgrpc.AdminServicer):
         lora = self.s.engine.lora
         path = request.path or None
         try:
+            # The files are read in the background and waited for here, not on the engine thread,
+            # where every request's decoding would stall for the read.
+            read = self.s.loop.call(lambda: lora.admin_read(request.name, path))
+            if read is not None:
+                try:
+                    read.result(timeout=lora.load_timeout_s)
+                except TimeoutError:
+                    self.s.loop.call(lambda: lora.forget_admin_read(request.name))
+                    context.abort(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"adapter {request.name!r}: reading its files took over {lora.load_timeout_s:g} s",
+                    )
+                except Exception:  # noqa: BLE001 - `load` raises it again, mapped below
+                    pass
             info = self.s.loop.call(
                 lambda: lora.load(request.name, path, request.to_device), timeout=lora.load_timeout_s
             )
