@@ -365,3 +365,29 @@ def test_an_admin_load_reads_the_files_off_the_engine_thread(pair, stores, adapt
         info = load.result(timeout=60)
     assert (info.name, info.tier) == (name, "device")
     admin.UnloadAdapter(wpb.UnloadAdapterRequest(name=name), timeout=30)
+
+
+def test_an_admin_load_of_broken_files_leaves_no_failed_read_for_the_next_request(
+    model_dir, adapter_store, tmp_path
+):
+    """The admin load's read runs beside the engine now, as a request's does; its failure is the
+    admin call's answer, not a failed read left for the next request of the name to fail with once
+    the files are mended. Another admin load reads them again too."""
+    from tandem_worker.engine.lora import AdapterError
+    from tandem_worker.engine.sampling_params import SamplingParams
+    from tests.engine.conftest import run_all
+
+    store = tmp_path / "store"
+    (store / "X").mkdir(parents=True)
+    (store / "X" / "adapter_config.json").write_text("{not json")
+    engine = LLMEngine(model=str(model_dir), kv_cache_bytes=32 * 2**20, lora_store=str(store))
+    lora = engine.lora
+    for _ in range(2):  # the second admin load reads the files again, not the first read's failure
+        with contextlib.suppress(AdapterError):
+            lora.admin_read("X").result(timeout=60)
+        with pytest.raises(AdapterError, match="'X'"):
+            lora.load("X")
+    shutil.rmtree(store / "X")
+    shutil.copytree(adapter_store / ADAPTER, store / "X")
+    rid = engine.add_request(prompt="Once upon a time", params=SamplingParams(max_tokens=4), adapter="X")
+    assert run_all(engine)[rid].error is None

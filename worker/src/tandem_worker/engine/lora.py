@@ -1164,7 +1164,15 @@ class LoRAManager:
                 else:
                     # Awaited, not read a second time: the two reads could find two versions of
                     # the files, and the later install replace the one on the device (see `version`).
-                    pending.result(timeout=self.load_timeout_s)
+                    try:
+                        pending.result(timeout=self.load_timeout_s)
+                    except AdapterError:
+                        # Said here; not kept for the next request to be failed with (its own read
+                        # may find the files mended).
+                        if self._loading.get(name) is pending:
+                            del self._loading[name]
+                            self._loading_since.pop(name, None)
+                        raise
             if path is not None:
                 self._paths[name] = src
         if to_device and name not in self._device:
