@@ -86,6 +86,8 @@ def test_an_adapter_is_not_unloaded_while_a_request_for_it_is_unfinished(
         lora.unload("qv-r4")  # preempted: no pin, but its answer so far came from this adapter
     with pytest.raises(AdapterBusyError, match="in use by 1 unfinished request"):
         lora.load("qv-r4", path=adapter_store / "attn-r8")  # nor pointed at other weights
+    with pytest.raises(AdapterBusyError, match="in use by 1 unfinished request"):
+        lora.admin_read("qv-r4", adapter_store / "attn-r8")  # Admin's: refused before any read
     final.update(run_all(engine))
     assert final[x].error is None and final[long].error is None
     assert_matches("qv-r4 preempted", final[x].token_ids, peft_references[("qv-r4", 0)], [])

@@ -1095,10 +1095,12 @@ class LoRAManager:
         the reading of files that `load` would otherwise do on the engine thread (every decode
         stalled meanwhile: a second or more for a large adapter, up to the load timeout on a slow
         volume), and return that read for the caller to wait on off the engine thread; `load` then
-        finds it done. None: nothing to read first (a name or path `load` refuses, files unchanged)."""
+        finds it done. None: nothing to read first (a name or path `load` refuses, files unchanged).
+        Raises what `load` would for a re-pointing refused while requests for the name run."""
         if not _valid_name(name):
             return None
         if path is not None and self._moves(name, Path(path)):
+            self._refuse_if_used(name, "re-pointing")  # before reading what would be refused
             read = self._executor.submit(self._parse, name, Path(path))
             self._admin_parses[name] = (Path(path).resolve(), read)
             return read
