@@ -136,3 +136,18 @@ def test_a_handler_that_begins_after_the_frontend_counted_counts_nothing_and_the
 
     assert h.begin(_Context(None)) is True  # a direct client: always the router's to count
     assert h.pending() == 0
+
+
+def test_tokens_the_frontend_counted_are_forgotten_in_time_and_past_a_bound(monkeypatch):
+    from tandem_worker.server import handoff
+
+    counted: list[grpc.StatusCode] = []
+    now = [0.0]
+    h = Handoffs(lambda arrival, code: counted.append(code), clock=lambda: now[0])
+    monkeypatch.setattr(handoff, "MAX_SETTLED", 3)
+    for _ in range(5):
+        h.settle(h.new(), _Call(grpc.StatusCode.DEADLINE_EXCEEDED))
+    assert len(counted) == 5 and h.pending() == 3  # counted, each once; the oldest two forgotten
+    now[0] += handoff.FORGET_AFTER_SECONDS + 1
+    h.settle(h.new(), _Call(grpc.StatusCode.CANCELLED))
+    assert h.pending() == 1  # the old ones are gone, the new one kept

@@ -32,6 +32,8 @@ METADATA_KEY = "tandem-handoff"
 # that arrives later still would be counted twice, but gRPC's client and server give up on a call
 # past its deadline in far less.
 FORGET_AFTER_SECONDS = 300.0
+# And past this many (a flood of calls dropped under overload), the oldest first: about 10 MB.
+MAX_SETTLED = 100_000
 
 
 @dataclass(frozen=True)
@@ -50,14 +52,17 @@ class Handoffs:
     """`count(arrival, code)` counts a request whose router handler never began, the call having
     ended with `code` (never OK); it runs outside the lock."""
 
-    def __init__(self, count: Callable[[float, grpc.StatusCode], None]) -> None:
+    def __init__(
+        self, count: Callable[[float, grpc.StatusCode], None], clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._count = count
+        self.clock = clock
         self._lock = threading.Lock()
         self._begun: set[str] = set()
         self._settled: OrderedDict[str, float] = OrderedDict()  # counted by the frontend: when
 
     def new(self) -> Handoff:
-        return Handoff(uuid.uuid4().hex, time.monotonic())
+        return Handoff(uuid.uuid4().hex, self.clock())
 
     def begin(self, context: grpc.ServicerContext) -> bool:
         """The router's handler, first thing: False when the frontend already counted this request
@@ -76,7 +81,7 @@ class Handoffs:
         if call.is_active():
             call.cancel()
         code = call.code()
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             if handoff.token in self._begun:
                 self._begun.discard(handoff.token)
@@ -84,7 +89,10 @@ class Handoffs:
             if code == grpc.StatusCode.OK:  # answered by a server that is not a router: not ours
                 return
             self._settled[handoff.token] = now
-            while self._settled and next(iter(self._settled.values())) < now - FORGET_AFTER_SECONDS:
+            while self._settled and (
+                len(self._settled) > MAX_SETTLED
+                or next(iter(self._settled.values())) < now - FORGET_AFTER_SECONDS
+            ):
                 self._settled.popitem(last=False)
         self._count(handoff.arrival, code)
 
