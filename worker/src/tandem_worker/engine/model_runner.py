@@ -132,6 +132,10 @@ class ModelRunner:
         self.folded: FoldedWeights | None = None
         if use_graphs and cfg.cuda_graph_max_lora_rank > 0 and cfg.cuda_graph_lora_fold_rank > 0:
             self.folded = fold_layers(model.layers, cfg.cuda_graph_lora_fold_rank)
+            # The weights' old buffers sit freed in torch's cache, which the driver's free memory
+            # (the KV budget's measure) does not count: hand them back, or the KV cache loses
+            # nearly the projections' size for them.
+            torch.cuda.empty_cache()
         self.layout = plan_kv_cache(model_cfg, cfg, self.dtype, self.device)
         # Off CUDA (and unless Triton is forced) attention gathers each sequence's exact context.
         self.gather_attention = self.device.type != "cuda" and os.environ.get("TANDEM_KERNELS") != "triton"

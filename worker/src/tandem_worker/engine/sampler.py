@@ -239,7 +239,7 @@ def _inverse_cdf_blocks(probs: torch.Tensor, u: torch.Tensor, block: int) -> tor
     """_inverse_cdf over blocks of `block` columns: the same column but where the draw lands within
     rounding (float64 sums in another order) of a boundary between two tokens."""
     rows = probs.shape[0]
-    blocks = probs.view(rows, -1, block)
+    blocks = probs.reshape(rows, -1, block)
     cum = blocks.sum(-1, dtype=torch.float64).cumsum(-1)  # [rows, blocks]
     total = cum[:, -1:]
     target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
