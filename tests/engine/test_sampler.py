@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -577,3 +578,16 @@ def test_engines_draw_unseeded_requests_differently_unless_given_one_sampling_se
     del fresh
     replay = [LLMEngine(model=str(model_dir), kv_cache_bytes=64 << 20, sampling_seed=7) for _ in range(2)]
     assert sample(replay[0]) == sample(replay[1])
+
+
+def test_the_offline_llms_seed_also_seeds_unseeded_requests(monkeypatch):
+    """`LLM(seed=N)` replays its unseeded draws, as vLLM's does; without one, its stream is random."""
+    from tandem_worker import llm as llm_mod
+
+    seen = []
+    engine = SimpleNamespace(tokenizer=None)
+    monkeypatch.setattr(llm_mod, "LLMEngine", lambda config: seen.append(config) or engine)
+    llm_mod.LLM(seed=7)
+    llm_mod.LLM(seed=7, sampling_seed=9)
+    llm_mod.LLM()
+    assert [(c.seed, c.sampling_seed) for c in seen] == [(7, 7), (7, 9), (0, None)]

@@ -29,6 +29,10 @@ PromptType = str | list[int] | TokensPrompt | ChatPrompt
 
 class LLM:
     def __init__(self, model: str = "smollm2-135m", **engine_kwargs: Any) -> None:
+        if "seed" in engine_kwargs:
+            # As vLLM's LLM(seed=N): a seed given here also replays the draws of unseeded requests
+            # (a worker's stream is random unless --sampling-seed).
+            engine_kwargs.setdefault("sampling_seed", engine_kwargs["seed"])
         self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
         self.tokenizer = self.engine.tokenizer
 
