@@ -1169,11 +1169,10 @@ class LoRAManager:
                     try:
                         pending.result(timeout=self.load_timeout_s)
                     except AdapterError:
-                        # Said here; not kept for the next request to be failed with (its own read
-                        # may find the files mended).
-                        if self._loading.get(name) is pending:
-                            del self._loading[name]
-                            self._loading_since.pop(name, None)
+                        # Said here, and taken off `_loading` as a request's poll takes it (raising
+                        # it again): not kept for the next request to be failed with once the
+                        # files are mended.
+                        self._poll(name)
                         raise
             if path is not None:
                 self._paths[name] = src
