@@ -84,7 +84,7 @@ CONFIG_ERROR = "CreateContainerConfigError"
 CONFIG_ERROR_WAITING = (CONFIG_ERROR, "CreateContainerError")
 # Worst first: the condition's reason is the worst of its components'.
 CRASH_REASONS = (OOM_KILLED, GPU_OOM, EVICTED, IMAGE_PULL, CONFIG_ERROR, CRASH_LOOP, RESTARTED)
-_CANNOT_START = IMAGE_PULL_WAITING + CONFIG_ERROR_WAITING
+CANNOT_START_WAITING = IMAGE_PULL_WAITING + CONFIG_ERROR_WAITING  # containers that never start
 
 
 @dataclass(frozen=True)
@@ -193,7 +193,10 @@ class PoolPods:
         stuck = [
             c
             for c in self.crashes
-            if c.eviction is None and c.waiting in _CANNOT_START and not c.reason and c.exit_code is None
+            if c.eviction is None
+            and c.waiting in CANNOT_START_WAITING
+            and not c.reason
+            and c.exit_code is None
         ]
         ran = [c for c in self.crashes if c not in stuck]
         crashed = {c.pod for c in ran if c.eviction is None}
@@ -288,7 +291,7 @@ def _crash(pod: str, cs: dict[str, Any], now: datetime.datetime | None) -> Crash
     state = cs.get("state") or {}
     restarts = int(cs.get("restartCount") or 0)
     waiting = state.get("waiting") or {}
-    if waiting.get("reason") in IMAGE_PULL_WAITING + CONFIG_ERROR_WAITING:
+    if waiting.get("reason") in CANNOT_START_WAITING:
         return Crash(
             pod=pod,
             container=str(cs.get("name", "")),
