@@ -104,33 +104,19 @@ class _Context:
         return [(METADATA_KEY, self.token)] if self.token else []
 
 
-class _Call:
-    def __init__(self, code: grpc.StatusCode) -> None:
-        self._code, self.cancelled = code, False
-
-    def is_active(self) -> bool:
-        return False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-
 def test_a_handler_that_begins_after_the_frontend_counted_counts_nothing_and_the_reverse_too():
     counted: list[grpc.StatusCode] = []
     h = Handoffs(lambda arrival, code: counted.append(code))
 
     late = h.new()
-    h.settle(late, _Call(grpc.StatusCode.CANCELLED))
+    h.settle(late, grpc.StatusCode.CANCELLED)
     assert counted == [grpc.StatusCode.CANCELLED]
     assert h.begin(_Context(late.token)) is False  # already counted: the handler must not
     assert h.pending() == 0
 
     taken = h.new()
     assert h.begin(_Context(taken.token)) is True
-    h.settle(taken, _Call(grpc.StatusCode.DEADLINE_EXCEEDED))
+    h.settle(taken, grpc.StatusCode.DEADLINE_EXCEEDED)
     assert counted == [grpc.StatusCode.CANCELLED]  # the router counts this one
     assert h.pending() == 0
 
@@ -146,8 +132,8 @@ def test_tokens_the_frontend_counted_are_forgotten_in_time_and_past_a_bound(monk
     h = Handoffs(lambda arrival, code: counted.append(code), clock=lambda: now[0])
     monkeypatch.setattr(handoff, "MAX_SETTLED", 3)
     for _ in range(5):
-        h.settle(h.new(), _Call(grpc.StatusCode.DEADLINE_EXCEEDED))
+        h.settle(h.new(), grpc.StatusCode.DEADLINE_EXCEEDED)
     assert len(counted) == 5 and h.pending() == 3  # counted, each once; the oldest two forgotten
     now[0] += handoff.FORGET_AFTER_SECONDS + 1
-    h.settle(h.new(), _Call(grpc.StatusCode.CANCELLED))
+    h.settle(h.new(), grpc.StatusCode.CANCELLED)
     assert h.pending() == 1  # the old ones are gone, the new one kept

@@ -76,11 +76,8 @@ class Handoffs:
             self._begun.add(token)
             return True
 
-    def settle(self, handoff: Handoff, call: grpc.Call) -> None:
-        """The frontend, once done with `call` (ended, or no longer read: it is cancelled first)."""
-        if call.is_active():
-            call.cancel()
-        code = call.code()
+    def settle(self, handoff: Handoff, code: grpc.StatusCode) -> None:
+        """The frontend, once its call has ended with `code`."""
         now = self.clock()
         with self._lock:
             if handoff.token in self._begun:
@@ -107,14 +104,13 @@ def forward(
 ) -> tuple[grpc.Call, Callable[[], None]]:
     """Start `stub.Generate(request)` for a frontend; returns the call and what to run once done
     with it (in a `finally`): it cancels the call if still running and, with `handoffs`, settles it."""
-    if handoffs is None:
-        call = stub.Generate(request, timeout=timeout)
+    handoff = handoffs.new() if handoffs is not None else None
+    call = stub.Generate(request, timeout=timeout, metadata=handoff.metadata if handoff else None)
 
-        def done() -> None:
-            if call.is_active():
-                call.cancel()
+    def done() -> None:
+        if call.is_active():
+            call.cancel()  # no longer read
+        if handoff is not None:
+            handoffs.settle(handoff, call.code())
 
-        return call, done
-    handoff = handoffs.new()
-    call = stub.Generate(request, timeout=timeout, metadata=handoff.metadata)
-    return call, lambda: handoffs.settle(handoff, call)
+    return call, done
