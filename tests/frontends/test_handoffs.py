@@ -31,13 +31,10 @@ def stack(model_dir) -> Iterator[SimpleNamespace]:
         yield f
 
 
-_outcomes, _counted = registry_outcomes, registry_counted  # this process's registry
-
-
 def _with_router_busy(stack, send) -> dict[str, float]:
     """Run `send` while the router's only handler thread is held; once released and every handler
     queued meanwhile has had its turn, what was counted."""
-    before = _outcomes()
+    before = registry_outcomes()
     release = threading.Event()
     stack.executor.submit(release.wait)
     try:
@@ -45,7 +42,7 @@ def _with_router_busy(stack, send) -> dict[str, float]:
     finally:
         release.set()
     stack.executor.submit(lambda: None).result(timeout=30)  # the queue ran: late handlers had their turn
-    return _counted(before)
+    return registry_counted(before)
 
 
 def _kserve_request(timeout_us: int) -> kpb.ModelInferRequest:
@@ -85,11 +82,11 @@ def test_an_http_request_past_its_timeout_before_the_router_took_it_counts_once_
 
 def test_a_forwarded_request_the_router_took_counts_once_by_the_router(stack):
     # No workers: the router answers UNAVAILABLE and counts `failed`; the frontend counts nothing.
-    before, held = _outcomes(), stack.service.handoffs.pending()
+    before, held = registry_outcomes(), stack.service.handoffs.pending()
     with pytest.raises(grpc.RpcError) as ei:
         stack.kserve.ModelInfer(_kserve_request(0), timeout=30)
     assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert _counted(before) == {"failed": 1.0}
+    assert registry_counted(before) == {"failed": 1.0}
     assert stack.service.handoffs.pending() == held  # nothing kept for a call settled after it began
 
 

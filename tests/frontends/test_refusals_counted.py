@@ -31,9 +31,6 @@ def frontends(model_dir) -> Iterator[SimpleNamespace]:
         yield f
 
 
-_outcomes, _counted = registry_outcomes, registry_counted  # this process's registry
-
-
 # --- OpenAI HTTP ---------------------------------------------------------------------------------
 
 
@@ -65,22 +62,22 @@ TOO_BIG = MAX_BODY_BYTES + 1
     ids=["too-large", "too-large-chunked", "unsupported-coding", "bad-framing", "cut-json", "bad-json"],
 )
 def test_an_http_request_the_frontend_refuses_counts_once_as_invalid(frontends, head, body, status):
-    before = _outcomes()
+    before = registry_outcomes()
     assert _post(frontends.http_port, head, body) == status
-    assert _counted(before) == {"invalid": 1.0}
+    assert registry_counted(before) == {"invalid": 1.0}
 
 
 def test_an_http_request_the_frontend_passes_on_counts_once_by_the_router(frontends):
-    before = _outcomes()
+    before = registry_outcomes()
     assert _post(frontends.http_port, b"Content-Length: %d\r\n" % len(VALID), VALID) == 503  # no workers
-    assert _counted(before) == {"failed": 1.0}
+    assert registry_counted(before) == {"failed": 1.0}
 
 
 def test_a_post_to_no_route_is_no_request(frontends):
     # Not an inference request at all (a probe, a wrong URL): counting it would swell `invalid`.
-    before = _outcomes()
+    before = registry_outcomes()
     assert _post(frontends.http_port, b"Content-Length: %d\r\n" % len(VALID), VALID, b"/v1/embeddings") == 404
-    assert _counted(before) == {}
+    assert registry_counted(before) == {}
 
 
 # --- KServe v2 gRPC -----------------------------------------------------------------------------
@@ -109,11 +106,11 @@ def _infer_request(version: str = "", stream: bool = False, extra: str = "") -> 
     ids=["stream-on-unary", "no-such-version", "no-such-version-and-bad-tensor", "bad-tensor"],
 )
 def test_a_kserve_infer_the_frontend_refuses_counts_once_as_invalid(frontends, request_, code):
-    before = _outcomes()
+    before = registry_outcomes()
     with pytest.raises(grpc.RpcError) as ei:
         frontends.kserve.ModelInfer(request_, timeout=30)
     assert ei.value.code() == code, ei.value.details()
-    assert _counted(before) == {"invalid": 1.0}
+    assert registry_counted(before) == {"invalid": 1.0}
 
 
 @pytest.mark.parametrize(
@@ -122,19 +119,19 @@ def test_a_kserve_infer_the_frontend_refuses_counts_once_as_invalid(frontends, r
     ids=["no-such-version", "bad-tensor"],
 )
 def test_a_kserve_stream_request_the_frontend_refuses_counts_once_as_invalid(frontends, request_):
-    before = _outcomes()
+    before = registry_outcomes()
     (reply,) = list(frontends.kserve.ModelStreamInfer(iter([request_]), timeout=30))
     assert reply.error_message and reply.infer_response.id == "r"
-    assert _counted(before) == {"invalid": 1.0}
+    assert registry_counted(before) == {"invalid": 1.0}
 
 
 def test_a_kserve_infer_the_frontend_passes_on_counts_once_by_the_router(frontends):
-    before = _outcomes()
+    before = registry_outcomes()
     with pytest.raises(grpc.RpcError) as ei:
         frontends.kserve.ModelInfer(_infer_request(), timeout=30)
     assert ei.value.code() == grpc.StatusCode.UNAVAILABLE  # no workers
-    assert _counted(before) == {"failed": 1.0}
-    before = _outcomes()
+    assert registry_counted(before) == {"failed": 1.0}
+    before = registry_outcomes()
     (reply,) = list(frontends.kserve.ModelStreamInfer(iter([_infer_request(stream=True)]), timeout=30))
     assert "UNAVAILABLE" in reply.error_message
-    assert _counted(before) == {"failed": 1.0}
+    assert registry_counted(before) == {"failed": 1.0}
