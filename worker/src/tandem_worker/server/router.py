@@ -336,15 +336,15 @@ class RouterService(pbgrpc.InferenceServicer):
                     pair.decode if pair.prefill is None or "prefill worker" not in details else pair.prefill
                 )
                 draining = _draining(code, details)
-                why = details
+                cause = details
                 if failed is pair.prefill and code == grpc.StatusCode.UNAVAILABLE and not draining:
                     failed = self.pool.blame_pull_fault(pair)  # or the decode worker, pulling from many
                     if failed is pair.decode:
-                        why = f"its KV pulls from more than one prefill worker failed, the last: {details}"
+                        cause = f"its KV pulls from more than one prefill worker failed, the last: {details}"
                 if draining:
                     pass  # leaving, not broken: excluded for this request only
                 elif code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS):
-                    self.pool.mark_failed(failed, why, ticket)
+                    self.pool.mark_failed(failed, cause, ticket)
                 elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     busy = details  # busy, not broken: stays in rotation, only not retried now
                     busy_pools.add("prefill" if failed is pair.prefill else "decode")
