@@ -143,14 +143,25 @@ def test_a_prompt_ending_in_a_replacement_character_of_its_own_is_not_streamed_a
 
 
 @pytest.mark.parametrize(
-    "declared",
-    [None, "TokenizersBackend", "GPT2Tokenizer", "LlamaTokenizerFast", "no tokenizer_class"],
+    ("declared", "model_type"),
+    [
+        (None, None),
+        ("TokenizersBackend", None),
+        ("PreTrainedTokenizerFast", None),
+        ("GPT2Tokenizer", None),
+        ("LlamaTokenizerFast", None),
+        ("no tokenizer_class", None),
+        # Qwen2's hub configs name a generic class that AutoTokenizer corrects to Qwen2Tokenizer
+        ("TokenizersBackend", "qwen2"),
+        ("PreTrainedTokenizerFast", "mistral"),
+    ],
 )
-def test_the_tokenizer_is_the_one_autotokenizer_picks(model_dir, tmp_path, declared):
-    # Tandem reads only the model's type where AutoTokenizer loads the whole config class; the
-    # class chosen and its ids must not change. "LlamaTokenizerFast" over a byte-level
-    # tokenizer.json takes AutoTokenizer's by-model-type correction; without a declared class the
-    # lookup by config type (the full config) is used.
+def test_the_tokenizer_is_the_one_autotokenizer_picks(model_dir, tmp_path, declared, model_type):
+    # Tandem builds a Llama's generic tokenizer itself (no torch import) and reads only the model's
+    # type where AutoTokenizer loads the whole config class; the class chosen and its ids must not
+    # change. "LlamaTokenizerFast" over a byte-level tokenizer.json takes AutoTokenizer's
+    # by-model-type correction; without a declared class the lookup by config type (the full
+    # config) is used.
     import json
     import shutil
 
@@ -167,6 +178,9 @@ def test_the_tokenizer_is_the_one_autotokenizer_picks(model_dir, tmp_path, decla
         else:
             config["tokenizer_class"] = declared
         (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    if model_type is not None:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps(config | {"model_type": model_type}))
     assert (_config_for_tokenizer(folder) is None) == (declared == "no tokenizer_class")
     ours, reference = Tokenizer(folder), AutoTokenizer.from_pretrained(str(folder))
     assert type(ours.hf) is type(reference)

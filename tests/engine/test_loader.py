@@ -315,7 +315,7 @@ def test_a_conversion_in_shards_holds_the_single_files_tensors_and_the_engine_se
     # its whole float32 model (~32 GB) in the worker's memory. Shards are now written as they fill.
     from tandem_worker.engine import loader
     from tandem_worker.engine.llm_engine import LLMEngine
-    from tandem_worker.engine.model import checkpoint_files
+    from tandem_worker.engine.loader import checkpoint_files
     from tandem_worker.engine.sampling_params import SamplingParams
 
     limit = 16 << 20  # the embedding (113 MB) alone is larger: it gets a shard of its own
@@ -391,6 +391,32 @@ def test_the_routers_resolution_writes_no_weights_and_gives_the_full_folders_con
     assert resolve_model(bare, weights=False) == bare
     with pytest.raises(UnsupportedModelError, match=r"\*\.safetensors"):
         resolve_model(bare)
+
+
+def test_a_process_without_torch_converts_the_tokenizer_in_a_child_and_never_imports_torch(
+    tmp_path, model_dir
+):
+    # transformers' GGUF reading imports torch. The router converts the built-in model's metadata
+    # at every start (an emptyDir cache) and otherwise never imports torch: 470 MiB held, not 137.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from tandem_worker.engine.loader import resolve_model\n"
+        "from tandem_worker.engine.tokenizer import Tokenizer\n"
+        f"folder = resolve_model('smollm2-135m', cache_dir={str(tmp_path)!r}, weights=False)\n"
+        "assert Tokenizer(folder).chat_prompt('Hi')\n"
+        "print(folder)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    folder, imported = out.stdout.strip().splitlines()[-2:]
+    assert imported == "False"
+    # The same files as a conversion in this process (which has torch: model_dir's, in-process).
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "config.json"):
+        assert (Path(folder) / f).read_bytes() == (model_dir / f).read_bytes(), f
 
 
 def test_the_router_reuses_a_full_conversion(model_dir, model_cache_dir):

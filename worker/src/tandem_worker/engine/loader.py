@@ -20,6 +20,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import multiprocessing
 import os
 import re
 import shutil
@@ -27,6 +28,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,6 +103,28 @@ def default_cache_dir() -> Path:
 
 def _builtin_names() -> str:
     return ", ".join(sorted(BUILTIN_MODELS))
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, as transformers reads them: those its
+    model.safetensors.index.json maps (each must be there), else model.safetensors, else every
+    *.safetensors. A folder may hold others (Mistral's repos ship consolidated.safetensors in
+    another naming beside the shards; a stale single file may sit beside new shards)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"model folder {folder}: {index.name} lists missing shards: {', '.join(missing)}"
+            )
+        return [folder / n for n in names]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in model folder {folder}")
+    return files
 
 
 def resolve_model(
@@ -573,6 +597,17 @@ def _build_config(reader: Any, arch: str, spec: _ArchSpec) -> dict[str, Any]:
 
 
 def _save_tokenizer(template: str | None, gguf_path: Path, out: Path, max_len: int) -> bool:
+    """`_convert_tokenizer`, in a child process where this one has not imported torch: transformers'
+    GGUF reading imports it, and a router, which runs no model and so never imports torch otherwise,
+    converts the built-in model's metadata at every start (its cache is an emptyDir) and would hold
+    torch for good: 386 MiB where it needs 125."""
+    if "torch" in sys.modules:
+        return _convert_tokenizer(template, gguf_path, out, max_len)
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as child:
+        return child.submit(_convert_tokenizer, template, gguf_path, out, max_len).result()
+
+
+def _convert_tokenizer(template: str | None, gguf_path: Path, out: Path, max_len: int) -> bool:
     """Let transformers convert the GGUF tokenizer; make sure the chat template comes along."""
     from transformers import AutoTokenizer
 

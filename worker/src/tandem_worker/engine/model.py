@@ -8,7 +8,6 @@ says which is which and where each token's KV goes in the cache.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -25,30 +24,9 @@ from torch import nn
 import tandem_kernels
 
 from .config import ModelConfig
+from .loader import checkpoint_files
 
 logger = logging.getLogger(__name__)
-
-
-def checkpoint_files(folder: Path) -> list[Path]:
-    """The safetensors files of a checkpoint, as transformers reads them: those its
-    model.safetensors.index.json maps (each must be there), else model.safetensors, else every
-    *.safetensors. A folder may hold others (Mistral's repos ship consolidated.safetensors in
-    another naming beside the shards; a stale single file may sit beside new shards)."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [n for n in names if not (folder / n).is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"model folder {folder}: {index.name} lists missing shards: {', '.join(missing)}"
-            )
-        return [folder / n for n in names]
-    if (folder / "model.safetensors").is_file():
-        return [folder / "model.safetensors"]
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors in model folder {folder}")
-    return files
 
 
 @dataclass

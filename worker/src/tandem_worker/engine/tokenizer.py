@@ -8,14 +8,41 @@ import functools
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers.decoders import DecodeStream
-from transformers import AutoTokenizer, PreTrainedConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, TokenizersBackend
 
 from .sampling_params import RequestError, SamplingParams
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
+
+# Tokenizer classes that `AutoTokenizer` (transformers 5.23, pinned) answers with `TokenizersBackend`
+# for a Llama config, with no per-model correction: the tokenizer is tokenizer.json alone. Those
+# tokenizers are built directly. `AutoTokenizer` imports transformers' model configs, which import
+# torch, which the router (it runs no model) otherwise never imports: its start took 2.4 s, not 1.0,
+# and it held 386 MiB, not 125. tests/test_router_text.py checks the choice against `AutoTokenizer`.
+_GENERIC_CLASSES = frozenset({"TokenizersBackend", "PreTrainedTokenizerFast"})
+
+
+def _generic_tokenizer(folder: Path) -> bool:
+    """Whether `AutoTokenizer` would build `TokenizersBackend` from the folder's tokenizer.json and
+    nothing else: a Llama (other types have per-model tokenizer classes and fixes), a generic class
+    named, no remote code."""
+    try:
+        tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+        model_config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        tokenizer_config.get("tokenizer_class") in _GENERIC_CLASSES
+        and "auto_map" not in tokenizer_config
+        and model_config.get("model_type") == "llama"
+        and (folder / "tokenizer.json").is_file()
+    )
 
 
 def _config_for_tokenizer(folder: Path) -> PreTrainedConfig | None:
@@ -32,6 +59,8 @@ def _config_for_tokenizer(folder: Path) -> PreTrainedConfig | None:
         return None
     if not tokenizer_config.get("tokenizer_class") or "auto_map" in tokenizer_config:
         return None
+    from transformers import PreTrainedConfig  # imports torch: only for tokenizers built by AutoTokenizer
+
     config = PreTrainedConfig(name_or_path=str(folder), tokenizer_class=model_config.get("tokenizer_class"))
     config.model_type = model_config.get("model_type", "")
     return config
@@ -67,9 +96,13 @@ def _decoder_types(decoder: dict[str, Any] | None) -> set[str]:
 class Tokenizer:
     def __init__(self, folder: Path) -> None:
         folder = Path(folder)
-        self.hf: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
-            str(folder), config=_config_for_tokenizer(folder)
-        )
+        self.hf: PreTrainedTokenizerBase
+        if _generic_tokenizer(folder):
+            self.hf = TokenizersBackend.from_pretrained(str(folder))
+        else:
+            from transformers import AutoTokenizer  # imports torch (see _GENERIC_CLASSES)
+
+            self.hf = AutoTokenizer.from_pretrained(str(folder), config=_config_for_tokenizer(folder))
 
     @property
     def backend(self) -> RustTokenizer | None:

@@ -5,17 +5,17 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import grpc
-import torch
-
-from ..engine.llm_engine import LLMEngine
-from ..engine.model import checkpoint_files
-from ..engine.sampler import TopLogprobs
+from ..engine.loader import checkpoint_files
 from ..engine.sampling_params import SamplingParams
 from ..engine.sequence import FinishReason
 from .pb import inference_pb2 as pb
 from .pb import worker_pb2 as wpb
+
+if TYPE_CHECKING:  # the router imports this module and never the engine (nor torch)
+    from ..engine.llm_engine import LLMEngine
+    from ..engine.sampler import TopLogprobs
 
 DEFAULT_MAX_TOKENS = 16
 
@@ -115,11 +115,3 @@ def kv_layout(engine: LLMEngine, mid: str) -> wpb.KVLayout:
         num_kv_heads=layout.num_kv_heads,
         head_dim=layout.head_dim,
     )
-
-
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-STATUS_FOR = {
-    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
-    "full": grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
