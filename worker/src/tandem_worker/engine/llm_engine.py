@@ -468,6 +468,7 @@ class LLMEngine:
             [s.request_id for s in seqs],
             [s.params for s in seqs],
             [len(s.output_token_ids) for s in seqs],
+            [(s.prompt_token_ids, s.output_token_ids) for s in seqs],
         )
         now = time.monotonic()
         outputs = []

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .penalties import Penalties
 from .sampling_params import SamplingParams
 
 # A position's most likely tokens, most likely first: (token id, log-probability) pairs.
@@ -34,9 +35,11 @@ class Sampler:
         # Requests without a seed draw from one engine-wide stream.
         self._generator = torch.Generator().manual_seed(seed)
         self._token_generator = torch.Generator()
+        self.penalties = Penalties()
 
     def forget(self, request_id: str) -> None:
-        """Nothing is kept per request (kept for callers that release request state)."""
+        """The request has ended: what was kept for its penalties is released."""
+        self.penalties.forget(request_id)
 
     def _generator_for(self, params: SamplingParams, index: int) -> torch.Generator:
         if params.seed is None:
@@ -52,16 +55,23 @@ class Sampler:
         request_ids: list[str],
         params: list[SamplingParams],
         output_index: list[int] | None = None,
+        history: list[tuple[list[int], list[int]]] | None = None,
     ) -> SampleResult:
         """`logits`: [num_seqs, vocab] float32, one row per request; `output_index`: each row's
-        position among its request's generated tokens (0 for the first)."""
+        position among its request's generated tokens (0 for the first); `history`: each row's
+        prompt and generated token ids, which rows with penalties need."""
         output_index = output_index or [0] * len(params)
+        scores = logits
+        if any(p.penalized for p in params):
+            if history is None:
+                raise ValueError("rows with penalties need their prompt and generated tokens (history)")
+            scores = self.penalties.apply(logits, request_ids, params, history)
         # Either way the work stays where the logits are and n ints come back, not n x vocab
         # floats (131 MB per step for batch 256 of a 128K vocabulary).
         if all(p.greedy for p in params):
-            chosen = logits.argmax(dim=-1)
+            chosen = scores.argmax(dim=-1)
         else:
-            chosen = self._draw(logits, params, output_index)
+            chosen = self._draw(scores, params, output_index)
         logprobs = top = None
         if any(p.logprobs for p in params):
             log_probs = torch.log_softmax(logits.float(), dim=-1)

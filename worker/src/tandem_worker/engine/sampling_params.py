@@ -20,6 +20,9 @@ SAMPLING_REQUEST_FIELDS = (
     "stop",
     "stop_token_ids",
     "ignore_eos",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
 )
 
 
@@ -53,6 +56,10 @@ def request_seed(seed: int) -> int | None:
     return seed & (2**64 - 1)
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
@@ -70,6 +77,14 @@ class SamplingParams:
     # max_tokens is an upper bound: the engine lowers it to what fits its KV cache (beside the
     # request's adapter) instead of refusing the request.
     fit_max_tokens: bool = False
+    # Penalties on tokens already seen, applied to the logits before everything else (greedy too),
+    # as OpenAI's API and vLLM define them: each generated token's logit is lowered by
+    # frequency_penalty per time it was generated and by presence_penalty once; repetition_penalty
+    # (transformers' and vLLM's) divides the positive logit of a token in the prompt or the output
+    # and multiplies a negative one. Log-probabilities stay those of the raw logits.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -99,10 +114,22 @@ class SamplingParams:
             raise RequestError("stop", "stop strings must be non-empty strings")
         if any((not isinstance(t, int)) or t < 0 for t in self.stop_token_ids):
             raise RequestError("stop_token_ids", "must be non-negative integers")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2.0 <= value <= 2.0:
+                raise RequestError(name, f"must be a number in [-2, 2], got {value!r}")
+        rep = self.repetition_penalty
+        if not _is_number(rep) or not 0.0 < rep < float("inf"):
+            raise RequestError("repetition_penalty", f"must be a finite number > 0 (1: none), got {rep!r}")
         if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise RequestError(
                 "top_logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}"
             )
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the tokens already seen change this request's logits."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
     @property
     def greedy(self) -> bool:
