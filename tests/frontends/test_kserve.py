@@ -309,9 +309,22 @@ def test_request_parameters_set_sampling_as_sampling_parameters_do(client, ref):
     with pytest.raises(InferenceServerException) as ei:
         client.infer(SERVED, [text_input()], parameters={"max_tokenz": 4})
     assert "INVALID_ARGUMENT" in ei.value.status() and "max_tokenz" in ei.value.message()
+    # A value out of the engine's range is the engine's refusal, by name.
     with pytest.raises(InferenceServerException) as ei:
-        client.infer(SERVED, [text_input()], parameters={"repetition_penalty": 1.3})
-    assert "INVALID_ARGUMENT" in ei.value.status() and "repetition_penalty" in ei.value.message()
+        client.infer(SERVED, [text_input()], parameters={"presence_penalty": 2.5})
+    assert "INVALID_ARGUMENT" in ei.value.status() and "presence_penalty" in ei.value.message()
+
+
+def test_penalties_are_served_as_through_grpc(client, deployment):
+    # Triton's LLM backends take them as tensors and in sampling_parameters; both reach the engine.
+    penalties = {"repetition_penalty": 1.3, "frequency_penalty": 0.5, "presence_penalty": 0.25}
+    want = generate(deployment.router, request(PROMPT, greedy(16, **penalties)))
+    plain = generate(deployment.router, request(PROMPT, greedy(16)))
+    assert want.token_ids != plain.token_ids  # else the penalties were not applied, or do nothing here
+    r = client.infer(SERVED, [text_input(), sampling(**GREEDY, **penalties)])
+    assert text_of(r) == want.text
+    tensors = [tensor(k, v, "FP32") for k, v in penalties.items()]
+    assert text_of(client.infer(SERVED, [text_input(), sampling(**GREEDY), *tensors])) == want.text
 
 
 def test_the_timeout_parameter_is_the_deadline(client, deployment):
@@ -378,9 +391,11 @@ def test_request_parameters_translate_with_the_checks_of_sampling_parameters():
                 "stop": "\n\n",
                 "stop_token_ids": 2,
                 "ignore_eos": True,
+                "repetition_penalty": 1.25,
+                "presence_penalty": "0.5",
+                "frequency_penalty": -0.25,
                 # No-op values of what the engine lacks, and what Triton's clients send.
                 "n": 1,
-                "repetition_penalty": 1.0,
                 "use_beam_search": False,
                 "priority": 3,
                 "sequence_id": 0,
@@ -399,6 +414,7 @@ def test_request_parameters_translate_with_the_checks_of_sampling_parameters():
         True,
     )
     assert list(s.stop) == ["\n\n"] and list(s.stop_token_ids) == [2]
+    assert (s.repetition_penalty, s.presence_penalty, s.frequency_penalty) == (1.25, 0.5, -0.25)
     assert t.timeout == 2.5
     for params, match in (
         ({"max_tokens": 0}, "parameters.max_tokens: must be >= 1"),
@@ -408,7 +424,8 @@ def test_request_parameters_translate_with_the_checks_of_sampling_parameters():
         ({"stop": 5}, "parameters.stop: bad value"),
         ({"n": 2}, "parameters.n: 2 is not supported"),
         ({"n": True}, "parameters.n: True is not supported"),  # a bool is not the count 1
-        ({"presence_penalty": 0.5}, "parameters.presence_penalty"),
+        ({"presence_penalty": "much"}, "parameters.presence_penalty: bad value"),
+        ({"use_beam_search": True}, "parameters.use_beam_search: True is not supported"),
         ({"sequence_id": 42}, "sequences"),
         ({"timeout": -1}, "parameters.timeout"),
         ({"headers": "x"}, "unknown request parameter 'headers'"),

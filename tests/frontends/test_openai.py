@@ -509,7 +509,6 @@ def test_top_k_minus_one_is_disabled_as_vllm_clients_send_it(client):
     [
         # Features the engine does not have: ignoring them would change the output in silence.
         (False, "min_tokens", 8),
-        (False, "repetition_penalty", 1.2),
         (False, "min_p", 0.1),
         (False, "skip_special_tokens", False),
         (False, "guided_json", {"type": "object"}),
@@ -537,6 +536,42 @@ def test_an_unsupported_field_is_refused_by_name(client, chat, field, value):
             )
         else:
             client.completions.create(model=SERVED, prompt=PROMPT, max_tokens=2, extra_body={field: value})
+    err = _error_body(ei.value)
+    assert err["param"] == field and field in err["message"], err
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_penalties_are_served_as_through_grpc(client, deployment, chat):
+    penalties = {"frequency_penalty": 0.5, "presence_penalty": 0.25}
+    extra = {"ignore_eos": True, "repetition_penalty": 1.3}
+    prompt = CHAT if chat else PROMPT
+    want = generate(deployment.router, request(prompt, greedy(16, **penalties, repetition_penalty=1.3)))
+    plain = generate(deployment.router, request(prompt, greedy(16)))
+    assert want.token_ids != plain.token_ids  # else the penalties were not applied, or do nothing here
+    if chat:
+        r = client.chat.completions.create(
+            model=SERVED, messages=CHAT, max_tokens=16, temperature=0, extra_body=extra, **penalties
+        )
+        assert r.choices[0].message.content == want.text
+    else:
+        r = client.completions.create(
+            model=SERVED, prompt=PROMPT, max_tokens=16, temperature=0, extra_body=extra, **penalties
+        )
+        assert r.choices[0].text == want.text
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("presence_penalty", 2.5),
+        ("frequency_penalty", -3),
+        ("repetition_penalty", 0),
+        ("repetition_penalty", -1.0),
+    ],
+)
+def test_a_penalty_out_of_range_is_refused_by_name(client, field, value):
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.completions.create(model=SERVED, prompt=PROMPT, max_tokens=2, extra_body={field: value})
     err = _error_body(ei.value)
     assert err["param"] == field and field in err["message"], err
 

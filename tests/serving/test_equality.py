@@ -145,6 +145,19 @@ def test_seeded_sampling_same_through_1p1d_colocated_and_offline(cluster, offlin
     assert any(r.token_ids != g.token_ids for r, g in zip(refs, greedy_refs))
 
 
+def test_penalties_through_1p1d_equal_offline(cluster, offline):
+    """The prefill worker samples the first token with the prompt's repetition penalty, the decode
+    worker the rest with every penalty: as one engine does, sampled (seeded) and greedy."""
+    penalties = {"repetition_penalty": 1.3, "frequency_penalty": 0.5, "presence_penalty": 0.25}
+    for params in (greedy(16, **penalties), sampling(max_tokens=16, temperature=0.8, seed=5, **penalties)):
+        refs = offline_generate(offline, SEEDED, params)
+        for prompt, ref in zip(SEEDED, refs):
+            assert generate(cluster.r11, request(prompt, params)).token_ids == ref.token_ids, prompt
+    plain = offline_generate(offline, SEEDED, greedy(16))
+    penalized = offline_generate(offline, SEEDED, greedy(16, **penalties))
+    assert any(a.token_ids != b.token_ids for a, b in zip(plain, penalized))
+
+
 def test_top_logprobs_through_1p1d_equal_offline(cluster, offline):
     """The first position's come from the prefill worker with the KV, the rest from decode."""
     params = sampling(max_tokens=8, temperature=0.8, seed=7, ignore_eos=True, top_logprobs=4)

@@ -81,6 +81,11 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="per-request seed: same seed, same output")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2] (default 0)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2] (default 0)")
+    p.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="transformers' and vLLM's, > 0 (1: none)"
+    )
     p.add_argument("--logprobs", action="store_true", help="report each generated token's log-probability")
     p.add_argument(
         "--top-logprobs",
@@ -509,6 +514,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "stop": args.stop,
         "ignore_eos": args.ignore_eos,
+        "presence_penalty": args.presence_penalty,
+        "frequency_penalty": args.frequency_penalty,
+        "repetition_penalty": args.repetition_penalty,
         "logprobs": args.logprobs,
         "top_logprobs": args.top_logprobs,
     }

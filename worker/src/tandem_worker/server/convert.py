@@ -44,6 +44,9 @@ def params_from_pb(s: pb.SamplingParams, *, max_tokens: int | None = None) -> Sa
         logprobs=s.logprobs,
         top_logprobs=s.top_logprobs,
         fit_max_tokens=s.fit_max_tokens,
+        presence_penalty=s.presence_penalty if s.HasField("presence_penalty") else 0.0,
+        frequency_penalty=s.frequency_penalty if s.HasField("frequency_penalty") else 0.0,
+        repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
     )
 
 
@@ -62,6 +65,14 @@ def params_to_pb(p: SamplingParams) -> pb.SamplingParams:
     )
     if p.seed is not None:
         msg.seed = p.seed
+    # Only where set: a worker of an older build, which knows no penalties, then sees no field it
+    # would drop in silence for any request without them.
+    if p.presence_penalty:
+        msg.presence_penalty = p.presence_penalty
+    if p.frequency_penalty:
+        msg.frequency_penalty = p.frequency_penalty
+    if p.repetition_penalty != 1.0:
+        msg.repetition_penalty = p.repetition_penalty
     return msg
 
 

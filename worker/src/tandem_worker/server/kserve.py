@@ -120,6 +120,9 @@ INPUTS: dict[str, tuple[str, str]] = {
     "random_seed": ("UINT64", "int"),
     "stop_words": ("BYTES", "strs"),
     "ignore_eos": ("BOOL", "bool"),
+    "presence_penalty": ("FP32", "float"),
+    "frequency_penalty": ("FP32", "float"),
+    "repetition_penalty": ("FP32", "float"),
     "beam_width": ("INT32", "int"),
     "return_finish_reason": ("BOOL", "bool"),
     "return_num_input_tokens": ("BOOL", "bool"),
@@ -136,9 +139,6 @@ SAMPLING_KEYS = set(SAMPLING_REQUEST_FIELDS)
 NOOP_KEYS = {
     "n": 1,
     "best_of": 1,
-    "presence_penalty": 0,
-    "frequency_penalty": 0,
-    "repetition_penalty": 1,
     "min_tokens": 0,
     "use_beam_search": False,
 }
@@ -153,6 +153,10 @@ TRITON_PARAMETERS = {
     "sequence_start",
     "sequence_end",
 }
+
+
+# The sampling keys the protocol carries as float32 (pb.SamplingParams' float fields).
+FLOAT_KEYS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 
 
 class BadRequest(Exception):
@@ -396,6 +400,9 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
             ("seed", "seed"),
             ("random_seed", "seed"),
             ("ignore_eos", "ignore_eos"),
+            ("presence_penalty", "presence_penalty"),
+            ("frequency_penalty", "frequency_penalty"),
+            ("repetition_penalty", "repetition_penalty"),
         ):
             if name in v:
                 self._set(s, key, v[name][0], name, seen)
@@ -478,7 +485,7 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
                 norm: Any = _as_int(value)
                 if key == "max_tokens" and norm < 1:
                     raise BadRequest(f"{where}: must be >= 1, got {value}")
-            elif key in ("temperature", "top_p"):
+            elif key in FLOAT_KEYS:
                 # As the float32 field holds it: an FP32 tensor's 0.7 and JSON's 0.7 agree, and
                 # 1e39 is refused here rather than sent on as infinity.
                 norm = struct.unpack("<f", struct.pack("<f", _as_float(value)))[0]

@@ -4,11 +4,12 @@ What it serves: the base model and every LoRA adapter the workers know as model 
 "<adapter>"` selects that adapter); non-streaming responses and server-sent events (`data: {...}`,
 then `data: [DONE]`), with `stream_options.include_usage` adding a last chunk that carries usage and
 no choices; `max_tokens`/`max_completion_tokens`, `temperature`, `top_p`, `seed` (-1: no seed, as
-vLLM reads it; see `request_seed`), `stop`, `n=1`, log-probabilities (the sampled token's and up
-to 20 most likely: chat's `logprobs`/`top_logprobs`, completions' `logprobs: N`), and vLLM's
-`top_k`/`ignore_eos`/`stop_token_ids` extensions. Any other field is refused by name (400), unless
+vLLM reads it; see `request_seed`), `stop`, `presence_penalty`, `frequency_penalty`, `n=1`,
+log-probabilities (the sampled token's and up to 20 most likely: chat's `logprobs`/`top_logprobs`,
+completions' `logprobs: N`), and vLLM's `top_k`/`ignore_eos`/`stop_token_ids`/`repetition_penalty`
+extensions. Any other field is refused by name (400), unless
 it changes nothing in the output (`user`, `metadata`, `store`, ...) or holds the value that turns
-its feature off (`presence_penalty: 0`, `n: 1`, `tools: []`, ...; OFF_VALUES): what the engine
+its feature off (`n: 1`, `tools: []`, `logit_bias: {}`, ...; OFF_VALUES): what the engine
 cannot do is never dropped in silence. Errors have OpenAI's shape `{"error": {"message", "type",
 "param", "code"}}` and status: 400 invalid, 404 unknown model or adapter, 429 overloaded, 503 no
 worker, 504 past the deadline (an optional `X-Request-Timeout: SECONDS` header sets one). `GET
@@ -102,9 +103,6 @@ NEUTRAL_FIELDS = frozenset(
 OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "n": (1,),
     "best_of": (1,),
-    "presence_penalty": (0,),
-    "frequency_penalty": (0,),
-    "repetition_penalty": (1,),
     "length_penalty": (1,),
     "min_p": (0,),
     "min_tokens": (0,),
@@ -355,6 +353,17 @@ class OpenAIFrontend:
             if not -1 <= top_k < 2**31:  # -1: disabled, as vLLM's clients send it (and 0)
                 raise invalid("top_k", f"must be -1 or 0 (disabled) or in [1, 2^31), got {top_k}")
             s.top_k = top_k
+        for key in ("presence_penalty", "frequency_penalty"):
+            value = _get(body, key, (int, float), "a number")
+            if value is not None:
+                if not -2 <= value <= 2:
+                    raise invalid(key, f"must be in [-2, 2], got {value}")
+                setattr(s, key, value)
+        repetition = _get(body, "repetition_penalty", (int, float), "a number")
+        if repetition is not None:
+            if not 0 < repetition < float("inf"):
+                raise invalid("repetition_penalty", f"must be a number > 0 (1: none), got {repetition}")
+            s.repetition_penalty = repetition
         seed = _get(body, "seed", (int,), "an integer")
         if seed is not None:
             try:
