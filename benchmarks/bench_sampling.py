@@ -1,11 +1,13 @@
 """Sampling a decode step's tokens: Tandem's sampler against `transformers`' own, side by side.
 
 Both get the same float32 logits of a whole batch and pick one token per row: temperature 0.7
-with top-p 0.9 (the usual chat setting), with top-k 50, or alone. The baseline is what
-`transformers` `generate` does per step when sampling: its logits warpers (temperature, top-k,
-top-p) over the batch, softmax, `torch.multinomial`. Tandem's also keeps each request's tokens
-on its own seeded stream (one uniform per row from the host; see engine/sampler.py). The logits
-are shaped like a language model's: a few likely tokens over a long tail.
+with top-p 0.9 (the usual chat setting), with top-k 50, or alone, and the chat setting with a
+repetition penalty over each row's 512 prompt and 128 generated tokens. The baseline is what
+`transformers` `generate` does per step when sampling: its logits processors (repetition penalty)
+and warpers (temperature, top-k, top-p) over the batch, softmax, `torch.multinomial`. Tandem's
+also keeps each request's tokens on its own seeded stream (one uniform per row from the host; see
+engine/sampler.py). The logits are shaped like a language model's: a few likely tokens over a long
+tail.
 
 Times are the best of `--repeat` calls, in ms per decode step; ratio = transformers / Tandem.
 
@@ -20,6 +22,7 @@ import time
 import torch
 from transformers.generation.logits_process import (
     LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -32,7 +35,9 @@ SETTINGS = {
     "top-p 0.9": {"temperature": 0.7, "top_p": 0.9},
     "top-k 50": {"temperature": 0.7, "top_k": 50},
     "temperature": {"temperature": 0.7},
+    "top-p, rep 1.3": {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.3},
 }
+PROMPT_TOKENS, OUTPUT_TOKENS = 512, 128  # each row's tokens seen, for the repetition penalty
 
 
 def lm_like_logits(batch: int, vocab: int, device: str, seed: int = 0) -> torch.Tensor:
@@ -43,13 +48,16 @@ def lm_like_logits(batch: int, vocab: int, device: str, seed: int = 0) -> torch.
     return logits.to(device)
 
 
-def hf_sample(logits: torch.Tensor, setting: dict) -> torch.Tensor:
-    warpers = LogitsProcessorList([TemperatureLogitsWarper(setting["temperature"])])
+def hf_sample(logits: torch.Tensor, setting: dict, seen: torch.Tensor) -> torch.Tensor:
+    warpers = LogitsProcessorList()
+    if "repetition_penalty" in setting:
+        warpers.append(RepetitionPenaltyLogitsProcessor(setting["repetition_penalty"]))
+    warpers.append(TemperatureLogitsWarper(setting["temperature"]))
     if "top_k" in setting:
         warpers.append(TopKLogitsWarper(setting["top_k"]))
     if "top_p" in setting:
         warpers.append(TopPLogitsWarper(setting["top_p"]))
-    scores = warpers(None, logits.clone())
+    scores = warpers(seen, logits.clone())
     return torch.multinomial(torch.softmax(scores, dim=-1), 1)[:, 0]
 
 
@@ -77,9 +85,14 @@ def compare(batches: list[int], vocab: int, device: str, repeat: int) -> dict:
         for batch in batches:
             logits = lm_like_logits(batch, vocab, device)
             params = [SamplingParams(**setting) for _ in range(batch)]
-            ids = [f"r{i}" for i in range(batch)]
-            ours = best_ms(lambda: sampler.sample(logits, ids, params), repeat, device)  # noqa: B023
-            theirs = best_ms(lambda: hf_sample(logits, setting).tolist(), repeat, device)  # noqa: B023
+            ids = [f"{name}-{batch}-{i}" for i in range(batch)]
+            seen = torch.randint(
+                vocab, (batch, PROMPT_TOKENS + OUTPUT_TOKENS), generator=torch.Generator().manual_seed(1)
+            )
+            history = [(row[:PROMPT_TOKENS], row[PROMPT_TOKENS:]) for row in seen.tolist()]
+            seen = seen.to(device)
+            ours = best_ms(lambda: sampler.sample(logits, ids, params, None, history), repeat, device)  # noqa: B023
+            theirs = best_ms(lambda: hf_sample(logits, setting, seen).tolist(), repeat, device)  # noqa: B023
             out[name][batch] = (ours, theirs)
     return out
 

@@ -66,19 +66,19 @@ def test_each_step_equals_transformers_and_openais_formula_with_unpenalized_rows
             out.append(rng.choice(out) if out and rng.random() < 0.5 else rng.randrange(VOCAB))
 
 
-def test_a_freed_row_starts_clean_for_the_next_request():
+def test_a_request_starts_clean_and_ended_ones_are_forgotten():
     pen, p = Penalties(), params(1.5, 1.0, 1.0)
     logits = torch.randn(1, VOCAB)
     pen.apply(torch.randn(2, VOCAB), ["a", "keep"], [p, p], [([1, 2, 3], [4, 4, 5]), ([6], [])])
     pen.forget("a")
-    got = pen.apply(logits, ["b"], [p], [([7], [8])])  # takes a's row ("keep" keeps the matrices)
+    got = pen.apply(logits, ["b"], [p], [([7], [8])])
     assert torch.allclose(got[0], reference(logits[0], [7], [8], p), atol=1e-6, rtol=0)
-    pen.apply(torch.randn(3, VOCAB), ["b", "c", "d"], [p] * 3, [([7], [8, 9])] * 3)  # rows grow
+    pen.apply(torch.randn(3, VOCAB), ["b", "c", "d"], [p] * 3, [([7], [8, 9])] * 3)
     got = pen.apply(logits, ["b"], [p], [([7], [8, 9, 9])])
     assert torch.allclose(got[0], reference(logits[0], [7], [8, 9, 9], p), atol=1e-6, rtol=0)
     for rid in ("b", "c", "d", "keep"):
         pen.forget(rid)
-    assert pen._seen is None and not pen._slot, "the rows of ended requests are kept"
+    assert not pen._seen, "what ended requests had seen is kept"
 
 
 @pytest.mark.parametrize(
@@ -136,5 +136,5 @@ def test_the_engine_penalizes_as_transformers_does_in_a_mixed_batch(engine, hf_m
     for j in range(len(prompts)):
         plain = done[3 * j + 2]
         assert done[3 * j] != plain and done[3 * j + 1] != plain, j
-    assert not engine.sampler.penalties._slot, "ended requests' rows are kept"
+    assert not engine.sampler.penalties._seen, "what ended requests had seen is kept"
     print("\n".join(notes))
