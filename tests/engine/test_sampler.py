@@ -591,3 +591,85 @@ def test_the_offline_llms_seed_also_seeds_unseeded_requests(monkeypatch):
     llm_mod.LLM(seed=7, sampling_seed=9)
     llm_mod.LLM()
     assert [(c.seed, c.sampling_seed) for c in seen] == [(7, 7), (7, 9), (0, None)]
+
+
+# --- min_p and logit_bias -----------------------------------------------------------------------
+
+
+def inverse_cdf_reference(probs: torch.Tensor, u: float) -> int:
+    """The token a uniform `u` selects from `probs` by a float64 cumulative sum in vocabulary order."""
+    cdf = probs.double().cumsum(0)
+    return int(
+        torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=torch.float64), right=True)[0]
+    )
+
+
+@pytest.mark.parametrize("min_p", [0.05, 0.3, 0.9])
+def test_min_p_draws_what_transformers_min_p_warper_leaves(monkeypatch, min_p):
+    from transformers import MinPLogitsWarper, TemperatureLogitsWarper
+
+    logits = torch.randn(1, 500, generator=torch.Generator().manual_seed(3)) * 3
+    params = SamplingParams(temperature=0.7, min_p=min_p)
+    warped = MinPLogitsWarper(min_p)(None, TemperatureLogitsWarper(0.7)(None, logits.clone()))
+    probs = torch.softmax(warped[0], -1)
+    kept = set(torch.nonzero(probs).flatten().tolist())
+    assert 1 <= len(kept) < 500
+    sampler = Sampler()
+    us = [i / 200 for i in range(200)]
+    monkeypatch.setattr(sampler, "_uniforms", lambda ps, idx: torch.tensor(us, dtype=torch.float64))
+    got = sampler.sample(logits.expand(len(us), -1).contiguous(), [f"r{i}" for i in us], [params] * len(us))
+    assert got.token_ids == [inverse_cdf_reference(probs, u) for u in us]
+    assert set(got.token_ids) <= kept and len(set(got.token_ids)) > (1 if len(kept) > 2 else 0)
+
+
+def test_min_p_combines_with_top_k_and_a_mixed_batch():
+    logits = torch.tensor([3.0, 2.9, 1.0, 0.5, 2.95, -1.0])
+    # min_p 0.5 of the most likely keeps tokens within log(2) of the max: 0, 1, 4.
+    plain = draw(Sampler(seed=0), logits, SamplingParams(temperature=1.0, min_p=0.5), 300)
+    assert set(plain) == {0, 1, 4}
+    with_k = draw(Sampler(seed=0), logits, SamplingParams(temperature=1.0, min_p=0.5, top_k=2), 300)
+    assert set(with_k) == {0, 4}
+    rows = torch.stack([logits, logits])
+    batch = [SamplingParams(temperature=1.0, min_p=0.5), SamplingParams(temperature=1.0)]
+    seen: list[set[int]] = [set(), set()]
+    sampler = Sampler(seed=0)
+    for i in range(300):
+        out = sampler.sample(rows, [f"a{i}", f"b{i}"], batch).token_ids
+        seen[0].add(out[0])
+        seen[1].add(out[1])
+    assert seen[0] == {0, 1, 4} and {2, 3} <= seen[1]
+
+
+def test_logit_bias_is_added_before_anything_else_and_logprobs_stay_raw():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]] * 3)
+    params = [
+        SamplingParams(temperature=0.0, logit_bias={3: 10.0}, logprobs=True),  # greedy obeys it
+        SamplingParams(temperature=1.0, logit_bias={0: -100.0, 1: -100.0, 3: -100.0}),  # only 2 left
+        SamplingParams(temperature=0.0),
+    ]
+    out = Sampler(seed=0).sample(logits, ["a", "b", "c"], params)
+    assert out.token_ids == [3, 2, 0]
+    assert out.logprobs[0] == pytest.approx(float(torch.log_softmax(logits[0], -1)[3]))
+    # Before the penalties, as vLLM orders them: a biased token's positive logit is then divided.
+    # Token 1: (1 + 0.75) / 2 = 0.875 < token 0's 2 / 2; the other order would give 1 / 2 + 0.75.
+    both = SamplingParams(temperature=0.0, logit_bias={1: 0.75}, repetition_penalty=2.0)
+    got = Sampler().sample(logits[:1], ["d"], [both], history=[([1, 0], [])]).token_ids
+    assert got == [0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"min_p": -0.1}, "min_p"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"min_p": float("nan")}, "min_p"),
+        ({"logit_bias": {5: 101.0}}, "logit_bias"),
+        ({"logit_bias": {-1: 1.0}}, "logit_bias"),
+        ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+        ({"logit_bias": {5: float("nan")}}, "logit_bias"),
+        ({"logit_bias": [5]}, "logit_bias"),
+    ],
+)
+def test_bad_min_p_and_logit_bias_are_refused_by_name(kwargs, field):
+    with pytest.raises(RequestError, match=field):
+        SamplingParams(**kwargs)

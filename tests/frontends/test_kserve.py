@@ -18,6 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from tests.frontends.conftest import ADAPTER, SERVED
 from tests.serving.procs import assert_idle, generate, greedy, request
+from tests.serving.procs import sampling as wire_sampling
 
 PROMPT = "Once upon a time, in a land far away,"
 
@@ -315,16 +316,23 @@ def test_request_parameters_set_sampling_as_sampling_parameters_do(client, ref):
     assert "INVALID_ARGUMENT" in ei.value.status() and "presence_penalty" in ei.value.message()
 
 
-def test_penalties_are_served_as_through_grpc(client, deployment):
-    # Triton's LLM backends take them as tensors and in sampling_parameters; both reach the engine.
+def test_penalties_and_logit_bias_are_served_as_through_grpc(client, deployment):
+    # Triton's LLM backends take penalties as tensors and in sampling_parameters, as vLLM's
+    # SamplingParams the logit bias and min_p: all reach the engine.
     penalties = {"repetition_penalty": 1.3, "frequency_penalty": 0.5, "presence_penalty": 0.25}
-    want = generate(deployment.router, request(PROMPT, greedy(16, **penalties)))
     plain = generate(deployment.router, request(PROMPT, greedy(16)))
-    assert want.token_ids != plain.token_ids  # else the penalties were not applied, or do nothing here
-    r = client.infer(SERVED, [text_input(), sampling(**GREEDY, **penalties)])
+    bias = {plain.token_ids[0]: -100.0}
+    want = generate(deployment.router, request(PROMPT, greedy(16, **penalties, logit_bias=bias)))
+    assert want.token_ids[0] != plain.token_ids[0]
+    json_bias = {str(k): v for k, v in bias.items()}
+    r = client.infer(SERVED, [text_input(), sampling(**GREEDY, **penalties, logit_bias=json_bias)])
     assert text_of(r) == want.text
     tensors = [tensor(k, v, "FP32") for k, v in penalties.items()]
-    assert text_of(client.infer(SERVED, [text_input(), sampling(**GREEDY), *tensors])) == want.text
+    answer = client.infer(SERVED, [text_input(), sampling(**GREEDY, logit_bias=json_bias), *tensors])
+    assert text_of(answer) == want.text
+    seeded = {"max_tokens": 16, "temperature": 1.5, "seed": 11, "ignore_eos": True}
+    want = generate(deployment.router, request(PROMPT, wire_sampling(**seeded, min_p=0.2)))
+    assert text_of(client.infer(SERVED, [text_input(), sampling(**seeded, min_p=0.2)])) == want.text
 
 
 def test_the_timeout_parameter_is_the_deadline(client, deployment):
@@ -425,6 +433,7 @@ def test_request_parameters_translate_with_the_checks_of_sampling_parameters():
         ({"n": 2}, "parameters.n: 2 is not supported"),
         ({"n": True}, "parameters.n: True is not supported"),  # a bool is not the count 1
         ({"presence_penalty": "much"}, "parameters.presence_penalty: bad value"),
+        ({"logit_bias": '{"5": 1}'}, "parameters.logit_bias: bad value"),  # objects: sampling_parameters
         ({"use_beam_search": True}, "parameters.use_beam_search: True is not supported"),
         ({"sequence_id": 42}, "sequences"),
         ({"timeout": -1}, "parameters.timeout"),
@@ -433,6 +442,15 @@ def test_request_parameters_translate_with_the_checks_of_sampling_parameters():
     ):
         with pytest.raises(BadRequest, match=match):
             svc.translate(_request(params))
+
+
+@pytest.mark.parametrize("bias", [{"x": 1}, {"5": "much"}, {"5": None}, [5], {"99999999999": 1}])
+def test_a_bad_logit_bias_is_refused(bias):
+    from tandem_worker.server.kserve import BadRequest
+
+    sp = ("BYTES", json.dumps({"logit_bias": bias}).encode())
+    with pytest.raises(BadRequest, match="sampling_parameters.logit_bias: bad value"):
+        _service().translate(_request(sampling_parameters=sp))
 
 
 def test_a_key_given_twice_must_agree():

@@ -509,7 +509,6 @@ def test_top_k_minus_one_is_disabled_as_vllm_clients_send_it(client):
     [
         # Features the engine does not have: ignoring them would change the output in silence.
         (False, "min_tokens", 8),
-        (False, "min_p", 0.1),
         (False, "skip_special_tokens", False),
         (False, "guided_json", {"type": "object"}),
         (False, "use_beam_search", True),
@@ -541,23 +540,44 @@ def test_an_unsupported_field_is_refused_by_name(client, chat, field, value):
 
 
 @pytest.mark.parametrize("chat", [False, True])
-def test_penalties_are_served_as_through_grpc(client, deployment, chat):
-    penalties = {"frequency_penalty": 0.5, "presence_penalty": 0.25}
-    extra = {"ignore_eos": True, "repetition_penalty": 1.3}
+def test_penalties_and_logit_bias_are_served_as_through_grpc(client, deployment, chat):
     prompt = CHAT if chat else PROMPT
-    want = generate(deployment.router, request(prompt, greedy(16, **penalties, repetition_penalty=1.3)))
     plain = generate(deployment.router, request(prompt, greedy(16)))
-    assert want.token_ids != plain.token_ids  # else the penalties were not applied, or do nothing here
+    # The greedy answer's first token banned, the second one's favoured: both change the answer.
+    bias = {plain.token_ids[0]: -100.0, plain.token_ids[1]: 5.0}
+    openai_fields = {
+        "frequency_penalty": 0.5,
+        "presence_penalty": 0.25,
+        "logit_bias": {str(k): v for k, v in bias.items()},  # JSON's keys are strings
+    }
+    extra = {"ignore_eos": True, "repetition_penalty": 1.3}
+    wire = greedy(16, frequency_penalty=0.5, presence_penalty=0.25, repetition_penalty=1.3, logit_bias=bias)
+    want = generate(deployment.router, request(prompt, wire))
+    assert want.token_ids != plain.token_ids and want.token_ids[0] != plain.token_ids[0]
     if chat:
         r = client.chat.completions.create(
-            model=SERVED, messages=CHAT, max_tokens=16, temperature=0, extra_body=extra, **penalties
+            model=SERVED, messages=CHAT, max_tokens=16, temperature=0, extra_body=extra, **openai_fields
         )
         assert r.choices[0].message.content == want.text
     else:
         r = client.completions.create(
-            model=SERVED, prompt=PROMPT, max_tokens=16, temperature=0, extra_body=extra, **penalties
+            model=SERVED, prompt=PROMPT, max_tokens=16, temperature=0, extra_body=extra, **openai_fields
         )
         assert r.choices[0].text == want.text
+
+
+def test_min_p_is_served_as_through_grpc(client, deployment):
+    sampled = {"max_tokens": 16, "temperature": 1.5, "seed": 11, "ignore_eos": True}
+    want = generate(deployment.router, request(PROMPT, sampling(**sampled, min_p=0.2)))
+    r = client.completions.create(
+        model=SERVED,
+        prompt=PROMPT,
+        max_tokens=16,
+        temperature=1.5,
+        seed=11,
+        extra_body={"ignore_eos": True, "min_p": 0.2},
+    )
+    assert r.choices[0].text == want.text
 
 
 @pytest.mark.parametrize(
@@ -567,9 +587,15 @@ def test_penalties_are_served_as_through_grpc(client, deployment, chat):
         ("frequency_penalty", -3),
         ("repetition_penalty", 0),
         ("repetition_penalty", -1.0),
+        ("min_p", 1.5),
+        ("logit_bias", {"12": 101}),
+        ("logit_bias", {"twelve": 1}),
+        ("logit_bias", {"-1": 1}),
+        ("logit_bias", [12]),
+        ("logit_bias", {"49152": 1}),  # past the vocabulary: the worker's refusal
     ],
 )
-def test_a_penalty_out_of_range_is_refused_by_name(client, field, value):
+def test_a_sampling_control_out_of_range_is_refused_by_name(client, field, value):
     with pytest.raises(openai.BadRequestError) as ei:
         client.completions.create(model=SERVED, prompt=PROMPT, max_tokens=2, extra_body={field: value})
     err = _error_body(ei.value)

@@ -145,11 +145,17 @@ def test_seeded_sampling_same_through_1p1d_colocated_and_offline(cluster, offlin
     assert any(r.token_ids != g.token_ids for r, g in zip(refs, greedy_refs))
 
 
-def test_penalties_through_1p1d_equal_offline(cluster, offline):
-    """The prefill worker samples the first token with the prompt's repetition penalty, the decode
-    worker the rest with every penalty: as one engine does, sampled (seeded) and greedy."""
-    penalties = {"repetition_penalty": 1.3, "frequency_penalty": 0.5, "presence_penalty": 0.25}
-    for params in (greedy(16, **penalties), sampling(max_tokens=16, temperature=0.8, seed=5, **penalties)):
+def test_penalties_bias_and_min_p_through_1p1d_equal_offline(cluster, offline):
+    """The prefill worker samples the first token with the prompt's repetition penalty and the
+    bias, the decode worker the rest with everything: as one engine does, sampled and greedy."""
+    penalties = {
+        "repetition_penalty": 1.3,
+        "frequency_penalty": 0.5,
+        "presence_penalty": 0.25,
+        "logit_bias": {28: 3.0, 30: -5.0},  # "," favoured, "." disfavoured
+    }
+    seeded = sampling(max_tokens=16, temperature=0.8, seed=5, min_p=0.1, **penalties)
+    for params in (greedy(16, **penalties), seeded):
         refs = offline_generate(offline, SEEDED, params)
         for prompt, ref in zip(SEEDED, refs):
             assert generate(cluster.r11, request(prompt, params)).token_ids == ref.token_ids, prompt

@@ -86,6 +86,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--repetition-penalty", type=float, default=1.0, help="transformers' and vLLM's, > 0 (1: none)"
     )
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the most likely's")
     p.add_argument("--logprobs", action="store_true", help="report each generated token's log-probability")
     p.add_argument(
         "--top-logprobs",
@@ -517,12 +518,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         "presence_penalty": args.presence_penalty,
         "frequency_penalty": args.frequency_penalty,
         "repetition_penalty": args.repetition_penalty,
+        "min_p": args.min_p,
         "logprobs": args.logprobs,
         "top_logprobs": args.top_logprobs,
     }
     params = []
     for i, item in enumerate(items):
         fields = {**defaults, **{k: v for k, v in item.items() if k in SAMPLING_FIELDS}}
+        bias = fields.get("logit_bias")
+        if isinstance(bias, dict):  # JSON's keys are strings: token ids as "50256", as OpenAI's
+            fields["logit_bias"] = {
+                int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in bias.items()
+            }
         try:
             params.append(SamplingParams(**fields))
         except (ValueError, TypeError) as e:

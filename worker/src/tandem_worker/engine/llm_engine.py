@@ -229,6 +229,8 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in prompt_token_ids):
             raise RequestError("prompt_token_ids", f"token ids must be integers in [0, {vocab})")
+        if any(t >= vocab for t in params.logit_bias):
+            raise RequestError("logit_bias", f"token ids must be in [0, {vocab})")
         if n >= self.max_model_len:
             raise RequestError(
                 "prompt",

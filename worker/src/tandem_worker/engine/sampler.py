@@ -62,10 +62,12 @@ class Sampler:
         prompt and generated token ids, which rows with penalties need."""
         output_index = output_index or [0] * len(params)
         scores = logits
+        if any(p.logit_bias for p in params):  # first of all, as vLLM orders them
+            scores = _add_logit_bias(logits, params)
         if any(p.penalized for p in params):
             if history is None:
                 raise ValueError("rows with penalties need their prompt and generated tokens (history)")
-            scores = self.penalties.apply(logits, request_ids, params, history)
+            scores = self.penalties.apply(scores, request_ids, params, history)
         # Either way the work stays where the logits are and n ints come back, not n x vocab
         # floats (131 MB per step for batch 256 of a 128K vocabulary).
         if all(p.greedy for p in params):
@@ -128,6 +130,12 @@ class Sampler:
             logits.float(), nan=float("-inf"), posinf=torch.finfo(torch.float32).max, neginf=float("-inf")
         )
         x = x / temperature[:, None]
+        min_p = [p.min_p for p in params]
+        if any(min_p):
+            # Less likely than min_p times the most likely token: p_i < min_p * p_max, that is
+            # x_i < x_max + log(min_p), so no softmax is needed (log 0 = -inf drops nothing).
+            floor = x.amax(-1, keepdim=True) + torch.tensor(min_p, device=device).log()[:, None]
+            x = x.masked_fill(x < floor, float("-inf"))
         ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
         if all(ks) and max(ks) <= NUCLEUS_CANDIDATES:
             tokens = self._draw_top_k(x, ks, params, output_index)
@@ -164,7 +172,9 @@ class Sampler:
         k_index = torch.tensor([k - 1 for k in ks], device=device)
         floor = values.gather(1, k_index[:, None])
         probs = torch.softmax(values.masked_fill(values < floor, float("-inf")), dim=-1)
-        spill = (x >= floor).sum(-1) > kmax
+        # A k-th value of -inf (min_p or a bias left fewer than k tokens): every possible token is
+        # among the candidates.
+        spill = ((x >= floor).sum(-1) > kmax) & (floor[:, 0] > float("-inf"))
         if bool((spill | ~torch.isfinite(probs).all(dim=-1)).any()):
             return None
         # In vocabulary order, as the full path's cumulative sum runs (ties then draw alike).
@@ -172,6 +182,22 @@ class Sampler:
         probs = probs.gather(1, by_id)
         u = self._uniforms(params, output_index).to(device)
         return ids.gather(1, _mixed_draw(probs, params, u)[:, None])[:, 0]
+
+
+def _add_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The logits (float32, a new tensor: log-probabilities come from the raw ones) plus each row's
+    logit_bias."""
+    rows, tokens, biases = [], [], []
+    for row, p in enumerate(params):
+        for token, bias in p.logit_bias.items():
+            rows.append(row)
+            tokens.append(token)
+            biases.append(bias)
+    out = logits.float().clone()
+    device = logits.device
+    at = (torch.tensor(rows, device=device), torch.tensor(tokens, device=device))
+    out[at] += torch.tensor(biases, dtype=torch.float32, device=device)
+    return out
 
 
 # Candidates for a top-p nucleus: the most likely tokens of each row, by topk, instead of a sort

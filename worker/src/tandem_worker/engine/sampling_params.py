@@ -23,6 +23,8 @@ SAMPLING_REQUEST_FIELDS = (
     "presence_penalty",
     "frequency_penalty",
     "repetition_penalty",
+    "min_p",
+    "logit_bias",
 )
 
 
@@ -85,12 +87,20 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    # vLLM's: after temperature, tokens less likely than min_p times the most likely one are
+    # dropped (before top-k and top-p).
+    min_p: float = 0.0
+    # OpenAI's: added to the logits of these token ids first of all (in [-100, 100]; -100 all but
+    # bans a token, 100 all but forces it).
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
+        if isinstance(self.logit_bias, dict):
+            self.logit_bias = dict(self.logit_bias)  # the request's own: callers' dicts stay theirs
         self.validate()
         if self.top_logprobs:
             self.logprobs = True
@@ -121,6 +131,17 @@ class SamplingParams:
         rep = self.repetition_penalty
         if not _is_number(rep) or not 0.0 < rep < float("inf"):
             raise RequestError("repetition_penalty", f"must be a finite number > 0 (1: none), got {rep!r}")
+        if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise RequestError("min_p", f"must be a number in [0, 1], got {self.min_p!r}")
+        if not isinstance(self.logit_bias, dict):
+            raise RequestError("logit_bias", f"must map token ids to biases, got {self.logit_bias!r}")
+        for token, bias in self.logit_bias.items():
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise RequestError("logit_bias", f"keys must be token ids (integers >= 0), got {token!r}")
+            if not _is_number(bias) or not -100.0 <= bias <= 100.0:
+                raise RequestError(
+                    "logit_bias", f"token {token}: the bias must be in [-100, 100], got {bias!r}"
+                )
         if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise RequestError(
                 "top_logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}"

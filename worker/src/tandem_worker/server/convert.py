@@ -47,6 +47,8 @@ def params_from_pb(s: pb.SamplingParams, *, max_tokens: int | None = None) -> Sa
         presence_penalty=s.presence_penalty if s.HasField("presence_penalty") else 0.0,
         frequency_penalty=s.frequency_penalty if s.HasField("frequency_penalty") else 0.0,
         repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
+        min_p=s.min_p if s.HasField("min_p") else 0.0,
+        logit_bias=dict(s.logit_bias),
     )
 
 
@@ -65,7 +67,7 @@ def params_to_pb(p: SamplingParams) -> pb.SamplingParams:
     )
     if p.seed is not None:
         msg.seed = p.seed
-    # Only where set: a worker of an older build, which knows no penalties, then sees no field it
+    # Only where set: a worker of an older build, which knows none of these, then sees no field it
     # would drop in silence for any request without them.
     if p.presence_penalty:
         msg.presence_penalty = p.presence_penalty
@@ -73,6 +75,9 @@ def params_to_pb(p: SamplingParams) -> pb.SamplingParams:
         msg.frequency_penalty = p.frequency_penalty
     if p.repetition_penalty != 1.0:
         msg.repetition_penalty = p.repetition_penalty
+    if p.min_p:
+        msg.min_p = p.min_p
+    msg.logit_bias.update(p.logit_bias)
     return msg
 
 

@@ -156,7 +156,7 @@ TRITON_PARAMETERS = {
 
 
 # The sampling keys the protocol carries as float32 (pb.SamplingParams' float fields).
-FLOAT_KEYS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
+FLOAT_KEYS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p")
 
 
 class BadRequest(Exception):
@@ -504,6 +504,11 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
                 if not isinstance(value, list):
                     raise ValueError
                 norm = [_as_int(x) for x in value]
+            elif key == "logit_bias":
+                # A JSON object's keys are strings: token ids as "50256", as OpenAI's clients send them.
+                if not isinstance(value, dict) or not all(isinstance(k, str) and k.isdigit() for k in value):
+                    raise ValueError
+                norm = {int(k): _as_float(v) for k, v in value.items()}
             else:  # pragma: no cover - callers pass SAMPLING_KEYS only
                 raise BadRequest(f"{where}: unknown key")
             if key in ("stop", "stop_token_ids"):
@@ -516,6 +521,9 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
             seen[key] = (norm, where)
             if norm is None:
                 s.ClearField(key)  # a seed of -1: none
+            elif key == "logit_bias":
+                s.logit_bias.clear()
+                s.logit_bias.update(norm)
             else:
                 setattr(s, key, norm)
         except (ValueError, TypeError, OverflowError, struct.error):

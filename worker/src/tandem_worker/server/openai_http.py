@@ -4,12 +4,12 @@ What it serves: the base model and every LoRA adapter the workers know as model 
 "<adapter>"` selects that adapter); non-streaming responses and server-sent events (`data: {...}`,
 then `data: [DONE]`), with `stream_options.include_usage` adding a last chunk that carries usage and
 no choices; `max_tokens`/`max_completion_tokens`, `temperature`, `top_p`, `seed` (-1: no seed, as
-vLLM reads it; see `request_seed`), `stop`, `presence_penalty`, `frequency_penalty`, `n=1`,
-log-probabilities (the sampled token's and up to 20 most likely: chat's `logprobs`/`top_logprobs`,
-completions' `logprobs: N`), and vLLM's `top_k`/`ignore_eos`/`stop_token_ids`/`repetition_penalty`
-extensions. Any other field is refused by name (400), unless
-it changes nothing in the output (`user`, `metadata`, `store`, ...) or holds the value that turns
-its feature off (`n: 1`, `tools: []`, `logit_bias: {}`, ...; OFF_VALUES): what the engine
+vLLM reads it; see `request_seed`), `stop`, `presence_penalty`, `frequency_penalty`, `logit_bias`,
+`n=1`, log-probabilities (the sampled token's and up to 20 most likely: chat's
+`logprobs`/`top_logprobs`, completions' `logprobs: N`), and vLLM's `top_k`, `min_p`, `ignore_eos`,
+`stop_token_ids` and `repetition_penalty` extensions. Any other field is refused by name (400),
+unless it changes nothing in the output (`user`, `metadata`, `store`, ...) or holds the value that
+turns its feature off (`n: 1`, `tools: []`, `echo: false`, ...; OFF_VALUES): what the engine
 cannot do is never dropped in silence. Errors have OpenAI's shape `{"error": {"message", "type",
 "param", "code"}}` and status: 400 invalid, 404 unknown model or adapter, 429 overloaded, 503 no
 worker, 504 past the deadline (an optional `X-Request-Timeout: SECONDS` header sets one). `GET
@@ -104,10 +104,8 @@ OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "n": (1,),
     "best_of": (1,),
     "length_penalty": (1,),
-    "min_p": (0,),
     "min_tokens": (0,),
     "use_beam_search": (False,),
-    "logit_bias": ({},),
     "echo": (False,),
     "suffix": ("",),
     "response_format": ({"type": "text"},),
@@ -364,6 +362,21 @@ class OpenAIFrontend:
             if not 0 < repetition < float("inf"):
                 raise invalid("repetition_penalty", f"must be a number > 0 (1: none), got {repetition}")
             s.repetition_penalty = repetition
+        min_p = _get(body, "min_p", (int, float), "a number")
+        if min_p is not None:
+            if not 0 <= min_p <= 1:
+                raise invalid("min_p", f"must be in [0, 1], got {min_p}")
+            s.min_p = min_p
+        bias = _get(body, "logit_bias", (dict,), "an object mapping token ids to biases")
+        for key, value in (bias or {}).items():
+            # JSON's keys are strings: OpenAI's clients send token ids as "50256".
+            if not (isinstance(key, str) and key.isascii() and key.isdigit() and int(key) < 2**32):
+                raise invalid("logit_bias", f"keys must be token ids, got {json.dumps(key)[:40]}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+                raise invalid(
+                    "logit_bias", f"token {key}: the bias must be in [-100, 100], got {json.dumps(value)}"
+                )
+            s.logit_bias[int(key)] = value
         seed = _get(body, "seed", (int,), "an integer")
         if seed is not None:
             try:
