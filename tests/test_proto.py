@@ -122,3 +122,39 @@ def test_service_shapes():
         (worker_pb2_grpc, "Admin"),
     ]:
         assert hasattr(grpc_mod, f"{service}Stub") and hasattr(grpc_mod, f"add_{service}Servicer_to_server")
+
+
+def test_sampling_params_survive_the_wire_whole():
+    # Every field set away from its default: one that params_to_pb or params_from_pb forgets is a
+    # setting the workers silently never see.
+    import dataclasses
+
+    from tandem_worker.engine.sampling_params import SamplingParams
+    from tandem_worker.server.convert import params_from_pb, params_to_pb
+
+    p = SamplingParams(
+        max_tokens=40,
+        temperature=0.5,
+        top_p=0.75,
+        top_k=7,
+        seed=2**63 + 5,
+        stop=["\n\n", "END"],
+        stop_token_ids=[2, 9],
+        ignore_eos=True,
+        logprobs=True,
+        top_logprobs=3,
+        fit_max_tokens=True,
+        presence_penalty=0.5,
+        frequency_penalty=-0.25,
+        repetition_penalty=1.25,
+        min_p=0.125,
+        logit_bias={5: -100.0, 7: 2.5},
+        min_tokens=12,
+    )
+    defaults = SamplingParams()
+    unset = [f.name for f in dataclasses.fields(p) if getattr(p, f.name) == getattr(defaults, f.name)]
+    assert not unset, f"set these away from their defaults too: {unset}"
+    assert params_from_pb(params_to_pb(p)) == p
+    # A prefill worker's view (its first token only): the EOS ban still holds for that token.
+    first = params_from_pb(params_to_pb(p), max_tokens=1)
+    assert (first.max_tokens, first.min_tokens) == (1, 1)

@@ -208,3 +208,26 @@ def test_natural_eos_stop_matches_transformers_generate(engine, hf_model, hf_tok
     assert final.finish_reason == "stop"
     assert final.token_ids == ref
     assert final.text == hf_tokenizer.decode(ref, skip_special_tokens=True)
+
+
+def test_min_tokens_defers_eos_as_transformers_generate_does(engine, hf_model, hf_tokenizer):
+    ids = hf_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Say just the word: yes"}], add_generation_prompt=True
+    )
+    if not isinstance(ids, list):
+        ids = ids["input_ids"]
+    plain = SamplingParams(max_tokens=40, temperature=0)
+    with torch.inference_mode():
+        ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=40, min_new_tokens=12, do_sample=False)[
+            0, len(ids) :
+        ].tolist()
+    # Alone and beside a request without min_tokens, which stops at its EOS as before.
+    deferred = SamplingParams(max_tokens=40, temperature=0, min_tokens=12)
+    a = engine.add_request(prompt_token_ids=list(ids), params=deferred)
+    b = engine.add_request(prompt_token_ids=list(ids), params=plain)
+    final = {}
+    while engine.has_unfinished():
+        final.update({o.request_id: o for o in engine.step() if o.finished})
+    assert len(final[b].token_ids) < 12 and final[b].finish_reason == "stop", "EOS should come early"
+    assert final[a].token_ids == ref and len(ref) >= 12
+    assert all(t not in engine.eos_token_ids for t in final[a].token_ids[:12])

@@ -673,3 +673,26 @@ def test_logit_bias_is_added_before_anything_else_and_logprobs_stay_raw():
 def test_bad_min_p_and_logit_bias_are_refused_by_name(kwargs, field):
     with pytest.raises(RequestError, match=field):
         SamplingParams(**kwargs)
+
+
+def test_banned_tokens_are_never_drawn_on_any_path():
+    # min_tokens' ban (EOS and stop token ids) beats even a +100 bias, on greedy, top-k and full rows.
+    logits = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0]] * 3)
+    params = [
+        SamplingParams(temperature=0.0, logit_bias={1: 100.0}),
+        SamplingParams(temperature=1.0, top_k=2),
+        SamplingParams(temperature=5.0),
+    ]
+    sampler, seen = Sampler(seed=0), set()
+    for i in range(200):
+        out = sampler.sample(logits, [f"a{i}", f"b{i}", f"c{i}"], params, banned=[frozenset({0, 1})] * 3)
+        seen.update(out.token_ids)
+        assert out.token_ids[0] == 2 and out.token_ids[1] in (2, 3)
+    assert seen == {2, 3, 4}
+
+
+def test_min_tokens_above_max_tokens_is_refused():
+    with pytest.raises(RequestError, match="min_tokens"):
+        SamplingParams(max_tokens=4, min_tokens=5)
+    with pytest.raises(RequestError, match="min_tokens"):
+        SamplingParams(min_tokens=-1)

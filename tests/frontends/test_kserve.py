@@ -402,6 +402,7 @@ def test_request_parameters_translate_with_the_checks_of_sampling_parameters():
                 "repetition_penalty": 1.25,
                 "presence_penalty": "0.5",
                 "frequency_penalty": -0.25,
+                "min_tokens": "3",
                 # No-op values of what the engine lacks, and what Triton's clients send.
                 "n": 1,
                 "use_beam_search": False,
@@ -423,6 +424,7 @@ def test_request_parameters_translate_with_the_checks_of_sampling_parameters():
     )
     assert list(s.stop) == ["\n\n"] and list(s.stop_token_ids) == [2]
     assert (s.repetition_penalty, s.presence_penalty, s.frequency_penalty) == (1.25, 0.5, -0.25)
+    assert s.min_tokens == 3
     assert t.timeout == 2.5
     for params, match in (
         ({"max_tokens": 0}, "parameters.max_tokens: must be >= 1"),

@@ -295,7 +295,9 @@ def test_a_request_the_frontend_refuses_is_counted_as_invalid(client, deployment
     # was counted nowhere, so the dashboard's invalid rate missed it.
     before = deployment.router.metric("tandem_requests_total", outcome="invalid")
     with pytest.raises(openai.BadRequestError):
-        client.completions.create(model=SERVED, prompt=PROMPT, max_tokens=4, extra_body={"min_p": 0.5})
+        client.completions.create(
+            model=SERVED, prompt=PROMPT, max_tokens=4, extra_body={"use_beam_search": True}
+        )
     assert deployment.router.metric("tandem_requests_total", outcome="invalid") == before + 1
 
 
@@ -508,7 +510,6 @@ def test_top_k_minus_one_is_disabled_as_vllm_clients_send_it(client):
     ("chat", "field", "value"),
     [
         # Features the engine does not have: ignoring them would change the output in silence.
-        (False, "min_tokens", 8),
         (False, "skip_special_tokens", False),
         (False, "guided_json", {"type": "object"}),
         (False, "use_beam_search", True),
@@ -566,6 +567,21 @@ def test_penalties_and_logit_bias_are_served_as_through_grpc(client, deployment,
         assert r.choices[0].text == want.text
 
 
+def test_min_tokens_defers_the_end_as_through_grpc(client, deployment):
+    short = [{"role": "user", "content": "Say just the word: yes"}]
+    plain = generate(deployment.router, request(short, sampling(max_tokens=40, temperature=0.0)))
+    assert plain.usage.completion_tokens < 12, "the answer should end early without min_tokens"
+    want = generate(
+        deployment.router, request(short, sampling(max_tokens=40, temperature=0.0, min_tokens=12))
+    )
+    assert want.usage.completion_tokens >= 12
+    r = client.chat.completions.create(
+        model=SERVED, messages=short, max_tokens=40, temperature=0, extra_body={"min_tokens": 12}
+    )
+    assert r.choices[0].message.content == want.text
+    assert r.usage.completion_tokens == want.usage.completion_tokens
+
+
 def test_min_p_is_served_as_through_grpc(client, deployment):
     sampled = {"max_tokens": 16, "temperature": 1.5, "seed": 11, "ignore_eos": True}
     want = generate(deployment.router, request(PROMPT, sampling(**sampled, min_p=0.2)))
@@ -588,6 +604,8 @@ def test_min_p_is_served_as_through_grpc(client, deployment):
         ("repetition_penalty", 0),
         ("repetition_penalty", -1.0),
         ("min_p", 1.5),
+        ("min_tokens", -1),
+        ("min_tokens", 3),  # more than max_tokens (2): the engine's refusal
         ("logit_bias", {"12": 101}),
         ("logit_bias", {"twelve": 1}),
         ("logit_bias", {"-1": 1}),

@@ -87,6 +87,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
         "--repetition-penalty", type=float, default=1.0, help="transformers' and vLLM's, > 0 (1: none)"
     )
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the most likely's")
+    p.add_argument("--min-tokens", type=int, default=0, help="no EOS nor stop token id before this many")
     p.add_argument("--logprobs", action="store_true", help="report each generated token's log-probability")
     p.add_argument(
         "--top-logprobs",
@@ -519,6 +520,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         "frequency_penalty": args.frequency_penalty,
         "repetition_penalty": args.repetition_penalty,
         "min_p": args.min_p,
+        "min_tokens": args.min_tokens,
         "logprobs": args.logprobs,
         "top_logprobs": args.top_logprobs,
     }

@@ -471,6 +471,7 @@ class LLMEngine:
             [s.params for s in seqs],
             [len(s.output_token_ids) for s in seqs],
             [(s.prompt_token_ids, s.output_token_ids) for s in seqs],
+            [self._banned(s) for s in seqs],
         )
         now = time.monotonic()
         outputs = []
@@ -480,6 +481,15 @@ class LLMEngine:
             top = result.top_logprobs[row] if result.top_logprobs is not None else None
             outputs.append(self._append_token(req, result.token_ids[row], logprob, now, top))
         return outputs
+
+    def _banned(self, seq: Sequence) -> frozenset[int]:
+        """What `seq` must not draw next: short of its min_tokens, whatever would stop it."""
+        p = seq.params
+        if len(seq.output_token_ids) >= p.min_tokens:
+            return frozenset()
+        vocab = self.model_config.vocab_size
+        stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
+        return frozenset(t for t in stops if t < vocab)
 
     def _append_token(
         self, req: _Request, token: int, logprob: float | None, now: float, top: TopLogprobs | None = None

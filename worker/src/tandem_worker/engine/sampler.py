@@ -56,14 +56,16 @@ class Sampler:
         params: list[SamplingParams],
         output_index: list[int] | None = None,
         history: list[tuple[list[int], list[int]]] | None = None,
+        banned: list[frozenset[int]] | None = None,
     ) -> SampleResult:
         """`logits`: [num_seqs, vocab] float32, one row per request; `output_index`: each row's
         position among its request's generated tokens (0 for the first); `history`: each row's
-        prompt and generated token ids, which rows with penalties need."""
+        prompt and generated token ids, which rows with penalties need; `banned`: tokens each row
+        must not draw (a request short of its min_tokens: its EOS and stop token ids)."""
         output_index = output_index or [0] * len(params)
         scores = logits
-        if any(p.logit_bias for p in params):  # first of all, as vLLM orders them
-            scores = _add_logit_bias(logits, params)
+        if any(p.logit_bias for p in params) or (banned and any(banned)):  # first, as vLLM orders them
+            scores = _add_logit_bias(logits, params, banned)
         if any(p.penalized for p in params):
             if history is None:
                 raise ValueError("rows with penalties need their prompt and generated tokens (history)")
@@ -184,15 +186,23 @@ class Sampler:
         return ids.gather(1, _mixed_draw(probs, params, u)[:, None])[:, 0]
 
 
-def _add_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+def _add_logit_bias(
+    logits: torch.Tensor, params: list[SamplingParams], banned: list[frozenset[int]] | None
+) -> torch.Tensor:
     """The logits (float32, a new tensor: log-probabilities come from the raw ones) plus each row's
-    logit_bias."""
+    logit_bias, and -inf at its banned tokens."""
     rows, tokens, biases = [], [], []
     for row, p in enumerate(params):
+        ban = banned[row] if banned else frozenset()
         for token, bias in p.logit_bias.items():
+            if token not in ban:
+                rows.append(row)
+                tokens.append(token)
+                biases.append(bias)
+        for token in ban:
             rows.append(row)
             tokens.append(token)
-            biases.append(bias)
+            biases.append(float("-inf"))
     out = logits.float().clone()
     device = logits.device
     at = (torch.tensor(rows, device=device), torch.tensor(tokens, device=device))

@@ -25,6 +25,7 @@ SAMPLING_REQUEST_FIELDS = (
     "repetition_penalty",
     "min_p",
     "logit_bias",
+    "min_tokens",
 )
 
 
@@ -93,6 +94,9 @@ class SamplingParams:
     # OpenAI's: added to the logits of these token ids first of all (in [-100, 100]; -100 all but
     # bans a token, 100 all but forces it).
     logit_bias: dict[int, float] = field(default_factory=dict)
+    # vLLM's: no EOS (unless ignore_eos) nor stop_token_ids is sampled before this many tokens;
+    # stop strings still end the text.
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -131,6 +135,10 @@ class SamplingParams:
         rep = self.repetition_penalty
         if not _is_number(rep) or not 0.0 < rep < float("inf"):
             raise RequestError("repetition_penalty", f"must be a finite number > 0 (1: none), got {rep!r}")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise RequestError("min_tokens", f"must be an integer >= 0, got {self.min_tokens!r}")
+        if self.min_tokens > self.max_tokens:
+            raise RequestError("min_tokens", f"{self.min_tokens} is more than max_tokens ({self.max_tokens})")
         if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
             raise RequestError("min_p", f"must be a number in [0, 1], got {self.min_p!r}")
         if not isinstance(self.logit_bias, dict):

@@ -49,6 +49,9 @@ def params_from_pb(s: pb.SamplingParams, *, max_tokens: int | None = None) -> Sa
         repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
         min_p=s.min_p if s.HasField("min_p") else 0.0,
         logit_bias=dict(s.logit_bias),
+        # A prefill worker samples the first token alone (max_tokens 1): the ban holds for it if
+        # min_tokens reaches past it.
+        min_tokens=s.min_tokens if max_tokens is None else min(s.min_tokens, max_tokens),
     )
 
 
@@ -78,6 +81,7 @@ def params_to_pb(p: SamplingParams) -> pb.SamplingParams:
     if p.min_p:
         msg.min_p = p.min_p
     msg.logit_bias.update(p.logit_bias)
+    msg.min_tokens = p.min_tokens
     return msg
 
 

@@ -139,7 +139,6 @@ SAMPLING_KEYS = set(SAMPLING_REQUEST_FIELDS)
 NOOP_KEYS = {
     "n": 1,
     "best_of": 1,
-    "min_tokens": 0,
     "use_beam_search": False,
 }
 # The request's own `parameters` map (the protocol's, beside the tensors) takes the sampling keys
@@ -481,7 +480,7 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
         # "128" is not the token ids [1, 2, 8], nor "false" true. Numbers may come as numeric
         # strings (as Triton's vLLM backend documents them), for every numeric key alike.
         try:
-            if key in ("max_tokens", "top_k"):
+            if key in ("max_tokens", "top_k", "min_tokens"):
                 norm: Any = _as_int(value)
                 if key == "max_tokens" and norm < 1:
                     raise BadRequest(f"{where}: must be >= 1, got {value}")

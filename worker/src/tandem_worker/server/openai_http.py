@@ -6,8 +6,8 @@ then `data: [DONE]`), with `stream_options.include_usage` adding a last chunk th
 no choices; `max_tokens`/`max_completion_tokens`, `temperature`, `top_p`, `seed` (-1: no seed, as
 vLLM reads it; see `request_seed`), `stop`, `presence_penalty`, `frequency_penalty`, `logit_bias`,
 `n=1`, log-probabilities (the sampled token's and up to 20 most likely: chat's
-`logprobs`/`top_logprobs`, completions' `logprobs: N`), and vLLM's `top_k`, `min_p`, `ignore_eos`,
-`stop_token_ids` and `repetition_penalty` extensions. Any other field is refused by name (400),
+`logprobs`/`top_logprobs`, completions' `logprobs: N`), and vLLM's `top_k`, `min_p`, `min_tokens`,
+`ignore_eos`, `stop_token_ids` and `repetition_penalty` extensions. Any other field is refused by name (400),
 unless it changes nothing in the output (`user`, `metadata`, `store`, ...) or holds the value that
 turns its feature off (`n: 1`, `tools: []`, `echo: false`, ...; OFF_VALUES): what the engine
 cannot do is never dropped in silence. Errors have OpenAI's shape `{"error": {"message", "type",
@@ -104,7 +104,6 @@ OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "n": (1,),
     "best_of": (1,),
     "length_penalty": (1,),
-    "min_tokens": (0,),
     "use_beam_search": (False,),
     "echo": (False,),
     "suffix": ("",),
@@ -362,6 +361,11 @@ class OpenAIFrontend:
             if not 0 < repetition < float("inf"):
                 raise invalid("repetition_penalty", f"must be a number > 0 (1: none), got {repetition}")
             s.repetition_penalty = repetition
+        min_tokens = _get(body, "min_tokens", (int,), "an integer")
+        if min_tokens is not None:
+            if not 0 <= min_tokens < 2**32:
+                raise invalid("min_tokens", f"must be in [0, 2^32), got {min_tokens}")
+            s.min_tokens = min_tokens
         min_p = _get(body, "min_p", (int, float), "a number")
         if min_p is not None:
             if not 0 <= min_p <= 1:
