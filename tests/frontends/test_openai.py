@@ -265,7 +265,8 @@ def test_unknown_model_is_404(client, deployment):
 @pytest.mark.parametrize(
     ("kwargs", "param"),
     [
-        ({"n": 2}, "n"),
+        ({"n": 0}, "n"),
+        ({"n": 17}, "n"),
         ({"temperature": -1.0}, "temperature"),
         ({"top_p": 0.0}, "top_p"),
         ({"max_tokens": 0}, "max_tokens"),
@@ -349,6 +350,52 @@ def test_a_deadline_beyond_any_wait_is_none(client, seconds):
     assert r.usage.completion_tokens == 2
 
 
+@pytest.mark.parametrize("chat", [False, True])
+def test_n_choices_are_the_requests_with_seeds_seed_plus_i(client, deployment, chat):
+    # Choice i is the request with seed + i: choice 0 is the answer with n 1, the others differ.
+    seeded = {"max_tokens": 12, "temperature": 1.0, "seed": 21}
+    prompt = CHAT if chat else PROMPT
+    want = [
+        generate(deployment.router, request(prompt, sampling(**seeded | {"seed": 21 + i}))) for i in range(3)
+    ]
+    assert len({w.text for w in want}) > 1
+    extra = {"model": SERVED, "max_tokens": 12, "temperature": 1.0, "seed": 21, "n": 3}
+    if chat:
+        r = client.chat.completions.create(messages=CHAT, **extra)
+        texts = [c.message.content for c in r.choices]
+    else:
+        r = client.completions.create(prompt=PROMPT, **extra)
+        texts = [c.text for c in r.choices]
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert texts == [w.text for w in want]
+    assert [c.finish_reason for c in r.choices] == [{1: "stop", 2: "length"}[w.finish_reason] for w in want]
+    # The prompt once, every choice's tokens.
+    assert r.usage.prompt_tokens == len(want[0].prompt_token_ids)
+    assert r.usage.completion_tokens == sum(w.usage.completion_tokens for w in want)
+    # Streamed: each chunk names its choice; joined per choice, the same texts; usage at the end.
+    stream_kwargs = {"stream": True, "stream_options": {"include_usage": True}}
+    if chat:
+        chunks = list(client.chat.completions.create(messages=CHAT, **extra, **stream_kwargs))
+        pieces = [(c.choices[0].index, c.choices[0].delta.content or "") for c in chunks if c.choices]
+    else:
+        chunks = list(client.completions.create(prompt=PROMPT, **extra, **stream_kwargs))
+        pieces = [(c.choices[0].index, c.choices[0].text) for c in chunks if c.choices]
+    assert ["".join(t for i, t in pieces if i == k) for k in range(3)] == texts
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens and not chunks[-1].choices
+    assert_idle(deployment.workers)
+
+
+def test_n_choices_past_the_admission_bound_are_429_and_leave_nothing_running(deployment):
+    with openai.OpenAI(
+        base_url=deployment.limited_http + "/v1", api_key="x", max_retries=0, timeout=120
+    ) as c:
+        with pytest.raises(openai.RateLimitError):
+            c.completions.create(
+                model=SERVED, prompt=PROMPT, max_tokens=500, n=2, extra_body={"ignore_eos": True}
+            )
+    assert_idle(deployment.workers, timeout=20)
+
+
 def test_overload_is_429(deployment):
     """The router's admission bound (--max-in-flight 1) answers a second request with 429."""
     with openai.OpenAI(
@@ -408,10 +455,10 @@ def test_health_and_unknown_route(deployment):
     assert ei.value.code == 404 and "error" in json.loads(ei.value.read())
 
 
-@pytest.mark.parametrize("stream", [True, False])
-def test_client_disconnect_cancels_upstream(deployment, stream):
-    """Closing the connection mid-request frees the request's KV blocks on both workers long before
-    its 2000 tokens could have been generated."""
+@pytest.mark.parametrize(("stream", "n"), [(True, 1), (False, 1), (True, 3), (False, 3)])
+def test_client_disconnect_cancels_upstream(deployment, stream, n):
+    """Closing the connection mid-request frees the KV blocks of the request (each of its n
+    choices) on both workers long before its 2000 tokens could have been generated."""
     body = json.dumps(
         {
             "model": SERVED,
@@ -420,6 +467,7 @@ def test_client_disconnect_cancels_upstream(deployment, stream):
             "ignore_eos": True,
             "temperature": 0,
             "stream": stream,
+            "n": n,
         }
     )
     port = int(deployment.http.rsplit(":", 1)[1])
@@ -431,7 +479,7 @@ def test_client_disconnect_cancels_upstream(deployment, stream):
         assert resp.fp.readline()  # the first event's chunk has arrived: it is running
     else:
         time.sleep(1.5)
-        assert deployment.d0.stats().in_flight == 1
+        assert deployment.d0.stats().in_flight == n
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
     t0 = time.monotonic()

@@ -5,15 +5,16 @@ What it serves: the base model and every LoRA adapter the workers know as model 
 then `data: [DONE]`), with `stream_options.include_usage` adding a last chunk that carries usage and
 no choices; `max_tokens`/`max_completion_tokens`, `temperature`, `top_p`, `seed` (-1: no seed, as
 vLLM reads it; see `request_seed`), `stop`, `presence_penalty`, `frequency_penalty`, `logit_bias`,
-`n=1`, log-probabilities (the sampled token's and up to 20 most likely: chat's
-`logprobs`/`top_logprobs`, completions' `logprobs: N`), and vLLM's `top_k`, `min_p`, `min_tokens`,
-`ignore_eos`, `stop_token_ids` and `repetition_penalty` extensions. Any other field is refused by name (400),
-unless it changes nothing in the output (`user`, `metadata`, `store`, ...) or holds the value that
-turns its feature off (`n: 1`, `tools: []`, `echo: false`, ...; OFF_VALUES): what the engine
-cannot do is never dropped in silence. Errors have OpenAI's shape `{"error": {"message", "type",
-"param", "code"}}` and status: 400 invalid, 404 unknown model or adapter, 429 overloaded, 503 no
-worker, 504 past the deadline (an optional `X-Request-Timeout: SECONDS` header sets one). `GET
-/health` is 200 once the router can serve.
+`n` up to 16 (choice i is the request with seed + i), log-probabilities (the sampled token's and
+up to 20 most likely: chat's `logprobs`/`top_logprobs`, completions' `logprobs: N`), and vLLM's
+`top_k`, `min_p`, `min_tokens`, `ignore_eos`, `stop_token_ids` and `repetition_penalty`
+extensions. Any other field is refused by name (400), unless it changes nothing in the output
+(`user`, `metadata`, `store`, ...) or holds the value that turns its feature off (`best_of: 1`,
+`tools: []`, `echo: false`, ...; OFF_VALUES): what the engine cannot do is never dropped in
+silence. Errors have OpenAI's shape `{"error": {"message", "type", "param", "code"}}` and status:
+400 invalid, 404 unknown model or adapter, 429 overloaded, 503 no worker, 504 past the deadline (an
+optional `X-Request-Timeout: SECONDS` header sets one). `GET /health` is 200 once the router can
+serve.
 
 Design choices:
 
@@ -35,8 +36,10 @@ Design choices:
 from __future__ import annotations
 
 import codecs
+import itertools
 import json
 import logging
+import queue
 import select
 import socket
 import threading
@@ -62,6 +65,8 @@ log = logging.getLogger(__name__)
 # Deadlines past this (about three years) mean none: a gRPC deadline that far out, or infinite,
 # overflows and expires at once.
 MAX_TIMEOUT_SECONDS = 1e8
+# `n`: each choice is a request of its own upstream (its own admission slot, KV and metrics).
+MAX_CHOICES = 16
 
 FINISH = {
     pb.FINISH_REASON_STOP: "stop",
@@ -90,7 +95,15 @@ PARAM_NAMES = {"prompt_token_ids": "prompt"}
 # the request is refused naming it (as OpenAI's own API does): a field ignored in silence would
 # change what the client asked for (a penalty, a JSON schema, a second choice) without a word.
 COMMON_FIELDS = frozenset(
-    {"model", "stream", "stream_options", "include_stop_str_in_output", "logprobs", *SAMPLING_REQUEST_FIELDS}
+    {
+        "model",
+        "n",
+        "stream",
+        "stream_options",
+        "include_stop_str_in_output",
+        "logprobs",
+        *SAMPLING_REQUEST_FIELDS,
+    }
 )
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
@@ -101,7 +114,6 @@ NEUTRAL_FIELDS = frozenset(
 # Features the engine does not have (OpenAI's and vLLM's names), accepted only at a value that turns
 # them off, or null; any other value is refused. An empty tuple: only null.
 OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "n": (1,),
     "best_of": (1,),
     "length_penalty": (1,),
     "use_beam_search": (False,),
@@ -214,6 +226,56 @@ class Parsed:
     logprobs: bool = False
     chat: bool = False
     timeout: float | None = None
+    n: int = 1
+
+    def choice_requests(self) -> list[pb.GenerateRequest]:
+        """One upstream request per choice: ids `<id>-<i>`; with a seed, choice i draws with seed +
+        i (so choice 0 is the answer with n 1, and the others differ from it)."""
+        out = []
+        for i in range(self.n):
+            r = pb.GenerateRequest()
+            r.CopyFrom(self.request)
+            r.request_id = f"{self.request.request_id}-{i}"
+            if r.sampling.HasField("seed"):
+                r.sampling.seed = (r.sampling.seed + i) % 2**64
+            out.append(r)
+        return out
+
+
+class _Choices:
+    """`n` upstream calls answered as one response's choices: their messages as (choice, message),
+    in the order they arrive; the first error cancels the other calls and is raised. `cancel`
+    cancels them all (a client gone)."""
+
+    def __init__(self, calls: list[grpc.Call]) -> None:
+        self.calls = calls
+        self._arrived: queue.Queue = queue.Queue()
+        for i, call in enumerate(calls):
+            threading.Thread(target=self._read, args=(i, call), name="openai-choice", daemon=True).start()
+
+    def _read(self, i: int, call: grpc.Call) -> None:
+        try:
+            for msg in call:
+                self._arrived.put((i, msg))
+            self._arrived.put((i, None))
+        except grpc.RpcError as e:
+            self._arrived.put((i, e))
+
+    def cancel(self) -> None:
+        for call in self.calls:
+            call.cancel()
+
+    def __iter__(self) -> Iterator[tuple[int, pb.GenerateResponse]]:
+        running = len(self.calls)
+        while running:
+            i, item = self._arrived.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, grpc.RpcError):
+                self.cancel()
+                raise item
+            else:
+                yield i, item
 
 
 def _get(body: dict, key: str, types: tuple[type, ...], what: str) -> Any:
@@ -429,6 +491,10 @@ class OpenAIFrontend:
             s.top_logprobs = top
         s.logprobs = logprobs
 
+        n = _get(body, "n", (int,), "an integer")
+        if n is not None and not 1 <= n <= MAX_CHOICES:
+            raise invalid("n", f"must be in [1, {MAX_CHOICES}], got {n}")
+
         stream = bool(_get(body, "stream", (bool,), "a boolean"))
         include_usage = False
         opts = body.get("stream_options")
@@ -461,7 +527,7 @@ class OpenAIFrontend:
         # Always our own id: the workers refuse a second request under an id that is in flight, and
         # clients' ids are not unique across clients.
         req.request_id = uuid.uuid4().hex
-        return Parsed(req, model, stream, include_usage, logprobs, chat, timeout)
+        return Parsed(req, model, stream, include_usage, logprobs, chat, timeout, n or 1)
 
     def _prompt(self, body: dict, req: pb.GenerateRequest) -> None:
         p = body.get("prompt")
@@ -530,9 +596,18 @@ class OpenAIFrontend:
 
     # --- responses ----------------------------------------------------------------------------
 
-    def call(self, p: Parsed) -> tuple[grpc.Call, Callable[[], None]]:
-        """The call upstream, and what to run once done with it."""
-        return forward(self.stub, p.request, p.timeout, self.handoffs)
+    def call(self, p: Parsed) -> tuple[Any, Callable[[], None]]:
+        """The call upstream (with n > 1, the choices' calls as one `_Choices`), and what to run
+        once done with it."""
+        if p.n == 1:
+            return forward(self.stub, p.request, p.timeout, self.handoffs)
+        forwarded = [forward(self.stub, r, p.timeout, self.handoffs) for r in p.choice_requests()]
+
+        def done() -> None:
+            for _, settle in forwarded:
+                settle()
+
+        return _Choices([call for call, _ in forwarded]), done
 
     def _logprobs(self, msg: pb.GenerateResponse, chat: bool, offsets: TextOffsets) -> Any:
         toks = [self.tok.token_text(t) for t in msg.token_ids]
@@ -580,6 +655,25 @@ class OpenAIFrontend:
             "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens},
         }
 
+    @staticmethod
+    def usage_of_choices(usages: list[dict[str, Any]]) -> dict[str, Any]:
+        """One prompt (as OpenAI counts it for n choices) and every choice's tokens."""
+        usage = dict(usages[0])
+        usage["completion_tokens"] = sum(u["completion_tokens"] for u in usages)
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return usage
+
+    def complete_choices(self, p: Parsed, choices: _Choices) -> dict[str, Any]:
+        """The whole response of n choices."""
+        per: list[list[pb.GenerateResponse]] = [[] for _ in range(p.n)]
+        for i, msg in choices:
+            per[i].append(msg)
+        bodies = [self.complete(p, iter(messages)) for messages in per]
+        body = bodies[0]
+        body["choices"] = [dict(b["choices"][0], index=i) for i, b in enumerate(bodies)]
+        body["usage"] = self.usage_of_choices([b["usage"] for b in bodies])
+        return body
+
     def complete(self, p: Parsed, messages: Iterator[pb.GenerateResponse]) -> dict[str, Any]:
         text, finish, usage = "", None, None
         lp_chat: list[dict] = []
@@ -626,9 +720,13 @@ class OpenAIFrontend:
         }
 
     def chunks(
-        self, p: Parsed, first: pb.GenerateResponse, rest: Iterator[pb.GenerateResponse]
+        self,
+        p: Parsed,
+        received: list[tuple[int, pb.GenerateResponse]],
+        rest: Iterator[tuple[int, pb.GenerateResponse]],
     ) -> Iterator[dict[str, Any]]:
-        """The streamed chunks (as dicts), starting from the already received first message."""
+        """The streamed chunks (as dicts) of p.n choices, from the messages already received (each
+        choice's first among them) and the rest, as (choice, message) in the order they arrive."""
         rid = p.request.request_id
         created = int(time.time())
         obj, prefix = ("chat.completion.chunk", "chatcmpl-") if p.chat else ("text_completion", "cmpl-")
@@ -641,40 +739,48 @@ class OpenAIFrontend:
         }
         if p.include_usage:
             head["usage"] = None
-        offsets = TextOffsets(self.tok)
+        offsets = [TextOffsets(self.tok) for _ in range(p.n)]
 
-        def chunk(delta_text: str, msg: pb.GenerateResponse | None, finish: str | None, role: bool = False):
+        def chunk(
+            index: int,
+            delta_text: str,
+            msg: pb.GenerateResponse | None,
+            finish: str | None,
+            role: bool = False,
+        ) -> dict[str, Any]:
             lp = None
             if p.logprobs and msg is not None and msg.token_ids:
-                lp = self._logprobs(msg, p.chat, offsets)
+                lp = self._logprobs(msg, p.chat, offsets[index])
                 if p.chat:
                     lp = {"content": lp}
             if p.chat:
                 delta: dict[str, Any] = {"content": delta_text}
                 if role:
                     delta = {"role": "assistant", "content": delta_text}
-                choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
+                choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": delta_text, "logprobs": lp, "finish_reason": finish}
+                choice = {"index": index, "text": delta_text, "logprobs": lp, "finish_reason": finish}
             return {**head, "choices": [choice]}
 
-        final = None
-        if p.chat:  # OpenAI opens a chat stream with the assistant's role
-            yield chunk("", None, None, role=True)
-        msg: pb.GenerateResponse | None = first
-        it = iter(rest)
-        while msg is not None:
+        if p.chat:  # OpenAI opens a chat stream with the assistant's role, per choice
+            for i in range(p.n):
+                yield chunk(i, "", None, None, role=True)
+        finals: dict[int, pb.GenerateResponse] = {}
+        for i, msg in itertools.chain(received, rest):
+            if i in finals:
+                continue
             finish = FINISH.get(msg.finish_reason) if msg.finish_reason else None
             if msg.text or finish or (p.logprobs and msg.token_ids):
-                yield chunk(msg.text, msg, finish)
+                yield chunk(i, msg.text, msg, finish)
             if finish:
-                final = msg
-                break
-            msg = next(it, None)
-        if final is None:
+                finals[i] = msg
+                if len(finals) == p.n:
+                    break
+        if len(finals) < p.n:
             raise ApiError(502, "the upstream stream ended without a finish reason", "server_error")
         if p.include_usage:
-            yield {**head, "choices": [], "usage": self.usage(final)}
+            usage = self.usage_of_choices([self.usage(finals[i]) for i in range(p.n)])
+            yield {**head, "choices": [], "usage": usage}
 
 
 MAX_BODY_BYTES = 32 << 20
@@ -865,13 +971,19 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self, p: Parsed, call: Any) -> None:
         fe = self.frontend
         if not p.stream:
-            body = fe.complete(p, call)
+            body = fe.complete(p, call) if p.n == 1 else fe.complete_choices(p, call)
             self._send_json(200, body, {"X-Request-Id": p.request.request_id})
             return
-        # Wait for the first message before answering 200, so that a request the router refuses
-        # (invalid, unknown adapter, overloaded) gets its proper status instead of a broken stream.
-        first = next(call, None)
-        if first is None:
+        # Wait for the first message (of every choice) before answering 200, so that a request the
+        # router refuses (invalid, unknown adapter, overloaded) gets its proper status instead of a
+        # broken stream.
+        messages = ((0, m) for m in call) if p.n == 1 else iter(call)
+        received: list[tuple[int, pb.GenerateResponse]] = []  # all of them, in order, until then
+        for i, msg in messages:
+            received.append((i, msg))
+            if len({j for j, _ in received}) == p.n:
+                break
+        if len({j for j, _ in received}) < p.n:
             raise ApiError(502, "the upstream stream ended without a message", "server_error")
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
@@ -886,7 +998,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         self.end_headers()
         try:
-            for c in fe.chunks(p, first, call):
+            for c in fe.chunks(p, received, messages):
                 self._chunk(b"data: " + json.dumps(c, ensure_ascii=False).encode() + b"\n\n")
             self._chunk(b"data: [DONE]\n\n")
         except grpc.RpcError as e:
