@@ -80,8 +80,8 @@ class SamplingParams:
     # max_tokens is an upper bound: the engine lowers it to what fits its KV cache (beside the
     # request's adapter) instead of refusing the request.
     fit_max_tokens: bool = False
-    # Penalties on tokens already seen, applied to the logits before everything else (greedy too),
-    # as OpenAI's API and vLLM define them: each generated token's logit is lowered by
+    # Penalties on tokens already seen, applied to the logits after logit_bias and before the rest
+    # (greedy too), as OpenAI's API and vLLM define them: each generated token's logit is lowered by
     # frequency_penalty per time it was generated and by presence_penalty once; repetition_penalty
     # (transformers' and vLLM's) divides the positive logit of a token in the prompt or the output
     # and multiplies a negative one. Log-probabilities stay those of the raw logits.
