@@ -252,7 +252,7 @@ def test_legacy_text_offsets_point_into_the_text_where_tokens_split_characters(r
         prompt, out = real_tok.encode("Say:"), real_tok.encode(" 日本の首都は東京 🚀 done")
         body = fe.complete(parsed, iter(_responses(real_tok, prompt, out)))
         msgs = _responses(real_tok, prompt, out)
-        streamed = list(fe.chunks(parsed, msgs[0], iter(msgs[1:])))
+        streamed = list(fe.chunks(parsed, [(0, msgs[0])], ((0, m) for m in msgs[1:])))
     finally:
         fe.close()
     text, lp = body["choices"][0]["text"], body["choices"][0]["logprobs"]

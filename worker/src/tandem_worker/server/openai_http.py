@@ -111,6 +111,24 @@ COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
 NEUTRAL_FIELDS = frozenset(
     {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "request_id"}
 )
+# The numeric fields read as they come, once in range: (JSON types, what they must be, the range
+# check, the range as the error says it). The engine checks them again (RequestError).
+BOUNDED_FIELDS: dict[str, tuple[tuple[type, ...], str, Callable[[Any], bool], str]] = {
+    "temperature": ((int, float), "a number", lambda v: 0 <= v <= 2, "in [0, 2]"),
+    "top_p": ((int, float), "a number", lambda v: 0 < v <= 1, "in (0, 1]"),
+    # -1: disabled, as vLLM's clients send it (and 0)
+    "top_k": ((int,), "an integer", lambda v: -1 <= v < 2**31, "-1 or 0 (disabled) or in [1, 2^31)"),
+    "presence_penalty": ((int, float), "a number", lambda v: -2 <= v <= 2, "in [-2, 2]"),
+    "frequency_penalty": ((int, float), "a number", lambda v: -2 <= v <= 2, "in [-2, 2]"),
+    "repetition_penalty": (
+        (int, float),
+        "a number",
+        lambda v: 0 < v < float("inf"),
+        "a number > 0 (1: none)",
+    ),
+    "min_p": ((int, float), "a number", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "min_tokens": ((int,), "an integer", lambda v: 0 <= v < 2**32, "in [0, 2^32)"),
+}
 # Features the engine does not have (OpenAI's and vLLM's names), accepted only at a value that turns
 # them off, or null; any other value is refused. An empty tuple: only null.
 OFF_VALUES: dict[str, tuple[Any, ...]] = {
@@ -397,42 +415,12 @@ class OpenAIFrontend:
             # holds beside the prompt and the adapter (the router knows neither worker nor adapter).
             s.max_tokens = self._room(req)
             s.fit_max_tokens = True
-        temperature = _get(body, "temperature", (int, float), "a number")
-        if temperature is not None:
-            if not 0 <= temperature <= 2:
-                raise invalid("temperature", f"must be in [0, 2], got {temperature}")
-            s.temperature = temperature
-        top_p = _get(body, "top_p", (int, float), "a number")
-        if top_p is not None:
-            if not 0 < top_p <= 1:
-                raise invalid("top_p", f"must be in (0, 1], got {top_p}")
-            s.top_p = top_p
-        top_k = _get(body, "top_k", (int,), "an integer")
-        if top_k is not None:
-            if not -1 <= top_k < 2**31:  # -1: disabled, as vLLM's clients send it (and 0)
-                raise invalid("top_k", f"must be -1 or 0 (disabled) or in [1, 2^31), got {top_k}")
-            s.top_k = top_k
-        for key in ("presence_penalty", "frequency_penalty"):
-            value = _get(body, key, (int, float), "a number")
+        for key, (types, what, within, bounds) in BOUNDED_FIELDS.items():
+            value = _get(body, key, types, what)
             if value is not None:
-                if not -2 <= value <= 2:
-                    raise invalid(key, f"must be in [-2, 2], got {value}")
+                if not within(value):
+                    raise invalid(key, f"must be {bounds}, got {value}")
                 setattr(s, key, value)
-        repetition = _get(body, "repetition_penalty", (int, float), "a number")
-        if repetition is not None:
-            if not 0 < repetition < float("inf"):
-                raise invalid("repetition_penalty", f"must be a number > 0 (1: none), got {repetition}")
-            s.repetition_penalty = repetition
-        min_tokens = _get(body, "min_tokens", (int,), "an integer")
-        if min_tokens is not None:
-            if not 0 <= min_tokens < 2**32:
-                raise invalid("min_tokens", f"must be in [0, 2^32), got {min_tokens}")
-            s.min_tokens = min_tokens
-        min_p = _get(body, "min_p", (int, float), "a number")
-        if min_p is not None:
-            if not 0 <= min_p <= 1:
-                raise invalid("min_p", f"must be in [0, 1], got {min_p}")
-            s.min_p = min_p
         bias = _get(body, "logit_bias", (dict,), "an object mapping token ids to biases")
         for key, value in (bias or {}).items():
             # JSON's keys are strings: OpenAI's clients send token ids as "50256".
