@@ -1010,3 +1010,50 @@ def test_a_draining_prefill_worker_is_skipped_for_the_request_not_failed(model_d
         assert p1.healthy and p1.failures == 0 and p1.backoff_until == 0.0, "backed off as failed"
         assert decode.failures == 0, "the decode worker was blamed for its partner's drain"
         assert _warnings(caplog) == []
+
+
+class _Recording(wgrpc.WorkerServicer):
+    """A decode worker that records what it is sent and refuses it as busy."""
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self.requests: list[wpb.WorkerGenerateRequest] = []
+
+    def Generate(self, request, context):  # noqa: N802
+        self.requests.append(request)
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy")
+        yield  # a generator, as the real servicer
+
+
+def test_a_request_with_newer_sampling_controls_goes_only_to_workers_that_apply_them(model_dir):
+    # A worker of an older build drops the wire fields it does not know: it would sample without
+    # the penalty, in silence. During a rolling upgrade such requests go to the new workers; with
+    # none yet, the client is told why.
+    from tandem_worker.engine.sampling_params import SAMPLING_CONTROLS
+
+    def ask(router: RouterService, sampling: pb.SamplingParams) -> tuple[grpc.StatusCode, str]:
+        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3]), sampling=sampling)
+        with pytest.raises(grpc.RpcError) as err:
+            list(router.Generate(request, _AbortContext()))
+        return err.value.args
+
+    with _router_over_fake_decode(model_dir, _Recording) as (router, pool, fake):
+        code, details = ask(router, pb.SamplingParams(repetition_penalty=1.2, min_p=0.1))
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert "no worker applies min_p, penalties" in details and "older build" in details
+        assert fake.requests == [], "sent to a worker that would drop the penalty"
+        ask(router, pb.SamplingParams())  # a request without them is served as before
+        assert len(fake.requests) == 1
+        for w in pool._workers.values():
+            w.stats.sampling_controls.extend(SAMPLING_CONTROLS)
+        ask(router, pb.SamplingParams(repetition_penalty=1.2, min_p=0.1))
+        assert len(fake.requests) == 2 and fake.requests[-1].sampling.repetition_penalty == pytest.approx(1.2)
+
+
+def test_workers_report_the_sampling_controls_they_apply():
+    from tandem_worker.engine.sampling_params import SAMPLING_CONTROLS, SamplingParams
+
+    every = SamplingParams(
+        max_tokens=4, repetition_penalty=1.1, logit_bias={1: 1.0}, min_p=0.1, min_tokens=2
+    ).controls
+    assert every == set(SAMPLING_CONTROLS)
+    assert SamplingParams().controls == frozenset()

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tandem_proto.v1 import inference_pb2 as tandem_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/worker.proto\x12\ttandem.v1\x1a\x19tandem/v1/inference.proto\"\x9d\x01\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12\x18\n\x10prefill_endpoint\x18\x05 \x01(\t\"\xdb\x01\n\x16WorkerGenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\x12#\n\x07timings\x18\x05 \x01(\x0b\x32\x12.tandem.v1.Timings\x12,\n\x0ctop_logprobs\x18\x06 \x03(\x0b\x32\x16.tandem.v1.TopLogprobs\"{\n\x08KVLayout\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\"\xd1\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x06layout\x18\x02 \x01(\x0b\x32\x13.tandem.v1.KVLayout\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x0f\n\x07\x61\x64\x61pter\x18\x05 \x01(\t\x12\x13\n\x0bskip_tokens\x18\x06 \x01(\r\x12\x19\n\x11kv_idle_timeout_s\x18\x07 \x01(\x01\"\xa3\x02\n\x07KVChunk\x12#\n\x06layout\x18\x01 \x01(\x0b\x32\x13.tandem.v1.KVLayout\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x13\n\x0btoken_start\x18\x03 \x01(\r\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12\x0b\n\x03key\x18\x05 \x01(\x0c\x12\r\n\x05value\x18\x06 \x01(\x0c\x12\x0c\n\x04last\x18\x07 \x01(\x08\x12\x13\n\x0b\x66irst_token\x18\x08 \x01(\r\x12\x15\n\rfirst_logprob\x18\t \x01(\x02\x12\x19\n\x11num_cached_tokens\x18\n \x01(\r\x12\x32\n\x12\x66irst_top_logprobs\x18\x0b \x01(\x0b\x32\x16.tandem.v1.TopLogprobs\x12\x16\n\x0e\x61\x64\x61pter_digest\x18\x0c \x01(\t\"\x0e\n\x0cStatsRequest\"\xdc\x02\n\rStatsResponse\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x04 \x01(\r\x12\x13\n\x0bused_blocks\x18\x05 \x01(\r\x12\x15\n\rcached_blocks\x18\x06 \x01(\r\x12\x12\n\nblock_size\x18\x07 \x01(\r\x12\x0f\n\x07running\x18\x08 \x01(\r\x12\x0f\n\x07waiting\x18\t \x01(\r\x12\x11\n\tin_flight\x18\n \x01(\r\x12\x1c\n\x14queued_prompt_tokens\x18\x0b \x01(\x04\x12\x10\n\x08\x64raining\x18\x0c \x01(\x08\x12\x15\n\rmax_model_len\x18\r \x01(\r\x12\x17\n\x0f\x61\x64\x61pters_device\x18\x0e \x03(\t\x12\x15\n\radapters_host\x18\x0f \x03(\t\x12\x16\n\x0e\x61\x64\x61pter_blocks\x18\x10 \x01(\r\"\x0e\n\x0c\x44rainRequest\"\"\n\rDrainResponse\x12\x11\n\tin_flight\x18\x01 \x01(\r\"C\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\tto_device\x18\x03 \x01(\x08\"k\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x0e\n\x06pinned\x18\x05 \x01(\x08\x12\x0e\n\x06\x64igest\x18\x06 \x01(\t\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x15\n\x13ListAdaptersRequest\"@\n\x14ListAdaptersResponse\x12(\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x16.tandem.v1.AdapterInfo2[\n\x06Worker\x12Q\n\x08Generate\x12 .tandem.v1.WorkerGenerateRequest\x1a!.tandem.v1.WorkerGenerateResponse0\x01\x32H\n\nKVTransfer\x12:\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x12.tandem.v1.KVChunk0\x01\x32\xea\x02\n\x05\x41\x64min\x12:\n\x05Stats\x12\x17.tandem.v1.StatsRequest\x1a\x18.tandem.v1.StatsResponse\x12:\n\x05\x44rain\x12\x17.tandem.v1.DrainRequest\x1a\x18.tandem.v1.DrainResponse\x12\x44\n\x0bLoadAdapter\x12\x1d.tandem.v1.LoadAdapterRequest\x1a\x16.tandem.v1.AdapterInfo\x12R\n\rUnloadAdapter\x12\x1f.tandem.v1.UnloadAdapterRequest\x1a .tandem.v1.UnloadAdapterResponse\x12O\n\x0cListAdapters\x12\x1e.tandem.v1.ListAdaptersRequest\x1a\x1f.tandem.v1.ListAdaptersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/worker.proto\x12\ttandem.v1\x1a\x19tandem/v1/inference.proto\"\x9d\x01\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12\x18\n\x10prefill_endpoint\x18\x05 \x01(\t\"\xdb\x01\n\x16WorkerGenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\x12#\n\x07timings\x18\x05 \x01(\x0b\x32\x12.tandem.v1.Timings\x12,\n\x0ctop_logprobs\x18\x06 \x03(\x0b\x32\x16.tandem.v1.TopLogprobs\"{\n\x08KVLayout\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\"\xd1\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x06layout\x18\x02 \x01(\x0b\x32\x13.tandem.v1.KVLayout\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x0f\n\x07\x61\x64\x61pter\x18\x05 \x01(\t\x12\x13\n\x0bskip_tokens\x18\x06 \x01(\r\x12\x19\n\x11kv_idle_timeout_s\x18\x07 \x01(\x01\"\xa3\x02\n\x07KVChunk\x12#\n\x06layout\x18\x01 \x01(\x0b\x32\x13.tandem.v1.KVLayout\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x13\n\x0btoken_start\x18\x03 \x01(\r\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12\x0b\n\x03key\x18\x05 \x01(\x0c\x12\r\n\x05value\x18\x06 \x01(\x0c\x12\x0c\n\x04last\x18\x07 \x01(\x08\x12\x13\n\x0b\x66irst_token\x18\x08 \x01(\r\x12\x15\n\rfirst_logprob\x18\t \x01(\x02\x12\x19\n\x11num_cached_tokens\x18\n \x01(\r\x12\x32\n\x12\x66irst_top_logprobs\x18\x0b \x01(\x0b\x32\x16.tandem.v1.TopLogprobs\x12\x16\n\x0e\x61\x64\x61pter_digest\x18\x0c \x01(\t\"\x0e\n\x0cStatsRequest\"\xf7\x02\n\rStatsResponse\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x04 \x01(\r\x12\x13\n\x0bused_blocks\x18\x05 \x01(\r\x12\x15\n\rcached_blocks\x18\x06 \x01(\r\x12\x12\n\nblock_size\x18\x07 \x01(\r\x12\x0f\n\x07running\x18\x08 \x01(\r\x12\x0f\n\x07waiting\x18\t \x01(\r\x12\x11\n\tin_flight\x18\n \x01(\r\x12\x1c\n\x14queued_prompt_tokens\x18\x0b \x01(\x04\x12\x10\n\x08\x64raining\x18\x0c \x01(\x08\x12\x15\n\rmax_model_len\x18\r \x01(\r\x12\x17\n\x0f\x61\x64\x61pters_device\x18\x0e \x03(\t\x12\x15\n\radapters_host\x18\x0f \x03(\t\x12\x16\n\x0e\x61\x64\x61pter_blocks\x18\x10 \x01(\r\x12\x19\n\x11sampling_controls\x18\x11 \x03(\t\"\x0e\n\x0c\x44rainRequest\"\"\n\rDrainResponse\x12\x11\n\tin_flight\x18\x01 \x01(\r\"C\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\tto_device\x18\x03 \x01(\x08\"k\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x0e\n\x06pinned\x18\x05 \x01(\x08\x12\x0e\n\x06\x64igest\x18\x06 \x01(\t\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x15\n\x13ListAdaptersRequest\"@\n\x14ListAdaptersResponse\x12(\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x16.tandem.v1.AdapterInfo2[\n\x06Worker\x12Q\n\x08Generate\x12 .tandem.v1.WorkerGenerateRequest\x1a!.tandem.v1.WorkerGenerateResponse0\x01\x32H\n\nKVTransfer\x12:\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x12.tandem.v1.KVChunk0\x01\x32\xea\x02\n\x05\x41\x64min\x12:\n\x05Stats\x12\x17.tandem.v1.StatsRequest\x1a\x18.tandem.v1.StatsResponse\x12:\n\x05\x44rain\x12\x17.tandem.v1.DrainRequest\x1a\x18.tandem.v1.DrainResponse\x12\x44\n\x0bLoadAdapter\x12\x1d.tandem.v1.LoadAdapterRequest\x1a\x16.tandem.v1.AdapterInfo\x12R\n\rUnloadAdapter\x12\x1f.tandem.v1.UnloadAdapterRequest\x1a .tandem.v1.UnloadAdapterResponse\x12O\n\x0cListAdapters\x12\x1e.tandem.v1.ListAdaptersRequest\x1a\x1f.tandem.v1.ListAdaptersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,27 +45,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATSREQUEST']._serialized_start=1077
   _globals['_STATSREQUEST']._serialized_end=1091
   _globals['_STATSRESPONSE']._serialized_start=1094
-  _globals['_STATSRESPONSE']._serialized_end=1442
-  _globals['_DRAINREQUEST']._serialized_start=1444
-  _globals['_DRAINREQUEST']._serialized_end=1458
-  _globals['_DRAINRESPONSE']._serialized_start=1460
-  _globals['_DRAINRESPONSE']._serialized_end=1494
-  _globals['_LOADADAPTERREQUEST']._serialized_start=1496
-  _globals['_LOADADAPTERREQUEST']._serialized_end=1563
-  _globals['_ADAPTERINFO']._serialized_start=1565
-  _globals['_ADAPTERINFO']._serialized_end=1672
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1674
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1710
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1712
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1735
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1737
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1758
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1760
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1824
-  _globals['_WORKER']._serialized_start=1826
-  _globals['_WORKER']._serialized_end=1917
-  _globals['_KVTRANSFER']._serialized_start=1919
-  _globals['_KVTRANSFER']._serialized_end=1991
-  _globals['_ADMIN']._serialized_start=1994
-  _globals['_ADMIN']._serialized_end=2356
+  _globals['_STATSRESPONSE']._serialized_end=1469
+  _globals['_DRAINREQUEST']._serialized_start=1471
+  _globals['_DRAINREQUEST']._serialized_end=1485
+  _globals['_DRAINRESPONSE']._serialized_start=1487
+  _globals['_DRAINRESPONSE']._serialized_end=1521
+  _globals['_LOADADAPTERREQUEST']._serialized_start=1523
+  _globals['_LOADADAPTERREQUEST']._serialized_end=1590
+  _globals['_ADAPTERINFO']._serialized_start=1592
+  _globals['_ADAPTERINFO']._serialized_end=1699
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1701
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1737
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1739
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1762
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1764
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1785
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1787
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1851
+  _globals['_WORKER']._serialized_start=1853
+  _globals['_WORKER']._serialized_end=1944
+  _globals['_KVTRANSFER']._serialized_start=1946
+  _globals['_KVTRANSFER']._serialized_end=2018
+  _globals['_ADMIN']._serialized_start=2021
+  _globals['_ADMIN']._serialized_end=2383
 # @@protoc_insertion_point(module_scope)

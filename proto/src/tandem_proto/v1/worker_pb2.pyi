@@ -104,7 +104,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("role", "model_id", "num_blocks", "free_blocks", "used_blocks", "cached_blocks", "block_size", "running", "waiting", "in_flight", "queued_prompt_tokens", "draining", "max_model_len", "adapters_device", "adapters_host", "adapter_blocks")
+    __slots__ = ("role", "model_id", "num_blocks", "free_blocks", "used_blocks", "cached_blocks", "block_size", "running", "waiting", "in_flight", "queued_prompt_tokens", "draining", "max_model_len", "adapters_device", "adapters_host", "adapter_blocks", "sampling_controls")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +121,7 @@ class StatsResponse(_message.Message):
     ADAPTERS_DEVICE_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_HOST_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_CONTROLS_FIELD_NUMBER: _ClassVar[int]
     role: str
     model_id: str
     num_blocks: int
@@ -137,7 +138,8 @@ class StatsResponse(_message.Message):
     adapters_device: _containers.RepeatedScalarFieldContainer[str]
     adapters_host: _containers.RepeatedScalarFieldContainer[str]
     adapter_blocks: int
-    def __init__(self, role: _Optional[str] = ..., model_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., used_blocks: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., in_flight: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., draining: _Optional[bool] = ..., max_model_len: _Optional[int] = ..., adapters_device: _Optional[_Iterable[str]] = ..., adapters_host: _Optional[_Iterable[str]] = ..., adapter_blocks: _Optional[int] = ...) -> None: ...
+    sampling_controls: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, role: _Optional[str] = ..., model_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., used_blocks: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., in_flight: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., draining: _Optional[bool] = ..., max_model_len: _Optional[int] = ..., adapters_device: _Optional[_Iterable[str]] = ..., adapters_host: _Optional[_Iterable[str]] = ..., adapter_blocks: _Optional[int] = ..., sampling_controls: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ()

@@ -29,6 +29,12 @@ SAMPLING_REQUEST_FIELDS = (
 )
 
 
+# The sampling controls added after the first workers shipped, by the name workers report (StatsResponse
+# .sampling_controls). An older worker drops the wire fields it does not know in silence, so the
+# router sends a request using one only to workers that apply it.
+SAMPLING_CONTROLS = ("penalties", "logit_bias", "min_p", "min_tokens")
+
+
 class RequestError(ValueError):
     """A request that can never be served as given; `field` names the offending input."""
 
@@ -154,6 +160,17 @@ class SamplingParams:
             raise RequestError(
                 "top_logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}"
             )
+
+    @property
+    def controls(self) -> frozenset[str]:
+        """The SAMPLING_CONTROLS this request uses."""
+        used = {
+            "penalties": self.penalized,
+            "logit_bias": bool(self.logit_bias),
+            "min_p": bool(self.min_p),
+            "min_tokens": bool(self.min_tokens),
+        }
+        return frozenset(name for name, on in used.items() if on)
 
     @property
     def penalized(self) -> bool:

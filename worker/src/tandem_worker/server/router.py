@@ -214,12 +214,13 @@ class RouterService(pbgrpc.InferenceServicer):
         busy_pools: set[str] = set()  # the pools whose workers refused it so
         fault: grpc.StatusCode | None = None  # the last attempt failed inside a worker (FAULTS)
         fault_retried = False  # one retry for those per request
+        controls = params.controls
         for attempt in range(self.max_attempts):
-            pair = self.pool.pick(len(ids), exclude, request.adapter)
-            if pair is None and self.pool.all_full(len(ids), exclude):
+            pair = self.pool.pick(len(ids), exclude, request.adapter, controls)
+            if pair is None and self.pool.all_full(len(ids), exclude, controls):
                 # The stats may predate a request that has since finished and freed its blocks.
                 self.pool.recheck_decodes()
-                pair = self.pool.pick(len(ids), exclude, request.adapter)
+                pair = self.pool.pick(len(ids), exclude, request.adapter, controls)
             if pair is None:
                 break
             if attempt:
@@ -359,7 +360,7 @@ class RouterService(pbgrpc.InferenceServicer):
                 )
             finally:
                 self.pool.end(pair, ticket)
-        decode_full = self.pool.all_full(len(ids), exclude)
+        decode_full = self.pool.all_full(len(ids), exclude, controls)
         if busy or decode_full:
             # Prefill's only when prefill workers alone refused it and a decode worker had room: with
             # decode short too, more prefill would not have served it.
@@ -379,6 +380,11 @@ class RouterService(pbgrpc.InferenceServicer):
             context.abort(fault, _worker_failed(fault, sent_first=False))
         if exclude:
             why = f"{len(exclude)} worker(s) failed it"
+        elif self.pool.missing_controls(len(ids), controls):
+            why = (
+                f"no worker applies {', '.join(sorted(controls))} (workers of an older build, a rolling "
+                "upgrade under way?); retry later, or leave those fields unset"
+            )
         else:
             # The operator's view, and the client's: which kind of worker is missing.
             why = self.pool.serving_problem() or "no healthy worker can take it"

@@ -147,6 +147,11 @@ def _holds(w: WorkerInfo, prompt_tokens: int) -> bool:
     return _capacity(w) >= prompt_tokens and (not s.max_model_len or prompt_tokens < s.max_model_len)
 
 
+def _applies(w: WorkerInfo, controls: frozenset[str]) -> bool:
+    """The worker applies these sampling controls (one of an older build drops them in silence)."""
+    return not controls or controls <= set(w.stats.sampling_controls)
+
+
 def _kv_compatible(prefill: WorkerInfo, decode: WorkerInfo) -> bool:
     """The decode worker would take the prefill worker's KV (the transfer's layout check)."""
     p, d = prefill.stats, decode.stats
@@ -402,30 +407,49 @@ class WorkerPool:
         rested = [w for w in workers if w.backoff_until <= now]
         return rested or workers
 
-    def _able(self, prompt_tokens: int) -> tuple[list[WorkerInfo], list[WorkerInfo]]:
+    def _able(
+        self, prompt_tokens: int, controls: frozenset[str] = frozenset()
+    ) -> tuple[list[WorkerInfo], list[WorkerInfo]]:
         """The eligible decode (or colocated) and prefill workers that could serve a prompt of this
-        size, KV room now aside: a prefill worker that holds it; a decode worker whose whole cache
-        does and that is colocated or takes such a prefill worker's KV."""
+        size with these sampling controls, KV room now aside: a prefill worker that holds it; a
+        decode worker whose whole cache does and that is colocated or takes such a prefill
+        worker's KV."""
         decodes, prefills = self._targets()
-        prefills = [w for w in prefills if w.eligible and w.role == "prefill" and _holds(w, prompt_tokens)]
+        prefills = [
+            w
+            for w in prefills
+            if w.eligible and w.role == "prefill" and _holds(w, prompt_tokens) and _applies(w, controls)
+        ]
         decodes = [
             w
             for w in decodes
             if w.eligible
             and w.role in DECODE_ROLES
             and _capacity(w) > prompt_tokens
+            and _applies(w, controls)
             and (w.role == "colocated" or any(_kv_compatible(p, w) for p in prefills))
         ]
         return decodes, prefills
 
-    def all_full(self, prompt_tokens: int, exclude: set[str]) -> bool:
+    def missing_controls(self, prompt_tokens: int, controls: frozenset[str]) -> bool:
+        """Workers could serve the prompt, but none with these sampling controls (a rolling upgrade
+        under way, or workers of an older build)."""
+        return (
+            bool(controls)
+            and bool(self._able(prompt_tokens)[0])
+            and not self._able(prompt_tokens, controls)[0]
+        )
+
+    def all_full(self, prompt_tokens: int, exclude: set[str], controls: frozenset[str] = frozenset()) -> bool:
         """Healthy decode workers exist but none has KV room for the prompt right now: the caller
         should retry later (RESOURCE_EXHAUSTED), unlike when no worker is healthy (UNAVAILABLE)."""
-        decodes, _ = self._able(prompt_tokens)
+        decodes, _ = self._able(prompt_tokens, controls)
         eligible = [w for w in self._rested(decodes) if w.address not in exclude]
         return bool(eligible) and all(w.free_tokens() <= prompt_tokens for w in eligible)
 
-    def pick(self, prompt_tokens: int, exclude: set[str], adapter: str = "") -> Pair | None:
+    def pick(
+        self, prompt_tokens: int, exclude: set[str], adapter: str = "", controls: frozenset[str] = frozenset()
+    ) -> Pair | None:
         """A decode worker with KV room for the prompt and a prefill worker with the least queued
         prompt tokens; colocated workers need no prefill partner.
 
@@ -435,7 +459,7 @@ class WorkerPool:
         """
         # By the role each reports: a prefill worker listed among the decode targets (a wrong
         # Service selector) reports the most free KV and would be picked to decode, then refuse.
-        decodes, prefills = self._able(prompt_tokens)
+        decodes, prefills = self._able(prompt_tokens, controls)
         roomy = [
             w for w in self._rested(decodes) if w.address not in exclude and w.free_tokens() > prompt_tokens
         ]

@@ -39,7 +39,7 @@ import grpc
 
 from ..engine.llm_engine import LLMEngine, PrefillResult, RequestOutput
 from ..engine.lora import AdapterBusyError, AdapterError, AdapterNotFoundError, short_digest
-from ..engine.sampling_params import RequestError
+from ..engine.sampling_params import SAMPLING_CONTROLS, RequestError
 from . import metrics
 from .convert import (
     FINISH_TO_PB,
@@ -653,6 +653,7 @@ class AdminService(wgrpc.AdminServicer):
             adapters_device=st.get("adapters_device", []),
             adapters_host=st.get("adapters_host", []),
             adapter_blocks=st.get("adapter_blocks", 0),
+            sampling_controls=SAMPLING_CONTROLS,
         )
 
     def Drain(self, request: wpb.DrainRequest, context: grpc.ServicerContext) -> wpb.DrainResponse:  # noqa: N802
