@@ -653,8 +653,10 @@ def test_logit_bias_is_added_before_anything_else_and_logprobs_stay_raw():
     # Before the penalties, as vLLM orders them: a biased token's positive logit is then divided.
     # Token 1: (1 + 0.75) / 2 = 0.875 < token 0's 2 / 2; the other order would give 1 / 2 + 0.75.
     both = SamplingParams(temperature=0.0, logit_bias={1: 0.75}, repetition_penalty=2.0)
+    raw = logits.clone()
     got = Sampler().sample(logits[:1], ["d"], [both], history=[([1, 0], [])]).token_ids
     assert got == [0]
+    assert torch.equal(logits, raw), "the raw logits (log-probabilities' source) were changed"
 
 
 @pytest.mark.parametrize(

@@ -82,10 +82,12 @@ class Penalties:
         request_ids: Sequence[str],
         params: Sequence[SamplingParams],
         history: Sequence[tuple[Sequence[int], Sequence[int]]],
+        owned: bool = False,
     ) -> torch.Tensor:
         """The batch's logits (float32) with each penalized row's penalties applied; `history`:
-        each row's prompt and generated token ids (read for penalized rows only). A new tensor:
-        the caller's logits stay raw (log-probabilities come from them)."""
+        each row's prompt and generated token ids (read for penalized rows only). A new tensor,
+        so the caller's logits stay raw (log-probabilities come from them), unless `owned`: float32
+        logits the caller made for this (a bias added), changed in place."""
         rows = [i for i, p in enumerate(params) if p.penalized]
         if not rows:
             return logits
@@ -96,7 +98,7 @@ class Penalties:
                 s = self._seen[request_ids[i]] = _Seen(history[i][0])
             s.take(history[i][1])
             seen.append(s)
-        scores = logits.float().clone()
+        scores = logits if owned and logits.dtype == torch.float32 else float_copy(logits)
         device = logits.device
         row_of = np.asarray(rows, dtype=np.int64)
         rep = [
@@ -119,6 +121,11 @@ class Penalties:
             pres = _per_entry([params[rows[j]].presence_penalty for j in other], sizes, device)
             scores[r, t] -= counts * freq + pres
         return scores
+
+
+def float_copy(logits: torch.Tensor) -> torch.Tensor:
+    """A float32 copy (one copy: `float()` of other dtypes already is one)."""
+    return logits.clone() if logits.dtype == torch.float32 else logits.float()
 
 
 def _flat(

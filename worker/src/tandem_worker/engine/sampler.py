@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .penalties import Penalties
+from .penalties import Penalties, float_copy
 from .sampling_params import SamplingParams
 
 # A position's most likely tokens, most likely first: (token id, log-probability) pairs.
@@ -64,12 +64,13 @@ class Sampler:
         must not draw (a request short of its min_tokens: its EOS and stop token ids)."""
         output_index = output_index or [0] * len(params)
         scores = logits
-        if any(p.logit_bias for p in params) or (banned and any(banned)):  # first, as vLLM orders them
+        biased = any(p.logit_bias for p in params) or bool(banned and any(banned))
+        if biased:  # first, as vLLM orders them
             scores = _add_logit_bias(logits, params, banned)
         if any(p.penalized for p in params):
             if history is None:
                 raise ValueError("rows with penalties need their prompt and generated tokens (history)")
-            scores = self.penalties.apply(scores, request_ids, params, history)
+            scores = self.penalties.apply(scores, request_ids, params, history, owned=biased)
         # Either way the work stays where the logits are and n ints come back, not n x vocab
         # floats (131 MB per step for batch 256 of a 128K vocabulary).
         if all(p.greedy for p in params):
@@ -203,7 +204,7 @@ def _add_logit_bias(
             rows.append(row)
             tokens.append(token)
             biases.append(float("-inf"))
-    out = logits.float().clone()
+    out = float_copy(logits)
     device = logits.device
     at = (torch.tensor(rows, device=device), torch.tensor(tokens, device=device))
     out[at] += torch.tensor(biases, dtype=torch.float32, device=device)
