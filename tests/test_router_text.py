@@ -167,7 +167,7 @@ def test_the_tokenizer_is_the_one_autotokenizer_picks(model_dir, tmp_path, decla
 
     from transformers import AutoTokenizer
 
-    from tandem_worker.engine.tokenizer import _config_for_tokenizer
+    from tandem_worker.engine.tokenizer import _config_for_tokenizer, _read_configs
 
     folder = tmp_path / "model"
     shutil.copytree(model_dir, folder, ignore=shutil.ignore_patterns("*.safetensors"))
@@ -181,7 +181,9 @@ def test_the_tokenizer_is_the_one_autotokenizer_picks(model_dir, tmp_path, decla
     if model_type is not None:
         config = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps(config | {"model_type": model_type}))
-    assert (_config_for_tokenizer(folder) is None) == (declared == "no tokenizer_class")
+    assert (_config_for_tokenizer(folder, _read_configs(folder)) is None) == (
+        declared == "no tokenizer_class"
+    )
     ours, reference = Tokenizer(folder), AutoTokenizer.from_pretrained(str(folder))
     assert type(ours.hf) is type(reference)
     for text in TEXTS:

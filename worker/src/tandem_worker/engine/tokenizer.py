@@ -28,15 +28,27 @@ if TYPE_CHECKING:
 _GENERIC_CLASSES = frozenset({"TokenizersBackend", "PreTrainedTokenizerFast"})
 
 
-def _generic_tokenizer(folder: Path) -> bool:
+# The folder's tokenizer_config.json and config.json; None when either is missing or not JSON.
+_Configs = tuple[dict[str, Any], dict[str, Any]] | None
+
+
+def _read_configs(folder: Path) -> _Configs:
+    try:
+        return (
+            json.loads((folder / "tokenizer_config.json").read_text()),
+            json.loads((folder / "config.json").read_text()),
+        )
+    except (OSError, ValueError):
+        return None
+
+
+def _generic_tokenizer(folder: Path, configs: _Configs) -> bool:
     """Whether `AutoTokenizer` would build `TokenizersBackend` from the folder's tokenizer.json and
     nothing else: a Llama (other types have per-model tokenizer classes and fixes), a generic class
     named, no remote code."""
-    try:
-        tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
-        model_config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
+    if configs is None:
         return False
+    tokenizer_config, model_config = configs
     return (
         tokenizer_config.get("tokenizer_class") in _GENERIC_CLASSES
         and "auto_map" not in tokenizer_config
@@ -45,18 +57,16 @@ def _generic_tokenizer(folder: Path) -> bool:
     )
 
 
-def _config_for_tokenizer(folder: Path) -> PreTrainedConfig | None:
+def _config_for_tokenizer(folder: Path, configs: _Configs) -> PreTrainedConfig | None:
     """The model config as `AutoTokenizer` reads it when the tokenizer names its own class: the
     model type and path only. Without it, `AutoTokenizer` loads the model's config class, whose
     module (for Llama and its kin) imports transformers' modeling stack and torch._dynamo: about
     2 s of every worker's and router's start, for a tokenizer that takes 0.2 s. None (the full
     config is read) where the tokenizer leaves its class to the model type or to remote code, the
     cases where `AutoTokenizer` looks the class up by the config's Python type."""
-    try:
-        tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
-        model_config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
+    if configs is None:
         return None
+    tokenizer_config, model_config = configs
     if not tokenizer_config.get("tokenizer_class") or "auto_map" in tokenizer_config:
         return None
     from transformers import PreTrainedConfig  # imports torch: only for tokenizers built by AutoTokenizer
@@ -96,13 +106,16 @@ def _decoder_types(decoder: dict[str, Any] | None) -> set[str]:
 class Tokenizer:
     def __init__(self, folder: Path) -> None:
         folder = Path(folder)
+        configs = _read_configs(folder)
         self.hf: PreTrainedTokenizerBase
-        if _generic_tokenizer(folder):
+        if _generic_tokenizer(folder, configs):
             self.hf = TokenizersBackend.from_pretrained(str(folder))
         else:
             from transformers import AutoTokenizer  # imports torch (see _GENERIC_CLASSES)
 
-            self.hf = AutoTokenizer.from_pretrained(str(folder), config=_config_for_tokenizer(folder))
+            self.hf = AutoTokenizer.from_pretrained(
+                str(folder), config=_config_for_tokenizer(folder, configs)
+            )
 
     @property
     def backend(self) -> RustTokenizer | None:
