@@ -506,7 +506,7 @@ def _check_generate_mode(args: argparse.Namespace) -> None:
 def _cmd_generate(args: argparse.Namespace) -> int:
     _check_generate_mode(args)
     items = _read_prompts(args)
-    from .engine.sampling_params import SamplingParams
+    from .engine.sampling_params import SamplingParams, json_token_id
 
     defaults = {
         "max_tokens": args.max_tokens,
@@ -529,9 +529,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         fields = {**defaults, **{k: v for k, v in item.items() if k in SAMPLING_FIELDS}}
         bias = fields.get("logit_bias")
         if isinstance(bias, dict):  # JSON's keys are strings: token ids as "50256", as OpenAI's
-            fields["logit_bias"] = {
-                int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in bias.items()
-            }
+            fields["logit_bias"] = {}
+            for k, v in bias.items():
+                token = json_token_id(k)
+                if token is None:
+                    raise CLIError(f"prompt {i}: logit_bias: keys must be token ids, got {k!r}")
+                fields["logit_bias"][token] = v
         try:
             params.append(SamplingParams(**fields))
         except (ValueError, TypeError) as e:

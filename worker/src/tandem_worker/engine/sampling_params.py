@@ -65,6 +65,14 @@ def request_seed(seed: int) -> int | None:
     return seed & (2**64 - 1)
 
 
+def json_token_id(key: object) -> int | None:
+    """A logit_bias key as JSON carries it (a string: OpenAI's clients send token ids as "50256"), as
+    the token id; None when it is not one (ASCII digits, below 2^32: the wire's uint32)."""
+    if isinstance(key, str) and key.isascii() and key.isdigit() and int(key) < 2**32:
+        return int(key)
+    return None
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 

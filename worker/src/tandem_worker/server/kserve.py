@@ -53,7 +53,7 @@ from typing import Any, NoReturn
 import grpc
 import numpy as np
 
-from ..engine.sampling_params import SAMPLING_REQUEST_FIELDS, RequestError, request_seed
+from ..engine.sampling_params import SAMPLING_REQUEST_FIELDS, RequestError, json_token_id, request_seed
 from . import metrics
 from .handoff import Handoffs, forward
 from .listen import EXCLUSIVE_PORT_OPTIONS, listen
@@ -505,9 +505,14 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
                 norm = [_as_int(x) for x in value]
             elif key == "logit_bias":
                 # A JSON object's keys are strings: token ids as "50256", as OpenAI's clients send them.
-                if not isinstance(value, dict) or not all(isinstance(k, str) and k.isdigit() for k in value):
+                if not isinstance(value, dict):
                     raise ValueError
-                norm = {int(k): _as_float(v) for k, v in value.items()}
+                norm = {}
+                for k, v in value.items():
+                    token = json_token_id(k)
+                    if token is None:
+                        raise ValueError
+                    norm[token] = _as_float(v)
             else:  # pragma: no cover - callers pass SAMPLING_KEYS only
                 raise BadRequest(f"{where}: unknown key")
             if key in ("stop", "stop_token_ids"):

@@ -53,7 +53,13 @@ from typing import Any
 
 import grpc
 
-from ..engine.sampling_params import MAX_TOP_LOGPROBS, SAMPLING_REQUEST_FIELDS, RequestError, request_seed
+from ..engine.sampling_params import (
+    MAX_TOP_LOGPROBS,
+    SAMPLING_REQUEST_FIELDS,
+    RequestError,
+    json_token_id,
+    request_seed,
+)
 from ..engine.tokenizer import Tokenizer
 from . import metrics
 from .handoff import Handoffs, forward
@@ -424,13 +430,14 @@ class OpenAIFrontend:
         bias = _get(body, "logit_bias", (dict,), "an object mapping token ids to biases")
         for key, value in (bias or {}).items():
             # JSON's keys are strings: OpenAI's clients send token ids as "50256".
-            if not (isinstance(key, str) and key.isascii() and key.isdigit() and int(key) < 2**32):
+            token = json_token_id(key)
+            if token is None:
                 raise invalid("logit_bias", f"keys must be token ids, got {json.dumps(key)[:40]}")
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
                 raise invalid(
                     "logit_bias", f"token {key}: the bias must be in [-100, 100], got {json.dumps(value)}"
                 )
-            s.logit_bias[int(key)] = value
+            s.logit_bias[token] = value
         seed = _get(body, "seed", (int,), "an integer")
         if seed is not None:
             try:
