@@ -974,11 +974,13 @@ class _Handler(BaseHTTPRequestHandler):
         # broken stream.
         messages = ((0, m) for m in call) if p.n == 1 else iter(call)
         received: list[tuple[int, pb.GenerateResponse]] = []  # all of them, in order, until then
+        started: set[int] = set()
         for i, msg in messages:
             received.append((i, msg))
-            if len({j for j, _ in received}) == p.n:
+            started.add(i)
+            if len(started) == p.n:
                 break
-        if len({j for j, _ in received}) < p.n:
+        if len(started) < p.n:
             raise ApiError(502, "the upstream stream ended without a message", "server_error")
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
