@@ -150,6 +150,7 @@ def test_sampling_params_survive_the_wire_whole():
         min_p=0.125,
         logit_bias={5: -100.0, 7: 2.5},
         min_tokens=12,
+        structured_outputs={"json": {"type": "object", "properties": {"b": {}, "a": {}}}},
     )
     defaults = SamplingParams()
     unset = [f.name for f in dataclasses.fields(p) if getattr(p, f.name) == getattr(defaults, f.name)]
@@ -158,3 +159,7 @@ def test_sampling_params_survive_the_wire_whole():
     # A prefill worker's view (its first token only): the EOS ban still holds for that token.
     first = params_from_pb(params_to_pb(p), max_tokens=1)
     assert (first.max_tokens, first.min_tokens) == (1, 1)
+    # Each structured-output kind (a oneof on the wire).
+    for so in ({"regex": "a+"}, {"choice": ["x", "y z"]}, {"grammar": 'start: "x"'}, {"json_object": True}):
+        q = SamplingParams(structured_outputs=so)
+        assert params_from_pb(params_to_pb(q)) == q

@@ -1053,7 +1053,12 @@ def test_workers_report_the_sampling_controls_they_apply():
     from tandem_worker.engine.sampling_params import SAMPLING_CONTROLS, SamplingParams
 
     every = SamplingParams(
-        max_tokens=4, repetition_penalty=1.1, logit_bias={1: 1.0}, min_p=0.1, min_tokens=2
+        max_tokens=4,
+        repetition_penalty=1.1,
+        logit_bias={1: 1.0},
+        min_p=0.1,
+        min_tokens=2,
+        structured_outputs={"regex": "a"},
     ).controls
     assert every == set(SAMPLING_CONTROLS)
     assert SamplingParams().controls == frozenset()

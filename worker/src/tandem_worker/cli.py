@@ -7,6 +7,7 @@ import json
 import math
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from .engine.sampling_params import SAMPLING_REQUEST_FIELDS
@@ -89,6 +90,18 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the most likely's")
     p.add_argument("--min-tokens", type=int, default=0, help="no EOS nor stop token id before this many")
     p.add_argument("--logprobs", action="store_true", help="report each generated token's log-probability")
+    so = p.add_mutually_exclusive_group()
+    so.add_argument(
+        "--json-schema",
+        metavar="SCHEMA",
+        help="the text is JSON valid under this JSON Schema (a file or JSON text)",
+    )
+    so.add_argument("--json-object", action="store_true", help="the text is a JSON object")
+    so.add_argument("--regex", help="the whole text matches this regular expression (Rust's syntax)")
+    so.add_argument("--choice", action="append", help="the text is one of these strings (repeatable)")
+    so.add_argument(
+        "--grammar", metavar="FILE", help="the text follows this Lark grammar (llguidance's dialect)"
+    )
     p.add_argument(
         "--top-logprobs",
         type=int,
@@ -503,6 +516,30 @@ def _check_generate_mode(args: argparse.Namespace) -> None:
         raise CLIError(f"{', '.join(needs)}: only with --endpoint (offline generation returns whole answers)")
 
 
+def _structured_outputs(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The structured-output flags as the request object SamplingParams reads."""
+    if args.json_schema is not None:
+        text = args.json_schema
+        if not text.lstrip().startswith(("{", "true", "false")):
+            try:
+                text = Path(text).read_text()
+            except OSError as e:
+                raise CLIError(f"--json-schema: {e}") from None
+        return {"json": text}
+    if args.grammar is not None:
+        try:
+            return {"grammar": Path(args.grammar).read_text()}
+        except OSError as e:
+            raise CLIError(f"--grammar: {e}") from None
+    if args.json_object:
+        return {"json_object": True}
+    if args.regex is not None:
+        return {"regex": args.regex}
+    if args.choice:
+        return {"choice": args.choice}
+    return None
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     _check_generate_mode(args)
     items = _read_prompts(args)
@@ -523,6 +560,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         "min_tokens": args.min_tokens,
         "logprobs": args.logprobs,
         "top_logprobs": args.top_logprobs,
+        "structured_outputs": _structured_outputs(args),
     }
     params = []
     for i, item in enumerate(items):

@@ -26,6 +26,7 @@ from .sampler import Sampler, TopLogprobs
 from .sampling_params import RequestError, SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import FinishReason, Sequence
+from .structured import Grammars
 from .tokenizer import TextStream, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,8 @@ class _Request:
     seq: Sequence
     text: TextStream
     emitted_tokens: int = 0
+    # Structured outputs: where the request's text stands in its grammar (llguidance.LLMatcher).
+    matcher: Any = None
 
 
 class LLMEngine:
@@ -212,6 +215,7 @@ class LLMEngine:
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
+        self.grammars = Grammars(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
 
     # --- requests ----------------------------------------------------------------------------
 
@@ -231,6 +235,8 @@ class LLMEngine:
             raise RequestError("prompt_token_ids", f"token ids must be integers in [0, {vocab})")
         if any(t >= vocab for t in params.logit_bias):
             raise RequestError("logit_bias", f"token ids must be in [0, {vocab})")
+        if params.structured_outputs is not None:
+            self.grammars.compiled(params.structured_outputs)  # and kept: add_request copies it
         if n >= self.max_model_len:
             raise RequestError(
                 "prompt",
@@ -315,7 +321,11 @@ class LLMEngine:
             seq.cache_salt = self.lora.cache_salt(adapter)
             self.lora.prefetch(adapter)  # read it from the store while earlier batches run
             self.lora.add_user(adapter)  # until it ends: the adapter cannot be unloaded nor re-pointed
-        self._requests[request_id] = _Request(seq, TextStream(self.tokenizer, seq.prompt_token_ids, params))
+        so = params.structured_outputs
+        matcher = self.grammars.matcher(so) if so is not None else None
+        self._requests[request_id] = _Request(
+            seq, TextStream(self.tokenizer, seq.prompt_token_ids, params), matcher=matcher
+        )
         self.scheduler.add(seq)
         return request_id
 
@@ -465,6 +475,10 @@ class LLMEngine:
         self, out: SchedulerOutput, logits: torch.Tensor, sampled_chunks: list[int]
     ) -> list[RequestOutput]:
         seqs = [out.chunks[i].seq for i in sampled_chunks]
+        matchers = [self._requests[s.request_id].matcher for s in seqs]
+        rows = [row for row, m in enumerate(matchers) if m is not None]
+        # On a GPU the masks are computed while the step's model still runs (execute only launched it).
+        allowed = (rows, self.grammars.masks([matchers[r] for r in rows])) if rows else None
         result = self.sampler.sample(
             logits,
             [s.request_id for s in seqs],
@@ -472,6 +486,7 @@ class LLMEngine:
             [len(s.output_token_ids) for s in seqs],
             [(s.prompt_token_ids, s.output_token_ids) for s in seqs],
             [self._banned(s) for s in seqs],
+            allowed,
         )
         now = time.monotonic()
         outputs = []
@@ -504,7 +519,14 @@ class LLMEngine:
             seq.output_top_logprobs.append(top or [])
         if seq.first_token_time is None:
             seq.first_token_time = now
-        out = self._output(req, self._check_stop(req, token))
+        if req.matcher is not None and not req.matcher.consume_token(token):
+            # Only a token no mask restricted: a first token from a prefill worker of an older
+            # build (the router sends these requests to workers that apply them) or a bug.
+            seq.finish_reason = FinishReason.ABORT
+            out = self._output(req, "")
+            out.error = f"structured_outputs: token {token} does not continue the text's grammar"
+        else:
+            out = self._output(req, self._check_stop(req, token))
         if seq.finish_reason is not None:
             self._requests.pop(seq.request_id, None)
             self._retire(seq)
@@ -522,7 +544,10 @@ class LLMEngine:
             if req.text.stopped_by is not None:
                 seq.finish_reason, seq.stop_reason = FinishReason.STOP, req.text.stopped_by
                 return delta
-        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        if req.matcher is not None and req.matcher.is_stopped():
+            # The text is complete: the grammar allows nothing more (EOS would be the only token).
+            seq.finish_reason = FinishReason.STOP
+        elif len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = FinishReason.LENGTH
         return delta
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .penalties import Penalties, float_copy
@@ -57,20 +58,25 @@ class Sampler:
         output_index: list[int] | None = None,
         history: list[tuple[list[int], list[int]]] | None = None,
         banned: list[frozenset[int]] | None = None,
+        allowed: tuple[list[int], np.ndarray] | None = None,
     ) -> SampleResult:
         """`logits`: [num_seqs, vocab] float32, one row per request; `output_index`: each row's
         position among its request's generated tokens (0 for the first); `history`: each row's
         prompt and generated token ids, which rows with penalties need; `banned`: tokens each row
-        must not draw (a request short of its min_tokens: its EOS and stop token ids)."""
+        must not draw (a request short of its min_tokens: its EOS and stop token ids); `allowed`:
+        rows whose next token a grammar restricts, and their masks (int32 [len(rows), vocab / 32],
+        a bit per token, as `Grammars.masks` makes them)."""
         output_index = output_index or [0] * len(params)
         scores = logits
-        biased = any(p.logit_bias for p in params) or bool(banned and any(banned))
-        if biased:  # first, as vLLM orders them
-            scores = _add_logit_bias(logits, params, banned)
+        owned = False
+        if allowed is not None and allowed[0]:  # a hard constraint, before everything else
+            scores, owned = _mask_disallowed(logits, *allowed), True
+        if any(p.logit_bias for p in params) or bool(banned and any(banned)):  # then, as vLLM orders them
+            scores, owned = _add_logit_bias(scores, params, banned, owned), True
         if any(p.penalized for p in params):
             if history is None:
                 raise ValueError("rows with penalties need their prompt and generated tokens (history)")
-            scores = self.penalties.apply(scores, request_ids, params, history, owned=biased)
+            scores = self.penalties.apply(scores, request_ids, params, history, owned=owned)
         # Either way the work stays where the logits are and n ints come back, not n x vocab
         # floats (131 MB per step for batch 256 of a 128K vocabulary).
         if all(p.greedy for p in params):
@@ -187,11 +193,29 @@ class Sampler:
         return ids.gather(1, _mixed_draw(probs, params, u)[:, None])[:, 0]
 
 
+def _mask_disallowed(logits: torch.Tensor, rows: list[int], masks: np.ndarray) -> torch.Tensor:
+    """The logits (float32, a new tensor) with -inf at the tokens each listed row's mask leaves out
+    (bit j of word i clear: token 32 i + j). Unpacked on the logits' device: a few KB per row
+    cross to it, not a vocabulary of floats."""
+    out = float_copy(logits)
+    device, vocab = logits.device, logits.shape[-1]
+    words = torch.from_numpy(masks).to(device)
+    bits = (words[:, :, None] >> torch.arange(32, dtype=torch.int32, device=device)) & 1
+    keep = bits.reshape(len(rows), -1)[:, :vocab].bool()
+    at = torch.tensor(rows, device=device)
+    out[at] = out[at].masked_fill(~keep, float("-inf"))
+    return out
+
+
 def _add_logit_bias(
-    logits: torch.Tensor, params: list[SamplingParams], banned: list[frozenset[int]] | None
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    banned: list[frozenset[int]] | None,
+    owned: bool = False,
 ) -> torch.Tensor:
-    """The logits (float32, a new tensor: log-probabilities come from the raw ones) plus each row's
-    logit_bias, and -inf at its banned tokens."""
+    """The logits (float32, a new tensor unless `owned`, a float32 one the caller gave up:
+    log-probabilities come from the raw ones) plus each row's logit_bias, and -inf at its banned
+    tokens."""
     rows, tokens, biases = [], [], []
     for row, p in enumerate(params):
         ban = banned[row] if banned else frozenset()
@@ -204,7 +228,7 @@ def _add_logit_bias(
             rows.append(row)
             tokens.append(token)
             biases.append(float("-inf"))
-    out = float_copy(logits)
+    out = logits if owned and logits.dtype == torch.float32 else float_copy(logits)
     device = logits.device
     at = (torch.tensor(rows, device=device), torch.tensor(tokens, device=device))
     out[at] += torch.tensor(biases, dtype=torch.float32, device=device)

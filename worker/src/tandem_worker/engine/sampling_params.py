@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 SAMPLING_EPS = 1e-5
 # OpenAI's bound: each position's most likely tokens cost a topk over the vocabulary and that many
@@ -26,13 +28,14 @@ SAMPLING_REQUEST_FIELDS = (
     "min_p",
     "logit_bias",
     "min_tokens",
+    "structured_outputs",
 )
 
 
 # The sampling controls added after the first workers shipped, by the name workers report (StatsResponse
 # .sampling_controls). An older worker drops the wire fields it does not know in silence, so the
 # router sends a request using one only to workers that apply it.
-SAMPLING_CONTROLS = ("penalties", "logit_bias", "min_p", "min_tokens")
+SAMPLING_CONTROLS = ("penalties", "logit_bias", "min_p", "min_tokens", "structured_outputs")
 
 
 class RequestError(ValueError):
@@ -77,6 +80,102 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+# Each structured-output kind by vLLM's name for it (its `structured_outputs` request field and
+# StructuredOutputsParams), so clients written for vLLM send the same object here.
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """What the generated text must be, exactly one of: `json`, a JSON Schema (as JSON text);
+    `json_object`, any JSON object; `regex`, a regular expression the whole text matches (Rust's
+    `regex` syntax); `choice`, one of these strings; `grammar`, a Lark grammar (llguidance's
+    dialect). The engine masks, at each step, the tokens that could not continue such a text
+    (engine/structured.py); the request ends once the text is complete."""
+
+    json: str | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        given = [k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise RequestError(
+                "structured_outputs",
+                f"give exactly one of {', '.join(STRUCTURED_KINDS)}; got {', '.join(given) or 'none'}",
+            )
+        if self.json is not None:
+            if not isinstance(self.json, str):
+                raise RequestError("structured_outputs", "json: must be a JSON Schema as JSON text")
+            try:
+                schema = json.loads(self.json)
+            except (ValueError, RecursionError):
+                raise RequestError("structured_outputs", "json: not a JSON document") from None
+            if not isinstance(schema, (dict, bool)):
+                raise RequestError("structured_outputs", "json: a JSON Schema is an object (or a boolean)")
+        for kind in ("regex", "grammar"):
+            value = getattr(self, kind)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise RequestError("structured_outputs", f"{kind}: must be a non-empty string")
+        if self.choice is not None:
+            if (
+                not isinstance(self.choice, tuple)
+                or not self.choice
+                or not all(isinstance(c, str) and c for c in self.choice)
+            ):
+                raise RequestError("structured_outputs", "choice: must be a list of non-empty strings")
+        if not isinstance(self.json_object, bool):
+            raise RequestError("structured_outputs", "json_object: must be a boolean")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+
+    @classmethod
+    def from_dict(cls, value: Any) -> StructuredOutputs:
+        """From vLLM's request object `{"json": {...}}`, `{"regex": "..."}`, `{"choice": [...]}`,
+        `{"grammar": "..."}` or `{"json_object": true}` (a schema may also come as JSON text).
+        RequestError names what is wrong; keys vLLM has for its other backends are refused."""
+        if not isinstance(value, dict):
+            raise RequestError(
+                "structured_outputs", "must be an object with one of " + ", ".join(STRUCTURED_KINDS)
+            )
+        unknown = sorted(k for k, v in value.items() if k not in STRUCTURED_KINDS and v is not None)
+        if unknown:
+            raise RequestError(
+                "structured_outputs",
+                f"unsupported key {unknown[0]!r}; give one of {', '.join(STRUCTURED_KINDS)}",
+            )
+        schema = value.get("json")
+        if schema is not None and not isinstance(schema, str):
+            if not isinstance(schema, (dict, bool)):
+                raise RequestError("structured_outputs", "json: must be a JSON Schema (an object)")
+            schema = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)  # key order kept
+        choice = value.get("choice")
+        if choice is not None:
+            if not isinstance(choice, list):
+                raise RequestError("structured_outputs", "choice: must be a list of non-empty strings")
+            choice = tuple(choice)
+        return cls(
+            json=schema,
+            regex=value.get("regex"),
+            choice=choice,
+            grammar=value.get("grammar"),
+            json_object=value.get("json_object") or False,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The request object `from_dict` reads (a schema as its JSON value)."""
+        kind = self.kind
+        if kind == "json":
+            return {"json": json.loads(self.json or "")}
+        if kind == "choice":
+            return {"choice": list(self.choice or ())}
+        return {kind: getattr(self, kind)}
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
@@ -111,6 +210,9 @@ class SamplingParams:
     # vLLM's: no EOS (unless ignore_eos) nor stop_token_ids is sampled before this many tokens;
     # stop strings still end the text.
     min_tokens: int = 0
+    # The text must be a JSON value of a schema, match a regex, be one of some strings or follow
+    # a grammar (vLLM's structured outputs); the engine masks the tokens that cannot continue it.
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -119,6 +221,8 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids)
         if isinstance(self.logit_bias, dict):
             self.logit_bias = dict(self.logit_bias)  # the request's own: callers' dicts stay theirs
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputs.from_dict(self.structured_outputs)
         self.validate()
         if self.top_logprobs:
             self.logprobs = True
@@ -164,6 +268,10 @@ class SamplingParams:
                 raise RequestError(
                     "logit_bias", f"token {token}: the bias must be in [-100, 100], got {bias!r}"
                 )
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputs):
+            raise RequestError(
+                "structured_outputs", f"must be StructuredOutputs or None, got {self.structured_outputs!r}"
+            )
         if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise RequestError(
                 "top_logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}"
@@ -177,6 +285,7 @@ class SamplingParams:
             "logit_bias": bool(self.logit_bias),
             "min_p": bool(self.min_p),
             "min_tokens": bool(self.min_tokens),
+            "structured_outputs": self.structured_outputs is not None,
         }
         return frozenset(name for name, on in used.items() if on)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..engine.loader import checkpoint_files
-from ..engine.sampling_params import SamplingParams
+from ..engine.sampling_params import SamplingParams, StructuredOutputs
 from ..engine.sequence import FinishReason
 from .pb import inference_pb2 as pb
 from .pb import worker_pb2 as wpb
@@ -52,7 +52,24 @@ def params_from_pb(s: pb.SamplingParams, *, max_tokens: int | None = None) -> Sa
         # A prefill worker samples the first token alone (max_tokens 1): the ban holds for it if
         # min_tokens reaches past it.
         min_tokens=s.min_tokens if max_tokens is None else min(s.min_tokens, max_tokens),
+        structured_outputs=structured_from_pb(s.structured_outputs)
+        if s.HasField("structured_outputs")
+        else None,
     )
+
+
+def structured_from_pb(msg: pb.StructuredOutputs) -> StructuredOutputs:
+    """Raises RequestError when no kind is set (or a value is bad)."""
+    kind = msg.WhichOneof("kind")
+    if kind == "choice":
+        return StructuredOutputs(choice=tuple(msg.choice.values))
+    return StructuredOutputs(**({kind: getattr(msg, kind)} if kind else {}))
+
+
+def structured_to_pb(so: StructuredOutputs) -> pb.StructuredOutputs:
+    if so.choice is not None:
+        return pb.StructuredOutputs(choice=pb.StructuredOutputs.Choices(values=so.choice))
+    return pb.StructuredOutputs(**{so.kind: getattr(so, so.kind)})
 
 
 def params_to_pb(p: SamplingParams) -> pb.SamplingParams:
@@ -82,6 +99,8 @@ def params_to_pb(p: SamplingParams) -> pb.SamplingParams:
         msg.min_p = p.min_p
     msg.logit_bias.update(p.logit_bias)
     msg.min_tokens = p.min_tokens
+    if p.structured_outputs is not None:
+        msg.structured_outputs.CopyFrom(structured_to_pb(p.structured_outputs))
     return msg
 
 

@@ -53,8 +53,15 @@ from typing import Any, NoReturn
 import grpc
 import numpy as np
 
-from ..engine.sampling_params import SAMPLING_REQUEST_FIELDS, RequestError, json_token_id, request_seed
+from ..engine.sampling_params import (
+    SAMPLING_REQUEST_FIELDS,
+    RequestError,
+    StructuredOutputs,
+    json_token_id,
+    request_seed,
+)
 from . import metrics
+from .convert import structured_to_pb
 from .handoff import Handoffs, forward
 from .listen import EXCLUSIVE_PORT_OPTIONS, listen
 from .pb import inference_pb2 as pb
@@ -135,6 +142,8 @@ OUTPUTS = {
     "num_output_tokens": "UINT32",
 }
 SAMPLING_KEYS = set(SAMPLING_REQUEST_FIELDS)
+# Triton's vLLM backend's name for structured_outputs (vLLM's before it was renamed).
+KEY_ALIASES = {"guided_decoding": "structured_outputs"}
 # Keys the vLLM backend passes on that are accepted here only at their no-op values.
 NOOP_KEYS = {
     "n": 1,
@@ -381,6 +390,7 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
             if not isinstance(sp, dict):
                 raise BadRequest("sampling_parameters: must be a JSON object")
             for key, value in sp.items():
+                key = KEY_ALIASES.get(key, key)
                 if key in NOOP_KEYS:
                     if not _is_off(value, NOOP_KEYS[key]):
                         raise BadRequest(f"sampling_parameters: {key}={value!r} is not supported")
@@ -503,6 +513,16 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
                 if not isinstance(value, list):
                     raise ValueError
                 norm = [_as_int(x) for x in value]
+            elif key == "structured_outputs":
+                # In the request's parameters map, a JSON text (a parameter holds one scalar).
+                try:
+                    obj = json.loads(value) if isinstance(value, str) else value
+                except RecursionError:
+                    raise BadRequest(f"{where}: not JSON: nested too deeply") from None
+                try:
+                    norm = StructuredOutputs.from_dict(obj)
+                except RequestError as e:
+                    raise BadRequest(f"{where}: {str(e).removeprefix('structured_outputs: ')}") from None
             elif key == "logit_bias":
                 # A JSON object's keys are strings: token ids as "50256", as OpenAI's clients send them.
                 if not isinstance(value, dict):
@@ -528,6 +548,8 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
             elif key == "logit_bias":
                 s.logit_bias.clear()
                 s.logit_bias.update(norm)
+            elif key == "structured_outputs":
+                s.structured_outputs.CopyFrom(structured_to_pb(norm))
             else:
                 setattr(s, key, norm)
         except (ValueError, TypeError, OverflowError, struct.error):

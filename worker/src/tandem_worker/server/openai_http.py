@@ -57,11 +57,13 @@ from ..engine.sampling_params import (
     MAX_TOP_LOGPROBS,
     SAMPLING_REQUEST_FIELDS,
     RequestError,
+    StructuredOutputs,
     json_token_id,
     request_seed,
 )
 from ..engine.tokenizer import Tokenizer
 from . import metrics
+from .convert import structured_to_pb
 from .handoff import Handoffs, forward
 from .pb import inference_pb2 as pb
 from .pb import inference_pb2_grpc as pbgrpc
@@ -97,6 +99,14 @@ STATUS = {
 # them differently.
 PARAM_NAMES = {"prompt_token_ids": "prompt"}
 
+# vLLM's older names for structured outputs (its clients still send them): field -> kind.
+GUIDED_FIELDS = {
+    "guided_json": "json",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
+}
+
 # The fields `parse` reads, per endpoint. Any other field must be in NEUTRAL_FIELDS or OFF_VALUES, or
 # the request is refused naming it (as OpenAI's own API does): a field ignored in silence would
 # change what the client asked for (a penalty, a JSON schema, a second choice) without a word.
@@ -108,7 +118,9 @@ COMMON_FIELDS = frozenset(
         "stream_options",
         "include_stop_str_in_output",
         "logprobs",
+        "response_format",
         *SAMPLING_REQUEST_FIELDS,
+        *GUIDED_FIELDS,
     }
 )
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
@@ -143,7 +155,6 @@ OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "use_beam_search": (False,),
     "echo": (False,),
     "suffix": ("",),
-    "response_format": ({"type": "text"},),
     "tools": ([],),
     "functions": ([],),
     "tool_choice": ("none", "auto"),  # without tools, both mean plain text
@@ -161,14 +172,9 @@ OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "prompt_logprobs": (),
     "truncate_prompt_tokens": (),
     "logits_processors": (),
-    "guided_json": (),
-    "guided_regex": (),
-    "guided_choice": (),
-    "guided_grammar": (),
     "guided_decoding_backend": (),
     "guided_whitespace_pattern": (),
     "structural_tag": (),
-    "structured_outputs": (),
     "chat_template": (),
     "chat_template_kwargs": ({},),
     "documents": (),
@@ -314,6 +320,43 @@ def _get(body: dict, key: str, types: tuple[type, ...], what: str) -> Any:
     if not isinstance(v, types):
         raise invalid(key, f"must be {what}, got {json.dumps(v)[:80]}")
     return v
+
+
+def _structured_outputs(body: dict) -> StructuredOutputs | None:
+    """The request's structured output, from OpenAI's `response_format` (json_object, json_schema),
+    vLLM's `structured_outputs` object or its older `guided_*` fields; at most one of them."""
+    given: dict[str, Any] = {}
+    rf = body.get("response_format")
+    if rf is not None:
+        if not isinstance(rf, dict) or not isinstance(rf.get("type"), str):
+            raise invalid("response_format", "must be an object with a 'type'")
+        kind = rf["type"]
+        if kind == "json_object":
+            given["response_format"] = {"json_object": True}
+        elif kind == "json_schema":
+            spec = rf.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise invalid("response_format", "json_schema: must be an object with a 'schema' object")
+            # `strict` either way: the schema is always enforced, never only asked for.
+            given["response_format"] = {"json": spec["schema"]}
+        elif kind != "text":
+            raise invalid(
+                "response_format", f"type {kind!r} is not supported (text, json_object, json_schema)"
+            )
+    if body.get("structured_outputs") is not None:
+        given["structured_outputs"] = body["structured_outputs"]
+    for key, kind in GUIDED_FIELDS.items():
+        if body.get(key) is not None:
+            given[key] = {kind: body[key]}
+    if len(given) > 1:
+        raise invalid(sorted(given)[1], f"give one structured output, not {' and '.join(sorted(given))}")
+    if not given:
+        return None
+    ((key, value),) = given.items()
+    try:
+        return StructuredOutputs.from_dict(value)
+    except RequestError as e:
+        raise invalid(key, str(e).removeprefix("structured_outputs: ")) from None
 
 
 def _is_value(value: Any, off: Any) -> bool:
@@ -464,6 +507,9 @@ class OpenAIFrontend:
             raise invalid("include_stop_str_in_output", "not supported; leave it unset or false")
         if _get(body, "ignore_eos", (bool,), "a boolean"):
             s.ignore_eos = True
+        structured = _structured_outputs(body)
+        if structured is not None:
+            s.structured_outputs.CopyFrom(structured_to_pb(structured))
 
         logprobs = False
         top = None

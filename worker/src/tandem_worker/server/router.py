@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from ..engine import structured
 from ..engine.sampling_params import RequestError, SamplingParams
 from ..engine.tokenizer import TextStream, Tokenizer
 from . import metrics
@@ -150,6 +151,10 @@ class RouterService(pbgrpc.InferenceServicer):
                 "model", f"{request.model!r} is not served here; this endpoint serves {self.model_name!r}"
             )
         params = params_from_pb(request.sampling)
+        if params.structured_outputs is not None:
+            # What the vocabulary does not change (a bad regex, schema or Lark), before any worker
+            # computes the prompt; the serving worker compiles it against its tokenizer.
+            structured.check(params.structured_outputs)
         ids = self._tokenize(request)
         if not ids:
             raise RequestError("prompt", "must not be empty")
