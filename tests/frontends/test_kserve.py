@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from tandem_proto.v1 import inference_pb2 as pb
 from tests.frontends.conftest import ADAPTER, SERVED
 from tests.serving.procs import assert_idle, generate, greedy, request
 from tests.serving.procs import sampling as wire_sampling
@@ -333,6 +334,32 @@ def test_penalties_and_logit_bias_are_served_as_through_grpc(client, deployment)
     seeded = {"max_tokens": 16, "temperature": 1.5, "seed": 11, "ignore_eos": True}
     want = generate(deployment.router, request(PROMPT, wire_sampling(**seeded, min_p=0.2)))
     assert text_of(client.infer(SERVED, [text_input(), sampling(**seeded, min_p=0.2)])) == want.text
+
+
+def test_structured_outputs_are_served_as_through_grpc(client, deployment):
+    # vLLM's request object in sampling_parameters, under Triton's vLLM backend's older key too, and
+    # in the request's parameters map as JSON text; a bad one is INVALID_ARGUMENT, naming it.
+    so = {"regex": " [a-z]+ [a-z]+\\."}
+    want = generate(
+        deployment.router,
+        request(
+            PROMPT,
+            wire_sampling(max_tokens=12, temperature=0.0, structured_outputs=pb.StructuredOutputs(**so)),
+        ),
+    )
+    assert want.finish_reason == pb.FINISH_REASON_STOP
+    for key in ("structured_outputs", "guided_decoding"):
+        r = client.infer(SERVED, [text_input(), sampling(max_tokens=12, temperature=0.0, **{key: so})])
+        assert text_of(r) == want.text, key
+    r = client.infer(
+        SERVED,
+        [text_input(), sampling(max_tokens=12, temperature=0.0)],
+        parameters={"structured_outputs": json.dumps(so)},
+    )
+    assert text_of(r) == want.text
+    with pytest.raises(InferenceServerException) as ei:
+        client.infer(SERVED, [text_input(), sampling(structured_outputs={"regex": "([0-9]"})])
+    assert "INVALID_ARGUMENT" in ei.value.status() and "unclosed group" in ei.value.message()
 
 
 def test_the_timeout_parameter_is_the_deadline(client, deployment):

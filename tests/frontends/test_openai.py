@@ -16,6 +16,7 @@ import grpc
 import openai
 import pytest
 
+from tandem_proto.v1 import inference_pb2 as pb
 from tandem_worker.server.openai_http import from_rpc
 from tests.frontends.conftest import ADAPTER, SERVED
 from tests.serving.procs import HOST, assert_idle, generate, greedy, request, sampling
@@ -559,9 +560,9 @@ def test_top_k_minus_one_is_disabled_as_vllm_clients_send_it(client):
     [
         # Features the engine does not have: ignoring them would change the output in silence.
         (False, "skip_special_tokens", False),
-        (False, "guided_json", {"type": "object"}),
+        (False, "guided_decoding_backend", "xgrammar"),
         (False, "use_beam_search", True),
-        (True, "response_format", {"type": "json_object"}),
+        (True, "response_format", {"type": "structural_tag"}),
         (True, "tool_choice", "required"),
         (True, "reasoning_effort", "high"),
         (True, "add_generation_prompt", False),
@@ -613,6 +614,74 @@ def test_penalties_and_logit_bias_are_served_as_through_grpc(client, deployment,
             model=SERVED, prompt=PROMPT, max_tokens=16, temperature=0, extra_body=extra, **openai_fields
         )
         assert r.choices[0].text == want.text
+
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 20},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+WHO = [{"role": "user", "content": "Describe a person in JSON."}]
+
+
+def test_structured_outputs_are_served_as_through_grpc(client, deployment):
+    wire = sampling(
+        max_tokens=40, temperature=0.0, structured_outputs=pb.StructuredOutputs(json=json.dumps(PERSON))
+    )
+    want = generate(deployment.router, request(WHO, wire))
+    assert want.finish_reason == pb.FINISH_REASON_STOP and set(json.loads(want.text)) == {"name", "age"}
+    schema = {"name": "person", "schema": PERSON, "strict": True}
+    r = client.chat.completions.create(
+        model=SERVED,
+        messages=WHO,
+        max_tokens=40,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": schema},
+    )
+    assert r.choices[0].message.content == want.text and r.choices[0].finish_reason == "stop"
+    # vLLM's request object and its older field, on the completions endpoint.
+    yes_no = {"max_tokens": 8, "temperature": 0.0}
+    want = generate(
+        deployment.router,
+        request(PROMPT, sampling(**yes_no, structured_outputs=pb.StructuredOutputs(regex=" [A-Z][a-z]+\\."))),
+    )
+    for extra in ({"structured_outputs": {"regex": " [A-Z][a-z]+\\."}}, {"guided_regex": " [A-Z][a-z]+\\."}):
+        r = client.completions.create(model=SERVED, prompt=PROMPT, extra_body=extra, **yes_no)
+        assert r.choices[0].text == want.text and re.fullmatch(r" [A-Z][a-z]+\.", want.text), extra
+    r = client.completions.create(
+        model=SERVED, prompt=PROMPT, extra_body={"guided_choice": ["Paris", "Lyon"]}, **yes_no
+    )
+    assert r.choices[0].text in ("Paris", "Lyon") and r.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "words"),
+    [
+        (
+            {"response_format": {"type": "json_object"}, "guided_regex": "a"},
+            "response_format",
+            "one structured",
+        ),
+        ({"structured_outputs": {"regex": "([0-9]"}}, "structured_outputs", "unclosed group"),
+        ({"guided_json": {"type": "nope"}}, "structured_outputs", "nope"),
+        ({"structured_outputs": {"choice": "yes"}}, "structured_outputs", "list"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            "response_format",
+            "schema",
+        ),
+    ],
+)
+def test_a_bad_structured_output_is_a_400_naming_it(client, deployment, fields, param, words):
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.chat.completions.create(model=SERVED, messages=CHAT, max_tokens=2, extra_body=fields)
+    err = _error_body(ei.value)
+    assert err["param"] == param and words in err["message"], err
+    assert_idle(deployment.workers)
 
 
 def test_min_tokens_defers_the_end_as_through_grpc(client, deployment):
