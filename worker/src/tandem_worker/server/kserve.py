@@ -13,7 +13,8 @@ Tensors, named as Triton's LLM backends (vLLM and TensorRT-LLM) name them:
 * in: `text_input` (BYTES, one element, required); `stream` (BOOL: with ModelStreamInfer, one
   response per text delta, the last one flagged `triton_final_response`); `sampling_parameters`
   (BYTES JSON, as the vLLM backend: max_tokens, temperature, top_p, top_k, seed, stop,
-  stop_token_ids, ignore_eos); or the separate tensors `max_tokens`, `temperature`, `top_p`,
+  stop_token_ids, ignore_eos, the penalties, min_p, logit_bias, min_tokens, structured_outputs or
+  its older name guided_decoding); or the separate tensors `max_tokens`, `temperature`, `top_p`,
   `top_k`, `seed`/`random_seed`, `stop_words` (BYTES), `ignore_eos`, `beam_width` (1) (a seed of -1
   is none, as the vLLM backend reads it; see `request_seed`);
   `exclude_input_in_output` (BOOL, default true here: text_output is only the generated text; false

@@ -6,8 +6,9 @@ then `data: [DONE]`), with `stream_options.include_usage` adding a last chunk th
 no choices; `max_tokens`/`max_completion_tokens`, `temperature`, `top_p`, `seed` (-1: no seed, as
 vLLM reads it; see `request_seed`), `stop`, `presence_penalty`, `frequency_penalty`, `logit_bias`,
 `n` up to 16 (choice i is the request with seed + i), log-probabilities (the sampled token's and
-up to 20 most likely: chat's `logprobs`/`top_logprobs`, completions' `logprobs: N`), and vLLM's
-`top_k`, `min_p`, `min_tokens`, `ignore_eos`, `stop_token_ids` and `repetition_penalty`
+up to 20 most likely: chat's `logprobs`/`top_logprobs`, completions' `logprobs: N`), structured
+output (`response_format` json_object / json_schema, vLLM's `structured_outputs` and `guided_*`),
+and vLLM's `top_k`, `min_p`, `min_tokens`, `ignore_eos`, `stop_token_ids` and `repetition_penalty`
 extensions. Any other field is refused by name (400), unless it changes nothing in the output
 (`user`, `metadata`, `store`, ...) or holds the value that turns its feature off (`best_of: 1`,
 `tools: []`, `echo: false`, ...; OFF_VALUES): what the engine cannot do is never dropped in
