@@ -524,7 +524,8 @@ class LLMEngine:
             # build (the router sends these requests to workers that apply them) or a bug.
             seq.finish_reason = FinishReason.ABORT
             out = self._output(req, "")
-            out.error = f"structured_outputs: token {token} does not continue the text's grammar"
+            why = req.matcher.get_error().strip() or "not allowed"
+            out.error = f"structured_outputs: token {token} does not continue the text's grammar: {why}"
         else:
             out = self._output(req, self._check_stop(req, token))
         if seq.finish_reason is not None:
