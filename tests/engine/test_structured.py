@@ -15,6 +15,7 @@ import pytest
 import regex
 import torch
 
+from tandem_worker.engine.llm_engine import PrefillResult
 from tandem_worker.engine.sampler import _dropped_on_device, _dropped_on_host, _mask_disallowed
 from tandem_worker.engine.sampling_params import RequestError, SamplingParams, StructuredOutputs
 from tests.engine.conftest import run_all
@@ -234,3 +235,27 @@ def test_masks_unpack_bit_j_of_word_i_as_token_32i_plus_j(vocab):
     # The device's unpacking (CUDA's path, run here on the CPU) gives the same flags.
     cpu = torch.device("cpu")
     assert torch.equal(_dropped_on_device(masks, vocab, cpu), _dropped_on_host(masks, vocab, cpu))
+
+
+def test_a_first_token_outside_the_grammar_fails_the_request_and_frees_its_blocks(engine):
+    # A prefill worker of an older build would sample the first token without the grammar: the
+    # decode worker ends the request with the reason instead of generating text that breaks it.
+    prompt = chat(engine, "Is the sky blue?")
+    params = SamplingParams(
+        max_tokens=8, temperature=0.0, structured_outputs=StructuredOutputs(choice=("yes", "no"))
+    )
+    free_before = engine.block_manager.stats().num_free
+    rid = engine.add_request(prompt_token_ids=prompt, params=params, remote_kv=True)
+    engine.step()
+    (reservation,) = engine.take_reservations()
+    assert reservation.request_id == rid
+    out = engine.kv_ready(rid, PrefillResult(token=engine.tokenizer.encode("maybe")[0]))
+    assert out.finished and out.finish_reason == "abort"
+    assert "does not continue the text's grammar" in out.error
+    assert not engine.has_unfinished() and engine.block_manager.stats().num_free == free_before
+    # The same request whose first token keeps to the grammar goes on to the end.
+    rid = engine.add_request(prompt_token_ids=prompt, params=params, remote_kv=True)
+    engine.step()
+    engine.take_reservations()
+    out = engine.kv_ready(rid, PrefillResult(token=engine.tokenizer.encode("yes")[0]))
+    assert out.finished and out.finish_reason == "stop" and out.text == "yes" and out.error is None
