@@ -132,3 +132,33 @@ def test_a_stop_string_completed_by_an_output_cut_inside_a_character_still_cuts_
     stream = TextStream(tok, tok.encode("Say:"), SamplingParams(stop=["! "]))
     text = "".join(stream.push([t], special=set()) for t in ids[:cut]) + stream.finish()
     assert (text, stream.stopped_by) == ("Hello, world", "! ")
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_with_min_tokens_a_stop_string_counts_only_if_it_ends_past_them(tok, named):
+    # vLLM's output processor: no stop string is looked for in the first min_tokens tokens' text; one
+    # that ends later counts, also when it starts inside that text.
+    words = [tok.encode(w)[0] for w in (" a", ",", " b", ",", " c", ",", " d")]
+    assert len(words) == 7 and tok.decode(words) == " a, b, c, d"
+    end = tok.hf.convert_tokens_to_ids("<|im_end|>")
+    extra = ["<|im_end|>"] if named else []  # a hidden token named by a stop string: the other path
+
+    def run(min_tokens: int, stop: list[str]) -> tuple[str, str | None, int]:
+        stream = TextStream(
+            tok, tok.encode("Say:"), SamplingParams(stop=stop + extra, max_tokens=9, min_tokens=min_tokens)
+        )
+        out, taken = "", 0
+        for t in [*words, end]:
+            out += stream.push([t], special=set())
+            taken += 1
+            if stream.stopped_by is not None:
+                break
+        return out + stream.finish(), stream.stopped_by, taken
+
+    assert run(0, [","]) == (" a", ",", 2)
+    assert run(2, [","]) == (" a, b", ",", 4)  # the first "," is the 2nd token: within min_tokens
+    assert run(3, [","]) == (" a, b", ",", 4)
+    assert run(4, [","]) == (" a, b, c", ",", 6)
+    assert run(4, [", c"]) == (" a, b", ", c", 5)  # starts in the first 4 tokens, ends in the 5th
+    # Ending in the 5th token is within min_tokens 5: the text runs on, to the named special token.
+    assert run(5, [", c"]) == (" a, b, c, d", "<|im_end|>" if named else None, 8)

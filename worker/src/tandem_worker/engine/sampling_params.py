@@ -208,7 +208,7 @@ class SamplingParams:
     # bans a token, 100 all but forces it).
     logit_bias: dict[int, float] = field(default_factory=dict)
     # vLLM's: no EOS (unless ignore_eos) nor stop_token_ids is sampled before this many tokens;
-    # stop strings still end the text.
+    # a stop string counts only if it ends in the text of a later token (TextStream).
     min_tokens: int = 0
     # The text must be a JSON value of a schema, match a regex, be one of some strings or follow
     # a grammar (vLLM's structured outputs); the engine masks the tokens that cannot continue it.

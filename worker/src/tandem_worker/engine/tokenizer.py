@@ -311,6 +311,9 @@ class TextStream:
     in a stop string counts, for matching only, as that text. It is one piece: a stop string that
     starts or ends inside it ("end|>") does not match it. Other hidden tokens stay invisible to the
     match too, as they are to the text ("a<|x|>b" still stops at "ab").
+
+    With min_tokens, as vLLM's output processor does: a stop string counts only if it ends in text
+    of a token past the first min_tokens (one straddling that point counts).
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -329,12 +332,20 @@ class TextStream:
         self.starts: list[int] = []
         self.ends: list[int] = []
         self.hidden: list[int] = []
+        # Tokens pushed, and until min_tokens of them are, no stop string is searched for; then
+        # only those ending past `floor`, the matched text's length at that point.
+        self.min_tokens = params.min_tokens
+        self.tokens = 0
+        self.floor = 0 if not params.min_tokens else None
 
     def push(self, token_ids: list[int], special: set[int]) -> str:
         """The new text of `token_ids`; `used` is then how many of them count: up to and including
         the one that completed a stop string (those after it are not part of the output)."""
         self.used = len(token_ids)
         for k, t in enumerate(token_ids):
+            if self.floor is None and self.tokens >= self.min_tokens:
+                self.floor = len(self.seen if self.named else self.text)
+            self.tokens += 1
             if t in special:
                 continue  # EOS or a stop token: ends the stream, adds no text
             if self._add(self.detok.push(t), t):
@@ -370,10 +381,12 @@ class TextStream:
     def _find(self, text: str, before: int) -> tuple[int, str | None]:
         """The first stop string in `text` (position, string) that ends past `before`: the text up to
         there was searched already."""
+        if self.floor is None:
+            return 0, None  # short of min_tokens
         lo = max(0, before - self.hold)
         hits = []
         for s in self.stops:
-            i = text.find(s, lo)
+            i = text.find(s, max(lo, self.floor - len(s) + 1))
             while i >= 0 and (self._splits(i) or self._splits(i + len(s))):
                 i = text.find(s, i + 1)
             if i >= 0:
