@@ -277,3 +277,44 @@ def test_a_read_of_the_new_files_that_hangs_leaves_the_old_version_serving(
     assert_matches("old version, later", final[y].token_ids, peft_references[(OLD, 1)], [])
     assert lora.version("X") == (old_digest, 0)
     assert_no_leak(engine)
+
+
+def test_a_files_check_that_hangs_never_stops_the_engine(
+    model_dir, adapter_store, store, prompt_ids, monkeypatch
+):
+    # A store on a network filesystem that stops answering: the check's stat blocks. It runs on the
+    # loader's thread, so requests for the adapter in memory decode on; once the store answers
+    # again, the replaced files are noticed and read.
+    import tandem_worker.engine.lora as lora_module
+
+    engine, clock = make_engine(model_dir, store, interval=1.0)
+    lora = engine.lora
+    old_digest = lora.load("X", to_device=True).digest
+    stamp, answer, asked = lora_module._stamp, threading.Event(), threading.Event()
+
+    def hanging_stamp(path):
+        asked.set()
+        answer.wait(60)
+        return stamp(path)
+
+    monkeypatch.setattr(lora_module, "_stamp", hanging_stamp)
+    replace(store / "X", adapter_store / NEW)
+    clock.advance(2)  # past the interval: the next request for X checks the files
+    started = time.monotonic()
+    a = engine.add_request(prompt_token_ids=prompt_ids[0], params=GREEDY, adapter="X")
+    clock.advance(2)
+    b = engine.add_request(prompt_token_ids=prompt_ids[1], params=GREEDY, adapter="X")  # no second stat
+    final = run_all(engine)
+    assert asked.is_set() and not answer.is_set()
+    assert time.monotonic() - started < 30, "the engine waited for the hanging stat"
+    assert final[a].error is None and final[b].error is None and lora.version("X") == (old_digest, 0)
+    answer.set()
+    for _ in range(200):  # the hung stat answers (on the loader's thread), then its result is read
+        clock.advance(2)
+        c = engine.add_request(prompt_token_ids=prompt_ids[0], params=GREEDY, adapter="X")
+        final = run_all(engine)
+        if lora.version("X")[1] == 1:
+            break
+        time.sleep(0.01)
+    assert lora.version("X") == (digest_of(store / "X"), 1) and final[c].error is None
+    assert_no_leak(engine)

@@ -25,7 +25,8 @@ decode worker refuses KV of another version (worker_server); `LoRAManager.versio
 read.
 
 Replaced files: a resident adapter's files are checked (a stat of both, at most every
-`files_check_interval_s` per adapter, when a request wants it). Once they changed, the new files are
+`files_check_interval_s` per adapter, when a request wants it, on the loader's thread: a store that
+stops answering never stops the engine). Once they changed, the new files are
 read in the background; requests that have not yet computed with the old version wait for the new
 one (as for a load, within the load timeout), those that have finish on the old one, and once none
 pins it the new version replaces it. One version at a time per name, so a response never comes from
@@ -34,6 +35,7 @@ two, and `version` is that of every request holding the adapter.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -134,6 +136,11 @@ class HostAdapter:
 # Seconds between two checks of a resident adapter's files for a replacement: a stat of two files,
 # made only when a request wants the adapter, so even a short interval costs next to nothing.
 FILES_CHECK_INTERVAL_S = 2.0
+# The check's stat runs on the loader's thread, not the engine's: a store on a network filesystem
+# that stops answering would otherwise stop every request's decoding, also of adapters in memory.
+# The engine waits this long for it (a stat answers in microseconds), then notices a change at a
+# later check; while one hangs, no other check of that adapter starts.
+FILES_CHECK_WAIT_S = 0.05
 
 DIGEST_SHORT = 12  # hex characters of a digest in messages (48 bits: enough to tell versions apart)
 _DIGEST_BUFFER = 2**20
@@ -782,6 +789,7 @@ class LoRAManager:
         self._versions: dict[str, tuple[str, int]] = {}
         self._users: dict[str, int] = {}  # per name, unfinished requests for it (add_user)
         self._checked: dict[str, float] = {}  # per name, when its files were last checked (`_watch`)
+        self._looks: dict[str, Future] = {}  # per name, a check's stat under way (`_watch`)
         self._refresh: dict[str, _Refresh] = {}  # resident names whose files changed (`_watch`)
         # Per name, the identity of changed files whose read failed: the version in memory serves
         # on, and they are read again only once they change again (a copy still being written).
@@ -999,21 +1007,42 @@ class LoRAManager:
             if not hung.done():
                 return
             del self._hung[name]
-        now = self.clock()
-        if not force and now - self._checked.get(name, -math.inf) < self.files_check_interval_s:
+        look = self._looks.get(name)
+        wait = 0.0
+        if force or look is None:
+            now = self.clock()
+            if not force and now - self._checked.get(name, -math.inf) < self.files_check_interval_s:
+                return
+            self._checked[name] = now
+            look = self._looks[name] = self._executor.submit(self._look, name)
+            # An admin's forced check waits for its answer (it means the files as they are now),
+            # a request's briefly.
+            wait = self.load_timeout_s if force else FILES_CHECK_WAIT_S
+        if not look.done():
+            with contextlib.suppress(TimeoutError):
+                look.result(timeout=wait)
+            if not look.done():
+                return  # the stat hangs (or waits behind a read): the version in memory serves on
+        del self._looks[name]
+        try:
+            path, stamp = look.result()
+        except OSError as e:
+            log.warning("adapter %r: cannot check its files (%s); the version in memory serves on", name, e)
             return
-        self._checked[name] = now
-        path = self._path(name)
         if path is None:  # gone from the store: the version in memory serves on
             return
-        stamp = _stamp(path)
         with self._lock:
             known = self._stamps.get(name)
         if known is None or stamp == known or stamp == self._unreadable.get(name):
             return
         log.info("adapter %r: its files in %s changed on disk; reading the new version", name, path)
         read = self._executor.submit(self._parse, name, path)
-        self._refresh[name] = _Refresh(read, now, self._generation.get(name, 0), stamp)
+        self._refresh[name] = _Refresh(read, self.clock(), self._generation.get(name, 0), stamp)
+
+    def _look(self, name: str) -> tuple[Path | None, tuple]:
+        """On the loader's thread: where `name`'s files are and their `_stamp`."""
+        path = self._path(name)
+        return path, (_stamp(path) if path is not None else ())
 
     def _advance_refresh(self, name: str) -> bool:
         """Replace `name`'s old version by the read of its new files if both are ready: the read
@@ -1082,6 +1111,7 @@ class LoRAManager:
         if r is not None:
             r.read.cancel()
         self._checked.pop(name, None)
+        self._looks.pop(name, None)
         self._unreadable.pop(name, None)
         self._hung.pop(name, None)
 
