@@ -58,15 +58,13 @@ def grammar(so: StructuredOutputs) -> str:
         raise RequestError("structured_outputs", f"{kind}: {e}") from None
 
 
-def check(so: StructuredOutputs, tokenizer: llguidance.LLTokenizer | None = None) -> str:
-    """The grammar of `so`, checked: RequestError with llguidance's message if it does not compile
-    (a bad regex, an unknown schema keyword, a Lark syntax error). Without a tokenizer (the
-    router's check) only what the vocabulary does not change is checked."""
-    g = grammar(so)
-    error = llguidance.LLMatcher.validate_grammar(g, tokenizer)
+def check(so: StructuredOutputs) -> None:
+    """RequestError with llguidance's message if `so` cannot compile whatever the vocabulary (a bad
+    regex, an unknown schema keyword, a Lark syntax error): the router's check, before any worker
+    computes the prompt. A worker compiles it against its tokenizer (`Grammars.compiled`)."""
+    error = llguidance.LLMatcher.validate_grammar(grammar(so))
     if error:
         raise RequestError("structured_outputs", f"{so.kind}: {error.strip()}")
-    return g
 
 
 class Grammars:
@@ -104,8 +102,8 @@ class Grammars:
                 self._compiled.move_to_end(so)
                 return m
             tokenizer = self._lltokenizer()
-        g = check(so, tokenizer)  # outside the lock: a large grammar compiles for a while
-        m = llguidance.LLMatcher(tokenizer, g, log_level=0)
+        # Outside the lock: a large grammar compiles for a while (llguidance drops the GIL).
+        m = llguidance.LLMatcher(tokenizer, grammar(so), log_level=0)
         if m.is_error():
             raise RequestError("structured_outputs", f"{so.kind}: {m.get_error().strip()}")
         with self._lock:
