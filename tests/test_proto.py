@@ -151,6 +151,7 @@ def test_sampling_params_survive_the_wire_whole():
         logit_bias={5: -100.0, 7: 2.5},
         min_tokens=12,
         structured_outputs={"json": {"type": "object", "properties": {"b": {}, "a": {}}}},
+        prompt_logprobs=3,
     )
     defaults = SamplingParams()
     unset = [f.name for f in dataclasses.fields(p) if getattr(p, f.name) == getattr(defaults, f.name)]

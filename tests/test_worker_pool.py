@@ -1059,6 +1059,7 @@ def test_workers_report_the_sampling_controls_they_apply():
         min_p=0.1,
         min_tokens=2,
         structured_outputs={"regex": "a"},
+        prompt_logprobs=0,
     ).controls
     assert every == set(SAMPLING_CONTROLS)
     assert SamplingParams().controls == frozenset()

@@ -15,6 +15,7 @@ import urllib.request
 import grpc
 import openai
 import pytest
+import torch
 
 from tandem_proto.v1 import inference_pb2 as pb
 from tandem_worker.server.openai_http import from_rpc
@@ -870,3 +871,73 @@ def test_a_trailer_after_a_chunked_body_does_not_become_the_next_request(deploym
     # Each response's status line (the first one's JSON body ends without a newline).
     statuses = [int(x) for x in re.findall(rb"HTTP/1\.1 (\d{3}) ", reply)]
     assert statuses == [200, 200], reply[-300:]
+
+
+def test_echo_with_logprobs_scores_a_continuation_as_transformers_does(client, hf_model, hf_tokenizer):
+    # lm-evaluation-harness's loglikelihood request: context + continuation as token ids, echo, one
+    # token, logprobs 1; the continuation's score is the sum of its tokens' log-probabilities.
+    context, continuation = hf_tokenizer.encode("The capital of France is"), hf_tokenizer.encode(" Paris.")
+    ids = context + continuation
+    r = client.completions.create(
+        model=SERVED, prompt=[ids], max_tokens=1, temperature=0, logprobs=1, echo=True
+    )
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(ids) + 1 and lp.token_logprobs[0] is None
+    assert lp.top_logprobs[0] is None and all(1 <= len(t) <= 2 for t in lp.top_logprobs[1:])
+    with torch.inference_mode():
+        want = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    want_score = sum(float(want[i - 1, ids[i]]) for i in range(len(context), len(ids)))
+    assert sum(lp.token_logprobs[len(context) : len(ids)]) == pytest.approx(want_score, abs=1e-3)
+    greedy_ids = want[len(context) - 1 : len(ids) - 1].argmax(-1).tolist()
+    is_greedy = all(
+        tok == max(top, key=top.get)
+        for tok, top in zip(lp.tokens[len(context) : len(ids)], lp.top_logprobs[len(context) : len(ids)])
+    )
+    assert is_greedy == (greedy_ids == continuation)
+    assert r.choices[0].text.startswith(hf_tokenizer.decode(ids))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_puts_the_prompt_and_its_logprobs_first(client, deployment, stream):
+    want = generate(
+        deployment.router,
+        request(
+            PROMPT, sampling(max_tokens=4, temperature=0.0, logprobs=True, top_logprobs=2, prompt_logprobs=2)
+        ),
+    )
+    n = len(want.prompt_token_ids)
+    kwargs = {
+        "model": SERVED,
+        "prompt": PROMPT,
+        "max_tokens": 4,
+        "temperature": 0,
+        "logprobs": 2,
+        "echo": True,
+    }
+    if stream:
+        chunks = [c for c in client.completions.create(stream=True, **kwargs) if c.choices]
+        text = "".join(c.choices[0].text for c in chunks)
+        lp = {
+            k: [x for c in chunks if c.choices[0].logprobs for x in getattr(c.choices[0].logprobs, k)]
+            for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+        }
+    else:
+        choice = client.completions.create(**kwargs).choices[0]
+        text, lp = (
+            choice.text,
+            {
+                k: getattr(choice.logprobs, k)
+                for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+            },
+        )
+    assert text == PROMPT + want.text
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][1:n] == pytest.approx(want.prompt_logprobs, abs=1e-5)
+    assert lp["token_logprobs"][n:] == pytest.approx(want.logprobs, abs=1e-5)
+    assert len(lp["tokens"]) == n + 4 and all(len(t) in (2, 3) for t in lp["top_logprobs"][1:])
+    assert lp["text_offset"][n] == len(PROMPT) and lp["text_offset"] == sorted(lp["text_offset"])
+    # Without logprobs, the text alone; chat has no echo.
+    plain = client.completions.create(model=SERVED, prompt=PROMPT, max_tokens=4, temperature=0, echo=True)
+    assert plain.choices[0].text == PROMPT + want.text and plain.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=SERVED, messages=CHAT, max_tokens=2, extra_body={"echo": True})

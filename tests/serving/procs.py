@@ -247,6 +247,10 @@ class Result:
     messages: int = 0
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # The prompt's tokens 1..n-1 (as the wire carries them), when asked for; how many messages had them.
+    prompt_logprobs: list[float] = field(default_factory=list)
+    prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt_logprobs_messages: int = 0
 
 
 def sampling(**kw: Any) -> pb.SamplingParams:
@@ -281,6 +285,11 @@ def generate(endpoint: Proc | grpc.Channel, req: pb.GenerateRequest, timeout: fl
         r.text += msg.text
         r.logprobs.extend(msg.logprobs)
         r.top_logprobs.extend(list(zip(t.token_ids, t.logprobs)) for t in msg.top_logprobs)
+        if msg.HasField("prompt_logprobs"):
+            r.prompt_logprobs_messages += 1
+            r.prompt_logprobs.extend(msg.prompt_logprobs.logprobs)
+            pl = msg.prompt_logprobs.top_logprobs
+            r.prompt_top_logprobs.extend(list(zip(t.token_ids, t.logprobs)) for t in pl)
         if msg.finish_reason:
             r.finish_reason = msg.finish_reason
             r.stop_reason = msg.stop_reason

@@ -218,6 +218,31 @@ def test_structured_outputs_through_1p1d_equal_offline(cluster, offline):
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "nothing_here" in ei.value.details()
 
 
+@pytest.mark.parametrize("shape", ["1+1", "colocated"])
+def test_prompt_logprobs_equal_offline(cluster, offline, shape):
+    """The prefill worker computes them with the prompt and hands them over with the KV; a
+    colocated worker computes them itself. Both as the offline engine, on the first message only."""
+    r = {"1+1": cluster.r11, "colocated": cluster.rc}[shape]
+    cases = (greedy(4, prompt_logprobs=0), sampling(max_tokens=3, temperature=0.8, seed=2, prompt_logprobs=3))
+    for params in cases:
+        (ref,) = offline_generate(offline, [LONG_PROMPT], params)
+        res = generate(r, request(LONG_PROMPT, params))
+        assert res.token_ids == ref.token_ids
+        assert res.prompt_logprobs_messages == 1
+        assert len(res.prompt_logprobs) == len(res.prompt_token_ids) - 1
+        assert res.prompt_logprobs == pytest.approx(ref.prompt_logprobs[1:], abs=1e-4)
+        if params.prompt_logprobs:
+            want = [[t for t, _ in p] for p in ref.prompt_top_logprobs[1:]]
+            assert [[t for t, _ in p] for p in res.prompt_top_logprobs] == want
+        else:
+            assert res.prompt_top_logprobs == []
+    # The prompt is in the prefix caches now, yet computed whole again for its log-probabilities.
+    assert generate(r, request(LONG_PROMPT, greedy(1))).usage.cached_prompt_tokens > 0
+    again = generate(r, request(LONG_PROMPT, greedy(1, prompt_logprobs=0)))
+    assert again.usage.cached_prompt_tokens == 0
+    assert again.prompt_logprobs == pytest.approx(res.prompt_logprobs, abs=1e-4)
+
+
 def test_top_logprobs_through_1p1d_equal_offline(cluster, offline):
     """The first position's come from the prefill worker with the KV, the rest from decode."""
     params = sampling(max_tokens=8, temperature=0.8, seed=7, ignore_eos=True, top_logprobs=4)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tandem/v1/inference.proto\x12\ttandem.v1\":\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xb2\x05\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\r\x12\x16\n\x0e\x66it_max_tokens\x18\x0b \x01(\x08\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0e \x01(\x02H\x07\x88\x01\x01\x12\x12\n\x05min_p\x18\x0f \x01(\x02H\x08\x88\x01\x01\x12<\n\nlogit_bias\x18\x10 \x03(\x0b\x32(.tandem.v1.SamplingParams.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x11 \x01(\r\x12\x38\n\x12structured_outputs\x18\x12 \x01(\x0b\x32\x1c.tandem.v1.StructuredOutputs\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x08\n\x06_min_p\"\xb9\x01\n\x11StructuredOutputs\x12\x0e\n\x04json\x18\x01 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x02 \x01(\tH\x00\x12\x36\n\x06\x63hoice\x18\x03 \x01(\x0b\x32$.tandem.v1.StructuredOutputs.ChoicesH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x05 \x01(\x08H\x00\x1a\x19\n\x07\x43hoices\x12\x0e\n\x06values\x18\x01 \x03(\tB\x06\n\x04kind\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"\xdf\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x17.tandem.v1.ChatMessagesH\x00\x12(\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x13.tandem.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x0f\n\x07\x61\x64\x61pter\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\tB\x08\n\x06prompt\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"K\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x14\n\x0cttft_seconds\x18\x02 \x01(\x01\x12\x13\n\x0b\x65\x32\x65_seconds\x18\x03 \x01(\x01\"\xac\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.tandem.v1.Usage\x12#\n\x07timings\x18\x07 \x01(\x0b\x32\x12.tandem.v1.Timings\x12\x18\n\x10prompt_token_ids\x18\x08 \x03(\r\x12\x13\n\x0bstop_reason\x18\t \x01(\t\x12,\n\x0ctop_logprobs\x18\n \x03(\x0b\x32\x16.tandem.v1.TopLogprobs\"\x13\n\x11ListModelsRequest\"@\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x10\n\x08\x61\x64\x61pters\x18\x03 \x03(\t\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.tandem.v1.ModelCard*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x9d\x01\n\tInference\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12I\n\nListModels\x12\x1c.tandem.v1.ListModelsRequest\x1a\x1d.tandem.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tandem/v1/inference.proto\x12\ttandem.v1\":\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xe4\x05\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\r\x12\x16\n\x0e\x66it_max_tokens\x18\x0b \x01(\x08\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0e \x01(\x02H\x07\x88\x01\x01\x12\x12\n\x05min_p\x18\x0f \x01(\x02H\x08\x88\x01\x01\x12<\n\nlogit_bias\x18\x10 \x03(\x0b\x32(.tandem.v1.SamplingParams.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x11 \x01(\r\x12\x38\n\x12structured_outputs\x18\x12 \x01(\x0b\x32\x1c.tandem.v1.StructuredOutputs\x12\x1c\n\x0fprompt_logprobs\x18\x13 \x01(\rH\t\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x08\n\x06_min_pB\x12\n\x10_prompt_logprobs\"\xb9\x01\n\x11StructuredOutputs\x12\x0e\n\x04json\x18\x01 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x02 \x01(\tH\x00\x12\x36\n\x06\x63hoice\x18\x03 \x01(\x0b\x32$.tandem.v1.StructuredOutputs.ChoicesH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x05 \x01(\x08H\x00\x1a\x19\n\x07\x43hoices\x12\x0e\n\x06values\x18\x01 \x03(\tB\x06\n\x04kind\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"P\n\x0ePromptLogprobs\x12\x10\n\x08logprobs\x18\x01 \x03(\x02\x12,\n\x0ctop_logprobs\x18\x02 \x03(\x0b\x32\x16.tandem.v1.TopLogprobs\"\xdf\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x17.tandem.v1.ChatMessagesH\x00\x12(\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x13.tandem.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x0f\n\x07\x61\x64\x61pter\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\tB\x08\n\x06prompt\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"K\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x14\n\x0cttft_seconds\x18\x02 \x01(\x01\x12\x13\n\x0b\x65\x32\x65_seconds\x18\x03 \x01(\x01\"\xe0\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.tandem.v1.Usage\x12#\n\x07timings\x18\x07 \x01(\x0b\x32\x12.tandem.v1.Timings\x12\x18\n\x10prompt_token_ids\x18\x08 \x03(\r\x12\x13\n\x0bstop_reason\x18\t \x01(\t\x12,\n\x0ctop_logprobs\x18\n \x03(\x0b\x32\x16.tandem.v1.TopLogprobs\x12\x32\n\x0fprompt_logprobs\x18\x0b \x01(\x0b\x32\x19.tandem.v1.PromptLogprobs\"\x13\n\x11ListModelsRequest\"@\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x10\n\x08\x61\x64\x61pters\x18\x03 \x03(\t\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.tandem.v1.ModelCard*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x9d\x01\n\tInference\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12I\n\nListModels\x12\x1c.tandem.v1.ListModelsRequest\x1a\x1d.tandem.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1958
-  _globals['_FINISHREASON']._serialized_end=2078
+  _globals['_FINISHREASON']._serialized_start=2142
+  _globals['_FINISHREASON']._serialized_end=2262
   _globals['_CHATMESSAGE']._serialized_start=40
   _globals['_CHATMESSAGE']._serialized_end=98
   _globals['_CHATMESSAGES']._serialized_start=100
@@ -42,29 +42,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=158
   _globals['_TOKENIDS']._serialized_end=181
   _globals['_SAMPLINGPARAMS']._serialized_start=184
-  _globals['_SAMPLINGPARAMS']._serialized_end=874
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=690
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=738
-  _globals['_STRUCTUREDOUTPUTS']._serialized_start=877
-  _globals['_STRUCTUREDOUTPUTS']._serialized_end=1062
-  _globals['_STRUCTUREDOUTPUTS_CHOICES']._serialized_start=1029
-  _globals['_STRUCTUREDOUTPUTS_CHOICES']._serialized_end=1054
-  _globals['_TOPLOGPROBS']._serialized_start=1064
-  _globals['_TOPLOGPROBS']._serialized_end=1114
-  _globals['_GENERATEREQUEST']._serialized_start=1117
-  _globals['_GENERATEREQUEST']._serialized_end=1340
-  _globals['_USAGE']._serialized_start=1342
-  _globals['_USAGE']._serialized_end=1429
-  _globals['_TIMINGS']._serialized_start=1431
-  _globals['_TIMINGS']._serialized_end=1506
-  _globals['_GENERATERESPONSE']._serialized_start=1509
-  _globals['_GENERATERESPONSE']._serialized_end=1809
-  _globals['_LISTMODELSREQUEST']._serialized_start=1811
-  _globals['_LISTMODELSREQUEST']._serialized_end=1830
-  _globals['_MODELCARD']._serialized_start=1832
-  _globals['_MODELCARD']._serialized_end=1896
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1898
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1956
-  _globals['_INFERENCE']._serialized_start=2081
-  _globals['_INFERENCE']._serialized_end=2238
+  _globals['_SAMPLINGPARAMS']._serialized_end=924
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=720
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=768
+  _globals['_STRUCTUREDOUTPUTS']._serialized_start=927
+  _globals['_STRUCTUREDOUTPUTS']._serialized_end=1112
+  _globals['_STRUCTUREDOUTPUTS_CHOICES']._serialized_start=1079
+  _globals['_STRUCTUREDOUTPUTS_CHOICES']._serialized_end=1104
+  _globals['_TOPLOGPROBS']._serialized_start=1114
+  _globals['_TOPLOGPROBS']._serialized_end=1164
+  _globals['_PROMPTLOGPROBS']._serialized_start=1166
+  _globals['_PROMPTLOGPROBS']._serialized_end=1246
+  _globals['_GENERATEREQUEST']._serialized_start=1249
+  _globals['_GENERATEREQUEST']._serialized_end=1472
+  _globals['_USAGE']._serialized_start=1474
+  _globals['_USAGE']._serialized_end=1561
+  _globals['_TIMINGS']._serialized_start=1563
+  _globals['_TIMINGS']._serialized_end=1638
+  _globals['_GENERATERESPONSE']._serialized_start=1641
+  _globals['_GENERATERESPONSE']._serialized_end=1993
+  _globals['_LISTMODELSREQUEST']._serialized_start=1995
+  _globals['_LISTMODELSREQUEST']._serialized_end=2014
+  _globals['_MODELCARD']._serialized_start=2016
+  _globals['_MODELCARD']._serialized_end=2080
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2082
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2140
+  _globals['_INFERENCE']._serialized_start=2265
+  _globals['_INFERENCE']._serialized_end=2422
 # @@protoc_insertion_point(module_scope)

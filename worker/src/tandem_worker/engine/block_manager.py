@@ -89,8 +89,8 @@ class BlockManager:
 
         At least one token is always left to compute: its logits give the next token.
         """
-        if not self.enable_prefix_caching:
-            return []
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+            return []  # (prompt log-probabilities come from computing the prompt's every token)
         bs = self.block_size
         hits: list[int] = []
         hashes = self._seq_hashes.setdefault(seq.request_id, [])

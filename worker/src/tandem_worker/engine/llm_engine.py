@@ -52,6 +52,10 @@ class RequestOutput:
         "num_cached_tokens",
         "metrics",
         "error",  # set, with finish_reason "abort", when the request failed (adapter load)
+        # With params.prompt_logprobs, once the prompt is computed (from the first token on): each
+        # prompt token's log-probability (None for the first) and its position's most likely tokens.
+        "prompt_logprobs",
+        "prompt_top_logprobs",
         "_tokens",
         "_logprobs",
         "_top_logprobs",
@@ -76,8 +80,12 @@ class RequestOutput:
         metrics: dict[str, float] | None = None,
         error: str | None = None,
         top_logprobs: list[TopLogprobs] | None = None,
+        prompt_logprobs: list[float | None] | None = None,
+        prompt_top_logprobs: list[TopLogprobs] | None = None,
     ) -> None:
         self.request_id = request_id
+        self.prompt_logprobs = prompt_logprobs
+        self.prompt_top_logprobs = prompt_top_logprobs
         self._top_logprobs = top_logprobs
         self.prompt_token_ids = prompt_token_ids
         self._tokens, self._logprobs, self._num_tokens = tokens, logprobs, len(tokens)
@@ -134,6 +142,10 @@ class PrefillResult:
     token: int  # the first token, sampled there
     logprob: float | None = None
     top_logprobs: TopLogprobs | None = None
+    # The prompt's log-probabilities and most likely tokens (for a request with prompt_logprobs),
+    # computed there with the prompt.
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[TopLogprobs] | None = None
     # Prompt tokens the prefill worker found in its own prefix cache: the request reports the larger
     # of these and this worker's hits as its cached tokens.
     cached_tokens: int = 0
@@ -389,6 +401,9 @@ class LLMEngine:
             return None  # aborted meanwhile
         seq = req.seq
         seq.num_cached_tokens = max(seq.num_cached_tokens, first.cached_tokens)
+        if first.prompt_logprobs is not None and seq.params.prompt_logprobs is not None:
+            seq.prompt_logprobs[:] = first.prompt_logprobs
+            seq.prompt_top_logprobs[:] = first.prompt_top_logprobs or [[] for _ in first.prompt_logprobs]
         self.scheduler.activate(seq)
         return self._append_token(req, first.token, first.logprob, time.monotonic(), first.top_logprobs)
 
@@ -584,6 +599,8 @@ class LLMEngine:
             seq.num_cached_tokens,
             metrics,
             top_logprobs=seq.output_top_logprobs if seq.params.top_logprobs else None,
+            prompt_logprobs=seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None,
+            prompt_top_logprobs=seq.prompt_top_logprobs if seq.params.prompt_logprobs else None,
         )
 
     # --- introspection -----------------------------------------------------------------------

@@ -28,6 +28,25 @@ from .loader import checkpoint_files
 
 logger = logging.getLogger(__name__)
 
+# Prompt log-probabilities are computed this many rows of the vocabulary projection at a time: a
+# 2,048-token chunk of Llama-3's 128K vocabulary would otherwise be 1 GB of float32 logits.
+PROMPT_LOGPROB_ROWS = 256
+
+
+@dataclass
+class PromptRows:
+    """Prompt positions whose next (prompt) token's log-probability is wanted: `indices` into the
+    step's packed tokens, `targets` the token ids that follow them, and the `k` most likely tokens
+    at each too. `LlamaModel.forward` fills `logprobs` [R] and, with k, `top_values`/`top_ids` [R, k]
+    (under the raw logits, float32)."""
+
+    indices: torch.Tensor
+    targets: torch.Tensor
+    k: int
+    logprobs: torch.Tensor | None = None
+    top_values: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
+
 
 @dataclass
 class AttentionMetadata:
@@ -335,6 +354,7 @@ class LlamaModel(nn.Module):
         logit_indices: torch.Tensor,  # [S]: the tokens whose next-token logits are wanted
         layer_hook: Callable[[int], None] | None = None,  # called as each layer's KV is written
         logits_out: torch.Tensor | None = None,  # [S, vocab] float32 to write the logits into
+        prompt_rows: PromptRows | None = None,  # prompt positions whose log-probabilities are wanted
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         rope = self.rotary(positions, x.dtype)
@@ -343,6 +363,8 @@ class LlamaModel(nn.Module):
             x, residual = layer(x, residual, rope, kv_cache[0, i], kv_cache[1, i], meta)
             if layer_hook is not None:
                 layer_hook(i)
+        if prompt_rows is not None:
+            self._prompt_logprobs(x, residual, prompt_rows)
         # Only the sampled positions need the last residual add, norm and vocabulary projection.
         x, _ = self.norm(x[logit_indices], residual[logit_indices])
         if x.device.type == "cpu" and x.shape[0] <= SMALL_BATCH_ROWS and self.lm_head.packed_weight() is None:
@@ -354,6 +376,22 @@ class LlamaModel(nn.Module):
         # Into the caller's buffer (one shared by every captured decode graph) or a new one; the
         # cast to float32 is the same copy either way.
         return logits.float() if logits_out is None else logits_out.copy_(logits)
+
+    def _prompt_logprobs(self, x: torch.Tensor, residual: torch.Tensor, rows: PromptRows) -> None:
+        """Fill `rows` (see PromptRows), a slice of rows at a time."""
+        logprobs, values, ids = [], [], []
+        for lo in range(0, len(rows.indices), PROMPT_LOGPROB_ROWS):
+            at = rows.indices[lo : lo + PROMPT_LOGPROB_ROWS]
+            h, _ = self.norm(x[at], residual[at])
+            lp = torch.log_softmax(self.lm_head(h).float(), dim=-1)
+            logprobs.append(lp.gather(1, rows.targets[lo : lo + PROMPT_LOGPROB_ROWS, None])[:, 0])
+            if rows.k:
+                top = lp.topk(rows.k, dim=-1)
+                values.append(top.values)
+                ids.append(top.indices)
+        rows.logprobs = torch.cat(logprobs)
+        if rows.k:
+            rows.top_values, rows.top_ids = torch.cat(values), torch.cat(ids)
 
     def prepack(self) -> None:
         """Pack every Linear's weight for the CPU now (see CPU_PREPACK), not in the first step,

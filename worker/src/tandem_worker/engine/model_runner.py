@@ -17,8 +17,9 @@ from .config import EngineConfig, ModelConfig
 from .cuda_graphs import DecodeGraphs
 from .host_allocator import keep_freed_memory
 from .lora_fold import FoldedWeights, fold_layers
-from .model import AttentionMetadata, LlamaModel, RotaryEmbedding
+from .model import AttentionMetadata, LlamaModel, PromptRows, RotaryEmbedding
 from .scheduler import SchedulerOutput
+from .sequence import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -254,13 +255,36 @@ class ModelRunner:
         logit_rows: list[int] = []
         sampled_chunks: list[int] = []
         offset = 0
+        prompt: list[tuple[Sequence, int, int]] = []  # (seq, first packed row, rows) of prompt logprobs
         for i in order:
             c = out.chunks[i]
+            seq = c.seq
+            if seq.params.prompt_logprobs is not None:
+                # Positions whose next prompt token has no log-probability yet (a recomputed
+                # chunk, after a preemption, has its already).
+                lo = len(seq.prompt_logprobs) - 1
+                hi = min(c.start + c.num_tokens, seq.num_prompt_tokens - 1)
+                if c.start <= lo < hi:
+                    prompt.append((seq, offset + lo - c.start, hi - lo))
             offset += c.num_tokens
             if c.completes:
                 logit_rows.append(offset - 1)
                 sampled_chunks.append(i)
-        logits = self.model(input_ids, positions, self.kv_cache, meta, self._tensor(logit_rows), layer_hook)
+        rows = None
+        if prompt:
+            k = max(seq.params.prompt_logprobs or 0 for seq, _, _ in prompt)
+            indices = [r for _, first, n in prompt for r in range(first, first + n)]
+            targets = [
+                t
+                for seq, first, n in prompt
+                for t in seq.prompt_token_ids[len(seq.prompt_logprobs) : len(seq.prompt_logprobs) + n]
+            ]
+            rows = PromptRows(self._tensor(indices), self._tensor(targets), k)
+        logits = self.model(
+            input_ids, positions, self.kv_cache, meta, self._tensor(logit_rows), layer_hook, prompt_rows=rows
+        )
+        if rows is not None:
+            _record_prompt_logprobs(prompt, rows)
         return logits, sampled_chunks
 
     def _run_graph(self, out: SchedulerOutput) -> torch.Tensor | None:
@@ -293,3 +317,19 @@ class ModelRunner:
         if not graphs.fits(len(chunks), max(map(len, tables))):
             return None
         return graphs.run(ids, pos, slots, tables, lora_slots)
+
+
+def _record_prompt_logprobs(prompt: list[tuple[Sequence, int, int]], rows: PromptRows) -> None:
+    """Append each sequence's new prompt log-probabilities (and its own top k of the batch's k)."""
+    assert rows.logprobs is not None
+    logprobs = rows.logprobs.tolist()
+    values = rows.top_values.tolist() if rows.top_values is not None else None
+    ids = rows.top_ids.tolist() if rows.top_ids is not None else None
+    at = 0
+    for seq, _, n in prompt:
+        k = seq.params.prompt_logprobs or 0
+        seq.prompt_logprobs.extend(logprobs[at : at + n])
+        for r in range(at, at + n):
+            top = list(zip(ids[r][:k], values[r][:k])) if k and ids is not None and values is not None else []
+            seq.prompt_top_logprobs.append(top)
+        at += n

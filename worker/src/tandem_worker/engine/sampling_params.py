@@ -35,7 +35,14 @@ SAMPLING_REQUEST_FIELDS = (
 # The sampling controls added after the first workers shipped, by the name workers report (StatsResponse
 # .sampling_controls). An older worker drops the wire fields it does not know in silence, so the
 # router sends a request using one only to workers that apply it.
-SAMPLING_CONTROLS = ("penalties", "logit_bias", "min_p", "min_tokens", "structured_outputs")
+SAMPLING_CONTROLS = (
+    "penalties",
+    "logit_bias",
+    "min_p",
+    "min_tokens",
+    "structured_outputs",
+    "prompt_logprobs",
+)
 
 
 class RequestError(ValueError):
@@ -213,6 +220,10 @@ class SamplingParams:
     # The text must be a JSON value of a schema, match a regex, be one of some strings or follow
     # a grammar (vLLM's structured outputs); the engine masks the tokens that cannot continue it.
     structured_outputs: StructuredOutputs | None = None
+    # vLLM's: each prompt token's log-probability given the tokens before it (None for the first),
+    # and this many most likely tokens at each position (0: none); None: not computed. The prompt is
+    # then computed whole, not taken from the prefix cache.
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -272,6 +283,13 @@ class SamplingParams:
             raise RequestError(
                 "structured_outputs", f"must be StructuredOutputs or None, got {self.structured_outputs!r}"
             )
+        pl = self.prompt_logprobs
+        if pl is not None and (
+            isinstance(pl, bool) or not isinstance(pl, int) or not 0 <= pl <= MAX_TOP_LOGPROBS
+        ):
+            raise RequestError(
+                "prompt_logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}] or unset, got {pl!r}"
+            )
         if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise RequestError(
                 "top_logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}"
@@ -286,6 +304,7 @@ class SamplingParams:
             "min_p": bool(self.min_p),
             "min_tokens": bool(self.min_tokens),
             "structured_outputs": self.structured_outputs is not None,
+            "prompt_logprobs": self.prompt_logprobs is not None,
         }
         return frozenset(name for name, on in used.items() if on)
 

@@ -33,6 +33,10 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # With params.prompt_logprobs: each prompt token's log-probability given those before it (None
+    # for the first) and the most likely tokens there, filled as the prompt's chunks are computed.
+    prompt_logprobs: list[float | None] = field(default_factory=list)
+    prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     # Tokens whose KV is in the cache (computed here or found in the prefix cache).
     num_computed_tokens: int = 0
     # Of the prompt, tokens served from the prefix cache at (the last) admission.
@@ -64,6 +68,11 @@ class Sequence:
     cache_salt: bytes | None = None
     # Steps this request was passed over because its adapter found no room on the device.
     num_adapter_waits: int = 0
+
+    def __post_init__(self) -> None:
+        if self.params.prompt_logprobs is not None and not self.prompt_logprobs:
+            self.prompt_logprobs.append(None)
+            self.prompt_top_logprobs.append([])
 
     @property
     def num_prompt_tokens(self) -> int:

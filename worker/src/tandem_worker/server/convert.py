@@ -52,6 +52,7 @@ def params_from_pb(s: pb.SamplingParams, *, max_tokens: int | None = None) -> Sa
         # A prefill worker samples the first token alone (max_tokens 1): the ban holds for it if
         # min_tokens reaches past it.
         min_tokens=s.min_tokens if max_tokens is None else min(s.min_tokens, max_tokens),
+        prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None,
         structured_outputs=structured_from_pb(s.structured_outputs)
         if s.HasField("structured_outputs")
         else None,
@@ -101,6 +102,8 @@ def params_to_pb(p: SamplingParams) -> pb.SamplingParams:
     msg.min_tokens = p.min_tokens
     if p.structured_outputs is not None:
         msg.structured_outputs.CopyFrom(structured_to_pb(p.structured_outputs))
+    if p.prompt_logprobs is not None:
+        msg.prompt_logprobs = p.prompt_logprobs
     return msg
 
 
@@ -110,6 +113,21 @@ def top_logprobs_to_pb(top: TopLogprobs) -> pb.TopLogprobs:
 
 def top_logprobs_from_pb(msg: pb.TopLogprobs) -> TopLogprobs:
     return list(zip(msg.token_ids, msg.logprobs))
+
+
+def prompt_logprobs_to_pb(logprobs: list[float | None], top: list[TopLogprobs] | None) -> pb.PromptLogprobs:
+    """The engine's lists (None, then one per prompt token after the first) on the wire, which
+    leaves out the first token's None."""
+    msg = pb.PromptLogprobs(logprobs=logprobs[1:])
+    if top is not None:
+        msg.top_logprobs.extend(top_logprobs_to_pb(t) for t in top[1:])
+    return msg
+
+
+def prompt_logprobs_from_pb(msg: pb.PromptLogprobs) -> tuple[list[float | None], list[TopLogprobs]]:
+    """As the engine keeps them: None for the first prompt token, then one per token."""
+    top = [top_logprobs_from_pb(t) for t in msg.top_logprobs] or [[] for _ in msg.logprobs]
+    return [None, *msg.logprobs], [[], *top]
 
 
 # Bytes read from the start, middle and end of each tensor for the model id.

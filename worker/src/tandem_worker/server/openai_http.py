@@ -6,7 +6,8 @@ then `data: [DONE]`), with `stream_options.include_usage` adding a last chunk th
 no choices; `max_tokens`/`max_completion_tokens`, `temperature`, `top_p`, `seed` (-1: no seed, as
 vLLM reads it; see `request_seed`), `stop`, `presence_penalty`, `frequency_penalty`, `logit_bias`,
 `n` up to 16 (choice i is the request with seed + i), log-probabilities (the sampled token's and
-up to 20 most likely: chat's `logprobs`/`top_logprobs`, completions' `logprobs: N`), structured
+up to 20 most likely: chat's `logprobs`/`top_logprobs`, completions' `logprobs: N`; completions'
+`echo` puts the prompt's text, and with logprobs its tokens' log-probabilities, first), structured
 output (`response_format` json_object / json_schema, vLLM's `structured_outputs` and `guided_*`),
 and vLLM's `top_k`, `min_p`, `min_tokens`, `ignore_eos`, `stop_token_ids` and `repetition_penalty`
 extensions. Any other field is refused by name (400), unless it changes nothing in the output
@@ -125,7 +126,7 @@ COMMON_FIELDS = frozenset(
     }
 )
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
-COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo"}
 # Accepted and ignored: bookkeeping and routing hints that change nothing in the output.
 NEUTRAL_FIELDS = frozenset(
     {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "request_id"}
@@ -258,6 +259,8 @@ class Parsed:
     chat: bool = False
     timeout: float | None = None
     n: int = 1
+    # Completions: the prompt's text (and with logprobs, its tokens' log-probabilities) comes first.
+    echo: bool = False
 
     def choice_requests(self) -> list[pb.GenerateRequest]:
         """One upstream request per choice: ids `<id>-<i>`; with a seed, choice i draws with seed +
@@ -533,6 +536,12 @@ class OpenAIFrontend:
             s.top_logprobs = top
         s.logprobs = logprobs
 
+        echo = not chat and bool(_get(body, "echo", (bool,), "a boolean"))
+        if echo and logprobs:
+            # Each prompt token's log-probability (the first has none) and its top `logprobs`: what
+            # evaluation harnesses score continuations with (lm-evaluation-harness's loglikelihood).
+            s.prompt_logprobs = top or 0
+
         n = _get(body, "n", (int,), "an integer")
         if n is not None and not 1 <= n <= MAX_CHOICES:
             raise invalid("n", f"must be in [1, {MAX_CHOICES}], got {n}")
@@ -569,7 +578,7 @@ class OpenAIFrontend:
         # Always our own id: the workers refuse a second request under an id that is in flight, and
         # clients' ids are not unique across clients.
         req.request_id = uuid.uuid4().hex
-        return Parsed(req, model, stream, include_usage, logprobs, chat, timeout, n or 1)
+        return Parsed(req, model, stream, include_usage, logprobs, chat, timeout, n or 1, echo)
 
     def _prompt(self, body: dict, req: pb.GenerateRequest) -> None:
         p = body.get("prompt")
@@ -687,6 +696,31 @@ class OpenAIFrontend:
             "text_offset": [offsets.start_of(t) for t in msg.token_ids],
         }
 
+    def _echo(self, p: Parsed, msg: pb.GenerateResponse, offsets: TextOffsets) -> tuple[str, Any]:
+        """With echo, what comes before the first message's text: the prompt's text and, with
+        logprobs, its tokens in the legacy format (the first token has no log-probability)."""
+        ids = list(msg.prompt_token_ids)
+        text = p.request.text if p.request.WhichOneof("prompt") == "text" else self.tok.decode(ids)
+        if not p.logprobs:
+            return text, None
+        pl = msg.prompt_logprobs
+        lps: list[float | None] = [None, *pl.logprobs]
+        listed: list[dict[str, float] | None] = [None]
+        for tid, lp, top in itertools.zip_longest(ids[1:], pl.logprobs, pl.top_logprobs):
+            d = (
+                {self.tok.token_text(alt): alt_lp for alt, alt_lp in zip(top.token_ids, top.logprobs)}
+                if top
+                else {}
+            )
+            d.setdefault(self.tok.token_text(tid), lp)
+            listed.append(d)
+        return text, {
+            "tokens": [self.tok.token_text(t) for t in ids],
+            "token_logprobs": lps,
+            "top_logprobs": listed,
+            "text_offset": [offsets.start_of(t) for t in ids],
+        }
+
     @staticmethod
     def usage(msg: pb.GenerateResponse) -> dict[str, Any]:
         u = msg.usage
@@ -722,6 +756,11 @@ class OpenAIFrontend:
         lp_text: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         offsets = TextOffsets(self.tok)
         for msg in messages:
+            if p.echo and msg.prompt_token_ids:
+                text, lp = self._echo(p, msg, offsets)
+                if lp is not None:
+                    for k in lp_text:
+                        lp_text[k].extend(lp[k])
             text += msg.text
             if p.logprobs and msg.token_ids:
                 lp = self._logprobs(msg, p.chat, offsets)
@@ -791,10 +830,17 @@ class OpenAIFrontend:
             role: bool = False,
         ) -> dict[str, Any]:
             lp = None
+            if p.echo and msg is not None and msg.prompt_token_ids:
+                echoed, lp = self._echo(p, msg, offsets[index])
+                delta_text = echoed + delta_text
             if p.logprobs and msg is not None and msg.token_ids:
-                lp = self._logprobs(msg, p.chat, offsets[index])
+                generated = self._logprobs(msg, p.chat, offsets[index])
                 if p.chat:
-                    lp = {"content": lp}
+                    lp = {"content": generated}
+                elif lp is not None:
+                    lp = {k: lp[k] + generated[k] for k in lp}
+                else:
+                    lp = generated
             if p.chat:
                 delta: dict[str, Any] = {"content": delta_text}
                 if role:
@@ -812,7 +858,7 @@ class OpenAIFrontend:
             if i in finals:
                 continue
             finish = FINISH.get(msg.finish_reason) if msg.finish_reason else None
-            if msg.text or finish or (p.logprobs and msg.token_ids):
+            if msg.text or finish or (p.logprobs and msg.token_ids) or (p.echo and msg.prompt_token_ids):
                 yield chunk(i, msg.text, msg, finish)
             if finish:
                 finals[i] = msg

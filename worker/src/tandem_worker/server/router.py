@@ -276,6 +276,8 @@ class RouterService(pbgrpc.InferenceServicer):
                     if not sent_first:
                         out.prompt_token_ids.extend(ids)
                         sent_first = True
+                    if msg.HasField("prompt_logprobs"):
+                        out.prompt_logprobs.CopyFrom(msg.prompt_logprobs)
                     if finished:
                         if text.stopped_by is not None:
                             call.cancel()

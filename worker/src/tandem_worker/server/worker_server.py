@@ -46,6 +46,8 @@ from .convert import (
     kv_layout,
     params_from_pb,
     params_to_pb,
+    prompt_logprobs_from_pb,
+    prompt_logprobs_to_pb,
     top_logprobs_from_pb,
     top_logprobs_to_pb,
 )
@@ -298,6 +300,10 @@ class WorkerService(wgrpc.WorkerServicer):
                     msg.logprobs.extend(ev.logprobs[new:])
                 if ev.top_logprobs is not None:
                     msg.top_logprobs.extend(top_logprobs_to_pb(t) for t in ev.top_logprobs[new:])
+                if ev.prompt_logprobs is not None and new == 0 and ev.new_token_ids:
+                    msg.prompt_logprobs.CopyFrom(
+                        prompt_logprobs_to_pb(ev.prompt_logprobs, ev.prompt_top_logprobs)
+                    )
                 if ev.finished:
                     done.set()
                     m = ev.metrics
@@ -330,6 +336,10 @@ class WorkerService(wgrpc.WorkerServicer):
             completed = True
         finally:  # every failure below ends in context.abort, which raises
             metrics.kv_transfer_ended("received", completed, writer.bytes, time.monotonic() - t0)
+        prompt_logprobs = {}
+        if first.HasField("prompt_logprobs"):
+            lp, top = prompt_logprobs_from_pb(first.prompt_logprobs)
+            prompt_logprobs = {"prompt_logprobs": lp, "prompt_top_logprobs": top}
         s.loop.kv_ready(
             ev.request_id,
             PrefillResult(
@@ -337,6 +347,7 @@ class WorkerService(wgrpc.WorkerServicer):
                 logprob=first.first_logprob,
                 top_logprobs=top_logprobs_from_pb(first.first_top_logprobs),
                 cached_tokens=first.num_cached_tokens,
+                **prompt_logprobs,
             ),
         )
 
@@ -593,6 +604,10 @@ class KVTransferService(wgrpc.KVTransferServicer):
                     last.first_logprob = ev.logprobs[0]
                 if ev.top_logprobs:
                     last.first_top_logprobs.CopyFrom(top_logprobs_to_pb(ev.top_logprobs[0]))
+                if ev.prompt_logprobs is not None:
+                    last.prompt_logprobs.CopyFrom(
+                        prompt_logprobs_to_pb(ev.prompt_logprobs, ev.prompt_top_logprobs)
+                    )
                 if first_msg:
                     last.layout.CopyFrom(s.layout)
                 if not digest_sent:
