@@ -28,7 +28,9 @@ def tandem(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
 def test_generate_json_in_input_order_matches_engine(engine, model_dir, tmp_path):
     prompts_file = tmp_path / "prompts.jsonl"
     prompts_file.write_text(
-        json.dumps({"prompt": "Three facts about Mars:", "max_tokens": 5, "top_logprobs": 2})
+        json.dumps(
+            {"prompt": "Three facts about Mars:", "max_tokens": 5, "top_logprobs": 2, "prompt_logprobs": 2}
+        )
         + "\n\n"
         + json.dumps({"prompt": "What is 2+2?", "chat": True, "max_tokens": 7})
         + "\n"
@@ -59,7 +61,16 @@ def test_generate_json_in_input_order_matches_engine(engine, model_dir, tmp_path
     assert len(top) == 5 and all(len(pairs) == 2 for pairs in top)
     assert [pairs[0][0] for pairs in top] == lines[1]["token_ids"]
     assert [pairs[0][1] for pairs in top] == pytest.approx(lines[1]["logprobs"])
-    assert "top_logprobs" not in lines[0]
+    assert "top_logprobs" not in lines[0] and "prompt_logprobs" not in lines[0]
+    # The prompt's, as the in-process engine computes them.
+    ids = lines[1]["prompt_token_ids"]
+    rid = engine.add_request(prompt_token_ids=ids, params=SamplingParams(max_tokens=1, prompt_logprobs=2))
+    want = run_all(engine)[rid]
+    assert lines[1]["prompt_logprobs"][0] is None and len(lines[1]["prompt_logprobs"]) == len(ids)
+    assert lines[1]["prompt_logprobs"][1:] == pytest.approx(want.prompt_logprobs[1:], abs=1e-5)
+    assert [[t for t, _ in p] for p in lines[1]["prompt_top_logprobs"]] == [
+        [t for t, _ in p] for p in want.prompt_top_logprobs
+    ]
     for x in lines:
         assert set(x) >= {"prompt_token_ids", "token_ids", "text", "finish_reason"}
     assert lines[2]["prompt_token_ids"] == engine.tokenizer.chat_prompt("What is 2+2?")
@@ -79,6 +90,10 @@ def test_generate_json_in_input_order_matches_engine(engine, model_dir, tmp_path
         (["--prompt", "hi", "--top-p", "1.5"], "top_p"),
         (["--prompt", "hi", "--temperature", "-1"], "temperature"),
         (["--prompt", "hi", "--top-logprobs", "21"], "top_logprobs"),
+        (["--prompt", "hi", "--prompt-logprobs", "21"], "prompt_logprobs"),
+        (["--prompt", "hi", "--regex", "([0-9]"], "unclosed group"),
+        (["--prompt", "hi", "--json-schema", "/nonexistent/schema.json"], "--json-schema"),
+        (["--prompt", "hi", "--regex", "a", "--choice", "b"], "not allowed with"),
         (["--prompt", ""], "prompt"),
         ([], "--prompt"),
         (["--prompt", "hi", "--model", "no-such-model"], "no-such-model"),

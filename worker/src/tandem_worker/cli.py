@@ -12,7 +12,7 @@ from typing import Any
 
 from .engine.sampling_params import SAMPLING_REQUEST_FIELDS
 
-SAMPLING_FIELDS = (*SAMPLING_REQUEST_FIELDS, "logprobs", "top_logprobs")
+SAMPLING_FIELDS = (*SAMPLING_REQUEST_FIELDS, "logprobs", "top_logprobs", "prompt_logprobs")
 
 
 class CLIError(Exception):
@@ -90,6 +90,13 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the most likely's")
     p.add_argument("--min-tokens", type=int, default=0, help="no EOS nor stop token id before this many")
     p.add_argument("--logprobs", action="store_true", help="report each generated token's log-probability")
+    p.add_argument(
+        "--prompt-logprobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="report each prompt token's log-probability and the N most likely tokens there (0-20)",
+    )
     so = p.add_mutually_exclusive_group()
     so.add_argument(
         "--json-schema",
@@ -415,31 +422,34 @@ def _read_prompts(args: argparse.Namespace) -> list[dict[str, Any]]:
     return items
 
 
-def _print_record(
-    item: dict[str, Any], prompt_token_ids, token_ids, text, finish_reason, logprobs, top_logprobs, as_json
-) -> None:
+def _print_record(item: dict[str, Any], out: Any, as_json: bool) -> None:
+    """One prompt's answer; `out` is a RequestOutput (offline) or a Completion (an endpoint's)."""
     if as_json:
         record = {
             "prompt": item["prompt"],
-            "prompt_token_ids": list(prompt_token_ids),
-            "token_ids": list(token_ids),
-            "text": text,
-            "finish_reason": finish_reason,
+            "prompt_token_ids": list(out.prompt_token_ids),
+            "token_ids": list(out.token_ids),
+            "text": out.text,
+            "finish_reason": out.finish_reason,
         }
-        if logprobs:
-            record["logprobs"] = list(logprobs)
-        if top_logprobs:
-            record["top_logprobs"] = [[list(pair) for pair in top] for top in top_logprobs]
+        if out.logprobs:
+            record["logprobs"] = list(out.logprobs)
+        if out.top_logprobs:
+            record["top_logprobs"] = [[list(pair) for pair in top] for top in out.top_logprobs]
+        if out.prompt_logprobs is not None:
+            record["prompt_logprobs"] = list(out.prompt_logprobs)
+        if out.prompt_top_logprobs:
+            record["prompt_top_logprobs"] = [[list(pair) for pair in top] for top in out.prompt_top_logprobs]
         print(json.dumps(record, ensure_ascii=False), flush=True)
     else:
-        print(f"--- {item['prompt']!r}\n{text}", flush=True)
+        print(f"--- {item['prompt']!r}\n{out.text}", flush=True)
 
 
 def _stream_chunk(index: int, msg: Any) -> dict[str, Any]:
     """One `--stream --json` line. Its fields are the non-streamed record's, split over the chunks:
     the first carries prompt_token_ids, the last a finish_reason (null before), and logprobs come
     with their tokens when asked for; `index` says which prompt (input order) the chunk extends."""
-    from .server.convert import FINISH_FROM_PB, top_logprobs_from_pb
+    from .server.convert import FINISH_FROM_PB, prompt_logprobs_from_pb, top_logprobs_from_pb
 
     chunk: dict[str, Any] = {"index": index}
     if msg.prompt_token_ids:
@@ -450,6 +460,10 @@ def _stream_chunk(index: int, msg: Any) -> dict[str, Any]:
         chunk["logprobs"] = list(msg.logprobs)
     if msg.top_logprobs:
         chunk["top_logprobs"] = [[list(pair) for pair in top_logprobs_from_pb(t)] for t in msg.top_logprobs]
+    if msg.HasField("prompt_logprobs"):
+        chunk["prompt_logprobs"], top = prompt_logprobs_from_pb(msg.prompt_logprobs)
+        if msg.prompt_logprobs.top_logprobs:
+            chunk["prompt_top_logprobs"] = [[list(pair) for pair in t] for t in top]
     chunk["finish_reason"] = FINISH_FROM_PB[msg.finish_reason] if msg.finish_reason else None
     return chunk
 
@@ -482,16 +496,7 @@ def _generate_remote(args: argparse.Namespace, items: list[dict[str, Any]], para
                         partial_line = False
                 return 0
             for item, c in zip(items, client.complete_all(requests, args.timeout)):
-                _print_record(
-                    item,
-                    c.prompt_token_ids,
-                    c.token_ids,
-                    c.text,
-                    c.finish_reason,
-                    c.logprobs,
-                    c.top_logprobs,
-                    args.json,
-                )
+                _print_record(item, c, args.json)
     except grpc.RpcError as e:
         if partial_line:
             # A stream cut off mid-line: the error goes on a line of its own, not after the text.
@@ -560,6 +565,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         "min_tokens": args.min_tokens,
         "logprobs": args.logprobs,
         "top_logprobs": args.top_logprobs,
+        "prompt_logprobs": args.prompt_logprobs,
         "structured_outputs": _structured_outputs(args),
     }
     params = []
@@ -593,16 +599,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     ]
     outputs = llm.generate(prompts, params, adapters=[it.get("adapter", args.adapter) for it in items])
     for item, out in zip(items, outputs):
-        _print_record(
-            item,
-            out.prompt_token_ids,
-            out.token_ids,
-            out.text,
-            out.finish_reason,
-            out.logprobs,
-            out.top_logprobs,
-            args.json,
-        )
+        _print_record(item, out, args.json)
     return 0
 
 

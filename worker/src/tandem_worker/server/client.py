@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 
 from ..engine.sampling_params import SamplingParams
-from .convert import FINISH_FROM_PB, params_to_pb, top_logprobs_from_pb
+from .convert import FINISH_FROM_PB, params_to_pb, prompt_logprobs_from_pb, top_logprobs_from_pb
 from .pb import inference_pb2 as pb
 from .pb import inference_pb2_grpc as pbgrpc
 
@@ -26,6 +26,10 @@ class Completion:
     logprobs: list[float] = field(default_factory=list)
     # Per position, (token id, logprob) of its most likely tokens, when top_logprobs was asked for.
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # With prompt_logprobs: each prompt token's log-probability (None for the first) and, when asked
+    # for, its position's most likely tokens.
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
     usage: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -118,6 +122,9 @@ def _collect(responses: Iterable[pb.GenerateResponse]) -> Completion:
         c.token_ids.extend(msg.token_ids)
         c.logprobs.extend(msg.logprobs)
         c.top_logprobs.extend(top_logprobs_from_pb(t) for t in msg.top_logprobs)
+        if msg.HasField("prompt_logprobs"):
+            c.prompt_logprobs, top = prompt_logprobs_from_pb(msg.prompt_logprobs)
+            c.prompt_top_logprobs = top if msg.prompt_logprobs.top_logprobs else None
         c.text += msg.text
         if msg.finish_reason:
             c.finish_reason = FINISH_FROM_PB[msg.finish_reason]
