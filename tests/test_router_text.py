@@ -321,3 +321,38 @@ def test_a_messages_name_reaches_the_chat_template_only_where_set(real_tok, monk
     chat.messages.add(role="user", content="Hi", name="alice")
     chat.messages.add(role="assistant", content="Hello")
     assert real_tok.decode(real_tok.chat_messages(chat.messages)) == "alice: Hi\n-: Hello\n"
+
+
+def test_tools_and_tool_calls_reach_the_chat_template_as_templates_read_them(real_tok, monkeypatch):
+    # A template trained on tools (as Qwen2.5's and Llama 3.1's are) gets OpenAI's tools list, an
+    # earlier turn's calls with their arguments as an object (OpenAI sends JSON text, which
+    # `arguments | tojson` would otherwise quote again), and the id of the call a tool turn answers.
+    import json
+
+    from tandem_worker.server.pb import inference_pb2 as pb
+
+    template = (
+        "{% for t in tools or [] %}tool {{ t.function.name }}: {{ t.function.description }}\n{% endfor %}"
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}"
+        "{% for c in m.tool_calls or [] %}[{{ c.function.name }} "
+        "{{ c.function.arguments | tojson }}]{% endfor %}"
+        "{% if m.tool_call_id %} (for {{ m.tool_call_id }}){% endif %}{{ '\\n' }}{% endfor %}"
+    )
+    monkeypatch.setattr(real_tok.hf, "chat_template", template)
+    chat = pb.ChatMessages(
+        tools_json=json.dumps([{"type": "function", "function": {"name": "f", "description": "Adds."}}])
+    )
+    chat.messages.add(role="user", content="Add 1 and 2.")
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1, "b": 2}'}}
+    chat.messages.add(role="assistant", content="", tool_calls_json=json.dumps([call]))
+    chat.messages.add(role="tool", content="3", tool_call_id="c1")
+    assert real_tok.decode(real_tok.chat_messages(chat.messages, chat.tools_json)) == (
+        'tool f: Adds.\nuser: Add 1 and 2.\nassistant: [f {"a": 1, "b": 2}]\ntool: 3 (for c1)\n'
+    )
+    # Malformed lists from a client of the gRPC API: refused by name, never half-rendered.
+    with pytest.raises(RequestError, match="tools: must be a list of objects"):
+        real_tok.chat_messages(chat.messages, '{"type": "function"}')
+    bad = pb.ChatMessages()
+    bad.messages.add(role="assistant", content="", tool_calls_json="[1")
+    with pytest.raises(RequestError, match=r"messages\[0\].tool_calls: not JSON"):
+        real_tok.chat_messages(bad.messages)

@@ -329,9 +329,9 @@ def test_a_lone_surrogate_is_400_not_a_dropped_connection(deployment):
 def test_chat_bad_message_is_400(client):
     with pytest.raises(openai.BadRequestError) as ei:
         client.chat.completions.create(
-            model=SERVED, messages=[{"role": "tool", "content": "x"}], max_tokens=2
+            model=SERVED, messages=[{"role": "function", "content": "x"}], max_tokens=2
         )
-    assert _error_body(ei.value)["param"] == "messages[0].role"
+    assert _error_body(ei.value)["param"] == "messages[0].role"  # OpenAI's older role: tool turns now
 
 
 def test_deadline_is_504(client):

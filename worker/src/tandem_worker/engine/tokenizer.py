@@ -135,7 +135,18 @@ class Tokenizer:
         # Special tokens such as BOS are added the way the model was trained; for SmolLM2 none.
         return list(self.hf.encode(text))
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+    def renders(self, word: str) -> bool:
+        """Whether the chat template (any of them, for a tokenizer with several) uses `word`: one
+        that never reads "tool_calls" would leave an earlier turn's calls out of the prompt."""
+        template = getattr(self.hf, "chat_template", None) or ""
+        sources = template.values() if isinstance(template, dict) else [template]
+        return any(word in source for source in sources)
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """The prompt of a chat; `tools` (OpenAI's list) is given to the template, which shows them
+        to the model if it was trained to read them (a template that does not use them ignores them)."""
         if not self.has_chat_template:
             raise RequestError("messages", "this model's tokenizer has no chat template")
         if not messages:
@@ -143,12 +154,18 @@ class Tokenizer:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise RequestError(f"messages[{i}]", "needs 'role' and 'content'")
+            if m.get("tool_calls") and not self.renders("tool_calls"):
+                raise RequestError(
+                    f"messages[{i}].tool_calls",
+                    "this model's chat template does not show tool calls: they would vanish from the "
+                    "conversation the model sees",
+                )
         try:
             # Special tokens spelt out in the messages ("<|im_end|>" in a user's text) are encoded as
             # the plain text they are: only the template writes the tokens that delimit turns, else a
             # user could close their turn and open a system one.
             ids = self.hf.apply_chat_template(
-                messages, tokenize=True, add_generation_prompt=True, sanitize_control_tokens=True
+                messages, tools=tools, tokenize=True, add_generation_prompt=True, sanitize_control_tokens=True
             )
         except jinja2.TemplateError as e:
             # Templates refuse what their model was not trained on (Llama 2's and Mistral's raise on
@@ -161,12 +178,24 @@ class Tokenizer:
             ids = ids["input_ids"]
         return list(ids)
 
-    def chat_messages(self, messages: Iterable[Any]) -> list[int]:
-        """apply_chat_template on wire messages (role, content and an optional name): a name is
-        passed only where set, so templates that test for one see none otherwise."""
-        return self.apply_chat_template(
-            [{"role": m.role, "content": m.content} | ({"name": m.name} if m.name else {}) for m in messages]
-        )
+    def chat_messages(self, messages: Iterable[Any], tools_json: str = "") -> list[int]:
+        """apply_chat_template on wire messages (role, content, an optional name, tool calls and the
+        id of the call a tool turn answers) and tools: each optional field is passed only where
+        set, so templates that test for one see none otherwise."""
+        out = []
+        for i, m in enumerate(messages):
+            d: dict[str, Any] = {"role": m.role, "content": m.content}
+            if m.name:
+                d["name"] = m.name
+            if m.tool_calls_json:
+                d["tool_calls"] = _template_tool_calls(
+                    _json_list(m.tool_calls_json, f"messages[{i}].tool_calls")
+                )
+            if m.tool_call_id:
+                d["tool_call_id"] = m.tool_call_id
+            out.append(d)
+        tools = _json_list(tools_json, "tools") if tools_json else None
+        return self.apply_chat_template(out, tools)
 
     def chat_prompt(self, text: str) -> list[int]:
         return self.apply_chat_template([{"role": "user", "content": text}])
@@ -234,6 +263,34 @@ class Tokenizer:
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         utf8.decode(b"".join(self.token_bytes(t) for t in token_ids))
         return bool(utf8.getstate()[0])  # bytes it holds back: a character's start, still open
+
+
+def _json_list(text: str, where: str) -> list[dict[str, Any]]:
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        raise RequestError(where, "not JSON") from None
+    if not isinstance(value, list) or not all(isinstance(x, dict) for x in value):
+        raise RequestError(where, "must be a list of objects")
+    return value
+
+
+def _template_tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI's tool calls as chat templates read them: arguments as an object (OpenAI sends JSON
+    text, which templates that write `arguments | tojson` would quote a second time)."""
+    out = []
+    for call in calls:
+        fn = dict(call.get("function") or {})
+        args = fn.get("arguments")
+        if isinstance(args, str):
+            try:
+                parsed = json.loads(args)
+            except (ValueError, RecursionError):
+                parsed = None
+            if isinstance(parsed, dict):
+                fn["arguments"] = parsed
+        out.append({**call, "type": call.get("type", "function"), "function": fn})
+    return out
 
 
 class IncrementalDetokenizer:

@@ -9,6 +9,7 @@ vLLM reads it; see `request_seed`), `stop`, `presence_penalty`, `frequency_penal
 up to 20 most likely: chat's `logprobs`/`top_logprobs`, completions' `logprobs: N`; completions'
 `echo` puts the prompt's text, and with logprobs its tokens' log-probabilities, first), structured
 output (`response_format` json_object / json_schema, vLLM's `structured_outputs` and `guided_*`),
+tool calls the client makes certain (`tool_choice` "required" or a named function; openai_tools.py),
 and vLLM's `top_k`, `min_p`, `min_tokens`, `ignore_eos`, `stop_token_ids` and `repetition_penalty`
 extensions. Any other field is refused by name (400), unless it changes nothing in the output
 (`user`, `metadata`, `store`, ...) or holds the value that turns its feature off (`best_of: 1`,
@@ -67,6 +68,7 @@ from ..engine.tokenizer import Tokenizer
 from . import metrics
 from .convert import structured_to_pb
 from .handoff import Handoffs, forward
+from .openai_tools import StreamedCalls, ToolChoice, ToolError, parse_tool_calls, parse_tools
 from .pb import inference_pb2 as pb
 from .pb import inference_pb2_grpc as pbgrpc
 
@@ -125,7 +127,14 @@ COMMON_FIELDS = frozenset(
         *GUIDED_FIELDS,
     }
 )
-CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
+CHAT_FIELDS = COMMON_FIELDS | {
+    "messages",
+    "max_completion_tokens",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo"}
 # Accepted and ignored: bookkeeping and routing hints that change nothing in the output.
 NEUTRAL_FIELDS = frozenset(
@@ -157,11 +166,11 @@ OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "use_beam_search": (False,),
     "echo": (False,),
     "suffix": ("",),
-    "tools": ([],),
+    "tools": ([],),  # completions have no tools
     "functions": ([],),
-    "tool_choice": ("none", "auto"),  # without tools, both mean plain text
+    "tool_choice": ("none", "auto"),  # completions: both mean plain text
     "function_call": ("none", "auto"),
-    "parallel_tool_calls": (True, False),
+    "parallel_tool_calls": (True, False),  # completions: no tools, no calls
     "modalities": (["text"],),
     "skip_special_tokens": (True,),  # the detokenizer always skips them
     "spaces_between_special_tokens": (True,),
@@ -219,7 +228,7 @@ def from_rpc(e: grpc.RpcError, model: str, chat: bool) -> ApiError:
     param = None
     if status == 400 and ":" in details:
         head = details.split(":", 1)[0].strip()
-        if head.replace("_", "").replace("[", "").replace("]", "").isalnum():
+        if head.replace("_", "").replace("[", "").replace("]", "").replace(".", "").isalnum():
             param = PARAM_NAMES.get(head, head)
             if chat and param == "prompt":
                 param = "messages"
@@ -261,6 +270,8 @@ class Parsed:
     n: int = 1
     # Completions: the prompt's text (and with logprobs, its tokens' log-probabilities) comes first.
     echo: bool = False
+    # Chat: the answer is this tool call (or calls), generated under its schema.
+    tool_choice: ToolChoice | None = None
 
     def choice_requests(self) -> list[pb.GenerateRequest]:
         """One upstream request per choice: ids `<id>-<i>`; with a seed, choice i draws with seed +
@@ -445,10 +456,17 @@ class OpenAIFrontend:
         model = _get(body, "model", (str,), "a string") or self.model_name
         req = pb.GenerateRequest(adapter="" if model == self.model_name else model)
         s = req.sampling
+        tool_choice = None
         if chat:
             messages = self._messages(body)
             for m in messages:
                 req.chat.messages.add(**m)
+            try:
+                tools, tool_choice = parse_tools(body)
+            except ToolError as e:
+                raise invalid(e.param, str(e)) from None
+            if tools:
+                req.chat.tools_json = json.dumps(tools, ensure_ascii=False)
         else:
             self._prompt(body, req)
 
@@ -512,6 +530,13 @@ class OpenAIFrontend:
         if _get(body, "ignore_eos", (bool,), "a boolean"):
             s.ignore_eos = True
         structured = _structured_outputs(body)
+        if structured is not None and tool_choice is not None:
+            raise invalid(
+                "tool_choice",
+                "a tool call is generated under its own schema: give no other structured output",
+            )
+        if tool_choice is not None:
+            structured = StructuredOutputs(json=json.dumps(tool_choice.schema(), ensure_ascii=False))
         if structured is not None:
             s.structured_outputs.CopyFrom(structured_to_pb(structured))
 
@@ -578,7 +603,7 @@ class OpenAIFrontend:
         # Always our own id: the workers refuse a second request under an id that is in flight, and
         # clients' ids are not unique across clients.
         req.request_id = uuid.uuid4().hex
-        return Parsed(req, model, stream, include_usage, logprobs, chat, timeout, n or 1, echo)
+        return Parsed(req, model, stream, include_usage, logprobs, chat, timeout, n or 1, echo, tool_choice)
 
     def _prompt(self, body: dict, req: pb.GenerateRequest) -> None:
         p = body.get("prompt")
@@ -606,12 +631,28 @@ class OpenAIFrontend:
             role = m["role"]
             if role == "developer":
                 role = "system"
-            if role not in ("system", "user", "assistant"):
-                raise invalid(f"messages[{i}].role", f"{role!r} is not supported (system, user, assistant)")
-            for key in ("tool_calls", "function_call"):
-                # A tool call of an earlier turn would be dropped from the conversation the model sees.
-                if m.get(key):
-                    raise invalid(f"messages[{i}].{key}", "tool calling is not supported")
+            if role not in ("system", "user", "assistant", "tool"):
+                raise invalid(
+                    f"messages[{i}].role", f"{role!r} is not supported (system, user, assistant, tool)"
+                )
+            if m.get("function_call"):
+                # OpenAI's older form: a call of an earlier turn would vanish from the conversation.
+                raise invalid(f"messages[{i}].function_call", "not supported; send tool_calls")
+            extra: dict[str, str] = {}
+            if m.get("tool_calls") is not None:
+                if role != "assistant":
+                    raise invalid(f"messages[{i}].tool_calls", "only an assistant turn makes tool calls")
+                try:
+                    extra["tool_calls_json"] = parse_tool_calls(m["tool_calls"], f"messages[{i}].tool_calls")
+                except ToolError as e:
+                    raise invalid(e.param, str(e)) from None
+            if role == "tool":
+                call_id = m.get("tool_call_id")
+                if not isinstance(call_id, str) or not call_id:
+                    raise invalid(
+                        f"messages[{i}].tool_call_id", "a tool turn needs the id of the call it answers"
+                    )
+                extra["tool_call_id"] = call_id
             content = m.get("content")
             if content is None:
                 content = ""
@@ -629,14 +670,14 @@ class OpenAIFrontend:
             name = m.get("name")
             if name is not None and (not isinstance(name, str) or not name):
                 raise invalid(f"messages[{i}].name", "must be a non-empty string")
-            out.append({"role": role, "content": content} | ({"name": name} if name else {}))
+            out.append({"role": role, "content": content} | ({"name": name} if name else {}) | extra)
         return out
 
     def _room(self, req: pb.GenerateRequest) -> int:
         """A chat request without max_tokens may use the rest of the context (as OpenAI and vLLM),
         bounded by what one worker's KV cache can hold."""
         try:
-            n = len(self.tok.chat_messages(req.chat.messages))
+            n = len(self.tok.chat_messages(req.chat.messages, req.chat.tools_json))
         except RequestError as e:
             raise invalid(e.field, str(e).split(": ", 1)[-1]) from None
         limit = self.max_model_len
@@ -775,9 +816,15 @@ class OpenAIFrontend:
             raise ApiError(502, "the upstream stream ended without a finish reason", "server_error")
         rid = p.request.request_id
         if p.chat:
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            tool_calls = p.tool_choice.calls(text) if p.tool_choice is not None else None
+            if tool_calls is not None:
+                message = {"role": "assistant", "content": None, "tool_calls": tool_calls}
+                if finish == "stop":
+                    finish = p.tool_choice.finish_reason
             choice = {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": message,
                 "logprobs": {"content": lp_chat} if p.logprobs else None,
                 "finish_reason": finish,
             }
@@ -821,6 +868,7 @@ class OpenAIFrontend:
         if p.include_usage:
             head["usage"] = None
         offsets = [TextOffsets(self.tok) for _ in range(p.n)]
+        calls = [StreamedCalls(p.tool_choice) for _ in range(p.n)] if p.tool_choice else None
 
         def chunk(
             index: int,
@@ -845,6 +893,8 @@ class OpenAIFrontend:
                 delta: dict[str, Any] = {"content": delta_text}
                 if role:
                     delta = {"role": "assistant", "content": delta_text}
+                elif calls is not None:
+                    delta, finish = calls[index].delta(delta_text, finish)
                 choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
             else:
                 choice = {"index": index, "text": delta_text, "logprobs": lp, "finish_reason": finish}

@@ -140,7 +140,7 @@ class RouterService(pbgrpc.InferenceServicer):
                 raise RequestError("prompt", "must not be empty")
             return self.tok.encode(request.text)
         if kind == "chat":
-            return self.tok.chat_messages(request.chat.messages)
+            return self.tok.chat_messages(request.chat.messages, request.chat.tools_json)
         if kind == "token_ids":
             return list(request.token_ids.ids)
         raise RequestError("prompt", "set one of text, chat or token_ids")

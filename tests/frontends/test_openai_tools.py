@@ -1,0 +1,186 @@
+"""Tool calling through the OpenAI frontend, with the official client: a named function or
+"required" calls generated under their schemas, as the message's tool_calls, streamed and not."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from tandem_proto.v1 import inference_pb2 as pb
+from tests.frontends.conftest import SERVED
+from tests.frontends.test_openai import _error_body
+from tests.serving.procs import assert_idle, generate, request, sampling
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city now.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 20},
+                "unit": {"enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"timezone": {"type": "string", "maxLength": 20}},
+            "required": ["timezone"],
+            "additionalProperties": False,
+        },
+    },
+}
+ASK = [{"role": "user", "content": "What is the weather like in Paris right now?"}]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+@pytest.fixture(scope="module")
+def client(deployment):
+    with openai.OpenAI(base_url=deployment.http + "/v1", api_key="unused", max_retries=0, timeout=120) as c:
+        yield c
+
+
+def valid_weather(arguments: str) -> dict:
+    args = json.loads(arguments)
+    assert set(args) == {"city", "unit"} and args["unit"] in ("celsius", "fahrenheit"), args
+    assert isinstance(args["city"], str) and len(args["city"]) <= 20
+    return args
+
+
+def test_a_named_function_is_called_with_arguments_under_its_schema(client, deployment):
+    r = client.chat.completions.create(
+        model=SERVED, messages=ASK, tools=[WEATHER, TIME], tool_choice=NAMED, max_tokens=40, temperature=0
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "stop" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    valid_weather(call.function.arguments)
+    # The arguments are the answer under the parameters' schema (this model's template shows no
+    # tools, so the prompt is the same).
+    schema = pb.StructuredOutputs(json=json.dumps(WEATHER["function"]["parameters"]))
+    want = generate(
+        deployment.router, request(ASK, sampling(max_tokens=40, temperature=0.0, structured_outputs=schema))
+    )
+    assert call.function.arguments == want.text
+    # Streamed: the id and name come first, then the arguments as they are generated.
+    chunks = list(
+        client.chat.completions.create(
+            model=SERVED,
+            messages=ASK,
+            tools=[WEATHER],
+            tool_choice=NAMED,
+            max_tokens=40,
+            temperature=0,
+            stream=True,
+        )
+    )
+    deltas = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert len(deltas) >= 2 and deltas[0][0].id and deltas[0][0].function.name == "get_weather"
+    assert all(d[0].id is None and d[0].index == 0 for d in deltas[1:])
+    assert "".join(d[0].function.arguments for d in deltas) == call.function.arguments
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_required_makes_calls_of_the_given_tools(client, stream):
+    kwargs = {
+        "model": SERVED,
+        "messages": ASK,
+        "tools": [WEATHER, TIME],
+        "tool_choice": "required",
+        "parallel_tool_calls": False,
+        "max_tokens": 60,
+        "temperature": 0,
+    }
+    if stream:
+        chunks = [c for c in client.chat.completions.create(stream=True, **kwargs) if c.choices]
+        calls = [t for c in chunks if c.choices[0].delta.tool_calls for t in c.choices[0].delta.tool_calls]
+        finish = chunks[-1].choices[0].finish_reason
+    else:
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        calls, finish = choice.message.tool_calls, choice.finish_reason
+        assert choice.message.content is None
+    assert finish == "tool_calls" and len(calls) == 1  # one call: parallel_tool_calls false
+    assert calls[0].function.name in ("get_weather", "get_time") and calls[0].id.startswith("call_")
+    args = json.loads(calls[0].function.arguments)
+    assert set(args) == ({"city", "unit"} if calls[0].function.name == "get_weather" else {"timezone"})
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "words"),
+    [
+        ({"tools": [WEATHER]}, "tool_choice", "'auto' is not supported"),  # OpenAI's default with tools
+        ({"tools": [WEATHER], "tool_choice": "auto"}, "tool_choice", "parser"),
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice",
+            "nope",
+        ),
+        ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "bad name"}}], "tool_choice": "required"},
+            "tools",
+            "bad name",
+        ),
+        ({"tools": [WEATHER, WEATHER], "tool_choice": "required"}, "tools", "twice"),
+        (
+            {"tools": [WEATHER], "tool_choice": NAMED, "response_format": {"type": "json_object"}},
+            "tool_choice",
+            "own schema",
+        ),
+        (
+            {"tools": [WEATHER], "tool_choice": NAMED, "parallel_tool_calls": "yes"},
+            "parallel_tool_calls",
+            "boolean",
+        ),
+    ],
+)
+def test_bad_tool_requests_are_a_400_naming_the_field(client, deployment, fields, param, words):
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.chat.completions.create(model=SERVED, messages=ASK, max_tokens=2, extra_body=fields)
+    err = _error_body(ei.value)
+    assert err["param"] == param and words in err["message"], err
+    assert_idle(deployment.workers)
+
+
+def test_tools_none_answers_in_text(client, deployment):
+    r = client.chat.completions.create(
+        model=SERVED, messages=ASK, tools=[WEATHER], tool_choice="none", max_tokens=8, temperature=0
+    )
+    want = generate(deployment.router, request(ASK, sampling(max_tokens=8, temperature=0.0)))
+    assert r.choices[0].message.content == want.text and not r.choices[0].message.tool_calls
+
+
+def test_an_earlier_call_this_template_cannot_show_is_refused(client):
+    # SmolLM2's template reads no tool_calls: the call would vanish from the conversation.
+    history = [
+        *ASK,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C, sunny"},
+    ]
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.chat.completions.create(model=SERVED, messages=history, max_tokens=4)
+    assert _error_body(ei.value)["param"] == "messages[1].tool_calls"
+    with pytest.raises(openai.BadRequestError) as ei:  # a tool turn must name the call it answers
+        client.chat.completions.create(
+            model=SERVED, messages=[*ASK, {"role": "tool", "content": "x"}], max_tokens=4
+        )
+    assert _error_body(ei.value)["param"] == "messages[1].tool_call_id"

@@ -1,0 +1,200 @@
+"""Tool calling for the OpenAI frontend: `tools`, `tool_choice` and the `tool_calls` of the answer.
+
+A call the client makes certain, `tool_choice: "required"` or a named function, is generated under
+a JSON Schema (structured outputs): a named function's `parameters`, or a list of
+`{"name", "parameters"}` objects, one of the tools each (one only without `parallel_tool_calls`),
+as vLLM does. The text is then valid arguments by construction and becomes the message's
+`tool_calls`. `tool_choice: "auto"` (OpenAI's default once tools are given) lets the model choose
+between text and a call in its own trained format, which only a parser for that model's format
+could tell apart: it is refused, by name, rather than answered with a call in the text.
+
+The tools go to the chat template, which shows them to the model if it was trained to read them;
+earlier turns' calls and the tool results (`role: "tool"`) too, through the template.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class ToolError(ValueError):
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class ToolChoice:
+    """A call the answer must make: `name` (a named function) or any of the tools ("required")."""
+
+    tools: list[dict[str, Any]]
+    name: str | None = None
+    parallel: bool = True
+
+    @property
+    def finish_reason(self) -> str:
+        # As OpenAI's: a function the client named ends as "stop", calls the model made as "tool_calls".
+        return "stop" if self.name else "tool_calls"
+
+    def schema(self) -> dict[str, Any]:
+        """The JSON Schema the answer is generated under."""
+        params = {
+            t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in self.tools
+        }
+        if self.name is not None:
+            return params[self.name]
+        call = [
+            {
+                "type": "object",
+                "properties": {"name": {"const": name}, "parameters": schema},
+                "required": ["name", "parameters"],
+                "additionalProperties": False,
+            }
+            for name, schema in params.items()
+        ]
+        out: dict[str, Any] = {"type": "array", "items": {"anyOf": call}, "minItems": 1}
+        if not self.parallel:
+            out["maxItems"] = 1
+        return out
+
+    def calls(self, text: str, call_id: str | None = None) -> list[dict[str, Any]] | None:
+        """The answer's text as OpenAI's tool_calls; None if it is no complete call (cut by max_tokens)."""
+        if self.name is not None:
+            return [_call(call_id or new_call_id(), self.name, text)]
+        try:
+            items = json.loads(text)
+        except ValueError:
+            return None
+        try:  # (the schema makes it such a list; a client's stop string may have cut it short)
+            return [
+                _call(new_call_id(), item["name"], json.dumps(item["parameters"], ensure_ascii=False))
+                for item in items
+            ]
+        except (TypeError, KeyError):
+            return None
+
+
+class StreamedCalls:
+    """One choice's tool calls as stream deltas: a named function's arguments as they come (its id
+    and name with the first), the calls of "required" once their list is whole (before, it is not
+    yet JSON); a list cut by max_tokens goes out as the text it is."""
+
+    def __init__(self, tc: ToolChoice) -> None:
+        self.tc = tc
+        self.id = new_call_id()
+        self.started = False
+        self.text = ""
+
+    def delta(self, text: str, finish: str | None) -> tuple[dict[str, Any], str | None]:
+        if self.tc.name is not None:
+            if not text:
+                return {}, finish
+            call: dict[str, Any] = {"index": 0, "function": {"arguments": text}}
+            if not self.started:
+                self.started = True
+                call = {
+                    "index": 0,
+                    "id": self.id,
+                    "type": "function",
+                    "function": {"name": self.tc.name, "arguments": text},
+                }
+            return {"tool_calls": [call]}, finish
+        self.text += text
+        if finish is None:
+            return {}, None
+        calls = self.tc.calls(self.text)
+        if calls is None:
+            return {"content": self.text}, finish
+        return {"tool_calls": [{"index": j, **c} for j, c in enumerate(calls)]}, (
+            self.tc.finish_reason if finish == "stop" else finish
+        )
+
+
+def new_call_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+def _call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def parse_tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]], ToolChoice | None]:
+    """The request's tools (for the chat template) and the call the answer must make, if any.
+    Raises ToolError naming the field."""
+    tools = body.get("tools")
+    if tools is None:
+        tools = []
+    if not isinstance(tools, list):
+        raise ToolError("tools", "must be a list of function tools")
+    names: list[str] = []
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(fn, dict):
+            raise ToolError("tools", f"tools[{i}]: must be {{'type': 'function', 'function': {{...}}}}")
+        name = fn.get("name")
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise ToolError(
+                "tools", f"tools[{i}].function.name: 1-64 letters, digits, '_' or '-', got {name!r}"
+            )
+        if name in names:
+            raise ToolError("tools", f"tools[{i}].function.name: {name!r} is given twice")
+        names.append(name)
+        if fn.get("description") is not None and not isinstance(fn["description"], str):
+            raise ToolError("tools", f"tools[{i}].function.description: must be a string")
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+            raise ToolError("tools", f"tools[{i}].function.parameters: must be a JSON Schema object")
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise ToolError("parallel_tool_calls", "must be a boolean")
+    choice = body.get("tool_choice")
+    if choice is None:
+        choice = "auto" if tools else "none"
+    if choice == "none":
+        return tools, None
+    if choice == "auto":
+        if tools:
+            raise ToolError(
+                "tool_choice",
+                "'auto' is not supported: telling a call from text needs a parser of this model's own "
+                "tool-call format; give 'required', a named function or 'none'",
+            )
+        return tools, None
+    if choice == "required":
+        if not tools:
+            raise ToolError("tool_choice", "'required' needs tools")
+        return tools, ToolChoice(tools, parallel=parallel is not False)
+    fn = choice.get("function") if isinstance(choice, dict) else None
+    if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(fn, dict):
+        raise ToolError(
+            "tool_choice", "must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name'}}"
+        )
+    if fn.get("name") not in names:
+        raise ToolError("tool_choice", f"function {fn.get('name')!r} is not among the tools")
+    return tools, ToolChoice(tools, name=fn["name"])
+
+
+def parse_tool_calls(value: Any, where: str) -> str:
+    """An assistant turn's `tool_calls` (OpenAI's list) checked, as JSON text for the wire."""
+    if not isinstance(value, list):
+        raise ToolError(where, "must be a list of tool calls")
+    for i, call in enumerate(value):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if (
+            not isinstance(call, dict)
+            or call.get("type", "function") != "function"
+            or not isinstance(fn, dict)
+            or not isinstance(fn.get("name"), str)
+            or not isinstance(fn.get("arguments"), str)
+        ):
+            raise ToolError(
+                where, f"[{i}]: must be {{'id', 'type': 'function', 'function': {{'name', 'arguments'}}}}"
+            )
+        if call.get("id") is not None and not isinstance(call["id"], str):
+            raise ToolError(where, f"[{i}].id: must be a string")
+    return json.dumps(value, ensure_ascii=False)
