@@ -40,13 +40,14 @@ test: install ## run the whole test suite
 demo: install ## run a local disaggregated deployment (1 prefill + 1 decode + router) and stream answers
 	$(BIN)/tandem demo
 
-bench: install ## engine vs transformers generate; KV transfer vs raw TCP; TTFT disaggregated vs colocated; multi-LoRA throughput; host work per decode step; sampling vs transformers; structured outputs vs free decoding
+bench: install ## engine vs transformers generate; KV transfer vs raw TCP; TTFT disaggregated vs colocated; multi-LoRA throughput; host work per decode step; sampling vs transformers; structured outputs vs free decoding; prompt scoring vs transformers
 	$(BIN)/python benchmarks/bench_engine.py
 	$(BIN)/python benchmarks/bench_disagg.py
 	$(BIN)/python benchmarks/bench_lora.py
 	$(BIN)/python benchmarks/bench_host.py
 	$(BIN)/python benchmarks/bench_sampling.py
 	$(BIN)/python benchmarks/bench_structured.py
+	$(BIN)/python benchmarks/bench_scoring.py
 
 bench-gpu: install ## on one NVIDIA GPU: CUDA correctness, kernels vs hardware limits, Llama-3-8B shapes vs transformers
 	$(BIN)/python benchmarks/bench_gpu.py --out benchmarks/results
