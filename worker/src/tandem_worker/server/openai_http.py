@@ -876,7 +876,7 @@ class OpenAIFrontend:
             msg: pb.GenerateResponse | None,
             finish: str | None,
             role: bool = False,
-        ) -> dict[str, Any]:
+        ) -> dict[str, Any] | None:
             lp = None
             if p.echo and msg is not None and msg.prompt_token_ids:
                 echoed, lp = self._echo(p, msg, offsets[index])
@@ -895,6 +895,8 @@ class OpenAIFrontend:
                     delta = {"role": "assistant", "content": delta_text}
                 elif calls is not None:
                     delta, finish = calls[index].delta(delta_text, finish)
+                    if not delta and finish is None and lp is None:
+                        return None  # the calls' list is not whole yet: nothing to say
                 choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
             else:
                 choice = {"index": index, "text": delta_text, "logprobs": lp, "finish_reason": finish}
@@ -909,7 +911,9 @@ class OpenAIFrontend:
                 continue
             finish = FINISH.get(msg.finish_reason) if msg.finish_reason else None
             if msg.text or finish or (p.logprobs and msg.token_ids) or (p.echo and msg.prompt_token_ids):
-                yield chunk(i, msg.text, msg, finish)
+                out = chunk(i, msg.text, msg, finish)
+                if out is not None:
+                    yield out
             if finish:
                 finals[i] = msg
                 if len(finals) == p.n:
