@@ -9,9 +9,12 @@ import openai
 import pytest
 
 from tandem_proto.v1 import inference_pb2 as pb
+from tests import detokenizers
 from tests.frontends.conftest import SERVED
 from tests.frontends.test_openai import _error_body
 from tests.serving.procs import assert_idle, generate, request, sampling
+
+real_tok = detokenizers.real_tok  # a fixture, by assignment
 
 WEATHER = {
     "type": "function",
@@ -184,3 +187,43 @@ def test_an_earlier_call_this_template_cannot_show_is_refused(client):
             model=SERVED, messages=[*ASK, {"role": "tool", "content": "x"}], max_tokens=4
         )
     assert _error_body(ei.value)["param"] == "messages[1].tool_call_id"
+
+
+def test_required_keeps_each_tools_nested_definitions_apart(real_tok):
+    # pydantic's schemas keep nested models in $defs, referred to from the schema's root: nested in
+    # the list of calls, they move to its root under the tool's name (two tools' "Place" differ).
+    import llguidance
+    import pydantic
+
+    from tandem_worker.engine import structured
+    from tandem_worker.engine.sampling_params import StructuredOutputs
+    from tandem_worker.server.openai_tools import ToolChoice
+
+    class Place(pydantic.BaseModel):
+        city: str
+
+    class Weather(pydantic.BaseModel):
+        place: Place
+
+    class Zone(pydantic.BaseModel):
+        offset: int
+
+    class Time(pydantic.BaseModel):
+        place: Zone
+
+    Time.model_rebuild()
+    tools = [
+        {"type": "function", "function": {"name": "weather", "parameters": Weather.model_json_schema()}},
+        {"type": "function", "function": {"name": "time", "parameters": Time.model_json_schema()}},
+    ]
+    assert "$defs" in tools[0]["function"]["parameters"]
+    so = StructuredOutputs(json=json.dumps(ToolChoice(tools).schema()))
+    structured.check(so)
+    ll = llguidance.LLTokenizer(real_tok.backend.to_str())
+    for text, ok in [
+        ('[{"name": "weather", "parameters": {"place": {"city": "Paris"}}}]', True),
+        ('[{"name": "time", "parameters": {"place": {"offset": 2}}}]', True),
+        ('[{"name": "time", "parameters": {"place": {"city": "Paris"}}}]', False),  # weather's Place
+    ]:
+        m = llguidance.LLMatcher(ll, structured.grammar(so), log_level=0)
+        assert (m.consume_tokens(real_tok.encode(text)) and m.is_accepting()) == ok, text

@@ -49,18 +49,23 @@ class ToolChoice:
         }
         if self.name is not None:
             return params[self.name]
-        call = [
-            {
-                "type": "object",
-                "properties": {"name": {"const": name}, "parameters": schema},
-                "required": ["name", "parameters"],
-                "additionalProperties": False,
-            }
-            for name, schema in params.items()
-        ]
+        defs: dict[str, Any] = {}
+        call = []
+        for name, schema in params.items():
+            schema = _hoist_defs(name, schema, defs)
+            call.append(
+                {
+                    "type": "object",
+                    "properties": {"name": {"const": name}, "parameters": schema},
+                    "required": ["name", "parameters"],
+                    "additionalProperties": False,
+                }
+            )
         out: dict[str, Any] = {"type": "array", "items": {"anyOf": call}, "minItems": 1}
         if not self.parallel:
             out["maxItems"] = 1
+        if defs:
+            out["$defs"] = defs
         return out
 
     def calls(self, text: str, call_id: str | None = None) -> list[dict[str, Any]] | None:
@@ -114,6 +119,29 @@ class StreamedCalls:
         return {"tool_calls": [{"index": j, **c} for j, c in enumerate(calls)]}, (
             self.tc.finish_reason if finish == "stop" else finish
         )
+
+
+def _hoist_defs(tool: str, schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """`schema` without its own definitions (pydantic's `$defs` of nested models, or the older
+    `definitions`), which move into `defs` under names of the tool's: nested in the list's schema,
+    its `#/$defs/...` references would point at the list's root."""
+    local = {**schema.get("definitions", {}), **schema.get("$defs", {})}
+    if not local:
+        return schema
+    renamed = {
+        f"#/{key}/{name}": f"#/$defs/{tool}.{name}" for key in ("$defs", "definitions") for name in local
+    }
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: renamed.get(v, v) if k == "$ref" else rewrite(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [rewrite(v) for v in node]
+        return node
+
+    for name, definition in local.items():
+        defs[f"{tool}.{name}"] = rewrite(definition)
+    return rewrite({k: v for k, v in schema.items() if k not in ("$defs", "definitions")})
 
 
 def new_call_id() -> str:
