@@ -941,3 +941,38 @@ def test_echo_puts_the_prompt_and_its_logprobs_first(client, deployment, stream)
     assert plain.choices[0].text == PROMPT + want.text and plain.choices[0].logprobs is None
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=SERVED, messages=CHAT, max_tokens=2, extra_body={"echo": True})
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_list_of_prompts_answers_each_n_times_in_order(client, deployment, stream):
+    # Evaluation harnesses send their batches so: choice k n + j is prompt k's j-th (seed + j).
+    prompts = [PROMPT, "Once upon a time", [504, 3458, 282, 253]]
+    want = [
+        generate(deployment.router, request(p, sampling(max_tokens=6, temperature=0.8, seed=5 + j)))
+        for p in prompts
+        for j in range(2)
+    ]
+    kwargs = {"model": SERVED, "prompt": prompts, "n": 2, "max_tokens": 6, "temperature": 0.8, "seed": 5}
+    if stream:
+        texts = [""] * 6
+        usage = None
+        for c in client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs):
+            for choice in c.choices:
+                texts[choice.index] += choice.text
+            usage = c.usage or usage
+    else:
+        r = client.completions.create(**kwargs)
+        assert [c.index for c in r.choices] == list(range(6))
+        texts, usage = [c.text for c in r.choices], r.usage
+    assert texts == [w.text for w in want]
+    assert usage.prompt_tokens == sum(len(w.prompt_token_ids) for w in want[::2])
+    assert usage.completion_tokens == sum(w.usage.completion_tokens for w in want)
+    if not stream:  # each choice echoes its own prompt
+        echoed = client.completions.create(echo=True, **{**kwargs, "prompt": prompts[:2]})
+        assert [c.text for c in echoed.choices] == [
+            p + w.text for p, w in zip([PROMPT] * 2 + [prompts[1]] * 2, want)
+        ]
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.completions.create(**{**kwargs, "prompt": [PROMPT] * 65})
+    assert _error_body(ei.value)["param"] == "prompt"
+    assert_idle(deployment.workers)

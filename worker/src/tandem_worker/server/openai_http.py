@@ -5,7 +5,8 @@ What it serves: the base model and every LoRA adapter the workers know as model 
 then `data: [DONE]`), with `stream_options.include_usage` adding a last chunk that carries usage and
 no choices; `max_tokens`/`max_completion_tokens`, `temperature`, `top_p`, `seed` (-1: no seed, as
 vLLM reads it; see `request_seed`), `stop`, `presence_penalty`, `frequency_penalty`, `logit_bias`,
-`n` up to 16 (choice i is the request with seed + i), log-probabilities (the sampled token's and
+`n` up to 16 (choice i is the request with seed + i), completions' `prompt` as a list of prompts
+(n choices each, prompt after prompt), log-probabilities (the sampled token's and
 up to 20 most likely: chat's `logprobs`/`top_logprobs`, completions' `logprobs: N`; completions'
 `echo` puts the prompt's text, and with logprobs its tokens' log-probabilities, first), structured
 output (`response_format` json_object / json_schema, vLLM's `structured_outputs` and `guided_*`),
@@ -50,7 +51,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -79,6 +80,9 @@ log = logging.getLogger(__name__)
 MAX_TIMEOUT_SECONDS = 1e8
 # `n`: each choice is a request of its own upstream (its own admission slot, KV and metrics).
 MAX_CHOICES = 16
+# Completions' `prompt` may be a list of prompts (evaluation harnesses send batches so): n choices
+# each, one upstream request per choice, and at most this many in all.
+MAX_UPSTREAM = 128
 
 FINISH = {
     pb.FINISH_REASON_STOP: "stop",
@@ -272,17 +276,40 @@ class Parsed:
     echo: bool = False
     # Chat: the answer is this tool call (or calls), generated under its schema.
     tool_choice: ToolChoice | None = None
+    # Completions: the prompts after the first (`request` holds the first), as text or token ids.
+    more_prompts: list[str | list[int]] = field(default_factory=list)
+
+    @property
+    def choices(self) -> int:
+        """n choices per prompt, prompt after prompt (choice k n + j is prompt k's j-th)."""
+        return self.n * (1 + len(self.more_prompts))
+
+    def prompt_request(self, choice: int) -> pb.GenerateRequest:
+        """The request (before its choice's id and seed) that `choice` answers."""
+        k = choice // self.n
+        if k == 0:
+            return self.request
+        r = pb.GenerateRequest()
+        r.CopyFrom(self.request)
+        prompt = self.more_prompts[k - 1]
+        if isinstance(prompt, str):
+            r.text = prompt
+        else:
+            r.token_ids.ids[:] = prompt
+        return r
 
     def choice_requests(self) -> list[pb.GenerateRequest]:
-        """One upstream request per choice: ids `<id>-<i>`; with a seed, choice i draws with seed +
-        i (so choice 0 is the answer with n 1, and the others differ from it)."""
+        """One upstream request per choice: ids `<id>-<i>`; with a seed, a prompt's choice j draws
+        with seed + j (so choice 0 is the answer with n 1, and the others differ from it)."""
         out = []
-        for i in range(self.n):
-            r = pb.GenerateRequest()
-            r.CopyFrom(self.request)
+        for i in range(self.choices):
+            r = self.prompt_request(i)
+            if r is self.request:
+                r = pb.GenerateRequest()
+                r.CopyFrom(self.request)
             r.request_id = f"{self.request.request_id}-{i}"
             if r.sampling.HasField("seed"):
-                r.sampling.seed = (r.sampling.seed + i) % 2**64
+                r.sampling.seed = (r.sampling.seed + i % self.n) % 2**64
             out.append(r)
         return out
 
@@ -457,6 +484,7 @@ class OpenAIFrontend:
         req = pb.GenerateRequest(adapter="" if model == self.model_name else model)
         s = req.sampling
         tool_choice = None
+        more_prompts: list[str | list[int]] = []
         if chat:
             messages = self._messages(body)
             for m in messages:
@@ -468,7 +496,7 @@ class OpenAIFrontend:
             if tools:
                 req.chat.tools_json = json.dumps(tools, ensure_ascii=False)
         else:
-            self._prompt(body, req)
+            more_prompts = self._prompt(body, req)
 
         max_tokens = _get(body, "max_tokens", (int,), "an integer")
         if chat:
@@ -570,6 +598,10 @@ class OpenAIFrontend:
         n = _get(body, "n", (int,), "an integer")
         if n is not None and not 1 <= n <= MAX_CHOICES:
             raise invalid("n", f"must be in [1, {MAX_CHOICES}], got {n}")
+        if (n or 1) * (1 + len(more_prompts)) > MAX_UPSTREAM:
+            raise invalid(
+                "prompt", f"{1 + len(more_prompts)} prompts x n {n or 1} is more than {MAX_UPSTREAM} answers"
+            )
 
         stream = bool(_get(body, "stream", (bool,), "a boolean"))
         include_usage = False
@@ -603,22 +635,46 @@ class OpenAIFrontend:
         # Always our own id: the workers refuse a second request under an id that is in flight, and
         # clients' ids are not unique across clients.
         req.request_id = uuid.uuid4().hex
-        return Parsed(req, model, stream, include_usage, logprobs, chat, timeout, n or 1, echo, tool_choice)
+        return Parsed(
+            req,
+            model,
+            stream,
+            include_usage,
+            logprobs,
+            chat,
+            timeout,
+            n or 1,
+            echo,
+            tool_choice,
+            more_prompts,
+        )
 
-    def _prompt(self, body: dict, req: pb.GenerateRequest) -> None:
+    def _prompt(self, body: dict, req: pb.GenerateRequest) -> list[str | list[int]]:
+        """The first prompt into `req`; returns the others (OpenAI's `prompt` is a string, token
+        ids, or a list of either)."""
         p = body.get("prompt")
-        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-            p = p[0]
-        if isinstance(p, str):
-            req.text = p
-        elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-            if any(not 0 <= t < 2**32 for t in p):
-                raise invalid("prompt", "token ids must be in [0, 2^32)")
-            req.token_ids.ids.extend(p)
-        elif isinstance(p, list) and len(p) > 1:
-            raise invalid("prompt", "one prompt per request (a list of several is not supported)")
+        prompts = p if isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p) else [p]
+        for i, x in enumerate(prompts):
+            if isinstance(x, str):
+                continue
+            which = f" (prompt {i})" if len(prompts) > 1 else ""
+            if (
+                not isinstance(x, list)
+                or not x
+                or not all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+            ):
+                raise invalid(
+                    "prompt",
+                    f"must be a string, a list of token ids, or a list of either (one per prompt){which}",
+                )
+            if any(not 0 <= t < 2**32 for t in x):
+                raise invalid("prompt", f"token ids must be in [0, 2^32){which}")
+        first = prompts[0]
+        if isinstance(first, str):
+            req.text = first
         else:
-            raise invalid("prompt", "must be a string, a list of token ids, or a list of one of them")
+            req.token_ids.ids.extend(first)
+        return prompts[1:]
 
     def _messages(self, body: dict) -> list[dict[str, str]]:
         msgs = body.get("messages")
@@ -691,7 +747,7 @@ class OpenAIFrontend:
     def call(self, p: Parsed) -> tuple[Any, Callable[[], None]]:
         """The call upstream (with n > 1, the choices' calls as one `_Choices`), and what to run
         once done with it."""
-        if p.n == 1:
+        if p.choices == 1:
             return forward(self.stub, p.request, p.timeout, self.handoffs)
         forwarded = [forward(self.stub, r, p.timeout, self.handoffs) for r in p.choice_requests()]
 
@@ -737,11 +793,14 @@ class OpenAIFrontend:
             "text_offset": [offsets.start_of(t) for t in msg.token_ids],
         }
 
-    def _echo(self, p: Parsed, msg: pb.GenerateResponse, offsets: TextOffsets) -> tuple[str, Any]:
+    def _echo(
+        self, p: Parsed, choice: int, msg: pb.GenerateResponse, offsets: TextOffsets
+    ) -> tuple[str, Any]:
         """With echo, what comes before the first message's text: the prompt's text and, with
         logprobs, its tokens in the legacy format (the first token has no log-probability)."""
         ids = list(msg.prompt_token_ids)
-        text = p.request.text if p.request.WhichOneof("prompt") == "text" else self.tok.decode(ids)
+        request = p.prompt_request(choice)
+        text = request.text if request.WhichOneof("prompt") == "text" else self.tok.decode(ids)
         if not p.logprobs:
             return text, None
         pl = msg.prompt_logprobs
@@ -773,32 +832,36 @@ class OpenAIFrontend:
         }
 
     @staticmethod
-    def usage_of_choices(usages: list[dict[str, Any]]) -> dict[str, Any]:
-        """One prompt (as OpenAI counts it for n choices) and every choice's tokens."""
+    def usage_of_choices(usages: list[dict[str, Any]], n: int) -> dict[str, Any]:
+        """Each prompt once (as OpenAI counts one for its n choices) and every choice's tokens."""
+        firsts = usages[::n]
         usage = dict(usages[0])
+        usage["prompt_tokens"] = sum(u["prompt_tokens"] for u in firsts)
+        cached = sum(u["prompt_tokens_details"]["cached_tokens"] for u in firsts)
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
         usage["completion_tokens"] = sum(u["completion_tokens"] for u in usages)
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return usage
 
     def complete_choices(self, p: Parsed, choices: _Choices) -> dict[str, Any]:
         """The whole response of n choices."""
-        per: list[list[pb.GenerateResponse]] = [[] for _ in range(p.n)]
+        per: list[list[pb.GenerateResponse]] = [[] for _ in range(p.choices)]
         for i, msg in choices:
             per[i].append(msg)
-        bodies = [self.complete(p, iter(messages)) for messages in per]
+        bodies = [self.complete(p, iter(messages), i) for i, messages in enumerate(per)]
         body = bodies[0]
         body["choices"] = [dict(b["choices"][0], index=i) for i, b in enumerate(bodies)]
-        body["usage"] = self.usage_of_choices([b["usage"] for b in bodies])
+        body["usage"] = self.usage_of_choices([b["usage"] for b in bodies], p.n)
         return body
 
-    def complete(self, p: Parsed, messages: Iterator[pb.GenerateResponse]) -> dict[str, Any]:
+    def complete(self, p: Parsed, messages: Iterator[pb.GenerateResponse], choice: int = 0) -> dict[str, Any]:
         text, finish, usage = "", None, None
         lp_chat: list[dict] = []
         lp_text: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         offsets = TextOffsets(self.tok)
         for msg in messages:
             if p.echo and msg.prompt_token_ids:
-                text, lp = self._echo(p, msg, offsets)
+                text, lp = self._echo(p, choice, msg, offsets)
                 if lp is not None:
                     for k in lp_text:
                         lp_text[k].extend(lp[k])
@@ -853,7 +916,7 @@ class OpenAIFrontend:
         received: list[tuple[int, pb.GenerateResponse]],
         rest: Iterator[tuple[int, pb.GenerateResponse]],
     ) -> Iterator[dict[str, Any]]:
-        """The streamed chunks (as dicts) of p.n choices, from the messages already received (each
+        """The streamed chunks (as dicts) of p.choices choices, from the messages already received (each
         choice's first among them) and the rest, as (choice, message) in the order they arrive."""
         rid = p.request.request_id
         created = int(time.time())
@@ -867,8 +930,8 @@ class OpenAIFrontend:
         }
         if p.include_usage:
             head["usage"] = None
-        offsets = [TextOffsets(self.tok) for _ in range(p.n)]
-        calls = [StreamedCalls(p.tool_choice) for _ in range(p.n)] if p.tool_choice else None
+        offsets = [TextOffsets(self.tok) for _ in range(p.choices)]
+        calls = [StreamedCalls(p.tool_choice) for _ in range(p.choices)] if p.tool_choice else None
 
         def chunk(
             index: int,
@@ -879,7 +942,7 @@ class OpenAIFrontend:
         ) -> dict[str, Any] | None:
             lp = None
             if p.echo and msg is not None and msg.prompt_token_ids:
-                echoed, lp = self._echo(p, msg, offsets[index])
+                echoed, lp = self._echo(p, index, msg, offsets[index])
                 delta_text = echoed + delta_text
             if p.logprobs and msg is not None and msg.token_ids:
                 generated = self._logprobs(msg, p.chat, offsets[index])
@@ -903,7 +966,7 @@ class OpenAIFrontend:
             return {**head, "choices": [choice]}
 
         if p.chat:  # OpenAI opens a chat stream with the assistant's role, per choice
-            for i in range(p.n):
+            for i in range(p.choices):
                 yield chunk(i, "", None, None, role=True)
         finals: dict[int, pb.GenerateResponse] = {}
         for i, msg in itertools.chain(received, rest):
@@ -916,12 +979,12 @@ class OpenAIFrontend:
                     yield out
             if finish:
                 finals[i] = msg
-                if len(finals) == p.n:
+                if len(finals) == p.choices:
                     break
-        if len(finals) < p.n:
+        if len(finals) < p.choices:
             raise ApiError(502, "the upstream stream ended without a finish reason", "server_error")
         if p.include_usage:
-            usage = self.usage_of_choices([self.usage(finals[i]) for i in range(p.n)])
+            usage = self.usage_of_choices([self.usage(finals[i]) for i in range(p.choices)], p.n)
             yield {**head, "choices": [], "usage": usage}
 
 
@@ -1113,21 +1176,21 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self, p: Parsed, call: Any) -> None:
         fe = self.frontend
         if not p.stream:
-            body = fe.complete(p, call) if p.n == 1 else fe.complete_choices(p, call)
+            body = fe.complete(p, call) if p.choices == 1 else fe.complete_choices(p, call)
             self._send_json(200, body, {"X-Request-Id": p.request.request_id})
             return
         # Wait for the first message (of every choice) before answering 200, so that a request the
         # router refuses (invalid, unknown adapter, overloaded) gets its proper status instead of a
         # broken stream.
-        messages = ((0, m) for m in call) if p.n == 1 else iter(call)
+        messages = ((0, m) for m in call) if p.choices == 1 else iter(call)
         received: list[tuple[int, pb.GenerateResponse]] = []  # all of them, in order, until then
         started: set[int] = set()
         for i, msg in messages:
             received.append((i, msg))
             started.add(i)
-            if len(started) == p.n:
+            if len(started) == p.choices:
                 break
-        if len(started) < p.n:
+        if len(started) < p.choices:
             raise ApiError(502, "the upstream stream ended without a message", "server_error")
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
