@@ -976,3 +976,34 @@ def test_a_list_of_prompts_answers_each_n_times_in_order(client, deployment, str
         client.completions.create(**{**kwargs, "prompt": [PROMPT] * 65})
     assert _error_body(ei.value)["param"] == "prompt"
     assert_idle(deployment.workers)
+
+
+def _post_json(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_tokenize_gives_the_ids_the_router_prompts_with_and_detokenize_the_text(deployment, grpc_text):
+    status, body = _post_json(deployment.http + "/tokenize", {"model": SERVED, "prompt": PROMPT})
+    assert status == 200 and body["tokens"] == list(grpc_text["text"].prompt_token_ids)
+    assert body["count"] == len(body["tokens"]) and body["max_model_len"] > 0
+    status, body = _post_json(deployment.http + "/tokenize", {"messages": CHAT, "return_token_strs": True})
+    assert status == 200 and body["tokens"] == list(grpc_text["chat"].prompt_token_ids)
+    assert len(body["token_strs"]) == body["count"] and "<|im_start|>" in body["token_strs"]
+    status, body = _post_json(deployment.http + "/detokenize", {"tokens": list(grpc_text["text"].token_ids)})
+    assert status == 200 and body["prompt"] == grpc_text["text"].text
+    for path, bad, code, param in [
+        ("/tokenize", {"prompt": "x", "messages": CHAT}, 400, "prompt"),
+        ("/tokenize", {"prompt": "x", "add_special_tokens": False}, 400, "add_special_tokens"),
+        ("/tokenize", {"model": "nope", "prompt": "x"}, 404, "model"),
+        ("/detokenize", {"tokens": [1, -1]}, 400, "tokens"),
+        ("/detokenize", {"tokens": "12"}, 400, "tokens"),
+    ]:
+        status, body = _post_json(deployment.http + path, bad)
+        assert (status, body["error"]["param"]) == (code, param), (path, bad, body)

@@ -1,4 +1,5 @@
-"""OpenAI-compatible HTTP frontend of the router: `/v1/models`, `/v1/completions`, `/v1/chat/completions`.
+"""OpenAI-compatible HTTP frontend of the router: `/v1/models`, `/v1/completions`, `/v1/chat/completions`,
+and vLLM's `/tokenize` and `/detokenize`.
 
 What it serves: the base model and every LoRA adapter the workers know as model ids (`model:
 "<adapter>"` selects that adapter); non-streaming responses and server-sent events (`data: {...}`,
@@ -473,6 +474,70 @@ class OpenAIFrontend:
             if name != self.model_name:
                 cards.append({**base, "id": name, "root": name, "parent": self.model_name})
         return {"object": "list", "data": cards}
+
+    # --- /tokenize, /detokenize (vLLM's) -------------------------------------------------------
+
+    def tokenize(self, body: Any) -> dict[str, Any]:
+        """A prompt's token ids as the router makes them: `prompt` (text) or `messages` (through the
+        chat template, with `tools` if given), so a client can count them before it sends."""
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        self._served(body)
+        unknown = set(body) - {"model", "prompt", "messages", "tools", "return_token_strs"}
+        if unknown:
+            key = sorted(unknown)[0]
+            raise ApiError(
+                400, f"Unrecognized request argument supplied: {key}", param=key, code="unknown_parameter"
+            )
+        if ("prompt" in body) == ("messages" in body):
+            raise invalid("prompt", "give a prompt (text) or messages, not both")
+        if "prompt" in body:
+            prompt = _get(body, "prompt", (str,), "a string")
+            ids = self.tok.encode(prompt or "")
+        else:
+            chat = pb.ChatMessages()
+            for m in self._messages(body):
+                chat.messages.add(**m)
+            try:
+                tools, _ = parse_tools({"tools": body.get("tools"), "tool_choice": "none"})
+            except ToolError as e:
+                raise invalid(e.param, str(e)) from None
+            if tools:
+                chat.tools_json = json.dumps(tools, ensure_ascii=False)
+            try:
+                ids = self.tok.chat_messages(chat.messages, chat.tools_json)
+            except RequestError as e:
+                raise invalid(e.field, str(e).split(": ", 1)[-1]) from None
+        strs = (
+            [self.tok.token_text(t) for t in ids]
+            if _get(body, "return_token_strs", (bool,), "a boolean")
+            else None
+        )
+        return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids, "token_strs": strs}
+
+    def detokenize(self, body: Any) -> dict[str, Any]:
+        """Token ids back to text (special tokens left out, as answers are)."""
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        self._served(body)
+        unknown = set(body) - {"model", "tokens"}
+        if unknown:
+            key = sorted(unknown)[0]
+            raise ApiError(
+                400, f"Unrecognized request argument supplied: {key}", param=key, code="unknown_parameter"
+            )
+        tokens = body.get("tokens")
+        vocab = len(self.tok.hf)
+        if not isinstance(tokens, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in tokens
+        ):
+            raise invalid("tokens", f"must be a list of token ids in [0, {vocab})")
+        return {"prompt": self.tok.decode(tokens)}
+
+    def _served(self, body: dict) -> None:
+        model = body.get("model")
+        if model is not None and model != self.model_name and model not in self.adapters():
+            raise ApiError(404, f"The model {model!r} does not exist", param="model", code="model_not_found")
 
     # --- request translation ------------------------------------------------------------------
 
@@ -1117,6 +1182,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         path = self.path.split("?", 1)[0].rstrip("/")
+        if path in ("/tokenize", "/detokenize"):
+            fe = self.frontend
+            try:
+                body = self._read_json()
+                self._send_json(200, fe.tokenize(body) if path == "/tokenize" else fe.detokenize(body))
+            except ApiError as e:
+                self._send_error(e)
+            return
         if path not in ("/v1/completions", "/v1/chat/completions"):
             # Still read the body, so the connection stays usable.
             try:
