@@ -1007,3 +1007,14 @@ def test_tokenize_gives_the_ids_the_router_prompts_with_and_detokenize_the_text(
     ]:
         status, body = _post_json(deployment.http + path, bad)
         assert (status, body["error"]["param"]) == (code, param), (path, bad, body)
+
+
+def test_tokenize_refuses_a_lone_surrogate_with_a_400(deployment):
+    req = urllib.request.Request(
+        deployment.http + "/tokenize",
+        data=b'{"messages": [{"role": "user", "content": "\\ud83e"}]}',
+        headers={"Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as ei:
+        urllib.request.urlopen(req, timeout=30)
+    assert ei.value.code == 400

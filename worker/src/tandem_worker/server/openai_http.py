@@ -490,7 +490,7 @@ class OpenAIFrontend:
                 400, f"Unrecognized request argument supplied: {key}", param=key, code="unknown_parameter"
             )
         if ("prompt" in body) == ("messages" in body):
-            raise invalid("prompt", "give a prompt (text) or messages, not both")
+            raise invalid("prompt", "give one of prompt (text) or messages")
         if "prompt" in body:
             prompt = _get(body, "prompt", (str,), "a string")
             ids = self.tok.encode(prompt or "")
@@ -760,7 +760,7 @@ class OpenAIFrontend:
                 # OpenAI's older form: a call of an earlier turn would vanish from the conversation.
                 raise invalid(f"messages[{i}].function_call", "not supported; send tool_calls")
             extra: dict[str, str] = {}
-            if m.get("tool_calls") is not None:
+            if m.get("tool_calls"):  # (clients send [] for none)
                 if role != "assistant":
                     raise invalid(f"messages[{i}].tool_calls", "only an assistant turn makes tool calls")
                 try:
@@ -1189,6 +1189,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send_json(200, fe.tokenize(body) if path == "/tokenize" else fe.detokenize(body))
             except ApiError as e:
                 self._send_error(e)
+            except (ValueError, TypeError) as e:  # as for generation: a lone surrogate, ...
+                self._send_error(ApiError(400, f"invalid request: {e}"))
             return
         if path not in ("/v1/completions", "/v1/chat/completions"):
             # Still read the body, so the connection stays usable.
