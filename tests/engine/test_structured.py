@@ -186,12 +186,24 @@ def test_a_grammar_that_does_not_compile_is_refused_and_changes_nothing(engine, 
         ({"regex": ""}, "non-empty"),
         ({"json_object": "yes"}, "json_object"),
         ({"structural_tag": "x"}, "structural_tag"),
+        ({"regex": "a", "disable_additional_properties": True}, "disable_additional_properties"),
+        ({"regex": "a", "whitespace_pattern": " "}, "whitespace_pattern"),
     ],
 )
 def test_bad_structured_outputs_are_refused_by_name(value, words):
     with pytest.raises(RequestError) as ei:
         SamplingParams(structured_outputs=value)
     assert ei.value.field == "structured_outputs" and words in str(ei.value), str(ei.value)
+
+
+def test_vllms_other_fields_at_values_that_change_nothing_are_accepted():
+    # What vLLM's StructuredOutputsParams serializes by default, beside the kind.
+    defaults = {
+        "disable_fallback": False,
+        "disable_any_whitespace": False,
+        "disable_additional_properties": False,
+    }
+    assert StructuredOutputs.from_dict({"regex": "a+", **defaults, "whitespace_pattern": None}).regex == "a+"
 
 
 def test_the_request_object_round_trips_and_a_schema_keeps_its_key_order():

@@ -90,6 +90,14 @@ def _is_number(value: object) -> bool:
 # Each structured-output kind by vLLM's name for it (its `structured_outputs` request field and
 # StructuredOutputsParams), so clients written for vLLM send the same object here.
 STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+# vLLM's other StructuredOutputsParams fields, at the values that change nothing here (its own
+# serialized defaults among them): one grammar engine, so no fallback to disable; JSON's layout is
+# fixed (structured.JSON_LAYOUT), with no free whitespace either way.
+STRUCTURED_NEUTRAL = {
+    "disable_fallback": (True, False),
+    "disable_any_whitespace": (True, False),
+    "disable_additional_properties": (False,),
+}
 
 
 @dataclass(frozen=True)
@@ -149,7 +157,13 @@ class StructuredOutputs:
             raise RequestError(
                 "structured_outputs", "must be an object with one of " + ", ".join(STRUCTURED_KINDS)
             )
-        unknown = sorted(k for k, v in value.items() if k not in STRUCTURED_KINDS and v is not None)
+        unknown = sorted(
+            k
+            for k, v in value.items()
+            if k not in STRUCTURED_KINDS
+            and v is not None
+            and not any(v is off for off in STRUCTURED_NEUTRAL.get(k, ()))
+        )
         if unknown:
             raise RequestError(
                 "structured_outputs",
