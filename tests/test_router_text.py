@@ -356,3 +356,6 @@ def test_tools_and_tool_calls_reach_the_chat_template_as_templates_read_them(rea
     bad.messages.add(role="assistant", content="", tool_calls_json="[1")
     with pytest.raises(RequestError, match=r"messages\[0\].tool_calls: not JSON"):
         real_tok.chat_messages(bad.messages)
+    bad.messages[0].tool_calls_json = '[{"function": "f"}]'
+    with pytest.raises(RequestError, match=r"messages\[0\].tool_calls: each call needs a 'function' object"):
+        real_tok.chat_messages(bad.messages)

@@ -188,9 +188,8 @@ class Tokenizer:
             if m.name:
                 d["name"] = m.name
             if m.tool_calls_json:
-                d["tool_calls"] = _template_tool_calls(
-                    _json_list(m.tool_calls_json, f"messages[{i}].tool_calls")
-                )
+                where = f"messages[{i}].tool_calls"
+                d["tool_calls"] = _template_tool_calls(_json_list(m.tool_calls_json, where), where)
             if m.tool_call_id:
                 d["tool_call_id"] = m.tool_call_id
             out.append(d)
@@ -275,12 +274,14 @@ def _json_list(text: str, where: str) -> list[dict[str, Any]]:
     return value
 
 
-def _template_tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _template_tool_calls(calls: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
     """OpenAI's tool calls as chat templates read them: arguments as an object (OpenAI sends JSON
     text, which templates that write `arguments | tojson` would quote a second time)."""
     out = []
     for call in calls:
-        fn = dict(call.get("function") or {})
+        if not isinstance(call.get("function"), dict):
+            raise RequestError(where, "each call needs a 'function' object")
+        fn = dict(call["function"])
         args = fn.get("arguments")
         if isinstance(args, str):
             try:
