@@ -227,3 +227,133 @@ def test_required_keeps_each_tools_nested_definitions_apart(real_tok):
     ]:
         m = llguidance.LLMatcher(ll, structured.grammar(so), log_level=0)
         assert (m.consume_tokens(real_tok.encode(text)) and m.is_accepting()) == ok, text
+
+
+# --- tool_choice "auto", read in the Hermes format (Qwen2.5 and later, Hermes 2/3) -----------------
+
+HERMES_ANSWER = (
+    "Let me look that up.\n"
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>\n'
+    '<tool_call>\n{"name": "get_time", "arguments": {"timezone": "CET"}}\n</tool_call>'
+)
+
+
+def test_hermes_blocks_are_calls_and_the_rest_content_at_every_split_of_the_stream():
+    from tandem_worker.server.openai_tools import HermesStream, hermes_calls
+
+    content, calls = hermes_calls(HERMES_ANSWER)
+    assert content == "Let me look that up.\n\n"
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("get_weather", {"city": "Paris", "unit": "celsius"}),
+        ("get_time", {"timezone": "CET"}),
+    ]
+    for cut in range(1, len(HERMES_ANSWER)):  # streamed in two pieces, split anywhere
+        stream = HermesStream()
+        first, early = stream.feed(HERMES_ANSWER[:cut], final=False)
+        rest, late = stream.feed(HERMES_ANSWER[cut:], final=True)
+        assert "<" not in first or first.startswith("Let me look that up.")  # no half tag leaks out
+        assert first + rest == content and [c["function"] for c in early + late] == [
+            c["function"] for c in calls
+        ]
+    # Not a call: stays in the text as it was; a block left open at the end is still read.
+    assert hermes_calls("a <tool_call>not json</tool_call> b") == ("a <tool_call>not json</tool_call> b", [])
+    content, calls = hermes_calls('<tool_call>{"name": "f", "arguments": {}}')
+    assert content is None and calls[0]["function"] == {"name": "f", "arguments": "{}"}
+    assert hermes_calls("no calls at all") == ("no calls at all", [])
+
+
+class _Canned:
+    """A tandem.v1 Inference server answering every request with `text`, a few characters a
+    message, as a worker streams; it keeps the requests it got."""
+
+    def __init__(self, text: str) -> None:
+        from tandem_worker.server.pb import inference_pb2_grpc as pbgrpc
+
+        self.text, self.requests = text, []
+        outer = self
+
+        class Servicer(pbgrpc.InferenceServicer):
+            def Generate(self, request, context):  # noqa: N802
+                outer.requests.append(request)
+                pieces = [outer.text[i : i + 7] for i in range(0, len(outer.text), 7)]
+                for k, piece in enumerate(pieces):
+                    last = k == len(pieces) - 1
+                    msg = pb.GenerateResponse(text=piece, token_ids=[1])
+                    if last:
+                        msg.finish_reason = pb.FINISH_REASON_STOP
+                        msg.usage.CopyFrom(pb.Usage(prompt_tokens=5, completion_tokens=len(pieces)))
+                    yield msg
+
+        self.servicer = Servicer()
+
+
+@pytest.fixture
+def hermes_frontend(model_dir):
+    import concurrent.futures
+
+    import grpc
+
+    from tandem_worker.engine.tokenizer import Tokenizer
+    from tandem_worker.server.openai_http import OpenAIFrontend, serve_openai_http
+    from tandem_worker.server.pb import inference_pb2_grpc as pbgrpc
+
+    canned = _Canned(HERMES_ANSWER)
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=4))
+    pbgrpc.add_InferenceServicer_to_server(canned.servicer, server)
+    upstream = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    fe = OpenAIFrontend(
+        upstream, SERVED, 4096, Tokenizer(model_dir), lambda: [], lambda: True, tool_call_parser="hermes"
+    )
+    http = serve_openai_http("127.0.0.1", 0, fe)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{http.port}/v1", api_key="unused", max_retries=0)
+    try:
+        yield client, canned
+    finally:
+        client.close()
+        http.stop()
+        http.close()
+        server.stop(None)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_auto_reads_the_models_own_calls_with_the_hermes_parser(hermes_frontend, stream):
+    client, canned = hermes_frontend
+    kwargs = {
+        "model": SERVED,
+        "messages": ASK,
+        "tools": [WEATHER, TIME],
+        "max_tokens": 64,
+    }  # "auto": the default
+    if stream:
+        chunks = [c for c in client.chat.completions.create(stream=True, **kwargs) if c.choices]
+        content = "".join(c.choices[0].delta.content or "" for c in chunks)
+        calls = [t for c in chunks for t in c.choices[0].delta.tool_calls or []]
+        finish = chunks[-1].choices[0].finish_reason
+    else:
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        content, calls, finish = choice.message.content, choice.message.tool_calls, choice.finish_reason
+    assert finish == "tool_calls" and content == "Let me look that up.\n\n"
+    assert [(c.index if stream else i, c.function.name) for i, c in enumerate(calls)] == [
+        (0, "get_weather"),
+        (1, "get_time"),
+    ]
+    assert json.loads(calls[0].function.arguments) == {"city": "Paris", "unit": "celsius"}
+    assert all(c.id.startswith("call_") and c.type == "function" for c in calls)
+    # The model generated freely (no schema), with the tools given to the chat template.
+    sent = canned.requests[-1]
+    assert not sent.sampling.HasField("structured_outputs")
+    assert [t["function"]["name"] for t in json.loads(sent.chat.tools_json)] == ["get_weather", "get_time"]
+
+
+def test_auto_without_calls_is_a_text_answer(hermes_frontend):
+    client, canned = hermes_frontend
+    canned.text = "It is sunny in Paris."
+    choice = client.chat.completions.create(
+        model=SERVED, messages=ASK, tools=[WEATHER], max_tokens=16
+    ).choices[0]
+    assert (choice.message.content, choice.message.tool_calls, choice.finish_reason) == (
+        "It is sunny in Paris.",
+        None,
+        "stop",
+    )

@@ -892,6 +892,19 @@ def test_clients_name_the_model_by_a_name_not_its_path_in_the_pod():
         )
 
 
+def test_the_routers_tool_call_parser_is_passed_only_when_set():
+    from tandem_worker.cli import build_parser
+
+    owner = Owner(name="qwen", namespace="ns", uid="u")
+    body = load_example("heterogeneous.yaml")["spec"]
+    spec = api.ModelDeploymentSpec.model_validate(body)
+    assert "--tool-call-parser" not in builders.build_router_args(owner, spec)
+    spec = api.ModelDeploymentSpec.model_validate({**body, "router": {"toolCallParser": "hermes"}})
+    assert build_parser().parse_args(builders.build_router_args(owner, spec)).tool_call_parser == "hermes"
+    with pytest.raises(ValueError, match="hermes"):
+        api.ModelDeploymentSpec.model_validate({**body, "router": {"toolCallParser": "llama3"}})
+
+
 def test_a_pools_cuda_graph_settings_reach_its_workers_and_only_when_set():
     """`tandem worker --cuda-graph-*` had no field in the custom resource: a deployment serving
     rank-128 adapters decoded them eagerly, its batches past 256 too. Unset fields add no argument,

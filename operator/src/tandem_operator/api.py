@@ -97,6 +97,10 @@ class Mode(str, Enum):
     colocated = "colocated"
 
 
+class ToolCallParser(str, Enum):
+    hermes = "hermes"  # Qwen2.5 and later, Hermes 2 and 3: <tool_call>{...}</tool_call> blocks
+
+
 class ServiceType(str, Enum):
     ClusterIP = "ClusterIP"
     NodePort = "NodePort"
@@ -526,6 +530,13 @@ class Router(_Model):
             "The model name clients give (OpenAI's `model`, KServe's model name, /v1/models); "
             "default: the built-in model's name, else this ModelDeployment's name (not the model's "
             "path inside the pod)."
+        ),
+    )
+    tool_call_parser: ToolCallParser | None = Field(
+        default=None,
+        description=(
+            "The model's tool-call format, which OpenAI's tool_choice 'auto' reads calls in (hermes: "
+            "Qwen2.5 and later, Hermes 2 and 3); unset, 'auto' with tools is refused."
         ),
     )
     cpu: str = Field(default="1", pattern=QUANTITY_PATTERN, description="CPU request per router pod.")

@@ -713,6 +713,8 @@ def build_router_args(owner: Owner, spec: api.ModelDeploymentSpec) -> list[str]:
     ]  # fmt: skip
     for name, _, _ in _router_api_ports(r):
         args += [f"--{name}-port", str(api.ROUTER_CONTAINER_PORTS[name])]
+    if r.tool_call_parser is not None:  # unset adds nothing: an upgrade leaves routers' pods as they were
+        args += ["--tool-call-parser", r.tool_call_parser.value]
     pools = spec.pools()
     if spec.mode == api.Mode.colocated:
         args += ["--decode", f"dns:{service_host(owner, 'colocated')}:{pools['colocated'].port}"]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .engine.sampling_params import SAMPLING_REQUEST_FIELDS
+from .server.openai_tools import TOOL_CALL_PARSERS
 
 SAMPLING_FIELDS = (*SAMPLING_REQUEST_FIELDS, "logprobs", "top_logprobs", "prompt_logprobs")
 
@@ -285,6 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--served-model-name",
         default=None,
         help="the model id clients name (OpenAI 'model', KServe model_name, ListModels); default: --model",
+    )
+    r.add_argument(
+        "--tool-call-parser",
+        choices=TOOL_CALL_PARSERS,
+        default=None,
+        help="the model's tool-call format (hermes: Qwen2.5 and later, Hermes 2/3), which OpenAI's "
+        "tool_choice 'auto' reads calls in; without it 'auto' is refused",
     )
 
     u = sub.add_parser("up", help="run a whole deployment (workers + router) as local processes")
@@ -664,6 +672,7 @@ def _cmd_router(args: argparse.Namespace) -> int:
         http_port=args.http_port,
         kserve_port=args.kserve_port,
         served_model_name=args.served_model_name,
+        tool_call_parser=args.tool_call_parser,
         slo=SLO(args.slo_ttft_ms / 1000.0, args.slo_tpot_ms / 1000.0),
     )
     return 0

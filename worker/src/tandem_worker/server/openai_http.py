@@ -70,7 +70,14 @@ from ..engine.tokenizer import Tokenizer
 from . import metrics
 from .convert import structured_to_pb
 from .handoff import Handoffs, forward
-from .openai_tools import StreamedCalls, ToolChoice, ToolError, parse_tool_calls, parse_tools
+from .openai_tools import (
+    TOOL_CALL_PARSERS,
+    StreamedCalls,
+    ToolChoice,
+    ToolError,
+    parse_tool_calls,
+    parse_tools,
+)
 from .pb import inference_pb2 as pb
 from .pb import inference_pb2_grpc as pbgrpc
 
@@ -442,7 +449,11 @@ class OpenAIFrontend:
         ready: Callable[[], bool],
         kv_capacity: Callable[[], int | None] = lambda: None,
         handoffs: Handoffs | None = None,
+        tool_call_parser: str | None = None,
     ) -> None:
+        if tool_call_parser is not None and tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"tool-call parser {tool_call_parser!r}: one of {', '.join(TOOL_CALL_PARSERS)}")
+        self.tool_call_parser = tool_call_parser  # what tool_choice "auto" reads calls with
         self.channel = grpc.insecure_channel(upstream)
         self.handoffs = handoffs  # the router's, when `upstream` is this process's router
         self.stub = pbgrpc.InferenceStub(self.channel)
@@ -555,7 +566,7 @@ class OpenAIFrontend:
             for m in messages:
                 req.chat.messages.add(**m)
             try:
-                tools, tool_choice = parse_tools(body)
+                tools, tool_choice = parse_tools(body, self.tool_call_parser)
             except ToolError as e:
                 raise invalid(e.param, str(e)) from None
             if tools:
@@ -628,7 +639,7 @@ class OpenAIFrontend:
                 "tool_choice",
                 "a tool call is generated under its own schema: give no other structured output",
             )
-        if tool_choice is not None:
+        if tool_choice is not None and not tool_choice.auto:
             structured = StructuredOutputs(json=json.dumps(tool_choice.schema(), ensure_ascii=False))
         if structured is not None:
             s.structured_outputs.CopyFrom(structured_to_pb(structured))
@@ -945,11 +956,12 @@ class OpenAIFrontend:
         rid = p.request.request_id
         if p.chat:
             message: dict[str, Any] = {"role": "assistant", "content": text}
-            tool_calls = p.tool_choice.calls(text) if p.tool_choice is not None else None
-            if tool_calls is not None:
-                message = {"role": "assistant", "content": None, "tool_calls": tool_calls}
-                if finish == "stop":
-                    finish = p.tool_choice.finish_reason
+            if p.tool_choice is not None:
+                content, tool_calls = p.tool_choice.answer(text)
+                if tool_calls is not None:
+                    message = {"role": "assistant", "content": content, "tool_calls": tool_calls}
+                    if finish == "stop":
+                        finish = p.tool_choice.finish_reason
             choice = {
                 "index": 0,
                 "message": message,

@@ -5,8 +5,11 @@ a JSON Schema (structured outputs): a named function's `parameters`, or a list o
 `{"name", "parameters"}` objects, one of the tools each (one only without `parallel_tool_calls`),
 as vLLM does. The text is then valid arguments by construction and becomes the message's
 `tool_calls`. `tool_choice: "auto"` (OpenAI's default once tools are given) lets the model choose
-between text and a call in its own trained format, which only a parser for that model's format
-could tell apart: it is refused, by name, rather than answered with a call in the text.
+between text and a call in its own trained format, which only a parser for that format can tell
+apart: with the router's `--tool-call-parser hermes` (the format of Qwen2.5 and later, Hermes 2 and
+3: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks in the text), the blocks
+become tool_calls and the rest the content; without a parser, "auto" is refused by name rather
+than answered with a call left in the text.
 
 The tools go to the chat template, which shows them to the model if it was trained to read them;
 earlier turns' calls and the tool results (`role: "tool"`) too, through the template.
@@ -36,11 +39,21 @@ class ToolChoice:
     tools: list[dict[str, Any]]
     name: str | None = None
     parallel: bool = True
+    # "auto": the model chooses, and its calls are read from the text in the Hermes format.
+    auto: bool = False
 
     @property
     def finish_reason(self) -> str:
         # As OpenAI's: a function the client named ends as "stop", calls the model made as "tool_calls".
         return "stop" if self.name else "tool_calls"
+
+    def answer(self, text: str) -> tuple[str | None, list[dict[str, Any]] | None]:
+        """The message's content and tool_calls for the whole text (no calls: the text as content)."""
+        if self.auto:
+            content, calls = hermes_calls(text)
+            return (content, calls) if calls else (text, None)
+        calls = self.calls(text)
+        return (None, calls) if calls is not None else (text, None)
 
     def schema(self) -> dict[str, Any]:
         """The JSON Schema the answer is generated under."""
@@ -95,8 +108,19 @@ class StreamedCalls:
         self.id = new_call_id()
         self.started = False
         self.text = ""
+        self.hermes = HermesStream() if tc.auto else None
+        self.made = 0  # calls sent (auto)
 
     def delta(self, text: str, finish: str | None) -> tuple[dict[str, Any], str | None]:
+        if self.hermes is not None:
+            content, calls = self.hermes.feed(text, final=finish is not None)
+            delta: dict[str, Any] = {"content": content} if content else {}
+            if calls:
+                delta["tool_calls"] = [{"index": self.made + j, **c} for j, c in enumerate(calls)]
+                self.made += len(calls)
+            if finish == "stop" and self.made:
+                finish = self.tc.finish_reason
+            return delta, finish
         if self.tc.name is not None:
             if not text:
                 return {}, finish
@@ -119,6 +143,75 @@ class StreamedCalls:
         return {"tool_calls": [{"index": j, **c} for j, c in enumerate(calls)]}, (
             self.tc.finish_reason if finish == "stop" else finish
         )
+
+
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+
+
+def _hermes_call(body: str) -> dict[str, Any] | None:
+    """One block's call, or None when it is not one (it then stays in the content)."""
+    try:
+        call = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        return None
+    args = call.get("arguments", {})
+    arguments = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+    return _call(new_call_id(), call["name"], arguments)
+
+
+def hermes_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
+    """The Hermes format's `<tool_call>` blocks of a whole text as calls, and the text around them
+    (None when only whitespace)."""
+    stream = HermesStream()
+    content, calls = stream.feed(text, final=True)
+    return (content if content.strip() else None), calls
+
+
+class HermesStream:
+    """The Hermes format read as text streams in: content goes out as it comes, but for what could
+    be the start of a `<tool_call>` tag (held back until it is told apart); a block goes out as a
+    call once closed (or the text ends: a model may stop at EOS without the closing tag). A block
+    that is no call stays in the content, as it was."""
+
+    def __init__(self) -> None:
+        self.buf = ""
+        self.in_call = False
+
+    def feed(self, text: str, final: bool) -> tuple[str, list[dict[str, Any]]]:
+        self.buf += text
+        out, calls = [], []
+        while True:
+            if not self.in_call:
+                i = self.buf.find(TOOL_CALL_OPEN)
+                if i >= 0:
+                    out.append(self.buf[:i])
+                    self.buf, self.in_call = self.buf[i + len(TOOL_CALL_OPEN) :], True
+                    continue
+                keep = 0 if final else _partial_tag(self.buf, TOOL_CALL_OPEN)
+                out.append(self.buf[: len(self.buf) - keep])
+                self.buf = self.buf[len(self.buf) - keep :]
+                break
+            j = self.buf.find(TOOL_CALL_CLOSE)
+            if j < 0 and not final:
+                break
+            body = self.buf if j < 0 else self.buf[:j]
+            call = _hermes_call(body.strip())
+            if call is not None:
+                calls.append(call)
+            else:
+                out.append(TOOL_CALL_OPEN + body + ("" if j < 0 else TOOL_CALL_CLOSE))
+            self.buf, self.in_call = ("" if j < 0 else self.buf[j + len(TOOL_CALL_CLOSE) :]), False
+        return "".join(out), calls
+
+
+def _partial_tag(text: str, tag: str) -> int:
+    """The length of the longest end of `text` that begins `tag` (0 if none)."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0
 
 
 def _hoist_defs(tool: str, schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
@@ -152,9 +245,15 @@ def _call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
-def parse_tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]], ToolChoice | None]:
-    """The request's tools (for the chat template) and the call the answer must make, if any.
-    Raises ToolError naming the field."""
+TOOL_CALL_PARSERS = ("hermes",)
+
+
+def parse_tools(
+    body: dict[str, Any], parser: str | None = None
+) -> tuple[list[dict[str, Any]], ToolChoice | None]:
+    """The request's tools (for the chat template) and the calls the answer must or may make
+    (None: a text answer). `parser`: the router's tool-call parser, which "auto" needs. Raises
+    ToolError naming the field."""
     tools = body.get("tools")
     if tools is None:
         tools = []
@@ -186,13 +285,16 @@ def parse_tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]], ToolChoice 
     if choice == "none":
         return tools, None
     if choice == "auto":
-        if tools:
+        if not tools:
+            return tools, None
+        if parser is None:
             raise ToolError(
                 "tool_choice",
                 "'auto' is not supported: telling a call from text needs a parser of this model's own "
-                "tool-call format; give 'required', a named function or 'none'",
+                "tool-call format (the router's --tool-call-parser); give 'required', a named function "
+                "or 'none'",
             )
-        return tools, None
+        return tools, ToolChoice(tools, parallel=parallel is not False, auto=True)
     if choice == "required":
         if not tools:
             raise ToolError("tool_choice", "'required' needs tools")

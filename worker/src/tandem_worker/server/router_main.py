@@ -52,9 +52,11 @@ def serve_router(
     http_port: int = 0,
     kserve_port: int = 0,
     served_model_name: str | None = None,
+    tool_call_parser: str | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or `stop_event`). `http_port`/`kserve_port` 0: that frontend is
-    off. `served_model_name` is the model id clients use (default: `model`)."""
+    off. `served_model_name` is the model id clients use (default: `model`). `tool_call_parser`:
+    the model's tool-call format, which OpenAI's tool_choice "auto" reads calls in."""
     if not decode:
         raise ValueError("the router needs at least one decode or colocated worker (--decode)")
     folder = resolve_model(model, weights=False)  # config and tokenizer: no weights in the router
@@ -102,6 +104,7 @@ def serve_router(
                 ready=ready.is_set,
                 kv_capacity=pool.kv_capacity_tokens,
                 handoffs=service.handoffs,
+                tool_call_parser=tool_call_parser,
             )
             http_server = serve_openai_http(host, http_port, frontend)
             print(f"tandem router: OpenAI-compatible HTTP on http://{host}:{http_server.port}/v1", flush=True)
