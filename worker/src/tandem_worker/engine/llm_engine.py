@@ -537,12 +537,11 @@ class LLMEngine:
         if req.matcher is not None and not req.matcher.consume_token(token):
             # Only a token no mask restricted: a first token from a prefill worker of an older
             # build (the router sends these requests to workers that apply them) or a bug.
-            seq.finish_reason = FinishReason.ABORT
-            out = self._output(req, "")
             why = req.matcher.get_error().strip() or "not allowed"
-            out.error = f"structured_outputs: token {token} does not continue the text's grammar: {why}"
-        else:
-            out = self._output(req, self._check_stop(req, token))
+            return self._fail(
+                seq, f"structured_outputs: token {token} does not continue the text's grammar: {why}"
+            )
+        out = self._output(req, self._check_stop(req, token))
         if seq.finish_reason is not None:
             self._requests.pop(seq.request_id, None)
             self._retire(seq)
