@@ -187,15 +187,6 @@ class StructuredOutputs:
             json_object=value.get("json_object") or False,
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        """The request object `from_dict` reads (a schema as its JSON value)."""
-        kind = self.kind
-        if kind == "json":
-            return {"json": json.loads(self.json or "")}
-        if kind == "choice":
-            return {"choice": list(self.choice or ())}
-        return {kind: getattr(self, kind)}
-
 
 @dataclass
 class SamplingParams:
