@@ -81,10 +81,10 @@ class ToolChoice:
             out["$defs"] = defs
         return out
 
-    def calls(self, text: str, call_id: str | None = None) -> list[dict[str, Any]] | None:
+    def calls(self, text: str) -> list[dict[str, Any]] | None:
         """The answer's text as OpenAI's tool_calls; None if it is no complete call (cut by max_tokens)."""
         if self.name is not None:
-            return [_call(call_id or new_call_id(), self.name, text)]
+            return [_call(new_call_id(), self.name, text)]
         try:
             items = json.loads(text)
         except ValueError:
