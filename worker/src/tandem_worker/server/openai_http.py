@@ -507,14 +507,8 @@ class OpenAIFrontend:
             ids = self.tok.encode(prompt or "")
         else:
             chat = pb.ChatMessages()
-            for m in self._messages(body):
-                chat.messages.add(**m)
-            try:
-                tools, _ = parse_tools({"tools": body.get("tools"), "tool_choice": "none"})
-            except ToolError as e:
-                raise invalid(e.param, str(e)) from None
-            if tools:
-                chat.tools_json = json.dumps(tools, ensure_ascii=False)
+            # Counted as the prompt is made, whatever tool_choice (which picks no prompt) would be.
+            self._chat(body | {"tool_choice": "none"}, chat)
             try:
                 ids = self.tok.chat_messages(chat.messages, chat.tools_json)
             except RequestError as e:
@@ -562,15 +556,7 @@ class OpenAIFrontend:
         tool_choice = None
         more_prompts: list[str | list[int]] = []
         if chat:
-            messages = self._messages(body)
-            for m in messages:
-                req.chat.messages.add(**m)
-            try:
-                tools, tool_choice = parse_tools(body, self.tool_call_parser)
-            except ToolError as e:
-                raise invalid(e.param, str(e)) from None
-            if tools:
-                req.chat.tools_json = json.dumps(tools, ensure_ascii=False)
+            tool_choice = self._chat(body, req.chat)
         else:
             more_prompts = self._prompt(body, req)
 
@@ -724,6 +710,19 @@ class OpenAIFrontend:
             tool_choice,
             more_prompts,
         )
+
+    def _chat(self, body: dict, chat: pb.ChatMessages) -> ToolChoice | None:
+        """A chat request's messages and tools into `chat` (what the chat template gets); returns
+        the tool calls the answer must or may make (None: a text answer)."""
+        for m in self._messages(body):
+            chat.messages.add(**m)
+        try:
+            tools, tool_choice = parse_tools(body, self.tool_call_parser)
+        except ToolError as e:
+            raise invalid(e.param, str(e)) from None
+        if tools:
+            chat.tools_json = json.dumps(tools, ensure_ascii=False)
+        return tool_choice
 
     def _prompt(self, body: dict, req: pb.GenerateRequest) -> list[str | list[int]]:
         """The first prompt into `req`; returns the others (OpenAI's `prompt` is a string, token
