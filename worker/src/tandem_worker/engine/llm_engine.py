@@ -490,10 +490,10 @@ class LLMEngine:
         self, out: SchedulerOutput, logits: torch.Tensor, sampled_chunks: list[int]
     ) -> list[RequestOutput]:
         seqs = [out.chunks[i].seq for i in sampled_chunks]
-        matchers = [self._requests[s.request_id].matcher for s in seqs]
-        rows = [row for row, m in enumerate(matchers) if m is not None]
+        reqs = [self._requests[s.request_id] for s in seqs]
+        rows = [row for row, r in enumerate(reqs) if r.matcher is not None]
         # On a GPU the masks are computed while the step's model still runs (execute only launched it).
-        allowed = (rows, self.grammars.masks([matchers[r] for r in rows])) if rows else None
+        allowed = (rows, self.grammars.masks([reqs[r].matcher for r in rows])) if rows else None
         result = self.sampler.sample(
             logits,
             [s.request_id for s in seqs],
@@ -505,8 +505,7 @@ class LLMEngine:
         )
         now = time.monotonic()
         outputs = []
-        for row, seq in enumerate(seqs):
-            req = self._requests[seq.request_id]
+        for row, req in enumerate(reqs):
             logprob = result.logprobs[row] if result.logprobs is not None else None
             top = result.top_logprobs[row] if result.top_logprobs is not None else None
             outputs.append(self._append_token(req, result.token_ids[row], logprob, now, top))
