@@ -372,6 +372,18 @@ def _get(body: dict, key: str, types: tuple[type, ...], what: str) -> Any:
     return v
 
 
+def _only(body: dict, fields: set[str]) -> None:
+    """Refuse, by name as OpenAI's API does, a field not among `fields`."""
+    unknown = sorted(set(body) - fields)
+    if unknown:
+        raise ApiError(
+            400,
+            f"Unrecognized request argument supplied: {unknown[0]}",
+            param=unknown[0],
+            code="unknown_parameter",
+        )
+
+
 def _structured_outputs(body: dict) -> StructuredOutputs | None:
     """The request's structured output, from OpenAI's `response_format` (json_object, json_schema),
     vLLM's `structured_outputs` object or its older `guided_*` fields; at most one of them."""
@@ -494,12 +506,7 @@ class OpenAIFrontend:
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
         self._served(body)
-        unknown = set(body) - {"model", "prompt", "messages", "tools", "return_token_strs"}
-        if unknown:
-            key = sorted(unknown)[0]
-            raise ApiError(
-                400, f"Unrecognized request argument supplied: {key}", param=key, code="unknown_parameter"
-            )
+        _only(body, {"model", "prompt", "messages", "tools", "return_token_strs"})
         if ("prompt" in body) == ("messages" in body):
             raise invalid("prompt", "give one of prompt (text) or messages")
         if "prompt" in body:
@@ -525,12 +532,7 @@ class OpenAIFrontend:
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
         self._served(body)
-        unknown = set(body) - {"model", "tokens"}
-        if unknown:
-            key = sorted(unknown)[0]
-            raise ApiError(
-                400, f"Unrecognized request argument supplied: {key}", param=key, code="unknown_parameter"
-            )
+        _only(body, {"model", "tokens"})
         tokens = body.get("tokens")
         vocab = len(self.tok.hf)
         if not isinstance(tokens, list) or not all(
